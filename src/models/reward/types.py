@@ -1,0 +1,203 @@
+"""What goes into a judge and what comes out of it.
+
+`ScoreItem` is one thing to score; `ScoreResult` is the answer for it. Both are plain data that
+travel as JSON (results files, the worker channel, the HTTP service), so this module imports only
+the standard library and, lazily, pillow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+# An image is a file path, a PIL image, or the encoded bytes of a file (PNG, JPEG, ...).
+ImageInput = Union[str, os.PathLike, bytes, "PIL.Image.Image"]  # noqa: F821
+
+
+@dataclass
+class ScoreItem:
+    """One thing to score.
+
+    images: the image(s) under judgement (the edited image, the generated image).
+    source_images: the image(s) before the edit, for edit templates; empty otherwise.
+    instruction: the edit instruction or the text-to-image prompt.
+    id: the caller's name for the item; results carry it back.
+    metadata: free data (category, seed, ...) carried into the result untouched.
+    """
+
+    images: list[ImageInput]
+    source_images: list[ImageInput] = field(default_factory=list)
+    instruction: str | None = None
+    id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A single image is the common case; accept it without a list.
+        if not isinstance(self.images, (list, tuple)):
+            self.images = [self.images]
+        if self.source_images is None:
+            self.source_images = []
+        elif not isinstance(self.source_images, (list, tuple)):
+            self.source_images = [self.source_images]
+        self.images = list(self.images)
+        self.source_images = list(self.source_images)
+        if self.metadata is None:
+            self.metadata = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form; only works when every image is a path (the worker channel's form)."""
+        for img in (*self.images, *self.source_images):
+            if not isinstance(img, (str, os.PathLike)):
+                raise TypeError(f"item {self.id!r}: only path images have a JSON form, got {type(img).__name__}")
+        return {"images": [os.fspath(p) for p in self.images],
+                "source_images": [os.fspath(p) for p in self.source_images],
+                "instruction": self.instruction, "id": self.id, "metadata": self.metadata}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ScoreItem":
+        return cls(images=d.get("images") or [], source_images=d.get("source_images") or [],
+                   instruction=d.get("instruction"), id=d.get("id"), metadata=d.get("metadata") or {})
+
+
+@dataclass
+class ScoreResult:
+    """The judge's answer for one item.
+
+    score: the overall score on the template's scale, or None when there is none. A None score
+      always comes with `error`; a score is never guessed.
+    sub_scores: the named parts (for the edit rubric: `semantic_consistency`,
+      `perceptual_quality`); None for a part that could not be scored.
+    raw: the judge's raw answer per part (generate mode), or the level probabilities' summary
+      (logits mode); kept so a researcher can see why a score is what it is.
+    error: None, or a message naming the cause.
+    error_kind: a short machine-readable cause (`image`, `parse`, `oom`, `worker_died`, ...).
+    device: which device produced it (`cuda:0`, `cpu`, `cpu#1`).
+    latency_s: seconds spent on the item's batch(es), divided among its items.
+    index: the item's position in the call's input.
+    """
+
+    index: int
+    id: str | None = None
+    score: float | None = None
+    sub_scores: dict[str, float | None] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    error_kind: str | None = None
+    device: str | None = None
+    latency_s: float = 0.0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.score is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ScoreResult":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def failure(cls, index: int, item: ScoreItem | None, error: str, kind: str,
+                device: str | None = None) -> "ScoreResult":
+        return cls(index=index, id=item.id if item else None, score=None, error=error, error_kind=kind,
+                   device=device, metadata=dict(item.metadata) if item else {})
+
+
+def describe_image(img: ImageInput) -> str:
+    """A short name for an image in error messages."""
+    if isinstance(img, (str, os.PathLike)):
+        return os.fspath(img)
+    if isinstance(img, (bytes, bytearray)):
+        return f"<{len(img)} bytes>"
+    return f"<{type(img).__name__}>"
+
+
+def as_items(images: Sequence[Any], original_images: Sequence[Any] | None = None,
+             instructions: Sequence[str | None] | None = None,
+             ids: Sequence[str | None] | None = None) -> list[ScoreItem]:
+    """Build items from parallel lists: the image-editing benchmarks' call shape.
+
+    Each entry of `images` (and of `original_images`) is one image or a list of images.
+    """
+    n = len(images)
+    for name, seq in (("original_images", original_images), ("instructions", instructions), ("ids", ids)):
+        if seq is not None and len(seq) != n:
+            raise ValueError(f"{name} has {len(seq)} entries but there are {n} images; they must match one to one")
+    return [ScoreItem(images=images[i],
+                      source_images=(original_images[i] if original_images is not None else []),
+                      instruction=(instructions[i] if instructions is not None else None),
+                      id=(ids[i] if ids is not None else None))
+            for i in range(n)]
+
+
+def load_pil(img: ImageInput, max_image_pixels: int | None = None):
+    """Open an image input as an RGB PIL image, applying EXIF rotation.
+
+    Raises ValueError with a message naming the image and the cause; the judge turns it into
+    that item's error.
+    """
+    from PIL import Image, ImageOps
+
+    name = describe_image(img)
+    if isinstance(img, Image.Image):
+        im = img
+    else:
+        if isinstance(img, (str, os.PathLike)):
+            p = Path(img)
+            if not p.exists():
+                raise ValueError(f"image not found: {name}")
+            if p.is_dir():
+                raise ValueError(f"image path is a folder: {name}")
+            if p.stat().st_size == 0:
+                raise ValueError(f"image file is empty: {name}")
+            src: Any = p
+        elif isinstance(img, (bytes, bytearray)):
+            if not img:
+                raise ValueError("image bytes are empty")
+            src = io.BytesIO(img)
+        else:
+            raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
+        old_limit = Image.MAX_IMAGE_PIXELS
+        try:
+            if max_image_pixels is not None:
+                Image.MAX_IMAGE_PIXELS = max_image_pixels
+            with Image.open(src) as opened:
+                frames = getattr(opened, "n_frames", 1)
+                opened.seek(0)
+                opened.load()
+                im = opened.copy()
+                if frames > 1:
+                    im.info["frames_note"] = f"first of {frames} frames used"
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"image too large (over {max_image_pixels or old_limit} pixels): {name}: {e}") from None
+        except (OSError, SyntaxError) as e:
+            raise ValueError(f"cannot decode image {name}: {e}") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = old_limit
+    note = im.info.get("frames_note")
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # a malformed EXIF block must not cost the image
+        pass
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white.
+        import numpy as np
+
+        arr = np.asarray(im, dtype=np.float64)
+        hi = arr.max() or 1.0
+        im = Image.fromarray((arr * (255.0 / hi)).clip(0, 255).astype("uint8"), mode="L")
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        # Composite transparency on white, the way a viewer shows it.
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, rgba)
+    im = im.convert("RGB")
+    if note:
+        im.info["frames_note"] = note
+    return im
