@@ -1,0 +1,1 @@
+"""Interchangeable BaseRewardModel implementations, chosen by `class_path` (see ../config.py)."""

@@ -1,0 +1,180 @@
+"""Reading a job's manifest: JSONL, CSV or a folder of images, into items.
+
+A row names its image(s) and, for edits, its source image(s) and instruction:
+
+    {"id": "0001", "image": "edited/0001.png", "source_image": "src/0001.png",
+     "instruction": "make the sky pink", "category": "color"}
+
+Accepted names: `image`/`images`/`edited_image`/`edited_images`; `source_image`/`source_images`/
+`original_image`/`original_images`; `instruction`/`prompt`; `id`; `category`. Other fields are
+kept as metadata. Relative paths are relative to the manifest's folder. In CSV, several images in
+one cell are separated by `|`.
+
+A bad row does not stop the job: it becomes a `ManifestRow` with an `error`, and the job records
+a failed result for it naming the line and the cause.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from src.models.reward.types import ScoreItem
+
+IMAGE_KEYS = ("image", "images", "edited_image", "edited_images")
+SOURCE_KEYS = ("source_image", "source_images", "original_image", "original_images")
+TEXT_KEYS = ("instruction", "prompt")
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole cannot be read (missing, empty, wrong format)."""
+
+
+@dataclass
+class ManifestRow:
+    id: str
+    line: int                      # 1-based line (JSONL/CSV) or position (folder)
+    item: ScoreItem | None = None
+    error: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)  # what the row said, for the results file
+
+
+def read_manifest(path: str | Path) -> list[ManifestRow]:
+    p = Path(path)
+    if not p.exists():
+        raise ManifestError(f"manifest not found: {p}")
+    if p.is_dir():
+        rows = _read_folder(p)
+    elif p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        rows = _read_jsonl(p)
+    elif p.suffix.lower() in (".csv", ".tsv"):
+        rows = _read_csv(p)
+    else:
+        raise ManifestError(f"manifest {p}: unknown format {p.suffix!r}; use .jsonl, .csv or a folder of images")
+    if not rows:
+        raise ManifestError(f"manifest {p} has no rows")
+    _mark_duplicates(rows)
+    return rows
+
+
+def _read_folder(folder: Path) -> list[ManifestRow]:
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+    rows = []
+    for n, f in enumerate(files, 1):
+        rid = f.relative_to(folder).as_posix()
+        rows.append(ManifestRow(id=rid, line=n, item=ScoreItem(images=[str(f)], id=rid), fields={"images": [str(f)]}))
+    return rows
+
+
+def _read_jsonl(p: Path) -> list[ManifestRow]:
+    rows = []
+    with p.open(encoding="utf-8", errors="replace") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as e:
+                rows.append(ManifestRow(id=f"line{n}", line=n, error=f"{p.name} line {n}: not valid JSON ({e.msg})"))
+                continue
+            rows.append(_row_from_mapping(data, n, p))
+    return rows
+
+
+def _read_csv(p: Path) -> list[ManifestRow]:
+    delim = "\t" if p.suffix.lower() == ".tsv" else ","
+    rows = []
+    with p.open(newline="", encoding="utf-8", errors="replace") as fh:
+        reader = csv.DictReader(fh, delimiter=delim)
+        if not reader.fieldnames:
+            raise ManifestError(f"manifest {p}: no header row")
+        for data in reader:
+            n = reader.line_num
+            clean: dict[str, Any] = {}
+            for k, v in data.items():
+                if k is None:
+                    clean["_extra_cells"] = v
+                    continue
+                v = (v or "").strip()
+                if k in IMAGE_KEYS + SOURCE_KEYS and "|" in v:
+                    clean[k] = [x.strip() for x in v.split("|") if x.strip()]
+                elif v != "":
+                    clean[k] = v
+            if "_extra_cells" in clean:
+                rows.append(ManifestRow(id=str(clean.get("id") or f"line{n}"), line=n,
+                                        error=f"{p.name} line {n}: more cells than header columns"))
+                continue
+            rows.append(_row_from_mapping(clean, n, p))
+    return rows
+
+
+def _row_from_mapping(data: Any, n: int, p: Path) -> ManifestRow:
+    where = f"{p.name} line {n}"
+    if not isinstance(data, dict):
+        return ManifestRow(id=f"line{n}", line=n, error=f"{where}: expected an object, got {type(data).__name__}")
+    rid = data.get("id", f"line{n}")
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid).strip() == "":
+        return ManifestRow(id=f"line{n}", line=n, error=f"{where}: 'id' must be a non-empty string or integer, got {rid!r}")
+    rid = str(rid)
+    try:
+        images = _images(data, IMAGE_KEYS, where, p.parent, required=True)
+        sources = _images(data, SOURCE_KEYS, where, p.parent, required=False)
+        text = None
+        for k in TEXT_KEYS:
+            if k in data and data[k] is not None:
+                if not isinstance(data[k], str):
+                    raise ValueError(f"{where}: '{k}' must be a string, got {type(data[k]).__name__}")
+                text = data[k]
+                break
+        category = data.get("category")
+        if category is not None and not isinstance(category, (str, int)):
+            raise ValueError(f"{where}: 'category' must be a string, got {type(category).__name__}")
+    except ValueError as e:
+        return ManifestRow(id=rid, line=n, error=str(e), fields={k: v for k, v in data.items() if _jsonable(v)})
+    skip = set(IMAGE_KEYS) | set(SOURCE_KEYS) | set(TEXT_KEYS) | {"id"}
+    meta = {k: v for k, v in data.items() if k not in skip}
+    if category is not None:
+        meta["category"] = str(category)
+    item = ScoreItem(images=images, source_images=sources, instruction=text, id=rid, metadata=meta)
+    fields = {"images": images, "source_images": sources, "instruction": text}
+    return ManifestRow(id=rid, line=n, item=item, fields=fields)
+
+
+def _images(data: dict, keys: tuple[str, ...], where: str, base: Path, required: bool) -> list[str]:
+    present = [k for k in keys if data.get(k) not in (None, "", [])]
+    if len(present) > 1:
+        raise ValueError(f"{where}: give only one of {', '.join(present)}")
+    if not present:
+        if required:
+            raise ValueError(f"{where}: no image; give one of {', '.join(keys)}")
+        return []
+    val = data[present[0]]
+    vals = val if isinstance(val, list) else [val]
+    out = []
+    for v in vals:
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError(f"{where}: '{present[0]}' must be a path or a list of paths, got {v!r}")
+        path = Path(v).expanduser()
+        out.append(str(path if path.is_absolute() else (base / path)))
+    return out
+
+
+def _mark_duplicates(rows: list[ManifestRow]) -> None:
+    first: dict[str, int] = {}
+    for r in rows:
+        if r.id in first:
+            r.error = r.error or f"duplicate id {r.id!r} (first used on line {first[r.id]}); ids must be unique"
+            r.item = None
+        else:
+            first[r.id] = r.line
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False

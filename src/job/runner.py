@@ -1,0 +1,283 @@
+"""A scoring job: manifest in, results out, resumable.
+
+Files in the output folder:
+  results.stream.jsonl  one line per result as it finishes (appended, flushed, fsync'ed); what
+                        resume reads. A line cut by a crash is skipped and its item scored again.
+  results.jsonl         the final results in manifest order (written at the end)
+  results.csv           the same, flat, for spreadsheets
+  summary.json          counts, mean/std per sub-score and per category, failures by cause
+
+Resume: an item is skipped when the stream holds a successful result for its id under the same
+fingerprint (model, template, scoring settings). Failed items are tried again.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from src.models.reward import BaseRewardModel, ScoreResult, build_reward_model
+from src.models.reward.config import ConfigError
+
+from .manifest import ManifestRow, read_manifest
+
+STREAM = "results.stream.jsonl"
+FINAL = "results.jsonl"
+CSV = "results.csv"
+SUMMARY = "summary.json"
+JOB_KEYS = ("manifest", "output_dir", "chunk_size", "resume", "report")
+# Kept in the stream file, left out of results.jsonl/csv: they vary from run to run, and the
+# final file of a resumed job must equal an uninterrupted run's byte for byte.
+VOLATILE = ("latency_s", "device")
+
+
+@dataclass
+class JobSpec:
+    manifest: Path
+    output_dir: Path
+    chunk_size: int = 64
+    resume: bool = True
+    report: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], base: Path) -> "JobSpec":
+        job = cfg.get("job")
+        if not isinstance(job, dict):
+            raise ConfigError("config: missing 'job' section (with manifest and output_dir)")
+        unknown = set(job) - set(JOB_KEYS)
+        if unknown:
+            raise ConfigError(f"job: unknown key(s) {sorted(unknown)}; known: {', '.join(JOB_KEYS)}")
+        for k in ("manifest", "output_dir"):
+            if not job.get(k):
+                raise ConfigError(f"job: missing '{k}'")
+        chunk = job.get("chunk_size", 64)
+        if not isinstance(chunk, int) or chunk < 1:
+            raise ConfigError(f"job.chunk_size: expected a positive integer, got {chunk!r}")
+
+        def where(p: str) -> Path:
+            q = Path(p).expanduser()
+            return q if q.is_absolute() else (base / q)
+
+        return cls(manifest=where(job["manifest"]), output_dir=where(job["output_dir"]), chunk_size=chunk,
+                   resume=bool(job.get("resume", True)), report=bool(job.get("report", False)))
+
+
+def model_fingerprint(model: BaseRewardModel, model_spec: dict[str, Any]) -> str:
+    fp = getattr(model, "fingerprint", None)
+    if isinstance(fp, str) and fp:
+        return fp
+    blob = json.dumps(model_spec, sort_keys=True, default=str).encode()
+    return "cfg-" + hashlib.sha256(blob).hexdigest()[:12]
+
+
+def read_stream(path: Path, fingerprint: str) -> dict[str, dict[str, Any]]:
+    """Successful results already on disk for this fingerprint, by id. Broken lines are skipped."""
+    done: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return done
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash: that item is scored again
+            if (isinstance(rec, dict) and rec.get("fingerprint") == fingerprint and rec.get("score") is not None
+                    and rec.get("error") is None and isinstance(rec.get("id"), str)):
+                done[rec["id"]] = rec
+    return done
+
+
+def _record(row: ManifestRow, res: ScoreResult, fingerprint: str) -> dict[str, Any]:
+    d = res.to_dict()
+    d.pop("index", None)
+    d["id"] = row.id
+    d["line"] = row.line
+    d["fingerprint"] = fingerprint
+    d.update({k: v for k, v in row.fields.items() if k in ("images", "source_images", "instruction")})
+    cat = (row.item.metadata.get("category") if row.item else row.fields.get("category"))
+    d["category"] = None if cat is None else str(cat)
+    return d
+
+
+def _repair_tail(path: Path) -> None:
+    """Make sure the stream ends with a newline, so a line cut by a crash stays one broken line
+    instead of swallowing the next good one."""
+    if path.exists() and path.stat().st_size:
+        with path.open("rb+") as fh:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so workers are closed and results so far stay on disk."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseRewardModel | None = None) -> dict[str, Any]:
+    """Run the job a config describes; returns the summary."""
+    spec = JobSpec.from_config(cfg, base)
+    rows = read_manifest(spec.manifest)
+    model_spec = cfg.get("model")
+    if model is None and model_spec is None:
+        raise ConfigError("config: missing 'model' section (class_path and params)")
+    spec.output_dir.mkdir(parents=True, exist_ok=True)
+    stream_path = spec.output_dir / STREAM
+    t0 = time.time()
+    with _sigterm_as_interrupt():
+        own = model is None
+        if own:
+            model = build_reward_model(model_spec)
+        try:
+            fp = model_fingerprint(model, model_spec or {})
+            if not spec.resume and stream_path.exists():
+                stream_path.unlink()
+            done = read_stream(stream_path, fp)
+            _repair_tail(stream_path)
+            by_id: dict[str, dict[str, Any]] = {}
+            todo: list[ManifestRow] = []
+            for r in rows:
+                if r.item is None:
+                    continue
+                if r.id in done:
+                    by_id[r.id] = done[r.id]
+                else:
+                    todo.append(r)
+            bar = _bar(len(rows), len(rows) - len(todo), progress)
+            try:
+                with stream_path.open("a", encoding="utf-8") as out:
+                    for start in range(0, len(todo), spec.chunk_size):
+                        chunk = todo[start:start + spec.chunk_size]
+                        results = model.batch_score([r.item for r in chunk])
+                        lines = []
+                        for r, res in zip(chunk, results):
+                            rec = _record(r, res, fp)
+                            by_id[r.id] = rec
+                            lines.append(json.dumps(rec, ensure_ascii=False))
+                        out.write("\n".join(lines) + "\n")
+                        out.flush()
+                        os.fsync(out.fileno())
+                        if bar is not None:
+                            bar.update(len(chunk))
+            finally:
+                if bar is not None:
+                    bar.close()
+        finally:
+            if own:
+                model.close()
+    final = []
+    for r in rows:
+        if r.item is None:
+            kind = "manifest"
+            res = ScoreResult(index=r.line, id=r.id, error=f"manifest: {r.error}", error_kind=kind)
+            final.append(_record(r, res, fp))
+        else:
+            final.append(by_id[r.id])
+    latencies = [rec["latency_s"] for rec in final if rec.get("latency_s")]
+    final = [{k: v for k, v in rec.items() if k not in VOLATILE} for rec in final]
+    summary = summarize(final, fingerprint=fp, model_spec=model_spec, elapsed_s=time.time() - t0,
+                        skipped=len(rows) - len(todo) - sum(r.item is None for r in rows))
+    summary["latency_s_per_item"] = _stats(latencies)
+    write_outputs(spec.output_dir, final, summary)
+    if spec.report:
+        try:
+            from src.report import write_report  # optional: the HTML report module
+        except ImportError:
+            pass
+        else:
+            write_report(spec.output_dir / FINAL, spec.output_dir / "report.html")
+    return summary
+
+
+def _bar(total: int, initial: int, progress: bool):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="job", unit="item")
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"count": 0, "mean": None, "std": None, "min": None, "max": None}
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    return {"count": len(values), "mean": round(mean, 6), "std": round(std, 6),
+            "min": round(min(values), 6), "max": round(max(values), 6)}
+
+
+def summarize(records: list[dict[str, Any]], fingerprint: str | None = None, model_spec: Any = None,
+              elapsed_s: float | None = None, skipped: int = 0) -> dict[str, Any]:
+    scored = [r for r in records if r.get("score") is not None and r.get("error") is None]
+    failed = [r for r in records if not (r.get("score") is not None and r.get("error") is None)]
+    subs = sorted({k for r in records for k in (r.get("sub_scores") or {})})
+
+    def block(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        ok = [r for r in rs if r.get("score") is not None and r.get("error") is None]
+        out = {"items": len(rs), "scored": len(ok), "failed": len(rs) - len(ok),
+               "score": _stats([r["score"] for r in ok])}
+        for s in subs:
+            out[s] = _stats([r["sub_scores"][s] for r in rs if (r.get("sub_scores") or {}).get(s) is not None])
+        return out
+
+    by_cat: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("category") is not None:
+            by_cat.setdefault(str(r["category"]), []).append(r)
+    kinds: dict[str, int] = {}
+    for r in failed:
+        k = r.get("error_kind") or "unknown"
+        kinds[k] = kinds.get(k, 0) + 1
+    return {
+        **block(records),
+        "sub_score_names": subs,
+        "categories": {c: block(rs) for c, rs in sorted(by_cat.items())},
+        "failures_by_kind": dict(sorted(kinds.items())),
+        "failures": [{"id": r.get("id"), "kind": r.get("error_kind"), "error": r.get("error")} for r in failed],
+        "resumed_from_disk": skipped,
+        "fingerprint": fingerprint,
+        "model": model_spec,
+        "elapsed_s": None if elapsed_s is None else round(elapsed_s, 3),
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_outputs(folder: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    _atomic_write(folder / FINAL, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    _atomic_write(folder / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
+    subs = summary.get("sub_score_names") or []
+    cols = ["id", "score", *subs, "category", "error_kind", "error", "images", "source_images", "instruction"]
+    tmp = folder / (CSV + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(cols)
+        for r in records:
+            sub = r.get("sub_scores") or {}
+            w.writerow([r.get("id"), r.get("score"), *[sub.get(s) for s in subs], r.get("category"),
+                        r.get("error_kind"), r.get("error"),
+                        "|".join(r.get("images") or []), "|".join(r.get("source_images") or []), r.get("instruction")])
+    os.replace(tmp, folder / CSV)

@@ -1,0 +1,417 @@
+"""The scoring engine: load a Qwen-VL judge once, then turn items into scores.
+
+This is the only place that knows about the model. Every host runs it unchanged: the
+single-device class (in this process), each worker process of the multi-GPU pool, each Ray
+actor, the HTTP service. It imports only torch, transformers, qwen-vl-utils, pillow and this
+package's plain-data modules, so a worker environment needs nothing else.
+
+Flow of one call:
+
+    items --> chunks of `batch_size` items
+                 |  prepare (a background thread, one chunk ahead): decode images, resize,
+                 |  chat template, processor -> CPU tensors; a bad image fails only its item
+                 v
+              run: one forward pass (logits) or generate() per rubric part
+                 |  out of memory -> split the batch in halves and retry, down to one prompt
+                 v
+              parse / expected value -> sub-scores -> rubric.overall -> ScoreResult
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+from .parsing import parse_score
+from .settings import JudgeSettings
+from .templates import Rubric, Template, resolve_rubric, rubric_fingerprint
+from .types import ScoreItem, ScoreResult, describe_image, load_pil
+
+log = logging.getLogger(__name__)
+
+# Fault injection for the failure tests: a prompt batch larger than this raises CUDA's
+# out-of-memory error, on any device. Unset in normal use.
+_FAULT_OOM_ABOVE = "REWARD_FAULT_OOM_ABOVE"
+
+
+@dataclass
+class _Request:
+    """One prompt: item `pos` of the chunk, asked rubric part `part`."""
+    pos: int
+    part: str
+    template: Template
+    prompt: str
+    images: list[Any]  # resized PIL images, in the order the prompt shows them
+
+
+@dataclass
+class _PreparedChunk:
+    items: list[ScoreItem]
+    base_index: int
+    errors: dict[int, tuple[str, str]] = field(default_factory=dict)  # pos -> (message, kind)
+    notes: dict[int, list[str]] = field(default_factory=dict)
+    requests: list[_Request] = field(default_factory=list)
+
+
+class JudgeEngine:
+    """A loaded judge on one device. Not thread-safe: one caller at a time."""
+
+    def __init__(self, settings: JudgeSettings, device: str = "cpu", device_label: str | None = None):
+        import torch
+
+        self.settings = settings
+        self.rubric: Rubric = resolve_rubric(settings.template, settings.templates)
+        self.device = _normalize_device(device)
+        self.device_label = device_label or self.device
+        self._torch = torch
+        self._closed = False
+        t0 = time.perf_counter()
+        self._load()
+        self.load_time_s = time.perf_counter() - t0
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="judge-prepare")
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        torch = self._torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        s = self.settings
+        path = s.model_name
+        if path.startswith("tiny:"):
+            from ..tiny import resolve_model_name
+
+            path = resolve_model_name(path)
+        self.model_path = path
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        ip = self.processor.image_processor
+        self.patch_size = int(getattr(ip, "patch_size", 14))
+        size = dict(getattr(ip, "size", None) or {})
+        self.min_pixels = s.min_pixels or size.get("shortest_edge") or 4 * (self.patch_size * 2) ** 2
+        self.max_pixels = s.max_pixels or size.get("longest_edge") or 16384 * (self.patch_size * 2) ** 2
+        # The processor must not resize again what qwen-vl-utils already resized.
+        ip.size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+
+        if s.dtype == "auto":
+            dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        else:
+            dtype = getattr(torch, s.dtype)
+        self.dtype = dtype
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, attn_implementation=s.attn_implementation, device_map=self.device)
+        self.model = model.eval()
+        self._level_ids: dict[str, tuple[list[int], list[float], list[str]]] = {}
+        if s.mode == "logits":
+            for _, tpl in self.rubric.parts:
+                self._level_ids[tpl.name] = self._levels_for(tpl)
+
+    def _levels_for(self, tpl: Template) -> tuple[list[int], list[float], list[str]]:
+        if not tpl.levels:
+            raise ValueError(f"template {tpl.name!r}: logits mode needs single-token levels; its scale "
+                             f"{tpl.scale} has none (set `levels`, or use mode: generate)")
+        ids, values, names = [], [], []
+        lead_space = bool(tpl.logits_prefix) and not tpl.logits_prefix[-1].isspace()
+        for text, value in tpl.levels:
+            piece = (" " + text) if lead_space else text
+            enc = self.tokenizer.encode(piece, add_special_tokens=False)
+            if len(enc) != 1:
+                raise ValueError(f"template {tpl.name!r}: level {piece!r} is {len(enc)} tokens for this tokenizer; "
+                                 "logits mode needs every level to be one token (use other levels or mode: generate)")
+            ids.append(enc[0])
+            values.append(float(value))
+            names.append(text)
+        return ids, values, names
+
+    def fingerprint(self) -> str:
+        return self.settings.fingerprint(rubric_fingerprint(self.rubric))
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    def score(self, items: Sequence[ScoreItem], base_index: int = 0) -> list[ScoreResult]:
+        """Score items; result i is for items[i] and has index base_index + i."""
+        if self._closed:
+            raise RuntimeError("the judge is closed")
+        items = list(items)
+        results: list[ScoreResult | None] = [None] * len(items)
+        bs = self.settings.batch_size
+        chunks = [(start, items[start:start + bs]) for start in range(0, len(items), bs)]
+        for start, prepared in self._prefetched(chunks, base_index):
+            for pos, res in self._run_chunk(prepared).items():
+                results[start + pos] = res
+        missing = [i for i, r in enumerate(results) if r is None]
+        assert not missing, f"engine lost items {missing}"  # by construction; a bug if it fires
+        return results  # type: ignore[return-value]
+
+    def _prefetched(self, chunks: list[tuple[int, list[ScoreItem]]], base_index: int) -> Iterator[tuple[int, _PreparedChunk]]:
+        # Preparation (image decoding, tokenising) of chunk k+1 overlaps the model on chunk k.
+        if not chunks:
+            return
+        fut = self._pool.submit(self._prepare, chunks[0][1], base_index + chunks[0][0])
+        for k, (start, _) in enumerate(chunks):
+            prepared = fut.result()
+            if k + 1 < len(chunks):
+                nxt_start, nxt = chunks[k + 1]
+                fut = self._pool.submit(self._prepare, nxt, base_index + nxt_start)
+            yield start, prepared
+
+    def _prepare(self, items: list[ScoreItem], base_index: int) -> _PreparedChunk:
+        from qwen_vl_utils import fetch_image
+
+        s = self.settings
+        mode = s.mode
+        chunk = _PreparedChunk(items=items, base_index=base_index)
+        for pos, item in enumerate(items):
+            try:
+                if not item.images:
+                    raise _ItemError("the item has no image to judge", "input")
+                needs_source = any(t.needs_source for _, t in self.rubric.parts)
+                if needs_source and not item.source_images:
+                    raise _ItemError(f"template {self.rubric.name!r} needs a source image (the image before the edit); "
+                                     "the item has none", "input")
+                if any(t.needs_instruction for _, t in self.rubric.parts) and not (item.instruction or "").strip():
+                    raise _ItemError(f"template {self.rubric.name!r} needs an instruction; the item has none", "input")
+                loaded: dict[str, list[Any]] = {}
+                notes: list[str] = []
+                for role, imgs in (("image", item.images), ("source", item.source_images)):
+                    if role == "source" and not needs_source:
+                        continue
+                    out = []
+                    for img in imgs:
+                        try:
+                            pil = load_pil(img, s.max_image_pixels)
+                            if pil.info.get("frames_note"):
+                                notes.append(f"{describe_image(img)}: {pil.info['frames_note']}")
+                            out.append(fetch_image({"image": pil, "min_pixels": self.min_pixels,
+                                                    "max_pixels": self.max_pixels}, image_patch_size=self.patch_size))
+                        except ValueError as e:
+                            raise _ItemError(f"{role} image {describe_image(img)}: {e}" if describe_image(img) not in str(e)
+                                             else f"{role} image: {e}", "image") from None
+                    loaded[role] = out
+                for part, tpl in self.rubric.parts:
+                    imgs = [im for role in tpl.images for im in loaded[role]]
+                    content = [{"type": "image"} for _ in imgs]
+                    content.append({"type": "text", "text": tpl.question(item.instruction, mode)})
+                    messages = ([{"role": "system", "content": tpl.system}] if tpl.system else [])
+                    messages.append({"role": "user", "content": content})
+                    prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                    if mode == "logits":
+                        prompt += tpl.logits_prefix
+                    chunk.requests.append(_Request(pos, part, tpl, prompt, imgs))
+                if notes:
+                    chunk.notes[pos] = notes
+            except _ItemError as e:
+                chunk.errors[pos] = (str(e), e.kind)
+            except Exception as e:  # anything else about one item stays with that item
+                chunk.errors[pos] = (f"could not prepare the item: {type(e).__name__}: {e}", "input")
+        return chunk
+
+    def _run_chunk(self, chunk: _PreparedChunk) -> dict[int, ScoreResult]:
+        part_out: dict[int, dict[str, Any]] = {}    # pos -> part -> (score, raw) or error
+        part_err: dict[int, tuple[str, str]] = dict(chunk.errors)
+        part_time: dict[int, float] = {}
+        by_template: dict[str, list[_Request]] = {}
+        for req in chunk.requests:
+            if req.pos not in part_err:
+                by_template.setdefault(req.template.name, []).append(req)
+        for reqs in by_template.values():
+            for req, outcome, dt in self._run_requests(reqs):
+                part_time[req.pos] = part_time.get(req.pos, 0.0) + dt
+                if isinstance(outcome, _ItemError):
+                    part_err.setdefault(req.pos, (str(outcome), outcome.kind))
+                else:
+                    part_out.setdefault(req.pos, {})[req.part] = outcome
+        results: dict[int, ScoreResult] = {}
+        for pos, item in enumerate(chunk.items):
+            index = chunk.base_index + pos
+            if pos in part_err and pos not in part_out:
+                msg, kind = part_err[pos]
+                r = ScoreResult.failure(index, item, f"item {_name(item, index)}: {msg}", kind, self.device_label)
+                r.latency_s = part_time.get(pos, 0.0)
+                results[pos] = r
+                continue
+            outs = part_out.get(pos, {})
+            sub = {part: outs[part]["score"] if part in outs else None for part, _ in self.rubric.parts}
+            raw = {part: outs[part]["raw"] for part in outs}
+            errors = [f"{part}: {outs[part]['error']}" for part in outs if outs[part].get("error")]
+            if pos in part_err:
+                errors.append(part_err[pos][0])
+            score = self.rubric.overall(sub)
+            kinds = {outs[p].get("kind") for p in outs if outs[p].get("error")}
+            r = ScoreResult(index=index, id=item.id, score=score, sub_scores=sub, raw=raw,
+                            device=self.device_label, latency_s=part_time.get(pos, 0.0), metadata=dict(item.metadata))
+            if score is None:
+                r.error = f"item {_name(item, index)}: " + "; ".join(errors or ["no score"])
+                r.error_kind = (part_err[pos][1] if pos in part_err else (sorted(k for k in kinds if k) or ["parse"])[0])
+            if pos in chunk.notes:
+                r.metadata = {**r.metadata, "notes": chunk.notes[pos]}
+            results[pos] = r
+        return results
+
+    def _run_requests(self, reqs: list[_Request]) -> Iterator[tuple[_Request, Any, float]]:
+        """Run prompts as one batch; on out-of-memory split in halves; on any other batch error,
+        run them one by one so a single bad prompt fails alone."""
+        torch = self._torch
+        try:
+            t0 = time.perf_counter()
+            outcomes = self._forward(reqs)
+            dt = (time.perf_counter() - t0) / len(reqs)
+            for req, out in zip(reqs, outcomes):
+                yield req, out, dt
+            return
+        except torch.OutOfMemoryError as e:
+            self._free_memory()
+            if len(reqs) == 1:
+                yield reqs[0], _ItemError(f"out of memory even alone on {self.device_label}: {_first_line(e)}", "oom"), 0.0
+                return
+            log.warning("out of memory on a batch of %d on %s; splitting it", len(reqs), self.device_label)
+            half = len(reqs) // 2
+            yield from self._run_requests(reqs[:half])
+            yield from self._run_requests(reqs[half:])
+        except _ItemError as e:
+            for req in reqs:
+                yield req, e, 0.0
+        except Exception as e:
+            if len(reqs) == 1:
+                yield reqs[0], _ItemError(f"model failed: {type(e).__name__}: {e}", "model"), 0.0
+                return
+            log.warning("a batch of %d failed on %s (%s: %s); retrying its prompts one by one",
+                        len(reqs), self.device_label, type(e).__name__, e)
+            for req in reqs:
+                yield from self._run_requests([req])
+
+    def _free_memory(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
+
+    def _encode(self, reqs: list[_Request]):
+        images = [im for r in reqs for im in r.images]
+        inputs = self.processor(text=[r.prompt for r in reqs], images=images or None,
+                                padding=True, return_tensors="pt")
+        limit = self.settings.max_prompt_tokens
+        if limit is not None:
+            n_tokens = int(inputs["attention_mask"].sum(dim=1).max())
+            if n_tokens > limit:
+                if len(reqs) == 1:
+                    raise _ItemError(f"the prompt is {n_tokens} tokens, over max_prompt_tokens={limit} "
+                                     "(lower max_pixels or raise the limit)", "prompt_too_long")
+                raise RuntimeError("a prompt in the batch is over max_prompt_tokens")
+        return inputs.to(self.device)
+
+    def _forward(self, reqs: list[_Request]) -> list[dict[str, Any]]:
+        torch = self._torch
+        limit = os.environ.get(_FAULT_OOM_ABOVE)
+        if limit and len(reqs) > int(limit):
+            raise torch.OutOfMemoryError(f"simulated: batch of {len(reqs)} > {_FAULT_OOM_ABOVE}={limit}")
+        inputs = self._encode(reqs)
+        tpl = reqs[0].template
+        with torch.inference_mode():
+            if self.settings.mode == "logits":
+                return self._logits_scores(inputs, tpl)
+            return self._generate_scores(inputs, tpl)
+
+    def _logits_scores(self, inputs, tpl: Template) -> list[dict[str, Any]]:
+        torch = self._torch
+        ids, values, names = self._level_ids[tpl.name]
+        logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        level_logp = logp[:, ids]
+        mass = level_logp.exp().sum(dim=-1)
+        probs = torch.softmax(level_logp, dim=-1)
+        vals = torch.tensor(values, dtype=probs.dtype, device=probs.device)
+        scores = (probs * vals).sum(dim=-1)
+        out = []
+        for row in range(probs.shape[0]):
+            p = probs[row].tolist()
+            out.append({"score": float(scores[row]), "raw": {
+                "probs": {n: round(v, 6) for n, v in zip(names, p)}, "level_mass": round(float(mass[row]), 6)}})
+        return out
+
+    def _generate_scores(self, inputs, tpl: Template) -> list[dict[str, Any]]:
+        torch = self._torch
+        s = self.settings
+        k = s.num_samples
+        kwargs: dict[str, Any] = {"max_new_tokens": s.max_new_tokens,
+                                  "pad_token_id": self.tokenizer.pad_token_id,
+                                  "num_return_sequences": k}
+        if s.temperature > 0:
+            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
+            if s.top_k is not None:
+                kwargs["top_k"] = s.top_k
+            torch.manual_seed(s.seed)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        out = self.model.generate(**inputs, **kwargs)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        lo, hi = tpl.scale
+        levels = tpl.level_map() if tpl.levels and not tpl.levels[0][0].isdigit() else None
+        results = []
+        for row in range(len(texts) // k):
+            answers = texts[row * k:(row + 1) * k]
+            parsed = [parse_score(a, lo, hi, levels=levels, key=tpl.json_key) for a in answers]
+            good = [p.score for p in parsed if p.score is not None]
+            if k == 1:
+                p = parsed[0]
+                res: dict[str, Any] = {"score": p.score, "raw": answers[0]}
+                if p.score is None:
+                    res.update(error=f"could not read a score from the answer ({p.error}); answer: {_clip(answers[0])}",
+                               kind="parse")
+            else:
+                mean = sum(good) / len(good) if good else None
+                spread = math.sqrt(sum((g - mean) ** 2 for g in good) / len(good)) if good else None
+                res = {"score": mean, "raw": {"answers": answers, "scores": [p.score for p in parsed],
+                                             "mean": mean, "std": spread, "parsed": len(good)}}
+                if not good:
+                    res.update(error=f"none of the {k} sampled answers held a score ({parsed[0].error})", kind="parse")
+            results.append(res)
+        return results
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True)
+        del self.model
+        self._free_memory()
+
+
+class _ItemError(Exception):
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _normalize_device(device: str | int) -> str:
+    if isinstance(device, int):
+        return f"cuda:{device}"
+    device = str(device).strip()
+    if device.isdigit():
+        return f"cuda:{device}"
+    if device == "cuda":
+        return "cuda:0"
+    if device != "cpu" and not device.startswith("cuda:"):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return device
+
+
+def _name(item: ScoreItem, index: int) -> str:
+    return f"{item.id!r} (#{index})" if item.id is not None else f"#{index}"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _clip(text: str, n: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n] + "..."

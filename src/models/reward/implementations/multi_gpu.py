@@ -1,0 +1,140 @@
+"""The judge on every GPU of a machine: one persistent worker process per device."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from typing import Any, Sequence
+
+from ..base import BaseRewardModel
+from ..pool import WorkerPool, WorkerSpec
+from ..settings import JudgeSettings
+from ..types import ScoreItem, ScoreResult
+
+SCHEDULES = ("round_robin", "dynamic")
+
+
+class MultiGPURewardModel(BaseRewardModel):
+    """Split items across `device_ids`, one worker process per device (times
+    `workers_per_device`), and merge the results in input order.
+
+    device_ids: GPU ids (`[0, 1, 2, 3]`), `auto` for every visible GPU, or `cpu` entries
+      (`[cpu, cpu]`) for CPU workers on a machine without a GPU.
+    launcher: how to start each worker's Python: null (this interpreter), a path to a venv's
+      python, `conda:ENV` / `{conda: ENV}`, `{prefix: [...], python: ...}`, or a full command list.
+    schedule: `round_robin` (item i goes to worker i mod n, the classic split) or `dynamic`
+      (idle workers pull the next micro-batch: better for uneven work). Same results either way.
+    micro_batch: items per request to a worker (default: 2 x batch_size).
+    batch_timeout_s: a worker that does not answer a micro-batch in time is killed, restarted and
+      its items retried elsewhere. max_retries: per item, after a worker died holding it.
+    max_restarts: restarts of one worker in a row before it is given up.
+    Judge parameters are those of `JudgeSettings` (model_name, mode, template, batch_size, ...).
+    """
+
+    settings_cls = JudgeSettings
+
+    def __init__(self, device_ids: list[int | str] | str = "auto", workers_per_device: int = 1,
+                 launcher: Any = None, schedule: str = "round_robin", micro_batch: int | None = None,
+                 batch_timeout_s: float | None = 1800.0, start_timeout_s: float = 1800.0, max_retries: int = 1,
+                 max_restarts: int = 3, progress: bool = True, env: dict[str, str] | None = None, **judge: Any):
+        self.settings = JudgeSettings.from_params(judge, owner=type(self).__name__)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule: unknown value {schedule!r}; known: {', '.join(SCHEDULES)}")
+        if workers_per_device < 1:
+            raise ValueError(f"workers_per_device: must be at least 1, got {workers_per_device}")
+        self.schedule = schedule
+        self.micro_batch = micro_batch or 2 * self.settings.batch_size
+        if self.micro_batch < 1:
+            raise ValueError(f"micro_batch: must be at least 1, got {micro_batch}")
+        self.progress = progress
+        self.device_ids = resolve_device_ids(device_ids)
+        specs = worker_specs(self.device_ids, workers_per_device, env or {})
+        self._closed = False
+        self.pool = WorkerPool(specs, self.settings.to_params(), launcher=launcher,
+                               start_timeout_s=start_timeout_s, batch_timeout_s=batch_timeout_s,
+                               max_retries=max_retries, max_restarts=max_restarts)
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.pool.workers[0].fingerprint if self.pool.workers and self.pool.workers[0] else None
+
+    def worker_pids(self) -> list[int | None]:
+        return self.pool.pids()
+
+    def score_items(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
+        if self._closed:
+            raise RuntimeError("MultiGPURewardModel is closed")
+        items = list(items)
+        if not self.progress or not items:
+            return self.pool.run(items, self.micro_batch, self.schedule)
+        from tqdm import tqdm
+
+        labels = ",".join(s.device_label for s in self.pool.specs)
+        with tqdm(total=len(items), desc=f"scoring on {labels}", unit="item") as bar:
+            return self.pool.run(items, self.micro_batch, self.schedule, on_done=bar.update)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.pool.close()
+
+
+def resolve_device_ids(device_ids: list[int | str] | str | int) -> list[str]:
+    """Normalise to a list of 'cpu' or GPU id strings."""
+    if isinstance(device_ids, int):
+        device_ids = [device_ids]
+    if isinstance(device_ids, str):
+        if device_ids == "auto":
+            gpus = visible_gpus()
+            if not gpus:
+                raise ValueError("device_ids: 'auto' found no GPU (nvidia-smi sees none and "
+                                 "CUDA_VISIBLE_DEVICES is empty); use device_ids: [cpu] to run on the CPU")
+            return gpus
+        device_ids = [x.strip() for x in device_ids.split(",") if x.strip()]
+    if not device_ids:
+        raise ValueError("device_ids: empty; give GPU ids, 'auto', or 'cpu' entries")
+    out = []
+    for d in device_ids:
+        s = str(d).strip()
+        if s.startswith("cuda:"):
+            s = s[5:]
+        if s != "cpu" and not s.isdigit():
+            raise ValueError(f"device_ids: {d!r} is neither a GPU id nor 'cpu'")
+        out.append(s)
+    return out
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use: CUDA_VISIBLE_DEVICES when set, else what nvidia-smi lists."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [x.strip() for x in env.split(",") if x.strip() and x.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()]
+
+
+def worker_specs(device_ids: list[str], workers_per_device: int, extra_env: dict[str, str]) -> list[WorkerSpec]:
+    n_cpu_workers = sum(d == "cpu" for d in device_ids) * workers_per_device
+    threads = max(1, (os.cpu_count() or 1) // max(n_cpu_workers, 1))
+    specs = []
+    cpu_seen = 0
+    for d in device_ids:
+        for k in range(workers_per_device):
+            slot = len(specs)
+            env = {str(a): str(b) for a, b in extra_env.items()}
+            if d == "cpu":
+                label = f"cpu#{cpu_seen}"
+                cpu_seen += 1
+                env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(threads))
+                specs.append(WorkerSpec(slot, "cpu", label, env, num_threads=threads))
+            else:
+                label = f"cuda:{d}" + (f"#{k}" if workers_per_device > 1 else "")
+                env["CUDA_VISIBLE_DEVICES"] = d  # the worker sees exactly one GPU, as cuda:0
+                specs.append(WorkerSpec(slot, "cuda:0", label, env))
+    return specs

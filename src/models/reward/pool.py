@@ -1,0 +1,620 @@
+"""A pool of persistent judge workers, one process per device, each in its own environment.
+
+Data flow of one `WorkerPool.run(items)` call:
+
+    caller --items--> _Dispatch: micro-batches, round-robin per worker or one shared queue
+                          |            ^ results by index        ^ items of a dead worker
+                          v            |                         |  (retried one by one)
+    ThreadPoolExecutor: one thread per worker, looping take -> send -> wait -> store
+                          |  Score(batch)            ^ Scored / BatchFailed
+                          v                          |
+    WorkerHandle  ==== framed, authenticated Unix socket (messages.py) ====  worker process
+                                                                             (standalone/reward_worker.py,
+                                                                              launched by python, a venv,
+                                                                              `conda run`, or any prefix)
+
+Actors:
+- WorkerHandle: one worker process: launch, two-phase start (connect, then Ready after the model
+  loads), request/reply, death detection (channel EOF or process exit, in `_await`), log pump
+  (`[GPU k]` lines), stop (Shutdown, bounded wait, SIGTERM, SIGKILL to its process group).
+- _Dispatch: the shared work state under one lock: queues, retry queue, the results slots.
+- WorkerPool: starts all workers at once, runs calls, restarts dead workers (bounded), closes.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, Listener, wait
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import messages as msg
+from .types import ScoreItem, ScoreResult
+
+WORKER_SCRIPT = Path(__file__).resolve().parents[3] / "standalone" / "reward_worker.py"
+_LOG_LINES_KEPT = 40
+
+
+class WorkerStartError(RuntimeError):
+    """A worker could not start: the message names the device, the PID, the cause and the fix."""
+
+
+class WorkerDied(RuntimeError):
+    pass
+
+
+class WorkerTimeout(RuntimeError):
+    pass
+
+
+# -- launchers ----------------------------------------------------------------------------
+
+def launch_command(launcher: Any) -> list[str]:
+    """The command that starts a Python interpreter for a worker.
+
+    None / "python"              this interpreter (sys.executable)
+    "/path/to/venv/bin/python"   that interpreter
+    "conda:ENV" / {"conda": ENV} conda run --no-capture-output -n ENV python
+    {"python": PATH}             that interpreter
+    {"prefix": [...], ...}       the prefix, then the interpreter chosen by the other keys
+    ["cmd", ...]                 that command as given (it must end in a Python interpreter)
+    """
+    if launcher is None or launcher == "python":
+        return [sys.executable]
+    if isinstance(launcher, (list, tuple)):
+        if not launcher:
+            raise ValueError("launcher: an empty command list")
+        return [str(x) for x in launcher]
+    if isinstance(launcher, str):
+        if launcher.startswith("conda:"):
+            return launch_command({"conda": launcher[len("conda:"):]})
+        return [launcher]
+    if isinstance(launcher, dict):
+        known = {"python", "conda", "prefix"}
+        unknown = set(launcher) - known
+        if unknown:
+            raise ValueError(f"launcher: unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        if "conda" in launcher and "python" in launcher:
+            raise ValueError("launcher: give 'conda' or 'python', not both")
+        prefix = [str(x) for x in launcher.get("prefix") or []]
+        if "conda" in launcher:
+            conda = os.environ.get("CONDA_EXE") or shutil.which("conda") or "conda"
+            base = [conda, "run", "--no-capture-output", "-n", str(launcher["conda"]), "python"]
+        else:
+            base = [str(launcher.get("python") or sys.executable)]
+        return prefix + base
+    raise ValueError(f"launcher: expected null, a python path, 'conda:ENV', a mapping or a list, got {launcher!r}")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    slot: int              # position in the pool
+    device: str            # as the worker sees it
+    device_label: str      # as the user knows it
+    env: dict[str, str]    # extra environment (CUDA_VISIBLE_DEVICES pinning, thread counts)
+    num_threads: int | None = None
+
+
+# -- one worker -----------------------------------------------------------------------------
+
+class WorkerHandle:
+    """One worker process and its channel."""
+
+    def __init__(self, spec: WorkerSpec, command: list[str], settings: dict[str, Any], sock_dir: Path,
+                 log: Callable[[str], None]):
+        self.spec = spec
+        self.command = command
+        self.settings = settings
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+        self.conn: Connection | None = None
+        self.pid: int | None = None          # the Python worker's own pid (from Ready)
+        self.load_time_s: float | None = None
+        self.fingerprint: str | None = None
+        self.lines: collections.deque[str] = collections.deque(maxlen=_LOG_LINES_KEPT)
+        self._authkey = secrets.token_bytes(32)
+        self._address = str(sock_dir / f"w{spec.slot}-{secrets.token_hex(4)}.sock")
+        self._listener: Listener | None = None
+        self._pump: threading.Thread | None = None
+
+    @property
+    def label(self) -> str:
+        return self.spec.device_label
+
+    def describe(self) -> str:
+        return f"worker {self.label} (pid {self.pid or (self.proc.pid if self.proc else '?')})"
+
+    def launch(self) -> None:
+        """Phase one: spawn the process; it connects back and loads the model in the background."""
+        self._listener = Listener(self._address, family="AF_UNIX", authkey=self._authkey)
+        env = dict(os.environ)
+        env.update(self.spec.env)
+        env[msg.AUTHKEY_ENV] = self._authkey.hex()
+        env[msg.PARENT_PID_ENV] = str(os.getpid())
+        env["PYTHONUNBUFFERED"] = "1"
+        cmd = self.command + [str(WORKER_SCRIPT), "--connect", self._address]
+        try:
+            self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as e:
+            raise WorkerStartError(f"worker {self.label}: cannot run {cmd[0]!r}: {e}. "
+                                   "Check the launcher setting (python path, conda env name).") from None
+        self._pump = threading.Thread(target=self._pump_logs, name=f"log-{self.label}", daemon=True)
+        self._pump.start()
+
+    def _pump_logs(self) -> None:
+        assert self.proc and self.proc.stdout
+        prefix = f"[GPU {self.label[5:]}]" if self.label.startswith("cuda:") else f"[{self.label}]"
+        for raw in iter(self.proc.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.lines.append(line)
+            self.log(f"{prefix} {line}")
+
+    def wait_ready(self, timeout: float) -> None:
+        """Phase two: accept the connection, send Init, wait for Ready (model loaded)."""
+        assert self.proc and self._listener
+        deadline = time.monotonic() + timeout
+        self.conn = self._accept(deadline)
+        self.conn.send(msg.Init(self.settings, self.spec.device, self.spec.device_label, self.spec.num_threads))
+        reply = self._await(deadline - time.monotonic(), "loading the model")
+        if isinstance(reply, msg.StartFailed):
+            self.pid = reply.pid
+            raise WorkerStartError(f"{self.describe()} failed to start: {reply.error}\n"
+                                   f"--- worker traceback ---\n{reply.traceback.rstrip()}")
+        if not isinstance(reply, msg.Ready):
+            raise WorkerStartError(f"{self.describe()}: expected Ready, got {type(reply).__name__}")
+        self.pid, self.load_time_s, self.fingerprint = reply.pid, reply.load_time_s, reply.fingerprint
+
+    def _accept(self, deadline: float) -> Connection:
+        assert self.proc and self._listener
+        sock = self._listener._listener._socket  # type: ignore[attr-defined]
+        sock.settimeout(0.2)
+        while True:
+            try:
+                conn = self._listener.accept()
+                sock.settimeout(None)
+                return conn
+            except (TimeoutError, OSError) as e:
+                if isinstance(e, OSError) and not isinstance(e, TimeoutError) and "timed out" not in str(e):
+                    raise WorkerStartError(f"{self.describe()}: the channel failed while connecting: {e}") from None
+            if self.proc.poll() is not None:
+                self._raise_start_death("before it connected")
+            if time.monotonic() > deadline:
+                raise WorkerStartError(f"{self.describe()} did not connect in time; {self._tail()}")
+
+    def _raise_start_death(self, when: str) -> None:
+        assert self.proc
+        self._drain()
+        raise WorkerStartError(f"{self.describe()} exited with {_exit_text(self.proc.returncode)} {when}. "
+                               f"{self._tail()}Check that the launcher's environment has torch, transformers, "
+                               "qwen-vl-utils and pillow (setup_env.sh builds one).")
+
+    def _drain(self) -> None:
+        if self._pump is not None:
+            self._pump.join(timeout=2.0)
+
+    def _tail(self, n: int = 15) -> str:
+        lines = list(self.lines)[-n:]
+        return ("last log lines:\n  " + "\n  ".join(lines) + "\n") if lines else "it printed nothing. "
+
+    def _await(self, timeout: float | None, doing: str) -> Any:
+        """Wait for the next message. Death (channel EOF or process exit) and the timeout are
+        detected here and nowhere else."""
+        assert self.proc and self.conn
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise WorkerTimeout(f"{self.describe()} gave no answer within {timeout:.0f}s while {doing}")
+            ready = wait([self.conn], timeout=0.5 if left is None else min(left, 0.5))
+            if ready:
+                try:
+                    return self.conn.recv()
+                except (EOFError, OSError, ConnectionError):
+                    self._died(doing)
+            elif self.proc.poll() is not None:
+                self._died(doing)
+
+    def _died(self, doing: str) -> None:
+        assert self.proc
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # channel closed but the launcher lingers: end it
+            self.kill()
+        self._drain()
+        raise WorkerDied(f"{self.describe()} died with {_exit_text(self.proc.returncode)} while {doing}; "
+                         + self._tail().rstrip())
+
+    def request(self, batch_id: int, items: list[dict[str, Any]], timeout: float | None) -> list[dict[str, Any]]:
+        assert self.conn
+        try:
+            self.conn.send(msg.Score(batch_id, items))
+        except (OSError, ValueError) as e:
+            self._died(f"sending a batch ({e})")
+        reply = self._await(timeout, f"scoring {len(items)} item(s)")
+        if isinstance(reply, msg.BatchFailed):
+            raise RuntimeError(f"{self.describe()} failed a batch: {reply.error}\n--- worker traceback ---\n{reply.traceback}")
+        if not isinstance(reply, msg.Scored) or reply.batch_id != batch_id:
+            raise WorkerDied(f"{self.describe()} sent an unexpected message {type(reply).__name__}")
+        return reply.results
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Shutdown message, bounded wait, then SIGTERM and SIGKILL to the process group."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None and self.conn is not None:
+            try:
+                self.conn.send(msg.Shutdown())
+            except (OSError, ValueError):
+                pass
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc.poll() is None:
+            self._signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        self._close_channel()
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        self._signal(signal.SIGKILL)  # also reaps grandchildren left by a launcher
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def _signal(self, sig: int) -> None:
+        assert self.proc
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _close_channel(self) -> None:
+        for obj in (self.conn, self._listener):
+            try:
+                if obj is not None:
+                    obj.close()
+            except OSError:
+                pass
+        self.conn = None
+        self._listener = None
+        try:
+            os.unlink(self._address)
+        except OSError:
+            pass
+        self._drain()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "no exit code yet"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+# -- the work of one call -------------------------------------------------------------------
+
+class _Dispatch:
+    """Shared state of one call. Every field is read and written under `cond`."""
+
+    def __init__(self, n_items: int, queues: list[collections.deque], shared: collections.deque | None,
+                 max_retries: int, on_done: Callable[[int], None]):
+        self.cond = threading.Condition()
+        self.results: list[ScoreResult | None] = [None] * n_items
+        self.remaining = n_items
+        self.queues = queues            # per worker (round robin)
+        self.shared = shared            # one queue for all (dynamic)
+        self.retry: collections.deque[list[int]] = collections.deque()
+        self.attempts: collections.Counter[int] = collections.Counter()
+        self.max_retries = max_retries
+        self.active_workers = len(queues)
+        self.on_done = on_done
+
+    def take(self, slot: int) -> list[int] | None:
+        """Next micro-batch for worker `slot`: a retry first, then its own queue (or the shared
+        one). Blocks while other workers still hold items that may come back for retry; None when
+        every item has a result."""
+        with self.cond:
+            while True:
+                if self.retry:
+                    return self.retry.popleft()
+                q = self.shared if self.shared is not None else self.queues[slot]
+                if q:
+                    return q.popleft()
+                if self.remaining == 0:
+                    return None
+                self.cond.wait(0.5)
+
+    def store(self, results: Sequence[ScoreResult]) -> None:
+        with self.cond:
+            n = 0
+            for r in results:
+                if self.results[r.index] is None:
+                    self.results[r.index] = r
+                    self.remaining -= 1
+                    n += 1
+            self.cond.notify_all()
+        if n:
+            self.on_done(n)
+
+    def give_back(self, indices: list[int], cause: str, fail: Callable[[int, str], ScoreResult]) -> None:
+        """Items of a batch whose worker died: retry each alone (so one poison item cannot take
+        its neighbours down again), or fail it once its retries are spent."""
+        failed = []
+        with self.cond:
+            for i in indices:
+                self.attempts[i] += 1
+                if self.attempts[i] > self.max_retries:
+                    failed.append(fail(i, f"{cause} (after {self.max_retries} retries)"))
+                else:
+                    self.retry.append([i])
+            self.cond.notify_all()
+        self.store(failed)
+
+    def worker_lost(self, slot: int, cause: str, fail: Callable[[int, str], ScoreResult]) -> None:
+        """Worker `slot` is gone for good: its queue goes to the others; if none is left, every
+        item without a result fails with the cause."""
+        with self.cond:
+            self.active_workers -= 1
+            if self.shared is None:
+                self.retry.extend([[i] for batch in self.queues[slot] for i in batch])
+                self.queues[slot].clear()
+            if self.active_workers > 0:
+                self.cond.notify_all()
+                return
+            pending = [i for i, r in enumerate(self.results) if r is None]
+            self.retry.clear()
+            if self.shared is not None:
+                self.shared.clear()
+            for q in self.queues:
+                q.clear()
+        self.store([fail(i, f"no worker left: {cause}") for i in pending])
+
+
+# -- the pool -------------------------------------------------------------------------------
+
+class WorkerPool:
+    """Persistent workers, started together, used by many `run` calls, stopped by `close`."""
+
+    def __init__(self, specs: Sequence[WorkerSpec], settings: dict[str, Any], launcher: Any = None,
+                 start_timeout_s: float = 1800.0, batch_timeout_s: float | None = None, max_retries: int = 2,
+                 max_restarts: int = 3, log: Callable[[str], None] | None = None):
+        if not specs:
+            raise ValueError("the pool needs at least one worker")
+        self.specs = list(specs)
+        self.settings = settings
+        self.command = launch_command(launcher)
+        self.start_timeout_s = start_timeout_s
+        self.batch_timeout_s = batch_timeout_s
+        self.max_retries = max_retries
+        self.max_restarts = max_restarts
+        self.log = log or _stderr_log
+        self._tmp = Path(tempfile.mkdtemp(prefix="reward-pool-"))
+        self._batch_ids = itertools.count()
+        self._lock = threading.Lock()
+        self._closed = False
+        self.restarts = [0] * len(self.specs)   # restarts in a row, per slot
+        self.total_restarts = 0
+        self.workers: list[WorkerHandle | None] = [None] * len(self.specs)
+        self._executor = concurrent.futures.ThreadPoolExecutor(len(self.specs), thread_name_prefix="reward-worker")
+        _LIVE_POOLS.add(self)
+        try:
+            self._start_all()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self._tmp
+
+    def _new_handle(self, slot: int) -> WorkerHandle:
+        return WorkerHandle(self.specs[slot], self.command, self.settings, self._tmp, self.log)
+
+    def _start_all(self) -> None:
+        handles = [self._new_handle(i) for i in range(len(self.specs))]
+        self.workers = list(handles)
+        for h in handles:          # phase one: everything loads at once
+            h.launch()
+        errors = []
+        for h in handles:          # phase two: wait for each to be ready
+            try:
+                h.wait_ready(self.start_timeout_s)
+            except (WorkerStartError, WorkerDied, WorkerTimeout) as e:
+                errors.append(str(e))
+                break              # fail fast; close() stops the rest
+        if errors:
+            raise WorkerStartError("\n".join(errors))
+
+    def pids(self) -> list[int | None]:
+        return [w.pid if w else None for w in self.workers]
+
+    def run(self, items: Sequence[ScoreItem], micro_batch: int, schedule: str = "round_robin",
+            on_done: Callable[[int], None] | None = None) -> list[ScoreResult]:
+        """Score items on all workers; one result per item, in input order."""
+        with self._lock:  # one call at a time: workers hold one batch each
+            if self._closed:
+                raise RuntimeError("the worker pool is closed")
+            items = list(items)
+            if not items:
+                return []
+            call_dir = Path(tempfile.mkdtemp(prefix="call-", dir=self._tmp))
+            try:
+                wire = [_wire_item(it, call_dir, i) for i, it in enumerate(items)]
+                return self._run(items, wire, micro_batch, schedule, on_done or (lambda n: None))
+            finally:
+                shutil.rmtree(call_dir, ignore_errors=True)
+
+    def _run(self, items: list[ScoreItem], wire: list[dict[str, Any] | ScoreResult], micro_batch: int,
+             schedule: str, on_done: Callable[[int], None]) -> list[ScoreResult]:
+        n_workers = len(self.workers)
+        todo = [i for i, w in enumerate(wire) if not isinstance(w, ScoreResult)]
+        queues: list[collections.deque] = [collections.deque() for _ in range(n_workers)]
+        shared = None
+        if schedule == "dynamic":
+            shared = collections.deque(todo[s:s + micro_batch] for s in range(0, len(todo), micro_batch))
+        else:
+            for w in range(n_workers):
+                mine = todo[w::n_workers]
+                queues[w].extend(mine[s:s + micro_batch] for s in range(0, len(mine), micro_batch))
+        dispatch = _Dispatch(len(items), queues, shared, self.max_retries, on_done)
+        dispatch.store([w for w in wire if isinstance(w, ScoreResult)])  # items that failed to spill
+
+        def fail(i: int, why: str) -> ScoreResult:
+            return ScoreResult.failure(i, items[i], f"item {_item_name(items[i], i)}: {why}", "worker_died")
+
+        futures = [self._executor.submit(self._drive, slot, dispatch, wire, fail) for slot in range(n_workers)]
+        for f in futures:
+            f.result()
+        missing = [i for i, r in enumerate(dispatch.results) if r is None]
+        assert not missing, f"pool lost items {missing}"  # by construction
+        return dispatch.results  # type: ignore[return-value]
+
+    def _drive(self, slot: int, dispatch: _Dispatch, wire: list, fail: Callable[[int, str], ScoreResult]) -> None:
+        """One thread per worker: take a micro-batch, send it, store the results; on death,
+        give the items back and restart the worker (bounded)."""
+        while True:
+            handle = self.workers[slot]
+            if handle is None or not handle.alive():
+                cause = "worker could not be restarted"
+                try:
+                    handle = self._restart(slot, "it was not running")
+                except (WorkerStartError, WorkerDied, WorkerTimeout, _RestartsExhausted) as e:
+                    dispatch.worker_lost(slot, f"{cause}: {e}", fail)
+                    return
+            batch = dispatch.take(slot)
+            if batch is None:
+                return
+            bid = next(self._batch_ids)
+            try:
+                raw = handle.request(bid, [wire[i] for i in batch], self.batch_timeout_s)
+                dispatch.store([_fix_index(ScoreResult.from_dict(d), batch) for d in raw])
+                self.restarts[slot] = 0  # the bound is on restarts in a row, not per lifetime
+            except (WorkerDied, WorkerTimeout) as e:
+                if isinstance(e, WorkerTimeout):
+                    handle.kill()
+                self.log(f"[pool] {e}")
+                dispatch.give_back(batch, str(e), fail)
+            except Exception as e:  # the worker survived but the batch raised: fail these items
+                dispatch.store([fail(i, str(e)) for i in batch])
+
+    def _restart(self, slot: int, why: str) -> WorkerHandle:
+        old = self.workers[slot]
+        if old is not None:
+            old.stop(grace=0)
+        if self.restarts[slot] >= self.max_restarts:
+            raise _RestartsExhausted(f"worker {self.specs[slot].device_label} died {self.restarts[slot] + 1} "
+                                     f"times in a row (max_restarts={self.max_restarts})")
+        self.restarts[slot] += 1
+        self.total_restarts += 1
+        self.log(f"[pool] restarting worker {self.specs[slot].device_label} ({why}), "
+                 f"restart {self.restarts[slot]}/{self.max_restarts}")
+        h = self._new_handle(slot)
+        self.workers[slot] = h
+        h.launch()
+        h.wait_ready(self.start_timeout_s)
+        return h
+
+    def close(self) -> None:
+        """Stop every worker: Shutdown, bounded wait, SIGTERM, SIGKILL. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        _LIVE_POOLS.discard(self)
+        handles = [w for w in self.workers if w is not None]
+        stoppers = [threading.Thread(target=h.stop, daemon=True) for h in handles]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join(timeout=30)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+class _RestartsExhausted(RuntimeError):
+    pass
+
+
+def _fix_index(r: ScoreResult, batch: list[int]) -> ScoreResult:
+    # The worker numbers results 0..len(batch)-1; map them back to positions in the call.
+    r.index = batch[r.index]
+    return r
+
+
+def _item_name(item: ScoreItem, index: int) -> str:
+    return f"{item.id!r} (#{index})" if item.id is not None else f"#{index}"
+
+
+def _wire_item(item: ScoreItem, folder: Path, index: int) -> dict[str, Any] | ScoreResult:
+    """An item's channel form: paths as absolute paths, in-memory images spilled to `folder`."""
+    def path_of(img: Any, tag: str) -> str:
+        if isinstance(img, (str, os.PathLike)):
+            return os.path.abspath(os.fspath(img))
+        dest = folder / f"{index}-{tag}"
+        if isinstance(img, (bytes, bytearray)):
+            dest = dest.with_suffix(".img")
+            dest.write_bytes(bytes(img))
+            return str(dest)
+        if hasattr(img, "save"):
+            dest = dest.with_suffix(".png")
+            img.save(dest, format="PNG")
+            return str(dest)
+        raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
+
+    try:
+        d = ScoreItem(images=[path_of(im, f"i{k}") for k, im in enumerate(item.images)],
+                      source_images=[path_of(im, f"s{k}") for k, im in enumerate(item.source_images)],
+                      instruction=item.instruction, id=item.id, metadata=item.metadata).to_dict()
+        return d
+    except Exception as e:
+        return ScoreResult.failure(index, item, f"item {_item_name(item, index)}: {e}", "input")
+
+
+def _stderr_log(line: str) -> None:
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+    except ImportError:
+        print(line, file=sys.stderr, flush=True)
+
+
+# Pools still open at interpreter exit are closed, so no worker outlives its parent's exit.
+_LIVE_POOLS: "set[WorkerPool]" = set()
+
+
+def _close_live_pools() -> None:
+    for pool in list(_LIVE_POOLS):
+        pool.close()
+
+
+import atexit  # noqa: E402
+
+atexit.register(_close_live_pools)

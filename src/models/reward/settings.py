@@ -1,0 +1,166 @@
+"""The judge's settings: one typed record shared by every host of the scoring engine.
+
+The single-device class, each worker process, each Ray actor and the HTTP service build the
+engine from the same `JudgeSettings`, so a config moves between them unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+MODES = ("logits", "generate")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    """model_name: a checkpoint folder, a hub name, or `tiny:ARCH` for an offline random-weight model.
+    mode: `logits` (expected value over the scale's level tokens; one forward pass) or `generate`.
+    template: a template or rubric name (`quality`, `edit`, `edit_instruction`, `edit_quality`,
+      `alignment`, `qalign_quality`, or one defined under `templates`).
+    templates: YAML overrides and new templates/rubrics (see templates.resolve_rubric).
+    dtype: `auto` is bfloat16 on CUDA and float32 on the CPU.
+    min_pixels / max_pixels: image resize bounds (None: the checkpoint's processor defaults).
+    batch_size: prompts per forward pass; a batch that runs out of memory is split and retried.
+    max_new_tokens, temperature (0 = greedy), top_p, top_k, num_samples: generate mode.
+    max_prompt_tokens: prompts longer than this fail with a clear error instead of running.
+    max_image_pixels: larger decoded images are refused (decompression-bomb guard).
+    seed: sampling seed.
+    """
+
+    model_name: str
+    mode: str = "logits"
+    template: str = "quality"
+    templates: Mapping[str, Any] = field(default_factory=dict)
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    num_samples: int = 1
+    max_prompt_tokens: int | None = None
+    max_image_pixels: int = 100_000_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode: unknown value {self.mode!r}; known: {', '.join(MODES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: unknown value {self.dtype!r}; known: {', '.join(DTYPES)}")
+        for name in ("batch_size", "max_new_tokens", "num_samples", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.num_samples > 1 and self.mode == "generate" and self.temperature == 0:
+            raise ValueError("num_samples > 1 needs temperature > 0: greedy answers would all be the same")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], owner: str = "judge") -> "JudgeSettings":
+        """Build from a config mapping, with errors that name the key, the expected type and the
+        known keys (close matches first)."""
+        known = cls.names()
+        for key in params:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise TypeError(f"{owner}: unknown parameter '{key}'.{hint} Known: {', '.join(known)}")
+        if "model_name" not in params:
+            raise TypeError(f"{owner}: missing required parameter 'model_name'")
+        hints = typing.get_type_hints(cls)
+        clean = {k: check_type(f"{owner}.{k}", v, hints[k]) for k, v in params.items()}
+        return cls(**clean)
+
+    def to_params(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["templates"] = dict(self.templates)
+        return d
+
+    def fingerprint(self, rubric_data: Any = None) -> str:
+        """A short hash of everything that changes scores: resume skips an item only when its
+        stored result has the same fingerprint. Batch size, device and attention kernel are left
+        out: they change speed, not the judgement."""
+        keys = ("model_name", "mode", "dtype", "min_pixels", "max_pixels", "max_new_tokens", "temperature",
+                "top_p", "top_k", "num_samples", "max_prompt_tokens", "seed")
+        data = {k: getattr(self, k) for k in keys}
+        data["rubric"] = rubric_data
+        blob = json.dumps(data, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_type(key: str, value: Any, hint: Any) -> Any:
+    """Check a config value against a type hint (the simple hints used by settings here),
+    converting ints to floats where a float is expected. Raises TypeError naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        errors = []
+        for arg in args:
+            try:
+                return check_type(key, value, arg)
+            except TypeError as e:
+                errors.append(str(e))
+        names = " or ".join(_type_name(a) for a in args)
+        raise TypeError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise TypeError(f"{key}: expected None, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise TypeError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            if args and args[0] is not Ellipsis:
+                return [check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+            return list(value)
+        raise TypeError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+    if origin in (dict, Mapping, typing.Mapping) or hint in (dict,) or origin is getattr(__import__("collections.abc").abc, "Mapping"):
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise TypeError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise TypeError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+    return value
+
+
+def _type_name(t: Any) -> str:
+    if t is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(t, getattr(t, "__name__", str(t)))

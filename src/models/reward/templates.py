@@ -1,0 +1,216 @@
+"""Prompt templates and rubrics: what the judge is asked and how its answers combine.
+
+A `Template` is one question to the judge: which images it sees in which order, the text, and
+the scale. A `Rubric` names one or more templates as parts and says how the parts combine into
+the overall score (VIEScore for image editing: overall = sqrt(SC * PQ)). Every name a user may
+put under `template:` resolves to a rubric; a plain template is a rubric of one part.
+
+Default scales are the digits 0..9 so that every level is a single token: `logits` mode reads
+the next-token distribution over exactly those tokens, and `generate` mode asks for the same
+integer, so both modes report on one scale.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+IMAGE_ROLES = ("source", "image")  # source image(s) first, then the image(s) under judgement
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    text: str                       # the question; `{instruction}` is replaced by the item's instruction
+    images: tuple[str, ...] = ("image",)   # roles in the order the judge sees them
+    scale: tuple[float, float] = (0, 9)
+    levels: tuple[tuple[str, float], ...] = ()  # token text -> value, for logits mode; digits by default
+    system: str | None = None
+    generate_suffix: str = ('First explain your judgement in one or two sentences, then give the score '
+                            'as JSON on the last line: {{"score": <integer from {lo} to {hi}>}}')
+    logits_suffix: str = "Answer with a single digit from {lo} to {hi}."
+    logits_prefix: str = ""         # text the assistant's answer starts with, before the level token
+    json_key: str | None = None     # the key the parser looks for first in a JSON answer
+
+    def __post_init__(self) -> None:
+        lo, hi = self.scale
+        if not lo < hi:
+            raise ValueError(f"template {self.name!r}: scale {self.scale} must be (low, high) with low < high")
+        for role in self.images:
+            if role not in IMAGE_ROLES:
+                raise ValueError(f"template {self.name!r}: unknown image role {role!r}; known: {', '.join(IMAGE_ROLES)}")
+        if not self.levels:
+            if float(lo).is_integer() and float(hi).is_integer() and 0 <= lo and hi <= 9:
+                object.__setattr__(self, "levels", tuple((str(v), float(v)) for v in range(int(lo), int(hi) + 1)))
+        for tok, val in self.levels:
+            if not lo <= val <= hi:
+                raise ValueError(f"template {self.name!r}: level {tok!r}={val} is outside the scale {self.scale}")
+
+    @property
+    def needs_instruction(self) -> bool:
+        return "{instruction}" in self.text
+
+    @property
+    def needs_source(self) -> bool:
+        return "source" in self.images
+
+    def question(self, instruction: str | None, mode: str) -> str:
+        lo, hi = (int(v) if float(v).is_integer() else v for v in self.scale)
+        body = self.text.replace("{instruction}", instruction or "")
+        suffix = self.generate_suffix if mode == "generate" else self.logits_suffix
+        suffix = suffix.replace("{{", "\x00").replace("}}", "\x01").replace("{lo}", str(lo)).replace("{hi}", str(hi))
+        suffix = suffix.replace("\x00", "{").replace("\x01", "}")
+        return f"{body}\n{suffix}" if suffix else body
+
+    def level_map(self) -> dict[str, float]:
+        return dict(self.levels)
+
+
+COMBINE = ("single", "geometric_mean", "mean", "min")
+
+
+@dataclass(frozen=True)
+class Rubric:
+    name: str
+    parts: tuple[tuple[str, Template], ...]  # (sub-score name, template)
+    combine: str = "single"
+
+    def __post_init__(self) -> None:
+        if self.combine not in COMBINE:
+            raise ValueError(f"rubric {self.name!r}: unknown combine {self.combine!r}; known: {', '.join(COMBINE)}")
+        if not self.parts:
+            raise ValueError(f"rubric {self.name!r} has no parts")
+        if self.combine == "single" and len(self.parts) != 1:
+            raise ValueError(f"rubric {self.name!r}: combine 'single' needs exactly one part")
+        scales = {t.scale for _, t in self.parts}
+        if len(scales) > 1 and self.combine != "single":
+            raise ValueError(f"rubric {self.name!r}: parts must share one scale to combine, got {sorted(scales)}")
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        return self.parts[0][1].scale
+
+    def overall(self, sub: Mapping[str, float | None]) -> float | None:
+        """Combine the parts; None when any part is None (never a partial guess)."""
+        vals = [sub.get(name) for name, _ in self.parts]
+        if any(v is None for v in vals):
+            return None
+        if self.combine == "single":
+            return float(vals[0])
+        if self.combine == "mean":
+            return float(sum(vals) / len(vals))
+        if self.combine == "min":
+            return float(min(vals))
+        lo = self.scale[0]
+        # VIEScore: geometric mean of the parts (sqrt(SC * PQ) for two), on a scale starting at 0.
+        shifted = [max(v - lo, 0.0) for v in vals]
+        return float(lo + math.prod(shifted) ** (1.0 / len(shifted)))
+
+
+_EDIT_INTRO = ("The first image is the original. The second image is the result of editing it with "
+               "this instruction: \"{instruction}\".\n")
+
+BUILTIN_TEMPLATES: dict[str, Template] = {t.name: t for t in (
+    Template(
+        name="quality",
+        text=("Rate the overall visual quality of this image: sharpness, absence of noise, blur and "
+              "artifacts, natural colours and plausible content. 0 is very poor, 9 is excellent."),
+    ),
+    Template(
+        name="edit_instruction",
+        images=("source", "image"),
+        text=(_EDIT_INTRO + "Rate how well the edited image follows the instruction while keeping "
+              "everything the instruction does not ask to change. 0 means the instruction was not "
+              "followed at all, 9 means it was followed perfectly."),
+    ),
+    Template(
+        name="edit_quality",
+        text=("This image was produced by an image-editing model. Rate its perceptual quality: does "
+              "it look natural, without distortions, unnatural regions, blur or artifacts? 0 is very "
+              "poor, 9 is excellent."),
+    ),
+    Template(
+        name="alignment",
+        text=("This image was generated from the prompt: \"{instruction}\".\nRate how well the image "
+              "matches the prompt: every object, attribute, count and relation it asks for. 0 means "
+              "unrelated, 9 means a perfect match."),
+    ),
+    Template(
+        name="qalign_quality",
+        text="How would you rate the quality of this image?",
+        scale=(1, 5),
+        levels=(("excellent", 5.0), ("good", 4.0), ("fair", 3.0), ("poor", 2.0), ("bad", 1.0)),
+        logits_suffix="",
+        logits_prefix="The quality of the image is",
+        generate_suffix="Answer with one word: excellent, good, fair, poor or bad.",
+    ),
+)}
+
+BUILTIN_RUBRICS: dict[str, tuple[tuple[tuple[str, str], ...], str]] = {
+    # name -> ((sub-score name, template name), ...), combine
+    "edit": ((("semantic_consistency", "edit_instruction"), ("perceptual_quality", "edit_quality")),
+             "geometric_mean"),
+}
+
+
+def _template_from_mapping(name: str, spec: Mapping[str, Any], base: Template | None) -> Template:
+    known = {f.name for f in fields(Template)} - {"name"}
+    unknown = set(spec) - known
+    if unknown:
+        raise ValueError(f"template {name!r}: unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+    spec = dict(spec)
+    if "images" in spec:
+        spec["images"] = tuple(spec["images"])
+    if "scale" in spec:
+        spec["scale"] = tuple(float(v) for v in spec["scale"])
+        if base is not None and "levels" not in spec:
+            spec["levels"] = ()  # the base's digit levels belong to the base's scale
+    if "levels" in spec:
+        lv = spec["levels"]
+        spec["levels"] = tuple((str(k), float(v)) for k, v in (lv.items() if isinstance(lv, Mapping) else lv))
+    if base is not None:
+        return replace(base, name=name, **spec)
+    if "text" not in spec:
+        raise ValueError(f"template {name!r}: a new template needs 'text'")
+    return Template(name=name, **spec)
+
+
+def resolve_rubric(name: str, overrides: Mapping[str, Any] | None = None) -> Rubric:
+    """Resolve a template or rubric name, with YAML overrides, to a `Rubric`.
+
+    `overrides` maps a name to either a template spec (keys of `Template`, e.g. `text`, `scale`,
+    `levels`) which overrides a built-in template of that name or defines a new one, or a rubric
+    spec `{"parts": {sub_name: template_name, ...}, "combine": "geometric_mean"}`.
+    """
+    overrides = dict(overrides or {})
+    templates = dict(BUILTIN_TEMPLATES)
+    rubrics = dict(BUILTIN_RUBRICS)
+    for key, spec in overrides.items():
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"templates.{key}: expected a mapping, got {type(spec).__name__}")
+        if "parts" in spec:
+            extra = set(spec) - {"parts", "combine"}
+            if extra:
+                raise ValueError(f"rubric {key!r}: unknown key(s) {sorted(extra)}; known: combine, parts")
+            parts = spec["parts"]
+            if not isinstance(parts, Mapping) or not parts:
+                raise ValueError(f"rubric {key!r}: 'parts' must map sub-score names to template names")
+            rubrics[key] = (tuple((str(k), str(v)) for k, v in parts.items()), str(spec.get("combine", "geometric_mean")))
+        else:
+            templates[key] = _template_from_mapping(key, spec, templates.get(key))
+    if name in rubrics:
+        part_names, combine = rubrics[name]
+        missing = [t for _, t in part_names if t not in templates]
+        if missing:
+            raise ValueError(f"rubric {name!r} names unknown template(s) {missing}; known: {', '.join(sorted(templates))}")
+        return Rubric(name=name, parts=tuple((sub, templates[t]) for sub, t in part_names), combine=combine)
+    if name in templates:
+        return Rubric(name=name, parts=((name, templates[name]),), combine="single")
+    known = sorted(set(templates) | set(rubrics))
+    raise ValueError(f"unknown template {name!r}; known: {', '.join(known)}")
+
+
+def rubric_fingerprint(rubric: Rubric) -> dict[str, Any]:
+    """Everything about a rubric that changes scores, as plain data (for resume keys)."""
+    return {"name": rubric.name, "combine": rubric.combine,
+            "parts": [[sub, {f.name: getattr(t, f.name) for f in fields(Template)}] for sub, t in rubric.parts]}

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""The worker: one judge on one device, in its own process and environment.
+
+It needs only torch, transformers, qwen-vl-utils and pillow (plus this repository's
+`src/models/reward` plain-data modules and engine), so it runs in a lean environment built by
+`setup_env.sh`, a conda env (`conda run -n ENV`), or a conda-pack'ed env on another machine.
+
+Persistent mode (what the multi-GPU pool starts; the channel is described in messages.py):
+
+    python standalone/reward_worker.py --connect /tmp/pool-x/w0.sock
+        (authkey in $REWARD_WORKER_AUTHKEY, parent pid in $REWARD_PARENT_PID)
+
+One-shot mode, for debugging a task file by hand:
+
+    python standalone/reward_worker.py --tasks in.json --output out.json --device cuda:0
+
+where in.json is {"settings": {...JudgeSettings...}, "items": [{"images": [...], ...}, ...]}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from src.models.reward import messages as msg  # noqa: E402
+from src.models.reward.settings import JudgeSettings  # noqa: E402
+from src.models.reward.types import ScoreItem  # noqa: E402
+
+
+def _log(text: str) -> None:
+    print(text, flush=True)
+
+
+def _watch_parent(parent_pid: int, interval: float = 1.0) -> None:
+    """Exit when the parent is gone. The channel's EOF tells the same while the worker waits for
+    work; this thread also catches it in the middle of a long batch."""
+    def loop() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                _log(f"parent {parent_pid} is gone; exiting")
+                os._exit(3)
+            except PermissionError:
+                pass  # exists, owned by someone else
+    threading.Thread(target=loop, name="parent-watch", daemon=True).start()
+
+
+def _build_engine(settings: dict, device: str, device_label: str, num_threads: int | None):
+    import torch
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    from src.models.reward.engine import JudgeEngine
+
+    return JudgeEngine(JudgeSettings.from_params(settings), device=device, device_label=device_label)
+
+
+def serve(address: str) -> int:
+    from multiprocessing.connection import Client
+
+    authkey = bytes.fromhex(os.environ.pop(msg.AUTHKEY_ENV, ""))
+    parent = os.environ.get(msg.PARENT_PID_ENV)
+    if parent:
+        _watch_parent(int(parent))
+    conn = Client(address, family="AF_UNIX", authkey=authkey)
+    init = conn.recv()
+    if not isinstance(init, msg.Init):
+        _log(f"expected Init, got {type(init).__name__}; exiting")
+        return 2
+    try:
+        engine = _build_engine(init.settings, init.device, init.device_label, init.num_threads)
+    except BaseException as e:
+        conn.send(msg.StartFailed(os.getpid(), f"{type(e).__name__}: {e}", traceback.format_exc()))
+        return 1
+    _log(f"model loaded on {init.device_label} in {engine.load_time_s:.1f}s (pid {os.getpid()})")
+    conn.send(msg.Ready(os.getpid(), init.device_label, engine.load_time_s, engine.fingerprint()))
+    while True:
+        try:
+            req = conn.recv()
+        except (EOFError, OSError):
+            _log("channel closed by the parent; exiting")
+            return 0
+        if isinstance(req, msg.Shutdown):
+            engine.close()
+            return 0
+        if not isinstance(req, msg.Score):
+            _log(f"ignoring unexpected message {type(req).__name__}")
+            continue
+        t0 = time.perf_counter()
+        try:
+            items = [ScoreItem.from_dict(d) for d in req.items]
+            results = engine.score(items, base_index=req.base_index)
+            reply = msg.Scored(req.batch_id, [r.to_dict() for r in results], time.perf_counter() - t0)
+        except Exception as e:
+            reply = msg.BatchFailed(req.batch_id, f"{type(e).__name__}: {e}", traceback.format_exc())
+        conn.send(reply)
+
+
+def one_shot(tasks: Path, output: Path, device: str) -> int:
+    data = json.loads(tasks.read_text())
+    if not isinstance(data, dict) or "settings" not in data or "items" not in data:
+        raise SystemExit(f"{tasks}: expected a JSON object with 'settings' and 'items'")
+    engine = _build_engine(data["settings"], device, device, None)
+    try:
+        results = engine.score([ScoreItem.from_dict(d) for d in data["items"]])
+    finally:
+        engine.close()
+    output.write_text(json.dumps([r.to_dict() for r in results], indent=1))
+    ok = sum(r.score is not None for r in results)
+    _log(f"scored {ok}/{len(results)} items on {device}; results in {output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--connect", help="Unix socket of the parent pool (persistent mode)")
+    ap.add_argument("--tasks", type=Path, help="task file (one-shot mode)")
+    ap.add_argument("--output", type=Path, help="where one-shot mode writes results")
+    ap.add_argument("--device", default="cpu", help="one-shot mode's device: cpu, cuda, cuda:N")
+    args = ap.parse_args(argv)
+    if args.connect:
+        return serve(args.connect)
+    if args.tasks and args.output:
+        return one_shot(args.tasks, args.output, args.device)
+    ap.error("give --connect (persistent mode) or --tasks and --output (one-shot mode)")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
