@@ -104,8 +104,15 @@ class JudgeEngine:
         else:
             dtype = getattr(torch, s.dtype)
         self.dtype = dtype
+        # Loading straight onto the GPU (device_map) needs accelerate; without it, load then move.
+        import importlib.util
+
+        direct = self.device != "cpu" and importlib.util.find_spec("accelerate") is not None
         model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, attn_implementation=s.attn_implementation, device_map=self.device)
+            path, dtype=dtype, attn_implementation=s.attn_implementation,
+            **({"device_map": self.device} if direct else {}))
+        if not direct:
+            model = model.to(self.device)
         self.model = model.eval()
         self._level_ids: dict[str, tuple[list[int], list[float], list[str]]] = {}
         if s.mode == "logits":
