@@ -34,9 +34,11 @@ from .types import ScoreItem, ScoreResult, describe_image, load_pil
 
 log = logging.getLogger(__name__)
 
-# Fault injection for the failure tests: a prompt batch larger than this raises CUDA's
-# out-of-memory error, on any device. Unset in normal use.
+# Fault injection for the failure tests, read on every batch; unset in normal use.
+# A prompt batch larger than this raises CUDA's out-of-memory error, on any device:
 _FAULT_OOM_ABOVE = "REWARD_FAULT_OOM_ABOVE"
+# Seconds to sleep before each forward pass (a slow or hung worker):
+_FAULT_DELAY_S = "REWARD_FAULT_DELAY_S"
 
 
 @dataclass
@@ -316,6 +318,9 @@ class JudgeEngine:
 
     def _forward(self, reqs: list[_Request]) -> list[dict[str, Any]]:
         torch = self._torch
+        delay = os.environ.get(_FAULT_DELAY_S)
+        if delay:
+            time.sleep(float(delay))
         limit = os.environ.get(_FAULT_OOM_ABOVE)
         if limit and len(reqs) > int(limit):
             raise torch.OutOfMemoryError(f"simulated: batch of {len(reqs)} > {_FAULT_OOM_ABOVE}={limit}")

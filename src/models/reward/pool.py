@@ -255,6 +255,7 @@ class WorkerHandle:
     def stop(self, grace: float = 10.0) -> None:
         """Shutdown message, bounded wait, then SIGTERM and SIGKILL to the process group."""
         if self.proc is None:
+            self._close_channel()
             return
         if self.proc.poll() is None and self.conn is not None:
             try:

@@ -1,0 +1,275 @@
+"""The multi-GPU class with CPU workers: real worker processes, the tiny model, real sockets."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, assert_no_orphans, make_image, worker_processes
+from src.models.reward import ScoreItem
+from src.models.reward.implementations.local import QwenVLRewardModel
+from src.models.reward.implementations.multi_gpu import MultiGPURewardModel, resolve_device_ids, worker_specs
+from src.models.reward.pool import WorkerStartError, launch_command
+
+JUDGE = {"model_name": "tiny:qwen2_5_vl", "template": "quality", "batch_size": 2}
+
+
+def pool(n: int, **kw) -> MultiGPURewardModel:
+    return MultiGPURewardModel(device_ids=["cpu"] * n, progress=False, **{**JUDGE, **kw})
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_cache, image_files):
+    with QwenVLRewardModel(**JUDGE) as j:
+        return [r.score for r in j.batch_score(image_files[:11])]
+
+
+@pytest.mark.parametrize("n_workers", [1, 2, 3])
+def test_workers_equal_the_single_device_class_for_both_schedules(n_workers, reference, image_files):
+    items = image_files[:11]  # 11 items: divides evenly by none of 2, 3, micro-batch 4
+    with pool(n_workers, micro_batch=3) as m:
+        pids = m.worker_pids()
+        assert len(pids) == n_workers and all(pids)
+        for schedule in ("round_robin", "dynamic"):
+            m.schedule = schedule
+            results = m.batch_score(items)
+            assert [r.index for r in results] == list(range(11))
+            assert all(r.error is None for r in results)
+            assert [r.score for r in results] == pytest.approx(reference, abs=1e-4)
+            devices = {r.device for r in results}
+            assert devices <= {f"cpu#{k}" for k in range(n_workers)}
+            if schedule == "round_robin":
+                assert [r.device for r in results] == [f"cpu#{i % n_workers}" for i in range(11)]
+        # the loaded workers served both calls: same processes, no reload
+        assert m.worker_pids() == pids
+        assert m.pool.total_restarts == 0
+    assert_no_orphans(pids)
+
+
+def test_second_call_reuses_loaded_workers_and_in_memory_images_travel(tiny_cache, image_files, reference):
+    from PIL import Image
+
+    with pool(2) as m:
+        pids = m.worker_pids()
+        load_times = [w.load_time_s for w in m.pool.workers]
+        t0 = time.perf_counter()
+        first = m.batch_score(image_files[:11])
+        t_first = time.perf_counter() - t0
+        pil = [Image.open(p) for p in image_files[:4]]
+        raw = [open(p, "rb").read() for p in image_files[4:8]]
+        second = m.batch_score([*pil, *raw, *image_files[8:11]])
+        assert m.worker_pids() == pids
+        assert [w.load_time_s for w in m.pool.workers] == load_times
+        assert [r.score for r in second] == pytest.approx([r.score for r in first], abs=1e-4)
+        assert t_first < 30, "a warm call must not pay a model load"
+        spill = m.pool.tmp_dir
+        assert spill.exists() and not any(spill.glob("call-*")), "per-call spill folders are removed"
+    assert not spill.exists()
+    assert_no_orphans(pids)
+
+
+def test_bad_items_fail_alone_across_workers(tiny_cache, image_files, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    items = [ScoreItem(images=[p], id=f"x{i}") for i, p in enumerate(image_files[:5])]
+    items.insert(2, ScoreItem(images=[str(bad)], id="broken"))
+    items.insert(4, ScoreItem(images=[object()], id="weird"))
+    with pool(2) as m:
+        results = m.batch_score(items)
+        pids = m.worker_pids()
+    assert [r.id for r in results] == [it.id for it in items]
+    failed = {r.id: r for r in results if r.score is None}
+    assert set(failed) == {"broken", "weird"}
+    assert "cannot decode" in failed["broken"].error and "'broken'" in failed["broken"].error
+    assert "unsupported image type" in failed["weird"].error
+    assert_no_orphans(pids)
+
+
+def test_worker_killed_mid_batch_loses_no_item(tiny_cache, image_files, reference, monkeypatch):
+    monkeypatch.setenv("REWARD_FAULT_DELAY_S", "1.0")  # slow batches, so the kill lands mid-batch
+    with pool(2, micro_batch=2) as m:
+        victim = m.worker_pids()[1]
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.setdefault("r", m.batch_score(image_files[:11])))
+        t.start()
+        time.sleep(1.5)
+        os.kill(victim, signal.SIGKILL)
+        t.join(timeout=120)
+        assert not t.is_alive()
+        results = out["r"]
+        assert [r.index for r in results] == list(range(11))
+        assert all(r.error is None for r in results), [r.error for r in results if r.error]
+        assert [r.score for r in results] == pytest.approx(reference, abs=1e-4)
+        assert m.pool.total_restarts >= 1
+        new_pids = m.worker_pids()
+        assert victim not in new_pids
+    assert_no_orphans([victim, *new_pids])
+
+
+def test_worker_that_cannot_start_fails_fast_with_its_traceback(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(WorkerStartError) as e:
+        MultiGPURewardModel(device_ids=["cpu"], progress=False, model_name=str(tmp_path / "no-such-model"))
+    msg = str(e.value)
+    assert time.monotonic() - t0 < 90
+    assert "cpu#0" in msg and "pid" in msg and "failed to start" in msg
+    assert "worker traceback" in msg and "no-such-model" in msg
+    assert not worker_processes()
+
+
+def test_broken_launcher_fails_fast(tmp_path):
+    with pytest.raises(WorkerStartError, match="cannot run"):
+        MultiGPURewardModel(device_ids=["cpu"], progress=False, launcher=str(tmp_path / "nopython"), **JUDGE)
+    # an interpreter that exits at once (an environment without the packages)
+    with pytest.raises(WorkerStartError, match="exited with exit code 1 before it connected"):
+        MultiGPURewardModel(device_ids=["cpu"], progress=False,
+                            launcher=["/bin/sh", "-c", "echo broken env >&2; exit 1", "sh"], **JUDGE)
+    assert not worker_processes()
+
+
+def test_command_prefix_launcher_and_log_prefix(tiny_cache, image_files, reference, capfd):
+    launcher = {"prefix": ["env", "REWARD_LAUNCH_TEST=1"], "python": sys.executable}
+    assert launch_command(launcher) == ["env", "REWARD_LAUNCH_TEST=1", sys.executable]
+    with pool(1, launcher=launcher) as m:
+        res = m.batch_score(image_files[:3])
+        pids = m.worker_pids()
+    assert [r.score for r in res] == pytest.approx(reference[:3], abs=1e-4)
+    err = capfd.readouterr().err
+    assert "[cpu#0] model loaded on cpu#0" in err
+    assert_no_orphans(pids)
+
+
+def _venv_with_main_packages(tmp_path: Path) -> Path:
+    """A separate venv whose interpreter sees the main env's packages through a .pth file."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    import torch
+
+    main_site = Path(torch.__file__).resolve().parents[1]
+    (site / "main_env.pth").write_text(str(main_site) + "\n")
+    return venv / "bin" / "python"
+
+
+def test_venv_python_launcher(tiny_cache, image_files, reference, tmp_path):
+    py = _venv_with_main_packages(tmp_path)
+    with pool(1, launcher=str(py)) as m:
+        res = m.batch_score(image_files[:3])
+        pids = m.worker_pids()
+        cmdline = open(f"/proc/{pids[0]}/cmdline", "rb").read().split(b"\0")[0].decode()
+    assert cmdline == str(py)
+    assert [r.score for r in res] == pytest.approx(reference[:3], abs=1e-4)
+    assert_no_orphans(pids)
+
+
+def test_conda_launcher_command():
+    cmd = launch_command({"conda": "judge-env"})
+    assert cmd[1:] == ["run", "--no-capture-output", "-n", "judge-env", "python"]
+    assert launch_command("conda:judge-env")[1:] == cmd[1:]
+    with pytest.raises(ValueError, match="not both"):
+        launch_command({"conda": "x", "python": "y"})
+    with pytest.raises(ValueError, match="unknown key"):
+        launch_command({"interpreter": "y"})
+
+
+@pytest.mark.skipif(not os.environ.get("CONDA_EXE") and not __import__("shutil").which("conda"),
+                    reason="conda is not installed on this machine")
+def test_conda_launcher_runs_for_real(tiny_cache, image_files):  # pragma: no cover - needs conda
+    env = os.environ.get("REWARD_TEST_CONDA_ENV", "base")
+    with pool(1, launcher={"conda": env}) as m:
+        assert m.batch_score(image_files[:1])[0].score is not None
+
+
+def test_worker_env_has_only_the_worker_packages(tiny_cache, image_files, tmp_path):
+    """The worker runs in the lean env setup_env.sh builds (no pyyaml, no tqdm)."""
+    py = ROOT / ".venv-worker" / "bin" / "python"
+    if not py.exists():
+        pytest.skip("setup_env.sh has not built .venv-worker on this machine")
+    probe = subprocess.run([str(py), "-c", "import yaml"], capture_output=True)
+    assert probe.returncode != 0, "the worker env should not have pyyaml"
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps({"settings": JUDGE, "items": [{"images": [p]} for p in image_files[:2]]}))
+    out = tmp_path / "out.json"
+    run = subprocess.run([str(py), str(ROOT / "standalone" / "reward_worker.py"), "--tasks", str(tasks),
+                          "--output", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert all(r["score"] is not None for r in json.loads(out.read_text()))
+    with pool(1, launcher=str(py)) as m:
+        assert m.batch_score(image_files[:2])[1].score is not None
+
+
+def test_one_shot_debug_mode(tiny_cache, image_files, tmp_path, reference):
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps({"settings": JUDGE, "items": [{"images": [p], "id": f"t{i}"}
+                                                              for i, p in enumerate(image_files[:3])]}))
+    out = tmp_path / "out.json"
+    run = subprocess.run([sys.executable, str(ROOT / "standalone" / "reward_worker.py"), "--tasks", str(tasks),
+                          "--output", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    results = json.loads(out.read_text())
+    assert [r["id"] for r in results] == ["t0", "t1", "t2"]
+    assert [r["score"] for r in results] == pytest.approx(reference[:3], abs=1e-4)
+
+
+def test_close_after_an_exception_leaves_no_process(tiny_cache, image_files):
+    pids = []
+    with pytest.raises(ZeroDivisionError):
+        with pool(2) as m:
+            pids = m.worker_pids()
+            m.batch_score(image_files[:2])
+            1 / 0
+    assert_no_orphans(pids)
+    m.close()  # idempotent after the context manager closed it
+    with pytest.raises(RuntimeError, match="closed"):
+        m.batch_score(image_files[:1])
+
+
+def test_device_ids_and_pinning():
+    assert resolve_device_ids([0, "1", "cuda:2", "cpu"]) == ["0", "1", "2", "cpu"]
+    assert resolve_device_ids("0,1") == ["0", "1"]
+    specs = worker_specs(["0", "3"], 2, {})
+    assert [s.device_label for s in specs] == ["cuda:0#0", "cuda:0#1", "cuda:3#0", "cuda:3#1"]
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in specs] == ["0", "0", "3", "3"]
+    assert all(s.device == "cuda:0" for s in specs)
+    cpu = worker_specs(["cpu", "cpu"], 1, {})
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in cpu] == ["", ""]
+
+
+def test_auto_device_ids_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert resolve_device_ids("auto") == ["2", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ValueError, match="found no GPU"):
+        resolve_device_ids("auto")
+
+
+def test_parent_killed_workers_exit_on_their_own(tiny_cache, tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from src.models.reward.implementations.multi_gpu import MultiGPURewardModel
+m = MultiGPURewardModel(device_ids=["cpu", "cpu"], progress=False, **{JUDGE!r})
+print("PIDS", *m.worker_pids(), flush=True)
+time.sleep(600)
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while not line.startswith("PIDS") and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+        pids = [int(x) for x in line.split()[1:]]
+        assert len(pids) == 2
+        proc.kill()
+        proc.wait()
+        assert_no_orphans(pids, timeout=15)
+    finally:
+        proc.kill()
