@@ -89,6 +89,11 @@ class JudgeEngine:
             from ..tiny import resolve_model_name
 
             path = resolve_model_name(path)
+        elif not os.path.isabs(path) and not os.path.exists(path):
+            # A repo-relative folder (e.g. models/tiny_judge) works from any working directory.
+            in_repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", path)
+            if os.path.isdir(in_repo):
+                path = os.path.normpath(in_repo)
         self.model_path = path
         self.processor = AutoProcessor.from_pretrained(path)
         self.tokenizer = self.processor.tokenizer

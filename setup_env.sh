@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Build the environments. Idempotent: a second run installs nothing unless a requirements file
+# changed.
+#
+#   bash setup_env.sh            main env (.venv) + worker env; test browser when root with apt
+#   bash setup_env.sh --pack     also conda-pack the worker env into dist/ (needs conda)
+#   bash setup_env.sh --no-worker   skip the worker env
+#
+# Main env: .venv (a venv), for main.py, the tests and the HTTP service.
+# Worker env: only torch, torchvision, transformers, qwen-vl-utils, pillow (requirements-worker.txt).
+#   With conda on PATH it is the conda env `reward-worker` (launcher: {conda: reward-worker}),
+#   which --pack ships to other machines; without conda it is the venv .venv-worker
+#   (launcher: .venv-worker/bin/python).
+# torch and torchvision come as a matched pair from the package index; the CUDA build also runs
+# on machines without a GPU.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+WORKER_ENV_NAME=${WORKER_ENV_NAME:-reward-worker}
+PACK=0
+WORKER=1
+for arg in "$@"; do
+  case "$arg" in
+    --pack) PACK=1 ;;
+    --no-worker) WORKER=0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "setup_env.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+say() { echo "[setup_env] $*"; }
+
+hash_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
+
+# pip_sync PYTHON_BIN STAMP_FILE REQ_FILE...: install when the requirements changed since last time.
+pip_sync() {
+  local py=$1 stamp=$2; shift 2
+  local want; want=$(hash_of "$@")
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    say "$(dirname "$(dirname "$py")") is up to date"
+    return
+  fi
+  "$py" -m pip install --quiet --upgrade pip
+  "$py" -m pip install --quiet -r "$1"
+  echo "$want" > "$stamp"
+}
+
+# --- main environment ------------------------------------------------------------------------
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+pip_sync .venv/bin/python .venv/.requirements.sha256 requirements.txt requirements-worker.txt
+
+# --- worker environment ----------------------------------------------------------------------
+if [ "$WORKER" = 1 ]; then
+  if command -v conda >/dev/null 2>&1; then
+    if ! conda env list | awk '{print $1}' | grep -qx "$WORKER_ENV_NAME"; then
+      say "creating conda env $WORKER_ENV_NAME"
+      conda create -y -q -n "$WORKER_ENV_NAME" python=3.11 pip
+    fi
+    wpy=$(conda run -n "$WORKER_ENV_NAME" python -c 'import sys; print(sys.executable)')
+    pip_sync "$wpy" "$(dirname "$(dirname "$wpy")")/.requirements.sha256" requirements-worker.txt
+  else
+    if [ ! -x .venv-worker/bin/python ]; then
+      say "creating .venv-worker (no conda on PATH)"
+      "$PYTHON" -m venv .venv-worker
+    fi
+    pip_sync .venv-worker/bin/python .venv-worker/.requirements.sha256 requirements-worker.txt
+  fi
+fi
+
+# --- test browser for the HTML report tests (Debian's chromium), best effort -------------------
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  say "installing chromium for the report tests"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || say "could not install chromium; the browser test of the report will be skipped"
+fi
+
+# --- ship the worker env -----------------------------------------------------------------------
+if [ "$PACK" = 1 ]; then
+  if ! command -v conda >/dev/null 2>&1; then
+    echo "setup_env.sh --pack: conda-pack needs conda (install Miniforge), or rebuild the worker env on the target machine with this script" >&2
+    exit 2
+  fi
+  conda run -n "$WORKER_ENV_NAME" python -m pip install --quiet conda-pack
+  mkdir -p dist
+  conda run -n "$WORKER_ENV_NAME" conda-pack -n "$WORKER_ENV_NAME" -o "dist/$WORKER_ENV_NAME.tar.gz" --force
+  say "packed dist/$WORKER_ENV_NAME.tar.gz: unpack with 'mkdir env && tar -xzf $WORKER_ENV_NAME.tar.gz -C env && env/bin/conda-unpack'"
+fi
+say "ready: .venv/bin/python main.py --config configs/demo.yaml"

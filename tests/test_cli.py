@@ -1,0 +1,165 @@
+"""main.py end to end: the demo config, manifests, outputs and resume, in real subprocesses."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, make_image
+
+MAIN = ROOT / "main.py"
+
+
+def run_main(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, str(MAIN), *args, "--no-progress"] if args and args[0] not in ("report",)
+                          else [sys.executable, str(MAIN), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def edit_manifest(tmp_path_factory) -> Path:
+    """Ten edit items with sources, instructions and two categories, as JSONL."""
+    d = tmp_path_factory.mktemp("manifest")
+    rows = []
+    for i in range(10):
+        make_image(i, 56, 48).save(d / f"src{i}.png")
+        make_image(100 + i, 56, 48).save(d / f"edit{i}.png")
+        rows.append({"id": f"e{i}", "source_image": f"src{i}.png", "image": f"edit{i}.png",
+                     "instruction": f"make square {i} blue", "category": "color" if i % 2 else "shape",
+                     "seed": i})
+    (d / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d / "manifest.jsonl"
+
+
+def write_config(tmp: Path, manifest: Path, out: Path, **params) -> Path:
+    cfg = {"model": {"class_path": "qwen_vl", "params": {"model_name": "tiny:qwen2_5_vl", "template": "edit",
+                                                          "batch_size": 3, **params}},
+           "job": {"manifest": str(manifest), "output_dir": str(out), "chunk_size": 4}}
+    p = tmp / f"cfg-{out.name}.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def read_jsonl(p: Path) -> list[dict]:
+    return [json.loads(line) for line in p.read_text().splitlines()]
+
+
+def test_demo_config_runs_end_to_end(tiny_cache, tmp_path):
+    out = tmp_path / "demo"
+    r = run_main("--config", str(ROOT / "configs" / "demo.yaml"), "--set", f"job.output_dir={out}")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    manifest = read_jsonl(ROOT / "data" / "demo" / "manifest.jsonl")
+    assert summary["items"] == len(manifest) and summary["failed"] == 0
+    results = read_jsonl(out / "results.jsonl")
+    assert [x["id"] for x in results] == [m["id"] for m in manifest]
+    assert all(0 <= x["score"] <= 9 for x in results)
+    assert set(summary["sub_score_names"]) == {"semantic_consistency", "perceptual_quality"}
+    printed = json.loads(r.stdout)
+    assert printed["scored"] == len(manifest)
+
+
+def test_job_outputs_summary_csv_and_categories(tiny_cache, tmp_path, edit_manifest):
+    out = tmp_path / "run"
+    r = run_main("--config", str(write_config(tmp_path, edit_manifest, out)))
+    assert r.returncode == 0, r.stderr
+    results = read_jsonl(out / "results.jsonl")
+    assert [x["id"] for x in results] == [f"e{i}" for i in range(10)]
+    assert all("latency_s" not in x and "device" not in x for x in results)
+    stream = read_jsonl(out / "results.stream.jsonl")
+    assert len(stream) == 10 and all(x["device"] == "cpu" and x["latency_s"] > 0 for x in stream)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["items"] == 10 and s["scored"] == 10
+    assert set(s["categories"]) == {"color", "shape"} and s["categories"]["color"]["items"] == 5
+    assert s["semantic_consistency"]["count"] == 10
+    assert s["categories"]["shape"]["perceptual_quality"]["count"] == 5
+    mean = sum(x["score"] for x in results) / 10
+    assert s["score"]["mean"] == pytest.approx(mean, abs=1e-5)
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [row["id"] for row in rows] == [f"e{i}" for i in range(10)]
+    assert float(rows[3]["score"]) == pytest.approx(results[3]["score"])
+    assert rows[0]["semantic_consistency"] and rows[0]["category"] == "shape"
+    assert results[2]["metadata"]["seed"] == 2
+
+
+def test_resume_skips_finished_items_and_final_file_matches(tiny_cache, tmp_path, edit_manifest):
+    full = tmp_path / "full"
+    assert run_main("--config", str(write_config(tmp_path, edit_manifest, full))).returncode == 0
+    # An interrupted run: the first 6 results reached the stream, the 7th was cut mid-line.
+    part = tmp_path / "part"
+    part.mkdir()
+    lines = (full / "results.stream.jsonl").read_text().splitlines(keepends=True)
+    (part / "results.stream.jsonl").write_text("".join(lines[:6]) + lines[6][:40])
+    r = run_main("--config", str(write_config(tmp_path, edit_manifest, part)))
+    assert r.returncode == 0, r.stderr
+    s = json.loads((part / "summary.json").read_text())
+    assert s["resumed_from_disk"] == 6
+    assert (part / "results.jsonl").read_bytes() == (full / "results.jsonl").read_bytes()
+    stream = (part / "results.stream.jsonl").read_text().splitlines()
+    assert len(stream) == 6 + 1 + 4  # 6 kept, the broken line, 4 rescored
+    # A third run scores nothing new.
+    r = run_main("--config", str(write_config(tmp_path, edit_manifest, part)))
+    assert json.loads((part / "summary.json").read_text())["resumed_from_disk"] == 10
+    assert (part / "results.jsonl").read_bytes() == (full / "results.jsonl").read_bytes()
+
+
+def test_changed_settings_do_not_reuse_old_results(tiny_cache, tmp_path, edit_manifest):
+    out = tmp_path / "fp"
+    assert run_main("--config", str(write_config(tmp_path, edit_manifest, out))).returncode == 0
+    r = run_main("--config", str(write_config(tmp_path, edit_manifest, out)), "--set",
+                 "model.params.template=edit_quality")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["resumed_from_disk"] == 0 and s["sub_score_names"] == ["edit_quality"]
+
+
+def test_csv_and_folder_manifests_and_bad_rows(tiny_cache, tmp_path):
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    for i in range(3):
+        make_image(i).save(d / f"a{i}.png")
+    make_image(9).save(d / "sub" / "b.jpg")
+    (d / "readme.txt").write_text("not an image, not listed")
+    out = tmp_path / "folder"
+    cfg = write_config(tmp_path, d, out, template="quality")
+    r = run_main("--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert [x["id"] for x in read_jsonl(out / "results.jsonl")] == ["a0.png", "a1.png", "a2.png", "sub/b.jpg"]
+
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("id,image,instruction\n"
+                        f"c1,{d / 'a0.png'},\n"
+                        f"c2,{d / 'a1.png'}|{d / 'a2.png'},\n"
+                        "c3,,\n"
+                        f"c1,{d / 'a2.png'},\n")
+    out2 = tmp_path / "csv"
+    r = run_main("--config", str(write_config(tmp_path, csv_path, out2, template="quality")))
+    assert r.returncode == 0, r.stderr
+    res = read_jsonl(out2 / "results.jsonl")
+    assert [x["id"] for x in res] == ["c1", "c2", "c3", "c1"]
+    assert res[0]["score"] is not None and res[1]["score"] is not None
+    assert res[2]["error_kind"] == "manifest" and "line 4: no image" in res[2]["error"]
+    assert res[3]["error_kind"] == "manifest" and "duplicate id 'c1'" in res[3]["error"]
+    s = json.loads((out2 / "summary.json").read_text())
+    assert s["failures_by_kind"] == {"manifest": 2} and len(s["failures"]) == 2
+
+
+def test_cli_errors_are_clear(tmp_path, edit_manifest):
+    r = run_main("--config", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and "config file not found" in r.stderr
+    cfg = write_config(tmp_path, edit_manifest, tmp_path / "x", batchsize=3)
+    r = run_main("--config", str(cfg))
+    assert r.returncode == 2 and "unknown parameter 'batchsize'. Did you mean 'batch_size'?" in r.stderr
+    cfg = write_config(tmp_path, tmp_path / "nope.jsonl", tmp_path / "y")
+    r = run_main("--config", str(cfg))
+    assert r.returncode == 2 and "manifest not found" in r.stderr
+    assert "Traceback" not in r.stderr
