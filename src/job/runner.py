@@ -147,6 +147,8 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
         own = model is None
         if own:
             model = build_reward_model(model_spec)
+        if hasattr(model, "progress"):
+            model.progress = False  # the job's own bar counts every item; one bar is enough
         try:
             fp = model_fingerprint(model, model_spec or {})
             if not spec.resume and stream_path.exists():

@@ -502,6 +502,9 @@ class WorkerPool:
         """One thread per worker: take a micro-batch, send it, store the results; on death,
         give the items back and restart the worker (bounded)."""
         while True:
+            if self._closed:  # closing (Ctrl-C, an exception in the caller): start nothing new
+                dispatch.worker_lost(slot, "the pool was closed", fail)
+                return
             handle = self.workers[slot]
             if handle is None or not handle.alive():
                 cause = "worker could not be restarted"
@@ -530,6 +533,8 @@ class WorkerPool:
         old = self.workers[slot]
         if old is not None:
             old.stop(grace=0)
+        if self._closed:
+            raise _RestartsExhausted("the pool was closed")
         if self.restarts[slot] >= self.max_restarts:
             raise _RestartsExhausted(f"worker {self.specs[slot].device_label} died {self.restarts[slot] + 1} "
                                      f"times in a row (max_restarts={self.max_restarts})")

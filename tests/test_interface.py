@@ -1,0 +1,63 @@
+"""The BaseRewardModel contract and its call shapes, on the real single-device judge."""
+from __future__ import annotations
+
+import pytest
+
+from src.models.reward import BaseRewardModel, ScoreItem, ScoreResult
+from src.models.reward.implementations.local import QwenVLRewardModel
+from src.models.reward.types import as_items
+
+
+@pytest.fixture(scope="module")
+def edit_judge(tiny_cache):
+    with QwenVLRewardModel(model_name="tiny:qwen2_5_vl", template="edit", batch_size=4) as j:
+        yield j
+
+
+def test_interface_is_small():
+    assert BaseRewardModel.__abstractmethods__ == frozenset({"score_items"})
+    with pytest.raises(TypeError):
+        BaseRewardModel()  # abstract
+
+
+def test_editing_call_shape_equals_items(edit_judge, image_files):
+    edited, sources = image_files[:5], image_files[5:10]
+    instructions = [f"make object {i} green" for i in range(5)]
+    a = edit_judge.batch_score(edited, original_images=sources, instructions=instructions)
+    b = edit_judge.batch_score([ScoreItem(images=[e], source_images=[s], instruction=t, id=str(i))
+                                for i, (e, s, t) in enumerate(zip(edited, sources, instructions))])
+    assert [r.score for r in a] == pytest.approx([r.score for r in b], abs=1e-6)
+    assert [r.index for r in a] == list(range(5)) and [r.id for r in b] == ["0", "1", "2", "3", "4"]
+    one = edit_judge.score(edited[2], original_image=sources[2], instruction=instructions[2])
+    assert one.score == pytest.approx(a[2].score, abs=1e-4)
+    assert isinstance(one, ScoreResult) and one.sub_scores.keys() == {"semantic_consistency", "perceptual_quality"}
+
+
+def test_several_images_per_item(edit_judge, image_files):
+    two = edit_judge.score(ScoreItem(images=image_files[:2], source_images=image_files[2:4], instruction="x"))
+    assert two.error is None and two.score is not None
+
+
+def test_call_shape_errors():
+    with pytest.raises(ValueError, match="instructions has 2 entries but there are 3 images"):
+        as_items(["a", "b", "c"], instructions=["x", "y"])
+    with pytest.raises(ValueError, match="original_images has 1 entries"):
+        as_items(["a", "b"], original_images=["s"])
+
+
+def test_mixed_inputs_are_refused(edit_judge, image_files):
+    with pytest.raises(TypeError, match="mix of ScoreItems and plain images"):
+        edit_judge.batch_score([ScoreItem(images=[image_files[0]]), image_files[1]])
+    with pytest.raises(TypeError, match="only with plain images"):
+        edit_judge.batch_score([ScoreItem(images=[image_files[0]])], instructions=["x"])
+    assert edit_judge.batch_score([]) == []
+
+
+def test_result_round_trips_through_json():
+    r = ScoreResult(index=3, id="a", score=None, sub_scores={"x": None}, raw={"x": "junk"}, error="item 'a': bad",
+                    error_kind="parse", device="cuda:1", latency_s=0.5, metadata={"category": "c"})
+    assert ScoreResult.from_dict(r.to_dict()) == r
+    assert not r.ok
+    item = ScoreItem(images="a.png", source_images="b.png", instruction="t", id="1", metadata={"k": 1})
+    assert item.images == ["a.png"] and item.source_images == ["b.png"]
+    assert ScoreItem.from_dict(item.to_dict()) == item
