@@ -372,3 +372,29 @@ def test_load_16_clients_400_requests(service):
         for n in (0, 1, 7, 200, 399):
             alone = [r["score"] for r in c.post("/score", json=request_body(n, default_image())).json()["results"]]
             assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(alone, stats["scores"][f"r{n}"])), n
+
+
+def test_serving_the_multi_gpu_judge_and_stopping_its_workers(tiny_cache):
+    """The usual production shape: the service hosts the worker pool (CPU workers here); /health
+    counts live workers, and SIGTERM leaves no worker process behind."""
+    from conftest import assert_no_orphans, worker_processes
+
+    before = set(worker_processes())
+    svc = ServiceProcess(["model.class_path=multi_gpu",
+                          "model.params={model_name: 'tiny:qwen2_vl', template: alignment, device_ids: [cpu],"
+                          " progress: false, batch_size: 4}"])
+    svc.start()
+    try:
+        health = httpx.get(svc.url + "/health").json()
+        assert health["model"] == "MultiGPURewardModel" and health["devices"] == ["cpu#0"]
+        assert health["workers"] == 1 and health["workers_alive"] == 1
+        results = httpx.post(svc.url + "/score", timeout=120, json={"items": [
+            {"images": [data_url(png_bytes(k))], "instruction": "a red square"} for k in range(5)]}).json()["results"]
+        assert [r["index"] for r in results] == list(range(5))
+        assert all(r["error"] is None and r["device"] == "cpu#0" for r in results)
+        workers = set(worker_processes()) - before
+        assert len(workers) == 1
+    finally:
+        rc = svc.stop()
+    assert rc == 0, svc.log()
+    assert_no_orphans(list(workers))
