@@ -140,6 +140,7 @@ class _Service:
         self.status = "loading"
         self.error: str | None = None
         self.load_time_s: float | None = None
+        self.fingerprint: str | None = None
         self.started = time.monotonic()
         self.requests = 0
         self._lock = threading.Lock()
@@ -164,6 +165,10 @@ class _Service:
         self.model = model
         self.batcher = MicroBatcher(model.score_items, max_batch=s.max_batch, max_wait_s=s.max_wait_ms / 1000.0)
         self.load_time_s = load_time
+        try:  # read once: a remote model's fingerprint is an HTTP call, too slow for every /health
+            self.fingerprint = getattr(model, "fingerprint", None)
+        except Exception:  # informative only
+            self.fingerprint = None
         self.status = "ready"
 
     def _load(self) -> None:
@@ -205,7 +210,7 @@ class _Service:
             "batches": b.batches if b else 0, "requests": self.requests,
             "max_batch": self.settings.max_batch, "max_wait_ms": self.settings.max_wait_ms,
             "load_time_s": self.load_time_s, "uptime_s": round(time.monotonic() - self.started, 3),
-            "fingerprint": None,
+            "fingerprint": self.fingerprint,
         }
         if self.model is not None:
             info.update(_describe_model(self.model))
@@ -253,10 +258,6 @@ def _describe_model(model: BaseRewardModel) -> dict[str, Any]:
         info["workers_alive"] = sum(1 for w in workers if w is not None and w.alive())
     elif getattr(model, "device", None) is not None:
         info["devices"] = [str(model.device)]
-    try:
-        info["fingerprint"] = getattr(model, "fingerprint", None)
-    except Exception:  # a fingerprint is informative only
-        info["fingerprint"] = None
     return info
 
 
