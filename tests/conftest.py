@@ -75,12 +75,31 @@ def assert_no_orphans(pids, timeout: float = 15.0) -> None:
     assert not alive, f"worker processes still alive: {alive}"
 
 
-def worker_processes() -> list[int]:
-    """PIDs of reward_worker.py processes started by this test run (children of this pid)."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
-    mine = []
+def worker_processes(root: int | None = None) -> list[int]:
+    """PIDs of live reward_worker.py processes descended from `root` (default: this test process).
+
+    `ps -ww`: without it ps cuts lines at 80 columns and the `--connect` argument is never seen.
+    Descendants only: other test runs on the same machine have workers of their own."""
+    root = root or os.getpid()
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    parent: dict[int, int] = {}
+    workers = []
     for line in out.splitlines()[1:]:
         parts = line.split(None, 2)
+        if len(parts) < 2:
+            continue
+        pid, ppid = int(parts[0]), int(parts[1])
+        parent[pid] = ppid
         if len(parts) == 3 and "reward_worker.py" in parts[2] and "--connect" in parts[2]:
-            mine.append(int(parts[0]))
-    return [p for p in mine if not pid_gone(p)]
+            workers.append(pid)
+
+    def descends(pid: int) -> bool:
+        seen = set()
+        while pid > 1 and pid not in seen:
+            seen.add(pid)
+            pid = parent.get(pid, 0)
+            if pid == root:
+                return True
+        return False
+
+    return [p for p in workers if descends(p) and not pid_gone(p)]

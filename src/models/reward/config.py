@@ -88,6 +88,8 @@ def accepted_params(cls: type) -> tuple[dict[str, Any], set[str]]:
             params.setdefault(f.name, shints[f.name])
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
                 required.add(f.name)
+        for alias, name in getattr(settings_cls, "ALIASES", {}).items():
+            params.setdefault(alias, shints[name])
     return params, required
 
 
@@ -112,6 +114,17 @@ def validate_params(class_path: str, cls: type, params: Mapping[str, Any]) -> di
 
 def build_reward_model(spec: Mapping[str, Any]) -> BaseRewardModel:
     """Build a reward model from `{class_path, params | init_args}`."""
+    class_path, cls, clean = resolve_spec(spec)
+    try:
+        return cls(**clean)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"Problem with class_path '{class_path}': {e}") from None
+
+
+def resolve_spec(spec: Mapping[str, Any]) -> tuple[str, type, dict[str, Any]]:
+    """Check a model spec without building it: (class_path, class, checked params). Lets a host
+    that builds the model later (the HTTP service loads it in the background) report config
+    errors at once."""
     if not isinstance(spec, Mapping):
         raise ConfigError(f"model: expected a mapping with 'class_path', got {type(spec).__name__}")
     extra = set(spec) - {"class_path", "params", "init_args"}
@@ -126,11 +139,7 @@ def build_reward_model(spec: Mapping[str, Any]) -> BaseRewardModel:
     if not isinstance(params, Mapping):
         raise ConfigError(f"Problem with class_path '{class_path}': params must be a mapping, got {type(params).__name__}")
     cls = resolve_class(class_path)
-    clean = validate_params(class_path, cls, params)
-    try:
-        return cls(**clean)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"Problem with class_path '{class_path}': {e}") from None
+    return class_path, cls, validate_params(class_path, cls, params)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:

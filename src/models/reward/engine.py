@@ -364,10 +364,16 @@ class JudgeEngine:
             kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
             if s.top_k is not None:
                 kwargs["top_k"] = s.top_k
-            torch.manual_seed(s.seed)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        out = self.model.generate(**inputs, **kwargs)
+        # Sampling draws from torch's global RNG. Seed it for reproducible answers, inside a fork
+        # so the caller's stream (an RL trainer sampling its policy in this process) is restored.
+        # (torch.manual_seed seeds every visible GPU, so every one is forked.)
+        devices = list(range(torch.cuda.device_count())) if self.device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=devices):
+            if s.temperature > 0:
+                torch.manual_seed(s.seed)
+            out = self.model.generate(**inputs, **kwargs)
         new = out[:, inputs["input_ids"].shape[1]:]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         lo, hi = tpl.scale

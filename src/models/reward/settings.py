@@ -16,6 +16,14 @@ from typing import Any, Mapping
 MODES = ("logits", "generate")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
+# The names verl users know for the same settings (its generative reward model's rollout and
+# micro-batch keys). Accepted on input, stored under the judge's own names.
+ALIASES = {
+    "response_length": "max_new_tokens",
+    "prompt_length": "max_prompt_tokens",
+    "micro_batch_size_per_gpu": "batch_size",
+}
+
 
 @dataclass(frozen=True)
 class JudgeSettings:
@@ -28,7 +36,10 @@ class JudgeSettings:
     min_pixels / max_pixels: image resize bounds (None: the checkpoint's processor defaults).
     batch_size: prompts per forward pass; a batch that runs out of memory is split and retried.
     max_new_tokens, temperature (0 = greedy), top_p, top_k, num_samples: generate mode.
-    max_prompt_tokens: prompts longer than this fail with a clear error instead of running.
+    max_prompt_tokens: prompts longer than this (text and image tokens) fail with a clear error
+      instead of running; never truncated, since cutting a prompt would cut its image tokens.
+    verl's names are accepted too: response_length (max_new_tokens), prompt_length
+      (max_prompt_tokens), micro_batch_size_per_gpu (batch_size).
     max_image_pixels: larger decoded images are refused (decompression-bomb guard).
     seed: sampling seed.
     """
@@ -77,6 +88,12 @@ class JudgeSettings:
         """Build from a config mapping, with errors that name the key, the expected type and the
         known keys (close matches first)."""
         known = cls.names()
+        params = dict(params)
+        for alias, name in ALIASES.items():
+            if alias in params:
+                if name in params:
+                    raise TypeError(f"{owner}: give '{name}' or its alias '{alias}', not both")
+                params[name] = params.pop(alias)
         for key in params:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
@@ -103,6 +120,9 @@ class JudgeSettings:
         data["rubric"] = rubric_data
         blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+JudgeSettings.ALIASES = ALIASES  # type: ignore[attr-defined]  # read by config.accepted_params
 
 
 def check_type(key: str, value: Any, hint: Any) -> Any:

@@ -1,0 +1,187 @@
+"""A judge running elsewhere, behind the reward service (`python main.py serve`).
+
+A benchmark or trainer switches between a local judge and a shared service by `class_path` alone:
+
+    model:
+      class_path: remote
+      params: {url: "http://127.0.0.1:8899", token_env: REWARD_SERVICE_TOKEN}
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+import uuid
+from typing import Any, Sequence
+
+from ....service.wire import encode_item
+from ..base import BaseRewardModel
+from ..types import ScoreItem, ScoreResult
+
+_RETRY_STATUS = (500, 502, 503, 504)
+
+
+class RemoteServiceError(RuntimeError):
+    """The service refused a request (4xx), or stayed unreachable / failing after the retries.
+    `status` is the last HTTP status (None when no answer came)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class RemoteRewardModel(BaseRewardModel):
+    """Score items on a reward service over HTTP.
+
+    url: the service's base URL.
+    token / token_env: the bearer token, or the environment variable holding it.
+    timeout_s: per request (connecting and reading); a large batch on a busy service needs minutes.
+    max_retries: extra attempts after a connection error or a 5xx answer (the service loading,
+      restarting, or a failing model), waiting backoff_s, 2x, 4x, ... (capped at 30 s, with jitter).
+    batch_size: items per request; a request over the service's size limit (413) is split in
+      halves and retried.
+    send_paths: send path images as paths (the service must reach them inside its allowed
+      folders) instead of reading them here and sending base64.
+    wait_ready_s: at construction, wait up to this long for the service to report ready
+      (a trainer started together with the service); 0 checks nothing.
+    """
+
+    def __init__(self, url: str = "http://127.0.0.1:8899", token: str | None = None,
+                 token_env: str | None = "REWARD_SERVICE_TOKEN", timeout_s: float = 600.0,
+                 max_retries: int = 3, backoff_s: float = 0.5, batch_size: int = 64, send_paths: bool = False,
+                 wait_ready_s: float = 0.0):
+        import httpx
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries: must be >= 0, got {max_retries}")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"url: expected http://host:port or https://..., got {url!r}")
+        self.url = url.rstrip("/")
+        if token is None and token_env:
+            token = os.environ.get(token_env) or None
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.batch_size = batch_size
+        self.send_paths = send_paths
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        self._httpx = httpx
+        self._closed = False
+        if wait_ready_s > 0:
+            self.wait_ready(wait_ready_s)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """One JSON request with retries; returns the decoded answer. Raises RemoteServiceError
+        with the service's own message for a 4xx, or after the last retry."""
+        if self._closed:
+            raise RuntimeError("RemoteRewardModel is closed")
+        httpx = self._httpx
+        last = ""
+        status: int | None = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                delay = min(self.backoff_s * 2 ** (attempt - 1), 30.0)
+                time.sleep(delay * (0.5 + random.random()))
+            try:
+                resp = self._client.request(method, path, json=body)
+            except httpx.TransportError as e:  # refused, reset, timed out: the service may be restarting
+                last, status = f"{type(e).__name__}: {e}", None
+                continue
+            status = resp.status_code
+            if status < 400:
+                return resp.json()
+            detail = _detail(resp)
+            if status in _RETRY_STATUS:
+                last = f"HTTP {status}: {detail}"
+                continue
+            raise RemoteServiceError(f"{method} {self.url}{path}: HTTP {status}: {detail}", status)
+        raise RemoteServiceError(f"{method} {self.url}{path}: no success after {self.max_retries + 1} attempt(s); "
+                                 f"last: {last}", status)
+
+    def health(self) -> dict[str, Any]:
+        """The service's /health answer (ready or not), without retries."""
+        try:
+            resp = self._client.get("/health", timeout=min(self.timeout_s, 10.0))
+        except self._httpx.TransportError as e:
+            return {"status": "unreachable", "ready": False, "error": f"{type(e).__name__}: {e}"}
+        try:
+            return resp.json()
+        except ValueError:
+            return {"status": f"HTTP {resp.status_code}", "ready": False, "error": resp.text[:300]}
+
+    def wait_ready(self, timeout_s: float) -> dict[str, Any]:
+        """Poll /health until the service is ready; RemoteServiceError after `timeout_s` or when the
+        model failed to load."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info = self.health()
+            if info.get("ready"):
+                return info
+            if info.get("status") == "failed":
+                raise RemoteServiceError(f"{self.url}: the service's model failed to load: {info.get('error')}")
+            if time.monotonic() >= deadline:
+                raise RemoteServiceError(f"{self.url}: not ready after {timeout_s:.0f}s "
+                                         f"(status {info.get('status')!r}: {info.get('error') or 'loading'})")
+            time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    def score_items(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
+        items = list(items)
+        results: list[ScoreResult | None] = [None] * len(items)
+        wire: list[tuple[int, dict[str, Any]]] = []
+        for i, item in enumerate(items):
+            try:
+                wire.append((i, encode_item(item, self.send_paths)))
+            except ValueError as e:  # an image this side cannot read fails that item alone
+                name = f"{item.id!r} (#{i})" if item.id is not None else f"#{i}"
+                results[i] = ScoreResult.failure(i, item, f"item {name}: {e}", "image")
+        for start in range(0, len(wire), self.batch_size):
+            self._send(wire[start:start + self.batch_size], results)
+        missing = [i for i, r in enumerate(results) if r is None]
+        assert not missing, f"remote scoring lost items {missing}"  # by construction
+        return results  # type: ignore[return-value]
+
+    def _send(self, chunk: list[tuple[int, dict[str, Any]]], results: list[ScoreResult | None]) -> None:
+        request_id = uuid.uuid4().hex
+        try:
+            answer = self.request("POST", "/score", {"items": [w for _, w in chunk], "request_id": request_id})
+        except RemoteServiceError as e:
+            if e.status == 413 and len(chunk) > 1:  # over the service's size limit: halve and retry
+                half = len(chunk) // 2
+                self._send(chunk[:half], results)
+                self._send(chunk[half:], results)
+                return
+            raise
+        got = answer.get("results") if isinstance(answer, dict) else None
+        if not isinstance(got, list) or len(got) != len(chunk) or answer.get("request_id") != request_id:
+            raise RemoteServiceError(f"{self.url}/score answered a request of {len(chunk)} items with "
+                                     f"{len(got) if isinstance(got, list) else 'no'} results (or another request's id)")
+        for (i, _), d in zip(chunk, got):
+            r = ScoreResult.from_dict(d)
+            r.index = i
+            results[i] = r
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.health().get("fingerprint")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._client.close()
+
+
+def _detail(resp: Any) -> str:
+    try:
+        data = resp.json()
+    except ValueError:
+        return resp.text[:500] or resp.reason_phrase
+    if isinstance(data, dict) and "detail" in data:
+        return str(data["detail"])
+    return str(data)[:500]

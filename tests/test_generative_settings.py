@@ -1,0 +1,101 @@
+"""Generative reward-model settings: sampled answers (num_samples, temperature), their mean and
+spread, the prompt-length limit, and verl's names for the same settings."""
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from src.models.reward import ScoreItem
+from src.models.reward.config import ConfigError, resolve_spec
+from src.models.reward.implementations.local import QwenVLRewardModel
+from src.models.reward.settings import JudgeSettings
+
+
+def bias_to_digits(judge: QwenVLRewardModel) -> list[int]:
+    """Rewire the tiny judge so that its next token is a uniformly random digit: every token's
+    embedding gets a large shared component, which the digit rows of the output head (and only
+    they) read. Random weights otherwise write junk with no score in it."""
+    engine = judge.engine
+    digits = [engine.tokenizer.encode(str(d), add_special_tokens=False)[0] for d in range(10)]
+    with torch.no_grad():
+        engine.model.get_input_embeddings().weight[:, 0] = 30.0
+        head = engine.model.get_output_embeddings().weight
+        head[digits] = 0.0
+        head[digits, 0] = 3.0
+    return digits
+
+
+def test_num_samples_scores_k_sampled_answers_with_mean_and_spread(tiny_cache, image_files):
+    with QwenVLRewardModel(model_name="tiny:qwen2_vl", mode="generate", template="quality", num_samples=4,
+                           temperature=1.0, max_new_tokens=1, batch_size=2) as j:
+        bias_to_digits(j)
+        results = j.batch_score(image_files[:3])
+    answers_seen = set()
+    for r in results:
+        raw = r.raw["quality"]
+        assert len(raw["answers"]) == 4 and all(a.strip().isdigit() for a in raw["answers"]), raw
+        values = [float(a) for a in raw["answers"]]
+        assert raw["scores"] == values and raw["parsed"] == 4
+        assert math.isclose(raw["mean"], statistics.fmean(values)) and math.isclose(r.score, raw["mean"])
+        assert math.isclose(raw["std"], statistics.pstdev(values))
+        assert r.error is None and 0 <= r.score <= 9
+        answers_seen.update(raw["answers"])
+    assert len(answers_seen) > 1, "sampling at temperature 1 must not give one answer every time"
+
+
+def test_sampled_answers_belong_to_their_own_item_in_a_batch(tiny_cache, image_files):
+    """num_return_sequences expands each prompt (and its image) k times: at a near-zero temperature
+    all k answers of an item must equal that item's greedy answer scored alone."""
+    with QwenVLRewardModel(model_name="tiny:qwen2_vl", mode="generate", max_new_tokens=6) as greedy:
+        alone = [greedy.score(p).raw["quality"] for p in image_files[:3]]
+    assert len(set(alone)) > 1, "the images must give different answers for this test to mean anything"
+    with QwenVLRewardModel(model_name="tiny:qwen2_vl", mode="generate", max_new_tokens=6, num_samples=3,
+                           temperature=1e-4, batch_size=3) as sampled:
+        batched = sampled.batch_score(image_files[:3])
+    for r, expected in zip(batched, alone):
+        assert r.raw["quality"]["answers"] == [expected] * 3
+        assert r.score is None and "none of the 3 sampled answers held a score" in r.error  # junk, not guessed
+
+
+def test_prompt_limit_fails_only_the_long_prompt(tiny_cache, image_files):
+    with QwenVLRewardModel(model_name="tiny:qwen2_vl", template="alignment", max_prompt_tokens=320,
+                           batch_size=4) as j:
+        results = j.batch_score([ScoreItem(images=[image_files[0]], instruction="a red square", id="short"),
+                                 ScoreItem(images=[image_files[0]], instruction="a red square " * 100, id="long"),
+                                 ScoreItem(images=[image_files[1]], instruction="a cat", id="short2")])
+    assert results[0].error is None and results[2].error is None
+    long = results[1]
+    assert long.score is None and long.error_kind == "prompt_too_long"
+    assert "'long'" in long.error and "over max_prompt_tokens=320" in long.error
+
+
+def test_verl_names_are_accepted_for_the_same_settings():
+    s = JudgeSettings.from_params({"model_name": "m", "mode": "generate", "response_length": 64,
+                                   "prompt_length": 2048, "micro_batch_size_per_gpu": 4})
+    assert (s.max_new_tokens, s.max_prompt_tokens, s.batch_size) == (64, 2048, 4)
+    assert s == JudgeSettings(model_name="m", mode="generate", max_new_tokens=64, max_prompt_tokens=2048, batch_size=4)
+    with pytest.raises(TypeError, match="give 'max_new_tokens' or its alias 'response_length', not both"):
+        JudgeSettings.from_params({"model_name": "m", "response_length": 8, "max_new_tokens": 8})
+    # Through a config too, checked before any model loads.
+    _, _, params = resolve_spec({"class_path": "multi_gpu", "params": {"model_name": "m", "response_length": 32}})
+    assert params["response_length"] == 32
+    with pytest.raises(ConfigError, match="response_length: expected an integer"):
+        resolve_spec({"class_path": "qwen_vl", "params": {"model_name": "m", "response_length": "long"}})
+    with pytest.raises(ValueError, match="num_samples > 1 needs temperature > 0"):
+        JudgeSettings(model_name="m", mode="generate", num_samples=3)
+
+
+def test_sampling_leaves_the_callers_random_stream_alone(tiny_cache, image_files):
+    """An RL trainer that hosts the judge in-process samples its policy from torch's global RNG:
+    a judge call must neither reseed nor advance it (and its own samples stay reproducible)."""
+    with QwenVLRewardModel(model_name="tiny:qwen2_vl", mode="generate", num_samples=2, temperature=1.0,
+                           max_new_tokens=4) as j:
+        torch.manual_seed(123)
+        expected = torch.rand(3)
+        torch.manual_seed(123)
+        first = j.score(image_files[0]).raw["quality"]["answers"]
+        assert torch.equal(torch.rand(3), expected)
+        assert j.score(image_files[0]).raw["quality"]["answers"] == first

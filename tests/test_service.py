@@ -1,0 +1,400 @@
+"""The HTTP reward service: a real `main.py serve` process with the tiny judge behind it, on a free
+loopback port; a second, in-thread server for the loading and failed-load states."""
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+import socket
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import make_image
+from service_proc import ROOT, ServiceProcess, ThreadServer
+from src.models.reward import ScoreItem, build_reward_model
+from src.models.reward.implementations.remote import RemoteRewardModel, RemoteServiceError
+from src.service.wire import data_url
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from load_test import run_load, summary_line  # noqa: E402
+
+TOKEN = "test-token-7f3a"
+LIMIT = 400_000  # server.max_request_bytes for these tests
+
+
+def png_bytes(seed: int, size: int = 56) -> bytes:
+    buf = io.BytesIO()
+    make_image(seed, size, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    allowed = tmp_path_factory.mktemp("allowed")
+    outside = tmp_path_factory.mktemp("outside")
+    for i in range(3):
+        (allowed / f"img{i}.png").write_bytes(png_bytes(i))
+    (outside / "secret.png").write_bytes(png_bytes(9))
+    (allowed / "link.png").symlink_to(outside / "secret.png")  # inside by name, outside in fact
+    return allowed, outside
+
+
+@pytest.fixture(scope="module")
+def service(dirs, tiny_cache):
+    allowed, _ = dirs
+    svc = ServiceProcess([f"server.allowed_dirs=[{allowed}]", "server.token_env=SERVICE_TEST_TOKEN",
+                          f"server.max_request_bytes={LIMIT}", "server.max_batch=16", "server.max_wait_ms=20"],
+                         env={"SERVICE_TEST_TOKEN": TOKEN})
+    svc.start()
+    try:
+        yield svc
+    finally:
+        rc = svc.stop()
+    assert rc == 0, f"the service did not shut down cleanly (exit {rc}):\n{svc.log()}"
+    assert "Application shutdown complete" in svc.log()
+
+
+@pytest.fixture(scope="module")
+def http(service):
+    with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120) as c:
+        yield c
+
+
+def score(http, items, **extra):
+    resp = http.post("/score", json={"items": items, **extra})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+# -- endpoints ----------------------------------------------------------------------------
+
+def test_health_reports_readiness_devices_and_counters(service, http):
+    before = httpx.get(service.url + "/health").json()  # open without the token
+    assert before["status"] == "ready" and before["ready"] is True
+    assert before["model"] == "QwenVLRewardModel" and before["devices"] == ["cpu"]
+    assert before["max_batch"] == 16 and len(before["fingerprint"]) == 16
+    score(http, [{"images": [data_url(png_bytes(1))], "instruction": "a square"}] * 3)
+    after = httpx.get(service.url + "/health").json()
+    assert after["items_scored"] == before["items_scored"] + 3
+    assert after["queue_depth"] == 0 and after["in_flight"] == 0
+
+
+def test_score_keeps_order_ids_and_every_image_form(http, dirs):
+    allowed, _ = dirs
+    raw = (allowed / "img0.png").read_bytes()
+    b64 = base64.b64encode(raw).decode()
+    forms = [data_url(raw), b64, {"base64": b64}, str(allowed / "img0.png"), {"path": str(allowed / "img0.png")}]
+    items = [{"id": f"form{k}", "images": [f], "instruction": "a red square"} for k, f in enumerate(forms)]
+    items.insert(2, {"id": "other", "images": data_url(png_bytes(5)), "instruction": "a red square",
+                     "metadata": {"k": 1}})
+    answer = score(http, items, request_id="req-1")
+    assert answer["request_id"] == "req-1"
+    results = answer["results"]
+    assert [r["id"] for r in results] == [it["id"] for it in items]
+    assert [r["index"] for r in results] == list(range(len(items)))
+    assert all(r["error"] is None and 0.0 <= r["score"] <= 9.0 for r in results)
+    assert results[2]["metadata"] == {"k": 1}
+    same = [r["score"] for r in results if r["id"].startswith("form")]
+    assert max(same) - min(same) < 1e-4, f"one image sent five ways must score the same: {same}"
+
+
+def test_a_bad_image_fails_only_its_item(http, dirs):
+    allowed, _ = dirs
+    items = [{"id": "ok", "images": [data_url(png_bytes(2))], "instruction": "x"},
+             {"id": "junk", "images": [{"base64": base64.b64encode(b"not an image at all").decode()}], "instruction": "x"},
+             {"id": "missing", "images": [str(allowed / "nope.png")], "instruction": "x"}]
+    results = score(http, items)["results"]
+    assert results[0]["error"] is None and results[0]["score"] is not None
+    assert results[1]["score"] is None and results[1]["error_kind"] == "image" and "'junk'" in results[1]["error"]
+    assert results[2]["score"] is None and "image not found" in results[2]["error"]
+
+
+def test_paths_outside_the_allowed_folders_are_refused(http, dirs):
+    allowed, outside = dirs
+    for path in [str(outside / "secret.png"), str(allowed / "link.png"), str(allowed / ".." / outside.name / "secret.png"),
+                 "/etc/passwd"]:
+        resp = http.post("/score", json={"items": [{"images": ["data:image/png;base64," + base64.b64encode(png_bytes(1)).decode()]},
+                                                   {"id": "evil", "images": [path]}]})
+        assert resp.status_code == 403, (path, resp.text)
+        detail = resp.json()["detail"]
+        assert repr(path) in detail and "outside the allowed folders" in detail and "item 1 (id 'evil')" in detail
+
+
+def test_missing_or_wrong_token_is_401(service):
+    body = {"items": [{"images": [data_url(png_bytes(1))]}]}
+    for endpoint in ("/score", "/compute_reward", "/get_reward"):
+        resp = httpx.post(service.url + endpoint, json=body)
+        assert resp.status_code == 401 and "missing bearer token" in resp.json()["detail"]
+        assert resp.headers["www-authenticate"] == "Bearer"
+    resp = httpx.post(service.url + "/score", json=body, headers={"Authorization": "Bearer wrong"})
+    assert resp.status_code == 401 and resp.json()["detail"] == "wrong bearer token"
+
+
+@pytest.mark.parametrize("content, status, message", [
+    (b"{\"items\": [", 400, "not valid JSON"),
+    (b"", 400, "body is empty"),
+    (b"[1, 2]", 422, "the body must be an object"),
+    (b"{\"items\": 3}", 422, "'items': a list"),
+    (b"{\"items\": [], \"extra\": 1}", 422, "unknown key(s) ['extra']"),
+    (b"{\"items\": [{\"id\": \"a\"}]}", 422, "item 0 (id 'a'): missing 'images'"),
+    (b"{\"items\": [{\"images\": [\"x.png\"], \"imgs\": 1}]}", 422, "item 0: unknown key(s) ['imgs']"),
+    (b"{\"items\": [{\"images\": [5]}]}", 422, "item 0: images[0]: an image must be"),
+    (b"{\"items\": [{\"images\": [\"data:image/png;base64,@@@@\"]}]}", 422, "images[0]: not valid base64"),
+    (b"{\"items\": [{\"images\": [{\"url\": \"x\"}]}]}", 422, "an image object must be"),
+    (b"{\"items\": [{\"images\": [], \"instruction\": 4}]}", 422, "'instruction' must be a string"),
+])
+def test_malformed_bodies_get_clear_4xx(http, content, status, message):
+    resp = http.post("/score", content=content, headers={"Content-Type": "application/json"})
+    assert resp.status_code == status, resp.text
+    assert message in resp.json()["detail"]
+
+
+def test_oversized_bodies_get_413(http):
+    big = {"items": [{"images": [{"base64": "A" * LIMIT}]}]}
+    resp = http.post("/score", json=big)
+    assert resp.status_code == 413 and "over the limit of 400000 bytes" in resp.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        for _ in range(10):
+            yield b" " * 50_000
+
+    resp = http.post("/score", content=chunks())
+    assert resp.status_code == 413
+
+
+def test_compute_reward_takes_verl_bodies(http, dirs):
+    allowed, outside = dirs
+    image = str(allowed / "img1.png")
+    one = http.post("/compute_reward", json={"data_source": "t2i", "solution_str": "a red square",
+                                             "ground_truth": None, "extra_info": {"image": image, "index": 3}})
+    assert one.status_code == 200, one.text
+    single = one.json()
+    assert 0.0 <= single["score"] <= 9.0 and single["error"] is None and single["id"] == "3"
+    batch = http.post("/compute_reward", json=[
+        {"solution_str": "a red square", "extra_info": {"images": [data_url((allowed / "img1.png").read_bytes())]}},
+        {"solution_str": "", "extra_info": {"image": image}},                      # nothing to judge
+        {"solution_str": f"<image>{image}</image>", "ground_truth": "a red square",
+         "extra_info": {"completion_as": "image"}},                                # the policy named its image
+        {"solution_str": f"<image>{outside / 'secret.png'}</image>", "ground_truth": "a red square",
+         "extra_info": {"completion_as": "image"}},                                # ...outside the folders
+    ]).json()
+    assert [b["score"] is not None for b in batch] == [True, False, True, False]
+    assert math.isclose(batch[0]["score"], single["score"], abs_tol=1e-4)
+    assert math.isclose(batch[2]["score"], single["score"], abs_tol=1e-4)  # same image, same text
+    assert "completion is empty" in batch[1]["error"]
+    assert "outside the allowed folders" in batch[3]["error"]  # the policy's output fails alone
+    # An image the trainer's data names outside the folders is a configuration problem: 403.
+    resp = http.post("/compute_reward", json={"solution_str": "x", "extra_info": {"image": str(outside / "secret.png")}})
+    assert resp.status_code == 403
+    resp = http.post("/compute_reward", json={"solution_str": 5})
+    assert resp.status_code == 422 and "'solution_str' must be a string" in resp.json()["detail"]
+
+
+def test_get_reward_speaks_openrlhf(http, dirs):
+    allowed, _ = dirs
+    image = str(allowed / "img2.png")
+    prompts = ["<|im_start|>user\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n"] * 3
+    responses = ["a red square<|im_end|>", "a blue circle", "a red square"]
+    labels = [image, '{"image": "%s", "id": "j"}' % image, None]
+    resp = http.post("/get_reward", json={"query": [p + r for p, r in zip(prompts, responses)],
+                                          "prompts": prompts, "labels": labels})
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert set(out) >= {"rewards", "scores", "extra_logs"}
+    assert all(isinstance(r, float) for r in out["rewards"])
+    assert out["extra_logs"]["judge_failed"] == [0.0, 0.0, 1.0]
+    assert out["rewards"][2] == 0.0 and out["judge_scores"][2] is None  # failed_reward, flagged
+    assert "no image to judge" in out["errors"][2]
+    # The end-of-turn marker is not part of the judged text: response 0 scores as response 2's text would.
+    again = http.post("/get_reward", json={"query": [prompts[0] + "a red square"], "prompts": prompts[:1],
+                                           "labels": [image]}).json()
+    assert math.isclose(again["rewards"][0], out["rewards"][0], abs_tol=1e-4)
+    bad = http.post("/get_reward", json={"query": ["a"], "prompts": ["a", "b"]})
+    assert bad.status_code == 422 and "'prompts' must be a list of 1 entries" in bad.json()["detail"]
+
+
+# -- the client -----------------------------------------------------------------------------
+
+def test_remote_reward_model_is_a_drop_in_judge(service, dirs, tmp_path, monkeypatch):
+    allowed, _ = dirs
+    from PIL import Image
+
+    pil = Image.open(allowed / "img0.png")
+    monkeypatch.setenv("REWARD_SERVICE_TOKEN", TOKEN)
+    spec = {"class_path": "remote", "params": {"url": service.url, "batch_size": 2, "timeout_s": 120}}
+    with build_reward_model(spec) as remote:
+        items = [ScoreItem(images=[pil], instruction="a red square", id="pil"),
+                 ScoreItem(images=[(allowed / "img0.png").read_bytes()], instruction="a red square", id="bytes"),
+                 ScoreItem(images=[str(allowed / "img0.png")], instruction="a red square", id="path"),
+                 ScoreItem(images=[str(tmp_path / "absent.png")], instruction="a red square", id="absent"),
+                 ScoreItem(images=[str(allowed / "img1.png")], instruction="a red square", id="other")]
+        results = remote.batch_score(items)
+        assert [r.index for r in results] == list(range(5)) and [r.id for r in results] == [i.id for i in items]
+        assert results[3].score is None and results[3].error_kind == "image" and "absent.png" in results[3].error
+        scored = [results[k].score for k in (0, 1, 2)]
+        assert max(scored) - min(scored) < 1e-4
+        assert remote.fingerprint == httpx.get(service.url + "/health").json()["fingerprint"]
+    # send_paths: the service reads the file itself, and scores it the same.
+    with RemoteRewardModel(service.url, token=TOKEN, send_paths=True) as by_path:
+        r = by_path.score(ScoreItem(images=[str(allowed / "img0.png")], instruction="a red square"))
+        assert math.isclose(r.score, scored[0], abs_tol=1e-4)
+        with pytest.raises(RemoteServiceError, match="outside the allowed folders") as e:
+            by_path.score(ScoreItem(images=[str(tmp_path)]))
+        assert e.value.status == 403
+
+
+def test_remote_splits_a_request_over_the_size_limit(service, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    # Noise does not compress: each PNG is ~150 kB, so six of them are far over the 400 kB limit.
+    images = [Image.fromarray((rng.random((224, 224, 3)) * 255).astype("uint8")) for _ in range(6)]
+    with RemoteRewardModel(service.url, token=TOKEN, batch_size=6) as remote:
+        results = remote.batch_score(images, instructions=["noise"] * 6)
+    assert [r.error for r in results] == [None] * 6 and [r.index for r in results] == list(range(6))
+
+
+def test_remote_retries_then_names_the_cause():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with RemoteRewardModel(f"http://127.0.0.1:{port}", max_retries=2, backoff_s=0.05, timeout_s=5) as remote:
+        with pytest.raises(RemoteServiceError, match=r"no success after 3 attempt\(s\); last: ConnectError"):
+            remote.batch_score([b"x"])
+        assert remote.health()["status"] == "unreachable"
+    assert time.monotonic() - t0 < 10
+
+
+# -- loading states (an in-thread server) ---------------------------------------------------
+
+def test_503_while_loading_then_ready(service):
+    from src.service.server import create_app
+
+    gate = threading.Event()
+    built: list[RemoteRewardModel] = []
+
+    def factory():
+        gate.wait(60)
+        # The hosted model is itself remote (the tiny judge of the `service` process): the service
+        # hosts any BaseRewardModel.
+        built.append(RemoteRewardModel(service.url, token=TOKEN))
+        return built[0]
+
+    app = create_app(factory, {"max_batch": 4})
+    with ThreadServer(app) as srv:
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "loading"
+        resp = httpx.post(srv.url + "/score", json={"items": []})
+        assert resp.status_code == 503 and "still loading" in resp.json()["detail"]
+        assert resp.headers["retry-after"] == "5"
+        gate.set()
+        with RemoteRewardModel(srv.url, token_env=None) as client:
+            client.wait_ready(30)
+            r = client.score(ScoreItem(images=[png_bytes(3)], instruction="a red square"))
+        assert r.error is None and 0 <= r.score <= 9
+    assert built[0]._closed, "the app closes a model it built"
+
+
+def test_a_model_that_fails_to_load_is_reported():
+    from src.service.server import create_app
+
+    errors: list[str] = []
+
+    def factory():
+        raise RuntimeError("checkpoint /models/x is missing")
+
+    with ThreadServer(create_app(factory, None, on_load_error=errors.append)) as srv:
+        deadline = time.monotonic() + 10
+        while not errors and time.monotonic() < deadline:
+            time.sleep(0.02)
+        health = httpx.get(srv.url + "/health").json()
+        assert health["status"] == "failed" and "checkpoint /models/x is missing" in health["error"]
+        resp = httpx.post(srv.url + "/score", json={"items": []})
+        assert resp.status_code == 500 and "failed to load: RuntimeError" in resp.json()["detail"]
+        with RemoteRewardModel(srv.url, token_env=None) as client:
+            with pytest.raises(RemoteServiceError, match="failed to load"):
+                client.wait_ready(5)
+
+
+def test_serve_exits_nonzero_when_the_model_cannot_load():
+    # The hosted model is a remote judge whose own service never answers: it fails to load
+    # within a second, without the cost of importing torch.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    svc = ServiceProcess(["model.class_path=remote", f"model.params={{url: '{dead}', wait_ready_s: 0.5}}"])
+    svc.start(wait_ready=False)
+    deadline = time.monotonic() + 60
+    while svc.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    rc = svc.stop()
+    assert rc == 1 and "error: the reward model failed to load: RemoteServiceError" in svc.log(), svc.log()
+    assert "not ready after" in svc.log()
+
+
+def test_serve_config_errors_are_named_before_loading(tmp_path):
+    import subprocess
+
+    for override, message in [("server.prot=1", "server: unknown key(s) ['prot']"),
+                              ("server.max_batch=0", "server.max_batch: must be at least 1"),
+                              ("server.token_env=NOT_SET_ANYWHERE_42", "NOT_SET_ANYWHERE_42"),
+                              ("model.params.batch_sise=2", "Did you mean 'batch_size'?")]:
+        out = subprocess.run([sys.executable, "main.py", "serve", "--config", "configs/server.yaml", "--set", override],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if k != "NOT_SET_ANYWHERE_42"})
+        assert out.returncode == 2 and message in out.stderr, (override, out.stderr)
+
+
+# -- load -----------------------------------------------------------------------------------
+
+def test_load_16_clients_400_requests(service):
+    before = httpx.get(service.url + "/health").json()
+    t0 = time.monotonic()
+    stats = run_load(service.url, clients=16, requests=400, token=TOKEN, timeout_s=150)
+    print("\nload test:", summary_line(stats))
+    assert time.monotonic() - t0 < 150
+    assert stats["problems"] == [] and stats["lost"] == [] and stats["answered_twice"] == []
+    assert stats["answered"] == 400 and stats["unknown_ids"] == []
+    after = httpx.get(service.url + "/health").json()
+    assert after["items_scored"] - before["items_scored"] == stats["items"]
+    assert after["batches"] - before["batches"] < 400, "concurrent requests must share model calls"
+    # Batching must not mix answers up: a few requests re-sent alone get the scores they got under load.
+    from load_test import default_image, request_body
+
+    with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
+        for n in (0, 1, 7, 200, 399):
+            alone = [r["score"] for r in c.post("/score", json=request_body(n, default_image())).json()["results"]]
+            assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(alone, stats["scores"][f"r{n}"])), n
+
+
+def test_serving_the_multi_gpu_judge_and_stopping_its_workers(tiny_cache):
+    """The usual production shape: the service hosts the worker pool (CPU workers here); /health
+    counts live workers, and SIGTERM leaves no worker process behind."""
+    from conftest import assert_no_orphans, worker_processes
+
+    before = set(worker_processes())
+    svc = ServiceProcess(["model.class_path=multi_gpu",
+                          "model.params={model_name: 'tiny:qwen2_vl', template: alignment, device_ids: [cpu],"
+                          " progress: false, batch_size: 4}"])
+    svc.start()
+    try:
+        health = httpx.get(svc.url + "/health").json()
+        assert health["model"] == "MultiGPURewardModel" and health["devices"] == ["cpu#0"]
+        assert health["workers"] == 1 and health["workers_alive"] == 1
+        results = httpx.post(svc.url + "/score", timeout=120, json={"items": [
+            {"images": [data_url(png_bytes(k))], "instruction": "a red square"} for k in range(5)]}).json()["results"]
+        assert [r["index"] for r in results] == list(range(5))
+        assert all(r["error"] is None and r["device"] == "cpu#0" for r in results)
+        workers = set(worker_processes()) - before
+        assert len(workers) == 1
+    finally:
+        rc = svc.stop()
+    assert rc == 0, svc.log()
+    assert_no_orphans(list(workers))
