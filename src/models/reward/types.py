@@ -166,8 +166,15 @@ def load_pil(img: ImageInput, max_image_pixels: int | None = None):
         old_limit = Image.MAX_IMAGE_PIXELS
         try:
             if max_image_pixels is not None:
-                Image.MAX_IMAGE_PIXELS = max_image_pixels
+                # Checked below from the header, before decoding. Pillow's own check only warns
+                # between its limit and twice it, so an image up to 2x the limit would pass.
+                Image.MAX_IMAGE_PIXELS = None
             with Image.open(src) as opened:
+                w, h = opened.size
+                if max_image_pixels is not None and w * h > max_image_pixels:
+                    raise ValueError(f"image too large: {w}x{h} = {w * h} pixels, over max_image_pixels="
+                                     f"{max_image_pixels} (a decompression-bomb guard; raise max_image_pixels "
+                                     f"to allow it): {name}")
                 frames = getattr(opened, "n_frames", 1)
                 opened.seek(0)
                 opened.load()
