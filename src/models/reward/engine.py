@@ -200,8 +200,7 @@ class JudgeEngine:
                             out.append(fetch_image({"image": pil, "min_pixels": self.min_pixels,
                                                     "max_pixels": self.max_pixels}, image_patch_size=self.patch_size))
                         except ValueError as e:
-                            raise _ItemError(f"{role} image {describe_image(img)}: {e}" if describe_image(img) not in str(e)
-                                             else f"{role} image: {e}", "image") from None
+                            raise _ItemError(_image_error(role, describe_image(img), str(e)), "image") from None
                     loaded[role] = out
                 for part, tpl in self.rubric.parts:
                     imgs = [im for role in tpl.images for im in loaded[role]]
@@ -418,6 +417,14 @@ def _normalize_device(device: str | int) -> str:
 
 def _name(item: ScoreItem, index: int) -> str:
     return f"{item.id!r} (#{index})" if item.id is not None else f"#{index}"
+
+
+def _image_error(role: str, name: str, why: str) -> str:
+    # "image not found: a.png" / "image a.png: aspect ratio ..."; "source image ..." for sources.
+    text = why if name in why else f"image {name}: {why}"
+    if role == "source":
+        text = "source " + text if text.startswith("image") else f"source image {name}: {why}"
+    return text
 
 
 def _first_line(e: BaseException) -> str:
