@@ -19,6 +19,7 @@ where in.json is {"settings": {...JudgeSettings...}, "items": [{"images": [...],
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -67,6 +68,9 @@ def _build_engine(settings: dict, device: str, device_label: str, num_threads: i
 def serve(address: str) -> int:
     from multiprocessing.connection import Client
 
+    # A crash in native code (a CUDA kernel, a C extension) then leaves the Python stack in the
+    # log, which the pool quotes in the error of the items the worker held.
+    faulthandler.enable()
     authkey = bytes.fromhex(os.environ.pop(msg.AUTHKEY_ENV, ""))
     parent = os.environ.get(msg.PARENT_PID_ENV)
     if parent:

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 _FAULT_OOM_ABOVE = "REWARD_FAULT_OOM_ABOVE"
 # Seconds to sleep before each forward pass (a slow or hung worker):
 _FAULT_DELAY_S = "REWARD_FAULT_DELAY_S"
+# An item id; a batch holding that item kills its process with a real SIGSEGV (as a crashing
+# CUDA kernel or C extension would), or hangs it for an hour:
+_FAULT_SEGFAULT_ON_ID = "REWARD_FAULT_SEGFAULT_ON_ID"
+_FAULT_HANG_ON_ID = "REWARD_FAULT_HANG_ON_ID"
 
 
 @dataclass
@@ -148,6 +152,7 @@ class JudgeEngine:
         if self._closed:
             raise RuntimeError("the judge is closed")
         items = list(items)
+        _inject_item_faults(items)
         results: list[ScoreResult | None] = [None] * len(items)
         bs = self.settings.batch_size
         chunks = [(start, items[start:start + bs]) for start in range(0, len(items), bs)]
@@ -400,6 +405,16 @@ class _ItemError(Exception):
     def __init__(self, message: str, kind: str):
         super().__init__(message)
         self.kind = kind
+
+
+def _inject_item_faults(items: Sequence[ScoreItem]) -> None:
+    ids = {it.id for it in items if it.id is not None}
+    if os.environ.get(_FAULT_SEGFAULT_ON_ID) in ids:
+        import ctypes
+
+        ctypes.string_at(0)  # reads address 0
+    if os.environ.get(_FAULT_HANG_ON_ID) in ids:
+        time.sleep(3600)
 
 
 def _normalize_device(device: str | int) -> str:
