@@ -380,15 +380,17 @@ class _Dispatch:
         if n:
             self.on_done(n)
 
-    def give_back(self, indices: list[int], cause: str, fail: Callable[[int, str], ScoreResult]) -> None:
-        """Items of a batch whose worker died: retry each alone (so one poison item cannot take
-        its neighbours down again), or fail it once its retries are spent."""
+    def give_back(self, indices: list[int], cause: str, fail: Callable[..., ScoreResult],
+                  kind: str = "worker_died") -> None:
+        """Items of a batch whose worker died or hung: retry each alone (so one poison item
+        cannot take its neighbours down again), or fail it once its retries are spent."""
         failed = []
         with self.cond:
             for i in indices:
                 self.attempts[i] += 1
                 if self.attempts[i] > self.max_retries:
-                    failed.append(fail(i, f"{cause} (after {self.max_retries} retries)"))
+                    n = self.attempts[i]
+                    failed.append(fail(i, f"tried {n} time{'s' if n > 1 else ''}; the last time {cause}", kind))
                 else:
                     self.retry.append([i])
             self.cond.notify_all()
@@ -507,8 +509,8 @@ class WorkerPool:
         dispatch = _Dispatch(len(items), queues, shared, self.max_retries, on_done)
         dispatch.store([w for w in wire if isinstance(w, ScoreResult)])  # items that failed to spill
 
-        def fail(i: int, why: str) -> ScoreResult:
-            return ScoreResult.failure(i, items[i], f"item {_item_name(items[i], i)}: {why}", "worker_died")
+        def fail(i: int, why: str, kind: str = "worker_died") -> ScoreResult:
+            return ScoreResult.failure(i, items[i], f"item {_item_name(items[i], i)}: {why}", kind)
 
         self._dispatch = dispatch
         try:
@@ -555,7 +557,7 @@ class WorkerPool:
                 if self._closed:  # close() ended the worker: not a death to report or retry
                     return
                 self.log(f"[pool] {e}")
-                dispatch.give_back(batch, str(e), fail)
+                dispatch.give_back(batch, str(e), fail, "worker_timeout" if isinstance(e, WorkerTimeout) else "worker_died")
             except Exception as e:  # the worker survived but the batch raised: fail these items
                 if self._closed:
                     return
