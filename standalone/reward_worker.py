@@ -102,7 +102,7 @@ def serve(address: str) -> int:
         t0 = time.perf_counter()
         try:
             items = [ScoreItem.from_dict(d) for d in req.items]
-            results = engine.score(items, base_index=req.base_index)
+            results = engine.score(items, base_index=req.base_index, indices=req.indices)
             reply = msg.Scored(req.batch_id, [r.to_dict() for r in results], time.perf_counter() - t0)
         except Exception as e:
             reply = msg.BatchFailed(req.batch_id, f"{type(e).__name__}: {e}", traceback.format_exc())

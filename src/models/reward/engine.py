@@ -58,7 +58,7 @@ class _Request:
 @dataclass
 class _PreparedChunk:
     items: list[ScoreItem]
-    base_index: int
+    indices: list[int]  # each item's index in the caller's input (results and errors carry it)
     errors: dict[int, tuple[str, str]] = field(default_factory=dict)  # pos -> (message, kind)
     notes: dict[int, list[str]] = field(default_factory=dict)
     requests: list[_Request] = field(default_factory=list)
@@ -147,40 +147,45 @@ class JudgeEngine:
 
     # -- scoring ----------------------------------------------------------------------------
 
-    def score(self, items: Sequence[ScoreItem], base_index: int = 0) -> list[ScoreResult]:
-        """Score items; result i is for items[i] and has index base_index + i."""
+    def score(self, items: Sequence[ScoreItem], base_index: int = 0,
+              indices: Sequence[int] | None = None) -> list[ScoreResult]:
+        """Score items; result i is for items[i] and has index base_index + i, or indices[i] when
+        given (a worker scoring scattered items of a larger call, so its errors name them right)."""
         if self._closed:
             raise RuntimeError("the judge is closed")
         items = list(items)
+        idx = list(indices) if indices is not None else [base_index + i for i in range(len(items))]
+        if len(idx) != len(items):
+            raise ValueError(f"{len(indices or [])} indices for {len(items)} items")
         _inject_item_faults(items)
         results: list[ScoreResult | None] = [None] * len(items)
         bs = self.settings.batch_size
-        chunks = [(start, items[start:start + bs]) for start in range(0, len(items), bs)]
-        for start, prepared in self._prefetched(chunks, base_index):
+        chunks = [(start, items[start:start + bs], idx[start:start + bs]) for start in range(0, len(items), bs)]
+        for start, prepared in self._prefetched(chunks):
             for pos, res in self._run_chunk(prepared).items():
                 results[start + pos] = res
         missing = [i for i, r in enumerate(results) if r is None]
         assert not missing, f"engine lost items {missing}"  # by construction; a bug if it fires
         return results  # type: ignore[return-value]
 
-    def _prefetched(self, chunks: list[tuple[int, list[ScoreItem]]], base_index: int) -> Iterator[tuple[int, _PreparedChunk]]:
+    def _prefetched(self, chunks: list[tuple[int, list[ScoreItem], list[int]]]) -> Iterator[tuple[int, _PreparedChunk]]:
         # Preparation (image decoding, tokenising) of chunk k+1 overlaps the model on chunk k.
         if not chunks:
             return
-        fut = self._pool.submit(self._prepare, chunks[0][1], base_index + chunks[0][0])
-        for k, (start, _) in enumerate(chunks):
+        fut = self._pool.submit(self._prepare, chunks[0][1], chunks[0][2])
+        for k, (start, _, _) in enumerate(chunks):
             prepared = fut.result()
             if k + 1 < len(chunks):
-                nxt_start, nxt = chunks[k + 1]
-                fut = self._pool.submit(self._prepare, nxt, base_index + nxt_start)
+                _, nxt, nxt_idx = chunks[k + 1]
+                fut = self._pool.submit(self._prepare, nxt, nxt_idx)
             yield start, prepared
 
-    def _prepare(self, items: list[ScoreItem], base_index: int) -> _PreparedChunk:
+    def _prepare(self, items: list[ScoreItem], indices: list[int]) -> _PreparedChunk:
         from qwen_vl_utils import fetch_image
 
         s = self.settings
         mode = s.mode
-        chunk = _PreparedChunk(items=items, base_index=base_index)
+        chunk = _PreparedChunk(items=items, indices=indices)
         for pos, item in enumerate(items):
             try:
                 if not item.images:
@@ -242,7 +247,7 @@ class JudgeEngine:
                     part_out.setdefault(req.pos, {})[req.part] = outcome
         results: dict[int, ScoreResult] = {}
         for pos, item in enumerate(chunk.items):
-            index = chunk.base_index + pos
+            index = chunk.indices[pos]
             if pos in part_err and pos not in part_out:
                 msg, kind = part_err[pos]
                 r = ScoreResult.failure(index, item, f"item {_name(item, index)}: {msg}", kind, self.device_label)

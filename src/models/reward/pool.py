@@ -237,12 +237,13 @@ class WorkerHandle:
         raise WorkerDied(f"{self.describe()} died with {_exit_text(self.proc.returncode)} while {doing}; "
                          + self._tail().rstrip())
 
-    def request(self, batch_id: int, items: list[dict[str, Any]], timeout: float | None) -> list[dict[str, Any]]:
+    def request(self, batch_id: int, items: list[dict[str, Any]], timeout: float | None,
+                indices: list[int] | None = None) -> list[dict[str, Any]]:
         assert self.conn
         self.busy = True
         try:
             try:
-                self.conn.send(msg.Score(batch_id, items))
+                self.conn.send(msg.Score(batch_id, items, indices=indices))
             except (OSError, ValueError) as e:
                 self._died(f"sending a batch ({e})")
             reply = self._await(timeout, f"scoring {len(items)} item(s)")
@@ -548,8 +549,12 @@ class WorkerPool:
                 return
             bid = next(self._batch_ids)
             try:
-                raw = handle.request(bid, [wire[i] for i in batch], self.batch_timeout_s)
-                dispatch.store([_fix_index(ScoreResult.from_dict(d), batch) for d in raw])
+                raw = handle.request(bid, [wire[i] for i in batch], self.batch_timeout_s, indices=batch)
+                results = [ScoreResult.from_dict(d) for d in raw]
+                if [r.index for r in results] != batch:
+                    raise RuntimeError(f"{handle.describe()} answered for items {[r.index for r in results]}, "
+                                       f"asked for {batch}")
+                dispatch.store(results)
                 self.restarts[slot] = 0  # the bound is on restarts in a row, not per lifetime
             except (WorkerDied, WorkerTimeout) as e:
                 if isinstance(e, WorkerTimeout):
@@ -611,12 +616,6 @@ class _RestartsExhausted(RuntimeError):
 
 class _PoolClosing(RuntimeError):
     pass
-
-
-def _fix_index(r: ScoreResult, batch: list[int]) -> ScoreResult:
-    # The worker numbers results 0..len(batch)-1; map them back to positions in the call.
-    r.index = batch[r.index]
-    return r
 
 
 def _item_name(item: ScoreItem, index: int) -> str:
