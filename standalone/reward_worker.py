@@ -70,7 +70,7 @@ def serve(address: str) -> int:
 
     # A crash in native code (a CUDA kernel, a C extension) then leaves the Python stack in the
     # log, which the pool quotes in the error of the items the worker held.
-    faulthandler.enable()
+    faulthandler.enable(all_threads=False)
     authkey = bytes.fromhex(os.environ.pop(msg.AUTHKEY_ENV, ""))
     parent = os.environ.get(msg.PARENT_PID_ENV)
     if parent:
