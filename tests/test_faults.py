@@ -361,6 +361,9 @@ def test_main_killed_with_sigkill_its_workers_exit_on_their_own(pool, data, refe
         wait_for_lines(out, CHUNK, proc)
         workers = worker_processes([proc.pid])
         assert len(workers) == 2
+        # the killed parent cannot remove its socket folder; the test does, after the check
+        argv = open(f"/proc/{workers[0]}/cmdline", "rb").read().split(b"\0")
+        sock_dir = Path(argv[argv.index(b"--connect") + 1].decode()).parent
         t0 = time.monotonic()
         proc.kill()  # no handler, no atexit, no close(): only the workers' parent watch is left
         proc.wait(timeout=10)
@@ -371,6 +374,7 @@ def test_main_killed_with_sigkill_its_workers_exit_on_their_own(pool, data, refe
             os.killpg(proc.pid, signal.SIGKILL)
     assert not alive, f"workers {alive} outlived their killed parent"
     assert_no_orphans(workers, timeout=1)
+    shutil.rmtree(sock_dir, ignore_errors=True)
     n = len(stream_lines(out))
     summary = run_job(job_config(data, out), base=ROOT, progress=False, model=pool)
     assert summary["failed"] == 0
