@@ -36,6 +36,7 @@ def cmd_run(argv: list[str]) -> int:
     from src.job.manifest import ManifestError
     from src.job.runner import run_job
     from src.models.reward import ConfigError, load_config
+    from src.models.reward.pool import WorkerStartError
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -43,6 +44,9 @@ def cmd_run(argv: list[str]) -> int:
     except (ConfigError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WorkerStartError as e:  # a broken worker environment: its traceback is in the message
+        print(f"error: the judge's workers could not start: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted: workers stopped; results so far are in the output folder and a re-run resumes",
               file=sys.stderr)

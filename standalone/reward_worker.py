@@ -19,6 +19,7 @@ where in.json is {"settings": {...JudgeSettings...}, "items": [{"images": [...],
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -67,6 +68,9 @@ def _build_engine(settings: dict, device: str, device_label: str, num_threads: i
 def serve(address: str) -> int:
     from multiprocessing.connection import Client
 
+    # A crash in native code (a CUDA kernel, a C extension) then leaves the Python stack in the
+    # log, which the pool quotes in the error of the items the worker held.
+    faulthandler.enable(all_threads=False)
     authkey = bytes.fromhex(os.environ.pop(msg.AUTHKEY_ENV, ""))
     parent = os.environ.get(msg.PARENT_PID_ENV)
     if parent:
@@ -98,7 +102,7 @@ def serve(address: str) -> int:
         t0 = time.perf_counter()
         try:
             items = [ScoreItem.from_dict(d) for d in req.items]
-            results = engine.score(items, base_index=req.base_index)
+            results = engine.score(items, base_index=req.base_index, indices=req.indices)
             reply = msg.Scored(req.batch_id, [r.to_dict() for r in results], time.perf_counter() - t0)
         except Exception as e:
             reply = msg.BatchFailed(req.batch_id, f"{type(e).__name__}: {e}", traceback.format_exc())

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -75,31 +74,100 @@ def assert_no_orphans(pids, timeout: float = 15.0) -> None:
     assert not alive, f"worker processes still alive: {alive}"
 
 
-def worker_processes(root: int | None = None) -> list[int]:
-    """PIDs of live reward_worker.py processes descended from `root` (default: this test process).
-
-    `ps -ww`: without it ps cuts lines at 80 columns and the `--connect` argument is never seen.
-    Descendants only: other test runs on the same machine have workers of their own."""
-    root = root or os.getpid()
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
-    parent: dict[int, int] = {}
-    workers = []
-    for line in out.splitlines()[1:]:
-        parts = line.split(None, 2)
-        if len(parts) < 2:
+def worker_processes(parent_pids=None) -> list[int]:
+    """Live persistent reward_worker.py processes whose pool lived in this process (or in one of
+    `parent_pids`), by their REWARD_PARENT_PID: found even after they were re-parented, and blind
+    to other test runs' workers on a shared machine. Read from /proc: `ps` cuts its lines at 80
+    columns when not on a terminal, which hid every worker's `--connect`."""
+    parents = {str(p) for p in (parent_pids if parent_pids is not None else [os.getpid()])}
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
             continue
-        pid, ppid = int(parts[0]), int(parts[1])
-        parent[pid] = ppid
-        if len(parts) == 3 and "reward_worker.py" in parts[2] and "--connect" in parts[2]:
-            workers.append(pid)
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                args = fh.read().split(b"\0")
+            if not (any(a.endswith(b"reward_worker.py") for a in args) and b"--connect" in args):
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if any(e.startswith(b"REWARD_PARENT_PID=") and e.split(b"=", 1)[1].decode() in parents for e in env):
+            found.append(int(entry))
+    return [p for p in found if not pid_gone(p)]
 
-    def descends(pid: int) -> bool:
-        seen = set()
-        while pid > 1 and pid not in seen:
-            seen.add(pid)
-            pid = parent.get(pid, 0)
-            if pid == root:
-                return True
-        return False
 
-    return [p for p in workers if descends(p) and not pid_gone(p)]
+def wait_until_gone(parent_pids, timeout: float) -> list[int]:
+    """Wait up to `timeout` s for the workers of `parent_pids` to exit; returns those still alive."""
+    deadline = time.monotonic() + timeout
+    while (alive := worker_processes(parent_pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+# -- the fault-suite ledger ------------------------------------------------------------------
+# test_bad_inputs.py and test_faults.py record here what they observed (never what they
+# expected); the table printed at the end of the run is computed from these records.
+
+class FaultLedger:
+    def __init__(self) -> None:
+        self.bad_inputs: list[dict] = []
+        self.faults: list[dict] = []
+
+    def bad_input(self, case: str, item_id: str, record: dict, hide: str = "") -> None:
+        """One bad input and the result record the job wrote for it (`hide`: a folder prefix
+        left out of the printed error)."""
+        def short(text):
+            return text.replace(hide, "") if (text and hide) else text
+        self.bad_inputs.append({"case": case, "id": item_id, "score": record.get("score"),
+                                "kind": record.get("error_kind"), "error": short(record.get("error")),
+                                "notes": [short(n) for n in (record.get("metadata") or {}).get("notes") or []]})
+
+    def fault(self, case: str, items: int, results: list, note: str = "") -> None:
+        """One injected fault and the results of the run it hit (ScoreResults or job records).
+        An item is lost when it has no result, or a result with neither a score nor an error."""
+        def get(r, k):
+            return r.get(k) if isinstance(r, dict) else getattr(r, k)
+        scored = sum(get(r, "score") is not None and get(r, "error") is None for r in results)
+        failed = sum(get(r, "score") is None and bool(get(r, "error")) for r in results)
+        self.faults.append({"case": case, "items": items, "scored": scored, "failed": failed,
+                            "lost": items - scored - failed, "note": note})
+
+    def lost(self) -> int:
+        lost_inputs = sum(1 for b in self.bad_inputs if b["score"] is None and not b["error"])
+        return lost_inputs + sum(f["lost"] for f in self.faults)
+
+
+LEDGER = FaultLedger()
+
+
+@pytest.fixture(scope="session")
+def ledger() -> FaultLedger:
+    return LEDGER
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if not (LEDGER.bad_inputs or LEDGER.faults):
+        return
+    tr = terminalreporter
+    tr.section("fault-injection table (observed)")
+    if LEDGER.bad_inputs:
+        tr.write_line(f"{'bad input':<44} {'outcome':<8} {'kind':<10} detail")
+        for b in LEDGER.bad_inputs:
+            outcome = "scored" if b["score"] is not None else ("failed" if b["error"] else "LOST")
+            if b["score"] is not None:
+                detail = "; ".join([f"score {b['score']:.4f}", *(b["notes"] or [])])
+            else:
+                detail = b["error"] or ""
+            detail = " ".join(detail.split())
+            tr.write_line(f"{b['case'][:44]:<44} {outcome:<8} {b['kind'] or '-':<10} {detail[:110]}")
+        tr.write_line("")
+    if LEDGER.faults:
+        tr.write_line(f"{'fault injected':<52} {'items':>5} {'scored':>6} {'failed':>6} {'lost':>4}  observed")
+        for f in LEDGER.faults:
+            tr.write_line(f"{f['case'][:52]:<52} {f['items']:>5} {f['scored']:>6} {f['failed']:>6} {f['lost']:>4}  "
+                          f"{' '.join(f['note'].split())[:100]}")
+        tr.write_line("")
+    tr.write_line(f"bad inputs tried: {len(LEDGER.bad_inputs)}   faults injected: {len(LEDGER.faults)}   "
+                  f"items lost: {LEDGER.lost()}")

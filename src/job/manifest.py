@@ -71,14 +71,16 @@ def _read_folder(folder: Path) -> list[ManifestRow]:
 
 def _read_jsonl(p: Path) -> list[ManifestRow]:
     rows = []
-    with p.open(encoding="utf-8", errors="replace") as fh:
+    # utf-8-sig: a byte-order mark (Excel, PowerShell write one) is not part of the first row.
+    with p.open(encoding="utf-8-sig", errors="replace") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as e:
-                rows.append(ManifestRow(id=f"line{n}", line=n, error=f"{p.name} line {n}: not valid JSON ({e.msg})"))
+                why = f"{e.msg.removesuffix(' at')} at column {e.colno}"
+                rows.append(ManifestRow(id=f"line{n}", line=n, error=f"{p.name} line {n}: not valid JSON ({why})"))
                 continue
             rows.append(_row_from_mapping(data, n, p))
     return rows
@@ -87,7 +89,7 @@ def _read_jsonl(p: Path) -> list[ManifestRow]:
 def _read_csv(p: Path) -> list[ManifestRow]:
     delim = "\t" if p.suffix.lower() == ".tsv" else ","
     rows = []
-    with p.open(newline="", encoding="utf-8", errors="replace") as fh:
+    with p.open(newline="", encoding="utf-8-sig", errors="replace") as fh:
         reader = csv.DictReader(fh, delimiter=delim)
         if not reader.fieldnames:
             raise ManifestError(f"manifest {p}: no header row")

@@ -8,7 +8,8 @@ Files in the output folder:
   summary.json          counts, mean/std per sub-score and per category, failures by cause
 
 Resume: an item is skipped when the stream holds a successful result for its id under the same
-fingerprint (model, template, scoring settings). Failed items are tried again.
+fingerprint (model, template, scoring settings) and the same inputs (image paths, source image
+paths, instruction). Failed items are tried again.
 """
 from __future__ import annotations
 
@@ -107,6 +108,13 @@ def _record(row: ManifestRow, res: ScoreResult, fingerprint: str) -> dict[str, A
     return d
 
 
+def _same_inputs(rec: dict[str, Any], row: ManifestRow) -> bool:
+    # A manifest edited between runs may reuse an id (or a `lineN` id may now name another
+    # row): a stored result counts only for the inputs it was scored on.
+    return all(rec.get(k) == row.fields.get(k) for k in ("images", "source_images", "instruction")
+               if k in row.fields)
+
+
 def _repair_tail(path: Path) -> None:
     """Make sure the stream ends with a newline, so a line cut by a crash stays one broken line
     instead of swallowing the next good one."""
@@ -160,7 +168,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
             for r in rows:
                 if r.item is None:
                     continue
-                if r.id in done:
+                if r.id in done and _same_inputs(done[r.id], r):
                     by_id[r.id] = done[r.id]
                 else:
                     todo.append(r)

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 _FAULT_OOM_ABOVE = "REWARD_FAULT_OOM_ABOVE"
 # Seconds to sleep before each forward pass (a slow or hung worker):
 _FAULT_DELAY_S = "REWARD_FAULT_DELAY_S"
+# An item id; a batch holding that item kills its process with a real SIGSEGV (as a crashing
+# CUDA kernel or C extension would), or hangs it for an hour:
+_FAULT_SEGFAULT_ON_ID = "REWARD_FAULT_SEGFAULT_ON_ID"
+_FAULT_HANG_ON_ID = "REWARD_FAULT_HANG_ON_ID"
 
 
 @dataclass
@@ -54,7 +58,7 @@ class _Request:
 @dataclass
 class _PreparedChunk:
     items: list[ScoreItem]
-    base_index: int
+    indices: list[int]  # each item's index in the caller's input (results and errors carry it)
     errors: dict[int, tuple[str, str]] = field(default_factory=dict)  # pos -> (message, kind)
     notes: dict[int, list[str]] = field(default_factory=dict)
     requests: list[_Request] = field(default_factory=list)
@@ -148,39 +152,45 @@ class JudgeEngine:
 
     # -- scoring ----------------------------------------------------------------------------
 
-    def score(self, items: Sequence[ScoreItem], base_index: int = 0) -> list[ScoreResult]:
-        """Score items; result i is for items[i] and has index base_index + i."""
+    def score(self, items: Sequence[ScoreItem], base_index: int = 0,
+              indices: Sequence[int] | None = None) -> list[ScoreResult]:
+        """Score items; result i is for items[i] and has index base_index + i, or indices[i] when
+        given (a worker scoring scattered items of a larger call, so its errors name them right)."""
         if self._closed:
             raise RuntimeError("the judge is closed")
         items = list(items)
+        idx = list(indices) if indices is not None else [base_index + i for i in range(len(items))]
+        if len(idx) != len(items):
+            raise ValueError(f"{len(indices or [])} indices for {len(items)} items")
+        _inject_item_faults(items)
         results: list[ScoreResult | None] = [None] * len(items)
         bs = self.settings.batch_size
-        chunks = [(start, items[start:start + bs]) for start in range(0, len(items), bs)]
-        for start, prepared in self._prefetched(chunks, base_index):
+        chunks = [(start, items[start:start + bs], idx[start:start + bs]) for start in range(0, len(items), bs)]
+        for start, prepared in self._prefetched(chunks):
             for pos, res in self._run_chunk(prepared).items():
                 results[start + pos] = res
         missing = [i for i, r in enumerate(results) if r is None]
         assert not missing, f"engine lost items {missing}"  # by construction; a bug if it fires
         return results  # type: ignore[return-value]
 
-    def _prefetched(self, chunks: list[tuple[int, list[ScoreItem]]], base_index: int) -> Iterator[tuple[int, _PreparedChunk]]:
+    def _prefetched(self, chunks: list[tuple[int, list[ScoreItem], list[int]]]) -> Iterator[tuple[int, _PreparedChunk]]:
         # Preparation (image decoding, tokenising) of chunk k+1 overlaps the model on chunk k.
         if not chunks:
             return
-        fut = self._pool.submit(self._prepare, chunks[0][1], base_index + chunks[0][0])
-        for k, (start, _) in enumerate(chunks):
+        fut = self._pool.submit(self._prepare, chunks[0][1], chunks[0][2])
+        for k, (start, _, _) in enumerate(chunks):
             prepared = fut.result()
             if k + 1 < len(chunks):
-                nxt_start, nxt = chunks[k + 1]
-                fut = self._pool.submit(self._prepare, nxt, base_index + nxt_start)
+                _, nxt, nxt_idx = chunks[k + 1]
+                fut = self._pool.submit(self._prepare, nxt, nxt_idx)
             yield start, prepared
 
-    def _prepare(self, items: list[ScoreItem], base_index: int) -> _PreparedChunk:
+    def _prepare(self, items: list[ScoreItem], indices: list[int]) -> _PreparedChunk:
         from qwen_vl_utils import fetch_image
 
         s = self.settings
         mode = s.mode
-        chunk = _PreparedChunk(items=items, base_index=base_index)
+        chunk = _PreparedChunk(items=items, indices=indices)
         for pos, item in enumerate(items):
             try:
                 if not item.images:
@@ -205,8 +215,7 @@ class JudgeEngine:
                             out.append(fetch_image({"image": pil, "min_pixels": self.min_pixels,
                                                     "max_pixels": self.max_pixels}, image_patch_size=self.patch_size))
                         except ValueError as e:
-                            raise _ItemError(f"{role} image {describe_image(img)}: {e}" if describe_image(img) not in str(e)
-                                             else f"{role} image: {e}", "image") from None
+                            raise _ItemError(_image_error(role, describe_image(img), str(e)), "image") from None
                     loaded[role] = out
                 for part, tpl in self.rubric.parts:
                     imgs = [im for role in tpl.images for im in loaded[role]]
@@ -243,7 +252,7 @@ class JudgeEngine:
                     part_out.setdefault(req.pos, {})[req.part] = outcome
         results: dict[int, ScoreResult] = {}
         for pos, item in enumerate(chunk.items):
-            index = chunk.base_index + pos
+            index = chunk.indices[pos]
             if pos in part_err and pos not in part_out:
                 msg, kind = part_err[pos]
                 r = ScoreResult.failure(index, item, f"item {_name(item, index)}: {msg}", kind, self.device_label)
@@ -414,6 +423,16 @@ class _ItemError(Exception):
         self.kind = kind
 
 
+def _inject_item_faults(items: Sequence[ScoreItem]) -> None:
+    ids = {it.id for it in items if it.id is not None}
+    if os.environ.get(_FAULT_SEGFAULT_ON_ID) in ids:
+        import ctypes
+
+        ctypes.string_at(0)  # reads address 0
+    if os.environ.get(_FAULT_HANG_ON_ID) in ids:
+        time.sleep(3600)
+
+
 def _normalize_device(device: str | int) -> str:
     if isinstance(device, int):
         return f"cuda:{device}"
@@ -429,6 +448,14 @@ def _normalize_device(device: str | int) -> str:
 
 def _name(item: ScoreItem, index: int) -> str:
     return f"{item.id!r} (#{index})" if item.id is not None else f"#{index}"
+
+
+def _image_error(role: str, name: str, why: str) -> str:
+    # "image not found: a.png" / "image a.png: aspect ratio ..."; "source image ..." for sources.
+    text = why if name in why else f"image {name}: {why}"
+    if role == "source":
+        text = "source " + text if text.startswith("image") else f"source image {name}: {why}"
+    return text
 
 
 def _first_line(e: BaseException) -> str:

@@ -50,6 +50,7 @@ class Score:
     batch_id: int
     items: list[dict[str, Any]]
     base_index: int = 0
+    indices: list[int] | None = None  # the items' indices in the parent's call; results carry them
 
 
 @dataclass(frozen=True)

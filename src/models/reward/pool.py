@@ -127,6 +127,7 @@ class WorkerHandle:
         self._address = str(sock_dir / f"w{spec.slot}-{secrets.token_hex(4)}.sock")
         self._listener: Listener | None = None
         self._pump: threading.Thread | None = None
+        self.busy = False  # a batch is in flight: the worker reads Shutdown only after it
 
     @property
     def label(self) -> str:
@@ -236,13 +237,18 @@ class WorkerHandle:
         raise WorkerDied(f"{self.describe()} died with {_exit_text(self.proc.returncode)} while {doing}; "
                          + self._tail().rstrip())
 
-    def request(self, batch_id: int, items: list[dict[str, Any]], timeout: float | None) -> list[dict[str, Any]]:
+    def request(self, batch_id: int, items: list[dict[str, Any]], timeout: float | None,
+                indices: list[int] | None = None) -> list[dict[str, Any]]:
         assert self.conn
+        self.busy = True
         try:
-            self.conn.send(msg.Score(batch_id, items))
-        except (OSError, ValueError) as e:
-            self._died(f"sending a batch ({e})")
-        reply = self._await(timeout, f"scoring {len(items)} item(s)")
+            try:
+                self.conn.send(msg.Score(batch_id, items, indices=indices))
+            except (OSError, ValueError) as e:
+                self._died(f"sending a batch ({e})")
+            reply = self._await(timeout, f"scoring {len(items)} item(s)")
+        finally:
+            self.busy = False
         if isinstance(reply, msg.BatchFailed):
             raise RuntimeError(f"{self.describe()} failed a batch: {reply.error}\n--- worker traceback ---\n{reply.traceback}")
         if not isinstance(reply, msg.Scored) or reply.batch_id != batch_id:
@@ -262,8 +268,10 @@ class WorkerHandle:
                 self.conn.send(msg.Shutdown())
             except (OSError, ValueError):
                 pass
+            # A worker in the middle of a batch (the call was interrupted) would read Shutdown
+            # only when the batch ends, which may be minutes on a GPU: terminate it now.
             try:
-                self.proc.wait(timeout=grace)
+                self.proc.wait(timeout=0 if self.busy else grace)
             except subprocess.TimeoutExpired:
                 pass
         if self.proc.poll() is None:
@@ -337,6 +345,7 @@ class _Dispatch:
         self.max_retries = max_retries
         self.active_workers = len(queues)
         self.on_done = on_done
+        self.aborted = False            # the pool is closing: hand out no more work
 
     def take(self, slot: int) -> list[int] | None:
         """Next micro-batch for worker `slot`: a retry first, then its own queue (or the shared
@@ -344,6 +353,8 @@ class _Dispatch:
         every item has a result."""
         with self.cond:
             while True:
+                if self.aborted:
+                    return None
                 if self.retry:
                     return self.retry.popleft()
                 q = self.shared if self.shared is not None else self.queues[slot]
@@ -352,6 +363,11 @@ class _Dispatch:
                 if self.remaining == 0:
                     return None
                 self.cond.wait(0.5)
+
+    def abort(self) -> None:
+        with self.cond:
+            self.aborted = True
+            self.cond.notify_all()
 
     def store(self, results: Sequence[ScoreResult]) -> None:
         with self.cond:
@@ -365,15 +381,17 @@ class _Dispatch:
         if n:
             self.on_done(n)
 
-    def give_back(self, indices: list[int], cause: str, fail: Callable[[int, str], ScoreResult]) -> None:
-        """Items of a batch whose worker died: retry each alone (so one poison item cannot take
-        its neighbours down again), or fail it once its retries are spent."""
+    def give_back(self, indices: list[int], cause: str, fail: Callable[..., ScoreResult],
+                  kind: str = "worker_died") -> None:
+        """Items of a batch whose worker died or hung: retry each alone (so one poison item
+        cannot take its neighbours down again), or fail it once its retries are spent."""
         failed = []
         with self.cond:
             for i in indices:
                 self.attempts[i] += 1
                 if self.attempts[i] > self.max_retries:
-                    failed.append(fail(i, f"{cause} (after {self.max_retries} retries)"))
+                    n = self.attempts[i]
+                    failed.append(fail(i, f"tried {n} time{'s' if n > 1 else ''}; the last time {cause}", kind))
                 else:
                     self.retry.append([i])
             self.cond.notify_all()
@@ -420,7 +438,11 @@ class WorkerPool:
         self._tmp = Path(tempfile.mkdtemp(prefix="reward-pool-"))
         self._batch_ids = itertools.count()
         self._lock = threading.Lock()
+        # Guards `_closed` and `workers` between close() and a driver thread restarting a
+        # worker, so no worker is launched after close() has taken its list of workers.
+        self._state = threading.Lock()
         self._closed = False
+        self._dispatch: _Dispatch | None = None
         self.restarts = [0] * len(self.specs)   # restarts in a row, per slot
         self.total_restarts = 0
         self.workers: list[WorkerHandle | None] = [None] * len(self.specs)
@@ -488,12 +510,18 @@ class WorkerPool:
         dispatch = _Dispatch(len(items), queues, shared, self.max_retries, on_done)
         dispatch.store([w for w in wire if isinstance(w, ScoreResult)])  # items that failed to spill
 
-        def fail(i: int, why: str) -> ScoreResult:
-            return ScoreResult.failure(i, items[i], f"item {_item_name(items[i], i)}: {why}", "worker_died")
+        def fail(i: int, why: str, kind: str = "worker_died") -> ScoreResult:
+            return ScoreResult.failure(i, items[i], f"item {_item_name(items[i], i)}: {why}", kind)
 
-        futures = [self._executor.submit(self._drive, slot, dispatch, wire, fail) for slot in range(n_workers)]
-        for f in futures:
-            f.result()
+        self._dispatch = dispatch
+        try:
+            futures = [self._executor.submit(self._drive, slot, dispatch, wire, fail) for slot in range(n_workers)]
+            for f in futures:
+                f.result()
+        finally:
+            self._dispatch = None
+        if self._closed:
+            raise RuntimeError("the worker pool was closed during the call")
         missing = [i for i, r in enumerate(dispatch.results) if r is None]
         assert not missing, f"pool lost items {missing}"  # by construction
         return dispatch.results  # type: ignore[return-value]
@@ -502,15 +530,18 @@ class WorkerPool:
         """One thread per worker: take a micro-batch, send it, store the results; on death,
         give the items back and restart the worker (bounded)."""
         while True:
-            if self._closed:  # closing (Ctrl-C, an exception in the caller): start nothing new
-                dispatch.worker_lost(slot, "the pool was closed", fail)
+            if self._closed:  # interrupted: close() stops the workers; nothing is retried
                 return
             handle = self.workers[slot]
             if handle is None or not handle.alive():
                 cause = "worker could not be restarted"
                 try:
                     handle = self._restart(slot, "it was not running")
+                except _PoolClosing:
+                    return
                 except (WorkerStartError, WorkerDied, WorkerTimeout, _RestartsExhausted) as e:
+                    if self._closed:
+                        return
                     dispatch.worker_lost(slot, f"{cause}: {e}", fail)
                     return
             batch = dispatch.take(slot)
@@ -518,23 +549,31 @@ class WorkerPool:
                 return
             bid = next(self._batch_ids)
             try:
-                raw = handle.request(bid, [wire[i] for i in batch], self.batch_timeout_s)
-                dispatch.store([_fix_index(ScoreResult.from_dict(d), batch) for d in raw])
+                raw = handle.request(bid, [wire[i] for i in batch], self.batch_timeout_s, indices=batch)
+                results = [ScoreResult.from_dict(d) for d in raw]
+                if [r.index for r in results] != batch:
+                    raise RuntimeError(f"{handle.describe()} answered for items {[r.index for r in results]}, "
+                                       f"asked for {batch}")
+                dispatch.store(results)
                 self.restarts[slot] = 0  # the bound is on restarts in a row, not per lifetime
             except (WorkerDied, WorkerTimeout) as e:
                 if isinstance(e, WorkerTimeout):
                     handle.kill()
+                if self._closed:  # close() ended the worker: not a death to report or retry
+                    return
                 self.log(f"[pool] {e}")
-                dispatch.give_back(batch, str(e), fail)
+                dispatch.give_back(batch, str(e), fail, "worker_timeout" if isinstance(e, WorkerTimeout) else "worker_died")
             except Exception as e:  # the worker survived but the batch raised: fail these items
+                if self._closed:
+                    return
                 dispatch.store([fail(i, str(e)) for i in batch])
 
     def _restart(self, slot: int, why: str) -> WorkerHandle:
+        if self._closed:
+            raise _PoolClosing()
         old = self.workers[slot]
         if old is not None:
             old.stop(grace=0)
-        if self._closed:
-            raise _RestartsExhausted("the pool was closed")
         if self.restarts[slot] >= self.max_restarts:
             raise _RestartsExhausted(f"worker {self.specs[slot].device_label} died {self.restarts[slot] + 1} "
                                      f"times in a row (max_restarts={self.max_restarts})")
@@ -542,19 +581,26 @@ class WorkerPool:
         self.total_restarts += 1
         self.log(f"[pool] restarting worker {self.specs[slot].device_label} ({why}), "
                  f"restart {self.restarts[slot]}/{self.max_restarts}")
-        h = self._new_handle(slot)
-        self.workers[slot] = h
-        h.launch()
+        with self._state:
+            if self._closed:
+                raise _PoolClosing()
+            h = self._new_handle(slot)
+            self.workers[slot] = h
+            h.launch()
         h.wait_ready(self.start_timeout_s)
         return h
 
     def close(self) -> None:
         """Stop every worker: Shutdown, bounded wait, SIGTERM, SIGKILL. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            handles = [w for w in self.workers if w is not None]
         _LIVE_POOLS.discard(self)
-        handles = [w for w in self.workers if w is not None]
+        dispatch = self._dispatch
+        if dispatch is not None:  # a call was interrupted (Ctrl-C, SIGTERM): its threads stop taking work
+            dispatch.abort()
         stoppers = [threading.Thread(target=h.stop, daemon=True) for h in handles]
         for t in stoppers:
             t.start()
@@ -568,10 +614,8 @@ class _RestartsExhausted(RuntimeError):
     pass
 
 
-def _fix_index(r: ScoreResult, batch: list[int]) -> ScoreResult:
-    # The worker numbers results 0..len(batch)-1; map them back to positions in the call.
-    r.index = batch[r.index]
-    return r
+class _PoolClosing(RuntimeError):
+    pass
 
 
 def _item_name(item: ScoreItem, index: int) -> str:

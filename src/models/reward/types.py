@@ -73,7 +73,8 @@ class ScoreResult:
     raw: the judge's raw answer per part (generate mode), or the level probabilities' summary
       (logits mode); kept so a researcher can see why a score is what it is.
     error: None, or a message naming the cause.
-    error_kind: a short machine-readable cause (`image`, `parse`, `oom`, `worker_died`, ...).
+    error_kind: a short machine-readable cause (`image`, `parse`, `oom`, `worker_died`,
+      `worker_timeout`, ...).
     device: which device produced it (`cuda:0`, `cpu`, `cpu#1`).
     latency_s: seconds spent on the item's batch(es), divided among its items.
     index: the item's position in the call's input.
@@ -166,8 +167,15 @@ def load_pil(img: ImageInput, max_image_pixels: int | None = None):
         old_limit = Image.MAX_IMAGE_PIXELS
         try:
             if max_image_pixels is not None:
-                Image.MAX_IMAGE_PIXELS = max_image_pixels
+                # Checked below from the header, before decoding. Pillow's own check only warns
+                # between its limit and twice it, so an image up to 2x the limit would pass.
+                Image.MAX_IMAGE_PIXELS = None
             with Image.open(src) as opened:
+                w, h = opened.size
+                if max_image_pixels is not None and w * h > max_image_pixels:
+                    raise ValueError(f"image too large: {w}x{h} = {w * h} pixels, over max_image_pixels="
+                                     f"{max_image_pixels} (a decompression-bomb guard; raise max_image_pixels "
+                                     f"to allow it): {name}")
                 frames = getattr(opened, "n_frames", 1)
                 opened.seek(0)
                 opened.load()
@@ -186,12 +194,20 @@ def load_pil(img: ImageInput, max_image_pixels: int | None = None):
     except Exception:  # a malformed EXIF block must not cost the image
         pass
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white.
+        # 16/32-bit greyscale: map the bit depth's range onto 8 bits, as a viewer does, instead of
+        # clipping everything to white. Not by the image's own maximum: that would brighten a dark
+        # image. A 32-bit image holding 8- or 16-bit values is read as such; wider ones by their max.
         import numpy as np
 
         arr = np.asarray(im, dtype=np.float64)
-        hi = arr.max() or 1.0
-        im = Image.fromarray((arr * (255.0 / hi)).clip(0, 255).astype("uint8"), mode="L")
+        top = arr.max()
+        if im.mode.startswith("I;16") or 255 < top <= 65535:
+            full = 65535.0
+        elif top <= 255:
+            full = 255.0
+        else:
+            full = top
+        im = Image.fromarray((arr * (255.0 / full)).round().clip(0, 255).astype("uint8"), mode="L")
     if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
         # Composite transparency on white, the way a viewer shows it.
         rgba = im.convert("RGBA")

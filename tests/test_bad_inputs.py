@@ -1,0 +1,284 @@
+"""Every bad input of the issue in ONE real job (`python main.py --config ...`, one CPU worker):
+each bad item fails alone with an error naming the item and the cause, or is handled correctly,
+and every other item scores as it would without bad neighbours. Each case is recorded in the
+fault ledger (conftest.py), which prints the table at the end of the run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, assert_no_orphans, make_image, worker_processes
+
+MAX_IMAGE_PIXELS = 1_000_000
+TOL = 1e-4  # the same image in another batch: padding changes the last digits only
+
+
+def _write_images(d: Path) -> dict[str, Path]:
+    """The image files, by name. `d` has a space in its name."""
+    from PIL import Image
+
+    d.mkdir(parents=True)
+    f: dict[str, Path] = {}
+
+    def save(name: str, im, **kw) -> None:
+        f[name] = d / name
+        im.save(f[name], **kw)
+
+    for k in range(4):
+        save(f"good{k}.png", make_image(10 + k, 56 + 8 * k, 40 + 4 * k))
+    f["non_ascii"] = d / "ünïcödé 画像 élan.png"
+    f["non_ascii"].write_bytes(f["good2.png"].read_bytes())  # the same file under a hard name
+    f["missing"] = d / "never written.png"
+    (d / "empty.png").write_bytes(b"")
+    f["empty"] = d / "empty.png"
+    buf = io.BytesIO()
+    make_image(20, 64, 48).save(buf, format="JPEG")
+    (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 6 // 10])
+    f["truncated"] = d / "truncated.jpg"
+    (d / "notes.png").write_text("meeting notes, not an image\n")
+    f["text_as_png"] = d / "notes.png"
+    save("bomb.png", Image.new("RGB", (1100, 1000), (9, 9, 9)))  # 1.1x the limit: compresses to ~4 KB
+    save("wide.png", Image.new("RGB", (1500, 5), (30, 90, 200)))  # 300:1
+    save("one_pixel.png", Image.new("RGB", (1, 1), (200, 40, 40)))
+    (d / "a folder.png").mkdir()
+    f["folder"] = d / "a folder.png"
+    save("cmyk.jpg", make_image(21, 64, 48).convert("CMYK"))
+    dark = np.asarray(make_image(22, 64, 48).convert("L")) // 2  # a dark picture: nothing above 127
+    save("sixteen.png", Image.fromarray(dark.astype("uint16") * 257))  # the same levels in 16 bits
+    save("sixteen_ref.png", Image.fromarray(dark).convert("RGB"))
+    save("grey.png", make_image(23, 64, 48).convert("L"))
+    save("grey_ref.png", make_image(23, 64, 48).convert("L").convert("RGB"))
+    rgba = make_image(24, 64, 48).convert("RGBA")
+    alpha = np.zeros((48, 64), dtype="uint8")
+    alpha[:, 32:] = 255
+    alpha[:, 16:32] = 128
+    rgba.putalpha(Image.fromarray(alpha))
+    save("rgba.png", rgba)
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    save("rgba_ref.png", Image.alpha_composite(white, rgba).convert("RGB"))
+    pal = make_image(25, 64, 48).quantize(16)
+    assert (np.asarray(pal) == 3).any()
+    save("palette_transparent.png", pal, transparency=3)  # palette entry 3 is see-through
+    save("palette_ref.png", Image.alpha_composite(Image.new("RGBA", pal.size, (255, 255, 255, 255)),
+                                                  Image.open(f["palette_transparent.png"]).convert("RGBA")).convert("RGB"))
+    # EXIF orientation 6: stored sideways, shown rotated 90 degrees clockwise (a phone held upright).
+    sideways = make_image(26, 80, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save("exif_rotated.jpg", sideways, exif=exif.tobytes(), quality=95)
+    decoded = Image.open(f["exif_rotated.jpg"])
+    decoded.load()
+    stored = decoded.copy()                               # the pixels as stored, no rotation
+    del stored.info["exif"]
+    save("exif_sideways_ref.png", stored.convert("RGB"))
+    save("exif_upright_ref.png", stored.transpose(Image.Transpose.ROTATE_270).convert("RGB"))
+    frames = [make_image(30 + k, 64, 48).convert("P") for k in range(3)]
+    frames[0].save(d / "animated.gif", save_all=True, append_images=frames[1:], duration=80, loop=0)
+    f["animated"] = d / "animated.gif"
+    first = Image.open(f["animated"])
+    first.seek(0)
+    save("gif_frame0_ref.png", first.convert("RGB"))
+    return f
+
+
+# (id, what the case is, manifest line (JSON text or a dict), expected: "scored" or (kind, text in error))
+def _cases(f: dict[str, Path]) -> list[tuple[str, str, object, object]]:
+    def row(i, key, **extra):
+        return {"id": i, "image": str(f[key]), **extra}
+
+    return [
+        ("good0", "UTF-8 BOM before the first row", "\ufeff" + json.dumps(row("good0", "good0.png")), "scored"),
+        ("missing", "missing file", row("missing", "missing"), ("image", "image not found")),
+        ("good1", "-", row("good1", "good1.png"), "scored"),
+        ("empty", "empty file", row("empty", "empty"), ("image", "image file is empty")),
+        ("truncated", "truncated JPEG", row("truncated", "truncated"), ("image", "image file is truncated")),
+        ("text_as_png", "text file named .png", row("text_as_png", "text_as_png"), ("image", "cannot decode")),
+        ("bomb", "decompression bomb (1.1x max_image_pixels)", row("bomb", "bomb.png"),
+         ("image", f"over max_image_pixels={MAX_IMAGE_PIXELS}")),
+        ("wide", "aspect ratio 300:1", row("wide", "wide.png"), ("image", "aspect ratio")),
+        ("folder", "image path is a folder", row("folder", "folder"), ("image", "is a folder")),
+        ("good2", "-", row("good2", "good2.png"), "scored"),
+        ("cmyk", "CMYK JPEG", row("cmyk", "cmyk.jpg"), "scored"),
+        ("sixteen", "16-bit PNG (dark: must not be stretched)", row("sixteen", "sixteen.png"), "scored"),
+        ("palette", "palette PNG with transparency", row("palette", "palette_transparent.png"), "scored"),
+        ("rgba", "RGBA PNG", row("rgba", "rgba.png"), "scored"),
+        ("grey", "greyscale PNG", row("grey", "grey.png"), "scored"),
+        ("exif", "EXIF-rotated JPEG (orientation 6)", row("exif", "exif_rotated.jpg"), "scored"),
+        ("gif", "animated GIF (3 frames)", row("gif", "animated"), "scored"),
+        ("one_pixel", "1x1 pixel image", row("one_pixel", "one_pixel.png"), "scored"),
+        ("non_ascii", "path with spaces and non-ASCII", row("non_ascii", "non_ascii"), "scored"),
+        ("good1", "duplicate id", row("good1", "good3.png"), ("manifest", "duplicate id 'good1'")),
+        ("no_image", "row without an image field", {"id": "no_image", "instruction": "x"}, ("manifest", "no image")),
+        ("image_number", "row with a number as image", {"id": "image_number", "image": 7},
+         ("manifest", "'image' must be a path")),
+        ("instr_number", "row with a number as instruction", row("instr_number", "good3.png", instruction=3),
+         ("manifest", "'instruction' must be a string")),
+        (None, "row with a list as id", {"id": ["a"], "image": str(f["good3.png"])}, ("manifest", "'id' must be")),
+        (None, "line cut mid-JSON", '{"id": "cut", "image": "good3.p', ("manifest", "not valid JSON")),
+        (None, "line that is not an object", "[1, 2, 3]", ("manifest", "expected an object")),
+        ("good3", "-", row("good3", "good3.png"), "scored"),
+        # references: the same pixels as a plain RGB file, scored in another batch of the same job
+        *[(f"ref_{k}", "-", row(f"ref_{k}", k), "scored") for k in (
+            "good0.png", "good1.png", "good2.png", "good3.png", "sixteen_ref.png", "grey_ref.png", "rgba_ref.png",
+            "palette_ref.png", "exif_upright_ref.png", "exif_sideways_ref.png", "gif_frame0_ref.png")],
+    ]
+
+
+@pytest.fixture(scope="module")
+def bad_job(tiny_cache, tmp_path_factory):
+    """Run the job once; the tests below read its output."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("bad inputs")
+    f = _write_images(root / "my images")
+    cases = _cases(f)
+    lines = [c[2] if isinstance(c[2], str) else json.dumps(c[2], ensure_ascii=False) for c in cases]
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("\n".join(lines[:5]) + "\n\n" + "\n".join(lines[5:]) + "\n", encoding="utf-8")
+    line_of = [n + 1 if n < 5 else n + 2 for n in range(len(cases))]  # a blank line after the fifth row
+    out = root / "out"
+    cfg = {"model": {"class_path": "multi_gpu",
+                     "params": {"model_name": "tiny:qwen2_5_vl", "device_ids": ["cpu"], "batch_size": 4,
+                                "micro_batch": 8, "max_image_pixels": MAX_IMAGE_PIXELS, "progress": False}},
+           "job": {"manifest": str(manifest), "output_dir": str(out)}}
+    (root / "job.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--config", str(root / "job.yaml"), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    pids = [int(p) for p in re.findall(r"model loaded on \S+ in [\d.]+s \(pid (\d+)\)", stderr)]
+    assert pids, stderr[-2000:]
+    assert_no_orphans(pids)
+    assert not worker_processes([proc.pid])
+    records = [json.loads(x) for x in (out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+    by_line = {r["line"]: r for r in records}
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    return {"cases": cases, "line_of": line_of, "records": records, "by_line": by_line, "summary": summary,
+            "root": str(root / "my images") + "/",
+            "stdout": stdout}
+
+
+@pytest.fixture(autouse=True)
+def no_stray_workers():
+    yield
+    assert not worker_processes(), "a worker of this process outlived its test"
+
+
+def _record(bad_job, case_id: str) -> dict:
+    for c, line in zip(bad_job["cases"], bad_job["line_of"]):
+        if c[0] == case_id and c[1] != "duplicate id":
+            return bad_job["by_line"][line]
+    raise KeyError(case_id)
+
+
+def test_one_result_per_manifest_row_and_nothing_lost(bad_job):
+    cases, records = bad_job["cases"], bad_job["records"]
+    assert len(records) == len(cases), "one result per manifest row, bad rows included"
+    assert [r["line"] for r in records] == bad_job["line_of"], "results keep manifest order"
+    for r in records:
+        assert (r["score"] is None) == bool(r["error"]), r  # a score, or an error: never neither, never both
+
+
+def test_each_bad_input_fails_alone_with_its_cause(bad_job, ledger):
+    for (cid, what, _, expect), line in zip(bad_job["cases"], bad_job["line_of"]):
+        rec = bad_job["by_line"][line]
+        if what != "-":
+            ledger.bad_input(what, cid or f"line{line}", rec, hide=bad_job["root"])
+        if expect == "scored":
+            assert rec["score"] is not None and rec["error"] is None, (what, rec["error"])
+            assert 0.0 <= rec["score"] <= 9.0
+            continue
+        kind, text = expect
+        assert rec["score"] is None, what
+        assert rec["error_kind"] == kind, (what, rec["error_kind"], rec["error"])
+        assert text in rec["error"], (what, rec["error"])
+        # the error names the item: its id or, for a row without a usable id, the manifest line
+        assert (f"'{cid}'" in rec["error"] or f"line {line}" in rec["error"]), (what, rec["error"])
+        if kind == "image":  # and the file
+            assert os.path.basename(rec["images"][0]) in rec["error"], rec["error"]
+
+
+def test_good_items_score_as_they_do_without_bad_neighbours(bad_job):
+    for k in range(4):
+        near_bad, clean = _record(bad_job, f"good{k}"), _record(bad_job, f"ref_good{k}.png")
+        assert near_bad["score"] == pytest.approx(clean["score"], abs=TOL)
+    # a non-ASCII path with spaces reads the same bytes as good2.png
+    assert _record(bad_job, "non_ascii")["score"] == pytest.approx(_record(bad_job, "good2")["score"], abs=TOL)
+
+
+def test_odd_formats_are_read_as_a_viewer_shows_them(bad_job):
+    def score(i):
+        return _record(bad_job, i)["score"]
+
+    assert score("grey") == pytest.approx(score("ref_grey_ref.png"), abs=TOL)
+    assert score("sixteen") == pytest.approx(score("ref_sixteen_ref.png"), abs=TOL), "16-bit: levels kept, not stretched"
+    assert score("rgba") == pytest.approx(score("ref_rgba_ref.png"), abs=TOL), "transparency on white"
+    assert score("palette") == pytest.approx(score("ref_palette_ref.png"), abs=TOL), "palette transparency on white"
+    assert score("cmyk") is not None and score("one_pixel") is not None
+
+
+def test_exif_rotated_photo_is_scored_upright(bad_job):
+    exif, upright = _record(bad_job, "exif")["score"], _record(bad_job, "ref_exif_upright_ref.png")["score"]
+    sideways = _record(bad_job, "ref_exif_sideways_ref.png")["score"]
+    assert exif == pytest.approx(upright, abs=TOL)
+    assert abs(exif - sideways) > 10 * TOL, "the judge must see the photo upright, not as stored"
+
+
+def test_animated_gif_uses_the_first_frame_and_says_so(bad_job):
+    rec = _record(bad_job, "gif")
+    assert rec["score"] == pytest.approx(_record(bad_job, "ref_gif_frame0_ref.png")["score"], abs=TOL)
+    notes = rec["metadata"]["notes"]
+    assert len(notes) == 1 and "first of 3 frames used" in notes[0] and "animated.gif" in notes[0]
+
+
+def test_summary_counts_failures_by_cause(bad_job):
+    s, cases = bad_job["summary"], bad_job["cases"]
+    expected: dict[str, int] = {}
+    for c in cases:
+        if c[3] != "scored":
+            expected[c[3][0]] = expected.get(c[3][0], 0) + 1
+    assert s["failures_by_kind"] == expected
+    assert s["items"] == len(cases) and s["failed"] == sum(expected.values())
+    assert s["scored"] == len(cases) - s["failed"]
+    assert len(s["failures"]) == s["failed"] and all(f["error"] and f["kind"] for f in s["failures"])
+    brief = json.loads(bad_job["stdout"])
+    assert brief["failures_by_kind"] == expected
+
+
+def test_a_manifest_that_is_not_there(tiny_cache, tmp_path, ledger):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"model: {{class_path: multi_gpu, params: {{model_name: 'tiny:qwen2_5_vl', device_ids: [cpu]}}}}\n"
+                   f"job: {{manifest: {tmp_path / 'nowhere.jsonl'}, output_dir: {tmp_path / 'out'}}}\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--config", str(cfg), "--no-progress"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: manifest not found: {tmp_path / 'nowhere.jsonl'}"
+    assert not (tmp_path / "out").exists(), "nothing is started or written for a missing manifest"
+    ledger.bad_input("manifest that is not there", "-", {"score": None, "error_kind": "exit 2",
+                                                         "error": proc.stderr.strip()}, hide=f"{tmp_path}/")
+
+
+def test_csv_manifest_rows(tmp_path, ledger):
+    """The CSV reader's bad rows (no model needed: reading the manifest is where they fail)."""
+    from src.job.manifest import read_manifest
+
+    p = tmp_path / "m.csv"
+    p.write_bytes("\ufeffid,image,instruction\nc1,a.png,make it red\nc2,,x\nc3,b.png,y,surplus\nc1,c.png,z\n"
+                  .encode("utf-8"))
+    rows = read_manifest(p)
+    assert [r.id for r in rows] == ["c1", "c2", "c3", "c1"], "a byte-order mark must not hide the id column"
+    assert rows[0].item is not None and rows[0].item.instruction == "make it red"
+    assert "no image" in rows[1].error and "line 3" in rows[1].error
+    assert "more cells than header columns" in rows[2].error and "line 4" in rows[2].error
+    assert "duplicate id 'c1'" in rows[3].error
+    for r, what in zip(rows[1:], ("CSV row without an image", "CSV row with a surplus cell", "CSV duplicate id")):
+        ledger.bad_input(what, r.id, {"score": None, "error_kind": "manifest", "error": r.error})
