@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -191,6 +192,28 @@ def test_config_alias_and_parameter_errors():
         build_reward_model({"class_path": "ray", "params": {"model_name": "x", "num_actors": "many"}})
 
 
+def test_batches_past_the_timeout_are_retried_then_fail_and_with_no_actor_left_the_rest_fail(model, image_files):
+    # Every batch takes longer than this (the actors sleep before each forward pass): each actor
+    # in turn is killed and, with max_restarts 0, given up.
+    model.batch_timeout_s, model.max_retries, model.max_restarts = 0.05, 1, 0
+    [r] = model.batch_score(image_files[:1])
+    pids = model.actor_pids()  # the last actor of each slot
+    assert r.score is None and r.error_kind == "worker_died", r
+    assert re.fullmatch(r"item #0: actor\d:cpu@[\d.]+ \(pid \d+\) gave no answer within batch_timeout_s=0.05s "
+                        r"while scoring 1 item\(s\) \(after 1 retries\)", r.error), r.error
+    assert [s.state for s in model.slots] == ["lost", "lost"]
+    results = model.batch_score(image_files[:2])
+    assert [r.index for r in results] == [0, 1]
+    for r in results:
+        assert r.score is None and r.error_kind == "worker_died"
+        assert re.match(r"item #\d: no actor left: actor0 failed \d time\(s\) in a row \(max_restarts=0\); last: ",
+                        r.error), r.error
+    deadline = time.monotonic() + 20
+    while not all(pid_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(pid_gone(p) for p in pids), "timed-out actors are killed"
+
+
 def _descendants(root: int) -> dict[int, str]:
     out = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
     children: dict[int, list[int]] = collections.defaultdict(list)
@@ -229,3 +252,45 @@ def test_close_stops_the_actors_and_the_ray_it_started(model):
     assert session_dir not in ps, "a process of this Ray session is still running"
     with pytest.raises(RuntimeError, match="closed"):
         model.batch_score(["x.png"])
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, {root!r})
+from src.models.reward.implementations.ray_actors import RayRewardModel
+
+judge = RayRewardModel(num_cpus=1, log_to_driver=False, num_actors=1, num_gpus_per_actor=0, progress=False,
+                       runtime_env={{"env_vars": {{"REWARD_FAULT_DELAY_S": "0.5"}}}},
+                       model_name="tiny:qwen2_5_vl", template="quality", batch_size=2)
+print("ready", flush=True)
+while True:
+    judge.batch_score(sys.argv[1:])
+"""
+
+
+def test_a_driver_stopped_by_sigterm_mid_call_leaves_no_ray_process(tiny_cache, image_files, tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(root=str(ROOT)))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "REWARD_TINY_CACHE": str(tiny_cache)}
+    proc = subprocess.Popen([sys.executable, str(script), *image_files[:4]], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "ready", "the driver did not start"
+        time.sleep(1.0)  # a call is in flight
+        procs = _descendants(proc.pid)
+        assert "raylet" in " ".join(procs.values()) and any(a.startswith("ray::_JudgeActor") for a in procs.values()), procs
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:  # a failed check above: still stop it the way that cleans up
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(pid_gone(p) for p in procs):
+        time.sleep(0.2)
+    left = {p: a for p, a in procs.items() if not pid_gone(p)}
+    assert not left, f"Ray processes left behind: {left}"

@@ -292,7 +292,9 @@ class RayRewardModel(BaseRewardModel):
         job_env = {"py_modules": [str(_SRC_DIR)]} if ship_code else None
         try:
             if address is None:
-                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver, runtime_env=job_env)
+                # "local": a new Ray of our own, even where `ray start` runs a cluster on this machine.
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+                         runtime_env=job_env)
                 self._local_ray = True
             else:
                 ray.init(address=address, log_to_driver=log_to_driver, runtime_env=job_env)
