@@ -1,8 +1,9 @@
 """The Ray class on a local Ray started by the tests: CPU actors, the tiny model, real processes.
 
 One Ray session for the module (Ray takes seconds to start): the `model` fixture starts it through
-RayRewardModel(address=None), the tests run in file order, and the last one closes the model and
-checks that no Ray process is left.
+RayRewardModel(address=None) and the tests run in file order, up to the one that closes the model
+and checks that no Ray process is left. The tests after it need no Ray in this process (one starts
+its own driver in a subprocess).
 """
 from __future__ import annotations
 
@@ -16,16 +17,13 @@ import threading
 import time
 
 import pytest
+import ray
 
 from conftest import ROOT, pid_gone
 from src.models.reward import ConfigError, ScoreItem, build_reward_model, load_config
 from src.models.reward.config import resolve_class, validate_params
 from src.models.reward.implementations.local import QwenVLRewardModel
-
-ray = pytest.importorskip("ray")
-
-from src.models.reward.implementations.ray_actors import (  # noqa: E402
-    ActorStartError, RayRewardModel, _Call)
+from src.models.reward.implementations.ray_actors import ActorStartError, RayRewardModel, _Call
 
 JUDGE = {"model_name": "tiny:qwen2_5_vl", "template": "quality", "batch_size": 2}
 DELAY_S = 0.25  # per forward pass in the actors (engine.py's fault hook): calls last long enough to kill one
@@ -253,6 +251,16 @@ def test_close_stops_the_actors_and_the_ray_it_started(model):
     with pytest.raises(RuntimeError, match="closed"):
         model.batch_score(["x.png"])
 
+
+
+@pytest.mark.skipif(bool(os.environ.get("RAY_ADDRESS")) or os.path.exists("/tmp/ray/ray_current_cluster"),
+                    reason="a Ray cluster runs on this machine")
+def test_address_auto_without_a_cluster_says_how_to_start_one():
+    assert not ray.is_initialized()
+    with pytest.raises(ConnectionError, match=r"could not connect to Ray at address 'auto': Could not find any "
+                                              r"running Ray instance.*Start a cluster with `ray start --head`"):
+        RayRewardModel(address="auto", num_actors=1, num_gpus_per_actor=0, progress=False, **JUDGE)
+    assert not ray.is_initialized()
 
 DRIVER = """
 import sys

@@ -45,7 +45,7 @@ from ..types import ScoreItem, ScoreResult
 # The `src` package, shipped to the actors with Ray's `py_modules` so nodes need only the worker env.
 _SRC_DIR = Path(__file__).resolve().parents[3]
 _REPO_ROOT = _SRC_DIR.parent
-RAY_PIN = "ray==2.60.0"
+RAY_PIN = "ray==2.60.0"  # as in requirements.txt; the worker env needs the same version
 
 
 class ActorStartError(RuntimeError):
@@ -92,7 +92,8 @@ class _JudgeActor:
     def info(self) -> dict[str, Any]:
         import ray
 
-        return {"runtime_env": dict(ray.get_runtime_context().runtime_env),  # as Ray merged it
+        ctx = ray.get_runtime_context()
+        return {"actor_id": ctx.get_actor_id(), "runtime_env": dict(ctx.runtime_env),  # as Ray merged it
                 "pid": self.pid, "node": self.node, "label": self.label, "load_time_s": self.load_time_s,
                 "fingerprint": self.engine.fingerprint() if self.engine is not None else None,
                 "code": str(Path(__file__).resolve().parents[3]),  # where this project was imported from
@@ -271,11 +272,14 @@ class RayRewardModel(BaseRewardModel):
 
     def _actor_runtime_env(self, runtime_env: dict[str, Any] | None, shipped: bool) -> dict[str, Any]:
         env = dict(runtime_env or {})
+        if not isinstance(env.get("env_vars") or {}, dict):
+            raise ValueError("runtime_env.env_vars: expected a mapping of names to values")
+        env_vars = {str(k): str(v) for k, v in (env.get("env_vars") or {}).items()}  # YAML numbers too
         if not shipped:
             # The checkout must then be at the same path on every node (one machine, shared disk).
-            env_vars = {str(k): str(v) for k, v in (env.get("env_vars") or {}).items()}
             path = env_vars.get("PYTHONPATH")
             env_vars["PYTHONPATH"] = f"{_REPO_ROOT}{os.pathsep}{path}" if path else str(_REPO_ROOT)
+        if env_vars:
             env["env_vars"] = env_vars
         return env
 
@@ -299,7 +303,8 @@ class RayRewardModel(BaseRewardModel):
             else:
                 ray.init(address=address, log_to_driver=log_to_driver, runtime_env=job_env)
         except ConnectionError as e:
-            raise ConnectionError(f"RayRewardModel: could not connect to Ray at address {address!r}: {e}. "
+            raise ConnectionError(f"RayRewardModel: could not connect to Ray at address {address!r}: "
+                                  f"{str(e).rstrip('. ')}. "
                                   "Start a cluster with `ray start --head` (then `address: auto`), or use "
                                   "`address: null` for a local Ray in this process.") from None
         self._owns_connection = True
@@ -394,7 +399,8 @@ class RayRewardModel(BaseRewardModel):
         return None
 
     def actor_ids(self) -> list[str | None]:
-        return [slot.actor._actor_id.hex() if slot.actor is not None else None for slot in self.slots]
+        """Ray's id of each slot's actor (of the last one to start, for a slot being replaced)."""
+        return [slot.info.get("actor_id") for slot in self.slots]
 
     def actor_pids(self) -> list[int | None]:
         return [slot.info.get("pid") for slot in self.slots]
