@@ -4,6 +4,9 @@
 #
 #   bash setup_env.sh            main env (.venv) + worker env; test browser when root with apt
 #   bash setup_env.sh --pack     also conda-pack the worker env into dist/ (needs conda)
+#   bash setup_env.sh --ray      also install ray (the pin in requirements.txt) into the worker env,
+#                                so it can host Ray actors (runtime_env py_executable / conda)
+#   bash setup_env.sh --ray --pack   the packed env for a Ray cluster's nodes
 #   bash setup_env.sh --no-worker   skip the worker env
 #
 # Main env: .venv (a venv), for main.py, the tests and the HTTP service.
@@ -20,11 +23,13 @@ PYTHON=${PYTHON:-python3}
 WORKER_ENV_NAME=${WORKER_ENV_NAME:-reward-worker}
 PACK=0
 WORKER=1
+RAY=0
 for arg in "$@"; do
   case "$arg" in
     --pack) PACK=1 ;;
     --no-worker) WORKER=0 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --ray) RAY=1 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "setup_env.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -68,6 +73,13 @@ if [ "$WORKER" = 1 ]; then
       "$PYTHON" -m venv .venv-worker
     fi
     pip_sync .venv-worker/bin/python .venv-worker/.requirements.sha256 requirements-worker.txt
+    wpy=.venv-worker/bin/python
+  fi
+  if [ "$RAY" = 1 ]; then
+    # Ray actors run in the worker env, and Ray needs the same version on the driver and the workers.
+    ray_pin=$(grep -E '^ray==' requirements.txt)
+    say "installing $ray_pin into the worker env"
+    "$wpy" -m pip install --quiet "$ray_pin"
   fi
 fi
 
@@ -88,5 +100,6 @@ if [ "$PACK" = 1 ]; then
   mkdir -p dist
   conda run -n "$WORKER_ENV_NAME" conda-pack -n "$WORKER_ENV_NAME" -o "dist/$WORKER_ENV_NAME.tar.gz" --force
   say "packed dist/$WORKER_ENV_NAME.tar.gz: unpack with 'mkdir env && tar -xzf $WORKER_ENV_NAME.tar.gz -C env && env/bin/conda-unpack'"
+  [ "$RAY" = 1 ] || say "this pack has no ray: for Ray actors, build it with --ray --pack"
 fi
 say "ready: .venv/bin/python main.py --config configs/demo.yaml"

@@ -1,0 +1,613 @@
+"""The judge in Ray actors: one actor per GPU (or CPU actors), on one machine or a whole cluster.
+
+Data flow of one `RayRewardModel.score_items(items)` call:
+
+    caller --items--> _wire_item: paths stay paths; PIL images and bytes travel as encoded bytes
+                          |        inside the task (Ray objects), so no node needs the caller's disk
+                          v
+    _Call: micro-batches of indices, a retry queue (items of a dead actor, one by one), result slots
+                          |  a free actor gets the next micro-batch: actor.score.remote(items, indices)
+                          v
+    ray.wait(in-flight refs) --results by index--> result slots --> input order
+                          |  actor died / timed out: its items go back to the retry queue
+                          |  (bounded), the actor is replaced by a new one (bounded, in a row)
+                          v
+    _JudgeActor (a Ray actor per slot) hosting JudgeEngine (engine.py), loaded once, kept loaded
+
+Actors:
+- _JudgeActor: the Ray actor. Builds the engine at creation; a failed load is reported by `info()`
+  with its traceback instead of killing the actor, so the error reaches the caller intact.
+- _Slot: the driver's view of one actor: its handle and what it does (starting, idle, busy, lost).
+- _Call: the work state of one call: queues, per-item attempts, result slots.
+- RayRewardModel: connects to (or starts) Ray, starts every actor at once, dispatches, replaces
+  dead actors, closes.
+
+Everything runs in the caller's thread: the only waiting is `ray.wait` on in-flight refs, which
+is also where death (an error on the ref) and timeouts (a deadline per slot) are detected.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..base import BaseRewardModel
+from ..settings import JudgeSettings
+from ..types import ScoreItem, ScoreResult
+
+# The `src` package, shipped to the actors with Ray's `py_modules` so nodes need only the worker env.
+_SRC_DIR = Path(__file__).resolve().parents[3]
+_REPO_ROOT = _SRC_DIR.parent
+RAY_PIN = "ray==2.60.0"  # as in requirements.txt; the worker env needs the same version
+
+
+class ActorStartError(RuntimeError):
+    """An actor could not start: the message names the actor, the node, the PID, the cause and the fix."""
+
+
+# -- the actor (runs in the worker environment, on any node) -----------------------------------
+
+class _JudgeActor:
+    """One judge in a Ray actor. Ray gives a GPU actor its GPU(s) through CUDA_VISIBLE_DEVICES,
+    so the engine always uses cuda:0 there."""
+
+    def __init__(self, settings: dict[str, Any], slot: int, num_threads: int | None, cwd: str | None):
+        self.pid = os.getpid()
+        self.engine = None
+        self.error: str | None = None
+        self.traceback: str | None = None
+        self.load_time_s = 0.0
+        self.node = "?"
+        self.label = f"actor{slot}"
+        try:
+            import ray
+
+            self.node = ray.util.get_node_ip_address()
+            gpus = [str(g) for g in ray.get_gpu_ids()]
+            device = "cuda:0" if gpus else "cpu"
+            self.label = f"actor{slot}:{'cuda:' + ','.join(gpus) if gpus else 'cpu'}@{self.node}"
+            # Relative model folders and paths mean what they mean to the caller, where that
+            # folder exists on this node (one machine, or a shared filesystem).
+            if cwd and os.path.isdir(cwd):
+                os.chdir(cwd)
+            import torch
+
+            if not gpus and num_threads:
+                torch.set_num_threads(num_threads)
+            from src.models.reward.engine import JudgeEngine
+
+            self.engine = JudgeEngine(JudgeSettings.from_params(settings), device=device, device_label=self.label)
+            self.load_time_s = self.engine.load_time_s
+        except BaseException as e:  # reported by info(); the driver turns it into ActorStartError
+            self.error = f"{type(e).__name__}: {e}"
+            self.traceback = traceback.format_exc()
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"actor_id": ctx.get_actor_id(), "runtime_env": dict(ctx.runtime_env),  # as Ray merged it
+                "pid": self.pid, "node": self.node, "label": self.label, "load_time_s": self.load_time_s,
+                "fingerprint": self.engine.fingerprint() if self.engine is not None else None,
+                "code": str(Path(__file__).resolve().parents[3]),  # where this project was imported from
+                "error": self.error, "traceback": self.traceback}
+
+    def score(self, items: list[ScoreItem], indices: list[int]) -> list[ScoreResult]:
+        """Score items[k], which is item indices[k] of the caller's call. The engine numbers (and
+        names, in errors) items from a base index, so each contiguous run goes in one engine call."""
+        if self.engine is None:
+            raise RuntimeError(f"{self.label} has no model: {self.error}")
+        results: list[ScoreResult] = []
+        start = 0
+        for end in range(1, len(items) + 1):
+            if end == len(items) or indices[end] != indices[end - 1] + 1:
+                results.extend(self.engine.score(items[start:end], base_index=indices[start]))
+                start = end
+        return results
+
+
+# -- the driver's view of the actors -----------------------------------------------------------
+
+@dataclass
+class _Slot:
+    index: int
+    actor: Any = None
+    state: str = "starting"            # starting | idle | busy | lost
+    ref: Any = None                    # the in-flight call: info() while starting, score() while busy
+    batch: list[int] | None = None     # indices of the busy call; None for a batch of an aborted call
+    since: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+    restarts: int = 0                  # restarts in a row; a good batch resets it
+    cause: str = ""                    # why it was lost
+
+    def describe(self) -> str:
+        label = self.info.get("label") or f"actor{self.index}"
+        return f"{label} (pid {self.info.get('pid', '?')})"
+
+
+class _Call:
+    """The work state of one call; touched only by the caller's thread."""
+
+    def __init__(self, n_items: int, max_retries: int, on_done: Callable[[int], None]):
+        self.results: list[ScoreResult | None] = [None] * n_items
+        self.remaining = n_items
+        self.queue: collections.deque[list[int]] = collections.deque()
+        self.retry: collections.deque[list[int]] = collections.deque()
+        self.attempts: collections.Counter[int] = collections.Counter()
+        self.max_retries = max_retries
+        self.on_done = on_done
+
+    def take(self) -> list[int] | None:
+        if self.retry:
+            return self.retry.popleft()
+        return self.queue.popleft() if self.queue else None
+
+    def store(self, results: Sequence[ScoreResult]) -> None:
+        n = 0
+        for r in results:
+            if self.results[r.index] is None:
+                self.results[r.index] = r
+                self.remaining -= 1
+                n += 1
+        if n:
+            self.on_done(n)
+
+    def give_back(self, batch: list[int], cause: str, fail: Callable[[int, str], ScoreResult]) -> None:
+        """Items of a batch whose actor died: each is retried alone (one poison item cannot take
+        its neighbours down again), or fails once its retries are spent."""
+        failed = []
+        for i in batch:
+            self.attempts[i] += 1
+            if self.attempts[i] > self.max_retries:
+                failed.append(fail(i, f"{cause} (after {self.max_retries} retries)"))
+            else:
+                self.retry.append([i])
+        self.store(failed)
+
+    def pending(self) -> list[int]:
+        return [i for i, r in enumerate(self.results) if r is None]
+
+
+# -- the reward model ----------------------------------------------------------------------------
+
+class RayRewardModel(BaseRewardModel):
+    """The judge in `num_actors` Ray actors, each hosting the same engine as every other class,
+    loaded once and kept across calls. Idle actors pull the next micro-batch; results come back
+    in input order.
+
+    address: null starts a local Ray in this process; `auto` joins the cluster this machine is part
+      of (`ray start --head` / `ray start --address=...`); `host:6379` names one. close() calls
+      ray.shutdown() on a connection this object made: that stops a local Ray, and only
+      disconnects from a cluster. A process already connected to Ray (a Ray-based trainer) keeps
+      its connection; close() then only kills the actors.
+    num_actors: an integer, or `auto` for one actor per `num_gpus_per_actor` GPUs of the cluster.
+    num_gpus_per_actor: 1 for one GPU per actor (a fraction packs actors on a GPU); 0 for CPU
+      actors. Above 1 the GPUs are reserved but the model runs on the first.
+    num_cpus_per_actor: CPUs reserved per actor (CPU actors also use this many torch threads).
+    runtime_env: Ray's runtime_env for the actors, passed through: `{conda: reward-worker}` (a
+      conda env name or prefix present on every node), `{pip: [...]}`, `{py_executable:
+      /opt/reward-worker/bin/python}` (an unpacked `setup_env.sh --ray --pack` env at the same
+      path on every node), `env_vars`, ... The worker env needs ray (the driver's version) besides
+      the engine's packages.
+    ship_code: upload this project's `src` package with the Ray connection (job-level
+      `py_modules`, which Ray merges with the actors' runtime_env), so nodes need no checkout.
+      False, or a connection this object did not make: the actors import the project from this
+      checkout's path, which must then exist on every node (one machine, a shared filesystem).
+    micro_batch: items per actor call (default 2 x batch_size).
+    max_retries: per item, after the actor holding it died. max_restarts: replacements of one
+      actor in a row before its slot is given up.
+    batch_timeout_s: an actor that does not answer a micro-batch in time is killed and replaced,
+      and its items retried. start_timeout_s: time for an actor to be placed and load its model.
+    num_cpus, log_to_driver: for a local Ray started here (num_cpus null: every CPU).
+    Judge parameters are those of `JudgeSettings` (model_name, mode, template, batch_size, ...).
+    Image paths must be readable on every node; in-memory images travel with the task.
+    """
+
+    settings_cls = JudgeSettings
+
+    def __init__(self, address: str | None = None, num_actors: int | str = "auto", num_gpus_per_actor: float = 1.0,
+                 num_cpus_per_actor: float = 1.0, runtime_env: dict[str, Any] | None = None, ship_code: bool = True,
+                 micro_batch: int | None = None, max_retries: int = 1, max_restarts: int = 3,
+                 batch_timeout_s: float | None = 1800.0, start_timeout_s: float = 1800.0, progress: bool = True,
+                 num_cpus: int | None = None, log_to_driver: bool = True, **judge: Any):
+        self.settings = JudgeSettings.from_params(judge, owner=type(self).__name__)
+        if num_gpus_per_actor < 0:
+            raise ValueError(f"num_gpus_per_actor: must be >= 0 (0 for CPU actors), got {num_gpus_per_actor}")
+        if num_cpus_per_actor <= 0:
+            raise ValueError(f"num_cpus_per_actor: must be > 0, got {num_cpus_per_actor}")
+        if isinstance(num_actors, str) and num_actors != "auto":
+            raise ValueError(f"num_actors: expected an integer or 'auto', got {num_actors!r}")
+        if isinstance(num_actors, int) and num_actors < 1:
+            raise ValueError(f"num_actors: must be at least 1, got {num_actors}")
+        if num_actors == "auto" and num_gpus_per_actor == 0:
+            raise ValueError("num_actors: 'auto' means one actor per GPU; with num_gpus_per_actor: 0 "
+                             "(CPU actors) give a number")
+        self.micro_batch = micro_batch or 2 * self.settings.batch_size
+        if self.micro_batch < 1:
+            raise ValueError(f"micro_batch: must be at least 1, got {micro_batch}")
+        for name, value in (("max_retries", max_retries), ("max_restarts", max_restarts)):
+            if value < 0:
+                raise ValueError(f"{name}: must be >= 0, got {value}")
+        if runtime_env is not None and not isinstance(runtime_env, dict):
+            raise ValueError(f"runtime_env: expected a mapping (Ray's runtime_env), got {type(runtime_env).__name__}")
+        self.num_gpus_per_actor = float(num_gpus_per_actor)
+        self.num_cpus_per_actor = float(num_cpus_per_actor)
+        self.max_retries = max_retries
+        self.max_restarts = max_restarts
+        self.batch_timeout_s = batch_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.progress = progress
+        self.total_restarts = 0
+        self._closed = False
+        self._owns_connection = False   # this object called ray.init: close() calls ray.shutdown()
+        self._local_ray = False         # ... and that started a local Ray (fixed resources)
+        self._lock = threading.Lock()
+        self.slots: list[_Slot] = []
+
+        try:
+            import ray
+        except ImportError:
+            raise ImportError(f"RayRewardModel needs ray in this environment: pip install '{RAY_PIN}'") from None
+        self._ray = ray
+        shipped = self._connect(address, num_cpus, log_to_driver, ship_code)
+        try:
+            self._runtime_env = self._actor_runtime_env(runtime_env, shipped)
+            n = self._resolve_num_actors(num_actors)
+            self._check_resources(n)
+            self._actor_cls = ray.remote(_JudgeActor)
+            self.slots = [_Slot(k) for k in range(n)]
+            self._start_all()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def _actor_runtime_env(self, runtime_env: dict[str, Any] | None, shipped: bool) -> dict[str, Any]:
+        env = dict(runtime_env or {})
+        if not isinstance(env.get("env_vars") or {}, dict):
+            raise ValueError("runtime_env.env_vars: expected a mapping of names to values")
+        env_vars = {str(k): str(v) for k, v in (env.get("env_vars") or {}).items()}  # YAML numbers too
+        if not shipped:
+            # The checkout must then be at the same path on every node (one machine, shared disk).
+            path = env_vars.get("PYTHONPATH")
+            env_vars["PYTHONPATH"] = f"{_REPO_ROOT}{os.pathsep}{path}" if path else str(_REPO_ROOT)
+        if env_vars:
+            env["env_vars"] = env_vars
+        return env
+
+    def _connect(self, address: str | None, num_cpus: int | None, log_to_driver: bool, ship_code: bool) -> bool:
+        """Connect to Ray (or start a local one); True when the project's code is shipped to the
+        actors. Ray uploads local folders only at the job level, so the code travels with the
+        connection this object makes (ray.init's runtime_env), merged by Ray with the actors' own."""
+        ray = self._ray
+        if ray.is_initialized():
+            self._log("[ray] this process is already connected to Ray; using that connection (close() leaves it "
+                      "open). The actors import this project from its path here, or from the job's own "
+                      "runtime_env (py_modules / working_dir)")
+            return False
+        job_env = {"py_modules": [str(_SRC_DIR)]} if ship_code else None
+        try:
+            if address is None:
+                # "local": a new Ray of our own, even where `ray start` runs a cluster on this machine.
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+                         runtime_env=job_env)
+                self._local_ray = True
+            else:
+                ray.init(address=address, log_to_driver=log_to_driver, runtime_env=job_env)
+        except ConnectionError as e:
+            raise ConnectionError(f"RayRewardModel: could not connect to Ray at address {address!r}: "
+                                  f"{str(e).rstrip('. ')}. "
+                                  "Start a cluster with `ray start --head` (then `address: auto`), or use "
+                                  "`address: null` for a local Ray in this process.") from None
+        self._owns_connection = True
+        return ship_code
+
+    def _resolve_num_actors(self, num_actors: int | str) -> int:
+        if num_actors != "auto":
+            return int(num_actors)
+        gpus = self._ray.cluster_resources().get("GPU", 0)
+        n = int(gpus // self.num_gpus_per_actor)
+        if n < 1:
+            raise ValueError(f"num_actors: 'auto' found {gpus:g} GPU(s) in the Ray cluster, not enough for one actor "
+                             f"with num_gpus_per_actor={self.num_gpus_per_actor:g}; for CPU actors set "
+                             "num_gpus_per_actor: 0 and num_actors to a number")
+        return n
+
+    def _check_resources(self, n: int) -> None:
+        """A request the cluster can never meet would leave the actors pending forever: fail now on
+        a local Ray; on a cluster (which may grow) say so and let start_timeout_s bound the wait."""
+        have = self._ray.cluster_resources()
+        problems = []
+        for res, per in (("CPU", self.num_cpus_per_actor), ("GPU", self.num_gpus_per_actor)):
+            need = n * per
+            if need > have.get(res, 0) + 1e-9:
+                problems.append(f"{n} actor(s) x {per:g} {res} = {need:g} {res} but Ray has {have.get(res, 0):g}")
+        if not problems:
+            return
+        hint = ("lower num_actors or the per-actor resources"
+                + ("; for CPU actors set num_gpus_per_actor: 0" if self.num_gpus_per_actor > 0 else "")
+                + ("; a local Ray takes its CPU count from num_cpus" if self._local_ray else ""))
+        text = "; ".join(problems)
+        if self._local_ray:
+            raise ValueError(f"RayRewardModel: {text}: {hint}")
+        self._log(f"[ray] warning: {text}; the actors wait for the cluster to grow (up to start_timeout_s="
+                  f"{self.start_timeout_s:g}s): {hint}")
+
+    def _spawn(self, slot: _Slot) -> None:
+        threads = max(1, int(self.num_cpus_per_actor))
+        opts: dict[str, Any] = dict(num_cpus=self.num_cpus_per_actor, num_gpus=self.num_gpus_per_actor,
+                                    max_restarts=0, max_task_retries=0)  # retries are ours: bounded, per item
+        if self._runtime_env:
+            opts["runtime_env"] = self._runtime_env
+        slot.actor = self._actor_cls.options(**opts).remote(self.settings.to_params(), slot.index, threads, os.getcwd())
+        slot.state, slot.ref, slot.batch, slot.since, slot.info = "starting", slot.actor.info.remote(), None, time.monotonic(), {}
+
+    def _start_all(self) -> None:
+        """Two phases: create every actor at once (they load in parallel), then wait for each."""
+        for slot in self.slots:
+            self._spawn(slot)
+        deadline = time.monotonic() + self.start_timeout_s
+        waiting = {slot.ref: slot for slot in self.slots}
+        while waiting:
+            # Short waits: a long one blocks inside Ray where Ctrl-C and signals are not seen.
+            ready, _ = self._ray.wait(list(waiting), num_returns=1, timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            if not ready and time.monotonic() < deadline:
+                continue
+            if not ready:
+                names = ", ".join(f"actor{s.index}" for s in waiting.values())
+                raise ActorStartError(
+                    f"{names} not ready within start_timeout_s={self.start_timeout_s:g}s: each asks for "
+                    f"{self.num_cpus_per_actor:g} CPU and {self.num_gpus_per_actor:g} GPU; the cluster has "
+                    f"{_resources(self._ray.cluster_resources())} ({_resources(self._ray.available_resources())} "
+                    "free). Lower num_actors or the per-actor resources, or check the runtime_env (a conda or pip "
+                    "env is built on first use).")
+            slot = waiting.pop(ready[0])
+            error = self._started(slot)
+            if error:
+                raise ActorStartError(error)
+
+    def _started(self, slot: _Slot) -> str | None:
+        """Collect a starting actor's info(); the error text when it failed, else None."""
+        try:
+            info = self._ray.get(slot.ref)
+        except self._ray.exceptions.RayError as e:
+            return (f"actor{slot.index} died while starting: {_reason(e)}. Check that the worker environment "
+                    f"(runtime_env) has ray ({RAY_PIN}), torch, transformers, qwen-vl-utils and pillow.")
+        slot.info = info
+        if info.get("error"):
+            return (f"{slot.describe()} on {info.get('node')} failed to start: {info['error']}\n"
+                    f"--- actor traceback ---\n{(info.get('traceback') or '').rstrip()}")
+        slot.state, slot.ref = "idle", None
+        self._log(f"[ray] {slot.describe()} ready: model loaded in {info['load_time_s']:.1f}s")
+        return None
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    @property
+    def fingerprint(self) -> str | None:
+        for slot in self.slots:
+            if slot.info.get("fingerprint"):
+                return slot.info["fingerprint"]
+        return None
+
+    def actor_ids(self) -> list[str | None]:
+        """Ray's id of each slot's actor (of the last one to start, for a slot being replaced)."""
+        return [slot.info.get("actor_id") for slot in self.slots]
+
+    def actor_pids(self) -> list[int | None]:
+        return [slot.info.get("pid") for slot in self.slots]
+
+    def actors(self) -> list[Any]:
+        """The live actor handles, by slot (None for a slot given up)."""
+        return [slot.actor if slot.state != "lost" else None for slot in self.slots]
+
+    def score_items(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
+        with self._lock:  # one call at a time: each actor holds one micro-batch
+            if self._closed:
+                raise RuntimeError("RayRewardModel is closed")
+            items = list(items)
+            if not items:
+                return []
+            if not self.progress:
+                return self._run(items, lambda n: None)
+            from tqdm import tqdm
+
+            with tqdm(total=len(items), desc=f"scoring on {len(self.slots)} Ray actor(s)", unit="item") as bar:
+                return self._run(items, bar.update)
+
+    def _run(self, items: list[ScoreItem], on_done: Callable[[int], None]) -> list[ScoreResult]:
+        ray = self._ray
+        wire = [_wire_item(it, i) for i, it in enumerate(items)]
+        call = _Call(len(items), self.max_retries, on_done)
+        call.store([w for w in wire if isinstance(w, ScoreResult)])  # items that could not be encoded
+        todo = [i for i, w in enumerate(wire) if not isinstance(w, ScoreResult)]
+        call.queue.extend(todo[s:s + self.micro_batch] for s in range(0, len(todo), self.micro_batch))
+
+        def fail(i: int, why: str) -> ScoreResult:
+            return ScoreResult.failure(i, items[i], f"item {_item_name(items[i], i)}: {why}", "worker_died")
+
+        try:
+            while call.remaining:
+                for slot in self.slots:
+                    if slot.state == "idle":
+                        batch = call.take()
+                        if batch is None:
+                            break
+                        slot.state, slot.batch, slot.since = "busy", batch, time.monotonic()
+                        slot.ref = slot.actor.score.remote([wire[i] for i in batch], batch)
+                if all(s.state == "lost" for s in self.slots):
+                    why = "; ".join(dict.fromkeys(s.cause for s in self.slots))
+                    call.store([fail(i, f"no actor left: {why}") for i in call.pending()])
+                    break
+                flying = {s.ref: s for s in self.slots if s.state in ("starting", "busy")}
+                assert flying, "items remain but no actor is working or starting"  # by construction
+                ready, _ = ray.wait(list(flying), num_returns=1, timeout=self._wait_timeout())
+                for ref in ready:
+                    self._collect(flying[ref], call, fail)
+                self._check_deadlines(call, fail)
+        except BaseException:
+            # Interrupted (Ctrl-C, an error): batches still in flight belong to no call now; their
+            # actors are free again once they answer, and the answers are dropped.
+            for slot in self.slots:
+                if slot.state == "busy":
+                    slot.batch = None
+            raise
+        missing = call.pending()
+        assert not missing, f"lost items {missing}"  # by construction
+        return call.results  # type: ignore[return-value]
+
+    def _wait_timeout(self) -> float:
+        now = time.monotonic()
+        soonest = 1.0
+        for slot in self.slots:
+            limit = self._limit(slot)
+            if limit is not None:
+                soonest = min(soonest, max(0.0, slot.since + limit - now))
+        return soonest
+
+    def _limit(self, slot: _Slot) -> float | None:
+        if slot.state == "starting":
+            return self.start_timeout_s
+        if slot.state == "busy":
+            return self.batch_timeout_s
+        return None
+
+    def _collect(self, slot: _Slot, call: _Call, fail: Callable[[int, str], ScoreResult]) -> None:
+        ray = self._ray
+        if slot.state == "starting":
+            error = self._started(slot)
+            if error:
+                self._log(f"[ray] {error}")
+                self._replace(slot, error.splitlines()[0])
+            return
+        batch = slot.batch
+        try:
+            results = ray.get(slot.ref)
+        except ray.exceptions.RayTaskError as e:  # the actor lives; the batch raised: these items fail
+            slot.state, slot.ref, slot.batch = "idle", None, None
+            if batch is not None:
+                call.store([fail(i, f"{slot.describe()} failed a batch: {e}") for i in batch])
+            return
+        except ray.exceptions.RayError as e:  # the actor died (or its node did)
+            cause = f"{slot.describe()} died while scoring {len(batch or [])} item(s): {_reason(e)}"
+            self._log(f"[ray] {cause}")
+            if batch is not None:
+                call.give_back(batch, cause, fail)
+            self._replace(slot, cause)
+            return
+        slot.state, slot.ref, slot.batch, slot.restarts = "idle", None, None, 0
+        if batch is not None:
+            call.store(results)
+
+    def _check_deadlines(self, call: _Call, fail: Callable[[int, str], ScoreResult]) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            limit = self._limit(slot)
+            if limit is None or now - slot.since < limit:
+                continue
+            if slot.state == "starting":
+                cause = f"actor{slot.index} was not ready within start_timeout_s={limit:g}s"
+            else:
+                cause = (f"{slot.describe()} gave no answer within batch_timeout_s={limit:g}s while scoring "
+                         f"{len(slot.batch or [])} item(s)")
+                if slot.batch is not None:
+                    call.give_back(slot.batch, cause, fail)
+            self._log(f"[ray] {cause}")
+            self._replace(slot, cause)
+
+    def _replace(self, slot: _Slot, why: str) -> None:
+        """Kill the slot's actor and start a new one (it loads while the others work), unless it
+        has been replaced max_restarts times in a row; then the slot is given up."""
+        self._kill(slot)
+        if self._closed or slot.restarts >= self.max_restarts:
+            slot.state, slot.ref, slot.batch = "lost", None, None
+            slot.cause = (f"actor{slot.index} failed {slot.restarts + 1} time(s) in a row "
+                          f"(max_restarts={self.max_restarts}); last: {why}")
+            self._log(f"[ray] giving up {slot.cause}")
+            return
+        slot.restarts += 1
+        self.total_restarts += 1
+        self._log(f"[ray] replacing actor{slot.index} ({why}), restart {slot.restarts}/{self.max_restarts}")
+        self._spawn(slot)
+
+    def _kill(self, slot: _Slot) -> None:
+        if slot.actor is not None:
+            try:
+                self._ray.kill(slot.actor, no_restart=True)
+            except Exception:  # already dead, or Ray is gone
+                pass
+
+    # -- close ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Kill the actors; shut Ray down if this object started it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        ray = getattr(self, "_ray", None)
+        if ray is None or not ray.is_initialized():
+            return
+        for slot in self.slots:
+            self._kill(slot)
+            slot.state, slot.ref, slot.batch = "lost", None, None
+            slot.cause = "closed"
+        if self._owns_connection:
+            ray.shutdown()  # stops a local Ray; for a cluster, only this process's connection
+
+    @staticmethod
+    def _log(line: str) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)
+        except ImportError:
+            print(line, file=sys.stderr, flush=True)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def _wire_item(item: ScoreItem, index: int) -> ScoreItem | ScoreResult:
+    """The item as it travels to an actor: paths as absolute paths (read on the actor's node), PIL
+    images as PNG bytes and bytes as they are (both inside the task, so no node needs this disk)."""
+    def encode(img: Any) -> Any:
+        if isinstance(img, (str, os.PathLike)):
+            return os.path.abspath(os.fspath(img))
+        if isinstance(img, (bytes, bytearray)):
+            return bytes(img)
+        if hasattr(img, "save"):
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            return buf.getvalue()
+        raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
+
+    try:
+        return ScoreItem(images=[encode(im) for im in item.images],
+                         source_images=[encode(im) for im in item.source_images],
+                         instruction=item.instruction, id=item.id, metadata=item.metadata)
+    except Exception as e:
+        return ScoreResult.failure(index, item, f"item {_item_name(item, index)}: {e}", "input")
+
+
+def _item_name(item: ScoreItem, index: int) -> str:
+    return f"{item.id!r} (#{index})" if item.id is not None else f"#{index}"
+
+
+def _reason(e: BaseException) -> str:
+    """The line of a Ray error that says why (Ray's messages start with boilerplate)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("The actor is dead because"):
+            return ln[:500]
+    return (lines[0] if lines else type(e).__name__)[:500]
+
+
+def _resources(res: dict[str, float]) -> str:
+    return ", ".join(f"{res.get(k, 0):g} {k}" for k in ("CPU", "GPU"))

@@ -1,0 +1,304 @@
+"""The Ray class on a local Ray started by the tests: CPU actors, the tiny model, real processes.
+
+One Ray session for the module (Ray takes seconds to start): the `model` fixture starts it through
+RayRewardModel(address=None) and the tests run in file order, up to the one that closes the model
+and checks that no Ray process is left. The tests after it need no Ray in this process (one starts
+its own driver in a subprocess).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import ray
+
+from conftest import ROOT, pid_gone
+from src.models.reward import ConfigError, ScoreItem, build_reward_model, load_config
+from src.models.reward.config import resolve_class, validate_params
+from src.models.reward.implementations.local import QwenVLRewardModel
+from src.models.reward.implementations.ray_actors import ActorStartError, RayRewardModel, _Call
+
+JUDGE = {"model_name": "tiny:qwen2_5_vl", "template": "quality", "batch_size": 2}
+DELAY_S = 0.25  # per forward pass in the actors (engine.py's fault hook): calls last long enough to kill one
+
+
+def setup_module() -> None:
+    # Ray must not try to reach the network (usage statistics) from the test machine.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="module")
+def single(tiny_cache, image_files):
+    """The single-device class's scores of the twelve images, and its fingerprint."""
+    with QwenVLRewardModel(**JUDGE) as judge:
+        return [r.score for r in judge.batch_score(image_files)], judge.fingerprint
+
+
+@pytest.fixture(scope="module")
+def reference(single):
+    return single[0]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_cache, reference):
+    # num_cpus is Ray's bookkeeping, not cores: the third one leaves room for a short-lived actor
+    # beside the two of this model (and the one that replaces a killed actor).
+    m = RayRewardModel(address=None, num_cpus=3, log_to_driver=False, num_actors=2, num_gpus_per_actor=0,
+                       num_cpus_per_actor=1, micro_batch=2, max_retries=1, max_restarts=2, progress=False,
+                       runtime_env={"env_vars": {"REWARD_FAULT_DELAY_S": str(DELAY_S),
+                                                 "REWARD_TINY_CACHE": str(tiny_cache)}},
+                       **JUDGE)
+    yield m
+    m.close()
+
+
+def test_results_equal_the_single_device_class_in_input_order(model, single, reference, image_files):
+    items = image_files[:11]  # odd: divides evenly by neither the actors nor the micro-batch
+    results = model.batch_score(items)
+    assert [r.index for r in results] == list(range(11))
+    assert all(r.error is None for r in results), [r.error for r in results if r.error]
+    assert [r.score for r in results] == pytest.approx(reference[:11], abs=1e-4)
+    # both actors worked (dynamic dispatch), each on CPU, each labelled with its node
+    devices = collections.Counter(r.device for r in results)
+    assert len(devices) == 2 and all(re.fullmatch(r"actor[01]:cpu@[\d.]+", d) for d in devices), devices
+    # the project's code travels with the job (py_modules), merged by Ray with the actors' own env
+    for slot in model.slots:
+        env = slot.info["runtime_env"]
+        assert env["env_vars"]["REWARD_FAULT_DELAY_S"] == str(DELAY_S), env
+        assert [m for m in env["py_modules"] if m.startswith("gcs://_ray_pkg_")], env
+    assert model.fingerprint == single[1], "resume files carry over between the classes"
+
+
+def test_second_call_reuses_the_actors_in_memory_images_travel_and_bad_items_fail_alone(
+        model, reference, image_files, tmp_path):
+    from PIL import Image
+
+    ids, pids = model.actor_ids(), model.actor_pids()
+    loads = [s.info["load_time_s"] for s in model.slots]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    pil = [Image.open(p) for p in image_files[:3]]
+    raw = [open(p, "rb").read() for p in image_files[3:6]]
+    items = [*pil, *raw, str(broken), *image_files[6:9], b"\x89PNG garbage", str(tmp_path / "missing.png")]
+    results = model.batch_score(items)
+
+    assert [r.index for r in results] == list(range(len(items)))
+    good = [0, 1, 2, 3, 4, 5, 7, 8, 9]
+    assert [results[i].score for i in good] == pytest.approx(reference[:9], abs=1e-4)
+    assert all(results[i].error is None for i in good)
+    for i, needle in ((6, "broken.png"), (10, "bytes"), (11, "missing.png")):
+        assert results[i].score is None and results[i].error_kind == "image", results[i]
+        assert f"#{i}" in results[i].error and needle in results[i].error, results[i].error
+    # the same actors, the same processes, no second model load
+    assert model.actor_ids() == ids and model.actor_pids() == pids
+    assert [s.info["load_time_s"] for s in model.slots] == loads
+    assert model.total_restarts == 0
+
+
+def test_an_actor_killed_mid_call_loses_no_item(model, reference, image_files, capsys):
+    victim_pid, victim_id = model.actor_pids()[0], model.actor_ids()[0]
+    survivor_pid = model.actor_pids()[1]
+    out: dict[str, object] = {}
+    caller = threading.Thread(target=lambda: out.setdefault("results", model.batch_score(image_files)))
+    caller.start()
+    deadline = time.monotonic() + 60
+    while not all(s.state == "busy" and s.batch for s in model.slots):  # both actors hold a micro-batch
+        assert time.monotonic() < deadline, "the actors never both got work"
+        time.sleep(0.01)
+    held = list(model.slots[0].batch)
+    os.kill(victim_pid, signal.SIGKILL)
+    caller.join(timeout=120)
+    assert not caller.is_alive()
+
+    results = out["results"]
+    assert [r.index for r in results] == list(range(len(image_files)))
+    assert all(r.error is None for r in results), [r.error for r in results if r.error]
+    assert [r.score for r in results] == pytest.approx(reference, abs=1e-4)
+    # the items the dead actor held were scored again elsewhere
+    assert all(results[i].device.startswith("actor1:") for i in held), [results[i].device for i in held]
+    assert model.total_restarts == 1
+    assert pid_gone(victim_pid)
+    assert model.actor_ids()[0] != victim_id, "the dead actor is replaced by a new one"
+    assert model.actor_pids()[1] == survivor_pid
+    err = capsys.readouterr().err
+    assert "died while scoring" in err and "replacing actor0" in err, err
+
+
+def test_retries_are_bounded_then_the_item_fails_with_the_reason():
+    done = []
+    call = _Call(3, max_retries=1, on_done=done.append)
+    items = [ScoreItem(images=["x.png"], id=f"i{k}") for k in range(3)]
+
+    def fail(i, why):
+        from src.models.reward.types import ScoreResult
+
+        return ScoreResult.failure(i, items[i], f"item #{i}: {why}", "worker_died")
+
+    call.queue.append([0, 1, 2])
+    batch = call.take()
+    call.give_back(batch, "actor0 (pid 1) died", fail)
+    assert list(call.retry) == [[0], [1], [2]], "retried alone, one by one"
+    call.give_back(call.take(), "actor1 (pid 2) died", fail)
+    assert call.results[0] is not None and call.results[0].score is None
+    assert call.results[0].error == "item #0: actor1 (pid 2) died (after 1 retries)"
+    assert call.results[0].error_kind == "worker_died" and call.remaining == 2 and done == [1]
+
+
+def test_start_failures_name_the_actor_and_the_cause_and_leave_the_session(model):
+    # joins the Ray this process already runs (the model's): close() must not shut that down
+    with pytest.raises(ActorStartError) as e:
+        RayRewardModel(num_actors=1, num_gpus_per_actor=0, num_cpus_per_actor=0.5, progress=False,
+                       model_name="/nonexistent/judge-checkpoint", template="quality")
+    text = str(e.value)
+    assert re.search(r"actor0:cpu@[\d.]+ \(pid \d+\) on [\d.]+ failed to start", text), text
+    assert "/nonexistent/judge-checkpoint" in text and "--- actor traceback ---" in text
+    pid = int(re.search(r"\(pid (\d+)\)", text).group(1))
+    deadline = time.monotonic() + 20
+    while not pid_gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pid_gone(pid), "the failed actor is killed"
+    assert ray.is_initialized(), "a Ray this object did not start is left running"
+
+    # more than the cluster has: placed never, so the start times out with what was asked and what is there
+    with pytest.raises(ActorStartError) as e:
+        RayRewardModel(num_actors=1, num_gpus_per_actor=0, num_cpus_per_actor=8, start_timeout_s=2, progress=False,
+                       **JUDGE)
+    assert "actor0 not ready within start_timeout_s=2s: each asks for 8 CPU and 0 GPU; the cluster has 3 CPU" \
+        in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match=r"'auto' found 0 GPU\(s\)"):
+        RayRewardModel(num_actors="auto", num_gpus_per_actor=1, progress=False, **JUDGE)
+    assert ray.is_initialized()
+
+
+def test_config_alias_and_parameter_errors():
+    cls = resolve_class("ray")
+    assert cls is RayRewardModel
+    cfg = load_config(ROOT / "configs" / "ray.yaml")
+    validate_params("ray", cls, cfg["model"]["params"])
+    with pytest.raises(ConfigError, match="unknown parameter 'num_actor'. Did you mean 'num_actors'?"):
+        build_reward_model({"class_path": "ray", "params": {"model_name": "x", "num_actor": 2}})
+    with pytest.raises(ConfigError, match="with num_gpus_per_actor: 0 .CPU actors. give a number"):
+        build_reward_model({"class_path": "ray", "params": {"model_name": "x", "num_gpus_per_actor": 0}})
+    with pytest.raises(ConfigError, match="num_actors: expected an integer or 'auto'"):
+        build_reward_model({"class_path": "ray", "params": {"model_name": "x", "num_actors": "many"}})
+
+
+def test_batches_past_the_timeout_are_retried_then_fail_and_with_no_actor_left_the_rest_fail(model, image_files):
+    # Every batch takes longer than this (the actors sleep before each forward pass): each actor
+    # in turn is killed and, with max_restarts 0, given up.
+    model.batch_timeout_s, model.max_retries, model.max_restarts = 0.05, 1, 0
+    [r] = model.batch_score(image_files[:1])
+    pids = model.actor_pids()  # the last actor of each slot
+    assert r.score is None and r.error_kind == "worker_died", r
+    assert re.fullmatch(r"item #0: actor\d:cpu@[\d.]+ \(pid \d+\) gave no answer within batch_timeout_s=0.05s "
+                        r"while scoring 1 item\(s\) \(after 1 retries\)", r.error), r.error
+    assert [s.state for s in model.slots] == ["lost", "lost"]
+    results = model.batch_score(image_files[:2])
+    assert [r.index for r in results] == [0, 1]
+    for r in results:
+        assert r.score is None and r.error_kind == "worker_died"
+        assert re.match(r"item #\d: no actor left: actor0 failed \d time\(s\) in a row \(max_restarts=0\); last: ",
+                        r.error), r.error
+    deadline = time.monotonic() + 20
+    while not all(pid_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(pid_gone(p) for p in pids), "timed-out actors are killed"
+
+
+def _descendants(root: int) -> dict[int, str]:
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    args: dict[int, str] = {}
+    for line in out.splitlines()[1:]:
+        parts = line.split(None, 2)
+        if len(parts) == 3:
+            pid, ppid = int(parts[0]), int(parts[1])
+            children[ppid].append(pid)
+            args[pid] = parts[2]
+    found, todo = {}, [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found and not pid_gone(child):
+                found[child] = args[child]
+                todo.append(child)
+    return found
+
+
+def test_close_stops_the_actors_and_the_ray_it_started(model):
+    from ray._private import worker as ray_worker
+
+    session_dir = ray_worker._global_node.get_session_dir_path()
+    procs = _descendants(os.getpid())
+    names = " ".join(procs.values())
+    assert "raylet" in names and "gcs_server" in names and "ray::" in names, procs
+    model.close()
+    model.close()  # idempotent
+    assert not ray.is_initialized()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(pid_gone(p) for p in procs):
+        time.sleep(0.2)
+    left = {p: a for p, a in procs.items() if not pid_gone(p)}
+    assert not left, f"Ray processes left behind: {left}"
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    assert session_dir not in ps, "a process of this Ray session is still running"
+    with pytest.raises(RuntimeError, match="closed"):
+        model.batch_score(["x.png"])
+
+
+
+@pytest.mark.skipif(bool(os.environ.get("RAY_ADDRESS")) or os.path.exists("/tmp/ray/ray_current_cluster"),
+                    reason="a Ray cluster runs on this machine")
+def test_address_auto_without_a_cluster_says_how_to_start_one():
+    assert not ray.is_initialized()
+    with pytest.raises(ConnectionError, match=r"could not connect to Ray at address 'auto': Could not find any "
+                                              r"running Ray instance.*Start a cluster with `ray start --head`"):
+        RayRewardModel(address="auto", num_actors=1, num_gpus_per_actor=0, progress=False, **JUDGE)
+    assert not ray.is_initialized()
+
+DRIVER = """
+import sys
+sys.path.insert(0, {root!r})
+from src.models.reward.implementations.ray_actors import RayRewardModel
+
+judge = RayRewardModel(num_cpus=1, log_to_driver=False, num_actors=1, num_gpus_per_actor=0, progress=False,
+                       runtime_env={{"env_vars": {{"REWARD_FAULT_DELAY_S": "0.5"}}}},
+                       model_name="tiny:qwen2_5_vl", template="quality", batch_size=2)
+print("ready", flush=True)
+while True:
+    judge.batch_score(sys.argv[1:])
+"""
+
+
+def test_a_driver_stopped_by_sigterm_mid_call_leaves_no_ray_process(tiny_cache, image_files, tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(root=str(ROOT)))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "REWARD_TINY_CACHE": str(tiny_cache)}
+    proc = subprocess.Popen([sys.executable, str(script), *image_files[:4]], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "ready", "the driver did not start"
+        time.sleep(1.0)  # a call is in flight
+        procs = _descendants(proc.pid)
+        assert "raylet" in " ".join(procs.values()) and any(a.startswith("ray::_JudgeActor") for a in procs.values()), procs
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:  # a failed check above: still stop it the way that cleans up
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(pid_gone(p) for p in procs):
+        time.sleep(0.2)
+    left = {p: a for p, a in procs.items() if not pid_gone(p)}
+    assert not left, f"Ray processes left behind: {left}"
