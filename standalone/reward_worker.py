@@ -22,6 +22,7 @@ import argparse
 import faulthandler
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -36,22 +37,42 @@ from src.models.reward.types import ScoreItem  # noqa: E402
 
 
 def _log(text: str) -> None:
-    print(text, flush=True)
+    try:
+        print(text, flush=True)
+    except (OSError, ValueError):  # the parent that read our logs is gone: nobody to tell
+        pass
 
 
-def _watch_parent(parent_pid: int, interval: float = 1.0) -> None:
+def _parent_alive(parent_pid: int) -> bool:
+    try:
+        os.kill(parent_pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:  # a killed parent stays a zombie until its own parent reaps it
+        with open(f"/proc/{parent_pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _remove_pool_dir(pool_dir: str) -> None:
+    # A parent killed outright could not remove its pool folder (sockets, spilled images).
+    if os.path.basename(pool_dir).startswith("reward-pool-"):
+        shutil.rmtree(pool_dir, ignore_errors=True)
+
+
+def _watch_parent(parent_pid: int, pool_dir: str, interval: float = 1.0) -> None:
     """Exit when the parent is gone. The channel's EOF tells the same while the worker waits for
     work; this thread also catches it in the middle of a long batch."""
     def loop() -> None:
         while True:
             time.sleep(interval)
-            try:
-                os.kill(parent_pid, 0)
-            except ProcessLookupError:
+            if not _parent_alive(parent_pid):
                 _log(f"parent {parent_pid} is gone; exiting")
+                _remove_pool_dir(pool_dir)
                 os._exit(3)
-            except PermissionError:
-                pass  # exists, owned by someone else
     threading.Thread(target=loop, name="parent-watch", daemon=True).start()
 
 
@@ -74,7 +95,7 @@ def serve(address: str) -> int:
     authkey = bytes.fromhex(os.environ.pop(msg.AUTHKEY_ENV, ""))
     parent = os.environ.get(msg.PARENT_PID_ENV)
     if parent:
-        _watch_parent(int(parent))
+        _watch_parent(int(parent), os.path.dirname(address))
     conn = Client(address, family="AF_UNIX", authkey=authkey)
     init = conn.recv()
     if not isinstance(init, msg.Init):
@@ -92,6 +113,12 @@ def serve(address: str) -> int:
             req = conn.recv()
         except (EOFError, OSError):
             _log("channel closed by the parent; exiting")
+            if parent:  # closed without a Shutdown: if the parent died, clean up after it
+                deadline = time.monotonic() + 3.0
+                while time.monotonic() < deadline and _parent_alive(int(parent)):
+                    time.sleep(0.1)
+                if not _parent_alive(int(parent)):
+                    _remove_pool_dir(os.path.dirname(address))
             return 0
         if isinstance(req, msg.Shutdown):
             engine.close()

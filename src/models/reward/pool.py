@@ -397,11 +397,14 @@ class _Dispatch:
             self.cond.notify_all()
         self.store(failed)
 
-    def worker_lost(self, slot: int, cause: str, fail: Callable[[int, str], ScoreResult]) -> None:
-        """Worker `slot` is gone for good: its queue goes to the others; if none is left, every
-        item without a result fails with the cause."""
+    def worker_lost(self, slot: int, cause: str, fail: Callable[[int, str], ScoreResult],
+                    held: list[int] | None = None) -> None:
+        """Worker `slot` is gone for good: its queue (and the batch it `held`, not yet sent) goes
+        to the others; if none is left, every item without a result fails with the cause."""
         with self.cond:
             self.active_workers -= 1
+            if held:
+                self.retry.extend([i] for i in held)
             if self.shared is None:
                 self.retry.extend([[i] for batch in self.queues[slot] for i in batch])
                 self.queues[slot].clear()
@@ -532,9 +535,13 @@ class WorkerPool:
         while True:
             if self._closed:  # interrupted: close() stops the workers; nothing is retried
                 return
+            batch = dispatch.take(slot)
+            if batch is None:
+                return
+            # Restart a dead worker only when there is work for it: a call does not wait for a
+            # model load that nothing needs.
             handle = self.workers[slot]
             if handle is None or not handle.alive():
-                cause = "worker could not be restarted"
                 try:
                     handle = self._restart(slot, "it was not running")
                 except _PoolClosing:
@@ -542,11 +549,8 @@ class WorkerPool:
                 except (WorkerStartError, WorkerDied, WorkerTimeout, _RestartsExhausted) as e:
                     if self._closed:
                         return
-                    dispatch.worker_lost(slot, f"{cause}: {e}", fail)
+                    dispatch.worker_lost(slot, f"worker could not be restarted: {e}", fail, held=batch)
                     return
-            batch = dispatch.take(slot)
-            if batch is None:
-                return
             bid = next(self._batch_ids)
             try:
                 raw = handle.request(bid, [wire[i] for i in batch], self.batch_timeout_s, indices=batch)
