@@ -63,6 +63,19 @@ def _remove_pool_dir(pool_dir: str) -> None:
         shutil.rmtree(pool_dir, ignore_errors=True)
 
 
+def _channel_lost(parent: str | None, address: str) -> int:
+    """The channel closed without a Shutdown. If that is because the parent died, clean up
+    after it (its zombie may linger a moment until reaped)."""
+    _log("channel closed by the parent; exiting")
+    if parent:
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and _parent_alive(int(parent)):
+            time.sleep(0.1)
+        if not _parent_alive(int(parent)):
+            _remove_pool_dir(os.path.dirname(address))
+    return 0
+
+
 def _watch_parent(parent_pid: int, pool_dir: str, interval: float = 1.0) -> None:
     """Exit when the parent is gone. The channel's EOF tells the same while the worker waits for
     work; this thread also catches it in the middle of a long batch."""
@@ -112,14 +125,7 @@ def serve(address: str) -> int:
         try:
             req = conn.recv()
         except (EOFError, OSError):
-            _log("channel closed by the parent; exiting")
-            if parent:  # closed without a Shutdown: if the parent died, clean up after it
-                deadline = time.monotonic() + 3.0
-                while time.monotonic() < deadline and _parent_alive(int(parent)):
-                    time.sleep(0.1)
-                if not _parent_alive(int(parent)):
-                    _remove_pool_dir(os.path.dirname(address))
-            return 0
+            return _channel_lost(parent, address)
         if isinstance(req, msg.Shutdown):
             engine.close()
             return 0
@@ -133,7 +139,10 @@ def serve(address: str) -> int:
             reply = msg.Scored(req.batch_id, [r.to_dict() for r in results], time.perf_counter() - t0)
         except Exception as e:
             reply = msg.BatchFailed(req.batch_id, f"{type(e).__name__}: {e}", traceback.format_exc())
-        conn.send(reply)
+        try:
+            conn.send(reply)
+        except OSError:
+            return _channel_lost(parent, address)
 
 
 def one_shot(tasks: Path, output: Path, device: str) -> int:
