@@ -8,11 +8,14 @@ package's plain-data modules, so a worker environment needs nothing else.
 Flow of one call:
 
     items --> chunks of `batch_size` items
-                 |  prepare (a background thread, one chunk ahead): decode images, resize,
-                 |  chat template, processor -> CPU tensors; a bad image fails only its item
+                 |  prepare (a background thread, one chunk ahead): decode images, resize
+                 |  (on prepare_threads), chat template, processor -> tensors; a bad image
+                 |  fails only its item
                  v
               run: one forward pass (logits) or generate() per rubric part
-                 |  out of memory -> split the batch in halves and retry, down to one prompt
+                 |  (speed paths: vision_attention.py, compile_*, fast_decode.py; same scores)
+                 |  out of memory -> split the batch in halves and retry, down to one prompt;
+                 |  later batches start at the size that fit (and under max_memory_gb)
                  v
               parse / expected value -> sub-scores -> rubric.overall -> ScoreResult
 """
@@ -62,6 +65,8 @@ class _PreparedChunk:
     errors: dict[int, tuple[str, str]] = field(default_factory=dict)  # pos -> (message, kind)
     notes: dict[int, list[str]] = field(default_factory=dict)
     requests: list[_Request] = field(default_factory=list)
+    # Processor outputs (CPU tensors) made by the prepare thread, keyed by _batch_key(requests).
+    encoded: dict[tuple, Any] = field(default_factory=dict)
 
 
 class JudgeEngine:
@@ -80,6 +85,7 @@ class JudgeEngine:
         self._load()
         self.load_time_s = time.perf_counter() - t0
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="judge-prepare")
+        self._image_pool = concurrent.futures.ThreadPoolExecutor(settings.prepare_threads, thread_name_prefix="judge-image")
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -125,6 +131,7 @@ class JudgeEngine:
         if not direct:
             model = model.to(self.device)
         self.model = model.eval()
+        self._setup_speed()
         self._level_ids: dict[str, tuple[list[int], list[float], list[str]]] = {}
         if s.mode == "logits":
             for _, tpl in self.rubric.parts:
@@ -186,11 +193,10 @@ class JudgeEngine:
             yield start, prepared
 
     def _prepare(self, items: list[ScoreItem], indices: list[int]) -> _PreparedChunk:
-        from qwen_vl_utils import fetch_image
-
         s = self.settings
         mode = s.mode
         chunk = _PreparedChunk(items=items, indices=indices)
+        loading = self._load_images(items)
         for pos, item in enumerate(items):
             try:
                 if not item.images:
@@ -207,13 +213,12 @@ class JudgeEngine:
                     if role == "source" and not needs_source:
                         continue
                     out = []
-                    for img in imgs:
+                    for k, img in enumerate(imgs):
                         try:
-                            pil = load_pil(img, s.max_image_pixels)
-                            if pil.info.get("frames_note"):
-                                notes.append(f"{describe_image(img)}: {pil.info['frames_note']}")
-                            out.append(fetch_image({"image": pil, "min_pixels": self.min_pixels,
-                                                    "max_pixels": self.max_pixels}, image_patch_size=self.patch_size))
+                            note, resized = loading[(pos, role, k)].result()
+                            if note:
+                                notes.append(f"{describe_image(img)}: {note}")
+                            out.append(resized)
                         except ValueError as e:
                             raise _ItemError(_image_error(role, describe_image(img), str(e)), "image") from None
                     loaded[role] = out
@@ -233,18 +238,15 @@ class JudgeEngine:
                 chunk.errors[pos] = (str(e), e.kind)
             except Exception as e:  # anything else about one item stays with that item
                 chunk.errors[pos] = (f"could not prepare the item: {type(e).__name__}: {e}", "input")
+        self._pre_encode(chunk)
         return chunk
 
     def _run_chunk(self, chunk: _PreparedChunk) -> dict[int, ScoreResult]:
         part_out: dict[int, dict[str, Any]] = {}    # pos -> part -> (score, raw) or error
         part_err: dict[int, tuple[str, str]] = dict(chunk.errors)
         part_time: dict[int, float] = {}
-        by_template: dict[str, list[_Request]] = {}
-        for req in chunk.requests:
-            if req.pos not in part_err:
-                by_template.setdefault(req.template.name, []).append(req)
-        for reqs in by_template.values():
-            for req, outcome, dt in self._run_requests(reqs):
+        for reqs in self._batches(chunk):
+            for req, outcome, dt in self._run_requests(reqs, chunk.encoded):
                 part_time[req.pos] = part_time.get(req.pos, 0.0) + dt
                 if isinstance(outcome, _ItemError):
                     part_err.setdefault(req.pos, (str(outcome), outcome.kind))
@@ -277,19 +279,23 @@ class JudgeEngine:
             results[pos] = r
         return results
 
-    def _run_requests(self, reqs: list[_Request]) -> Iterator[tuple[_Request, Any, float]]:
+    def _run_requests(self, reqs: list[_Request], encoded: dict | None = None) -> Iterator[tuple[_Request, Any, float]]:
         """Run prompts as one batch; on out-of-memory split in halves; on any other batch error,
         run them one by one so a single bad prompt fails alone."""
         torch = self._torch
         try:
             t0 = time.perf_counter()
-            outcomes = self._forward(reqs)
+            base = self._batch_memory_start()
+            outcomes = self._forward(reqs, encoded)
+            self._largest_ok = max(self._largest_ok, len(reqs))
+            self._batch_memory_end(len(reqs), base)
             dt = (time.perf_counter() - t0) / len(reqs)
             for req, out in zip(reqs, outcomes):
                 yield req, out, dt
             return
         except torch.OutOfMemoryError as e:
             self._free_memory()
+            self._note_oom(len(reqs))
             if len(reqs) == 1:
                 yield reqs[0], _ItemError(f"out of memory even alone on {self.device_label}: {_first_line(e)}", "oom"), 0.0
                 return
@@ -316,10 +322,18 @@ class JudgeEngine:
         if self.device.startswith("cuda"):
             self._torch.cuda.empty_cache()
 
-    def _encode(self, reqs: list[_Request]):
+    def _encode(self, reqs: list[_Request], encoded: dict | None = None):
+        inputs = (encoded or {}).pop(_batch_key(reqs), None)
+        if inputs is None:
+            inputs = self._encode_cpu(reqs)
+        self._join_preprocess_stream(inputs)
+        return inputs.to(self.device)
+
+    def _encode_cpu(self, reqs: list[_Request]):
         images = [im for r in reqs for im in r.images]
-        inputs = self.processor(text=[r.prompt for r in reqs], images=images or None,
-                                padding=True, return_tensors="pt")
+        with self._preprocess_stream():
+            inputs = self.processor(text=[r.prompt for r in reqs], images=images or None,
+                                    padding=True, return_tensors="pt", **self._preprocess_kwargs())
         limit = self.settings.max_prompt_tokens
         if limit is not None:
             n_tokens = int(inputs["attention_mask"].sum(dim=1).max())
@@ -328,9 +342,9 @@ class JudgeEngine:
                     raise _ItemError(f"the prompt is {n_tokens} tokens, over max_prompt_tokens={limit} "
                                      "(lower max_pixels or raise the limit)", "prompt_too_long")
                 raise RuntimeError("a prompt in the batch is over max_prompt_tokens")
-        return inputs.to(self.device)
+        return inputs
 
-    def _forward(self, reqs: list[_Request]) -> list[dict[str, Any]]:
+    def _forward(self, reqs: list[_Request], encoded: dict | None = None) -> list[dict[str, Any]]:
         torch = self._torch
         delay = os.environ.get(_FAULT_DELAY_S)
         if delay:
@@ -338,7 +352,7 @@ class JudgeEngine:
         limit = os.environ.get(_FAULT_OOM_ABOVE)
         if limit and len(reqs) > int(limit):
             raise torch.OutOfMemoryError(f"simulated: batch of {len(reqs)} > {_FAULT_OOM_ABOVE}={limit}")
-        inputs = self._encode(reqs)
+        inputs = self._encode(reqs, encoded)
         tpl = reqs[0].template
         with torch.inference_mode():
             if self.settings.mode == "logits":
@@ -348,7 +362,9 @@ class JudgeEngine:
     def _logits_scores(self, inputs, tpl: Template) -> list[dict[str, Any]]:
         torch = self._torch
         ids, values, names = self._level_ids[tpl.name]
-        logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+        # No KV cache: nothing reads it, and without one the compiled decoder layers (compile_language)
+        # share one graph instead of one per cache layer.
+        logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
         logp = torch.log_softmax(logits, dim=-1)
         level_logp = logp[:, ids]
         mass = level_logp.exp().sum(dim=-1)
@@ -369,6 +385,8 @@ class JudgeEngine:
         kwargs: dict[str, Any] = {"max_new_tokens": s.max_new_tokens,
                                   "pad_token_id": self.tokenizer.pad_token_id,
                                   "num_return_sequences": k}
+        if s.min_new_tokens:
+            kwargs["min_new_tokens"] = s.min_new_tokens
         if s.temperature > 0:
             kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
             if s.top_k is not None:
@@ -382,8 +400,7 @@ class JudgeEngine:
         with torch.random.fork_rng(devices=devices):
             if s.temperature > 0:
                 torch.manual_seed(s.seed)
-            out = self.model.generate(**inputs, **kwargs)
-        new = out[:, inputs["input_ids"].shape[1]:]
+            new = self._new_tokens(inputs, kwargs)
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         lo, hi = tpl.scale
         levels = tpl.level_map() if tpl.levels and not tpl.levels[0][0].isdigit() else None
@@ -408,13 +425,192 @@ class JudgeEngine:
             results.append(res)
         return results
 
+    # -- speed: vision attention, compiling, batching under a memory budget -----------------------
+    # (measured step by step in benchmarks/NOTES.md)
+
+    def _setup_speed(self) -> None:
+        from .vision_attention import apply_vision_attn
+
+        torch = self._torch
+        s = self.settings
+        self.vision_attn = apply_vision_attn(self.model, s.vision_attn, self.device, self.dtype)
+        if s.compile_vision:
+            self._compile_vision()
+        if s.compile_language and s.mode == "logits":
+            self._compile_language()
+        self._fast_decode = False
+        if s.fast_decode and s.mode == "generate":
+            from .fast_decode import unsupported_reason
+
+            why = unsupported_reason(self.model, s.temperature, s.num_samples)
+            if why:
+                log.warning("fast_decode: using transformers' generate() instead, because %s", why)
+            self._fast_decode = why is None
+        self._prep_stream = None
+        if s.gpu_preprocess and self.device.startswith("cuda"):
+            # The prepare thread's GPU work goes on its own stream, so it overlaps the model's.
+            self._prep_stream = torch.cuda.Stream(device=self.device)
+        # Prompts per forward pass: lowered after an out-of-memory error, or to fit max_memory_gb.
+        self._batch_cap: int | None = None
+        self._largest_ok = 0
+        self._bytes_per_prompt = 0.0
+        cuda = self.device.startswith("cuda")
+        self._resident_bytes = torch.cuda.memory_allocated(self.device) if cuda else 0
+        if s.max_memory_gb is not None and cuda and self._resident_bytes > s.max_memory_gb * 1e9:
+            raise ValueError(f"max_memory_gb={s.max_memory_gb} is below what the loaded judge already holds on "
+                             f"{self.device_label} ({self._resident_bytes / 1e9:.1f} GB); raise it")
+
+    def _compile_vision(self) -> None:
+        """torch.compile each vision block: one graph serves all blocks of a tower (same code, the
+        weights are inputs); shapes change with the images, hence dynamic."""
+        visual = getattr(getattr(self.model, "model", self.model), "visual", None)
+        blocks = getattr(visual, "blocks", None)
+        if blocks is None:
+            raise ValueError(f"compile_vision: {type(self.model).__name__} has no vision blocks to compile")
+        for blk in blocks:
+            blk.compile(dynamic=True)
+
+    def _load_images(self, items: list[ScoreItem]) -> dict[tuple[int, str, int], concurrent.futures.Future]:
+        # Decoding and resizing (PIL, which releases the GIL) on several threads: on one thread it
+        # runs at ~25 images/s for 1024x768, slower than the model with the fast vision path.
+        needs_source = any(t.needs_source for _, t in self.rubric.parts)
+        futures = {}
+        for pos, item in enumerate(items):
+            for role, imgs in (("image", item.images), ("source", item.source_images if needs_source else [])):
+                for k, img in enumerate(imgs or []):
+                    futures[(pos, role, k)] = self._image_pool.submit(self._load_image, img)
+        return futures
+
+    def _load_image(self, img: Any) -> tuple[str | None, Any]:
+        from qwen_vl_utils import fetch_image
+
+        pil = load_pil(img, self.settings.max_image_pixels)
+        resized = fetch_image({"image": pil, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels},
+                              image_patch_size=self.patch_size)
+        return pil.info.get("frames_note"), resized
+
+    def _compile_language(self) -> None:
+        """torch.compile each decoder layer of the language model (logits mode, which keeps no KV
+        cache: with one, each layer's cache object would force its own graph)."""
+        lm = getattr(getattr(self.model, "model", self.model), "language_model", None)
+        layers = getattr(lm, "layers", None)
+        if layers is None:
+            raise ValueError(f"compile_language: {type(self.model).__name__} has no decoder layers to compile")
+        for layer in layers:
+            layer.compile(dynamic=True)
+
+    def _new_tokens(self, inputs, kwargs: dict[str, Any]):
+        """The generated tokens after the prompt: through fast_decode's CUDA-graphed greedy loop
+        when it applies (same tokens as generate()), else generate()."""
+        if not self._fast_decode:
+            out = self.model.generate(**inputs, **kwargs)
+            return out[:, inputs["input_ids"].shape[1]:]
+        from .fast_decode import greedy_generate
+
+        gc = self.model.generation_config
+        eos = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]
+        return greedy_generate(self.model, inputs, max_new_tokens=kwargs["max_new_tokens"],
+                               min_new_tokens=kwargs.get("min_new_tokens", gc.min_new_tokens or 0),
+                               eos_token_ids=[e for e in eos if e is not None], pad_token_id=kwargs["pad_token_id"],
+                               repetition_penalty=gc.repetition_penalty, cuda_graph=self.device.startswith("cuda"))
+
+    def _preprocess_kwargs(self) -> dict[str, Any]:
+        # gpu_preprocess: the image processor (torchvision) normalises and cuts patches on the GPU.
+        return {"device": self.device} if self._prep_stream is not None else {}
+
+    def _preprocess_stream(self):
+        import contextlib
+
+        if self._prep_stream is None or threading.current_thread() is threading.main_thread():
+            return contextlib.nullcontext()
+        return self._torch.cuda.stream(self._prep_stream)
+
+    def _join_preprocess_stream(self, inputs) -> None:
+        """Make the model's stream wait for tensors the prepare thread made on its own stream, and
+        keep their memory from being reused before the model is done with them."""
+        if self._prep_stream is None:
+            return
+        current = self._torch.cuda.current_stream(self.device)
+        current.wait_stream(self._prep_stream)
+        for value in inputs.values():
+            if hasattr(value, "is_cuda") and value.is_cuda:
+                value.record_stream(current)
+
+    def _batches(self, chunk: _PreparedChunk) -> Iterator[list[_Request]]:
+        """The prompt batches a chunk runs as: one per template, cut to the batch limit. Lazy: the
+        limit is read again after each batch has run (and measured its memory)."""
+        by_template: dict[str, list[_Request]] = {}
+        for req in chunk.requests:
+            if req.pos not in chunk.errors:
+                by_template.setdefault(req.template.name, []).append(req)
+        for reqs in by_template.values():
+            start = 0
+            while start < len(reqs):
+                n = self._batch_limit()
+                yield reqs[start:start + n]
+                start += n
+
+    def _batch_limit(self) -> int:
+        budget = self.settings.max_memory_gb if self.device.startswith("cuda") else None
+        return batch_limit(self.settings.batch_size, self._batch_cap, budget, self._resident_bytes,
+                           self._bytes_per_prompt)
+
+    def _pre_encode(self, chunk: _PreparedChunk) -> None:
+        # Run the processor here, in the prepare thread, so it overlaps the model's work on the
+        # previous chunk. A batch that fails here is encoded again (and fails properly) in _encode.
+        for reqs in self._batches(chunk):
+            try:
+                chunk.encoded[_batch_key(reqs)] = self._encode_cpu(reqs)
+            except Exception:
+                pass
+
+    def _batch_memory_start(self) -> int | None:
+        # Only under a budget: resetting the peak counter would hide the peak from the caller.
+        if self.settings.max_memory_gb is None or not self.device.startswith("cuda"):
+            return None
+        self._torch.cuda.reset_peak_memory_stats(self.device)
+        return self._torch.cuda.memory_allocated(self.device)
+
+    def _batch_memory_end(self, n: int, base: int | None) -> None:
+        if base is None:
+            return
+        extra = self._torch.cuda.max_memory_allocated(self.device) - self._resident_bytes
+        self._bytes_per_prompt = max(self._bytes_per_prompt, extra / n)
+
+    def _note_oom(self, n: int) -> None:
+        # Later batches start at a size that fits instead of failing at full size first: half the
+        # failed size, or the largest size that has run, whichever is larger.
+        cap = max(n // 2, self._largest_ok if self._largest_ok < n else 1, 1)
+        if n > 1 and (self._batch_cap is None or self._batch_cap > cap):
+            self._batch_cap = cap
+            log.warning("%s: batches capped at %d prompts after running out of memory", self.device_label, cap)
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._pool.shutdown(wait=True)
+        self._image_pool.shutdown(wait=True)
         del self.model
         self._free_memory()
+
+
+def batch_limit(batch_size: int, oom_cap: int | None, budget_gb: float | None, resident_bytes: float,
+                bytes_per_prompt: float) -> int:
+    """Prompts for the next forward pass: batch_size, lowered to the size that last fit after an
+    out-of-memory error, and under a memory budget to what the measured peak per prompt allows
+    (one prompt first, to measure it)."""
+    limit = batch_size if oom_cap is None else min(batch_size, oom_cap)
+    if budget_gb is not None:
+        if not bytes_per_prompt:
+            return 1
+        fit = int((budget_gb * 1e9 - resident_bytes) / bytes_per_prompt)
+        limit = min(limit, max(1, fit))
+    return limit
+
+
+def _batch_key(reqs: list[_Request]) -> tuple:
+    return tuple((r.pos, r.part) for r in reqs)
 
 
 class _ItemError(Exception):

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 MODES = ("logits", "generate")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+VISION_ATTN = ("auto", "sdpa", "varlen", "packed")  # see vision_attention.py
 
 # The names verl users know for the same settings (its generative reward model's rollout and
 # micro-batch keys). Accepted on input, stored under the judge's own names.
@@ -42,6 +43,23 @@ class JudgeSettings:
       (max_prompt_tokens), micro_batch_size_per_gpu (batch_size).
     max_image_pixels: larger decoded images are refused (decompression-bomb guard).
     seed: sampling seed.
+    vision_attn: attention of the vision tower: `auto` (torch's varlen flash attention on a CUDA
+      device in bfloat16/float16, else `sdpa`), `varlen`, `packed` (pure torch, any device) or
+      `sdpa` (transformers' per-window loop). Same scores within rounding; see vision_attention.py.
+    compile_vision: torch.compile the vision tower's blocks (fuses its small ops; the first batch
+      pays the compile time, about a minute for a 7B judge).
+    prepare_threads: threads that decode and resize images (the next chunk's, while the model runs).
+    max_memory_gb: GPU memory budget of this judge (weights included): batches are cut to the
+      largest number of prompts that fits, learned from measured peaks. None: no budget.
+    compile_language: logits mode: torch.compile the language model's decoder layers (fused small
+      ops, fewer kernel launches competing with the prepare thread for the CPU).
+    fast_decode: generate mode, greedy (temperature 0, num_samples 1), Qwen2-VL/Qwen2.5-VL: decode
+      through a static KV cache and a CUDA graph of the decoding step (fast_decode.py); the same
+      tokens as generate(). Where it does not apply, generate() runs (with a warning).
+    gpu_preprocess: on CUDA, the image processor normalises and cuts patches on the GPU (a side
+      stream of the prepare thread) instead of the CPU; same pixels.
+    min_new_tokens: generate mode, for benchmarks: force at least this many new tokens (0: stop at
+      the end-of-answer token as usual).
     """
 
     model_name: str
@@ -61,13 +79,21 @@ class JudgeSettings:
     max_prompt_tokens: int | None = None
     max_image_pixels: int = 100_000_000
     seed: int = 0
+    vision_attn: str = "auto"
+    compile_vision: bool = False
+    compile_language: bool = False
+    fast_decode: bool = False
+    gpu_preprocess: bool = False
+    prepare_threads: int = 4
+    max_memory_gb: float | None = None
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode: unknown value {self.mode!r}; known: {', '.join(MODES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: unknown value {self.dtype!r}; known: {', '.join(DTYPES)}")
-        for name in ("batch_size", "max_new_tokens", "num_samples", "max_image_pixels"):
+        for name in ("batch_size", "max_new_tokens", "num_samples", "max_image_pixels", "prepare_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.temperature < 0:
@@ -76,6 +102,13 @@ class JudgeSettings:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.num_samples > 1 and self.mode == "generate" and self.temperature == 0:
             raise ValueError("num_samples > 1 needs temperature > 0: greedy answers would all be the same")
+        if self.vision_attn not in VISION_ATTN:
+            raise ValueError(f"vision_attn: unknown value {self.vision_attn!r}; known: {', '.join(VISION_ATTN)}")
+        if self.max_memory_gb is not None and self.max_memory_gb <= 0:
+            raise ValueError(f"max_memory_gb: must be > 0 GB, got {self.max_memory_gb}")
+        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens: must be in 0..max_new_tokens ({self.max_new_tokens}), "
+                             f"got {self.min_new_tokens}")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
 
@@ -112,11 +145,13 @@ class JudgeSettings:
 
     def fingerprint(self, rubric_data: Any = None) -> str:
         """A short hash of everything that changes scores: resume skips an item only when its
-        stored result has the same fingerprint. Batch size, device and attention kernel are left
-        out: they change speed, not the judgement."""
+        stored result has the same fingerprint. Batch size, device, attention kernels, compiling and
+        the memory budget are left out: they change speed, not the judgement."""
         keys = ("model_name", "mode", "dtype", "min_pixels", "max_pixels", "max_new_tokens", "temperature",
                 "top_p", "top_k", "num_samples", "max_prompt_tokens", "seed")
         data = {k: getattr(self, k) for k in keys}
+        if self.min_new_tokens:  # forced answer length changes the answers; 0 keeps old fingerprints
+            data["min_new_tokens"] = self.min_new_tokens
         data["rubric"] = rubric_data
         blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

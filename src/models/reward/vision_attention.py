@@ -1,0 +1,178 @@
+"""Packed attention for the Qwen-VL vision towers.
+
+Why: without flash-attn, transformers' vision attention splits the packed patch sequence at
+`cu_seqlens` and calls attention once per segment and layer. Qwen2.5-VL cuts every image into
+windows of 64 patches, so a batch of 8 images of 1024x768 makes 536 tiny attention calls per
+layer; the launch overhead, not the arithmetic, then sets the vision tower's speed.
+
+The vision attention hands `cu_seqlens` to any attention function whose registered name contains
+"flash" (`is_flash_attention_requested`). We register two such functions with transformers'
+`AttentionInterface` and give one of them to the vision sub-config only (the language model keeps
+its own implementation):
+
+- `varlen`: `torch.nn.attention.varlen.varlen_attn`, one flash-attention call for all segments.
+  CUDA only, float16/bfloat16 only.
+- `packed`: pure torch, any device and dtype: segments of equal length are stacked and run
+  through one `scaled_dot_product_attention` call per distinct length (a handful per layer).
+  It computes exactly what the per-segment loop computes, so it is the reference for tests and
+  the fast path where `varlen` cannot run (CPU, float32).
+
+`vision_attn` settings: `sdpa` (transformers' own per-segment loop, untouched), `varlen`,
+`packed`, `auto` (`varlen` where it runs, else `sdpa`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .settings import VISION_ATTN
+
+# Registered names: they must contain "flash" for the vision attention to pass cu_seqlens.
+_NAMES = {"varlen": "flash_judge_varlen", "packed": "flash_judge_packed"}
+
+
+def varlen_unavailable_reason(device: str, dtype: Any) -> str | None:
+    """Why torch's varlen attention cannot run here, or None when it can."""
+    import torch
+
+    if not str(device).startswith("cuda"):
+        return f"it needs a CUDA device (device is {device})"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"it needs float16 or bfloat16 (dtype is {str(dtype).replace('torch.', '')})"
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    return None
+
+
+def resolve_vision_attn(choice: str, device: str, dtype: Any) -> str:
+    """`auto` -> `varlen` where it runs, else `sdpa`; an explicit `varlen` that cannot run raises."""
+    if choice not in VISION_ATTN:
+        raise ValueError(f"vision_attn: unknown value {choice!r}; known: {', '.join(VISION_ATTN)}")
+    reason = varlen_unavailable_reason(device, dtype) if choice in ("auto", "varlen") else None
+    if choice == "auto":
+        return "sdpa" if reason else "varlen"
+    if choice == "varlen" and reason:
+        raise ValueError(f"vision_attn: 'varlen' cannot run: {reason}; use 'auto', 'packed' or 'sdpa'")
+    return choice
+
+
+def apply_vision_attn(model: Any, choice: str, device: str, dtype: Any) -> str:
+    """Give the model's vision tower the chosen attention; returns what was chosen."""
+    vision_config = getattr(model.config, "vision_config", None)
+    current = getattr(vision_config, "_attn_implementation", None) or ""
+    if choice == "auto" and "flash" in current:
+        return current  # the model was loaded with a flash implementation: it already packs
+    chosen = resolve_vision_attn(choice, device, dtype)
+    if chosen == "sdpa":
+        return chosen
+    if vision_config is None:
+        raise ValueError(f"vision_attn: {type(model).__name__} has no vision_config; use vision_attn: sdpa")
+    _register()
+    # Only the vision sub-config changes: the text model's masks and kernels stay as loaded.
+    vision_config._attn_implementation_internal = _NAMES[chosen]
+    return chosen
+
+
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_NAMES["varlen"], _varlen_forward)
+    AttentionInterface.register(_NAMES["packed"], _packed_forward)
+    _registered = True
+
+
+# -- the attention functions (transformers' AttentionInterface signature) --------------------
+# query/key/value: (1, heads, tokens, head_dim), all segments packed along tokens.
+# Returns ((1, tokens, heads, head_dim), None), as transformers' sdpa_attention_forward does.
+
+def _varlen_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                    cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
+                    is_causal=False, **kwargs):
+    _check_call(query, attention_mask, cu_seq_lens_q, cu_seq_lens_k, is_causal)
+    out = varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                           cu_seq_lens_q, max_length_q, scaling)
+    return out.unsqueeze(0), None
+
+
+def _packed_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                    cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
+                    is_causal=False, **kwargs):
+    _check_call(query, attention_mask, cu_seq_lens_q, cu_seq_lens_k, is_causal)
+    return packed_attention(query, key, value, cu_seq_lens_q, scaling), None
+
+
+def _check_call(query, attention_mask, cu_q, cu_k, is_causal) -> None:
+    # These functions serve the vision towers only: bidirectional attention within segments.
+    if query.shape[0] != 1 or attention_mask is not None or is_causal or cu_q is None:
+        raise RuntimeError("judge vision attention: expected one packed, unmasked, non-causal sequence with "
+                           "cu_seqlens (it is only meant for the Qwen-VL vision towers)")
+    if cu_k is not None and cu_k is not cu_q and not bool((cu_k == cu_q).all()):
+        raise RuntimeError("judge vision attention: query and key segments differ")
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int | None, scaling: float | None):
+    """q, k, v: (tokens, heads, head_dim) -> (tokens, heads, head_dim), through torch's varlen_attn."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = cu_seqlens.to(device=q.device, dtype=_int32())
+    if max_seqlen is None:
+        max_seqlen = int((cu[1:] - cu[:-1]).max())
+    return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, int(max_seqlen), int(max_seqlen),
+                       scale=scaling)
+
+
+def packed_attention(query, key, value, cu_seqlens, scaling: float | None):
+    """query/key/value: (1, heads, tokens, head_dim) -> (1, tokens, heads, head_dim).
+
+    Attention within each segment [cu[i], cu[i+1]); segments of the same length run as one batch
+    of sdpa, so the number of calls is the number of distinct lengths, not of segments.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    heads, total, dim = query.shape[1], query.shape[2], query.shape[3]
+    if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise RuntimeError(f"judge vision attention: cu_seqlens {bounds[:4]}... do not tile {total} tokens")
+    q, k, v = query[0], key[0], value[0]  # (heads, tokens, dim)
+    out = torch.empty((total, heads, dim), dtype=query.dtype, device=query.device)
+    by_len: dict[int, list[int]] = {}
+    for a, b in zip(bounds, bounds[1:]):
+        if b > a:
+            by_len.setdefault(b - a, []).append(a)
+    for length, starts in by_len.items():
+        idx = (torch.tensor(starts, device=query.device)[:, None]
+               + torch.arange(length, device=query.device)[None, :]).reshape(-1)
+        n = len(starts)
+
+        def gather(t):  # (heads, tokens, dim) -> (n, heads, length, dim)
+            return t.index_select(1, idx).reshape(heads, n, length, dim).transpose(0, 1)
+
+        o = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), scale=scaling)
+        out.index_copy_(0, idx, o.transpose(1, 2).reshape(n * length, heads, dim))
+    return out.unsqueeze(0)
+
+
+def reference_attention(query, key, value, cu_seqlens, scaling: float | None):
+    """The per-segment loop transformers runs without flash (one sdpa call per segment), in the
+    same layout as packed_attention: for tests and equivalence checks."""
+    import torch
+    import torch.nn.functional as F
+
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    outs = [F.scaled_dot_product_attention(q, k, v, scale=scaling).transpose(1, 2)
+            for q, k, v in zip(*(torch.split(t, lengths, dim=2) for t in (query, key, value)))]
+    return torch.cat(outs, dim=1)
+
+
+def _int32():
+    import torch
+
+    return torch.int32

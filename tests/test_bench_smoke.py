@@ -1,0 +1,46 @@
+"""The GPU benchmark script must not rot: run its CPU smoke mode and check what it writes.
+
+No timing is asserted (CI machines differ); the keys, the counts and the clean exit are.
+The naive loop is outside this repository; set NAIVE_HF_LOOP to its path to include it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_gpu_smoke(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--smoke", "--out", str(tmp_path),
+           "--judge", "fast_decode=true", "--judge", "vision_attn=packed"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert report["meta"]["smoke"] is True and report["meta"]["judge_overrides"] == {"fast_decode": True,
+                                                                                     "vision_attn": "packed"}
+    (size,) = report["sizes"]
+    assert size["checkpoint"]["arch"] == "qwen2_5_vl"
+    naive = size["naive"]
+    assert "skipped" in naive or "logits_bs1_img_per_s" in naive
+    for mode in ("logits", "generate"):
+        lib = size[f"library_{mode}"]
+        assert lib["load_s"] >= 0 and lib["time_to_first_result_s"] >= lib["load_s"]
+        assert lib["vision_attn"] == "packed"
+        for bs in (1, 2):
+            row = lib[f"bs{bs}"]
+            assert row["items"] == 4 and row["img_per_s"] > 0
+    assert size["library_logits"]["bs1"]["scored"] == 4  # logits always yields a score
+    assert size["library_generate"]["settings"]["min_new_tokens"] == 4  # forced answer length
+    worker = size["library_worker"]
+    assert worker["call1"]["items"] == worker["call2"]["items"] == 4
+    assert worker["call2"]["scored"] == 4
+    assert "worker_over_in_process_call2" in size["ratios"]
+    for pid in worker["worker_pids"]:  # the worker process is gone with the benchmark
+        assert pid and not Path(f"/proc/{pid}").exists()
+    table = (tmp_path / "bench_gpu.md").read_text()
+    assert "| logits | 2 |" in table and "one worker" in table

@@ -1,0 +1,190 @@
+"""The engine's speed paths on the CPU: each must give the plain path's answers.
+
+GPU timings and the GPU-only pieces (CUDA graph replay, varlen attention, GPU preprocessing) are
+measured by benchmarks/steps_gpu.py and bench_gpu.py (numbers in benchmarks/NOTES.md); the code
+they run is the code tested here, minus the graph capture.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from src.models.reward import fast_decode
+from src.models.reward.engine import _batch_key, batch_limit
+from src.models.reward.implementations.local import QwenVLRewardModel
+from src.models.reward.settings import JudgeSettings
+from src.models.reward.types import ScoreItem
+from src.models.tiny import resolve_model_name
+
+
+def _images(n: int = 5, seed: int = 0) -> list[Image.Image]:
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(224, 168), (120, 260), (300, 120), (200, 200), (90, 150)]
+    return [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+            for w, h in (sizes * 4)[:n]]
+
+
+def _answers(**judge) -> list:
+    with QwenVLRewardModel(model_name="tiny:qwen2_5_vl", **judge) as j:
+        return [(r.score, r.raw, r.error) for r in j.batch_score(_images())]
+
+
+# -- fast_decode: the same tokens as generate() -------------------------------------------------
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+def model_and_inputs(request):
+    path = resolve_model_name(f"tiny:{request.param}")
+    proc = AutoProcessor.from_pretrained(path)
+    proc.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval()
+    prompts = [proc.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "rate this" + " please" * i}]}], add_generation_prompt=True,
+        tokenize=False) for i in range(3)]  # different lengths: left padding is exercised
+    inputs = proc(text=prompts, images=_images(3), padding=True, return_tensors="pt")
+    return model, inputs, proc.tokenizer.pad_token_id
+
+
+@pytest.mark.parametrize("min_new,penalty", [(0, None), (6, 1.1)])
+def test_greedy_generate_equals_generate(model_and_inputs, min_new, penalty):
+    model, inputs, pad = model_and_inputs
+    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": pad}
+    if min_new:
+        kw["min_new_tokens"] = min_new
+    if penalty:
+        kw["repetition_penalty"] = penalty
+    eos = model.generation_config.eos_token_id
+    with torch.inference_mode():
+        ref = model.generate(**inputs, **kw)[:, inputs["input_ids"].shape[1]:]
+        model.model.rope_deltas = None
+        ours = fast_decode.greedy_generate(model, inputs, max_new_tokens=12, min_new_tokens=min_new,
+                                           eos_token_ids=eos, pad_token_id=pad, repetition_penalty=penalty)
+    n = ref.shape[1]
+    assert torch.equal(ours[:, :n], ref)
+    assert (ours[:, n:] == pad).all()  # generate() stops when every row ended; we may pad a little longer
+    assert model.config.text_config._attn_implementation == "sdpa"  # the decode attention was put back
+
+
+def test_decode_gqa_attention_equals_repeated_kv():
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, m, d = 3, 8, 2, 37, 16
+    q = torch.randn(b, h, 1, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(b, hkv, m, d, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(b, 1, 1, m, generator=g) > 0.3
+    mask[..., 0] = True
+    out, _ = fast_decode._decode_gqa_attention(None, q, k, v, mask, scaling=0.2)
+    rep = lambda t: t[:, :, None].expand(b, hkv, h // hkv, m, d).reshape(b, h, m, d)  # noqa: E731  transformers' repeat_kv
+    ref = F.scaled_dot_product_attention(q, rep(k), rep(v), attn_mask=mask, scale=0.2).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_fast_decode_judge_answers_equal_generate():
+    plain = _answers(mode="generate", max_new_tokens=8, batch_size=2)
+    fast = _answers(mode="generate", max_new_tokens=8, batch_size=2, fast_decode=True)
+    assert fast == plain
+    forced = _answers(mode="generate", max_new_tokens=8, min_new_tokens=8, batch_size=2, fast_decode=True)
+    assert forced == _answers(mode="generate", max_new_tokens=8, min_new_tokens=8, batch_size=2)
+
+
+def test_fast_decode_falls_back_with_a_reason(caplog):
+    with caplog.at_level(logging.WARNING):
+        with QwenVLRewardModel(model_name="tiny:qwen3_vl", mode="generate", max_new_tokens=4,
+                               fast_decode=True) as judge:
+            assert judge.engine._fast_decode is False
+            assert all(r.raw is not None for r in judge.batch_score(_images(2)))
+            assert "greedily" in fast_decode.unsupported_reason(judge.engine.model, 0.7, 1)
+    assert "qwen3_vl" in caplog.text and "generate() instead" in caplog.text
+
+
+# -- preparation: threads, processor in the prepare thread ----------------------------------------
+
+def test_fast_decode_refuses_processors_it_does_not_implement(model_and_inputs):
+    model = model_and_inputs[0]
+    assert fast_decode.unsupported_reason(model, 0.0, 1) is None
+    model.generation_config.no_repeat_ngram_size = 3
+    try:
+        assert "no_repeat_ngram_size" in fast_decode.unsupported_reason(model, 0.0, 1)
+    finally:
+        model.generation_config.no_repeat_ngram_size = None
+
+
+def test_prepare_threads_and_errors_stay_per_item(tmp_path):
+    missing = str(tmp_path / "nope.png")
+    items = [ScoreItem(images=[im]) for im in _images(4)] + [ScoreItem(images=[missing], id="gone")]
+    scores = {}
+    for n in (1, 4):
+        with QwenVLRewardModel(model_name="tiny:qwen2_5_vl", batch_size=2, prepare_threads=n) as judge:
+            res = judge.score_items(items)
+            scores[n] = [r.score for r in res]
+            assert res[4].score is None and res[4].error_kind == "image" and "nope.png" in res[4].error
+    assert scores[1] == scores[4]
+
+
+def test_processor_runs_in_the_prepare_thread():
+    with QwenVLRewardModel(model_name="tiny:qwen2_5_vl", batch_size=3) as judge:
+        eng = judge.engine
+        chunk = eng._prepare([ScoreItem(images=[im]) for im in _images(3)], 0)
+        assert list(chunk.encoded) == [_batch_key(chunk.requests)]
+        inputs = eng._encode(chunk.requests, chunk.encoded)
+        assert chunk.encoded == {}  # taken, not encoded again
+        assert inputs["input_ids"].shape[0] == 3
+
+
+# -- batch sizes: out of memory and the memory budget ---------------------------------------------
+
+def test_out_of_memory_caps_later_batches(monkeypatch):
+    plain = _answers(batch_size=8)
+    monkeypatch.setenv("REWARD_FAULT_OOM_ABOVE", "2")
+    with QwenVLRewardModel(model_name="tiny:qwen2_5_vl", batch_size=8) as judge:
+        res = judge.batch_score(_images())
+        assert judge.engine._batch_cap == 2  # 5 failed, 2 ran, 3 failed: later batches start at 2
+        assert [r.error for r in res] == [None] * len(plain)
+        # other batch compositions, other padding: equal within float rounding
+        assert [r.score for r in res] == pytest.approx([p[0] for p in plain], abs=1e-5)
+
+
+def test_batch_limit_under_budget():
+    assert batch_limit(32, None, None, 0, 0) == 32
+    assert batch_limit(32, 4, None, 0, 0) == 4
+    assert batch_limit(32, None, 20.0, 16e9, 0) == 1  # nothing measured yet: one prompt first
+    assert batch_limit(32, None, 20.0, 16e9, 0.5e9) == 8  # (20 - 16) GB / 0.5 GB per prompt
+    assert batch_limit(32, 4, 20.0, 16e9, 0.1e9) == 4
+    assert batch_limit(32, None, 20.0, 19.9e9, 0.5e9) == 1  # never below one prompt
+
+
+def test_new_settings_are_checked():
+    with pytest.raises(ValueError, match="max_memory_gb"):
+        JudgeSettings(model_name="x", max_memory_gb=0)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        JudgeSettings(model_name="x", max_new_tokens=8, min_new_tokens=9)
+    with pytest.raises(ValueError, match="prepare_threads"):
+        JudgeSettings(model_name="x", prepare_threads=0)
+    base = JudgeSettings(model_name="x")
+    assert base.fingerprint() == JudgeSettings(model_name="x", vision_attn="packed", compile_vision=True,
+                                               fast_decode=True, max_memory_gb=10.0).fingerprint()
+    assert base.fingerprint() != JudgeSettings(model_name="x", min_new_tokens=4).fingerprint()
+
+
+# -- compiling: the plumbing, traced by dynamo (backend "eager": no C++ toolchain in the test) ------
+
+def test_compile_options_trace_and_keep_scores(monkeypatch):
+    plain = _answers(batch_size=3)
+    real = torch.nn.Module.compile
+    compiled = []
+
+    def compile_eager(self, *args, **kwargs):
+        compiled.append(type(self).__name__)
+        return real(self, *args, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eager)
+    torch._dynamo.reset()
+    try:
+        fast = _answers(batch_size=3, compile_vision=True, compile_language=True)
+    finally:
+        torch._dynamo.reset()
+    assert "Qwen2_5_VLVisionBlock" in compiled and "Qwen2_5_VLDecoderLayer" in compiled
+    assert [a[0] for a in fast] == pytest.approx([a[0] for a in plain], abs=1e-5)

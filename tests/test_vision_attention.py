@@ -1,0 +1,123 @@
+"""The packed vision attention: same function as transformers' per-window loop, chosen cleanly.
+
+torch's varlen_attn (the GPU fast path) runs only on CUDA in half precision; its equivalence is
+measured on the GPU by benchmarks/steps_gpu.py (numbers in benchmarks/NOTES.md). Here, on the CPU:
+the pure-torch `packed` path against the loop (op level with real window layouts, vision tower,
+whole judge), the selection logic and its errors, and that the language model is left alone.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.vision_utils import get_vision_window_index
+
+from src.models.reward import vision_attention as va
+from src.models.reward.implementations.local import QwenVLRewardModel
+from src.models.reward.settings import JudgeSettings
+from src.models.tiny import resolve_model_name
+
+
+def _qkv(total: int, heads: int = 3, dim: int = 8, dtype=torch.float64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, heads, total, dim, generator=g, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("lengths", [[5], [4, 4, 4], [7, 3, 7, 1, 3, 7], [2, 0, 5, 0]])
+def test_packed_equals_per_segment_loop(lengths):
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q, k, v = _qkv(int(cu[-1]))
+    ref = va.reference_attention(q, k, v, cu, 0.3)
+    out = va.packed_attention(q, k, v, cu, 0.3)
+    assert out.shape == (1, int(cu[-1]), 3, 8)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_packed_on_real_window_layout_float32():
+    # Qwen2.5-VL's window layout for two images of different sizes: windows of several lengths.
+    grid = torch.tensor([[1, 20, 34], [1, 14, 10]])
+    _, cu = get_vision_window_index(grid, spatial_merge_size=2, window_size=112, patch_size=14)
+    lengths = set((cu[1:] - cu[:-1]).tolist())
+    assert len(lengths) > 2  # the test needs uneven windows
+    q, k, v = _qkv(int(cu[-1]), heads=4, dim=16, dtype=torch.float32, seed=1)
+    ref64 = va.reference_attention(q.double(), k.double(), v.double(), cu, 0.25)
+    out = va.packed_attention(q, k, v, cu, 0.25)
+    loop = va.reference_attention(q, k, v, cu, 0.25)
+    err = ((out.double() - ref64).norm() / ref64.norm()).item()
+    err_loop = ((loop.double() - ref64).norm() / ref64.norm()).item()
+    assert err < 1e-6 and err_loop < 1e-6
+
+
+def test_packed_rejects_what_it_is_not_for():
+    q, k, v = _qkv(6)
+    cu = torch.tensor([0, 3, 6], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="unmasked"):
+        va._packed_forward(None, q, k, v, attention_mask=torch.ones(1, 1, 6, 6), cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    with pytest.raises(RuntimeError, match="cu_seqlens"):
+        va._packed_forward(None, q, k, v, cu_seq_lens_q=None)
+    with pytest.raises(RuntimeError, match="do not tile"):
+        va.packed_attention(q, k, v, torch.tensor([0, 3, 5]), None)
+
+
+def test_selection_and_errors():
+    assert va.resolve_vision_attn("auto", "cpu", torch.float32) == "sdpa"
+    assert va.resolve_vision_attn("packed", "cpu", torch.float32) == "packed"
+    assert va.resolve_vision_attn("sdpa", "cuda:0", torch.bfloat16) == "sdpa"
+    assert va.resolve_vision_attn("auto", "cuda:0", torch.bfloat16) == "varlen"  # no GPU needed to decide
+    assert va.resolve_vision_attn("auto", "cuda:0", torch.float32) == "sdpa"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        va.resolve_vision_attn("varlen", "cpu", torch.bfloat16)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        va.resolve_vision_attn("varlen", "cuda:0", torch.float32)
+    with pytest.raises(ValueError, match="unknown value 'flash'"):
+        JudgeSettings(model_name="x", vision_attn="flash")
+
+
+def _images():
+    sizes = [(224, 168), (300, 120), (120, 260)]
+    g = torch.Generator().manual_seed(3)
+    return [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()) for w, h in sizes]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_vision_tower_packed_equals_sdpa(arch, monkeypatch):
+    path = resolve_model_name(f"tiny:{arch}")
+    proc = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval()
+    inputs = proc.image_processor(images=_images(), return_tensors="pt")
+    visual = model.model.visual
+
+    def run():
+        with torch.inference_mode():
+            return visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+
+    plain = run()
+    calls = []
+    real = va.packed_attention
+    monkeypatch.setattr(va, "packed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert va.apply_vision_attn(model, "packed", "cpu", torch.float32) == "packed"
+    assert model.config.vision_config._attn_implementation == "flash_judge_packed"
+    assert model.config.text_config._attn_implementation == "sdpa"  # the language model is untouched
+    fast = run()
+    assert len(calls) == model.config.vision_config.depth  # every layer went through it
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_judge_scores_equal_with_packed_vision():
+    items = _images()
+    scores = {}
+    for choice in ("sdpa", "packed"):
+        with QwenVLRewardModel(model_name="tiny:qwen2_5_vl", vision_attn=choice, batch_size=2) as judge:
+            assert judge.engine.vision_attn == choice
+            scores[choice] = [r.score for r in judge.batch_score(items)]
+    assert all(s is not None for s in scores["sdpa"])
+    assert scores["packed"] == pytest.approx(scores["sdpa"], abs=1e-5)
+
+
+def test_auto_keeps_a_flash_implementation_the_model_was_loaded_with():
+    path = resolve_model_name("tiny:qwen2_5_vl")
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa")
+    va._register()
+    model.config.vision_config._attn_implementation_internal = "flash_judge_packed"
+    assert va.apply_vision_attn(model, "auto", "cpu", torch.float32) == "flash_judge_packed"
