@@ -231,6 +231,22 @@ def test_close_after_an_exception_leaves_no_process(tiny_cache, image_files):
         m.batch_score(image_files[:1])
 
 
+def test_automatic_micro_batch_follows_the_schedule():
+    m = MultiGPURewardModel.__new__(MultiGPURewardModel)  # the rule only, no workers
+    m.micro_batch, m.schedule = None, "round_robin"
+    m.settings = type("S", (), {"batch_size": 32})()
+    m.pool = type("P", (), {"specs": [None]})()
+    assert m.micro_batch_for(256) == 256          # one worker: one request, as fast as in-process
+    assert m.micro_batch_for(10) == 32            # never below one batch
+    assert m.micro_batch_for(100_000) == 256      # never above 8 batches: retries stay cheap
+    m.pool.specs = [None] * 4
+    assert m.micro_batch_for(256) == 64           # each worker's share
+    m.schedule = "dynamic"
+    assert m.micro_batch_for(1024) == 64          # a quarter of the share: idle workers pull more
+    m.micro_batch = 5
+    assert m.micro_batch_for(1024) == 5
+
+
 def test_device_ids_and_pinning():
     assert resolve_device_ids([0, "1", "cuda:2", "cpu"]) == ["0", "1", "2", "cpu"]
     assert resolve_device_ids("0,1") == ["0", "1"]

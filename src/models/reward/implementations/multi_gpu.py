@@ -24,7 +24,10 @@ class MultiGPURewardModel(BaseRewardModel):
       python, `conda:ENV` / `{conda: ENV}`, `{prefix: [...], python: ...}`, or a full command list.
     schedule: `round_robin` (item i goes to worker i mod n, the classic split) or `dynamic`
       (idle workers pull the next micro-batch: better for uneven work). Same results either way.
-    micro_batch: items per request to a worker (default: 2 x batch_size).
+    micro_batch: items per request to a worker. Default (null): per call, each worker's share
+      for round_robin and a quarter of it for dynamic, kept within [batch_size, 8 x batch_size].
+      Each request pays its first chunk's preparation before the GPU starts, so few large
+      requests run as fast as the in-process class; smaller ones balance uneven work better.
     batch_timeout_s: a worker that does not answer a micro-batch in time is killed, restarted and
       its items retried elsewhere. max_retries: per item, after a worker died holding it.
     max_restarts: restarts of one worker in a row before it is given up.
@@ -43,9 +46,9 @@ class MultiGPURewardModel(BaseRewardModel):
         if workers_per_device < 1:
             raise ValueError(f"workers_per_device: must be at least 1, got {workers_per_device}")
         self.schedule = schedule
-        self.micro_batch = micro_batch or 2 * self.settings.batch_size
-        if self.micro_batch < 1:
+        if micro_batch is not None and micro_batch < 1:
             raise ValueError(f"micro_batch: must be at least 1, got {micro_batch}")
+        self.micro_batch = micro_batch
         self.progress = progress
         self.device_ids = resolve_device_ids(device_ids)
         specs = worker_specs(self.device_ids, workers_per_device, env or {})
@@ -66,12 +69,22 @@ class MultiGPURewardModel(BaseRewardModel):
             raise RuntimeError("MultiGPURewardModel is closed")
         items = list(items)
         if not self.progress or not items:
-            return self.pool.run(items, self.micro_batch, self.schedule)
+            return self.pool.run(items, self.micro_batch_for(len(items)), self.schedule)
         from tqdm import tqdm
 
         labels = ",".join(s.device_label for s in self.pool.specs)
         with tqdm(total=len(items), desc=f"scoring on {labels}", unit="item") as bar:
-            return self.pool.run(items, self.micro_batch, self.schedule, on_done=bar.update)
+            return self.pool.run(items, self.micro_batch_for(len(items)), self.schedule, on_done=bar.update)
+
+    def micro_batch_for(self, n_items: int) -> int:
+        """Items per worker request for a call of `n_items` (see `micro_batch`)."""
+        if self.micro_batch:
+            return self.micro_batch
+        bs = self.settings.batch_size
+        n_workers = len(self.pool.specs)
+        parts = n_workers if self.schedule == "round_robin" else 4 * n_workers
+        share = -(-max(n_items, 1) // parts)
+        return max(bs, min(share, 8 * bs))
 
     def close(self) -> None:
         if not self._closed:
