@@ -136,10 +136,10 @@ def test_retries_are_bounded_then_the_item_fails_with_the_reason():
     call = _Call(3, max_retries=1, on_done=done.append)
     items = [ScoreItem(images=["x.png"], id=f"i{k}") for k in range(3)]
 
-    def fail(i, why):
+    def fail(i, why, kind="worker_died"):
         from src.models.reward.types import ScoreResult
 
-        return ScoreResult.failure(i, items[i], f"item #{i}: {why}", "worker_died")
+        return ScoreResult.failure(i, items[i], f"item #{i}: {why}", kind)
 
     call.queue.append([0, 1, 2])
     batch = call.take()
@@ -147,7 +147,7 @@ def test_retries_are_bounded_then_the_item_fails_with_the_reason():
     assert list(call.retry) == [[0], [1], [2]], "retried alone, one by one"
     call.give_back(call.take(), "actor1 (pid 2) died", fail)
     assert call.results[0] is not None and call.results[0].score is None
-    assert call.results[0].error == "item #0: actor1 (pid 2) died (after 1 retries)"
+    assert call.results[0].error == "item #0: tried 2 times; the last time actor1 (pid 2) died"
     assert call.results[0].error_kind == "worker_died" and call.remaining == 2 and done == [1]
 
 
@@ -196,9 +196,9 @@ def test_batches_past_the_timeout_are_retried_then_fail_and_with_no_actor_left_t
     model.batch_timeout_s, model.max_retries, model.max_restarts = 0.05, 1, 0
     [r] = model.batch_score(image_files[:1])
     pids = model.actor_pids()  # the last actor of each slot
-    assert r.score is None and r.error_kind == "worker_died", r
-    assert re.fullmatch(r"item #0: actor\d:cpu@[\d.]+ \(pid \d+\) gave no answer within batch_timeout_s=0.05s "
-                        r"while scoring 1 item\(s\) \(after 1 retries\)", r.error), r.error
+    assert r.score is None and r.error_kind == "worker_timeout", r
+    assert re.fullmatch(r"item #0: tried 2 times; the last time actor\d:cpu@[\d.]+ \(pid \d+\) gave no answer "
+                        r"within batch_timeout_s=0.05s while scoring 1 item\(s\)", r.error), r.error
     assert [s.state for s in model.slots] == ["lost", "lost"]
     results = model.batch_score(image_files[:2])
     assert [r.index for r in results] == [0, 1]

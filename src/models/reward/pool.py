@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import messages as msg
+from .ledger import CallLedger, Fail
 from .types import ScoreItem, ScoreResult
 
 WORKER_SCRIPT = Path(__file__).resolve().parents[3] / "standalone" / "reward_worker.py"
@@ -330,21 +331,15 @@ def _exit_text(code: int | None) -> str:
 
 # -- the work of one call -------------------------------------------------------------------
 
-class _Dispatch:
-    """Shared state of one call. Every field is read and written under `cond`."""
+class _Dispatch(CallLedger):
+    """The work of one call: the ledger's slots plus the queues the worker threads take from."""
 
     def __init__(self, n_items: int, queues: list[collections.deque], shared: collections.deque | None,
                  max_retries: int, on_done: Callable[[int], None]):
-        self.cond = threading.Condition()
-        self.results: list[ScoreResult | None] = [None] * n_items
-        self.remaining = n_items
+        super().__init__(n_items, max_retries, on_done)
         self.queues = queues            # per worker (round robin)
         self.shared = shared            # one queue for all (dynamic)
-        self.retry: collections.deque[list[int]] = collections.deque()
-        self.attempts: collections.Counter[int] = collections.Counter()
-        self.max_retries = max_retries
         self.active_workers = len(queues)
-        self.on_done = on_done
         self.aborted = False            # the pool is closing: hand out no more work
 
     def take(self, slot: int) -> list[int] | None:
@@ -369,35 +364,7 @@ class _Dispatch:
             self.aborted = True
             self.cond.notify_all()
 
-    def store(self, results: Sequence[ScoreResult]) -> None:
-        with self.cond:
-            n = 0
-            for r in results:
-                if self.results[r.index] is None:
-                    self.results[r.index] = r
-                    self.remaining -= 1
-                    n += 1
-            self.cond.notify_all()
-        if n:
-            self.on_done(n)
-
-    def give_back(self, indices: list[int], cause: str, fail: Callable[..., ScoreResult],
-                  kind: str = "worker_died") -> None:
-        """Items of a batch whose worker died or hung: retry each alone (so one poison item
-        cannot take its neighbours down again), or fail it once its retries are spent."""
-        failed = []
-        with self.cond:
-            for i in indices:
-                self.attempts[i] += 1
-                if self.attempts[i] > self.max_retries:
-                    n = self.attempts[i]
-                    failed.append(fail(i, f"tried {n} time{'s' if n > 1 else ''}; the last time {cause}", kind))
-                else:
-                    self.retry.append([i])
-            self.cond.notify_all()
-        self.store(failed)
-
-    def worker_lost(self, slot: int, cause: str, fail: Callable[[int, str], ScoreResult],
+    def worker_lost(self, slot: int, cause: str, fail: Fail,
                     held: list[int] | None = None) -> None:
         """Worker `slot` is gone for good: its queue (and the batch it `held`, not yet sent) goes
         to the others; if none is left, every item without a result fails with the cause."""
@@ -529,7 +496,7 @@ class WorkerPool:
         assert not missing, f"pool lost items {missing}"  # by construction
         return dispatch.results  # type: ignore[return-value]
 
-    def _drive(self, slot: int, dispatch: _Dispatch, wire: list, fail: Callable[[int, str], ScoreResult]) -> None:
+    def _drive(self, slot: int, dispatch: _Dispatch, wire: list, fail: Fail) -> None:
         """One thread per worker: take a micro-batch, send it, store the results; on death,
         give the items back and restart the worker (bounded)."""
         while True:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..base import BaseRewardModel
+from ..ledger import CallLedger, Fail
 from ..settings import JudgeSettings
 from ..types import ScoreItem, ScoreResult
 
@@ -132,47 +133,17 @@ class _Slot:
         return f"{label} (pid {self.info.get('pid', '?')})"
 
 
-class _Call:
+class _Call(CallLedger):
     """The work state of one call; touched only by the caller's thread."""
 
     def __init__(self, n_items: int, max_retries: int, on_done: Callable[[int], None]):
-        self.results: list[ScoreResult | None] = [None] * n_items
-        self.remaining = n_items
+        super().__init__(n_items, max_retries, on_done)
         self.queue: collections.deque[list[int]] = collections.deque()
-        self.retry: collections.deque[list[int]] = collections.deque()
-        self.attempts: collections.Counter[int] = collections.Counter()
-        self.max_retries = max_retries
-        self.on_done = on_done
 
     def take(self) -> list[int] | None:
         if self.retry:
             return self.retry.popleft()
         return self.queue.popleft() if self.queue else None
-
-    def store(self, results: Sequence[ScoreResult]) -> None:
-        n = 0
-        for r in results:
-            if self.results[r.index] is None:
-                self.results[r.index] = r
-                self.remaining -= 1
-                n += 1
-        if n:
-            self.on_done(n)
-
-    def give_back(self, batch: list[int], cause: str, fail: Callable[[int, str], ScoreResult]) -> None:
-        """Items of a batch whose actor died: each is retried alone (one poison item cannot take
-        its neighbours down again), or fails once its retries are spent."""
-        failed = []
-        for i in batch:
-            self.attempts[i] += 1
-            if self.attempts[i] > self.max_retries:
-                failed.append(fail(i, f"{cause} (after {self.max_retries} retries)"))
-            else:
-                self.retry.append([i])
-        self.store(failed)
-
-    def pending(self) -> list[int]:
-        return [i for i, r in enumerate(self.results) if r is None]
 
 
 # -- the reward model ----------------------------------------------------------------------------
@@ -431,8 +402,8 @@ class RayRewardModel(BaseRewardModel):
         todo = [i for i, w in enumerate(wire) if not isinstance(w, ScoreResult)]
         call.queue.extend(todo[s:s + self.micro_batch] for s in range(0, len(todo), self.micro_batch))
 
-        def fail(i: int, why: str) -> ScoreResult:
-            return ScoreResult.failure(i, items[i], f"item {_item_name(items[i], i)}: {why}", "worker_died")
+        def fail(i: int, why: str, kind: str = "worker_died") -> ScoreResult:
+            return ScoreResult.failure(i, items[i], f"item {_item_name(items[i], i)}: {why}", kind)
 
         try:
             while call.remaining:
@@ -480,7 +451,7 @@ class RayRewardModel(BaseRewardModel):
             return self.batch_timeout_s
         return None
 
-    def _collect(self, slot: _Slot, call: _Call, fail: Callable[[int, str], ScoreResult]) -> None:
+    def _collect(self, slot: _Slot, call: _Call, fail: Fail) -> None:
         ray = self._ray
         if slot.state == "starting":
             error = self._started(slot)
@@ -507,7 +478,7 @@ class RayRewardModel(BaseRewardModel):
         if batch is not None:
             call.store(results)
 
-    def _check_deadlines(self, call: _Call, fail: Callable[[int, str], ScoreResult]) -> None:
+    def _check_deadlines(self, call: _Call, fail: Fail) -> None:
         now = time.monotonic()
         for slot in self.slots:
             limit = self._limit(slot)
@@ -519,7 +490,7 @@ class RayRewardModel(BaseRewardModel):
                 cause = (f"{slot.describe()} gave no answer within batch_timeout_s={limit:g}s while scoring "
                          f"{len(slot.batch or [])} item(s)")
                 if slot.batch is not None:
-                    call.give_back(slot.batch, cause, fail)
+                    call.give_back(slot.batch, cause, fail, "worker_timeout")
             self._log(f"[ray] {cause}")
             self._replace(slot, cause)
 
