@@ -53,28 +53,41 @@ class Clock:
         return time.perf_counter()
 
 
-class GpuMemorySampler:
-    """Peak memory.used of GPU 0 as nvidia-smi reports it (every process on the GPU, the CUDA
-    context and cached blocks included): the one view that also covers a worker process."""
+class GpuSampler:
+    """memory.used and utilization.gpu of every GPU, read from nvidia-smi by a thread every
+    `every_s`: the one view that covers worker processes (their CUDA contexts and cached blocks
+    included). `samples` holds (time.perf_counter(), index, memory MiB, utilisation % or None);
+    `window(t0, t1)` summarises one timed stretch. Without nvidia-smi, `reason` says why not."""
 
-    def __init__(self, enabled: bool, index: int = 0, every_s: float = 0.25):
-        self.enabled = enabled and shutil.which("nvidia-smi") is not None
-        self.index, self.every_s = index, every_s
-        self.peak_mb = 0
+    QUERY = ["nvidia-smi", "--query-gpu=index,memory.used,utilization.gpu", "--format=csv,noheader,nounits"]
+
+    def __init__(self, enabled: bool, every_s: float = 0.25):
+        self.reason = None if enabled else "not a GPU run"
+        if enabled and shutil.which("nvidia-smi") is None:
+            self.reason = "nvidia-smi not found"
+        self.enabled = self.reason is None
+        self.every_s = every_s
+        self.samples: list[tuple[float, int, int, int | None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _read(self) -> int:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                              "-i", str(self.index)], capture_output=True, text=True, timeout=10)
-        return int(out.stdout.strip().splitlines()[0])
+    def read(self) -> list[tuple[int, int, int | None]]:
+        out = subprocess.run(self.QUERY, capture_output=True, text=True, timeout=10)
+        rows = []
+        for line in out.stdout.strip().splitlines():
+            idx, mem, util = (x.strip() for x in line.split(","))
+            # utilization reads "[N/A]" on some virtualised GPUs: no number rather than a zero
+            rows.append((int(idx), int(mem), int(util) if util.isdigit() else None))
+        return rows
 
     def __enter__(self):
         if self.enabled:
             def loop():
                 while not self._stop.is_set():
                     try:
-                        self.peak_mb = max(self.peak_mb, self._read())
+                        rows = self.read()
+                        now = time.perf_counter()
+                        self.samples.extend((now, i, m, u) for i, m, u in rows)
                     except Exception:
                         pass
                     self._stop.wait(self.every_s)
@@ -87,9 +100,45 @@ class GpuMemorySampler:
         if self._thread:
             self._thread.join(timeout=15)
 
+    def peak_gb_of(self, index: int, t0: float = float("-inf"), t1: float = float("inf")) -> float | None:
+        mem = [m for t, i, m, _ in list(self.samples) if i == index and t0 <= t <= t1]
+        return round(max(mem) / 1024, 2) if mem else None
+
+    def window(self, t0: float, t1: float, indices: list[int], busy_pct: float) -> dict[str, Any]:
+        """Per GPU of `indices`: peak memory (GB), mean and min utilisation over the samples taken
+        between t0 and t1; `every_gpu_busy`: each one's mean utilisation is at least busy_pct."""
+        if not self.enabled:
+            return {"per_gpu": None, "every_gpu_busy": None, "reason": self.reason}
+        rows = [s for s in list(self.samples) if t0 <= s[0] <= t1]
+        per_gpu = []
+        for index in indices:
+            mine = [(m, u) for _, i, m, u in rows if i == index]
+            utils = [u for _, u in mine if u is not None]
+            per_gpu.append({"index": index, "samples": len(mine),
+                            "peak_mem_gb": round(max(m for m, _ in mine) / 1024, 2) if mine else None,
+                            "util_mean_pct": round(sum(utils) / len(utils), 1) if utils else None,
+                            "util_min_pct": min(utils) if utils else None})
+        means = [g["util_mean_pct"] for g in per_gpu]
+        busy = None if not per_gpu or None in means else all(m >= busy_pct for m in means)
+        others = sorted({i for _, i, _, u in rows if i not in indices and u})  # busy GPUs not ours
+        out: dict[str, Any] = {"per_gpu": per_gpu, "every_gpu_busy": busy, "busy_threshold_pct": busy_pct}
+        if others:
+            out["other_gpus_busy"] = others
+        if busy is None:
+            out["reason"] = "no utilisation samples in this window" if per_gpu else "no GPU"
+        return out
+
+
+class GpuMemorySampler(GpuSampler):
+    """Peak memory.used of one GPU (a one-worker run's view)."""
+
+    def __init__(self, enabled: bool, index: int = 0, every_s: float = 0.25):
+        super().__init__(enabled, every_s)
+        self.index = index
+
     @property
     def peak_gb(self) -> float | None:
-        return round(self.peak_mb / 1024, 2) if self.enabled and self.peak_mb else None
+        return self.peak_gb_of(self.index)
 
 
 def load_naive(path: pathlib.Path):
