@@ -205,3 +205,24 @@ def test_build_from_config_gives_the_same_scores(logits_judge, image_files):
         a = [r.score for r in j.batch_score(image_files[:3])]
     b = [r.score for r in logits_judge.batch_score(image_files[:3])]
     assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_prompts_show_what_scoring_shows(tiny_cache, image_files, tmp_path):
+    # JudgeEngine.prompts is what the tiny judge is trained on: the same prompt text and images
+    # as scoring, per rubric part, in either mode's wording, with bad items named.
+    with judge("tiny:qwen2_5_vl", template="edit") as j:
+        item = ScoreItem(images=[image_files[0]], source_images=[image_files[1]], instruction="make it blue")
+        logits, = j.engine.prompts([item])
+        generate, = j.engine.prompts([item], mode="generate")
+        assert [p[0] for p in logits] == ["semantic_consistency", "perceptual_quality"]
+        sc_text, sc_images = logits[0][2], logits[0][3]
+        assert "make it blue" in sc_text and len(sc_images) == 2 and sc_text.count("<|image_pad|>") == 2
+        assert len(logits[1][3]) == 1  # perceptual quality looks at the edited image only
+        assert generate[0][2] != sc_text and '"score"' in generate[0][2]
+        with pytest.raises(ValueError, match="mode"):
+            j.engine.prompts([item], mode="sample")
+        broken = tmp_path / "broken.png"
+        broken.write_bytes(b"not an image")
+        with pytest.raises(ValueError, match="item 'bad'"):
+            j.engine.prompts([item, ScoreItem(images=[str(broken)], source_images=[image_files[1]],
+                                              instruction="x", id="bad")])

@@ -192,9 +192,27 @@ class JudgeEngine:
                 fut = self._pool.submit(self._prepare, nxt, nxt_idx)
             yield start, prepared
 
-    def _prepare(self, items: list[ScoreItem], indices: list[int]) -> _PreparedChunk:
+    def prompts(self, items: Sequence[ScoreItem], mode: str | None = None) -> list[list[tuple[str, Template, str, list[Any]]]]:
+        """What the judge is shown for each item, without running the model: per item, per rubric
+        part, (part name, template, prompt text, resized images in prompt order), built by the
+        same code as scoring. `mode` (default: the settings' mode) picks the question's wording.
+        Training a judge uses this so that it learns on exactly the inputs it is scored on.
+        Raises ValueError naming the first item that cannot be prepared."""
+        if mode is not None and mode not in ("logits", "generate"):
+            raise ValueError(f"mode: unknown value {mode!r}; known: logits, generate")
+        items = list(items)
+        chunk = self._prepare(items, list(range(len(items))), mode)
+        if chunk.errors:
+            pos, (msg, _) = min(chunk.errors.items())
+            raise ValueError(f"item {_name(items[pos], pos)}: {msg}")
+        out: list[list[tuple[str, Template, str, list[Any]]]] = [[] for _ in items]
+        for r in chunk.requests:
+            out[r.pos].append((r.part, r.template, r.prompt, r.images))
+        return out
+
+    def _prepare(self, items: list[ScoreItem], indices: list[int], mode: str | None = None) -> _PreparedChunk:
         s = self.settings
-        mode = s.mode
+        mode = mode or s.mode
         chunk = _PreparedChunk(items=items, indices=indices)
         loading = self._load_images(items)
         for pos, item in enumerate(items):
