@@ -519,8 +519,17 @@ def _default_cache_dir() -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parents[2] / ".cache" / "tiny_models"
 
 
+TRAINED_JUDGE = "judge"  # 'tiny:judge': the trained tiny judge shipped in models/tiny_judge
+
+
+def trained_judge_path() -> pathlib.Path:
+    return pathlib.Path(__file__).resolve().parents[2] / "models" / "tiny_judge"
+
+
 def resolve_model_name(name: str, cache_dir: str | os.PathLike | None = None) -> str:
-    """'tiny:qwen2_5_vl' (or 'tiny:ARCH') -> path of a cached tiny checkpoint, built on first use; anything else returned unchanged.
+    """'tiny:qwen2_5_vl' (or 'tiny:ARCH') -> path of a cached tiny checkpoint, built on first use;
+    'tiny:judge' -> the trained tiny judge shipped in models/tiny_judge (see its CARD.md), from any
+    working directory; anything else returned unchanged.
 
     cache_dir default: env REWARD_TINY_CACHE, else <repo root>/.cache/tiny_models. The checkpoint is
     built in a temporary directory next to its final place and renamed into place atomically, so
@@ -529,8 +538,14 @@ def resolve_model_name(name: str, cache_dir: str | os.PathLike | None = None) ->
     if not isinstance(name, str) or not name.startswith(TINY_PREFIX):
         return name
     arch = name[len(TINY_PREFIX):]
+    if arch == TRAINED_JUDGE:
+        path = trained_judge_path()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{name!r}: the trained tiny judge is missing from {path}; "
+                                    "retrain it with scripts/train_tiny_judge.py --out models/tiny_judge")
+        return str(path)
     if arch not in ARCHS:
-        raise ValueError(f"unknown tiny model {name!r}; expected 'tiny:ARCH' with ARCH in {ARCHS}")
+        raise ValueError(f"unknown tiny model {name!r}; expected 'tiny:judge' or 'tiny:ARCH' with ARCH in {ARCHS}")
     root = pathlib.Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     final = root / f"{arch}-seed0-v{BUILDER_VERSION}"
     if final.is_dir():
