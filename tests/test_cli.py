@@ -62,9 +62,13 @@ def test_demo_config_runs_end_to_end(tiny_cache, tmp_path):
     results = read_jsonl(out / "results.jsonl")
     assert [x["id"] for x in results] == [m["id"] for m in manifest]
     assert all(0 <= x["score"] <= 9 for x in results)
-    assert set(summary["sub_score_names"]) == {"semantic_consistency", "perceptual_quality"}
     printed = json.loads(r.stdout)
     assert printed["scored"] == len(manifest)
+    # The demo judge is the trained tiny judge: its scores follow the truth the demo set carries.
+    assert {m["kind"] for m in manifest} == {"followed", "side_effect", "wrong", "unchanged"}
+    for m, x in zip(manifest, results):
+        assert (x["score"] > 4.5) == (m["kind"] == "followed"), (m, x["score"])
+    assert set(summary["categories"]) == {"followed", "side_effect", "wrong", "unchanged"}
 
 
 def test_job_outputs_summary_csv_and_categories(tiny_cache, tmp_path, edit_manifest):
