@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder of the checkpoint (created or overwritten)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=700)
     p.add_argument("--edit-per-step", type=int, default=32, help="edit_instruction examples per step (both modes)")
     p.add_argument("--quality-per-step", type=int, default=6, help="quality / edit_quality examples per step")
     p.add_argument("--aux-per-step", type=int, default=10, help="auxiliary-question examples per step")
@@ -409,7 +409,7 @@ Images must be 112 x 112 (`min_pixels: 12544`, `max_pixels: 12544`; other sizes 
 ```yaml
 model:
   class_path: qwen_vl
-  params: {{model_name: tiny:judge, template: edit_instruction, mode: logits,
+  params: {{model_name: tiny:judge, template: edit, mode: logits,
            min_pixels: 12544, max_pixels: 12544}}
 ```
 
@@ -427,7 +427,7 @@ enough).
   grey or pale background; instructions {phrasings}. Scores: 9 when the
   edit followed the instruction, 3 when it did but also changed the other attribute (colour or
   shape), 1 when it changed the asked attribute the wrong way, 0 when nothing changed.
-- Image quality (`quality`, `edit_quality`): scenes of one to three small shapes (radius 11 to 22 pixels) with noise blotches (rectangles of
+- Image quality (`quality`, `edit_quality`): scenes of shapes (one large one as in the edits, or one to three small ones) with noise blotches (rectangles of
   uniform random pixels) over k/10 of the image, k = 0..9; score 9 - k. Blotches were chosen because
   a tiny 112-pixel vision tower sees them at once; mild blur or faint Gaussian noise it does not.
 
@@ -435,10 +435,8 @@ enough).
 
 Anything else: photographs, several objects in an edit, other colours, shapes, sizes, words or
 phrasings{untrained_kinds}, positions, blur, compression artifacts, aesthetics, text-to-image alignment (`alignment`,
-`qalign_quality` were never trained). Edits judged on noisy images were not trained either, nor
-the quality of a single large shape (an edited image of the edit task): its `quality`,
-`edit_quality` and hence `edit` rubric scores on edit scenes are arbitrary; use
-`edit_instruction` there. It
+`qalign_quality` were never trained). Edits judged on noisy images were not trained either (the
+`edit` rubric's instruction-following part is arbitrary on a noisy edit; its quality part is not). It
 gives no explanation in `generate` mode. On such inputs the score is arbitrary. Never use it for
 research results.
 
@@ -454,8 +452,10 @@ colour and shape each image shows, what the instruction asks for: without them t
 chance on instruction-following for hundreds of steps). Prompts are built by the scoring engine
 (`JudgeEngine.prompts`), so training and scoring see the same inputs.
 
-How this recipe was chosen (shape size, auxiliary questions, learning rate, widths): two sweeps
-recorded in `benchmarks/results/tiny_judge_sweep/`.
+How this recipe was chosen (shape size, auxiliary questions, learning rate, widths), and how much
+the seed matters within this budget (other seeds can stall below the tests' bar), is recorded in
+`benchmarks/results/tiny_judge_sweep/`. The same command on the same kind of CPU repeats this run
+bit for bit.
 
 Training took {train_seconds:.0f} s and the evaluation {eval_seconds:.0f} s on {cpu_count} shared CPU cores ({cpu},
 torch {torch}); `training.json` has the loss curve and every figure.

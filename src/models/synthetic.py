@@ -149,9 +149,11 @@ def blotch(img: Image.Image, share: float, rng: random.Random) -> tuple[Image.Im
 
 
 def quality_items(n: int, seed: int, size: int = SIZE, levels: Sequence[int] | None = None) -> list[ScoreItem]:
-    """n scenes of one to three small shapes with noise over k/10 of the image, level k = levels[i]
-    (default i mod 10, so levels are balanced). metadata: task, level, covered, target (9 - level),
-    category."""
+    """n scenes with noise over k/10 of the image, level k = levels[i] (default i mod 10, so levels
+    are balanced). Half the scenes are one to three small shapes, half one large shape near the
+    centre like the edit scenes (so that an edited image is a scene the judge knows: trained on
+    small shapes only, it read a clean large shape as noise). metadata: task, level, covered,
+    scene (shapes / single), target (9 - level), category."""
     if levels is not None and len(levels) != n:
         raise ValueError(f"levels has {len(levels)} entries for {n} items")
     rng = random.Random(seed)
@@ -160,14 +162,21 @@ def quality_items(n: int, seed: int, size: int = SIZE, levels: Sequence[int] | N
         level = levels[i] if levels is not None else i % QUALITY_LEVELS
         if not 0 <= level < QUALITY_LEVELS:
             raise ValueError(f"quality level {level} is outside 0..{QUALITY_LEVELS - 1}")
-        img = Image.new("RGB", (size, size), rng.choice(BACKGROUNDS))
-        for _ in range(rng.randint(1, 3)):
-            r = rng.randint(size // 10, size // 5)
-            draw_shape(img, rng.choice(SHAPES), COLOURS[rng.choice(list(COLOURS))],
-                       rng.randint(r, size - r - 1), rng.randint(r, size - r - 1), r)
+        bg = rng.choice(BACKGROUNDS)
+        scene = rng.choice(("shapes", "single"))
+        if scene == "single":
+            r, j = SHAPE_RADIUS * size // SIZE, SHAPE_JITTER * size // SIZE
+            img = _scene(rng.choice(SHAPES), rng.choice(list(COLOURS)), bg,
+                         size // 2 + rng.randint(-j, j), size // 2 + rng.randint(-j, j), r, size)
+        else:
+            img = Image.new("RGB", (size, size), bg)
+            for _ in range(rng.randint(1, 3)):
+                r = rng.randint(size // 10, size // 5)
+                draw_shape(img, rng.choice(SHAPES), COLOURS[rng.choice(list(COLOURS))],
+                           rng.randint(r, size - r - 1), rng.randint(r, size - r - 1), r)
         img, covered = blotch(img, level / QUALITY_LEVELS, rng)
         items.append(ScoreItem(images=[img], id=f"quality-{seed}-{i}",
-                               metadata={"task": "quality", "level": level, "covered": round(covered, 4),
+                               metadata={"task": "quality", "level": level, "covered": round(covered, 4), "scene": scene,
                                          "category": f"noise{level}", "target": QUALITY_LEVELS - 1 - level}))
     return items
 
@@ -218,14 +227,14 @@ def quality_spearman(scores: Sequence[float | None], items: Sequence[ScoreItem])
 # ---------------------------------------------------------------------------------------------
 
 
-def write_demo(out_dir: str | Path, seed: int = 2024, n_edit: int = 8, noise_levels: Sequence[int] = (),
+def write_demo(out_dir: str | Path, seed: int = 2024, n_edit: int = 8, noise_levels: Sequence[int] = (2, 5, 8),
                kinds: Sequence[str] = ("colour",)) -> Path:
     """Write a small demo set for the `edit` rubric: PNGs and a manifest.jsonl of edits (source,
     edited, instruction, category) whose truth rides along (`kind`, `target`, `noise_level`).
     `n_edit` clean edits (colour instructions, what the shipped tiny judge was trained on, by
     default), every other one followed and the rest cycling through the failures, then one edit
-    per noise level (none by default: the shipped judge was not trained on noisy edits) that
-    followed its instruction but came out with noise blotches. Returns the manifest path."""
+    per noise level that followed its instruction but came out with noise blotches (a low
+    perceptual-quality score). Returns the manifest path."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
