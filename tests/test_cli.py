@@ -64,11 +64,20 @@ def test_demo_config_runs_end_to_end(tiny_cache, tmp_path):
     assert all(0 <= x["score"] <= 9 for x in results)
     printed = json.loads(r.stdout)
     assert printed["scored"] == len(manifest)
+    assert set(summary["sub_score_names"]) == {"semantic_consistency", "perceptual_quality"}
     # The demo judge is the trained tiny judge: its scores follow the truth the demo set carries.
     assert {m["kind"] for m in manifest} == {"followed", "side_effect", "wrong", "unchanged"}
-    for m, x in zip(manifest, results):
-        assert (x["score"] > 4.5) == (m["kind"] == "followed"), (m, x["score"])
-    assert set(summary["categories"]) == {"followed", "side_effect", "wrong", "unchanged"}
+    clean = [(m, x) for m, x in zip(manifest, results) if "noise_level" not in m]
+    noisy = sorted((m["noise_level"], x) for m, x in zip(manifest, results) if "noise_level" in m)
+    assert len(noisy) == 3
+    for m, x in clean:  # instruction-following on clean edits: above the middle exactly when followed
+        assert (x["sub_scores"]["semantic_consistency"] > 4.5) == (m["kind"] == "followed"), (m, x)
+    followed = [x["score"] for m, x in clean if m["kind"] == "followed"]
+    failed = [x["score"] for m, x in clean if m["kind"] != "followed"]
+    assert min(followed) > max(failed), (followed, failed)  # overall: sqrt(SC x PQ)
+    quality = [x["sub_scores"]["perceptual_quality"] for _, x in noisy]
+    assert quality == sorted(quality, reverse=True), noisy  # more noise, lower quality
+    assert min(x["sub_scores"]["perceptual_quality"] for _, x in clean) > quality[0], (clean, noisy)
 
 
 def test_job_outputs_summary_csv_and_categories(tiny_cache, tmp_path, edit_manifest):
