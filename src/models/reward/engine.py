@@ -453,9 +453,9 @@ class JudgeEngine:
         s = self.settings
         self.vision_attn = apply_vision_attn(self.model, s.vision_attn, self.device, self.dtype)
         if s.compile_vision:
-            self._compile_vision()
+            self._compile_each("compile_vision", "visual", "blocks")
         if s.compile_language and s.mode == "logits":
-            self._compile_language()
+            self._compile_each("compile_language", "language_model", "layers")
         self._fast_decode = False
         if s.fast_decode and s.mode == "generate":
             from .fast_decode import unsupported_reason
@@ -478,15 +478,17 @@ class JudgeEngine:
             raise ValueError(f"max_memory_gb={s.max_memory_gb} is below what the loaded judge already holds on "
                              f"{self.device_label} ({self._resident_bytes / 1e9:.1f} GB); raise it")
 
-    def _compile_vision(self) -> None:
-        """torch.compile each vision block: one graph serves all blocks of a tower (same code, the
-        weights are inputs); shapes change with the images, hence dynamic."""
-        visual = getattr(getattr(self.model, "model", self.model), "visual", None)
-        blocks = getattr(visual, "blocks", None)
-        if blocks is None:
-            raise ValueError(f"compile_vision: {type(self.model).__name__} has no vision blocks to compile")
-        for blk in blocks:
-            blk.compile(dynamic=True)
+    def _compile_each(self, setting: str, tower: str, blocks: str) -> None:
+        """torch.compile each block of one tower: one graph serves all blocks (same code, the
+        weights are inputs); shapes change with the images and prompts, hence dynamic. The language
+        model is compiled for logits mode only, which keeps no KV cache: with one, each layer's
+        cache object would force its own graph."""
+        part = getattr(getattr(self.model, "model", self.model), tower, None)
+        modules = getattr(part, blocks, None)
+        if modules is None:
+            raise ValueError(f"{setting}: {type(self.model).__name__} has no {tower}.{blocks} to compile")
+        for module in modules:
+            module.compile(dynamic=True)
 
     def _load_images(self, items: list[ScoreItem]) -> dict[tuple[int, str, int], concurrent.futures.Future]:
         # Decoding and resizing (PIL, which releases the GIL) on several threads: on one thread it
@@ -506,16 +508,6 @@ class JudgeEngine:
         resized = fetch_image({"image": pil, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels},
                               image_patch_size=self.patch_size)
         return pil.info.get("frames_note"), resized
-
-    def _compile_language(self) -> None:
-        """torch.compile each decoder layer of the language model (logits mode, which keeps no KV
-        cache: with one, each layer's cache object would force its own graph)."""
-        lm = getattr(getattr(self.model, "model", self.model), "language_model", None)
-        layers = getattr(lm, "layers", None)
-        if layers is None:
-            raise ValueError(f"compile_language: {type(self.model).__name__} has no decoder layers to compile")
-        for layer in layers:
-            layer.compile(dynamic=True)
 
     def _new_tokens(self, inputs, kwargs: dict[str, Any]):
         """The generated tokens after the prompt: through fast_decode's CUDA-graphed greedy loop
