@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .. import stats
 from .reward.types import ScoreItem
 
 SIZE = 112  # the judge's input size: 4 x 4 merged vision tokens per image at patch 14
@@ -186,25 +187,12 @@ def quality_items(n: int, seed: int, size: int = SIZE, levels: Sequence[int] | N
 # ---------------------------------------------------------------------------------------------
 
 
-def _ranks(x: Sequence[float]) -> np.ndarray:
-    a = np.asarray(x, dtype=np.float64)
-    order = np.argsort(a, kind="mergesort")
-    ranks = np.empty(len(a), dtype=np.float64)
-    ranks[order] = np.arange(len(a), dtype=np.float64)
-    for v in np.unique(a):  # ties share their average rank
-        tie = a == v
-        ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rank correlation (ties get average ranks); nan when either side is constant."""
     if len(x) != len(y) or len(x) < 2:
         raise ValueError(f"spearman needs two sequences of equal length >= 2, got {len(x)} and {len(y)}")
-    rx, ry = _ranks(x), _ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    den = float(np.sqrt((rx ** 2).sum() * (ry ** 2).sum()))
-    return float((rx * ry).sum() / den) if den else float("nan")
+    rho = stats.spearman(list(x), list(y))
+    return float("nan") if rho is None else rho
 
 
 def edit_accuracy(scores: Sequence[float | None], items: Sequence[ScoreItem], middle: float = 4.5) -> float:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from src.job.runner import SUMMARY, _stats, summarize
+from src.stats import pearson, spearman
 
 
 class ReportError(ValueError):
@@ -190,33 +191,6 @@ def _first_by_id(records: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any
     return out, dups
 
 
-def _rank(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2.0  # ties share their mean rank
-        i = j + 1
-    return ranks
-
-
-def _pearson(x: list[float], y: list[float]) -> float | None:
-    n = len(x)
-    if n < 2:
-        return None
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    if sxx == 0 or syy == 0:
-        return None  # a constant side has no correlation to speak of
-    return sxy / math.sqrt(sxx * syy)
-
-
 def compare(this: SideInfo, other: SideInfo) -> Comparison:
     a_by_id, dup_a = _first_by_id(this.records)
     b_by_id, dup_b = _first_by_id(other.records)
@@ -228,8 +202,8 @@ def compare(this: SideInfo, other: SideInfo) -> Comparison:
     deltas = [y - x for x, y in zip(xs, ys)]
     stats = _stats(deltas)
     stats["mean_abs"] = round(sum(abs(d) for d in deltas) / len(deltas), 6) if deltas else None
-    pr = _pearson(xs, ys)
-    sr = _pearson(_rank(xs), _rank(ys)) if len(xs) > 1 else None
+    pr = pearson(xs, ys)
+    sr = spearman(xs, ys)
     stats["pearson"] = None if pr is None else round(pr, 4)
     stats["spearman"] = None if sr is None else round(sr, 4)
     stats["higher"] = sum(d > 1e-9 for d in deltas)
