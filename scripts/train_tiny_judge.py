@@ -225,32 +225,20 @@ def answer_loss(model, inputs, n_answer):
 
 
 class Probe:
-    """Logits-mode figures of the model being trained on fixed fresh items (for the learning curve)."""
+    """Logits-mode figures of the model being trained on fixed fresh items (for the learning curve),
+    scored by the engines, which share the model being trained."""
 
-    def __init__(self, engines: dict, processor, kinds: tuple[str, ...], n: int = 64):
-        self.processor = processor
-        self.digit_ids = [processor.tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    def __init__(self, engines: dict, kinds: tuple[str, ...], n: int = 64):
+        self.engines = engines
         self.sets = {"edit_instruction": synthetic.edit_items(n, seed=EVAL_SEED + 1, kinds=kinds),
                      "quality": synthetic.quality_items(n, seed=EVAL_SEED + 1)}
-        self.prepared = {t: engines[t].prompts(items, mode="logits") for t, items in self.sets.items()}
 
     def __call__(self, model) -> dict:
-        import torch
-
-        out = {}
         model.eval()
-        with torch.inference_mode():
-            for t, parts in self.prepared.items():
-                inputs = self.processor(text=[p[0][2] for p in parts], images=[im for p in parts for im in p[0][3]],
-                                        padding=True, return_tensors="pt")
-                logits = model(**inputs, logits_to_keep=1).logits[:, -1, self.digit_ids].float()
-                scores = (torch.softmax(logits, -1) * torch.arange(10.0)).sum(-1).tolist()
-                if t == "edit_instruction":
-                    out["edit_accuracy"] = round(synthetic.edit_accuracy(scores, self.sets[t]), 3)
-                else:
-                    out["quality_spearman"] = round(synthetic.quality_spearman(scores, self.sets[t]), 3)
+        scores = {t: [r.score for r in self.engines[t].score(items)] for t, items in self.sets.items()}
         model.train()
-        return out
+        return {"edit_accuracy": round(synthetic.edit_accuracy(scores["edit_instruction"], self.sets["edit_instruction"]), 3),
+                "quality_spearman": round(synthetic.quality_spearman(scores["quality"], self.sets["quality"]), 3)}
 
 
 def evaluate(path: str, n: int, seed: int = EVAL_SEED, kinds: tuple[str, ...] = synthetic.INSTRUCTION_KINDS) -> dict:
@@ -312,10 +300,10 @@ def train(args: argparse.Namespace) -> dict:
                    for t in (*TEMPLATES, *AUX_TEMPLATES)}
     first = engines[TEMPLATES[0]]
     model, processor = first.model, first.processor
-    for e in list(engines.values())[1:]:
-        e.model = None  # only the first engine's model is trained; the others just prepare prompts
+    for e in engines.values():
+        e.model = model  # one model, trained; each engine prepares its template's prompts (and probes)
     encode = Encoder(engines, processor)
-    probe = Probe(engines, processor, tuple(args.instructions.split(",")))
+    probe = Probe(engines, tuple(args.instructions.split(",")))
     n_params = sum(p.numel() for p in model.parameters())
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))

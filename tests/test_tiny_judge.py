@@ -154,13 +154,17 @@ def test_training_script_replays_the_start_of_the_shipped_run(tmp_path):
     shipped = json.loads((MODEL / "training.json").read_text())
     steps = 25
     assert shipped["args"]["warmup"] > steps
-    args = {**shipped["args"], "steps": steps, "log_every": steps, "probe_every": 0, "eval_items": 10}
+    # The probe runs too: scoring the model mid-training must leave the training path untouched.
+    args = {**shipped["args"], "steps": steps, "log_every": steps, "probe_every": steps, "eval_items": 10}
     cmd = [sys.executable, str(ROOT / "scripts" / "train_tiny_judge.py"), "--out", str(tmp_path / "judge")]
     for key, value in args.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    again = {e["step"]: e["loss"] for e in json.loads((tmp_path / "judge" / "training.json").read_text())["loss_log"]}
+    log = json.loads((tmp_path / "judge" / "training.json").read_text())["loss_log"]
+    again = {e["step"]: e["loss"] for e in log}
+    probed = log[-1]
+    assert 0 <= probed["edit_accuracy"] <= 1 and -1 <= probed["quality_spearman"] <= 1, probed
     before = {e["step"]: e["loss"] for e in shipped["loss_log"]}
     assert set(again) == {1, steps}
     for step, loss in again.items():
