@@ -112,10 +112,9 @@ class GpuSampler:
         rows = [s for s in list(self.samples) if t0 <= s[0] <= t1]
         per_gpu = []
         for index in indices:
-            mine = [(m, u) for _, i, m, u in rows if i == index]
-            utils = [u for _, u in mine if u is not None]
-            per_gpu.append({"index": index, "samples": len(mine),
-                            "peak_mem_gb": round(max(m for m, _ in mine) / 1024, 2) if mine else None,
+            utils = [u for _, i, _, u in rows if i == index and u is not None]
+            per_gpu.append({"index": index, "samples": sum(1 for r in rows if r[1] == index),
+                            "peak_mem_gb": self.peak_gb_of(index, t0, t1),
                             "util_mean_pct": round(sum(utils) / len(utils), 1) if utils else None,
                             "util_min_pct": min(utils) if utils else None})
         means = [g["util_mean_pct"] for g in per_gpu]

@@ -512,18 +512,21 @@ def build_tiny_model(arch: str, out_dir: str | os.PathLike, seed: int = 0, **ove
     return out
 
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
 def _default_cache_dir() -> pathlib.Path:
     env = os.environ.get(CACHE_ENV)
     if env:
         return pathlib.Path(env)
-    return pathlib.Path(__file__).resolve().parents[2] / ".cache" / "tiny_models"
+    return REPO_ROOT / ".cache" / "tiny_models"
 
 
 TRAINED_JUDGE = "judge"  # 'tiny:judge': the trained tiny judge shipped in models/tiny_judge
 
 
 def trained_judge_path() -> pathlib.Path:
-    return pathlib.Path(__file__).resolve().parents[2] / "models" / "tiny_judge"
+    return REPO_ROOT / "models" / "tiny_judge"
 
 
 def resolve_model_name(name: str, cache_dir: str | os.PathLike | None = None) -> str:
