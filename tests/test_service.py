@@ -342,7 +342,7 @@ def test_serve_exits_nonzero_when_the_model_cannot_load():
 def test_serve_config_errors_are_named_before_loading(tmp_path):
     import subprocess
 
-    for override, message in [("server.prot=1", "server: unknown key(s) ['prot']"),
+    for override, message in [("server.prot=1", "server: unknown key 'prot'. Did you mean 'port'?"),
                               ("server.max_batch=0", "server.max_batch: must be at least 1"),
                               ("server.token_env=NOT_SET_ANYWHERE_42", "NOT_SET_ANYWHERE_42"),
                               ("model.params.batch_sise=2", "Did you mean 'batch_size'?")]:
