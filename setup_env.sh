@@ -64,7 +64,7 @@ pip_sync .venv/bin/python .venv/.requirements.sha256 requirements.txt requiremen
 want_install=$(echo "$PWD" | cat - pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/qwen-judge ] || [ "$(cat .venv/.install.sha256 2>/dev/null)" != "$want_install" ]; then
   say "installing this project into .venv (editable)"
-  .venv/bin/python -m pip install --quiet --no-deps -e .
+  .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .  # setuptools: requirements.txt
   echo "$want_install" > .venv/.install.sha256
 fi
 

@@ -83,7 +83,7 @@ def check_top_level(cfg: dict[str, Any]) -> None:
             raise unknown_key_error("config", str(key), list(CONFIG_KEYS), elsewhere)
 
 
-def check_template_inputs(cls: type, params: dict[str, Any], rows: list[ManifestRow], manifest: Path) -> None:
+def check_template_inputs(cls: type, params: dict[str, Any], rows: list[ManifestRow], manifest: Any) -> None:
     """Refuse, before any model loads, a template that needs a source image or an instruction
     that no row of the manifest provides (rows that lack only some still fail one by one)."""
     settings_cls = getattr(cls, "settings_cls", None)
@@ -193,7 +193,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
     checked = resolve_spec(model_spec) if model is None else None  # config errors before any I/O
     rows = read_manifest(spec.manifest)
     if checked is not None:
-        check_template_inputs(checked[1], checked[2], rows, spec.manifest)
+        check_template_inputs(checked[1], checked[2], rows, cfg["job"]["manifest"])
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     stream_path = spec.output_dir / STREAM
     t0 = time.time()
