@@ -179,3 +179,27 @@ def test_readme_curl_example_against_the_shipped_server_config(tiny_cache):
     for key, value in said.items():
         assert abs(results[key]["score"] - float(value)) < 0.5, (key, results[key]["score"], value)
     assert set(said) == {"clean", "noisy"}, said
+
+
+def test_workers_of_a_plain_install_get_the_code_without_its_site_packages(tmp_path):
+    """Installed as a plain (non-editable) package, the code sits in a site-packages: a worker in
+    another environment must get `src` and `standalone` from it, not that env's torch."""
+    from src.models.reward.implementations.multi_gpu import worker_pythonpath
+
+    assert worker_pythonpath().split(os.pathsep)[0] == str(ROOT)  # a checkout: the checkout itself
+    site = tmp_path / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    for name in ("src", "standalone"):
+        (site / name).symlink_to(ROOT / name)
+    (site / "torch").mkdir()  # what must stay out of the worker's path
+    (site / "torch" / "__init__.py").write_text("raise ImportError('the main env torch')\n")
+    first = Path(worker_pythonpath(site).split(os.pathsep)[0])
+    try:
+        assert first != site and sorted(p.name for p in first.iterdir()) == ["src", "standalone"]
+        assert first.joinpath("src").resolve() == ROOT / "src"
+        probe = subprocess.run([sys.executable, "-c", "import src.models.reward.messages, torch; print('ok')"],
+                               env={**_clean_env(), "PYTHONPATH": str(first)}, capture_output=True, text=True,
+                               timeout=120)
+        assert probe.stdout.strip() == "ok", probe.stderr
+    finally:
+        shutil.rmtree(first, ignore_errors=True)
