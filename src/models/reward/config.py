@@ -202,11 +202,11 @@ def remove_key(data: dict[str, Any], key: str) -> None:
             seg = "init_args"
         if not isinstance(node, dict) or seg not in node:
             here = ".".join(parts[:i]) or "the top level"
-            have = sorted(node) if isinstance(node, dict) else []
-            close = difflib.get_close_matches(seg, [str(h) for h in have], n=1)
+            have = sorted(map(str, node)) if isinstance(node, dict) else []
+            close = difflib.get_close_matches(seg, have, n=1)
             hint = f" Did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close else ""
             raise ConfigError(f"--unset {key!r}: the config has no '{seg}' in {here}.{hint} "
-                              f"Keys there: {', '.join(map(str, have)) or 'none'}")
+                              f"Keys there: {', '.join(have) or 'none'}")
         if i == len(parts) - 1:
             del node[seg]
         else:
