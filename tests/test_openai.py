@@ -110,6 +110,25 @@ def test_official_client_asks_the_judge_and_reads_logprobs(client, in_process):
     assert [c.index for c in sampled.choices] == [0, 1, 2] and all(c.logprobs is None for c in sampled.choices)
 
 
+def test_official_client_continues_an_answer_prefix(client):
+    """vLLM's continue_final_message: the judge continues the assistant's started answer (what a
+    template with a logits_prefix, such as qalign_quality, is scored on)."""
+    from transformers import AutoTokenizer
+
+    from src.models.tiny import resolve_model_name
+
+    prefix = "The quality of the image is"
+    user = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(DEMO / ROWS[0]["image"])}},
+                                        {"type": "text", "text": "How would you rate the quality of this image?"}]}
+    plain = client.chat.completions.create(model="x", messages=[user], max_tokens=1)
+    cont = client.chat.completions.create(model="x", messages=[user, {"role": "assistant", "content": prefix}],
+                                          max_tokens=1, extra_body={"continue_final_message": True,
+                                                                    "add_generation_prompt": False})
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_name("tiny:judge"))
+    added = len(tokenizer.encode(prefix, add_special_tokens=False))
+    assert cont.usage.prompt_tokens == plain.usage.prompt_tokens + added
+
+
 def test_official_client_gets_clear_errors(service, client):
     image = {"type": "image_url", "image_url": {"url": str(DEMO / ROWS[0]["image"])}}
     text = {"type": "text", "text": "Rate it."}
@@ -252,6 +271,20 @@ def test_logits_mode_reads_top_logprobs_and_fails_clearly_without_them(fake):
             results = judge.score_items(image_items(2))
         for r in results:
             assert r.score is None and r.error_kind == "logprobs" and message in r.error, r.error
+
+
+def test_logits_prefix_templates_continue_the_answer(fake):
+    top = [(" good", math.log(0.5)), (" fair", math.log(0.3)), ("good", math.log(0.1)), (" excellent", math.log(0.05))]
+    top += [(f"t{k}", -12.0) for k in range(16)]
+    judge, script = fake([completion(" good", top)], mode="logits", template="qalign_quality")
+    with judge:
+        [r] = judge.score_items(image_items(1))
+    # levels are the prefix's next words, with their leading space; "good" without one is another token
+    assert r.score == pytest.approx((4 * 0.5 + 3 * 0.3 + 5 * 0.05) / 0.85)
+    assert r.raw["qalign_quality"]["levels_missing"] == ["poor", "bad"]
+    sent = script.seen[0][1]
+    assert sent["messages"][-1] == {"role": "assistant", "content": "The quality of the image is"}
+    assert sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
 
 
 def test_refusals_fail_each_item_with_the_servers_message(fake):
