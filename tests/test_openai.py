@@ -84,6 +84,39 @@ def served_judge(service, mode: str, monkeypatch, **extra):
         "template": "edit", "mode": mode, "max_new_tokens": 16, "max_concurrency": 4, **extra}})
 
 
+# -- chat requests in the engine -------------------------------------------------------------
+
+def test_engine_answers_chat_items_beside_score_items(tiny_cache):
+    """Random weights of the architecture least like the others (Qwen3-VL): chat items mixed into
+    a scoring call keep their places, batched answers equal one-by-one answers, the plain items
+    score as they do alone, and a malformed request fails only itself."""
+    from src.models.reward.chat import CHAT_KEY
+
+    def chat(k: int, **spec) -> ScoreItem:
+        msgs = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Question {k}: what colour?"}]}]
+        return ScoreItem(images=[str(DEMO / ROWS[k]["image"])], id=f"c{k}",
+                         metadata={CHAT_KEY: {"messages": msgs, "max_tokens": 4, "logprobs": True, "top_logprobs": 3, **spec}})
+
+    plain = [ScoreItem(images=[str(DEMO / ROWS[k]["image"])], id=f"p{k}") for k in range(2)]
+    bad = chat(0, max_tokens=0)
+    mixed = [chat(0), plain[0], chat(1), bad, plain[1], chat(2)]
+    with build_reward_model({"class_path": "qwen_vl", "params": {"model_name": "tiny:qwen3_vl", "batch_size": 4}}) as judge:
+        together = judge.score_items(mixed)
+        alone = [judge.score_items([it])[0] for it in mixed]
+        plain_only = judge.score_items(plain)
+    assert [r.index for r in together] == list(range(6)) and [r.id for r in together] == [it.id for it in mixed]
+    for k in (0, 2, 5):
+        a, b = together[k].raw["chat"]["choices"][0], alone[k].raw["chat"]["choices"][0]
+        assert together[k].error is None and together[k].score is None
+        assert a["text"] == b["text"] and len(a["logprobs"]) == len(b["logprobs"]) >= 1
+        for x, y in zip(a["logprobs"], b["logprobs"]):
+            assert x["token_id"] == y["token_id"] and x["logprob"] == pytest.approx(y["logprob"], abs=1e-4)
+            assert x["token_id"] == x["top"][0]["token_id"]  # greedy: the likeliest token
+    assert [together[1].score, together[4].score] == pytest.approx([r.score for r in plain_only], abs=1e-5)
+    assert together[3].error_kind == "input" and "'max_tokens' must be an integer from 1 to 4096" in together[3].error
+
+
 # -- the official client against the service ----------------------------------------------
 
 def test_official_client_asks_the_judge_and_reads_logprobs(client, in_process):

@@ -35,13 +35,10 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from ..models.reward.chat import CHAT_KEY
+from ..models.reward.chat import CHAT_KEY, MAX_N, MAX_TOKENS, MAX_TOP_LOGPROBS
 from ..models.reward.types import ScoreItem
 from .wire import WireError, check_path, decode_image
 
-MAX_TOKENS = 4096       # per answer
-MAX_N = 16              # answers per request
-MAX_TOP_LOGPROBS = 20   # OpenAI's and vLLM's default ceiling
 MAX_IMAGES = 64         # per request
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _KNOWN = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "seed",

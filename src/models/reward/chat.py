@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     from .engine import JudgeEngine
 
 CHAT_KEY = "__chat_completion__"   # the metadata key that makes an item a chat request
+# Bounds on one request, whoever sent it (the route checks them first, with HTTP errors):
+MAX_TOKENS = 4096       # per answer
+MAX_N = 16              # answers per request
+MAX_TOP_LOGPROBS = 20   # alternatives per token: OpenAI's and vLLM's default ceiling
 ROLES = ("system", "user", "assistant")
 
 
@@ -86,9 +90,9 @@ def _check_spec(spec: Any) -> dict[str, Any]:
            "top_p": spec.get("top_p", 1.0), "n": spec.get("n", 1), "seed": spec.get("seed"),
            "logprobs": bool(spec.get("logprobs", False)), "top_logprobs": spec.get("top_logprobs", 0) or 0,
            "continue_final_message": bool(spec.get("continue_final_message", False))}
-    for key, lo in (("max_tokens", 1), ("n", 1), ("top_logprobs", 0)):
-        if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < lo:
-            raise _ChatError(f"'{key}' must be an integer >= {lo}, got {out[key]!r}")
+    for key, lo, hi in (("max_tokens", 1, MAX_TOKENS), ("n", 1, MAX_N), ("top_logprobs", 0, MAX_TOP_LOGPROBS)):
+        if not isinstance(out[key], int) or isinstance(out[key], bool) or not lo <= out[key] <= hi:
+            raise _ChatError(f"'{key}' must be an integer from {lo} to {hi}, got {out[key]!r}")
     for key in ("temperature", "top_p"):
         if not isinstance(out[key], (int, float)) or isinstance(out[key], bool) or out[key] < 0:
             raise _ChatError(f"'{key}' must be a number >= 0, got {out[key]!r}")
