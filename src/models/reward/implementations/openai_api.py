@@ -31,6 +31,7 @@ import io
 import json
 import math
 import os
+import queue
 import random
 import threading
 import time
@@ -144,7 +145,7 @@ class OpenAIRewardModel(BaseRewardModel):
         self._openai = openai
         # Retries are ours (counted, logged in the error, with the policy above), not the client's.
         self._client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout_s)
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_concurrency, thread_name_prefix="openai-judge")
+        self._pool = _DaemonPool(max_concurrency)
         self._limiter = _RateLimiter(requests_per_minute)
         self._closed = False
 
@@ -153,6 +154,8 @@ class OpenAIRewardModel(BaseRewardModel):
         data = {"class": "openai", "model": self.model, "mode": self.mode, "max_new_tokens": self.max_new_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "num_samples": self.num_samples,
                 "seed": self.seed, "extra_body": self.extra_body, "rubric": rubric_fingerprint(self.rubric)}
+        if self.mode == "logits":  # which levels come back, so what is renormalised over
+            data["top_logprobs"] = self.top_logprobs
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     # -- scoring ----------------------------------------------------------------------------
@@ -301,8 +304,8 @@ class OpenAIRewardModel(BaseRewardModel):
         for attempt in range(self.max_retries + 1):
             if call.fatal:
                 raise _PartFailed(f"not sent: an earlier request of this call failed with {call.fatal}", "api")
-            if call.cancelled:
-                raise _PartFailed("not sent: the call was interrupted", "api")
+            if call.cancelled or self._closed:
+                raise _PartFailed("not sent: the call was interrupted or the judge closed", "api")
             self._limiter.wait()
             wait: float | None = None
             try:
@@ -328,8 +331,52 @@ class OpenAIRewardModel(BaseRewardModel):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            # Queued requests are dropped; one still waiting for its answer is not waited for
+            # (closing after Ctrl-C must not wait out a request's timeout), and sends nothing more.
+            self._pool.shutdown()
             self._client.close()
+
+
+class _DaemonPool:
+    """`n` daemon threads running submitted calls. Unlike ThreadPoolExecutor's threads, which the
+    interpreter joins at exit, these do not hold up the exit after Ctrl-C while a request to a
+    hung server waits out its timeout."""
+
+    def __init__(self, n: int):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"openai-judge-{k}", daemon=True) for k in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Any, *args: Any) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((fut, fn, args))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            fut, fn, args = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:
+                fut.set_exception(e)
+
+    def shutdown(self) -> None:
+        """Cancel what is queued, stop each thread after its current call; waits for nothing."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job[0].cancel()
+        for _ in self._threads:
+            self._queue.put(None)
 
 
 class _Call:
