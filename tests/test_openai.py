@@ -350,11 +350,12 @@ def test_unreachable_server_fails_items_with_the_cause(tmp_path):
     items = image_items(2) + [ScoreItem(images=[str(tmp_path / "missing.png")], id="gone")]
     with build_reward_model({"class_path": "openai", "params": {
             "base_url": f"http://127.0.0.1:{port}/v1", "model": "m", "api_key_env": None, "mode": "generate",
-            "max_retries": 2, "backoff_s": 0.0}}) as judge:
+            "max_retries": 2, "backoff_s": 0.0, "max_concurrency": 1}}) as judge:
         results = judge.score_items(items)
     for r in results[:2]:
         assert r.score is None and r.error_kind == "connection"
         assert "no answer after 3 attempt(s)" in r.error and "APIConnectionError" in r.error, r.error
+    assert "not sent: an earlier request of this call failed" in results[1].error  # no second wait
     assert results[2].error_kind == "image" and "image not found" in results[2].error  # never sent
 
 

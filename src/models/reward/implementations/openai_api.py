@@ -71,7 +71,9 @@ class OpenAIRewardModel(BaseRewardModel):
       at least the number of levels, so every level can show up.
     max_concurrency: requests in flight at once. requests_per_minute: a rate limit (null: none).
     max_retries / backoff_s / max_backoff_s: retries after 429, 5xx or a connection error, waiting
-      backoff_s * 2^k (with jitter, capped), or what the server's Retry-After says.
+      backoff_s * 2^k (with jitter, capped), or what the server's Retry-After says. A request out of
+      retries (the server down, a quota spent) fails the call's remaining items at once with its
+      cause, instead of each waiting through the same retries; a re-run resumes them.
     timeout_s: per request.
     max_image_pixels: larger images are refused here, before any upload (as in-process).
     extra_body: extra request fields for the server (vLLM: `{mm_processor_kwargs: {max_pixels: ...}}`).
@@ -303,7 +305,7 @@ class OpenAIRewardModel(BaseRewardModel):
         last, kind = "", "api"
         for attempt in range(self.max_retries + 1):
             if call.fatal:
-                raise _PartFailed(f"not sent: an earlier request of this call failed with {call.fatal}", "api")
+                raise _PartFailed(f"not sent: an earlier request of this call failed ({call.fatal[0]})", call.fatal[1])
             if call.cancelled or self._closed:
                 raise _PartFailed("not sent: the call was interrupted or the judge closed", "api")
             self._limiter.wait()
@@ -314,7 +316,7 @@ class OpenAIRewardModel(BaseRewardModel):
                 status = e.status_code
                 last, kind = f"HTTP {status}: {_server_message(e)}", "api"
                 if status in _FATAL_STATUS:
-                    call.fatal = call.fatal or last
+                    call.fatal = call.fatal or (last, "api")
                     raise _PartFailed(f"{self.base_url}: {last}", "api") from None
                 if not (status in _RETRY_STATUS or status >= 500):
                     raise _PartFailed(f"{self.base_url}: {last}", "api") from None
@@ -326,7 +328,11 @@ class OpenAIRewardModel(BaseRewardModel):
                 if wait is None:
                     wait = min(self.backoff_s * 2 ** attempt, self.max_backoff_s) * (0.5 + random.random())
                 time.sleep(min(wait, self.max_backoff_s))
-        raise _PartFailed(f"{self.base_url}: no answer after {self.max_retries + 1} attempt(s); last: {last}", kind)
+        message = f"{self.base_url}: no answer after {self.max_retries + 1} attempt(s); last: {last}"
+        # The server is down or out of quota: the call's other requests would wait through the same
+        # retries, so they fail at once (a re-run of the job resumes them).
+        call.fatal = call.fatal or (message, kind)
+        raise _PartFailed(message, kind)
 
     def close(self) -> None:
         if not self._closed:
@@ -383,7 +389,8 @@ class _Call:
     """State shared by the requests of one score_items call."""
 
     def __init__(self) -> None:
-        self.fatal: str | None = None  # set by a 401/403/404: the rest are not sent
+        # Set by a 401/403/404 or a request out of retries: the rest are not sent. (message, kind)
+        self.fatal: tuple[str, str] | None = None
         self.cancelled = False
 
 
