@@ -141,6 +141,9 @@ def test_official_client_asks_the_judge_and_reads_logprobs(client, in_process):
     sampled = client.chat.completions.create(model="x", messages=[{"role": "user", "content": [by_url, question]}],
                                              max_tokens=2, temperature=1.0, n=3, seed=7)
     assert [c.index for c in sampled.choices] == [0, 1, 2] and all(c.logprobs is None for c in sampled.choices)
+    greedy = client.chat.completions.create(model="x", messages=[{"role": "user", "content": [by_url, question]}],
+                                            max_tokens=2, temperature=0, n=2)
+    assert len(greedy.choices) == 2 and greedy.choices[0].message.content == greedy.choices[1].message.content
 
 
 def test_official_client_continues_an_answer_prefix(client):

@@ -206,11 +206,13 @@ def _generate(engine: "JudgeEngine", batch: list[tuple[int, dict[str, Any], str,
         raise RuntimeError("a prompt in the batch is over max_prompt_tokens")
     inputs = inputs.to(engine.device)
     n = spec["n"]
+    sampling = spec["temperature"] > 0
+    reps = n if sampling else 1  # greedy answers are all the same: compute one, return it n times
     tok = engine.tokenizer
-    kwargs: dict[str, Any] = {"max_new_tokens": spec["max_tokens"], "num_return_sequences": n,
+    kwargs: dict[str, Any] = {"max_new_tokens": spec["max_tokens"], "num_return_sequences": reps,
                               "pad_token_id": tok.pad_token_id, "return_dict_in_generate": True,
                               "output_logits": spec["logprobs"]}
-    if spec["temperature"] > 0:
+    if sampling:
         kwargs.update(do_sample=True, temperature=float(spec["temperature"]), top_p=float(spec["top_p"]), top_k=None)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -227,7 +229,7 @@ def _generate(engine: "JudgeEngine", batch: list[tuple[int, dict[str, Any], str,
     for b in range(len(batch)):
         choices = []
         for j in range(n):
-            row = b * n + j
+            row = b * reps + (j if sampling else 0)
             ids = new[row].tolist()
             stop = next((t for t, tid in enumerate(ids) if tid in eos_ids), None)
             kept = ids if stop is None else ids[:stop]
