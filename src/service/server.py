@@ -19,6 +19,7 @@ Endpoints (bodies and answers in JSON; errors are `{"detail": message}`):
 - POST /compute_reward  verl's {"data_source", "solution_str", "ground_truth", "extra_info"}, or a
                         list of them -> {"score": float | null, ...} (or a list).
 - POST /get_reward      OpenRLHF's {"query", "prompts", "labels"} -> {"rewards", "scores", "extra_logs"}.
+- POST /v1/chat/completions, GET /v1/models: OpenAI-compatible (openai_routes.py).
 
 What an RL sample is judged on: `src/rl/items.py`.
 """
@@ -49,6 +50,7 @@ from ..models.reward.settings import check_type
 from ..models.reward.types import ScoreItem, ScoreResult
 from ..rl.items import COMPLETION_AS, SampleError, openrlhf_item, verl_item
 from .batcher import BatcherClosed, MicroBatcher
+from .openai_routes import add_openai_routes
 from .wire import WireError, decode_image, decode_score_request, resolve_allowed_dirs
 
 log = logging.getLogger(__name__)
@@ -363,6 +365,8 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
         authorize(request)
         service.check_ready()
         return await _read_json(request, settings.max_request_bytes)
+
+    add_openai_routes(app, service, begin, authorize)  # /v1/chat/completions, /v1/models
 
     @app.get("/health")
     async def health() -> JSONResponse:
