@@ -20,6 +20,12 @@ Endpoints (bodies and answers in JSON; errors are `{"detail": message}`):
                         list of them -> {"score": float | null, ...} (or a list).
 - POST /get_reward      OpenRLHF's {"query", "prompts", "labels"} -> {"rewards", "scores", "extra_logs"}.
 
+Before anything is scored a request passes `validate.py` (size, body deadline, JSON the answer can
+carry back, items and decoded pixels per request): what is refused gets 4xx naming the cause, what
+is accepted is answered. There is no /docs, /redoc or /openapi.json: the endpoints read their
+bodies by hand (the schema would say nothing), and the wire forms are documented here, in wire.py
+and in the README; so nothing but /health answers without the token.
+
 What an RL sample is judged on: `src/rl/items.py`.
 """
 from __future__ import annotations
@@ -49,6 +55,7 @@ from ..models.reward.settings import check_type
 from ..models.reward.types import ScoreItem, ScoreResult
 from ..rl.items import COMPLETION_AS, SampleError, openrlhf_item, verl_item
 from .batcher import BatcherClosed, MicroBatcher
+from .validate import check_count, check_pixels, check_sample_item, read_json
 from .wire import WireError, decode_image, decode_score_request, resolve_allowed_dirs
 
 log = logging.getLogger(__name__)
@@ -62,8 +69,12 @@ class ServerSettings:
     token / token_env: a bearer token required on every endpoint but /health, given directly or
       as the name of an environment variable holding it.
     allowed_dirs: folders whose files may be named by path; any other path is refused (403).
-    max_batch: items gathered into one model call; max_wait_ms: how long the first request of a
-      call waits for company. max_request_bytes: larger bodies get 413.
+    max_batch: items in one model call (set it to at least devices x batch_size); concurrent
+      requests share calls, equally when more items wait than fit. max_wait_ms: how long the first
+      request of a call waits for company. max_request_bytes: larger bodies get 413.
+    max_items: items (or RL samples) per request; more get 413. max_request_pixels: the decoded
+      pixels of all of a request's images, read from their headers; more get 413.
+    body_timeout_s: the whole body must arrive within this; a slow or stalled client gets 408.
     completion_as: what an RL completion is (`instruction` or `image`, see src/rl/items.py).
     failed_reward: the reward /get_reward reports for a sample the judge could not score
       (OpenRLHF needs a number); null reports null. Always flagged in extra_logs.judge_failed.
@@ -78,6 +89,9 @@ class ServerSettings:
     max_batch: int = 32
     max_wait_ms: float = 10.0
     max_request_bytes: int = 64 * 1024 * 1024
+    max_items: int = 4096
+    max_request_pixels: int = 1 << 30
+    body_timeout_s: float = 30.0
     completion_as: str = "instruction"
     failed_reward: float | None = None
     log_level: str = "info"
@@ -88,8 +102,11 @@ class ServerSettings:
             raise ValueError(f"server.max_batch: must be at least 1, got {self.max_batch}")
         if self.max_wait_ms < 0:
             raise ValueError(f"server.max_wait_ms: must be >= 0, got {self.max_wait_ms}")
-        if self.max_request_bytes < 1:
-            raise ValueError(f"server.max_request_bytes: must be at least 1, got {self.max_request_bytes}")
+        for name in ("max_request_bytes", "max_items", "max_request_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"server.{name}: must be at least 1, got {getattr(self, name)}")
+        if not self.body_timeout_s > 0:
+            raise ValueError(f"server.body_timeout_s: must be > 0, got {self.body_timeout_s}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"server.port: must be 0..65535, got {self.port}")
         if self.completion_as not in COMPLETION_AS:
@@ -263,31 +280,6 @@ def _describe_model(model: BaseRewardModel) -> dict[str, Any]:
 
 # -- request helpers ----------------------------------------------------------------------
 
-async def _read_json(request: Any, limit: int) -> Any:
-    too_big = (f"the request body is over the limit of {limit} bytes (server.max_request_bytes); "
-               "send fewer items per request, or paths instead of base64 images")
-    length = request.headers.get("content-length")
-    if length is not None:
-        try:
-            if int(length) > limit:
-                raise HTTPException(413, too_big)
-        except ValueError:
-            raise HTTPException(400, f"bad Content-Length header {length!r}") from None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, too_big)
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        raise HTTPException(400, "the request body is empty; send JSON")
-    try:
-        return await asyncio.to_thread(json.loads, raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HTTPException(400, f"the request body is not valid JSON: {e}") from None
-
-
 def _wire_http(e: WireError) -> Exception:
     return HTTPException(e.status, e.message)
 
@@ -304,8 +296,8 @@ def _decode_sample_images(item: ScoreItem, allowed: Sequence[Any], where: str, f
             try:
                 out.append(decode_image(v, allowed, f"{where}: {role}[{k}]"))
             except WireError as e:
-                if completion_role:
-                    raise SampleError(e.message) from None
+                if completion_role:  # the caller prefixes `where` to a sample's error
+                    raise SampleError(e.message.removeprefix(f"{where}: ")) from None
                 raise
         return out
 
@@ -344,7 +336,7 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
         finally:
             await asyncio.to_thread(service.close)
 
-    app = FastAPI(title="reward service", lifespan=lifespan)
+    app = FastAPI(title="reward service", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.reward = service
 
     def authorize(request: Request) -> None:
@@ -361,7 +353,18 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
     async def begin(request: Request) -> Any:
         authorize(request)
         service.check_ready()
-        return await _read_json(request, settings.max_request_bytes)
+        return await read_json(request, settings.max_request_bytes, settings.body_timeout_s)
+
+    def decode_score(body: Any) -> tuple[list[ScoreItem], Any]:
+        if isinstance(body, Mapping) and isinstance(body.get("items"), list):
+            check_count(len(body["items"]), settings.max_items)
+        items, request_id = decode_score_request(body, service.allowed)
+        check_pixels(items, settings.max_request_pixels)
+        return items, request_id
+
+    def check_prepared(prepared: list[ScoreItem | ScoreResult]) -> list[ScoreItem | ScoreResult]:
+        check_pixels([p for p in prepared if isinstance(p, ScoreItem)], settings.max_request_pixels)
+        return prepared
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -372,38 +375,47 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
     async def score(request: Request) -> JSONResponse:
         body = await begin(request)
         try:
-            items, request_id = await asyncio.to_thread(decode_score_request, body, service.allowed)
+            items, request_id = await asyncio.to_thread(decode_score, body)
         except WireError as e:
             raise _wire_http(e) from None
         results = await service.score(items)
         return JSONResponse({"request_id": request_id, "results": [r.to_dict() for r in results]})
 
-    def prepare_verl(bodies: list[Any]) -> list[ScoreItem | ScoreResult]:
+    def prepare_verl(bodies: list[Any], single: bool) -> list[ScoreItem | ScoreResult]:
+        check_count(len(bodies), settings.max_items, "samples")
         prepared: list[ScoreItem | ScoreResult] = []
         for i, b in enumerate(bodies):
-            where = f"sample {i}"
-            if not isinstance(b, Mapping):
-                raise WireError(422, f"{where}: expected an object with 'solution_str', got {type(b).__name__}")
-            unknown = set(b) - set(_VERL_KEYS)
-            if unknown:
-                raise WireError(422, f"{where}: unknown key(s) {sorted(unknown)}; known: {', '.join(_VERL_KEYS)}")
-            if not isinstance(b.get("solution_str"), str):
-                raise WireError(422, f"{where}: 'solution_str' must be a string")
-            extra = b.get("extra_info")
-            if extra is not None and not isinstance(extra, Mapping):
-                raise WireError(422, f"{where}: 'extra_info' must be an object or null")
-            mode = (extra or {}).get("completion_as") or settings.completion_as
             try:
-                item = verl_item(b["solution_str"], b.get("ground_truth"), extra, settings.completion_as,
-                                 b.get("data_source"))
-                prepared.append(_decode_sample_images(item, service.allowed, where, mode == "image"))
-            except SampleError as e:
-                prepared.append(_failure(i, None, f"{where}: {e}"))
-            except ValueError as e:  # an unknown completion_as in extra_info
-                if isinstance(e, WireError):
+                prepared.append(prepare_verl_sample(i, b))
+            except WireError as e:  # in a list, a malformed sample fails alone; a refused path (403) refuses all
+                if single or e.status != 422:
                     raise
-                raise WireError(422, f"{where}: {e}") from None
-        return prepared
+                prepared.append(_failure(i, None, e.message))
+        return check_prepared(prepared)
+
+    def prepare_verl_sample(i: int, b: Any) -> ScoreItem | ScoreResult:
+        where = f"sample {i}"
+        if not isinstance(b, Mapping):
+            raise WireError(422, f"{where}: expected an object with 'solution_str', got {type(b).__name__}")
+        unknown = set(b) - set(_VERL_KEYS)
+        if unknown:
+            raise WireError(422, f"{where}: unknown key(s) {sorted(unknown)}; known: {', '.join(_VERL_KEYS)}")
+        if not isinstance(b.get("solution_str"), str):
+            raise WireError(422, f"{where}: 'solution_str' must be a string")
+        extra = b.get("extra_info")
+        if extra is not None and not isinstance(extra, Mapping):
+            raise WireError(422, f"{where}: 'extra_info' must be an object or null")
+        mode = (extra or {}).get("completion_as") or settings.completion_as
+        try:
+            item = verl_item(b["solution_str"], b.get("ground_truth"), extra, settings.completion_as,
+                             b.get("data_source"))
+            return _decode_sample_images(check_sample_item(item, where), service.allowed, where, mode == "image")
+        except SampleError as e:
+            return _failure(i, None, f"{where}: {e}")
+        except ValueError as e:  # an unknown completion_as in extra_info
+            if isinstance(e, WireError):
+                raise
+            raise WireError(422, f"{where}: {e}") from None
 
     @app.post("/compute_reward")
     async def compute_reward(request: Request) -> JSONResponse:
@@ -413,7 +425,7 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
         if not isinstance(bodies, list):
             raise HTTPException(422, "the body must be a verl reward object or a list of them")
         try:
-            prepared = await asyncio.to_thread(prepare_verl, bodies)
+            prepared = await asyncio.to_thread(prepare_verl, bodies, single)
         except WireError as e:
             raise _wire_http(e) from None
         answers = [_verl_answer(r) for r in await service.score_prepared(prepared)]
@@ -429,6 +441,7 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
         if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
             raise WireError(422, "'query' must be a list of strings (prompt + response)")
         n = len(queries)
+        check_count(n, settings.max_items, "samples")
         prompts = body.get("prompts")
         labels = body.get("labels")
         for key, seq in (("prompts", prompts), ("labels", labels)):
@@ -438,13 +451,22 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
         for i, q in enumerate(queries):
             where = f"sample {i}"
             try:
-                item = openrlhf_item(q, prompts[i] if prompts else None, labels[i] if labels else None,
-                                     settings.completion_as)
-                prepared.append(_decode_sample_images(item, service.allowed, where,
+                try:
+                    item = openrlhf_item(q, prompts[i] if prompts else None, labels[i] if labels else None,
+                                         settings.completion_as)
+                except (RecursionError, ValueError) as e:  # a JSON label nested too deep, or a huge number
+                    if isinstance(e, SampleError):
+                        raise
+                    raise WireError(422, f"{where}: the label does not parse: {type(e).__name__}") from None
+                prepared.append(_decode_sample_images(check_sample_item(item, where), service.allowed, where,
                                                       settings.completion_as == "image"))
             except SampleError as e:
                 prepared.append(_failure(i, None, f"{where}: {e}"))
-        return prepared
+            except WireError as e:  # a malformed sample fails alone; a refused path (403) refuses all
+                if e.status != 422:
+                    raise
+                prepared.append(_failure(i, None, e.message))
+        return check_prepared(prepared)
 
     @app.post("/get_reward")
     async def get_reward(request: Request) -> JSONResponse:

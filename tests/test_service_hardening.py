@@ -1,0 +1,273 @@
+"""The service against hostile and odd requests: a real `main.py serve` process (tiny judge, CPU) on
+loopback, real files, raw sockets where a client misbehaves below HTTP. Every case is refused with
+4xx naming the cause before anything is scored, or answered in full; never a 5xx; the service stays
+healthy. Each case is recorded in the fault ledger (conftest.py) and printed in its table.
+"""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from conftest import make_image
+from service_proc import ServiceProcess
+from src.service.wire import data_url
+
+TOKEN = "hardening-token-31"
+MAX_ITEMS = 40
+MAX_PIXELS = 200_000  # per request; one 56x56 image is 3,136
+BODY_TIMEOUT_S = 1.5
+
+
+def png(seed: int, w: int = 56, h: int = 56) -> bytes:
+    buf = io.BytesIO()
+    make_image(seed, w, h).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def allowed(tmp_path_factory):
+    d = tmp_path_factory.mktemp("allowed")
+    (d / "a.png").write_bytes(png(1))
+    from PIL import Image
+
+    Image.new("1", (1000, 1000)).save(d / "wide_1mp.png")  # 1 MP, a few KB: over MAX_PIXELS alone
+    return d
+
+
+@pytest.fixture(scope="module")
+def service(allowed, tiny_cache):
+    svc = ServiceProcess([f"server.allowed_dirs=[{allowed}]", "server.token_env=HARDENING_TOKEN",
+                          "server.max_batch=4", "server.max_wait_ms=5", f"server.max_items={MAX_ITEMS}",
+                          f"server.max_request_pixels={MAX_PIXELS}", f"server.body_timeout_s={BODY_TIMEOUT_S}",
+                          "server.max_request_bytes=4000000"],
+                         env={"HARDENING_TOKEN": TOKEN})
+    svc.start()
+    try:
+        yield svc
+    finally:
+        rc = svc.stop()
+    assert rc == 0, svc.log()
+    assert "Traceback" not in svc.log(), svc.log()
+
+
+@pytest.fixture(scope="module")
+def http(service):
+    with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def still_healthy(service):
+    yield
+    health = httpx.get(service.url + "/health", timeout=30).json()
+    assert health["ready"] and health["queue_depth"] == 0, health
+
+
+def good_item(k: int = 0) -> dict:
+    return {"id": f"g{k}", "images": [data_url(png(k))], "instruction": "a red square"}
+
+
+def send(http, path: str, content: bytes):
+    return http.post(path, content=content, headers={"Content-Type": "application/json"})
+
+
+def refused(ledger, case: str, resp, status: int, text: str) -> None:
+    detail = resp.json().get("detail", "") if resp.headers.get("content-type", "").startswith("application/json") else resp.text
+    ledger.request(case, resp.status_code, str(detail))
+    assert resp.status_code == status, (case, resp.status_code, resp.text[:500])
+    assert text in str(detail), (case, detail)
+
+
+# -- 2. what used to be 500 -------------------------------------------------------------------
+
+def deep(n: int, leaf: str = "1", kind: str = "list") -> str:
+    return ("[" * n + leaf + "]" * n) if kind == "list" else ('{"a":' * n + leaf + "}" * n)
+
+
+REFUSED = [
+    # (case, endpoint, body, status, text in the detail)
+    ("NUL byte in an image path", "/score",
+     lambda d: json.dumps({"items": [{"images": [str(d / "a.png") + "\x00.txt"]}]}), 422, "contains a NUL byte"),
+    ("array nested 100,000 deep", "/score", lambda d: deep(100_000), 400, "nested too deeply"),
+    ("metadata nested 1,000 deep", "/score",
+     lambda d: '{"items": [{"images": [], "metadata": ' + deep(1000, kind="obj") + "}]}", 400, "nested too deeply"),
+    ("request_id nested 1,000 deep", "/score",
+     lambda d: '{"items": [], "request_id": ' + deep(1000) + "}", 400, "nested too deeply"),
+    ("metadata nested 40 deep (parses, not answerable)", "/score",
+     lambda d: '{"items": [{"images": [], "metadata": ' + deep(40, kind="obj") + "}]}", 422,
+     "items[0].metadata.a.a"),
+    ("5,000-digit integer id", "/score",
+     lambda d: '{"items": [{"id": ' + "9" * 5000 + ', "images": []}]}', 400, "too many digits"),
+    ("request_id NaN", "/score", lambda d: '{"items": [], "request_id": NaN}', 400, "NaN is not a JSON number"),
+    ("metadata value 1e999 (infinite)", "/score",
+     lambda d: '{"items": [{"images": [], "metadata": {"x": 1e999}}]}', 422, "not finite"),
+    ("id holding a lone surrogate", "/score",
+     lambda d: '{"items": [{"id": "\\ud800", "images": []}]}', 422, "lone UTF-16 surrogate"),
+    ("request_id holding a lone surrogate", "/score",
+     lambda d: '{"items": [], "request_id": "x\\udfff"}', 422, "lone UTF-16 surrogate"),
+    ("invalid UTF-8 in the body", "/score", lambda d: b'{"items": [], "request_id": "\xff\xfe"}', 400, "not UTF-8"),
+    ("verl body nested 1,000 deep", "/compute_reward", lambda d: deep(1000), 400, "nested too deeply"),
+    ("OpenRLHF label nested 1,000 deep", "/get_reward",
+     lambda d: '{"query": ["a"], "labels": [' + deep(1000) + "]}", 400, "nested too deeply"),
+    # 4. per-request limits
+    (f"{MAX_ITEMS + 1} items (max_items {MAX_ITEMS})", "/score",
+     lambda d: json.dumps({"items": [{"images": []}] * (MAX_ITEMS + 1)}), 413, "server.max_items"),
+    (f"{MAX_ITEMS + 1} verl samples", "/compute_reward",
+     lambda d: json.dumps([{"solution_str": "x"}] * (MAX_ITEMS + 1)), 413, "server.max_items"),
+    (f"{MAX_ITEMS + 1} OpenRLHF queries", "/get_reward",
+     lambda d: json.dumps({"query": ["x"] * (MAX_ITEMS + 1)}), 413, "server.max_items"),
+    ("1 MP image over max_request_pixels (by path)", "/score",
+     lambda d: json.dumps({"items": [{"images": [str(d / "wide_1mp.png")]}]}), 413, "1000000 pixels"),
+    ("65 images summing over max_request_pixels", "/score",
+     lambda d: json.dumps({"items": [{"images": [str(d / "a.png")] * 65}]}), 413, "server.max_request_pixels"),
+    ("verl samples summing over max_request_pixels", "/compute_reward",
+     lambda d: json.dumps([{"solution_str": "x", "extra_info": {"image": str(d / "wide_1mp.png")}}]), 413,
+     "server.max_request_pixels"),
+]
+
+
+@pytest.mark.parametrize("case, endpoint, body, status, text", REFUSED, ids=[c[0] for c in REFUSED])
+def test_hostile_bodies_are_refused_before_scoring_with_4xx(service, http, allowed, ledger, case, endpoint, body,
+                                                            status, text):
+    before = httpx.get(service.url + "/health").json()
+    content = body(allowed)
+    resp = send(http, endpoint, content if isinstance(content, bytes) else content.encode("utf-8", "surrogatepass"))
+    refused(ledger, case, resp, status, text)
+    after = httpx.get(service.url + "/health").json()
+    assert after["items_scored"] == before["items_scored"], "refused before anything was scored"
+
+
+def test_accepted_ids_and_metadata_come_back_intact(http, ledger):
+    """What validation lets through is answerable: odd but valid values round-trip."""
+    items = [{"id": "x\u0000y \U0001F600", "images": [data_url(png(2))], "instruction": "nul \u0000 inside",
+              "metadata": {"deep": json.loads(deep(20, kind="obj")), "big": 10 ** 300, "neg": -0.0}},
+             {"id": 12345678901234567890, "images": [data_url(png(3))]}]
+    resp = http.post("/score", json={"items": items, "request_id": [1, {"a": None}]})
+    ledger.request("odd but valid ids, metadata, request_id", resp.status_code, "answered",
+                   items=len(items), answered=len(resp.json().get("results", [])))
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["request_id"] == [1, {"a": None}]
+    assert [r["id"] for r in out["results"]] == ["x\u0000y \U0001F600", "12345678901234567890"]
+    assert out["results"][0]["metadata"]["big"] == 10 ** 300
+    assert all((r["score"] is None) != (r["error"] is None) for r in out["results"])
+
+
+# -- 3. one bad RL sample fails alone -------------------------------------------------------
+
+def test_one_bad_verl_sample_fails_alone(http, allowed, ledger):
+    good = {"solution_str": "a red square", "extra_info": {"image": str(allowed / "a.png")}}
+    samples = [good,
+               {"solution_str": str(allowed / "a.png") + "\x00", "extra_info": {"completion_as": "image"}},
+               "not an object",
+               {"solution_str": 5},
+               {"solution_str": "x", "extra_info": {"image": str(allowed / "a.png"), "instruction": 7,
+                                                    "completion_as": "image"}},
+               {"solution_str": "/nowhere/x.png", "extra_info": {"completion_as": "image"}},
+               good]
+    resp = http.post("/compute_reward", json=samples)
+    answers = resp.json()
+    ledger.request("verl batch: NUL completion + 4 other bad samples", resp.status_code,
+                   "; ".join((a.get("error") or "scored")[:40] for a in answers), items=len(samples),
+                   answered=sum((a["score"] is None) != (a["error"] is None) for a in answers))
+    assert resp.status_code == 200, resp.text
+    assert len(answers) == len(samples)
+    assert answers[0]["score"] is not None and answers[-1]["score"] == pytest.approx(answers[0]["score"], abs=1e-4)
+    expected = {1: "contains a NUL byte", 2: "expected an object", 3: "'solution_str' must be a string",
+                4: "instruction must be a string", 5: "outside the allowed folders"}
+    for i, text in expected.items():
+        err = answers[i]["error"]
+        assert answers[i]["score"] is None and text in err, (i, err)
+        assert err.startswith(f"sample {i}: ") and err.count(f"sample {i}:") == 1, err  # one prefix, not two
+
+
+def test_a_single_bad_verl_body_is_still_422(http):
+    resp = http.post("/compute_reward", json={"solution_str": 5})
+    assert resp.status_code == 422 and "'solution_str' must be a string" in resp.json()["detail"]
+
+
+def test_one_bad_openrlhf_sample_fails_alone(http, allowed, ledger):
+    labels = [str(allowed / "a.png"), str(allowed / "a.png") + "\x00", json.dumps({"image": 5}),
+              "{" + deep(900) + "}", str(allowed / "a.png")]
+    resp = http.post("/get_reward", json={"query": ["a red square"] * len(labels), "labels": labels})
+    out = resp.json()
+    ledger.request("OpenRLHF batch: NUL label + 2 other bad labels", resp.status_code,
+                   "; ".join((e or "scored")[:40] for e in out.get("errors", [])), items=len(labels),
+                   answered=sum(r is not None or e is not None for r, e in zip(out["judge_scores"], out["errors"])))
+    assert resp.status_code == 200, resp.text
+    assert out["judge_scores"][0] is not None and out["judge_scores"][4] is not None
+    assert out["extra_logs"]["judge_failed"] == [0.0, 1.0, 1.0, 1.0, 0.0]
+    assert "contains a NUL byte" in out["errors"][1]
+    assert "must be a path, data URL or base64 string" in out["errors"][2]
+    assert out["errors"][3].startswith("sample 3: the label") and out["errors"][3].count("sample 3:") == 1
+
+
+# -- 5. slow and stalled clients ------------------------------------------------------------
+
+def raw_request(url: str, head: bytes, body: bytes, wait_s: float = 30.0) -> tuple[bytes, float]:
+    """Send headers and part of a body on a raw socket, then read until the server closes."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait_s) as s:
+        s.sendall(head + body)
+        t0 = time.monotonic()
+        chunks = []
+        try:
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except socket.timeout:
+            pass
+        return b"".join(chunks), time.monotonic() - t0
+
+
+def test_a_body_shorter_than_its_content_length_times_out_with_408(service, ledger):
+    head = (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: 10\r\n\r\n")
+    answer, _ = raw_request(service.url, head, b"{}")
+    status_line, _, rest = answer.partition(b"\r\n")
+    detail = json.loads(rest.split(b"\r\n\r\n", 1)[1])["detail"] if b"\r\n\r\n" in rest else ""
+    ledger.request("Content-Length 10, 2 bytes sent, then silence", int(status_line.split()[1]), detail)
+    assert status_line.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert "did not arrive within 1.5 s" in detail and "2 bytes received of the 10 announced" in detail
+
+
+def test_a_trickling_client_is_cut_off_at_the_deadline(service, ledger):
+    """Chunks every 0.4 s: never idle for long, but the whole body has a deadline."""
+    host, port = service.url.removeprefix("http://").split(":")
+    body = json.dumps({"items": []}).encode() + b" " * 100
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer "
+                  + TOKEN.encode() + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        answer = b""
+        for k in range(len(body)):
+            try:
+                s.sendall(body[k:k + 1])
+            except OSError:
+                break  # closed by the server after its 408
+            s.settimeout(0.4)
+            try:
+                answer += s.recv(65536)
+            except socket.timeout:
+                continue
+            if answer:
+                break
+        s.settimeout(30)
+        while b"\r\n\r\n" not in answer and (more := s.recv(65536)):
+            answer += more
+    ledger.request("client trickling 1 byte per 0.4 s", int(answer.split()[1]), answer.split(b"\r\n")[0].decode())
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+
+
+# -- 7. the API description and the token ---------------------------------------------------
+
+def test_no_api_description_is_served_token_or_not(service, http, ledger):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        for client_headers in ({}, {"Authorization": f"Bearer {TOKEN}"}):
+            resp = httpx.get(service.url + path, headers=client_headers)
+            assert resp.status_code == 404, (path, resp.status_code)
+    ledger.request("/docs, /redoc, /openapi.json (with and without token)", 404, "not served")
+    assert httpx.get(service.url + "/health").status_code == 200  # still open to supervisors
