@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import socket
-import time
 
 import httpx
 import pytest
@@ -22,7 +21,7 @@ from src.service.wire import data_url
 TOKEN = "hardening-token-31"
 MAX_ITEMS = 40
 MAX_PIXELS = 200_000  # per request; one 56x56 image is 3,136
-BODY_TIMEOUT_S = 1.5
+READ_TIMEOUT_S = 1.5
 
 
 def png(seed: int, w: int = 56, h: int = 56) -> bytes:
@@ -45,7 +44,7 @@ def allowed(tmp_path_factory):
 def service(allowed, tiny_cache):
     svc = ServiceProcess([f"server.allowed_dirs=[{allowed}]", "server.token_env=HARDENING_TOKEN",
                           "server.max_batch=4", "server.max_wait_ms=5", f"server.max_items={MAX_ITEMS}",
-                          f"server.max_request_pixels={MAX_PIXELS}", f"server.body_timeout_s={BODY_TIMEOUT_S}",
+                          f"server.max_request_pixels={MAX_PIXELS}", f"server.read_timeout_s={READ_TIMEOUT_S}",
                           "server.max_request_bytes=4000000"],
                          env={"HARDENING_TOKEN": TOKEN})
     svc.start()
@@ -195,10 +194,10 @@ def test_a_single_bad_verl_body_is_still_422(http):
 
 def test_one_bad_openrlhf_sample_fails_alone(http, allowed, ledger):
     labels = [str(allowed / "a.png"), str(allowed / "a.png") + "\x00", json.dumps({"image": 5}),
-              "{" + deep(900) + "}", str(allowed / "a.png")]
+              '{"a":' * 3000 + "1" + "}" * 3000, str(allowed / "a.png")]
     resp = http.post("/get_reward", json={"query": ["a red square"] * len(labels), "labels": labels})
     out = resp.json()
-    ledger.request("OpenRLHF batch: NUL label + 2 other bad labels", resp.status_code,
+    ledger.request("OpenRLHF batch: NUL label, 3000-deep JSON label, ...", resp.status_code,
                    "; ".join((e or "scored")[:40] for e in out.get("errors", [])), items=len(labels),
                    answered=sum(r is not None or e is not None for r, e in zip(out["judge_scores"], out["errors"])))
     assert resp.status_code == 200, resp.text
@@ -206,30 +205,31 @@ def test_one_bad_openrlhf_sample_fails_alone(http, allowed, ledger):
     assert out["extra_logs"]["judge_failed"] == [0.0, 1.0, 1.0, 1.0, 0.0]
     assert "contains a NUL byte" in out["errors"][1]
     assert "must be a path, data URL or base64 string" in out["errors"][2]
-    assert out["errors"][3].startswith("sample 3: the label") and out["errors"][3].count("sample 3:") == 1
+    assert out["errors"][3].startswith("sample 3: the label's JSON cannot be read (nested too deeply")
+    assert out["errors"][3].count("sample 3:") == 1
 
 
 # -- 5. slow and stalled clients ------------------------------------------------------------
 
-def raw_request(url: str, head: bytes, body: bytes, wait_s: float = 30.0) -> tuple[bytes, float]:
-    """Send headers and part of a body on a raw socket, then read until the server closes."""
+def raw_request(url: str, head: bytes, body: bytes, wait_s: float = 30.0) -> bytes:
+    """Send headers and part of a body on a raw socket, then read until the server closes (a
+    server that holds the connection past `wait_s` fails the test)."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=wait_s) as s:
         s.sendall(head + body)
-        t0 = time.monotonic()
         chunks = []
         try:
             while chunk := s.recv(65536):
                 chunks.append(chunk)
         except socket.timeout:
-            pass
-        return b"".join(chunks), time.monotonic() - t0
+            raise AssertionError(f"the server held the connection open for {wait_s} s") from None
+        return b"".join(chunks)
 
 
 def test_a_body_shorter_than_its_content_length_times_out_with_408(service, ledger):
     head = (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: 10\r\n\r\n")
-    answer, _ = raw_request(service.url, head, b"{}")
+    answer = raw_request(service.url, head, b"{}")
     status_line, _, rest = answer.partition(b"\r\n")
     detail = json.loads(rest.split(b"\r\n\r\n", 1)[1])["detail"] if b"\r\n\r\n" in rest else ""
     ledger.request("Content-Length 10, 2 bytes sent, then silence", int(status_line.split()[1]), detail)
@@ -262,6 +262,29 @@ def test_a_trickling_client_is_cut_off_at_the_deadline(service, ledger):
             answer += more
     ledger.request("client trickling 1 byte per 0.4 s", int(answer.split()[1]), answer.split(b"\r\n")[0].decode())
     assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+
+
+def test_a_client_stalling_in_its_headers_is_disconnected(service, ledger):
+    """One byte of a request line, then silence: before, the connection was held open for good."""
+    answer = raw_request(service.url, b"P", b"")
+    ledger.request("1 byte of a request line, then silence", 0, f"connection closed, {len(answer)} bytes answered")
+    assert answer == b""  # closed by the server without an answer
+    # and a keep-alive connection gets the same deadline for its next request's headers
+    host, port = service.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200"), first[:200]
+        while b"ready" not in first:
+            first += s.recv(65536)
+        s.sendall(b"GET /hea")
+        rest = b""
+        try:
+            while chunk := s.recv(65536):
+                rest += chunk
+        except socket.timeout:
+            raise AssertionError("the server held a keep-alive connection with half a request line") from None
+    assert rest == b""
 
 
 # -- 7. the API description and the token ---------------------------------------------------
@@ -337,13 +360,28 @@ _JSON = st.recursive(_LEAF, lambda inner: st.lists(inner, max_size=3) | st.dicti
                      max_leaves=8)
 
 
+def _scorable_refs(allowed):
+    """Image references the service accepts: good ones, and ones that fail as their item's error."""
+    return st.sampled_from([data_url(png(7)), str(allowed / "a.png"), {"path": str(allowed / "a.png")},
+                            str(allowed / "missing.png"), {"base64": "aGVsbG8gd29ybGQ="},
+                            "data:image/png;base64,iVBORw0KGgo="])
+
+
+def _refs(allowed):
+    """Image references a client might send: those above, and ones that refuse the request."""
+    return _scorable_refs(allowed) | st.sampled_from(["/etc/passwd", str(allowed / "a.png") + "\x00",
+                                                      "data:image/png;base64,@@", ""])
+
+
 def _images(allowed):
-    good = data_url(png(7))
-    refs = st.sampled_from([good, str(allowed / "a.png"), {"path": str(allowed / "a.png")}, "/etc/passwd",
-                            str(allowed / "a.png") + "\x00", str(allowed / "missing.png"), "data:image/png;base64,@@",
-                            {"base64": "aGVsbG8gd29ybGQ="}, "data:image/png;base64,iVBORw0KGgo=", ""])
-    one = refs | _JSON
+    one = _refs(allowed) | _JSON
     return one | st.lists(one, max_size=2)
+
+
+_CLEAN_TEXT = st.text(max_size=20)  # valid Unicode: the items the service must score
+_SIMPLE = st.dictionaries(_CLEAN_TEXT, st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False,
+                                                                                             allow_infinity=False)
+                          | _CLEAN_TEXT, max_size=3)
 
 
 def _post(http, endpoint: str, body) -> httpx.Response:
@@ -382,7 +420,11 @@ def _check_answer(ledger, endpoint: str, body, resp) -> None:
 def test_generated_score_bodies_never_get_5xx(http, allowed, ledger, data):
     item = st.fixed_dictionaries({"images": _images(allowed)}, optional={
         "id": _JSON, "instruction": _TEXT | _JSON, "metadata": _JSON, "source_images": _images(allowed)})
+    scorable = _scorable_refs(allowed)
+    plausible = st.fixed_dictionaries({"images": scorable | st.lists(scorable, max_size=2)}, optional={
+        "id": _CLEAN_TEXT | st.integers(), "instruction": _CLEAN_TEXT, "metadata": _SIMPLE})
     body = data.draw(st.one_of(
+        st.fixed_dictionaries({"items": st.lists(plausible, max_size=3)}, optional={"request_id": _CLEAN_TEXT}),
         st.fixed_dictionaries({"items": st.lists(item, max_size=3)}, optional={"request_id": _JSON}),
         st.fixed_dictionaries({"items": st.lists(item | _JSON, max_size=3)}), _JSON, st.binary(max_size=64)))
     _check_answer(ledger, "/score", body, _post(http, "/score", body))

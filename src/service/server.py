@@ -55,6 +55,7 @@ from ..models.reward.settings import check_type
 from ..models.reward.types import ScoreItem, ScoreResult
 from ..rl.items import COMPLETION_AS, SampleError, openrlhf_item, verl_item
 from .batcher import BatcherClosed, MicroBatcher
+from .protocol import header_deadline_protocol
 from .validate import check_count, check_pixels, check_sample_item, read_json
 from .wire import WireError, decode_image, decode_score_request, resolve_allowed_dirs
 
@@ -74,7 +75,8 @@ class ServerSettings:
       request of a call waits for company. max_request_bytes: larger bodies get 413.
     max_items: items (or RL samples) per request; more get 413. max_request_pixels: the decoded
       pixels of all of a request's images, read from their headers; more get 413.
-    body_timeout_s: the whole body must arrive within this; a slow or stalled client gets 408.
+    read_timeout_s: a request's headers, then its body, must each arrive within this; a slow or
+      stalled client is disconnected (headers, protocol.py) or answered 408 (body).
     completion_as: what an RL completion is (`instruction` or `image`, see src/rl/items.py).
     failed_reward: the reward /get_reward reports for a sample the judge could not score
       (OpenRLHF needs a number); null reports null. Always flagged in extra_logs.judge_failed.
@@ -91,7 +93,7 @@ class ServerSettings:
     max_request_bytes: int = 64 * 1024 * 1024
     max_items: int = 4096
     max_request_pixels: int = 1 << 30
-    body_timeout_s: float = 30.0
+    read_timeout_s: float = 30.0
     completion_as: str = "instruction"
     failed_reward: float | None = None
     log_level: str = "info"
@@ -105,8 +107,8 @@ class ServerSettings:
         for name in ("max_request_bytes", "max_items", "max_request_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"server.{name}: must be at least 1, got {getattr(self, name)}")
-        if not self.body_timeout_s > 0:
-            raise ValueError(f"server.body_timeout_s: must be > 0, got {self.body_timeout_s}")
+        if not self.read_timeout_s > 0:
+            raise ValueError(f"server.read_timeout_s: must be > 0, got {self.read_timeout_s}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"server.port: must be 0..65535, got {self.port}")
         if self.completion_as not in COMPLETION_AS:
@@ -353,7 +355,7 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
     async def begin(request: Request) -> Any:
         authorize(request)
         service.check_ready()
-        return await read_json(request, settings.max_request_bytes, settings.body_timeout_s)
+        return await read_json(request, settings.max_request_bytes, settings.read_timeout_s)
 
     def decode_score(body: Any) -> tuple[list[ScoreItem], Any]:
         if isinstance(body, Mapping) and isinstance(body.get("items"), list):
@@ -457,7 +459,8 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
                 except (RecursionError, ValueError) as e:  # a JSON label nested too deep, or a huge number
                     if isinstance(e, SampleError):
                         raise
-                    raise WireError(422, f"{where}: the label does not parse: {type(e).__name__}") from None
+                    raise WireError(422, f"{where}: the label's JSON cannot be read (nested too deeply, or a "
+                                         f"number too long: {type(e).__name__})") from None
                 prepared.append(_decode_sample_images(check_sample_item(item, where), service.allowed, where,
                                                       settings.completion_as == "image"))
             except SampleError as e:
@@ -536,7 +539,7 @@ def serve_from_config(cfg: Mapping[str, Any]) -> int:
 
     app = create_app(build, settings, on_load_error=on_load_error)
     config = uvicorn.Config(app, log_level=settings.log_level, access_log=settings.access_log,
-                            timeout_graceful_shutdown=30)
+                            timeout_graceful_shutdown=30, http=header_deadline_protocol(settings.read_timeout_s))
     server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in str(host) else host
     print(f"reward service: listening on http://{shown}:{port} ({class_path} loading in the background; "

@@ -54,7 +54,7 @@ async def read_json(request: Any, limit: int, timeout_s: float) -> Any:
     except TimeoutError:
         promised = f" of the {length} announced" if length is not None else ""
         raise HTTPException(408, f"the request body did not arrive within {timeout_s:g} s "
-                                 f"(server.body_timeout_s): {size} bytes received{promised}",
+                                 f"(server.read_timeout_s): {size} bytes received{promised}",
                             headers={"Connection": "close"}) from None
     raw = b"".join(chunks)
     if not raw.strip():
