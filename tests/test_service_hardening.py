@@ -22,6 +22,7 @@ TOKEN = "hardening-token-31"
 MAX_ITEMS = 40
 MAX_PIXELS = 200_000  # per request; one 56x56 image is 3,136
 READ_TIMEOUT_S = 1.5
+MAX_TEXT = 5000
 
 
 def png(seed: int, w: int = 56, h: int = 56) -> bytes:
@@ -45,7 +46,7 @@ def service(allowed, tiny_cache):
     svc = ServiceProcess([f"server.allowed_dirs=[{allowed}]", "server.token_env=HARDENING_TOKEN",
                           "server.max_batch=4", "server.max_wait_ms=5", f"server.max_items={MAX_ITEMS}",
                           f"server.max_request_pixels={MAX_PIXELS}", f"server.read_timeout_s={READ_TIMEOUT_S}",
-                          "server.max_request_bytes=4000000"],
+                          "server.max_request_bytes=4000000", f"server.max_text_chars={MAX_TEXT}"],
                          env={"HARDENING_TOKEN": TOKEN})
     svc.start()
     try:
@@ -126,6 +127,9 @@ REFUSED = [
      lambda d: json.dumps({"items": [{"images": [str(d / "wide_1mp.png")]}]}), 413, "1000000 pixels"),
     ("65 images summing over max_request_pixels", "/score",
      lambda d: json.dumps({"items": [{"images": [str(d / "a.png")] * 65}]}), 413, "server.max_request_pixels"),
+    ("instruction of 200,000 characters", "/score",
+     lambda d: json.dumps({"items": [{"id": "long", "images": [str(d / "a.png")], "instruction": "a " * 100_000}]}),
+     422, "item 0 (id 'long'): the instruction is 200000 characters, over the limit of 5000 (server.max_text_chars)"),
     ("verl samples summing over max_request_pixels", "/compute_reward",
      lambda d: json.dumps([{"solution_str": "x", "extra_info": {"image": str(d / "wide_1mp.png")}}]), 413,
      "server.max_request_pixels"),
@@ -170,17 +174,19 @@ def test_one_bad_verl_sample_fails_alone(http, allowed, ledger):
                {"solution_str": "x", "extra_info": {"image": str(allowed / "a.png"), "instruction": 7,
                                                     "completion_as": "image"}},
                {"solution_str": "/nowhere/x.png", "extra_info": {"completion_as": "image"}},
+               {"solution_str": "a red square " * 1000, "extra_info": {"image": str(allowed / "a.png")}},
                good]
     resp = http.post("/compute_reward", json=samples)
     answers = resp.json()
-    ledger.request("verl batch: NUL completion + 4 other bad samples", resp.status_code,
+    ledger.request("verl batch: NUL completion + 5 other bad samples", resp.status_code,
                    "; ".join((a.get("error") or "scored")[:40] for a in answers), items=len(samples),
                    answered=sum((a["score"] is None) != (a["error"] is None) for a in answers))
     assert resp.status_code == 200, resp.text
     assert len(answers) == len(samples)
     assert answers[0]["score"] is not None and answers[-1]["score"] == pytest.approx(answers[0]["score"], abs=1e-4)
     expected = {1: "contains a NUL byte", 2: "expected an object", 3: "'solution_str' must be a string",
-                4: "instruction must be a string", 5: "outside the allowed folders"}
+                4: "instruction must be a string", 5: "outside the allowed folders",
+                6: "the instruction is 12999 characters, over the limit of 5000"}
     for i, text in expected.items():
         err = answers[i]["error"]
         assert answers[i]["score"] is None and text in err, (i, err)

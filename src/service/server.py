@@ -56,8 +56,8 @@ from ..models.reward.types import ScoreItem, ScoreResult
 from ..rl.items import COMPLETION_AS, SampleError, openrlhf_item, verl_item
 from .batcher import BatcherClosed, MicroBatcher
 from .protocol import header_deadline_protocol
-from .validate import check_count, check_pixels, check_sample_item, read_json
-from .wire import WireError, decode_image, decode_score_request, resolve_allowed_dirs
+from .validate import check_count, check_pixels, check_sample_item, check_text, read_json
+from .wire import WireError, decode_image, decode_score_request, item_name, resolve_allowed_dirs
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ class ServerSettings:
       request of a call waits for company. max_request_bytes: larger bodies get 413.
     max_items: items (or RL samples) per request; more get 413. max_request_pixels: the decoded
       pixels of all of a request's images, read from their headers; more get 413.
+    max_text_chars: an item's instruction (an RL completion judged as text) longer than this is
+      refused (422; an RL sample fails alone). Pair it with the model's max_prompt_tokens.
     read_timeout_s: a request's headers, then its body, must each arrive within this; a slow or
       stalled client is disconnected (headers, protocol.py) or answered 408 (body).
     completion_as: what an RL completion is (`instruction` or `image`, see src/rl/items.py).
@@ -93,6 +95,7 @@ class ServerSettings:
     max_request_bytes: int = 64 * 1024 * 1024
     max_items: int = 4096
     max_request_pixels: int = 1 << 30
+    max_text_chars: int = 65536
     read_timeout_s: float = 30.0
     completion_as: str = "instruction"
     failed_reward: float | None = None
@@ -104,7 +107,7 @@ class ServerSettings:
             raise ValueError(f"server.max_batch: must be at least 1, got {self.max_batch}")
         if self.max_wait_ms < 0:
             raise ValueError(f"server.max_wait_ms: must be >= 0, got {self.max_wait_ms}")
-        for name in ("max_request_bytes", "max_items", "max_request_pixels"):
+        for name in ("max_request_bytes", "max_items", "max_request_pixels", "max_text_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"server.{name}: must be at least 1, got {getattr(self, name)}")
         if not self.read_timeout_s > 0:
@@ -361,6 +364,8 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
         if isinstance(body, Mapping) and isinstance(body.get("items"), list):
             check_count(len(body["items"]), settings.max_items)
         items, request_id = decode_score_request(body, service.allowed)
+        for i, item in enumerate(items):
+            check_text(item, item_name(i, item.id), settings.max_text_chars)
         check_pixels(items, settings.max_request_pixels)
         return items, request_id
 
@@ -411,7 +416,8 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
         try:
             item = verl_item(b["solution_str"], b.get("ground_truth"), extra, settings.completion_as,
                              b.get("data_source"))
-            return _decode_sample_images(check_sample_item(item, where), service.allowed, where, mode == "image")
+            item = check_sample_item(item, where, settings.max_text_chars)
+            return _decode_sample_images(item, service.allowed, where, mode == "image")
         except SampleError as e:
             return _failure(i, None, f"{where}: {e}")
         except ValueError as e:  # an unknown completion_as in extra_info
@@ -461,7 +467,8 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
                         raise
                     raise WireError(422, f"{where}: the label's JSON cannot be read (nested too deeply, or a "
                                          f"number too long: {type(e).__name__})") from None
-                prepared.append(_decode_sample_images(check_sample_item(item, where), service.allowed, where,
+                item = check_sample_item(item, where, settings.max_text_chars)
+                prepared.append(_decode_sample_images(item, service.allowed, where,
                                                       settings.completion_as == "image"))
             except SampleError as e:
                 prepared.append(_failure(i, None, f"{where}: {e}"))

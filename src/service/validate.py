@@ -148,11 +148,22 @@ def check_pixels(items: Iterable[ScoreItem], limit: int) -> int:
     return total
 
 
-def check_sample_item(item: ScoreItem, where: str) -> ScoreItem:
+def check_text(item: ScoreItem, where: str, max_chars: int) -> ScoreItem:
+    """422 when the item's text (instruction, or an RL completion judged as one) is over
+    `max_chars` (server.max_text_chars): the judge would tokenize and run it whole, and one such
+    item can hold the model for minutes or run the host out of memory."""
+    if isinstance(item.instruction, str) and len(item.instruction) > max_chars:
+        raise WireError(422, f"{where}: the instruction is {len(item.instruction)} characters, over the limit of "
+                             f"{max_chars} (server.max_text_chars)")
+    return item
+
+
+def check_sample_item(item: ScoreItem, where: str, max_chars: int) -> ScoreItem:
     """An item built from an RL sample has the types the judge expects (the sample's fields come
-    from free-form trainer data: a label's `instruction` may be a number); 422 naming the sample."""
+    from free-form trainer data: a label's `instruction` may be a number) and text within the
+    limit; 422 naming the sample."""
     if item.instruction is not None and not isinstance(item.instruction, str):
         raise WireError(422, f"{where}: the instruction must be a string, got {type(item.instruction).__name__}")
     if item.id is not None and not isinstance(item.id, str):
         raise WireError(422, f"{where}: the id must be a string, got {type(item.id).__name__}")
-    return item
+    return check_text(item, where, max_chars)
