@@ -64,6 +64,8 @@ def resolve_allowed_dirs(dirs: Iterable[str | os.PathLike]) -> list[Path]:
 
 def check_path(path: str, allowed: Sequence[Path], where: str) -> str:
     """The path's real location if it lies inside an allowed folder; else a 403 naming the path."""
+    if "\0" in path:  # no file has one; os.path would raise ValueError (500) on it
+        raise WireError(422, f"{where}: the path {path!r} contains a NUL byte")
     real = Path(os.path.realpath(os.path.expanduser(path)))
     if not any(real == d or real.is_relative_to(d) for d in allowed):
         if not allowed:
