@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from ..models.reward.chat import CHAT_KEY
 from ..models.reward.types import ScoreItem, describe_image
 
 ITEM_KEYS = ("id", "images", "source_images", "instruction", "metadata")
@@ -161,6 +162,8 @@ def decode_item(obj: Any, index: int, allowed: Sequence[Path]) -> ScoreItem:
     metadata = obj.get("metadata") or {}
     if not isinstance(metadata, Mapping):
         raise WireError(422, f"{name}: 'metadata' must be an object")
+    if CHAT_KEY in metadata:  # reserved: it marks the OpenAI route's chat requests
+        raise WireError(422, f"{name}: metadata key {CHAT_KEY!r} is reserved; use /v1/chat/completions")
     if "images" not in obj:
         raise WireError(422, f"{name}: missing 'images'")
     images = [decode_image(v, allowed, f"{name}: images[{k}]")
