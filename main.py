@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         cmd, rest = argv[0], argv[1:]
     else:
         cmd, rest = "run", argv
-    return {"run": cmd_run, "serve": cmd_serve, "report": cmd_report}[cmd](rest)
+    try:
+        return {"run": cmd_run, "serve": cmd_serve, "report": cmd_report}[cmd](rest)
+    except KeyboardInterrupt:  # before a command could handle it (while importing, reading the config)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
