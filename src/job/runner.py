@@ -36,7 +36,7 @@ CSV = "results.csv"
 SUMMARY = "summary.json"
 JOB_KEYS = ("manifest", "output_dir", "chunk_size", "resume", "report")
 # Kept in the stream file, left out of results.jsonl/csv: they vary from run to run, and the
-# final file of a resumed job must equal an uninterrupted run's byte for byte.
+# final file of a resumed job must equal an uninterrupted run's but for float rounding (README).
 VOLATILE = ("latency_s", "device")
 
 
