@@ -149,7 +149,7 @@ class WorkerHandle:
         env[msg.PARENT_PID_ENV] = str(os.getpid())
         env["PYTHONUNBUFFERED"] = "1"
         cmd = self.command + [str(WORKER_SCRIPT), "--connect", self._address]
-        failed: list[OSError] = []
+        failed: list[Exception] = []
 
         # Spawned from a helper thread: Ctrl-C raises in the main thread only, so it cannot land
         # between the fork and `self.proc` being set, which would leave a worker nobody stops.
@@ -158,7 +158,7 @@ class WorkerHandle:
             try:
                 self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                              stderr=subprocess.STDOUT, start_new_session=True)
-            except OSError as e:
+            except Exception as e:  # OSError mostly (no such launcher); raised in the caller below
                 failed.append(e)
                 return
             self._pump = threading.Thread(target=self._pump_logs, name=f"log-{self.label}", daemon=True)
