@@ -13,7 +13,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from src.cli import main
+try:
+    from src.cli import main
+except KeyboardInterrupt:  # Ctrl-C while importing: no traceback, the usual exit code
+    print("\ninterrupted", file=sys.stderr)
+    sys.exit(130)
 
 ROOT = Path(__file__).resolve().parent
 

@@ -158,7 +158,11 @@ def main(argv: list[str] | None = None, prog: str = "qwen-judge", base: Path | N
         cmd, rest = argv[0], argv[1:]
     else:
         cmd, rest = "run", argv
-    return {"run": cmd_run, "serve": cmd_serve, "report": cmd_report}[cmd](rest, prog, base, label)
+    try:
+        return {"run": cmd_run, "serve": cmd_serve, "report": cmd_report}[cmd](rest, prog, base, label)
+    except KeyboardInterrupt:  # before a command could handle it (while importing, reading the config)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 def console_main() -> int:

@@ -178,4 +178,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Skip the interpreter's teardown: with torch and transformers loaded it takes seconds (more
+    # on a busy machine), which every close() and Ctrl-C would wait for, and it does nothing a
+    # worker needs. The pool still ends anything the worker started (SIGKILL to its group).
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

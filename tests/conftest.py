@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,21 @@ def image_files(tmp_path_factory) -> list[str]:
         make_image(i, 48 + 8 * (i % 4), 40 + 12 * (i % 3)).save(p)
         paths.append(str(p))
     return paths
+
+
+@pytest.fixture
+def sigint_default():
+    """Processes started by the test get Ctrl-C's default disposition, as from a terminal, even
+    when pytest itself runs in the background of a script, which starts it with SIGINT ignored
+    (an ignored signal stays ignored across exec; a handled one is reset to the default)."""
+    old = signal.getsignal(signal.SIGINT)
+    if old == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if old == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, old)
 
 
 def pid_gone(pid: int) -> bool:

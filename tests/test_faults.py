@@ -345,7 +345,8 @@ def _interrupt_mid_run(data, tmp_path, send) -> tuple[Path, int, float]:
     return out, len(lines), gone_after
 
 
-def test_ctrl_c_mid_run_stops_workers_and_a_rerun_resumes_identically(data, reference, tmp_path, ledger):
+def test_ctrl_c_mid_run_stops_workers_and_a_rerun_resumes_identically(data, reference, tmp_path, ledger,
+                                                                   sigint_default):
     out, n, gone_after = _interrupt_mid_run(data, tmp_path, lambda p: os.killpg(p.pid, signal.SIGINT))
     brief = run_main(job_config(data, out), tmp_path)  # the user runs the same command again
     assert brief["resumed_from_disk"] == n and brief["failed"] == 0

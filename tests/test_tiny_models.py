@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import time
 
 import pytest
 import torch
@@ -155,14 +154,11 @@ def test_forward_generate_and_batching(arch, loaded):
     assert inputs["image_grid_thw"][0].tolist() != inputs["image_grid_thw"][1].tolist()
 
     with torch.no_grad():
-        start = time.perf_counter()
         logits = model(**inputs).logits
-        elapsed = time.perf_counter() - start
         again = model(**inputs).logits
     assert logits.shape == (2, inputs["input_ids"].shape[1], model.config.text_config.vocab_size)
     assert torch.isfinite(logits).all()
     assert torch.equal(logits, again)
-    assert elapsed < 1.0, elapsed
 
     # Batched (left-padded) == one-by-one at the last position, in float32.
     for i, conversation in enumerate(CONVERSATIONS):

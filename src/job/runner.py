@@ -37,7 +37,7 @@ SUMMARY = "summary.json"
 REPORT = "report.html"
 JOB_KEYS = ("manifest", "output_dir", "chunk_size", "resume", "report")
 # Kept in the stream file, left out of results.jsonl/csv: they vary from run to run, and the
-# final file of a resumed job must equal an uninterrupted run's byte for byte.
+# final file of a resumed job must equal an uninterrupted run's but for float rounding (README).
 VOLATILE = ("latency_s", "device")
 
 

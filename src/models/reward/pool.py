@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import itertools
 import os
 import secrets
@@ -37,7 +38,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from . import messages as msg
 from .ledger import CallLedger, Fail
@@ -128,6 +129,8 @@ class WorkerHandle:
         self._address = str(sock_dir / f"w{spec.slot}-{secrets.token_hex(4)}.sock")
         self._listener: Listener | None = None
         self._pump: threading.Thread | None = None
+        self._spawner: threading.Thread | None = None
+        self.ready = False  # the model is loaded: the worker reads Shutdown now, not after a load
         self.busy = False  # a batch is in flight: the worker reads Shutdown only after it
 
     @property
@@ -146,14 +149,27 @@ class WorkerHandle:
         env[msg.PARENT_PID_ENV] = str(os.getpid())
         env["PYTHONUNBUFFERED"] = "1"
         cmd = self.command + [str(WORKER_SCRIPT), "--connect", self._address]
-        try:
-            self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        except OSError as e:
-            raise WorkerStartError(f"worker {self.label}: cannot run {cmd[0]!r}: {e}. "
+        failed: list[Exception] = []
+
+        # Spawned from a helper thread: Ctrl-C raises in the main thread only, so it cannot land
+        # between the fork and `self.proc` being set, which would leave a worker nobody stops.
+        # stop() waits for this thread.
+        def spawn() -> None:
+            try:
+                self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+            except Exception as e:  # OSError mostly (no such launcher); raised in the caller below
+                failed.append(e)
+                return
+            self._pump = threading.Thread(target=self._pump_logs, name=f"log-{self.label}", daemon=True)
+            self._pump.start()
+
+        self._spawner = threading.Thread(target=spawn, name=f"spawn-{self.label}", daemon=True)
+        self._spawner.start()
+        self._spawner.join()
+        if failed:
+            raise WorkerStartError(f"worker {self.label}: cannot run {cmd[0]!r}: {failed[0]}. "
                                    "Check the launcher setting (python path, conda env name).") from None
-        self._pump = threading.Thread(target=self._pump_logs, name=f"log-{self.label}", daemon=True)
-        self._pump.start()
 
     def _pump_logs(self) -> None:
         assert self.proc and self.proc.stdout
@@ -177,6 +193,7 @@ class WorkerHandle:
         if not isinstance(reply, msg.Ready):
             raise WorkerStartError(f"{self.describe()}: expected Ready, got {type(reply).__name__}")
         self.pid, self.load_time_s, self.fingerprint = reply.pid, reply.load_time_s, reply.fingerprint
+        self.ready = True
 
     def _accept(self, deadline: float) -> Connection:
         assert self.proc and self._listener
@@ -261,6 +278,8 @@ class WorkerHandle:
 
     def stop(self, grace: float = 10.0) -> None:
         """Shutdown message, bounded wait, then SIGTERM and SIGKILL to the process group."""
+        if self._spawner is not None:
+            self._spawner.join(timeout=30)  # an interrupted launch() still sets `proc`
         if self.proc is None:
             self._close_channel()
             return
@@ -269,10 +288,11 @@ class WorkerHandle:
                 self.conn.send(msg.Shutdown())
             except (OSError, ValueError):
                 pass
-            # A worker in the middle of a batch (the call was interrupted) would read Shutdown
-            # only when the batch ends, which may be minutes on a GPU: terminate it now.
+            # A worker in the middle of a batch (the call was interrupted) or of loading its model
+            # (the start was) would read Shutdown only when that ends, which may be minutes on a
+            # GPU: terminate it now.
             try:
-                self.proc.wait(timeout=0 if self.busy else grace)
+                self.proc.wait(timeout=grace if self.ready and not self.busy else 0)
             except subprocess.TimeoutExpired:
                 pass
         if self.proc.poll() is None:
@@ -335,29 +355,38 @@ class _Dispatch(CallLedger):
     """The work of one call: the ledger's slots plus the queues the worker threads take from."""
 
     def __init__(self, n_items: int, queues: list[collections.deque], shared: collections.deque | None,
-                 max_retries: int, on_done: Callable[[int], None]):
+                 max_retries: int, on_done: Callable[[int], None], closing: Callable[[], bool] = lambda: False):
         super().__init__(n_items, max_retries, on_done)
         self.queues = queues            # per worker (round robin)
         self.shared = shared            # one queue for all (dynamic)
         self.active_workers = len(queues)
-        self.aborted = False            # the pool is closing: hand out no more work
+        self.drivers = len(queues)      # worker threads still looping over this call
+        self.aborted = False            # the call ended (interrupted) or the pool is closing: no more work
+        self.closing = closing          # the pool's own flag, read even if abort() never came
 
     def take(self, slot: int) -> list[int] | None:
         """Next micro-batch for worker `slot`: a retry first, then its own queue (or the shared
-        one). Blocks while other workers still hold items that may come back for retry; None when
-        every item has a result."""
+        one). Waits while other workers still hold items that may come back for retry; None when
+        every item has a result, when the call was aborted or the pool is closing, or when no
+        other worker thread is left to give anything back (so a thread never waits forever)."""
         with self.cond:
             while True:
-                if self.aborted:
+                if self.aborted or self.closing():
                     return None
                 if self.retry:
                     return self.retry.popleft()
                 q = self.shared if self.shared is not None else self.queues[slot]
                 if q:
                     return q.popleft()
-                if self.remaining == 0:
+                if self.remaining == 0 or self.drivers <= 1:
                     return None
                 self.cond.wait(0.5)
+
+    def driver_done(self) -> None:
+        """A worker thread left the call (for whatever reason): the others stop waiting on it."""
+        with self.cond:
+            self.drivers -= 1
+            self.cond.notify_all()
 
     def abort(self) -> None:
         with self.cond:
@@ -413,6 +442,7 @@ class WorkerPool:
         self._state = threading.Lock()
         self._closed = False
         self._dispatch: _Dispatch | None = None
+        self._drivers: list[concurrent.futures.Future] = []  # the last call's worker threads
         self.restarts = [0] * len(self.specs)   # restarts in a row, per slot
         self.total_restarts = 0
         self.workers: list[WorkerHandle | None] = [None] * len(self.specs)
@@ -477,18 +507,25 @@ class WorkerPool:
             for w in range(n_workers):
                 mine = todo[w::n_workers]
                 queues[w].extend(mine[s:s + micro_batch] for s in range(0, len(mine), micro_batch))
-        dispatch = _Dispatch(len(items), queues, shared, self.max_retries, on_done)
+        dispatch = _Dispatch(len(items), queues, shared, self.max_retries, on_done, closing=lambda: self._closed)
         dispatch.store([w for w in wire if isinstance(w, ScoreResult)])  # items that failed to spill
 
         def fail(i: int, why: str, kind: str = "worker_died") -> ScoreResult:
             return ScoreResult.failure(i, items[i], f"item {_item_name(items[i], i)}: {why}", kind)
 
+        # A call interrupted earlier (Ctrl-C caught by the caller, the pool kept) may still have
+        # a thread finishing its last batch on a worker's channel: let it end first.
+        concurrent.futures.wait(self._drivers)
         self._dispatch = dispatch
         try:
-            futures = [self._executor.submit(self._drive, slot, dispatch, wire, fail) for slot in range(n_workers)]
-            for f in futures:
+            self._drivers = [self._executor.submit(self._drive, slot, dispatch, wire, fail)
+                             for slot in range(n_workers)]
+            for f in self._drivers:
                 f.result()
         finally:
+            # However the call ended (done, Ctrl-C, an error), its threads take no more work:
+            # a close() that follows finds `_dispatch` cleared, so the abort happens here.
+            dispatch.abort()
             self._dispatch = None
         if self._closed:
             raise RuntimeError("the worker pool was closed during the call")
@@ -499,6 +536,12 @@ class WorkerPool:
     def _drive(self, slot: int, dispatch: _Dispatch, wire: list, fail: Fail) -> None:
         """One thread per worker: take a micro-batch, send it, store the results; on death,
         give the items back and restart the worker (bounded)."""
+        try:
+            self._drive_loop(slot, dispatch, wire, fail)
+        finally:
+            dispatch.driver_done()
+
+    def _drive_loop(self, slot: int, dispatch: _Dispatch, wire: list, fail: Fail) -> None:
         while True:
             if self._closed:  # interrupted: close() stops the workers; nothing is retried
                 return
@@ -562,23 +605,67 @@ class WorkerPool:
         return h
 
     def close(self) -> None:
-        """Stop every worker: Shutdown, bounded wait, SIGTERM, SIGKILL. Idempotent."""
-        with self._state:
-            if self._closed:
-                return
-            self._closed = True
-            handles = [w for w in self.workers if w is not None]
-        _LIVE_POOLS.discard(self)
-        dispatch = self._dispatch
-        if dispatch is not None:  # a call was interrupted (Ctrl-C, SIGTERM): its threads stop taking work
-            dispatch.abort()
-        stoppers = [threading.Thread(target=h.stop, daemon=True) for h in handles]
-        for t in stoppers:
-            t.start()
-        for t in stoppers:
-            t.join(timeout=30)
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        """Stop every worker: Shutdown, bounded wait, SIGTERM, SIGKILL. Idempotent.
+
+        Called in the main thread, a Ctrl-C or SIGTERM that comes while it runs (the user presses
+        Ctrl-C again) does not abandon it half-way: it kills the workers at once, and the signal
+        is delivered again when close() returns."""
+        with _signals_kill(self._kill_all):
+            with self._state:
+                if self._closed:
+                    return
+                self._closed = True
+                handles = [w for w in self.workers if w is not None]
+            _LIVE_POOLS.discard(self)
+            dispatch = self._dispatch
+            if dispatch is not None:  # a call is running (in another thread): it stops taking work
+                dispatch.abort()
+            stoppers = [threading.Thread(target=h.stop, daemon=True) for h in handles]
+            for t in stoppers:
+                t.start()
+            for t in stoppers:
+                t.join(timeout=30)
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _kill_all(self) -> None:
+        self.log("[pool] interrupted again while stopping: killing the workers now")
+        for h in list(self.workers):
+            if h is not None and h.proc is not None:
+                h._signal(signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _signals_kill(kill: Callable[[], None]) -> Iterator[None]:
+    """In the main thread: SIGINT and SIGTERM call `kill` instead of raising mid-way, and are
+    re-raised (to the handlers they had) on the way out. Elsewhere, or for a signal that is
+    ignored or handled outside Python, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not caught:
+            kill()
+        caught.append(signum)
+
+    old: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(sig)
+        if current is None or current == signal.SIG_IGN:
+            continue
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError):
+            pass
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 class _RestartsExhausted(RuntimeError):

@@ -1,0 +1,244 @@
+"""Ctrl-C and SIGTERM at any moment of a `multi_gpu` job: `main.py` exits promptly, says so, and
+leaves no worker behind.
+
+Each trial starts `python main.py --config` (two CPU workers, the tiny model, enough items to be
+mid-run) in its own process group, as a terminal runs it, waits a random moment (seeded) of one
+phase, and signals the group as Ctrl-C does:
+
+  start-up  up to 0.4 s after the launch: Python starting, imports, the config, workers spawning
+  loading   up to 1.5 s after the first worker process appeared: workers importing and loading
+  scoring   up to 1 s after the first results reached the stream (some trials press Ctrl-C twice)
+
+A phase names where the delay starts, not where the signal must land: on a fast or a slow machine
+a delay may run into the next phase, and every moment is a valid one. What must hold whatever the
+moment: the job exits within 10 s of the signal with 130 and says it was interrupted (or it had
+already finished, complete, or Python itself was still starting and died of the SIGINT before
+main.py ran); no worker process of it is left; results on disk are whole lines.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, assert_no_orphans, make_image, worker_processes
+from src.models.reward.pool import _Dispatch
+
+N_ITEMS = 400
+EXIT_WITHIN_S = 10.0
+MAIN_RAN = r'main\.py", line \d+, in (main|cmd_\w+)$|/src/'  # a traceback frame of main() or the library
+
+
+@pytest.fixture(scope="module")
+def job_files(tmp_path_factory, tiny_cache) -> dict:
+    from src.models.tiny import resolve_model_name
+
+    d = tmp_path_factory.mktemp("interrupts")
+    model = resolve_model_name("tiny:qwen2_5_vl", cache_dir=tiny_cache)  # built once, before any trial
+    images = []
+    for i in range(4):
+        images.append(d / f"im{i}.png")
+        make_image(i, 48, 40).save(images[-1])
+    with open(d / "manifest.jsonl", "w") as fh:
+        for i in range(N_ITEMS):
+            fh.write(json.dumps({"id": f"it{i:03d}", "image": str(images[i % 4])}) + "\n")
+    return {"dir": d, "manifest": d / "manifest.jsonl", "model": model}
+
+
+def _config(job_files: dict, out: Path) -> Path:
+    # Calls of 4 items (chunk_size) over two workers, one item per request: each call ends with
+    # one worker waiting for the other's last item, the moment a Ctrl-C once hung the job.
+    cfg = {"model": {"class_path": "multi_gpu",
+                     "params": {"model_name": job_files["model"], "template": "quality", "batch_size": 2,
+                                "device_ids": ["cpu", "cpu"], "micro_batch": 1, "progress": False}},
+           "job": {"manifest": str(job_files["manifest"]), "output_dir": str(out), "chunk_size": 4}}
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _stream(out: Path) -> list[str]:
+    p = out / "results.stream.jsonl"
+    return p.read_text().splitlines() if p.exists() else []
+
+
+def _trial(job_files: dict, name: str, phase: str, delay_s: float, signals: list[tuple[int, float]]) -> dict:
+    """One run of main.py, interrupted as described; returns what was observed."""
+    out = job_files["dir"] / name
+    cfg = _config(job_files, out)
+    err_path = out.with_suffix(".err")
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--config", str(cfg), "--no-progress"],
+                                cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    seen: set[int] = set()
+
+    def wait_for(cond, what: str) -> None:
+        deadline = time.monotonic() + 180
+        while not cond():
+            seen.update(worker_processes([proc.pid]))
+            assert proc.poll() is None, f"{name}: the job ended ({proc.returncode}) before {what}: " \
+                                        f"{err_path.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"{name}: no {what} within 180 s"
+            time.sleep(0.1)
+
+    try:
+        if phase == "loading":
+            wait_for(lambda: worker_processes([proc.pid]), "a worker process")
+        elif phase == "scoring":
+            wait_for(lambda: _stream(out), "a result")
+        time.sleep(delay_s)
+        seen.update(worker_processes([proc.pid]))
+        t0 = time.monotonic()
+        for sig, after in signals:
+            time.sleep(after)
+            try:
+                os.killpg(proc.pid, sig)  # the terminal's Ctrl-C goes to the foreground group
+            except ProcessLookupError:
+                pass
+        try:
+            rc = proc.wait(timeout=EXIT_WITHIN_S)
+        except subprocess.TimeoutExpired:
+            rc = None
+        exit_s = time.monotonic() - t0
+        # Found by their parent's pid in their environment, so a worker re-parented after the job
+        # exited is found too, and a pid reused by another process is not.
+        deadline = time.monotonic() + 2  # exited just now: let the kernel finish reaping
+        while (left := worker_processes([proc.pid])) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for p in worker_processes([proc.pid]):  # never leave one behind for the rest of the suite
+            os.kill(p, signal.SIGKILL)
+    return {"name": name, "phase": phase, "rc": rc, "exit_s": exit_s, "workers_seen": len(seen),
+            "left": left, "stderr": err_path.read_text(),
+            "stream": _stream(out), "final": (out / "results.jsonl").exists(), "signals": signals}
+
+
+def _check(t: dict) -> None:
+    name, rc, text = t["name"], t["rc"], t["stderr"]
+    own_lines = [line for line in text.splitlines() if not line.startswith("[cpu#")]  # not workers' logs
+    assert rc is not None, \
+        f"{name} ({t['phase']}): still running {EXIT_WITHIN_S:.0f} s after the signal:\n{text[-3000:]}"
+    assert t["exit_s"] < EXIT_WITHIN_S
+    assert not t["left"], f"{name}: worker processes {t['left']} outlived the job:\n{text[-3000:]}"
+    for line in t["stream"]:  # the results so far are whole
+        assert json.loads(line)["score"] is not None, (name, line)
+    if len(t["stream"]) == N_ITEMS:  # it had scored everything before the signal took effect
+        assert rc in (0, 130, -signal.SIGINT, -signal.SIGTERM), (name, text[-3000:])
+    elif rc == -signal.SIGINT and len(t["signals"]) > 1:
+        # A second Ctrl-C that lands after the workers were stopped (as main.py is about to print
+        # its message) ends Python at once, which is what it is for; the checks above still hold.
+        pass
+    elif rc != 130 and t["phase"] == "start-up" and not re.search(MAIN_RAN, text, re.M):
+        # Python itself, or main.py's first imports, were still starting (`Fatal Python error:
+        # init_import_site`, or a KeyboardInterrupt before main() could catch it): no worker
+        # yet, nothing written.
+        assert rc != 0 and t["workers_seen"] == 0 and not t["stream"], (name, text[-3000:])
+    else:
+        assert rc == 130, f"{name}: exit {rc}:\n{text[-3000:]}"
+        assert any(line.startswith("interrupted") for line in own_lines), (name, text[-3000:])
+        assert not any(line.startswith("Traceback") for line in own_lines), (name, text[-3000:])
+        assert not t["final"]
+
+
+def test_interrupts_at_random_moments_always_exit_promptly_and_leave_no_worker(job_files, sigint_default):
+    rng = random.Random(20261129)
+    plan = []
+    for k in range(20):
+        phase = ("start-up", "loading", "scoring")[k % 3]
+        delay = rng.uniform(0, {"start-up": 0.4, "loading": 1.5, "scoring": 1.0}[phase])
+        signals = [(signal.SIGINT, 0.0)]
+        if phase == "scoring" and k % 2:  # the user presses Ctrl-C again while workers stop
+            signals.append((signal.SIGINT, rng.uniform(0, 0.3)))
+        plan.append((f"t{k:02d}", phase, delay, signals))
+    plan.append(("sigterm", "loading", rng.uniform(0, 1.5), [(signal.SIGTERM, 0.0)]))
+    # Two at a time: each trial has its own output folder, its own workers (told apart by their
+    # parent's pid) and its own pool folder.
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        trials = list(ex.map(lambda p: _trial(job_files, *p), plan))
+    for t in trials:
+        print(f"{t['name']} {t['phase']:<8} rc={t['rc']} exit {t['exit_s']:.1f}s workers_seen={t['workers_seen']} "
+              f"stream={len(t['stream'])} signals={[s for s, _ in t['signals']]}")
+    for t in trials:
+        _check(t)
+    sigterm = trials[-1]
+    assert sigterm["rc"] == 130 or len(sigterm["stream"]) == N_ITEMS, sigterm["stderr"][-3000:]
+
+
+# -- the exact moment that hung: one worker waits for the other's last item ---------------------
+
+def test_ctrl_c_while_a_worker_waits_for_another_ends_every_thread(job_files, sigint_default):
+    """Worker 0 has finished its share and waits in take() for worker 1, which is stuck on its
+    item, when Ctrl-C reaches the caller; close() must then end every worker thread of the pool
+    (the interpreter joins them at exit), and every worker process."""
+    import threading
+
+    from src.models.reward import ScoreItem
+    from src.models.reward.implementations.multi_gpu import MultiGPURewardModel
+
+    image = str(job_files["dir"] / "im0.png")
+    items = [ScoreItem(images=[image], id="quick"), ScoreItem(images=[image], id="stuck")]
+    model = MultiGPURewardModel(device_ids=["cpu", "cpu"], model_name=job_files["model"], template="quality",
+                                micro_batch=1, progress=False, env={"REWARD_FAULT_HANG_ON_ID": "stuck"})
+    pids = model.worker_pids()
+    try:
+        # Ctrl-C comes with the store of worker 0's result, so worker 0 is about to wait.
+        pressed = []
+
+        def ctrl_c(n: int) -> None:
+            if not pressed:  # a real SIGINT: it wakes the main thread's wait, as Ctrl-C does
+                pressed.append(n)
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+        with pytest.raises(KeyboardInterrupt):
+            model.pool.run(items, micro_batch=1, on_done=ctrl_c)
+        assert any(t.name.startswith("reward-worker") for t in threading.enumerate())
+    finally:
+        model.close()
+    deadline = time.monotonic() + EXIT_WITHIN_S
+    while (left := [t.name for t in threading.enumerate() if t.name.startswith("reward-worker")]) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"threads {left} would keep the interpreter from exiting"
+    assert_no_orphans(pids)
+
+
+# -- the dispatch's own rule: a worker thread never waits forever --------------------------------
+
+def _dispatch(n_items: int, closing=lambda: False) -> _Dispatch:
+    import collections
+
+    queues = [collections.deque([[i] for i in range(w, n_items, 2)]) for w in (0, 1)]
+    return _Dispatch(n_items, queues, None, max_retries=1, on_done=lambda n: None, closing=closing)
+
+
+def test_take_returns_when_the_call_is_aborted_the_pool_closes_or_no_other_thread_is_left():
+    d = _dispatch(2)
+    assert d.take(0) == [0]
+    d.abort()
+    assert d.take(0) is None and d.take(1) is None
+
+    closing = []
+    d = _dispatch(2, closing=lambda: bool(closing))
+    assert d.take(0) == [0]
+    closing.append(True)  # the pool closed without reaching this call (no abort)
+    assert d.take(0) is None
+
+    d = _dispatch(2)
+    assert d.take(0) == [0] and d.take(1) == [1]
+    d.driver_done()  # worker 1's thread left holding item 1 (the pool was closing)
+    t0 = time.monotonic()
+    assert d.take(0) is None, "nothing can come back: no other thread is left"
+    assert time.monotonic() - t0 < 0.1
