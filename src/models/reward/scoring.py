@@ -48,13 +48,12 @@ class Scoring:
                 "probs": {n: round(v, 6) for n, v in zip(names, p)}, "level_mass": round(float(mass[row]), 6)}})
         return out
 
-    def _generate_scores(self, inputs, tpl: Template) -> list[dict[str, Any]]:
-        torch = self._torch
+    def _generate_kwargs(self) -> dict[str, Any]:
+        """generate()'s settings for this judge (fast_decode.plan_for reads the same ones)."""
         s = self.settings
-        k = s.num_samples
         kwargs: dict[str, Any] = {"max_new_tokens": s.max_new_tokens,
                                   "pad_token_id": self.tokenizer.pad_token_id,
-                                  "num_return_sequences": k}
+                                  "num_return_sequences": s.num_samples}
         if s.min_new_tokens:
             kwargs["min_new_tokens"] = s.min_new_tokens
         if s.temperature > 0:
@@ -63,6 +62,13 @@ class Scoring:
                 kwargs["top_k"] = s.top_k
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def _generate_scores(self, inputs, tpl: Template) -> list[dict[str, Any]]:
+        torch = self._torch
+        s = self.settings
+        k = s.num_samples
+        kwargs = self._generate_kwargs()
         # Sampling draws from torch's global RNG. Seed it for reproducible answers, inside a fork
         # so the caller's stream (an RL trainer sampling its policy in this process) is restored.
         # (torch.manual_seed seeds every visible GPU, so every one is forked.)
@@ -96,19 +102,14 @@ class Scoring:
         return results
 
     def _new_tokens(self, inputs, kwargs: dict[str, Any]):
-        """The generated tokens after the prompt: through fast_decode's CUDA-graphed greedy loop
-        when it applies (same tokens as generate()), else generate()."""
-        if not self._fast_decode:
+        """The generated tokens after the prompt: through fast_decode (static cache, CUDA-graphed
+        steps; the same tokens as generate()) when it applies, else generate()."""
+        if self._decode_plan is None:
             out = self.model.generate(**inputs, **kwargs)
             return out[:, inputs["input_ids"].shape[1]:]
-        from .fast_decode import greedy_generate
+        from .fast_decode import generate_tokens
 
-        gc = self.model.generation_config
-        eos = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]
-        return greedy_generate(self.model, inputs, max_new_tokens=kwargs["max_new_tokens"],
-                               min_new_tokens=kwargs.get("min_new_tokens", gc.min_new_tokens or 0),
-                               eos_token_ids=[e for e in eos if e is not None], pad_token_id=kwargs["pad_token_id"],
-                               repetition_penalty=gc.repetition_penalty, cuda_graph=self.device.startswith("cuda"))
+        return generate_tokens(self.model, inputs, self._decode_plan, cuda_graph=self.device.startswith("cuda"))
 
 
 def _clip(text: str, n: int = 200) -> str:

@@ -53,11 +53,14 @@ class JudgeSettings:
       largest number of prompts that fits, learned from measured peaks. None: no budget.
     compile_language: logits mode: torch.compile the language model's decoder layers (fused small
       ops, fewer kernel launches competing with the prepare thread for the CPU).
-    fast_decode: generate mode, greedy (temperature 0, num_samples 1), Qwen2-VL/Qwen2.5-VL: decode
-      through a static KV cache and a CUDA graph of the decoding step (fast_decode.py); the same
-      tokens as generate(). Where it does not apply, generate() runs (with a warning).
-    gpu_preprocess: on CUDA, the image processor normalises and cuts patches on the GPU (a side
-      stream of the prepare thread) instead of the CPU; same pixels.
+    fast_decode: generate mode (on by default): decode through a static KV cache and, on CUDA, a
+      CUDA graph of the decoding step (fast_decode.py), greedy or sampled, for every supported
+      judge (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE); the same tokens as generate(). Where
+      it does not apply (another architecture, a generation setting it does not implement),
+      generate() runs, with one warning at load saying why.
+    gpu_preprocess: on CUDA (on by default), the image processor normalises and cuts patches on
+      the GPU (a side stream of the prepare thread) instead of the CPU; same pixels. No effect on
+      the CPU.
     min_new_tokens: generate mode, for benchmarks: force at least this many new tokens (0: stop at
       the end-of-answer token as usual).
     """
@@ -82,8 +85,8 @@ class JudgeSettings:
     vision_attn: str = "auto"
     compile_vision: bool = False
     compile_language: bool = False
-    fast_decode: bool = False
-    gpu_preprocess: bool = False
+    fast_decode: bool = True
+    gpu_preprocess: bool = True
     prepare_threads: int = 4
     max_memory_gb: float | None = None
     min_new_tokens: int = 0

@@ -24,14 +24,14 @@ class SpeedPaths:
             self._compile_each("compile_vision", "visual", "blocks")
         if s.compile_language and s.mode == "logits":
             self._compile_each("compile_language", "language_model", "layers")
-        self._fast_decode = False
+        self._decode_plan = None
         if s.fast_decode and s.mode == "generate":
-            from .fast_decode import unsupported_reason
+            from .fast_decode import plan_for
 
-            why = unsupported_reason(self.model, s.temperature, s.num_samples)
+            self._decode_plan, why = plan_for(self.model, self._generate_kwargs())
             if why:
                 log.warning("fast_decode: using transformers' generate() instead, because %s", why)
-            self._fast_decode = why is None
+        self._fast_decode = self._decode_plan is not None
         self._prep_stream = None
         if s.gpu_preprocess and self.device.startswith("cuda"):
             # The prepare thread's GPU work goes on its own stream, so it overlaps the model's.
