@@ -224,3 +224,55 @@ def test_compile_options_trace_and_keep_scores(monkeypatch):
         torch._dynamo.reset()
     assert "Qwen2_5_VLVisionBlock" in compiled and "Qwen2_5_VLDecoderLayer" in compiled
     assert [a[0] for a in fast] == pytest.approx([a[0] for a in plain], abs=1e-5)
+
+
+def test_automatic_compile_waits_for_enough_items(monkeypatch, caplog):
+    """compile_* unset: nothing compiles at load or for a small job; once compile_after_items have
+    been scored the blocks compile (the plumbing traced by dynamo's eager backend here) and the
+    scores stay the same. On the CPU the automatic compile is off; the test arms it as CUDA would."""
+    plain = _answers(batch_size=2)
+    real = torch.nn.Module.compile
+    compiled = []
+
+    def compile_eager(self, *args, **kwargs):
+        compiled.append(type(self).__name__)
+        return real(self, *args, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eager)
+    torch._dynamo.reset()
+    try:
+        with QwenVLRewardModel(model_name="tiny:qwen2_5_vl", batch_size=2, compile_after_items=4) as judge:
+            eng = judge.engine
+            assert eng._compile_pending == [] and not compiled  # CPU: not armed, nothing compiled
+            eng._compile_pending = [("compile_vision", "visual", "blocks"), ("compile_language", "language_model", "layers")]
+            with caplog.at_level(logging.INFO):
+                small = judge.batch_score(_images()[:3])
+                assert not compiled  # 3 items: below the threshold
+                rest = judge.batch_score(_images()[3:])  # 5 scored: compiles before this call's next chunk
+            assert "Qwen2_5_VLVisionBlock" in compiled and "Qwen2_5_VLDecoderLayer" in compiled
+            assert eng._compile_pending == [] and "compiling compile_vision and compile_language" in caplog.text
+            again = judge.batch_score(_images())  # runs compiled
+    finally:
+        torch._dynamo.reset()
+    assert [r.score for r in small + rest] == pytest.approx([p[0] for p in plain], abs=1e-5)
+    assert [r.score for r in again] == pytest.approx([p[0] for p in plain], abs=1e-5)
+
+
+def test_a_failing_compile_falls_back_to_eager(monkeypatch, caplog):
+    plain = _answers(batch_size=3)
+    real = torch.nn.Module.compile
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *a, **kw: real(self, *a, **{**kw, "backend": broken_backend}))
+    torch._dynamo.reset()
+    try:
+        with caplog.at_level(logging.WARNING):
+            fast = _answers(batch_size=3, compile_vision=True)
+    finally:
+        torch._dynamo.reset()
+    assert [a[2] for a in fast] == [None] * len(plain)
+    assert [a[0] for a in fast] == pytest.approx([a[0] for a in plain], abs=1e-5)
+    assert caplog.text.count("compiling failed") == 1 and "running eagerly from now on" in caplog.text

@@ -86,6 +86,7 @@ class JudgeEngine(Loading, Preparation, Batching, Scoring, SpeedPaths):
         for start, prepared in self._prefetched(chunks):
             for pos, res in self._run_chunk(prepared).items():
                 results[start + pos] = res
+            self._count_scored(len(prepared.items))
         missing = [i for i, r in enumerate(results) if r is None]
         assert not missing, f"engine lost items {missing}"  # by construction; a bug if it fires
         return results  # type: ignore[return-value]

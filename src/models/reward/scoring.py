@@ -25,9 +25,18 @@ class Scoring:
         inputs = self._encode(reqs, encoded)
         tpl = reqs[0].template
         with torch.inference_mode():
-            if self.settings.mode == "logits":
-                return self._logits_scores(inputs, tpl)
-            return self._generate_scores(inputs, tpl)
+            try:
+                return self._score_batch(inputs, tpl)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                if not self._compiled:
+                    raise
+                self._uncompile(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+                return self._score_batch(inputs, tpl)
+
+    def _score_batch(self, inputs, tpl: Template) -> list[dict[str, Any]]:
+        if self.settings.mode == "logits":
+            return self._logits_scores(inputs, tpl)
+        return self._generate_scores(inputs, tpl)
 
     def _logits_scores(self, inputs, tpl: Template) -> list[dict[str, Any]]:
         torch = self._torch

@@ -20,10 +20,17 @@ class SpeedPaths:
         torch = self._torch
         s = self.settings
         self.vision_attn = apply_vision_attn(self.model, s.vision_attn, self.device, self.dtype)
-        if s.compile_vision:
-            self._compile_each("compile_vision", "visual", "blocks")
-        if s.compile_language and s.mode == "logits":
-            self._compile_each("compile_language", "language_model", "layers")
+        self._compiled: list = []  # modules running compiled
+        self._compile_pending: list[tuple[str, str, str]] = []  # automatic: compiled once enough items ran
+        self._items_scored = 0
+        auto = self.device.startswith("cuda") and s.mode == "logits"
+        for setting, tower, blocks, wanted in (
+                ("compile_vision", "visual", "blocks", s.compile_vision),
+                ("compile_language", "language_model", "layers", s.compile_language if s.mode == "logits" else False)):
+            if wanted:
+                self._compile_each(setting, tower, blocks)
+            elif wanted is None and auto:
+                self._compile_pending.append((setting, tower, blocks))
         self._decode_plan = None
         if s.fast_decode and s.mode == "generate":
             from .fast_decode import plan_for
@@ -57,4 +64,27 @@ class SpeedPaths:
             raise ValueError(f"{setting}: {type(self.model).__name__} has no {tower}.{blocks} to compile")
         for module in modules:
             module.compile(dynamic=True)
+            self._compiled.append(module)
+
+    def _count_scored(self, n: int) -> None:
+        """Automatic compiling: once the judge has scored compile_after_items items, compile what
+        was left to it; the next batch pays the compile time, once."""
+        self._items_scored += n
+        if self._compile_pending and self._items_scored >= self.settings.compile_after_items:
+            pending, self._compile_pending = self._compile_pending, []
+            log.info("%s: %d items scored; compiling %s (the next batch pays the compile time, once)",
+                     self.device_label, self._items_scored, " and ".join(p[0] for p in pending))
+            for setting, tower, blocks in pending:
+                try:
+                    self._compile_each(setting, tower, blocks)
+                except ValueError as e:  # an architecture without these blocks: stay eager
+                    log.warning("%s", e)
+
+    def _uncompile(self, why: str) -> None:
+        """Back to eager after a compile failed: the same function, one warning, no retry."""
+        log.warning("%s: compiling failed (%s); running eagerly from now on", self.device_label, why)
+        for module in self._compiled:
+            module._compiled_call_impl = None
+        self._compiled = []
+        self._compile_pending = []
 
