@@ -11,6 +11,10 @@ Where the time goes in the library's path, and whether each fast path computes t
   decode    generate: prefill alone, then per-step decode time, dynamic cache vs static cache
             (compiled by transformers), batch 32
   gpuprep   the image processor on the GPU (device=cuda) against the CPU
+  prep_threads  preparation rate with 4, 8 and 12 image threads
+  fast_decode   fast_decode.py: step time without a graph, with one, and sampled; generate-128;
+                bf16 tokens against generate() (fast_decode32: also in float32, model upcast)
+  compile, compile_lm  the vision blocks compiled, then the language layers too (logits mode)
 
     python benchmarks/steps_gpu.py --model DIR --out results.json [--steps prep,vision,...]
 """
