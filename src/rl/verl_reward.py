@@ -26,16 +26,19 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 from pathlib import Path
 from typing import Any, Sequence
 
 if __package__ in (None, ""):
-    # verl loads this file by path, outside any package: make the repository importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from src.models.reward.implementations.remote import RemoteRewardModel, RemoteServiceError
-    from src.service.wire import encode_image
+    # verl loads this file by path, outside any package: the project must be importable in
+    # verl's environment (installed: `pip install -e /path/to/repo --no-deps`).
+    try:
+        from src.models.reward.implementations.remote import RemoteRewardModel, RemoteServiceError
+        from src.service.wire import encode_image
+    except ImportError as e:
+        raise ImportError(f"{__file__}: cannot import this project's package ({e}); install it into verl's "
+                          f"environment: pip install -e {Path(__file__).resolve().parents[2]} --no-deps") from e
 else:
     from ..models.reward.implementations.remote import RemoteRewardModel, RemoteServiceError
     from ..service.wire import encode_image

@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from ..models.reward.chat import CHAT_KEY
 from ..models.reward.types import ScoreItem, describe_image
 
 ITEM_KEYS = ("id", "images", "source_images", "instruction", "metadata")
@@ -64,6 +65,8 @@ def resolve_allowed_dirs(dirs: Iterable[str | os.PathLike]) -> list[Path]:
 
 def check_path(path: str, allowed: Sequence[Path], where: str) -> str:
     """The path's real location if it lies inside an allowed folder; else a 403 naming the path."""
+    if "\0" in path:  # no file has one; os.path would raise ValueError (500) on it
+        raise WireError(422, f"{where}: the path {path!r} contains a NUL byte")
     real = Path(os.path.realpath(os.path.expanduser(path)))
     if not any(real == d or real.is_relative_to(d) for d in allowed):
         if not allowed:
@@ -80,7 +83,7 @@ def _b64decode(text: str, where: str) -> bytes:
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as e:
-        raise WireError(422, f"{where}: not valid base64 ({e})") from None
+        raise WireError(422, f"{where}: not valid base64 ({e}), so not a readable image") from None
     if not data:
         raise WireError(422, f"{where}: the base64 image is empty")
     return data
@@ -113,7 +116,21 @@ def decode_image(value: Any, allowed: Sequence[Path], where: str) -> bytes | str
         return _b64decode(payload, where)
     if _sniff_b64(value):
         return _b64decode(value, where)
-    return check_path(value, allowed, where)
+    try:
+        return check_path(value, allowed, where)
+    except WireError:
+        if _meant_as_b64(value):  # not a refused path: base64 whose start is no image signature
+            return _b64decode(value, where)  # 422 when it does not decode; else the item fails as an image
+        raise
+
+
+def _meant_as_b64(text: str) -> bool:
+    """Long text of base64 characters only (no '.', so no file name with an extension), or long
+    text that starts like an image in base64 and is no file name (cut, or URL-safe base64)."""
+    if len(text) < _MIN_B64_LEN:
+        return False
+    return _B64_CHARS.match(text[:4096]) is not None or (
+        "." not in text and any(text.startswith(sig) for sig in _B64_SIGNATURES))
 
 
 def _image_list(value: Any) -> list[Any]:
@@ -145,6 +162,8 @@ def decode_item(obj: Any, index: int, allowed: Sequence[Path]) -> ScoreItem:
     metadata = obj.get("metadata") or {}
     if not isinstance(metadata, Mapping):
         raise WireError(422, f"{name}: 'metadata' must be an object")
+    if CHAT_KEY in metadata:  # reserved: it marks the OpenAI route's chat requests
+        raise WireError(422, f"{name}: metadata key {CHAT_KEY!r} is reserved; use /v1/chat/completions")
     if "images" not in obj:
         raise WireError(422, f"{name}: missing 'images'")
     images = [decode_image(v, allowed, f"{name}: images[{k}]")

@@ -36,6 +36,7 @@ from typing import Any, Iterator, Sequence
 
 # batch_limit, _batch_key, _ItemError: also imported from here by tests and older code.
 from .batching import Batching, _batch_key, _ItemError, batch_limit  # noqa: F401
+from .chat import is_chat, split_chats
 from .faults import inject_item_faults
 from .loading import Loading, _normalize_device
 from .preparation import Preparation, _name, _PreparedChunk, _Request  # noqa: F401
@@ -79,6 +80,8 @@ class JudgeEngine(Loading, Preparation, Batching, Scoring, SpeedPaths):
         idx = list(indices) if indices is not None else [base_index + i for i in range(len(items))]
         if len(idx) != len(items):
             raise ValueError(f"{len(indices or [])} indices for {len(items)} items")
+        if any(is_chat(it) for it in items):  # raw chat prompts from the service's OpenAI route
+            return split_chats(self, items, idx)
         inject_item_faults(items)
         results: list[ScoreResult | None] = [None] * len(items)
         bs = self.settings.batch_size
