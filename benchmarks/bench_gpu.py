@@ -204,7 +204,11 @@ def summarize(results) -> dict[str, Any]:
 # -- the library -------------------------------------------------------------------------------
 
 def bench_in_process(model_dir: str, device: str, mode: str, judge_kw: dict[str, Any], images: list,
-                     bs_list: list[int], n_for_bs, new: int, cuda: bool, extra_runs=None) -> dict[str, Any]:
+                     bs_list: list[int], n_for_bs, new: int, cuda: bool, extra_runs=None,
+                     warmup_items: int | None = None) -> dict[str, Any]:
+    """Load, first result, a 10-item call, then per batch size: a warm-up call and a timed call.
+    warmup_items: at least this many items are scored before the first timed call, so the
+    defaults' automatic compile (compile_after_items) has happened and is counted in the warm-up."""
     import torch
 
     from src.models.reward.implementations.local import QwenVLRewardModel
@@ -216,18 +220,34 @@ def bench_in_process(model_dir: str, device: str, mode: str, judge_kw: dict[str,
     t0 = clock.now()
     judge = QwenVLRewardModel(device=device, model_name=model_dir, mode=mode, batch_size=max(bs_list), **kw)
     load_s = clock.now() - t0
-    out: dict[str, Any] = {"load_s": round(load_s, 2), "vision_attn": judge.engine.vision_attn,
+    eng = judge.engine
+    out: dict[str, Any] = {"load_s": round(load_s, 2), "vision_attn": eng.vision_attn,
+                           "fast_decode": eng._fast_decode,
                            "settings": {k: v for k, v in judge.settings.to_params().items() if k != "templates"}}
     try:
         set_batch_size(judge, 1)
         first = judge.batch_score(images[:1])
         out["time_to_first_result_s"] = round(clock.now() - t0, 2)
         out["first_result"] = summarize(first)
+        set_batch_size(judge, max(bs_list))
+        t = clock.now()
+        judge.batch_score([images[i % len(images)] for i in range(1, 11)])
+        out["ten_items_call_s"] = round(clock.now() - t, 2)
         for bs in bs_list:
             set_batch_size(judge, bs)
             n = n_for_bs(bs)
             w0 = clock.now()
-            judge.batch_score(images[:bs])  # warm-up: allocator, kernels, compiled shapes
+            want = max(bs, (warmup_items or 0) - eng._items_scored)
+            extra: dict[str, Any] = {}
+            if want > bs:  # eager up to the automatic compile, then one batch that pays it
+                judge.batch_score([images[i % len(images)] for i in range(want)])
+                extra["warmup_eager_img_per_s"] = round(want / (clock.now() - w0), 3)
+                w1 = clock.now()
+                judge.batch_score(images[:bs])
+                extra["compile_call_s"] = round(clock.now() - w1, 2)
+                want += bs
+            else:
+                judge.batch_score([images[i % len(images)] for i in range(want)])  # allocator, kernels, shapes
             warm = clock.now() - w0
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -235,7 +255,7 @@ def bench_in_process(model_dir: str, device: str, mode: str, judge_kw: dict[str,
             res = judge.batch_score(images[:n])
             dt = clock.now() - t
             row = {"items": n, "seconds": round(dt, 3), "img_per_s": round(n / dt, 3), "warmup_s": round(warm, 2),
-                   **summarize(res)}
+                   "warmup_items": want, **extra, "compiled_modules": len(eng._compiled), **summarize(res)}
             if cuda:
                 row["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
             out[f"bs{bs}"] = row
@@ -245,6 +265,33 @@ def bench_in_process(model_dir: str, device: str, mode: str, judge_kw: dict[str,
         judge.close()
         if cuda:
             torch.cuda.empty_cache()
+    return out
+
+
+def bench_small_jobs(model_dir: str, device: str, images: list, cuda: bool, variants: dict[str, dict]) -> dict:
+    """A small job per judge-settings variant, each on a fresh load: time to the first result
+    (load + one item) and to the end of a 10-item job (load + ten items), in both modes."""
+    from src.models.reward.implementations.local import QwenVLRewardModel
+
+    clock = Clock(cuda)
+    out: dict[str, Any] = {}
+    if cuda:  # one untimed load first: the process's CUDA start is not charged to the first variant
+        with QwenVLRewardModel(device=device, model_name=model_dir) as judge:
+            judge.batch_score(images[:1])
+    for name, kw in variants.items():
+        for mode in ("logits", "generate"):
+            extra = {"max_new_tokens": 128} if mode == "generate" else {}
+            t0 = clock.now()
+            with QwenVLRewardModel(device=device, model_name=model_dir, mode=mode, **extra, **kw) as judge:
+                judge.batch_score(images[:1])
+                first = clock.now() - t0
+            t0 = clock.now()
+            with QwenVLRewardModel(device=device, model_name=model_dir, mode=mode, **extra, **kw) as judge:
+                res = judge.batch_score([images[i % len(images)] for i in range(10)])
+                job = clock.now() - t0
+            out[f"{name}_{mode}"] = {"time_to_first_result_s": round(first, 2), "ten_item_job_s": round(job, 2),
+                                     **summarize(res)}
+            log(f"small job {name} {mode}: {out[f'{name}_{mode}']}")
     return out
 
 
@@ -302,7 +349,7 @@ def bench_size(size: str, a, naive_path: pathlib.Path | None, work: pathlib.Path
     def left() -> float:
         return deadline - time.perf_counter()
 
-    model_dir = work / f"qwen2_5_vl-{size}"
+    model_dir = work / size
     made = model_dir / "random_checkpoint.json"
     if made.is_file():  # built earlier in this --work folder (benchmarks/checkpoints.py)
         res["checkpoint"] = {**json.loads(made.read_text()), "reused": True}
@@ -327,18 +374,24 @@ def bench_size(size: str, a, naive_path: pathlib.Path | None, work: pathlib.Path
         save()
 
     judge_kw = parse_kv(a.judge)
-    gen_n = lambda bs: min(a.n, max(bs, 8))  # the naive loop's count for generate  # noqa: E731
+    gen_n = lambda bs: min(a.n, max(2 * bs, 8))  # two batches: the second one's preparation overlaps  # noqa: E731
     if "logits" in a.stages and left() > 60:
         res["library_logits"] = bench_in_process(
             str(model_dir), a.device, "logits", judge_kw, images, a.bs,
             lambda bs: a.n_worker if bs == max(a.bs) else a.n, a.new, cuda,
-            extra_runs=in_process_path_runs(paths, max(a.bs)) if "worker" in a.stages else None)
+            extra_runs=in_process_path_runs(paths, max(a.bs)) if "worker" in a.stages else None,
+            warmup_items=a.warmup_items if a.warmup_items is not None else _auto_compile_items(judge_kw))
         log(f"[{size}] library logits: {res['library_logits']}")
         save()
     if "generate" in a.stages and left() > 60:
         res["library_generate"] = bench_in_process(str(model_dir), a.device, "generate", judge_kw, images,
                                                    a.bs, gen_n, a.new, cuda)
         log(f"[{size}] library generate: {res['library_generate']}")
+        save()
+    if "smalljobs" in a.stages and left() > 60:
+        old = {"fast_decode": False, "gpu_preprocess": False, "compile_vision": False, "compile_language": False}
+        res["small_jobs"] = bench_small_jobs(str(model_dir), a.device, images, cuda,
+                                             {"defaults": judge_kw, "previous_defaults": {**judge_kw, **old}})
         save()
     ids = ["cpu"] if not cuda else [int(a.device.split(":")[1]) if ":" in a.device else 0]
     for mb in a.micro_batch:
@@ -353,6 +406,15 @@ def bench_size(size: str, a, naive_path: pathlib.Path | None, work: pathlib.Path
     if not a.keep_checkpoints:
         shutil.rmtree(model_dir, ignore_errors=True)
     return res
+
+
+def _auto_compile_items(judge_kw: dict[str, Any]) -> int:
+    """Items the defaults score before their automatic compile (logits mode), or 0 without one."""
+    from src.models.reward.settings import JudgeSettings
+
+    s = JudgeSettings(model_name="x", **judge_kw)
+    auto = s.compile_vision is None or s.compile_language is None
+    return s.compile_after_items if auto else 0
 
 
 def ratios(res: dict[str, Any], a) -> dict[str, Any]:
@@ -388,9 +450,10 @@ def markdown(report: dict[str, Any]) -> str:
         if "checkpoint" not in r:
             continue
         size, naive = r["size"], r.get("naive") or {}
-        lines += [f"## Qwen2.5-VL {size.upper()} ({r['checkpoint']['params_b']} B parameters)", "",
-                  "| mode | batch | naive img/s | library img/s | library / naive | naive peak GB | library peak GB |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [f"## {_judge_name(size)} ({r['checkpoint']['params_b']} B parameters)", "",
+                  "| mode | batch | naive img/s | library img/s | library / naive | naive peak GB | library peak GB "
+                  "| library warm-up s (items) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for mode, key in (("logits", "logits_bs{bs}_img_per_s"), ("generate", f"generate{meta['new_tokens']}_bs{{bs}}_img_per_s")):
             lib = r.get(f"library_{mode}") or {}
             for bs in meta["batch_sizes"]:
@@ -399,9 +462,18 @@ def markdown(report: dict[str, Any]) -> str:
                 ratio = f"{l_v / n_v:.2f}x" if n_v and l_v else "-"
                 lines.append(f"| {mode if mode == 'logits' else 'generate' + str(meta['new_tokens'])} | {bs} | "
                              f"{_f(n_v)} | {_f(l_v)} | {ratio} | {_f(naive.get('peak_gpu_mem_gb'))} (max of run) | "
-                             f"{_f(row.get('peak_gpu_mem_gb'))} |")
+                             f"{_f(row.get('peak_gpu_mem_gb'))} | {_f(row.get('warmup_s'))} ({row.get('warmup_items', '-')}) |")
         lines.append("")
         ll, lg, wk = r.get("library_logits") or {}, r.get("library_generate") or {}, r.get("library_worker") or {}
+        small = r.get("small_jobs") or {}
+        if small:
+            lines += ["Small jobs, each on a fresh load (load + 1 item; load + 10 items):", "",
+                      "| settings | mode | time to first result s | 10-item job s |", "|---|---|---|---|"]
+            for key, v in small.items():
+                name, _, mode = key.rpartition("_")
+                lines.append(f"| {name.replace('_', ' ')} | {mode} | {_f(v.get('time_to_first_result_s'))} | "
+                             f"{_f(v.get('ten_item_job_s'))} |")
+            lines.append("")
         lines += ["| | load s | time to first result s |", "|---|---|---|",
                   f"| naive loop | {_f(naive.get('load_s'))} | - |",
                   f"| library logits (in-process) | {_f(ll.get('load_s'))} | {_f(ll.get('time_to_first_result_s'))} |",
@@ -427,6 +499,12 @@ def markdown(report: dict[str, Any]) -> str:
                              f"{_f(c2.get('img_per_s'))} | {_f(ratio)} | {_f(d.get('peak_gpu_mem_used_gb_nvidia_smi'))} |")
             lines += ["", "(peak GPU for a worker: nvidia-smi memory.used, CUDA context and cached blocks included)", ""]
     return "\n".join(lines) + "\n"
+
+
+def _judge_name(size: str) -> str:
+    names = {"7b": "Qwen2.5-VL-7B", "3b": "Qwen2.5-VL-3B", "qwen3_vl-8b": "Qwen3-VL-8B",
+             "qwen3_vl_moe-30b-a3b-24l": "Qwen3-VL-30B-A3B, 24 of its 48 layers"}
+    return names.get(size, f"smoke stand-in {size}")
 
 
 def _f(v) -> str:
@@ -470,11 +548,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--judge", action="append", default=[], metavar="KEY=VALUE",
                     help="judge setting for the library runs, e.g. compile_vision=true (repeatable)")
     ap.add_argument("--deadline-s", type=float, default=None, help="skip stages that would start after this")
+    ap.add_argument("--warmup-items", type=int, default=None,
+                    help="logits: items scored before timing (default: the judge's compile_after_items when its "
+                         "compile is automatic, so the timed call sees the defaults' steady state)")
     ap.add_argument("--keep-checkpoints", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny images: seconds (CI)")
     a = ap.parse_args(argv)
     if a.smoke:
-        a.sizes, a.device, a.n, a.n_worker, a.bs, a.new = "smoke", "cpu", 4, 4, "1,2", 4
+        a.sizes = a.sizes if a.sizes.startswith("smoke") else "smoke"
+        a.device, a.n, a.n_worker, a.bs, a.new = "cpu", 4, 4, "1,2", 4
         a.width, a.height = 224, 168
     a.bs = [int(x) for x in a.bs.split(",")]
     a.micro_batch = [None if x == "default" else int(x) for x in a.micro_batch.split(",")]

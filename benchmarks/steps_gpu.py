@@ -11,6 +11,10 @@ Where the time goes in the library's path, and whether each fast path computes t
   decode    generate: prefill alone, then per-step decode time, dynamic cache vs static cache
             (compiled by transformers), batch 32
   gpuprep   the image processor on the GPU (device=cuda) against the CPU
+  prep_threads  preparation rate with 4, 8 and 12 image threads
+  fast_decode   fast_decode.py: step time without a graph, with one, and sampled; generate-128;
+                bf16 tokens against generate() (fast_decode32: also in float32, model upcast)
+  compile, compile_lm  the vision blocks compiled, then the language layers too (logits mode)
 
     python benchmarks/steps_gpu.py --model DIR --out results.json [--steps prep,vision,...]
 """
@@ -118,6 +122,15 @@ def main(argv=None) -> int:
     out["prep"] = {"images": len(reqs), "prepare_s": round(prep_s, 3), "processor_s": round(enc_s, 3),
                    "img_per_s": round(len(reqs) / (prep_s + enc_s), 1), "tokens_per_prompt": round(n_tok, 1),
                    "patches_per_image": int(enc["pixel_values"].shape[0]) // len(reqs)}
+    if cuda and "prep_threads" in steps:
+        import concurrent.futures
+
+        for n_thr in (4, 8, 12):
+            eng._image_pool = concurrent.futures.ThreadPoolExecutor(n_thr)
+            eng._prepare(items, 0)
+            t = time.perf_counter()
+            eng._prepare(items, 0)
+            out["prep"][f"prepare_threads{n_thr}_img_per_s"] = round(len(items) / (time.perf_counter() - t), 1)
     print("prep", out["prep"], flush=True)
     save()
     gpu = {k: v.to(dev) for k, v in enc.items()}
@@ -338,25 +351,42 @@ def main(argv=None) -> int:
         def same(x, y):
             return float((x == y).float().mean())
         try:
-            # correctness in float32, where rounding cannot flip a greedy choice by chance
-            model.float()
-            use("packed")
-            a_, b_, c_ = hf(gpu8, 24), ours(gpu8, 24), ours(gpu8, 24, graph=False)
-            d_ = ours(gpu8, 24, additive_mask=True)
-            res["fp32_8x24_same_tokens"] = {"hf_vs_graph": same(a_, b_), "hf_vs_eager": same(a_, c_),
-                                            "graph_vs_eager": same(b_, c_), "hf_vs_graph_additive": same(a_, d_)}
-            model.to(eng.dtype)
+            if "fast_decode32" in steps:
+                # correctness in float32, where rounding cannot flip a greedy choice by chance
+                model.float()
+                use("packed")
+                a_, b_, c_ = hf(gpu8, 24), ours(gpu8, 24), ours(gpu8, 24, graph=False)
+                res["fp32_8x24_same_tokens"] = {"hf_vs_graph": same(a_, b_), "hf_vs_eager": same(a_, c_),
+                                                "graph_vs_eager": same(b_, c_)}
+                model.to(eng.dtype)
+                use(fast)
+                print("fast_decode", res, flush=True)
             use(fast)
-            print("fast_decode", res, flush=True)
             a_, b_ = hf(gpu, 32), ours(gpu, 32)
             res["bf16_32x32_same_tokens_hf_vs_graph"] = same(a_, b_)
-            for name, kw in (("eager", {"graph": False}), ("graph_bool", {}), ("graph_additive", {"additive_mask": True}),
-                             ("graph_additive_align128", {"additive_mask": True, "cache_align": 128})):
+            r = timed(lambda: hf(gpu, 17), reps=1)
+            r1 = timed(lambda: hf(gpu, 1), reps=1)
+            res["generate_step_ms"] = round((r["median_s"] - r1["median_s"]) / 16 * 1000, 2)
+            from src.models.reward.fast_decode import generate_tokens, plan_for
+
+            sampled, _ = plan_for(model, {"max_new_tokens": 17, "min_new_tokens": 17, "do_sample": True,
+                                          "temperature": 0.7, "top_p": 0.8, "top_k": 20, "pad_token_id": pad})
+
+            def ours_sampled(inp, n, timings=None):
+                import dataclasses
+
+                with torch.inference_mode():
+                    p_ = dataclasses.replace(sampled, max_new_tokens=n, min_new_tokens=n)
+                    return generate_tokens(model, inp, p_, timings=timings)
+            for name, fn in (("eager", lambda n, tm: ours(gpu, n, graph=False, timings=tm)),
+                             ("graph", lambda n, tm: ours(gpu, n, timings=tm)),
+                             ("graph_sampled", lambda n, tm: ours_sampled(gpu, n, timings=tm))):
                 tm: dict = {}
-                t1 = timed(lambda: ours(gpu, 1, **kw), reps=1)["median_s"]
-                t17 = timed(lambda: ours(gpu, 17, timings=tm, **kw), reps=2)["median_s"]
+                t1 = timed(lambda: fn(1, None), reps=1)["median_s"]
+                t17 = timed(lambda: fn(17, tm), reps=2)["median_s"]
                 res[f"{name}_step_ms"] = round((t17 - t1) / 16 * 1000, 2)
                 res[f"{name}_timings"] = tm
+                res["prefill_s"] = t1
                 print("fast_decode", name, res[f"{name}_step_ms"], tm, flush=True)
             try:
                 from torch.profiler import ProfilerActivity, profile
@@ -374,8 +404,8 @@ def main(argv=None) -> int:
                 res["graph_step_top_kernels_ms_count"] = [(k[:90], round(v[0], 3), v[1]) for k, v in top]
             except Exception as e:
                 res["profile_error"] = f"{type(e).__name__}: {e}"[:300]
-            r = timed(lambda: ours(gpu, 128, additive_mask=True), reps=1)
-            res["new128_s_additive"] = r["median_s"]
+            r = timed(lambda: ours(gpu, 128), reps=1)
+            res["new128_s"] = r["median_s"]
             res["generate128_img_per_s_model_only"] = round(nb / r["median_s"], 2)
         except Exception as e:
             res["error"] = f"{type(e).__name__}: {e}"[:1500]

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_gpu_smoke(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--smoke", "--out", str(tmp_path),
-           "--judge", "fast_decode=true", "--judge", "vision_attn=packed"]
+           "--judge", "fast_decode=true", "--judge", "vision_attn=packed", "--stages", "naive,logits,generate,worker,smalljobs"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,6 +36,11 @@ def test_bench_gpu_smoke(tmp_path):
             assert row["items"] == 4 and row["img_per_s"] > 0
     assert size["library_logits"]["bs1"]["scored"] == 4  # logits always yields a score
     assert size["library_generate"]["settings"]["min_new_tokens"] == 4  # forced answer length
+    assert size["library_generate"]["fast_decode"] is True
+    assert size["library_logits"]["bs2"]["warmup_items"] == 2  # CPU: no automatic compile to wait for
+    small = size["small_jobs"]
+    assert set(small) == {f"{v}_{m}" for v in ("defaults", "previous_defaults") for m in ("logits", "generate")}
+    assert all(s["items"] == 10 and s["ten_item_job_s"] > 0 for s in small.values())
     worker = size["library_worker"]
     assert worker["call1"]["items"] == worker["call2"]["items"] == 4
     assert worker["call2"]["scored"] == 4
@@ -43,4 +48,19 @@ def test_bench_gpu_smoke(tmp_path):
     for pid in worker["worker_pids"]:  # the worker process is gone with the benchmark
         assert pid and not Path(f"/proc/{pid}").exists()
     table = (tmp_path / "bench_gpu.md").read_text()
-    assert "| logits | 2 |" in table and "one worker" in table
+    assert "| logits | 2 |" in table and "one worker" in table and "10-item job" in table
+
+
+def test_bench_gpu_smoke_qwen3_judges(tmp_path):
+    """The Qwen3-VL and Qwen3-VL-MoE stand-ins through the library's defaults, both modes."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--smoke", "--out", str(tmp_path),
+           "--sizes", "smoke-qwen3_vl,smoke-qwen3_vl_moe", "--stages", "logits,generate"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert [s["checkpoint"]["arch"] for s in report["sizes"]] == ["qwen3_vl", "qwen3_vl_moe"]
+    for size in report["sizes"]:
+        assert size["library_logits"]["bs2"]["scored"] == 4
+        assert size["library_generate"]["fast_decode"] is True and size["library_generate"]["bs2"]["items"] == 4
+    assert "smoke stand-in smoke-qwen3_vl_moe" in (tmp_path / "bench_gpu.md").read_text()

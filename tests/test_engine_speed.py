@@ -6,6 +6,7 @@ they run is the code tested here, minus the graph capture.
 """
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -36,7 +37,7 @@ def _answers(**judge) -> list:
 
 # -- fast_decode: the same tokens as generate() -------------------------------------------------
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl"])
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
 def model_and_inputs(request):
     path = resolve_model_name(f"tiny:{request.param}")
     proc = AutoProcessor.from_pretrained(path)
@@ -82,35 +83,70 @@ def test_decode_gqa_attention_equals_repeated_kv():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("sampling", [
+    {"temperature": 0.7, "top_p": 0.9, "top_k": 20},
+    {"temperature": 1.3, "top_p": 1.0, "num_return_sequences": 3},  # top_k: transformers' default 50
+    {"temperature": 0.5, "top_p": 0.8, "repetition_penalty": 1.2, "min_new_tokens": 5},
+])
+def test_sampled_generate_equals_generate(model_and_inputs, sampling):
+    """Sampling: the same processors in generate()'s order and the same draw from the same seed,
+    so the same tokens on the CPU; several samples per prompt share one prefill."""
+    model, inputs, pad = model_and_inputs
+    kw = {"max_new_tokens": 10, "do_sample": True, "pad_token_id": pad, **sampling}
+    plan, why = fast_decode.plan_for(model, kw)
+    assert why is None and plan.do_sample and plan.num_return_sequences == sampling.get("num_return_sequences", 1)
+    assert plan.top_k == sampling.get("top_k", 50)
+    with torch.inference_mode():
+        torch.manual_seed(3)
+        ref = model.generate(**inputs, **kw)[:, inputs["input_ids"].shape[1]:]
+        model.model.rope_deltas = None
+        torch.manual_seed(3)
+        ours = fast_decode.generate_tokens(model, inputs, plan)
+    n = ref.shape[1]
+    assert ref.shape[0] == ours.shape[0] == inputs["input_ids"].shape[0] * plan.num_return_sequences
+    assert torch.equal(ours[:, :n], ref)
+    assert len({tuple(r) for r in ref.tolist()}) > 1  # the rows really were sampled
+
+
 def test_fast_decode_judge_answers_equal_generate():
-    plain = _answers(mode="generate", max_new_tokens=8, batch_size=2)
-    fast = _answers(mode="generate", max_new_tokens=8, batch_size=2, fast_decode=True)
-    assert fast == plain
-    forced = _answers(mode="generate", max_new_tokens=8, min_new_tokens=8, batch_size=2, fast_decode=True)
-    assert forced == _answers(mode="generate", max_new_tokens=8, min_new_tokens=8, batch_size=2)
+    for arch, extra in (("qwen2_5_vl", {}), ("qwen3_vl_moe", {"temperature": 0.8, "num_samples": 2})):
+        base = dict(mode="generate", max_new_tokens=8, batch_size=2, **extra)
+        with QwenVLRewardModel(model_name=f"tiny:{arch}", fast_decode=False, **base) as j:
+            plain = [(r.score, r.raw, r.error) for r in j.batch_score(_images())]
+        with QwenVLRewardModel(model_name=f"tiny:{arch}", **base) as j:  # fast_decode: on by default
+            assert j.engine._fast_decode is True
+            fast = [(r.score, r.raw, r.error) for r in j.batch_score(_images())]
+        assert fast == plain
+    forced = _answers(mode="generate", max_new_tokens=8, min_new_tokens=8, batch_size=2)
+    assert forced == _answers(mode="generate", max_new_tokens=8, min_new_tokens=8, batch_size=2, fast_decode=False)
 
 
-def test_fast_decode_falls_back_with_a_reason(caplog):
+def test_fast_decode_falls_back_with_a_reason(tmp_path, caplog):
+    from src.models.tiny import build_tiny_model
+
+    path = build_tiny_model("qwen3_vl", tmp_path / "judge")
+    cfg = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**cfg, "no_repeat_ngram_size": 3}))
     with caplog.at_level(logging.WARNING):
-        with QwenVLRewardModel(model_name="tiny:qwen3_vl", mode="generate", max_new_tokens=4,
-                               fast_decode=True) as judge:
+        with QwenVLRewardModel(model_name=str(path), mode="generate", max_new_tokens=4) as judge:
             assert judge.engine._fast_decode is False
             assert all(r.raw is not None for r in judge.batch_score(_images(2)))
-            assert "greedily" in fast_decode.unsupported_reason(judge.engine.model, 0.7, 1)
-    assert "qwen3_vl" in caplog.text and "generate() instead" in caplog.text
+    assert "no_repeat_ngram_size=3" in caplog.text and "generate() instead" in caplog.text
 
-
-# -- preparation: threads, processor in the prepare thread ----------------------------------------
 
 def test_fast_decode_refuses_processors_it_does_not_implement(model_and_inputs):
     model = model_and_inputs[0]
-    assert fast_decode.unsupported_reason(model, 0.0, 1) is None
+    assert fast_decode.plan_for(model, {"max_new_tokens": 4, "do_sample": False})[1] is None
+    assert "min_p" in fast_decode.plan_for(model, {"max_new_tokens": 4, "do_sample": True, "min_p": 0.1})[1]
+    assert "num_beams" in fast_decode.plan_for(model, {"max_new_tokens": 4, "num_beams": 2})[1]
     model.generation_config.no_repeat_ngram_size = 3
     try:
-        assert "no_repeat_ngram_size" in fast_decode.unsupported_reason(model, 0.0, 1)
+        assert "no_repeat_ngram_size" in fast_decode.plan_for(model, {"max_new_tokens": 4})[1]
     finally:
         model.generation_config.no_repeat_ngram_size = None
 
+
+# -- preparation: threads, processor in the prepare thread ----------------------------------------
 
 def test_prepare_threads_and_errors_stay_per_item(tmp_path):
     missing = str(tmp_path / "nope.png")
@@ -188,3 +224,55 @@ def test_compile_options_trace_and_keep_scores(monkeypatch):
         torch._dynamo.reset()
     assert "Qwen2_5_VLVisionBlock" in compiled and "Qwen2_5_VLDecoderLayer" in compiled
     assert [a[0] for a in fast] == pytest.approx([a[0] for a in plain], abs=1e-5)
+
+
+def test_automatic_compile_waits_for_enough_items(monkeypatch, caplog):
+    """compile_* unset: nothing compiles at load or for a small job; once compile_after_items have
+    been scored the blocks compile (the plumbing traced by dynamo's eager backend here) and the
+    scores stay the same. On the CPU the automatic compile is off; the test arms it as CUDA would."""
+    plain = _answers(batch_size=2)
+    real = torch.nn.Module.compile
+    compiled = []
+
+    def compile_eager(self, *args, **kwargs):
+        compiled.append(type(self).__name__)
+        return real(self, *args, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eager)
+    torch._dynamo.reset()
+    try:
+        with QwenVLRewardModel(model_name="tiny:qwen2_5_vl", batch_size=2, compile_after_items=4) as judge:
+            eng = judge.engine
+            assert eng._compile_pending == [] and not compiled  # CPU: not armed, nothing compiled
+            eng._compile_pending = [("compile_vision", "visual", "blocks"), ("compile_language", "language_model", "layers")]
+            with caplog.at_level(logging.INFO):
+                small = judge.batch_score(_images()[:3])
+                assert not compiled  # 3 items: below the threshold
+                rest = judge.batch_score(_images()[3:])  # 5 scored: compiles before this call's next chunk
+            assert "Qwen2_5_VLVisionBlock" in compiled and "Qwen2_5_VLDecoderLayer" in compiled
+            assert eng._compile_pending == [] and "compiling compile_vision and compile_language" in caplog.text
+            again = judge.batch_score(_images())  # runs compiled
+    finally:
+        torch._dynamo.reset()
+    assert [r.score for r in small + rest] == pytest.approx([p[0] for p in plain], abs=1e-5)
+    assert [r.score for r in again] == pytest.approx([p[0] for p in plain], abs=1e-5)
+
+
+def test_a_failing_compile_falls_back_to_eager(monkeypatch, caplog):
+    plain = _answers(batch_size=3)
+    real = torch.nn.Module.compile
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *a, **kw: real(self, *a, **{**kw, "backend": broken_backend}))
+    torch._dynamo.reset()
+    try:
+        with caplog.at_level(logging.WARNING):
+            fast = _answers(batch_size=3, compile_vision=True)
+    finally:
+        torch._dynamo.reset()
+    assert [a[2] for a in fast] == [None] * len(plain)
+    assert [a[0] for a in fast] == pytest.approx([a[0] for a in plain], abs=1e-5)
+    assert caplog.text.count("compiling failed") == 1 and "running eagerly from now on" in caplog.text

@@ -1,4 +1,4 @@
-"""Greedy decoding with a static KV cache and, on CUDA, a CUDA graph of the decoding step.
+"""Decoding with a static KV cache and, on CUDA, a CUDA graph of the decoding step.
 
 Why: transformers' generate() runs each new token of a 7B Qwen-VL judge as ~1,300 small kernel
 launches from Python; on an H100 a step takes ~34 ms of which the GPU is busy ~11 ms (measured,
@@ -6,11 +6,21 @@ benchmarks/NOTES.md). torch.compile of generate did not help there (static cache
 compile: recompiles per cache layer). Replaying one captured CUDA graph per step removes the launch
 cost: the Python loop only calls replay().
 
-What it computes: exactly transformers' greedy search for the Qwen2-VL / Qwen2.5-VL families (same prefill forward, same positions, same KV cache semantics), with the logits
-processors a judge's greedy decoding meets: min_new_tokens and repetition_penalty. Anything else
-(sampling, other processors in the checkpoint's generation_config) is refused by
-`unsupported_reason`, and the engine then uses generate(). On the CPU the same step runs eagerly,
-which is how tests compare it with generate() token for token.
+What it computes: exactly transformers' generate() for Qwen2-VL, Qwen2.5-VL, Qwen3-VL and
+Qwen3-VL-MoE (same prefill forward, same positions, same KV cache semantics), greedy or sampled,
+with the logits processors a judge meets: min_new_tokens, repetition_penalty, temperature, top_k,
+top_p, and num_return_sequences (`num_samples`). The generation settings are merged exactly as
+generate() merges them (the call's, then the checkpoint's generation_config, then transformers'
+defaults such as top_k 50); anything else that would add a processor is refused by `plan_for`,
+and the engine then uses generate(). Sampling draws as torch.multinomial does for one sample
+(probabilities over exponential noise, argmax), from the same generator, so on the CPU a seeded
+call gives generate()'s tokens; the draw needs no host sync, so it can live in the graph.
+Several samples per prompt: the prompt runs once and its KV cache is copied to each sample's row
+(generate() runs the prompt, images included, once per sample). On the CPU the same step runs
+eagerly, which is how tests compare it with generate() token for token.
+
+The Qwen3-VL-MoE experts run through transformers' `grouped_mm` experts path (sorted by expert,
+offsets from histc): fixed shapes and no host sync, so the experts are inside the graph too.
 
 State between steps lives in tensors that are updated in place (token, positions, attention mask,
 step counter, finished rows, seen tokens, output buffer), so one captured step replays correctly.
@@ -20,36 +30,69 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# Qwen3-VL's text model builds its own mask from a 2D one and does not take the prepared mask.
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+# Qwen3-VL's text models take no per-layer-type mask dict; they pass a prepared 4D mask through.
+_MASK_AS_DICT = ("qwen2_vl", "qwen2_5_vl")
 
-# generation_config fields that add logits processors this decoder does not implement; with their
-# neutral values.
-_NEUTRAL = {"no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "suppress_tokens": (None,),
-            "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
-            "sequence_bias": (None,), "exponential_decay_length_penalty": (None,),
+# Merged generation settings that would add a logits processor or change the search this decoder
+# does not implement; with their neutral values.
+_NEUTRAL = {"no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+            "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
+            "forced_eos_token_id": (None,), "sequence_bias": (None,), "exponential_decay_length_penalty": (None,),
             "encoder_repetition_penalty": (None, 1.0), "renormalize_logits": (None, False),
-            "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "min_length": (None, 0),
-            "max_length": None}  # max_length: generate() uses max_new_tokens when both are set
+            "remove_invalid_values": (None, False), "guidance_scale": (None, 1, 1.0), "min_length": (None, 0),
+            "num_beams": (None, 1), "watermarking_config": (None,), "stop_strings": (None,),
+            "assistant_model": (None,), "prompt_lookup_num_tokens": (None,)}
+# Only where sampling: the warpers beyond temperature, top_k and top_p.
+_NEUTRAL_SAMPLING = {"min_p": (None, 0, 0.0), "typical_p": (None, 1, 1.0), "epsilon_cutoff": (None, 0, 0.0),
+                     "eta_cutoff": (None, 0, 0.0), "top_h": (None,)}
 
 _REPLAY_CHECK_EVERY = 16  # replays between checks that every row has finished (each check syncs)
 _DECODE_ATTN = "judge_decode_gqa"  # the text attention while decoding (registered with transformers)
 
 
-def unsupported_reason(model: Any, temperature: float, num_samples: int) -> str | None:
-    """Why this decoder cannot stand in for generate() here, or None."""
-    if temperature > 0 or num_samples != 1:
-        return "it decodes greedily only (temperature 0, num_samples 1)"
+@dataclass(frozen=True)
+class Plan:
+    """What generate() would do with these settings, as this decoder runs it."""
+    max_new_tokens: int
+    min_new_tokens: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    repetition_penalty: float = 1.0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_return_sequences: int = 1
+
+
+def plan_for(model: Any, gen_kwargs: dict[str, Any]) -> tuple[Plan | None, str | None]:
+    """(plan, None) when this decoder computes what model.generate(**inputs, **gen_kwargs) would,
+    else (None, the reason)."""
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        return f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
-    gc = model.generation_config
-    for name, neutral in _NEUTRAL.items():
-        if neutral is None:
-            continue
+        return None, f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    try:  # generate()'s own merge: the call's settings > the checkpoint's generation_config > defaults
+        gc, _ = model._prepare_generation_config(None, **gen_kwargs)
+    except Exception as e:  # a transformers without this helper: do not guess its defaults
+        return None, f"transformers' generation settings could not be read ({type(e).__name__}: {e})"
+    checks = dict(_NEUTRAL, **(_NEUTRAL_SAMPLING if gc.do_sample else {}))
+    for name, neutral in checks.items():
         if getattr(gc, name, None) not in neutral:
-            return f"the checkpoint's generation_config sets {name}={getattr(gc, name)!r}"
-    return None
+            return None, f"the generation settings set {name}={getattr(gc, name)!r}"
+    if gc.max_new_tokens is None:
+        return None, "max_new_tokens is not set"
+    eos = gc.eos_token_id if isinstance(gc.eos_token_id, (list, tuple)) else [gc.eos_token_id]
+    eos = tuple(int(e) for e in eos if e is not None)
+    if not eos:
+        return None, "the judge has no end-of-answer token"
+    pad = gc.pad_token_id if gc.pad_token_id is not None else eos[0]
+    sampling = dict(do_sample=True, temperature=float(gc.temperature if gc.temperature is not None else 1.0),
+                    top_k=int(gc.top_k or 0), top_p=float(gc.top_p if gc.top_p is not None else 1.0)) \
+        if gc.do_sample else {}
+    return Plan(max_new_tokens=int(gc.max_new_tokens), min_new_tokens=int(gc.min_new_tokens or 0),
+                eos_token_ids=eos, pad_token_id=int(pad), repetition_penalty=float(gc.repetition_penalty or 1.0),
+                num_return_sequences=int(gc.num_return_sequences or 1), **sampling), None
 
 
 @dataclass
@@ -62,17 +105,23 @@ class _State:
     seen: Any         # (B, vocab) bool, tokens already in the sequence (repetition penalty) or None
     out: Any          # (B, max_new_tokens) generated tokens
     eos: Any          # (n_eos,) long
-    pad: int
-    min_new: int
-    penalty: float
+    plan: Plan
 
 
 def greedy_generate(model: Any, inputs: Any, *, max_new_tokens: int, min_new_tokens: int = 0,
                     eos_token_ids: list[int], pad_token_id: int, repetition_penalty: float | None = None,
-                    cuda_graph: bool = True, additive_mask: bool = False, cache_align: int = 64,
+                    cuda_graph: bool = True, cache_align: int = 64, timings: dict | None = None) -> Any:
+    """generate(do_sample=False)'s new tokens (see `generate_tokens`)."""
+    plan = Plan(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_ids=tuple(eos_token_ids),
+                pad_token_id=pad_token_id, repetition_penalty=float(repetition_penalty or 1.0))
+    return generate_tokens(model, inputs, plan, cuda_graph=cuda_graph, cache_align=cache_align, timings=timings)
+
+
+def generate_tokens(model: Any, inputs: Any, plan: Plan, *, cuda_graph: bool = True, cache_align: int = 64,
                     timings: dict | None = None) -> Any:
-    """The new tokens, (batch, n <= max_new_tokens): generate(do_sample=False)'s answer, rows that
-    finished early padded with pad_token_id. `timings`, if given, receives where the time went."""
+    """The new tokens, (batch x num_return_sequences, n <= max_new_tokens), rows in generate()'s
+    order (each prompt's samples together); rows that finished early are padded with the pad
+    token. `timings`, if given, receives where the time went."""
 
     import torch
     from transformers import StaticCache
@@ -80,6 +129,8 @@ def greedy_generate(model: Any, inputs: Any, *, max_new_tokens: int, min_new_tok
     ids = inputs["input_ids"]
     batch, prompt_len = ids.shape
     device = ids.device
+    k = plan.num_return_sequences
+    max_new_tokens = plan.max_new_tokens
     # Cache length rounded up: aligned rows let attention kernels take the mask without padding it.
     cache_len = -(-(prompt_len + max_new_tokens) // cache_align) * cache_align
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
@@ -88,13 +139,20 @@ def greedy_generate(model: Any, inputs: Any, *, max_new_tokens: int, min_new_tok
         attn = torch.ones_like(ids)
     out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1, :].float()
+    del out
     deltas = getattr(model.model, "rope_deltas", None)
     if deltas is None:
         deltas = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    if k > 1:  # each prompt's samples: copies of its cache, rows in generate()'s order
+        for layer in cache.layers:
+            layer.keys = layer.keys.repeat_interleave(k, dim=0)
+            layer.values = layer.values.repeat_interleave(k, dim=0)
+            layer.batch_size = layer.keys.shape[0]
+        logits, ids, attn, deltas = (t.repeat_interleave(k, dim=0) for t in (logits, ids, attn, deltas))
+        batch *= k
     # generate(): text position of a new token = number of real tokens before it; rotary
     # position = that + the prompt's rope delta (images take fewer positions than tokens).
     first_pos = attn.long().sum(-1, keepdim=True) + deltas
-    penalty = float(repetition_penalty or 1.0)
     vocab = logits.shape[-1]
     st = _State(
         tok=torch.empty(batch, 1, dtype=torch.long, device=device),
@@ -103,39 +161,33 @@ def greedy_generate(model: Any, inputs: Any, *, max_new_tokens: int, min_new_tok
         step=torch.zeros((), dtype=torch.long, device=device),
         unfinished=torch.ones(batch, dtype=torch.bool, device=device),
         seen=(torch.zeros(batch, vocab, dtype=torch.bool, device=device).scatter_(1, ids, True)
-              if penalty != 1.0 else None),
-        out=torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device),
-        eos=torch.tensor(eos_token_ids, dtype=torch.long, device=device),
-        pad=pad_token_id, min_new=min_new_tokens, penalty=penalty)
+              if plan.repetition_penalty != 1.0 else None),
+        out=torch.full((batch, max_new_tokens), plan.pad_token_id, dtype=torch.long, device=device),
+        eos=torch.tensor(plan.eos_token_ids, dtype=torch.long, device=device),
+        plan=plan)
     st.mask[:, 0, 0, :prompt_len] = attn.bool()
     _pick(logits, st)
-    # The mask the layers see: the bool one, or an additive one kept in step with it.
-    dtype = next(model.parameters()).dtype
-    add = torch.zeros(st.mask.shape, dtype=dtype, device=device) if additive_mask else None
-    neg = torch.finfo(dtype).min
+    del logits
     steps = max_new_tokens - 1
     lm, head = model.model.language_model, model.lm_head
+    as_dict = model.config.model_type in _MASK_AS_DICT
     slot = cache.layers[0]  # every layer writes the same slot; its counter says which
 
     def step() -> None:
         st.mask.index_fill_(3, slot.cumulative_length.view(1), True)  # the new token sees itself
-        mask = st.mask
-        if add is not None:
-            add.copy_(st.mask.logical_not().to(add.dtype) * neg)
-            mask = add
-        h = lm(input_ids=st.tok, attention_mask={"full_attention": mask}, position_ids=st.pos,
+        mask = {"full_attention": st.mask} if as_dict else st.mask
+        h = lm(input_ids=st.tok, attention_mask=mask, position_ids=st.pos,
                past_key_values=cache, use_cache=True).last_hidden_state
         _pick(head(h[:, -1, :]).float(), st)
         st.pos.add_(1)
 
-    done = 0
     use_graph = cuda_graph and device.type == "cuda" and steps > 3
     _register_decode_attention()
     text_config = lm.config
     plain_attn = text_config._attn_implementation
     text_config._attn_implementation_internal = _DECODE_ATTN
     try:
-        done = _decode(step, st, steps, use_graph, device, timings)
+        _decode(step, st, steps, use_graph, device, timings)
     finally:
         text_config._attn_implementation_internal = plain_attn
     n = int(st.step)
@@ -215,16 +267,36 @@ def _decode_gqa_attention(module, query, key, value, attention_mask, dropout=0.0
 
 
 def _pick(logits, st: _State) -> None:
-    """One greedy choice with generate()'s processors, written into the state in place."""
+    """One choice per row with generate()'s processors, in its order, written into the state in place."""
     import torch
 
+    p = st.plan
     if st.seen is not None:  # RepetitionPenaltyLogitsProcessor
-        logits = torch.where(st.seen, torch.where(logits < 0, logits * st.penalty, logits / st.penalty), logits)
-    if st.min_new > 0:  # MinNewTokensLengthLogitsProcessor: no end before min_new tokens
+        logits = torch.where(st.seen, torch.where(logits < 0, logits * p.repetition_penalty,
+                                                  logits / p.repetition_penalty), logits)
+    if p.min_new_tokens > 0:  # MinNewTokensLengthLogitsProcessor: no end before min_new tokens
         eos_scores = logits[:, st.eos]
-        logits[:, st.eos] = torch.where(st.step < st.min_new, torch.full_like(eos_scores, float("-inf")), eos_scores)
-    nxt = logits.argmax(dim=-1)
-    nxt = torch.where(st.unfinished, nxt, torch.full_like(nxt, st.pad))
+        logits[:, st.eos] = torch.where(st.step < p.min_new_tokens, torch.full_like(eos_scores, float("-inf")),
+                                        eos_scores)
+    if p.do_sample:
+        if p.temperature != 1.0:  # TemperatureLogitsWarper
+            logits = logits / p.temperature
+        if p.top_k:  # TopKLogitsWarper
+            kth = torch.topk(logits, min(p.top_k, logits.shape[-1]))[0][..., -1, None]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:  # TopPLogitsWarper
+            sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            drop = cum <= (1 - p.top_p)
+            drop[..., -1:] = False
+            logits = logits.masked_fill(drop.scatter(1, sorted_idx, drop), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        # torch.multinomial(probs, 1), as it computes one sample (argmax of p / Exp(1) noise),
+        # without its validity checks, which read the tensor back to the host.
+        nxt = (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
+    else:
+        nxt = logits.argmax(dim=-1)
+    nxt = torch.where(st.unfinished, nxt, torch.full_like(nxt, p.pad_token_id))
     st.unfinished &= ~torch.isin(nxt, st.eos)
     if st.seen is not None:
         st.seen.scatter_(1, nxt[:, None], True)

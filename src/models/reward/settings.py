@@ -46,18 +46,26 @@ class JudgeSettings:
     vision_attn: attention of the vision tower: `auto` (torch's varlen flash attention on a CUDA
       device in bfloat16/float16, else `sdpa`), `varlen`, `packed` (pure torch, any device) or
       `sdpa` (transformers' per-window loop). Same scores within rounding; see vision_attention.py.
-    compile_vision: torch.compile the vision tower's blocks (fuses its small ops; the first batch
-      pays the compile time, about a minute for a 7B judge).
+    compile_vision: torch.compile the vision tower's blocks (fuses its small ops; the batch after
+      the switch pays the compile time once). None (default): automatic, on CUDA in logits mode
+      once the judge has scored compile_after_items items, so that small jobs and the first result
+      never pay it; true: at load; false: never. A compile that fails is undone with one warning.
     prepare_threads: threads that decode and resize images (the next chunk's, while the model runs).
+    compile_after_items: items a judge scores before the automatic compile (compile_vision /
+      compile_language None) starts; see benchmarks/NOTES.md for where it repays.
     max_memory_gb: GPU memory budget of this judge (weights included): batches are cut to the
       largest number of prompts that fits, learned from measured peaks. None: no budget.
-    compile_language: logits mode: torch.compile the language model's decoder layers (fused small
+    compile_language: logits mode: torch.compile the language model's decoder layers (None, true,
+      false as compile_vision; fused small
       ops, fewer kernel launches competing with the prepare thread for the CPU).
-    fast_decode: generate mode, greedy (temperature 0, num_samples 1), Qwen2-VL/Qwen2.5-VL: decode
-      through a static KV cache and a CUDA graph of the decoding step (fast_decode.py); the same
-      tokens as generate(). Where it does not apply, generate() runs (with a warning).
-    gpu_preprocess: on CUDA, the image processor normalises and cuts patches on the GPU (a side
-      stream of the prepare thread) instead of the CPU; same pixels.
+    fast_decode: generate mode (on by default): decode through a static KV cache and, on CUDA, a
+      CUDA graph of the decoding step (fast_decode.py), greedy or sampled, for every supported
+      judge (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE); the same tokens as generate(). Where
+      it does not apply (another architecture, a generation setting it does not implement),
+      generate() runs, with one warning at load saying why.
+    gpu_preprocess: on CUDA (on by default), the image processor normalises and cuts patches on
+      the GPU (a side stream of the prepare thread) instead of the CPU; same pixels. No effect on
+      the CPU.
     min_new_tokens: generate mode, for benchmarks: force at least this many new tokens (0: stop at
       the end-of-answer token as usual).
     """
@@ -80,10 +88,11 @@ class JudgeSettings:
     max_image_pixels: int = 100_000_000
     seed: int = 0
     vision_attn: str = "auto"
-    compile_vision: bool = False
-    compile_language: bool = False
-    fast_decode: bool = False
-    gpu_preprocess: bool = False
+    compile_vision: bool | None = None
+    compile_language: bool | None = None
+    compile_after_items: int = 1024
+    fast_decode: bool = True
+    gpu_preprocess: bool = True
     prepare_threads: int = 4
     max_memory_gb: float | None = None
     min_new_tokens: int = 0
@@ -93,7 +102,8 @@ class JudgeSettings:
             raise ValueError(f"mode: unknown value {self.mode!r}; known: {', '.join(MODES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: unknown value {self.dtype!r}; known: {', '.join(DTYPES)}")
-        for name in ("batch_size", "max_new_tokens", "num_samples", "max_image_pixels", "prepare_threads"):
+        for name in ("batch_size", "max_new_tokens", "num_samples", "max_image_pixels", "prepare_threads",
+                     "compile_after_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.temperature < 0:

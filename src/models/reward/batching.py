@@ -1,0 +1,133 @@
+"""Batching: which prompts run together, how many fit (out-of-memory splits, the memory budget),
+and running one batch so that a failure stays with the prompts it belongs to.
+
+Part of JudgeEngine (engine.py), as a mixin: these methods run on the engine's attributes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterator, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .preparation import _PreparedChunk, _Request
+
+log = logging.getLogger("src.models.reward.engine")
+
+
+class _ItemError(Exception):
+    """A failure that belongs to the item (or prompt) it names; `kind` is its error kind."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class Batching:
+    """Forming and running prompt batches (JudgeEngine mixin)."""
+
+    def _batches(self, chunk: _PreparedChunk) -> Iterator[list[_Request]]:
+        """The prompt batches a chunk runs as: one per template, cut to the batch limit. Lazy: the
+        limit is read again after each batch has run (and measured its memory)."""
+        by_template: dict[str, list[_Request]] = {}
+        for req in chunk.requests:
+            if req.pos not in chunk.errors:
+                by_template.setdefault(req.template.name, []).append(req)
+        for reqs in by_template.values():
+            start = 0
+            while start < len(reqs):
+                n = self._batch_limit()
+                yield reqs[start:start + n]
+                start += n
+
+    def _batch_limit(self) -> int:
+        budget = self.settings.max_memory_gb if self.device.startswith("cuda") else None
+        return batch_limit(self.settings.batch_size, self._batch_cap, budget, self._resident_bytes,
+                           self._bytes_per_prompt)
+
+    def _run_requests(self, reqs: list[_Request], encoded: dict | None = None) -> Iterator[tuple[_Request, Any, float]]:
+        """Run prompts as one batch; on out-of-memory split in halves; on any other batch error,
+        run them one by one so a single bad prompt fails alone."""
+        torch = self._torch
+        try:
+            t0 = time.perf_counter()
+            base = self._batch_memory_start()
+            outcomes = self._forward(reqs, encoded)
+            self._largest_ok = max(self._largest_ok, len(reqs))
+            self._batch_memory_end(len(reqs), base)
+            dt = (time.perf_counter() - t0) / len(reqs)
+            for req, out in zip(reqs, outcomes):
+                yield req, out, dt
+            return
+        except torch.OutOfMemoryError as e:
+            self._free_memory()
+            self._note_oom(len(reqs))
+            if len(reqs) == 1:
+                yield reqs[0], _ItemError(f"out of memory even alone on {self.device_label}: {_first_line(e)}", "oom"), 0.0
+                return
+            log.warning("out of memory on a batch of %d on %s; splitting it", len(reqs), self.device_label)
+            half = len(reqs) // 2
+            yield from self._run_requests(reqs[:half])
+            yield from self._run_requests(reqs[half:])
+        except _ItemError as e:
+            for req in reqs:
+                yield req, e, 0.0
+        except Exception as e:
+            if len(reqs) == 1:
+                yield reqs[0], _ItemError(f"model failed: {type(e).__name__}: {e}", "model"), 0.0
+                return
+            log.warning("a batch of %d failed on %s (%s: %s); retrying its prompts one by one",
+                        len(reqs), self.device_label, type(e).__name__, e)
+            for req in reqs:
+                yield from self._run_requests([req])
+
+    def _free_memory(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
+
+    def _batch_memory_start(self) -> int | None:
+        # Only under a budget: resetting the peak counter would hide the peak from the caller.
+        if self.settings.max_memory_gb is None or not self.device.startswith("cuda"):
+            return None
+        self._torch.cuda.reset_peak_memory_stats(self.device)
+        return self._torch.cuda.memory_allocated(self.device)
+
+    def _batch_memory_end(self, n: int, base: int | None) -> None:
+        if base is None:
+            return
+        extra = self._torch.cuda.max_memory_allocated(self.device) - self._resident_bytes
+        self._bytes_per_prompt = max(self._bytes_per_prompt, extra / n)
+
+    def _note_oom(self, n: int) -> None:
+        # Later batches start at a size that fits instead of failing at full size first: half the
+        # failed size, or the largest size that has run, whichever is larger.
+        cap = max(n // 2, self._largest_ok if self._largest_ok < n else 1, 1)
+        if n > 1 and (self._batch_cap is None or self._batch_cap > cap):
+            self._batch_cap = cap
+            log.warning("%s: batches capped at %d prompts after running out of memory", self.device_label, cap)
+
+
+def batch_limit(batch_size: int, oom_cap: int | None, budget_gb: float | None, resident_bytes: float,
+                bytes_per_prompt: float) -> int:
+    """Prompts for the next forward pass: batch_size, lowered to the size that last fit after an
+    out-of-memory error, and under a memory budget to what the measured peak per prompt allows
+    (one prompt first, to measure it)."""
+    limit = batch_size if oom_cap is None else min(batch_size, oom_cap)
+    if budget_gb is not None:
+        if not bytes_per_prompt:
+            return 1
+        fit = int((budget_gb * 1e9 - resident_bytes) / bytes_per_prompt)
+        limit = min(limit, max(1, fit))
+    return limit
+
+
+def _batch_key(reqs: list[_Request]) -> tuple:
+    return tuple((r.pos, r.part) for r in reqs)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+

@@ -1,0 +1,127 @@
+"""Scoring one batch: the forward pass (logits mode: expected value over the level tokens) or
+the answers (generate mode: generate() or fast_decode.py, then parsed), per prompt.
+
+Part of JudgeEngine (engine.py), as a mixin: these methods run on the engine's attributes.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from .faults import inject_batch_faults
+from .parsing import parse_score
+from .templates import Template
+
+if TYPE_CHECKING:
+    from .preparation import _Request
+
+
+class Scoring:
+    """Turning one batch into per-prompt outcomes (JudgeEngine mixin)."""
+
+    def _forward(self, reqs: list[_Request], encoded: dict | None = None) -> list[dict[str, Any]]:
+        torch = self._torch
+        inject_batch_faults(len(reqs))
+        inputs = self._encode(reqs, encoded)
+        tpl = reqs[0].template
+        with torch.inference_mode():
+            try:
+                return self._score_batch(inputs, tpl)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                if not self._compiled:
+                    raise
+                self._uncompile(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+                return self._score_batch(inputs, tpl)
+
+    def _score_batch(self, inputs, tpl: Template) -> list[dict[str, Any]]:
+        if self.settings.mode == "logits":
+            return self._logits_scores(inputs, tpl)
+        return self._generate_scores(inputs, tpl)
+
+    def _logits_scores(self, inputs, tpl: Template) -> list[dict[str, Any]]:
+        torch = self._torch
+        ids, values, names = self._level_ids[tpl.name]
+        # No KV cache: nothing reads it, and without one the compiled decoder layers (compile_language)
+        # share one graph instead of one per cache layer.
+        logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        level_logp = logp[:, ids]
+        mass = level_logp.exp().sum(dim=-1)
+        probs = torch.softmax(level_logp, dim=-1)
+        vals = torch.tensor(values, dtype=probs.dtype, device=probs.device)
+        scores = (probs * vals).sum(dim=-1)
+        out = []
+        for row in range(probs.shape[0]):
+            p = probs[row].tolist()
+            out.append({"score": float(scores[row]), "raw": {
+                "probs": {n: round(v, 6) for n, v in zip(names, p)}, "level_mass": round(float(mass[row]), 6)}})
+        return out
+
+    def _generate_kwargs(self) -> dict[str, Any]:
+        """generate()'s settings for this judge (fast_decode.plan_for reads the same ones)."""
+        s = self.settings
+        kwargs: dict[str, Any] = {"max_new_tokens": s.max_new_tokens,
+                                  "pad_token_id": self.tokenizer.pad_token_id,
+                                  "num_return_sequences": s.num_samples}
+        if s.min_new_tokens:
+            kwargs["min_new_tokens"] = s.min_new_tokens
+        if s.temperature > 0:
+            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
+            if s.top_k is not None:
+                kwargs["top_k"] = s.top_k
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def _generate_scores(self, inputs, tpl: Template) -> list[dict[str, Any]]:
+        torch = self._torch
+        s = self.settings
+        k = s.num_samples
+        kwargs = self._generate_kwargs()
+        # Sampling draws from torch's global RNG. Seed it for reproducible answers, inside a fork
+        # so the caller's stream (an RL trainer sampling its policy in this process) is restored.
+        # (torch.manual_seed seeds every visible GPU, so every one is forked.)
+        devices = list(range(torch.cuda.device_count())) if self.device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=devices):
+            if s.temperature > 0:
+                torch.manual_seed(s.seed)
+            new = self._new_tokens(inputs, kwargs)
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        lo, hi = tpl.scale
+        levels = tpl.level_map() if tpl.levels and not tpl.levels[0][0].isdigit() else None
+        results = []
+        for row in range(len(texts) // k):
+            answers = texts[row * k:(row + 1) * k]
+            parsed = [parse_score(a, lo, hi, levels=levels, key=tpl.json_key) for a in answers]
+            good = [p.score for p in parsed if p.score is not None]
+            if k == 1:
+                p = parsed[0]
+                res: dict[str, Any] = {"score": p.score, "raw": answers[0]}
+                if p.score is None:
+                    res.update(error=f"could not read a score from the answer ({p.error}); answer: {_clip(answers[0])}",
+                               kind="parse")
+            else:
+                mean = sum(good) / len(good) if good else None
+                spread = math.sqrt(sum((g - mean) ** 2 for g in good) / len(good)) if good else None
+                res = {"score": mean, "raw": {"answers": answers, "scores": [p.score for p in parsed],
+                                             "mean": mean, "std": spread, "parsed": len(good)}}
+                if not good:
+                    res.update(error=f"none of the {k} sampled answers held a score ({parsed[0].error})", kind="parse")
+            results.append(res)
+        return results
+
+    def _new_tokens(self, inputs, kwargs: dict[str, Any]):
+        """The generated tokens after the prompt: through fast_decode (static cache, CUDA-graphed
+        steps; the same tokens as generate()) when it applies, else generate()."""
+        if self._decode_plan is None:
+            out = self.model.generate(**inputs, **kwargs)
+            return out[:, inputs["input_ids"].shape[1]:]
+        from .fast_decode import generate_tokens
+
+        return generate_tokens(self.model, inputs, self._decode_plan, cuda_graph=self.device.startswith("cuda"))
+
+
+def _clip(text: str, n: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n] + "..."
+

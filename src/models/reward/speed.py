@@ -1,0 +1,90 @@
+"""The speed paths, chosen once at load: vision attention, compiling, fast decoding, GPU
+preprocessing, and the memory budget's starting point. Each computes the same scores as the plain
+path (measured step by step in benchmarks/NOTES.md).
+
+Part of JudgeEngine (engine.py), as a mixin: these methods run on the engine's attributes.
+"""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("src.models.reward.engine")
+
+
+class SpeedPaths:
+    """Choosing the speed paths at load (JudgeEngine mixin)."""
+
+    def _setup_speed(self) -> None:
+        from .vision_attention import apply_vision_attn
+
+        torch = self._torch
+        s = self.settings
+        self.vision_attn = apply_vision_attn(self.model, s.vision_attn, self.device, self.dtype)
+        self._compiled: list = []  # modules running compiled
+        self._compile_pending: list[tuple[str, str, str]] = []  # automatic: compiled once enough items ran
+        self._items_scored = 0
+        auto = self.device.startswith("cuda") and s.mode == "logits"
+        for setting, tower, blocks, wanted in (
+                ("compile_vision", "visual", "blocks", s.compile_vision),
+                ("compile_language", "language_model", "layers", s.compile_language if s.mode == "logits" else False)):
+            if wanted:
+                self._compile_each(setting, tower, blocks)
+            elif wanted is None and auto:
+                self._compile_pending.append((setting, tower, blocks))
+        self._decode_plan = None
+        if s.fast_decode and s.mode == "generate":
+            from .fast_decode import plan_for
+
+            self._decode_plan, why = plan_for(self.model, self._generate_kwargs())
+            if why:
+                log.warning("fast_decode: using transformers' generate() instead, because %s", why)
+        self._fast_decode = self._decode_plan is not None
+        self._prep_stream = None
+        if s.gpu_preprocess and self.device.startswith("cuda"):
+            # The prepare thread's GPU work goes on its own stream, so it overlaps the model's.
+            self._prep_stream = torch.cuda.Stream(device=self.device)
+        # Prompts per forward pass: lowered after an out-of-memory error, or to fit max_memory_gb.
+        self._batch_cap: int | None = None
+        self._largest_ok = 0
+        self._bytes_per_prompt = 0.0
+        cuda = self.device.startswith("cuda")
+        self._resident_bytes = torch.cuda.memory_allocated(self.device) if cuda else 0
+        if s.max_memory_gb is not None and cuda and self._resident_bytes > s.max_memory_gb * 1e9:
+            raise ValueError(f"max_memory_gb={s.max_memory_gb} is below what the loaded judge already holds on "
+                             f"{self.device_label} ({self._resident_bytes / 1e9:.1f} GB); raise it")
+
+    def _compile_each(self, setting: str, tower: str, blocks: str) -> None:
+        """torch.compile each block of one tower: one graph serves all blocks (same code, the
+        weights are inputs); shapes change with the images and prompts, hence dynamic. The language
+        model is compiled for logits mode only, which keeps no KV cache: with one, each layer's
+        cache object would force its own graph."""
+        part = getattr(getattr(self.model, "model", self.model), tower, None)
+        modules = getattr(part, blocks, None)
+        if modules is None:
+            raise ValueError(f"{setting}: {type(self.model).__name__} has no {tower}.{blocks} to compile")
+        for module in modules:
+            module.compile(dynamic=True)
+            self._compiled.append(module)
+
+    def _count_scored(self, n: int) -> None:
+        """Automatic compiling: once the judge has scored compile_after_items items, compile what
+        was left to it; the next batch pays the compile time, once."""
+        self._items_scored += n
+        if self._compile_pending and self._items_scored >= self.settings.compile_after_items:
+            pending, self._compile_pending = self._compile_pending, []
+            log.info("%s: %d items scored; compiling %s (the next batch pays the compile time, once)",
+                     self.device_label, self._items_scored, " and ".join(p[0] for p in pending))
+            for setting, tower, blocks in pending:
+                try:
+                    self._compile_each(setting, tower, blocks)
+                except ValueError as e:  # an architecture without these blocks: stay eager
+                    log.warning("%s", e)
+
+    def _uncompile(self, why: str) -> None:
+        """Back to eager after a compile failed: the same function, one warning, no retry."""
+        log.warning("%s: compiling failed (%s); running eagerly from now on", self.device_label, why)
+        for module in self._compiled:
+            module._compiled_call_impl = None
+        self._compiled = []
+        self._compile_pending = []
+
