@@ -8,7 +8,8 @@ import math
 import pytest
 
 from conftest import make_image
-from service_proc import ROOT, ThreadServer
+from rl_support import judge_service
+from service_proc import ROOT
 from src.rl.items import SampleError, completion_text, image_in_completion, openrlhf_item, sample_item, verl_item
 
 TOKEN = "rl-token-19c"
@@ -27,24 +28,8 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(images, tiny_cache):
-    """The service in a thread of this process, hosting the tiny judge loaded here (the trainer
-    imports torch anyway; test_service.py covers the `main.py serve` process)."""
-    import torch
-
-    from src.models.reward.implementations.local import QwenVLRewardModel
-    from src.service.server import create_app
-
-    d, _ = images
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see service_proc.ServiceProcess: OpenMP threads stall on a shared CPU
-    judge = QwenVLRewardModel(model_name="tiny:qwen2_vl", template="alignment", batch_size=8)
-    app = create_app(judge, {"allowed_dirs": [str(d)], "token": TOKEN, "max_wait_ms": 20})
-    try:
-        with ThreadServer(app) as srv:
-            yield srv
-    finally:
-        judge.close()
-        torch.set_num_threads(threads)
+    with judge_service([str(images[0])], token=TOKEN) as (srv, _):
+        yield srv
 
 
 # -- what a sample is -------------------------------------------------------------------------
@@ -171,5 +156,5 @@ def test_verl_compute_score_and_batch(service, images, monkeypatch):
     by_path = verl.compute_score("t2i", "a red square", None, {"image": str(paths[0])}, send_paths=True)
     assert math.isclose(by_path["score"], one["score"], abs_tol=1e-4)
     # A wrong token is a configuration error, raised rather than turned into rewards.
-    with pytest.raises(verl.RemoteServiceError, match="401"):
+    with pytest.raises(verl.RewardServiceAuthError, match="401"):
         verl.compute_score("t2i", "x", None, {"image": str(paths[0])}, token="wrong")

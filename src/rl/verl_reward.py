@@ -1,11 +1,14 @@
 """The judge as a verl custom reward function, calling the reward service.
 
-verl config (the batched form needs `reward_model.reward_manager=batch`):
+verl 0.7 and later (reward loop; the README shows the full command line):
 
-    custom_reward_function:
-      path: /path/to/repo/src/rl/verl_reward.py
-      name: compute_score_batch            # or compute_score with the naive manager
-      reward_kwargs: {url: "http://127.0.0.1:8899"}
+    reward.custom_reward_function.path=/path/to/repo/src/rl/verl_reward.py
+    reward.custom_reward_function.name=compute_score
+    +reward.custom_reward_function.reward_kwargs.url=http://127.0.0.1:8899
+    reward.reward_manager.name=naive          # or rate_limited, remote
+
+verl 0.6 and earlier: `custom_reward_function.path/name/reward_kwargs` at the top level, with
+`reward_model.reward_manager=naive` (name=compute_score) or `=batch` (name=compute_score_batch).
 
 Each sample's `extra_info` carries its images: `image` / `images` (the image under judgement)
 and `source_image` / `source_images` (before an edit), as paths, data URLs, or base64; optional
@@ -16,44 +19,54 @@ its allowed folders).
 Settings, first found wins: the keyword argument (verl's reward_kwargs), `extra_info`
 (`reward_url` only), then the environment: REWARD_SERVICE_URL (default http://127.0.0.1:8899),
 REWARD_SERVICE_TOKEN, REWARD_SERVICE_FAILED_REWARD (default 0.0), REWARD_SERVICE_SEND_PATHS (1/0),
-REWARD_SERVICE_TIMEOUT_S.
+REWARD_SERVICE_TIMEOUT_S. An unknown keyword (a misspelled reward_kwargs key) is a TypeError.
 
 Each call returns `{"score": float, "judge_failed": 0.0 | 1.0}` per sample. verl needs a number
-for every sample, so a sample the judge could not score gets `failed_reward` and
-`judge_failed=1.0` (verl logs it with the other reward metrics); the reason is logged here.
+for every sample, so a sample that could not be judged gets `failed_reward` and
+`judge_failed=1.0` (verl logs it with the other reward metrics); the reason is logged here. That
+covers a bad or missing image, an empty completion, a sample the service refuses (a path outside
+its folders: the others in the request are still judged), and a service that stays unreachable or
+failing through the retries. Only a rejected token raises: it is a configuration error that
+would fail every sample of the run.
+
+Standard library only on the trainer side (verl does not install an HTTP client this could
+assume), and no module state: verl's `remote` manager pickles these functions into Ray workers.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import random
+import re
 import sys
-import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
-
-if __package__ in (None, ""):
-    # verl loads this file by path, outside any package: make the repository importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from src.models.reward.implementations.remote import RemoteRewardModel, RemoteServiceError
-    from src.service.wire import encode_image
-else:
-    from ..models.reward.implementations.remote import RemoteRewardModel, RemoteServiceError
-    from ..service.wire import encode_image
 
 log = logging.getLogger("src.rl.verl_reward")
 
 DEFAULT_URL = "http://127.0.0.1:8899"
 IMAGE_KEYS = ("image", "images", "source_image", "source_images")
-_clients: dict[tuple, RemoteRewardModel] = {}
-_clients_lock = threading.Lock()
+_REPO = str(Path(__file__).resolve().parents[2])
+_RETRY_STATUS = (500, 502, 503, 504)
+_SAMPLE_PREFIX = re.compile(r"^sample \d+: ")
 
 
-def _client(url: str, token: str | None, timeout_s: float) -> RemoteRewardModel:
-    key = (url, token, timeout_s)
-    with _clients_lock:  # one HTTP client per service and process, reused across steps
-        if key not in _clients:
-            _clients[key] = RemoteRewardModel(url, token=token, token_env=None, timeout_s=timeout_s)
-        return _clients[key]
+class RewardServiceAuthError(RuntimeError):
+    """The service rejected the token (HTTP 401): a configuration error, raised into the trainer."""
+
+
+def _encode_image(value: Any, send_paths: bool) -> str:
+    # Imported here, not at module level: in a Ray worker this function arrives pickled by value,
+    # and the repository must be put on sys.path there before its modules can be imported.
+    if _REPO not in sys.path:
+        sys.path.insert(0, _REPO)
+    from src.service.wire import encode_image
+
+    return encode_image(value, send_paths)
 
 
 def _jsonable(value: Any) -> Any:
@@ -74,6 +87,9 @@ def _env_flag(name: str) -> bool:
 def _body(data_source: Any, solution_str: Any, ground_truth: Any, extra_info: Any, send_paths: bool) -> dict[str, Any]:
     extra = dict(extra_info or {})
     extra.pop("reward_url", None)
+    # verl 0.9 adds these to every sample's extra_info; they are not the judge's business.
+    extra.pop("num_turns", None)
+    extra.pop("rollout_reward_scores", None)
     for key in IMAGE_KEYS:
         if extra.get(key) is None:
             continue
@@ -81,29 +97,106 @@ def _body(data_source: Any, solution_str: Any, ground_truth: Any, extra_info: An
         many = isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and not hasattr(value, "save")
                                                     and not isinstance(value, (str, bytes)))
         values = list(value) if many else [value]
-        # An image this side cannot read is left as given: the service then fails that sample
-        # (or refuses a path outside its folders) with the reason.
-        encoded = []
-        for v in values:
-            try:
-                encoded.append(encode_image(v, send_paths))
-            except ValueError:
-                encoded.append(str(v))
+        # An image this side cannot read (missing file, unknown type) fails this sample here,
+        # with the reason: _SampleError.
+        try:
+            encoded = [_encode_image(v, send_paths) for v in values]
+        except ValueError as e:
+            raise _SampleError(f"{key}: {e}") from None
         extra[key] = encoded if many else encoded[0]
     return _jsonable({"data_source": data_source, "solution_str": solution_str, "ground_truth": ground_truth,
                       "extra_info": extra})
 
 
+class _SampleError(ValueError):
+    """A sample this side cannot send (an image it cannot read)."""
+
+
+class _Refused(Exception):
+    """A 4xx answer other than 401: the request (or one of its samples) is refused."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _post_json(url: str, body: Any, token: str | None, timeout_s: float, max_retries: int) -> Any:
+    """POST one JSON request with retries on connection errors and 5xx. Returns the decoded
+    answer; raises _Refused (4xx), RewardServiceAuthError (401), or ConnectionError (unreachable
+    or failing after the retries)."""
+    data = json.dumps(body, allow_nan=False).encode()
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    last = ""
+    for attempt in range(max_retries + 1):
+        if attempt:
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 30.0) * (0.5 + random.random()))
+        req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            detail = _detail(e)
+            if e.code == 401:
+                raise RewardServiceAuthError(f"POST {url}: HTTP 401: {detail} (check the token: reward_kwargs "
+                                             "token or REWARD_SERVICE_TOKEN)") from None
+            if e.code in _RETRY_STATUS:
+                last = f"HTTP {e.code}: {detail}"
+                continue
+            raise _Refused(e.code, detail) from None
+        except (OSError, ValueError) as e:  # refused, reset, timed out, or a garbled answer
+            last = f"{type(e).__name__}: {e}"
+            continue
+    raise ConnectionError(f"POST {url}: no answer after {max_retries + 1} attempt(s); last: {last}")
+
+
+def _detail(e: urllib.error.HTTPError) -> str:
+    try:
+        raw = e.read()
+        data = json.loads(raw)
+        return str(data.get("detail", data)) if isinstance(data, dict) else str(data)[:500]
+    except (OSError, ValueError):
+        return e.reason if isinstance(e.reason, str) else f"HTTP {e.code}"
+
+
+def _score(url: str, bodies: list[dict[str, Any]], token: str | None, timeout_s: float,
+           max_retries: int) -> list[dict[str, Any]]:
+    """One answer per body, in order. A refused request of several samples is split until the
+    refused samples stand alone, so one bad sample never costs the others their score."""
+    try:
+        got = _post_json(f"{url.rstrip('/')}/compute_reward", bodies, token, timeout_s, max_retries)
+    except _Refused as e:
+        if len(bodies) > 1:
+            half = len(bodies) // 2
+            return (_score(url, bodies[:half], token, timeout_s, max_retries)
+                    + _score(url, bodies[half:], token, timeout_s, max_retries))
+        return [{"score": None, "error": f"{e.detail} (HTTP {e.status})"}]
+    except ConnectionError as e:
+        return [{"score": None, "error": str(e)} for _ in bodies]
+    if not isinstance(got, list) or len(got) != len(bodies) or not all(isinstance(a, dict) for a in got):
+        message = f"{url}/compute_reward answered {len(bodies)} samples with a malformed answer"
+        return [{"score": None, "error": message} for _ in bodies]
+    return got
+
+
 def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str], ground_truths: Sequence[Any],
                         extra_infos: Sequence[Any] | None = None, *, url: str | None = None,
                         token: str | None = None, failed_reward: float | None = None, send_paths: bool | None = None,
-                        timeout_s: float | None = None, batch_size: int = 64, **_: Any) -> list[dict[str, float]]:
-    """verl's batched reward: one `{"score", "judge_failed"}` per sample, in order."""
+                        timeout_s: float | None = None, batch_size: int = 64, max_retries: int = 3,
+                        reward_router_address: Any = None, reward_model_tokenizer: Any = None
+                        ) -> list[dict[str, float]]:
+    """verl's batched reward: one `{"score", "judge_failed"}` per sample, in order.
+    `reward_router_address` / `reward_model_tokenizer` are what verl passes when it also hosts a
+    reward model; they are not used here."""
     n = len(solution_strs)
     extra_infos = list(extra_infos) if extra_infos is not None else [None] * n
     if not (len(data_sources) == len(ground_truths) == len(extra_infos) == n):
         raise ValueError(f"compute_score_batch: {len(data_sources)} data_sources, {n} solution_strs, "
                          f"{len(ground_truths)} ground_truths and {len(extra_infos)} extra_infos; they must match")
+    if batch_size < 1:
+        raise ValueError(f"compute_score_batch: batch_size must be at least 1, got {batch_size}")
     if failed_reward is None:
         failed_reward = float(os.environ.get("REWARD_SERVICE_FAILED_REWARD", "0.0"))
     if send_paths is None:
@@ -116,43 +209,36 @@ def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str
         groups.setdefault(str(target), []).append(i)
     answers: list[dict[str, Any] | None] = [None] * n
     for target, indices in groups.items():
-        client = _client(target, token, timeout_s)
-        bodies = [_body(data_sources[i], solution_strs[i], ground_truths[i], extra_infos[i], send_paths) for i in indices]
-        for start in range(0, len(indices), batch_size):
-            _post(client, indices[start:start + batch_size], bodies[start:start + batch_size], answers)
+        ready: list[int] = []
+        bodies: list[dict[str, Any]] = []
+        for i in indices:
+            try:
+                bodies.append(_body(data_sources[i], solution_strs[i], ground_truths[i], extra_infos[i], send_paths))
+                ready.append(i)
+            except _SampleError as e:
+                answers[i] = {"score": None, "error": str(e)}
+        for start in range(0, len(ready), batch_size):
+            chunk = ready[start:start + batch_size]
+            for i, a in zip(chunk, _score(target, bodies[start:start + batch_size], token, timeout_s, max_retries)):
+                answers[i] = a
     out = []
     failures = []
     for i, a in enumerate(answers):
         assert a is not None, f"verl reward lost sample {i}"  # by construction
-        ok = a.get("score") is not None
+        score = a.get("score")
+        ok = isinstance(score, (int, float)) and not isinstance(score, bool)
         if not ok:
-            failures.append(f"sample {i}: {a.get('error')}")
-        out.append({"score": float(a["score"]) if ok else float(failed_reward), "judge_failed": 0.0 if ok else 1.0})
+            # The service numbers samples within its request; name them by their place in verl's batch.
+            failures.append(f"sample {i}: {_SAMPLE_PREFIX.sub('', str(a.get('error')))}")
+        out.append({"score": float(score) if ok else float(failed_reward), "judge_failed": 0.0 if ok else 1.0})
     if failures:
         log.warning("%d of %d samples unscored (reward %s given); first: %s", len(failures), n, failed_reward,
                     failures[0])
     return out
 
 
-def _post(client: RemoteRewardModel, indices: list[int], bodies: list[dict[str, Any]],
-          answers: list[dict[str, Any] | None]) -> None:
-    try:
-        got = client.request("POST", "/compute_reward", bodies)
-    except RemoteServiceError as e:
-        if e.status == 413 and len(bodies) > 1:  # over the service's size limit: halve and retry
-            half = len(bodies) // 2
-            _post(client, indices[:half], bodies[:half], answers)
-            _post(client, indices[half:], bodies[half:], answers)
-            return
-        raise
-    if not isinstance(got, list) or len(got) != len(bodies):
-        raise RemoteServiceError(f"{client.url}/compute_reward answered {len(bodies)} samples with "
-                                 f"{len(got) if isinstance(got, list) else 'a non-list'}")
-    for i, a in zip(indices, got):
-        answers[i] = a
-
-
 def compute_score(data_source: Any, solution_str: str, ground_truth: Any, extra_info: Any = None,
                   **kwargs: Any) -> dict[str, float]:
-    """verl's per-sample reward (naive reward manager): `{"score", "judge_failed"}`."""
+    """verl's per-sample reward (naive, rate_limited and remote managers): `{"score", "judge_failed"}`.
+    Takes the keywords of `compute_score_batch`."""
     return compute_score_batch([data_source], [solution_str], [ground_truth], [extra_info], **kwargs)[0]
