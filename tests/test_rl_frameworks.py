@@ -45,8 +45,9 @@ def images(tmp_path_factory):
         make_image(40 + i, 56, 56).save(p)
         paths.append(str(p))
     make_image(50, 56, 56).save(outside / "other.png")
+    (allowed / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image" * 20)
     return SimpleNamespace(allowed=str(allowed), paths=paths, outside=str(outside / "other.png"),
-                           missing=str(allowed / "missing.png"))
+                           missing=str(allowed / "missing.png"), corrupt=str(allowed / "corrupt.png"))
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +98,9 @@ def verl_rows(images):
         (TEXT, {"images": [images.paths[1]], "index": 1}, True),
         (TEXT, {"image": images.missing, "index": 2}, False),   # the file does not exist
         ("", {"image": images.paths[0], "index": 3}, False),    # an empty completion
-        (TEXT, {"image": images.outside, "index": 4}, False),   # outside the service's folders (send_paths)
-        (TEXT, {"index": 5}, False),                            # no image at all
+        (TEXT, {"image": images.corrupt, "index": 4}, False),   # not a readable image
+        (TEXT, {"image": images.outside, "index": 5}, False),   # outside the service's folders (send_paths)
+        (TEXT, {"index": 6}, False),                            # no image at all
     ]
 
 
@@ -181,7 +183,7 @@ def test_verl_remote_manager_in_ray_workers(service, images, expected, tokenizer
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     cfg = verl09_config(tokenizer.path, service.url, "remote", "reward.num_workers=1",
                         "+reward.custom_reward_function.reward_kwargs.failed_reward=-1.0")
-    rows = verl_rows(images)[:4]
+    rows = verl_rows(images)[:5]
     data = dataproto(tokenizer.tok, rows)
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
@@ -266,7 +268,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_verl_06_naive_and_batch_managers(service, images, expected, tokenizer):
-    rows = verl_rows(images)[:4]
+    rows = verl_rows(images)[:5]
     args = {"tokenizer": tokenizer.path, "hook": str(HOOK), "url": service.url,
             "rows": [[c, e] for c, e, _ in rows]}
     env = {**os.environ, "PYTHONPATH": str(compat_dir("verl-0.6.1")), "OMP_NUM_THREADS": "1"}
@@ -303,6 +305,7 @@ def openrlhf_labels(images):
         ("", TEXT, None),                       # data.label_key unset: OpenRLHF sends ""
         (images.outside, TEXT, None),           # outside the service's folders
         (images.missing, TEXT, None),           # no such file
+        (images.corrupt, TEXT, None),           # not a readable image
         (images.paths[0], "", None),            # an empty completion
     ]
 
