@@ -34,6 +34,7 @@ assume), and no module state: verl's `remote` manager pickles these functions in
 """
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -84,7 +85,8 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _body(data_source: Any, solution_str: Any, ground_truth: Any, extra_info: Any, send_paths: bool) -> dict[str, Any]:
+def _body(data_source: Any, solution_str: Any, ground_truth: Any, extra_info: Any, send_paths: bool) -> str:
+    """One sample as the JSON text of a /compute_reward body; _SampleError when it cannot be."""
     extra = dict(extra_info or {})
     extra.pop("reward_url", None)
     # verl 0.9 adds these to every sample's extra_info; they are not the judge's business.
@@ -104,8 +106,12 @@ def _body(data_source: Any, solution_str: Any, ground_truth: Any, extra_info: An
         except ValueError as e:
             raise _SampleError(f"{key}: {e}") from None
         extra[key] = encoded if many else encoded[0]
-    return _jsonable({"data_source": data_source, "solution_str": solution_str, "ground_truth": ground_truth,
+    body = _jsonable({"data_source": data_source, "solution_str": solution_str, "ground_truth": ground_truth,
                       "extra_info": extra})
+    try:
+        return json.dumps(body, allow_nan=False)
+    except (TypeError, ValueError) as e:  # an object JSON cannot carry, or a NaN
+        raise _SampleError(f"the sample cannot be sent as JSON: {e}") from None
 
 
 class _SampleError(ValueError):
@@ -121,21 +127,23 @@ class _Refused(Exception):
         self.detail = detail
 
 
-def _post_json(url: str, body: Any, token: str | None, timeout_s: float, max_retries: int) -> Any:
+def _post_json(url: str, data: bytes, token: str | None, timeout_s: float, max_retries: int) -> Any:
     """POST one JSON request with retries on connection errors and 5xx. Returns the decoded
     answer; raises _Refused (4xx), RewardServiceAuthError (401), or ConnectionError (unreachable
     or failing after the retries)."""
-    data = json.dumps(body, allow_nan=False).encode()
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
+    # The service is reached directly, never through an HTTP proxy named in the environment. (Built
+    # per call, not kept in the module: see the module docstring on pickling.)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     last = ""
     for attempt in range(max_retries + 1):
         if attempt:
             time.sleep(min(0.5 * 2 ** (attempt - 1), 30.0) * (0.5 + random.random()))
         req = urllib.request.Request(url, data=data, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            with opener.open(req, timeout=timeout_s) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as e:
             detail = _detail(e)
@@ -146,7 +154,7 @@ def _post_json(url: str, body: Any, token: str | None, timeout_s: float, max_ret
                 last = f"HTTP {e.code}: {detail}"
                 continue
             raise _Refused(e.code, detail) from None
-        except (OSError, ValueError) as e:  # refused, reset, timed out, or a garbled answer
+        except (OSError, ValueError, http.client.HTTPException) as e:  # refused, reset, timed out, garbled
             last = f"{type(e).__name__}: {e}"
             continue
     raise ConnectionError(f"POST {url}: no answer after {max_retries + 1} attempt(s); last: {last}")
@@ -161,12 +169,13 @@ def _detail(e: urllib.error.HTTPError) -> str:
         return e.reason if isinstance(e.reason, str) else f"HTTP {e.code}"
 
 
-def _score(url: str, bodies: list[dict[str, Any]], token: str | None, timeout_s: float,
+def _score(url: str, bodies: list[str], token: str | None, timeout_s: float,
            max_retries: int) -> list[dict[str, Any]]:
     """One answer per body, in order. A refused request of several samples is split until the
     refused samples stand alone, so one bad sample never costs the others their score."""
     try:
-        got = _post_json(f"{url.rstrip('/')}/compute_reward", bodies, token, timeout_s, max_retries)
+        data = ("[" + ",".join(bodies) + "]").encode()
+        got = _post_json(f"{url.rstrip('/')}/compute_reward", data, token, timeout_s, max_retries)
     except _Refused as e:
         if len(bodies) > 1:
             half = len(bodies) // 2
@@ -210,7 +219,7 @@ def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str
     answers: list[dict[str, Any] | None] = [None] * n
     for target, indices in groups.items():
         ready: list[int] = []
-        bodies: list[dict[str, Any]] = []
+        bodies: list[str] = []
         for i in indices:
             try:
                 bodies.append(_body(data_sources[i], solution_strs[i], ground_truths[i], extra_infos[i], send_paths))
