@@ -171,6 +171,7 @@ def test_verl_reward_loop_worker(manager, service, images, expected, tokenizer, 
     logged = [r.getMessage() for r in caplog.records]
     assert any("outside the allowed folders" in m for m in logged) and any("completion is empty" in m for m in logged)
     assert all(m.count("sample 0") == 1 for m in logged), logged  # the sample is named once
+    assert any("sample 0 (index 3): the completion is empty" in m for m in logged), logged
 
 
 def test_verl_remote_manager_in_ray_workers(service, images, expected, tokenizer):

@@ -23,7 +23,9 @@ REWARD_SERVICE_TIMEOUT_S. An unknown keyword (a misspelled reward_kwargs key) is
 
 Each call returns `{"score": float, "judge_failed": 0.0 | 1.0}` per sample. verl needs a number
 for every sample, so a sample that could not be judged gets `failed_reward` and
-`judge_failed=1.0` (verl logs it with the other reward metrics); the reason is logged here. That
+`judge_failed=1.0` (verl keeps it in the reward's extra info: its mean is a validation metric,
+and rollout dumps carry it per sample); the reason is logged here, naming the sample by its
+place in the call and its `extra_info` index. That
 covers a bad or missing image, an empty completion, a sample the service refuses (a path outside
 its folders: the others in the request are still judged), and a service that stays unreachable or
 failing through the retries. Only a rejected token raises: it is a configuration error that
@@ -237,8 +239,12 @@ def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str
         score = a.get("score")
         ok = isinstance(score, (int, float)) and not isinstance(score, bool)
         if not ok:
-            # The service numbers samples within its request; name them by their place in verl's batch.
-            failures.append(f"sample {i}: {_SAMPLE_PREFIX.sub('', str(a.get('error')))}")
+            # The service numbers samples within its request; name them by their place in this call
+            # (verl 0.7+ calls one sample at a time) and the dataset's index when there is one.
+            extra = extra_infos[i] if isinstance(extra_infos[i], dict) else {}
+            index = next((extra[k] for k in ("index", "id", "uid") if extra.get(k) is not None), None)
+            name = f"sample {i}" + (f" (index {_jsonable(index)})" if index is not None else "")
+            failures.append(f"{name}: {_SAMPLE_PREFIX.sub('', str(a.get('error')))}")
         out.append({"score": float(score) if ok else float(failed_reward), "judge_failed": 0.0 if ok else 1.0})
     if failures:
         log.warning("%d of %d samples unscored (reward %s given); first: %s", len(failures), n, failed_reward,
