@@ -150,9 +150,10 @@ def test_verl_compute_score_and_batch(service, images, monkeypatch):
         failed_reward=-2.0, batch_size=3)
     assert [b["judge_failed"] for b in batch] == [0.0, 0.0, 1.0, 1.0]
     # A value JSON cannot carry (NaN, an object) fails its sample here; the others are scored.
-    odd = verl.compute_score_batch(["t2i"] * 3, ["a red square"] * 3, [None, float("nan"), None],
-                                   [{"image": str(paths[0])}, {"image": str(paths[0])}, {"image": str(paths[0]), "x": object()}])
-    assert [o["judge_failed"] for o in odd] == [0.0, 1.0, 1.0] and math.isclose(odd[0]["score"], one["score"], abs_tol=1e-4)
+    odd = verl.compute_score_batch(["t2i"] * 4, ["a red square"] * 4, [None, float("nan"), None, None],
+                                   [{"image": str(paths[0])}, {"image": str(paths[0])},
+                                    {"image": str(paths[0]), "x": object()}, "not a dict"])
+    assert [o["judge_failed"] for o in odd] == [0.0, 1.0, 1.0, 1.0] and math.isclose(odd[0]["score"], one["score"], abs_tol=1e-4)
     assert math.isclose(batch[0]["score"], one["score"], abs_tol=1e-4)
     assert math.isclose(batch[1]["score"], one["score"], abs_tol=1e-4)
     assert batch[2]["score"] == -2.0 and batch[3]["score"] == -2.0

@@ -47,7 +47,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 log = logging.getLogger("src.rl.verl_reward")
 
@@ -89,6 +89,8 @@ def _env_flag(name: str) -> bool:
 
 def _body(data_source: Any, solution_str: Any, ground_truth: Any, extra_info: Any, send_paths: bool) -> str:
     """One sample as the JSON text of a /compute_reward body; _SampleError when it cannot be."""
+    if extra_info is not None and not isinstance(extra_info, Mapping):
+        raise _SampleError(f"extra_info must be a dict, got {type(extra_info).__name__}")
     extra = dict(extra_info or {})
     extra.pop("reward_url", None)
     # verl 0.9 adds these to every sample's extra_info; they are not the judge's business.
@@ -105,7 +107,7 @@ def _body(data_source: Any, solution_str: Any, ground_truth: Any, extra_info: An
         # with the reason: _SampleError.
         try:
             encoded = [_encode_image(v, send_paths) for v in values]
-        except ValueError as e:
+        except (ValueError, TypeError, OSError) as e:
             raise _SampleError(f"{key}: {e}") from None
         extra[key] = encoded if many else encoded[0]
     body = _jsonable({"data_source": data_source, "solution_str": solution_str, "ground_truth": ground_truth,
@@ -117,7 +119,7 @@ def _body(data_source: Any, solution_str: Any, ground_truth: Any, extra_info: An
 
 
 class _SampleError(ValueError):
-    """A sample this side cannot send (an image it cannot read)."""
+    """A sample this side cannot send (an image it cannot read, a value JSON cannot carry)."""
 
 
 class _Refused(Exception):
@@ -216,7 +218,8 @@ def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str
     timeout_s = timeout_s or float(os.environ.get("REWARD_SERVICE_TIMEOUT_S", "600"))
     groups: dict[str, list[int]] = {}
     for i, extra in enumerate(extra_infos):
-        target = url or (extra or {}).get("reward_url") or os.environ.get("REWARD_SERVICE_URL") or DEFAULT_URL
+        own = extra.get("reward_url") if isinstance(extra, Mapping) else None
+        target = url or own or os.environ.get("REWARD_SERVICE_URL") or DEFAULT_URL
         groups.setdefault(str(target), []).append(i)
     answers: list[dict[str, Any] | None] = [None] * n
     for target, indices in groups.items():
@@ -241,7 +244,7 @@ def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str
         if not ok:
             # The service numbers samples within its request; name them by their place in this call
             # (verl 0.7+ calls one sample at a time) and the dataset's index when there is one.
-            extra = extra_infos[i] if isinstance(extra_infos[i], dict) else {}
+            extra = extra_infos[i] if isinstance(extra_infos[i], Mapping) else {}
             index = next((extra[k] for k in ("index", "id", "uid") if extra.get(k) is not None), None)
             name = f"sample {i}" + (f" (index {_jsonable(index)})" if index is not None else "")
             failures.append(f"{name}: {_SAMPLE_PREFIX.sub('', str(a.get('error')))}")
