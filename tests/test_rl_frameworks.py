@@ -127,19 +127,27 @@ def dataproto(tok, rows):
                      "extra_info": np.array([dict(e) for _, e, _ in rows], dtype=object)})
 
 
+def readme_overrides(heading: str, url: str) -> list[str]:
+    """The command-line overrides of the README's example under `heading`, for this checkout
+    and this service: the tests configure verl exactly as the README tells its users to."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index(heading):].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line.strip().rstrip("\\").strip() for line in block.splitlines()[1:]]
+    out = [line.replace("/path/to/repo", str(ROOT)).replace("http://127.0.0.1:8899", url) for line in lines if line]
+    assert out and all("=" in o and " " not in o for o in out), out
+    return out
+
+
 def verl09_config(tokenizer_path: str, url: str, manager: str, *extra: str):
     """verl's own trainer config with the README's overrides (README: 'verl 0.7 and later')."""
     import verl
     from hydra import compose, initialize_config_dir
 
-    overrides = [
-        f"actor_rollout_ref.model.path={tokenizer_path}",
-        f"reward.custom_reward_function.path={HOOK}",
-        "reward.custom_reward_function.name=compute_score",
-        f"+reward.custom_reward_function.reward_kwargs.url={url}",
-        f"reward.reward_manager.name={manager}",
-        *extra,
-    ]
+    readme = readme_overrides("**verl 0.7 and later**", url)
+    assert "reward.reward_manager.name=naive" in readme, readme
+    overrides = [f"actor_rollout_ref.model.path={tokenizer_path}",
+                 *[o for o in readme if not o.startswith("reward.reward_manager.name=")],
+                 f"reward.reward_manager.name={manager}", *extra]
     with initialize_config_dir(config_dir=str(Path(verl.__file__).parent / "trainer" / "config"), version_base=None):
         return compose(config_name="ppo_trainer", overrides=overrides)
 
@@ -253,11 +261,10 @@ data = DataProto.from_dict(
 out = {}
 for manager, name in (("naive", "compute_score"), ("batch", "compute_score_batch")):
     with initialize_config_dir(config_dir=str(Path(verl.__file__).parent / "trainer" / "config"), version_base=None):
-        cfg = compose(config_name="ppo_trainer", overrides=[
-            f"custom_reward_function.path={args['hook']}", f"custom_reward_function.name={name}",
-            f"+custom_reward_function.reward_kwargs.url={args['url']}",
-            "+custom_reward_function.reward_kwargs.failed_reward=-1.0",
-            f"reward_model.reward_manager={manager}"])
+        readme = [o for o in args["overrides"] if not o.startswith(("custom_reward_function.name=", "reward_model.reward_manager="))]
+        cfg = compose(config_name="ppo_trainer", overrides=readme + [
+            f"custom_reward_function.name={name}", f"reward_model.reward_manager={manager}",
+            "+custom_reward_function.reward_kwargs.failed_reward=-1.0"])
     fn = load_reward_manager(cfg, tok, num_examine=0, **cfg.reward_model.get("reward_kwargs", {}))
     got = fn(data, return_dict=True)
     last = mask.sum(1) - 1
@@ -270,8 +277,9 @@ print("RESULT " + json.dumps(out))
 
 def test_verl_06_naive_and_batch_managers(service, images, expected, tokenizer):
     rows = verl_rows(images)[:5]
-    args = {"tokenizer": tokenizer.path, "hook": str(HOOK), "url": service.url,
-            "rows": [[c, e] for c, e, _ in rows]}
+    overrides = readme_overrides("**verl 0.6 and earlier**", service.url)
+    assert "reward_model.reward_manager=batch" in overrides and "custom_reward_function.name=compute_score_batch" in overrides
+    args = {"tokenizer": tokenizer.path, "overrides": overrides, "rows": [[c, e] for c, e, _ in rows]}
     env = {**os.environ, "PYTHONPATH": str(compat_dir("verl-0.6.1")), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", _VERL06, json.dumps(args)], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=300)
