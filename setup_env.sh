@@ -9,8 +9,10 @@
 #   bash setup_env.sh --ray --pack   the packed env for a Ray cluster's nodes
 #   bash setup_env.sh --no-worker   skip the worker env
 #
-# Main env: .venv (a venv), for main.py, the tests and the HTTP service; plus verl and OpenRLHF
-#   without their dependencies (requirements-rl.txt, requirements-rl-compat.txt) for the RL tests.
+# Main env: .venv (a venv), for main.py, the tests and the HTTP service, with this project installed
+#   editable (pyproject.toml): `from src.models.reward import ...` from any folder, and `qwen-judge`;
+#   plus verl and OpenRLHF without their dependencies (requirements-rl.txt,
+#   requirements-rl-compat.txt) for the RL tests.
 # Worker env: only torch, torchvision, transformers, qwen-vl-utils, pillow (requirements-worker.txt).
 #   With conda on PATH it is the conda env `reward-worker` (launcher: {conda: reward-worker}),
 #   which --pack ships to other machines; without conda it is the venv .venv-worker
@@ -58,6 +60,15 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 pip_sync .venv/bin/python .venv/.requirements.sha256 requirements.txt requirements-worker.txt
+# This project, editable, so `from src.models.reward import ...` works from any folder and the
+# `qwen-judge` command exists. Its dependencies are the pinned requirements above (--no-deps).
+# Skipped when this checkout is already installed with this pyproject.toml.
+want_install=$(echo "$PWD" | cat - pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ ! -x .venv/bin/qwen-judge ] || [ "$(cat .venv/.install.sha256 2>/dev/null)" != "$want_install" ]; then
+  say "installing this project into .venv (editable)"
+  .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .  # setuptools: requirements.txt
+  echo "$want_install" > .venv/.install.sha256
+fi
 
 # RL frameworks for the hooks' tests (requirements-rl.txt): without their dependencies, which are
 # listed there, so torch and transformers stay as pinned above. The older releases
@@ -118,4 +129,4 @@ if [ "$PACK" = 1 ]; then
   say "packed dist/$WORKER_ENV_NAME.tar.gz: unpack with 'mkdir env && tar -xzf $WORKER_ENV_NAME.tar.gz -C env && env/bin/conda-unpack'"
   [ "$RAY" = 1 ] || say "this pack has no ray: for Ray actors, build it with --ray --pack"
 fi
-say "ready: .venv/bin/python main.py --config configs/demo.yaml"
+say "ready: .venv/bin/python main.py --config configs/demo.yaml   (or: .venv/bin/qwen-judge run --config configs/demo.yaml)"

@@ -14,6 +14,10 @@ One-shot mode, for debugging a task file by hand:
 
     python standalone/reward_worker.py --tasks in.json --output out.json --device cuda:0
 
+It imports the project's `src` package: the pool puts the folder holding it on the worker's
+PYTHONPATH; by hand, in an environment where the project is not installed, run it as
+`PYTHONPATH=/path/to/repo python standalone/reward_worker.py ...`.
+
 where in.json is {"settings": {...JudgeSettings...}, "items": [{"images": [...], ...}, ...]}.
 """
 from __future__ import annotations
@@ -29,11 +33,9 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src.models.reward import messages as msg  # noqa: E402
-from src.models.reward.settings import JudgeSettings  # noqa: E402
-from src.models.reward.types import ScoreItem  # noqa: E402
+from src.models.reward import messages as msg
+from src.models.reward.settings import JudgeSettings
+from src.models.reward.types import ScoreItem
 
 
 def _log(text: str) -> None:

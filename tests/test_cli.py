@@ -1,6 +1,7 @@
 """main.py end to end: the demo config, manifests, outputs and resume, in real subprocesses."""
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -176,3 +177,76 @@ def test_cli_errors_are_clear(tmp_path, edit_manifest):
     r = run_main("--config", str(cfg))
     assert r.returncode == 2 and "manifest not found" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_config_mistakes_stop_before_anything_starts(tmp_path, edit_manifest, capsys):
+    """Unknown keys at any level, a key --unset that is not there, and a template the manifest
+    cannot feed: exit 2 naming the key (and its close match) or the template and the column,
+    before any model loads or any output folder appears. In this process: the CLI's own code."""
+    from src.cli import _config_args, _load, main
+    from src.models.reward.config import resolve_spec
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    make_image(1).save(folder / "a.png")
+    out = tmp_path / "out"
+    cfg = str(write_config(tmp_path, edit_manifest, out))
+    cases = [
+        (["--set", "foo=1"], "error: config: unknown key 'foo'. Known: model, job"),
+        (["--set", "batch_size=4"], "Did you mean 'model.params.batch_size'?"),
+        (["--set", "job.chunksize=4"], "job: unknown key 'chunksize'. Did you mean 'chunk_size'?"),
+        (["--set", "model.device=cpu"], "model: unknown key 'device'. Did you mean 'model.params.device'?"),
+        (["--unset", "model.params.devices"], "the config has no 'devices' in model.params"),
+        (["--set", f"job.manifest={folder}"], f"template 'edit' needs a source image (its part 'semantic_consistency' "
+                                              f"uses template 'edit_instruction'), and no row of the manifest {folder}"),
+        (["--set", f"job.manifest={folder}", "--set", "model.params.template=alignment"],
+         "template 'alignment' needs an instruction, and no row of the manifest"),
+    ]
+    for extra, message in cases:
+        rc = main(["--config", cfg, *extra], prog="main.py")
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err, (extra, err)
+        assert not out.exists(), (extra, "the job started")
+    # --unset then --set, in order: the demo's in-process judge becomes a worker-pool judge
+    ap = argparse.ArgumentParser()
+    _config_args(ap)
+    cfg_multi = _load(ap.parse_args(["--config", str(ROOT / "configs" / "demo.yaml"), "--set", "model.class_path=multi_gpu",
+                                     "--unset", "model.params.device", "--set", "model.params.device_ids=[cpu]"]))
+    assert cfg_multi["model"]["class_path"] == "multi_gpu" and "device" not in cfg_multi["model"]["params"]
+    assert resolve_spec(cfg_multi["model"])[2]["device_ids"] == ["cpu"]
+    with pytest.raises(SystemExit):
+        main(["--help"], prog="main.py")
+    help_text = capsys.readouterr().out
+    assert "main.py serve --config" in help_text and "main.py report RESULTS.jsonl" in help_text
+    assert "--unset KEY" in help_text and "--no-progress" in help_text
+
+
+def test_finished_job_says_where_its_results_are(tiny_cache, tmp_path):
+    """The printed summary names results.jsonl and job.report's page; --no-progress shows no bar
+    (the weight-loading one included); report --out NAME writes beside the results; a job in which
+    every item failed exits 1, its results still on disk."""
+    for i in range(2):
+        make_image(i).save(tmp_path / f"ok{i}.png")
+    (tmp_path / "good.jsonl").write_text("".join(json.dumps({"id": f"g{i}", "image": f"ok{i}.png"}) + "\n"
+                                                 for i in range(2)))
+    out = tmp_path / "good"
+    cfg = write_config(tmp_path, tmp_path / "good.jsonl", out, template="quality")
+    r = run_main("--config", str(cfg), "--set", "job.report=true")
+    assert r.returncode == 0, r.stderr
+    brief = json.loads(r.stdout)
+    assert brief["results"] == str(out / "results.jsonl") and brief["report"] == str(out / "report.html")
+    assert (out / "report.html").is_file()
+    assert "Loading weights" not in r.stderr and "it/s" not in r.stderr, r.stderr
+
+    r = run_main("report", str(out / "results.jsonl"), "--out", "named.html")
+    assert r.returncode == 0, r.stderr
+    assert (out / "named.html").is_file() and not (ROOT / "named.html").exists()
+    assert str(out / "named.html") in r.stdout
+
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps({"id": f"b{i}", "image": f"gone{i}.png"}) + "\n"
+                                                for i in range(2)))
+    bad = tmp_path / "bad"
+    r = run_main("--config", str(write_config(tmp_path, tmp_path / "bad.jsonl", bad, template="quality")))
+    assert r.returncode == 1, r.stderr
+    assert "error: every item failed (image: 2); the first: item 'b0'" in r.stderr and "gone0.png" in r.stderr
+    assert json.loads(r.stdout)["failed"] == 2 and len(read_jsonl(bad / "results.jsonl")) == 2

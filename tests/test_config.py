@@ -62,7 +62,7 @@ def test_model_section_shape_errors():
         build_reward_model({"params": {}})
     with pytest.raises(ConfigError, match="not both"):
         build_reward_model({"class_path": "qwen_vl", "params": {}, "init_args": {}})
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['paramz'\]"):
+    with pytest.raises(ConfigError, match=r"model: unknown key 'paramz'. Did you mean 'params'\?"):
         build_reward_model({"class_path": "qwen_vl", "paramz": {}})
 
 

@@ -198,7 +198,8 @@ def test_worker_env_has_only_the_worker_packages(tiny_cache, image_files, tmp_pa
     tasks.write_text(json.dumps({"settings": JUDGE, "items": [{"images": [p]} for p in image_files[:2]]}))
     out = tmp_path / "out.json"
     run = subprocess.run([str(py), str(ROOT / "standalone" / "reward_worker.py"), "--tasks", str(tasks),
-                          "--output", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+                          "--output", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})  # by hand, as its docstring says
     assert run.returncode == 0, run.stdout + run.stderr
     assert all(r["score"] is not None for r in json.loads(out.read_text()))
     with pool(1, launcher=str(py)) as m:
@@ -211,7 +212,8 @@ def test_one_shot_debug_mode(tiny_cache, image_files, tmp_path, reference):
                                                               for i, p in enumerate(image_files[:3])]}))
     out = tmp_path / "out.json"
     run = subprocess.run([sys.executable, str(ROOT / "standalone" / "reward_worker.py"), "--tasks", str(tasks),
-                          "--output", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+                          "--output", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr
     results = json.loads(out.read_text())
     assert [r["id"] for r in results] == ["t0", "t1", "t2"]

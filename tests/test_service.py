@@ -107,11 +107,14 @@ def test_a_bad_image_fails_only_its_item(http, dirs):
     allowed, _ = dirs
     items = [{"id": "ok", "images": [data_url(png_bytes(2))], "instruction": "x"},
              {"id": "junk", "images": [{"base64": base64.b64encode(b"not an image at all").decode()}], "instruction": "x"},
-             {"id": "missing", "images": [str(allowed / "nope.png")], "instruction": "x"}]
+             {"id": "missing", "images": [str(allowed / "nope.png")], "instruction": "x"},
+             # bare base64 with no image signature: a bad image, not a path refused with 403
+             {"id": "bare", "images": [base64.b64encode(b"not an image at all" * 4).decode()], "instruction": "x"}]
     results = score(http, items)["results"]
     assert results[0]["error"] is None and results[0]["score"] is not None
     assert results[1]["score"] is None and results[1]["error_kind"] == "image" and "'junk'" in results[1]["error"]
     assert results[2]["score"] is None and "image not found" in results[2]["error"]
+    assert results[3]["score"] is None and results[3]["error_kind"] == "image" and "'bare'" in results[3]["error"]
 
 
 def test_paths_outside_the_allowed_folders_are_refused(http, dirs):
@@ -145,6 +148,9 @@ def test_missing_or_wrong_token_is_401(service):
     (b"{\"items\": [{\"images\": [\"x.png\"], \"imgs\": 1}]}", 422, "item 0: unknown key(s) ['imgs']"),
     (b"{\"items\": [{\"images\": [5]}]}", 422, "item 0: images[0]: an image must be"),
     (b"{\"items\": [{\"images\": [\"data:image/png;base64,@@@@\"]}]}", 422, "images[0]: not valid base64"),
+    # a PNG in URL-safe base64 (or cut short) is a broken image, not a path outside allowed_dirs
+    (b"{\"items\": [{\"images\": [\"iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4-_P_PwAGhgKAnl4sQg\"]}]}",
+     422, "images[0]: not valid base64"),
     (b"{\"items\": [{\"images\": [{\"url\": \"x\"}]}]}", 422, "an image object must be"),
     (b"{\"items\": [{\"images\": [], \"instruction\": 4}]}", 422, "'instruction' must be a string"),
 ])
@@ -342,7 +348,7 @@ def test_serve_exits_nonzero_when_the_model_cannot_load():
 def test_serve_config_errors_are_named_before_loading(tmp_path):
     import subprocess
 
-    for override, message in [("server.prot=1", "server: unknown key(s) ['prot']"),
+    for override, message in [("server.prot=1", "server: unknown key 'prot'. Did you mean 'port'?"),
                               ("server.max_batch=0", "server.max_batch: must be at least 1"),
                               ("server.token_env=NOT_SET_ANYWHERE_42", "NOT_SET_ANYWHERE_42"),
                               ("model.params.batch_sise=2", "Did you mean 'batch_size'?")]:

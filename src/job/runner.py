@@ -21,12 +21,12 @@ import os
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
 from src.models.reward import BaseRewardModel, ScoreResult, build_reward_model
-from src.models.reward.config import ConfigError
+from src.models.reward.config import ConfigError, model_param_paths, resolve_spec, unknown_key_error
 
 from .manifest import ManifestRow, read_manifest
 
@@ -34,6 +34,7 @@ STREAM = "results.stream.jsonl"
 FINAL = "results.jsonl"
 CSV = "results.csv"
 SUMMARY = "summary.json"
+REPORT = "report.html"
 JOB_KEYS = ("manifest", "output_dir", "chunk_size", "resume", "report")
 # Kept in the stream file, left out of results.jsonl/csv: they vary from run to run, and the
 # final file of a resumed job must equal an uninterrupted run's byte for byte.
@@ -53,9 +54,9 @@ class JobSpec:
         job = cfg.get("job")
         if not isinstance(job, dict):
             raise ConfigError("config: missing 'job' section (with manifest and output_dir)")
-        unknown = set(job) - set(JOB_KEYS)
-        if unknown:
-            raise ConfigError(f"job: unknown key(s) {sorted(unknown)}; known: {', '.join(JOB_KEYS)}")
+        for key in job:
+            if key not in JOB_KEYS:
+                raise unknown_key_error("job", str(key), list(JOB_KEYS), model_param_paths(cfg.get("model")))
         for k in ("manifest", "output_dir"):
             if not job.get(k):
                 raise ConfigError(f"job: missing '{k}'")
@@ -69,6 +70,47 @@ class JobSpec:
 
         return cls(manifest=where(job["manifest"]), output_dir=where(job["output_dir"]), chunk_size=chunk,
                    resume=bool(job.get("resume", True)), report=bool(job.get("report", False)))
+
+
+CONFIG_KEYS = ("model", "job")
+
+
+def check_top_level(cfg: dict[str, Any]) -> None:
+    """A job config has `model` and `job`; any other key is a mistake (a misplaced `--set`)."""
+    elsewhere = {**{k: f"job.{k}" for k in JOB_KEYS}, **model_param_paths(cfg.get("model"))}
+    for key in cfg:
+        if key not in CONFIG_KEYS:
+            raise unknown_key_error("config", str(key), list(CONFIG_KEYS), elsewhere)
+
+
+def check_template_inputs(cls: type, params: dict[str, Any], rows: list[ManifestRow], manifest: Any) -> None:
+    """Refuse, before any model loads, a template that needs a source image or an instruction
+    that no row of the manifest provides (rows that lack only some still fail one by one)."""
+    settings_cls = getattr(cls, "settings_cls", None)
+    items = [r.item for r in rows if r.item is not None]
+    if settings_cls is None or not items:
+        return  # a remote judge's template lives on its server
+    from src.models.reward.templates import resolve_rubric
+
+    defaults = {f.name: f.default for f in fields(settings_cls)}
+    name = params.get("template", defaults.get("template"))
+    try:
+        rubric = resolve_rubric(str(name), params.get("templates"))
+    except ValueError as e:
+        raise ConfigError(f"model.params.template: {e}") from None
+    has_source = any(it.source_images for it in items)
+    has_text = any((it.instruction or "").strip() for it in items)
+    for part, t in rubric.parts:
+        via = "" if part == rubric.name else f" (its part '{part}' uses template '{t.name}')"
+        if t.needs_source and not has_source:
+            what, missing, alts = "a source image", "source_image", "source_images, original_image, original_images"
+        elif t.needs_instruction and not has_text:
+            what, missing, alts = "an instruction", "instruction", "prompt"
+        else:
+            continue
+        raise ConfigError(f"template '{rubric.name}' needs {what}{via}, and no row of the manifest {manifest} "
+                          f"has one: it has no '{missing}' column (also read: {alts}). Add that column, or "
+                          "choose a template that judges the image alone (quality, edit_quality)")
 
 
 def model_fingerprint(model: BaseRewardModel, model_spec: dict[str, Any]) -> str:
@@ -143,11 +185,15 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseRewardModel | None = None) -> dict[str, Any]:
     """Run the job a config describes; returns the summary."""
+    check_top_level(cfg)
     spec = JobSpec.from_config(cfg, base)
-    rows = read_manifest(spec.manifest)
     model_spec = cfg.get("model")
     if model is None and model_spec is None:
         raise ConfigError("config: missing 'model' section (class_path and params)")
+    checked = resolve_spec(model_spec) if model is None else None  # config errors before any I/O
+    rows = read_manifest(spec.manifest)
+    if checked is not None:
+        check_template_inputs(checked[1], checked[2], rows, cfg["job"]["manifest"])
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     stream_path = spec.output_dir / STREAM
     t0 = time.time()
@@ -209,12 +255,9 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
     summary["latency_s_per_item"] = _stats(latencies)
     write_outputs(spec.output_dir, final, summary)
     if spec.report:
-        try:
-            from src.report import write_report  # optional: the HTML report module
-        except ImportError:
-            pass
-        else:
-            write_report(spec.output_dir / FINAL, spec.output_dir / "report.html")
+        from src.report import write_report
+
+        write_report(spec.output_dir / FINAL, spec.output_dir / REPORT)
     return summary
 
 

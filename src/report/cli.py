@@ -9,11 +9,12 @@ from pathlib import Path
 from . import ReportError, write_report
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="main.py report",
+def _parser(prog: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog,
                                  description="Write a self-contained HTML report of a scoring job's results.")
     ap.add_argument("results", help="the job's results.jsonl (summary.json beside it supplies the model settings)")
-    ap.add_argument("--out", help="the HTML file to write (default: report.html beside the results)")
+    ap.add_argument("--out", help="the HTML file to write (default: report.html beside the results; "
+                                  "a bare file name is also written beside the results)")
     ap.add_argument("--compare", metavar="OTHER.jsonl", help="another run's results.jsonl: per-item score differences, matched by id")
     ap.add_argument("--top", type=int, default=8, help="best, worst and most-changed items shown (default 8)")
     ap.add_argument("--thumb-px", type=int, default=96, help="thumbnail size in pixels (default 96)")
@@ -24,12 +25,22 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def _out_path(results: str, out: str | None) -> Path:
+    """Where the page goes: a path with a folder as given; a bare name (or nothing) beside the
+    results, inside the job's output folder, never loose in the current folder."""
+    beside = Path(results).parent
+    if not out:
+        return beside / "report.html"
+    p = Path(out).expanduser()
+    return p if (p.is_absolute() or p.parent != Path(".")) else beside / p
+
+
+def main(argv: list[str] | None = None, prog: str = "main.py report") -> int:
     try:
-        args = _parser().parse_args(argv)
+        args = _parser(prog).parse_args(argv)
     except SystemExit as e:  # --help, or a usage error argparse has already printed
         return int(e.code or 0)
-    out = Path(args.out) if args.out else Path(args.results).parent / "report.html"
+    out = _out_path(args.results, args.out)
     t0 = time.time()
     try:
         path = write_report(args.results, out, compare=args.compare, top=args.top, thumb_px=args.thumb_px,

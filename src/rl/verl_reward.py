@@ -31,8 +31,9 @@ its folders: the others in the request are still judged), and a service that sta
 failing through the retries. Only a rejected token raises: it is a configuration error that
 would fail every sample of the run.
 
-Standard library only on the trainer side (verl does not install an HTTP client this could
-assume), and no module state: verl's `remote` manager pickles these functions into Ray workers.
+verl's environment needs this project installed (`pip install -e /path/to/repo --no-deps`). The
+HTTP client is the standard library's (verl installs none this could assume), and there is no
+module state: verl's `remote` manager pickles these functions into Ray workers.
 """
 from __future__ import annotations
 
@@ -42,18 +43,22 @@ import logging
 import os
 import random
 import re
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+try:  # verl loads this file by path: the project must be importable in verl's environment
+    import src.service.wire  # noqa: F401
+except ImportError as e:
+    raise ImportError(f"{__file__}: cannot import this project's package ({e}); install it into verl's "
+                      f"environment: pip install -e {Path(__file__).resolve().parents[2]} --no-deps") from e
+
 log = logging.getLogger("src.rl.verl_reward")
 
 DEFAULT_URL = "http://127.0.0.1:8899"
 IMAGE_KEYS = ("image", "images", "source_image", "source_images")
-_REPO = str(Path(__file__).resolve().parents[2])
 _RETRY_STATUS = (500, 502, 503, 504)
 _SAMPLE_PREFIX = re.compile(r"^sample \d+: ")
 
@@ -63,10 +68,8 @@ class RewardServiceAuthError(RuntimeError):
 
 
 def _encode_image(value: Any, send_paths: bool) -> str:
-    # Imported here, not at module level: in a Ray worker this function arrives pickled by value,
-    # and the repository must be put on sys.path there before its modules can be imported.
-    if _REPO not in sys.path:
-        sys.path.insert(0, _REPO)
+    # Imported here, not at module level: in a Ray worker (verl's remote manager) this function
+    # arrives pickled by value, and the import must run there.
     from src.service.wire import encode_image
 
     return encode_image(value, send_paths)

@@ -109,9 +109,10 @@ class ServerSettings:
         data = dict(data or {})
         hints = typing.get_type_hints(cls)
         known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"server: unknown key(s) {unknown}; known: {', '.join(known)}")
+        for key in data:
+            if key not in known:
+                from ..models.reward.config import unknown_key_error
+                raise ValueError(str(unknown_key_error("server", str(key), known)))
         clean = {k: check_type(f"server.{k}", v, hints[k]) for k, v in data.items()}
         if isinstance(clean.get("allowed_dirs"), str):
             raise ValueError("server.allowed_dirs: expected a list of folders")
@@ -471,15 +472,18 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
     return app
 
 
-def serve_from_config(cfg: Mapping[str, Any]) -> int:
+def serve_from_config(cfg: Mapping[str, Any], base: str | os.PathLike | None = None) -> int:
     """`python main.py serve`: build the app from a config's `model:` and `server:` sections and
     serve until SIGINT/SIGTERM. Config errors raise ConfigError at once; the model loads in the
-    background. Returns 0 after a clean shutdown, 1 when the model failed to load."""
-    from ..models.reward.config import ConfigError, resolve_spec
+    background. Relative `server.allowed_dirs` are read from `base` (default: the current folder).
+    Returns 0 after a clean shutdown, 1 when the model failed to load."""
+    from ..models.reward.config import ConfigError, model_param_paths, resolve_spec, unknown_key_error
 
-    unknown = sorted(set(cfg) - {"model", "server"})
-    if unknown:
-        raise ConfigError(f"serve: unknown top-level key(s) {unknown}; a service config has 'model' and 'server'")
+    for key in cfg:
+        if key not in ("model", "server"):
+            elsewhere = {**{f.name: f"server.{f.name}" for f in dataclasses.fields(ServerSettings)},
+                         **model_param_paths(cfg.get("model"))}
+            raise unknown_key_error("serve: config", str(key), ["model", "server"], elsewhere)
     if "model" not in cfg:
         raise ConfigError("serve: the config needs a 'model' section (class_path and params)")
     try:
@@ -487,6 +491,10 @@ def serve_from_config(cfg: Mapping[str, Any]) -> int:
         settings.resolved_token()
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
+    if base is not None:
+        settings = dataclasses.replace(settings, allowed_dirs=[
+            d if os.path.isabs(os.path.expanduser(d)) else os.path.join(os.fspath(base), d)
+            for d in settings.allowed_dirs])
     class_path, cls, params = resolve_spec(cfg["model"])  # errors now, not after a load
 
     def build() -> BaseRewardModel:

@@ -80,7 +80,7 @@ def _b64decode(text: str, where: str) -> bytes:
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as e:
-        raise WireError(422, f"{where}: not valid base64 ({e})") from None
+        raise WireError(422, f"{where}: not valid base64 ({e}), so not a readable image") from None
     if not data:
         raise WireError(422, f"{where}: the base64 image is empty")
     return data
@@ -113,7 +113,21 @@ def decode_image(value: Any, allowed: Sequence[Path], where: str) -> bytes | str
         return _b64decode(payload, where)
     if _sniff_b64(value):
         return _b64decode(value, where)
-    return check_path(value, allowed, where)
+    try:
+        return check_path(value, allowed, where)
+    except WireError:
+        if _meant_as_b64(value):  # not a refused path: base64 whose start is no image signature
+            return _b64decode(value, where)  # 422 when it does not decode; else the item fails as an image
+        raise
+
+
+def _meant_as_b64(text: str) -> bool:
+    """Long text of base64 characters only (no '.', so no file name with an extension), or long
+    text that starts like an image in base64 and is no file name (cut, or URL-safe base64)."""
+    if len(text) < _MIN_B64_LEN:
+        return False
+    return _B64_CHARS.match(text[:4096]) is not None or (
+        "." not in text and any(text.startswith(sig) for sig in _B64_SIGNATURES))
 
 
 def _image_list(value: Any) -> list[Any]:

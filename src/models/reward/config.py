@@ -127,9 +127,9 @@ def resolve_spec(spec: Mapping[str, Any]) -> tuple[str, type, dict[str, Any]]:
     errors at once."""
     if not isinstance(spec, Mapping):
         raise ConfigError(f"model: expected a mapping with 'class_path', got {type(spec).__name__}")
-    extra = set(spec) - {"class_path", "params", "init_args"}
-    if extra:
-        raise ConfigError(f"model: unknown key(s) {sorted(extra)}; known: class_path, params (or init_args)")
+    for key in spec:
+        if key not in ("class_path", "params", "init_args"):
+            raise unknown_key_error("model", str(key), ["class_path", "params", "init_args"], model_param_paths(spec))
     if "class_path" not in spec:
         raise ConfigError(f"model: missing 'class_path'; known short names: {', '.join(ALIASES)}")
     if "params" in spec and "init_args" in spec:
@@ -158,6 +158,59 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
     for ov in overrides or []:
         apply_override(data, ov)
     return data
+
+
+def unknown_key_error(where: str, key: str, known: list[str], elsewhere: Mapping[str, str] | None = None) -> ConfigError:
+    """`where: unknown key 'k'. Did you mean 'x'? Known: ...`. `elsewhere` maps keys that belong
+    in another section to their full dotted path (`batch_size` -> `model.params.batch_size`), so a
+    key given at the wrong level points to the right one."""
+    hint = ""
+    if elsewhere and key in elsewhere:
+        hint = f" Did you mean '{elsewhere[key]}'?"
+    else:
+        close = difflib.get_close_matches(key, list(known), n=1)
+        if not close and elsewhere:
+            near = difflib.get_close_matches(key, list(elsewhere), n=1)
+            close = [elsewhere[near[0]]] if near else []
+        if close:
+            hint = f" Did you mean '{close[0]}'?"
+    return ConfigError(f"{where}: unknown key '{key}'.{hint} Known: {', '.join(known)}")
+
+
+def model_param_paths(spec: Any) -> dict[str, str]:
+    """{param: 'model.params.param'} for the model a config names (empty when it names none we
+    can resolve): lets a misplaced key's error point to where it belongs."""
+    if not isinstance(spec, Mapping) or "class_path" not in spec:
+        return {}
+    try:
+        cls = resolve_class(str(spec["class_path"]))
+    except ConfigError:
+        return {}
+    section = "init_args" if "init_args" in spec and "params" not in spec else "params"
+    return {name: f"model.{section}.{name}" for name in accepted_params(cls)[0]}
+
+
+def remove_key(data: dict[str, Any], key: str) -> None:
+    """`--unset a.b.c`: remove that key, so the class's default applies (or, for a parameter
+    another class does not take, so the config can switch class_path on the command line)."""
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--unset {key!r}: empty key segment")
+    node: Any = data
+    for i, seg in enumerate(parts):
+        if seg == "params" and isinstance(node, dict) and "params" not in node and "init_args" in node:
+            seg = "init_args"
+        if not isinstance(node, dict) or seg not in node:
+            here = ".".join(parts[:i]) or "the top level"
+            have = sorted(map(str, node)) if isinstance(node, dict) else []
+            close = difflib.get_close_matches(seg, have, n=1)
+            hint = f" Did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close else ""
+            raise ConfigError(f"--unset {key!r}: the config has no '{seg}' in {here}.{hint} "
+                              f"Keys there: {', '.join(have) or 'none'}")
+        if i == len(parts) - 1:
+            del node[seg]
+        else:
+            node = node[seg]
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:

@@ -1,9 +1,12 @@
 """The judge on every GPU of a machine: one persistent worker process per device."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 from typing import Any, Sequence
 
 from ..base import BaseRewardModel
@@ -132,7 +135,34 @@ def visible_gpus() -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()]
 
 
+def worker_pythonpath(root: Path | None = None) -> str:
+    """PYTHONPATH for a worker: the folder holding the `src` package this process imported
+    (the checkout, for the editable install setup_env.sh makes), before any PYTHONPATH already
+    set. A worker runs in another environment (a venv, `conda run`, a command prefix) where this
+    project is not installed; this way it imports the same code as its parent.
+
+    Installed as a plain (non-editable) package, that folder is a site-packages, which must not
+    shadow the worker environment's own torch and transformers: the worker then gets a folder
+    holding links to `src` and `standalone` alone."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[4]
+    code = root
+    if root.name in ("site-packages", "dist-packages"):
+        tag = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+        code = Path(tempfile.gettempdir()) / f"reward-code-{os.getuid()}-{tag}"
+        code.mkdir(mode=0o700, exist_ok=True)
+        for name in ("src", "standalone"):
+            link = code / name
+            if not link.is_symlink():
+                try:
+                    link.symlink_to(root / name)
+                except FileExistsError:  # another process made it at the same moment
+                    pass
+    old = os.environ.get("PYTHONPATH")
+    return f"{code}{os.pathsep}{old}" if old else str(code)
+
+
 def worker_specs(device_ids: list[str], workers_per_device: int, extra_env: dict[str, str]) -> list[WorkerSpec]:
+    code_path = worker_pythonpath()
     n_cpu_workers = sum(d == "cpu" for d in device_ids) * workers_per_device
     threads = max(1, (os.cpu_count() or 1) // max(n_cpu_workers, 1))
     specs = []
@@ -140,7 +170,7 @@ def worker_specs(device_ids: list[str], workers_per_device: int, extra_env: dict
     for d in device_ids:
         for k in range(workers_per_device):
             slot = len(specs)
-            env = {str(a): str(b) for a, b in extra_env.items()}
+            env = {"PYTHONPATH": code_path, **{str(a): str(b) for a, b in extra_env.items()}}
             if d == "cpu":
                 label = f"cpu#{cpu_seen}"
                 cpu_seen += 1

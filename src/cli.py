@@ -1,0 +1,166 @@
+"""The command line: `python main.py ...` and the installed `qwen-judge ...` run this same code.
+
+  run     --config X.yaml [--set key=value] [--unset key]   a scoring job (the default command)
+  serve   --config configs/server.yaml                      the HTTP reward service
+  report  RESULTS.jsonl [--out report.html]                 an offline HTML report of a job
+
+Relative paths in a config (manifest, output_dir, server.allowed_dirs) are read from the
+repository with `python main.py` (as they always were), and from the current folder with
+`qwen-judge`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+COMMANDS = ("run", "serve", "report")
+
+_OVERVIEW = """\
+commands:
+  {prog} [run] --config X.yaml [--set KEY=VALUE] [--unset KEY]   run a scoring job (the default)
+  {prog} serve --config configs/server.yaml                      serve the judge over HTTP
+  {prog} report RESULTS.jsonl [--out FILE.html]                  write an offline HTML report
+  {prog} COMMAND --help                                          a command's own options
+
+--set takes dotted keys into the config, values parsed as YAML; --unset removes a key:
+  --set model.params.batch_size=4 --set job.output_dir=outputs/run2
+  --set model.class_path=multi_gpu --unset model.params.device --set model.params.device_ids=[cpu,cpu]
+Relative paths in the config are read from {base}.
+"""
+
+
+class _Edit(argparse.Action):
+    """--set and --unset into one ordered list, so a later edit wins over an earlier one."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        edits = list(getattr(namespace, self.dest, None) or [])
+        edits.append(("unset" if option_string == "--unset" else "set", value))
+        setattr(namespace, self.dest, edits)
+
+
+def _config_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--config", required=True, help="YAML config file")
+    ap.add_argument("--set", dest="edits", action=_Edit, default=[], metavar="KEY=VALUE",
+                    help="set a config value (dotted key, value parsed as YAML; repeatable)")
+    ap.add_argument("--unset", dest="edits", action=_Edit, metavar="KEY",
+                    help="remove a config key (dotted; repeatable), e.g. model.params.device")
+
+
+def _load(args: argparse.Namespace) -> dict:
+    from src.models.reward.config import apply_override, load_config, remove_key
+
+    cfg = load_config(args.config)
+    for op, text in args.edits:
+        if op == "set":
+            apply_override(cfg, text)
+        else:
+            remove_key(cfg, text)
+    return cfg
+
+
+def _shown(path: Path) -> str:
+    """A path as the user can type it: relative to the current folder when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def cmd_run(argv: list[str], prog: str, base: Path, base_label: str) -> int:
+    usage = (f"{prog} [run] --config CONFIG [--set KEY=VALUE] [--unset KEY] [--no-progress]\n"
+             f"       {prog} serve --config CONFIG [--set KEY=VALUE] [--unset KEY]\n"
+             f"       {prog} report RESULTS.jsonl [--out FILE.html] [--compare OTHER.jsonl]")
+    ap = argparse.ArgumentParser(prog=prog, usage=usage, description="Run a scoring job (the default command).",
+                                 epilog=_OVERVIEW.format(prog=prog, base=base_label),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    _config_args(ap)
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress bars (the job's, nor the model's weight loading)")
+    args = ap.parse_args(argv)
+    if args.no_progress:
+        # transformers reads this (through huggingface_hub) when imported, here and in workers.
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+    from src.job.manifest import ManifestError
+    from src.job.runner import FINAL, REPORT, JobSpec, run_job
+    from src.models.reward import ConfigError
+    from src.models.reward.pool import WorkerStartError
+
+    try:
+        cfg = _load(args)
+        summary = run_job(cfg, base=base, progress=not args.no_progress)
+    except (ConfigError, ManifestError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except WorkerStartError as e:  # a broken worker environment: its traceback is in the message
+        print(f"error: the judge's workers could not start: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: workers stopped; results so far are in the output folder and a re-run resumes",
+              file=sys.stderr)
+        return 130
+    brief = {k: summary[k] for k in ("items", "scored", "failed", "score", "failures_by_kind", "resumed_from_disk")}
+    spec = JobSpec.from_config(cfg, base)
+    brief["results"] = _shown(spec.output_dir / FINAL)  # where they are; results.csv, summary.json beside
+    if spec.report:
+        brief["report"] = _shown(spec.output_dir / REPORT)
+    print(json.dumps(brief, indent=2))
+    if summary["items"] and not summary["scored"]:
+        kinds = ", ".join(f"{k}: {n}" for k, n in summary["failures_by_kind"].items())
+        first = (summary.get("failures") or [{}])[0]
+        print(f"error: every item failed ({kinds}); the first: {first.get('error')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_serve(argv: list[str], prog: str, base: Path, base_label: str) -> int:
+    ap = argparse.ArgumentParser(prog=f"{prog} serve", description="Serve a reward model over HTTP.",
+                                 epilog=f"Relative server.allowed_dirs are read from {base_label}.")
+    _config_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        from src.service.server import serve_from_config
+    except ImportError as e:
+        print(f"error: the HTTP service needs its extra packages ({e}); run setup_env.sh", file=sys.stderr)
+        return 2
+    from src.models.reward import ConfigError
+
+    try:
+        cfg = _load(args)
+        return serve_from_config(cfg, base=base)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_report(argv: list[str], prog: str, base: Path, base_label: str) -> int:
+    try:
+        from src.report.cli import main as report_main
+    except ImportError as e:
+        print(f"error: the report module is missing ({e})", file=sys.stderr)
+        return 2
+    return report_main(argv, prog=f"{prog} report")
+
+
+def main(argv: list[str] | None = None, prog: str = "qwen-judge", base: Path | None = None) -> int:
+    """Run one command. `base`: the folder relative config paths are read from (default: the
+    current folder)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    label = "the current folder" if base is None else f"{base} (not the current folder)"
+    base = Path.cwd() if base is None else Path(base)
+    if argv and argv[0] in COMMANDS:
+        cmd, rest = argv[0], argv[1:]
+    else:
+        cmd, rest = "run", argv
+    return {"run": cmd_run, "serve": cmd_serve, "report": cmd_report}[cmd](rest, prog, base, label)
+
+
+def console_main() -> int:
+    """The `qwen-judge` console command (pyproject.toml)."""
+    return main()
