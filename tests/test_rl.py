@@ -163,3 +163,19 @@ def test_verl_compute_score_and_batch(service, images, monkeypatch):
     # A wrong token is a configuration error, raised rather than turned into rewards.
     with pytest.raises(verl.RewardServiceAuthError, match="401"):
         verl.compute_score("t2i", "x", None, {"image": str(paths[0])}, token="wrong")
+
+
+def test_verl_hook_without_the_project_installed_says_how_to_install_it(tmp_path):
+    """verl loads the hook by path in its own environment; without this project installed there,
+    the load fails at once with the command that fixes it (not with a bare ModuleNotFoundError)."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('custom_module', sys.argv[1]); "
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec))")
+    # -I -S: no site-packages (so no editable install) and not this folder on the path.
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(ROOT / "src" / "rl" / "verl_reward.py")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 1
+    assert "cannot import this project's package" in proc.stderr
+    assert f"pip install -e {ROOT} --no-deps" in proc.stderr
