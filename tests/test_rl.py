@@ -57,8 +57,10 @@ def test_sample_rules():
 # -- TRL ----------------------------------------------------------------------------------------
 
 def test_trl_grpo_trainer_runs_a_step_with_the_service_reward(service, images, tmp_path, monkeypatch):
-    """A tiny Qwen2-VL policy sees an image and writes about it; the judge behind the service
-    rates how well the image matches what it wrote (`alignment`); GRPO takes one step."""
+    """TRL's vision-language GRPO form (its grpo_vlm example: a conversational prompt and an
+    `image` column, a Qwen-VL policy with its processor): a tiny Qwen2-VL policy sees the image and
+    writes about it; the judge behind the service rates how well the image matches what it wrote
+    (`alignment`); GRPO takes one step."""
     import httpx
     from datasets import Dataset
     from PIL import Image
