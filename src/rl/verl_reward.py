@@ -59,6 +59,7 @@ log = logging.getLogger("src.rl.verl_reward")
 
 DEFAULT_URL = "http://127.0.0.1:8899"
 IMAGE_KEYS = ("image", "images", "source_image", "source_images")
+_EXTRA_KEYS = IMAGE_KEYS + ("instruction", "completion_as", "id", "uid", "index")
 _RETRY_STATUS = (500, 502, 503, 504)
 _SAMPLE_PREFIX = re.compile(r"^sample \d+: ")
 
@@ -94,11 +95,11 @@ def _body(data_source: Any, solution_str: Any, ground_truth: Any, extra_info: An
     """One sample as the JSON text of a /compute_reward body; _SampleError when it cannot be."""
     if extra_info is not None and not isinstance(extra_info, Mapping):
         raise _SampleError(f"extra_info must be a dict, got {type(extra_info).__name__}")
-    extra = dict(extra_info or {})
-    extra.pop("reward_url", None)
-    # verl 0.9 adds these to every sample's extra_info; they are not the judge's business.
-    extra.pop("num_turns", None)
-    extra.pop("rollout_reward_scores", None)
+    # Only what the service reads (src/rl/items.py: verl_item): the rest of extra_info (verl adds
+    # its own fields, datasets theirs) is not the judge's business, and may not even be JSON.
+    extra = {k: v for k, v in (extra_info or {}).items() if k in _EXTRA_KEYS}
+    if not isinstance(ground_truth, str):  # only a text ground truth is read (as an instruction)
+        ground_truth = None
     for key in IMAGE_KEYS:
         if extra.get(key) is None:
             continue
@@ -113,6 +114,8 @@ def _body(data_source: Any, solution_str: Any, ground_truth: Any, extra_info: An
         except (ValueError, TypeError, OSError) as e:
             raise _SampleError(f"{key}: {e}") from None
         extra[key] = encoded if many else encoded[0]
+    if data_source is not None and not isinstance(data_source, (str, int, float, bool)):
+        data_source = str(_jsonable(data_source))
     body = _jsonable({"data_source": data_source, "solution_str": solution_str, "ground_truth": ground_truth,
                       "extra_info": extra})
     try:
