@@ -114,6 +114,8 @@ class FaultLedger:
     def __init__(self) -> None:
         self.bad_inputs: list[dict] = []
         self.faults: list[dict] = []
+        self.requests: list[dict] = []   # bad requests sent to the service, and its answers
+        self.generated: dict[str, dict] = {}  # property-based bodies per endpoint
 
     def bad_input(self, case: str, item_id: str, record: dict, hide: str = "") -> None:
         """One bad input and the result record the job wrote for it (`hide`: a folder prefix
@@ -134,9 +136,28 @@ class FaultLedger:
         self.faults.append({"case": case, "items": items, "scored": scored, "failed": failed,
                             "lost": items - scored - failed, "note": note})
 
+    def request(self, case: str, status: int, detail: str, items: int = 0, answered: int = 0) -> None:
+        """One bad request to a live service: the status it got and what it said; `items` accepted
+        items in it, `answered` how many came back with a score or an error."""
+        self.requests.append({"case": case, "status": status, "detail": detail, "items": items,
+                              "answered": answered})
+
+    def generated_body(self, endpoint: str, status: int, items: int = 0, answered: int = 0) -> None:
+        g = self.generated.setdefault(endpoint, {"bodies": 0, "statuses": {}, "items": 0, "answered": 0})
+        g["bodies"] += 1
+        g["statuses"][status] = g["statuses"].get(status, 0) + 1
+        g["items"] += items
+        g["answered"] += answered
+
+    def five_xx(self) -> int:
+        return (sum(r["status"] >= 500 for r in self.requests)
+                + sum(n for g in self.generated.values() for st, n in g["statuses"].items() if st >= 500))
+
     def lost(self) -> int:
         lost_inputs = sum(1 for b in self.bad_inputs if b["score"] is None and not b["error"])
-        return lost_inputs + sum(f["lost"] for f in self.faults)
+        return (lost_inputs + sum(f["lost"] for f in self.faults)
+                + sum(r["items"] - r["answered"] for r in self.requests)
+                + sum(g["items"] - g["answered"] for g in self.generated.values()))
 
 
 LEDGER = FaultLedger()
@@ -148,7 +169,7 @@ def ledger() -> FaultLedger:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    if not (LEDGER.bad_inputs or LEDGER.faults):
+    if not (LEDGER.bad_inputs or LEDGER.faults or LEDGER.requests or LEDGER.generated):
         return
     tr = terminalreporter
     tr.section("fault-injection table (observed)")
@@ -169,5 +190,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
             tr.write_line(f"{f['case'][:52]:<52} {f['items']:>5} {f['scored']:>6} {f['failed']:>6} {f['lost']:>4}  "
                           f"{' '.join(f['note'].split())[:100]}")
         tr.write_line("")
-    tr.write_line(f"bad inputs tried: {len(LEDGER.bad_inputs)}   faults injected: {len(LEDGER.faults)}   "
-                  f"items lost: {LEDGER.lost()}")
+    if LEDGER.requests:
+        tr.write_line(f"{'bad request to the service':<48} {'status':>6} {'items':>5} {'answered':>8}  answer")
+        for r in LEDGER.requests:
+            tr.write_line(f"{r['case'][:48]:<48} {r['status']:>6} {r['items']:>5} {r['answered']:>8}  "
+                          f"{' '.join(r['detail'].split())[:100]}")
+        tr.write_line("")
+    if LEDGER.generated:
+        tr.write_line(f"{'generated bodies (hypothesis)':<30} {'bodies':>6} {'items':>6} {'answered':>8}  statuses")
+        for ep, g in LEDGER.generated.items():
+            statuses = ", ".join(f"{st}: {n}" for st, n in sorted(g["statuses"].items()))
+            tr.write_line(f"{ep:<30} {g['bodies']:>6} {g['items']:>6} {g['answered']:>8}  {statuses}")
+        tr.write_line("")
+    bad = len(LEDGER.bad_inputs) + len(LEDGER.requests)
+    tr.write_line(f"bad inputs tried: {bad}   faults injected: {len(LEDGER.faults)}   "
+                  f"generated bodies: {sum(g['bodies'] for g in LEDGER.generated.values())}   "
+                  f"items lost: {LEDGER.lost()}   5xx answers: {LEDGER.five_xx()}")

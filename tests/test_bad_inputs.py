@@ -203,8 +203,9 @@ def test_each_bad_input_fails_alone_with_its_cause(bad_job, ledger):
         assert text in rec["error"], (what, rec["error"])
         # the error names the item: its id or, for a row without a usable id, the manifest line
         assert (f"'{cid}'" in rec["error"] or f"line {line}" in rec["error"]), (what, rec["error"])
-        if kind == "image":  # and the file
+        if kind == "image":  # and the file, and the manifest row (not the place in a chunk)
             assert os.path.basename(rec["images"][0]) in rec["error"], rec["error"]
+            assert f"'{cid}' (line {line})" in rec["error"] and "(#" not in rec["error"], rec["error"]
 
 
 def test_good_items_score_as_they_do_without_bad_neighbours(bad_job):

@@ -225,3 +225,44 @@ def test_random_answers_keep_the_invariants(lo, hi):
             assert math.isfinite(got.score) and lo <= got.score <= hi, (text, got)
             assert math.isfinite(got.raw_value), (text, got)
             assert got.clamped == (got.raw_value != got.score), (text, got)
+
+
+# -- bounded work: pathological answers are parse failures of their item, never an exception ----
+
+PATHOLOGICAL = [
+    ("list_990_deep_in_object", '{"score": 7, "a": ' + "[" * 990 + "]" * 990 + "}"),
+    ("object_1000_deep", '{"a":' * 1000 + "7" + "}" * 1000),
+    ("brace_soup_5000", "{" * 5000 + "}" * 5000),
+    ("unclosed_objects", '{"a": ' * 30000),
+    ("unclosed_boxed", "\\boxed{" * 25000),
+    ("unclosed_think", "<think>" * 25000 + " Score: 7"),
+    ("many_small_objects", "{x} " * 40000),
+    ("markdown_run_after_label", "Score" + "*" * 100000 + "7"),
+    ("level_words", "good " * 30000),
+    ("bare_brackets", "[" * 100000 + "]" * 100000),
+    ("too_long", "x" * 300000 + " Score: 7"),
+]
+
+
+@pytest.mark.timeout(60)  # a hang guard for the whole table, not a speed check
+def test_pathological_answers_are_read_or_refused_without_raising():
+    for name, answer in PATHOLOGICAL:
+        r = parse_score(answer, 0, 10, levels={"good": 4, "bad": 1})
+        assert isinstance(r, ParsedScore), name
+        assert (r.score is None) == (r.error is not None), name
+    deep = parse_score('{"a":' * 1000 + "7" + "}" * 1000, 0, 10)
+    assert deep.score is None and "nested more than 32 levels" in deep.error
+    long = parse_score("x" * 300000 + " Score: 7", 0, 10)
+    assert long.score is None and "over the parser's limit" in long.error
+    # a judge's answer with a short JSON object still reads normally after the long tail rules
+    assert parse_score('{"score": 7, "a": [[1, 2], [3]]}', 0, 10).score == 7
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"lo": None, "hi": 10}, {"lo": "a", "hi": 10}, {"lo": 0, "hi": float("nan")}, {"lo": 5, "hi": 1},
+    {"lo": 0, "hi": 10, "levels": {"good": None}}, {"lo": 0, "hi": 10, "levels": ["good"]},
+    {"lo": 0, "hi": 10, "key": 3}, {"lo": 0, "hi": 10, "key": "  "},
+])
+def test_a_bad_scale_raises_only_value_error(kwargs):
+    with pytest.raises(ValueError, match="parse_score"):
+        parse_score("Score: 7", **kwargs)

@@ -153,6 +153,9 @@ def test_missing_or_wrong_token_is_401(service):
      422, "images[0]: not valid base64"),
     (b"{\"items\": [{\"images\": [{\"url\": \"x\"}]}]}", 422, "an image object must be"),
     (b"{\"items\": [{\"images\": [], \"instruction\": 4}]}", 422, "'instruction' must be a string"),
+    # the key that marks the OpenAI route's chat requests cannot be smuggled in through /score
+    (b"{\"items\": [{\"images\": [], \"metadata\": {\"__chat_completion__\": {}}}]}", 422,
+     "metadata key '__chat_completion__' is reserved"),
 ])
 def test_malformed_bodies_get_clear_4xx(http, content, status, message):
     resp = http.post("/score", content=content, headers={"Content-Type": "application/json"})

@@ -150,6 +150,17 @@ def _record(row: ManifestRow, res: ScoreResult, fingerprint: str) -> dict[str, A
     return d
 
 
+def _numbered_by_row(res: ScoreResult, k: int, row: ManifestRow) -> ScoreResult:
+    """The judge numbers an item by its place in the chunk it was given (`'a' (#0)`); a job's reader
+    needs the manifest row (`'a' (line 9)`)."""
+    if res.error and row.item is not None:
+        item_id = row.item.id
+        chunk_name = f"{item_id!r} (#{k})" if item_id is not None else f"#{k}"
+        row_name = f"{item_id!r} (line {row.line})" if item_id is not None else f"line {row.line}"
+        res.error = res.error.replace(f"item {chunk_name}", f"item {row_name}")
+    return res
+
+
 def _same_inputs(rec: dict[str, Any], row: ManifestRow) -> bool:
     # A manifest edited between runs may reuse an id (or a `lineN` id may now name another
     # row): a stored result counts only for the inputs it was scored on.
@@ -225,8 +236,8 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                         chunk = todo[start:start + spec.chunk_size]
                         results = model.batch_score([r.item for r in chunk])
                         lines = []
-                        for r, res in zip(chunk, results):
-                            rec = _record(r, res, fp)
+                        for k, (r, res) in enumerate(zip(chunk, results)):
+                            rec = _record(r, _numbered_by_row(res, k, r), fp)
                             by_id[r.id] = rec
                             lines.append(json.dumps(rec, ensure_ascii=False))
                         out.write("\n".join(lines) + "\n")

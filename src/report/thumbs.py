@@ -20,14 +20,21 @@ class Thumb:
     path: str                  # as the record names it
     base: Path                 # the folder of the results file that named it
     data_uri: str | None = None  # a small JPEG, or None with `reason`
-    reason: str | None = None  # why there is no picture: missing, unreadable, over the limit
+    reason: str | None = None  # why there is no picture: missing, unreadable, over a limit
 
 
 class ThumbCache:
-    """path -> index into `thumbs`; `want()` registers, `build()` reads the registered files."""
+    """path -> index into `thumbs`; `want()` registers, `build()` reads the registered files.
 
-    def __init__(self, px: int = 96, quality: int = 70, max_thumbs: int = 2000, workers: int = 2):
+    max_pixels: an image larger than this (read from its header) is listed without a picture
+    instead of being decoded: a 25000x25000 PNG of a few MB would take gigabytes. Checked here for
+    each file; Pillow's process-wide guard is not relied on (nor changed).
+    """
+
+    def __init__(self, px: int = 96, quality: int = 70, max_thumbs: int = 2000, workers: int = 2,
+                 max_pixels: int = 100_000_000):
         self.px = px
+        self.max_pixels = max_pixels
         self.quality = quality
         self.max_thumbs = max_thumbs
         self.workers = workers
@@ -60,11 +67,14 @@ class ThumbCache:
         if p.is_dir():
             return None, "missing: the path is a folder"
         try:
-            from PIL import Image
+            from src.models.reward.types import ImageTooLarge, load_pil, open_image
 
-            from src.models.reward.types import load_pil
-
-            with Image.open(p) as im:
+            try:
+                im = open_image(p, self.max_pixels)
+            except ImageTooLarge as e:
+                size = f"{e.pixels} pixels" if e.pixels else "too many pixels"
+                return None, f"not embedded: {size}, over the thumbnail limit of {self.max_pixels} (max_pixels)"
+            with im:
                 # JPEG can decode at 1/2, 1/4, 1/8 size directly: far faster for big photos.
                 im.draft("RGB", (self.px * 2, self.px * 2))
                 im.load()

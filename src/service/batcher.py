@@ -1,4 +1,4 @@
-"""Gather concurrent requests into one model call.
+"""Gather concurrent requests into model calls, and share the judge fairly between them.
 
     request A (3 items) --submit--> pending: [A, B, C]      one scoring thread:
     request B (1 item)  --submit-->    |                      wait for the first request, then
@@ -8,13 +8,19 @@
               A <- results[0:3], B <- results[3:4], C <- results[4:6]   (indices renumbered)
 
 The model is called from this one thread only: reward models are not thread-safe, and one GPU
-call over many requests' items is what makes the service fast under RL load. A request is never
-split across calls; one larger than max_batch runs alone.
+call over many requests' items is what makes the service fast under RL load.
+
+Fair sharing: a call holds at most max_batch items, and when more are waiting than fit, the
+places are shared equally among the waiting requests (one that needs fewer than its share leaves
+the rest to the others). A request larger than its share is split across calls; after each call
+the requests it served go to the back of the queue. So a 1-item request sent while a 10,000-item
+request is being scored waits for at most the call in progress, not for the 10,000 items.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -26,11 +32,18 @@ from ..models.reward.types import ScoreItem, ScoreResult
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests are dict keys and queue entries
 class _Pending:
     items: list[ScoreItem]
     future: concurrent.futures.Future
     arrived: float = field(default_factory=time.monotonic)
+    taken: int = 0  # items handed to model calls so far (the rest wait in the queue)
+    done: int = 0   # items with a result
+    results: list[ScoreResult | None] = field(default_factory=list)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.items) - self.taken
 
 
 class BatcherClosed(RuntimeError):
@@ -63,7 +76,7 @@ class MicroBatcher:
     def queue_depth(self) -> int:
         """Items waiting for a model call (not counting the call in progress)."""
         with self._cond:
-            return sum(len(p.items) for p in self._pending)
+            return sum(p.waiting for p in self._pending)
 
     def submit(self, items: Sequence[ScoreItem]) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -74,11 +87,12 @@ class MicroBatcher:
         with self._cond:
             if self._closed:
                 raise BatcherClosed("the reward service is shutting down")
-            self._pending.append(_Pending(items, fut))
+            self._pending.append(_Pending(items, fut, results=[None] * len(items)))
             self._cond.notify()
         return fut
 
-    def _take(self) -> list[_Pending] | None:
+    def _take(self) -> list[tuple[_Pending, int, int]] | None:
+        """The next call's items as (request, start, end) slices; None once closed and drained."""
         with self._cond:
             while not self._pending and not self._closed:
                 self._cond.wait()
@@ -88,50 +102,84 @@ class MicroBatcher:
             # request has waited max_wait. Under load the oldest has already waited, so a busy
             # model starts its next call at once with everything that queued meanwhile.
             deadline = self._pending[0].arrived + self.max_wait_s
-            while not self._closed and sum(len(p.items) for p in self._pending) < self.max_batch:
+            while not self._closed and sum(p.waiting for p in self._pending) < self.max_batch:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            taken = [self._pending.popleft()]
-            size = len(taken[0].items)
-            while self._pending and size + len(self._pending[0].items) <= self.max_batch:
-                nxt = self._pending.popleft()
-                taken.append(nxt)
-                size += len(nxt.items)
-            self.in_flight = size
-            return taken
+            if not self._pending:
+                return None
+            grants = self._share(list(self._pending))
+            slices = []
+            for p, n in grants.items():
+                slices.append((p, p.taken, p.taken + n))
+                p.taken += n
+            # Requests not served this time keep their place at the front; those served go to the
+            # back (round robin); those wholly taken leave the queue and wait for their results.
+            unserved = [p for p in self._pending if p not in grants]
+            served = [p for p in self._pending if p in grants and p.waiting]
+            self._pending = collections.deque(unserved + served)
+            self.in_flight = sum(n for n in grants.values())
+            return slices
+
+    def _share(self, queue: list[_Pending]) -> dict[_Pending, int]:
+        """Places in the next call per request: equal shares of max_batch, in queue order, the
+        share of a request that needs less going to the others (water filling)."""
+        grants: dict[_Pending, int] = {}
+        budget, active = self.max_batch, queue
+        while budget and active:
+            share = max(1, budget // len(active))
+            still = []
+            for p in active:
+                if not budget:
+                    break
+                n = min(share, p.waiting - grants.get(p, 0), budget)
+                grants[p] = grants.get(p, 0) + n
+                budget -= n
+                if p.waiting > grants[p]:
+                    still.append(p)
+            active = still
+        return {p: n for p, n in grants.items() if n}
+
+    def _fail(self, requests: list[_Pending], e: BaseException) -> None:
+        with self._cond:
+            for p in requests:
+                with contextlib.suppress(ValueError):
+                    self._pending.remove(p)
+            self.in_flight = 0
+        for p in requests:
+            if not p.future.done():
+                p.future.set_exception(e)
 
     def _loop(self) -> None:
         while True:
-            taken = self._take()
-            if taken is None:
+            slices = self._take()
+            if slices is None:
                 return
-            items = [it for p in taken for it in p.items]
+            items = [it for p, a, b in slices for it in p.items[a:b]]
             try:
                 results = self._score(items)
                 if len(results) != len(items):
                     raise RuntimeError(f"the reward model returned {len(results)} results for {len(items)} items")
             except BaseException as e:  # the model itself failed: every request in the call learns why
                 log.error("a batch of %d items failed: %s: %s", len(items), type(e).__name__, e)
-                for p in taken:
-                    if not p.future.done():
-                        p.future.set_exception(e)
-                with self._cond:
-                    self.in_flight = 0
+                self._fail(list(dict.fromkeys(p for p, _, _ in slices)), e)
                 continue
-            start = 0
-            for p in taken:
-                part = results[start:start + len(p.items)]
-                for k, r in enumerate(part):
-                    r.index = k
-                start += len(p.items)
-                if not p.future.done():
-                    p.future.set_result(part)
+            start, finished = 0, 0
+            for p, a, b in slices:
+                for k, r in enumerate(results[start:start + b - a]):
+                    r.index = a + k
+                    p.results[a + k] = r
+                start += b - a
+                p.done += b - a
+                if p.done == len(p.items):
+                    finished += 1
+                    if not p.future.done():
+                        p.future.set_result(p.results)
             with self._cond:
                 self.in_flight = 0
                 self.items_scored += len(items)
-                self.requests_done += len(taken)
+                self.requests_done += finished
                 self.batches += 1
 
     def close(self, timeout: float = 30.0) -> None:

@@ -19,6 +19,13 @@ Endpoints (bodies and answers in JSON; errors are `{"detail": message}`):
 - POST /compute_reward  verl's {"data_source", "solution_str", "ground_truth", "extra_info"}, or a
                         list of them -> {"score": float | null, ...} (or a list).
 - POST /get_reward      OpenRLHF's {"query", "prompts", "labels"} -> {"rewards", "scores", "extra_logs"}.
+- POST /v1/chat/completions, GET /v1/models: OpenAI-compatible (openai_routes.py).
+
+Before anything is scored a request passes `validate.py` (size, body deadline, JSON the answer can
+carry back, items and decoded pixels per request): what is refused gets 4xx naming the cause, what
+is accepted is answered. There is no /docs, /redoc or /openapi.json: the endpoints read their
+bodies by hand (the schema would say nothing), and the wire forms are documented here, in wire.py
+and in the README; so nothing but /health answers without the token.
 
 What an RL sample is judged on: `src/rl/items.py`.
 """
@@ -49,7 +56,10 @@ from ..models.reward.settings import check_type
 from ..models.reward.types import ScoreItem, ScoreResult
 from ..rl.items import COMPLETION_AS, SampleError, openrlhf_item, verl_item
 from .batcher import BatcherClosed, MicroBatcher
-from .wire import WireError, decode_image, decode_score_request, resolve_allowed_dirs
+from .openai_routes import add_openai_routes
+from .protocol import header_deadline_protocol
+from .validate import check_count, check_pixels, check_sample_item, check_text, read_json
+from .wire import WireError, decode_image, decode_score_request, item_name, resolve_allowed_dirs
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +72,15 @@ class ServerSettings:
     token / token_env: a bearer token required on every endpoint but /health, given directly or
       as the name of an environment variable holding it.
     allowed_dirs: folders whose files may be named by path; any other path is refused (403).
-    max_batch: items gathered into one model call; max_wait_ms: how long the first request of a
-      call waits for company. max_request_bytes: larger bodies get 413.
+    max_batch: items in one model call (set it to at least devices x batch_size); concurrent
+      requests share calls, equally when more items wait than fit. max_wait_ms: how long the first
+      request of a call waits for company. max_request_bytes: larger bodies get 413.
+    max_items: items (or RL samples) per request; more get 413. max_request_pixels: the decoded
+      pixels of all of a request's images, read from their headers; more get 413.
+    max_text_chars: an item's instruction (an RL completion judged as text) longer than this is
+      refused (422; an RL sample fails alone). Pair it with the model's max_prompt_tokens.
+    read_timeout_s: a request's headers, then its body, must each arrive within this; a slow or
+      stalled client is disconnected (headers, protocol.py) or answered 408 (body).
     completion_as: what an RL completion is (`instruction` or `image`, see src/rl/items.py).
     failed_reward: the reward /get_reward reports for a sample the judge could not score
       (OpenRLHF needs a number: null reports null, which OpenRLHF cannot take). Always flagged in
@@ -79,6 +96,10 @@ class ServerSettings:
     max_batch: int = 32
     max_wait_ms: float = 10.0
     max_request_bytes: int = 64 * 1024 * 1024
+    max_items: int = 4096
+    max_request_pixels: int = 1 << 28  # 256 images of 1024x1024 (eight of 10000x10000 took 45 s and 5 GB)
+    max_text_chars: int = 65536
+    read_timeout_s: float = 30.0
     completion_as: str = "instruction"
     failed_reward: float | None = 0.0
     log_level: str = "info"
@@ -89,8 +110,11 @@ class ServerSettings:
             raise ValueError(f"server.max_batch: must be at least 1, got {self.max_batch}")
         if self.max_wait_ms < 0:
             raise ValueError(f"server.max_wait_ms: must be >= 0, got {self.max_wait_ms}")
-        if self.max_request_bytes < 1:
-            raise ValueError(f"server.max_request_bytes: must be at least 1, got {self.max_request_bytes}")
+        for name in ("max_request_bytes", "max_items", "max_request_pixels", "max_text_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"server.{name}: must be at least 1, got {getattr(self, name)}")
+        if not self.read_timeout_s > 0:
+            raise ValueError(f"server.read_timeout_s: must be > 0, got {self.read_timeout_s}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"server.port: must be 0..65535, got {self.port}")
         if self.completion_as not in COMPLETION_AS:
@@ -265,31 +289,6 @@ def _describe_model(model: BaseRewardModel) -> dict[str, Any]:
 
 # -- request helpers ----------------------------------------------------------------------
 
-async def _read_json(request: Any, limit: int) -> Any:
-    too_big = (f"the request body is over the limit of {limit} bytes (server.max_request_bytes); "
-               "send fewer items per request, or paths instead of base64 images")
-    length = request.headers.get("content-length")
-    if length is not None:
-        try:
-            if int(length) > limit:
-                raise HTTPException(413, too_big)
-        except ValueError:
-            raise HTTPException(400, f"bad Content-Length header {length!r}") from None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, too_big)
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        raise HTTPException(400, "the request body is empty; send JSON")
-    try:
-        return await asyncio.to_thread(json.loads, raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HTTPException(400, f"the request body is not valid JSON: {e}") from None
-
-
 def _wire_http(e: WireError) -> Exception:
     return HTTPException(e.status, e.message)
 
@@ -306,8 +305,8 @@ def _decode_sample_images(item: ScoreItem, allowed: Sequence[Any], where: str, f
             try:
                 out.append(decode_image(v, allowed, f"{where}: {role}[{k}]"))
             except WireError as e:
-                if completion_role:
-                    raise SampleError(e.message) from None
+                if completion_role:  # the caller prefixes `where` to a sample's error
+                    raise SampleError(e.message.removeprefix(f"{where}: ")) from None
                 raise
         return out
 
@@ -346,7 +345,7 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
         finally:
             await asyncio.to_thread(service.close)
 
-    app = FastAPI(title="reward service", lifespan=lifespan)
+    app = FastAPI(title="reward service", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.reward = service
 
     def authorize(request: Request) -> None:
@@ -363,7 +362,22 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
     async def begin(request: Request) -> Any:
         authorize(request)
         service.check_ready()
-        return await _read_json(request, settings.max_request_bytes)
+        return await read_json(request, settings.max_request_bytes, settings.read_timeout_s)
+
+    def decode_score(body: Any) -> tuple[list[ScoreItem], Any]:
+        if isinstance(body, Mapping) and isinstance(body.get("items"), list):
+            check_count(len(body["items"]), settings.max_items)
+        items, request_id = decode_score_request(body, service.allowed)
+        for i, item in enumerate(items):
+            check_text(item, item_name(i, item.id), settings.max_text_chars)
+        check_pixels(items, settings.max_request_pixels)
+        return items, request_id
+
+    def check_prepared(prepared: list[ScoreItem | ScoreResult]) -> list[ScoreItem | ScoreResult]:
+        check_pixels([p for p in prepared if isinstance(p, ScoreItem)], settings.max_request_pixels)
+        return prepared
+
+    add_openai_routes(app, service, begin, authorize)  # /v1/chat/completions, /v1/models
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -374,38 +388,48 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
     async def score(request: Request) -> JSONResponse:
         body = await begin(request)
         try:
-            items, request_id = await asyncio.to_thread(decode_score_request, body, service.allowed)
+            items, request_id = await asyncio.to_thread(decode_score, body)
         except WireError as e:
             raise _wire_http(e) from None
         results = await service.score(items)
         return JSONResponse({"request_id": request_id, "results": [r.to_dict() for r in results]})
 
-    def prepare_verl(bodies: list[Any]) -> list[ScoreItem | ScoreResult]:
+    def prepare_verl(bodies: list[Any], single: bool) -> list[ScoreItem | ScoreResult]:
+        check_count(len(bodies), settings.max_items, "samples")
         prepared: list[ScoreItem | ScoreResult] = []
         for i, b in enumerate(bodies):
-            where = f"sample {i}"
-            if not isinstance(b, Mapping):
-                raise WireError(422, f"{where}: expected an object with 'solution_str', got {type(b).__name__}")
-            unknown = set(b) - set(_VERL_KEYS)
-            if unknown:
-                raise WireError(422, f"{where}: unknown key(s) {sorted(unknown)}; known: {', '.join(_VERL_KEYS)}")
-            if not isinstance(b.get("solution_str"), str):
-                raise WireError(422, f"{where}: 'solution_str' must be a string")
-            extra = b.get("extra_info")
-            if extra is not None and not isinstance(extra, Mapping):
-                raise WireError(422, f"{where}: 'extra_info' must be an object or null")
-            mode = (extra or {}).get("completion_as") or settings.completion_as
             try:
-                item = verl_item(b["solution_str"], b.get("ground_truth"), extra, settings.completion_as,
-                                 b.get("data_source"))
-                prepared.append(_decode_sample_images(item, service.allowed, where, mode == "image"))
-            except SampleError as e:
-                prepared.append(_failure(i, None, f"{where}: {e}"))
-            except ValueError as e:  # an unknown completion_as in extra_info
-                if isinstance(e, WireError):
+                prepared.append(prepare_verl_sample(i, b))
+            except WireError as e:  # in a list, a malformed sample fails alone; a refused path (403) refuses all
+                if single or e.status != 422:
                     raise
-                raise WireError(422, f"{where}: {e}") from None
-        return prepared
+                prepared.append(_failure(i, None, e.message))
+        return check_prepared(prepared)
+
+    def prepare_verl_sample(i: int, b: Any) -> ScoreItem | ScoreResult:
+        where = f"sample {i}"
+        if not isinstance(b, Mapping):
+            raise WireError(422, f"{where}: expected an object with 'solution_str', got {type(b).__name__}")
+        unknown = set(b) - set(_VERL_KEYS)
+        if unknown:
+            raise WireError(422, f"{where}: unknown key(s) {sorted(unknown)}; known: {', '.join(_VERL_KEYS)}")
+        if not isinstance(b.get("solution_str"), str):
+            raise WireError(422, f"{where}: 'solution_str' must be a string")
+        extra = b.get("extra_info")
+        if extra is not None and not isinstance(extra, Mapping):
+            raise WireError(422, f"{where}: 'extra_info' must be an object or null")
+        mode = (extra or {}).get("completion_as") or settings.completion_as
+        try:
+            item = verl_item(b["solution_str"], b.get("ground_truth"), extra, settings.completion_as,
+                             b.get("data_source"))
+            item = check_sample_item(item, where, settings.max_text_chars)
+            return _decode_sample_images(item, service.allowed, where, mode == "image")
+        except SampleError as e:
+            return _failure(i, None, f"{where}: {e}")
+        except ValueError as e:  # an unknown completion_as in extra_info
+            if isinstance(e, WireError):
+                raise
+            raise WireError(422, f"{where}: {e}") from None
 
     @app.post("/compute_reward")
     async def compute_reward(request: Request) -> JSONResponse:
@@ -415,7 +439,7 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
         if not isinstance(bodies, list):
             raise HTTPException(422, "the body must be a verl reward object or a list of them")
         try:
-            prepared = await asyncio.to_thread(prepare_verl, bodies)
+            prepared = await asyncio.to_thread(prepare_verl, bodies, single)
         except WireError as e:
             raise _wire_http(e) from None
         answers = [_verl_answer(r) for r in await service.score_prepared(prepared)]
@@ -431,6 +455,7 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
         if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
             raise WireError(422, "'query' must be a list of strings (prompt + response)")
         n = len(queries)
+        check_count(n, settings.max_items, "samples")
         prompts = body.get("prompts")
         labels = body.get("labels")
         for key, seq in (("prompts", prompts), ("labels", labels)):
@@ -440,15 +465,25 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
         for i, q in enumerate(queries):
             where = f"sample {i}"
             try:
-                item = openrlhf_item(q, prompts[i] if prompts else None, labels[i] if labels else None,
-                                     settings.completion_as)
+                try:
+                    item = openrlhf_item(q, prompts[i] if prompts else None, labels[i] if labels else None,
+                                         settings.completion_as)
+                except (RecursionError, ValueError) as e:  # a JSON label nested too deep, or a huge number
+                    if isinstance(e, SampleError):
+                        raise
+                    raise WireError(422, f"{where}: the label's JSON cannot be read (nested too deeply, or a "
+                                         f"number too long: {type(e).__name__})") from None
+                item = check_sample_item(item, where, settings.max_text_chars)
                 prepared.append(_decode_sample_images(item, service.allowed, where,
                                                       settings.completion_as == "image"))
             except SampleError as e:
                 prepared.append(_failure(i, None, f"{where}: {e}"))
-            except WireError as e:  # OpenRLHF sends one sample per request and drops a 4xx: fail it here
+            except WireError as e:
+                # Unlike /score and /compute_reward, a refused path (403) fails its sample alone here:
+                # OpenRLHF sends one sample per request and turns any 4xx into a missing reward,
+                # which its trainer cannot take.
                 prepared.append(_failure(i, None, e.message if e.message.startswith(where) else f"{where}: {e.message}"))
-        return prepared
+        return check_prepared(prepared)
 
     @app.post("/get_reward")
     async def get_reward(request: Request) -> JSONResponse:
@@ -528,7 +563,7 @@ def serve_from_config(cfg: Mapping[str, Any], base: str | os.PathLike | None = N
 
     app = create_app(build, settings, on_load_error=on_load_error)
     config = uvicorn.Config(app, log_level=settings.log_level, access_log=settings.access_log,
-                            timeout_graceful_shutdown=30)
+                            timeout_graceful_shutdown=30, http=header_deadline_protocol(settings.read_timeout_s))
     server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in str(host) else host
     print(f"reward service: listening on http://{shown}:{port} ({class_path} loading in the background; "

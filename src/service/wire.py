@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from ..models.reward.chat import CHAT_KEY
 from ..models.reward.types import ScoreItem, describe_image
 
 ITEM_KEYS = ("id", "images", "source_images", "instruction", "metadata")
@@ -64,6 +65,8 @@ def resolve_allowed_dirs(dirs: Iterable[str | os.PathLike]) -> list[Path]:
 
 def check_path(path: str, allowed: Sequence[Path], where: str) -> str:
     """The path's real location if it lies inside an allowed folder; else a 403 naming the path."""
+    if "\0" in path:  # no file has one; os.path would raise ValueError (500) on it
+        raise WireError(422, f"{where}: the path {path!r} contains a NUL byte")
     real = Path(os.path.realpath(os.path.expanduser(path)))
     if not any(real == d or real.is_relative_to(d) for d in allowed):
         if not allowed:
@@ -159,6 +162,8 @@ def decode_item(obj: Any, index: int, allowed: Sequence[Path]) -> ScoreItem:
     metadata = obj.get("metadata") or {}
     if not isinstance(metadata, Mapping):
         raise WireError(422, f"{name}: 'metadata' must be an object")
+    if CHAT_KEY in metadata:  # reserved: it marks the OpenAI route's chat requests
+        raise WireError(422, f"{name}: metadata key {CHAT_KEY!r} is reserved; use /v1/chat/completions")
     if "images" not in obj:
         raise WireError(422, f"{name}: missing 'images'")
     images = [decode_image(v, allowed, f"{name}: images[{k}]")

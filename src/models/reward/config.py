@@ -28,6 +28,7 @@ ALIASES: dict[str, str] = {
     "multi_gpu": f"{_IMPL}.multi_gpu.MultiGPURewardModel",
     "remote": f"{_IMPL}.remote.RemoteRewardModel",
     "ray": f"{_IMPL}.ray_actors.RayRewardModel",
+    "openai": f"{_IMPL}.openai_api.OpenAIRewardModel",
 }
 
 

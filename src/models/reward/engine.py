@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+from .chat import is_chat, split_chats
 from .parsing import parse_score
 from .settings import JudgeSettings
 from .templates import Rubric, Template, resolve_rubric, rubric_fingerprint
@@ -169,6 +170,8 @@ class JudgeEngine:
         idx = list(indices) if indices is not None else [base_index + i for i in range(len(items))]
         if len(idx) != len(items):
             raise ValueError(f"{len(indices or [])} indices for {len(items)} items")
+        if any(is_chat(it) for it in items):  # raw chat prompts from the service's OpenAI route
+            return split_chats(self, items, idx)
         _inject_item_faults(items)
         results: list[ScoreResult | None] = [None] * len(items)
         bs = self.settings.batch_size

@@ -39,6 +39,12 @@ Fractions are rescaled to the scale: `n/d` with d equal to `hi` is n; any other 
 `n / d * hi` (`4/5` on 0-10 is 8; `85/100` is 8.5; `85%` is read as 85/100). Scores are then
 clamped to [lo, hi] (`clamped=True`, the value before clamping in `raw_value`). NaN and infinities
 are never returned; negative numbers are read as such and clamped when `lo >= 0`.
+
+Bounded work: judges do write long and odd answers, so every rule is linear in the answer's length
+or capped: answers over `MAX_ANSWER_CHARS` (after reasoning is dropped) are not read, JSON nested
+deeper than `MAX_JSON_DEPTH` is skipped, `\\boxed{}` contents over 2,000 characters are not read,
+and at most `MAX_JSON_CANDIDATES` `{...}` snippets are tried. A pathological answer is a parse
+failure of its item, fast; never a RecursionError or a stall.
 """
 from __future__ import annotations
 
@@ -49,9 +55,17 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-__all__ = ["COMMON_KEYS", "METHODS", "ParsedScore", "parse_score"]
+__all__ = ["COMMON_KEYS", "MAX_ANSWER_CHARS", "METHODS", "ParsedScore", "parse_score"]
 
 METHODS = ("answer_tag", "boxed", "json", "labelled", "fraction", "bare_number", "level_word")
+
+MAX_ANSWER_CHARS = 200_000  # about 50k tokens of final answer; reasoning is dropped before this applies
+MAX_JSON_DEPTH = 32         # nesting of {} and [] in one snippet
+MAX_JSON_CANDIDATES = 1000  # `{...}` snippets tried per answer
+_MAX_BOXED_CHARS = 2000
+_MAX_BOXED = 50             # the last `\\boxed{` occurrences read (the last score wins anyway)
+_MAX_JSON_CHARS = 20_000    # one `{...}` snippet
+_JSON_SCAN_BUDGET = 2_000_000  # characters scanned for JSON snippets per answer, in all
 
 # JSON keys tried, in this order, when the caller names no `key`.
 COMMON_KEYS = ("score", "overall", "overall_score", "overall_rating", "rating", "final_score",
@@ -85,16 +99,19 @@ class ParsedScore:
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _UNUM = r"\d+(?:\.\d+)?"
 _PER = r"(?:/|out\s+of)"
-_MD = r"[\s*_`\"'“”‘’]*"  # emphasis, quotes and spaces that may surround a label or a value
+# Emphasis, quotes and spaces that may surround a label or a value. Possessive (`*+`): what follows
+# never starts with one of these characters, and backtracking into two adjacent runs made
+# `Score` + 20,000 asterisks take seconds.
+_MD = r"[\s*_`\"'“”‘’]*+"
 _SEP = r"(?:[:：=]|[-–—](?=\s)|\b(?:is|of|would\s+be)\b|为|是)"
 _QUALIFIER = r"(?:[(\[（][^()\[\]（）\n]{0,40}[)\]）])?"  # "Score (0-10): 7"
-_VALUE = rf"(?P<num>{_NUM})(?:[*_\s]*{_PER}[*_\s]*(?P<den>{_UNUM})|\s*(?P<pct>%))?"
+_VALUE = rf"(?P<num>{_NUM})(?:[*_\s]*+{_PER}[*_\s]*+(?P<den>{_UNUM})|\s*+(?P<pct>%))?"
 _LABELS = (r"(?P<top>final|overall|total)[\s_-]*(?:score|rating|grade)"
            r"|score|rating|grade|(?P<top2>overall)"
            r"|(?P<top3>综合|最终|总)?(?:评分|分数|得分|打分)|(?P<top4>总分)")
 _RANGE_AFTER = re.compile(r"[ \t]*(?:[-–—~]|to\b)[ \t]*\d")
 
-_THINK_BLOCK = re.compile(r"<(think|thinking)>.*?</\1>", re.I | re.S)
+_THINK_TAG = re.compile(r"<(think|thinking)>", re.I)
 _THINK_OPEN = re.compile(r"<think(?:ing)?>", re.I)
 _THINK_CLOSE = re.compile(r"</think(?:ing)?>", re.I)
 _ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|\Z)", re.I | re.S)
@@ -146,6 +163,16 @@ def parse_score(text: str | None, lo: float = 0, hi: float = 10,
     visible, reasoning_note = _drop_reasoning(str(text))
     if not visible.strip():
         return _failure(reasoning_note or "answer is empty")
+    if len(visible) > MAX_ANSWER_CHARS:
+        return _failure(f"no score read: the answer is {len(visible)} characters (after reasoning), over "
+                        f"the parser's limit of {MAX_ANSWER_CHARS}")
+    try:
+        return _parse_visible(visible, scale, reasoning_note)
+    except (RecursionError, MemoryError) as e:  # the rules are bounded; this is a last guard
+        return _failure(f"no score read: the answer is too deeply nested to read ({type(e).__name__})")
+
+
+def _parse_visible(visible: str, scale: _Scale, reasoning_note: str | None) -> ParsedScore:
     notes = _Notes()
     found = _from_answer_tags(visible, scale, notes)
     method = "answer_tag"
@@ -157,15 +184,25 @@ def parse_score(text: str | None, lo: float = 0, hi: float = 10,
 
 
 def _make_scale(lo: float, hi: float, levels: Mapping[str, float] | None, key: str | None) -> _Scale:
-    lo, hi = float(lo), float(hi)
+    try:
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise ValueError(f"parse_score: the scale must be two numbers, got lo={lo!r}, hi={hi!r}") from None
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
         raise ValueError(f"parse_score: the scale must be finite with lo <= hi, got lo={lo}, hi={hi}")
     norm_levels: dict[str, float] = {}
+    if levels is not None and not isinstance(levels, Mapping):
+        raise ValueError(f"parse_score: levels must map words to scores, got {type(levels).__name__}")
     for word, value in (levels or {}).items():
-        value = float(value)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"parse_score: level {word!r} -> {value!r} is not a number") from None
         if not str(word).strip() or not math.isfinite(value):
             raise ValueError(f"parse_score: level {word!r} -> {value} is not a word with a finite score")
         norm_levels[str(word).strip().lower()] = value
+    if key is not None and not isinstance(key, str):
+        raise ValueError(f"parse_score: key must be a string, got {type(key).__name__}")
     if key is not None:
         words = [w for w in re.split(r"[\s_-]+", key.strip()) if w]
         if not words:
@@ -222,7 +259,7 @@ def _explain(text: str, notes: list[str], reasoning_note: str | None) -> str:
 
 def _drop_reasoning(text: str) -> tuple[str, str | None]:
     """The text that may hold the final answer, and a note when reasoning was dropped."""
-    visible = _THINK_BLOCK.sub(" ", text)
+    visible = _drop_think_blocks(text)
     dropped = visible != text
     closes = list(_THINK_CLOSE.finditer(visible))
     if closes:
@@ -243,6 +280,25 @@ def _drop_reasoning(text: str) -> tuple[str, str | None]:
     return visible, ("numbers inside <think> reasoning are not read" if dropped else None)
 
 
+def _drop_think_blocks(text: str) -> str:
+    """Each `<think>...</think>` (or `<thinking>...</thinking>`) block, shortest first, replaced by
+    a space: what `re.sub(r"<(think|thinking)>.*?</\\1>", " ", text, flags=re.I | re.S)` does,
+    in linear time (that pattern rescans to the end for every unclosed `<think>`)."""
+    lower = text.lower()
+    out, pos, unclosed = [], 0, set()
+    for m in _THINK_TAG.finditer(text):
+        name = m.group(1).lower()
+        if m.start() < pos or name in unclosed:
+            continue
+        close = lower.find(f"</{name}>", m.end())
+        if close < 0:
+            unclosed.add(name)  # no close after this one means none after any later one
+            continue
+        out += [text[pos:m.start()], " "]
+        pos = close + len(name) + 3
+    return "".join(out) + text[pos:] if out else text
+
+
 # -- rule 1: <answer> tags ---------------------------------------------------------------------
 
 def _from_answer_tags(text: str, scale: _Scale, notes: _Notes) -> float | None:
@@ -259,8 +315,8 @@ def _from_answer_tags(text: str, scale: _Scale, notes: _Notes) -> float | None:
 
 def _from_boxed(text: str, scale: _Scale, notes: _Notes) -> float | None:
     contents = []
-    for m in _BOXED.finditer(text):
-        end = _match_closing(text, m.end() - 1, quotes=False)
+    for m in list(_BOXED.finditer(text))[-_MAX_BOXED:]:
+        end, _ = _match_closing(text, m.end() - 1, quotes=False, limit=_MAX_BOXED_CHARS)
         if end is not None:
             contents.append(text[m.end():end - 1])
     for content in reversed(contents):
@@ -287,12 +343,21 @@ def _from_json(text: str, scale: _Scale, notes: _Notes) -> float | None:
 
 def _json_objects(text: str, notes: _Notes) -> list[dict[str, Any]]:
     """Every outermost `{...}` in `text` that loads as a dict, in order."""
-    objects, start, restarts = [], 0, 0
+    objects, start, restarts, tried, scanned = [], 0, 0, 0, 0
     while True:
         opening = text.find("{", start)
         if opening < 0:
             return objects
-        end = _match_closing(text, opening, quotes=True)
+        tried += 1
+        if tried > MAX_JSON_CANDIDATES or scanned > _JSON_SCAN_BUDGET:
+            notes.append("too many '{' in the answer: the rest is not read as JSON")
+            return objects
+        end, depth = _match_closing(text, opening, quotes=True, limit=_MAX_JSON_CHARS)
+        scanned += (end or min(len(text), opening + _MAX_JSON_CHARS)) - opening
+        if end is not None and depth > MAX_JSON_DEPTH:
+            notes.append(f"a JSON object nested more than {MAX_JSON_DEPTH} levels deep is not read")
+            start = end  # skipped whole: its inner objects are as deep as anyone needs
+            continue
         if end is None:
             if re.match(r"\{\s*[\"']", text[opening:]) and not any("never closes" in n for n in notes):
                 notes.append("a JSON object opens but never closes (truncated answer?)")
@@ -309,10 +374,14 @@ def _json_objects(text: str, notes: _Notes) -> list[dict[str, Any]]:
             start = opening + 1  # not JSON as a whole; an inner object may still be
 
 
-def _match_closing(text: str, opening: int, quotes: bool) -> int | None:
-    """Index just past the brace closing the one at `opening`, or None."""
+def _match_closing(text: str, opening: int, quotes: bool,
+                   limit: int | None = None) -> tuple[int | None, int]:
+    """Index just past the brace closing the one at `opening` (None when it does not close within
+    `limit` characters), and the deepest nesting of braces and brackets seen on the way."""
     depth, quote, escaped, last = 0, None, False, "{"
-    for i in range(opening, len(text)):
+    brackets, deepest = 0, 0
+    stop = len(text) if limit is None else min(len(text), opening + limit)
+    for i in range(opening, stop):
         c = text[i]
         if quote:
             if escaped:
@@ -326,19 +395,25 @@ def _match_closing(text: str, opening: int, quotes: bool) -> int | None:
             quote = c
         elif c == "{":
             depth += 1
+            deepest = max(deepest, depth + brackets)
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return i + 1
+                return i + 1, deepest
+        elif c == "[":
+            brackets += 1
+            deepest = max(deepest, depth + brackets)
+        elif c == "]" and brackets:
+            brackets -= 1
         if not c.isspace():
             last = c
-    return None
+    return None, deepest
 
 
 def _load_object(snippet: str) -> Any:
     try:
         return json.loads(snippet, strict=False)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     try:
         return ast.literal_eval(_pythonise(snippet))
@@ -462,13 +537,13 @@ def _from_bare_number(text: str, scale: _Scale, notes: _Notes) -> float | None:
 def _from_levels(text: str, scale: _Scale, notes: _Notes) -> float | None:
     if not scale.levels:
         return None
-    taken: list[tuple[int, int]] = []
+    taken = bytearray(len(text))  # characters already read as part of a longer level word
     found: dict[str, float] = {}
     for word in sorted(scale.levels, key=len, reverse=True):  # "very good" before "good"
         for m in re.finditer(rf"(?<![A-Za-z]){re.escape(word)}(?![A-Za-z])", text, re.I):
-            if any(s < m.end() and m.start() < e for s, e in taken):
+            if any(taken[m.start():m.end()]):
                 continue
-            taken.append((m.start(), m.end()))
+            taken[m.start():m.end()] = b"\x01" * (m.end() - m.start())
             if _NEGATION.search(text[max(0, m.start() - 30):m.start()]):
                 notes.append(f"the level word {word!r} is negated")
                 return None

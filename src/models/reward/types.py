@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -137,9 +138,98 @@ def as_items(images: Sequence[Any], original_images: Sequence[Any] | None = None
             for i in range(n)]
 
 
+def _source(img: ImageInput, name: str) -> Any:
+    """What `Image.open` reads for a path or bytes input; ValueError naming the image otherwise."""
+    if isinstance(img, (str, os.PathLike)):
+        if "\0" in os.fspath(img):
+            raise ValueError(f"image path contains a NUL byte: {name!r}")
+        p = Path(img)
+        if not p.exists():
+            raise ValueError(f"image not found: {name}")
+        if p.is_dir():
+            raise ValueError(f"image path is a folder: {name}")
+        if p.stat().st_size == 0:
+            raise ValueError(f"image file is empty: {name}")
+        return p
+    if isinstance(img, (bytes, bytearray)):
+        if not img:
+            raise ValueError("image bytes are empty")
+        return io.BytesIO(img)
+    raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
+
+
+_PILLOW_BOMB = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+)")
+
+
+class ImageTooLarge(ValueError):
+    """An image refused for its size, from its header; `pixels` is its width x height (None when
+    only Pillow's own guard knows it is over)."""
+
+    def __init__(self, message: str, pixels: int | None):
+        super().__init__(message)
+        self.pixels = pixels
+
+
+def _too_large(w: int, h: int, limit: int, name: str) -> ImageTooLarge:
+    return ImageTooLarge(f"image too large: {w}x{h} = {w * h} pixels, over max_image_pixels={limit} "
+                         f"(a decompression-bomb guard; raise max_image_pixels to allow it): {name}", w * h)
+
+
+def open_image(img: ImageInput, max_image_pixels: int | None, name: str | None = None):
+    """`Image.open` for a path or bytes, with the size checked from the header before any pixel is
+    decoded. Returns the open (lazy) image; the caller closes it.
+
+    The check is explicit and per call: this never changes Pillow's process-wide
+    `Image.MAX_IMAGE_PIXELS` (other threads, the report's thumbnails and the caller's own code rely
+    on it). Pillow's own guard stays in force as well: it refuses images over twice that global
+    (178,956,970 pixels by default), whatever `max_image_pixels` says.
+    """
+    from PIL import Image
+
+    name = describe_image(img) if name is None else name
+    src = _source(img, name)
+    try:
+        opened = Image.open(src)
+    except Image.DecompressionBombError as e:
+        m = _PILLOW_BOMB.search(str(e))
+        pixels = int(m.group(1)) if m else None
+        if max_image_pixels is not None and (pixels is None or pixels > max_image_pixels):
+            shown = pixels if pixels is not None else f"more than {m.group(2) if m else '?'}"
+            raise ImageTooLarge(f"image too large: {shown} pixels, over max_image_pixels={max_image_pixels} "
+                                f"(a decompression-bomb guard; raise max_image_pixels to allow it): {name}",
+                                pixels) from None
+        raise ImageTooLarge(f"image too large: {e} Pillow refuses it whatever max_image_pixels says "
+                            f"(PIL.Image.MAX_IMAGE_PIXELS, a process-wide setting, decides): {name}", pixels) from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"cannot decode image {name}: {e}") from None
+    w, h = opened.size
+    if max_image_pixels is not None and w * h > max_image_pixels:
+        opened.close()
+        raise _too_large(w, h, max_image_pixels, name)
+    return opened
+
+
+def image_pixels(img: ImageInput) -> int | None:
+    """Width x height, read from the file's header (no pixels decoded), or None when the input is
+    not a readable image; a PIL image gives its own size."""
+    from PIL import Image
+
+    if isinstance(img, Image.Image):
+        return img.width * img.height
+    try:
+        with open_image(img, None) as opened:
+            return opened.width * opened.height
+    except ImageTooLarge as e:  # over Pillow's own guard: its message holds the count
+        return e.pixels
+    except ValueError:
+        return None
+
+
 def load_pil(img: ImageInput, max_image_pixels: int | None = None):
     """Open an image input as an RGB PIL image, applying EXIF rotation.
 
+    max_image_pixels: larger images are refused from their header, before decoding (a PIL image
+    given directly is already decoded and is checked too).
     Raises ValueError with a message naming the image and the cause; the judge turns it into
     that item's error.
     """
@@ -148,46 +238,20 @@ def load_pil(img: ImageInput, max_image_pixels: int | None = None):
     name = describe_image(img)
     if isinstance(img, Image.Image):
         im = img
+        if max_image_pixels is not None and im.width * im.height > max_image_pixels:
+            raise _too_large(im.width, im.height, max_image_pixels, name)
     else:
-        if isinstance(img, (str, os.PathLike)):
-            p = Path(img)
-            if not p.exists():
-                raise ValueError(f"image not found: {name}")
-            if p.is_dir():
-                raise ValueError(f"image path is a folder: {name}")
-            if p.stat().st_size == 0:
-                raise ValueError(f"image file is empty: {name}")
-            src: Any = p
-        elif isinstance(img, (bytes, bytearray)):
-            if not img:
-                raise ValueError("image bytes are empty")
-            src = io.BytesIO(img)
-        else:
-            raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
-        old_limit = Image.MAX_IMAGE_PIXELS
+        opened = open_image(img, max_image_pixels, name)
         try:
-            if max_image_pixels is not None:
-                # Checked below from the header, before decoding. Pillow's own check only warns
-                # between its limit and twice it, so an image up to 2x the limit would pass.
-                Image.MAX_IMAGE_PIXELS = None
-            with Image.open(src) as opened:
-                w, h = opened.size
-                if max_image_pixels is not None and w * h > max_image_pixels:
-                    raise ValueError(f"image too large: {w}x{h} = {w * h} pixels, over max_image_pixels="
-                                     f"{max_image_pixels} (a decompression-bomb guard; raise max_image_pixels "
-                                     f"to allow it): {name}")
+            with opened:
                 frames = getattr(opened, "n_frames", 1)
                 opened.seek(0)
                 opened.load()
                 im = opened.copy()
                 if frames > 1:
                     im.info["frames_note"] = f"first of {frames} frames used"
-        except Image.DecompressionBombError as e:
-            raise ValueError(f"image too large (over {max_image_pixels or old_limit} pixels): {name}: {e}") from None
-        except (OSError, SyntaxError) as e:
+        except (OSError, SyntaxError, EOFError) as e:
             raise ValueError(f"cannot decode image {name}: {e}") from None
-        finally:
-            Image.MAX_IMAGE_PIXELS = old_limit
     note = im.info.get("frames_note")
     try:
         im = ImageOps.exif_transpose(im)

@@ -1,0 +1,525 @@
+"""A judge served elsewhere behind an OpenAI-compatible chat-completions endpoint.
+
+vLLM (`vllm serve Qwen/Qwen2.5-VL-7B-Instruct`), SGLang, a hosted API, or this project's own
+service (`main.py serve` answers /v1/chat/completions too). The judge is asked exactly what the
+in-process judge is asked (the same templates and rubric, images in the same order), and its
+answers are read the same way:
+
+    items --> a thread pool (max_concurrency requests in flight, optional rate limit)
+                |  per item: images -> data URLs; per rubric part: one chat request
+                |  429 / 5xx / connection error -> retry with exponential backoff and jitter,
+                |  honouring Retry-After; other 4xx -> that item fails with the server's message
+                v
+              generate: parse the answer (parsing.parse_score), as in-process
+              logits:   expected value over the scale's level tokens, from the first answer
+                        token's top_logprobs, renormalised over the levels present
+                v
+              sub-scores -> rubric.overall -> ScoreResult, one per item, in input order
+
+    model:
+      class_path: openai
+      params: {base_url: "http://127.0.0.1:8000/v1", model: Qwen/Qwen2.5-VL-7B-Instruct,
+               api_key_env: null, template: edit, mode: logits}
+"""
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import email.utils
+import hashlib
+import io
+import json
+import math
+import os
+import queue
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..base import BaseRewardModel
+from ..chat import is_chat
+from ..parsing import parse_score
+from ..settings import MODES
+from ..templates import Rubric, Template, resolve_rubric, rubric_fingerprint
+from ..types import ScoreItem, ScoreResult, describe_image, load_pil
+
+_RETRY_STATUS = {408, 409, 429}         # and every 5xx
+_FATAL_STATUS = {401, 403, 404}         # the same for every request: stop sending
+_SAFE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+class _PartFailed(Exception):
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class OpenAIRewardModel(BaseRewardModel):
+    """Score items through an OpenAI-compatible chat-completions endpoint.
+
+    base_url: the endpoint's base, ending in /v1 (`http://127.0.0.1:8000/v1` for vLLM).
+    model: the served model's name (vLLM: the name given to `vllm serve`).
+    api_key_env: the environment variable holding the API key (never the key itself in a config);
+      null for a server that needs none (then a placeholder is sent).
+    mode: `logits` (expected value over the level tokens, from top_logprobs of the first answer
+      token; the server must return logprobs) or `generate` (the answer is parsed).
+    template / templates: as for every judge (src/models/reward/templates.py).
+    max_new_tokens, temperature, top_p, num_samples (`n`), seed: generate mode's sampling.
+    top_logprobs: alternatives asked for per token in logits mode (servers cap it, usually at 20);
+      at least the number of levels, so every level can show up.
+    max_concurrency: requests in flight at once. requests_per_minute: a rate limit (null: none).
+    max_retries / backoff_s / max_backoff_s: retries after 429, 5xx or a connection error, waiting
+      backoff_s * 2^k (with jitter, capped), or what the server's Retry-After says. A request out of
+      retries (the server down, a quota spent) fails the call's remaining items at once with its
+      cause, instead of each waiting through the same retries; a re-run resumes them.
+    timeout_s: per request.
+    max_image_pixels: larger images are refused here, before any upload (as in-process).
+    extra_body: extra request fields for the server (vLLM: `{mm_processor_kwargs: {max_pixels: ...}}`).
+
+    Resume fingerprints cover the model name and everything that changes the judgement, not the
+    URL: the same model behind another address keeps its stored results.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
+                 mode: str = "logits", template: str = "quality", templates: dict[str, Any] | None = None,
+                 max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, num_samples: int = 1,
+                 seed: int | None = 0, top_logprobs: int = 20, max_concurrency: int = 8,
+                 requests_per_minute: float | None = None, max_retries: int = 5, backoff_s: float = 1.0,
+                 max_backoff_s: float = 60.0, timeout_s: float = 300.0, max_image_pixels: int = 100_000_000,
+                 extra_body: dict[str, Any] | None = None, progress: bool = False):
+        try:
+            import openai
+        except ImportError as e:
+            raise ValueError(f"the openai judge needs the `openai` package ({e}); setup_env.sh installs it") from None
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url: expected http://host:port/v1 or https://..., got {base_url!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode: unknown value {mode!r}; known: {', '.join(MODES)}")
+        for name, value, lo in (("max_new_tokens", max_new_tokens, 1), ("num_samples", num_samples, 1),
+                                ("max_concurrency", max_concurrency, 1), ("max_retries", max_retries, 0),
+                                ("top_logprobs", top_logprobs, 1)):
+            if value < lo:
+                raise ValueError(f"{name}: must be at least {lo}, got {value}")
+        for name, value in (("temperature", temperature), ("backoff_s", backoff_s), ("max_backoff_s", max_backoff_s)):
+            if value < 0:
+                raise ValueError(f"{name}: must be >= 0, got {value}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s: must be above 0, got {timeout_s}")
+        if requests_per_minute is not None and requests_per_minute <= 0:
+            raise ValueError(f"requests_per_minute: must be above 0 (or null for no limit), got {requests_per_minute}")
+        if num_samples > 1 and temperature == 0:
+            raise ValueError("num_samples > 1 needs temperature > 0 (greedy answers would all be the same)")
+        self.rubric: Rubric = resolve_rubric(template, templates or {})
+        if mode == "logits":
+            for _, tpl in self.rubric.parts:
+                if not tpl.levels:
+                    raise ValueError(f"template {tpl.name!r}: logits mode needs levels; its scale {tpl.scale} has "
+                                     "none (set `levels`, or use mode: generate)")
+                if top_logprobs < len(tpl.levels):
+                    raise ValueError(f"top_logprobs: {top_logprobs} is fewer than the {len(tpl.levels)} levels of "
+                                     f"template {tpl.name!r}; ask for at least that many")
+        key = "EMPTY"  # what vLLM documents for a server started without --api-key
+        if api_key_env:
+            key = os.environ.get(api_key_env, "")
+            if not key:
+                raise ValueError(f"api_key_env: the environment variable {api_key_env} is not set or empty; set it "
+                                 "to the API key, or use api_key_env: null for a server that needs no key")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.mode = mode
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.num_samples = num_samples
+        self.seed = seed
+        self.top_logprobs = top_logprobs
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.max_image_pixels = max_image_pixels
+        self.extra_body = dict(extra_body or {})
+        self.progress = progress
+        self.device = self.base_url  # what results name as their device
+        self._openai = openai
+        # Retries are ours (counted, logged in the error, with the policy above), not the client's.
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout_s)
+        self._pool = _DaemonPool(max_concurrency)
+        self._limiter = _RateLimiter(requests_per_minute)
+        self._closed = False
+
+    @property
+    def fingerprint(self) -> str:
+        data = {"class": "openai", "model": self.model, "mode": self.mode, "max_new_tokens": self.max_new_tokens,
+                "temperature": self.temperature, "top_p": self.top_p, "num_samples": self.num_samples,
+                "seed": self.seed, "extra_body": self.extra_body, "rubric": rubric_fingerprint(self.rubric)}
+        if self.mode == "logits":  # which levels come back, so what is renormalised over
+            data["top_logprobs"] = self.top_logprobs
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    def score_items(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
+        if self._closed:
+            raise RuntimeError("OpenAIRewardModel is closed")
+        items = list(items)
+        call = _Call()
+        futures = [self._pool.submit(self._score_one, i, item, call) for i, item in enumerate(items)]
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(items), desc=f"scoring on {self.base_url}", unit="item")
+        results: list[ScoreResult | None] = [None] * len(items)
+        try:
+            for fut in concurrent.futures.as_completed(futures):
+                r = fut.result()
+                results[r.index] = r
+                if bar is not None:
+                    bar.update(1)
+        except BaseException:  # Ctrl-C: queued requests are dropped, running ones finish
+            call.cancelled = True
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        missing = [i for i, r in enumerate(results) if r is None]
+        assert not missing, f"openai judge lost items {missing}"  # by construction
+        return results  # type: ignore[return-value]
+
+    def _score_one(self, index: int, item: ScoreItem, call: "_Call") -> ScoreResult:
+        name = f"{item.id!r} (#{index})" if item.id is not None else f"#{index}"
+        t0 = time.perf_counter()
+        try:
+            if is_chat(item):
+                raise _PartFailed("a raw chat request cannot be forwarded by the openai judge; "
+                                  "serve an in-process or multi-GPU judge instead", "input")
+            urls = self._image_urls(item)
+        except _PartFailed as e:
+            return ScoreResult.failure(index, item, f"item {name}: {e}", e.kind, self.device)
+        sub: dict[str, float | None] = {}
+        raw: dict[str, Any] = {}
+        errors: list[tuple[str, str]] = []
+        for part, tpl in self.rubric.parts:
+            try:
+                out = self._ask(tpl, item, urls, call)
+            except _PartFailed as e:
+                sub[part] = None
+                errors.append((f"{part}: {e}", e.kind))
+                continue
+            sub[part] = out["score"]
+            raw[part] = out["raw"]
+            if out.get("error"):
+                errors.append((f"{part}: {out['error']}", out["kind"]))
+        score = self.rubric.overall(sub)
+        r = ScoreResult(index=index, id=item.id, score=score, sub_scores=sub, raw=raw, device=self.device,
+                        latency_s=time.perf_counter() - t0, metadata=dict(item.metadata))
+        if score is None:
+            r.error = f"item {name}: " + "; ".join(m for m, _ in errors or [("no score", "parse")])
+            r.error_kind = errors[0][1] if errors else "parse"
+        return r
+
+    def _image_urls(self, item: ScoreItem) -> dict[str, list[str]]:
+        if not item.images:
+            raise _PartFailed("the item has no image to judge", "input")
+        needs_source = any(t.needs_source for _, t in self.rubric.parts)
+        if needs_source and not item.source_images:
+            raise _PartFailed(f"template {self.rubric.name!r} needs a source image (the image before the edit); "
+                              "the item has none", "input")
+        if any(t.needs_instruction for _, t in self.rubric.parts) and not (item.instruction or "").strip():
+            raise _PartFailed(f"template {self.rubric.name!r} needs an instruction; the item has none", "input")
+        out: dict[str, list[str]] = {"image": [], "source": []}
+        for role, imgs in (("image", item.images), ("source", item.source_images if needs_source else [])):
+            for img in imgs:
+                try:
+                    out[role].append(image_data_url(img, self.max_image_pixels))
+                except ValueError as e:
+                    raise _PartFailed(_image_error(role, describe_image(img), str(e)), "image") from None
+        return out
+
+    def messages(self, tpl: Template, item: ScoreItem, urls: Mapping[str, list[str]]) -> list[dict[str, Any]]:
+        """The chat messages for one rubric part: what the in-process judge is shown (system
+        prompt, images in the template's order, the question), with the answer prefix of a
+        logits-mode template as a final assistant message to continue."""
+        content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u}}
+                                         for role in tpl.images for u in urls[role]]
+        content.append({"type": "text", "text": tpl.question(item.instruction, self.mode)})
+        msgs: list[dict[str, Any]] = [{"role": "system", "content": tpl.system}] if tpl.system else []
+        msgs.append({"role": "user", "content": content})
+        if self.mode == "logits" and tpl.logits_prefix:
+            msgs.append({"role": "assistant", "content": tpl.logits_prefix})
+        return msgs
+
+    def _ask(self, tpl: Template, item: ScoreItem, urls: Mapping[str, list[str]], call: "_Call") -> dict[str, Any]:
+        extra = dict(self.extra_body)
+        if self.mode == "logits":
+            kwargs: dict[str, Any] = {"max_tokens": 1, "temperature": 0.0, "logprobs": True,
+                                      "top_logprobs": self.top_logprobs}
+            if tpl.logits_prefix:  # vLLM's (and this service's) way to continue an answer prefix
+                extra.update(continue_final_message=True, add_generation_prompt=False)
+        else:
+            kwargs = {"max_tokens": self.max_new_tokens, "temperature": self.temperature, "n": self.num_samples}
+            if self.temperature > 0:
+                kwargs["top_p"] = self.top_p
+        if self.seed is not None:
+            kwargs["seed"] = self.seed
+        if extra:
+            kwargs["extra_body"] = extra
+        resp = self._request(call, model=self.model, messages=self.messages(tpl, item, urls), **kwargs)
+        if not resp.choices:
+            raise _PartFailed("the server answered with no choices", "api")
+        if self.mode == "logits":
+            return logits_score(resp.choices[0], tpl, self.top_logprobs)
+        return self._generate_score(resp, tpl)
+
+    def _generate_score(self, resp: Any, tpl: Template) -> dict[str, Any]:
+        # The same reading as the in-process engine's generate mode (engine._generate_scores).
+        lo, hi = tpl.scale
+        levels = tpl.level_map() if tpl.levels and not tpl.levels[0][0].isdigit() else None
+        answers = [c.message.content or "" for c in resp.choices]
+        parsed = [parse_score(a, lo, hi, levels=levels, key=tpl.json_key) for a in answers]
+        good = [p.score for p in parsed if p.score is not None]
+        if len(answers) == 1:
+            res: dict[str, Any] = {"score": parsed[0].score, "raw": answers[0]}
+            if parsed[0].score is None:
+                res.update(error=f"could not read a score from the answer ({parsed[0].error}); answer: "
+                                 f"{_clip(answers[0])}", kind="parse")
+            return res
+        mean = sum(good) / len(good) if good else None
+        spread = math.sqrt(sum((g - mean) ** 2 for g in good) / len(good)) if good else None
+        res = {"score": mean, "raw": {"answers": answers, "scores": [p.score for p in parsed], "mean": mean,
+                                      "std": spread, "parsed": len(good)}}
+        if not good:
+            res.update(error=f"none of the {len(answers)} sampled answers held a score ({parsed[0].error})", kind="parse")
+        return res
+
+    # -- the protocol: retries, backoff, rate limit -----------------------------------------
+
+    def _request(self, call: "_Call", **kwargs: Any) -> Any:
+        openai = self._openai
+        last, kind = "", "api"
+        for attempt in range(self.max_retries + 1):
+            if call.fatal:
+                raise _PartFailed(f"not sent: an earlier request of this call failed ({call.fatal[0]})", call.fatal[1])
+            if call.cancelled or self._closed:
+                raise _PartFailed("not sent: the call was interrupted or the judge closed", "api")
+            self._limiter.wait()
+            wait: float | None = None
+            try:
+                return self._client.chat.completions.create(**kwargs)
+            except openai.APIStatusError as e:
+                status = e.status_code
+                last, kind = f"HTTP {status}: {_server_message(e)}", "api"
+                if status in _FATAL_STATUS:
+                    call.fatal = call.fatal or (last, "api")
+                    raise _PartFailed(f"{self.base_url}: {last}", "api") from None
+                if not (status in _RETRY_STATUS or status >= 500):
+                    raise _PartFailed(f"{self.base_url}: {last}", "api") from None
+                wait = _retry_after(e.response.headers)
+            except openai.APIConnectionError as e:  # refused, reset, timed out
+                cause = e.__cause__ or e
+                last, kind = f"{type(e).__name__}: {cause}", "connection"
+            if attempt < self.max_retries:
+                if wait is None:
+                    wait = min(self.backoff_s * 2 ** attempt, self.max_backoff_s) * (0.5 + random.random())
+                time.sleep(min(wait, self.max_backoff_s))
+        message = f"{self.base_url}: no answer after {self.max_retries + 1} attempt(s); last: {last}"
+        # The server is down or out of quota: the call's other requests would wait through the same
+        # retries, so they fail at once (a re-run of the job resumes them).
+        call.fatal = call.fatal or (message, kind)
+        raise _PartFailed(message, kind)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            # Queued requests are dropped; one still waiting for its answer is not waited for
+            # (closing after Ctrl-C must not wait out a request's timeout), and sends nothing more.
+            self._pool.shutdown()
+            self._client.close()
+
+
+class _DaemonPool:
+    """`n` daemon threads running submitted calls. Unlike ThreadPoolExecutor's threads, which the
+    interpreter joins at exit, these do not hold up the exit after Ctrl-C while a request to a
+    hung server waits out its timeout."""
+
+    def __init__(self, n: int):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"openai-judge-{k}", daemon=True) for k in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Any, *args: Any) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((fut, fn, args))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            fut, fn, args = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:
+                fut.set_exception(e)
+
+    def shutdown(self) -> None:
+        """Cancel what is queued, stop each thread after its current call; waits for nothing."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job[0].cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+
+
+class _Call:
+    """State shared by the requests of one score_items call."""
+
+    def __init__(self) -> None:
+        # Set by a 401/403/404 or a request out of retries: the rest are not sent. (message, kind)
+        self.fatal: tuple[str, str] | None = None
+        self.cancelled = False
+
+
+class _RateLimiter:
+    """At most `per_minute` request starts a minute, evenly spaced, across all threads."""
+
+    def __init__(self, per_minute: float | None):
+        self.interval = 60.0 / per_minute if per_minute else 0.0
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            time.sleep(start - now)
+
+
+def logits_score(choice: Any, tpl: Template, asked: int) -> dict[str, Any]:
+    """The expected value over the template's levels from the first answer token's top_logprobs,
+    as the in-process engine computes it from the full distribution: each level is the token the
+    level's text is (a leading space where the answer prefix ends without one), and the
+    probabilities are renormalised over the levels. A level missing from the alternatives has
+    less probability than every one returned; when the server returned fewer alternatives than
+    asked for and levels are missing, or none at all, the item fails instead."""
+    lp = getattr(choice, "logprobs", None)
+    content = getattr(lp, "content", None) if lp is not None else None
+    if not content:
+        raise _PartFailed("the server returned no logprobs (it may not support them for this model; "
+                          "use mode: generate)", "logprobs")
+    top = content[0].top_logprobs or []
+    if not top:
+        raise _PartFailed("the server returned no top_logprobs for the first answer token (it may cap them at 0; "
+                          "use mode: generate)", "logprobs")
+    lead_space = bool(tpl.logits_prefix) and not tpl.logits_prefix[-1].isspace()
+    by_token: dict[str, float] = {}
+    for alt in top:
+        by_token.setdefault(alt.token, alt.logprob)
+    probs: dict[str, float] = {}
+    values: dict[str, float] = {}
+    for text, value in tpl.levels:
+        piece = (" " + text) if lead_space else text
+        if piece in by_token:
+            probs[text] = math.exp(by_token[piece])
+            values[text] = value
+    missing = [t for t, _ in tpl.levels if t not in probs]
+    shown = ", ".join(repr(a.token) for a in top[:10])
+    if not probs:
+        raise _PartFailed(f"none of the levels ({', '.join(t for t, _ in tpl.levels)}) is among the first answer "
+                          f"token's {len(top)} top_logprobs (the judge's likeliest: {shown})", "logprobs")
+    if missing and len(top) < asked:
+        raise _PartFailed(f"the server returned only {len(top)} of the {asked} top_logprobs asked for and levels "
+                          f"{', '.join(missing)} are not among them (it may cap top_logprobs: vLLM's --max-logprobs)",
+                          "logprobs")
+    mass = sum(probs.values())
+    score = sum(values[t] * p for t, p in probs.items()) / mass
+    raw: dict[str, Any] = {"probs": {t: round(p / mass, 6) for t, p in probs.items()}, "level_mass": round(mass, 6)}
+    if missing:
+        raw["levels_missing"] = missing
+    return {"score": float(score), "raw": raw}
+
+
+def image_data_url(img: Any, max_image_pixels: int | None) -> str:
+    """An image as a data URL holding the pixels the in-process judge would see: the file's own
+    bytes where a server's plain RGB decode gives those pixels (RGB PNG/JPEG/WEBP, upright, one
+    frame), else a PNG of the image as load_pil reads it (EXIF rotation applied, transparency on
+    white, 16-bit mapped to 8). Raises ValueError naming the image."""
+    from PIL import Image
+
+    pil = load_pil(img, max_image_pixels)  # checks and decodes: a bad image fails here, not remotely
+    data: bytes | None = None
+    if isinstance(img, (str, os.PathLike)):
+        data = Path(img).read_bytes()
+    elif isinstance(img, (bytes, bytearray)):
+        data = bytes(img)
+    if data is not None:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, mode, frames = im.format, im.mode, getattr(im, "n_frames", 1)
+            orientation = im.getexif().get(0x0112, 1)
+        if fmt in _SAFE_FORMATS and mode == "RGB" and frames == 1 and orientation == 1:
+            return f"data:{_SAFE_FORMATS[fmt]};base64,{base64.b64encode(data).decode()}"
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds from a Retry-After (seconds or an HTTP date) or retry-after-ms header."""
+    try:
+        ms = headers.get("retry-after-ms")
+        if ms is not None:
+            return max(0.0, float(ms) / 1000.0)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _server_message(e: Any) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, Mapping):
+        err = body.get("error", body)
+        if isinstance(err, Mapping) and err.get("message"):
+            return str(err["message"])[:500]
+        if isinstance(body.get("detail"), str):
+            return body["detail"][:500]
+        if isinstance(body.get("message"), str):
+            return body["message"][:500]
+    return str(getattr(e, "message", e))[:500]
+
+
+def _image_error(role: str, name: str, why: str) -> str:
+    # Worded as the in-process engine words it: "image not found: a.png", "source image ...".
+    text = why if name in why else f"image {name}: {why}"
+    if role == "source":
+        text = "source " + text if text.startswith("image") else f"source image {name}: {why}"
+    return text
+
+
+def _clip(text: str, n: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n] + "..."

@@ -1,0 +1,376 @@
+"""OpenAI's protocol both ways: the official `openai` client against the service's
+/v1/chat/completions, and the served-judge class (`class_path: openai`) against that service and
+against a tiny misbehaving server on loopback.
+
+The service runs the trained tiny judge in a CPU worker process (`multi_gpu` on [cpu]), so a chat
+request goes client -> HTTP -> batcher -> worker channel -> engine, as on a GPU machine.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import socket
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from conftest import assert_no_orphans, worker_processes
+from service_proc import ROOT, ServiceProcess, ThreadServer
+from src.models.reward import ConfigError, ScoreItem, build_reward_model
+from src.models.reward.templates import resolve_rubric
+
+TOKEN = "openai-test-token-51c4"
+DEMO = ROOT / "data" / "demo"
+JUDGE = {"model_name": "tiny:judge", "min_pixels": 12544, "max_pixels": 12544, "template": "edit",
+         "max_new_tokens": 16, "batch_size": 8}
+ROWS = [json.loads(line) for line in (DEMO / "manifest.jsonl").read_text().splitlines()]
+
+
+def demo_items() -> list[ScoreItem]:
+    return [ScoreItem(images=[str(DEMO / r["image"])], source_images=[str(DEMO / r["source_image"])],
+                      instruction=r["instruction"], id=r["id"]) for r in ROWS]
+
+
+def data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_cache):
+    cfg = {"model": {"class_path": "multi_gpu", "params": {**JUDGE, "device_ids": ["cpu"], "progress": False}},
+           "server": {"allowed_dirs": [str(DEMO)], "token_env": "OPENAI_TEST_SERVICE_TOKEN", "max_batch": 16}}
+    path = tmp_path_factory.mktemp("svc") / "service.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    svc = ServiceProcess([], env={"OPENAI_TEST_SERVICE_TOKEN": TOKEN}, config=str(path))
+    svc.start()
+    try:
+        workers = worker_processes([svc.proc.pid])  # the service process owns the pool
+        assert len(workers) == 1
+        yield svc
+    finally:
+        rc = svc.stop()
+    assert rc == 0, f"the service did not shut down cleanly (exit {rc}):\n{svc.log()}"
+    assert_no_orphans(workers)
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    """The same judge in this process: its scores are what the served paths must reproduce."""
+    items = demo_items()
+    out = {}
+    for mode in ("logits", "generate"):
+        with build_reward_model({"class_path": "qwen_vl", "params": {**JUDGE, "mode": mode}}) as judge:
+            out[mode] = judge.score_items(items)
+    return out
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    with openai.OpenAI(base_url=service.url + "/v1", api_key=TOKEN, max_retries=0) as c:
+        yield c
+
+
+def served_judge(service, mode: str, monkeypatch, **extra):
+    monkeypatch.setenv("OPENAI_TEST_KEY", TOKEN)
+    return build_reward_model({"class_path": "openai", "params": {
+        "base_url": service.url + "/v1", "model": "tiny:judge", "api_key_env": "OPENAI_TEST_KEY",
+        "template": "edit", "mode": mode, "max_new_tokens": 16, "max_concurrency": 4, **extra}})
+
+
+# -- chat requests in the engine -------------------------------------------------------------
+
+def test_engine_answers_chat_items_beside_score_items(tiny_cache):
+    """Random weights of the architecture least like the others (Qwen3-VL): chat items mixed into
+    a scoring call keep their places, batched answers equal one-by-one answers, the plain items
+    score as they do alone, and a malformed request fails only itself."""
+    from src.models.reward.chat import CHAT_KEY
+
+    def chat(k: int, **spec) -> ScoreItem:
+        msgs = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Question {k}: what colour?"}]}]
+        return ScoreItem(images=[str(DEMO / ROWS[k]["image"])], id=f"c{k}",
+                         metadata={CHAT_KEY: {"messages": msgs, "max_tokens": 4, "logprobs": True, "top_logprobs": 3, **spec}})
+
+    plain = [ScoreItem(images=[str(DEMO / ROWS[k]["image"])], id=f"p{k}") for k in range(2)]
+    bad = chat(0, max_tokens=0)
+    mixed = [chat(0), plain[0], chat(1), bad, plain[1], chat(2)]
+    with build_reward_model({"class_path": "qwen_vl", "params": {"model_name": "tiny:qwen3_vl", "batch_size": 4}}) as judge:
+        together = judge.score_items(mixed)
+        alone = [judge.score_items([it])[0] for it in mixed]
+        plain_only = judge.score_items(plain)
+    assert [r.index for r in together] == list(range(6)) and [r.id for r in together] == [it.id for it in mixed]
+    for k in (0, 2, 5):
+        a, b = together[k].raw["chat"]["choices"][0], alone[k].raw["chat"]["choices"][0]
+        assert together[k].error is None and together[k].score is None
+        assert a["text"] == b["text"] and len(a["logprobs"]) == len(b["logprobs"]) >= 1
+        for x, y in zip(a["logprobs"], b["logprobs"]):
+            assert x["token_id"] == y["token_id"] and x["logprob"] == pytest.approx(y["logprob"], abs=1e-4)
+            assert x["token_id"] == x["top"][0]["token_id"]  # greedy: the likeliest token
+    assert [together[1].score, together[4].score] == pytest.approx([r.score for r in plain_only], abs=1e-5)
+    assert together[3].error_kind == "input" and "'max_tokens' must be an integer from 1 to 4096" in together[3].error
+
+
+# -- the official client against the service ----------------------------------------------
+
+def test_official_client_asks_the_judge_and_reads_logprobs(client, in_process):
+    assert [m.id for m in client.models.list().data] == ["tiny:judge"]
+    tpl = resolve_rubric("edit").parts[1][1]  # edit_quality: the edited image alone
+    row, expected = ROWS[9], in_process["logits"][9].sub_scores["perceptual_quality"]
+    by_url = {"type": "image_url", "image_url": {"url": data_url(DEMO / row["image"])}}
+    by_path = {"type": "image_url", "image_url": {"url": str(DEMO / row["image"])}}
+    question = {"type": "text", "text": tpl.question(None, "logits")}
+    for image in (by_url, by_path):
+        resp = client.chat.completions.create(model="any-name", messages=[{"role": "user", "content": [image, question]}],
+                                              max_tokens=3, temperature=0, logprobs=True, top_logprobs=20)
+        choice = resp.choices[0]
+        assert resp.object == "chat.completion" and resp.model == "tiny:judge"
+        assert choice.message.role == "assistant" and choice.message.content.strip()[0].isdigit()
+        assert resp.usage.prompt_tokens > 0 and resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+        first = choice.logprobs.content[0]
+        assert len(first.top_logprobs) == 20 and first.token == first.top_logprobs[0].token  # greedy: the likeliest
+        probs = {t.token: math.exp(t.logprob) for t in first.top_logprobs if t.token in "0123456789" and len(t.token) == 1}
+        ev = sum(int(k) * p for k, p in probs.items()) / sum(probs.values())
+        assert ev == pytest.approx(expected, abs=1e-3), (ev, expected)
+    sampled = client.chat.completions.create(model="x", messages=[{"role": "user", "content": [by_url, question]}],
+                                             max_tokens=2, temperature=1.0, n=3, seed=7)
+    assert [c.index for c in sampled.choices] == [0, 1, 2] and all(c.logprobs is None for c in sampled.choices)
+    greedy = client.chat.completions.create(model="x", messages=[{"role": "user", "content": [by_url, question]}],
+                                            max_tokens=2, temperature=0, n=2)
+    assert len(greedy.choices) == 2 and greedy.choices[0].message.content == greedy.choices[1].message.content
+
+
+def test_official_client_continues_an_answer_prefix(client):
+    """vLLM's continue_final_message: the judge continues the assistant's started answer (what a
+    template with a logits_prefix, such as qalign_quality, is scored on)."""
+    from transformers import AutoTokenizer
+
+    from src.models.tiny import resolve_model_name
+
+    prefix = "The quality of the image is"
+    user = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(DEMO / ROWS[0]["image"])}},
+                                        {"type": "text", "text": "How would you rate the quality of this image?"}]}
+    plain = client.chat.completions.create(model="x", messages=[user], max_tokens=1)
+    cont = client.chat.completions.create(model="x", messages=[user, {"role": "assistant", "content": prefix}],
+                                          max_tokens=1, extra_body={"continue_final_message": True,
+                                                                    "add_generation_prompt": False})
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_name("tiny:judge"))
+    added = len(tokenizer.encode(prefix, add_special_tokens=False))
+    assert cont.usage.prompt_tokens == plain.usage.prompt_tokens + added
+
+
+def test_official_client_gets_clear_errors(service, client):
+    image = {"type": "image_url", "image_url": {"url": str(DEMO / ROWS[0]["image"])}}
+    text = {"type": "text", "text": "Rate it."}
+    with openai.OpenAI(base_url=service.url + "/v1", api_key="wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError, match="wrong bearer token"):
+            bad.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.PermissionDeniedError, match="outside the allowed folders"):
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "/etc/hostname"}}, text]}])
+    cases = [({"stream": True}, "streaming is not supported"),
+             ({"top_logprobs": 5}, "needs 'logprobs': true"),
+             ({"max_tokens": 0}, "'max_tokens' must be an integer from 1"),
+             ({"tools": [{"type": "function", "function": {"name": "f"}}]}, r"unsupported field\(s\) \['tools'\]")]
+    for extra, message in cases:
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.chat.completions.create(model="x", messages=[{"role": "user", "content": [image, text]}], **extra)
+    with pytest.raises(openai.BadRequestError, match="fetches no images from the network"):
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, text]}])
+    with pytest.raises(openai.BadRequestError, match="cannot decode image"):
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"not a png" * 20).decode()}},
+            text]}])
+    # the service still answers after all that
+    ok = client.chat.completions.create(model="x", messages=[{"role": "user", "content": [image, text]}], max_tokens=1)
+    assert ok.usage.completion_tokens <= 1 and ok.choices[0].finish_reason in ("length", "stop")
+
+
+# -- the served-judge class against the service ------------------------------------------
+
+@pytest.mark.parametrize("mode", ["logits", "generate"])
+def test_served_judge_agrees_with_in_process(service, in_process, mode, monkeypatch):
+    with served_judge(service, mode, monkeypatch) as judge:
+        served = judge.score_items(demo_items())
+    for local, remote in zip(in_process[mode], served):
+        assert remote.error is None and remote.id == local.id and remote.device == service.url + "/v1"
+        if mode == "logits":
+            assert remote.score == pytest.approx(local.score, abs=1e-3)
+            for part, value in local.sub_scores.items():
+                assert remote.sub_scores[part] == pytest.approx(value, abs=1e-3)
+                assert remote.raw[part]["level_mass"] > 0.99
+        else:
+            assert remote.sub_scores == local.sub_scores and remote.score == local.score
+            assert remote.raw == local.raw  # the same answers, word for word
+
+
+def test_served_judge_runs_a_job_and_resumes(service, in_process, tmp_path, monkeypatch):
+    from src.job.runner import run_job
+
+    monkeypatch.setenv("OPENAI_TEST_KEY", TOKEN)
+    cfg = {"model": {"class_path": "openai", "params": {
+        "base_url": service.url + "/v1", "model": "tiny:judge", "api_key_env": "OPENAI_TEST_KEY",
+        "template": "edit", "mode": "logits"}},
+        "job": {"manifest": str(DEMO / "manifest.jsonl"), "output_dir": str(tmp_path / "out"), "chunk_size": 4}}
+    first = run_job(cfg, base=ROOT, progress=False)
+    assert first["scored"] == len(ROWS) and first["failed"] == 0
+    lines = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [x["score"] for x in lines] == pytest.approx([r.score for r in in_process["logits"]], abs=1e-3)
+    again = run_job(cfg, base=ROOT, progress=False)
+    assert again["resumed_from_disk"] == len(ROWS)
+    assert (tmp_path / "out" / "results.jsonl").read_text() == "\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n"
+
+
+# -- a tiny misbehaving server --------------------------------------------------------------
+
+class Script:
+    """What the fake server answers, request by request; it records every request it saw."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.seen: list[tuple[float, dict]] = []
+        self.lock = threading.Lock()
+
+    def next(self, body):
+        with self.lock:
+            self.seen.append((time.monotonic(), body))
+            return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+
+def completion(content="", top=None):
+    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop",
+              "logprobs": None if top is None else {"content": [{"token": top[0][0], "logprob": top[0][1], "bytes": None,
+                                                                 "top_logprobs": [{"token": t, "logprob": lp, "bytes": None}
+                                                                                  for t, lp in top]}]}}
+    return 200, {"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": [choice]}, {}
+
+
+@pytest.fixture
+def fake():
+    app = FastAPI()
+    holder: dict[str, Script] = {}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        status, body, headers = holder["script"].next(await request.json())
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    with ThreadServer(app) as server:
+        def run(answers, **params):
+            holder["script"] = Script(answers)
+            judge = build_reward_model({"class_path": "openai", "params": {
+                "base_url": server.url + "/v1", "model": "m", "api_key_env": None, "template": "quality",
+                "backoff_s": 0.0, **params}})
+            return judge, holder["script"]
+        yield run
+
+
+def image_items(n: int) -> list[ScoreItem]:
+    return [ScoreItem(images=[str(DEMO / ROWS[i]["image"])], id=f"i{i}") for i in range(n)]
+
+
+def test_retries_429_and_5xx_then_scores(fake):
+    busy = (429, {"error": {"message": "slow down"}}, {"Retry-After": "1"})
+    judge, script = fake([busy, (503, {"error": {"message": "loading"}}, {}), completion('{"score": 7}')],
+                         mode="generate", max_concurrency=1)
+    with judge:
+        [r] = judge.score_items(image_items(1))
+    assert r.score == 7.0 and r.error is None
+    (t429, body), (t503, _), _ = script.seen
+    assert t503 - t429 >= 0.95  # waited what Retry-After said (backoff_s is 0)
+    assert body["model"] == "m" and body["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+def test_logits_mode_reads_top_logprobs_and_fails_clearly_without_them(fake):
+    top = [("7", math.log(0.6)), ("8", math.log(0.2)), ("x", math.log(0.1))] + [(str(d), -9.0) for d in (0, 1, 2, 3, 4, 5, 6, 9)]
+    judge, script = fake([completion("7", top)], mode="logits")
+    with judge:
+        [r] = judge.score_items(image_items(1))
+    p = [math.exp(-9.0)] * 8
+    expected = (7 * 0.6 + 8 * 0.2 + sum(d * q for d, q in zip((0, 1, 2, 3, 4, 5, 6, 9), p))) / (0.8 + sum(p))
+    assert r.score == pytest.approx(expected) and r.raw["quality"]["level_mass"] == pytest.approx(0.8 + sum(p), abs=1e-6)
+    sent = script.seen[0][1]
+    assert sent["max_tokens"] == 1 and sent["logprobs"] is True and sent["top_logprobs"] == 20
+
+    for answer, message in ((completion("7"), "returned no logprobs"),
+                            (completion("7", [("7", -0.1), ("a", -3.0)]), "returned only 2 of the 20 top_logprobs"),
+                            (completion("a", [("a", -0.1)] * 20), "none of the levels")):
+        judge, _ = fake([answer], mode="logits")
+        with judge:
+            results = judge.score_items(image_items(2))
+        for r in results:
+            assert r.score is None and r.error_kind == "logprobs" and message in r.error, r.error
+
+
+def test_logits_prefix_templates_continue_the_answer(fake):
+    top = [(" good", math.log(0.5)), (" fair", math.log(0.3)), ("good", math.log(0.1)), (" excellent", math.log(0.05))]
+    top += [(f"t{k}", -12.0) for k in range(16)]
+    judge, script = fake([completion(" good", top)], mode="logits", template="qalign_quality")
+    with judge:
+        [r] = judge.score_items(image_items(1))
+    # levels are the prefix's next words, with their leading space; "good" without one is another token
+    assert r.score == pytest.approx((4 * 0.5 + 3 * 0.3 + 5 * 0.05) / 0.85)
+    assert r.raw["qalign_quality"]["levels_missing"] == ["poor", "bad"]
+    sent = script.seen[0][1]
+    assert sent["messages"][-1] == {"role": "assistant", "content": "The quality of the image is"}
+    assert sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
+
+
+def test_refusals_fail_each_item_with_the_servers_message(fake):
+    judge, script = fake([(400, {"error": {"message": "image too large for this model"}}, {})], mode="generate")
+    with judge:
+        results = judge.score_items(image_items(3))
+    assert len(script.seen) == 3  # a 400 is not retried
+    assert all(r.score is None and r.error_kind == "api" and "HTTP 400: image too large for this model" in r.error
+               for r in results)
+    judge, script = fake([(401, {"error": {"message": "bad key"}}, {})], mode="generate", max_concurrency=1)
+    with judge:
+        results = judge.score_items(image_items(4))
+    assert len(script.seen) == 1  # the same for every request: the rest are not sent
+    assert "HTTP 401: bad key" in results[0].error and all("HTTP 401: bad key" in r.error for r in results[1:])
+
+
+def test_rate_limit_spaces_requests(fake):
+    judge, script = fake([completion('{"score": 3}')], mode="generate", requests_per_minute=300, max_concurrency=4)
+    with judge:
+        results = judge.score_items(image_items(4))
+    assert [r.score for r in results] == [3.0] * 4
+    times = sorted(t for t, _ in script.seen)
+    assert times[-1] - times[0] >= 3 * 0.2 - 0.05  # 300/min: one start every 0.2 s
+
+
+def test_unreachable_server_fails_items_with_the_cause(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    items = image_items(2) + [ScoreItem(images=[str(tmp_path / "missing.png")], id="gone")]
+    with build_reward_model({"class_path": "openai", "params": {
+            "base_url": f"http://127.0.0.1:{port}/v1", "model": "m", "api_key_env": None, "mode": "generate",
+            "max_retries": 2, "backoff_s": 0.0, "max_concurrency": 1}}) as judge:
+        results = judge.score_items(items)
+    for r in results[:2]:
+        assert r.score is None and r.error_kind == "connection"
+        assert "no answer after 3 attempt(s)" in r.error and "APIConnectionError" in r.error, r.error
+    assert "not sent: an earlier request of this call failed" in results[1].error  # no second wait
+    assert results[2].error_kind == "image" and "image not found" in results[2].error  # never sent
+
+
+def test_config_errors_name_the_cause(monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    base = {"base_url": "http://127.0.0.1:9/v1", "model": "m"}
+    cases = [({"api_key_env": "NO_SUCH_KEY_VAR"}, "NO_SUCH_KEY_VAR is not set"),
+             ({"api_key_env": None, "top_logprobs": 5}, "fewer than the 10 levels"),
+             ({"api_key_env": None, "max_concurency": 2}, "Did you mean 'max_concurrency'"),
+             ({"api_key_env": None, "base_url": "127.0.0.1:8000"}, "base_url: expected http"),
+             ({"api_key_env": None, "mode": "generate", "num_samples": 3}, "needs temperature > 0")]
+    for extra, message in cases:
+        with pytest.raises(ConfigError, match=message) as info:
+            build_reward_model({"class_path": "openai", "params": {**base, **extra}})
+        assert str(info.value).startswith("Problem with class_path 'openai'")
