@@ -10,7 +10,9 @@
 #   bash setup_env.sh --no-worker   skip the worker env
 #
 # Main env: .venv (a venv), for main.py, the tests and the HTTP service, with this project installed
-#   editable (pyproject.toml): `from src.models.reward import ...` from any folder, and `qwen-judge`.
+#   editable (pyproject.toml): `from src.models.reward import ...` from any folder, and `qwen-judge`;
+#   plus verl and OpenRLHF without their dependencies (requirements-rl.txt,
+#   requirements-rl-compat.txt) for the RL tests.
 # Worker env: only torch, torchvision, transformers, qwen-vl-utils, pillow (requirements-worker.txt).
 #   With conda on PATH it is the conda env `reward-worker` (launcher: {conda: reward-worker}),
 #   which --pack ships to other machines; without conda it is the venv .venv-worker
@@ -66,6 +68,21 @@ if [ ! -x .venv/bin/qwen-judge ] || [ "$(cat .venv/.install.sha256 2>/dev/null)"
   say "installing this project into .venv (editable)"
   .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .  # setuptools: requirements.txt
   echo "$want_install" > .venv/.install.sha256
+fi
+
+# RL frameworks for the hooks' tests (requirements-rl.txt): without their dependencies, which are
+# listed there, so torch and transformers stay as pinned above. The older releases
+# (requirements-rl-compat.txt) each go into their own folder under .venv/rl-compat.
+rl_want=$(hash_of requirements-rl.txt requirements-rl-compat.txt)
+if [ -f .venv/.requirements-rl.sha256 ] && [ "$(cat .venv/.requirements-rl.sha256)" = "$rl_want" ]; then
+  say "RL frameworks are up to date"
+else
+  .venv/bin/python -m pip install --quiet --no-deps -r requirements-rl.txt
+  rm -rf .venv/rl-compat
+  grep -Ev '^\s*(#|$)' requirements-rl-compat.txt | while read -r pin; do
+    .venv/bin/python -m pip install --quiet --no-deps --target ".venv/rl-compat/${pin/==/-}" "$pin"
+  done
+  echo "$rl_want" > .venv/.requirements-rl.sha256
 fi
 
 # --- worker environment ----------------------------------------------------------------------

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from conftest import make_image
-from service_proc import ROOT, ThreadServer
+from rl_support import judge_service
+from service_proc import ROOT
 from src.rl.items import SampleError, completion_text, image_in_completion, openrlhf_item, sample_item, verl_item
 
 TOKEN = "rl-token-19c"
@@ -27,24 +28,8 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(images, tiny_cache):
-    """The service in a thread of this process, hosting the tiny judge loaded here (the trainer
-    imports torch anyway; test_service.py covers the `main.py serve` process)."""
-    import torch
-
-    from src.models.reward.implementations.local import QwenVLRewardModel
-    from src.service.server import create_app
-
-    d, _ = images
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see service_proc.ServiceProcess: OpenMP threads stall on a shared CPU
-    judge = QwenVLRewardModel(model_name="tiny:qwen2_vl", template="alignment", batch_size=8)
-    app = create_app(judge, {"allowed_dirs": [str(d)], "token": TOKEN, "max_wait_ms": 20})
-    try:
-        with ThreadServer(app) as srv:
-            yield srv
-    finally:
-        judge.close()
-        torch.set_num_threads(threads)
+    with judge_service([str(images[0])], token=TOKEN) as (srv, _):
+        yield srv
 
 
 # -- what a sample is -------------------------------------------------------------------------
@@ -72,8 +57,10 @@ def test_sample_rules():
 # -- TRL ----------------------------------------------------------------------------------------
 
 def test_trl_grpo_trainer_runs_a_step_with_the_service_reward(service, images, tmp_path, monkeypatch):
-    """A tiny Qwen2-VL policy sees an image and writes about it; the judge behind the service
-    rates how well the image matches what it wrote (`alignment`); GRPO takes one step."""
+    """TRL's vision-language GRPO form (its grpo_vlm example: a conversational prompt and an
+    `image` column, a Qwen-VL policy with its processor): a tiny Qwen2-VL policy sees the image and
+    writes about it; the judge behind the service rates how well the image matches what it wrote
+    (`alignment`); GRPO takes one step."""
     import httpx
     from datasets import Dataset
     from PIL import Image
@@ -164,6 +151,14 @@ def test_verl_compute_score_and_batch(service, images, monkeypatch):
                               {}, {"completion_as": "image"}], dtype=object),
         failed_reward=-2.0, batch_size=3)
     assert [b["judge_failed"] for b in batch] == [0.0, 0.0, 1.0, 1.0]
+    # Fields the judge does not read are not sent (verl's and the dataset's own, a NaN ground truth);
+    # a value it reads that JSON cannot carry, or an extra_info that is no dict, fails its sample alone.
+    odd = verl.compute_score_batch(["t2i"] * 4, ["a red square"] * 4, [float("nan"), None, None, None],
+                                   [{"image": str(paths[0]), "x": object(), "num_turns": np.int64(2)},
+                                    {"image": str(paths[0]), "instruction": object()},
+                                    {"image": str(paths[0]), "completion_as": float("nan")}, "not a dict"])
+    assert [o["judge_failed"] for o in odd] == [0.0, 1.0, 1.0, 1.0], odd
+    assert math.isclose(odd[0]["score"], one["score"], abs_tol=1e-4)
     assert math.isclose(batch[0]["score"], one["score"], abs_tol=1e-4)
     assert math.isclose(batch[1]["score"], one["score"], abs_tol=1e-4)
     assert batch[2]["score"] == -2.0 and batch[3]["score"] == -2.0
@@ -171,5 +166,21 @@ def test_verl_compute_score_and_batch(service, images, monkeypatch):
     by_path = verl.compute_score("t2i", "a red square", None, {"image": str(paths[0])}, send_paths=True)
     assert math.isclose(by_path["score"], one["score"], abs_tol=1e-4)
     # A wrong token is a configuration error, raised rather than turned into rewards.
-    with pytest.raises(verl.RemoteServiceError, match="401"):
+    with pytest.raises(verl.RewardServiceAuthError, match="401"):
         verl.compute_score("t2i", "x", None, {"image": str(paths[0])}, token="wrong")
+
+
+def test_verl_hook_without_the_project_installed_says_how_to_install_it(tmp_path):
+    """verl loads the hook by path in its own environment; without this project installed there,
+    the load fails at once with the command that fixes it (not with a bare ModuleNotFoundError)."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('custom_module', sys.argv[1]); "
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec))")
+    # -I -S: no site-packages (so no editable install) and not this folder on the path.
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(ROOT / "src" / "rl" / "verl_reward.py")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 1
+    assert "cannot import this project's package" in proc.stderr
+    assert f"pip install -e {ROOT} --no-deps" in proc.stderr

@@ -173,8 +173,8 @@ def openrlhf_item(query: str, prompt: str | None, label: Any, completion_as: str
         if not isinstance(parsed, dict):
             raise SampleError("a JSON label must be an object")
         info = parsed
-    elif label is not None:
-        info = {"image": label}
+    elif label is not None and not (isinstance(label, str) and not label.strip()):
+        info = {"image": label}  # an empty label (OpenRLHF's when data.label_key is unset) names no image
     # The prompt is not a fallback instruction here: OpenRLHF sends it chat-templated.
     instruction = info.get("instruction")
     item_id = info.get("id")

@@ -83,7 +83,8 @@ class ServerSettings:
       stalled client is disconnected (headers, protocol.py) or answered 408 (body).
     completion_as: what an RL completion is (`instruction` or `image`, see src/rl/items.py).
     failed_reward: the reward /get_reward reports for a sample the judge could not score
-      (OpenRLHF needs a number); null reports null. Always flagged in extra_logs.judge_failed.
+      (OpenRLHF needs a number: null reports null, which OpenRLHF cannot take). Always flagged in
+      extra_logs.judge_failed.
     access_log: one log line per request (off: RL load makes thousands).
     """
 
@@ -100,7 +101,7 @@ class ServerSettings:
     max_text_chars: int = 65536
     read_timeout_s: float = 30.0
     completion_as: str = "instruction"
-    failed_reward: float | None = None
+    failed_reward: float | None = 0.0
     log_level: str = "info"
     access_log: bool = False
 
@@ -477,10 +478,11 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
                                                       settings.completion_as == "image"))
             except SampleError as e:
                 prepared.append(_failure(i, None, f"{where}: {e}"))
-            except WireError as e:  # a malformed sample fails alone; a refused path (403) refuses all
-                if e.status != 422:
-                    raise
-                prepared.append(_failure(i, None, e.message))
+            except WireError as e:
+                # Unlike /score and /compute_reward, a refused path (403) fails its sample alone here:
+                # OpenRLHF sends one sample per request and turns any 4xx into a missing reward,
+                # which its trainer cannot take.
+                prepared.append(_failure(i, None, e.message if e.message.startswith(where) else f"{where}: {e.message}"))
         return check_prepared(prepared)
 
     @app.post("/get_reward")
@@ -493,11 +495,14 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
         results = await service.score_prepared(prepared)
         fallback = settings.failed_reward
         rewards = [r.score if r.score is not None else fallback for r in results]
-        return JSONResponse({
-            "rewards": rewards, "scores": rewards,
-            "extra_logs": {"judge_failed": [0.0 if r.score is not None else 1.0 for r in results]},
-            "judge_scores": [r.score for r in results], "errors": [r.error for r in results],
-        })
+        answer = {"rewards": rewards, "scores": rewards,
+                  "extra_logs": {"judge_failed": [0.0 if r.score is not None else 1.0 for r in results]},
+                  "judge_scores": [r.score for r in results], "errors": [r.error for r in results]}
+        if request.query_params.get("extra_logs") == "0":
+            # OpenRLHF 0.8 concatenates extra_logs as tensors, which JSON cannot carry: its users
+            # point it at /get_reward?extra_logs=0 (the failures stay in judge_scores / errors).
+            del answer["extra_logs"]
+        return JSONResponse(answer)
 
     return app
 
