@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from src.job.runner import SUMMARY, _stats, summarize
+from src.models.reward.errors import JudgeInputError
 from src.stats import pearson, spearman
 
 
-class ReportError(ValueError):
+class ReportError(JudgeInputError):
     """The results (or comparison) file cannot be turned into a report; the message says why."""
 
 

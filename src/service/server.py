@@ -52,6 +52,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from ..models.reward.base import BaseRewardModel
+from ..models.reward.errors import JudgeError
 from ..models.reward.settings import check_type
 from ..models.reward.types import ScoreItem, ScoreResult
 from ..rl.items import COMPLETION_AS, SampleError, openrlhf_item, verl_item
@@ -203,7 +204,10 @@ class _Service:
         except BaseException as e:
             self.error = f"{type(e).__name__}: {e}"
             self.status = "failed"
-            log.error("the reward model failed to load:\n%s", traceback.format_exc())
+            if isinstance(e, JudgeError):  # its message names the device, PID and fix: no traceback
+                log.error("the reward model failed to load: %s", e)
+            else:
+                log.error("the reward model failed to load:\n%s", traceback.format_exc())
             if self.on_load_error is not None:
                 self.on_load_error(self.error)
             return

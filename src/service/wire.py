@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..models.reward.chat import CHAT_KEY
+from ..models.reward.errors import JudgeInputError
 from ..models.reward.types import ScoreItem, describe_image
 
 ITEM_KEYS = ("id", "images", "source_images", "instruction", "metadata")
@@ -47,7 +48,7 @@ _B64_CHARS = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 _MIN_B64_LEN = 64  # shorter strings are never image files, whatever they start with
 
 
-class WireError(ValueError):
+class WireError(JudgeInputError):
     """A request the server refuses: `status` is the HTTP code, the message names the item and cause."""
 
     def __init__(self, status: int, message: str):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .base import BaseRewardModel
+from .errors import JudgeConfigError
 from .settings import check_type
 
 _IMPL = "src.models.reward.implementations"
@@ -32,7 +33,7 @@ ALIASES: dict[str, str] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(JudgeConfigError):
     """A problem with a config file or a --set override; the message names the key."""
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from . import messages as msg
+from .errors import JudgeStartError, JudgeUnavailable
 from .ledger import CallLedger, Fail
 from .types import ScoreItem, ScoreResult
 
@@ -48,15 +49,15 @@ WORKER_SCRIPT = Path(__file__).resolve().parents[3] / "standalone" / "reward_wor
 _LOG_LINES_KEPT = 40
 
 
-class WorkerStartError(RuntimeError):
+class WorkerStartError(JudgeStartError):
     """A worker could not start: the message names the device, the PID, the cause and the fix."""
 
 
-class WorkerDied(RuntimeError):
+class WorkerDied(JudgeUnavailable):
     pass
 
 
-class WorkerTimeout(RuntimeError):
+class WorkerTimeout(JudgeUnavailable):
     pass
 
 

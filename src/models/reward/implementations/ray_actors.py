@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..base import BaseRewardModel
+from ..errors import JudgeStartError
 from ..ledger import CallLedger, Fail
 from ..settings import JudgeSettings
 from ..types import ScoreItem, ScoreResult
@@ -49,7 +50,7 @@ _REPO_ROOT = _SRC_DIR.parent
 RAY_PIN = "ray==2.60.0"  # as in requirements.txt; the worker env needs the same version
 
 
-class ActorStartError(RuntimeError):
+class ActorStartError(JudgeStartError):
     """An actor could not start: the message names the actor, the node, the PID, the cause and the fix."""
 
 
