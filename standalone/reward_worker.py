@@ -94,6 +94,9 @@ def _watch_parent(parent_pid: int, pool_dir: str, interval: float = 1.0) -> None
 def _build_engine(settings: dict, device: str, device_label: str, num_threads: int | None):
     import torch
 
+    from src.models.reward import hooks
+
+    hooks.install_from_env()  # the test suite's fault plug-in, when it names one
     if num_threads:
         torch.set_num_threads(num_threads)
     from src.models.reward.engine import JudgeEngine

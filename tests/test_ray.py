@@ -53,7 +53,7 @@ def model(tiny_cache, reference):
     # beside the two of this model (and the one that replaces a killed actor).
     m = RayRewardModel(address=None, num_cpus=3, log_to_driver=False, num_actors=2, num_gpus_per_actor=0,
                        num_cpus_per_actor=1, micro_batch=2, max_retries=1, max_restarts=2, progress=False,
-                       runtime_env={"env_vars": {"REWARD_FAULT_DELAY_S": str(DELAY_S),
+                       runtime_env={"env_vars": {"REWARD_FAULT_DELAY_S": str(DELAY_S), "REWARD_TEST_PLUGIN": "src.testing.faults",
                                                  "REWARD_TINY_CACHE": str(tiny_cache)}},
                        **JUDGE)
     yield m
@@ -270,7 +270,7 @@ sys.path.insert(0, {root!r})
 from src.models.reward.implementations.ray_actors import RayRewardModel
 
 judge = RayRewardModel(num_cpus=1, log_to_driver=False, num_actors=1, num_gpus_per_actor=0, progress=False,
-                       runtime_env={{"env_vars": {{"REWARD_FAULT_DELAY_S": "0.5"}}}},
+                       runtime_env={{"env_vars": {{"REWARD_FAULT_DELAY_S": "0.5", "REWARD_TEST_PLUGIN": "src.testing.faults"}}}},
                        model_name="tiny:qwen2_5_vl", template="quality", batch_size=2)
 print("ready", flush=True)
 while True:

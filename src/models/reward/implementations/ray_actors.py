@@ -83,7 +83,10 @@ class _JudgeActor:
 
             if not gpus and num_threads:
                 torch.set_num_threads(num_threads)
+            from src.models.reward import hooks
             from src.models.reward.engine import JudgeEngine
+
+            hooks.install_from_env()  # the test suite's fault plug-in, when it names one
 
             self.engine = JudgeEngine(JudgeSettings.from_params(settings), device=device, device_label=self.label)
             self.load_time_s = self.engine.load_time_s
