@@ -282,9 +282,12 @@ def _describe_model(model: BaseRewardModel) -> dict[str, Any]:
     pool = getattr(model, "pool", None)
     if pool is not None and hasattr(pool, "specs"):
         info["devices"] = [s.device_label for s in pool.specs]
-        workers = list(getattr(pool, "workers", []))
-        info["workers"] = len(workers)
-        info["workers_alive"] = sum(1 for w in workers if w is not None and w.alive())
+        if hasattr(pool, "health"):  # counts, and the workers that died between calls
+            info.update(pool.health())
+        else:
+            workers = list(getattr(pool, "workers", []))
+            info["workers"] = len(workers)
+            info["workers_alive"] = sum(1 for w in workers if w is not None and w.alive())
     elif getattr(model, "device", None) is not None:
         info["devices"] = [str(model.device)]
     return info
