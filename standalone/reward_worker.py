@@ -125,7 +125,7 @@ def serve(address: str) -> int:
         conn.send(msg.StartFailed(os.getpid(), f"{type(e).__name__}: {e}", traceback.format_exc()))
         return 1
     _log(f"model loaded on {init.device_label} in {engine.load_time_s:.1f}s (pid {os.getpid()})")
-    conn.send(msg.Ready(os.getpid(), init.device_label, engine.load_time_s, engine.fingerprint()))
+    conn.send(msg.Ready(os.getpid(), engine.load_time_s, engine.fingerprint()))
     while True:
         try:
             req = conn.recv()
@@ -137,11 +137,10 @@ def serve(address: str) -> int:
         if not isinstance(req, msg.Score):
             _log(f"ignoring unexpected message {type(req).__name__}")
             continue
-        t0 = time.perf_counter()
         try:
             items = [ScoreItem.from_dict(d) for d in req.items]
-            results = engine.score(items, base_index=req.base_index, indices=req.indices)
-            reply = msg.Scored(req.batch_id, [r.to_dict() for r in results], time.perf_counter() - t0)
+            results = engine.score(items, indices=req.indices)
+            reply = msg.Scored(req.batch_id, [r.to_dict() for r in results])
         except Exception as e:
             reply = msg.BatchFailed(req.batch_id, f"{type(e).__name__}: {e}", traceback.format_exc())
         try:

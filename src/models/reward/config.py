@@ -90,7 +90,7 @@ def accepted_params(cls: type) -> tuple[dict[str, Any], set[str]]:
             params.setdefault(f.name, shints[f.name])
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
                 required.add(f.name)
-        for alias, name in getattr(settings_cls, "ALIASES", {}).items():
+        for alias, name in getattr(settings_cls, "PARAM_ALIASES", {}).items():
             params.setdefault(alias, shints[name])
     return params, required
 

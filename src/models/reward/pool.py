@@ -516,7 +516,7 @@ class WorkerPool:
     """Persistent workers, started together, used by many `run` calls, stopped by `close`."""
 
     def __init__(self, specs: Sequence[WorkerSpec], settings: dict[str, Any], launcher: Any = None,
-                 start_timeout_s: float = 1800.0, batch_timeout_s: float | None = None, max_retries: int = 2,
+                 start_timeout_s: float = 1800.0, batch_timeout_s: float | None = None, max_retries: int = 1,
                  max_restarts: int = 3, log: Callable[[str], None] | None = None):
         if not specs:
             raise ValueError("the pool needs at least one worker")

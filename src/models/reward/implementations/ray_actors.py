@@ -105,17 +105,11 @@ class _JudgeActor:
                 "error": self.error, "traceback": self.traceback}
 
     def score(self, items: list[ScoreItem], indices: list[int]) -> list[ScoreResult]:
-        """Score items[k], which is item indices[k] of the caller's call. The engine numbers (and
-        names, in errors) items from a base index, so each contiguous run goes in one engine call."""
+        """Score items[k], which is item indices[k] of the caller's call (the engine numbers, and
+        names in errors, each item by its index), in one engine call."""
         if self.engine is None:
             raise RuntimeError(f"{self.label} has no model: {self.error}")
-        results: list[ScoreResult] = []
-        start = 0
-        for end in range(1, len(items) + 1):
-            if end == len(items) or indices[end] != indices[end - 1] + 1:
-                results.extend(self.engine.score(items[start:end], base_index=indices[start]))
-                start = end
-        return results
+        return self.engine.score(items, indices=indices)
 
 
 # -- the driver's view of the actors -----------------------------------------------------------
