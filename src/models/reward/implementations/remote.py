@@ -14,10 +14,10 @@ import time
 import uuid
 from typing import Any, Sequence
 
-from ....service.wire import encode_item
 from ..base import BaseRewardModel
 from ..errors import JudgeUnavailable
 from ..types import ScoreItem, ScoreResult
+from ..wire import encode_item
 
 _RETRY_STATUS = (500, 502, 503, 504)
 
