@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import messages as msg
 from .errors import JudgeStartError, JudgeUnavailable
-from .ledger import CallLedger, Fail
+from .ledger import CallLedger, Fail, failer, stderr_log, wire_item
 from .types import ScoreItem, ScoreResult
 
 WORKER_SCRIPT = Path(__file__).resolve().parents[3] / "standalone" / "reward_worker.py"
@@ -527,7 +527,7 @@ class WorkerPool:
         self.batch_timeout_s = batch_timeout_s
         self.max_retries = max_retries
         self.max_restarts = max_restarts
-        self.log = log or _stderr_log
+        self.log = log or stderr_log
         self._tmp = Path(tempfile.mkdtemp(prefix="reward-pool-"))
         self._batch_ids = itertools.count()
         self._lock = threading.Lock()
@@ -652,8 +652,7 @@ class WorkerPool:
         dispatch = _Dispatch(len(items), queues, shared, self.max_retries, on_done, closing=lambda: self._closed)
         dispatch.store([w for w in wire if isinstance(w, ScoreResult)])  # items that failed to spill
 
-        def fail(i: int, why: str, kind: str = "worker_died") -> ScoreResult:
-            return ScoreResult.failure(i, items[i], f"item {_item_name(items[i], i)}: {why}", kind)
+        fail = failer(items)
 
         # A call interrupted earlier (Ctrl-C caught by the caller, the pool kept) may still have
         # a thread finishing its last batch on a worker's channel: let it end first.
@@ -825,10 +824,6 @@ class _PoolClosing(RuntimeError):
     pass
 
 
-def _item_name(item: ScoreItem, index: int) -> str:
-    return f"{item.id!r} (#{index})" if item.id is not None else f"#{index}"
-
-
 def _wire_item(item: ScoreItem, folder: Path, index: int) -> dict[str, Any] | ScoreResult:
     """An item's channel form: paths as absolute paths, in-memory images spilled to `folder`."""
     def path_of(img: Any, tag: str) -> str:
@@ -845,22 +840,8 @@ def _wire_item(item: ScoreItem, folder: Path, index: int) -> dict[str, Any] | Sc
             return str(dest)
         raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
 
-    try:
-        d = ScoreItem(images=[path_of(im, f"i{k}") for k, im in enumerate(item.images)],
-                      source_images=[path_of(im, f"s{k}") for k, im in enumerate(item.source_images)],
-                      instruction=item.instruction, id=item.id, metadata=item.metadata).to_dict()
-        return d
-    except Exception as e:
-        return ScoreResult.failure(index, item, f"item {_item_name(item, index)}: {e}", "input")
-
-
-def _stderr_log(line: str) -> None:
-    try:
-        from tqdm import tqdm
-
-        tqdm.write(line, file=sys.stderr)
-    except ImportError:
-        print(line, file=sys.stderr, flush=True)
+    wired = wire_item(item, index, path_of)
+    return wired.to_dict() if isinstance(wired, ScoreItem) else wired
 
 
 # Pools still open at interpreter exit are closed, so no worker outlives its parent's exit.

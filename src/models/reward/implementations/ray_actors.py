@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import io
 import os
-import sys
 import threading
 import time
 import traceback
@@ -40,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 from ..base import BaseRewardModel
 from ..errors import JudgeStartError
-from ..ledger import CallLedger, Fail
+from ..ledger import CallLedger, Fail, failer, stderr_log, wire_item
 from ..settings import JudgeSettings
 from ..types import ScoreItem, ScoreResult
 
@@ -400,8 +399,7 @@ class RayRewardModel(BaseRewardModel):
         todo = [i for i, w in enumerate(wire) if not isinstance(w, ScoreResult)]
         call.queue.extend(todo[s:s + self.micro_batch] for s in range(0, len(todo), self.micro_batch))
 
-        def fail(i: int, why: str, kind: str = "worker_died") -> ScoreResult:
-            return ScoreResult.failure(i, items[i], f"item {_item_name(items[i], i)}: {why}", kind)
+        fail = failer(items)
 
         try:
             while call.remaining:
@@ -531,14 +529,7 @@ class RayRewardModel(BaseRewardModel):
         if self._owns_connection:
             ray.shutdown()  # stops a local Ray; for a cluster, only this process's connection
 
-    @staticmethod
-    def _log(line: str) -> None:
-        try:
-            from tqdm import tqdm
-
-            tqdm.write(line, file=sys.stderr)
-        except ImportError:
-            print(line, file=sys.stderr, flush=True)
+    _log = staticmethod(stderr_log)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -546,7 +537,7 @@ class RayRewardModel(BaseRewardModel):
 def _wire_item(item: ScoreItem, index: int) -> ScoreItem | ScoreResult:
     """The item as it travels to an actor: paths as absolute paths (read on the actor's node), PIL
     images as PNG bytes and bytes as they are (both inside the task, so no node needs this disk)."""
-    def encode(img: Any) -> Any:
+    def encode(img: Any, tag: str) -> Any:
         if isinstance(img, (str, os.PathLike)):
             return os.path.abspath(os.fspath(img))
         if isinstance(img, (bytes, bytearray)):
@@ -557,16 +548,7 @@ def _wire_item(item: ScoreItem, index: int) -> ScoreItem | ScoreResult:
             return buf.getvalue()
         raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
 
-    try:
-        return ScoreItem(images=[encode(im) for im in item.images],
-                         source_images=[encode(im) for im in item.source_images],
-                         instruction=item.instruction, id=item.id, metadata=item.metadata)
-    except Exception as e:
-        return ScoreResult.failure(index, item, f"item {_item_name(item, index)}: {e}", "input")
-
-
-def _item_name(item: ScoreItem, index: int) -> str:
-    return f"{item.id!r} (#{index})" if item.id is not None else f"#{index}"
+    return wire_item(item, index, encode)
 
 
 def _reason(e: BaseException) -> str:
