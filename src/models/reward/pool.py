@@ -205,10 +205,7 @@ class WorkerHandle:
         try:
             deliver_challenge(conn, self._authkey)
             answer_challenge(conn, self._authkey)
-        except (EOFError, OSError) as e:  # AuthenticationError is a ProcessError: caught below
-            conn.close()
-            raise WorkerStartError(f"{self.describe()}: the channel failed while connecting: {e}") from None
-        except Exception as e:
+        except Exception as e:  # EOFError, OSError, multiprocessing.AuthenticationError
             conn.close()
             raise WorkerStartError(f"{self.describe()}: the channel failed while connecting: {e}") from None
         self.conn = conn
