@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from src.models.reward.errors import JudgeError, JudgeStartError, exit_code
+
 COMMANDS = ("run", "serve", "report")
 
 _OVERVIEW = """\
@@ -86,20 +88,13 @@ def cmd_run(argv: list[str], prog: str, base: Path, base_label: str) -> int:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         if "transformers" in sys.modules:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
-    from src.job.manifest import ManifestError
     from src.job.runner import FINAL, REPORT, JobSpec, run_job
-    from src.models.reward import ConfigError
-    from src.models.reward.pool import WorkerStartError
 
     try:
         cfg = _load(args)
         summary = run_job(cfg, base=base, progress=not args.no_progress)
-    except (ConfigError, ManifestError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except WorkerStartError as e:  # a broken worker environment: its traceback is in the message
-        print(f"error: the judge's workers could not start: {e}", file=sys.stderr)
-        return 1
+    except JudgeError as e:  # the message names the device, PID, item and fix: no traceback
+        return _report_error(e)
     except KeyboardInterrupt:
         print("\ninterrupted: workers stopped; results so far are in the output folder and a re-run resumes",
               file=sys.stderr)
@@ -118,6 +113,16 @@ def cmd_run(argv: list[str], prog: str, base: Path, base_label: str) -> int:
     return 0
 
 
+def _report_error(e: JudgeError) -> int:
+    """Print a judge error as one clean message (its traceback, if any, is inside it); the exit
+    status says whose problem it is (2: what the user gave; 1: the machine or the service)."""
+    if isinstance(e, JudgeStartError):  # a broken worker environment: its traceback is in the message
+        print(f"error: the judge's workers could not start: {e}", file=sys.stderr)
+    else:
+        print(f"error: {e}", file=sys.stderr)
+    return exit_code(e)
+
+
 def cmd_serve(argv: list[str], prog: str, base: Path, base_label: str) -> int:
     ap = argparse.ArgumentParser(prog=f"{prog} serve", description="Serve a reward model over HTTP.",
                                  epilog=f"Relative server.allowed_dirs are read from {base_label}.")
@@ -128,14 +133,11 @@ def cmd_serve(argv: list[str], prog: str, base: Path, base_label: str) -> int:
     except ImportError as e:
         print(f"error: the HTTP service needs its extra packages ({e}); run setup_env.sh", file=sys.stderr)
         return 2
-    from src.models.reward import ConfigError
-
     try:
         cfg = _load(args)
         return serve_from_config(cfg, base=base)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except JudgeError as e:
+        return _report_error(e)
 
 
 def cmd_report(argv: list[str], prog: str, base: Path, base_label: str) -> int:

@@ -94,6 +94,9 @@ def _watch_parent(parent_pid: int, pool_dir: str, interval: float = 1.0) -> None
 def _build_engine(settings: dict, device: str, device_label: str, num_threads: int | None):
     import torch
 
+    from src.models.reward import hooks
+
+    hooks.install_from_env()  # the test suite's fault plug-in, when it names one
     if num_threads:
         torch.set_num_threads(num_threads)
     from src.models.reward.engine import JudgeEngine
@@ -122,7 +125,7 @@ def serve(address: str) -> int:
         conn.send(msg.StartFailed(os.getpid(), f"{type(e).__name__}: {e}", traceback.format_exc()))
         return 1
     _log(f"model loaded on {init.device_label} in {engine.load_time_s:.1f}s (pid {os.getpid()})")
-    conn.send(msg.Ready(os.getpid(), init.device_label, engine.load_time_s, engine.fingerprint()))
+    conn.send(msg.Ready(os.getpid(), engine.load_time_s, engine.fingerprint()))
     while True:
         try:
             req = conn.recv()
@@ -134,11 +137,10 @@ def serve(address: str) -> int:
         if not isinstance(req, msg.Score):
             _log(f"ignoring unexpected message {type(req).__name__}")
             continue
-        t0 = time.perf_counter()
         try:
             items = [ScoreItem.from_dict(d) for d in req.items]
-            results = engine.score(items, base_index=req.base_index, indices=req.indices)
-            reply = msg.Scored(req.batch_id, [r.to_dict() for r in results], time.perf_counter() - t0)
+            results = engine.score(items, indices=req.indices)
+            reply = msg.Scored(req.batch_id, [r.to_dict() for r in results])
         except Exception as e:
             reply = msg.BatchFailed(req.batch_id, f"{type(e).__name__}: {e}", traceback.format_exc())
         try:

@@ -253,6 +253,24 @@ def test_cli_errors_are_clear(tmp_path, edit_manifest):
     assert "Traceback" not in r.stderr
 
 
+def test_a_judge_that_cannot_start_gives_one_clean_error(tmp_path, edit_manifest):
+    """A remote judge whose service never answers: exit 1 with the URL and the cause, no traceback
+    (every judge error is a JudgeError, caught once in the CLI)."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = {"model": {"class_path": "remote", "params": {"url": f"http://127.0.0.1:{port}", "wait_ready_s": 1}},
+           "job": {"manifest": str(edit_manifest), "output_dir": str(tmp_path / "out")}}
+    p = tmp_path / "remote.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    r = run_main("--config", str(p))
+    assert r.returncode == 1, r.stderr
+    assert f"error: http://127.0.0.1:{port}: not ready after 1s (status 'unreachable': ConnectError" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_config_mistakes_stop_before_anything_starts(tmp_path, edit_manifest, capsys):
     """Unknown keys at any level, a key --unset that is not there, and a template the manifest
     cannot feed: exit 2 naming the key (and its close match) or the template and the column,

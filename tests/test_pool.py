@@ -291,3 +291,51 @@ time.sleep(600)
         assert_no_orphans(pids, timeout=15)
     finally:
         proc.kill()
+
+
+# -- start and death detection ----------------------------------------------------------------
+
+def test_a_fast_start_failure_is_reported_before_a_slow_worker_has_loaded(tiny_cache):
+    """Slot 0 sleeps 300 s before loading; slot 1 fails at once (its fault plug-in cannot be
+    imported). The pool waits on all workers together: the error is slot 1's, long before slot
+    0 could be ready, and no process is left."""
+    import dataclasses
+
+    from src.models.reward.pool import WorkerPool
+    from src.models.reward.settings import JudgeSettings
+
+    specs = worker_specs(["cpu", "cpu"], 1, {})
+    specs[0] = dataclasses.replace(specs[0], env={**specs[0].env, "REWARD_FAULT_START_DELAY_S": "300"})
+    specs[1] = dataclasses.replace(specs[1], env={**specs[1].env, "REWARD_TEST_PLUGIN": "src.testing.no_such_plugin"})
+    procs_before = set(worker_processes([os.getpid()]))
+    t0 = time.monotonic()
+    with pytest.raises(WorkerStartError) as e:
+        WorkerPool(specs, JudgeSettings(**JUDGE).to_params(), log=lambda line: None)
+    assert time.monotonic() - t0 < 250, "not after slot 0's delay"
+    text = str(e.value)
+    assert "worker cpu#1 (pid" in text and "failed to start" in text, text
+    assert "No module named 'src.testing.no_such_plugin'" in text, text
+    assert set(worker_processes([os.getpid()])) <= procs_before, "the slow worker is stopped too"
+
+
+def test_an_idle_worker_that_dies_shows_in_health(tiny_cache, image_files, reference):
+    """Killed between calls: the pool notices at once (not at the next call) and health() names
+    it; the next call restarts it and scores everything."""
+    from src.service.server import _describe_model
+
+    with pool(1) as m:
+        assert m.pool.health() == {"workers": 1, "workers_alive": 1, "worker_deaths": []}
+        pid = m.worker_pids()[0]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not m.pool.health()["worker_deaths"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = _describe_model(m)  # what the service's /health shows
+        assert health["workers_alive"] == 0, health
+        assert health["worker_deaths"] == [f"worker cpu#0 (pid {pid}) died with signal SIGKILL while idle; "
+                                           "it is restarted when a call needs it"], health
+        results = m.batch_score(image_files[:3])
+        assert [r.score for r in results] == pytest.approx(reference[:3], abs=1e-4)
+        assert m.pool.health()["workers_alive"] == 1
+        pids = m.worker_pids()
+    assert_no_orphans([pid, *pids])

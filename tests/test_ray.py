@@ -23,6 +23,7 @@ from conftest import ROOT, pid_gone
 from src.models.reward import ConfigError, ScoreItem, build_reward_model, load_config
 from src.models.reward.config import resolve_class, validate_params
 from src.models.reward.implementations.local import QwenVLRewardModel
+from src.models.reward.errors import JudgeStartError
 from src.models.reward.implementations.ray_actors import ActorStartError, RayRewardModel, _Call
 
 JUDGE = {"model_name": "tiny:qwen2_5_vl", "template": "quality", "batch_size": 2}
@@ -52,7 +53,7 @@ def model(tiny_cache, reference):
     # beside the two of this model (and the one that replaces a killed actor).
     m = RayRewardModel(address=None, num_cpus=3, log_to_driver=False, num_actors=2, num_gpus_per_actor=0,
                        num_cpus_per_actor=1, micro_batch=2, max_retries=1, max_restarts=2, progress=False,
-                       runtime_env={"env_vars": {"REWARD_FAULT_DELAY_S": str(DELAY_S),
+                       runtime_env={"env_vars": {"REWARD_FAULT_DELAY_S": str(DELAY_S), "REWARD_TEST_PLUGIN": "src.testing.faults",
                                                  "REWARD_TINY_CACHE": str(tiny_cache)}},
                        **JUDGE)
     yield m
@@ -157,6 +158,7 @@ def test_start_failures_name_the_actor_and_the_cause_and_leave_the_session(model
         RayRewardModel(num_actors=1, num_gpus_per_actor=0, num_cpus_per_actor=0.5, progress=False,
                        model_name="/nonexistent/judge-checkpoint", template="quality")
     text = str(e.value)
+    assert isinstance(e.value, JudgeStartError), "the CLI and the service catch it as a judge error"
     assert re.search(r"actor0:cpu@[\d.]+ \(pid \d+\) on [\d.]+ failed to start", text), text
     assert "/nonexistent/judge-checkpoint" in text and "--- actor traceback ---" in text
     pid = int(re.search(r"\(pid (\d+)\)", text).group(1))
@@ -268,7 +270,7 @@ sys.path.insert(0, {root!r})
 from src.models.reward.implementations.ray_actors import RayRewardModel
 
 judge = RayRewardModel(num_cpus=1, log_to_driver=False, num_actors=1, num_gpus_per_actor=0, progress=False,
-                       runtime_env={{"env_vars": {{"REWARD_FAULT_DELAY_S": "0.5"}}}},
+                       runtime_env={{"env_vars": {{"REWARD_FAULT_DELAY_S": "0.5", "REWARD_TEST_PLUGIN": "src.testing.faults"}}}},
                        model_name="tiny:qwen2_5_vl", template="quality", batch_size=2)
 print("ready", flush=True)
 while True:

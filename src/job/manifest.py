@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from src.models.reward.errors import JudgeInputError
 from src.models.reward.types import ScoreItem
 
 IMAGE_KEYS = ("image", "images", "edited_image", "edited_images")
@@ -29,7 +30,7 @@ TEXT_KEYS = ("instruction", "prompt")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-class ManifestError(ValueError):
+class ManifestError(JudgeInputError):
     """The manifest as a whole cannot be read (missing, empty, wrong format)."""
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import os
 import signal
 import time
@@ -29,11 +28,11 @@ from src.models.reward import BaseRewardModel, ScoreResult, build_reward_model
 from src.models.reward.config import ConfigError, model_param_paths, resolve_spec, unknown_key_error
 
 from .manifest import ManifestRow, read_manifest
+from .summary import SUMMARY, stats, summarize
 
 STREAM = "results.stream.jsonl"
 FINAL = "results.jsonl"
 CSV = "results.csv"
-SUMMARY = "summary.json"
 REPORT = "report.html"
 JOB_KEYS = ("manifest", "output_dir", "chunk_size", "resume", "report")
 # Kept in the stream file, left out of results.jsonl/csv: they vary from run to run, and the
@@ -263,7 +262,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
     final = [{k: v for k, v in rec.items() if k not in VOLATILE} for rec in final]
     summary = summarize(final, fingerprint=fp, model_spec=model_spec, elapsed_s=time.time() - t0,
                         skipped=len(rows) - len(todo) - sum(r.item is None for r in rows))
-    summary["latency_s_per_item"] = _stats(latencies)
+    summary["latency_s_per_item"] = stats(latencies)
     write_outputs(spec.output_dir, final, summary)
     if spec.report:
         from src.report import write_report
@@ -278,50 +277,6 @@ def _bar(total: int, initial: int, progress: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc="job", unit="item")
-
-
-def _stats(values: list[float]) -> dict[str, Any]:
-    if not values:
-        return {"count": 0, "mean": None, "std": None, "min": None, "max": None}
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-    return {"count": len(values), "mean": round(mean, 6), "std": round(std, 6),
-            "min": round(min(values), 6), "max": round(max(values), 6)}
-
-
-def summarize(records: list[dict[str, Any]], fingerprint: str | None = None, model_spec: Any = None,
-              elapsed_s: float | None = None, skipped: int = 0) -> dict[str, Any]:
-    scored = [r for r in records if r.get("score") is not None and r.get("error") is None]
-    failed = [r for r in records if not (r.get("score") is not None and r.get("error") is None)]
-    subs = sorted({k for r in records for k in (r.get("sub_scores") or {})})
-
-    def block(rs: list[dict[str, Any]]) -> dict[str, Any]:
-        ok = [r for r in rs if r.get("score") is not None and r.get("error") is None]
-        out = {"items": len(rs), "scored": len(ok), "failed": len(rs) - len(ok),
-               "score": _stats([r["score"] for r in ok])}
-        for s in subs:
-            out[s] = _stats([r["sub_scores"][s] for r in rs if (r.get("sub_scores") or {}).get(s) is not None])
-        return out
-
-    by_cat: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
-        if r.get("category") is not None:
-            by_cat.setdefault(str(r["category"]), []).append(r)
-    kinds: dict[str, int] = {}
-    for r in failed:
-        k = r.get("error_kind") or "unknown"
-        kinds[k] = kinds.get(k, 0) + 1
-    return {
-        **block(records),
-        "sub_score_names": subs,
-        "categories": {c: block(rs) for c, rs in sorted(by_cat.items())},
-        "failures_by_kind": dict(sorted(kinds.items())),
-        "failures": [{"id": r.get("id"), "kind": r.get("error_kind"), "error": r.get("error")} for r in failed],
-        "resumed_from_disk": skipped,
-        "fingerprint": fingerprint,
-        "model": model_spec,
-        "elapsed_s": None if elapsed_s is None else round(elapsed_s, 3),
-    }
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from src.job.runner import SUMMARY, _stats, summarize
+from src.job.summary import SUMMARY, summarize
+from src.job.summary import stats as _stats
+from src.models.reward.errors import JudgeInputError
 from src.stats import pearson, spearman
 
 
-class ReportError(ValueError):
+class ReportError(JudgeInputError):
     """The results (or comparison) file cannot be turned into a report; the message says why."""
 
 

@@ -52,6 +52,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from ..models.reward.base import BaseRewardModel
+from ..models.reward.errors import JudgeError
 from ..models.reward.settings import check_type
 from ..models.reward.types import ScoreItem, ScoreResult
 from ..rl.items import COMPLETION_AS, SampleError, openrlhf_item, verl_item
@@ -204,7 +205,10 @@ class _Service:
         except BaseException as e:
             self.error = f"{type(e).__name__}: {e}"
             self.status = "failed"
-            log.error("the reward model failed to load:\n%s", traceback.format_exc())
+            if isinstance(e, JudgeError):  # its message names the device, PID and fix: no traceback
+                log.error("the reward model failed to load: %s", e)
+            else:
+                log.error("the reward model failed to load:\n%s", traceback.format_exc())
             if self.on_load_error is not None:
                 self.on_load_error(self.error)
             return
@@ -279,9 +283,12 @@ def _describe_model(model: BaseRewardModel) -> dict[str, Any]:
     pool = getattr(model, "pool", None)
     if pool is not None and hasattr(pool, "specs"):
         info["devices"] = [s.device_label for s in pool.specs]
-        workers = list(getattr(pool, "workers", []))
-        info["workers"] = len(workers)
-        info["workers_alive"] = sum(1 for w in workers if w is not None and w.alive())
+        if hasattr(pool, "health"):  # counts, and the workers that died between calls
+            info.update(pool.health())
+        else:
+            workers = list(getattr(pool, "workers", []))
+            info["workers"] = len(workers)
+            info["workers_alive"] = sum(1 for w in workers if w is not None and w.alive())
     elif getattr(model, "device", None) is not None:
         info["devices"] = [str(model.device)]
     return info

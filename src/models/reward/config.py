@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .base import BaseRewardModel
+from .errors import JudgeConfigError
 from .settings import check_type
 
 _IMPL = "src.models.reward.implementations"
@@ -32,7 +33,7 @@ ALIASES: dict[str, str] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(JudgeConfigError):
     """A problem with a config file or a --set override; the message names the key."""
 
 
@@ -89,7 +90,7 @@ def accepted_params(cls: type) -> tuple[dict[str, Any], set[str]]:
             params.setdefault(f.name, shints[f.name])
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
                 required.add(f.name)
-        for alias, name in getattr(settings_cls, "ALIASES", {}).items():
+        for alias, name in getattr(settings_cls, "PARAM_ALIASES", {}).items():
             params.setdefault(alias, shints[name])
     return params, required
 

@@ -25,7 +25,7 @@ Where each job lives (JudgeEngine is assembled from one mixin per job):
     batching.py     batches, out-of-memory splits, the memory budget
     scoring.py      the forward pass / the answers, turned into sub-scores
     speed.py        the speed paths chosen at load (vision attention, compiling, fast decoding)
-    faults.py       fault injection for the failure tests
+    hooks.py        call points for the failure tests' plug-in (src/testing/faults.py)
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 # batch_limit, _batch_key, _ItemError: also imported from here by tests and older code.
 from .batching import Batching, _batch_key, _ItemError, batch_limit  # noqa: F401
 from .chat import is_chat, split_chats
-from .faults import inject_item_faults
+from . import hooks
 from .loading import Loading, _normalize_device
 from .preparation import Preparation, _name, _PreparedChunk, _Request  # noqa: F401
 from .scoring import Scoring
@@ -82,7 +82,7 @@ class JudgeEngine(Loading, Preparation, Batching, Scoring, SpeedPaths):
             raise ValueError(f"{len(indices or [])} indices for {len(items)} items")
         if any(is_chat(it) for it in items):  # raw chat prompts from the service's OpenAI route
             return split_chats(self, items, idx)
-        inject_item_faults(items)
+        hooks.before_call(items)  # a test plug-in's faults, in tests only
         results: list[ScoreResult | None] = [None] * len(items)
         bs = self.settings.batch_size
         chunks = [(start, items[start:start + bs], idx[start:start + bs]) for start in range(0, len(items), bs)]

@@ -194,7 +194,7 @@ def generate_tokens(model: Any, inputs: Any, plan: Plan, *, cuda_graph: bool = T
     return st.out[:, :n]
 
 
-def _decode(step, st: _State, steps: int, use_graph: bool, device, timings: dict | None) -> int:
+def _decode(step, st: _State, steps: int, use_graph: bool, device, timings: dict | None) -> None:
     import time
 
     import torch
@@ -228,7 +228,6 @@ def _decode(step, st: _State, steps: int, use_graph: bool, device, timings: dict
         while done < steps and bool(st.unfinished.any()):
             step()
             done += 1
-    return done
 
 
 _attn_registered = False

@@ -3,10 +3,11 @@ worker pool and the Ray actors), so both fill results the same way and retry the
 from __future__ import annotations
 
 import collections
+import sys
 import threading
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from .types import ScoreResult
+from .types import ScoreItem, ScoreResult
 
 # fail(index, reason, error_kind) -> the failed result for that item
 Fail = Callable[[int, str, str], ScoreResult]
@@ -56,3 +57,39 @@ class CallLedger:
     def pending(self) -> list[int]:
         with self.cond:
             return [i for i, r in enumerate(self.results) if r is None]
+
+
+# -- helpers both hosts use ----------------------------------------------------------------------
+
+def item_name(item: ScoreItem, index: int) -> str:
+    """How an error names an item: its id and position, or its position."""
+    return f"{item.id!r} (#{index})" if item.id is not None else f"#{index}"
+
+
+def failer(items: Sequence[ScoreItem]) -> Fail:
+    """The `fail` of one call over `items`: the failed result of item i, naming it."""
+    def fail(i: int, why: str, kind: str = "worker_died") -> ScoreResult:
+        return ScoreResult.failure(i, items[i], f"item {item_name(items[i], i)}: {why}", kind)
+
+    return fail
+
+
+def wire_item(item: ScoreItem, index: int, encode: Callable[[Any, str], Any]) -> ScoreItem | ScoreResult:
+    """The item with each image passed through `encode(image, tag)` (tag: i0, i1.. / s0, s1..), or
+    the item's failed result ("input") when an image cannot be encoded."""
+    try:
+        return ScoreItem(images=[encode(im, f"i{k}") for k, im in enumerate(item.images)],
+                         source_images=[encode(im, f"s{k}") for k, im in enumerate(item.source_images)],
+                         instruction=item.instruction, id=item.id, metadata=item.metadata)
+    except Exception as e:
+        return ScoreResult.failure(index, item, f"item {item_name(item, index)}: {e}", "input")
+
+
+def stderr_log(line: str) -> None:
+    """A host's log line on stderr, above any progress bar."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+    except ImportError:
+        print(line, file=sys.stderr, flush=True)

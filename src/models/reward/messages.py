@@ -15,7 +15,7 @@ dicts (their JSON form) so the two sides need only agree on this module.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 AUTHKEY_ENV = "REWARD_WORKER_AUTHKEY"   # hex; never on the command line, where `ps` shows it
@@ -33,7 +33,6 @@ class Init:
 @dataclass(frozen=True)
 class Ready:
     pid: int
-    device_label: str
     load_time_s: float
     fingerprint: str
 
@@ -49,7 +48,6 @@ class StartFailed:
 class Score:
     batch_id: int
     items: list[dict[str, Any]]
-    base_index: int = 0
     indices: list[int] | None = None  # the items' indices in the parent's call; results carry them
 
 
@@ -57,7 +55,6 @@ class Score:
 class Scored:
     batch_id: int
     results: list[dict[str, Any]]
-    elapsed_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -69,4 +66,4 @@ class BatchFailed:
 
 @dataclass(frozen=True)
 class Shutdown:
-    reason: str = field(default="close")
+    pass

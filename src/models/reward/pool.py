@@ -15,10 +15,13 @@ Data flow of one `WorkerPool.run(items)` call:
 
 Actors:
 - WorkerHandle: one worker process: launch, two-phase start (connect, then Ready after the model
-  loads), request/reply, death detection (channel EOF or process exit, in `_await`), log pump
-  (`[GPU k]` lines), stop (Shutdown, bounded wait, SIGTERM, SIGKILL to its process group).
+  loads), request/reply, death detection during a call (channel EOF or process exit, waited on
+  together in `_await`), log pump (`[GPU k]` lines), stop (Shutdown, bounded wait, SIGTERM,
+  SIGKILL to its process group).
+- wait_ready_all: the start of several workers at once; the first failure raises, whatever its slot.
 - _Dispatch: the shared work state under one lock: queues, retry queue, the results slots.
-- WorkerPool: starts all workers at once, runs calls, restarts dead workers (bounded), closes.
+- WorkerPool: starts all workers at once, runs calls, restarts dead workers (bounded), closes; its
+  watcher thread notices a worker that dies between calls (health()).
 """
 from __future__ import annotations
 
@@ -36,27 +39,29 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, Listener, wait
+import socket
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge, wait
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from . import messages as msg
-from .ledger import CallLedger, Fail
+from .errors import JudgeStartError, JudgeUnavailable
+from .ledger import CallLedger, Fail, failer, stderr_log, wire_item
 from .types import ScoreItem, ScoreResult
 
 WORKER_SCRIPT = Path(__file__).resolve().parents[3] / "standalone" / "reward_worker.py"
 _LOG_LINES_KEPT = 40
 
 
-class WorkerStartError(RuntimeError):
+class WorkerStartError(JudgeStartError):
     """A worker could not start: the message names the device, the PID, the cause and the fix."""
 
 
-class WorkerDied(RuntimeError):
+class WorkerDied(JudgeUnavailable):
     pass
 
 
-class WorkerTimeout(RuntimeError):
+class WorkerTimeout(JudgeUnavailable):
     pass
 
 
@@ -127,11 +132,15 @@ class WorkerHandle:
         self.lines: collections.deque[str] = collections.deque(maxlen=_LOG_LINES_KEPT)
         self._authkey = secrets.token_bytes(32)
         self._address = str(sock_dir / f"w{spec.slot}-{secrets.token_hex(4)}.sock")
-        self._listener: Listener | None = None
+        self._server: socket.socket | None = None  # the listening socket the worker connects to
+        self._death: int | None = None  # a pidfd of the process: readable once it has exited
+        self._fd_lock = threading.Lock()
         self._pump: threading.Thread | None = None
         self._spawner: threading.Thread | None = None
         self.ready = False  # the model is loaded: the worker reads Shutdown now, not after a load
         self.busy = False  # a batch is in flight: the worker reads Shutdown only after it
+        self.stopping = False  # the pool is ending it: its exit is not a death to report
+        self.exit_seen = False  # the pool's watcher has seen it exit
 
     @property
     def label(self) -> str:
@@ -142,7 +151,9 @@ class WorkerHandle:
 
     def launch(self) -> None:
         """Phase one: spawn the process; it connects back and loads the model in the background."""
-        self._listener = Listener(self._address, family="AF_UNIX", authkey=self._authkey)
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(self._address)
+        self._server.listen(1)
         env = dict(os.environ)
         env.update(self.spec.env)
         env[msg.AUTHKEY_ENV] = self._authkey.hex()
@@ -167,6 +178,8 @@ class WorkerHandle:
         self._spawner = threading.Thread(target=spawn, name=f"spawn-{self.label}", daemon=True)
         self._spawner.start()
         self._spawner.join()
+        if self.proc is not None:
+            self._death = _pidfd(self.proc.pid)
         if failed:
             raise WorkerStartError(f"worker {self.label}: cannot run {cmd[0]!r}: {failed[0]}. "
                                    "Check the launcher setting (python path, conda env name).") from None
@@ -181,11 +194,25 @@ class WorkerHandle:
 
     def wait_ready(self, timeout: float) -> None:
         """Phase two: accept the connection, send Init, wait for Ready (model loaded)."""
-        assert self.proc and self._listener
-        deadline = time.monotonic() + timeout
-        self.conn = self._accept(deadline)
+        wait_ready_all([self], timeout)
+
+    def _connect(self) -> None:
+        """The worker is connecting (the listening socket is readable): accept, authenticate as
+        multiprocessing's Listener does, send Init."""
+        assert self._server
+        sock, _ = self._server.accept()
+        conn = Connection(sock.detach())
+        try:
+            deliver_challenge(conn, self._authkey)
+            answer_challenge(conn, self._authkey)
+        except Exception as e:  # EOFError, OSError, multiprocessing.AuthenticationError
+            conn.close()
+            raise WorkerStartError(f"{self.describe()}: the channel failed while connecting: {e}") from None
+        self.conn = conn
         self.conn.send(msg.Init(self.settings, self.spec.device, self.spec.device_label, self.spec.num_threads))
-        reply = self._await(deadline - time.monotonic(), "loading the model")
+
+    def _started(self, reply: Any) -> None:
+        """The worker's answer to Init."""
         if isinstance(reply, msg.StartFailed):
             self.pid = reply.pid
             raise WorkerStartError(f"{self.describe()} failed to start: {reply.error}\n"
@@ -195,25 +222,21 @@ class WorkerHandle:
         self.pid, self.load_time_s, self.fingerprint = reply.pid, reply.load_time_s, reply.fingerprint
         self.ready = True
 
-    def _accept(self, deadline: float) -> Connection:
-        assert self.proc and self._listener
-        sock = self._listener._listener._socket  # type: ignore[attr-defined]
-        sock.settimeout(0.2)
-        while True:
-            try:
-                conn = self._listener.accept()
-                sock.settimeout(None)
-                return conn
-            except (TimeoutError, OSError) as e:
-                if isinstance(e, OSError) and not isinstance(e, TimeoutError) and "timed out" not in str(e):
-                    raise WorkerStartError(f"{self.describe()}: the channel failed while connecting: {e}") from None
-            if self.proc.poll() is not None:
-                self._raise_start_death("before it connected")
-            if time.monotonic() > deadline:
-                raise WorkerStartError(f"{self.describe()} did not connect in time; {self._tail()}")
+    def exited(self) -> bool:
+        """The process has exited (checked without waiting)."""
+        return self.proc is not None and self.proc.poll() is not None
+
+    def dup_death_fd(self) -> int | None:
+        """A copy of the process's pidfd for another thread to wait on (it closes it), or None."""
+        with self._fd_lock:
+            return os.dup(self._death) if self._death is not None else None
 
     def _raise_start_death(self, when: str) -> None:
         assert self.proc
+        try:
+            self.proc.wait(timeout=5)  # it has exited (its pidfd said so): reap it for its exit code
+        except subprocess.TimeoutExpired:
+            pass
         self._drain()
         raise WorkerStartError(f"{self.describe()} exited with {_exit_text(self.proc.returncode)} {when}. "
                                f"{self._tail()}Check that the launcher's environment has torch, transformers, "
@@ -228,22 +251,29 @@ class WorkerHandle:
         return ("last log lines:\n  " + "\n  ".join(lines) + "\n") if lines else "it printed nothing. "
 
     def _await(self, timeout: float | None, doing: str) -> Any:
-        """Wait for the next message. Death (channel EOF or process exit) and the timeout are
-        detected here and nowhere else."""
+        """Wait for the next message, blocking on the channel and the process's exit together.
+        A death met during a call (channel EOF or process exit) and the timeout raise here; the
+        pool's watcher notices a death between calls."""
         assert self.proc and self.conn
         deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise WorkerTimeout(f"{self.describe()} gave no answer within {timeout:.0f}s while {doing}")
-            ready = wait([self.conn], timeout=0.5 if left is None else min(left, 0.5))
-            if ready:
+            ready = wait(self._wait_objects(), timeout=_wait_timeout(left, self._death))
+            if self.conn in ready or (ready and self.conn.poll()):  # a last message before the exit comes first
                 try:
                     return self.conn.recv()
                 except (EOFError, OSError, ConnectionError):
                     self._died(doing)
-            elif self.proc.poll() is not None:
+            elif ready or self.exited():
                 self._died(doing)
+
+    def _wait_objects(self) -> list[Any]:
+        objs: list[Any] = [self.conn if self.conn is not None else self._server]
+        if self._death is not None:
+            objs.append(self._death)
+        return objs
 
     def _died(self, doing: str) -> None:
         assert self.proc
@@ -278,6 +308,7 @@ class WorkerHandle:
 
     def stop(self, grace: float = 10.0) -> None:
         """Shutdown message, bounded wait, then SIGTERM and SIGKILL to the process group."""
+        self.stopping = True
         if self._spawner is not None:
             self._spawner.join(timeout=30)  # an interrupted launch() still sets `proc`
         if self.proc is None:
@@ -305,6 +336,7 @@ class WorkerHandle:
         self._close_channel()
 
     def kill(self) -> None:
+        self.stopping = True
         if self.proc is None:
             return
         self._signal(signal.SIGKILL)  # also reaps grandchildren left by a launcher
@@ -321,14 +353,18 @@ class WorkerHandle:
             pass
 
     def _close_channel(self) -> None:
-        for obj in (self.conn, self._listener):
+        for obj in (self.conn, self._server):
             try:
                 if obj is not None:
                     obj.close()
             except OSError:
                 pass
         self.conn = None
-        self._listener = None
+        self._server = None
+        with self._fd_lock:
+            if self._death is not None:
+                os.close(self._death)
+                self._death = None
         try:
             os.unlink(self._address)
         except OSError:
@@ -347,6 +383,61 @@ def _exit_text(code: int | None) -> str:
         except ValueError:
             return f"signal {-code}"
     return f"exit code {code}"
+
+
+_POLL_S = 0.5  # where the process's exit cannot be waited on (no pidfd): how often to check it
+
+
+def _pidfd(pid: int) -> int | None:
+    """A file descriptor that becomes readable when process `pid` exits (Linux 5.3+), or None."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _wait_timeout(left: float | None, death_fd: int | None) -> float | None:
+    if death_fd is not None:
+        return left
+    return _POLL_S if left is None else min(left, _POLL_S)
+
+
+def wait_ready_all(handles: Sequence[WorkerHandle], timeout: float) -> None:
+    """Phase two for launched workers, all at once: block on every worker's listening socket or
+    channel and its process's exit together, so the first failure raises at once whatever its
+    slot (worker 3 failing in 2 s is not reported after worker 0 has loaded a large model).
+    Raises WorkerStartError, WorkerDied (died loading) or WorkerTimeout (no Ready in time)."""
+    deadline = time.monotonic() + timeout
+    pending = list(handles)
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            h = pending[0]
+            if h.conn is None:
+                raise WorkerStartError(f"{h.describe()} did not connect in time; {h._tail()}")
+            raise WorkerTimeout(f"{h.describe()} gave no answer within {timeout:.0f}s while loading the model")
+        owner: dict[Any, WorkerHandle] = {}
+        for h in pending:
+            for obj in h._wait_objects():
+                owner[obj] = h
+        poll_s = _POLL_S if any(h._death is None for h in pending) else None
+        ready = set(wait(list(owner), timeout=left if poll_s is None else min(left, poll_s)))
+        for h in list(pending):
+            channel = h.conn if h.conn is not None else h._server
+            if channel in ready or (h.conn is not None and h.conn.poll()):
+                if h.conn is None:
+                    h._connect()
+                    continue  # its Ready comes later
+                try:
+                    reply = h.conn.recv()
+                except (EOFError, OSError, ConnectionError):
+                    h._died("loading the model")
+                h._started(reply)
+                pending.remove(h)
+            elif h._death in ready or h.exited():
+                if h.conn is None:
+                    h._raise_start_death("before it connected")
+                h._died("loading the model")
 
 
 # -- the work of one call -------------------------------------------------------------------
@@ -422,7 +513,7 @@ class WorkerPool:
     """Persistent workers, started together, used by many `run` calls, stopped by `close`."""
 
     def __init__(self, specs: Sequence[WorkerSpec], settings: dict[str, Any], launcher: Any = None,
-                 start_timeout_s: float = 1800.0, batch_timeout_s: float | None = None, max_retries: int = 2,
+                 start_timeout_s: float = 1800.0, batch_timeout_s: float | None = None, max_retries: int = 1,
                  max_restarts: int = 3, log: Callable[[str], None] | None = None):
         if not specs:
             raise ValueError("the pool needs at least one worker")
@@ -433,7 +524,7 @@ class WorkerPool:
         self.batch_timeout_s = batch_timeout_s
         self.max_retries = max_retries
         self.max_restarts = max_restarts
-        self.log = log or _stderr_log
+        self.log = log or stderr_log
         self._tmp = Path(tempfile.mkdtemp(prefix="reward-pool-"))
         self._batch_ids = itertools.count()
         self._lock = threading.Lock()
@@ -447,6 +538,10 @@ class WorkerPool:
         self.total_restarts = 0
         self.workers: list[WorkerHandle | None] = [None] * len(self.specs)
         self._executor = concurrent.futures.ThreadPoolExecutor(len(self.specs), thread_name_prefix="reward-worker")
+        # Deaths between calls, as the watcher saw them (newest last): health() reports them.
+        self.idle_deaths: collections.deque[str] = collections.deque(maxlen=20)
+        self._wake_r, self._wake_w = os.pipe()  # wakes the watcher: a worker replaced, the pool closing
+        self._watcher = threading.Thread(target=self._watch, name="reward-pool-watch", daemon=True)
         _LIVE_POOLS.add(self)
         try:
             self._start_all()
@@ -466,18 +561,62 @@ class WorkerPool:
         self.workers = list(handles)
         for h in handles:          # phase one: everything loads at once
             h.launch()
-        errors = []
-        for h in handles:          # phase two: wait for each to be ready
-            try:
-                h.wait_ready(self.start_timeout_s)
-            except (WorkerStartError, WorkerDied, WorkerTimeout) as e:
-                errors.append(str(e))
-                break              # fail fast; close() stops the rest
-        if errors:
-            raise WorkerStartError("\n".join(errors))
+        try:                       # phase two: wait for all at once; the first failure ends it
+            wait_ready_all(handles, self.start_timeout_s)
+        except (WorkerDied, WorkerTimeout) as e:
+            raise WorkerStartError(str(e)) from None  # close() stops the rest
+        self._watcher.start()
 
     def pids(self) -> list[int | None]:
         return [w.pid if w else None for w in self.workers]
+
+    def health(self) -> dict[str, Any]:
+        """The workers now: how many, how many alive, and the deaths seen between calls."""
+        alive = sum(1 for w in self.workers if w is not None and w.alive())
+        return {"workers": len(self.workers), "workers_alive": alive, "worker_deaths": list(self.idle_deaths)}
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _watch(self) -> None:
+        """Between calls nothing reads a worker's channel: block on every ready worker's exit
+        (copies of their pidfds) and report a death when it happens (the log and health()), not
+        when a call next needs that worker. Deaths during a call are the call's to report."""
+        watched: dict[int, WorkerHandle] = {}
+        try:
+            while not self._closed:
+                with self._state:
+                    current = [h for h in self.workers if h is not None and h.ready]
+                for fd, h in list(watched.items()):
+                    if not any(h is c for c in current):
+                        os.close(fd)
+                        del watched[fd]
+                for h in current:
+                    if not h.exit_seen and not any(h is w for w in watched.values()):
+                        fd = h.dup_death_fd()
+                        if fd is not None:
+                            watched[fd] = h
+                ready = wait([self._wake_r, *watched])
+                if self._wake_r in ready:
+                    os.read(self._wake_r, 512)
+                for fd in ready:
+                    h = watched.pop(fd, None) if fd != self._wake_r else None
+                    if h is None:
+                        continue
+                    os.close(fd)
+                    h.exit_seen = True
+                    if self._closed or h.busy or h.stopping:
+                        continue
+                    text = (f"{h.describe()} died with {_exit_text(h.proc.poll() if h.proc else None)} while idle; "
+                            "it is restarted when a call needs it")
+                    self.idle_deaths.append(text)
+                    self.log(f"[pool] {text}")
+        finally:
+            for fd in watched:
+                os.close(fd)
 
     def run(self, items: Sequence[ScoreItem], micro_batch: int, schedule: str = "round_robin",
             on_done: Callable[[int], None] | None = None) -> list[ScoreResult]:
@@ -510,8 +649,7 @@ class WorkerPool:
         dispatch = _Dispatch(len(items), queues, shared, self.max_retries, on_done, closing=lambda: self._closed)
         dispatch.store([w for w in wire if isinstance(w, ScoreResult)])  # items that failed to spill
 
-        def fail(i: int, why: str, kind: str = "worker_died") -> ScoreResult:
-            return ScoreResult.failure(i, items[i], f"item {_item_name(items[i], i)}: {why}", kind)
+        fail = failer(items)
 
         # A call interrupted earlier (Ctrl-C caught by the caller, the pool kept) may still have
         # a thread finishing its last batch on a worker's channel: let it end first.
@@ -602,6 +740,7 @@ class WorkerPool:
             self.workers[slot] = h
             h.launch()
         h.wait_ready(self.start_timeout_s)
+        self._wake()  # the watcher watches the new worker
         return h
 
     def close(self) -> None:
@@ -626,6 +765,12 @@ class WorkerPool:
             for t in stoppers:
                 t.join(timeout=30)
             self._executor.shutdown(wait=False, cancel_futures=True)
+            self._wake()
+            if self._watcher.is_alive():
+                self._watcher.join(timeout=5)
+            if not self._watcher.is_alive():
+                for fd in (self._wake_r, self._wake_w):
+                    os.close(fd)
             shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _kill_all(self) -> None:
@@ -676,10 +821,6 @@ class _PoolClosing(RuntimeError):
     pass
 
 
-def _item_name(item: ScoreItem, index: int) -> str:
-    return f"{item.id!r} (#{index})" if item.id is not None else f"#{index}"
-
-
 def _wire_item(item: ScoreItem, folder: Path, index: int) -> dict[str, Any] | ScoreResult:
     """An item's channel form: paths as absolute paths, in-memory images spilled to `folder`."""
     def path_of(img: Any, tag: str) -> str:
@@ -696,22 +837,8 @@ def _wire_item(item: ScoreItem, folder: Path, index: int) -> dict[str, Any] | Sc
             return str(dest)
         raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
 
-    try:
-        d = ScoreItem(images=[path_of(im, f"i{k}") for k, im in enumerate(item.images)],
-                      source_images=[path_of(im, f"s{k}") for k, im in enumerate(item.source_images)],
-                      instruction=item.instruction, id=item.id, metadata=item.metadata).to_dict()
-        return d
-    except Exception as e:
-        return ScoreResult.failure(index, item, f"item {_item_name(item, index)}: {e}", "input")
-
-
-def _stderr_log(line: str) -> None:
-    try:
-        from tqdm import tqdm
-
-        tqdm.write(line, file=sys.stderr)
-    except ImportError:
-        print(line, file=sys.stderr, flush=True)
+    wired = wire_item(item, index, path_of)
+    return wired.to_dict() if isinstance(wired, ScoreItem) else wired
 
 
 # Pools still open at interpreter exit are closed, so no worker outlives its parent's exit.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from .faults import inject_batch_faults
+from . import hooks
 from .parsing import parse_score
 from .templates import Template
 
@@ -21,7 +21,7 @@ class Scoring:
 
     def _forward(self, reqs: list[_Request], encoded: dict | None = None) -> list[dict[str, Any]]:
         torch = self._torch
-        inject_batch_faults(len(reqs))
+        hooks.before_forward(len(reqs))
         inputs = self._encode(reqs, encoded)
         tpl = reqs[0].template
         with torch.inference_mode():

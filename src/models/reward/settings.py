@@ -19,7 +19,7 @@ VISION_ATTN = ("auto", "sdpa", "varlen", "packed")  # see vision_attention.py
 
 # The names verl users know for the same settings (its generative reward model's rollout and
 # micro-batch keys). Accepted on input, stored under the judge's own names.
-ALIASES = {
+PARAM_ALIASES = {
     "response_length": "max_new_tokens",
     "prompt_length": "max_prompt_tokens",
     "micro_batch_size_per_gpu": "batch_size",
@@ -132,7 +132,7 @@ class JudgeSettings:
         known keys (close matches first)."""
         known = cls.names()
         params = dict(params)
-        for alias, name in ALIASES.items():
+        for alias, name in PARAM_ALIASES.items():
             if alias in params:
                 if name in params:
                     raise TypeError(f"{owner}: give '{name}' or its alias '{alias}', not both")
@@ -167,7 +167,7 @@ class JudgeSettings:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-JudgeSettings.ALIASES = ALIASES  # type: ignore[attr-defined]  # read by config.accepted_params
+JudgeSettings.PARAM_ALIASES = PARAM_ALIASES  # type: ignore[attr-defined]  # read by config.accepted_params
 
 
 def check_type(key: str, value: Any, hint: Any) -> Any:

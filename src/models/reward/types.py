@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Union
 
+from .errors import JudgeInputError
+
 # An image is a file path, a PIL image, or the encoded bytes of a file (PNG, JPEG, ...).
 ImageInput = Union[str, os.PathLike, bytes, "PIL.Image.Image"]  # noqa: F821
 
@@ -161,7 +163,7 @@ def _source(img: ImageInput, name: str) -> Any:
 _PILLOW_BOMB = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+)")
 
 
-class ImageTooLarge(ValueError):
+class ImageTooLarge(JudgeInputError):
     """An image refused for its size, from its header; `pixels` is its width x height (None when
     only Pillow's own guard knows it is over)."""
 

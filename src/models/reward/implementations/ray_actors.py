@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import io
 import os
-import sys
 import threading
 import time
 import traceback
@@ -39,7 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..base import BaseRewardModel
-from ..ledger import CallLedger, Fail
+from ..errors import JudgeStartError
+from ..ledger import CallLedger, Fail, failer, stderr_log, wire_item
 from ..settings import JudgeSettings
 from ..types import ScoreItem, ScoreResult
 
@@ -49,7 +49,7 @@ _REPO_ROOT = _SRC_DIR.parent
 RAY_PIN = "ray==2.60.0"  # as in requirements.txt; the worker env needs the same version
 
 
-class ActorStartError(RuntimeError):
+class ActorStartError(JudgeStartError):
     """An actor could not start: the message names the actor, the node, the PID, the cause and the fix."""
 
 
@@ -82,7 +82,10 @@ class _JudgeActor:
 
             if not gpus and num_threads:
                 torch.set_num_threads(num_threads)
+            from src.models.reward import hooks
             from src.models.reward.engine import JudgeEngine
+
+            hooks.install_from_env()  # the test suite's fault plug-in, when it names one
 
             self.engine = JudgeEngine(JudgeSettings.from_params(settings), device=device, device_label=self.label)
             self.load_time_s = self.engine.load_time_s
@@ -101,17 +104,11 @@ class _JudgeActor:
                 "error": self.error, "traceback": self.traceback}
 
     def score(self, items: list[ScoreItem], indices: list[int]) -> list[ScoreResult]:
-        """Score items[k], which is item indices[k] of the caller's call. The engine numbers (and
-        names, in errors) items from a base index, so each contiguous run goes in one engine call."""
+        """Score items[k], which is item indices[k] of the caller's call (the engine numbers, and
+        names in errors, each item by its index), in one engine call."""
         if self.engine is None:
             raise RuntimeError(f"{self.label} has no model: {self.error}")
-        results: list[ScoreResult] = []
-        start = 0
-        for end in range(1, len(items) + 1):
-            if end == len(items) or indices[end] != indices[end - 1] + 1:
-                results.extend(self.engine.score(items[start:end], base_index=indices[start]))
-                start = end
-        return results
+        return self.engine.score(items, indices=indices)
 
 
 # -- the driver's view of the actors -----------------------------------------------------------
@@ -402,8 +399,7 @@ class RayRewardModel(BaseRewardModel):
         todo = [i for i, w in enumerate(wire) if not isinstance(w, ScoreResult)]
         call.queue.extend(todo[s:s + self.micro_batch] for s in range(0, len(todo), self.micro_batch))
 
-        def fail(i: int, why: str, kind: str = "worker_died") -> ScoreResult:
-            return ScoreResult.failure(i, items[i], f"item {_item_name(items[i], i)}: {why}", kind)
+        fail = failer(items)
 
         try:
             while call.remaining:
@@ -533,14 +529,7 @@ class RayRewardModel(BaseRewardModel):
         if self._owns_connection:
             ray.shutdown()  # stops a local Ray; for a cluster, only this process's connection
 
-    @staticmethod
-    def _log(line: str) -> None:
-        try:
-            from tqdm import tqdm
-
-            tqdm.write(line, file=sys.stderr)
-        except ImportError:
-            print(line, file=sys.stderr, flush=True)
+    _log = staticmethod(stderr_log)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -548,7 +537,7 @@ class RayRewardModel(BaseRewardModel):
 def _wire_item(item: ScoreItem, index: int) -> ScoreItem | ScoreResult:
     """The item as it travels to an actor: paths as absolute paths (read on the actor's node), PIL
     images as PNG bytes and bytes as they are (both inside the task, so no node needs this disk)."""
-    def encode(img: Any) -> Any:
+    def encode(img: Any, tag: str) -> Any:
         if isinstance(img, (str, os.PathLike)):
             return os.path.abspath(os.fspath(img))
         if isinstance(img, (bytes, bytearray)):
@@ -559,16 +548,7 @@ def _wire_item(item: ScoreItem, index: int) -> ScoreItem | ScoreResult:
             return buf.getvalue()
         raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
 
-    try:
-        return ScoreItem(images=[encode(im) for im in item.images],
-                         source_images=[encode(im) for im in item.source_images],
-                         instruction=item.instruction, id=item.id, metadata=item.metadata)
-    except Exception as e:
-        return ScoreResult.failure(index, item, f"item {_item_name(item, index)}: {e}", "input")
-
-
-def _item_name(item: ScoreItem, index: int) -> str:
-    return f"{item.id!r} (#{index})" if item.id is not None else f"#{index}"
+    return wire_item(item, index, encode)
 
 
 def _reason(e: BaseException) -> str:

@@ -14,14 +14,15 @@ import time
 import uuid
 from typing import Any, Sequence
 
-from ....service.wire import encode_item
 from ..base import BaseRewardModel
+from ..errors import JudgeUnavailable
 from ..types import ScoreItem, ScoreResult
+from ..wire import encode_item
 
 _RETRY_STATUS = (500, 502, 503, 504)
 
 
-class RemoteServiceError(RuntimeError):
+class RemoteServiceError(JudgeUnavailable):
     """The service refused a request (4xx), or stayed unreachable / failing after the retries.
     `status` is the last HTTP status (None when no answer came)."""
 

@@ -1,6 +1,8 @@
-"""Fault injection for the failure tests: environment variables read on every call and batch.
+"""The failure tests' plug-in: faults injected through the engine's hooks (src/models/reward/hooks.py),
+configured by environment variables read on every call and batch.
 
-Unset in normal use. Kept in one place so the tests' hooks are easy to find (and to move).
+Test-only: a worker loads it when REWARD_TEST_PLUGIN=src.testing.faults (the suite's conftest sets
+that, and installs it in the test process); the library never imports it.
 """
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import os
 import time
 from typing import Sequence
 
-from .types import ScoreItem
+from src.models.reward.types import ScoreItem
 
 # A prompt batch larger than this raises CUDA's out-of-memory error, on any device:
 FAULT_OOM_ABOVE = "REWARD_FAULT_OOM_ABOVE"
@@ -18,9 +20,19 @@ FAULT_DELAY_S = "REWARD_FAULT_DELAY_S"
 # CUDA kernel or C extension would), or hangs it for an hour:
 FAULT_SEGFAULT_ON_ID = "REWARD_FAULT_SEGFAULT_ON_ID"
 FAULT_HANG_ON_ID = "REWARD_FAULT_HANG_ON_ID"
+# Seconds a worker sleeps before loading its model (a slow start, as a large checkpoint's):
+FAULT_START_DELAY_S = "REWARD_FAULT_START_DELAY_S"
+PLUGIN = "src.testing.faults"  # this module, as REWARD_TEST_PLUGIN names it
 
 
-def inject_item_faults(items: Sequence[ScoreItem]) -> None:
+def on_install() -> None:
+    """In a worker, when the plug-in is loaded: the configured start delay."""
+    delay = os.environ.get(FAULT_START_DELAY_S)
+    if delay:
+        time.sleep(float(delay))
+
+
+def before_call(items: Sequence[ScoreItem]) -> None:
     """At the start of a call: crash or hang when the call holds the named item."""
     ids = {it.id for it in items if it.id is not None}
     if os.environ.get(FAULT_SEGFAULT_ON_ID) in ids:
@@ -31,7 +43,7 @@ def inject_item_faults(items: Sequence[ScoreItem]) -> None:
         time.sleep(3600)
 
 
-def inject_batch_faults(n_prompts: int) -> None:
+def before_forward(n_prompts: int) -> None:
     """Before each forward pass: the configured delay, then a simulated out-of-memory error."""
     import torch
 

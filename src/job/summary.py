@@ -1,0 +1,55 @@
+"""A job's summary: counts, score statistics per sub-score and category, failures by kind.
+
+Computed by the runner (summary.json) and recomputed by the report from results files, so it
+lives below both: neither imports the other for it. Pure Python.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+SUMMARY = "summary.json"
+
+
+def stats(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"count": 0, "mean": None, "std": None, "min": None, "max": None}
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    return {"count": len(values), "mean": round(mean, 6), "std": round(std, 6),
+            "min": round(min(values), 6), "max": round(max(values), 6)}
+
+
+def summarize(records: list[dict[str, Any]], fingerprint: str | None = None, model_spec: Any = None,
+              elapsed_s: float | None = None, skipped: int = 0) -> dict[str, Any]:
+    scored = [r for r in records if r.get("score") is not None and r.get("error") is None]
+    failed = [r for r in records if not (r.get("score") is not None and r.get("error") is None)]
+    subs = sorted({k for r in records for k in (r.get("sub_scores") or {})})
+
+    def block(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        ok = [r for r in rs if r.get("score") is not None and r.get("error") is None]
+        out = {"items": len(rs), "scored": len(ok), "failed": len(rs) - len(ok),
+               "score": stats([r["score"] for r in ok])}
+        for s in subs:
+            out[s] = stats([r["sub_scores"][s] for r in rs if (r.get("sub_scores") or {}).get(s) is not None])
+        return out
+
+    by_cat: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("category") is not None:
+            by_cat.setdefault(str(r["category"]), []).append(r)
+    kinds: dict[str, int] = {}
+    for r in failed:
+        k = r.get("error_kind") or "unknown"
+        kinds[k] = kinds.get(k, 0) + 1
+    return {
+        **block(records),
+        "sub_score_names": subs,
+        "categories": {c: block(rs) for c, rs in sorted(by_cat.items())},
+        "failures_by_kind": dict(sorted(kinds.items())),
+        "failures": [{"id": r.get("id"), "kind": r.get("error_kind"), "error": r.get("error")} for r in failed],
+        "resumed_from_disk": skipped,
+        "fingerprint": fingerprint,
+        "model": model_spec,
+        "elapsed_s": None if elapsed_s is None else round(elapsed_s, 3),
+    }
