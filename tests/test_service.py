@@ -184,22 +184,30 @@ def test_compute_reward_takes_verl_bodies(http, dirs):
     assert one.status_code == 200, one.text
     single = one.json()
     assert 0.0 <= single["score"] <= 9.0 and single["error"] is None and single["id"] == "3"
-    batch = http.post("/compute_reward", json=[
+    batch_body = [
         {"solution_str": "a red square", "extra_info": {"images": [data_url((allowed / "img1.png").read_bytes())]}},
         {"solution_str": "", "extra_info": {"image": image}},                      # nothing to judge
         {"solution_str": f"<image>{image}</image>", "ground_truth": "a red square",
          "extra_info": {"completion_as": "image"}},                                # the policy named its image
         {"solution_str": f"<image>{outside / 'secret.png'}</image>", "ground_truth": "a red square",
          "extra_info": {"completion_as": "image"}},                                # ...outside the folders
-    ]).json()
+    ]
+    batch = http.post("/compute_reward", json=batch_body).json()
     assert [b["score"] is not None for b in batch] == [True, False, True, False]
     assert math.isclose(batch[0]["score"], single["score"], abs_tol=1e-4)
     assert math.isclose(batch[2]["score"], single["score"], abs_tol=1e-4)  # same image, same text
     assert "completion is empty" in batch[1]["error"]
     assert "outside the allowed folders" in batch[3]["error"]  # the policy's output fails alone
-    # An image the trainer's data names outside the folders is a configuration problem: 403.
-    resp = http.post("/compute_reward", json={"solution_str": "x", "extra_info": {"image": str(outside / "secret.png")}})
+    # An image the trainer's data names outside the folders is a configuration problem: 403 for a
+    # single sample; in a batch that sample fails alone and the others are scored.
+    refused = {"solution_str": "x", "extra_info": {"image": str(outside / "secret.png")}}
+    resp = http.post("/compute_reward", json=refused)
     assert resp.status_code == 403
+    mixed = http.post("/compute_reward", json=[refused, batch_body[0]])
+    assert mixed.status_code == 200, mixed.text
+    first, second = mixed.json()
+    assert first["score"] is None and "outside the allowed folders" in first["error"] and "sample 0" in first["error"]
+    assert math.isclose(second["score"], batch[0]["score"], abs_tol=1e-4)
     resp = http.post("/compute_reward", json={"solution_str": 5})
     assert resp.status_code == 422 and "'solution_str' must be a string" in resp.json()["detail"]
 

@@ -407,8 +407,11 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
         for i, b in enumerate(bodies):
             try:
                 prepared.append(prepare_verl_sample(i, b))
-            except WireError as e:  # in a list, a malformed sample fails alone; a refused path (403) refuses all
-                if single or e.status != 422:
+            except WireError as e:
+                # In a list (an RL batch) a malformed sample or a refused path fails that sample
+                # alone: a trainer cannot use an answer that drops the whole batch. A single sample
+                # keeps the HTTP status (403 for a path outside the folders: a configuration problem).
+                if single:
                     raise
                 prepared.append(_failure(i, None, e.message))
         return check_prepared(prepared)
