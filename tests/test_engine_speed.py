@@ -276,3 +276,38 @@ def test_a_failing_compile_falls_back_to_eager(monkeypatch, caplog):
     assert [a[2] for a in fast] == [None] * len(plain)
     assert [a[0] for a in fast] == pytest.approx([a[0] for a in plain], abs=1e-5)
     assert caplog.text.count("compiling failed") == 1 and "running eagerly from now on" in caplog.text
+
+
+# -- vision_reuse: each unique image through the vision tower once per chunk ----------------------
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_shared_vision_features_give_the_same_scores(arch):
+    # The edit rubric shows the edited image to both of its parts, and items 0, 2 and 4 share one
+    # source image (as a benchmark's items often do): 5 items, 5 edited + 3 distinct sources = 8
+    # unique images, where the plain path encodes 5 x 3 = 15.
+    imgs = _images(8, seed=1)
+    sources = [imgs[5], imgs[6], imgs[5], imgs[7], imgs[5].copy()]  # a copy: equal pixels, equal name
+    items = [ScoreItem(images=[imgs[i]], source_images=[sources[i]], instruction=f"make it {c}")
+             for i, c in enumerate("ABCDE")]
+    out = {}
+    for reuse in (True, False):
+        with QwenVLRewardModel(model_name=f"tiny:{arch}", template="edit", batch_size=4) as j:
+            r = j.engine._vision_reuse
+            assert r is not None
+            r.enabled = reuse
+            out[reuse] = [res.sub_scores for res in j.batch_score(items)]
+            # batch_size 4: chunks of 4 items (7 unique images of 12 shown) and 1 (2 of 3)
+            assert r.encoded == (7 + 2 if reuse else 0) and r.reused == (15 - 9 if reuse else 0)
+    for a, b in zip(out[True], out[False]):
+        assert a.keys() == b.keys() and all(v is not None for v in a.values())
+        for part in a:
+            assert abs(a[part] - b[part]) < 1e-5, (part, a[part], b[part])
+
+
+def test_vision_reuse_keeps_no_features_after_a_call():
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=2) as j:
+        imgs = _images(4)
+        res = j.batch_score([ScoreItem(images=[imgs[i]], source_images=[imgs[3]], instruction="x") for i in range(3)])
+        assert all(r.error is None for r in res)
+        r = j.engine._vision_reuse
+        assert not r.store and r.keys is None and r.encoded == 3 + 2 and r.reused == 9 - 5

@@ -128,13 +128,20 @@ class JudgeEngine(Loading, Preparation, Batching, Scoring, SpeedPaths):
         part_out: dict[int, dict[str, Any]] = {}    # pos -> part -> (score, raw) or error
         part_err: dict[int, tuple[str, str]] = dict(chunk.errors)
         part_time: dict[int, float] = {}
-        for reqs in self._batches(chunk):
-            for req, outcome, dt in self._run_requests(reqs, chunk.encoded):
-                part_time[req.pos] = part_time.get(req.pos, 0.0) + dt
-                if isinstance(outcome, _ItemError):
-                    part_err.setdefault(req.pos, (str(outcome), outcome.kind))
-                else:
-                    part_out.setdefault(req.pos, {})[req.part] = outcome
+        reuse = self._vision_reuse
+        if reuse is not None:  # vision_reuse.py: how often each image is shown in this chunk
+            reuse.begin_chunk([k for r in chunk.requests if r.pos not in chunk.errors for k in (r.image_keys or [])])
+        try:
+            for reqs in self._batches(chunk):
+                for req, outcome, dt in self._run_requests(reqs, chunk.encoded):
+                    part_time[req.pos] = part_time.get(req.pos, 0.0) + dt
+                    if isinstance(outcome, _ItemError):
+                        part_err.setdefault(req.pos, (str(outcome), outcome.kind))
+                    else:
+                        part_out.setdefault(req.pos, {})[req.part] = outcome
+        finally:
+            if reuse is not None:
+                reuse.end_chunk()
         results: dict[int, ScoreResult] = {}
         for pos, item in enumerate(chunk.items):
             index = chunk.indices[pos]

@@ -13,6 +13,7 @@ from typing import Any
 from .batching import _batch_key, _ItemError
 from .templates import Template
 from .types import ScoreItem, describe_image, load_pil
+from .vision_reuse import image_key
 
 
 @dataclass
@@ -23,6 +24,7 @@ class _Request:
     template: Template
     prompt: str
     images: list[Any]  # resized PIL images, in the order the prompt shows them
+    image_keys: list[str] | None = None  # their pixel digests, when vision features are reused
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Preparation:
                 if any(t.needs_instruction for _, t in self.rubric.parts) and not (item.instruction or "").strip():
                     raise _ItemError(f"template {self.rubric.name!r} needs an instruction; the item has none", "input")
                 loaded: dict[str, list[Any]] = {}
+                keys: dict[int, str | None] = {}
                 notes: list[str] = []
                 for role, imgs in (("image", item.images), ("source", item.source_images)):
                     if role == "source" and not needs_source:
@@ -62,10 +65,11 @@ class Preparation:
                     out = []
                     for k, img in enumerate(imgs):
                         try:
-                            note, resized = loading[(pos, role, k)].result()
+                            note, resized = loading[(pos, role, k)].result()[:2]
                             if note:
                                 notes.append(f"{describe_image(img)}: {note}")
                             out.append(resized)
+                            keys[id(resized)] = loading[(pos, role, k)].result()[2]
                         except ValueError as e:
                             raise _ItemError(_image_error(role, describe_image(img), str(e)), "image") from None
                     loaded[role] = out
@@ -78,7 +82,8 @@ class Preparation:
                     prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
                     if mode == "logits":
                         prompt += tpl.logits_prefix
-                    chunk.requests.append(_Request(pos, part, tpl, prompt, imgs))
+                    chunk.requests.append(_Request(pos, part, tpl, prompt, imgs,
+                                                   [keys[id(im)] for im in imgs] if self._vision_reuse else None))
                 if notes:
                     chunk.notes[pos] = notes
             except _ItemError as e:
@@ -99,13 +104,14 @@ class Preparation:
                     futures[(pos, role, k)] = self._image_pool.submit(self._load_image, img)
         return futures
 
-    def _load_image(self, img: Any) -> tuple[str | None, Any]:
+    def _load_image(self, img: Any) -> tuple[str | None, Any, str | None]:
         from qwen_vl_utils import fetch_image
 
         pil = load_pil(img, self.settings.max_image_pixels)
         resized = fetch_image({"image": pil, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels},
                               image_patch_size=self.patch_size)
-        return pil.info.get("frames_note"), resized
+        # The digest names the image for vision_reuse.py (equal pixels, one pass through the tower).
+        return pil.info.get("frames_note"), resized, image_key(resized) if self._vision_reuse else None
 
     def _pre_encode(self, chunk: _PreparedChunk) -> None:
         # Run the processor here, in the prepare thread, so it overlaps the model's work on the

@@ -24,14 +24,21 @@ class Scoring:
         inject_batch_faults(len(reqs))
         inputs = self._encode(reqs, encoded)
         tpl = reqs[0].template
-        with torch.inference_mode():
-            try:
-                return self._score_batch(inputs, tpl)
-            except torch._dynamo.exc.TorchDynamoException as e:
-                if not self._compiled:
-                    raise
-                self._uncompile(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
-                return self._score_batch(inputs, tpl)
+        if self._vision_reuse is not None and all(r.image_keys for r in reqs):
+            # vision_reuse.py: the images of this forward, in the order the processor laid them out
+            self._vision_reuse.keys = [k for r in reqs for k in r.image_keys]
+        try:
+            with torch.inference_mode():
+                try:
+                    return self._score_batch(inputs, tpl)
+                except torch._dynamo.exc.TorchDynamoException as e:
+                    if not self._compiled:
+                        raise
+                    self._uncompile(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+                    return self._score_batch(inputs, tpl)
+        finally:
+            if self._vision_reuse is not None:
+                self._vision_reuse.keys = None
 
     def _score_batch(self, inputs, tpl: Template) -> list[dict[str, Any]]:
         if self.settings.mode == "logits":

@@ -20,6 +20,10 @@ class SpeedPaths:
         torch = self._torch
         s = self.settings
         self.vision_attn = apply_vision_attn(self.model, s.vision_attn, self.device, self.dtype)
+        from .vision_reuse import VisionReuse
+
+        # Each unique image through the vision tower once per chunk (same features; vision_reuse.py).
+        self._vision_reuse = VisionReuse.install(self.model)
         self._compiled: list = []  # modules running compiled
         self._compile_pending: list[tuple[str, str, str]] = []  # automatic: compiled once enough items ran
         self._items_scored = 0
