@@ -84,7 +84,7 @@ class JudgeEngine(Loading, Preparation, Batching, Scoring, SpeedPaths):
             return split_chats(self, items, idx)
         inject_item_faults(items)
         results: list[ScoreResult | None] = [None] * len(items)
-        bs = self.settings.batch_size
+        bs = self._chunk_items()
         chunks = [(start, items[start:start + bs], idx[start:start + bs]) for start in range(0, len(items), bs)]
         for start, prepared in self._prefetched(chunks):
             for pos, res in self._run_chunk(prepared).items():
@@ -132,13 +132,12 @@ class JudgeEngine(Loading, Preparation, Batching, Scoring, SpeedPaths):
         if reuse is not None:  # vision_reuse.py: how often each image is shown in this chunk
             reuse.begin_chunk([k for r in chunk.requests if r.pos not in chunk.errors for k in (r.image_keys or [])])
         try:
-            for reqs in self._batches(chunk):
-                for req, outcome, dt in self._run_requests(reqs, chunk.encoded):
-                    part_time[req.pos] = part_time.get(req.pos, 0.0) + dt
-                    if isinstance(outcome, _ItemError):
-                        part_err.setdefault(req.pos, (str(outcome), outcome.kind))
-                    else:
-                        part_out.setdefault(req.pos, {})[req.part] = outcome
+            for req, outcome, dt in self._run_all(chunk):
+                part_time[req.pos] = part_time.get(req.pos, 0.0) + dt
+                if isinstance(outcome, _ItemError):
+                    part_err.setdefault(req.pos, (str(outcome), outcome.kind))
+                else:
+                    part_out.setdefault(req.pos, {})[req.part] = outcome
         finally:
             if reuse is not None:
                 reuse.end_chunk()

@@ -25,6 +25,7 @@ class _Request:
     prompt: str
     images: list[Any]  # resized PIL images, in the order the prompt shows them
     image_keys: list[str] | None = None  # their pixel digests, when vision features are reused
+    max_new: int | None = None  # the item's own answer budget (metadata max_new_tokens), if lower
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Preparation:
                                      "the item has none", "input")
                 if any(t.needs_instruction for _, t in self.rubric.parts) and not (item.instruction or "").strip():
                     raise _ItemError(f"template {self.rubric.name!r} needs an instruction; the item has none", "input")
+                max_new = _item_max_new(item, s.max_new_tokens)
                 loaded: dict[str, list[Any]] = {}
                 keys: dict[int, str | None] = {}
                 notes: list[str] = []
@@ -83,7 +85,8 @@ class Preparation:
                     if mode == "logits":
                         prompt += tpl.logits_prefix
                     chunk.requests.append(_Request(pos, part, tpl, prompt, imgs,
-                                                   [keys[id(im)] for im in imgs] if self._vision_reuse else None))
+                                                   [keys[id(im)] for im in imgs] if self._vision_reuse else None,
+                                                   max_new))
                 if notes:
                     chunk.notes[pos] = notes
             except _ItemError as e:
@@ -116,7 +119,13 @@ class Preparation:
     def _pre_encode(self, chunk: _PreparedChunk) -> None:
         # Run the processor here, in the prepare thread, so it overlaps the model's work on the
         # previous chunk. A batch that fails here is encoded again (and fails properly) in _encode.
-        for reqs in self._batches(chunk):
+        if self._continuous:  # the first batch of each template together, the prompts that join alone
+            groups = [g for reqs in self._template_groups(chunk) for g in
+                      ([reqs] if len(reqs) <= self._batch_limit() else
+                       [reqs[:self._batch_limit()]] + [[r] for r in reqs[self._batch_limit():]])]
+        else:
+            groups = list(self._batches(chunk))
+        for reqs in groups:
             try:
                 chunk.encoded[_batch_key(reqs)] = self._encode_cpu(reqs)
             except Exception:
@@ -165,6 +174,17 @@ class Preparation:
         for value in inputs.values():
             if hasattr(value, "is_cuda") and value.is_cuda:
                 value.record_stream(current)
+
+
+def _item_max_new(item: ScoreItem, limit: int) -> int | None:
+    """The item's own answer budget, metadata {"max_new_tokens": n}: 1..max_new_tokens, or None."""
+    n = (item.metadata or {}).get("max_new_tokens")
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
+        raise _ItemError(f"metadata max_new_tokens must be a whole number in 1..{limit} (the judge's "
+                         f"max_new_tokens), got {n!r}", "input")
+    return n if n < limit else None
 
 
 def _name(item: ScoreItem, index: int) -> str:
