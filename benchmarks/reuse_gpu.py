@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import pathlib
 import platform
 import random
@@ -76,6 +77,17 @@ def stage_edit(model_dir: str, a, cuda: bool) -> dict[str, Any]:
     return out
 
 
+class _Count(logging.Handler):
+    """Counts the engine's log records that contain `text` (a continuous decode that fell back)."""
+
+    def __init__(self, text: str):
+        super().__init__(logging.WARNING)
+        self.text, self.n = text, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.n += self.text in record.getMessage()
+
+
 def stage_lengths(model_dir: str, a, cuda: bool) -> dict[str, Any]:
     from src.models.reward.implementations.local import QwenVLRewardModel
     from src.models.reward.types import ScoreItem
@@ -87,16 +99,21 @@ def stage_lengths(model_dir: str, a, cuda: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"items": a.n, "budget_min": min(budgets), "budget_max": max(budgets),
                            "budget_mean": round(sum(budgets) / len(budgets), 1)}
     answers = {}
+    warm = [ScoreItem(images=[im], metadata={"max_new_tokens": a.len_min}) for im in imgs[:a.bs]]
+    failures = _Count("continuous batching failed")
+    logging.getLogger("src.models.reward.engine").addHandler(failures)
     for on in (True, False):
         kw = dict(mode="generate", max_new_tokens=a.len_max, min_new_tokens=a.len_max, batch_size=a.bs,
                   continuous_batching=on)
         with QwenVLRewardModel(model_name=model_dir, device=a.device, **kw) as judge:
-            _timed(judge, items[:a.bs], cuda)  # warm-up: one static-size batch, untimed
+            _timed(judge, warm, cuda)  # warm-up: one batch of short answers, untimed
+            failures.n = 0
             dt, res = _timed(judge, items, cuda)
             answers[on] = [r.raw for r in res]
             out["continuous" if on else "static"] = {
                 "s": round(dt, 3), "items_per_s": round(a.n / dt, 3),
-                "tokens_per_s": round(sum(budgets) / dt, 1), "continuous_active": judge.engine._continuous}
+                "tokens_per_s": round(sum(budgets) / dt, 1), "continuous_active": judge.engine._continuous,
+                "fell_back_to_static": failures.n}
     out["speedup"] = round(out["continuous"]["items_per_s"] / out["static"]["items_per_s"], 3)
     out["identical_answers"] = round(sum(x == y for x, y in zip(answers[True], answers[False])) / a.n, 3)
     return out

@@ -77,5 +77,6 @@ def test_reuse_gpu_smoke(tmp_path):
     assert edit["reuse_on"]["images_encoded"] == 12 and edit["reuse_on"]["images_reused"] == 6
     assert edit["max_abs_score_diff"] < 1e-5 and edit["reuse_on"]["errors"] == 0
     assert lengths["continuous"]["continuous_active"] and not lengths["static"]["continuous_active"]
+    assert lengths["continuous"]["fell_back_to_static"] == 0
     assert lengths["identical_answers"] == 1.0  # float32 on the CPU: the same tokens
     assert (tmp_path / "reuse_gpu.md").read_text().startswith("# Issue 17")
