@@ -15,6 +15,9 @@ identical between the two (bf16: batch composition can flip near-ties).
 
     python benchmarks/reuse_gpu.py --size qwen3_vl-8b [--stages edit,lengths] [--n 128] [--bs 32]
     python benchmarks/reuse_gpu.py --smoke      # CPU, tiny model, seconds (CI)
+
+The device image has no qwen-vl-utils: carry its wheel (requirements-worker.txt's version) and put
+it on PYTHONPATH first, or every item fails in preparation (the script then stops, saying so).
 """
 from __future__ import annotations
 
@@ -50,6 +53,14 @@ def _timed(judge, items, cuda: bool) -> tuple[float, list]:
     return time.perf_counter() - t0, res
 
 
+def _check(res: list, what: str) -> dict[str, Any]:
+    """Errors of a timed call; a call whose items all failed is no measurement: stop, saying why."""
+    bad = [r for r in res if r.error is not None and r.error_kind != "parse"]  # random weights write no score
+    if res and len(bad) == len(res):
+        raise SystemExit(f"{what}: every item failed, e.g. {bad[0].error}")
+    return {"errors": len(bad), "first_error": bad[0].error if bad else None}
+
+
 def stage_edit(model_dir: str, a, cuda: bool) -> dict[str, Any]:
     from src.models.reward.implementations.local import QwenVLRewardModel
     from src.models.reward.types import ScoreItem
@@ -70,7 +81,7 @@ def stage_edit(model_dir: str, a, cuda: bool) -> dict[str, Any]:
             out["reuse_on" if on else "reuse_off"] = {
                 "s": round(dt, 3), "items_per_s": round(a.n / dt, 3),
                 "images_encoded": reuse.encoded - enc0 if on else 3 * a.n, "images_reused": reuse.reused - reu0,
-                "errors": sum(r.error is not None for r in res)}
+                **_check(res, f"edit, reuse {'on' if on else 'off'}")}
     diffs = [abs(x - y) for x, y in zip(scores[True], scores[False]) if x is not None and y is not None]
     out["speedup"] = round(out["reuse_on"]["items_per_s"] / out["reuse_off"]["items_per_s"], 3)
     out["max_abs_score_diff"] = max(diffs) if diffs else None
@@ -113,7 +124,7 @@ def stage_lengths(model_dir: str, a, cuda: bool) -> dict[str, Any]:
             out["continuous" if on else "static"] = {
                 "s": round(dt, 3), "items_per_s": round(a.n / dt, 3),
                 "tokens_per_s": round(sum(budgets) / dt, 1), "continuous_active": judge.engine._continuous,
-                "fell_back_to_static": failures.n}
+                "fell_back_to_static": failures.n, **_check(res, f"lengths, continuous {on}")}
     out["speedup"] = round(out["continuous"]["items_per_s"] / out["static"]["items_per_s"], 3)
     out["identical_answers"] = round(sum(x == y for x, y in zip(answers[True], answers[False])) / a.n, 3)
     return out

@@ -75,7 +75,8 @@ def test_reuse_gpu_smoke(tmp_path):
     edit, lengths = report["edit"], report["lengths"]
     # 6 edit items: 12 distinct images shown 18 times; the same scores either way
     assert edit["reuse_on"]["images_encoded"] == 12 and edit["reuse_on"]["images_reused"] == 6
-    assert edit["max_abs_score_diff"] < 1e-5 and edit["reuse_on"]["errors"] == 0
+    assert edit["max_abs_score_diff"] < 1e-5 and edit["reuse_on"]["errors"] == 0 and edit["reuse_off"]["errors"] == 0
+    assert lengths["continuous"]["errors"] == 0 and lengths["static"]["first_error"] is None
     assert lengths["continuous"]["continuous_active"] and not lengths["static"]["continuous_active"]
     assert lengths["continuous"]["fell_back_to_static"] == 0
     assert lengths["identical_answers"] == 1.0  # float32 on the CPU: the same tokens
