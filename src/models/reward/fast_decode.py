@@ -375,7 +375,7 @@ def generate_continuous(model: Any, first: Any, more: list[Any], plan: Plan, *, 
               if plan.repetition_penalty != 1.0 else None),
         out=torch.full((slots, max_new), plan.pad_token_id, dtype=torch.long, device=device),
         eos=torch.tensor(plan.eos_token_ids, dtype=torch.long, device=device),
-        ar=ar, plan=plan)
+        ar=ar, yes=torch.ones(slots, dtype=torch.bool, device=device), plan=plan)
     st.mask[:, 0, 0, :first_len] = attn.bool()
     _pick_rows(logits, st)
     del logits
@@ -392,7 +392,7 @@ def generate_continuous(model: Any, first: Any, more: list[Any], plan: Plan, *, 
     as_dict = model.config.model_type in _MASK_AS_DICT
 
     def step() -> None:
-        st.mask[ar, 0, 0, st.wpos] = True  # the new token sees itself
+        st.mask[ar, 0, 0, st.wpos] = st.yes  # the new token sees itself (a tensor: no host value in the graph)
         mask = {"full_attention": st.mask} if as_dict else st.mask
         h = lm(input_ids=st.tok, attention_mask=mask, position_ids=st.pos,
                past_key_values=cache, use_cache=True).last_hidden_state
@@ -496,6 +496,7 @@ class _RowState:
     out: Any          # (B, max_new) generated tokens
     eos: Any
     ar: Any           # arange(B)
+    yes: Any          # (B,) True
     plan: Plan
 
 
@@ -522,6 +523,6 @@ def _pick_rows(logits, st: _RowState, row: int | None = None) -> None:
     st.out[rows, idx] = torch.where(active, nxt, st.out[rows, idx])
     st.unfinished[rows] = active & ~torch.isin(nxt, st.eos) & (step + 1 < st.limit[rows])
     if st.seen is not None:
-        st.seen[rows, nxt] = True
+        st.seen[rows, nxt] = st.yes[:len(nxt)]
     st.tok[rows] = nxt[:, None]
     st.step[rows] = step + active.long()
