@@ -64,3 +64,20 @@ def test_bench_gpu_smoke_qwen3_judges(tmp_path):
         assert size["library_logits"]["bs2"]["scored"] == 4
         assert size["library_generate"]["fast_decode"] is True and size["library_generate"]["bs2"]["items"] == 4
     assert "smoke stand-in smoke-qwen3_vl_moe" in (tmp_path / "bench_gpu.md").read_text()
+
+
+def test_reuse_gpu_smoke(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "reuse_gpu.py"), "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "reuse_gpu.json").read_text())
+    edit, lengths = report["edit"], report["lengths"]
+    # 6 edit items: 12 distinct images shown 18 times; the same scores either way
+    assert edit["reuse_on"]["images_encoded"] == 12 and edit["reuse_on"]["images_reused"] == 6
+    assert edit["max_abs_score_diff"] < 1e-5 and edit["reuse_on"]["errors"] == 0 and edit["reuse_off"]["errors"] == 0
+    assert lengths["continuous"]["errors"] == 0 and lengths["static"]["first_error"] is None
+    assert lengths["continuous"]["continuous_active"] and not lengths["static"]["continuous_active"]
+    assert lengths["continuous"]["fell_back_to_static"] == 0
+    assert lengths["identical_answers"] == 1.0  # float32 on the CPU: the same tokens
+    assert (tmp_path / "reuse_gpu.md").read_text().startswith("# Issue 17")

@@ -276,3 +276,95 @@ def test_a_failing_compile_falls_back_to_eager(monkeypatch, caplog):
     assert [a[2] for a in fast] == [None] * len(plain)
     assert [a[0] for a in fast] == pytest.approx([a[0] for a in plain], abs=1e-5)
     assert caplog.text.count("compiling failed") == 1 and "running eagerly from now on" in caplog.text
+
+
+# -- vision_reuse: each unique image through the vision tower once per chunk ----------------------
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_shared_vision_features_give_the_same_scores(arch):
+    # The edit rubric shows the edited image to both of its parts, and items 0, 2 and 4 share one
+    # source image (as a benchmark's items often do): 5 items, 5 edited + 3 distinct sources = 8
+    # unique images, where the plain path encodes 5 x 3 = 15.
+    imgs = _images(8, seed=1)
+    sources = [imgs[5], imgs[6], imgs[5], imgs[7], imgs[5].copy()]  # a copy: equal pixels, equal name
+    items = [ScoreItem(images=[imgs[i]], source_images=[sources[i]], instruction=f"make it {c}")
+             for i, c in enumerate("ABCDE")]
+    out = {}
+    for reuse in (True, False):
+        with QwenVLRewardModel(model_name=f"tiny:{arch}", template="edit", batch_size=4) as j:
+            r = j.engine._vision_reuse
+            assert r is not None
+            r.enabled = reuse
+            out[reuse] = [res.sub_scores for res in j.batch_score(items)]
+            # batch_size 4: chunks of 4 items (7 unique images of 12 shown) and 1 (2 of 3)
+            assert r.encoded == (7 + 2 if reuse else 0) and r.reused == (15 - 9 if reuse else 0)
+    for a, b in zip(out[True], out[False]):
+        assert a.keys() == b.keys() and all(v is not None for v in a.values())
+        for part in a:
+            assert abs(a[part] - b[part]) < 1e-5, (part, a[part], b[part])
+
+
+def test_vision_reuse_keeps_no_features_after_a_call():
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=2) as j:
+        imgs = _images(4)
+        res = j.batch_score([ScoreItem(images=[imgs[i]], source_images=[imgs[3]], instruction="x") for i in range(3)])
+        assert all(r.error is None for r in res)
+        r = j.engine._vision_reuse
+        assert not r.store and r.keys is None and r.encoded == 3 + 2 and r.reused == 9 - 5
+
+
+# -- continuous batching: finished rows leave, new prompts join ------------------------------------
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl_moe"])
+def test_continuous_batching_gives_each_prompt_its_alone_tokens(arch):
+    path = resolve_model_name(f"tiny:{arch}")
+    proc = AutoProcessor.from_pretrained(path)
+    proc.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval()
+    prompts = [proc.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "rate this" + " please" * i}]}], add_generation_prompt=True,
+        tokenize=False) for i in range(6)]
+    imgs = _images(6, seed=2)
+    alone_inputs = [proc(text=[p], images=[im], return_tensors="pt") for p, im in zip(prompts, imgs)]
+    pad = proc.tokenizer.pad_token_id
+    base = fast_decode.Plan(max_new_tokens=16, min_new_tokens=0, eos_token_ids=(pad,), pad_token_id=pad)
+    with torch.inference_mode():
+        free = [fast_decode.generate_tokens(model, x, base)[0] for x in alone_inputs]
+        # An end token that each answer meets at a different step: rows finish at different times.
+        counts = {}
+        for row in free:
+            for t in set(row[1:12].tolist()):
+                counts[t] = counts.get(t, 0) + 1
+        eos = max(counts, key=counts.get)
+        plan = fast_decode.Plan(max_new_tokens=16, min_new_tokens=2, eos_token_ids=(eos,), pad_token_id=pad,
+                                repetition_penalty=1.1)
+        alone = [fast_decode.generate_tokens(model, x, plan)[0] for x in alone_inputs]
+        alone = [row[:(row == eos).nonzero()[0, 0] + 1] if (row == eos).any() else row for row in alone]
+        lengths = [len(a) for a in alone]
+        assert min(lengths) < 16 and len(set(lengths)) > 1, lengths
+        limits = [16, 16, 5, 16, 16, 9]  # two prompts with their own, lower, limit
+        first = proc(text=prompts[:2], images=imgs[:2], padding=True, return_tensors="pt")
+        timings = {}
+        got = fast_decode.generate_continuous(model, first, alone_inputs[2:], plan, limits=limits, timings=timings)
+    assert timings["joined"] == 4
+    for i, (a, g) in enumerate(zip(alone, got)):
+        assert g.tolist() == a[:limits[i]].tolist(), (i, g.tolist(), a.tolist())
+
+
+def test_continuous_batching_judge_gives_the_static_answers(caplog):
+    # 7 items, batch 2: two start, five join as answers end; items' own budgets spread the lengths.
+    imgs = _images(7, seed=3)
+    budgets = [12, 3, 7, None, 2, 12, 5]
+    items = [ScoreItem(images=[im], metadata={"max_new_tokens": b} if b else {}) for im, b in zip(imgs, budgets)]
+    base = dict(mode="generate", max_new_tokens=12, batch_size=2)
+    out = {}
+    for on in (True, False):
+        with QwenVLRewardModel(model_name="tiny:qwen3_vl", continuous_batching=on, **base) as j:
+            assert j.engine._continuous is on and j.engine._chunk_items() == (8 if on else 2)
+            out[on] = [(r.raw, r.error_kind) for r in j.batch_score(items)]
+    assert out[True] == out[False]
+    assert "continuous batching failed" not in caplog.text  # it ran, not its static fallback
+    assert len(out[True][4][0]["quality"]) < len(out[True][0][0]["quality"])  # budgets bit: random weights never stop
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", **base) as j:
+        bad = j.batch_score([ScoreItem(images=[imgs[0]], metadata={"max_new_tokens": 13})])[0]
+    assert bad.error_kind == "input" and "max_new_tokens must be a whole number in 1..12" in bad.error

@@ -40,6 +40,44 @@ class Batching:
                 yield reqs[start:start + n]
                 start += n
 
+    def _run_all(self, chunk: _PreparedChunk) -> Iterator[tuple[_Request, Any, float]]:
+        """Every prompt of a chunk: (request, outcome, seconds), batch by batch; in generate mode with
+        continuous batching, each template's prompts as one continuous decode (finished answers leave,
+        the next prompts join), falling back to static batches if it fails."""
+        if not self._continuous:
+            for reqs in self._batches(chunk):
+                yield from self._run_requests(reqs, chunk.encoded)
+            return
+        for reqs in self._template_groups(chunk):
+            slots = self._batch_limit()
+            if len(reqs) <= slots:  # nothing would join: the static path
+                yield from self._run_requests(reqs, chunk.encoded)
+                continue
+            t0 = time.perf_counter()
+            try:
+                outcomes = self._continuous_scores(reqs[:slots], reqs[slots:], chunk.encoded)
+            except Exception as e:
+                self._free_memory()
+                log.warning("continuous batching failed on %s (%s: %s); running static batches",
+                            self.device_label, type(e).__name__, _first_line(e))
+                for start in range(0, len(reqs), slots):
+                    yield from self._run_requests(reqs[start:start + slots], chunk.encoded)
+                continue
+            dt = (time.perf_counter() - t0) / len(reqs)
+            for req, out in zip(reqs, outcomes):
+                yield req, out, dt
+
+    def _template_groups(self, chunk: _PreparedChunk) -> list[list[_Request]]:
+        by_template: dict[str, list[_Request]] = {}
+        for req in chunk.requests:
+            if req.pos not in chunk.errors:
+                by_template.setdefault(req.template.name, []).append(req)
+        return list(by_template.values())
+
+    def _chunk_items(self) -> int:
+        """Items prepared together: a batch; four under continuous batching, so prompts can join."""
+        return self.settings.batch_size * (4 if self._continuous else 1)
+
     def _batch_limit(self) -> int:
         budget = self.settings.max_memory_gb if self.device.startswith("cuda") else None
         return batch_limit(self.settings.batch_size, self._batch_cap, budget, self._resident_bytes,

@@ -84,7 +84,7 @@ class JudgeEngine(Loading, Preparation, Batching, Scoring, SpeedPaths):
             return split_chats(self, items, idx)
         hooks.before_call(items)  # a test plug-in's faults, in tests only
         results: list[ScoreResult | None] = [None] * len(items)
-        bs = self.settings.batch_size
+        bs = self._chunk_items()
         chunks = [(start, items[start:start + bs], idx[start:start + bs]) for start in range(0, len(items), bs)]
         for start, prepared in self._prefetched(chunks):
             for pos, res in self._run_chunk(prepared).items():
@@ -128,13 +128,19 @@ class JudgeEngine(Loading, Preparation, Batching, Scoring, SpeedPaths):
         part_out: dict[int, dict[str, Any]] = {}    # pos -> part -> (score, raw) or error
         part_err: dict[int, tuple[str, str]] = dict(chunk.errors)
         part_time: dict[int, float] = {}
-        for reqs in self._batches(chunk):
-            for req, outcome, dt in self._run_requests(reqs, chunk.encoded):
+        reuse = self._vision_reuse
+        if reuse is not None:  # vision_reuse.py: how often each image is shown in this chunk
+            reuse.begin_chunk([k for r in chunk.requests if r.pos not in chunk.errors for k in (r.image_keys or [])])
+        try:
+            for req, outcome, dt in self._run_all(chunk):
                 part_time[req.pos] = part_time.get(req.pos, 0.0) + dt
                 if isinstance(outcome, _ItemError):
                     part_err.setdefault(req.pos, (str(outcome), outcome.kind))
                 else:
                     part_out.setdefault(req.pos, {})[req.part] = outcome
+        finally:
+            if reuse is not None:
+                reuse.end_chunk()
         results: dict[int, ScoreResult] = {}
         for pos, item in enumerate(chunk.items):
             index = chunk.indices[pos]

@@ -302,3 +302,226 @@ def _pick(logits, st: _State) -> None:
     st.out.index_copy_(1, st.step.view(1), nxt[:, None])
     st.tok.copy_(nxt[:, None])
     st.step.add_(1)
+
+
+# -- continuous batching --------------------------------------------------------------------------
+
+_JOIN_CHECK_EVERY = 8  # replays between looks for finished rows (each look syncs with the GPU)
+
+
+def continuous_applies(plan: Plan) -> str | None:
+    """None when `generate_continuous` gives each prompt the tokens it gets decoded alone, else
+    why not: a sampled row's draws depend on the rows beside it (one generator for the batch)."""
+    if plan.do_sample:
+        return "sampling draws from one generator shared by the batch's rows"
+    if plan.num_return_sequences != 1:
+        return "several answers per prompt"
+    return None
+
+
+def generate_continuous(model: Any, first: Any, more: list[Any], plan: Plan, *, limits: list[int] | None = None,
+                        cuda_graph: bool = True, cache_align: int = 64, check_every: int | None = None,
+                        before_join: Any = None, timings: dict | None = None) -> list[Any]:
+    """Greedy decoding where a finished row leaves the batch and the next prompt takes its slot.
+
+    `first`: the processor's inputs (on the device) of the prompts that start, one slot each;
+    `more`: the inputs of the prompts that join as slots free up, one prompt each (on the CPU or
+    the device), in order. `limits`: each prompt's own max_new_tokens (<= plan.max_new_tokens),
+    first's then more's. Returns each prompt's new tokens (a 1-D CPU tensor, up to and including
+    the end-of-answer token), in the same order. `before_join(i)`, if given, returns more[i]'s
+    inputs on the device when it joins (the engine's hook: stream hand-over, vision reuse). The same tokens as decoding each prompt alone: a
+    joining prompt is prefilled alone and its KV cache copied into the free slot; every row keeps
+    its own write position, step count and rotary position, and attends only to its own slots.
+    """
+    import torch
+
+    why = continuous_applies(plan)
+    if why:
+        raise ValueError(f"continuous batching does not apply: {why}")
+    ids = first["input_ids"]
+    slots, first_len = ids.shape
+    device = ids.device
+    n_total = slots + len(more)
+    limits = list(limits) if limits is not None else [plan.max_new_tokens] * n_total
+    if len(limits) != n_total or any(not 1 <= m <= plan.max_new_tokens for m in limits):
+        raise ValueError("limits: one per prompt, each in 1..max_new_tokens")
+    max_new = max(limits)
+    longest = max([first_len] + [m["input_ids"].shape[1] for m in more])
+    cache_len = -(-(longest + max_new) // cache_align) * cache_align
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    attn = first.get("attention_mask")
+    if attn is None:
+        attn = torch.ones_like(ids)
+    out = model(**first, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1, :].float()
+    del out
+    deltas = getattr(model.model, "rope_deltas", None)
+    if deltas is None:
+        deltas = torch.zeros(slots, 1, dtype=torch.long, device=device)
+    vocab = logits.shape[-1]
+    ar = torch.arange(slots, device=device)
+    st = _RowState(
+        tok=torch.empty(slots, 1, dtype=torch.long, device=device),
+        pos=(attn.long().sum(-1, keepdim=True) + deltas).view(1, slots, 1).expand(3, slots, 1).contiguous(),
+        mask=torch.zeros(slots, 1, 1, cache_len, dtype=torch.bool, device=device),
+        wpos=torch.full((slots,), first_len, dtype=torch.long, device=device),
+        step=torch.zeros(slots, dtype=torch.long, device=device),
+        limit=torch.tensor(limits[:slots], dtype=torch.long, device=device),
+        unfinished=torch.ones(slots, dtype=torch.bool, device=device),
+        seen=(torch.zeros(slots, vocab, dtype=torch.bool, device=device).scatter_(1, ids, True)
+              if plan.repetition_penalty != 1.0 else None),
+        out=torch.full((slots, max_new), plan.pad_token_id, dtype=torch.long, device=device),
+        eos=torch.tensor(plan.eos_token_ids, dtype=torch.long, device=device),
+        ar=ar, yes=torch.ones(slots, dtype=torch.bool, device=device), plan=plan)
+    st.mask[:, 0, 0, :first_len] = attn.bool()
+    _pick_rows(logits, st)
+    del logits
+    layers = cache.layers
+
+    def write(layer):  # this layer's cache update while decoding: one token per row, at its own slot
+        def update(key_states, value_states, cache_kwargs=None, *args, **kwargs):
+            layer.keys[ar, :, st.wpos] = key_states[:, :, 0]
+            layer.values[ar, :, st.wpos] = value_states[:, :, 0]
+            return layer.keys, layer.values
+        return update
+
+    lm, head = model.model.language_model, model.lm_head
+    as_dict = model.config.model_type in _MASK_AS_DICT
+
+    def step() -> None:
+        st.mask[ar, 0, 0, st.wpos] = st.yes  # the new token sees itself (a tensor: no host value in the graph)
+        mask = {"full_attention": st.mask} if as_dict else st.mask
+        h = lm(input_ids=st.tok, attention_mask=mask, position_ids=st.pos,
+               past_key_values=cache, use_cache=True).last_hidden_state
+        _pick_rows(head(h[:, -1, :]).float(), st)
+        st.pos.add_(1)
+        st.wpos.add_(1)
+
+    def join(slot: int, i: int, limit: int) -> None:  # prefill prompt more[i] alone, into `slot`
+        inputs = before_join(i) if before_join is not None else more[i].to(device)
+        n = inputs["input_ids"].shape[1]
+        own = StaticCache(config=model.config, max_cache_len=n)
+        o = model(**inputs, past_key_values=own, use_cache=True, logits_to_keep=1)
+        d = getattr(model.model, "rope_deltas", None)
+        for big, small in zip(layers, own.layers):
+            big.keys[slot, :, :n] = small.keys[0]
+            big.values[slot, :, :n] = small.values[0]
+        st.mask[slot] = False
+        st.mask[slot, 0, 0, :n] = True
+        st.pos[:, slot] = n + (int(d.view(-1)[0]) if d is not None else 0)
+        st.wpos[slot] = n
+        st.step[slot] = 0
+        st.limit[slot] = limit
+        st.unfinished[slot] = True
+        st.out[slot] = plan.pad_token_id
+        if st.seen is not None:
+            st.seen[slot] = False
+            st.seen[slot].scatter_(0, inputs["input_ids"][0], True)
+        _pick_rows(o.logits[:, -1, :].float(), st, row=slot)
+
+    results: list[Any] = [None] * n_total
+    owner = list(range(slots))  # the prompt each slot decodes
+    queue = list(range(slots, n_total))
+    use_graph = cuda_graph and device.type == "cuda"
+    every = check_every or (_JOIN_CHECK_EVERY if use_graph else 1)
+    _register_decode_attention()
+    text_config = lm.config
+    plain_attn = text_config._attn_implementation
+    text_config._attn_implementation_internal = _DECODE_ATTN
+    plain_updates = [layer.update for layer in layers]
+    for layer in layers:
+        layer.update = write(layer)
+    graph = None
+    steps = 0
+    try:
+        while True:
+            finished = (~st.unfinished).nonzero().view(-1).tolist()
+            for slot in finished:
+                if owner[slot] is not None:
+                    n = int(st.step[slot])
+                    results[owner[slot]] = st.out[slot, :n].clone().cpu()  # the slot is reused
+                    owner[slot] = None
+                if queue:
+                    p = queue.pop(0)
+                    for layer, upd in zip(layers, plain_updates):  # a joining prefill writes as usual
+                        layer.update = upd
+                    try:
+                        join(slot, p - slots, limits[p])
+                    finally:
+                        for layer in layers:
+                            layer.update = write(layer)
+                    owner[slot] = p
+            if all(o is None for o in owner):
+                break
+            for _ in range(every):
+                if use_graph and graph is None and steps >= 2:
+                    torch.cuda.synchronize(device)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        step()  # recorded, not run
+                if graph is not None:
+                    graph.replay()
+                elif use_graph:
+                    side = torch.cuda.Stream(device)
+                    side.wait_stream(torch.cuda.current_stream(device))
+                    with torch.cuda.stream(side):  # warm-up steps before capture, as CUDA graphs need
+                        step()
+                    torch.cuda.current_stream(device).wait_stream(side)
+                else:
+                    step()
+                steps += 1
+    finally:
+        for layer, upd in zip(layers, plain_updates):
+            layer.update = upd
+        text_config._attn_implementation_internal = plain_attn
+        del graph
+    if timings is not None:
+        timings.update(steps=steps, joined=len(more))
+    return results
+
+
+@dataclass
+class _RowState:
+    tok: Any          # (B, 1) the token fed to the next step
+    pos: Any          # (3, B, 1) its rotary positions
+    mask: Any         # (B, 1, 1, cache_len) bool: which cache slots each row attends to
+    wpos: Any         # (B,) the cache slot each row writes next
+    step: Any         # (B,) tokens each row has generated
+    limit: Any        # (B,) each row's max_new_tokens
+    unfinished: Any   # (B,) bool
+    seen: Any         # (B, vocab) bool or None (repetition penalty)
+    out: Any          # (B, max_new) generated tokens
+    eos: Any
+    ar: Any           # arange(B)
+    yes: Any          # (B,) True
+    plan: Plan
+
+
+def _pick_rows(logits, st: _RowState, row: int | None = None) -> None:
+    """_pick for greedy decoding with a step count per row; `row`: only that row (a prompt that
+    just joined), from its own prefill's logits."""
+    import torch
+
+    p = st.plan
+    rows = st.ar if row is None else st.ar[row:row + 1]
+    seen = st.seen[rows] if st.seen is not None else None
+    step = st.step[rows]
+    if seen is not None:
+        logits = torch.where(seen, torch.where(logits < 0, logits * p.repetition_penalty,
+                                               logits / p.repetition_penalty), logits)
+    if p.min_new_tokens > 0:
+        eos_scores = logits[:, st.eos]
+        logits[:, st.eos] = torch.where((step < p.min_new_tokens)[:, None], torch.full_like(eos_scores, float("-inf")),
+                                        eos_scores)
+    nxt = logits.argmax(dim=-1)
+    active = st.unfinished[rows]
+    nxt = torch.where(active, nxt, torch.full_like(nxt, p.pad_token_id))
+    idx = step.clamp(max=st.out.shape[1] - 1)
+    st.out[rows, idx] = torch.where(active, nxt, st.out[rows, idx])
+    st.unfinished[rows] = active & ~torch.isin(nxt, st.eos) & (step + 1 < st.limit[rows])
+    if st.seen is not None:
+        st.seen[rows, nxt] = st.yes[:len(nxt)]
+    st.tok[rows] = nxt[:, None]
+    st.step[rows] = step + active.long()

@@ -13,6 +13,7 @@ from typing import Any
 from .batching import _batch_key, _ItemError
 from .templates import Template
 from .types import ScoreItem, describe_image, load_pil
+from .vision_reuse import image_key
 
 
 @dataclass
@@ -23,6 +24,8 @@ class _Request:
     template: Template
     prompt: str
     images: list[Any]  # resized PIL images, in the order the prompt shows them
+    image_keys: list[str] | None = None  # their pixel digests, when vision features are reused
+    max_new: int | None = None  # the item's own answer budget (metadata max_new_tokens), if lower
 
 
 @dataclass
@@ -54,7 +57,9 @@ class Preparation:
                                      "the item has none", "input")
                 if any(t.needs_instruction for _, t in self.rubric.parts) and not (item.instruction or "").strip():
                     raise _ItemError(f"template {self.rubric.name!r} needs an instruction; the item has none", "input")
+                max_new = _item_max_new(item, s.max_new_tokens)
                 loaded: dict[str, list[Any]] = {}
+                keys: dict[int, str | None] = {}
                 notes: list[str] = []
                 for role, imgs in (("image", item.images), ("source", item.source_images)):
                     if role == "source" and not needs_source:
@@ -62,10 +67,11 @@ class Preparation:
                     out = []
                     for k, img in enumerate(imgs):
                         try:
-                            note, resized = loading[(pos, role, k)].result()
+                            note, resized = loading[(pos, role, k)].result()[:2]
                             if note:
                                 notes.append(f"{describe_image(img)}: {note}")
                             out.append(resized)
+                            keys[id(resized)] = loading[(pos, role, k)].result()[2]
                         except ValueError as e:
                             raise _ItemError(_image_error(role, describe_image(img), str(e)), "image") from None
                     loaded[role] = out
@@ -78,7 +84,9 @@ class Preparation:
                     prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
                     if mode == "logits":
                         prompt += tpl.logits_prefix
-                    chunk.requests.append(_Request(pos, part, tpl, prompt, imgs))
+                    chunk.requests.append(_Request(pos, part, tpl, prompt, imgs,
+                                                   [keys[id(im)] for im in imgs] if self._vision_reuse else None,
+                                                   max_new))
                 if notes:
                     chunk.notes[pos] = notes
             except _ItemError as e:
@@ -99,18 +107,25 @@ class Preparation:
                     futures[(pos, role, k)] = self._image_pool.submit(self._load_image, img)
         return futures
 
-    def _load_image(self, img: Any) -> tuple[str | None, Any]:
+    def _load_image(self, img: Any) -> tuple[str | None, Any, str | None]:
         from qwen_vl_utils import fetch_image
 
         pil = load_pil(img, self.settings.max_image_pixels)
         resized = fetch_image({"image": pil, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels},
                               image_patch_size=self.patch_size)
-        return pil.info.get("frames_note"), resized
+        # The digest names the image for vision_reuse.py (equal pixels, one pass through the tower).
+        return pil.info.get("frames_note"), resized, image_key(resized) if self._vision_reuse else None
 
     def _pre_encode(self, chunk: _PreparedChunk) -> None:
         # Run the processor here, in the prepare thread, so it overlaps the model's work on the
         # previous chunk. A batch that fails here is encoded again (and fails properly) in _encode.
-        for reqs in self._batches(chunk):
+        if self._continuous:  # the first batch of each template together, the prompts that join alone
+            groups = [g for reqs in self._template_groups(chunk) for g in
+                      ([reqs] if len(reqs) <= self._batch_limit() else
+                       [reqs[:self._batch_limit()]] + [[r] for r in reqs[self._batch_limit():]])]
+        else:
+            groups = list(self._batches(chunk))
+        for reqs in groups:
             try:
                 chunk.encoded[_batch_key(reqs)] = self._encode_cpu(reqs)
             except Exception:
@@ -159,6 +174,17 @@ class Preparation:
         for value in inputs.values():
             if hasattr(value, "is_cuda") and value.is_cuda:
                 value.record_stream(current)
+
+
+def _item_max_new(item: ScoreItem, limit: int) -> int | None:
+    """The item's own answer budget, metadata {"max_new_tokens": n}: 1..max_new_tokens, or None."""
+    n = (item.metadata or {}).get("max_new_tokens")
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
+        raise _ItemError(f"metadata max_new_tokens must be a whole number in 1..{limit} (the judge's "
+                         f"max_new_tokens), got {n!r}", "input")
+    return n if n < limit else None
 
 
 def _name(item: ScoreItem, index: int) -> str:

@@ -9,6 +9,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from . import hooks
+from .batching import _batch_key
 from .parsing import parse_score
 from .templates import Template
 
@@ -24,19 +25,26 @@ class Scoring:
         hooks.before_forward(len(reqs))
         inputs = self._encode(reqs, encoded)
         tpl = reqs[0].template
-        with torch.inference_mode():
-            try:
-                return self._score_batch(inputs, tpl)
-            except torch._dynamo.exc.TorchDynamoException as e:
-                if not self._compiled:
-                    raise
-                self._uncompile(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
-                return self._score_batch(inputs, tpl)
+        if self._vision_reuse is not None and all(r.image_keys for r in reqs):
+            # vision_reuse.py: the images of this forward, in the order the processor laid them out
+            self._vision_reuse.keys = [k for r in reqs for k in r.image_keys]
+        try:
+            with torch.inference_mode():
+                try:
+                    return self._score_batch(inputs, tpl, [r.max_new for r in reqs])
+                except torch._dynamo.exc.TorchDynamoException as e:
+                    if not self._compiled:
+                        raise
+                    self._uncompile(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+                    return self._score_batch(inputs, tpl, [r.max_new for r in reqs])
+        finally:
+            if self._vision_reuse is not None:
+                self._vision_reuse.keys = None
 
-    def _score_batch(self, inputs, tpl: Template) -> list[dict[str, Any]]:
+    def _score_batch(self, inputs, tpl: Template, limits: list[int | None] | None = None) -> list[dict[str, Any]]:
         if self.settings.mode == "logits":
             return self._logits_scores(inputs, tpl)
-        return self._generate_scores(inputs, tpl)
+        return self._generate_scores(inputs, tpl, limits)
 
     def _logits_scores(self, inputs, tpl: Template) -> list[dict[str, Any]]:
         torch = self._torch
@@ -73,11 +81,16 @@ class Scoring:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
 
-    def _generate_scores(self, inputs, tpl: Template) -> list[dict[str, Any]]:
+    def _generate_scores(self, inputs, tpl: Template, limits: list[int | None] | None = None) -> list[dict[str, Any]]:
         torch = self._torch
         s = self.settings
         k = s.num_samples
         kwargs = self._generate_kwargs()
+        # Items' own answer budgets: the batch decodes to its largest, each answer is cut to its own
+        # (the same tokens: a row's tokens do not depend on how long the others run).
+        limits = [n or s.max_new_tokens for n in limits] if limits and any(limits) else []
+        if limits:
+            kwargs["max_new_tokens"] = max(limits)
         # Sampling draws from torch's global RNG. Seed it for reproducible answers, inside a fork
         # so the caller's stream (an RL trainer sampling its policy in this process) is restored.
         # (torch.manual_seed seeds every visible GPU, so every one is forked.)
@@ -86,7 +99,13 @@ class Scoring:
             if s.temperature > 0:
                 torch.manual_seed(s.seed)
             new = self._new_tokens(inputs, kwargs)
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        if limits:
+            new = [row[:limits[i // k]] for i, row in enumerate(new)]
+        return self._parse_answers(self.tokenizer.batch_decode(new, skip_special_tokens=True), tpl)
+
+    def _parse_answers(self, texts: list[str], tpl: Template) -> list[dict[str, Any]]:
+        """Each prompt's outcome from its answer(s): num_samples consecutive texts per prompt."""
+        k = self.settings.num_samples
         lo, hi = tpl.scale
         levels = tpl.level_map() if tpl.levels and not tpl.levels[0][0].isdigit() else None
         results = []
@@ -116,9 +135,43 @@ class Scoring:
         if self._decode_plan is None:
             out = self.model.generate(**inputs, **kwargs)
             return out[:, inputs["input_ids"].shape[1]:]
+        import dataclasses
+
         from .fast_decode import generate_tokens
 
-        return generate_tokens(self.model, inputs, self._decode_plan, cuda_graph=self.device.startswith("cuda"))
+        plan = dataclasses.replace(self._decode_plan, max_new_tokens=kwargs["max_new_tokens"])
+        return generate_tokens(self.model, inputs, plan, cuda_graph=self.device.startswith("cuda"))
+
+    def _continuous_scores(self, first: list[_Request], more: list[_Request], encoded: dict) -> list[dict[str, Any]]:
+        """Generate mode, continuous batching (fast_decode.generate_continuous): `first` start as one
+        batch, each of `more` joins when a slot frees up. Outcomes in first's then more's order."""
+        from .fast_decode import generate_continuous
+
+        torch = self._torch
+        reuse = self._vision_reuse
+        hooks.before_forward(len(first))
+        inputs = self._encode(first, encoded)
+        singles = [(encoded or {}).pop(_batch_key([r]), None) for r in more]
+        singles = [x if x is not None else self._encode_cpu([r]) for x, r in zip(singles, more)]
+
+        def before_join(i: int):
+            self._join_preprocess_stream(singles[i])
+            if reuse is not None and more[i].image_keys:
+                reuse.keys = list(more[i].image_keys)
+            return singles[i].to(self.device)
+
+        limits = [r.max_new or self.settings.max_new_tokens for r in first + more]
+        if reuse is not None and all(r.image_keys for r in first):
+            reuse.keys = [k for r in first for k in r.image_keys]
+        try:
+            with torch.inference_mode():
+                rows = generate_continuous(self.model, inputs, singles, self._decode_plan, limits=limits,
+                                           cuda_graph=self.device.startswith("cuda"), before_join=before_join)
+        finally:
+            if reuse is not None:
+                reuse.keys = None
+        texts = self.tokenizer.batch_decode([r.tolist() for r in rows], skip_special_tokens=True)
+        return self._parse_answers(texts, first[0].template)
 
 
 def _clip(text: str, n: int = 200) -> str:

@@ -68,6 +68,10 @@ class JudgeSettings:
       the CPU.
     min_new_tokens: generate mode, for benchmarks: force at least this many new tokens (0: stop at
       the end-of-answer token as usual).
+    continuous_batching: generate mode (on by default), greedy with fast_decode: a finished answer
+      leaves the batch and the next prompt takes its slot (fast_decode.generate_continuous), so a
+      batch does not wait for its longest answer; the same tokens as static batches. An item may
+      lower its own answer budget with metadata {"max_new_tokens": n} (any mode of decoding).
     """
 
     model_name: str
@@ -96,6 +100,7 @@ class JudgeSettings:
     prepare_threads: int = 4
     max_memory_gb: float | None = None
     min_new_tokens: int = 0
+    continuous_batching: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

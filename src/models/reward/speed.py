@@ -20,6 +20,10 @@ class SpeedPaths:
         torch = self._torch
         s = self.settings
         self.vision_attn = apply_vision_attn(self.model, s.vision_attn, self.device, self.dtype)
+        from .vision_reuse import VisionReuse
+
+        # Each unique image through the vision tower once per chunk (same features; vision_reuse.py).
+        self._vision_reuse = VisionReuse.install(self.model)
         self._compiled: list = []  # modules running compiled
         self._compile_pending: list[tuple[str, str, str]] = []  # automatic: compiled once enough items ran
         self._items_scored = 0
@@ -39,6 +43,17 @@ class SpeedPaths:
             if why:
                 log.warning("fast_decode: using transformers' generate() instead, because %s", why)
         self._fast_decode = self._decode_plan is not None
+        # Continuous batching (fast_decode.generate_continuous): only where it gives the tokens that
+        # static batches give (greedy, one answer per prompt); else static batches, as before.
+        self._continuous = False
+        # Not under max_memory_gb: its batch sizes are learned from measured static batches.
+        if self._decode_plan is not None and s.continuous_batching and s.max_memory_gb is None:
+            from .fast_decode import continuous_applies
+
+            why = continuous_applies(self._decode_plan)
+            self._continuous = why is None
+            if why:
+                log.info("continuous_batching: static batches, because %s", why)
         self._prep_stream = None
         if s.gpu_preprocess and self.device.startswith("cuda"):
             # The prepare thread's GPU work goes on its own stream, so it overlaps the model's.

@@ -1,0 +1,202 @@
+"""Less work per item (issue 17): vision features reused across a rubric's parts, and continuous
+batching on answers of different lengths, each against the same library with the feature off.
+
+Stage `edit`: the `edit` rubric (two questions, the second about the edited image the first also
+shows), logits mode, `--n` items of two images (distinct sources), library defaults; the vision
+reuse on (default) vs off (`engine._vision_reuse.enabled = False`, the only way to turn it off: it
+computes the same features). Recorded: items/s, images through the tower, max |score diff|.
+
+Stage `lengths`: generate mode, one image per item, every item with its own answer budget drawn
+uniformly from `--len-min`..`--len-max` (seeded) through the public per-item setting
+metadata {"max_new_tokens": n}; min_new_tokens = max_new_tokens so that random weights, which
+never write an end token on purpose, answer exactly that long. Continuous batching (default) vs
+static batches (continuous_batching=false), same settings. Recorded: items/s, fraction of answers
+identical between the two (bf16: batch composition can flip near-ties).
+
+    python benchmarks/reuse_gpu.py --size qwen3_vl-8b [--stages edit,lengths] [--n 128] [--bs 32]
+    python benchmarks/reuse_gpu.py --smoke      # CPU, tiny model, seconds (CI)
+
+The device image has no qwen-vl-utils: carry its wheel (requirements-worker.txt's version) and put
+it on PYTHONPATH first, or every item fails in preparation (the script then stops, saying so).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_gpu import make_images  # noqa: E402
+from checkpoints import build_checkpoint  # noqa: E402
+
+
+def _timed(judge, items, cuda: bool) -> tuple[float, list]:
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    res = judge.batch_score(items)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, res
+
+
+def _check(res: list, what: str) -> dict[str, Any]:
+    """Errors of a timed call; a call whose items all failed is no measurement: stop, saying why."""
+    bad = [r for r in res if r.error is not None and r.error_kind != "parse"]  # random weights write no score
+    if res and len(bad) == len(res):
+        raise SystemExit(f"{what}: every item failed, e.g. {bad[0].error}")
+    return {"errors": len(bad), "first_error": bad[0].error if bad else None}
+
+
+def stage_edit(model_dir: str, a, cuda: bool) -> dict[str, Any]:
+    from src.models.reward.implementations.local import QwenVLRewardModel
+    from src.models.reward.types import ScoreItem
+
+    imgs = make_images(None, 2 * a.n, a.width, a.height)
+    items = [ScoreItem(images=[imgs[2 * i]], source_images=[imgs[2 * i + 1]], instruction="make the sky red")
+             for i in range(a.n)]
+    out: dict[str, Any] = {"items": a.n}
+    scores = {}
+    with QwenVLRewardModel(model_name=model_dir, device=a.device, template="edit", batch_size=a.bs) as judge:
+        reuse = judge.engine._vision_reuse
+        _timed(judge, items[:a.bs], cuda)  # warm-up (kernels, allocator), untimed
+        for on in (True, False):
+            reuse.enabled = on
+            enc0, reu0 = reuse.encoded, reuse.reused
+            dt, res = _timed(judge, items, cuda)
+            scores[on] = [r.score for r in res]
+            out["reuse_on" if on else "reuse_off"] = {
+                "s": round(dt, 3), "items_per_s": round(a.n / dt, 3),
+                "images_encoded": reuse.encoded - enc0 if on else 3 * a.n, "images_reused": reuse.reused - reu0,
+                **_check(res, f"edit, reuse {'on' if on else 'off'}")}
+    diffs = [abs(x - y) for x, y in zip(scores[True], scores[False]) if x is not None and y is not None]
+    out["speedup"] = round(out["reuse_on"]["items_per_s"] / out["reuse_off"]["items_per_s"], 3)
+    out["max_abs_score_diff"] = max(diffs) if diffs else None
+    return out
+
+
+class _Count(logging.Handler):
+    """Counts the engine's log records that contain `text` (a continuous decode that fell back)."""
+
+    def __init__(self, text: str):
+        super().__init__(logging.WARNING)
+        self.text, self.n = text, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.n += self.text in record.getMessage()
+
+
+def stage_lengths(model_dir: str, a, cuda: bool) -> dict[str, Any]:
+    from src.models.reward.implementations.local import QwenVLRewardModel
+    from src.models.reward.types import ScoreItem
+
+    rng = random.Random(a.seed)
+    budgets = [rng.randint(a.len_min, a.len_max) for _ in range(a.n)]
+    imgs = make_images(None, a.n, a.width, a.height)
+    items = [ScoreItem(images=[im], metadata={"max_new_tokens": b}) for im, b in zip(imgs, budgets)]
+    out: dict[str, Any] = {"items": a.n, "budget_min": min(budgets), "budget_max": max(budgets),
+                           "budget_mean": round(sum(budgets) / len(budgets), 1)}
+    answers = {}
+    warm = [ScoreItem(images=[im], metadata={"max_new_tokens": a.len_min}) for im in imgs[:a.bs]]
+    failures = _Count("continuous batching failed")
+    logging.getLogger("src.models.reward.engine").addHandler(failures)
+    for on in (True, False):
+        kw = dict(mode="generate", max_new_tokens=a.len_max, min_new_tokens=a.len_max, batch_size=a.bs,
+                  continuous_batching=on)
+        with QwenVLRewardModel(model_name=model_dir, device=a.device, **kw) as judge:
+            _timed(judge, warm, cuda)  # warm-up: one batch of short answers, untimed
+            failures.n = 0
+            dt, res = _timed(judge, items, cuda)
+            answers[on] = [r.raw for r in res]
+            out["continuous" if on else "static"] = {
+                "s": round(dt, 3), "items_per_s": round(a.n / dt, 3),
+                "tokens_per_s": round(sum(budgets) / dt, 1), "continuous_active": judge.engine._continuous,
+                "fell_back_to_static": failures.n, **_check(res, f"lengths, continuous {on}")}
+    out["speedup"] = round(out["continuous"]["items_per_s"] / out["static"]["items_per_s"], 3)
+    out["identical_answers"] = round(sum(x == y for x, y in zip(answers[True], answers[False])) / a.n, 3)
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["meta"]
+    lines = [f"# Issue 17: vision reuse and continuous batching ({m['size']})", "",
+             f"`{m['command']}` on {m['device_name']}, torch {m['torch']}, transformers {m['transformers']}, "
+             f"{m['width']}x{m['height']} images, batch {m['bs']}, {m['n']} items.", ""]
+    e = report.get("edit")
+    if e:
+        lines += ["| edit rubric, logits | items/s | images through the tower |", "|---|---|---|",
+                  f"| reuse off | {e['reuse_off']['items_per_s']} | {e['reuse_off']['images_encoded']} |",
+                  f"| reuse on (default) | {e['reuse_on']['items_per_s']} | {e['reuse_on']['images_encoded']} |",
+                  "", f"Speed-up {e['speedup']}x; max |score diff| {e['max_abs_score_diff']}.", ""]
+    g = report.get("lengths")
+    if g:
+        lines += [f"| generate, answers of {g['budget_min']}..{g['budget_max']} tokens (mean {g['budget_mean']}) "
+                  "| items/s | tokens/s |", "|---|---|---|",
+                  f"| static batches | {g['static']['items_per_s']} | {g['static']['tokens_per_s']} |",
+                  f"| continuous (default) | {g['continuous']['items_per_s']} | {g['continuous']['tokens_per_s']} |",
+                  "", f"Speed-up {g['speedup']}x; identical answers {g['identical_answers']}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="qwen3_vl-8b")
+    ap.add_argument("--stages", default="edit,lengths")
+    ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--bs", type=int, default=32)
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--height", type=int, default=768)
+    ap.add_argument("--len-min", type=int, default=32)
+    ap.add_argument("--len-max", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--name", default="reuse_gpu")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny images: seconds (CI)")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl"
+        a.device, a.n, a.bs, a.width, a.height, a.len_min, a.len_max = "cpu", 6, 2, 224, 168, 2, 8
+    import torch
+    import transformers
+
+    cuda = a.device.startswith("cuda")
+    report: dict[str, Any] = {"meta": {
+        "command": "python benchmarks/reuse_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device_name": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})",
+        "torch": torch.__version__, "transformers": transformers.__version__, "size": a.size, "n": a.n,
+        "bs": a.bs, "width": a.width, "height": a.height, "smoke": a.smoke,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    out_dir = pathlib.Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="reuse-gpu-"))
+    try:
+        report["checkpoint"] = build_checkpoint(a.size, work / "judge", device=a.device if cuda else "cpu")
+        for stage in a.stages.split(","):
+            fn = {"edit": stage_edit, "lengths": stage_lengths}[stage]
+            report[stage] = fn(str(work / "judge"), a, cuda)
+            (out_dir / f"{a.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+            print(json.dumps({stage: report[stage]}), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (out_dir / f"{a.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / f"{a.name}.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
