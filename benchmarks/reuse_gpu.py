@@ -3,13 +3,13 @@ batching on answers of different lengths, each against the same library with the
 
 Stage `edit`: the `edit` rubric (two questions, the second about the edited image the first also
 shows), logits mode, `--n` items of two images (distinct sources), library defaults; the vision
-reuse on (default) vs off (`engine._vision_reuse.enabled = False`, the only way to turn it off: it
-computes the same features). Recorded: items/s, images through the tower, max |score diff|.
+reuse on (`vision_reuse: true`) vs off (`engine._vision_reuse.enabled = False` on the same loaded
+judge: it computes the same features). Recorded: items/s, images through the tower, max |score diff|.
 
 Stage `lengths`: generate mode, one image per item, every item with its own answer budget drawn
 uniformly from `--len-min`..`--len-max` (seeded) through the public per-item setting
 metadata {"max_new_tokens": n}; min_new_tokens = max_new_tokens so that random weights, which
-never write an end token on purpose, answer exactly that long. Continuous batching (default) vs
+never write an end token on purpose, answer exactly that long. Continuous batching (true) vs
 static batches (continuous_batching=false), same settings. Recorded: items/s, fraction of answers
 identical between the two (bf16: batch composition can flip near-ties).
 
@@ -70,7 +70,8 @@ def stage_edit(model_dir: str, a, cuda: bool) -> dict[str, Any]:
              for i in range(a.n)]
     out: dict[str, Any] = {"items": a.n}
     scores = {}
-    with QwenVLRewardModel(model_name=model_dir, device=a.device, template="edit", batch_size=a.bs) as judge:
+    with QwenVLRewardModel(model_name=model_dir, device=a.device, template="edit", batch_size=a.bs,
+                           vision_reuse=True) as judge:
         reuse = judge.engine._vision_reuse
         _timed(judge, items[:a.bs], cuda)  # warm-up (kernels, allocator), untimed
         for on in (True, False):

@@ -291,7 +291,7 @@ def test_shared_vision_features_give_the_same_scores(arch):
              for i, c in enumerate("ABCDE")]
     out = {}
     for reuse in (True, False):
-        with QwenVLRewardModel(model_name=f"tiny:{arch}", template="edit", batch_size=4) as j:
+        with QwenVLRewardModel(model_name=f"tiny:{arch}", template="edit", batch_size=4, vision_reuse=True) as j:
             r = j.engine._vision_reuse
             assert r is not None
             r.enabled = reuse
@@ -305,7 +305,7 @@ def test_shared_vision_features_give_the_same_scores(arch):
 
 
 def test_vision_reuse_keeps_no_features_after_a_call():
-    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=2) as j:
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=2, vision_reuse=True) as j:
         imgs = _images(4)
         res = j.batch_score([ScoreItem(images=[imgs[i]], source_images=[imgs[3]], instruction="x") for i in range(3)])
         assert all(r.error is None for r in res)
@@ -315,8 +315,10 @@ def test_vision_reuse_keeps_no_features_after_a_call():
 
 # -- continuous batching: finished rows leave, new prompts join ------------------------------------
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl_moe"])
-def test_continuous_batching_gives_each_prompt_its_alone_tokens(arch):
+@pytest.mark.parametrize("arch, check_every", [("qwen2_5_vl", None), ("qwen3_vl_moe", None), ("qwen2_5_vl", 8)])
+def test_continuous_batching_gives_each_prompt_its_alone_tokens(arch, check_every):
+    # check_every=8: finished rows are looked for every 8 steps, as the CUDA graph path does, so a
+    # row that ended keeps stepping up to 7 times before its slot is freed.
     path = resolve_model_name(f"tiny:{arch}")
     proc = AutoProcessor.from_pretrained(path)
     proc.tokenizer.padding_side = "left"
@@ -345,7 +347,8 @@ def test_continuous_batching_gives_each_prompt_its_alone_tokens(arch):
         limits = [16, 16, 5, 16, 16, 9]  # two prompts with their own, lower, limit
         first = proc(text=prompts[:2], images=imgs[:2], padding=True, return_tensors="pt")
         timings = {}
-        got = fast_decode.generate_continuous(model, first, alone_inputs[2:], plan, limits=limits, timings=timings)
+        got = fast_decode.generate_continuous(model, first, alone_inputs[2:], plan, limits=limits, timings=timings,
+                                              check_every=check_every)
     assert timings["joined"] == 4
     for i, (a, g) in enumerate(zip(alone, got)):
         assert g.tolist() == a[:limits[i]].tolist(), (i, g.tolist(), a.tolist())

@@ -68,9 +68,12 @@ class JudgeSettings:
       the CPU.
     min_new_tokens: generate mode, for benchmarks: force at least this many new tokens (0: stop at
       the end-of-answer token as usual).
-    continuous_batching: generate mode (on by default), greedy with fast_decode: a finished answer
-      leaves the batch and the next prompt takes its slot (fast_decode.generate_continuous), so a
-      batch does not wait for its longest answer; the same tokens as static batches. An item may
+    continuous_batching: generate mode, greedy with fast_decode: a finished answer leaves the batch
+      and the next prompt takes its slot (fast_decode.generate_continuous), so a batch does not wait
+      for its longest answer; the same tokens as static batches in float32 on the CPU. Off by
+      default: its one GPU run stopped on a device-side assert (benchmarks/NOTES.md, issue 17).
+    vision_reuse: each unique image through the vision tower once per chunk (vision_reuse.py); the
+      same features in float32 on the CPU. Off by default until a GPU run has shown it. An item may
       lower its own answer budget with metadata {"max_new_tokens": n} (any mode of decoding).
     """
 
@@ -100,7 +103,8 @@ class JudgeSettings:
     prepare_threads: int = 4
     max_memory_gb: float | None = None
     min_new_tokens: int = 0
-    continuous_batching: bool = True
+    continuous_batching: bool = False
+    vision_reuse: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

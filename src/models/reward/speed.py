@@ -23,7 +23,7 @@ class SpeedPaths:
         from .vision_reuse import VisionReuse
 
         # Each unique image through the vision tower once per chunk (same features; vision_reuse.py).
-        self._vision_reuse = VisionReuse.install(self.model)
+        self._vision_reuse = VisionReuse.install(self.model) if s.vision_reuse else None
         self._compiled: list = []  # modules running compiled
         self._compile_pending: list[tuple[str, str, str]] = []  # automatic: compiled once enough items ran
         self._items_scored = 0
