@@ -49,14 +49,10 @@ class Preparation:
         loading = self._load_images(items)
         for pos, item in enumerate(items):
             try:
-                if not item.images:
-                    raise _ItemError("the item has no image to judge", "input")
-                needs_source = any(t.needs_source for _, t in self.rubric.parts)
-                if needs_source and not item.source_images:
-                    raise _ItemError(f"template {self.rubric.name!r} needs a source image (the image before the edit); "
-                                     "the item has none", "input")
-                if any(t.needs_instruction for _, t in self.rubric.parts) and not (item.instruction or "").strip():
-                    raise _ItemError(f"template {self.rubric.name!r} needs an instruction; the item has none", "input")
+                missing = self.rubric.missing_input(item.images, item.source_images, item.instruction)
+                if missing:
+                    raise _ItemError(missing, "input")
+                needs_source = self.rubric.needs_source
                 max_new = _item_max_new(item, s.max_new_tokens)
                 loaded: dict[str, list[Any]] = {}
                 keys: dict[int, str | None] = {}
@@ -99,7 +95,7 @@ class Preparation:
     def _load_images(self, items: list[ScoreItem]) -> dict[tuple[int, str, int], concurrent.futures.Future]:
         # Decoding and resizing (PIL, which releases the GIL) on several threads: on one thread it
         # runs at ~25 images/s for 1024x768, slower than the model with the fast vision path.
-        needs_source = any(t.needs_source for _, t in self.rubric.parts)
+        needs_source = self.rubric.needs_source
         futures = {}
         for pos, item in enumerate(items):
             for role, imgs in (("image", item.images), ("source", item.source_images if needs_source else [])):

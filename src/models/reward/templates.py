@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 IMAGE_ROLES = ("source", "image")  # source image(s) first, then the image(s) under judgement
 
@@ -89,6 +89,21 @@ class Rubric:
     @property
     def scale(self) -> tuple[float, float]:
         return self.parts[0][1].scale
+
+    @property
+    def needs_source(self) -> bool:
+        return any(t.needs_source for _, t in self.parts)
+
+    def missing_input(self, images: Sequence[Any], source_images: Sequence[Any], instruction: str | None) -> str | None:
+        """Why an item cannot be judged with this rubric (no image, no source image or no
+        instruction where a part needs one), or None. Every host asks this before loading images."""
+        if not images:
+            return "the item has no image to judge"
+        if self.needs_source and not source_images:
+            return f"template {self.name!r} needs a source image (the image before the edit); the item has none"
+        if any(t.needs_instruction for _, t in self.parts) and not (instruction or "").strip():
+            return f"template {self.name!r} needs an instruction; the item has none"
+        return None
 
     def overall(self, sub: Mapping[str, float | None]) -> float | None:
         """Combine the parts; None when any part is None (never a partial guess)."""

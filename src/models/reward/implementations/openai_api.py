@@ -225,14 +225,10 @@ class OpenAIRewardModel(BaseRewardModel):
         return r
 
     def _image_urls(self, item: ScoreItem) -> dict[str, list[str]]:
-        if not item.images:
-            raise _PartFailed("the item has no image to judge", "input")
-        needs_source = any(t.needs_source for _, t in self.rubric.parts)
-        if needs_source and not item.source_images:
-            raise _PartFailed(f"template {self.rubric.name!r} needs a source image (the image before the edit); "
-                              "the item has none", "input")
-        if any(t.needs_instruction for _, t in self.rubric.parts) and not (item.instruction or "").strip():
-            raise _PartFailed(f"template {self.rubric.name!r} needs an instruction; the item has none", "input")
+        missing = self.rubric.missing_input(item.images, item.source_images, item.instruction)
+        if missing:
+            raise _PartFailed(missing, "input")
+        needs_source = self.rubric.needs_source
         out: dict[str, list[str]] = {"image": [], "source": []}
         for role, imgs in (("image", item.images), ("source", item.source_images if needs_source else [])):
             for img in imgs:
