@@ -315,10 +315,13 @@ def test_vision_reuse_keeps_no_features_after_a_call():
 
 # -- continuous batching: finished rows leave, new prompts join ------------------------------------
 
-@pytest.mark.parametrize("arch, check_every", [("qwen2_5_vl", None), ("qwen3_vl_moe", None), ("qwen2_5_vl", 8)])
-def test_continuous_batching_gives_each_prompt_its_alone_tokens(arch, check_every):
+@pytest.mark.parametrize("arch, check_every, align", [("qwen2_5_vl", None, 64), ("qwen3_vl_moe", None, 64),
+                                                     ("qwen2_5_vl", 8, 64), ("qwen3_vl", 8, 1)])
+def test_continuous_batching_gives_each_prompt_its_alone_tokens(arch, check_every, align):
     # check_every=8: finished rows are looked for every 8 steps, as the CUDA graph path does, so a
-    # row that ended keeps stepping up to 7 times before its slot is freed.
+    # row that ended keeps stepping up to 7 times before its slot is freed. align=1: a cache with no
+    # slack past the longest prompt plus the longest answer, so a finished row that kept moving its
+    # write position while others decode would index past the cache's end (the GPU's device assert).
     path = resolve_model_name(f"tiny:{arch}")
     proc = AutoProcessor.from_pretrained(path)
     proc.tokenizer.padding_side = "left"
@@ -348,7 +351,7 @@ def test_continuous_batching_gives_each_prompt_its_alone_tokens(arch, check_ever
         first = proc(text=prompts[:2], images=imgs[:2], padding=True, return_tensors="pt")
         timings = {}
         got = fast_decode.generate_continuous(model, first, alone_inputs[2:], plan, limits=limits, timings=timings,
-                                              check_every=check_every)
+                                              check_every=check_every, cache_align=align)
     assert timings["joined"] == 4
     for i, (a, g) in enumerate(zip(alone, got)):
         assert g.tolist() == a[:limits[i]].tolist(), (i, g.tolist(), a.tolist())

@@ -396,8 +396,12 @@ def generate_continuous(model: Any, first: Any, more: list[Any], plan: Plan, *, 
         h = lm(input_ids=st.tok, attention_mask=mask, position_ids=st.pos,
                past_key_values=cache, use_cache=True).last_hidden_state
         _pick_rows(head(h[:, -1, :]).float(), st)
-        st.pos.add_(1)
-        st.wpos.add_(1)
+        # Only rows still decoding move on. A finished row whose slot waits for the next look (or
+        # stays empty once no prompt is left) keeps stepping; advancing it would run its write
+        # position past the cache's end while the longest rows still decode.
+        live = st.unfinished.long()
+        st.pos.add_(live.view(1, -1, 1))
+        st.wpos.add_(live)
 
     def join(slot: int, i: int, limit: int) -> None:  # prefill prompt more[i] alone, into `slot`
         inputs = before_join(i) if before_join is not None else more[i].to(device)
