@@ -384,8 +384,9 @@ def bench_size(size: str, a, naive_path: pathlib.Path | None, work: pathlib.Path
         log(f"[{size}] library logits: {res['library_logits']}")
         save()
     if "generate" in a.stages and left() > 60:
-        res["library_generate"] = bench_in_process(str(model_dir), a.device, "generate", judge_kw, images,
-                                                   a.bs, gen_n, a.new, cuda)
+        res["library_generate"] = bench_in_process(
+            str(model_dir), a.device, "generate", judge_kw, images, a.bs, gen_n, a.new, cuda,
+            warmup_items=a.warmup_items if a.warmup_items is not None else _auto_compile_items(judge_kw))
         log(f"[{size}] library generate: {res['library_generate']}")
         save()
     if "smalljobs" in a.stages and left() > 60:
@@ -409,7 +410,7 @@ def bench_size(size: str, a, naive_path: pathlib.Path | None, work: pathlib.Path
 
 
 def _auto_compile_items(judge_kw: dict[str, Any]) -> int:
-    """Items the defaults score before their automatic compile (logits mode), or 0 without one."""
+    """Items the defaults score before their automatic compile, or 0 without one."""
     from src.models.reward.settings import JudgeSettings
 
     s = JudgeSettings(model_name="x", **judge_kw)
@@ -549,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="judge setting for the library runs, e.g. compile_vision=true (repeatable)")
     ap.add_argument("--deadline-s", type=float, default=None, help="skip stages that would start after this")
     ap.add_argument("--warmup-items", type=int, default=None,
-                    help="logits: items scored before timing (default: the judge's compile_after_items when its "
+                    help="items scored before timing, per mode (default: the judge's compile_after_items when its "
                          "compile is automatic, so the timed call sees the defaults' steady state)")
     ap.add_argument("--keep-checkpoints", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny images: seconds (CI)")

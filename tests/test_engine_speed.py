@@ -226,6 +226,34 @@ def test_compile_options_trace_and_keep_scores(monkeypatch):
     assert [a[0] for a in fast] == pytest.approx([a[0] for a in plain], abs=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_vl_moe"])
+def test_generate_mode_compiles_the_cacheless_parts_and_keeps_answers(monkeypatch, arch):
+    # Generate mode keeps a KV cache per layer: only each layer's norms and MLP are compiled (the
+    # decoder layers themselves stay eager), and the answers are the plain ones token for token.
+    def answers(**kw):
+        with QwenVLRewardModel(model_name=f"tiny:{arch}", mode="generate", max_new_tokens=6, batch_size=3, **kw) as j:
+            return [(r.raw, r.error) for r in j.batch_score(_images())]
+    plain = answers()
+    real = torch.nn.Module.compile
+    compiled = []
+
+    def compile_eager(self, *args, **kwargs):
+        compiled.append(type(self).__name__)
+        return real(self, *args, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eager)
+    torch._dynamo.reset()
+    try:
+        fast = answers(compile_vision=True, compile_language=True)
+    finally:
+        torch._dynamo.reset()
+    assert fast == plain and all(raw for raw, _ in plain)
+    assert not any(name.endswith("DecoderLayer") for name in compiled)
+    assert any(name.endswith("VisionBlock") for name in compiled)
+    assert sum(name.endswith("RMSNorm") for name in compiled) == 4 * 2  # 2 layers: input, post, q, k norms
+    assert sum(name.endswith(("MLP", "SparseMoeBlock")) for name in compiled) == 2
+
+
 def test_automatic_compile_waits_for_enough_items(monkeypatch, caplog):
     """compile_* unset: nothing compiles at load or for a small job; once compile_after_items have
     been scored the blocks compile (the plumbing traced by dynamo's eager backend here) and the

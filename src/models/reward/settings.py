@@ -47,7 +47,7 @@ class JudgeSettings:
       device in bfloat16/float16, else `sdpa`), `varlen`, `packed` (pure torch, any device) or
       `sdpa` (transformers' per-window loop). Same scores within rounding; see vision_attention.py.
     compile_vision: torch.compile the vision tower's blocks (fuses its small ops; the batch after
-      the switch pays the compile time once). None (default): automatic, on CUDA in logits mode
+      the switch pays the compile time once). None (default): automatic, on CUDA (both modes)
       once the judge has scored compile_after_items items, so that small jobs and the first result
       never pay it; true: at load; false: never. A compile that fails is undone with one warning.
     prepare_threads: threads that decode and resize images (the next chunk's, while the model runs).
@@ -55,9 +55,10 @@ class JudgeSettings:
       compile_language None) starts; see benchmarks/NOTES.md for where it repays.
     max_memory_gb: GPU memory budget of this judge (weights included): batches are cut to the
       largest number of prompts that fits, learned from measured peaks. None: no budget.
-    compile_language: logits mode: torch.compile the language model's decoder layers (None, true,
-      false as compile_vision; fused small
-      ops, fewer kernel launches competing with the prepare thread for the CPU).
+    compile_language: torch.compile the language model's decoder layers (None, true, false as
+      compile_vision): in logits mode whole layers; in generate mode each layer's norms and MLP,
+      the parts that hold no KV cache (they also run inside fast_decode's CUDA graph). Fused small
+      ops, fewer kernel launches competing with the prepare thread for the CPU.
     fast_decode: generate mode (on by default): decode through a static KV cache and, on CUDA, a
       CUDA graph of the decoding step (fast_decode.py), greedy or sampled, for every supported
       judge (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE); the same tokens as generate(). Where

@@ -27,10 +27,10 @@ class SpeedPaths:
         self._compiled: list = []  # modules running compiled
         self._compile_pending: list[tuple[str, str, str]] = []  # automatic: compiled once enough items ran
         self._items_scored = 0
-        auto = self.device.startswith("cuda") and s.mode == "logits"
+        auto = self.device.startswith("cuda")
         for setting, tower, blocks, wanted in (
                 ("compile_vision", "visual", "blocks", s.compile_vision),
-                ("compile_language", "language_model", "layers", s.compile_language if s.mode == "logits" else False)):
+                ("compile_language", "language_model", "layers", s.compile_language)):
             if wanted:
                 self._compile_each(setting, tower, blocks)
             elif wanted is None and auto:
@@ -70,13 +70,20 @@ class SpeedPaths:
 
     def _compile_each(self, setting: str, tower: str, blocks: str) -> None:
         """torch.compile each block of one tower: one graph serves all blocks (same code, the
-        weights are inputs); shapes change with the images and prompts, hence dynamic. The language
-        model is compiled for logits mode only, which keeps no KV cache: with one, each layer's
-        cache object would force its own graph."""
+        weights are inputs); shapes change with the images and prompts, hence dynamic.
+
+        The language model's whole decoder layers are compiled in logits mode, which keeps no KV
+        cache. In generate mode each layer writes its own cache object, which would force a graph
+        per layer, so there the parts of a layer that touch no cache are compiled instead: its
+        norms (Qwen3's per-head query and key norms too) and its MLP (the experts block of a
+        mixture of experts). They run in the prefill and, captured with the rest of the step, in
+        fast_decode's CUDA graph."""
         part = getattr(getattr(self.model, "model", self.model), tower, None)
         modules = getattr(part, blocks, None)
         if modules is None:
             raise ValueError(f"{setting}: {type(self.model).__name__} has no {tower}.{blocks} to compile")
+        if tower == "language_model" and self.settings.mode == "generate":
+            modules = [m for layer in modules for m in cacheless_parts(layer)]
         for module in modules:
             module.compile(dynamic=True)
             self._compiled.append(module)
@@ -103,3 +110,11 @@ class SpeedPaths:
         self._compiled = []
         self._compile_pending = []
 
+
+
+def cacheless_parts(layer) -> list:
+    """The submodules of a decoder layer that hold no KV cache: its norms and its MLP."""
+    attn = getattr(layer, "self_attn", None)
+    names = [(layer, "input_layernorm"), (layer, "post_attention_layernorm"), (layer, "mlp"),
+             (attn, "q_norm"), (attn, "k_norm")]
+    return [getattr(owner, name) for owner, name in names if owner is not None and getattr(owner, name, None) is not None]
