@@ -29,7 +29,7 @@ import sys
 import threading
 from typing import Any, Callable, Sequence
 
-from .types import ScoreItem, ScoreResult
+from .types import ScoreItem, ScoreResult, item_name
 
 # fail(index, reason, error_kind) -> the failed result for that item
 Fail = Callable[[int, str, str], ScoreResult]
@@ -216,11 +216,6 @@ def _chunks(indices: list[int], size: int) -> list[list[int]]:
 
 
 # -- helpers both hosts use ----------------------------------------------------------------------
-
-def item_name(item: ScoreItem, index: int) -> str:
-    """How an error names an item: its id and position, or its position."""
-    return f"{item.id!r} (#{index})" if item.id is not None else f"#{index}"
-
 
 def failer(items: Sequence[ScoreItem]) -> Fail:
     """The `fail` of one call over `items`: the failed result of item i, naming it."""
