@@ -24,7 +24,8 @@ from src.models.reward import ConfigError, ScoreItem, build_reward_model, load_c
 from src.models.reward.config import resolve_class, validate_params
 from src.models.reward.implementations.local import QwenVLRewardModel
 from src.models.reward.errors import JudgeStartError
-from src.models.reward.implementations.ray_actors import ActorStartError, RayRewardModel, _Call
+from src.models.reward.implementations.ray_actors import ActorStartError, RayRewardModel
+from src.models.reward.scheduler import Scheduler
 
 JUDGE = {"model_name": "tiny:qwen2_5_vl", "template": "quality", "batch_size": 2}
 DELAY_S = 0.25  # per forward pass in the actors (engine.py's fault hook): calls last long enough to kill one
@@ -134,19 +135,13 @@ def test_an_actor_killed_mid_call_loses_no_item(model, reference, image_files, c
 
 def test_retries_are_bounded_then_the_item_fails_with_the_reason():
     done = []
-    call = _Call(3, max_retries=1, on_done=done.append)
-    items = [ScoreItem(images=["x.png"], id=f"i{k}") for k in range(3)]
+    items = [ScoreItem(images=["x.png"]) for k in range(3)]
+    call = Scheduler(items, n_workers=1, micro_batch=3, max_retries=1, on_done=done.append, noun="actor")
 
-    def fail(i, why, kind="worker_died"):
-        from src.models.reward.types import ScoreResult
-
-        return ScoreResult.failure(i, items[i], f"item #{i}: {why}", kind)
-
-    call.queue.append([0, 1, 2])
-    batch = call.take()
-    call.give_back(batch, "actor0 (pid 1) died", fail)
+    batch = call.take(0)
+    call.died(batch, "actor0 (pid 1) died")
     assert list(call.retry) == [[0], [1], [2]], "retried alone, one by one"
-    call.give_back(call.take(), "actor1 (pid 2) died", fail)
+    call.died(call.take(0), "actor1 (pid 2) died")
     assert call.results[0] is not None and call.results[0].score is None
     assert call.results[0].error == "item #0: tried 2 times; the last time actor1 (pid 2) died"
     assert call.results[0].error_kind == "worker_died" and call.remaining == 2 and done == [1]

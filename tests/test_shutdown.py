@@ -32,7 +32,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, assert_no_orphans, make_image, worker_processes
-from src.models.reward.pool import _Dispatch
+from src.models.reward import ScoreItem
+from src.models.reward.scheduler import Scheduler
 
 N_ITEMS = 400
 EXIT_WITHIN_S = 10.0
@@ -215,30 +216,28 @@ def test_ctrl_c_while_a_worker_waits_for_another_ends_every_thread(job_files, si
     assert_no_orphans(pids)
 
 
-# -- the dispatch's own rule: a worker thread never waits forever --------------------------------
+# -- the scheduler's own rule: a worker thread never waits forever --------------------------------
 
-def _dispatch(n_items: int, closing=lambda: False) -> _Dispatch:
-    import collections
-
-    queues = [collections.deque([[i] for i in range(w, n_items, 2)]) for w in (0, 1)]
-    return _Dispatch(n_items, queues, None, max_retries=1, on_done=lambda n: None, closing=closing)
+def _dispatch(n_items: int, closing=lambda: False) -> Scheduler:
+    items = [ScoreItem(images=["x.png"]) for _ in range(n_items)]
+    return Scheduler(items, n_workers=2, micro_batch=1, schedule="round_robin", closing=closing)
 
 
 def test_take_returns_when_the_call_is_aborted_the_pool_closes_or_no_other_thread_is_left():
     d = _dispatch(2)
-    assert d.take(0) == [0]
+    assert d.take(0, wait=True) == [0]
     d.abort()
-    assert d.take(0) is None and d.take(1) is None
+    assert d.take(0, wait=True) is None and d.take(1, wait=True) is None
 
     closing = []
     d = _dispatch(2, closing=lambda: bool(closing))
-    assert d.take(0) == [0]
+    assert d.take(0, wait=True) == [0]
     closing.append(True)  # the pool closed without reaching this call (no abort)
-    assert d.take(0) is None
+    assert d.take(0, wait=True) is None
 
     d = _dispatch(2)
-    assert d.take(0) == [0] and d.take(1) == [1]
+    assert d.take(0, wait=True) == [0] and d.take(1, wait=True) == [1]
     d.driver_done()  # worker 1's thread left holding item 1 (the pool was closing)
     t0 = time.monotonic()
-    assert d.take(0) is None, "nothing can come back: no other thread is left"
+    assert d.take(0, wait=True) is None, "nothing can come back: no other thread is left"
     assert time.monotonic() - t0 < 0.1

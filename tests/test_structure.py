@@ -30,3 +30,14 @@ def test_the_models_package_imports_no_layer_above_it():
 
 def test_the_report_does_not_import_the_job_runner():
     assert loaded_from("src.report.data", ["src.job.runner"]) == []
+
+
+def test_the_rl_hooks_do_not_import_the_service():
+    # verl's hook and the TRL reward speak the service's format (src/models/reward/wire.py), below both
+    for module in ("src.rl.verl_reward", "src.rl.trl_reward"):
+        assert loaded_from(module, ["src.service", "src.job", "src.report"]) == [], module
+
+
+def test_the_scheduler_is_below_both_hosts():
+    assert loaded_from("src.models.reward.scheduler", ["src.models.reward.pool", "src.models.reward.implementations",
+                                                       "src.models.reward.engine", "torch"]) == []

@@ -27,7 +27,7 @@ import json
 import re
 from typing import Any, Mapping, Sequence
 
-from ..models.reward.types import ScoreItem
+from ..models.reward.types import ScoreItem, ScoreResult
 
 COMPLETION_AS = ("instruction", "image")
 
@@ -182,6 +182,23 @@ def openrlhf_item(query: str, prompt: str | None, label: Any, completion_as: str
                        source_images=_first(info, "source_images", "source_image"),
                        instruction=instruction, completion_as=completion_as,
                        id=str(item_id) if item_id is not None else None)
+
+
+def to_score(prepared: Sequence[ScoreItem | ScoreResult]) -> list[ScoreItem]:
+    """The items among `prepared` (samples turned into items, or the failures of those that could not be)."""
+    return [p for p in prepared if isinstance(p, ScoreItem)]
+
+
+def merge_scored(prepared: Sequence[ScoreItem | ScoreResult], scored: Sequence[ScoreResult]) -> list[ScoreResult]:
+    """One result per sample, in order: `scored` (the results of `to_score(prepared)`, in order)
+    in the items' places, renumbered to them; a failure already in `prepared` keeps its place."""
+    todo = [i for i, p in enumerate(prepared) if isinstance(p, ScoreItem)]
+    assert len(scored) == len(todo), f"{len(scored)} results for {len(todo)} items"  # by construction
+    out: list[ScoreResult] = [p for p in prepared]  # type: ignore[misc]
+    for i, r in zip(todo, scored):
+        r.index = i
+        out[i] = r
+    return out
 
 
 def _clip(text: str, n: int = 120) -> str:

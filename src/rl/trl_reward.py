@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 from ..models.reward.base import BaseRewardModel
 from ..models.reward.types import ScoreItem, ScoreResult
-from .items import SampleError, check_completion_as, prompt_text, sample_item
+from .items import SampleError, check_completion_as, merge_scored, prompt_text, sample_item, to_score
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +108,11 @@ class JudgeReward:
 
     def results(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[ScoreResult]:
         prepared = self.items(prompts, completions, **columns)
-        todo = [(i, p) for i, p in enumerate(prepared) if isinstance(p, ScoreItem)]
-        out: list[ScoreResult] = [p if isinstance(p, ScoreResult) else None for p in prepared]  # type: ignore[misc]
-        if todo:
+        scored: list[ScoreResult] = []
+        if todo := to_score(prepared):
             with self._lock:
-                scored = self.model.batch_score([p for _, p in todo])
-            for (i, _), r in zip(todo, scored):
-                r.index = i
-                out[i] = r
-        return out
+                scored = self.model.batch_score(todo)
+        return merge_scored(prepared, scored)
 
     def rewards(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
         results = self.results(prompts, completions, **columns)

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 try:  # verl loads this file by path: the project must be importable in verl's environment
-    import src.service.wire  # noqa: F401
+    import src.models.reward.wire  # noqa: F401
 except ImportError as e:
     raise ImportError(f"{__file__}: cannot import this project's package ({e}); install it into verl's "
                       f"environment: pip install -e {Path(__file__).resolve().parents[2]} --no-deps") from e
@@ -71,7 +71,7 @@ class RewardServiceAuthError(RuntimeError):
 def _encode_image(value: Any, send_paths: bool) -> str:
     # Imported here, not at module level: in a Ray worker (verl's remote manager) this function
     # arrives pickled by value, and the import must run there.
-    from src.service.wire import encode_image
+    from src.models.reward.wire import encode_image
 
     return encode_image(value, send_paths)
 
@@ -183,21 +183,21 @@ def _score(url: str, bodies: list[str], token: str | None, timeout_s: float,
            max_retries: int) -> list[dict[str, Any]]:
     """One answer per body, in order. A refused request of several samples is split until the
     refused samples stand alone, so one bad sample never costs the others their score."""
-    try:
-        data = ("[" + ",".join(bodies) + "]").encode()
-        got = _post_json(f"{url.rstrip('/')}/compute_reward", data, token, timeout_s, max_retries)
-    except _Refused as e:
-        if len(bodies) > 1:
-            half = len(bodies) // 2
-            return (_score(url, bodies[:half], token, timeout_s, max_retries)
-                    + _score(url, bodies[half:], token, timeout_s, max_retries))
-        return [{"score": None, "error": f"{e.detail} (HTTP {e.status})"}]
-    except ConnectionError as e:
-        return [{"score": None, "error": str(e)} for _ in bodies]
-    if not isinstance(got, list) or len(got) != len(bodies) or not all(isinstance(a, dict) for a in got):
-        message = f"{url}/compute_reward answered {len(bodies)} samples with a malformed answer"
-        return [{"score": None, "error": message} for _ in bodies]
-    return got
+    from src.models.reward.wire import send_halving  # here: see _encode_image
+
+    def send(part: Sequence[str]) -> list[dict[str, Any]]:
+        try:
+            data = ("[" + ",".join(part) + "]").encode()
+            got = _post_json(f"{url.rstrip('/')}/compute_reward", data, token, timeout_s, max_retries)
+        except ConnectionError as e:
+            return [{"score": None, "error": str(e)} for _ in part]
+        if not isinstance(got, list) or len(got) != len(part) or not all(isinstance(a, dict) for a in got):
+            message = f"{url}/compute_reward answered {len(part)} samples with a malformed answer"
+            return [{"score": None, "error": message} for _ in part]
+        return got
+
+    return send_halving(bodies, send, lambda e: isinstance(e, _Refused),
+                        lambda e: [{"score": None, "error": f"{e.detail} (HTTP {e.status})"}])
 
 
 def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str], ground_truths: Sequence[Any],

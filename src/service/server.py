@@ -55,7 +55,7 @@ from ..models.reward.base import BaseRewardModel
 from ..models.reward.errors import JudgeError
 from ..models.reward.settings import check_type
 from ..models.reward.types import ScoreItem, ScoreResult
-from ..rl.items import COMPLETION_AS, SampleError, openrlhf_item, verl_item
+from ..rl.items import COMPLETION_AS, SampleError, merge_scored, openrlhf_item, to_score, verl_item
 from .batcher import BatcherClosed, MicroBatcher
 from .openai_routes import add_openai_routes
 from .protocol import header_deadline_protocol
@@ -268,13 +268,8 @@ class _Service:
     async def score_prepared(self, prepared: list[ScoreItem | ScoreResult]) -> list[ScoreResult]:
         """Score the items among `prepared`; entries that are already results (samples that
         could not become items) keep their place."""
-        todo = [(i, p) for i, p in enumerate(prepared) if isinstance(p, ScoreItem)]
-        scored = await self.score([p for _, p in todo]) if todo else []
-        out: list[ScoreResult] = [p if isinstance(p, ScoreResult) else None for p in prepared]  # type: ignore[misc]
-        for (i, _), r in zip(todo, scored):
-            r.index = i
-            out[i] = r
-        return out
+        todo = to_score(prepared)
+        return merge_scored(prepared, await self.score(todo) if todo else [])
 
 
 def _describe_model(model: BaseRewardModel) -> dict[str, Any]:

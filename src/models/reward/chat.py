@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .types import ScoreItem, ScoreResult, describe_image
+from .types import ScoreItem, ScoreResult, describe_image, item_name
 
 if TYPE_CHECKING:
     from .engine import JudgeEngine
@@ -259,6 +259,6 @@ def _token_logprobs(torch: Any, tok: Any, logits: Any, chosen: int, top: int) ->
 
 
 def _failure(item: ScoreItem, index: int, message: str, kind: str, engine: "JudgeEngine") -> ScoreResult:
-    name = f"{item.id!r} (#{index})" if item.id is not None else f"#{index}"
+    name = item_name(item, index)
     return ScoreResult(index=index, id=item.id, score=None, error=f"chat request {name}: {message}",
                        error_kind=kind, device=engine.device_label)

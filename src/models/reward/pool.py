@@ -2,10 +2,11 @@
 
 Data flow of one `WorkerPool.run(items)` call:
 
-    caller --items--> _Dispatch: micro-batches, round-robin per worker or one shared queue
-                          |            ^ results by index        ^ items of a dead worker
-                          v            |                         |  (retried one by one)
-    ThreadPoolExecutor: one thread per worker, looping take -> send -> wait -> store
+    caller --items--> Scheduler (scheduler.py): micro-batches, round-robin per worker or one
+                          |         shared queue; retries, "no worker left", input order
+                          |            ^ results / failures / deaths, by index
+                          v            |
+    ThreadPoolExecutor: one thread per worker, looping take -> send -> wait -> report
                           |  Score(batch)            ^ Scored / BatchFailed
                           v                          |
     WorkerHandle  ==== framed, authenticated Unix socket (messages.py) ====  worker process
@@ -19,7 +20,7 @@ Actors:
   together in `_await`), log pump (`[GPU k]` lines), stop (Shutdown, bounded wait, SIGTERM,
   SIGKILL to its process group).
 - wait_ready_all: the start of several workers at once; the first failure raises, whatever its slot.
-- _Dispatch: the shared work state under one lock: queues, retry queue, the results slots.
+- Scheduler (scheduler.py, shared with the Ray host): the work of one call under one lock.
 - WorkerPool: starts all workers at once, runs calls, restarts dead workers (bounded), closes; its
   watcher thread notices a worker that dies between calls (health()).
 """
@@ -46,7 +47,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import messages as msg
 from .errors import JudgeStartError, JudgeUnavailable
-from .ledger import CallLedger, Fail, failer, stderr_log, wire_item
+from .scheduler import Restarts, Scheduler, stderr_log, wire_item
 from .types import ScoreItem, ScoreResult
 
 WORKER_SCRIPT = Path(__file__).resolve().parents[3] / "standalone" / "reward_worker.py"
@@ -440,73 +441,6 @@ def wait_ready_all(handles: Sequence[WorkerHandle], timeout: float) -> None:
                 h._died("loading the model")
 
 
-# -- the work of one call -------------------------------------------------------------------
-
-class _Dispatch(CallLedger):
-    """The work of one call: the ledger's slots plus the queues the worker threads take from."""
-
-    def __init__(self, n_items: int, queues: list[collections.deque], shared: collections.deque | None,
-                 max_retries: int, on_done: Callable[[int], None], closing: Callable[[], bool] = lambda: False):
-        super().__init__(n_items, max_retries, on_done)
-        self.queues = queues            # per worker (round robin)
-        self.shared = shared            # one queue for all (dynamic)
-        self.active_workers = len(queues)
-        self.drivers = len(queues)      # worker threads still looping over this call
-        self.aborted = False            # the call ended (interrupted) or the pool is closing: no more work
-        self.closing = closing          # the pool's own flag, read even if abort() never came
-
-    def take(self, slot: int) -> list[int] | None:
-        """Next micro-batch for worker `slot`: a retry first, then its own queue (or the shared
-        one). Waits while other workers still hold items that may come back for retry; None when
-        every item has a result, when the call was aborted or the pool is closing, or when no
-        other worker thread is left to give anything back (so a thread never waits forever)."""
-        with self.cond:
-            while True:
-                if self.aborted or self.closing():
-                    return None
-                if self.retry:
-                    return self.retry.popleft()
-                q = self.shared if self.shared is not None else self.queues[slot]
-                if q:
-                    return q.popleft()
-                if self.remaining == 0 or self.drivers <= 1:
-                    return None
-                self.cond.wait(0.5)
-
-    def driver_done(self) -> None:
-        """A worker thread left the call (for whatever reason): the others stop waiting on it."""
-        with self.cond:
-            self.drivers -= 1
-            self.cond.notify_all()
-
-    def abort(self) -> None:
-        with self.cond:
-            self.aborted = True
-            self.cond.notify_all()
-
-    def worker_lost(self, slot: int, cause: str, fail: Fail,
-                    held: list[int] | None = None) -> None:
-        """Worker `slot` is gone for good: its queue (and the batch it `held`, not yet sent) goes
-        to the others; if none is left, every item without a result fails with the cause."""
-        with self.cond:
-            self.active_workers -= 1
-            if held:
-                self.retry.extend([i] for i in held)
-            if self.shared is None:
-                self.retry.extend([[i] for batch in self.queues[slot] for i in batch])
-                self.queues[slot].clear()
-            if self.active_workers > 0:
-                self.cond.notify_all()
-                return
-            pending = [i for i, r in enumerate(self.results) if r is None]
-            self.retry.clear()
-            if self.shared is not None:
-                self.shared.clear()
-            for q in self.queues:
-                q.clear()
-        self.store([fail(i, f"no worker left: {cause}") for i in pending])
-
-
 # -- the pool -------------------------------------------------------------------------------
 
 class WorkerPool:
@@ -532,10 +466,9 @@ class WorkerPool:
         # worker, so no worker is launched after close() has taken its list of workers.
         self._state = threading.Lock()
         self._closed = False
-        self._dispatch: _Dispatch | None = None
+        self._sched: Scheduler | None = None   # the running call's
         self._drivers: list[concurrent.futures.Future] = []  # the last call's worker threads
-        self.restarts = [0] * len(self.specs)   # restarts in a row, per slot
-        self.total_restarts = 0
+        self._restarts = Restarts(len(self.specs))
         self.workers: list[WorkerHandle | None] = [None] * len(self.specs)
         self._executor = concurrent.futures.ThreadPoolExecutor(len(self.specs), thread_name_prefix="reward-worker")
         # Deaths between calls, as the watcher saw them (newest last): health() reports them.
@@ -636,54 +569,40 @@ class WorkerPool:
 
     def _run(self, items: list[ScoreItem], wire: list[dict[str, Any] | ScoreResult], micro_batch: int,
              schedule: str, on_done: Callable[[int], None]) -> list[ScoreResult]:
-        n_workers = len(self.workers)
-        todo = [i for i, w in enumerate(wire) if not isinstance(w, ScoreResult)]
-        queues: list[collections.deque] = [collections.deque() for _ in range(n_workers)]
-        shared = None
-        if schedule == "dynamic":
-            shared = collections.deque(todo[s:s + micro_batch] for s in range(0, len(todo), micro_batch))
-        else:
-            for w in range(n_workers):
-                mine = todo[w::n_workers]
-                queues[w].extend(mine[s:s + micro_batch] for s in range(0, len(mine), micro_batch))
-        dispatch = _Dispatch(len(items), queues, shared, self.max_retries, on_done, closing=lambda: self._closed)
-        dispatch.store([w for w in wire if isinstance(w, ScoreResult)])  # items that failed to spill
-
-        fail = failer(items)
-
+        sched = Scheduler(items, len(self.workers), micro_batch, schedule, self.max_retries, on_done,
+                          failed=[w for w in wire if isinstance(w, ScoreResult)],  # items that failed to spill
+                          closing=lambda: self._closed)
         # A call interrupted earlier (Ctrl-C caught by the caller, the pool kept) may still have
         # a thread finishing its last batch on a worker's channel: let it end first.
         concurrent.futures.wait(self._drivers)
-        self._dispatch = dispatch
+        self._sched = sched
         try:
-            self._drivers = [self._executor.submit(self._drive, slot, dispatch, wire, fail)
-                             for slot in range(n_workers)]
+            self._drivers = [self._executor.submit(self._drive, slot, sched, wire)
+                             for slot in range(len(self.workers))]
             for f in self._drivers:
                 f.result()
         finally:
             # However the call ended (done, Ctrl-C, an error), its threads take no more work:
-            # a close() that follows finds `_dispatch` cleared, so the abort happens here.
-            dispatch.abort()
-            self._dispatch = None
+            # a close() that follows finds `_sched` cleared, so the abort happens here.
+            sched.abort()
+            self._sched = None
         if self._closed:
             raise RuntimeError("the worker pool was closed during the call")
-        missing = [i for i, r in enumerate(dispatch.results) if r is None]
-        assert not missing, f"pool lost items {missing}"  # by construction
-        return dispatch.results  # type: ignore[return-value]
+        return sched.ordered()
 
-    def _drive(self, slot: int, dispatch: _Dispatch, wire: list, fail: Fail) -> None:
-        """One thread per worker: take a micro-batch, send it, store the results; on death,
-        give the items back and restart the worker (bounded)."""
+    def _drive(self, slot: int, sched: Scheduler, wire: list) -> None:
+        """One thread per worker: take a micro-batch, send it, report what came back to the
+        scheduler; a dead worker is restarted (bounded) when there is work for it."""
         try:
-            self._drive_loop(slot, dispatch, wire, fail)
+            self._drive_loop(slot, sched, wire)
         finally:
-            dispatch.driver_done()
+            sched.driver_done()
 
-    def _drive_loop(self, slot: int, dispatch: _Dispatch, wire: list, fail: Fail) -> None:
+    def _drive_loop(self, slot: int, sched: Scheduler, wire: list) -> None:
         while True:
             if self._closed:  # interrupted: close() stops the workers; nothing is retried
                 return
-            batch = dispatch.take(slot)
+            batch = sched.take(slot, wait=True)
             if batch is None:
                 return
             # Restart a dead worker only when there is work for it: a call does not wait for a
@@ -697,28 +616,28 @@ class WorkerPool:
                 except (WorkerStartError, WorkerDied, WorkerTimeout, _RestartsExhausted) as e:
                     if self._closed:
                         return
-                    dispatch.worker_lost(slot, f"worker could not be restarted: {e}", fail, held=batch)
+                    sched.lost(slot, f"worker could not be restarted: {e}", held=batch)
                     return
             bid = next(self._batch_ids)
             try:
                 raw = handle.request(bid, [wire[i] for i in batch], self.batch_timeout_s, indices=batch)
-                results = [ScoreResult.from_dict(d) for d in raw]
-                if [r.index for r in results] != batch:
-                    raise RuntimeError(f"{handle.describe()} answered for items {[r.index for r in results]}, "
-                                       f"asked for {batch}")
-                dispatch.store(results)
-                self.restarts[slot] = 0  # the bound is on restarts in a row, not per lifetime
+                sched.done(batch, [ScoreResult.from_dict(d) for d in raw], handle.describe())
+                self._restarts.reset(slot)  # the bound is on restarts in a row, not per lifetime
             except (WorkerDied, WorkerTimeout) as e:
                 if isinstance(e, WorkerTimeout):
                     handle.kill()
                 if self._closed:  # close() ended the worker: not a death to report or retry
                     return
                 self.log(f"[pool] {e}")
-                dispatch.give_back(batch, str(e), fail, "worker_timeout" if isinstance(e, WorkerTimeout) else "worker_died")
+                sched.died(batch, str(e), "worker_timeout" if isinstance(e, WorkerTimeout) else "worker_died")
             except Exception as e:  # the worker survived but the batch raised: fail these items
                 if self._closed:
                     return
-                dispatch.store([fail(i, str(e)) for i in batch])
+                sched.failed(batch, str(e))
+
+    @property
+    def total_restarts(self) -> int:
+        return self._restarts.total
 
     def _restart(self, slot: int, why: str) -> WorkerHandle:
         if self._closed:
@@ -726,13 +645,12 @@ class WorkerPool:
         old = self.workers[slot]
         if old is not None:
             old.stop(grace=0)
-        if self.restarts[slot] >= self.max_restarts:
-            raise _RestartsExhausted(f"worker {self.specs[slot].device_label} died {self.restarts[slot] + 1} "
-                                     f"times in a row (max_restarts={self.max_restarts})")
-        self.restarts[slot] += 1
-        self.total_restarts += 1
+        if not self._restarts.allow(slot, self.max_restarts):
+            raise _RestartsExhausted(f"worker {self.specs[slot].device_label} died "
+                                     f"{self._restarts.in_a_row[slot] + 1} times in a row "
+                                     f"(max_restarts={self.max_restarts})")
         self.log(f"[pool] restarting worker {self.specs[slot].device_label} ({why}), "
-                 f"restart {self.restarts[slot]}/{self.max_restarts}")
+                 f"restart {self._restarts.in_a_row[slot]}/{self.max_restarts}")
         with self._state:
             if self._closed:
                 raise _PoolClosing()
@@ -756,9 +674,9 @@ class WorkerPool:
                 self._closed = True
                 handles = [w for w in self.workers if w is not None]
             _LIVE_POOLS.discard(self)
-            dispatch = self._dispatch
-            if dispatch is not None:  # a call is running (in another thread): it stops taking work
-                dispatch.abort()
+            sched = self._sched
+            if sched is not None:  # a call is running (in another thread): it stops taking work
+                sched.abort()
             stoppers = [threading.Thread(target=h.stop, daemon=True) for h in handles]
             for t in stoppers:
                 t.start()

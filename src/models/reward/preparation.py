@@ -12,7 +12,7 @@ from typing import Any
 
 from .batching import _batch_key, _ItemError
 from .templates import Template
-from .types import ScoreItem, describe_image, load_pil
+from .types import ScoreItem, describe_image, item_name, load_pil
 from .vision_reuse import image_key
 
 
@@ -184,7 +184,7 @@ def _item_max_new(item: ScoreItem, limit: int) -> int | None:
 
 
 def _name(item: ScoreItem, index: int) -> str:
-    return f"{item.id!r} (#{index})" if item.id is not None else f"#{index}"
+    return item_name(item, index)
 
 
 def _image_error(role: str, name: str, why: str) -> str:

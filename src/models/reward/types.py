@@ -113,6 +113,11 @@ class ScoreResult:
                    device=device, metadata=dict(item.metadata) if item else {})
 
 
+def item_name(item: ScoreItem, index: int) -> str:
+    """How an error names an item: its id and position, or its position."""
+    return f"{item.id!r} (#{index})" if item.id is not None else f"#{index}"
+
+
 def describe_image(img: ImageInput) -> str:
     """A short name for an image in error messages."""
     if isinstance(img, (str, os.PathLike)):

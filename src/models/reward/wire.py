@@ -25,13 +25,15 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from .chat import CHAT_KEY
 from .errors import JudgeInputError
 from .types import ScoreItem, describe_image
 
 ITEM_KEYS = ("id", "images", "source_images", "instruction", "metadata")
+T = TypeVar("T")
+R = TypeVar("R")
 
 # Leading base64 text of the file signatures the judge can decode. Matching a signature (rather
 # than "looks like base64") keeps an odd file name from being read as image bytes.
@@ -234,3 +236,23 @@ def encode_item(item: ScoreItem, send_paths: bool = False) -> dict[str, Any]:
     return {"id": item.id, "instruction": item.instruction, "metadata": item.metadata,
             "images": [encode_image(im, send_paths) for im in item.images],
             "source_images": [encode_image(im, send_paths) for im in item.source_images]}
+
+
+def send_halving(chunk: Sequence[T], send: Callable[[Sequence[T]], list[R]], too_big: Callable[[Exception], bool],
+                 alone: Callable[[Exception], list[R]] | None = None) -> list[R]:
+    """`send(chunk)`: one answer per element, in order. A request the service refuses (`too_big(e)`
+    is true of the error: a 413, or any refusal where one bad sample refuses its request) is split
+    in halves, each sent alone, until the refused elements stand alone, so one element never costs
+    the others their answer; a lone refused element is answered by `alone(e)`, or raises.
+    The one rule for every client of the service (the remote judge, verl's hook)."""
+    try:
+        return send(chunk)
+    except Exception as e:
+        if not too_big(e):
+            raise
+        if len(chunk) > 1:
+            half = len(chunk) // 2
+            return send_halving(chunk[:half], send, too_big, alone) + send_halving(chunk[half:], send, too_big, alone)
+        if alone is None:
+            raise
+        return alone(e)

@@ -11,10 +11,9 @@ from typing import Any, Sequence
 
 from ..base import BaseRewardModel
 from ..pool import WorkerPool, WorkerSpec
+from ..scheduler import SCHEDULES
 from ..settings import JudgeSettings
 from ..types import ScoreItem, ScoreResult
-
-SCHEDULES = ("round_robin", "dynamic")
 
 
 class MultiGPURewardModel(BaseRewardModel):

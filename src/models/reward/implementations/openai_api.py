@@ -43,7 +43,7 @@ from ..chat import is_chat
 from ..parsing import parse_score
 from ..settings import MODES
 from ..templates import Rubric, Template, resolve_rubric, rubric_fingerprint
-from ..types import ScoreItem, ScoreResult, describe_image, load_pil
+from ..types import ScoreItem, ScoreResult, describe_image, item_name, load_pil
 
 _RETRY_STATUS = {408, 409, 429}         # and every 5xx
 _FATAL_STATUS = {401, 403, 404}         # the same for every request: stop sending
@@ -193,7 +193,7 @@ class OpenAIRewardModel(BaseRewardModel):
         return results  # type: ignore[return-value]
 
     def _score_one(self, index: int, item: ScoreItem, call: "_Call") -> ScoreResult:
-        name = f"{item.id!r} (#{index})" if item.id is not None else f"#{index}"
+        name = item_name(item, index)
         t0 = time.perf_counter()
         try:
             if is_chat(item):

@@ -5,11 +5,12 @@ Data flow of one `RayRewardModel.score_items(items)` call:
     caller --items--> _wire_item: paths stay paths; PIL images and bytes travel as encoded bytes
                           |        inside the task (Ray objects), so no node needs the caller's disk
                           v
-    _Call: micro-batches of indices, a retry queue (items of a dead actor, one by one), result slots
+    Scheduler (scheduler.py, shared with the local pool): micro-batches of indices in one shared
+                          |  queue, retries (items of a dead actor, one by one), result slots
                           |  a free actor gets the next micro-batch: actor.score.remote(items, indices)
                           v
-    ray.wait(in-flight refs) --results by index--> result slots --> input order
-                          |  actor died / timed out: its items go back to the retry queue
+    ray.wait(in-flight refs) --results by index--> Scheduler --> input order
+                          |  actor died / timed out: its items go back to the Scheduler to retry
                           |  (bounded), the actor is replaced by a new one (bounded, in a row)
                           v
     _JudgeActor (a Ray actor per slot) hosting JudgeEngine (engine.py), loaded once, kept loaded
@@ -18,7 +19,7 @@ Actors:
 - _JudgeActor: the Ray actor. Builds the engine at creation; a failed load is reported by `info()`
   with its traceback instead of killing the actor, so the error reaches the caller intact.
 - _Slot: the driver's view of one actor: its handle and what it does (starting, idle, busy, lost).
-- _Call: the work state of one call: queues, per-item attempts, result slots.
+- Scheduler (scheduler.py): the work of one call: queues, per-item attempts, result slots.
 - RayRewardModel: connects to (or starts) Ray, starts every actor at once, dispatches, replaces
   dead actors, closes.
 
@@ -27,7 +28,6 @@ is also where death (an error on the ref) and timeouts (a deadline per slot) are
 """
 from __future__ import annotations
 
-import collections
 import io
 import os
 import threading
@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 from ..base import BaseRewardModel
 from ..errors import JudgeStartError
-from ..ledger import CallLedger, Fail, failer, stderr_log, wire_item
+from ..scheduler import Restarts, Scheduler, stderr_log, wire_item
 from ..settings import JudgeSettings
 from ..types import ScoreItem, ScoreResult
 
@@ -122,25 +122,11 @@ class _Slot:
     batch: list[int] | None = None     # indices of the busy call; None for a batch of an aborted call
     since: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
-    restarts: int = 0                  # restarts in a row; a good batch resets it
     cause: str = ""                    # why it was lost
 
     def describe(self) -> str:
         label = self.info.get("label") or f"actor{self.index}"
         return f"{label} (pid {self.info.get('pid', '?')})"
-
-
-class _Call(CallLedger):
-    """The work state of one call; touched only by the caller's thread."""
-
-    def __init__(self, n_items: int, max_retries: int, on_done: Callable[[int], None]):
-        super().__init__(n_items, max_retries, on_done)
-        self.queue: collections.deque[list[int]] = collections.deque()
-
-    def take(self) -> list[int] | None:
-        if self.retry:
-            return self.retry.popleft()
-        return self.queue.popleft() if self.queue else None
 
 
 # -- the reward model ----------------------------------------------------------------------------
@@ -212,12 +198,12 @@ class RayRewardModel(BaseRewardModel):
         self.batch_timeout_s = batch_timeout_s
         self.start_timeout_s = start_timeout_s
         self.progress = progress
-        self.total_restarts = 0
         self._closed = False
         self._owns_connection = False   # this object called ray.init: close() calls ray.shutdown()
         self._local_ray = False         # ... and that started a local Ray (fixed resources)
         self._lock = threading.Lock()
         self.slots: list[_Slot] = []
+        self._restarts = Restarts(0)    # per slot, across calls
 
         try:
             import ray
@@ -231,6 +217,7 @@ class RayRewardModel(BaseRewardModel):
             self._check_resources(n)
             self._actor_cls = ray.remote(_JudgeActor)
             self.slots = [_Slot(k) for k in range(n)]
+            self._restarts = Restarts(n)
             self._start_all()
         except BaseException:
             self.close()
@@ -394,32 +381,24 @@ class RayRewardModel(BaseRewardModel):
     def _run(self, items: list[ScoreItem], on_done: Callable[[int], None]) -> list[ScoreResult]:
         ray = self._ray
         wire = [_wire_item(it, i) for i, it in enumerate(items)]
-        call = _Call(len(items), self.max_retries, on_done)
-        call.store([w for w in wire if isinstance(w, ScoreResult)])  # items that could not be encoded
-        todo = [i for i, w in enumerate(wire) if not isinstance(w, ScoreResult)]
-        call.queue.extend(todo[s:s + self.micro_batch] for s in range(0, len(todo), self.micro_batch))
-
-        fail = failer(items)
-
+        sched = Scheduler(items, len(self.slots), self.micro_batch, "dynamic", self.max_retries, on_done,
+                          failed=[w for w in wire if isinstance(w, ScoreResult)],  # items that could not be encoded
+                          lost={s.index: s.cause for s in self.slots if s.state == "lost"}, noun="actor")
         try:
-            while call.remaining:
+            while sched.remaining:
                 for slot in self.slots:
                     if slot.state == "idle":
-                        batch = call.take()
+                        batch = sched.take(slot.index)
                         if batch is None:
                             break
                         slot.state, slot.batch, slot.since = "busy", batch, time.monotonic()
                         slot.ref = slot.actor.score.remote([wire[i] for i in batch], batch)
-                if all(s.state == "lost" for s in self.slots):
-                    why = "; ".join(dict.fromkeys(s.cause for s in self.slots))
-                    call.store([fail(i, f"no actor left: {why}") for i in call.pending()])
-                    break
                 flying = {s.ref: s for s in self.slots if s.state in ("starting", "busy")}
                 assert flying, "items remain but no actor is working or starting"  # by construction
                 ready, _ = ray.wait(list(flying), num_returns=1, timeout=self._wait_timeout())
                 for ref in ready:
-                    self._collect(flying[ref], call, fail)
-                self._check_deadlines(call, fail)
+                    self._collect(flying[ref], sched)
+                self._check_deadlines(sched)
         except BaseException:
             # Interrupted (Ctrl-C, an error): batches still in flight belong to no call now; their
             # actors are free again once they answer, and the answers are dropped.
@@ -427,9 +406,7 @@ class RayRewardModel(BaseRewardModel):
                 if slot.state == "busy":
                     slot.batch = None
             raise
-        missing = call.pending()
-        assert not missing, f"lost items {missing}"  # by construction
-        return call.results  # type: ignore[return-value]
+        return sched.ordered()
 
     def _wait_timeout(self) -> float:
         now = time.monotonic()
@@ -447,13 +424,13 @@ class RayRewardModel(BaseRewardModel):
             return self.batch_timeout_s
         return None
 
-    def _collect(self, slot: _Slot, call: _Call, fail: Fail) -> None:
+    def _collect(self, slot: _Slot, sched: Scheduler) -> None:
         ray = self._ray
         if slot.state == "starting":
             error = self._started(slot)
             if error:
                 self._log(f"[ray] {error}")
-                self._replace(slot, error.splitlines()[0])
+                self._replace(slot, error.splitlines()[0], sched)
             return
         batch = slot.batch
         try:
@@ -461,20 +438,21 @@ class RayRewardModel(BaseRewardModel):
         except ray.exceptions.RayTaskError as e:  # the actor lives; the batch raised: these items fail
             slot.state, slot.ref, slot.batch = "idle", None, None
             if batch is not None:
-                call.store([fail(i, f"{slot.describe()} failed a batch: {e}") for i in batch])
+                sched.failed(batch, f"{slot.describe()} failed a batch: {e}")
             return
         except ray.exceptions.RayError as e:  # the actor died (or its node did)
             cause = f"{slot.describe()} died while scoring {len(batch or [])} item(s): {_reason(e)}"
             self._log(f"[ray] {cause}")
             if batch is not None:
-                call.give_back(batch, cause, fail)
-            self._replace(slot, cause)
+                sched.died(batch, cause)
+            self._replace(slot, cause, sched)
             return
-        slot.state, slot.ref, slot.batch, slot.restarts = "idle", None, None, 0
+        slot.state, slot.ref, slot.batch = "idle", None, None
+        self._restarts.reset(slot.index)  # the bound is on restarts in a row, not per lifetime
         if batch is not None:
-            call.store(results)
+            sched.done(batch, results, slot.describe())
 
-    def _check_deadlines(self, call: _Call, fail: Fail) -> None:
+    def _check_deadlines(self, sched: Scheduler) -> None:
         now = time.monotonic()
         for slot in self.slots:
             limit = self._limit(slot)
@@ -486,23 +464,28 @@ class RayRewardModel(BaseRewardModel):
                 cause = (f"{slot.describe()} gave no answer within batch_timeout_s={limit:g}s while scoring "
                          f"{len(slot.batch or [])} item(s)")
                 if slot.batch is not None:
-                    call.give_back(slot.batch, cause, fail, "worker_timeout")
+                    sched.died(slot.batch, cause, "worker_timeout")
             self._log(f"[ray] {cause}")
-            self._replace(slot, cause)
+            self._replace(slot, cause, sched)
 
-    def _replace(self, slot: _Slot, why: str) -> None:
+    @property
+    def total_restarts(self) -> int:
+        return self._restarts.total
+
+    def _replace(self, slot: _Slot, why: str, sched: Scheduler) -> None:
         """Kill the slot's actor and start a new one (it loads while the others work), unless it
-        has been replaced max_restarts times in a row; then the slot is given up."""
+        has been replaced max_restarts times in a row; then the slot is given up (and the call's
+        scheduler hands its work to the others)."""
         self._kill(slot)
-        if self._closed or slot.restarts >= self.max_restarts:
+        if self._closed or not self._restarts.allow(slot.index, self.max_restarts):
             slot.state, slot.ref, slot.batch = "lost", None, None
-            slot.cause = (f"actor{slot.index} failed {slot.restarts + 1} time(s) in a row "
+            slot.cause = (f"actor{slot.index} failed {self._restarts.in_a_row[slot.index] + 1} time(s) in a row "
                           f"(max_restarts={self.max_restarts}); last: {why}")
             self._log(f"[ray] giving up {slot.cause}")
+            sched.lost(slot.index, slot.cause)
             return
-        slot.restarts += 1
-        self.total_restarts += 1
-        self._log(f"[ray] replacing actor{slot.index} ({why}), restart {slot.restarts}/{self.max_restarts}")
+        self._log(f"[ray] replacing actor{slot.index} ({why}), restart {self._restarts.in_a_row[slot.index]}"
+                  f"/{self.max_restarts}")
         self._spawn(slot)
 
     def _kill(self, slot: _Slot) -> None:

@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 from ..base import BaseRewardModel
 from ..errors import JudgeUnavailable
-from ..types import ScoreItem, ScoreResult
-from ..wire import encode_item
+from ..types import ScoreItem, ScoreResult, item_name
+from ..wire import encode_item, send_halving
 
 _RETRY_STATUS = (500, 502, 503, 504)
 
@@ -140,33 +140,28 @@ class RemoteRewardModel(BaseRewardModel):
             try:
                 wire.append((i, encode_item(item, self.send_paths)))
             except ValueError as e:  # an image this side cannot read fails that item alone
-                name = f"{item.id!r} (#{i})" if item.id is not None else f"#{i}"
+                name = item_name(item, i)
                 results[i] = ScoreResult.failure(i, item, f"item {name}: {e}", "image")
         for start in range(0, len(wire), self.batch_size):
-            self._send(wire[start:start + self.batch_size], results)
+            chunk = wire[start:start + self.batch_size]
+            # over the service's size limit (413): halves, each sent alone
+            answers = send_halving(chunk, self._send, lambda e: isinstance(e, RemoteServiceError) and e.status == 413)
+            for (i, _), r in zip(chunk, answers):
+                r.index = i
+                results[i] = r
         missing = [i for i, r in enumerate(results) if r is None]
         assert not missing, f"remote scoring lost items {missing}"  # by construction
         return results  # type: ignore[return-value]
 
-    def _send(self, chunk: list[tuple[int, dict[str, Any]]], results: list[ScoreResult | None]) -> None:
+    def _send(self, chunk: Sequence[tuple[int, dict[str, Any]]]) -> list[ScoreResult]:
+        """One /score request: a result per item of `chunk`, in order."""
         request_id = uuid.uuid4().hex
-        try:
-            answer = self.request("POST", "/score", {"items": [w for _, w in chunk], "request_id": request_id})
-        except RemoteServiceError as e:
-            if e.status == 413 and len(chunk) > 1:  # over the service's size limit: halve and retry
-                half = len(chunk) // 2
-                self._send(chunk[:half], results)
-                self._send(chunk[half:], results)
-                return
-            raise
+        answer = self.request("POST", "/score", {"items": [w for _, w in chunk], "request_id": request_id})
         got = answer.get("results") if isinstance(answer, dict) else None
         if not isinstance(got, list) or len(got) != len(chunk) or answer.get("request_id") != request_id:
             raise RemoteServiceError(f"{self.url}/score answered a request of {len(chunk)} items with "
                                      f"{len(got) if isinstance(got, list) else 'no'} results (or another request's id)")
-        for (i, _), d in zip(chunk, got):
-            r = ScoreResult.from_dict(d)
-            r.index = i
-            results[i] = r
+        return [ScoreResult.from_dict(d) for d in got]
 
     @property
     def fingerprint(self) -> str | None:
