@@ -111,6 +111,7 @@ class WorkerSpec:
     device_label: str      # as the user knows it
     env: dict[str, str]    # extra environment (CUDA_VISIBLE_DEVICES pinning, thread counts)
     num_threads: int | None = None
+    devices: tuple[str, ...] = ()  # a group of GPUs, as the worker sees them; empty: `device` alone
 
 
 # -- one worker -----------------------------------------------------------------------------
@@ -186,7 +187,7 @@ class WorkerHandle:
 
     def _pump_logs(self) -> None:
         assert self.proc and self.proc.stdout
-        prefix = f"[GPU {self.label[5:]}]" if self.label.startswith("cuda:") else f"[{self.label}]"
+        prefix = f"[GPU {self.label[5:]}]" if self.label.startswith("cuda:") else f"[{self.label}]"  # [GPU 2+3]
         for raw in iter(self.proc.stdout.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip()
             self.lines.append(line)
@@ -209,7 +210,8 @@ class WorkerHandle:
             conn.close()
             raise WorkerStartError(f"{self.describe()}: the channel failed while connecting: {e}") from None
         self.conn = conn
-        self.conn.send(msg.Init(self.settings, self.spec.device, self.spec.device_label, self.spec.num_threads))
+        self.conn.send(msg.Init(self.settings, self.spec.device, self.spec.device_label, self.spec.num_threads,
+                                list(self.spec.devices) or None))
 
     def _started(self, reply: Any) -> None:
         """The worker's answer to Init."""
