@@ -20,6 +20,10 @@ class Loading:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         s = self.settings
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"{self.device_label}: a CUDA device was asked, but torch sees no GPU here "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                             "use device cpu on a machine without a GPU")
         path = s.model_name
         if path.startswith("tiny:"):
             from ..tiny import resolve_model_name

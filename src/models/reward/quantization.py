@@ -82,7 +82,8 @@ def plan(setting: str, path: str, device: str, dtype: Any) -> tuple[dict[str, An
                             "dequantizes it to %s", path, dtype)
             else:
                 _ensure_fp8_matmul()
-        return {}, f"pre-quantized checkpoint ({method}, as its config.json declares)"
+        where = "; transformers dequantizes it on the CPU" if method == "fp8" and device == "cpu" else ""
+        return {}, f"pre-quantized checkpoint ({method}, as its config.json declares{where})"
     if setting == "none":
         return {}, "none"
     if setting == "fp8":
