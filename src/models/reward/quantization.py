@@ -3,8 +3,9 @@
     none      the checkpoint as stored. A pre-quantized checkpoint (its config.json declares a
               quantization_config, as FP8 releases of Qwen3-VL do) loads as transformers loads it,
               and the engine reports it.
-    fp8       transformers' FineGrainedFP8Config: weights cast to float8 (128x128 blocks, one
-              scale each) while loading; needs accelerate and a CUDA GPU of compute capability 8.9+.
+    fp8       transformers' FineGrainedFP8Config: the language model's weights cast to float8
+              (128x128 blocks, one scale each) while loading; the vision tower and the output head
+              stay as they are. Needs accelerate and a CUDA GPU of compute capability 8.9+.
     bnb-8bit  bitsandbytes LLM.int8 weights (BitsAndBytesConfig(load_in_8bit=True)).
     bnb-4bit  bitsandbytes NF4 weights, computing in the judge's dtype.
 
@@ -100,7 +101,10 @@ def plan(setting: str, path: str, device: str, dtype: Any) -> tuple[dict[str, An
         from transformers import FineGrainedFP8Config
 
         matmul = _ensure_fp8_matmul()
-        return {"quantization_config": FineGrainedFP8Config()}, f"fp8 (made at load, 128x128 blocks; matmul: {matmul})"
+        # The language model's layers (most of the weights and of the time); the vision tower, whose
+        # widths do not all tile into 128x128 blocks, and the output head stay in the judge's dtype.
+        config = FineGrainedFP8Config(modules_to_not_convert=["model.visual", "lm_head"])
+        return {"quantization_config": config}, f"fp8 (language model, made at load, 128x128 blocks; matmul: {matmul})"
     if setting in ("bnb-8bit", "bnb-4bit"):
         require("bitsandbytes", f"quantization: {setting}")
         require("accelerate", f"quantization: {setting}")
