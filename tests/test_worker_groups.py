@@ -103,3 +103,19 @@ def test_cpu_groups_score_as_the_single_device_class(tiny_cache, image_files):
         assert [r.device for r in results] == [f"cpu#{i % 2}" for i in range(7)]
         assert [r.score for r in results] == pytest.approx(reference, abs=1e-4)
     assert_no_orphans(pids)
+
+
+def test_the_readme_group_config_is_valid():
+    """The README's example config for groups passes the config checks as written (it is not
+    built here: it names eight GPUs)."""
+    import yaml
+
+    from src.models.reward.config import resolve_spec
+
+    readme = (__import__("conftest").ROOT / "README.md").read_text()
+    section = readme[readme.index("\n## Judges bigger than one GPU"):]
+    block = section[section.index("```yaml\n") + 8:section.index("```", section.index("```yaml\n") + 8)]
+    class_path, cls, params = resolve_spec(yaml.safe_load(block)["model"])
+    assert cls is MultiGPURewardModel and params["gpus_per_worker"] == 2
+    assert device_groups([str(d) for d in params["device_ids"]], params["gpus_per_worker"]) == \
+        [["0", "1"], ["2", "3"], ["4", "5"], ["6", "7"]]
