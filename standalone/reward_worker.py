@@ -129,8 +129,8 @@ def serve(address: str) -> int:
     except BaseException as e:
         conn.send(msg.StartFailed(os.getpid(), f"{type(e).__name__}: {e}", traceback.format_exc()))
         return 1
-    _log(f"model loaded on {init.device_label} in {engine.load_time_s:.1f}s (pid {os.getpid()}, "
-         f"quantization: {engine.quantization})")
+    _log(f"model loaded on {init.device_label} in {engine.load_time_s:.1f}s (pid {os.getpid()}); "
+         f"quantization: {engine.quantization}")
     conn.send(msg.Ready(os.getpid(), engine.load_time_s, engine.fingerprint()))
     while True:
         try:

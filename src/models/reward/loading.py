@@ -72,8 +72,15 @@ class Loading:
             if self.device != "cpu" and ("quantization_config" in extra or self.quantization != "none"
                                          or importlib.util.find_spec("accelerate") is not None):
                 extra["device_map"] = self.device
-        model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, attn_implementation=s.attn_implementation, **extra)
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(
+                path, dtype=dtype, attn_implementation=s.attn_implementation, **extra)
+        except ValueError as e:
+            if spread and "offload" in str(e):  # the budget left layers for the disk
+                raise ValueError(f"the judge does not fit its {len(self.devices)} GPUs ({self.device_label}, "
+                                 f"max_memory_per_gpu_gb={s.max_memory_per_gpu_gb}); raise it or gpus_per_worker, "
+                                 f"or use quantization ({e})") from None
+            raise
         if "device_map" not in extra:
             model = model.to(self.device)
         if spread:
