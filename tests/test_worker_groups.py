@@ -119,3 +119,22 @@ def test_the_readme_group_config_is_valid():
     assert cls is MultiGPURewardModel and params["gpus_per_worker"] == 2
     assert device_groups([str(d) for d in params["device_ids"]], params["gpus_per_worker"]) == \
         [["0", "1"], ["2", "3"], ["4", "5"], ["6", "7"]]
+
+
+def test_a_group_whose_layers_land_on_the_cpu_is_refused(tiny_qwen25):
+    """transformers' own placement (device_map='auto', on a machine whose only device is the CPU)
+    put the layers on the CPU: a judge spread over a group refuses that, naming the budget."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForImageTextToText
+
+    from src.models.reward.loading import Loading
+    from src.models.reward.settings import JudgeSettings
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen25, device_map="auto")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    engine = SimpleNamespace(devices=["cuda:0", "cuda:1"], device_label="cuda:4+5",
+                             settings=JudgeSettings(model_name=tiny_qwen25, max_memory_per_gpu_gb=30))
+    with pytest.raises(ValueError, match=r"the judge does not fit its 2 GPUs \(cuda:4\+5, max_memory_per_gpu_gb=30\): "
+                                         r"transformers placed layers on cpu"):
+        Loading._check_placement(engine, model)

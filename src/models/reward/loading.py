@@ -97,8 +97,9 @@ class Loading:
     def _check_placement(self, model) -> None:
         """A judge spread over a group must sit on the group's GPUs: a layer that the budget sent to
         the CPU or the disk would run there, many times slower, so it is an error instead."""
-        where = getattr(model, "hf_device_map", None) or {}
-        off = sorted({str(v) for v in where.values() if str(v) in ("cpu", "disk")})
+        where = {str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()}
+        where |= {p.device.type for p in model.parameters()}  # offloaded weights wait on cpu or meta
+        off = sorted({"disk" if w == "meta" else w for w in where & {"cpu", "disk", "meta"}})
         if off:
             budget = self.settings.max_memory_per_gpu_gb
             raise ValueError(
