@@ -131,7 +131,7 @@ def serve(address: str) -> int:
         return 1
     _log(f"model loaded on {init.device_label} in {engine.load_time_s:.1f}s (pid {os.getpid()}); "
          f"quantization: {engine.quantization}")
-    conn.send(msg.Ready(os.getpid(), engine.load_time_s, engine.fingerprint()))
+    conn.send(msg.Ready(os.getpid(), engine.load_time_s, engine.fingerprint(), engine.quantization))
     while True:
         try:
             req = conn.recv()

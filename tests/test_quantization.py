@@ -153,3 +153,28 @@ def test_the_torch_fp8_matmul_serves_transformers_fp8_layers():
     out = layer(x)
     assert out.shape == (3, 5, 96)
     torch.testing.assert_close(out, x @ deq.T + layer.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_the_job_summary_and_the_workers_report_how_weights_were_loaded(fp8_checkpoint, tmp_path):
+    """A job on the pre-quantized checkpoint (in-process) and one on the plain one (a worker
+    process, which reports through its Ready message) each record it in summary.json."""
+    from src.job.runner import run_job
+
+    src, fp8 = fp8_checkpoint
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        make_image(i).save(images / f"{i}.png")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"id": str(i), "image": str(images / f"{i}.png")}) + "\n"
+                                              for i in range(3)))
+    for class_path, model_name, extra, expected in (
+            ("qwen_vl", fp8, {}, "pre-quantized checkpoint (fp8, as its config.json declares; "
+                                 "transformers dequantizes it on the CPU)"),
+            ("multi_gpu", src, {"device_ids": ["cpu"], "progress": False}, "none")):
+        out = tmp_path / class_path
+        cfg = {"model": {"class_path": class_path, "params": {"model_name": model_name, "template": "quality", **extra}},
+               "job": {"manifest": str(tmp_path / "m.jsonl"), "output_dir": str(out)}}
+        summary = run_job(cfg, base=tmp_path, progress=False)
+        assert summary["scored"] == 3
+        assert summary["quantization"] == expected
+        assert json.loads((out / "summary.json").read_text())["quantization"] == expected

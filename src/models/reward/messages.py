@@ -36,6 +36,7 @@ class Ready:
     pid: int
     load_time_s: float
     fingerprint: str
+    quantization: str | None = None  # how the weights were loaded (quantization.py's report)
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,7 @@ class WorkerHandle:
         self.pid: int | None = None          # the Python worker's own pid (from Ready)
         self.load_time_s: float | None = None
         self.fingerprint: str | None = None
+        self.quantization: str | None = None  # how the worker's judge loaded its weights (from Ready)
         self.lines: collections.deque[str] = collections.deque(maxlen=_LOG_LINES_KEPT)
         self._authkey = secrets.token_bytes(32)
         self._address = str(sock_dir / f"w{spec.slot}-{secrets.token_hex(4)}.sock")
@@ -222,6 +223,7 @@ class WorkerHandle:
         if not isinstance(reply, msg.Ready):
             raise WorkerStartError(f"{self.describe()}: expected Ready, got {type(reply).__name__}")
         self.pid, self.load_time_s, self.fingerprint = reply.pid, reply.load_time_s, reply.fingerprint
+        self.quantization = getattr(reply, "quantization", None)
         self.ready = True
 
     def exited(self) -> bool:

@@ -75,6 +75,11 @@ class MultiGPURewardModel(BaseRewardModel):
     def fingerprint(self) -> str | None:
         return self.pool.workers[0].fingerprint if self.pool.workers and self.pool.workers[0] else None
 
+    @property
+    def quantization(self) -> str | None:
+        """How the workers loaded the weights (`none`, `fp8 (...)`, a pre-quantized checkpoint's method)."""
+        return self.pool.workers[0].quantization if self.pool.workers and self.pool.workers[0] else None
+
     def worker_pids(self) -> list[int | None]:
         return self.pool.pids()
 
