@@ -178,3 +178,26 @@ def test_the_job_summary_and_the_workers_report_how_weights_were_loaded(fp8_chec
         assert summary["scored"] == 3
         assert summary["quantization"] == expected
         assert json.loads((out / "summary.json").read_text())["quantization"] == expected
+
+
+@pytest.mark.parametrize("arch", ["tiny:qwen2_5_vl", "tiny:qwen3_vl"])
+def test_fp8_turns_the_language_layers_into_fp8_and_leaves_the_vision_tower(arch, tiny_cache):
+    """transformers' own FP8 quantizer, given `quantization: fp8`'s config, on the real model
+    classes (built on the meta device: no weights, no GPU): which layers become FP8Linear."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    from src.models.reward.quantization import fp8_config
+    from src.models.tiny import resolve_model_name
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(resolve_model_name(arch)))
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    quantizer = FineGrainedFP8HfQuantizer(fp8_config())
+    quantizer.pre_quantized = False
+    quantizer._process_model_before_weight_loading(model)
+    fp8 = {n for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+    language = {n for n in linear if n.startswith("model.language_model.")}
+    assert fp8 == language and fp8
+    assert not any(n.startswith("model.visual") or n == "lm_head" for n in fp8)

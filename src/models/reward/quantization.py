@@ -98,13 +98,8 @@ def plan(setting: str, path: str, device: str, dtype: Any) -> tuple[dict[str, An
             raise QuantizationUnavailable(
                 f"quantization: fp8 needs a GPU of compute capability 8.9 or more; {device} has "
                 f"{cap[0]}.{cap[1]}. Use bnb-8bit, or quantization: none")
-        from transformers import FineGrainedFP8Config
-
         matmul = _ensure_fp8_matmul()
-        # The language model's layers (most of the weights and of the time); the vision tower, whose
-        # widths do not all tile into 128x128 blocks, and the output head stay in the judge's dtype.
-        config = FineGrainedFP8Config(modules_to_not_convert=["model.visual", "lm_head"])
-        return {"quantization_config": config}, f"fp8 (language model, made at load, 128x128 blocks; matmul: {matmul})"
+        return {"quantization_config": fp8_config()}, f"fp8 (language model, made at load, 128x128 blocks; matmul: {matmul})"
     if setting in ("bnb-8bit", "bnb-4bit"):
         require("bitsandbytes", f"quantization: {setting}")
         require("accelerate", f"quantization: {setting}")
@@ -115,6 +110,15 @@ def plan(setting: str, path: str, device: str, dtype: Any) -> tuple[dict[str, An
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
         return {"quantization_config": config}, "bnb-4bit (bitsandbytes nf4)"
     raise JudgeConfigError(f"quantization: unknown value {setting!r}")  # settings.py checked it already
+
+
+def fp8_config() -> Any:
+    """`quantization: fp8`'s config: the language model's layers (most of the weights and of the
+    time); the vision tower, whose widths do not all tile into 128x128 blocks, and the output head
+    stay in the judge's dtype."""
+    from transformers import FineGrainedFP8Config
+
+    return FineGrainedFP8Config(modules_to_not_convert=["model.visual", "lm_head"])
 
 
 def _capability(device: str) -> tuple[int, int]:
