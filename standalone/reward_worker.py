@@ -91,7 +91,8 @@ def _watch_parent(parent_pid: int, pool_dir: str, interval: float = 1.0) -> None
     threading.Thread(target=loop, name="parent-watch", daemon=True).start()
 
 
-def _build_engine(settings: dict, device: str, device_label: str, num_threads: int | None):
+def _build_engine(settings: dict, device: str, device_label: str, num_threads: int | None,
+                  devices: list[str] | None = None):
     import torch
 
     from src.models.reward import hooks
@@ -101,7 +102,7 @@ def _build_engine(settings: dict, device: str, device_label: str, num_threads: i
         torch.set_num_threads(num_threads)
     from src.models.reward.engine import JudgeEngine
 
-    return JudgeEngine(JudgeSettings.from_params(settings), device=device, device_label=device_label)
+    return JudgeEngine(JudgeSettings.from_params(settings), device=device, device_label=device_label, devices=devices)
 
 
 def serve(address: str) -> int:
@@ -119,13 +120,18 @@ def serve(address: str) -> int:
     if not isinstance(init, msg.Init):
         _log(f"expected Init, got {type(init).__name__}; exiting")
         return 2
+    # What this worker was pinned to, in its log (the pool quotes it when the start fails).
+    _log(f"worker {init.device_label}: CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, "
+         f"judge on {', '.join(getattr(init, 'devices', None) or [init.device])}")
     try:
-        engine = _build_engine(init.settings, init.device, init.device_label, init.num_threads)
+        engine = _build_engine(init.settings, init.device, init.device_label, init.num_threads,
+                               getattr(init, "devices", None))
     except BaseException as e:
         conn.send(msg.StartFailed(os.getpid(), f"{type(e).__name__}: {e}", traceback.format_exc()))
         return 1
-    _log(f"model loaded on {init.device_label} in {engine.load_time_s:.1f}s (pid {os.getpid()})")
-    conn.send(msg.Ready(os.getpid(), engine.load_time_s, engine.fingerprint()))
+    _log(f"model loaded on {init.device_label} in {engine.load_time_s:.1f}s (pid {os.getpid()}); "
+         f"quantization: {engine.quantization}")
+    conn.send(msg.Ready(os.getpid(), engine.load_time_s, engine.fingerprint(), engine.quantization))
     while True:
         try:
             req = conn.recv()

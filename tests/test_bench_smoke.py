@@ -81,3 +81,26 @@ def test_reuse_gpu_smoke(tmp_path):
     assert lengths["continuous"]["fell_back_to_static"] == 0
     assert lengths["identical_answers"] == 1.0  # float32 on the CPU: the same tokens
     assert (tmp_path / "reuse_gpu.md").read_text().startswith("# Issue 17")
+
+
+def test_quant_gpu_smoke(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quant_gpu.py"), "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "quant_gpu.json").read_text())
+    assert report["meta"]["smoke"] is True and report["meta"]["template"] == "edit"
+    none = report["variants"]["none"]
+    assert none["quantization"] == "none" and none["errors"] == 0
+    assert len(none["scores"]) == report["meta"]["n"] == 6 and all(s is not None for s in none["scores"])
+    # the reference agrees with itself exactly: the agreement arithmetic is checked on known input
+    assert none["vs_none"]["items_compared"] == 6 and none["vs_none"]["max_abs_diff"] == 0.0
+    assert (tmp_path / "quant_gpu.md").read_text().startswith("# Issue 20: quantized judges")
+
+
+def test_quant_gpu_agreement_statistics():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from quant_gpu import agreement
+
+    ag = agreement([1.0, 2.0, 3.0, None, 5.0], [1.5, 2.0, 2.5, 4.0, 10.0])
+    assert ag["items_compared"] == 4 and ag["max_abs_diff"] == 5.0 and ag["mean_abs_diff"] == 1.5
+    assert ag["spearman"] == 1.0 and 0.9 < ag["pearson"] < 1.0

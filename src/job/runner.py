@@ -215,6 +215,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
             model.progress = False  # the job's own bar counts every item; one bar is enough
         try:
             fp = model_fingerprint(model, model_spec or {})
+            quantization = getattr(model, "quantization", None)  # the judge's own report, read while it is open
             if not spec.resume and stream_path.exists():
                 stream_path.unlink()
             done = read_stream(stream_path, fp)
@@ -263,6 +264,8 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
     summary = summarize(final, fingerprint=fp, model_spec=model_spec, elapsed_s=time.time() - t0,
                         skipped=len(rows) - len(todo) - sum(r.item is None for r in rows))
     summary["latency_s_per_item"] = stats(latencies)
+    if isinstance(quantization, str):  # the judge's own report (a pre-quantized checkpoint says so here)
+        summary["quantization"] = quantization
     write_outputs(spec.output_dir, final, summary)
     if spec.report:
         from src.report import write_report

@@ -52,12 +52,18 @@ log = logging.getLogger(__name__)
 class JudgeEngine(Loading, Preparation, Batching, Scoring, SpeedPaths):
     """A loaded judge on one device. Not thread-safe: one caller at a time."""
 
-    def __init__(self, settings: JudgeSettings, device: str = "cpu", device_label: str | None = None):
+    def __init__(self, settings: JudgeSettings, device: str = "cpu", device_label: str | None = None,
+                 devices: Sequence[str] | None = None):
+        """devices: the GPUs this judge is spread over (`['cuda:0', 'cuda:1']`, a worker of a group
+        of GPUs: transformers' device_map places the layers, inputs go to the first). None: `device`."""
         import torch
 
         self.settings = settings
         self.rubric: Rubric = resolve_rubric(settings.template, settings.templates)
-        self.device = _normalize_device(device)
+        self.devices = [_normalize_device(d) for d in devices] if devices else [_normalize_device(device)]
+        if len(self.devices) > 1 and any(not d.startswith("cuda") for d in self.devices):
+            raise ValueError(f"devices: a judge spreads over CUDA GPUs only, got {self.devices}")
+        self.device = self.devices[0]
         self.device_label = device_label or self.device
         self._torch = torch
         self._closed = False

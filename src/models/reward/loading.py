@@ -4,9 +4,12 @@ Part of JudgeEngine (engine.py), as a mixin: these methods run on the engine's a
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from .templates import Template
+
+log = logging.getLogger(__name__)
 
 
 class Loading:
@@ -17,6 +20,10 @@ class Loading:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         s = self.settings
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"{self.device_label}: a CUDA device was asked, but torch sees no GPU here "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                             "use device cpu on a machine without a GPU")
         path = s.model_name
         if path.startswith("tiny:"):
             from ..tiny import resolve_model_name
@@ -44,21 +51,62 @@ class Loading:
         else:
             dtype = getattr(torch, s.dtype)
         self.dtype = dtype
-        # Loading straight onto the GPU (device_map) needs accelerate; without it, load then move.
-        import importlib.util
+        from . import quantization
 
-        direct = self.device != "cpu" and importlib.util.find_spec("accelerate") is not None
-        model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, attn_implementation=s.attn_implementation,
-            **({"device_map": self.device} if direct else {}))
-        if not direct:
+        # Checked before the load (a missing package, an unsuited device): nothing is scored after.
+        extra, self.quantization = quantization.plan(s.quantization, path, self.device, dtype)
+        spread = len(self.devices) > 1
+        if spread:
+            quantization.require("accelerate", f"a judge spread over {len(self.devices)} GPUs (gpus_per_worker)")
+            extra["device_map"] = "auto"
+            if s.max_memory_per_gpu_gb is not None:
+                extra["max_memory"] = {_index(d): int(s.max_memory_per_gpu_gb * 2**30) for d in self.devices}
+        elif s.max_memory_per_gpu_gb is not None:
+            raise ValueError(f"max_memory_per_gpu_gb: places a judge spread over a group of GPUs "
+                             f"(multi_gpu with gpus_per_worker > 1); this one runs on {self.device} alone")
+        else:
+            # Loading straight onto the GPU (device_map) needs accelerate; without it, load then move.
+            # Quantized weights must be placed by the load itself (they cannot be moved after).
+            import importlib.util
+
+            if self.device != "cpu" and ("quantization_config" in extra or self.quantization != "none"
+                                         or importlib.util.find_spec("accelerate") is not None):
+                extra["device_map"] = self.device
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(
+                path, dtype=dtype, attn_implementation=s.attn_implementation, **extra)
+        except ValueError as e:
+            if spread and "offload" in str(e):  # the budget left layers for the disk
+                raise ValueError(f"the judge does not fit its {len(self.devices)} GPUs ({self.device_label}, "
+                                 f"max_memory_per_gpu_gb={s.max_memory_per_gpu_gb}); raise it or gpus_per_worker, "
+                                 f"or use quantization ({e})") from None
+            raise
+        if "device_map" not in extra:
             model = model.to(self.device)
+        if spread:
+            self._check_placement(model)
         self.model = model.eval()
+        log.info("%s: judge loaded on %s (quantization: %s)", self.device_label, ",".join(self.devices),
+                 self.quantization)
         self._setup_speed()
         self._level_ids: dict[str, tuple[list[int], list[float], list[str]]] = {}
         if s.mode == "logits":
             for _, tpl in self.rubric.parts:
                 self._level_ids[tpl.name] = self._levels_for(tpl)
+
+    def _check_placement(self, model) -> None:
+        """A judge spread over a group must sit on the group's GPUs: a layer that the budget sent to
+        the CPU or the disk would run there, many times slower, so it is an error instead."""
+        where = {str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()}
+        where |= {p.device.type for p in model.parameters()}  # offloaded weights wait on cpu or meta
+        off = sorted({"disk" if w == "meta" else w for w in where & {"cpu", "disk", "meta"}})
+        if off:
+            budget = self.settings.max_memory_per_gpu_gb
+            raise ValueError(
+                f"the judge does not fit its {len(self.devices)} GPUs ({self.device_label}"
+                + (f", max_memory_per_gpu_gb={budget}" if budget is not None else "")
+                + f"): transformers placed layers on {' and '.join(off)}. Raise max_memory_per_gpu_gb or "
+                "gpus_per_worker, or use quantization")
 
     def _levels_for(self, tpl: Template) -> tuple[list[int], list[float], list[str]]:
         if not tpl.levels:
@@ -90,3 +138,7 @@ def _normalize_device(device: str | int) -> str:
         raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     return device
 
+
+def _index(device: str) -> int:
+    """'cuda:1' -> 1 (the keys of transformers' max_memory)."""
+    return int(device.split(":", 1)[1]) if ":" in device else 0

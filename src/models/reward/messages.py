@@ -28,6 +28,7 @@ class Init:
     device: str             # as the worker sees it (`cuda:0` after CUDA_VISIBLE_DEVICES pinning)
     device_label: str       # as the user knows it (`cuda:3`, `cpu#1`)
     num_threads: int | None = None
+    devices: list[str] | None = None  # a worker spread over a group of GPUs: all of them (`cuda:0`, `cuda:1`)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Ready:
     pid: int
     load_time_s: float
     fingerprint: str
+    quantization: str | None = None  # how the weights were loaded (quantization.py's report)
 
 
 @dataclass(frozen=True)

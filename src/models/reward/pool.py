@@ -112,6 +112,7 @@ class WorkerSpec:
     device_label: str      # as the user knows it
     env: dict[str, str]    # extra environment (CUDA_VISIBLE_DEVICES pinning, thread counts)
     num_threads: int | None = None
+    devices: tuple[str, ...] = ()  # a group of GPUs, as the worker sees them; empty: `device` alone
 
 
 # -- one worker -----------------------------------------------------------------------------
@@ -130,6 +131,7 @@ class WorkerHandle:
         self.pid: int | None = None          # the Python worker's own pid (from Ready)
         self.load_time_s: float | None = None
         self.fingerprint: str | None = None
+        self.quantization: str | None = None  # how the worker's judge loaded its weights (from Ready)
         self.lines: collections.deque[str] = collections.deque(maxlen=_LOG_LINES_KEPT)
         self._authkey = secrets.token_bytes(32)
         self._address = str(sock_dir / f"w{spec.slot}-{secrets.token_hex(4)}.sock")
@@ -187,7 +189,7 @@ class WorkerHandle:
 
     def _pump_logs(self) -> None:
         assert self.proc and self.proc.stdout
-        prefix = f"[GPU {self.label[5:]}]" if self.label.startswith("cuda:") else f"[{self.label}]"
+        prefix = f"[GPU {self.label[5:]}]" if self.label.startswith("cuda:") else f"[{self.label}]"  # [GPU 2+3]
         for raw in iter(self.proc.stdout.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip()
             self.lines.append(line)
@@ -210,7 +212,8 @@ class WorkerHandle:
             conn.close()
             raise WorkerStartError(f"{self.describe()}: the channel failed while connecting: {e}") from None
         self.conn = conn
-        self.conn.send(msg.Init(self.settings, self.spec.device, self.spec.device_label, self.spec.num_threads))
+        self.conn.send(msg.Init(self.settings, self.spec.device, self.spec.device_label, self.spec.num_threads,
+                                list(self.spec.devices) or None))
 
     def _started(self, reply: Any) -> None:
         """The worker's answer to Init."""
@@ -221,6 +224,7 @@ class WorkerHandle:
         if not isinstance(reply, msg.Ready):
             raise WorkerStartError(f"{self.describe()}: expected Ready, got {type(reply).__name__}")
         self.pid, self.load_time_s, self.fingerprint = reply.pid, reply.load_time_s, reply.fingerprint
+        self.quantization = getattr(reply, "quantization", None)
         self.ready = True
 
     def exited(self) -> bool:

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 MODES = ("logits", "generate")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 VISION_ATTN = ("auto", "sdpa", "varlen", "packed")  # see vision_attention.py
+QUANTIZATIONS = ("none", "fp8", "bnb-8bit", "bnb-4bit")  # see quantization.py
 
 # The names verl users know for the same settings (its generative reward model's rollout and
 # micro-batch keys). Accepted on input, stored under the judge's own names.
@@ -78,6 +79,15 @@ class JudgeSettings:
       by default: the same features (float32 on the CPU within 1e-5; bf16 scores identical on an
       H200), 1.14x (Qwen3-VL-8B) to 1.2x (Qwen3-VL-30B-A3B) on the edit rubric. An item may
       lower its own answer budget with metadata {"max_new_tokens": n} (any mode of decoding).
+    quantization: how the weights are loaded (quantization.py): `none` (default: as the checkpoint
+      stores them; a pre-quantized checkpoint, such as an FP8 release, loads as its config.json
+      declares), `fp8` (8-bit float weights made at load, transformers' FineGrainedFP8Config; a
+      CUDA GPU of compute capability 8.9 or more), `bnb-8bit` / `bnb-4bit` (bitsandbytes, which
+      must be installed in the worker environment). A missing package or an unsuited device fails
+      at load, before any item is scored.
+    max_memory_per_gpu_gb: weights budget per GPU of a worker spread over a group of GPUs
+      (multi_gpu's gpus_per_worker > 1): transformers' device_map places the layers within it.
+      None: the layers are balanced over the group's GPUs.
     """
 
     model_name: str
@@ -108,6 +118,8 @@ class JudgeSettings:
     min_new_tokens: int = 0
     continuous_batching: bool = False
     vision_reuse: bool = True
+    quantization: str = "none"
+    max_memory_per_gpu_gb: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -126,6 +138,10 @@ class JudgeSettings:
             raise ValueError("num_samples > 1 needs temperature > 0: greedy answers would all be the same")
         if self.vision_attn not in VISION_ATTN:
             raise ValueError(f"vision_attn: unknown value {self.vision_attn!r}; known: {', '.join(VISION_ATTN)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization: unknown value {self.quantization!r}; known: {', '.join(QUANTIZATIONS)}")
+        if self.max_memory_per_gpu_gb is not None and self.max_memory_per_gpu_gb <= 0:
+            raise ValueError(f"max_memory_per_gpu_gb: must be > 0 GB, got {self.max_memory_per_gpu_gb}")
         if self.max_memory_gb is not None and self.max_memory_gb <= 0:
             raise ValueError(f"max_memory_gb: must be > 0 GB, got {self.max_memory_gb}")
         if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
@@ -174,6 +190,8 @@ class JudgeSettings:
         data = {k: getattr(self, k) for k in keys}
         if self.min_new_tokens:  # forced answer length changes the answers; 0 keeps old fingerprints
             data["min_new_tokens"] = self.min_new_tokens
+        if self.quantization != "none":  # quantized weights score differently; none keeps old fingerprints
+            data["quantization"] = self.quantization
         data["rubric"] = rubric_data
         blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

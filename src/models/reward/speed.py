@@ -27,7 +27,10 @@ class SpeedPaths:
         self._compiled: list = []  # modules running compiled
         self._compile_pending: list[tuple[str, str, str]] = []  # automatic: compiled once enough items ran
         self._items_scored = 0
-        auto = self.device.startswith("cuda")
+        # A judge spread over several GPUs runs eagerly: compiled graphs and the CUDA graph of
+        # fast decoding assume one device (the layers' hooks move tensors between GPUs).
+        spread = len(getattr(self, "devices", [self.device])) > 1
+        auto = self.device.startswith("cuda") and not spread
         for setting, tower, blocks, wanted in (
                 ("compile_vision", "visual", "blocks", s.compile_vision),
                 ("compile_language", "language_model", "layers", s.compile_language)):
@@ -36,7 +39,10 @@ class SpeedPaths:
             elif wanted is None and auto:
                 self._compile_pending.append((setting, tower, blocks))
         self._decode_plan = None
-        if s.fast_decode and s.mode == "generate":
+        if s.fast_decode and s.mode == "generate" and spread:
+            log.warning("fast_decode: using transformers' generate() instead, because the judge is spread "
+                        "over %d GPUs", len(self.devices))
+        elif s.fast_decode and s.mode == "generate":
             from .fast_decode import plan_for
 
             self._decode_plan, why = plan_for(self.model, self._generate_kwargs())

@@ -29,6 +29,11 @@ class QwenVLRewardModel(BaseRewardModel):
     def fingerprint(self) -> str:
         return self.engine.fingerprint()
 
+    @property
+    def quantization(self) -> str:
+        """How the weights were loaded (`none`, `fp8 (...)`, a pre-quantized checkpoint's method)."""
+        return self.engine.quantization
+
     def score_items(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
         if self._closed:
             raise RuntimeError("QwenVLRewardModel is closed")

@@ -33,6 +33,12 @@ class MultiGPURewardModel(BaseRewardModel):
     batch_timeout_s: a worker that does not answer a micro-batch in time is killed, restarted and
       its items retried elsewhere. max_retries: per item, after a worker died holding it.
     max_restarts: restarts of one worker in a row before it is given up.
+    gpus_per_worker: k > 1 spreads each worker's judge over a group of k GPUs, for a judge larger
+      than one GPU: `device_ids` [0..7] with k=2 gives 4 workers, on GPUs 0+1, 2+3, 4+5, 6+7, each
+      pinned to its group with CUDA_VISIBLE_DEVICES; transformers' device_map places the layers
+      (within max_memory_per_gpu_gb per GPU, when set) and inputs go to the group's first GPU.
+      Data parallel over the groups, as over single GPUs. `cpu` entries group the same way: one
+      CPU worker per k entries, with their threads.
     Judge parameters are those of `JudgeSettings` (model_name, mode, template, batch_size, ...).
     """
 
@@ -41,7 +47,8 @@ class MultiGPURewardModel(BaseRewardModel):
     def __init__(self, device_ids: list[int | str] | str = "auto", workers_per_device: int = 1,
                  launcher: Any = None, schedule: str = "round_robin", micro_batch: int | None = None,
                  batch_timeout_s: float | None = 1800.0, start_timeout_s: float = 1800.0, max_retries: int = 1,
-                 max_restarts: int = 3, progress: bool = True, env: dict[str, str] | None = None, **judge: Any):
+                 max_restarts: int = 3, progress: bool = True, env: dict[str, str] | None = None,
+                 gpus_per_worker: int = 1, **judge: Any):
         self.settings = JudgeSettings.from_params(judge, owner=type(self).__name__)
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule: unknown value {schedule!r}; known: {', '.join(SCHEDULES)}")
@@ -53,7 +60,11 @@ class MultiGPURewardModel(BaseRewardModel):
         self.micro_batch = micro_batch
         self.progress = progress
         self.device_ids = resolve_device_ids(device_ids)
-        specs = worker_specs(self.device_ids, workers_per_device, env or {})
+        groups = device_groups(self.device_ids, gpus_per_worker)
+        if self.settings.max_memory_per_gpu_gb is not None and not any(len(g) > 1 and g[0] != "cpu" for g in groups):
+            raise ValueError("max_memory_per_gpu_gb: places a judge spread over a group of GPUs; set "
+                             "gpus_per_worker > 1 with GPU device_ids, or leave it unset")
+        specs = worker_specs(self.device_ids, workers_per_device, env or {}, gpus_per_worker)
         self._closed = False
         self.pool = WorkerPool(specs, self.settings.to_params(), launcher=launcher,
                                start_timeout_s=start_timeout_s, batch_timeout_s=batch_timeout_s,
@@ -62,6 +73,11 @@ class MultiGPURewardModel(BaseRewardModel):
     @property
     def fingerprint(self) -> str | None:
         return self.pool.workers[0].fingerprint if self.pool.workers and self.pool.workers[0] else None
+
+    @property
+    def quantization(self) -> str | None:
+        """How the workers loaded the weights (`none`, `fp8 (...)`, a pre-quantized checkpoint's method)."""
+        return self.pool.workers[0].quantization if self.pool.workers and self.pool.workers[0] else None
 
     def worker_pids(self) -> list[int | None]:
         return self.pool.pids()
@@ -160,23 +176,48 @@ def worker_pythonpath(root: Path | None = None) -> str:
     return f"{code}{os.pathsep}{old}" if old else str(code)
 
 
-def worker_specs(device_ids: list[str], workers_per_device: int, extra_env: dict[str, str]) -> list[WorkerSpec]:
+def device_groups(device_ids: list[str], gpus_per_worker: int = 1) -> list[list[str]]:
+    """`device_ids` cut into consecutive groups of `gpus_per_worker`, one worker each:
+    ['0'..'7'] with 2 -> [['0', '1'], ['2', '3'], ['4', '5'], ['6', '7']]."""
+    k = gpus_per_worker
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"gpus_per_worker: must be an integer of at least 1, got {k!r}")
+    if len(device_ids) % k:
+        raise ValueError(f"gpus_per_worker: {k} does not divide the {len(device_ids)} device_ids "
+                         f"({', '.join(device_ids)}); give a multiple of {k} devices or another gpus_per_worker")
+    groups = [device_ids[i:i + k] for i in range(0, len(device_ids), k)]
+    for g in groups:
+        if "cpu" in g and any(d != "cpu" for d in g):
+            raise ValueError(f"gpus_per_worker: the group {', '.join(g)} mixes cpu and GPUs; keep cpu "
+                             f"entries and GPU ids in separate groups of {k}")
+        if g[0] != "cpu" and len(set(g)) < len(g):
+            raise ValueError(f"gpus_per_worker: the group {', '.join(g)} names a GPU twice; a worker "
+                             "spreads its judge over distinct GPUs")
+    return groups
+
+
+def worker_specs(device_ids: list[str], workers_per_device: int, extra_env: dict[str, str],
+                 gpus_per_worker: int = 1) -> list[WorkerSpec]:
+    """One WorkerSpec per worker: `workers_per_device` workers per group of `gpus_per_worker`
+    devices, each pinned to its group's GPUs with CUDA_VISIBLE_DEVICES (it sees them as cuda:0..)."""
     code_path = worker_pythonpath()
-    n_cpu_workers = sum(d == "cpu" for d in device_ids) * workers_per_device
+    groups = device_groups(device_ids, gpus_per_worker)
+    n_cpu_workers = sum(g[0] == "cpu" for g in groups) * workers_per_device
     threads = max(1, (os.cpu_count() or 1) // max(n_cpu_workers, 1))
     specs = []
     cpu_seen = 0
-    for d in device_ids:
+    for group in groups:
         for k in range(workers_per_device):
             slot = len(specs)
             env = {"PYTHONPATH": code_path, **{str(a): str(b) for a, b in extra_env.items()}}
-            if d == "cpu":
+            if group[0] == "cpu":
                 label = f"cpu#{cpu_seen}"
                 cpu_seen += 1
                 env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(threads))
                 specs.append(WorkerSpec(slot, "cpu", label, env, num_threads=threads))
             else:
-                label = f"cuda:{d}" + (f"#{k}" if workers_per_device > 1 else "")
-                env["CUDA_VISIBLE_DEVICES"] = d  # the worker sees exactly one GPU, as cuda:0
-                specs.append(WorkerSpec(slot, "cuda:0", label, env))
+                label = "cuda:" + "+".join(group) + (f"#{k}" if workers_per_device > 1 else "")
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(group)  # the worker sees its group, as cuda:0..k-1
+                seen = tuple(f"cuda:{i}" for i in range(len(group))) if len(group) > 1 else ()
+                specs.append(WorkerSpec(slot, "cuda:0", label, env, devices=seen))
     return specs

@@ -1,0 +1,189 @@
+"""Quantized judges (issue 20): the same items scored by one random-weight checkpoint of a real size
+loaded in bf16 and with `quantization: fp8` (and any other variants named), each against bf16.
+
+Recorded per variant: items/s (timed after an untimed warm-up batch), weight memory (GPU memory
+held once loaded), peak GPU memory of the timed call, and agreement with bf16's scores (max and
+mean |diff|, Pearson and Spearman over the items). Logits mode, the `edit` rubric, `--n` items of
+two `--width`x`--height` images.
+
+    python benchmarks/quant_gpu.py --size qwen3_vl-8b [--variants none,fp8] [--n 64] [--bs 16]
+    python benchmarks/quant_gpu.py --smoke      # CPU, tiny model, quantization none only (CI)
+
+The device image has no qwen-vl-utils: carry its wheel (requirements-worker.txt's version) and put
+it on PYTHONPATH first, or every item fails in preparation (the script then stops, saying so).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import pathlib
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_gpu import make_images  # noqa: E402
+from checkpoints import build_checkpoint  # noqa: E402
+
+
+def _ranks(xs: list[float]) -> list[float]:
+    order = sorted(range(len(xs)), key=xs.__getitem__)
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def _pearson(xs: list[float], ys: list[float]) -> float | None:
+    n = len(xs)
+    if n < 2:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return round(sxy / math.sqrt(sxx * syy), 6) if sxx > 0 and syy > 0 else None
+
+
+def agreement(ref: list[float | None], other: list[float | None]) -> dict[str, Any]:
+    pairs = [(x, y) for x, y in zip(ref, other) if x is not None and y is not None]
+    if not pairs:
+        return {"items_compared": 0}
+    xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+    diffs = [abs(x - y) for x, y in pairs]
+    return {"items_compared": len(pairs), "max_abs_diff": round(max(diffs), 6),
+            "mean_abs_diff": round(sum(diffs) / len(diffs), 6), "pearson": _pearson(xs, ys),
+            "spearman": _pearson(_ranks(xs), _ranks(ys)), "ref_score_std": round(
+                math.sqrt(sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / len(xs)), 6)}
+
+
+def run_variant(model_dir: str, variant: str, items: list, a, cuda: bool) -> dict[str, Any]:
+    import torch
+
+    from src.models.reward.implementations.local import QwenVLRewardModel
+
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    with QwenVLRewardModel(model_name=model_dir, device=a.device, template=a.template, mode="logits",
+                           batch_size=a.bs, quantization=variant) as judge:
+        load_s = time.perf_counter() - t0
+        weights = (torch.cuda.memory_allocated() - before) if cuda else None
+        footprint = judge.engine.model.get_memory_footprint()
+        judge.batch_score(items[:a.bs])  # warm-up (kernels, allocator), untimed
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        res = judge.batch_score(items)
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        bad = [r for r in res if r.error is not None]
+        if len(bad) == len(res):
+            raise SystemExit(f"{variant}: every item failed, e.g. {bad[0].error}")
+        out = {"quantization": judge.engine.quantization, "load_s": round(load_s, 2), "s": round(dt, 3),
+               "items_per_s": round(len(items) / dt, 3),
+               "weights_gb": round(weights / 1e9, 3) if weights is not None else None,
+               "model_footprint_gb": round(footprint / 1e9, 3),
+               "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
+               "errors": len(bad), "first_error": bad[0].error if bad else None,
+               "scores": [r.score for r in res]}
+    gc.collect()
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["meta"]
+    lines = [f"# Issue 20: quantized judges ({m['size']})", "",
+             f"`{m['command']}` on {m['device_name']}, torch {m['torch']}, transformers {m['transformers']}, "
+             f"logits mode, `{m['template']}` rubric, {m['n']} items of two {m['width']}x{m['height']} images, "
+             f"batch {m['bs']}, random weights.", "",
+             "| quantization | items/s | weights GB | peak GB | max abs diff | mean abs diff | Pearson | Spearman |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, v in report["variants"].items():
+        ag = v.get("vs_none", {})
+        lines.append(f"| {name} ({v['quantization']}) | {v['items_per_s']} | {v['weights_gb']} | {v['peak_gb']} | "
+                     f"{ag.get('max_abs_diff', '-')} | {ag.get('mean_abs_diff', '-')} | {ag.get('pearson', '-')} | "
+                     f"{ag.get('spearman', '-')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="qwen3_vl-8b")
+    ap.add_argument("--variants", default="none,fp8", help="quantization settings; the first is the reference")
+    ap.add_argument("--template", default="edit")
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--bs", type=int, default=16)
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--height", type=int, default=768)
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--name", default="quant_gpu")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny images, quantization none: seconds (CI)")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl"
+        a.device, a.n, a.bs, a.width, a.height, a.variants = "cpu", 6, 2, 224, 168, "none"
+    import torch
+    import transformers
+
+    from src.models.reward.types import ScoreItem
+
+    cuda = a.device.startswith("cuda")
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    report: dict[str, Any] = {"meta": {
+        "command": "python benchmarks/quant_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device_name": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})",
+        "torch": torch.__version__, "transformers": transformers.__version__, "size": a.size, "n": a.n,
+        "bs": a.bs, "width": a.width, "height": a.height, "template": a.template, "smoke": a.smoke,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S")}, "variants": {}}
+    out_dir = pathlib.Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="quant-gpu-"))
+    imgs = make_images(None, 2 * a.n, a.width, a.height)
+    items = [ScoreItem(images=[imgs[2 * i]], source_images=[imgs[2 * i + 1]], instruction="make the sky red")
+             for i in range(a.n)]
+    try:
+        # bf16 on disk, as the releases are: fp8 is made from it at load.
+        report["checkpoint"] = build_checkpoint(a.size, work / "judge", device=a.device if cuda else "cpu")
+        for v in variants:
+            try:
+                out = run_variant(str(work / "judge"), v, items, a, cuda)
+            except Exception as e:  # one variant that cannot run here is recorded, the others still run
+                out = {"quantization": v, "failed": f"{type(e).__name__}: {e}"}
+                print(f"{v}: {out['failed']}", flush=True)
+            report["variants"][v] = out
+            ref = report["variants"][variants[0]]
+            if "scores" in out and "scores" in ref:
+                out["vs_none"] = agreement(ref["scores"], out["scores"])
+            (out_dir / f"{a.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+            print(json.dumps({v: {k: x for k, x in out.items() if k != "scores"}}), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ok = {k: v for k, v in report["variants"].items() if "items_per_s" in v}
+    (out_dir / f"{a.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / f"{a.name}.md").write_text(markdown({**report, "variants": ok}))
+    print(markdown({**report, "variants": ok}))
+    failed = [k for k in report["variants"] if k not in ok]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Quantized loading (quantization.py): the setting, its errors at load time (the packages are
+really missing here), a pre-quantized FP8 checkpoint loaded as transformers loads it, and the
+torch-only FP8 matmul used where transformers' kernel cannot be fetched."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_image
+from src.models.reward import ConfigError, build_reward_model
+from src.models.reward.errors import JudgeConfigError, JudgeStartError
+from src.models.reward.implementations.local import QwenVLRewardModel
+from src.models.reward.implementations.multi_gpu import MultiGPURewardModel
+from src.models.reward.pool import WorkerStartError
+from src.models.reward.quantization import QuantizationUnavailable, dequantize
+from src.models.reward.settings import JudgeSettings
+
+JUDGE = {"model_name": "tiny:qwen2_5_vl", "template": "quality", "batch_size": 2}
+needs_no_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None,
+                                  reason="bitsandbytes is installed here: the missing-package error cannot happen")
+
+
+def test_the_setting_validates_and_changes_the_fingerprint():
+    with pytest.raises(ConfigError, match=r"quantization: unknown value 'int3'; known: none, fp8, bnb-8bit, bnb-4bit"):
+        build_reward_model({"class_path": "qwen_vl", "params": {**JUDGE, "quantization": "int3"}})
+    plain = JudgeSettings(model_name="m")
+    assert plain.fingerprint() == JudgeSettings(model_name="m", quantization="none").fingerprint()
+    assert plain.fingerprint() != JudgeSettings(model_name="m", quantization="fp8").fingerprint()
+
+
+@needs_no_bnb
+@pytest.mark.parametrize("setting", ["bnb-8bit", "bnb-4bit"])
+def test_missing_bitsandbytes_is_a_clear_error_before_anything_is_scored(setting, tiny_cache):
+    with pytest.raises(QuantizationUnavailable) as err:
+        QwenVLRewardModel(**JUDGE, quantization=setting)
+    msg = str(err.value)
+    assert f"quantization: {setting} needs the bitsandbytes package" in msg
+    assert f"{sys.executable} -m pip install bitsandbytes" in msg
+    assert isinstance(err.value, JudgeStartError)
+
+
+@needs_no_bnb
+def test_a_worker_without_bitsandbytes_fails_its_start_with_that_error(tiny_cache):
+    with pytest.raises(WorkerStartError, match=r"worker cpu#0 \(pid \d+\) failed to start: QuantizationUnavailable: "
+                                               r"quantization: bnb-4bit needs the bitsandbytes package.*pip install bitsandbytes"):
+        MultiGPURewardModel(device_ids=["cpu"], progress=False, quantization="bnb-4bit", **JUDGE)
+
+
+def test_fp8_on_the_cpu_is_a_clear_error(tiny_cache):
+    with pytest.raises(QuantizationUnavailable, match=r"quantization: fp8 needs a CUDA GPU of compute capability 8.9 "
+                                                      r"or more .*this judge runs on cpu"):
+        QwenVLRewardModel(**JUDGE, quantization="fp8")
+
+
+def _fp8_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight in the FP8 checkpoint format (float8_e4m3fn, one inverse scale per block)."""
+    n, k = w.shape
+    blocks = w.float().reshape(n // block, block, k // block, block)
+    scale_inv = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (blocks / scale_inv[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).reshape(n, k)
+    return q, scale_inv
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tiny_cache, tmp_path_factory) -> tuple[str, str]:
+    """The tiny judge written as FP8 releases are: its language layers' weights in float8 with
+    32x32 block scales, and config.json declaring quant_method fp8."""
+    from safetensors.torch import load_file, save_file
+
+    from src.models.tiny import resolve_model_name
+
+    src = Path(resolve_model_name("tiny:qwen2_5_vl"))
+    dst = tmp_path_factory.mktemp("fp8") / "tiny_fp8"
+    shutil.copytree(src, dst)
+    quantized = 0
+    for f in dst.glob("*.safetensors"):
+        out = {}
+        for k, v in load_file(f).items():
+            if re.fullmatch(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight", k):
+                out[k], out[k[:-len("weight")] + "weight_scale_inv"] = _fp8_blocks(v, 32)
+                quantized += 1
+            else:
+                out[k] = v
+        save_file(out, f, metadata={"format": "pt"})
+    assert quantized
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": [32, 32], "modules_to_not_convert": ["model.visual", "lm_head"]}
+    (dst / "config.json").write_text(json.dumps(config))
+    return str(src), str(dst)
+
+
+def test_a_pre_quantized_checkpoint_loads_as_declared_and_is_reported(fp8_checkpoint):
+    src, fp8 = fp8_checkpoint
+    images = [make_image(i) for i in range(5)]
+    with QwenVLRewardModel(model_name=src, template="quality") as plain:
+        assert plain.engine.quantization == "none"
+        reference = [r.score for r in plain.batch_score(images)]
+    with QwenVLRewardModel(model_name=fp8, template="quality") as judge:
+        assert judge.engine.quantization == ("pre-quantized checkpoint (fp8, as its config.json declares; "
+                                             "transformers dequantizes it on the CPU)")
+        scores = [r.score for r in judge.batch_score(images)]
+    assert all(s is not None for s in scores)
+    # float8 weights: close to the original, not equal to it (the weights did change)
+    assert scores == pytest.approx(reference, abs=0.05)
+    assert scores != reference
+    with pytest.raises(JudgeConfigError, match=r"quantization: bnb-8bit was asked, but the checkpoint .* is already "
+                                               r"quantized \(its config.json declares quant_method 'fp8'\)"):
+        QwenVLRewardModel(model_name=fp8, quantization="bnb-8bit")
+
+
+@needs_no_bnb
+def test_a_bitsandbytes_checkpoint_without_bitsandbytes_is_a_clear_error(fp8_checkpoint, tmp_path):
+    src, _ = fp8_checkpoint
+    dst = tmp_path / "tiny_bnb"
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (dst / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantizationUnavailable, match=r"its config.json declares bitsandbytes quantization\) needs the "
+                                                      r"bitsandbytes package.*pip install bitsandbytes"):
+        QwenVLRewardModel(model_name=str(dst))
+
+
+def test_the_torch_fp8_matmul_serves_transformers_fp8_layers():
+    """Without the kernels hub (no `kernels` package here), transformers' own FP8Linear runs through
+    the torch matmul this library installs: float8 weights, the product of their dequantized values."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    from src.models.reward import quantization
+
+    if importlib.util.find_spec("kernels") is not None:
+        pytest.skip("the kernels package is installed: transformers' kernel is used instead")
+    assert quantization._ensure_fp8_matmul() == "torch, weights dequantized per layer"
+    torch.manual_seed(0)
+    w = torch.randn(96, 64)
+    q, scale_inv = _fp8_blocks(w, 32)
+    layer = FP8Linear(64, 96, block_size=(32, 32), has_bias=True)
+    with torch.no_grad():
+        layer.weight.copy_(q)
+        layer.weight_scale_inv.copy_(scale_inv)
+        layer.bias.copy_(torch.linspace(-1, 1, 96))
+    x = torch.randn(3, 5, 64)
+    deq = dequantize(q, scale_inv, (32, 32), torch.float32)
+    assert deq.shape == w.shape and (deq - w).abs().max() < 0.1 * w.abs().max()  # float8 is coarse, not wrong
+    out = layer(x)
+    assert out.shape == (3, 5, 96)
+    torch.testing.assert_close(out, x @ deq.T + layer.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_the_job_summary_and_the_workers_report_how_weights_were_loaded(fp8_checkpoint, tmp_path):
+    """A job on the pre-quantized checkpoint (in-process) and one on the plain one (a worker
+    process, which reports through its Ready message) each record it in summary.json."""
+    from src.job.runner import run_job
+
+    src, fp8 = fp8_checkpoint
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        make_image(i).save(images / f"{i}.png")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"id": str(i), "image": str(images / f"{i}.png")}) + "\n"
+                                              for i in range(3)))
+    for class_path, model_name, extra, expected in (
+            ("qwen_vl", fp8, {}, "pre-quantized checkpoint (fp8, as its config.json declares; "
+                                 "transformers dequantizes it on the CPU)"),
+            ("multi_gpu", src, {"device_ids": ["cpu"], "progress": False}, "none")):
+        out = tmp_path / class_path
+        cfg = {"model": {"class_path": class_path, "params": {"model_name": model_name, "template": "quality", **extra}},
+               "job": {"manifest": str(tmp_path / "m.jsonl"), "output_dir": str(out)}}
+        summary = run_job(cfg, base=tmp_path, progress=False)
+        assert summary["scored"] == 3
+        assert summary["quantization"] == expected
+        assert json.loads((out / "summary.json").read_text())["quantization"] == expected
+
+
+@pytest.mark.parametrize("arch", ["tiny:qwen2_5_vl", "tiny:qwen3_vl"])
+def test_fp8_turns_the_language_layers_into_fp8_and_leaves_the_vision_tower(arch, tiny_cache):
+    """transformers' own FP8 quantizer, given `quantization: fp8`'s config, on the real model
+    classes (built on the meta device: no weights, no GPU): which layers become FP8Linear."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    from src.models.reward.quantization import fp8_config
+    from src.models.tiny import resolve_model_name
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(resolve_model_name(arch)))
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    quantizer = FineGrainedFP8HfQuantizer(fp8_config())
+    quantizer.pre_quantized = False
+    quantizer._process_model_before_weight_loading(model)
+    fp8 = {n for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+    language = {n for n in linear if n.startswith("model.language_model.")}
+    assert fp8 == language and fp8
+    assert not any(n.startswith("model.visual") or n == "lm_head" for n in fp8)
