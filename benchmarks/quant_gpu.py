@@ -2,7 +2,7 @@
 loaded in bf16 and with `quantization: fp8` (and any other variants named), each against bf16.
 
 Recorded per variant: items/s (timed after an untimed warm-up batch), weight memory (GPU memory
-held once loaded), peak GPU memory of the timed call, and agreement with bf16's scores (max and
+held once loaded), peak GPU memory of the timed call (above what was allocated before the load), and agreement with bf16's scores (max and
 mean |diff|, Pearson and Spearman over the items). Logits mode, the `edit` rubric, `--n` items of
 two `--width`x`--height` images.
 
@@ -76,6 +76,7 @@ def run_variant(model_dir: str, variant: str, items: list, a, cuda: bool) -> dic
     from src.models.reward.implementations.local import QwenVLRewardModel
 
     if cuda:
+        gc.collect()  # the previous variant's judge: its memory must not count towards this one's
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -101,7 +102,8 @@ def run_variant(model_dir: str, variant: str, items: list, a, cuda: bool) -> dic
                "items_per_s": round(len(items) / dt, 3),
                "weights_gb": round(weights / 1e9, 3) if weights is not None else None,
                "model_footprint_gb": round(footprint / 1e9, 3),
-               "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
+               "peak_gb": round((torch.cuda.max_memory_allocated() - before) / 1e9, 3) if cuda else None,
+               "allocated_before_load_gb": round(before / 1e9, 3) if cuda else None,
                "errors": len(bad), "first_error": bad[0].error if bad else None,
                "scores": [r.score for r in res]}
     gc.collect()
