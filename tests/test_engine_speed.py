@@ -385,6 +385,73 @@ def test_continuous_batching_gives_each_prompt_its_alone_tokens(arch, check_ever
         assert g.tolist() == a[:limits[i]].tolist(), (i, g.tolist(), a.tolist())
 
 
+def _tiny_prompts(arch: str, n: int, seed: int = 2):
+    path = resolve_model_name(f"tiny:{arch}")
+    proc = AutoProcessor.from_pretrained(path)
+    proc.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval()
+    prompts = [proc.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "rate this" + " please" * i}]}], add_generation_prompt=True,
+        tokenize=False) for i in range(n)]
+    return proc, model, prompts, _images(n, seed=seed)
+
+
+@pytest.mark.parametrize("arch, forced, align", [("qwen3_vl", True, 1), ("qwen2_vl", False, 64),
+                                                 ("qwen2_5_vl", True, 64), ("qwen3_vl_moe", False, 1)])
+def test_continuous_batching_joins_free_slots_as_one_batch(arch, forced, align):
+    # The prompts that fill the slots free at one look are prefilled as one left-padded batch (their
+    # prompt lengths differ: other image sizes, other texts) and each row's cache copied into its
+    # slot. forced: every answer exactly 5 tokens, so a whole batch finishes at one step and the next
+    # three prompts join at once (as a static batch would start). Else limits end rows in twos and
+    # threes. align=1: joining prompts longer than the first batch's make the cache grow.
+    proc, model, prompts, imgs = _tiny_prompts(arch, 9)
+    pad = proc.tokenizer.pad_token_id
+    if forced:
+        plan = fast_decode.Plan(max_new_tokens=5, min_new_tokens=5, eos_token_ids=(pad,), pad_token_id=pad,
+                                repetition_penalty=1.1)
+        limits = [5] * 9
+    else:
+        plan = fast_decode.Plan(max_new_tokens=6, min_new_tokens=0, eos_token_ids=(pad,), pad_token_id=pad)
+        limits = [2, 2, 2, 6, 3, 3, 4, 4, 4]
+    singles = [proc(text=[p], images=[im], return_tensors="pt") for p, im in zip(prompts, imgs)]
+    assert len({x["input_ids"].shape[1] for x in singles}) == 9  # nine prompt lengths
+    with torch.inference_mode():
+        alone = [fast_decode.generate_tokens(model, x, plan)[0] for x in singles]
+    alone = [row[:(row == pad).nonzero()[0, 0] + 1] if (row == pad).any() else row for row in alone]
+    first = proc(text=prompts[:3], images=imgs[:3], padding=True, return_tensors="pt")
+    # The stacked single outputs are what the processor makes of the prompts as one batch.
+    stacked = fast_decode.stack_inputs(singles[:3], pad)
+    assert stacked.keys() == first.keys()
+    for key in first:
+        assert torch.equal(stacked[key], first[key]), key
+    asked, timings = [], {}
+
+    def before_join(idx):
+        asked.append(idx)
+        return fast_decode.stack_inputs([singles[3 + i] for i in idx], pad)
+
+    got = fast_decode.generate_continuous(model, first, singles[3:], plan, limits=limits, check_every=1,
+                                          cache_align=align, before_join=before_join, timings=timings)
+    for i, (a, g) in enumerate(zip(alone, got)):
+        assert g.tolist() == a[:limits[i]].tolist(), (i, g.tolist(), a.tolist())
+    assert [len(i) for i in asked] == timings["join_groups"] and sum(timings["join_groups"]) == 6
+    assert [i for idx in asked for i in idx] == list(range(6))
+    if forced:
+        assert timings["join_groups"] == [3, 3]
+    else:
+        assert max(timings["join_groups"]) >= 2
+    assert (timings["cache_grown"] > 0) == (align == 1)
+
+
+def test_stack_inputs_refuses_what_it_cannot_lay_out():
+    a = {"input_ids": torch.ones(1, 3, dtype=torch.long), "pixel_values": torch.zeros(4, 2)}
+    b = {"input_ids": torch.ones(1, 2, dtype=torch.long), "pixel_values": torch.zeros(4, 2)}
+    out = fast_decode.stack_inputs([a, b], 7)
+    assert out["input_ids"].tolist() == [[1, 1, 1], [7, 1, 1]] and out["pixel_values"].shape == (8, 2)
+    with pytest.raises(ValueError, match="'extra' is neither per token nor per image"):
+        fast_decode.stack_inputs([dict(a, extra=torch.zeros(5)), dict(b, extra=torch.zeros(5))], 7)
+
+
 def test_continuous_batching_judge_gives_the_static_answers(caplog):
     # 7 items, batch 2: two start, five join as answers end; items' own budgets spread the lengths.
     imgs = _images(7, seed=3)
