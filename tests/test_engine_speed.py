@@ -461,7 +461,7 @@ def test_continuous_batching_judge_gives_the_static_answers(caplog):
     out = {}
     for on in (True, False):
         with QwenVLRewardModel(model_name="tiny:qwen3_vl", continuous_batching=on, **base) as j:
-            assert j.engine._continuous is on and j.engine._chunk_items() == (8 if on else 2)
+            assert j.engine._continuous is on and j.engine._chunk_items() == 2
             out[on] = [(r.raw, r.error_kind) for r in j.batch_score(items)]
     assert out[True] == out[False]
     assert "continuous batching failed" not in caplog.text  # it ran, not its static fallback
@@ -469,3 +469,72 @@ def test_continuous_batching_judge_gives_the_static_answers(caplog):
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", **base) as j:
         bad = j.batch_score([ScoreItem(images=[imgs[0]], metadata={"max_new_tokens": 13})])[0]
     assert bad.error_kind == "input" and "max_new_tokens must be a whole number in 1..12" in bad.error
+
+
+def test_continuous_batching_one_decode_spans_the_call(monkeypatch, tmp_path):
+    # 9 items, batch 2: five chunks of two items, one decode for the whole call (finished answers
+    # leave, prompts of later chunks join). The edit rubric asks two questions (two templates in one
+    # decode), the second shows the edited image again (vision reuse across the pulled chunks). Item
+    # 3's image is missing (fails in preparation); item 6's prompt is over max_prompt_tokens (its
+    # processor output fails in the prepare thread: it runs alone after the decode, and fails alone).
+    imgs = _images(9, seed=4)
+    budgets = [12, 3, 7, None, 2, 12, 5, 9, 1]
+    items = [ScoreItem(images=[im], source_images=[imgs[(i + 1) % 9]], instruction="make it red",
+                       metadata={"max_new_tokens": b} if b else {}) for i, (im, b) in enumerate(zip(imgs, budgets))]
+    items[3] = ScoreItem(images=[str(tmp_path / "missing.png")], source_images=[imgs[0]], instruction="x")
+    items[6] = ScoreItem(images=[imgs[6]], source_images=[imgs[7]], instruction="red " * 2000)
+    base = dict(mode="generate", max_new_tokens=12, batch_size=2, template="edit", max_prompt_tokens=1000)
+    decodes = []
+    real = fast_decode.run_continuous
+    monkeypatch.setattr(fast_decode, "run_continuous", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    out = {}
+    for on in (True, False):
+        with QwenVLRewardModel(model_name="tiny:qwen3_vl", continuous_batching=on, **base) as j:
+            assert j.engine._continuous is on and j.engine._chunk_items() == 2
+            res = j.batch_score(items)
+            out[on] = [(r.index, r.raw, r.sub_scores, r.error, r.error_kind) for r in res]
+            assert j.engine._items_scored == 9  # every chunk counted once (automatic compiling)
+            reuse = j.engine._vision_reuse
+            assert not reuse.store and reuse.keys is None and reuse.reused > 0
+    assert decodes == [1]
+    assert out[True] == out[False]
+    assert out[True][3][4] == "image" and out[True][6][4] == "prompt_too_long"
+    assert all(o[4] in (None, "parse") for i, o in enumerate(out[True]) if i not in (3, 6))  # random weights: junk
+    assert len(out[True][8][1]["semantic_consistency"]) < len(out[True][0][1]["semantic_consistency"])  # budgets bit
+
+
+class _FailsThirdForward:
+    """A hooks plug-in: the third forward pass of the call (a joining batch) raises."""
+
+    def __init__(self):
+        self.sizes: list[int] = []
+
+    def before_call(self, items) -> None:
+        pass
+
+    def before_forward(self, n_prompts: int) -> None:
+        self.sizes.append(n_prompts)
+        if len(self.sizes) == 3:
+            raise RuntimeError("simulated fault while prompts join")
+
+
+def test_continuous_batching_falls_back_for_the_unfinished_prompts_only(monkeypatch, caplog):
+    from src.models.reward import hooks
+
+    imgs = _images(7, seed=3)
+    budgets = [12, 3, 7, None, 2, 12, 5]
+    items = [ScoreItem(images=[im], metadata={"max_new_tokens": b} if b else {}) for im, b in zip(imgs, budgets)]
+    base = dict(mode="generate", max_new_tokens=12, batch_size=2)
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", continuous_batching=False, **base) as j:
+        static = [(r.raw, r.error_kind) for r in j.batch_score(items)]
+    plugin = _FailsThirdForward()
+    monkeypatch.setattr(hooks, "_plugin", plugin)
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", continuous_batching=True, **base) as j:
+        with caplog.at_level(logging.WARNING):
+            got = [(r.raw, r.error_kind) for r in j.batch_score(items)]
+        assert j.engine._items_scored == 7
+    assert got == static  # nothing lost, nothing changed
+    assert "continuous batching failed" in caplog.text and "simulated fault while prompts join" in caplog.text
+    # Before the fault: the first batch (2) and one join; the prompts rerun in static batches are
+    # the ones not finished (the fault's own batch among them), not the whole call.
+    assert plugin.sizes[0] == 2 and 0 < sum(plugin.sizes[3:]) < 7

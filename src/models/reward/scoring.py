@@ -142,38 +142,6 @@ class Scoring:
         plan = dataclasses.replace(self._decode_plan, max_new_tokens=kwargs["max_new_tokens"])
         return generate_tokens(self.model, inputs, plan, cuda_graph=self.device.startswith("cuda"))
 
-    def _continuous_scores(self, first: list[_Request], more: list[_Request], encoded: dict) -> list[dict[str, Any]]:
-        """Generate mode, continuous batching (fast_decode.generate_continuous): `first` start as one
-        batch, each of `more` joins when a slot frees up. Outcomes in first's then more's order."""
-        from .fast_decode import generate_continuous, stack_inputs
-
-        torch = self._torch
-        reuse = self._vision_reuse
-        hooks.before_forward(len(first))
-        inputs = self._encode(first, encoded)
-        singles = [(encoded or {}).pop(_batch_key([r]), None) for r in more]
-        singles = [x if x is not None else self._encode_cpu([r]) for x, r in zip(singles, more)]
-
-        def before_join(idx: list[int]):  # the prompts that fill the free slots, as one batch
-            for i in idx:
-                self._join_preprocess_stream(singles[i])
-            if reuse is not None and all(more[i].image_keys for i in idx):
-                reuse.keys = [k for i in idx for k in more[i].image_keys]  # the batch's images, in order
-            return stack_inputs([singles[i] for i in idx], self._decode_plan.pad_token_id).to(self.device)
-
-        limits = [r.max_new or self.settings.max_new_tokens for r in first + more]
-        if reuse is not None and all(r.image_keys for r in first):
-            reuse.keys = [k for r in first for k in r.image_keys]
-        try:
-            with torch.inference_mode():
-                rows = generate_continuous(self.model, inputs, singles, self._decode_plan, limits=limits,
-                                           cuda_graph=self.device.startswith("cuda"), before_join=before_join)
-        finally:
-            if reuse is not None:
-                reuse.keys = None
-        texts = self.tokenizer.batch_decode([r.tolist() for r in rows], skip_special_tokens=True)
-        return self._parse_answers(texts, first[0].template)
-
 
 def _clip(text: str, n: int = 200) -> str:
     text = " ".join(text.split())
