@@ -123,6 +123,7 @@ class ContinuousCalls:
 
         if reuse is not None:
             reuse.begin_chunk([])
+        self._continuous_timings = {}  # the last decode's steps and joins (benchmarks read it)
         failed = None
         try:
             while len(queue) <= slots and not pulled_all:
@@ -132,7 +133,8 @@ class ContinuousCalls:
                     first, limits = take(slots)
                     with torch.inference_mode():
                         run_continuous(self.model, first, limits, take, self._decode_plan, on_done=on_done,
-                                       cuda_graph=self.device.startswith("cuda"))
+                                       cuda_graph=self.device.startswith("cuda"), min_join=self._continuous_min_join,
+                                       timings=self._continuous_timings)
                 except Exception as e:
                     failed = e
                     self._free_memory()

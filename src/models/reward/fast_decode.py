@@ -350,7 +350,7 @@ def stack_inputs(rows: list[Any], pad_token_id: int) -> Any:
 
 def generate_continuous(model: Any, first: Any, more: list[Any], plan: Plan, *, limits: list[int] | None = None,
                         cuda_graph: bool = True, cache_align: int = 64, check_every: int | None = None,
-                        before_join: Any = None, timings: dict | None = None) -> list[Any]:
+                        min_join: int = 1, before_join: Any = None, timings: dict | None = None) -> list[Any]:
     """Greedy decoding where a finished row leaves the batch and the next prompts take the free slots.
 
     `first`: the processor's inputs (on the device) of the prompts that start, one slot each;
@@ -385,13 +385,13 @@ def generate_continuous(model: Any, first: Any, more: list[Any], plan: Plan, *, 
     with torch.inference_mode():
         run_continuous(model, first, limits[:slots], take, plan, on_done=results.__setitem__,
                        max_new=max(limits), cuda_graph=cuda_graph, cache_align=cache_align,
-                       check_every=check_every, timings=timings)
+                       check_every=check_every, min_join=min_join, timings=timings)
     return results
 
 
 def run_continuous(model: Any, first: Any, first_limits: list[int], take: Any, plan: Plan, *, on_done: Any,
                    max_new: int | None = None, cuda_graph: bool = True, cache_align: int = 64,
-                   check_every: int | None = None, timings: dict | None = None) -> None:
+                   check_every: int | None = None, min_join: int = 1, timings: dict | None = None) -> None:
     """The continuous decode. `first` (device inputs) start, one slot each, with `first_limits`
     (each prompt's max_new_tokens); whenever slots are free, `take(n)` is asked for up to n next
     prompts and returns (their inputs as one left-padded batch on the device, their limits), or
@@ -399,6 +399,8 @@ def run_continuous(model: Any, first: Any, first_limits: list[int], take: Any, p
     tensor, up to and including the end token) as it finishes; prompts are numbered in the order
     they entered, first's then take's. `max_new`: the largest limit to expect (sizes the cache;
     default plan.max_new_tokens). The cache grows if a joining batch is longer than it allows.
+    `min_join`: prompts join only once that many slots are free (or every slot is), so that they
+    are prefilled together; the free slots idle meanwhile.
 
     The same tokens as decoding each prompt alone: a joining batch is prefilled on its own and
     each row's KV cache copied into its slot, set up exactly as the first batch's rows (attention
@@ -543,7 +545,7 @@ def run_continuous(model: Any, first: Any, first_limits: list[int], take: Any, p
                     n = int(st.step[slot])
                     on_done(owner[slot], st.out[slot, :n].clone().cpu())  # the slot is reused
                     owner[slot] = None
-            if free and more:
+            if free and more and len(free) >= min(min_join, slots):
                 got = take(len(free))
                 if got is None:
                     more = False
