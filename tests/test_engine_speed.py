@@ -498,12 +498,16 @@ def test_continuous_batching_one_decode_spans_the_call(monkeypatch, tmp_path):
             res = j.batch_score(items)
             out[on] = [(r.index, r.raw, r.sub_scores, r.error, r.error_kind) for r in res]
             assert j.engine._items_scored == 9  # every chunk counted once (automatic compiling)
+            # One item, two prompts: nothing would join, so a static batch (of the stacked prompts)
+            small = j.batch_score(items[:1])[0]
+            out[on].append((small.raw, small.error_kind))
             reuse = j.engine._vision_reuse
             assert not reuse.store and reuse.keys is None and reuse.reused > 0
     assert decodes == [1]
     assert out[True] == out[False]
     assert out[True][3][4] == "image" and out[True][6][4] == "prompt_too_long"
-    assert all(o[4] in (None, "parse") for i, o in enumerate(out[True]) if i not in (3, 6))  # random weights: junk
+    assert all(o[4] in (None, "parse") for i, o in enumerate(out[True][:9]) if i not in (3, 6))  # random weights: junk
+    assert out[True][9][0] == out[True][0][1]
     assert len(out[True][8][1]["semantic_consistency"]) < len(out[True][0][1]["semantic_consistency"])  # budgets bit
 
 
