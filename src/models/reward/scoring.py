@@ -9,7 +9,6 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from . import hooks
-from .batching import _batch_key
 from .parsing import parse_score
 from .templates import Template
 
