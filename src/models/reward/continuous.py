@@ -126,15 +126,15 @@ class ContinuousCalls:
         self._continuous_timings = {}  # the last decode's steps and joins (benchmarks read it)
         failed = None
         try:
-            while len(queue) <= slots and not pulled_all:
-                pull()
-            if len(queue) > slots:  # else nothing would join: static batches
+            pull()
+            if len(queue) > slots or len(chunks) > 1:  # else nothing would join: a static batch
                 try:
-                    first, limits = take(slots)
-                    with torch.inference_mode():
-                        run_continuous(self.model, first, limits, take, self._decode_plan, on_done=on_done,
-                                       cuda_graph=self.device.startswith("cuda"), min_join=self._continuous_min_join,
-                                       timings=self._continuous_timings)
+                    got = take(slots)
+                    if got is not None:
+                        with torch.inference_mode():
+                            run_continuous(self.model, got[0], got[1], take, self._decode_plan, on_done=on_done,
+                                           cuda_graph=self.device.startswith("cuda"),
+                                           min_join=self._continuous_min_join, timings=self._continuous_timings)
                 except Exception as e:
                     failed = e
                     self._free_memory()
