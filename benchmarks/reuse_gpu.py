@@ -11,9 +11,14 @@ uniformly from `--len-min`..`--len-max` (seeded) through the public per-item set
 metadata {"max_new_tokens": n}; min_new_tokens = max_new_tokens so that random weights, which
 never write an end token on purpose, answer exactly that long. Continuous batching (true) vs
 static batches (continuous_batching=false), same settings. Recorded: items/s, fraction of answers
-identical between the two (bf16: batch composition can flip near-ties).
+identical between the two (bf16: batch composition can flip near-ties), and the continuous decode's
+steps and joining batches.
 
-    python benchmarks/reuse_gpu.py --size qwen3_vl-8b [--stages edit,lengths] [--n 128] [--bs 32]
+Stage `fixed`: the same with every answer `--fixed-len` tokens (128): every row of a batch ends at
+one step, so the prompts that take the freed slots join as a whole batch, as a static batch starts.
+Continuous batching should cost what static batches cost here (it was off by default for this case).
+
+    python benchmarks/reuse_gpu.py --size qwen3_vl-8b [--stages edit,lengths,fixed] [--n 128] [--bs 32]
     python benchmarks/reuse_gpu.py --smoke      # CPU, tiny model, seconds (CI)
 
 The device image has no qwen-vl-utils: carry its wheel (requirements-worker.txt's version) and put
@@ -101,31 +106,55 @@ class _Count(logging.Handler):
 
 
 def stage_lengths(model_dir: str, a, cuda: bool) -> dict[str, Any]:
-    from src.models.reward.implementations.local import QwenVLRewardModel
+    """Answers of spread lengths: each item's own budget, drawn from len_min..len_max."""
     from src.models.reward.types import ScoreItem
 
     rng = random.Random(a.seed)
     budgets = [rng.randint(a.len_min, a.len_max) for _ in range(a.n)]
     imgs = make_images(None, a.n, a.width, a.height)
     items = [ScoreItem(images=[im], metadata={"max_new_tokens": b}) for im, b in zip(imgs, budgets)]
-    out: dict[str, Any] = {"items": a.n, "budget_min": min(budgets), "budget_max": max(budgets),
-                           "budget_mean": round(sum(budgets) / len(budgets), 1)}
-    answers = {}
     warm = [ScoreItem(images=[im], metadata={"max_new_tokens": a.len_min}) for im in imgs[:a.bs]]
+    return _static_vs_continuous(model_dir, a, cuda, items, warm, budgets, a.len_max)
+
+
+def stage_fixed(model_dir: str, a, cuda: bool) -> dict[str, Any]:
+    """Answers all of one length (fixed_len): every row of a batch ends at the same step, so a whole
+    batch joins at once; continuous batching should cost what static batches cost."""
+    from src.models.reward.types import ScoreItem
+
+    imgs = make_images(None, a.n, a.width, a.height)
+    items = [ScoreItem(images=[im]) for im in imgs]
+    return _static_vs_continuous(model_dir, a, cuda, items, items[:a.bs], [a.fixed_len] * a.n, a.fixed_len)
+
+
+def _static_vs_continuous(model_dir: str, a, cuda: bool, items: list, warm: list, budgets: list[int],
+                          max_new: int) -> dict[str, Any]:
+    from src.models.reward.implementations.local import QwenVLRewardModel
+
+    out: dict[str, Any] = {"items": a.n, "budget_min": min(budgets), "budget_max": max(budgets),
+                           "budget_mean": round(sum(budgets) / len(budgets), 1), "min_join": a.min_join}
+    answers = {}
     failures = _Count("continuous batching failed")
     logging.getLogger("src.models.reward.engine").addHandler(failures)
     for on in (True, False):
-        kw = dict(mode="generate", max_new_tokens=a.len_max, min_new_tokens=a.len_max, batch_size=a.bs,
+        # min_new_tokens = max_new_tokens: random weights answer exactly their budget
+        kw = dict(mode="generate", max_new_tokens=max_new, min_new_tokens=max_new, batch_size=a.bs,
                   continuous_batching=on)
         with QwenVLRewardModel(model_name=model_dir, device=a.device, **kw) as judge:
-            _timed(judge, warm, cuda)  # warm-up: one batch of short answers, untimed
+            judge.engine._continuous_min_join = a.min_join
+            _timed(judge, warm, cuda)  # warm-up: one batch, untimed
             failures.n = 0
             dt, res = _timed(judge, items, cuda)
             answers[on] = [r.raw for r in res]
+            decode = dict(judge.engine._continuous_timings)
+            groups = decode.pop("join_groups", [])
             out["continuous" if on else "static"] = {
                 "s": round(dt, 3), "items_per_s": round(a.n / dt, 3),
                 "tokens_per_s": round(sum(budgets) / dt, 1), "continuous_active": judge.engine._continuous,
-                "fell_back_to_static": failures.n, **_check(res, f"lengths, continuous {on}")}
+                "fell_back_to_static": failures.n, **_check(res, f"continuous {on}"),
+                **({"decode": dict(decode, join_batches=len(groups),
+                                   mean_join_batch=round(sum(groups) / max(len(groups), 1), 2))} if on else {})}
+    logging.getLogger("src.models.reward.engine").removeHandler(failures)
     out["speedup"] = round(out["continuous"]["items_per_s"] / out["static"]["items_per_s"], 3)
     out["identical_answers"] = round(sum(x == y for x, y in zip(answers[True], answers[False])) / a.n, 3)
     return out
@@ -142,26 +171,31 @@ def markdown(report: dict[str, Any]) -> str:
                   f"| reuse off | {e['reuse_off']['items_per_s']} | {e['reuse_off']['images_encoded']} |",
                   f"| reuse on (default) | {e['reuse_on']['items_per_s']} | {e['reuse_on']['images_encoded']} |",
                   "", f"Speed-up {e['speedup']}x; max |score diff| {e['max_abs_score_diff']}.", ""]
-    g = report.get("lengths")
-    if g:
-        lines += [f"| generate, answers of {g['budget_min']}..{g['budget_max']} tokens (mean {g['budget_mean']}) "
-                  "| items/s | tokens/s |", "|---|---|---|",
-                  f"| static batches | {g['static']['items_per_s']} | {g['static']['tokens_per_s']} |",
-                  f"| continuous | {g['continuous']['items_per_s']} | {g['continuous']['tokens_per_s']} |",
-                  "", f"Speed-up {g['speedup']}x; identical answers {g['identical_answers']}.", ""]
+    for stage, what in (("lengths", "answers of {budget_min}..{budget_max} tokens (mean {budget_mean})"),
+                        ("fixed", "every answer {budget_max} tokens")):
+        g = report.get(stage)
+        if g:
+            lines += [f"| generate, {what.format(**g)} | items/s | tokens/s |", "|---|---|---|",
+                      f"| static batches | {g['static']['items_per_s']} | {g['static']['tokens_per_s']} |",
+                      f"| continuous batching | {g['continuous']['items_per_s']} | {g['continuous']['tokens_per_s']} |",
+                      "", f"Speed-up {g['speedup']}x; identical answers {g['identical_answers']}; continuous "
+                      f"decode: {g['continuous'].get('decode')}.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="qwen3_vl-8b")
-    ap.add_argument("--stages", default="edit,lengths")
+    ap.add_argument("--stages", default="edit,lengths,fixed")
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--height", type=int, default=768)
     ap.add_argument("--len-min", type=int, default=32)
     ap.add_argument("--len-max", type=int, default=512)
+    ap.add_argument("--fixed-len", type=int, default=128, help="stage fixed: every answer this long")
+    ap.add_argument("--min-join", type=int, default=1,
+                    help="continuous batching: free slots before prompts join (prefilled together)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -170,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.smoke:
         a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl"
-        a.device, a.n, a.bs, a.width, a.height, a.len_min, a.len_max = "cpu", 6, 2, 224, 168, 2, 8
+        a.device, a.n, a.bs, a.width, a.height, a.len_min, a.len_max, a.fixed_len = "cpu", 6, 2, 224, 168, 2, 8, 4
     import torch
     import transformers
 
@@ -187,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report["checkpoint"] = build_checkpoint(a.size, work / "judge", device=a.device if cuda else "cpu")
         for stage in a.stages.split(","):
-            fn = {"edit": stage_edit, "lengths": stage_lengths}[stage]
+            fn = {"edit": stage_edit, "lengths": stage_lengths, "fixed": stage_fixed}[stage]
             report[stage] = fn(str(work / "judge"), a, cuda)
             (out_dir / f"{a.name}.json").write_text(json.dumps(report, indent=2) + "\n")
             print(json.dumps({stage: report[stage]}), flush=True)

@@ -80,6 +80,11 @@ def test_reuse_gpu_smoke(tmp_path):
     assert lengths["continuous"]["continuous_active"] and not lengths["static"]["continuous_active"]
     assert lengths["continuous"]["fell_back_to_static"] == 0
     assert lengths["identical_answers"] == 1.0  # float32 on the CPU: the same tokens
+    # fixed: 6 answers of 4 tokens, batch 2; both rows end together, the next two join as one batch
+    fixed = report["fixed"]
+    assert fixed["identical_answers"] == 1.0 and fixed["continuous"]["errors"] == 0
+    assert fixed["continuous"]["decode"]["join_batches"] == 2 and fixed["continuous"]["decode"]["mean_join_batch"] == 2
+    assert fixed["continuous"]["decode"]["joined"] == 4 and fixed["continuous"]["fell_back_to_static"] == 0
     assert (tmp_path / "reuse_gpu.md").read_text().startswith("# Issue 17")
 
 

@@ -385,6 +385,77 @@ def test_continuous_batching_gives_each_prompt_its_alone_tokens(arch, check_ever
         assert g.tolist() == a[:limits[i]].tolist(), (i, g.tolist(), a.tolist())
 
 
+def _tiny_prompts(arch: str, n: int, seed: int = 2):
+    path = resolve_model_name(f"tiny:{arch}")
+    proc = AutoProcessor.from_pretrained(path)
+    proc.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval()
+    prompts = [proc.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "rate this" + " please" * i}]}], add_generation_prompt=True,
+        tokenize=False) for i in range(n)]
+    return proc, model, prompts, _images(n, seed=seed)
+
+
+@pytest.mark.parametrize("arch, forced, align, min_join", [("qwen3_vl", True, 1, 1), ("qwen2_vl", False, 64, 1),
+                                                           ("qwen2_5_vl", True, 64, 1), ("qwen3_vl_moe", False, 1, 1),
+                                                           ("qwen3_vl", False, 64, 3)])
+def test_continuous_batching_joins_free_slots_as_one_batch(arch, forced, align, min_join):
+    # The prompts that fill the slots free at one look are prefilled as one left-padded batch (their
+    # prompt lengths differ: other image sizes, other texts) and each row's cache copied into its
+    # slot. forced: every answer exactly 5 tokens, so a whole batch finishes at one step and the next
+    # three prompts join at once (as a static batch would start). Else limits end rows in twos and
+    # threes. align=1: joining prompts longer than the first batch's make the cache grow. min_join=3:
+    # free slots wait until three are free (or the prompts run out), so each joining batch is three.
+    proc, model, prompts, imgs = _tiny_prompts(arch, 9)
+    pad = proc.tokenizer.pad_token_id
+    if forced:
+        plan = fast_decode.Plan(max_new_tokens=5, min_new_tokens=5, eos_token_ids=(pad,), pad_token_id=pad,
+                                repetition_penalty=1.1)
+        limits = [5] * 9
+    else:
+        plan = fast_decode.Plan(max_new_tokens=6, min_new_tokens=0, eos_token_ids=(pad,), pad_token_id=pad)
+        limits = [2, 2, 2, 6, 3, 3, 4, 4, 4]
+    singles = [proc(text=[p], images=[im], return_tensors="pt") for p, im in zip(prompts, imgs)]
+    assert len({x["input_ids"].shape[1] for x in singles}) == 9  # nine prompt lengths
+    with torch.inference_mode():
+        alone = [fast_decode.generate_tokens(model, x, plan)[0] for x in singles]
+    alone = [row[:(row == pad).nonzero()[0, 0] + 1] if (row == pad).any() else row for row in alone]
+    first = proc(text=prompts[:3], images=imgs[:3], padding=True, return_tensors="pt")
+    # The stacked single outputs are what the processor makes of the prompts as one batch.
+    stacked = fast_decode.stack_inputs(singles[:3], pad)
+    assert stacked.keys() == first.keys()
+    for key in first:
+        assert torch.equal(stacked[key], first[key]), key
+    asked, timings = [], {}
+
+    def before_join(idx):
+        asked.append(idx)
+        return fast_decode.stack_inputs([singles[3 + i] for i in idx], pad)
+
+    got = fast_decode.generate_continuous(model, first, singles[3:], plan, limits=limits, check_every=1,
+                                          cache_align=align, min_join=min_join, before_join=before_join,
+                                          timings=timings)
+    for i, (a, g) in enumerate(zip(alone, got)):
+        assert g.tolist() == a[:limits[i]].tolist(), (i, g.tolist(), a.tolist())
+    assert [len(i) for i in asked] == timings["join_groups"] and sum(timings["join_groups"]) == 6
+    assert [i for idx in asked for i in idx] == list(range(6))
+    if forced or min_join == 3:
+        assert timings["join_groups"] == [3, 3]
+    else:
+        assert max(timings["join_groups"]) >= 2
+    if align == 1:
+        assert timings["cache_grown"] > 0
+
+
+def test_stack_inputs_refuses_what_it_cannot_lay_out():
+    a = {"input_ids": torch.ones(1, 3, dtype=torch.long), "pixel_values": torch.zeros(4, 2)}
+    b = {"input_ids": torch.ones(1, 2, dtype=torch.long), "pixel_values": torch.zeros(4, 2)}
+    out = fast_decode.stack_inputs([a, b], 7)
+    assert out["input_ids"].tolist() == [[1, 1, 1], [7, 1, 1]] and out["pixel_values"].shape == (8, 2)
+    with pytest.raises(ValueError, match="'extra' is neither per token nor per image"):
+        fast_decode.stack_inputs([dict(a, extra=torch.zeros(5)), dict(b, extra=torch.zeros(5))], 7)
+
+
 def test_continuous_batching_judge_gives_the_static_answers(caplog):
     # 7 items, batch 2: two start, five join as answers end; items' own budgets spread the lengths.
     imgs = _images(7, seed=3)
@@ -394,7 +465,7 @@ def test_continuous_batching_judge_gives_the_static_answers(caplog):
     out = {}
     for on in (True, False):
         with QwenVLRewardModel(model_name="tiny:qwen3_vl", continuous_batching=on, **base) as j:
-            assert j.engine._continuous is on and j.engine._chunk_items() == (8 if on else 2)
+            assert j.engine._continuous is on and j.engine._chunk_items() == 2
             out[on] = [(r.raw, r.error_kind) for r in j.batch_score(items)]
     assert out[True] == out[False]
     assert "continuous batching failed" not in caplog.text  # it ran, not its static fallback
@@ -402,3 +473,76 @@ def test_continuous_batching_judge_gives_the_static_answers(caplog):
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", **base) as j:
         bad = j.batch_score([ScoreItem(images=[imgs[0]], metadata={"max_new_tokens": 13})])[0]
     assert bad.error_kind == "input" and "max_new_tokens must be a whole number in 1..12" in bad.error
+
+
+def test_continuous_batching_one_decode_spans_the_call(monkeypatch, tmp_path):
+    # 9 items, batch 2: five chunks of two items, one decode for the whole call (finished answers
+    # leave, prompts of later chunks join). The edit rubric asks two questions (two templates in one
+    # decode), the second shows the edited image again (vision reuse across the pulled chunks). Item
+    # 3's image is missing (fails in preparation); item 6's prompt is over max_prompt_tokens (its
+    # processor output fails in the prepare thread: it runs alone after the decode, and fails alone).
+    imgs = _images(9, seed=4)
+    budgets = [12, 3, 7, None, 2, 12, 5, 9, 1]
+    items = [ScoreItem(images=[im], source_images=[imgs[(i + 1) % 9]], instruction="make it red",
+                       metadata={"max_new_tokens": b} if b else {}) for i, (im, b) in enumerate(zip(imgs, budgets))]
+    items[3] = ScoreItem(images=[str(tmp_path / "missing.png")], source_images=[imgs[0]], instruction="x")
+    items[6] = ScoreItem(images=[imgs[6]], source_images=[imgs[7]], instruction="red " * 2000)
+    base = dict(mode="generate", max_new_tokens=12, batch_size=2, template="edit", max_prompt_tokens=1000)
+    decodes = []
+    real = fast_decode.run_continuous
+    monkeypatch.setattr(fast_decode, "run_continuous", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    out = {}
+    for on in (True, False):
+        with QwenVLRewardModel(model_name="tiny:qwen3_vl", continuous_batching=on, **base) as j:
+            assert j.engine._continuous is on and j.engine._chunk_items() == 2
+            res = j.batch_score(items)
+            out[on] = [(r.index, r.raw, r.sub_scores, r.error, r.error_kind) for r in res]
+            assert j.engine._items_scored == 9  # every chunk counted once (automatic compiling)
+            # One item, two prompts: nothing would join, so a static batch (of the stacked prompts)
+            small = j.batch_score(items[:1])[0]
+            out[on].append((small.raw, small.error_kind))
+            reuse = j.engine._vision_reuse
+            assert not reuse.store and reuse.keys is None and reuse.reused > 0
+    assert decodes == [1]
+    assert out[True] == out[False]
+    assert out[True][3][4] == "image" and out[True][6][4] == "prompt_too_long"
+    assert all(o[4] in (None, "parse") for i, o in enumerate(out[True][:9]) if i not in (3, 6))  # random weights: junk
+    assert out[True][9][0] == out[True][0][1]
+    assert len(out[True][8][1]["semantic_consistency"]) < len(out[True][0][1]["semantic_consistency"])  # budgets bit
+
+
+class _FailsThirdForward:
+    """A hooks plug-in: the third forward pass of the call (a joining batch) raises."""
+
+    def __init__(self):
+        self.sizes: list[int] = []
+
+    def before_call(self, items) -> None:
+        pass
+
+    def before_forward(self, n_prompts: int) -> None:
+        self.sizes.append(n_prompts)
+        if len(self.sizes) == 3:
+            raise RuntimeError("simulated fault while prompts join")
+
+
+def test_continuous_batching_falls_back_for_the_unfinished_prompts_only(monkeypatch, caplog):
+    from src.models.reward import hooks
+
+    imgs = _images(7, seed=3)
+    budgets = [12, 3, 7, None, 2, 12, 5]
+    items = [ScoreItem(images=[im], metadata={"max_new_tokens": b} if b else {}) for im, b in zip(imgs, budgets)]
+    base = dict(mode="generate", max_new_tokens=12, batch_size=2)
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", continuous_batching=False, **base) as j:
+        static = [(r.raw, r.error_kind) for r in j.batch_score(items)]
+    plugin = _FailsThirdForward()
+    monkeypatch.setattr(hooks, "_plugin", plugin)
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", continuous_batching=True, **base) as j:
+        with caplog.at_level(logging.WARNING):
+            got = [(r.raw, r.error_kind) for r in j.batch_score(items)]
+        assert j.engine._items_scored == 7
+    assert got == static  # nothing lost, nothing changed
+    assert "continuous batching failed" in caplog.text and "simulated fault while prompts join" in caplog.text
+    # Before the fault: the first batch (2) and one join; the prompts rerun in static batches are
+    # the ones not finished (the fault's own batch among them), not the whole call.
+    assert plugin.sizes[0] == 2 and 0 < sum(plugin.sizes[3:]) < 7

@@ -27,12 +27,15 @@ class Batching:
     """Forming and running prompt batches (JudgeEngine mixin)."""
 
     def _batches(self, chunk: _PreparedChunk) -> Iterator[list[_Request]]:
-        """The prompt batches a chunk runs as: one per template, cut to the batch limit. Lazy: the
-        limit is read again after each batch has run (and measured its memory)."""
+        """The prompt batches a chunk runs as (see `_static_batches`)."""
+        yield from self._static_batches([req for req in chunk.requests if req.pos not in chunk.errors])
+
+    def _static_batches(self, requests: list[_Request]) -> Iterator[list[_Request]]:
+        """Prompt batches: one per template, cut to the batch limit. Lazy: the limit is read again
+        after each batch has run (and measured its memory)."""
         by_template: dict[str, list[_Request]] = {}
-        for req in chunk.requests:
-            if req.pos not in chunk.errors:
-                by_template.setdefault(req.template.name, []).append(req)
+        for req in requests:
+            by_template.setdefault(req.template.name, []).append(req)
         for reqs in by_template.values():
             start = 0
             while start < len(reqs):
@@ -41,42 +44,15 @@ class Batching:
                 start += n
 
     def _run_all(self, chunk: _PreparedChunk) -> Iterator[tuple[_Request, Any, float]]:
-        """Every prompt of a chunk: (request, outcome, seconds), batch by batch; in generate mode with
-        continuous batching, each template's prompts as one continuous decode (finished answers leave,
-        the next prompts join), falling back to static batches if it fails."""
-        if not self._continuous:
-            for reqs in self._batches(chunk):
-                yield from self._run_requests(reqs, chunk.encoded)
-            return
-        for reqs in self._template_groups(chunk):
-            slots = self._batch_limit()
-            if len(reqs) <= slots:  # nothing would join: the static path
-                yield from self._run_requests(reqs, chunk.encoded)
-                continue
-            t0 = time.perf_counter()
-            try:
-                outcomes = self._continuous_scores(reqs[:slots], reqs[slots:], chunk.encoded)
-            except Exception as e:
-                self._free_memory()
-                log.warning("continuous batching failed on %s (%s: %s); running static batches",
-                            self.device_label, type(e).__name__, _first_line(e))
-                for start in range(0, len(reqs), slots):
-                    yield from self._run_requests(reqs[start:start + slots], chunk.encoded)
-                continue
-            dt = (time.perf_counter() - t0) / len(reqs)
-            for req, out in zip(reqs, outcomes):
-                yield req, out, dt
-
-    def _template_groups(self, chunk: _PreparedChunk) -> list[list[_Request]]:
-        by_template: dict[str, list[_Request]] = {}
-        for req in chunk.requests:
-            if req.pos not in chunk.errors:
-                by_template.setdefault(req.template.name, []).append(req)
-        return list(by_template.values())
+        """Every prompt of a chunk, in static batches: (request, outcome, seconds), batch by batch.
+        (Continuous batching runs a whole call at once: continuous.py.)"""
+        for reqs in self._batches(chunk):
+            yield from self._run_requests(reqs, chunk.encoded)
 
     def _chunk_items(self) -> int:
-        """Items prepared together: a batch; four under continuous batching, so prompts can join."""
-        return self.settings.batch_size * (4 if self._continuous else 1)
+        """Items prepared together: a batch (also under continuous batching, whose decode pulls
+        chunks as slots free up)."""
+        return self.settings.batch_size
 
     def _batch_limit(self) -> int:
         budget = self.settings.max_memory_gb if self.device.startswith("cuda") else None

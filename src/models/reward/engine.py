@@ -23,6 +23,7 @@ Where each job lives (JudgeEngine is assembled from one mixin per job):
     loading.py      checkpoint, processor, model on its device, the scale's level tokens
     preparation.py  images, prompts, the processor; per-item errors
     batching.py     batches, out-of-memory splits, the memory budget
+    continuous.py   generate mode's continuous batching: one decode per call, fed from the chunks
     scoring.py      the forward pass / the answers, turned into sub-scores
     speed.py        the speed paths chosen at load (vision attention, compiling, fast decoding)
     hooks.py        call points for the failure tests' plug-in (src/testing/faults.py)
@@ -37,6 +38,7 @@ from typing import Any, Iterator, Sequence
 # batch_limit, _batch_key, _ItemError: also imported from here by tests and older code.
 from .batching import Batching, _batch_key, _ItemError, batch_limit  # noqa: F401
 from .chat import is_chat, split_chats
+from .continuous import ContinuousCalls
 from . import hooks
 from .loading import Loading, _normalize_device
 from .preparation import Preparation, _name, _PreparedChunk, _Request  # noqa: F401
@@ -49,7 +51,7 @@ from .types import ScoreItem, ScoreResult
 log = logging.getLogger(__name__)
 
 
-class JudgeEngine(Loading, Preparation, Batching, Scoring, SpeedPaths):
+class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, SpeedPaths):
     """A loaded judge on one device. Not thread-safe: one caller at a time."""
 
     def __init__(self, settings: JudgeSettings, device: str = "cpu", device_label: str | None = None,
@@ -92,13 +94,17 @@ class JudgeEngine(Loading, Preparation, Batching, Scoring, SpeedPaths):
         results: list[ScoreResult | None] = [None] * len(items)
         bs = self._chunk_items()
         chunks = [(start, items[start:start + bs], idx[start:start + bs]) for start in range(0, len(items), bs)]
-        for start, prepared in self._prefetched(chunks):
-            for pos, res in self._run_chunk(prepared).items():
+        for start, chunk_results in (self._continuous_call(chunks) if self._continuous else self._static_call(chunks)):
+            for pos, res in chunk_results.items():
                 results[start + pos] = res
-            self._count_scored(len(prepared.items))
         missing = [i for i, r in enumerate(results) if r is None]
         assert not missing, f"engine lost items {missing}"  # by construction; a bug if it fires
         return results  # type: ignore[return-value]
+
+    def _static_call(self, chunks: list[tuple[int, list[ScoreItem], list[int]]]) -> Iterator[tuple[int, dict[int, ScoreResult]]]:
+        for start, prepared in self._prefetched(chunks):
+            yield start, self._run_chunk(prepared)
+            self._count_scored(len(prepared.items))
 
     def _prefetched(self, chunks: list[tuple[int, list[ScoreItem], list[int]]]) -> Iterator[tuple[int, _PreparedChunk]]:
         # Preparation (image decoding, tokenising) of chunk k+1 overlaps the model on chunk k.
@@ -131,22 +137,27 @@ class JudgeEngine(Loading, Preparation, Batching, Scoring, SpeedPaths):
         return out
 
     def _run_chunk(self, chunk: _PreparedChunk) -> dict[int, ScoreResult]:
-        part_out: dict[int, dict[str, Any]] = {}    # pos -> part -> (score, raw) or error
-        part_err: dict[int, tuple[str, str]] = dict(chunk.errors)
-        part_time: dict[int, float] = {}
         reuse = self._vision_reuse
         if reuse is not None:  # vision_reuse.py: how often each image is shown in this chunk
             reuse.begin_chunk([k for r in chunk.requests if r.pos not in chunk.errors for k in (r.image_keys or [])])
         try:
-            for req, outcome, dt in self._run_all(chunk):
-                part_time[req.pos] = part_time.get(req.pos, 0.0) + dt
-                if isinstance(outcome, _ItemError):
-                    part_err.setdefault(req.pos, (str(outcome), outcome.kind))
-                else:
-                    part_out.setdefault(req.pos, {})[req.part] = outcome
+            outcomes = list(self._run_all(chunk))
         finally:
             if reuse is not None:
                 reuse.end_chunk()
+        return self._assemble(chunk, outcomes)
+
+    def _assemble(self, chunk: _PreparedChunk, outcomes: list[tuple[_Request, Any, float]]) -> dict[int, ScoreResult]:
+        """A chunk's results from its prompts' (request, outcome or _ItemError, seconds)."""
+        part_out: dict[int, dict[str, Any]] = {}    # pos -> part -> (score, raw) or error
+        part_err: dict[int, tuple[str, str]] = dict(chunk.errors)
+        part_time: dict[int, float] = {}
+        for req, outcome, dt in outcomes:
+            part_time[req.pos] = part_time.get(req.pos, 0.0) + dt
+            if isinstance(outcome, _ItemError):
+                part_err.setdefault(req.pos, (str(outcome), outcome.kind))
+            else:
+                part_out.setdefault(req.pos, {})[req.part] = outcome
         results: dict[int, ScoreResult] = {}
         for pos, item in enumerate(chunk.items):
             index = chunk.indices[pos]

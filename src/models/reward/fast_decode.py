@@ -307,6 +307,8 @@ def _pick(logits, st: _State) -> None:
 # -- continuous batching --------------------------------------------------------------------------
 
 _JOIN_CHECK_EVERY = 8  # replays between looks for finished rows (each look syncs with the GPU)
+# Processor outputs laid end to end when prompts form one batch (one entry per image, not per prompt).
+_CONCAT_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 def continuous_applies(plan: Plan) -> str | None:
@@ -319,21 +321,95 @@ def continuous_applies(plan: Plan) -> str | None:
     return None
 
 
+def stack_inputs(rows: list[Any], pad_token_id: int) -> Any:
+    """One batch from single prompts' processor outputs, laid out as the processor lays out a
+    left-padded batch: per-token tensors (input_ids, attention_mask, mm_token_type_ids) padded on
+    the left (input_ids with the pad token, the others with 0), the images' tensors (pixel_values,
+    image_grid_thw) concatenated in prompt order. Any other key is refused rather than guessed."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import BatchFeature
+
+    if len(rows) == 1:
+        return rows[0]
+    width = max(r["input_ids"].shape[1] for r in rows)
+    out = {}
+    for key in rows[0].keys():
+        vals = [r[key] for r in rows]
+        if key in _CONCAT_KEYS:
+            out[key] = torch.cat(vals)
+        elif all(v.dim() == 2 and v.shape == r["input_ids"].shape for v, r in zip(vals, rows)):
+            if any(v.shape[0] != 1 for v in vals):
+                raise ValueError("stack_inputs: each processor output must hold one prompt")
+            fill = pad_token_id if key == "input_ids" else 0
+            out[key] = torch.cat([F.pad(v, (width - v.shape[1], 0), value=fill) for v in vals])
+        else:
+            raise ValueError(f"stack_inputs: the processor output {key!r} is neither per token nor per image")
+    return BatchFeature(out)
+
+
 def generate_continuous(model: Any, first: Any, more: list[Any], plan: Plan, *, limits: list[int] | None = None,
                         cuda_graph: bool = True, cache_align: int = 64, check_every: int | None = None,
-                        before_join: Any = None, timings: dict | None = None) -> list[Any]:
-    """Greedy decoding where a finished row leaves the batch and the next prompt takes its slot.
+                        min_join: int = 1, before_join: Any = None, timings: dict | None = None) -> list[Any]:
+    """Greedy decoding where a finished row leaves the batch and the next prompts take the free slots.
 
     `first`: the processor's inputs (on the device) of the prompts that start, one slot each;
     `more`: the inputs of the prompts that join as slots free up, one prompt each (on the CPU or
     the device), in order. `limits`: each prompt's own max_new_tokens (<= plan.max_new_tokens),
     first's then more's. Returns each prompt's new tokens (a 1-D CPU tensor, up to and including
-    the end-of-answer token), in the same order. `before_join(i)`, if given, returns more[i]'s
-    inputs on the device when it joins (the engine's hook: stream hand-over, vision reuse). The same tokens as decoding each prompt alone: a
-    joining prompt is prefilled alone and its KV cache copied into the free slot; every row keeps
-    its own write position, step count and rotary position, and attends only to its own slots.
+    the end-of-answer token), in the same order. The prompts that fill the slots free at one look
+    join as one batch (`stack_inputs`); `before_join(indices)`, if given, returns the inputs of
+    those prompts of `more` as one batch on the device (the engine's hook: stream hand-over,
+    vision reuse). See `run_continuous` for why the tokens are those of each prompt decoded alone.
     """
     import torch
+
+    n_total = first["input_ids"].shape[0] + len(more)
+    limits = list(limits) if limits is not None else [plan.max_new_tokens] * n_total
+    if len(limits) != n_total or any(not 1 <= m <= plan.max_new_tokens for m in limits):
+        raise ValueError("limits: one per prompt, each in 1..max_new_tokens")
+    slots = n_total - len(more)
+    device = first["input_ids"].device
+    taken = [0]
+
+    def take(n: int):
+        idx = list(range(taken[0], min(taken[0] + n, len(more))))
+        if not idx:
+            return None
+        taken[0] += len(idx)
+        inputs = before_join(idx) if before_join is not None else \
+            stack_inputs([more[i] for i in idx], plan.pad_token_id).to(device)
+        return inputs, [limits[slots + i] for i in idx]
+
+    results: list[Any] = [None] * n_total
+    with torch.inference_mode():
+        run_continuous(model, first, limits[:slots], take, plan, on_done=results.__setitem__,
+                       max_new=max(limits), cuda_graph=cuda_graph, cache_align=cache_align,
+                       check_every=check_every, min_join=min_join, timings=timings)
+    return results
+
+
+def run_continuous(model: Any, first: Any, first_limits: list[int], take: Any, plan: Plan, *, on_done: Any,
+                   max_new: int | None = None, cuda_graph: bool = True, cache_align: int = 64,
+                   check_every: int | None = None, min_join: int = 1, timings: dict | None = None) -> None:
+    """The continuous decode. `first` (device inputs) start, one slot each, with `first_limits`
+    (each prompt's max_new_tokens); whenever slots are free, `take(n)` is asked for up to n next
+    prompts and returns (their inputs as one left-padded batch on the device, their limits), or
+    None once there are no more. `on_done(i, tokens)` receives prompt i's new tokens (a 1-D CPU
+    tensor, up to and including the end token) as it finishes; prompts are numbered in the order
+    they entered, first's then take's. `max_new`: the largest limit to expect (sizes the cache;
+    default plan.max_new_tokens). The cache grows if a joining batch is longer than it allows.
+    `min_join`: prompts join only once that many slots are free (or every slot is), so that they
+    are prefilled together; the free slots idle meanwhile.
+
+    The same tokens as decoding each prompt alone: a joining batch is prefilled on its own and
+    each row's KV cache copied into its slot, set up exactly as the first batch's rows (attention
+    mask from its attention mask, rotary position = its real token count + its rope delta, write
+    position = the padded length); every row keeps its own write position, step count and rotary
+    position, and attends only to its own slots.
+    """
+    import torch
+    from transformers import StaticCache
 
     why = continuous_applies(plan)
     if why:
@@ -341,15 +417,10 @@ def generate_continuous(model: Any, first: Any, more: list[Any], plan: Plan, *, 
     ids = first["input_ids"]
     slots, first_len = ids.shape
     device = ids.device
-    n_total = slots + len(more)
-    limits = list(limits) if limits is not None else [plan.max_new_tokens] * n_total
-    if len(limits) != n_total or any(not 1 <= m <= plan.max_new_tokens for m in limits):
-        raise ValueError("limits: one per prompt, each in 1..max_new_tokens")
-    max_new = max(limits)
-    longest = max([first_len] + [m["input_ids"].shape[1] for m in more])
-    cache_len = -(-(longest + max_new) // cache_align) * cache_align
-    from transformers import StaticCache
-
+    max_new = max_new or plan.max_new_tokens
+    if len(first_limits) != slots or any(not 1 <= m <= plan.max_new_tokens for m in first_limits):
+        raise ValueError("first_limits: one per prompt, each in 1..max_new_tokens")
+    cache_len = -(-(first_len + max(max_new, max(first_limits))) // cache_align) * cache_align
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
     attn = first.get("attention_mask")
     if attn is None:
@@ -368,11 +439,11 @@ def generate_continuous(model: Any, first: Any, more: list[Any], plan: Plan, *, 
         mask=torch.zeros(slots, 1, 1, cache_len, dtype=torch.bool, device=device),
         wpos=torch.full((slots,), first_len, dtype=torch.long, device=device),
         step=torch.zeros(slots, dtype=torch.long, device=device),
-        limit=torch.tensor(limits[:slots], dtype=torch.long, device=device),
+        limit=torch.tensor(first_limits, dtype=torch.long, device=device),
         unfinished=torch.ones(slots, dtype=torch.bool, device=device),
         seen=(torch.zeros(slots, vocab, dtype=torch.bool, device=device).scatter_(1, ids, True)
               if plan.repetition_penalty != 1.0 else None),
-        out=torch.full((slots, max_new), plan.pad_token_id, dtype=torch.long, device=device),
+        out=torch.full((slots, plan.max_new_tokens), plan.pad_token_id, dtype=torch.long, device=device),
         eos=torch.tensor(plan.eos_token_ids, dtype=torch.long, device=device),
         ar=ar, yes=torch.ones(slots, dtype=torch.bool, device=device), plan=plan)
     st.mask[:, 0, 0, :first_len] = attn.bool()
@@ -403,31 +474,56 @@ def generate_continuous(model: Any, first: Any, more: list[Any], plan: Plan, *, 
         st.pos.add_(live.view(1, -1, 1))
         st.wpos.add_(live)
 
-    def join(slot: int, i: int, limit: int) -> None:  # prefill prompt more[i] alone, into `slot`
-        inputs = before_join(i) if before_join is not None else more[i].to(device)
-        n = inputs["input_ids"].shape[1]
+    def grow(new_len: int) -> None:  # a longer prompt joins: a larger cache (and a new graph)
+        nonlocal cache_len
+        for layer in layers:
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                new = old.new_zeros(old.shape[0], old.shape[1], new_len, old.shape[3])
+                new[:, :, :cache_len] = old
+                setattr(layer, name, new)
+            layer.max_cache_len = new_len
+        mask = st.mask.new_zeros(slots, 1, 1, new_len)
+        mask[..., :cache_len] = st.mask
+        st.mask = mask
+        cache_len = new_len
+
+    def join(free: list[int], inputs: Any, limits: list[int]) -> bool:
+        """Prefill `inputs` (one batch) on its own, each row into its slot of `free`; True if the
+        cache had to grow."""
+        g, n = inputs["input_ids"].shape
+        grew = n + max(limits) > cache_len
+        if grew:
+            grow(-(-(n + max(max_new, max(limits))) // cache_align) * cache_align)
         own = StaticCache(config=model.config, max_cache_len=n)
         o = model(**inputs, past_key_values=own, use_cache=True, logits_to_keep=1)
         d = getattr(model.model, "rope_deltas", None)
+        if d is None:
+            d = torch.zeros(g, 1, dtype=torch.long, device=device)
+        am = inputs.get("attention_mask")
+        if am is None:
+            am = torch.ones_like(inputs["input_ids"])
+        idx = torch.tensor(free, dtype=torch.long, device=device)
         for big, small in zip(layers, own.layers):
-            big.keys[slot, :, :n] = small.keys[0]
-            big.values[slot, :, :n] = small.values[0]
-        st.mask[slot] = False
-        st.mask[slot, 0, 0, :n] = True
-        st.pos[:, slot] = n + (int(d.view(-1)[0]) if d is not None else 0)
-        st.wpos[slot] = n
-        st.step[slot] = 0
-        st.limit[slot] = limit
-        st.unfinished[slot] = True
-        st.out[slot] = plan.pad_token_id
-        if st.seen is not None:
-            st.seen[slot] = False
-            st.seen[slot].scatter_(0, inputs["input_ids"][0], True)
-        _pick_rows(o.logits[:, -1, :].float(), st, row=slot)
+            big.keys[idx, :, :n] = small.keys
+            big.values[idx, :, :n] = small.values
+        del own
+        st.mask[idx] = False
+        st.mask[idx, 0, 0, :n] = am.bool()
+        st.pos[:, idx] = (am.long().sum(-1, keepdim=True) + d.view(g, 1)).view(1, g, 1)
+        st.wpos[idx] = n
+        st.step[idx] = 0
+        st.limit[idx] = torch.tensor(limits, dtype=torch.long, device=device)
+        st.unfinished[idx] = True
+        st.out[idx] = plan.pad_token_id
+        if st.seen is not None:  # as the first batch's rows: the padded prompt's tokens
+            st.seen[idx] = torch.zeros(g, vocab, dtype=torch.bool, device=device).scatter_(1, inputs["input_ids"], True)
+        _pick_rows(o.logits[:, -1, :].float(), st, rows=idx)
+        return grew
 
-    results: list[Any] = [None] * n_total
-    owner = list(range(slots))  # the prompt each slot decodes
-    queue = list(range(slots, n_total))
+    owner: list[int | None] = list(range(slots))  # the prompt each slot decodes
+    entered = slots
+    groups: list[int] = []
     use_graph = cuda_graph and device.type == "cuda"
     every = check_every or (_JOIN_CHECK_EVERY if use_graph else 1)
     _register_decode_attention()
@@ -438,29 +534,47 @@ def generate_continuous(model: Any, first: Any, more: list[Any], plan: Plan, *, 
     for layer in layers:
         layer.update = write(layer)
     graph = None
-    steps = 0
+    warm = 0  # eager steps since the state's tensors were (re)made; a graph is captured after 2
+    steps = grown = 0
+    more = True
     try:
         while True:
-            finished = (~st.unfinished).nonzero().view(-1).tolist()
-            for slot in finished:
+            free = (~st.unfinished).nonzero().view(-1).tolist()
+            for slot in free:
                 if owner[slot] is not None:
                     n = int(st.step[slot])
-                    results[owner[slot]] = st.out[slot, :n].clone().cpu()  # the slot is reused
+                    on_done(owner[slot], st.out[slot, :n].clone().cpu())  # the slot is reused
                     owner[slot] = None
-                if queue:
-                    p = queue.pop(0)
-                    for layer, upd in zip(layers, plain_updates):  # a joining prefill writes as usual
+            if free and more and len(free) >= min(min_join, slots):
+                got = take(len(free))
+                if got is None:
+                    more = False
+                else:
+                    inputs, limits = got
+                    if not 1 <= len(limits) <= len(free) or inputs["input_ids"].shape[0] != len(limits):
+                        raise ValueError(f"take({len(free)}) returned {inputs['input_ids'].shape[0]} prompts "
+                                         f"with {len(limits)} limits")
+                    use = free[:len(limits)]
+                    # A joining prefill runs as the first batch's did: the usual cache writes, and the
+                    # usual attention (its mask is made for that attention: left padding).
+                    for layer, upd in zip(layers, plain_updates):
                         layer.update = upd
+                    text_config._attn_implementation_internal = plain_attn
                     try:
-                        join(slot, p - slots, limits[p])
+                        if join(use, inputs, limits):
+                            graph, warm, grown = None, 0, grown + 1
                     finally:
                         for layer in layers:
                             layer.update = write(layer)
-                    owner[slot] = p
+                        text_config._attn_implementation_internal = _DECODE_ATTN
+                    for slot in use:
+                        owner[slot] = entered
+                        entered += 1
+                    groups.append(len(use))
             if all(o is None for o in owner):
                 break
             for _ in range(every):
-                if use_graph and graph is None and steps >= 2:
+                if use_graph and graph is None and warm >= 2:
                     torch.cuda.synchronize(device)
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph):
@@ -473,6 +587,7 @@ def generate_continuous(model: Any, first: Any, more: list[Any], plan: Plan, *, 
                     with torch.cuda.stream(side):  # warm-up steps before capture, as CUDA graphs need
                         step()
                     torch.cuda.current_stream(device).wait_stream(side)
+                    warm += 1
                 else:
                     step()
                 steps += 1
@@ -482,8 +597,7 @@ def generate_continuous(model: Any, first: Any, more: list[Any], plan: Plan, *, 
         text_config._attn_implementation_internal = plain_attn
         del graph
     if timings is not None:
-        timings.update(steps=steps, joined=len(more))
-    return results
+        timings.update(steps=steps, joined=entered - slots, join_groups=groups, cache_grown=grown)
 
 
 @dataclass
@@ -496,20 +610,20 @@ class _RowState:
     limit: Any        # (B,) each row's max_new_tokens
     unfinished: Any   # (B,) bool
     seen: Any         # (B, vocab) bool or None (repetition penalty)
-    out: Any          # (B, max_new) generated tokens
+    out: Any          # (B, max_new_tokens) generated tokens
     eos: Any
     ar: Any           # arange(B)
     yes: Any          # (B,) True
     plan: Plan
 
 
-def _pick_rows(logits, st: _RowState, row: int | None = None) -> None:
-    """_pick for greedy decoding with a step count per row; `row`: only that row (a prompt that
-    just joined), from its own prefill's logits."""
+def _pick_rows(logits, st: _RowState, rows: Any = None) -> None:
+    """_pick for greedy decoding with a step count per row; `rows` (an index tensor): only those
+    rows (prompts that just joined), from their own prefill's logits."""
     import torch
 
     p = st.plan
-    rows = st.ar if row is None else st.ar[row:row + 1]
+    rows = st.ar if rows is None else rows
     seen = st.seen[rows] if st.seen is not None else None
     step = st.step[rows]
     if seen is not None:

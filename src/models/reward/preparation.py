@@ -115,10 +115,8 @@ class Preparation:
     def _pre_encode(self, chunk: _PreparedChunk) -> None:
         # Run the processor here, in the prepare thread, so it overlaps the model's work on the
         # previous chunk. A batch that fails here is encoded again (and fails properly) in _encode.
-        if self._continuous:  # the first batch of each template together, the prompts that join alone
-            groups = [g for reqs in self._template_groups(chunk) for g in
-                      ([reqs] if len(reqs) <= self._batch_limit() else
-                       [reqs[:self._batch_limit()]] + [[r] for r in reqs[self._batch_limit():]])]
+        if self._continuous:  # each prompt alone: the continuous decode batches the ones that join together
+            groups = [[r] for r in chunk.requests if r.pos not in chunk.errors]
         else:
             groups = list(self._batches(chunk))
         for reqs in groups:

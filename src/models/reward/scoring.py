@@ -9,7 +9,6 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from . import hooks
-from .batching import _batch_key
 from .parsing import parse_score
 from .templates import Template
 
@@ -141,37 +140,6 @@ class Scoring:
 
         plan = dataclasses.replace(self._decode_plan, max_new_tokens=kwargs["max_new_tokens"])
         return generate_tokens(self.model, inputs, plan, cuda_graph=self.device.startswith("cuda"))
-
-    def _continuous_scores(self, first: list[_Request], more: list[_Request], encoded: dict) -> list[dict[str, Any]]:
-        """Generate mode, continuous batching (fast_decode.generate_continuous): `first` start as one
-        batch, each of `more` joins when a slot frees up. Outcomes in first's then more's order."""
-        from .fast_decode import generate_continuous
-
-        torch = self._torch
-        reuse = self._vision_reuse
-        hooks.before_forward(len(first))
-        inputs = self._encode(first, encoded)
-        singles = [(encoded or {}).pop(_batch_key([r]), None) for r in more]
-        singles = [x if x is not None else self._encode_cpu([r]) for x, r in zip(singles, more)]
-
-        def before_join(i: int):
-            self._join_preprocess_stream(singles[i])
-            if reuse is not None and more[i].image_keys:
-                reuse.keys = list(more[i].image_keys)
-            return singles[i].to(self.device)
-
-        limits = [r.max_new or self.settings.max_new_tokens for r in first + more]
-        if reuse is not None and all(r.image_keys for r in first):
-            reuse.keys = [k for r in first for k in r.image_keys]
-        try:
-            with torch.inference_mode():
-                rows = generate_continuous(self.model, inputs, singles, self._decode_plan, limits=limits,
-                                           cuda_graph=self.device.startswith("cuda"), before_join=before_join)
-        finally:
-            if reuse is not None:
-                reuse.keys = None
-        texts = self.tokenizer.batch_decode([r.tolist() for r in rows], skip_special_tokens=True)
-        return self._parse_answers(texts, first[0].template)
 
 
 def _clip(text: str, n: int = 200) -> str:

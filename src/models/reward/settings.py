@@ -71,10 +71,11 @@ class JudgeSettings:
     min_new_tokens: generate mode, for benchmarks: force at least this many new tokens (0: stop at
       the end-of-answer token as usual).
     continuous_batching: generate mode, greedy with fast_decode: a finished answer leaves the batch
-      and the next prompt takes its slot (fast_decode.generate_continuous), so a batch does not wait
-      for its longest answer; the same tokens as static batches in float32 on the CPU, and on an
-      H200 in bf16 (benchmarks/NOTES.md, issue 17). Off by default: a prompt that joins is
-      prefilled alone, which costs more than a static batch's prefill when answers end together.
+      and the next prompts take the free slots (fast_decode.run_continuous): one decode per call,
+      fed from the prepared chunks (continuous.py), the prompts that fill the slots free at one
+      look prefilled together, so a batch does not wait for its longest answer; the same tokens as
+      static batches in float32 on the CPU, and on an H200 in bf16 (benchmarks/NOTES.md, issue 17).
+      Off by default until this version has run on a GPU.
     vision_reuse: each unique image through the vision tower once per chunk (vision_reuse.py), on
       by default: the same features (float32 on the CPU within 1e-5; bf16 scores identical on an
       H200), 1.14x (Qwen3-VL-8B) to 1.2x (Qwen3-VL-30B-A3B) on the edit rubric. An item may

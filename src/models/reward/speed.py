@@ -52,6 +52,10 @@ class SpeedPaths:
         # Continuous batching (fast_decode.generate_continuous): only where it gives the tokens that
         # static batches give (greedy, one answer per prompt); else static batches, as before.
         self._continuous = False
+        self._continuous_timings: dict = {}
+        # Free slots before prompts join (run_continuous's min_join): 1, each look's free slots at
+        # once; a benchmark may try more (prefilled together, the free slots idle meanwhile).
+        self._continuous_min_join = 1
         # Not under max_memory_gb: its batch sizes are learned from measured static batches.
         if self._decode_plan is not None and s.continuous_batching and s.max_memory_gb is None:
             from .fast_decode import continuous_applies

@@ -69,6 +69,11 @@ class VisionReuse:
         self.remaining = Counter(keys)
         self.store.clear()
 
+    def add_uses(self, keys: list[str]) -> None:
+        """More prompts to come show these images (continuous batching pulls a call's chunks into
+        one decode): features already kept stay while any prompt still to come shows them."""
+        self.remaining.update(keys)
+
     def end_chunk(self) -> None:
         self.remaining.clear()
         self.store.clear()
