@@ -33,29 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_gpu import make_images  # noqa: E402
 from checkpoints import build_checkpoint  # noqa: E402
 
-
-def _ranks(xs: list[float]) -> list[float]:
-    order = sorted(range(len(xs)), key=xs.__getitem__)
-    ranks = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
-
-
-def _pearson(xs: list[float], ys: list[float]) -> float | None:
-    n = len(xs)
-    if n < 2:
-        return None
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
-    return round(sxy / math.sqrt(sxx * syy), 6) if sxx > 0 and syy > 0 else None
+from src.stats import pearson, spearman  # noqa: E402
 
 
 def agreement(ref: list[float | None], other: list[float | None]) -> dict[str, Any]:
@@ -65,8 +43,8 @@ def agreement(ref: list[float | None], other: list[float | None]) -> dict[str, A
     xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
     diffs = [abs(x - y) for x, y in pairs]
     return {"items_compared": len(pairs), "max_abs_diff": round(max(diffs), 6),
-            "mean_abs_diff": round(sum(diffs) / len(diffs), 6), "pearson": _pearson(xs, ys),
-            "spearman": _pearson(_ranks(xs), _ranks(ys)), "ref_score_std": round(
+            "mean_abs_diff": round(sum(diffs) / len(diffs), 6), "pearson": pearson(xs, ys),
+            "spearman": spearman(xs, ys), "ref_score_std": round(
                 math.sqrt(sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / len(xs)), 6)}
 
 

@@ -207,46 +207,40 @@ def test_new_settings_are_checked():
 
 # -- compiling: the plumbing, traced by dynamo (backend "eager": no C++ toolchain in the test) ------
 
-def test_compile_options_trace_and_keep_scores(monkeypatch):
-    plain = _answers(batch_size=3)
+@pytest.fixture
+def compiled(monkeypatch):
+    """torch.compile through dynamo's eager backend; yields the class names of what was compiled."""
     real = torch.nn.Module.compile
-    compiled = []
+    names: list[str] = []
 
     def compile_eager(self, *args, **kwargs):
-        compiled.append(type(self).__name__)
+        names.append(type(self).__name__)
         return real(self, *args, **{**kwargs, "backend": "eager"})
 
     monkeypatch.setattr(torch.nn.Module, "compile", compile_eager)
     torch._dynamo.reset()
     try:
-        fast = _answers(batch_size=3, compile_vision=True, compile_language=True)
+        yield names
     finally:
         torch._dynamo.reset()
+
+
+def test_compile_options_trace_and_keep_scores(compiled):
+    plain = _answers(batch_size=3, compile_vision=False, compile_language=False)
+    fast = _answers(batch_size=3, compile_vision=True, compile_language=True)
     assert "Qwen2_5_VLVisionBlock" in compiled and "Qwen2_5_VLDecoderLayer" in compiled
     assert [a[0] for a in fast] == pytest.approx([a[0] for a in plain], abs=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_vl_moe"])
-def test_generate_mode_compiles_the_cacheless_parts_and_keeps_answers(monkeypatch, arch):
+def test_generate_mode_compiles_the_cacheless_parts_and_keeps_answers(compiled, arch):
     # Generate mode keeps a KV cache per layer: only each layer's norms and MLP are compiled (the
     # decoder layers themselves stay eager), and the answers are the plain ones token for token.
     def answers(**kw):
         with QwenVLRewardModel(model_name=f"tiny:{arch}", mode="generate", max_new_tokens=6, batch_size=3, **kw) as j:
             return [(r.raw, r.error) for r in j.batch_score(_images())]
-    plain = answers()
-    real = torch.nn.Module.compile
-    compiled = []
-
-    def compile_eager(self, *args, **kwargs):
-        compiled.append(type(self).__name__)
-        return real(self, *args, **{**kwargs, "backend": "eager"})
-
-    monkeypatch.setattr(torch.nn.Module, "compile", compile_eager)
-    torch._dynamo.reset()
-    try:
-        fast = answers(compile_vision=True, compile_language=True)
-    finally:
-        torch._dynamo.reset()
+    plain = answers(compile_vision=False, compile_language=False)
+    fast = answers(compile_vision=True, compile_language=True)
     assert fast == plain and all(raw for raw, _ in plain)
     assert not any(name.endswith("DecoderLayer") for name in compiled)
     assert any(name.endswith("VisionBlock") for name in compiled)
@@ -254,34 +248,22 @@ def test_generate_mode_compiles_the_cacheless_parts_and_keeps_answers(monkeypatc
     assert sum(name.endswith(("MLP", "SparseMoeBlock")) for name in compiled) == 2
 
 
-def test_automatic_compile_waits_for_enough_items(monkeypatch, caplog):
+def test_automatic_compile_waits_for_enough_items(compiled, caplog):
     """compile_* unset: nothing compiles at load or for a small job; once compile_after_items have
     been scored the blocks compile (the plumbing traced by dynamo's eager backend here) and the
     scores stay the same. On the CPU the automatic compile is off; the test arms it as CUDA would."""
     plain = _answers(batch_size=2)
-    real = torch.nn.Module.compile
-    compiled = []
-
-    def compile_eager(self, *args, **kwargs):
-        compiled.append(type(self).__name__)
-        return real(self, *args, **{**kwargs, "backend": "eager"})
-
-    monkeypatch.setattr(torch.nn.Module, "compile", compile_eager)
-    torch._dynamo.reset()
-    try:
-        with QwenVLRewardModel(model_name="tiny:qwen2_5_vl", batch_size=2, compile_after_items=4) as judge:
-            eng = judge.engine
-            assert eng._compile_pending == [] and not compiled  # CPU: not armed, nothing compiled
-            eng._compile_pending = [("compile_vision", "visual", "blocks"), ("compile_language", "language_model", "layers")]
-            with caplog.at_level(logging.INFO):
-                small = judge.batch_score(_images()[:3])
-                assert not compiled  # 3 items: below the threshold
-                rest = judge.batch_score(_images()[3:])  # 5 scored: compiles before this call's next chunk
-            assert "Qwen2_5_VLVisionBlock" in compiled and "Qwen2_5_VLDecoderLayer" in compiled
-            assert eng._compile_pending == [] and "compiling compile_vision and compile_language" in caplog.text
-            again = judge.batch_score(_images())  # runs compiled
-    finally:
-        torch._dynamo.reset()
+    with QwenVLRewardModel(model_name="tiny:qwen2_5_vl", batch_size=2, compile_after_items=4) as judge:
+        eng = judge.engine
+        assert eng._compile_pending == [] and not compiled  # CPU: not armed, nothing compiled
+        eng._compile_pending = [("compile_vision", "visual", "blocks"), ("compile_language", "language_model", "layers")]
+        with caplog.at_level(logging.INFO):
+            small = judge.batch_score(_images()[:3])
+            assert not compiled  # 3 items: below the threshold
+            rest = judge.batch_score(_images()[3:])  # 5 scored: compiles before this call's next chunk
+        assert "Qwen2_5_VLVisionBlock" in compiled and "Qwen2_5_VLDecoderLayer" in compiled
+        assert eng._compile_pending == [] and "compiling compile_vision and compile_language" in caplog.text
+        again = judge.batch_score(_images())  # runs compiled
     assert [r.score for r in small + rest] == pytest.approx([p[0] for p in plain], abs=1e-5)
     assert [r.score for r in again] == pytest.approx([p[0] for p in plain], abs=1e-5)
 
