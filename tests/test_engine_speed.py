@@ -39,13 +39,7 @@ def _answers(**judge) -> list:
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
 def model_and_inputs(request):
-    path = resolve_model_name(f"tiny:{request.param}")
-    proc = AutoProcessor.from_pretrained(path)
-    proc.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval()
-    prompts = [proc.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "rate this" + " please" * i}]}], add_generation_prompt=True,
-        tokenize=False) for i in range(3)]  # different lengths: left padding is exercised
+    proc, model, prompts, _ = _tiny_prompts(request.param, 3)  # different lengths: left padding is exercised
     inputs = proc(text=prompts, images=_images(3), padding=True, return_tensors="pt")
     return model, inputs, proc.tokenizer.pad_token_id
 

@@ -124,7 +124,6 @@ def generate_tokens(model: Any, inputs: Any, plan: Plan, *, cuda_graph: bool = T
     token. `timings`, if given, receives where the time went."""
 
     import torch
-    from transformers import StaticCache
 
     ids = inputs["input_ids"]
     batch, prompt_len = ids.shape
@@ -133,16 +132,7 @@ def generate_tokens(model: Any, inputs: Any, plan: Plan, *, cuda_graph: bool = T
     max_new_tokens = plan.max_new_tokens
     # Cache length rounded up: aligned rows let attention kernels take the mask without padding it.
     cache_len = -(-(prompt_len + max_new_tokens) // cache_align) * cache_align
-    cache = StaticCache(config=model.config, max_cache_len=cache_len)
-    attn = inputs.get("attention_mask")
-    if attn is None:
-        attn = torch.ones_like(ids)
-    out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1, :].float()
-    del out
-    deltas = getattr(model.model, "rope_deltas", None)
-    if deltas is None:
-        deltas = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    cache, attn, logits, deltas = _prefill(model, inputs, cache_len)
     if k > 1:  # each prompt's samples: copies of its cache, rows in generate()'s order
         for layer in cache.layers:
             layer.keys = layer.keys.repeat_interleave(k, dim=0)
@@ -192,6 +182,26 @@ def generate_tokens(model: Any, inputs: Any, plan: Plan, *, cuda_graph: bool = T
         text_config._attn_implementation_internal = plain_attn
     n = int(st.step)
     return st.out[:, :n]
+
+
+def _prefill(model: Any, inputs: Any, cache_len: int) -> tuple[Any, Any, Any, Any]:
+    """The prompts' forward pass into a new static cache of `cache_len` slots: (cache, attention
+    mask, last-position logits in float32, rope deltas (batch, 1))."""
+    import torch
+    from transformers import StaticCache
+
+    ids = inputs["input_ids"]
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    attn = inputs.get("attention_mask")
+    if attn is None:
+        attn = torch.ones_like(ids)
+    out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1, :].float()
+    del out
+    deltas = getattr(model.model, "rope_deltas", None)
+    if deltas is None:
+        deltas = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
+    return cache, attn, logits, deltas
 
 
 def _decode(step, st: _State, steps: int, use_graph: bool, device, timings: dict | None) -> None:
@@ -421,16 +431,7 @@ def run_continuous(model: Any, first: Any, first_limits: list[int], take: Any, p
     if len(first_limits) != slots or any(not 1 <= m <= plan.max_new_tokens for m in first_limits):
         raise ValueError("first_limits: one per prompt, each in 1..max_new_tokens")
     cache_len = -(-(first_len + max(max_new, max(first_limits))) // cache_align) * cache_align
-    cache = StaticCache(config=model.config, max_cache_len=cache_len)
-    attn = first.get("attention_mask")
-    if attn is None:
-        attn = torch.ones_like(ids)
-    out = model(**first, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1, :].float()
-    del out
-    deltas = getattr(model.model, "rope_deltas", None)
-    if deltas is None:
-        deltas = torch.zeros(slots, 1, dtype=torch.long, device=device)
+    cache, attn, logits, deltas = _prefill(model, first, cache_len)
     vocab = logits.shape[-1]
     ar = torch.arange(slots, device=device)
     st = _RowState(
