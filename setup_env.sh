@@ -12,7 +12,8 @@
 # Main env: .venv (a venv), for main.py, the tests and the HTTP service, with this project installed
 #   editable (pyproject.toml): `from src.models.reward import ...` from any folder, and `qwen-judge`;
 #   plus verl and OpenRLHF without their dependencies (requirements-rl.txt,
-#   requirements-rl-compat.txt) for the RL tests.
+#   requirements-rl-compat.txt) for the RL tests, and bitsandbytes in .venv/quant for the
+#   quantization tests (requirements-quant.txt).
 # Worker env: only torch, torchvision, transformers, qwen-vl-utils, pillow (requirements-worker.txt).
 #   With conda on PATH it is the conda env `reward-worker` (launcher: {conda: reward-worker}),
 #   which --pack ships to other machines; without conda it is the venv .venv-worker
@@ -83,6 +84,16 @@ else
     .venv/bin/python -m pip install --quiet --no-deps --target ".venv/rl-compat/${pin/==/-}" "$pin"
   done
   echo "$rl_want" > .venv/.requirements-rl.sha256
+fi
+
+# bitsandbytes for the quantization tests, in its own folder (requirements-quant.txt says why).
+q_want=$(hash_of requirements-quant.txt)
+if [ -f .venv/.requirements-quant.sha256 ] && [ "$(cat .venv/.requirements-quant.sha256)" = "$q_want" ]; then
+  say "bitsandbytes (tests) is up to date"
+else
+  rm -rf .venv/quant
+  .venv/bin/python -m pip install --quiet --no-deps --target .venv/quant -r requirements-quant.txt
+  echo "$q_want" > .venv/.requirements-quant.sha256
 fi
 
 # --- worker environment ----------------------------------------------------------------------
