@@ -326,14 +326,7 @@ def test_continuous_batching_gives_each_prompt_its_alone_tokens(arch, check_ever
     # row that ended keeps stepping up to 7 times before its slot is freed. align=1: a cache with no
     # slack past the longest prompt plus the longest answer, so a finished row that kept moving its
     # write position while others decode would index past the cache's end (the GPU's device assert).
-    path = resolve_model_name(f"tiny:{arch}")
-    proc = AutoProcessor.from_pretrained(path)
-    proc.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval()
-    prompts = [proc.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "rate this" + " please" * i}]}], add_generation_prompt=True,
-        tokenize=False) for i in range(6)]
-    imgs = _images(6, seed=2)
+    proc, model, prompts, imgs = _tiny_prompts(arch, 6)
     alone_inputs = [proc(text=[p], images=[im], return_tensors="pt") for p, im in zip(prompts, imgs)]
     pad = proc.tokenizer.pad_token_id
     base = fast_decode.Plan(max_new_tokens=16, min_new_tokens=0, eos_token_ids=(pad,), pad_token_id=pad)

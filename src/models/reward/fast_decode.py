@@ -419,7 +419,6 @@ def run_continuous(model: Any, first: Any, first_limits: list[int], take: Any, p
     position, and attends only to its own slots.
     """
     import torch
-    from transformers import StaticCache
 
     why = continuous_applies(plan)
     if why:
@@ -496,14 +495,7 @@ def run_continuous(model: Any, first: Any, first_limits: list[int], take: Any, p
         grew = n + max(limits) > cache_len
         if grew:
             grow(-(-(n + max(max_new, max(limits))) // cache_align) * cache_align)
-        own = StaticCache(config=model.config, max_cache_len=n)
-        o = model(**inputs, past_key_values=own, use_cache=True, logits_to_keep=1)
-        d = getattr(model.model, "rope_deltas", None)
-        if d is None:
-            d = torch.zeros(g, 1, dtype=torch.long, device=device)
-        am = inputs.get("attention_mask")
-        if am is None:
-            am = torch.ones_like(inputs["input_ids"])
+        own, am, logits, d = _prefill(model, inputs, n)
         idx = torch.tensor(free, dtype=torch.long, device=device)
         for big, small in zip(layers, own.layers):
             big.keys[idx, :, :n] = small.keys
@@ -519,7 +511,7 @@ def run_continuous(model: Any, first: Any, first_limits: list[int], take: Any, p
         st.out[idx] = plan.pad_token_id
         if st.seen is not None:  # as the first batch's rows: the padded prompt's tokens
             st.seen[idx] = torch.zeros(g, vocab, dtype=torch.bool, device=device).scatter_(1, inputs["input_ids"], True)
-        _pick_rows(o.logits[:, -1, :].float(), st, rows=idx)
+        _pick_rows(logits, st, rows=idx)
         return grew
 
     owner: list[int | None] = list(range(slots))  # the prompt each slot decodes

@@ -121,7 +121,6 @@ class SpeedPaths:
         self._compile_pending = []
 
 
-
 def cacheless_parts(layer) -> list:
     """The submodules of a decoder layer that hold no KV cache: its norms and its MLP."""
     attn = getattr(layer, "self_attn", None)
