@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""Where a judge's GPU memory and GPU time go, through the library's public API (one GPU).
+
+  memory   one call of --n items with torch's allocator history recorded: the peak of allocated
+           memory, and the allocations alive at that peak (size, count, the Python lines that made
+           them), largest first
+  kernels  one call of --n items under torch.profiler: CUDA time per kernel name (top 30), and
+           per coarse kind (GEMM, grouped GEMM, attention, elementwise, ...)
+Each stage runs the judge twice (an untimed call first: allocator, kernels, shapes), in the modes
+asked for (--modes logits,generate). Random weights of the real size (benchmarks/checkpoints.py).
+
+    python benchmarks/profile_gpu.py --size qwen3_vl_moe-30b-a3b-24l --out $OUT
+    python benchmarks/profile_gpu.py --smoke --out /tmp/x      # CPU, tiny model (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pathlib
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_gpu import make_images, parse_kv  # noqa: E402
+from benchmarks.checkpoints import build_checkpoint  # noqa: E402
+
+# Kernel names to a coarse kind, first match wins.
+_KINDS = [("grouped gemm", r"grouped|GroupMM|group_gemm|_grouped_mm"),
+          ("attention", r"flash|fmha|attention|sdpa|softmax"),
+          ("gemm", r"gemm|sm90_xmma|cutlass|cublas|nvjet|aten::mm|aten::addmm|aten::bmm|Kernel2"),
+          ("sort / index", r"sort|Sort|index|gather|scatter|histc|cumsum|topk|TopK|nonzero"),
+          ("conv", r"conv|Conv"),
+          ("triton (compiled)", r"triton"),
+          ("reduce", r"reduce|Reduce"),
+          ("copy / cast", r"copy|Copy|cast|fill|Fill")]
+
+
+def _kind(name: str) -> str:
+    for kind, pat in _KINDS:
+        if re.search(pat, name):
+            return kind
+    return "elementwise / other"
+
+
+def _judge(model_dir: str, a, mode: str):
+    from src.models.reward.implementations.local import QwenVLRewardModel
+
+    kw: dict[str, Any] = dict(device=a.device, model_name=model_dir, mode=mode, batch_size=a.bs)
+    if mode == "generate":
+        kw.update(max_new_tokens=a.new, min_new_tokens=a.new)
+    kw.update(parse_kv(a.judge))
+    return QwenVLRewardModel(**kw)
+
+
+def _where(frames: list[dict[str, Any]]) -> str:
+    """The innermost lines of the library, transformers and torch.nn that made an allocation."""
+    keep = [f for f in frames if any(s in f.get("filename", "") for s in ("/src/models/", "transformers/", "torch/nn/"))]
+    return " <- ".join(f"{pathlib.Path(f['filename']).name}:{f['line']} {f['name']}" for f in keep[:4]) or "?"
+
+
+def _alive(trace: list[dict[str, Any]], upto: int) -> dict[int, dict[str, Any]]:
+    """The allocations of the trace's first `upto` events not yet freed."""
+    alive: dict[int, dict[str, Any]] = {}
+    for ev in trace[:upto]:
+        if ev["action"] == "alloc":
+            alive[ev["addr"]] = ev
+        elif ev["action"] == "free_completed":
+            alive.pop(ev["addr"], None)
+    return alive
+
+
+def _grouped(alive: dict[int, dict[str, Any]], top: int = 20) -> list[dict[str, Any]]:
+    groups: dict[str, list[int]] = collections.defaultdict(list)
+    for ev in alive.values():
+        groups[_where(ev.get("frames", []))].append(ev["size"])
+    return [{"where": w, "gb": round(sum(s) / 1e9, 3), "count": len(s), "largest_mb": round(max(s) / 1e6, 1)}
+            for w, s in sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]]
+
+
+def stage_memory(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
+    """The allocator's history from before the judge's first call: what the first call leaves
+    allocated (kept between calls), and what is alive at the peak of both calls."""
+    import torch
+
+    cuda = a.device.startswith("cuda")
+    judge = _judge(model_dir, a, mode)
+    try:
+        if not cuda:
+            judge.batch_score(images[:a.bs])
+            return {"skipped": "the allocator history is CUDA's"}
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.memory._record_memory_history(max_entries=4_000_000, context="alloc", stacks="python")
+        judge.batch_score(images[:a.bs])
+        torch.cuda.synchronize()
+        after_first = torch.cuda.memory_allocated()
+        first_events = len(torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()])
+        res = judge.batch_score(images[:a.n])
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        peak = torch.cuda.max_memory_allocated()
+    finally:
+        judge.close()
+    trace = snap["device_traces"][torch.cuda.current_device()]
+    # The event at which allocated memory (above what was live when recording began) peaks.
+    live: dict[int, int] = {}
+    total = best = best_i = 0
+    for i, ev in enumerate(trace):
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev["size"]
+            total += ev["size"]
+            if total > best:
+                best, best_i = total, i
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])
+    return {"mode": mode, "items": a.n, "scored": sum(r.score is not None for r in res),
+            "allocated_after_load_gb": round(base / 1e9, 2),
+            "allocated_after_first_call_gb": round(after_first / 1e9, 2),
+            "peak_allocated_gb": round(peak / 1e9, 2), "peak_above_load_gb_from_trace": round(best / 1e9, 2),
+            "trace_events": len(trace), "kept_after_first_call": _grouped(_alive(trace, first_events)),
+            "alive_at_peak": _grouped(_alive(trace, best_i + 1))}
+
+
+def stage_kernels(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = a.device.startswith("cuda")
+    judge = _judge(model_dir, a, mode)
+    try:
+        for _ in range(2):  # the second call pays an automatic compile when compile_after_items <= bs
+            judge.batch_score(images[:a.bs])
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        t = time.perf_counter()
+        with profile(activities=acts) as prof:
+            res = judge.batch_score(images[:a.n])
+            if cuda:
+                torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    finally:
+        judge.close()
+    per_name: dict[str, list[float]] = collections.defaultdict(list)
+    for ev in prof.events():  # on the CPU (smoke runs): the operators' own CPU time instead
+        if cuda and ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[ev.name].append(ev.device_time / 1e3)  # ms
+        elif not cuda and ev.device_type == torch.autograd.DeviceType.CPU and ev.name.startswith("aten::"):
+            per_name[ev.name].append(ev.self_cpu_time_total / 1e3)
+    total = sum(sum(v) for v in per_name.values())
+    kinds: dict[str, float] = collections.defaultdict(float)
+    for name, ts in per_name.items():
+        kinds[_kind(name)] += sum(ts)
+    top = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:30]
+    return {"mode": mode, "items": a.n, "scored": sum(r.score is not None for r in res),
+            "wall_s_profiled": round(wall, 3), "gpu_kernel_ms": round(total, 1),
+            "by_kind_ms": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": n[:140], "ms": round(sum(ts), 2), "count": len(ts)} for n, ts in top]}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["meta"]
+    lines = [f"# Where GPU memory and time go ({m['size']}, {m['device_name']})", "", f"`{m['command']}`", "",
+             f"batch {m['bs']}, {m['n']} items of {m['width']}x{m['height']}, judge settings {m['judge']}", ""]
+    for key, st in report.items():
+        if key.startswith("memory_") and "alive_at_peak" in st:
+            lines += [f"## Memory, {st['mode']} mode", "",
+                      f"allocated after load {st['allocated_after_load_gb']} GB, after the first call "
+                      f"{st['allocated_after_first_call_gb']} GB; peak {st['peak_allocated_gb']} GB", ""]
+            for title, key2 in (("kept after the first call", "kept_after_first_call"), ("alive at the peak", "alive_at_peak")):
+                lines += [f"| {title}, made at | GB | count | largest MB |", "|---|---|---|---|"]
+                lines += [f"| `{g['where']}` | {g['gb']} | {g['count']} | {g['largest_mb']} |" for g in st[key2][:12]]
+                lines.append("")
+        if key.startswith("kernels_") and "by_kind_ms" in st:
+            lines += [f"## GPU time, {st['mode']} mode", "",
+                      f"kernels {st['gpu_kernel_ms']} ms in a call of {st['wall_s_profiled']} s (profiled)", "",
+                      "| kind | ms |", "|---|---|"]
+            lines += [f"| {k} | {v} |" for k, v in st["by_kind_ms"].items()]
+            lines += ["", "| kernel | ms | count |", "|---|---|---|"]
+            lines += [f"| `{k['name']}` | {k['ms']} | {k['count']} |" for k in st["top_kernels"][:15]]
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="qwen3_vl_moe-30b-a3b-24l")
+    ap.add_argument("--stages", default="memory,kernels")
+    ap.add_argument("--modes", default="logits,generate")
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--bs", type=int, default=32)
+    ap.add_argument("--new", type=int, default=128, help="generate mode: answer tokens (forced)")
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--height", type=int, default=768)
+    ap.add_argument("--judge", action="append", default=[], help="KEY=VALUE judge setting (repeatable)")
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--name", default="profile_gpu")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny images: seconds (CI)")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl_moe"
+        a.device, a.n, a.bs, a.new, a.width, a.height = "cpu", 2, 2, 4, 224, 168
+    import torch
+    import transformers
+
+    cuda = a.device.startswith("cuda")
+    report: dict[str, Any] = {"meta": {
+        "command": "python benchmarks/profile_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device_name": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})",
+        "torch": torch.__version__, "transformers": transformers.__version__, "size": a.size, "n": a.n,
+        "bs": a.bs, "width": a.width, "height": a.height, "judge": a.judge, "smoke": a.smoke,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    out_dir = pathlib.Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="profile-gpu-"))
+    try:
+        report["checkpoint"] = build_checkpoint(a.size, work / "judge", device=a.device if cuda else "cpu")
+        images = make_images(None, max(a.n, a.bs), a.width, a.height)
+        for stage in a.stages.split(","):
+            fn = {"memory": stage_memory, "kernels": stage_kernels}[stage]
+            for mode in a.modes.split(","):
+                try:
+                    report[f"{stage}_{mode}"] = fn(str(work / "judge"), a, images, mode)
+                except Exception as e:  # one stage's failure must not lose the others' figures
+                    report[f"{stage}_{mode}"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+                if cuda:
+                    torch.cuda.empty_cache()
+                (out_dir / f"{a.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+                print(json.dumps({f"{stage}_{mode}": report[f"{stage}_{mode}"]})[:3000], flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (out_dir / f"{a.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / f"{a.name}.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
