@@ -199,6 +199,21 @@ def test_closed_judge_refuses_work(tiny_cache, image_files):
         j.score(image_files[0])
 
 
+@pytest.mark.parametrize("mode", ["logits", "generate"])
+def test_closed_judge_holds_no_part_of_its_model(tiny_cache, image_files, mode):
+    # close() gives the model's memory back even while the judge object lives on: no parameter
+    # survives (vision reuse held the inner model, the compiled blocks their weights).
+    import gc
+    import weakref
+
+    j = judge("tiny:qwen2_5_vl", mode=mode, compile_vision=True, max_new_tokens=4)
+    assert j.engine._compiled and j.engine._vision_reuse is not None  # compiled lazily: no compile runs here
+    weights = [weakref.ref(p) for p in j.engine.model.parameters()]
+    j.close()
+    gc.collect()
+    assert weights and [w for w in weights if w() is not None] == []
+
+
 def test_build_from_config_gives_the_same_scores(logits_judge, image_files):
     spec = {"class_path": "qwen_vl", "init_args": {"model_name": "tiny:qwen2_5_vl", "batch_size": 4}}
     with build_reward_model(spec) as j:

@@ -191,5 +191,11 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         self._closed = True
         self._pool.shutdown(wait=True)
         self._image_pool.shutdown(wait=True)
+        # Every reference to the model's modules goes, so its memory is given back even while
+        # the closed judge object lives on (a notebook variable): the model, vision reuse's hold
+        # on the inner model, and the compiled blocks.
         del self.model
+        self._vision_reuse = None
+        self._compiled = []
+        self._compile_pending = []
         self._free_memory()
