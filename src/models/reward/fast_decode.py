@@ -24,6 +24,12 @@ offsets from histc): fixed shapes and no host sync, so the experts are inside th
 
 State between steps lives in tensors that are updated in place (token, positions, attention mask,
 step counter, finished rows, seen tokens, output buffer), so one captured step replays correctly.
+
+Continuous batching (`run_continuous`, greedy): each row has its own write position, step count
+and rotary position; finished rows are looked for every few replays (one host sync), and prompts
+prefilled on their own are copied into the free slots. Those prompts are prefilled ahead, on a
+second CUDA stream of lower priority while the decode's graph replays (a prefill is compute-bound,
+a decode step memory-bound), and wait, staged, until slots free up.
 """
 from __future__ import annotations
 
