@@ -319,8 +319,8 @@ def test_vision_reuse_keeps_no_features_after_a_call():
 
 # -- continuous batching: finished rows leave, new prompts join ------------------------------------
 
-@pytest.mark.parametrize("arch, check_every, align, stage", [("qwen2_5_vl", None, 64, 0), ("qwen3_vl_moe", None, 64, None),
-                                                            ("qwen2_5_vl", 8, 64, None), ("qwen3_vl", 8, 1, None)])
+@pytest.mark.parametrize("arch, check_every, align, stage", [
+    ("qwen2_5_vl", None, 64, 0), ("qwen3_vl_moe", None, 64, None), ("qwen2_5_vl", 8, 64, None), ("qwen3_vl", 8, 1, None)])
 def test_continuous_batching_gives_each_prompt_its_alone_tokens(arch, check_every, align, stage):
     # check_every=8: finished rows are looked for every 8 steps, as the CUDA graph path does, so a
     # row that ended keeps stepping up to 7 times before its slot is freed. align=1: a cache with no

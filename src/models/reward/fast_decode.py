@@ -665,7 +665,8 @@ class _ContinuousDecode:
         st.unfinished[idx] = True
         st.out[idx] = self.plan.pad_token_id
         if st.seen is not None:  # as the first batch's rows: the padded prompt's tokens
-            st.seen[idx] = torch.zeros(m, self.vocab, dtype=torch.bool, device=self.device).scatter_(1, g.ids[a:b], True)
+            seen = torch.zeros(m, self.vocab, dtype=torch.bool, device=self.device)
+            st.seen[idx] = seen.scatter_(1, g.ids[a:b], True)
         _pick_rows(g.logits[a:b], st, rows=idx)  # (writes into those logits rows: they are not read again)
         for slot, number in zip(free, g.numbers[a:b]):
             self.owner[slot] = number
