@@ -18,7 +18,13 @@ Stage `fixed`: the same with every answer `--fixed-len` tokens (128): every row 
 one step, so the prompts that take the freed slots join as a whole batch, as a static batch starts.
 Continuous batching should cost what static batches cost here (it was off by default for this case).
 
-    python benchmarks/reuse_gpu.py --size qwen3_vl-8b [--stages edit,lengths,fixed] [--n 128] [--bs 32]
+Stage `staging`: the `lengths` items through one loaded judge with continuous batching, prompts
+prefilled ahead on a second stream (`--stage`, default the library's) vs joins prefilled when their
+slots free up (stage 0). Recorded: each run's time and decode counters, and the fraction of
+identical answers: the check that staging computes the same tokens (bf16 on the GPU: batch
+composition can flip near-ties, as between static and continuous; float32 on the CPU: all).
+
+    python benchmarks/reuse_gpu.py --size qwen3_vl-8b [--stages edit,lengths,fixed,staging] [--n 128] [--bs 32]
     python benchmarks/reuse_gpu.py --smoke      # CPU, tiny model, seconds (CI)
 
 The device image has no qwen-vl-utils: carry its wheel (requirements-worker.txt's version) and put
@@ -105,8 +111,8 @@ class _Count(logging.Handler):
         self.n += self.text in record.getMessage()
 
 
-def stage_lengths(model_dir: str, a, cuda: bool) -> dict[str, Any]:
-    """Answers of spread lengths: each item's own budget, drawn from len_min..len_max."""
+def _length_items(a) -> tuple[list, list, list[int]]:
+    """(items, warm-up items, budgets): each item's own budget, drawn from len_min..len_max."""
     from src.models.reward.types import ScoreItem
 
     rng = random.Random(a.seed)
@@ -114,7 +120,46 @@ def stage_lengths(model_dir: str, a, cuda: bool) -> dict[str, Any]:
     imgs = make_images(None, a.n, a.width, a.height)
     items = [ScoreItem(images=[im], metadata={"max_new_tokens": b}) for im, b in zip(imgs, budgets)]
     warm = [ScoreItem(images=[im], metadata={"max_new_tokens": a.len_min}) for im in imgs[:a.bs]]
+    return items, warm, budgets
+
+
+def stage_lengths(model_dir: str, a, cuda: bool) -> dict[str, Any]:
+    """Answers of spread lengths: each item's own budget, drawn from len_min..len_max."""
+    items, warm, budgets = _length_items(a)
     return _static_vs_continuous(model_dir, a, cuda, items, warm, budgets, a.len_max)
+
+
+def stage_staging(model_dir: str, a, cuda: bool) -> dict[str, Any]:
+    """The lengths items, continuous batching, prompts prefilled ahead (`--stage`) vs not (0)."""
+    from src.models.reward.implementations.local import QwenVLRewardModel
+
+    items, warm, budgets = _length_items(a)
+    out: dict[str, Any] = {"items": a.n, "budget_mean": round(sum(budgets) / len(budgets), 1),
+                           "min_join": a.min_join, "stage": a.stage}
+    answers = {}
+    kw = dict(mode="generate", max_new_tokens=a.len_max, min_new_tokens=a.len_max, batch_size=a.bs,
+              continuous_batching=True)
+    failures = _Count("continuous batching failed")
+    logging.getLogger("src.models.reward.engine").addHandler(failures)
+    with QwenVLRewardModel(model_name=model_dir, device=a.device, **kw) as judge:
+        judge.engine._continuous_min_join = a.min_join
+        _timed(judge, warm, cuda)  # warm-up: one batch, untimed
+        for name, ahead in (("staged", a.stage), ("unstaged", 0)):
+            judge.engine._continuous_stage = ahead
+            failures.n = 0
+            dt, res = _timed(judge, items, cuda)
+            answers[name] = [r.raw for r in res]
+            decode = dict(judge.engine._continuous_timings)
+            groups = decode.pop("join_groups", [])
+            out[name] = {"s": round(dt, 3), "items_per_s": round(a.n / dt, 3),
+                         "tokens_per_s": round(sum(budgets) / dt, 1), "fell_back_to_static": failures.n,
+                         **_check(res, f"continuous, stage {ahead}"),
+                         "decode": dict(decode, join_batches=len(groups),
+                                        mean_join_batch=round(sum(groups) / max(len(groups), 1), 2))}
+    logging.getLogger("src.models.reward.engine").removeHandler(failures)
+    out["speedup"] = round(out["staged"]["items_per_s"] / out["unstaged"]["items_per_s"], 3)
+    out["identical_answers"] = round(sum(x == y for x, y in zip(answers["staged"], answers["unstaged"])) / a.n, 3)
+    return out
 
 
 def stage_fixed(model_dir: str, a, cuda: bool) -> dict[str, Any]:
@@ -132,7 +177,8 @@ def _static_vs_continuous(model_dir: str, a, cuda: bool, items: list, warm: list
     from src.models.reward.implementations.local import QwenVLRewardModel
 
     out: dict[str, Any] = {"items": a.n, "budget_min": min(budgets), "budget_max": max(budgets),
-                           "budget_mean": round(sum(budgets) / len(budgets), 1), "min_join": a.min_join}
+                           "budget_mean": round(sum(budgets) / len(budgets), 1), "min_join": a.min_join,
+                           "stage": a.stage}
     answers = {}
     failures = _Count("continuous batching failed")
     logging.getLogger("src.models.reward.engine").addHandler(failures)
@@ -142,6 +188,7 @@ def _static_vs_continuous(model_dir: str, a, cuda: bool, items: list, warm: list
                   continuous_batching=on)
         with QwenVLRewardModel(model_name=model_dir, device=a.device, **kw) as judge:
             judge.engine._continuous_min_join = a.min_join
+            judge.engine._continuous_stage = a.stage
             _timed(judge, warm, cuda)  # warm-up: one batch, untimed
             failures.n = 0
             dt, res = _timed(judge, items, cuda)
@@ -180,13 +227,23 @@ def markdown(report: dict[str, Any]) -> str:
                       f"| continuous batching | {g['continuous']['items_per_s']} | {g['continuous']['tokens_per_s']} |",
                       "", f"Speed-up {g['speedup']}x; identical answers {g['identical_answers']}; continuous "
                       f"decode: {g['continuous'].get('decode')}.", ""]
+    g = report.get("staging")
+    if g:
+        lines += [f"| continuous batching, answers of mean {g['budget_mean']} tokens | items/s | tokens/s |",
+                  "|---|---|---|",
+                  f"| joins prefilled when slots free (stage 0) | {g['unstaged']['items_per_s']} | "
+                  f"{g['unstaged']['tokens_per_s']} |",
+                  f"| prefilled ahead (stage {g['staged']['decode'].get('stage')}) | {g['staged']['items_per_s']} | "
+                  f"{g['staged']['tokens_per_s']} |",
+                  "", f"Speed-up {g['speedup']}x; identical answers {g['identical_answers']}; decodes: staged "
+                  f"{g['staged']['decode']}, unstaged {g['unstaged']['decode']}.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="qwen3_vl-8b")
-    ap.add_argument("--stages", default="edit,lengths,fixed")
+    ap.add_argument("--stages", default="edit,lengths,fixed,staging")
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--width", type=int, default=1024)
@@ -196,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fixed-len", type=int, default=128, help="stage fixed: every answer this long")
     ap.add_argument("--min-join", type=int, default=1,
                     help="continuous batching: free slots before prompts join (prefilled together)")
+    ap.add_argument("--stage", type=int, default=None,
+                    help="continuous batching: prompts prefilled ahead of the free slots (default: the "
+                         "library's; 0: joins prefilled when their slots free up)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -213,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/reuse_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device_name": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})",
         "torch": torch.__version__, "transformers": transformers.__version__, "size": a.size, "n": a.n,
-        "bs": a.bs, "width": a.width, "height": a.height, "smoke": a.smoke,
+        "bs": a.bs, "width": a.width, "height": a.height, "smoke": a.smoke, "min_join": a.min_join,
+        "stage": a.stage,
         "date": time.strftime("%Y-%m-%d %H:%M:%S")}}
     out_dir = pathlib.Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report["checkpoint"] = build_checkpoint(a.size, work / "judge", device=a.device if cuda else "cpu")
         for stage in a.stages.split(","):
-            fn = {"edit": stage_edit, "lengths": stage_lengths, "fixed": stage_fixed}[stage]
+            fn = {"edit": stage_edit, "lengths": stage_lengths, "fixed": stage_fixed, "staging": stage_staging}[stage]
             report[stage] = fn(str(work / "judge"), a, cuda)
             (out_dir / f"{a.name}.json").write_text(json.dumps(report, indent=2) + "\n")
             print(json.dumps({stage: report[stage]}), flush=True)

@@ -85,7 +85,16 @@ def test_reuse_gpu_smoke(tmp_path):
     assert fixed["identical_answers"] == 1.0 and fixed["continuous"]["errors"] == 0
     assert fixed["continuous"]["decode"]["join_batches"] == 2 and fixed["continuous"]["decode"]["mean_join_batch"] == 2
     assert fixed["continuous"]["decode"]["joined"] == 4 and fixed["continuous"]["fell_back_to_static"] == 0
-    assert (tmp_path / "reuse_gpu.md").read_text().startswith("# Issue 17")
+    # staging: the same items prefilled ahead (the default, two slots: two ahead) vs when slots free
+    staging = report["staging"]
+    assert staging["identical_answers"] == 1.0  # float32: the same tokens
+    staged, unstaged = staging["staged"]["decode"], staging["unstaged"]["decode"]
+    assert staged["stage"] == 2 and staged["staged_rows"] == staged["joined"] == 4 and staged["sync_joins"] == 0
+    assert unstaged["stage"] == 0 and unstaged["staged_rows"] == 0 and unstaged["sync_joins"] > 0
+    assert staging["staged"]["errors"] == staging["unstaged"]["errors"] == 0
+    assert staging["staged"]["fell_back_to_static"] == staging["unstaged"]["fell_back_to_static"] == 0
+    md = (tmp_path / "reuse_gpu.md").read_text()
+    assert md.startswith("# Issue 17") and "prefilled ahead (stage 2)" in md
 
 
 def test_quant_gpu_smoke(tmp_path):

@@ -319,13 +319,15 @@ def test_vision_reuse_keeps_no_features_after_a_call():
 
 # -- continuous batching: finished rows leave, new prompts join ------------------------------------
 
-@pytest.mark.parametrize("arch, check_every, align", [("qwen2_5_vl", None, 64), ("qwen3_vl_moe", None, 64),
-                                                     ("qwen2_5_vl", 8, 64), ("qwen3_vl", 8, 1)])
-def test_continuous_batching_gives_each_prompt_its_alone_tokens(arch, check_every, align):
+@pytest.mark.parametrize("arch, check_every, align, stage", [
+    ("qwen2_5_vl", None, 64, 0), ("qwen3_vl_moe", None, 64, None), ("qwen2_5_vl", 8, 64, None), ("qwen3_vl", 8, 1, None)])
+def test_continuous_batching_gives_each_prompt_its_alone_tokens(arch, check_every, align, stage):
     # check_every=8: finished rows are looked for every 8 steps, as the CUDA graph path does, so a
     # row that ended keeps stepping up to 7 times before its slot is freed. align=1: a cache with no
     # slack past the longest prompt plus the longest answer, so a finished row that kept moving its
     # write position while others decode would index past the cache's end (the GPU's device assert).
+    # stage: None, the default (prompts prefilled ahead, then copied into slots as they free up);
+    # 0, every join prefilled when its slots are free.
     proc, model, prompts, imgs = _tiny_prompts(arch, 6)
     alone_inputs = [proc(text=[p], images=[im], return_tensors="pt") for p, im in zip(prompts, imgs)]
     pad = proc.tokenizer.pad_token_id
@@ -348,8 +350,12 @@ def test_continuous_batching_gives_each_prompt_its_alone_tokens(arch, check_ever
         first = proc(text=prompts[:2], images=imgs[:2], padding=True, return_tensors="pt")
         timings = {}
         got = fast_decode.generate_continuous(model, first, alone_inputs[2:], plan, limits=limits, timings=timings,
-                                              check_every=check_every, cache_align=align)
+                                              check_every=check_every, cache_align=align, stage=stage)
     assert timings["joined"] == 4
+    if stage == 0:
+        assert timings["staged_rows"] == 0 and timings["sync_joins"] == len(timings["join_groups"]) > 0
+    else:
+        assert timings["staged_rows"] == 4 and timings["sync_joins"] == 0 and timings["stage"] == 2  # at most the slots
     for i, (a, g) in enumerate(zip(alone, got)):
         assert g.tolist() == a[:limits[i]].tolist(), (i, g.tolist(), a.tolist())
 
@@ -365,16 +371,17 @@ def _tiny_prompts(arch: str, n: int, seed: int = 2):
     return proc, model, prompts, _images(n, seed=seed)
 
 
-@pytest.mark.parametrize("arch, forced, align, min_join", [("qwen3_vl", True, 1, 1), ("qwen2_vl", False, 64, 1),
-                                                           ("qwen2_5_vl", True, 64, 1), ("qwen3_vl_moe", False, 1, 1),
-                                                           ("qwen3_vl", False, 64, 3)])
-def test_continuous_batching_joins_free_slots_as_one_batch(arch, forced, align, min_join):
+@pytest.mark.parametrize("arch, forced, align, min_join, stage", [
+    ("qwen3_vl", True, 1, 1, 0), ("qwen2_vl", False, 64, 1, 0), ("qwen2_5_vl", True, 64, 1, None),
+    ("qwen3_vl_moe", False, 1, 1, None), ("qwen3_vl", False, 64, 3, 0)])
+def test_continuous_batching_joins_free_slots_as_one_batch(arch, forced, align, min_join, stage):
     # The prompts that fill the slots free at one look are prefilled as one left-padded batch (their
     # prompt lengths differ: other image sizes, other texts) and each row's cache copied into its
     # slot. forced: every answer exactly 5 tokens, so a whole batch finishes at one step and the next
     # three prompts join at once (as a static batch would start). Else limits end rows in twos and
     # threes. align=1: joining prompts longer than the first batch's make the cache grow. min_join=3:
     # free slots wait until three are free (or the prompts run out), so each joining batch is three.
+    # stage=None (the default): three prompts prefilled ahead, the next batch as soon as they are in.
     proc, model, prompts, imgs = _tiny_prompts(arch, 9)
     pad = proc.tokenizer.pad_token_id
     if forced:
@@ -402,8 +409,8 @@ def test_continuous_batching_joins_free_slots_as_one_batch(arch, forced, align, 
         return fast_decode.stack_inputs([singles[3 + i] for i in idx], pad)
 
     got = fast_decode.generate_continuous(model, first, singles[3:], plan, limits=limits, check_every=1,
-                                          cache_align=align, min_join=min_join, before_join=before_join,
-                                          timings=timings)
+                                          cache_align=align, min_join=min_join, stage=stage,
+                                          before_join=before_join, timings=timings)
     for i, (a, g) in enumerate(zip(alone, got)):
         assert g.tolist() == a[:limits[i]].tolist(), (i, g.tolist(), a.tolist())
     assert [len(i) for i in asked] == timings["join_groups"] and sum(timings["join_groups"]) == 6
@@ -414,6 +421,45 @@ def test_continuous_batching_joins_free_slots_as_one_batch(arch, forced, align, 
         assert max(timings["join_groups"]) >= 2
     if align == 1:
         assert timings["cache_grown"] > 0
+    assert timings["staged_rows"] == (0 if stage == 0 else 6)
+
+
+@pytest.mark.parametrize("arch, check_every", [("qwen3_vl", 1), ("qwen3_vl", 8), ("qwen2_5_vl", 8)])
+def test_staged_prompts_enter_slots_in_order_even_a_batch_at_a_time(monkeypatch, arch, check_every):
+    # Prompts prefilled ahead (stage 3, three slots) take the slots as they free up, in the order
+    # they were taken. The first three answers end in different looks (5, 13, 21 tokens), so a
+    # staged batch of three is copied into slots a row or two at a time while the rest of it waits.
+    # A row's cache, logits, rope positions, seen tokens, limit and number must travel together:
+    # every prompt's answer differs from the others', so a row put in the wrong slot, started from
+    # another row's logits or positions, or numbered out of order, shows as a wrong answer.
+    # align=1: the later, longer prompts make the cache grow as they are copied in.
+    proc, model, prompts, imgs = _tiny_prompts(arch, 9)
+    pad = proc.tokenizer.pad_token_id
+    plan = fast_decode.Plan(max_new_tokens=24, min_new_tokens=2, eos_token_ids=(pad,), pad_token_id=pad,
+                            repetition_penalty=1.1)
+    limits = [5, 13, 21, 8, 24, 6, 10, 24, 24]
+    singles = [proc(text=[p], images=[im], return_tensors="pt") for p, im in zip(prompts, imgs)]
+    with torch.inference_mode():
+        alone = [fast_decode.generate_tokens(model, x, plan)[0][:n] for x, n in zip(singles, limits)]
+    assert len({tuple(a.tolist()) for a in alone}) == 9
+    entered = []  # (prompt numbers copied into slots at once, size of their prefilled batch)
+    real_enter = fast_decode._ContinuousDecode._enter
+
+    def spy(self, g, free, where):
+        entered.append((g.numbers[g.used:g.used + len(free)], len(g.numbers)))
+        return real_enter(self, g, free, where)
+
+    monkeypatch.setattr(fast_decode._ContinuousDecode, "_enter", spy)
+    timings = {}
+    got = fast_decode.generate_continuous(model, fast_decode.stack_inputs(singles[:3], pad), singles[3:], plan,
+                                          limits=limits, check_every=check_every, cache_align=1, stage=3,
+                                          timings=timings)
+    for i, (a, g) in enumerate(zip(alone, got)):
+        assert g.tolist() == a.tolist(), (i, g.tolist(), a.tolist())
+    assert [i for numbers, _ in entered for i in numbers] == list(range(3, 9))
+    assert any(len(numbers) < size for numbers, size in entered)  # a staged batch copied in part
+    assert timings["staged_rows"] == 6 and timings["sync_joins"] == 0 and timings["staged_groups"] >= 2
+    assert timings["join_groups"][0] == 3 and timings["cache_grown"] > 0
 
 
 def test_stack_inputs_refuses_what_it_cannot_lay_out():
@@ -495,7 +541,8 @@ class _FailsThirdForward:
             raise RuntimeError("simulated fault while prompts join")
 
 
-def test_continuous_batching_falls_back_for_the_unfinished_prompts_only(monkeypatch, caplog):
+@pytest.mark.parametrize("stage", [0, None])
+def test_continuous_batching_falls_back_for_the_unfinished_prompts_only(monkeypatch, caplog, stage):
     from src.models.reward import hooks
 
     imgs = _images(7, seed=3)
@@ -507,6 +554,7 @@ def test_continuous_batching_falls_back_for_the_unfinished_prompts_only(monkeypa
     plugin = _FailsThirdForward()
     monkeypatch.setattr(hooks, "_plugin", plugin)
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", continuous_batching=True, **base) as j:
+        j.engine._continuous_stage = stage
         with caplog.at_level(logging.WARNING):
             got = [(r.raw, r.error_kind) for r in j.batch_score(items)]
         assert j.engine._items_scored == 7
@@ -515,3 +563,8 @@ def test_continuous_batching_falls_back_for_the_unfinished_prompts_only(monkeypa
     # Before the fault: the first batch (2) and one join; the prompts rerun in static batches are
     # the ones not finished (the fault's own batch among them), not the whole call.
     assert plugin.sizes[0] == 2 and 0 < sum(plugin.sizes[3:]) < 7
+    if stage is None:
+        # Prefilled ahead (two slots: two staged): items 2 and 3 as one batch. Item 1 ends first,
+        # item 2 takes its slot, and one prompt is taken to refill the stage (the fault) while item
+        # 3 waits staged, in no slot: it reruns with every other prompt not finished (all but 1).
+        assert plugin.sizes[1:3] == [2, 1] and sum(plugin.sizes[3:]) == 6

@@ -7,8 +7,10 @@ engine call, fed from the prepared chunks as slots free up.
     take(n): the next n waiting prompts as one left-padded batch (fast_decode.stack_inputs);
          |   the next chunk is pulled in only when the waiting prompts run short
          v
-    fast_decode.run_continuous: `batch_size` slots decode; a finished row leaves, taken prompts join
-         |
+    fast_decode.run_continuous: `batch_size` slots decode; a finished row leaves, taken prompts join.
+         |   Prompts are taken a few ahead of the free slots and prefilled on a second CUDA stream
+         |   while the decode runs (staged); they enter slots, in the order taken, as slots free up
+         v
     on_done(prompt, tokens): parsed; a chunk whose prompts are all done becomes its ScoreResults
 
 Why a call and not a chunk: the decode's drain (the last rows finishing while the other slots
@@ -16,8 +18,9 @@ sit empty) is paid once per decode; per chunk it cost ~400 steps every 128 items
 NOTES.md, issue 17). Chunks stay one batch, as without continuous batching: the decode holds
 no chunk back, so a larger chunk would only hold more prepared tensors in memory.
 
-If the decode fails, every prompt not yet finished (decoding, waiting, or in chunks not yet
-prepared) runs in static batches; a finished prompt is not run again. Prompts whose processor
+If the decode fails, every prompt not yet finished (decoding, prefilled ahead but not yet in a
+slot, waiting, or in chunks not yet prepared) runs in static batches; a finished prompt is not run
+again: `entered` holds every taken prompt until it is done. Prompts whose processor
 output failed in preparation run alone in static batches after the decode, which gives them
 their proper error (e.g. over max_prompt_tokens).
 
@@ -95,6 +98,9 @@ class ContinuousCalls:
                 self._count_scored(len(chunk.items))
 
         def enter(pairs: list[tuple[_Live, _Request]]):  # prompts into the decode, as one batch
+            # Called by the decode inside the stream that will prefill them (the staging stream for
+            # prompts prefilled ahead): that stream waits for the preprocessing stream, and the
+            # copies to the device are queued on it.
             t = time.perf_counter()
             entered.extend((live, req, t) for live, req in pairs)  # first: a failure below loses none
             hooks.before_forward(len(pairs))
@@ -134,7 +140,8 @@ class ContinuousCalls:
                         with torch.inference_mode():
                             run_continuous(self.model, got[0], got[1], take, self._decode_plan, on_done=on_done,
                                            cuda_graph=self.device.startswith("cuda"),
-                                           min_join=self._continuous_min_join, timings=self._continuous_timings)
+                                           min_join=self._continuous_min_join, stage=self._continuous_stage,
+                                           timings=self._continuous_timings)
                 except Exception as e:
                     failed = e
                     self._free_memory()

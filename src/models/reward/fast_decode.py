@@ -24,9 +24,18 @@ offsets from histc): fixed shapes and no host sync, so the experts are inside th
 
 State between steps lives in tensors that are updated in place (token, positions, attention mask,
 step counter, finished rows, seen tokens, output buffer), so one captured step replays correctly.
+
+Continuous batching (`run_continuous`, greedy): each row has its own write position, step count
+and rotary position; finished rows are looked for every few replays (one host sync), and prompts
+prefilled on their own are copied into the free slots. Those prompts are prefilled ahead, on a
+second CUDA stream of lower priority while the decode's graph replays (a prefill is compute-bound,
+a decode step memory-bound), and wait, staged, until slots free up.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -360,17 +369,19 @@ def stack_inputs(rows: list[Any], pad_token_id: int) -> Any:
 
 def generate_continuous(model: Any, first: Any, more: list[Any], plan: Plan, *, limits: list[int] | None = None,
                         cuda_graph: bool = True, cache_align: int = 64, check_every: int | None = None,
-                        min_join: int = 1, before_join: Any = None, timings: dict | None = None) -> list[Any]:
+                        min_join: int = 1, stage: int | None = None, before_join: Any = None,
+                        timings: dict | None = None) -> list[Any]:
     """Greedy decoding where a finished row leaves the batch and the next prompts take the free slots.
 
     `first`: the processor's inputs (on the device) of the prompts that start, one slot each;
     `more`: the inputs of the prompts that join as slots free up, one prompt each (on the CPU or
     the device), in order. `limits`: each prompt's own max_new_tokens (<= plan.max_new_tokens),
     first's then more's. Returns each prompt's new tokens (a 1-D CPU tensor, up to and including
-    the end-of-answer token), in the same order. The prompts that fill the slots free at one look
-    join as one batch (`stack_inputs`); `before_join(indices)`, if given, returns the inputs of
-    those prompts of `more` as one batch on the device (the engine's hook: stream hand-over,
-    vision reuse). See `run_continuous` for why the tokens are those of each prompt decoded alone.
+    the end-of-answer token), in the same order. The prompts taken together (prefilled ahead,
+    `stage`, or those that fill the slots free at one look) are prefilled as one batch
+    (`stack_inputs`); `before_join(indices)`, if given, returns the inputs of those prompts of
+    `more` as one batch on the device (the engine's hook: stream hand-over, vision reuse). See
+    `run_continuous` for why the tokens are those of each prompt decoded alone.
     """
     import torch
 
@@ -395,78 +406,202 @@ def generate_continuous(model: Any, first: Any, more: list[Any], plan: Plan, *, 
     with torch.inference_mode():
         run_continuous(model, first, limits[:slots], take, plan, on_done=results.__setitem__,
                        max_new=max(limits), cuda_graph=cuda_graph, cache_align=cache_align,
-                       check_every=check_every, min_join=min_join, timings=timings)
+                       check_every=check_every, min_join=min_join, stage=stage, timings=timings)
     return results
 
 
 def run_continuous(model: Any, first: Any, first_limits: list[int], take: Any, plan: Plan, *, on_done: Any,
                    max_new: int | None = None, cuda_graph: bool = True, cache_align: int = 64,
-                   check_every: int | None = None, min_join: int = 1, timings: dict | None = None) -> None:
+                   check_every: int | None = None, min_join: int = 1, stage: int | None = None,
+                   timings: dict | None = None) -> None:
     """The continuous decode. `first` (device inputs) start, one slot each, with `first_limits`
-    (each prompt's max_new_tokens); whenever slots are free, `take(n)` is asked for up to n next
-    prompts and returns (their inputs as one left-padded batch on the device, their limits), or
-    None once there are no more. `on_done(i, tokens)` receives prompt i's new tokens (a 1-D CPU
-    tensor, up to and including the end token) as it finishes; prompts are numbered in the order
-    they entered, first's then take's. `max_new`: the largest limit to expect (sizes the cache;
-    default plan.max_new_tokens). The cache grows if a joining batch is longer than it allows.
-    `min_join`: prompts join only once that many slots are free (or every slot is), so that they
-    are prefilled together; the free slots idle meanwhile.
+    (each prompt's max_new_tokens); `take(n)` is asked for up to n next prompts and returns (their
+    inputs as one left-padded batch on the device, their limits), or None once there are no more.
+    `on_done(i, tokens)` receives prompt i's new tokens (a 1-D CPU tensor, up to and including the
+    end token) as it finishes; prompts are numbered in the order take returned them, first's
+    before. `max_new`: the largest limit to expect (sizes the cache; default plan.max_new_tokens).
+    The cache grows if a joining batch is longer than it allows.
 
-    The same tokens as decoding each prompt alone: a joining batch is prefilled on its own and
-    each row's KV cache copied into its slot, set up exactly as the first batch's rows (attention
-    mask from its attention mask, rotary position = its real token count + its rope delta, write
-    position = the padded length); every row keeps its own write position, step count and rotary
-    position, and attends only to its own slots.
+    `stage`: how many prompts to keep prefilled ahead of the free slots (default max(min_join, 4),
+    at most the slot count; 0: none). After the decode's next steps are queued, `take` is asked for
+    enough prompts to bring the staged ones up to that number and they are prefilled at once; on
+    CUDA on a second stream, of low priority, while the decode replays on a high-priority one (a
+    decode step is memory-bound, a prefill compute-bound: the prefill uses what the decode leaves).
+    Staged prompts take free slots first, oldest first; a staged batch may fill slots over several
+    looks. `take` is called inside that stream's context, so what it puts on the device is ordered
+    on the staging stream. Only when slots are free and nothing is staged (at the start, or when
+    staging falls behind) do prompts join synchronously, and only once `min_join` slots are free
+    (or every slot is), so that they are prefilled together; the free slots idle meanwhile.
+
+    The same tokens as decoding each prompt alone: a joining batch is prefilled on its own (staged
+    or not: the same function) and each row's KV cache copied into its slot, set up exactly as the
+    first batch's rows (attention mask from its attention mask, rotary position = its real token
+    count + its rope delta, write position = the padded length); every row keeps its own write
+    position, step count and rotary position, and attends only to its own slots.
+
+    `timings`, if given, receives: steps, joined (prompts after the first batch), join_groups (the
+    size of each joining prefill, in take order), cache_grown, stage (the target), staged_groups /
+    staged_rows (prefills made ahead / prompts that entered a slot from them), sync_joins (joins
+    that made the decode wait for their prefill), stage_waits (staged prefills not yet done when
+    their rows were needed: the decode waited on them), stage_launch_ms (host time per staged
+    prefill, in which the decode lives on the steps queued before it) and extra_replays (steps
+    queued beyond `check_every` so that the decode does not run dry during those launches).
     """
     import torch
 
     why = continuous_applies(plan)
     if why:
         raise ValueError(f"continuous batching does not apply: {why}")
-    ids = first["input_ids"]
-    slots, first_len = ids.shape
-    device = ids.device
-    max_new = max_new or plan.max_new_tokens
+    slots = first["input_ids"].shape[0]
+    device = first["input_ids"].device
     if len(first_limits) != slots or any(not 1 <= m <= plan.max_new_tokens for m in first_limits):
         raise ValueError("first_limits: one per prompt, each in 1..max_new_tokens")
-    cache_len = -(-(first_len + max(max_new, max(first_limits))) // cache_align) * cache_align
-    cache, attn, logits, deltas = _prefill(model, first, cache_len)
-    vocab = logits.shape[-1]
-    ar = torch.arange(slots, device=device)
-    st = _RowState(
-        tok=torch.empty(slots, 1, dtype=torch.long, device=device),
-        pos=(attn.long().sum(-1, keepdim=True) + deltas).view(1, slots, 1).expand(3, slots, 1).contiguous(),
-        mask=torch.zeros(slots, 1, 1, cache_len, dtype=torch.bool, device=device),
-        wpos=torch.full((slots,), first_len, dtype=torch.long, device=device),
-        step=torch.zeros(slots, dtype=torch.long, device=device),
-        limit=torch.tensor(first_limits, dtype=torch.long, device=device),
-        unfinished=torch.ones(slots, dtype=torch.bool, device=device),
-        seen=(torch.zeros(slots, vocab, dtype=torch.bool, device=device).scatter_(1, ids, True)
-              if plan.repetition_penalty != 1.0 else None),
-        out=torch.full((slots, plan.max_new_tokens), plan.pad_token_id, dtype=torch.long, device=device),
-        eos=torch.tensor(plan.eos_token_ids, dtype=torch.long, device=device),
-        ar=ar, yes=torch.ones(slots, dtype=torch.bool, device=device), plan=plan)
-    st.mask[:, 0, 0, :first_len] = attn.bool()
-    _pick_rows(logits, st)
-    del logits
-    layers = cache.layers
+    stage = max(min_join, _STAGE_AHEAD) if stage is None else stage
+    if stage < 0:
+        raise ValueError(f"stage must be >= 0, got {stage}")
+    streams = _stage_streams(device) if stage and device.type == "cuda" else None
+    caller = torch.cuda.current_stream(device) if streams else None
+    if streams:
+        streams[0].wait_stream(caller)  # the caller made `first` on its stream
+    try:
+        with torch.cuda.stream(streams[0]) if streams else contextlib.nullcontext():
+            dec = _ContinuousDecode(model, first, first_limits, take, plan, on_done=on_done,
+                                    max_new=max_new or plan.max_new_tokens, cuda_graph=cuda_graph,
+                                    cache_align=cache_align, check_every=check_every, min_join=min_join,
+                                    stage=min(stage, slots), side=streams[1] if streams else None)
+            dec.run()
+    finally:
+        if streams:
+            with contextlib.suppress(Exception):  # after a device fault this raises too; the fault is the error
+                caller.wait_stream(streams[0])
+    if timings is not None:
+        timings.update(dec.timings())
 
-    def write(layer):  # this layer's cache update while decoding: one token per row, at its own slot
+
+_STAGE_AHEAD = 4  # prompts kept prefilled ahead of the free slots (benchmarks/NOTES.md, issue 17: staged joins)
+_stream_pairs: dict[int, tuple[Any, Any]] = {}
+
+
+def _stage_streams(device) -> tuple[Any, Any]:
+    """(decode stream, staging stream) of a CUDA device, made once per process: streams made per
+    call would each hold their own cached memory blocks in the allocator."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _stream_pairs:
+        # Lower number, higher priority: the decode's kernels are scheduled first when both wait.
+        _stream_pairs[index] = (torch.cuda.Stream(index, priority=-1), torch.cuda.Stream(index, priority=0))
+    return _stream_pairs[index]
+
+
+@dataclass
+class _Prefilled:
+    """Prompts prefilled on their own (one left-padded batch), waiting for slots: what copying a row
+    into a slot needs. Rows are consumed in order, `used` of them so far."""
+    cache: Any          # StaticCache of the batch's padded length
+    attn: Any           # (g, n) attention mask
+    logits: Any         # (g, vocab) float32, last position
+    deltas: Any         # (g, 1) rope deltas
+    ids: Any            # (g, n) input ids (the repetition penalty's seen tokens), or None
+    limits: list[int]   # each prompt's max_new_tokens
+    numbers: list[int]  # each prompt's number for on_done
+    event: Any = None   # CUDA: recorded on the staging stream after the prefill
+    used: int = 0
+
+
+class _ContinuousDecode:
+    """One run_continuous decode: the slots' state, the staged prompts, the loop."""
+
+    def __init__(self, model: Any, first: Any, first_limits: list[int], take: Any, plan: Plan, *, on_done: Any,
+                 max_new: int, cuda_graph: bool, cache_align: int, check_every: int | None, min_join: int,
+                 stage: int, side: Any):
+        import torch
+
+        self.torch, self.model, self.take, self.plan, self.on_done = torch, model, take, plan, on_done
+        ids = first["input_ids"]
+        self.slots, first_len = ids.shape
+        slots = self.slots
+        self.device = device = ids.device
+        self.max_new, self.align, self.min_join, self.target, self.side = max_new, cache_align, min_join, stage, side
+        self.use_graph = cuda_graph and device.type == "cuda"
+        self.every = check_every or (_JOIN_CHECK_EVERY if self.use_graph else 1)
+        self.cache_len = self._aligned(first_len + max(max_new, max(first_limits)))
+        cache, attn, logits, deltas = _prefill(model, first, self.cache_len)
+        self.vocab = vocab = logits.shape[-1]
+        ar = torch.arange(slots, device=device)
+        self.st = st = _RowState(
+            tok=torch.empty(slots, 1, dtype=torch.long, device=device),
+            pos=(attn.long().sum(-1, keepdim=True) + deltas).view(1, slots, 1).expand(3, slots, 1).contiguous(),
+            mask=torch.zeros(slots, 1, 1, self.cache_len, dtype=torch.bool, device=device),
+            wpos=torch.full((slots,), first_len, dtype=torch.long, device=device),
+            step=torch.zeros(slots, dtype=torch.long, device=device),
+            limit=torch.tensor(first_limits, dtype=torch.long, device=device),
+            unfinished=torch.ones(slots, dtype=torch.bool, device=device),
+            seen=(torch.zeros(slots, vocab, dtype=torch.bool, device=device).scatter_(1, ids, True)
+                  if plan.repetition_penalty != 1.0 else None),
+            out=torch.full((slots, plan.max_new_tokens), plan.pad_token_id, dtype=torch.long, device=device),
+            eos=torch.tensor(plan.eos_token_ids, dtype=torch.long, device=device),
+            ar=ar, yes=torch.ones(slots, dtype=torch.bool, device=device), plan=plan)
+        st.mask[:, 0, 0, :first_len] = attn.bool()
+        _pick_rows(logits, st)
+        del logits
+        self.cache = cache
+        self.layers = cache.layers
+        self.lm, self.head = model.model.language_model, model.lm_head
+        self.as_dict = model.config.model_type in _MASK_AS_DICT
+        self.text_config = self.lm.config
+        self.plain_attn = self.text_config._attn_implementation
+        self.plain_updates = [layer.update for layer in self.layers]
+        self.owner: list[int | None] = list(range(slots))  # the prompt each slot decodes
+        self.next_number = slots
+        self.staged: collections.deque[_Prefilled] = collections.deque()
+        self.retired: list[_Prefilled] = []  # consumed; kept until the decode stream has copied them
+        self.last_event = None  # the staging stream's last prefill
+        self.more = True
+        self.groups: list[int] = []
+        self.steps = self.grown = self.joined = self.sync_joins = 0
+        self.staged_groups = self.staged_rows = self.stage_waits = self.extra_replays = 0
+        self.launch_s = 0.0
+        self.launch_rows = 0
+
+    def _aligned(self, n: int) -> int:  # cache length rounded up: aligned rows need no padding in attention
+        return -(-n // self.align) * self.align
+
+    # -- the decoding step and the model's two modes --
+
+    def _write(self, layer):  # this layer's cache update while decoding: one token per row, at its own slot
+        st = self.st
+
         def update(key_states, value_states, cache_kwargs=None, *args, **kwargs):
-            layer.keys[ar, :, st.wpos] = key_states[:, :, 0]
-            layer.values[ar, :, st.wpos] = value_states[:, :, 0]
+            layer.keys[st.ar, :, st.wpos] = key_states[:, :, 0]
+            layer.values[st.ar, :, st.wpos] = value_states[:, :, 0]
             return layer.keys, layer.values
         return update
 
-    lm, head = model.model.language_model, model.lm_head
-    as_dict = model.config.model_type in _MASK_AS_DICT
+    def _decoding(self) -> None:
+        for layer in self.layers:
+            layer.update = self._write(layer)
+        self.text_config._attn_implementation_internal = _DECODE_ATTN
 
-    def step() -> None:
-        st.mask[ar, 0, 0, st.wpos] = st.yes  # the new token sees itself (a tensor: no host value in the graph)
-        mask = {"full_attention": st.mask} if as_dict else st.mask
-        h = lm(input_ids=st.tok, attention_mask=mask, position_ids=st.pos,
-               past_key_values=cache, use_cache=True).last_hidden_state
-        _pick_rows(head(h[:, -1, :]).float(), st)
+    @contextlib.contextmanager
+    def _plain(self):
+        """A prefill runs as the first batch's did: the usual cache writes, and the usual attention
+        (its mask is made for that attention: left padding); decoding's again afterwards."""
+        for layer, upd in zip(self.layers, self.plain_updates):
+            layer.update = upd
+        self.text_config._attn_implementation_internal = self.plain_attn
+        try:
+            yield
+        finally:
+            self._decoding()
+
+    def _step(self) -> None:
+        st = self.st
+        st.mask[st.ar, 0, 0, st.wpos] = st.yes  # the new token sees itself (a tensor: no host value in the graph)
+        mask = {"full_attention": st.mask} if self.as_dict else st.mask
+        h = self.lm(input_ids=st.tok, attention_mask=mask, position_ids=st.pos,
+                    past_key_values=self.cache, use_cache=True).last_hidden_state
+        _pick_rows(self.head(h[:, -1, :]).float(), st)
         # Only rows still decoding move on. A finished row whose slot waits for the next look (or
         # stays empty once no prompt is left) keeps stepping; advancing it would run its write
         # position past the cache's end while the longest rows still decode.
@@ -474,123 +609,228 @@ def run_continuous(model: Any, first: Any, first_limits: list[int], take: Any, p
         st.pos.add_(live.view(1, -1, 1))
         st.wpos.add_(live)
 
-    def grow(new_len: int) -> None:  # a longer prompt joins: a larger cache (and a new graph)
-        nonlocal cache_len
-        for layer in layers:
+    def _grow(self, new_len: int) -> None:  # a longer prompt joins: a larger cache (and a new graph)
+        for layer in self.layers:
             for name in ("keys", "values"):
                 old = getattr(layer, name)
                 new = old.new_zeros(old.shape[0], old.shape[1], new_len, old.shape[3])
-                new[:, :, :cache_len] = old
+                new[:, :, :self.cache_len] = old
                 setattr(layer, name, new)
             layer.max_cache_len = new_len
-        mask = st.mask.new_zeros(slots, 1, 1, new_len)
-        mask[..., :cache_len] = st.mask
-        st.mask = mask
-        cache_len = new_len
+        mask = self.st.mask.new_zeros(self.slots, 1, 1, new_len)
+        mask[..., :self.cache_len] = self.st.mask
+        self.st.mask = mask
+        self.cache_len = new_len
+        self.grown += 1
 
-    def join(free: list[int], inputs: Any, limits: list[int]) -> bool:
-        """Prefill `inputs` (one batch) on its own, each row into its slot of `free`; True if the
-        cache had to grow."""
-        g, n = inputs["input_ids"].shape
-        grew = n + max(limits) > cache_len
-        if grew:
-            grow(-(-(n + max(max_new, max(limits))) // cache_align) * cache_align)
-        own, am, logits, d = _prefill(model, inputs, n)
-        idx = torch.tensor(free, dtype=torch.long, device=device)
-        for big, small in zip(layers, own.layers):
-            big.keys[idx, :, :n] = small.keys
-            big.values[idx, :, :n] = small.values
-        del own
+    # -- prompts in: taken, prefilled, copied into slots --
+
+    def _take_prefill(self, n: int) -> _Prefilled | None:
+        """The next (up to) n prompts from `take`, numbered, prefilled on their own (on the current
+        stream), or None once there are none."""
+        got = self.take(n)
+        if got is None:
+            self.more = False
+            return None
+        inputs, limits = got
+        ids = inputs["input_ids"]
+        if not 1 <= len(limits) <= n or ids.shape[0] != len(limits):
+            raise ValueError(f"take({n}) returned {ids.shape[0]} prompts with {len(limits)} limits")
+        numbers = list(range(self.next_number, self.next_number + len(limits)))
+        self.next_number += len(limits)
+        self.groups.append(len(limits))
+        cache, attn, logits, deltas = _prefill(self.model, inputs, ids.shape[1])
+        return _Prefilled(cache, attn, logits, deltas, ids if self.st.seen is not None else None, list(limits), numbers)
+
+    def _enter(self, g: _Prefilled, free: list[int], where: Any) -> None:
+        """g's next len(free) rows into the slots `free`. `where`: (2, m) long tensor on the device,
+        the slots and the rows' limits, made by the caller before any wait was queued (copying a
+        host list to the device waits for the stream)."""
+        torch, st = self.torch, self.st
+        m, n = len(free), g.attn.shape[1]
+        a, b = g.used, g.used + len(free)
+        if n + max(g.limits[a:b]) > self.cache_len:
+            self._grow(self._aligned(n + max(self.max_new, max(g.limits[a:b]))))
+        idx = where[0]
+        for big, small in zip(self.layers, g.cache.layers):
+            big.keys[idx, :, :n] = small.keys[a:b]
+            big.values[idx, :, :n] = small.values[a:b]
+        am = g.attn[a:b]
         st.mask[idx] = False
         st.mask[idx, 0, 0, :n] = am.bool()
-        st.pos[:, idx] = (am.long().sum(-1, keepdim=True) + d.view(g, 1)).view(1, g, 1)
+        st.pos[:, idx] = (am.long().sum(-1, keepdim=True) + g.deltas[a:b].view(m, 1)).view(1, m, 1)
         st.wpos[idx] = n
         st.step[idx] = 0
-        st.limit[idx] = torch.tensor(limits, dtype=torch.long, device=device)
+        st.limit[idx] = where[1]
         st.unfinished[idx] = True
-        st.out[idx] = plan.pad_token_id
+        st.out[idx] = self.plan.pad_token_id
         if st.seen is not None:  # as the first batch's rows: the padded prompt's tokens
-            st.seen[idx] = torch.zeros(g, vocab, dtype=torch.bool, device=device).scatter_(1, inputs["input_ids"], True)
-        _pick_rows(logits, st, rows=idx)
-        return grew
+            seen = torch.zeros(m, self.vocab, dtype=torch.bool, device=self.device)
+            st.seen[idx] = seen.scatter_(1, g.ids[a:b], True)
+        _pick_rows(g.logits[a:b], st, rows=idx)  # (writes into those logits rows: they are not read again)
+        for slot, number in zip(free, g.numbers[a:b]):
+            self.owner[slot] = number
+        g.used = b
+        self.joined += m
 
-    owner: list[int | None] = list(range(slots))  # the prompt each slot decodes
-    entered = slots
-    groups: list[int] = []
-    use_graph = cuda_graph and device.type == "cuda"
-    every = check_every or (_JOIN_CHECK_EVERY if use_graph else 1)
-    _register_decode_attention()
-    text_config = lm.config
-    plain_attn = text_config._attn_implementation
-    text_config._attn_implementation_internal = _DECODE_ATTN
-    plain_updates = [layer.update for layer in layers]
-    for layer in layers:
-        layer.update = write(layer)
-    graph = None
-    warm = 0  # eager steps since the state's tensors were (re)made; a graph is captured after 2
-    steps = grown = 0
-    more = True
-    try:
-        while True:
-            free = (~st.unfinished).nonzero().view(-1).tolist()
-            for slot in free:
-                if owner[slot] is not None:
-                    n = int(st.step[slot])
-                    on_done(owner[slot], st.out[slot, :n].clone().cpu())  # the slot is reused
-                    owner[slot] = None
-            if free and more and len(free) >= min(min_join, slots):
-                got = take(len(free))
-                if got is None:
-                    more = False
-                else:
-                    inputs, limits = got
-                    if not 1 <= len(limits) <= len(free) or inputs["input_ids"].shape[0] != len(limits):
-                        raise ValueError(f"take({len(free)}) returned {inputs['input_ids'].shape[0]} prompts "
-                                         f"with {len(limits)} limits")
-                    use = free[:len(limits)]
-                    # A joining prefill runs as the first batch's did: the usual cache writes, and the
-                    # usual attention (its mask is made for that attention: left padding).
-                    for layer, upd in zip(layers, plain_updates):
-                        layer.update = upd
-                    text_config._attn_implementation_internal = plain_attn
-                    try:
-                        if join(use, inputs, limits):
-                            graph, warm, grown = None, 0, grown + 1
-                    finally:
-                        for layer in layers:
-                            layer.update = write(layer)
-                        text_config._attn_implementation_internal = _DECODE_ATTN
-                    for slot in use:
-                        owner[slot] = entered
-                        entered += 1
-                    groups.append(len(use))
-            if all(o is None for o in owner):
+    def _where(self, free: list[int], limits: list[int]) -> Any:
+        return self.torch.tensor([free, limits], dtype=self.torch.long, device=self.device)
+
+    def _fill_from_stage(self, free: list[int]) -> list[int]:
+        """Staged rows, oldest first, into the free slots; the slots still free."""
+        torch = self.torch
+        plan, rest = [], list(free)
+        for g in self.staged:
+            m = min(len(rest), len(g.limits) - g.used)
+            if m == 0:
                 break
-            for _ in range(every):
-                if use_graph and graph is None and warm >= 2:
-                    torch.cuda.synchronize(device)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        step()  # recorded, not run
+            plan.append((g, rest[:m]))
+            rest = rest[m:]
+        if not plan:
+            return rest
+        where = self._where([s for _, use in plan for s in use],
+                            [lim for g, use in plan for lim in g.limits[g.used:g.used + len(use)]])
+        k = 0
+        for g, use in plan:
+            if g.event is not None:  # the decode's stream waits for that prefill, the host does not
+                if not g.event.query():
+                    self.stage_waits += 1
+                torch.cuda.current_stream(self.device).wait_event(g.event)
+            self._enter(g, use, where[:, k:k + len(use)])
+            k += len(use)
+            self.staged_rows += len(use)
+            if g.used == len(g.limits):
+                self.retired.append(self.staged.popleft())
+        return rest
+
+    def _join_now(self, free: list[int]) -> None:
+        """Prompts for the free slots, prefilled now on the decode's stream (which waits for it)."""
+        if self.last_event is not None:  # e.g. vision features a staged prefill made, reused here
+            self.torch.cuda.current_stream(self.device).wait_event(self.last_event)
+        with self._plain():
+            g = self._take_prefill(len(free))
+        if g is not None:
+            use = free[:len(g.limits)]
+            self._enter(g, use, self._where(use, g.limits))
+            self.sync_joins += 1
+
+    def _launch(self, k: int) -> None:
+        """Up to k prompts prefilled ahead, on the staging stream (CUDA) or now (CPU)."""
+        import time
+
+        torch = self.torch
+        t0 = time.perf_counter()
+        with torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext(), self._plain():
+            g = self._take_prefill(k)
+            if g is not None and self.side is not None:
+                g.event = torch.cuda.Event()
+                g.event.record(self.side)
+                self.last_event = g.event
+        if g is not None:
+            self.staged.append(g)
+            self.staged_groups += 1
+            self.launch_s += time.perf_counter() - t0
+            self.launch_rows += len(g.limits)
+
+    def _ahead(self, k: int, replay_ms: float | None) -> int:
+        """Steps to queue before launching k staged prompts: enough that the decode does not run dry
+        while the host is held in that prefill's host syncs (Qwen-VL's vision and rope code read
+        values back; each waits for the staging stream), judged from the launches so far."""
+        if replay_ms is None or not self.launch_rows:
+            return self.every
+        need_ms = self.launch_s * 1000 / self.launch_rows * k * 1.25
+        return min(4 * self.every, max(self.every, math.ceil(need_ms / replay_ms)))
+
+    def _staged_count(self) -> int:
+        return sum(len(g.limits) - g.used for g in self.staged)
+
+    # -- the loop --
+
+    def run(self) -> None:
+        torch, st, device = self.torch, self.st, self.device
+        _register_decode_attention()
+        self._decoding()
+        graph = None
+        warm = 0  # eager steps since the state's tensors were (re)made; a graph is captured after 2
+        clock = None  # CUDA events around the last look's graph replays: the time a step takes now
+        replay_ms = None
+        try:
+            while True:
+                free = (~st.unfinished).nonzero().view(-1).tolist()  # waits for the decode's stream
+                self.retired.clear()  # their copies have run
+                if clock is not None:
+                    replay_ms = clock[0].elapsed_time(clock[1]) / clock[2]
+                    clock = None
+                for slot in free:
+                    if self.owner[slot] is not None:
+                        n = int(st.step[slot])
+                        self.on_done(self.owner[slot], st.out[slot, :n].clone().cpu())  # the slot is reused
+                        self.owner[slot] = None
+                grown = self.grown
+                free = self._fill_from_stage(free)
+                if free and self.more and not self.staged and len(free) >= min(self.min_join, self.slots):
+                    self._join_now(free)
+                if self.grown != grown:
+                    graph, warm = None, 0
+                if all(o is None for o in self.owner) and not self.staged:
+                    break
+                # Prefill ahead if the staged prompts run short and the staging stream is idle: a
+                # launch while it is busy would hold the host in its syncs until that work is done.
+                k = self.target - self._staged_count()
+                launch = self.target > 0 and self.more and k > 0 and \
+                    (self.last_event is None or self.last_event.query())
+                ahead = self.every
+                if launch and self.side is not None:
+                    # The staged prefill runs after this look's copies and joins (the memory they
+                    # free, the vision features they made), not after the steps queued below.
+                    self.side.wait_stream(torch.cuda.current_stream(device))
+                    if graph is not None:
+                        ahead = self._ahead(k, replay_ms)
+                        self.extra_replays += ahead - self.every
                 if graph is not None:
-                    graph.replay()
-                elif use_graph:
-                    side = torch.cuda.Stream(device)
-                    side.wait_stream(torch.cuda.current_stream(device))
-                    with torch.cuda.stream(side):  # warm-up steps before capture, as CUDA graphs need
-                        step()
-                    torch.cuda.current_stream(device).wait_stream(side)
-                    warm += 1
-                else:
-                    step()
-                steps += 1
-    finally:
-        for layer, upd in zip(layers, plain_updates):
-            layer.update = upd
-        text_config._attn_implementation_internal = plain_attn
-        del graph
-    if timings is not None:
-        timings.update(steps=steps, joined=entered - slots, join_groups=groups, cache_grown=grown)
+                    clock = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), ahead)
+                    clock[0].record()
+                for _ in range(ahead):
+                    if self.use_graph and graph is None and warm >= 2:
+                        torch.cuda.synchronize(device)
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph):
+                            self._step()  # recorded, not run
+                    if graph is not None:
+                        graph.replay()
+                    elif self.use_graph:
+                        warm_stream = torch.cuda.Stream(device)
+                        warm_stream.wait_stream(torch.cuda.current_stream(device))
+                        with torch.cuda.stream(warm_stream):  # warm-up steps before capture, as CUDA graphs need
+                            self._step()
+                        torch.cuda.current_stream(device).wait_stream(warm_stream)
+                        warm += 1
+                    else:
+                        self._step()
+                    self.steps += 1
+                if clock is not None:
+                    clock[1].record()
+                if launch:
+                    self._launch(k)
+        except BaseException:
+            if self.side is not None:  # nothing of this decode may still run when its memory is reused
+                with contextlib.suppress(Exception):
+                    torch.cuda.synchronize(device)
+            raise
+        finally:
+            for layer, upd in zip(self.layers, self.plain_updates):
+                layer.update = upd
+            self.text_config._attn_implementation_internal = self.plain_attn
+            self.staged.clear()
+            self.retired.clear()
+            del graph
+
+    def timings(self) -> dict:
+        return dict(steps=self.steps, joined=self.joined, join_groups=self.groups, cache_grown=self.grown,
+                    stage=self.target, staged_groups=self.staged_groups, staged_rows=self.staged_rows,
+                    sync_joins=self.sync_joins, stage_waits=self.stage_waits,
+                    stage_launch_ms=round(self.launch_s * 1000 / max(self.staged_groups, 1), 2),
+                    extra_replays=self.extra_replays)
 
 
 @dataclass

@@ -56,6 +56,9 @@ class SpeedPaths:
         # Free slots before prompts join (run_continuous's min_join): 1, each look's free slots at
         # once; a benchmark may try more (prefilled together, the free slots idle meanwhile).
         self._continuous_min_join = 1
+        # Prompts prefilled ahead of the free slots, on a second CUDA stream while the decode runs
+        # (run_continuous's stage): None, its default; 0, joins prefilled when slots free up.
+        self._continuous_stage: int | None = None
         # Not under max_memory_gb: its batch sizes are learned from measured static batches.
         if self._decode_plan is not None and s.continuous_batching and s.max_memory_gb is None:
             from .fast_decode import continuous_applies

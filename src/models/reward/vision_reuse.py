@@ -111,6 +111,16 @@ class VisionReuse:
             self.encoded += len(rows)
         feats = [fresh.get(k) or self.store[k] for k in keys]
         self.reused += len(keys) - len(first)
+        if pixel_values.is_cuda:
+            # Kept features may come from a forward on another stream (continuous batching prefills
+            # prompts ahead on a second stream): their memory must not be handed out again before
+            # this stream has read them, even if they leave the store below. (That this stream reads
+            # them only after they were written is the decode's part: fast_decode.run_continuous.)
+            stream = torch.cuda.current_stream(pixel_values.device)
+            for k in set(keys) - fresh.keys():
+                pooled, deep = self.store[k]
+                for t in (pooled, *(deep or ())):
+                    t.record_stream(stream)
         for k, f in fresh.items():
             if self.remaining[k] > 0:
                 self.store[k] = f
