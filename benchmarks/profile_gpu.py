@@ -18,11 +18,8 @@ import argparse
 import collections
 import json
 import pathlib
-import platform
 import re
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -31,7 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_gpu import make_images, parse_kv  # noqa: E402
-from benchmarks.checkpoints import build_checkpoint  # noqa: E402
+from benchmarks import runs  # noqa: E402
 
 # Kernel names to a coarse kind, first match wins.
 _KINDS = [("grouped gemm", r"grouped|GroupMM|group_gemm|_grouped_mm"),
@@ -211,37 +208,23 @@ def main(argv: list[str] | None = None) -> int:
         a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl_moe"
         a.device, a.n, a.bs, a.new, a.width, a.height = "cpu", 2, 2, 4, 224, 168
     import torch
-    import transformers
 
     cuda = a.device.startswith("cuda")
-    report: dict[str, Any] = {"meta": {
-        "command": "python benchmarks/profile_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device_name": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})",
-        "torch": torch.__version__, "transformers": transformers.__version__, "size": a.size, "n": a.n,
-        "bs": a.bs, "width": a.width, "height": a.height, "judge": a.judge, "smoke": a.smoke,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S")}}
-    out_dir = pathlib.Path(a.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = pathlib.Path(tempfile.mkdtemp(prefix="profile-gpu-"))
-    try:
-        report["checkpoint"] = build_checkpoint(a.size, work / "judge", device=a.device if cuda else "cpu")
+    report: dict[str, Any] = {"meta": runs.meta("profile_gpu.py", argv, a, judge=a.judge)}
+    with runs.checkpoint(report, a, "profile-gpu-") as model_dir:
         images = make_images(None, max(a.n, a.bs), a.width, a.height)
         for stage in a.stages.split(","):
             fn = {"memory": stage_memory, "kernels": stage_kernels}[stage]
             for mode in a.modes.split(","):
                 try:
-                    report[f"{stage}_{mode}"] = fn(str(work / "judge"), a, images, mode)
+                    report[f"{stage}_{mode}"] = fn(model_dir, a, images, mode)
                 except Exception as e:  # one stage's failure must not lose the others' figures
                     report[f"{stage}_{mode}"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
                 if cuda:
                     torch.cuda.empty_cache()
-                (out_dir / f"{a.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+                runs.save(report, a)
                 print(json.dumps({f"{stage}_{mode}": report[f"{stage}_{mode}"]})[:3000], flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    (out_dir / f"{a.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / f"{a.name}.md").write_text(markdown(report))
-    print(markdown(report))
+    runs.save(report, a, markdown(report))
     return 0
 
 

@@ -19,10 +19,7 @@ import gc
 import json
 import math
 import pathlib
-import platform
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -31,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_gpu import make_images  # noqa: E402
-from checkpoints import build_checkpoint  # noqa: E402
+from benchmarks import runs  # noqa: E402
 
 from src.stats import pearson, spearman  # noqa: E402
 
@@ -121,31 +118,19 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl"
         a.device, a.n, a.bs, a.width, a.height, a.variants = "cpu", 6, 2, 224, 168, "none"
-    import torch
-    import transformers
-
     from src.models.reward.types import ScoreItem
 
     cuda = a.device.startswith("cuda")
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
-    report: dict[str, Any] = {"meta": {
-        "command": "python benchmarks/quant_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device_name": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})",
-        "torch": torch.__version__, "transformers": transformers.__version__, "size": a.size, "n": a.n,
-        "bs": a.bs, "width": a.width, "height": a.height, "template": a.template, "smoke": a.smoke,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S")}, "variants": {}}
-    out_dir = pathlib.Path(a.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = pathlib.Path(tempfile.mkdtemp(prefix="quant-gpu-"))
+    report: dict[str, Any] = {"meta": runs.meta("quant_gpu.py", argv, a, template=a.template), "variants": {}}
     imgs = make_images(None, 2 * a.n, a.width, a.height)
     items = [ScoreItem(images=[imgs[2 * i]], source_images=[imgs[2 * i + 1]], instruction="make the sky red")
              for i in range(a.n)]
-    try:
-        # bf16 on disk, as the releases are: fp8 is made from it at load.
-        report["checkpoint"] = build_checkpoint(a.size, work / "judge", device=a.device if cuda else "cpu")
+    # bf16 on disk, as the releases are: fp8 is made from it at load.
+    with runs.checkpoint(report, a, "quant-gpu-") as model_dir:
         for v in variants:
             try:
-                out = run_variant(str(work / "judge"), v, items, a, cuda)
+                out = run_variant(model_dir, v, items, a, cuda)
             except Exception as e:  # one variant that cannot run here is recorded, the others still run
                 out = {"quantization": v, "failed": f"{type(e).__name__}: {e}"}
                 print(f"{v}: {out['failed']}", flush=True)
@@ -153,14 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             ref = report["variants"][variants[0]]
             if "scores" in out and "scores" in ref:
                 out["vs_none"] = agreement(ref["scores"], out["scores"])
-            (out_dir / f"{a.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+            runs.save(report, a)
             print(json.dumps({v: {k: x for k, x in out.items() if k != "scores"}}), flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     ok = {k: v for k, v in report["variants"].items() if "items_per_s" in v}
-    (out_dir / f"{a.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / f"{a.name}.md").write_text(markdown({**report, "variants": ok}))
-    print(markdown({**report, "variants": ok}))
+    runs.save(report, a, markdown({**report, "variants": ok}))
     failed = [k for k in report["variants"] if k not in ok]
     return 1 if failed else 0
 

@@ -36,11 +36,8 @@ import argparse
 import json
 import logging
 import pathlib
-import platform
 import random
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -49,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_gpu import make_images  # noqa: E402
-from checkpoints import build_checkpoint  # noqa: E402
+from benchmarks import runs  # noqa: E402
 
 
 def _timed(judge, items, cuda: bool) -> tuple[float, list]:
@@ -265,32 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl"
         a.device, a.n, a.bs, a.width, a.height, a.len_min, a.len_max, a.fixed_len = "cpu", 6, 2, 224, 168, 2, 8, 4
-    import torch
-    import transformers
-
     cuda = a.device.startswith("cuda")
-    report: dict[str, Any] = {"meta": {
-        "command": "python benchmarks/reuse_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device_name": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})",
-        "torch": torch.__version__, "transformers": transformers.__version__, "size": a.size, "n": a.n,
-        "bs": a.bs, "width": a.width, "height": a.height, "smoke": a.smoke, "min_join": a.min_join,
-        "stage": a.stage,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S")}}
-    out_dir = pathlib.Path(a.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work = pathlib.Path(tempfile.mkdtemp(prefix="reuse-gpu-"))
-    try:
-        report["checkpoint"] = build_checkpoint(a.size, work / "judge", device=a.device if cuda else "cpu")
+    report: dict[str, Any] = {"meta": runs.meta("reuse_gpu.py", argv, a, min_join=a.min_join, stage=a.stage)}
+    with runs.checkpoint(report, a, "reuse-gpu-") as model_dir:
         for stage in a.stages.split(","):
             fn = {"edit": stage_edit, "lengths": stage_lengths, "fixed": stage_fixed, "staging": stage_staging}[stage]
-            report[stage] = fn(str(work / "judge"), a, cuda)
-            (out_dir / f"{a.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+            report[stage] = fn(model_dir, a, cuda)
+            runs.save(report, a)
             print(json.dumps({stage: report[stage]}), flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    (out_dir / f"{a.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / f"{a.name}.md").write_text(markdown(report))
-    print(markdown(report))
+    runs.save(report, a, markdown(report))
     return 0
 
 

@@ -118,3 +118,20 @@ def test_quant_gpu_agreement_statistics():
     ag = agreement([1.0, 2.0, 3.0, None, 5.0], [1.5, 2.0, 2.5, 4.0, 10.0])
     assert ag["items_compared"] == 4 and ag["max_abs_diff"] == 5.0 and ag["mean_abs_diff"] == 1.5
     assert ag["spearman"] == 1.0 and 0.9 < ag["pearson"] < 1.0
+
+
+def test_profile_gpu_smoke(tmp_path):
+    # On the CPU the memory stage says why it has nothing (the allocator history is CUDA's) and the
+    # kernels stage profiles the operators' CPU time instead of kernels: the tiny MoE's forward.
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_gpu.py"), "--smoke", "--modes", "logits",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "profile_gpu.json").read_text())
+    assert report["meta"]["smoke"] is True and report["meta"]["size"] == "smoke-qwen3_vl_moe"
+    assert report["memory_logits"] == {"skipped": "the allocator history is CUDA's"}
+    kernels = report["kernels_logits"]
+    assert kernels["scored"] == kernels["items"] == 2
+    names = [k["name"] for k in kernels["top_kernels"]]
+    assert names and all(n.startswith("aten::") for n in names) and kernels["by_kind_ms"]
+    assert "## GPU time, logits mode" in (tmp_path / "profile_gpu.md").read_text()

@@ -1,0 +1,54 @@
+"""What the one-GPU benchmark scripts (reuse_gpu, quant_gpu, profile_gpu) do around their stages:
+the report's meta block, a random-weight checkpoint of the asked size in a temporary folder, and
+the report written as JSON (after every stage, so a run cut short keeps what it measured) and
+markdown (at the end)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Iterator
+
+from benchmarks.checkpoints import build_checkpoint
+
+
+def meta(script: str, argv: list[str] | None, a: Any, **extra: Any) -> dict[str, Any]:
+    """The command, the machine, the versions and the run's sizes (a: the parsed arguments, with
+    size, n, bs, width, height, device and smoke)."""
+    import torch
+    import transformers
+
+    cuda = a.device.startswith("cuda")
+    return {"command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "device_name": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})",
+            "torch": torch.__version__, "transformers": transformers.__version__, "size": a.size, "n": a.n,
+            "bs": a.bs, "width": a.width, "height": a.height, "smoke": a.smoke, **extra,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+@contextlib.contextmanager
+def checkpoint(report: dict[str, Any], a: Any, prefix: str) -> Iterator[str]:
+    """A checkpoint of size a.size (built on a.device when it is a GPU), its folder removed after;
+    what the builder reports goes into report["checkpoint"]."""
+    work = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        device = a.device if a.device.startswith("cuda") else "cpu"
+        report["checkpoint"] = build_checkpoint(a.size, work / "judge", device=device)
+        yield str(work / "judge")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def save(report: dict[str, Any], a: Any, markdown: str | None = None) -> None:
+    """a.out/a.name.json, and with `markdown` a.out/a.name.md (also printed)."""
+    out_dir = pathlib.Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{a.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    if markdown is not None:
+        (out_dir / f"{a.name}.md").write_text(markdown)
+        print(markdown)
