@@ -6,6 +6,11 @@ shows), logits mode, `--n` items of two images (distinct sources), library defau
 reuse on (`vision_reuse: true`) vs off (`engine._vision_reuse.enabled = False` on the same loaded
 judge: it computes the same features). Recorded: items/s, images through the tower, max |score diff|.
 
+Stage `shared` (not in the default stages): the `edit` rubric on items whose source images repeat
+across chunks (`--models` edits of each source, ordered model by model), the vision features kept
+beyond a chunk (`vision_cache_mb`: `--cache-mb`, default the library's) vs not (0) on the same
+loaded judge. Recorded: items/s, images through the tower, max |score diff|.
+
 Stage `lengths`: generate mode, one image per item, every item with its own answer budget drawn
 uniformly from `--len-min`..`--len-max` (seeded) through the public per-item setting
 metadata {"max_new_tokens": n}; min_new_tokens = max_new_tokens so that random weights, which
@@ -24,7 +29,7 @@ slots free up (stage 0). Recorded: each run's time and decode counters, and the 
 identical answers: the check that staging computes the same tokens (bf16 on the GPU: batch
 composition can flip near-ties, as between static and continuous; float32 on the CPU: all).
 
-    python benchmarks/reuse_gpu.py --size qwen3_vl-8b [--stages edit,lengths,fixed,staging] [--n 128] [--bs 32]
+    python benchmarks/reuse_gpu.py --size qwen3_vl-8b [--stages edit,shared,lengths,fixed,staging] [--n 128] [--bs 32]
     python benchmarks/reuse_gpu.py --smoke      # CPU, tiny model, seconds (CI)
 
 The device image has no qwen-vl-utils: carry its wheel (requirements-worker.txt's version) and put
@@ -84,6 +89,7 @@ def stage_edit(model_dir: str, a, cuda: bool) -> dict[str, Any]:
         _timed(judge, items[:a.bs], cuda)  # warm-up (kernels, allocator), untimed
         for on in (True, False):
             reuse.enabled = on
+            reuse.clear()  # the warm-up's features: what one call saves is measured (`shared`: beyond it)
             enc0, reu0 = reuse.encoded, reuse.reused
             dt, res = _timed(judge, items, cuda)
             scores[on] = [r.score for r in res]
@@ -93,6 +99,39 @@ def stage_edit(model_dir: str, a, cuda: bool) -> dict[str, Any]:
                 **_check(res, f"edit, reuse {'on' if on else 'off'}")}
     diffs = [abs(x - y) for x, y in zip(scores[True], scores[False]) if x is not None and y is not None]
     out["speedup"] = round(out["reuse_on"]["items_per_s"] / out["reuse_off"]["items_per_s"], 3)
+    out["max_abs_score_diff"] = max(diffs) if diffs else None
+    return out
+
+
+def stage_shared(model_dir: str, a, cuda: bool) -> dict[str, Any]:
+    """Source images shared across chunks: the edit rubric on `--n` items, `--models` edits of each
+    of n/models sources, ordered model by model (as a benchmark scored for several editing models
+    in one call), so each source comes back once per chunk of `--bs` items. The store kept beyond a
+    chunk (vision_cache_mb: `--cache-mb`, default the library's) vs none (0), on one loaded judge."""
+    from src.models.reward.implementations.local import QwenVLRewardModel
+    from src.models.reward.types import ScoreItem
+
+    n_src = a.n // a.models
+    imgs = make_images(None, a.n + n_src, a.width, a.height)
+    items = [ScoreItem(images=[imgs[i]], source_images=[imgs[a.n + i % n_src]], instruction="make the sky red")
+             for i in range(a.n)]
+    out: dict[str, Any] = {"items": a.n, "sources": n_src, "models": a.models}
+    scores = {}
+    with QwenVLRewardModel(model_name=model_dir, device=a.device, template="edit", batch_size=a.bs) as judge:
+        reuse = judge.engine._vision_reuse
+        budget = reuse.cache_bytes if a.cache_mb is None else a.cache_mb * 1e6
+        _timed(judge, items[:a.bs], cuda)  # warm-up (kernels, allocator), untimed
+        for name, cache in (("kept", budget), ("chunk_only", 0)):
+            reuse.cache_bytes = cache
+            reuse.clear()
+            enc0, reu0 = reuse.encoded, reuse.reused
+            dt, res = _timed(judge, items, cuda)
+            scores[name] = [r.score for r in res]
+            out[name] = {"vision_cache_mb": cache / 1e6, "s": round(dt, 3), "items_per_s": round(a.n / dt, 3),
+                         "images_encoded": reuse.encoded - enc0, "images_reused": reuse.reused - reu0,
+                         "kept_mb": round(reuse.kept_bytes / 1e6, 1), **_check(res, f"shared, vision_cache_mb {cache / 1e6}")}
+    diffs = [abs(x - y) for x, y in zip(scores["kept"], scores["chunk_only"]) if x is not None and y is not None]
+    out["speedup"] = round(out["kept"]["items_per_s"] / out["chunk_only"]["items_per_s"], 3)
     out["max_abs_score_diff"] = max(diffs) if diffs else None
     return out
 
@@ -215,6 +254,15 @@ def markdown(report: dict[str, Any]) -> str:
                   f"| reuse off | {e['reuse_off']['items_per_s']} | {e['reuse_off']['images_encoded']} |",
                   f"| reuse on (default) | {e['reuse_on']['items_per_s']} | {e['reuse_on']['images_encoded']} |",
                   "", f"Speed-up {e['speedup']}x; max |score diff| {e['max_abs_score_diff']}.", ""]
+    g = report.get("shared")
+    if g:
+        lines += [f"| edit rubric, {g['sources']} sources x {g['models']} edits, model by model | items/s | "
+                  "images through the tower |", "|---|---|---|",
+                  f"| vision_cache_mb 0 (within a chunk) | {g['chunk_only']['items_per_s']} | "
+                  f"{g['chunk_only']['images_encoded']} |",
+                  f"| vision_cache_mb {g['kept']['vision_cache_mb']:g} | {g['kept']['items_per_s']} | "
+                  f"{g['kept']['images_encoded']} |",
+                  "", f"Speed-up {g['speedup']}x; max |score diff| {g['max_abs_score_diff']}.", ""]
     for stage, what in (("lengths", "answers of {budget_min}..{budget_max} tokens (mean {budget_mean})"),
                         ("fixed", "every answer {budget_max} tokens")):
         g = report.get(stage)
@@ -248,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--len-min", type=int, default=32)
     ap.add_argument("--len-max", type=int, default=512)
     ap.add_argument("--fixed-len", type=int, default=128, help="stage fixed: every answer this long")
+    ap.add_argument("--models", type=int, default=4, help="stage shared: edits of each source image")
+    ap.add_argument("--cache-mb", type=float, default=None,
+                    help="stage shared: vision_cache_mb of the run that keeps features (default: the library's)")
     ap.add_argument("--min-join", type=int, default=1,
                     help="continuous batching: free slots before prompts join (prefilled together)")
     ap.add_argument("--stage", type=int, default=None,
@@ -262,11 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl"
         a.device, a.n, a.bs, a.width, a.height, a.len_min, a.len_max, a.fixed_len = "cpu", 6, 2, 224, 168, 2, 8, 4
+        a.models = 3
     cuda = a.device.startswith("cuda")
     report: dict[str, Any] = {"meta": runs.meta("reuse_gpu.py", argv, a, min_join=a.min_join, stage=a.stage)}
     with runs.checkpoint(report, a, "reuse-gpu-") as model_dir:
         for stage in a.stages.split(","):
-            fn = {"edit": stage_edit, "lengths": stage_lengths, "fixed": stage_fixed, "staging": stage_staging}[stage]
+            fn = {"edit": stage_edit, "shared": stage_shared, "lengths": stage_lengths, "fixed": stage_fixed,
+                  "staging": stage_staging}[stage]
             report[stage] = fn(model_dir, a, cuda)
             runs.save(report, a)
             print(json.dumps({stage: report[stage]}), flush=True)

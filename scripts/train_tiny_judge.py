@@ -295,8 +295,10 @@ def train(args: argparse.Namespace) -> dict:
         build_tiny_model(ARCH, init, seed=args.seed, min_pixels=size, max_pixels=size, **sizes,
                          text_config={"initializer_range": args.init_range},
                          vision_config={"initializer_range": args.init_range})
+        # vision_cache_mb 0: the probes score the same images after each training step, and features
+        # kept from an earlier probe would be the old weights'.
         engines = {t: JudgeEngine(JudgeSettings(model_name=init, mode="logits", template=t, templates=aux_template_specs(),
-                                                min_pixels=size, max_pixels=size), device="cpu")
+                                                min_pixels=size, max_pixels=size, vision_cache_mb=0), device="cpu")
                    for t in (*TEMPLATES, *AUX_TEMPLATES)}
     first = engines[TEMPLATES[0]]
     model, processor = first.model, first.processor

@@ -56,8 +56,25 @@ class Batching:
 
     def _batch_limit(self) -> int:
         budget = self.settings.max_memory_gb if self.device.startswith("cuda") else None
-        return batch_limit(self.settings.batch_size, self._batch_cap, budget, self._resident_bytes,
-                           self._bytes_per_prompt)
+        limit = batch_limit(self.settings.batch_size, self._batch_cap, budget, self._held_bytes(),
+                            self._bytes_per_prompt)
+        reuse = self._vision_reuse
+        if budget is not None and self._bytes_per_prompt and reuse is not None and reuse.kept_bytes:
+            # Batches come first: vision features kept beyond their chunk give up the room a full
+            # batch needs (least recently used first), and no more.
+            full = batch_limit(self.settings.batch_size, self._batch_cap, budget, self._resident_bytes,
+                               self._bytes_per_prompt)
+            if limit < full:
+                reuse.shrink_to(budget * 1e9 - self._resident_bytes - full * self._bytes_per_prompt)
+                limit = batch_limit(self.settings.batch_size, self._batch_cap, budget, self._held_bytes(),
+                                    self._bytes_per_prompt)
+        return limit
+
+    def _held_bytes(self) -> float:
+        """What the judge holds between batches: the loaded model, and the vision features kept
+        beyond their chunk (vision_reuse.py; on the device, so under the memory budget too)."""
+        reuse = self._vision_reuse
+        return self._resident_bytes + (reuse.kept_bytes if reuse is not None else 0)
 
     def _run_requests(self, reqs: list[_Request], encoded: dict | None = None) -> Iterator[tuple[_Request, Any, float]]:
         """Run prompts as one batch; on out-of-memory split in halves; on any other batch error,
@@ -96,23 +113,32 @@ class Batching:
                 yield from self._run_requests([req])
 
     def _free_memory(self) -> None:
+        """After out of memory, a failed decode, or close: give back what can be given back, the
+        kept vision features included (shown again, they are encoded again)."""
         import gc
 
+        if getattr(self, "_vision_reuse", None) is not None:
+            self._vision_reuse.clear()
         gc.collect()
         if self.device.startswith("cuda"):
             self._torch.cuda.empty_cache()
 
-    def _batch_memory_start(self) -> int | None:
-        # Only under a budget: resetting the peak counter would hide the peak from the caller.
+    def _batch_memory_start(self) -> float | None:
+        """What the judge holds as the batch starts (the model, kept vision features), or None
+        when no budget is kept. Only under a budget: resetting the peak counter would hide the peak
+        from the caller."""
         if self.settings.max_memory_gb is None or not self.device.startswith("cuda"):
             return None
         self._torch.cuda.reset_peak_memory_stats(self.device)
-        return self._torch.cuda.memory_allocated(self.device)
+        return self._held_bytes()
 
-    def _batch_memory_end(self, n: int, base: int | None) -> None:
-        if base is None:
+    def _batch_memory_end(self, n: int, held: float | None) -> None:
+        # The batch's own peak, per prompt: above what was held when it started. (Kept features it
+        # evicted on the way could hide up to their bytes from this batch's figure; the figure is
+        # the largest over all batches, and the judge's first batch starts with nothing kept.)
+        if held is None:
             return
-        extra = self._torch.cuda.max_memory_allocated(self.device) - self._resident_bytes
+        extra = self._torch.cuda.max_memory_allocated(self.device) - held
         self._bytes_per_prompt = max(self._bytes_per_prompt, extra / n)
 
     def _note_oom(self, n: int) -> None:

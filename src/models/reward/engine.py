@@ -14,6 +14,8 @@ Flow of one call:
                  v
               run: one forward pass (logits) or generate() per rubric part
                  |  (speed paths: vision_attention.py, compile_*, fast_decode.py; same scores)
+                 |  (vision_reuse.py: an image shown again, in this chunk or while its features
+                 |  stay within vision_cache_mb, is not encoded again)
                  |  out of memory -> split the batch in halves and retry, down to one prompt;
                  |  later batches start at the size that fit (and under max_memory_gb)
                  v
@@ -193,8 +195,10 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         self._image_pool.shutdown(wait=True)
         # Every reference to the model's modules goes, so its memory is given back even while
         # the closed judge object lives on (a notebook variable): the model, vision reuse's hold
-        # on the inner model, and the compiled blocks.
+        # on the inner model and its kept features, and the compiled blocks.
         del self.model
+        if self._vision_reuse is not None:
+            self._vision_reuse.clear()
         self._vision_reuse = None
         self._compiled = []
         self._compile_pending = []

@@ -81,6 +81,19 @@ class JudgeSettings:
       by default: the same features (float32 on the CPU within 1e-5; bf16 scores identical on an
       H200), 1.14x (Qwen3-VL-8B) to 1.2x (Qwen3-VL-30B-A3B) on the edit rubric. An item may
       lower its own answer budget with metadata {"max_new_tokens": n} (any mode of decoding).
+    vision_cache_mb: with vision_reuse, the budget in MB (1e6 bytes) of the vision features kept
+      beyond the chunk that encoded them, for later chunks and later calls of the same loaded
+      judge (least recently used out first; emptied on close and on out of memory; counted as
+      resident under max_memory_gb): an image shown again there is not encoded again. Same
+      features, so it is no part of the resume fingerprint. 0: nothing kept beyond a chunk. The
+      default, 1024, holds the features of ~40 1024x768 images on Qwen3-VL-8B (768 tokens x 4096
+      x 2 bytes, x4 with its three deepstack layers: ~25 MB each) or ~140 on Qwen2.5-VL-7B (~1,000
+      tokens x 3584 x 2 bytes: ~7 MB): the source images a benchmark's neighbouring items share,
+      for ~1% of an 80 GB GPU's memory (CPU memory on the CPU). An image is found again only if
+      the features of the images shown since its last showing fit (items ordered by editing
+      model: one model's sources and edits); order items by source, or raise the budget. Code
+      that changes a loaded judge's weights in place (training it) must set 0: kept features
+      would be the old weights'.
     quantization: how the weights are loaded (quantization.py): `none` (default: as the checkpoint
       stores them; a pre-quantized checkpoint, such as an FP8 release, loads as its config.json
       declares), `fp8` (8-bit float weights made at load, transformers' FineGrainedFP8Config; a
@@ -120,6 +133,7 @@ class JudgeSettings:
     min_new_tokens: int = 0
     continuous_batching: bool = True
     vision_reuse: bool = True
+    vision_cache_mb: float = 1024.0
     quantization: str = "none"
     max_memory_per_gpu_gb: float | None = None
 
@@ -146,6 +160,9 @@ class JudgeSettings:
             raise ValueError(f"max_memory_per_gpu_gb: must be > 0 GB, got {self.max_memory_per_gpu_gb}")
         if self.max_memory_gb is not None and self.max_memory_gb <= 0:
             raise ValueError(f"max_memory_gb: must be > 0 GB, got {self.max_memory_gb}")
+        if not 0 <= self.vision_cache_mb < float("inf"):  # NaN fails too
+            raise ValueError(f"vision_cache_mb: must be a number of MB >= 0 (0: no vision features kept beyond "
+                             f"a chunk), got {self.vision_cache_mb}")
         if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens: must be in 0..max_new_tokens ({self.max_new_tokens}), "
                              f"got {self.min_new_tokens}")

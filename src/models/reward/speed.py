@@ -22,8 +22,9 @@ class SpeedPaths:
         self.vision_attn = apply_vision_attn(self.model, s.vision_attn, self.device, self.dtype)
         from .vision_reuse import VisionReuse
 
-        # Each unique image through the vision tower once per chunk (same features; vision_reuse.py).
-        self._vision_reuse = VisionReuse.install(self.model) if s.vision_reuse else None
+        # Each unique image through the vision tower once per chunk, and once while its features stay
+        # in the store bounded by vision_cache_mb (same features; vision_reuse.py).
+        self._vision_reuse = VisionReuse.install(self.model, s.vision_cache_mb * 1e6) if s.vision_reuse else None
         self._compiled: list = []  # modules running compiled
         self._compile_pending: list[tuple[str, str, str]] = []  # automatic: compiled once enough items ran
         self._items_scored = 0
@@ -114,6 +115,13 @@ class SpeedPaths:
                     self._compile_each(setting, tower, blocks)
                 except ValueError as e:  # an architecture without these blocks: stay eager
                     log.warning("%s", e)
+            self._forget_vision_features()
+
+    def _forget_vision_features(self) -> None:
+        """Kept vision features are the tower's as it ran then: once it runs compiled (or eagerly
+        again) they would differ from what it computes now by rounding, so they go."""
+        if self._vision_reuse is not None:
+            self._vision_reuse.clear()
 
     def _uncompile(self, why: str) -> None:
         """Back to eager after a compile failed: the same function, one warning, no retry."""
@@ -122,6 +130,7 @@ class SpeedPaths:
             module._compiled_call_impl = None
         self._compiled = []
         self._compile_pending = []
+        self._forget_vision_features()
 
 
 def cacheless_parts(layer) -> list:

@@ -1,8 +1,11 @@
-"""Each unique image through the vision tower once per chunk of a call.
+"""Each unique image through the vision tower once per chunk of a call, and once while its
+features stay in a byte-bounded store that outlives the chunk and the call.
 
 Why: a rubric's parts often show the same image (the `edit` rubric asks two questions of the edited
-image), and items often share one (a benchmark's source images). Each prompt batch used to run the
-vision tower on every image it shows, so an edit item paid for three images where two are involved.
+image), and items often share one (a benchmark's source images, shown again for each editing model
+scored). Each prompt batch used to run the vision tower on every image it shows, so an edit item
+paid for three images where two are involved, and a source image shown by items of different
+chunks or calls was encoded once in each of them.
 
 What it computes: the same features. The Qwen-VL vision towers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
 Qwen3-VL-MoE) encode each image on its own (attention runs within one image's patches: segments of
@@ -10,9 +13,27 @@ cu_seqlens, or windows inside it), so an image's features do not depend on which
 share its forward pass. The model's `get_image_features` is wrapped on the loaded instance: the
 images of a batch are named by a digest of their resized pixels (which is all the processor reads),
 the ones not yet encoded run through the original method in one call, and every image's features
-(and Qwen3-VL's deepstack features) are put back together in the batch's order. Features are kept
-only while a later batch of the same chunk still shows that image, so the memory held is what the
-chunk's remaining batches need, and nothing outlives the chunk.
+(and Qwen3-VL's deepstack features) are put back together in the batch's order.
+
+Where features are kept, between the batches that show an image:
+    chunk store   while a later batch of the same chunk (under continuous batching: of the call's
+                  chunks pulled so far) still shows the image; no byte bound: it is what the
+                  chunk's remaining batches need, as views into the batch's feature tensors.
+    kept          (`vision_cache_mb`) features that left the chunk store, or the chunk, go here,
+                  each copied to its own tensors so its bytes are what it holds; least recently
+                  used first out once the bytes would exceed the budget (an image larger than the
+                  budget is not kept). A lookup tries the chunk store, then this one; a hit moves
+                  the features back into use (and, when they leave again, to the most recent end)
+                  and counts as reused. It lives across calls: the digests name resized pixels,
+                  and the loaded judge's weights do not change (code that trains a judge's weights
+                  in place must not keep features: vision_cache_mb 0, or `clear()` after each step).
+                  Emptied on close(), when reuse is switched off (`enabled = False`), on any out of
+                  memory (before the retry), when the tower starts or stops running compiled, and,
+                  under max_memory_gb, as far as a full batch needs the room (batching.py counts the
+                  kept bytes as resident).
+
+It saves tower passes (`encoded` counts them, `reused` counts images served from a store); its
+effect on speed beyond a chunk is not measured on a GPU (benchmarks/NOTES.md).
 
 Where it does not apply (another model type, a transformers whose method looks different, a call
 the engine did not announce) the original method runs unchanged.
@@ -21,7 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
 
 log = logging.getLogger("src.models.reward.engine")
@@ -30,6 +51,9 @@ SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 # Arguments the model's forward hands get_image_features that do not change an image's features;
 # any other argument and the original method runs unchanged.
 _PASSED = ("return_dict", "use_cache")
+
+# One image's features: the pooled features, and Qwen3-VL's deepstack features (None elsewhere).
+Features = tuple[Any, "list[Any] | None"]
 
 
 def image_key(image: Any) -> str:
@@ -40,34 +64,62 @@ def image_key(image: Any) -> str:
 
 
 class VisionReuse:
-    """The feature store of one loaded model, and the wrapper around its get_image_features."""
+    """The feature stores of one loaded model, and the wrapper around its get_image_features.
 
-    def __init__(self, model: Any):
+    cache_bytes: the byte budget of the store kept across chunks and calls (0: none kept)."""
+
+    def __init__(self, model: Any, cache_bytes: float = 0):
         self.inner = model.model
         self.original = self.inner.get_image_features  # bound method of the instance's class
         self.merge = int(self.inner.visual.spatial_merge_size)
-        self.enabled = True
+        self.cache_bytes = cache_bytes
+        self._enabled = True
         self.keys: list[str] | None = None  # the images of the forward about to run, in order
         self.remaining: Counter = Counter()  # uses still to come in this chunk, per image
-        self.store: dict[str, tuple[Any, list[Any] | None]] = {}
+        self.store: dict[str, Features] = {}  # the chunk store
+        self.kept: OrderedDict[str, tuple[Features, int]] = OrderedDict()  # (features, bytes), oldest use first
+        self.kept_bytes = 0
         self.output_type: type | None = None
         self.encoded = 0  # images run through the tower (for tests and the benchmark)
-        self.reused = 0   # images whose features came from the store
+        self.reused = 0   # images whose features came from a store
         self.inner.get_image_features = self.get_image_features
 
     @staticmethod
-    def install(model: Any) -> "VisionReuse | None":
+    def install(model: Any, cache_bytes: float = 0) -> "VisionReuse | None":
         if getattr(model.config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
             return None
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(inner, "get_image_features") or \
                 not hasattr(getattr(inner, "visual", None), "spatial_merge_size"):
             return None
-        return VisionReuse(model)
+        return VisionReuse(model, cache_bytes)
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        """Off: the original method runs, and nothing is kept."""
+        self._enabled = bool(on)
+        if not on:
+            self.clear()
+
+    def clear(self) -> None:
+        """Drop every kept feature (both stores); what is shown next is encoded again."""
+        self.store.clear()
+        self.kept.clear()
+        self.kept_bytes = 0
+
+    def shrink_to(self, nbytes: float) -> None:
+        """Evict the least recently used kept features until they hold at most nbytes."""
+        while self.kept and self.kept_bytes > nbytes:
+            _, (_, n) = self.kept.popitem(last=False)
+            self.kept_bytes -= n
 
     def begin_chunk(self, keys: list[str]) -> None:
+        self._release_chunk()
         self.remaining = Counter(keys)
-        self.store.clear()
 
     def add_uses(self, keys: list[str]) -> None:
         """More prompts to come show these images (continuous batching pulls a call's chunks into
@@ -75,13 +127,38 @@ class VisionReuse:
         self.remaining.update(keys)
 
     def end_chunk(self) -> None:
+        self._release_chunk()
         self.remaining.clear()
-        self.store.clear()
         self.keys = None
+
+    def _release_chunk(self) -> None:
+        # Features the chunk kept for uses that never came (a prompt that failed before its forward)
+        # go to the kept store. Their writes are done: the chunk's batches have run, or the decode
+        # that ran them has returned (or failed, and then engine._free_memory emptied the stores).
+        for k, f in list(self.store.items()):
+            self._keep(k, f)
+        self.store.clear()
+
+    def _keep(self, key: str, feats: Features) -> None:
+        """Into the kept store, as the most recently used; the oldest leave while over the budget."""
+        old = self.kept.pop(key, None)
+        if old is not None:
+            self.kept_bytes -= old[1]
+        if self.cache_bytes <= 0:
+            return
+        pooled, deep = feats
+        # Own tensors: a view into the batch's features would hold the whole batch's memory.
+        own = [t if t.untyped_storage().nbytes() == t.nbytes else t.clone() for t in (pooled, *(deep or ()))]
+        n = sum(t.nbytes for t in own)
+        if n > self.cache_bytes:
+            return
+        self.shrink_to(self.cache_bytes - n)
+        self.kept[key] = ((own[0], own[1:] if deep is not None else None), n)
+        self.kept_bytes += n
 
     def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
         keys, self.keys = self.keys, None
-        if (not self.enabled or keys is None or image_grid_thw is None or len(keys) != len(image_grid_thw)
+        if (not self._enabled or keys is None or image_grid_thw is None or len(keys) != len(image_grid_thw)
                 or any(k not in _PASSED for k in kwargs) or kwargs.get("return_dict", True) is not True):
             return self.original(pixel_values, image_grid_thw, **kwargs)
         import torch
@@ -92,11 +169,20 @@ class VisionReuse:
         starts = [0]
         for n in patches:
             starts.append(starts[-1] + n)
-        first: dict[str, int] = {}
+        held: dict[str, Features] = {}  # features from a store: this chunk's, else the kept one
+        first: dict[str, int] = {}  # images to encode: their first row in the batch
         for i, k in enumerate(keys):
-            if k not in self.store:
-                first.setdefault(k, i)
-        fresh: dict[str, tuple[Any, list[Any] | None]] = {}
+            if k in held or k in first:
+                continue
+            if k in self.store:
+                held[k] = self.store[k]
+            elif k in self.kept:
+                f, n = self.kept.pop(k)  # in use again: back in the kept store when it leaves (as newest)
+                self.kept_bytes -= n
+                held[k] = f
+            else:
+                first[k] = i
+        fresh: dict[str, Features] = {}
         if first:
             rows = list(first.values())
             pix = pixel_values if len(rows) == len(keys) else \
@@ -109,24 +195,26 @@ class VisionReuse:
             for j, k in enumerate(first):
                 fresh[k] = (out.pooler_output[j], [d[j] for d in deep_split] if deep_split is not None else None)
             self.encoded += len(rows)
-        feats = [fresh.get(k) or self.store[k] for k in keys]
+        live = {k: fresh[k] if k in fresh else held[k] for k in dict.fromkeys(keys)}  # the batch's order
+        feats = [live[k] for k in keys]
         self.reused += len(keys) - len(first)
         if pixel_values.is_cuda:
             # Kept features may come from a forward on another stream (continuous batching prefills
-            # prompts ahead on a second stream): their memory must not be handed out again before
-            # this stream has read them, even if they leave the store below. (That this stream reads
-            # them only after they were written is the decode's part: fast_decode.run_continuous.)
+            # prompts ahead on a second stream), in this chunk or an earlier one: their memory must
+            # not be handed out again before this stream has read them, even if they leave a store
+            # (evicted, or copied into the kept store) below. (That this stream reads them only
+            # after they were written is the decode's part within a call, fast_decode.run_continuous;
+            # across chunks and calls the writes are done: their results were read back.)
             stream = torch.cuda.current_stream(pixel_values.device)
-            for k in set(keys) - fresh.keys():
-                pooled, deep = self.store[k]
+            for pooled, deep in held.values():
                 for t in (pooled, *(deep or ())):
                     t.record_stream(stream)
-        for k, f in fresh.items():
+        for k, f in live.items():  # the kept store's recency follows the batch's order
             if self.remaining[k] > 0:
                 self.store[k] = f
-        for k in set(keys):
-            if self.remaining[k] <= 0:
+            else:
                 self.store.pop(k, None)
+                self._keep(k, f)
         result = {"pooler_output": tuple(f[0] for f in feats)}
         if feats[0][1] is not None:
             result["deepstack_features"] = [torch.cat([f[1][d] for f in feats]) for d in range(len(feats[0][1]))]

@@ -1,0 +1,209 @@
+"""Vision features kept beyond the chunk that encoded them (vision_reuse.py, `vision_cache_mb`):
+each image through the tower once while its features stay in the byte-bounded store, the same
+scores and answers as without reuse, least recently used out first, nothing kept after close(),
+out of memory, or under a budget that a full batch needs. CPU, float32, tiny real models.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from src.models.reward import ConfigError, build_reward_model, hooks, load_config
+from src.models.reward.implementations.local import QwenVLRewardModel
+from src.models.reward.settings import JudgeSettings
+from src.models.reward.types import ScoreItem
+
+
+def _images(n: int, seed: int) -> list[Image.Image]:
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(56, 84, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(n)]
+
+
+def _shared_source_items() -> list[ScoreItem]:
+    # Six edits of two source images, ordered as a benchmark scored for three editing models is:
+    # model by model, so each source comes back in every chunk of two items.
+    imgs = _images(8, seed=11)
+    return [ScoreItem(images=[imgs[i]], source_images=[imgs[6 + i % 2]], instruction=f"make it {c}")
+            for i, c in enumerate("ABCDEF")]
+
+
+def _counting(engine, name: str) -> list[int]:
+    """Count calls of one of the engine's methods (chunks run, forward passes)."""
+    calls: list[int] = []
+    real = getattr(engine, name)
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    setattr(engine, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("mode, continuous", [("logits", False), ("generate", False), ("generate", True)])
+def test_an_image_shared_across_chunks_and_calls_is_encoded_once(mode, continuous):
+    items = _shared_source_items()  # 6 edited + 2 source images: 8 unique, shown 6 x 3 = 18 times
+    kw = dict(mode=mode, max_new_tokens=4, continuous_batching=continuous) if mode == "generate" else {}
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=2, **kw) as j:
+        e = j.engine
+        r = e._vision_reuse
+        assert e._continuous is continuous and e._chunk_items() == 2  # three chunks of two items
+        r.enabled = False  # the plain path: every image through the tower in every prompt
+        plain = j.batch_score(items)
+        assert r.encoded == r.reused == 0
+        r.enabled = True
+        chunks, forwards = _counting(e, "_run_chunk"), _counting(e, "_forward")
+        first = j.batch_score(items)
+        # Each source is shown in all three chunks (and to the first question of each item, with
+        # its edit, the second question shows the edit again): once through the tower, all call.
+        assert r.encoded == 8 and r.reused == 18 - 8
+        if not continuous:  # static: 3 chunks, each a batch per question (one decode under continuous)
+            assert len(chunks) == 3 and len(forwards) == 6
+        assert not r.store and len(r.kept) == 8 and 0 < r.kept_bytes <= r.cache_bytes
+        second = j.batch_score(items)  # a later call showing the same images: nothing new encoded
+        assert r.encoded == 8 and r.reused == 10 + 18
+    for got in (first, second):
+        for a, b in zip(got, plain):
+            assert a.error is None or a.error_kind == "parse", a.error  # random weights: junk answers
+            assert a.sub_scores.keys() == b.sub_scores.keys()
+            if mode == "logits":
+                for part, v in a.sub_scores.items():
+                    assert v is not None and abs(v - b.sub_scores[part]) < 1e-5, (part, v, b.sub_scores[part])
+            else:
+                assert a.raw == b.raw and a.sub_scores == b.sub_scores  # identical answers
+
+
+def test_a_zero_budget_keeps_nothing_beyond_a_chunk():
+    items = _shared_source_items()
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=2, vision_cache_mb=0) as j:
+        r = j.engine._vision_reuse
+        assert r.cache_bytes == 0
+        j.batch_score(items)
+        # within a chunk: 2 edits + 2 sources of 6 shown, in each of the three chunks
+        assert r.encoded == 3 * 4 and r.reused == 3 * 2 and not r.kept and r.kept_bytes == 0
+        j.batch_score(items)
+        assert r.encoded == 2 * 12
+
+
+def test_the_least_recently_used_features_leave_first():
+    a, b, c = _images(3, seed=12)  # one size: features of equal bytes
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", batch_size=1) as j:  # one image per item, per chunk
+        r = j.engine._vision_reuse
+
+        def score(*imgs) -> int:
+            """Images encoded by one call scoring these images."""
+            before = r.encoded
+            assert all(res.error is None for res in j.batch_score([ScoreItem(images=[im]) for im in imgs]))
+            return r.encoded - before
+
+        assert score(a) == 1
+        size = r.kept_bytes  # one image's features (Qwen3-VL: pooled and deepstack)
+        assert size > 0 and len(r.kept) == 1
+        r.cache_bytes = 0.5 * size  # an image larger than the budget is not kept
+        r.clear()
+        assert score(a) == 1 and not r.kept and score(a) == 1
+        r.cache_bytes = 2.5 * size  # room for two
+        assert score(a, b) == 2
+        assert score(a) == 0    # a hit: `a` becomes the most recently used
+        assert score(c) == 1    # `c` needs room: `b` (least recently used) leaves, not `a` (first kept)
+        assert len(r.kept) == 2 and r.kept_bytes == 2 * size <= r.cache_bytes
+        assert score(a) == 0 and score(c) == 0
+        assert score(b) == 1    # `b` was the one evicted; now `a` (least recently used) leaves
+        assert score(c) == 0 and score(a) == 1
+
+
+def test_close_out_of_memory_and_switching_off_drop_the_kept_features(monkeypatch):
+    items = _shared_source_items()[:2]
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=2) as j:
+        e = j.engine
+        r = e._vision_reuse
+        j.batch_score(items)
+        assert len(r.kept) == 4
+        # Out of memory: the kept features are emptied before the split batches retry.
+        held_at_forward: list[int] = []
+
+        class _OomOnce:
+            def before_call(self, items) -> None:
+                pass
+
+            def before_forward(self, n: int) -> None:
+                held_at_forward.append(r.kept_bytes)
+                if len(held_at_forward) == 1:
+                    raise torch.OutOfMemoryError("simulated out of memory")
+
+        monkeypatch.setattr(hooks, "_plugin", _OomOnce())
+        res = j.batch_score(items)
+        monkeypatch.setattr(hooks, "_plugin", None)
+        assert all(x.error is None for x in res)
+        assert held_at_forward[0] > 0 and held_at_forward[1] == 0  # failed batch, then its first half
+        assert r.encoded == 4 + 4  # shown again after the store was emptied: encoded again
+        r.enabled = False  # switched off: nothing kept
+        assert not r.kept and r.kept_bytes == 0
+        r.enabled = True
+        j.batch_score(items)
+        assert len(r.kept) == 4
+        e._uncompile("a test")  # the tower runs differently from now on: kept features go
+        assert not r.kept
+        j.batch_score(items)
+        assert len(r.kept) == 4 and r.kept_bytes > 0
+    assert not r.kept and r.kept_bytes == 0 and not r.store  # close()
+
+
+def test_under_a_memory_budget_kept_features_give_way_to_a_full_batch():
+    # The budget logic (batching.py) reads only figures: the resident bytes, the measured bytes per
+    # prompt and the kept bytes. On the CPU no budget applies, so the device name is set to a GPU's
+    # for the arithmetic alone, with figures chosen around the kept features' real bytes.
+    imgs = _images(4, seed=13)
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", batch_size=4, max_memory_gb=1.0) as j:
+        e = j.engine
+        r = e._vision_reuse
+        j.batch_score([ScoreItem(images=[im]) for im in imgs])
+        size = r.kept_bytes / 4
+        assert len(r.kept) == 4 and e._held_bytes() == e._resident_bytes + 4 * size
+        oldest = list(r.kept)
+        e._resident_bytes, room = 0.5e9, 0.5e9
+        e._bytes_per_prompt = room / 4 - 0.625 * size  # 4 prompts fit with 2.5 images' features kept, not 4
+        e.device = "cuda:0"
+        try:
+            assert e._batch_limit() == 4
+        finally:
+            e.device = "cpu"
+        assert list(r.kept) == oldest[2:] and r.kept_bytes == 2 * size  # the two least recently used left
+        e._bytes_per_prompt = room / 8  # room to spare: nothing leaves
+        e.device = "cuda:0"
+        try:
+            assert e._batch_limit() == 4
+        finally:
+            e.device = "cpu"
+        assert list(r.kept) == oldest[2:]
+
+
+def test_vision_cache_mb_from_a_config_file_and_its_errors(tmp_path):
+    p = tmp_path / "judge.yaml"
+    p.write_text("model:\n  class_path: qwen_vl\n  init_args:\n    model_name: tiny:qwen3_vl\n"
+                 "    vision_cache_mb: 3\n")
+    with build_reward_model(load_config(p)["model"]) as j:
+        assert j.settings.vision_cache_mb == 3.0 and j.engine._vision_reuse.cache_bytes == 3e6
+    assert JudgeSettings(model_name="m").vision_cache_mb == 1024
+    for bad in (-1, float("nan")):
+        with pytest.raises(ConfigError) as e:
+            build_reward_model({"class_path": "qwen_vl", "params": {"model_name": "x", "vision_cache_mb": bad}})
+        assert "Problem with class_path 'qwen_vl'" in str(e.value)
+        assert "vision_cache_mb: must be a number of MB >= 0 (0: no vision features kept beyond a chunk)" in str(e.value)
+    with pytest.raises(ConfigError, match="parameter vision_cache_mb: expected a number"):
+        build_reward_model({"class_path": "multi_gpu", "params": {"model_name": "x", "vision_cache_mb": "1 GB"}})
+    # It changes which work is done, not the scores: resume keeps results made with another value.
+    assert JudgeSettings(model_name="m", vision_cache_mb=0).fingerprint() == JudgeSettings(model_name="m").fingerprint()
+
+
+def test_the_shared_sources_benchmark_counts_what_the_store_saves():
+    # benchmarks/reuse_gpu.py's `shared` stage, in this process on the tiny model: 6 items, 3 edits
+    # of each of 2 sources, chunks of 2 items. Its GPU figures are the lead's device run.
+    import argparse
+
+    from benchmarks.reuse_gpu import stage_shared
+
+    a = argparse.Namespace(n=6, models=3, bs=2, width=84, height=56, device="cpu", cache_mb=None)
+    out = stage_shared("tiny:qwen3_vl", a, cuda=False)
+    assert out["kept"]["images_encoded"] == 6 + 2 and out["chunk_only"]["images_encoded"] == 6 + 3 * 2
+    assert out["kept"]["errors"] == out["chunk_only"]["errors"] == 0 and out["max_abs_score_diff"] < 1e-5
