@@ -380,13 +380,13 @@ def bench_size(size: str, a, naive_path: pathlib.Path | None, work: pathlib.Path
             str(model_dir), a.device, "logits", judge_kw, images, a.bs,
             lambda bs: a.n_worker if bs == max(a.bs) else a.n, a.new, cuda,
             extra_runs=in_process_path_runs(paths, max(a.bs)) if "worker" in a.stages else None,
-            warmup_items=a.warmup_items if a.warmup_items is not None else _auto_compile_items(judge_kw))
+            warmup_items=a.warmup_items if a.warmup_items is not None else _auto_compile_items(judge_kw, a.device))
         log(f"[{size}] library logits: {res['library_logits']}")
         save()
     if "generate" in a.stages and left() > 60:
         res["library_generate"] = bench_in_process(
             str(model_dir), a.device, "generate", judge_kw, images, a.bs, gen_n, a.new, cuda,
-            warmup_items=a.warmup_items if a.warmup_items is not None else _auto_compile_items(judge_kw))
+            warmup_items=a.warmup_items if a.warmup_items is not None else _auto_compile_items(judge_kw, a.device))
         log(f"[{size}] library generate: {res['library_generate']}")
         save()
     if "smalljobs" in a.stages and left() > 60:
@@ -409,12 +409,13 @@ def bench_size(size: str, a, naive_path: pathlib.Path | None, work: pathlib.Path
     return res
 
 
-def _auto_compile_items(judge_kw: dict[str, Any]) -> int:
-    """Items the defaults score before their automatic compile, or 0 without one."""
+def _auto_compile_items(judge_kw: dict[str, Any], device: str) -> int:
+    """Items the defaults score before their automatic compile, or 0 without one (the judge
+    compiles automatically on CUDA only: a CPU run has nothing to wait for)."""
     from src.models.reward.settings import JudgeSettings
 
     s = JudgeSettings(model_name="x", **judge_kw)
-    auto = s.compile_vision is None or s.compile_language is None
+    auto = device.startswith("cuda") and (s.compile_vision is None or s.compile_language is None)
     return s.compile_after_items if auto else 0
 
 

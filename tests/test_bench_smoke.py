@@ -52,9 +52,11 @@ def test_bench_gpu_smoke(tmp_path):
 
 
 def test_bench_gpu_smoke_qwen3_judges(tmp_path):
-    """The Qwen3-VL and Qwen3-VL-MoE stand-ins through the library's defaults, both modes."""
+    """The Qwen3-VL and Qwen3-VL-MoE stand-ins through the library's defaults, both modes.
+    --warmup-items 16 takes the warm-up's other branch (eager items up to the count, then one batch
+    that would pay a compile), which a CPU run, having no automatic compile, skips by itself."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--smoke", "--out", str(tmp_path),
-           "--sizes", "smoke-qwen3_vl,smoke-qwen3_vl_moe", "--stages", "logits,generate"]
+           "--sizes", "smoke-qwen3_vl,smoke-qwen3_vl_moe", "--stages", "logits,generate", "--warmup-items", "16"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -62,6 +64,9 @@ def test_bench_gpu_smoke_qwen3_judges(tmp_path):
     assert [s["checkpoint"]["arch"] for s in report["sizes"]] == ["qwen3_vl", "qwen3_vl_moe"]
     for size in report["sizes"]:
         assert size["library_logits"]["bs2"]["scored"] == 4
+        for mode in ("logits", "generate"):  # 11 items scored before batch size 1: 5 eager + 1 batch
+            bs1 = size[f"library_{mode}"]["bs1"]
+            assert bs1["warmup_items"] == 6 and bs1["warmup_eager_img_per_s"] > 0 and bs1["compile_call_s"] >= 0
         assert size["library_generate"]["fast_decode"] is True and size["library_generate"]["bs2"]["items"] == 4
     assert "smoke stand-in smoke-qwen3_vl_moe" in (tmp_path / "bench_gpu.md").read_text()
 
