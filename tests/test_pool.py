@@ -31,12 +31,26 @@ def reference(tiny_cache, image_files):
         return [r.score for r in j.batch_score(image_files[:11])]
 
 
-@pytest.mark.parametrize("n_workers", [1, 2, 3])
-def test_workers_equal_the_single_device_class_for_both_schedules(n_workers, reference, image_files):
-    items = image_files[:11]  # 11 items: divides evenly by none of 2, 3, micro-batch 4
-    with pool(n_workers, micro_batch=3) as m:
-        pids = m.worker_pids()
-        assert len(pids) == n_workers and all(pids)
+@pytest.fixture(scope="module")
+def two_workers(tiny_cache):
+    """One pool of two workers with the default settings for the tests that need nothing else
+    (same schedules, same items, no fault hooks): a pool start costs seconds. Each test sets back
+    what it changes; test_close_after_an_exception_leaves_no_process closes it, last in the file."""
+    m = pool(2)
+    m.started_pids = m.worker_pids()
+    try:
+        yield m
+    finally:
+        m.close()
+    assert_no_orphans(m.started_pids)
+
+
+def _both_schedules_equal_the_reference(m, n_workers, reference, image_files):
+    items = image_files[:11]  # 11 items: divides evenly by none of 2, 3, micro-batch 3
+    pids = m.worker_pids()
+    assert len(pids) == n_workers and all(pids)
+    m.micro_batch = 3
+    try:
         for schedule in ("round_robin", "dynamic"):
             m.schedule = schedule
             results = m.batch_score(items)
@@ -47,49 +61,75 @@ def test_workers_equal_the_single_device_class_for_both_schedules(n_workers, ref
             assert devices <= {f"cpu#{k}" for k in range(n_workers)}
             if schedule == "round_robin":
                 assert [r.device for r in results] == [f"cpu#{i % n_workers}" for i in range(11)]
-        # the loaded workers served both calls: same processes, no reload
-        assert m.worker_pids() == pids
-        assert m.pool.total_restarts == 0
+    finally:
+        m.micro_batch, m.schedule = None, "round_robin"
+    # the loaded workers served both calls: same processes, no reload
+    assert m.worker_pids() == pids
+    assert m.pool.total_restarts == 0
+    return pids
+
+
+@pytest.mark.parametrize("n_workers", [1, 3])
+def test_workers_equal_the_single_device_class_for_both_schedules(n_workers, reference, image_files):
+    with pool(n_workers) as m:
+        pids = _both_schedules_equal_the_reference(m, n_workers, reference, image_files)
     assert_no_orphans(pids)
 
 
-def test_second_call_reuses_loaded_workers_and_in_memory_images_travel(tiny_cache, image_files, reference):
+def test_two_workers_equal_the_single_device_class_for_both_schedules(two_workers, reference, image_files):
+    _both_schedules_equal_the_reference(two_workers, 2, reference, image_files)
+
+
+def test_second_call_reuses_loaded_workers_and_in_memory_images_travel(two_workers, image_files, reference):
     from PIL import Image
 
-    with pool(2) as m:
-        pids = m.worker_pids()
-        load_times = [w.load_time_s for w in m.pool.workers]
-        t0 = time.perf_counter()
-        first = m.batch_score(image_files[:11])
-        t_first = time.perf_counter() - t0
-        pil = [Image.open(p) for p in image_files[:4]]
-        raw = [open(p, "rb").read() for p in image_files[4:8]]
-        second = m.batch_score([*pil, *raw, *image_files[8:11]])
-        assert m.worker_pids() == pids
-        assert [w.load_time_s for w in m.pool.workers] == load_times
-        assert [r.score for r in second] == pytest.approx([r.score for r in first], abs=1e-4)
-        assert t_first < 30, "a warm call must not pay a model load"
-        spill = m.pool.tmp_dir
-        assert spill.exists() and not any(spill.glob("call-*")), "per-call spill folders are removed"
-    assert not spill.exists()
-    assert_no_orphans(pids)
+    m = two_workers
+    pids = m.worker_pids()
+    load_times = [w.load_time_s for w in m.pool.workers]
+    t0 = time.perf_counter()
+    first = m.batch_score(image_files[:11])
+    t_first = time.perf_counter() - t0
+    pil = [Image.open(p) for p in image_files[:4]]
+    raw = [open(p, "rb").read() for p in image_files[4:8]]
+    second = m.batch_score([*pil, *raw, *image_files[8:11]])
+    assert m.worker_pids() == pids
+    assert [w.load_time_s for w in m.pool.workers] == load_times
+    assert [r.score for r in second] == pytest.approx([r.score for r in first], abs=1e-4)
+    assert t_first < 30, "a warm call must not pay a model load"
+    spill = m.pool.tmp_dir
+    assert spill.exists() and not any(spill.glob("call-*")), "per-call spill folders are removed"
 
 
-def test_bad_items_fail_alone_across_workers(tiny_cache, image_files, tmp_path):
+def test_bad_items_fail_alone_across_workers(two_workers, image_files, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
     items = [ScoreItem(images=[p], id=f"x{i}") for i, p in enumerate(image_files[:5])]
     items.insert(2, ScoreItem(images=[str(bad)], id="broken"))
     items.insert(4, ScoreItem(images=[object()], id="weird"))
-    with pool(2) as m:
-        results = m.batch_score(items)
-        pids = m.worker_pids()
+    results = two_workers.batch_score(items)
     assert [r.id for r in results] == [it.id for it in items]
     failed = {r.id: r for r in results if r.score is None}
     assert set(failed) == {"broken", "weird"}
     assert "cannot decode" in failed["broken"].error and "'broken'" in failed["broken"].error
     assert "unsupported image type" in failed["weird"].error
+
+
+def test_close_after_an_exception_leaves_no_process(two_workers, image_files):
+    """Closes the module's pool: the last test in the file to use it, before the tests that
+    check that this process has no worker left."""
+    pids = []
+    with pytest.raises(ZeroDivisionError):
+        with two_workers as m:
+            pids = m.worker_pids()
+            spill = m.pool.tmp_dir
+            m.batch_score(image_files[:2])
+            1 / 0
     assert_no_orphans(pids)
+    assert pids == m.started_pids, "the pool's first workers served every test"
+    assert not spill.exists(), "the pool's spill folder is removed"
+    m.close()  # idempotent after the context manager closed it
+    with pytest.raises(RuntimeError, match="closed"):
+        m.batch_score(image_files[:1])
 
 
 def test_worker_killed_mid_batch_loses_no_item(tiny_cache, image_files, reference, monkeypatch):
@@ -99,7 +139,10 @@ def test_worker_killed_mid_batch_loses_no_item(tiny_cache, image_files, referenc
         out: dict = {}
         t = threading.Thread(target=lambda: out.setdefault("r", m.batch_score(image_files[:11])))
         t.start()
-        time.sleep(1.5)
+        deadline = time.monotonic() + 60
+        while not m.pool.workers[1].busy:  # a batch in flight: it lasts over a second
+            assert time.monotonic() < deadline and t.is_alive(), "worker cpu#1 never got a batch"
+            time.sleep(0.01)
         os.kill(victim, signal.SIGKILL)
         t.join(timeout=120)
         assert not t.is_alive()
@@ -218,19 +261,6 @@ def test_one_shot_debug_mode(tiny_cache, image_files, tmp_path, reference):
     results = json.loads(out.read_text())
     assert [r["id"] for r in results] == ["t0", "t1", "t2"]
     assert [r["score"] for r in results] == pytest.approx(reference[:3], abs=1e-4)
-
-
-def test_close_after_an_exception_leaves_no_process(tiny_cache, image_files):
-    pids = []
-    with pytest.raises(ZeroDivisionError):
-        with pool(2) as m:
-            pids = m.worker_pids()
-            m.batch_score(image_files[:2])
-            1 / 0
-    assert_no_orphans(pids)
-    m.close()  # idempotent after the context manager closed it
-    with pytest.raises(RuntimeError, match="closed"):
-        m.batch_score(image_files[:1])
 
 
 def test_automatic_micro_batch_follows_the_schedule():
