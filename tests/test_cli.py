@@ -53,6 +53,19 @@ def read_jsonl(p: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_cache, tmp_path_factory, edit_manifest) -> Path:
+    """An uninterrupted job (in-process judge, batches of 3): the outputs a job writes, and what
+    resumed jobs are compared with."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    full = tmp / "full"
+    r = run_main("--config", str(write_config(tmp, edit_manifest, full)))
+    assert r.returncode == 0, r.stderr
+    records = read_jsonl(full / "results.jsonl")
+    assert all(x["score"] is not None for x in records) and len({x["fingerprint"] for x in records}) == 1
+    return full
+
+
 def test_demo_config_runs_end_to_end(tiny_cache, tmp_path):
     out = tmp_path / "demo"
     r = run_main("--config", str(ROOT / "configs" / "demo.yaml"), "--set", f"job.output_dir={out}")
@@ -81,10 +94,9 @@ def test_demo_config_runs_end_to_end(tiny_cache, tmp_path):
     assert min(x["sub_scores"]["perceptual_quality"] for _, x in clean) > quality[0], (clean, noisy)
 
 
-def test_job_outputs_summary_csv_and_categories(tiny_cache, tmp_path, edit_manifest):
-    out = tmp_path / "run"
-    r = run_main("--config", str(write_config(tmp_path, edit_manifest, out)))
-    assert r.returncode == 0, r.stderr
+def test_job_outputs_summary_csv_and_categories(uninterrupted):
+    """What the job wrote (the `uninterrupted` fixture ran it: main.py, exit 0)."""
+    out = uninterrupted
     results = read_jsonl(out / "results.jsonl")
     assert [x["id"] for x in results] == [f"e{i}" for i in range(10)]
     assert all("latency_s" not in x and "device" not in x for x in results)
@@ -144,18 +156,6 @@ def write_partial(full: Path, part: Path) -> None:
     (part / "results.stream.jsonl").write_text("".join(lines[:6]) + lines[6][:40])
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_cache, tmp_path_factory, edit_manifest) -> Path:
-    """An uninterrupted job (in-process judge, batches of 3): what resumed jobs are compared with."""
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    full = tmp / "full"
-    r = run_main("--config", str(write_config(tmp, edit_manifest, full)))
-    assert r.returncode == 0, r.stderr
-    records = read_jsonl(full / "results.jsonl")
-    assert all(x["score"] is not None for x in records) and len({x["fingerprint"] for x in records}) == 1
-    return full
-
-
 def test_resume_skips_finished_items_and_final_file_matches(uninterrupted, tmp_path, edit_manifest):
     full, part = uninterrupted, tmp_path / "part"
     write_partial(full, part)
@@ -200,9 +200,10 @@ def test_resume_in_other_batches_and_workers_differs_only_in_float_rounding(unin
     assert_no_orphans(pids)
 
 
-def test_changed_settings_do_not_reuse_old_results(tiny_cache, tmp_path, edit_manifest):
+def test_changed_settings_do_not_reuse_old_results(uninterrupted, tmp_path, edit_manifest):
     out = tmp_path / "fp"
-    assert run_main("--config", str(write_config(tmp_path, edit_manifest, out))).returncode == 0
+    out.mkdir()  # every item already scored, with the `edit` template
+    shutil.copy(uninterrupted / "results.stream.jsonl", out / "results.stream.jsonl")
     r = run_main("--config", str(write_config(tmp_path, edit_manifest, out)), "--set",
                  "model.params.template=edit_quality")
     assert r.returncode == 0, r.stderr
