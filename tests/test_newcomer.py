@@ -114,9 +114,15 @@ def test_qwen_judge_command_runs_the_readme_multi_gpu_switch(installed, tmp_path
     line = next(c for b in _blocks(config, "bash") for c in _command_lines(b) if "--unset" in c)
     assert line.startswith(".venv/bin/qwen-judge run "), line
     args = line.split()[1:] + ["--set", f"job.output_dir={tmp_path / 'out'}", "--no-progress"]
-    run = subprocess.run([str(installed / "bin" / "qwen-judge"), *args], cwd=ROOT, env=_clean_env(),
-                         capture_output=True, text=True, timeout=300)
+    proc = subprocess.Popen([str(installed / "bin" / "qwen-judge"), *args], cwd=ROOT, env=_clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    run = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert wait_until_gone([proc.pid], timeout=15) == [], "the job's workers outlived it"
     brief = json.loads(run.stdout)
     assert brief["items"] == 11 and brief["scored"] == 11, brief
     assert brief["results"] == str(tmp_path / "out" / "results.jsonl")
