@@ -177,18 +177,6 @@ def test_broken_launcher_fails_fast(tmp_path):
     assert not worker_processes()
 
 
-def test_command_prefix_launcher_and_log_prefix(tiny_cache, image_files, reference, capfd):
-    launcher = {"prefix": ["env", "REWARD_LAUNCH_TEST=1"], "python": sys.executable}
-    assert launch_command(launcher) == ["env", "REWARD_LAUNCH_TEST=1", sys.executable]
-    with pool(1, launcher=launcher) as m:
-        res = m.batch_score(image_files[:3])
-        pids = m.worker_pids()
-    assert [r.score for r in res] == pytest.approx(reference[:3], abs=1e-4)
-    err = capfd.readouterr().err
-    assert "[cpu#0] model loaded on cpu#0" in err
-    assert_no_orphans(pids)
-
-
 def _venv_with_main_packages(tmp_path: Path) -> Path:
     """A separate venv whose interpreter sees the main env's packages through a .pth file."""
     venv = tmp_path / "venv"
@@ -201,14 +189,24 @@ def _venv_with_main_packages(tmp_path: Path) -> Path:
     return venv / "bin" / "python"
 
 
-def test_venv_python_launcher(tiny_cache, image_files, reference, tmp_path):
+def test_venv_python_and_command_prefix_launchers_and_log_prefix(tiny_cache, image_files, reference, tmp_path,
+                                                                 capfd):
+    """A venv's python as the worker's interpreter, behind a command prefix: one worker start
+    shows both launcher forms (a bare path is the same command without the prefix)."""
     py = _venv_with_main_packages(tmp_path)
-    with pool(1, launcher=str(py)) as m:
+    assert launch_command(str(py)) == [str(py)]
+    launcher = {"prefix": ["env", "REWARD_LAUNCH_TEST=1"], "python": str(py)}
+    assert launch_command(launcher) == ["env", "REWARD_LAUNCH_TEST=1", str(py)]
+    with pool(1, launcher=launcher) as m:
         res = m.batch_score(image_files[:3])
         pids = m.worker_pids()
         cmdline = open(f"/proc/{pids[0]}/cmdline", "rb").read().split(b"\0")[0].decode()
-    assert cmdline == str(py)
+        environ = open(f"/proc/{pids[0]}/environ", "rb").read().split(b"\0")
+    assert cmdline == str(py), "the prefix ran the venv's interpreter in the worker's process"
+    assert b"REWARD_LAUNCH_TEST=1" in environ, "the prefix set the worker's environment"
     assert [r.score for r in res] == pytest.approx(reference[:3], abs=1e-4)
+    err = capfd.readouterr().err
+    assert "[cpu#0] model loaded on cpu#0" in err
     assert_no_orphans(pids)
 
 
