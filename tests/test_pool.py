@@ -69,15 +69,16 @@ def _both_schedules_equal_the_reference(m, n_workers, reference, image_files):
     return pids
 
 
-@pytest.mark.parametrize("n_workers", [1, 3])
-def test_workers_equal_the_single_device_class_for_both_schedules(n_workers, reference, image_files):
-    with pool(n_workers) as m:
-        pids = _both_schedules_equal_the_reference(m, n_workers, reference, image_files)
-    assert_no_orphans(pids)
-
-
 def test_two_workers_equal_the_single_device_class_for_both_schedules(two_workers, reference, image_files):
     _both_schedules_equal_the_reference(two_workers, 2, reference, image_files)
+
+
+def test_three_workers_equal_the_single_device_class_for_both_schedules(reference, image_files):
+    # (One worker takes the same scheduler path with n=1, which has no branch of its own; its
+    # scores are checked against the reference by the launcher and idle-death tests below.)
+    with pool(3) as m:
+        pids = _both_schedules_equal_the_reference(m, 3, reference, image_files)
+    assert_no_orphans(pids)
 
 
 def test_second_call_reuses_loaded_workers_and_in_memory_images_travel(two_workers, image_files, reference):
