@@ -1,7 +1,11 @@
-"""The GPU benchmark script must not rot: run its CPU smoke mode and check what it writes.
+"""The GPU benchmark scripts must not rot: run their CPU smoke modes and check what they write.
 
 No timing is asserted (CI machines differ); the keys, the counts and the clean exit are.
 The naive loop is outside this repository; set NAIVE_HF_LOOP to its path to include it.
+
+The smoke runs are independent processes, each about one core busy (mostly one thread
+importing and loading): they start together, on the first test that needs one, and each test
+waits for its own.
 """
 from __future__ import annotations
 
@@ -10,17 +14,62 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+RUNS = {
+    "gpu": ([str(BENCH / "bench_gpu.py"), "--smoke", "--judge", "fast_decode=true", "--judge", "vision_attn=packed",
+             "--stages", "naive,logits,generate,worker,smalljobs"], {"PYTHONUNBUFFERED": "1"}, 300),
+    # The Qwen3-VL and Qwen3-VL-MoE stand-ins through the library's defaults, both modes.
+    # --warmup-items 16 takes the warm-up's other branch (eager items up to the count, then one
+    # batch that would pay a compile), which a CPU run, having no automatic compile, skips by itself.
+    "qwen3": ([str(BENCH / "bench_gpu.py"), "--smoke", "--sizes", "smoke-qwen3_vl,smoke-qwen3_vl_moe",
+               "--stages", "logits,generate", "--warmup-items", "16"], {"PYTHONUNBUFFERED": "1"}, 300),
+    "reuse": ([str(BENCH / "reuse_gpu.py"), "--smoke"], {"PYTHONUNBUFFERED": "1"}, 300),
+    "quant": ([str(BENCH / "quant_gpu.py"), "--smoke"], {"PYTHONPATH": str(ROOT)}, 600),
+    "profile": ([str(BENCH / "profile_gpu.py"), "--smoke", "--modes", "logits"], {"PYTHONPATH": str(ROOT)}, 600),
+}
 
 
-def test_bench_gpu_smoke(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--smoke", "--out", str(tmp_path),
-           "--judge", "fast_decode=true", "--judge", "vision_attn=packed", "--stages", "naive,logits,generate,worker,smalljobs"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "bench_gpu.json").read_text())
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """name -> the running smoke process, its --out folder and its log; any still running at the
+    end of the module is killed."""
+    runs = {}
+    for name, (args, env, timeout) in RUNS.items():
+        out = tmp_path_factory.mktemp(f"bench-{name}")
+        log = out.parent / f"{out.name}.log"
+        with open(log, "w") as fh:
+            proc = subprocess.Popen([sys.executable, *args, "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                    stderr=fh, env={**os.environ, **env})
+        runs[name] = SimpleNamespace(proc=proc, out=out, log=log, timeout=timeout)
+    try:
+        yield runs
+    finally:
+        for run in runs.values():
+            if run.proc.poll() is None:
+                run.proc.kill()
+            run.proc.wait()
+
+
+def finished(smoke_runs, name: str) -> Path:
+    """Wait for one smoke run; it must exit 0. Returns its --out folder."""
+    run = smoke_runs[name]
+    try:
+        rc = run.proc.wait(timeout=run.timeout)
+    except subprocess.TimeoutExpired:
+        run.proc.kill()
+        raise AssertionError(f"{name}: no exit within {run.timeout} s:\n{run.log.read_text()[-3000:]}")
+    assert rc == 0, run.log.read_text()[-3000:]
+    return run.out
+
+
+def test_bench_gpu_smoke(smoke_runs):
+    out = finished(smoke_runs, "gpu")
+    report = json.loads((out / "bench_gpu.json").read_text())
     assert report["meta"]["smoke"] is True and report["meta"]["judge_overrides"] == {"fast_decode": True,
                                                                                      "vision_attn": "packed"}
     (size,) = report["sizes"]
@@ -47,20 +96,15 @@ def test_bench_gpu_smoke(tmp_path):
     assert "worker_over_in_process_call2" in size["ratios"]
     for pid in worker["worker_pids"]:  # the worker process is gone with the benchmark
         assert pid and not Path(f"/proc/{pid}").exists()
-    table = (tmp_path / "bench_gpu.md").read_text()
+    table = (out / "bench_gpu.md").read_text()
     assert "| logits | 2 |" in table and "one worker" in table and "10-item job" in table
 
 
-def test_bench_gpu_smoke_qwen3_judges(tmp_path):
-    """The Qwen3-VL and Qwen3-VL-MoE stand-ins through the library's defaults, both modes.
-    --warmup-items 16 takes the warm-up's other branch (eager items up to the count, then one batch
-    that would pay a compile), which a CPU run, having no automatic compile, skips by itself."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--smoke", "--out", str(tmp_path),
-           "--sizes", "smoke-qwen3_vl,smoke-qwen3_vl_moe", "--stages", "logits,generate", "--warmup-items", "16"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "bench_gpu.json").read_text())
+def test_bench_gpu_smoke_qwen3_judges(smoke_runs):
+    """The Qwen3-VL and Qwen3-VL-MoE stand-ins through the library's defaults, both modes (and
+    the warm-up's eager-then-compile branch, RUNS["qwen3"])."""
+    out = finished(smoke_runs, "qwen3")
+    report = json.loads((out / "bench_gpu.json").read_text())
     assert [s["checkpoint"]["arch"] for s in report["sizes"]] == ["qwen3_vl", "qwen3_vl_moe"]
     for size in report["sizes"]:
         assert size["library_logits"]["bs2"]["scored"] == 4
@@ -68,15 +112,12 @@ def test_bench_gpu_smoke_qwen3_judges(tmp_path):
             bs1 = size[f"library_{mode}"]["bs1"]
             assert bs1["warmup_items"] == 6 and bs1["warmup_eager_img_per_s"] > 0 and bs1["compile_call_s"] >= 0
         assert size["library_generate"]["fast_decode"] is True and size["library_generate"]["bs2"]["items"] == 4
-    assert "smoke stand-in smoke-qwen3_vl_moe" in (tmp_path / "bench_gpu.md").read_text()
+    assert "smoke stand-in smoke-qwen3_vl_moe" in (out / "bench_gpu.md").read_text()
 
 
-def test_reuse_gpu_smoke(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "reuse_gpu.py"), "--smoke", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "reuse_gpu.json").read_text())
+def test_reuse_gpu_smoke(smoke_runs):
+    out = finished(smoke_runs, "reuse")
+    report = json.loads((out / "reuse_gpu.json").read_text())
     edit, lengths = report["edit"], report["lengths"]
     # 6 edit items: 12 distinct images shown 18 times; the same scores either way
     assert edit["reuse_on"]["images_encoded"] == 12 and edit["reuse_on"]["images_reused"] == 6
@@ -98,22 +139,20 @@ def test_reuse_gpu_smoke(tmp_path):
     assert unstaged["stage"] == 0 and unstaged["staged_rows"] == 0 and unstaged["sync_joins"] > 0
     assert staging["staged"]["errors"] == staging["unstaged"]["errors"] == 0
     assert staging["staged"]["fell_back_to_static"] == staging["unstaged"]["fell_back_to_static"] == 0
-    md = (tmp_path / "reuse_gpu.md").read_text()
+    md = (out / "reuse_gpu.md").read_text()
     assert md.startswith("# Issue 17") and "prefilled ahead (stage 2)" in md
 
 
-def test_quant_gpu_smoke(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "quant_gpu.py"), "--smoke", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "quant_gpu.json").read_text())
+def test_quant_gpu_smoke(smoke_runs):
+    out = finished(smoke_runs, "quant")
+    report = json.loads((out / "quant_gpu.json").read_text())
     assert report["meta"]["smoke"] is True and report["meta"]["template"] == "edit"
     none = report["variants"]["none"]
     assert none["quantization"] == "none" and none["errors"] == 0
     assert len(none["scores"]) == report["meta"]["n"] == 6 and all(s is not None for s in none["scores"])
     # the reference agrees with itself exactly: the agreement arithmetic is checked on known input
     assert none["vs_none"]["items_compared"] == 6 and none["vs_none"]["max_abs_diff"] == 0.0
-    assert (tmp_path / "quant_gpu.md").read_text().startswith("# Issue 20: quantized judges")
+    assert (out / "quant_gpu.md").read_text().startswith("# Issue 20: quantized judges")
 
 
 def test_quant_gpu_agreement_statistics():
@@ -125,18 +164,15 @@ def test_quant_gpu_agreement_statistics():
     assert ag["spearman"] == 1.0 and 0.9 < ag["pearson"] < 1.0
 
 
-def test_profile_gpu_smoke(tmp_path):
+def test_profile_gpu_smoke(smoke_runs):
     # On the CPU the memory stage says why it has nothing (the allocator history is CUDA's) and the
     # kernels stage profiles the operators' CPU time instead of kernels: the tiny MoE's forward.
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_gpu.py"), "--smoke", "--modes", "logits",
-           "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "profile_gpu.json").read_text())
+    out = finished(smoke_runs, "profile")
+    report = json.loads((out / "profile_gpu.json").read_text())
     assert report["meta"]["smoke"] is True and report["meta"]["size"] == "smoke-qwen3_vl_moe"
     assert report["memory_logits"] == {"skipped": "the allocator history is CUDA's"}
     kernels = report["kernels_logits"]
     assert kernels["scored"] == kernels["items"] == 2
     names = [k["name"] for k in kernels["top_kernels"]]
     assert names and all(n.startswith("aten::") for n in names) and kernels["by_kind_ms"]
-    assert "## GPU time, logits mode" in (tmp_path / "profile_gpu.md").read_text()
+    assert "## GPU time, logits mode" in (out / "profile_gpu.md").read_text()
