@@ -35,14 +35,15 @@ def reference(tiny_cache, image_files):
 def two_workers(tiny_cache):
     """One pool of two workers with the default settings for the tests that need nothing else
     (same schedules, same items, no fault hooks): a pool start costs seconds. Each test sets back
-    what it changes; test_close_after_an_exception_leaves_no_process closes it, last in the file."""
+    what it changes; test_close_after_an_exception_leaves_no_process closes it, last in the file.
+    `seen_pids`: every worker it had (the idle-death test replaces one)."""
     m = pool(2)
-    m.started_pids = m.worker_pids()
+    m.seen_pids = set(m.worker_pids())
     try:
         yield m
     finally:
         m.close()
-    assert_no_orphans(m.started_pids)
+    assert_no_orphans(sorted(m.seen_pids))
 
 
 def _both_schedules_equal_the_reference(m, n_workers, reference, image_files):
@@ -75,7 +76,7 @@ def test_two_workers_equal_the_single_device_class_for_both_schedules(two_worker
 
 def test_three_workers_equal_the_single_device_class_for_both_schedules(reference, image_files):
     # (One worker takes the same scheduler path with n=1, which has no branch of its own; its
-    # scores are checked against the reference by the launcher and idle-death tests below.)
+    # scores are checked against the reference by the launcher test below.)
     with pool(3) as m:
         pids = _both_schedules_equal_the_reference(m, 3, reference, image_files)
     assert_no_orphans(pids)
@@ -115,6 +116,32 @@ def test_bad_items_fail_alone_across_workers(two_workers, image_files, tmp_path)
     assert "unsupported image type" in failed["weird"].error
 
 
+def test_an_idle_worker_that_dies_shows_in_health(two_workers, image_files, reference):
+    """Killed between calls: the pool notices at once (not at the next call) and health() names
+    it; the next call restarts it and scores everything."""
+    from src.service.server import _describe_model
+
+    m = two_workers
+    assert m.pool.health() == {"workers": 2, "workers_alive": 2, "worker_deaths": []}
+    pid = m.worker_pids()[1]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not m.pool.health()["worker_deaths"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    health = _describe_model(m)  # what the service's /health shows
+    assert health["workers_alive"] == 1, health
+    assert health["worker_deaths"] == [f"worker cpu#1 (pid {pid}) died with signal SIGKILL while idle; "
+                                       "it is restarted when a call needs it"], health
+    results = m.batch_score(image_files[:3])  # round robin: item 1 is cpu#1's
+    assert [r.score for r in results] == pytest.approx(reference[:3], abs=1e-4)
+    assert [r.device for r in results] == ["cpu#0", "cpu#1", "cpu#0"]
+    assert m.pool.health()["workers_alive"] == 2
+    new = m.worker_pids()[1]
+    assert new != pid
+    m.seen_pids.add(new)
+    assert_no_orphans([pid])
+
+
 def test_close_after_an_exception_leaves_no_process(two_workers, image_files):
     """Closes the module's pool: the last test in the file to use it, before the tests that
     check that this process has no worker left."""
@@ -125,8 +152,7 @@ def test_close_after_an_exception_leaves_no_process(two_workers, image_files):
             spill = m.pool.tmp_dir
             m.batch_score(image_files[:2])
             1 / 0
-    assert_no_orphans(pids)
-    assert pids == m.started_pids, "the pool's first workers served every test"
+    assert_no_orphans(sorted({*pids, *m.seen_pids}))
     assert not spill.exists(), "the pool's spill folder is removed"
     m.close()  # idempotent after the context manager closed it
     with pytest.raises(RuntimeError, match="closed"):
@@ -345,26 +371,3 @@ def test_a_fast_start_failure_is_reported_before_a_slow_worker_has_loaded(tiny_c
     assert "worker cpu#1 (pid" in text and "failed to start" in text, text
     assert "No module named 'src.testing.no_such_plugin'" in text, text
     assert set(worker_processes([os.getpid()])) <= procs_before, "the slow worker is stopped too"
-
-
-def test_an_idle_worker_that_dies_shows_in_health(tiny_cache, image_files, reference):
-    """Killed between calls: the pool notices at once (not at the next call) and health() names
-    it; the next call restarts it and scores everything."""
-    from src.service.server import _describe_model
-
-    with pool(1) as m:
-        assert m.pool.health() == {"workers": 1, "workers_alive": 1, "worker_deaths": []}
-        pid = m.worker_pids()[0]
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while not m.pool.health()["worker_deaths"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        health = _describe_model(m)  # what the service's /health shows
-        assert health["workers_alive"] == 0, health
-        assert health["worker_deaths"] == [f"worker cpu#0 (pid {pid}) died with signal SIGKILL while idle; "
-                                           "it is restarted when a call needs it"], health
-        results = m.batch_score(image_files[:3])
-        assert [r.score for r in results] == pytest.approx(reference[:3], abs=1e-4)
-        assert m.pool.health()["workers_alive"] == 1
-        pids = m.worker_pids()
-    assert_no_orphans([pid, *pids])
