@@ -117,8 +117,7 @@ class Batching:
         kept vision features included (shown again, they are encoded again)."""
         import gc
 
-        if getattr(self, "_vision_reuse", None) is not None:
-            self._vision_reuse.clear()
+        self._forget_vision_features()
         gc.collect()
         if self.device.startswith("cuda"):
             self._torch.cuda.empty_cache()

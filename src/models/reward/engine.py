@@ -197,8 +197,7 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         # the closed judge object lives on (a notebook variable): the model, vision reuse's hold
         # on the inner model and its kept features, and the compiled blocks.
         del self.model
-        if self._vision_reuse is not None:
-            self._vision_reuse.clear()
+        self._forget_vision_features()
         self._vision_reuse = None
         self._compiled = []
         self._compile_pending = []

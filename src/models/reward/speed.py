@@ -118,8 +118,9 @@ class SpeedPaths:
             self._forget_vision_features()
 
     def _forget_vision_features(self) -> None:
-        """Kept vision features are the tower's as it ran then: once it runs compiled (or eagerly
-        again) they would differ from what it computes now by rounding, so they go."""
+        """Drop the vision features kept in both of vision reuse's stores: after a compile change
+        they would differ from what the tower computes now by rounding; after out of memory, a
+        failed decode, or on close, their memory is wanted back (batching._free_memory, close)."""
         if self._vision_reuse is not None:
             self._vision_reuse.clear()
 
