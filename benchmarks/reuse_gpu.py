@@ -146,6 +146,33 @@ class _Count(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.n += self.text in record.getMessage()
 
+    def __enter__(self) -> "_Count":
+        logging.getLogger("src.models.reward.engine").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("src.models.reward.engine").removeHandler(self)
+
+
+def _generate_run(judge, items: list, budgets: list[int], a, cuda: bool, failures: _Count, what: str,
+                  decode: bool = True) -> tuple[dict[str, Any], list]:
+    """One timed generate call: (its row, the answers). decode: the continuous decode's counters
+    too, its joining prefills summarised as their number and mean size."""
+    failures.n = 0
+    dt, res = _timed(judge, items, cuda)
+    row: dict[str, Any] = {"s": round(dt, 3), "items_per_s": round(a.n / dt, 3),
+                           "tokens_per_s": round(sum(budgets) / dt, 1), "fell_back_to_static": failures.n,
+                           **_check(res, what)}
+    if decode:
+        counters = dict(judge.engine._continuous_timings)
+        groups = counters.pop("join_groups", [])
+        row["decode"] = dict(counters, join_batches=len(groups), mean_join_batch=round(sum(groups) / max(len(groups), 1), 2))
+    return row, [r.raw for r in res]
+
+
+def _same_share(x: list, y: list) -> float:
+    return round(sum(p == q for p, q in zip(x, y)) / len(x), 3)
+
 
 def _length_items(a) -> tuple[list, list, list[int]]:
     """(items, warm-up items, budgets): each item's own budget, drawn from len_min..len_max."""
@@ -175,26 +202,16 @@ def stage_staging(model_dir: str, a, cuda: bool) -> dict[str, Any]:
     answers = {}
     kw = dict(mode="generate", max_new_tokens=a.len_max, min_new_tokens=a.len_max, batch_size=a.bs,
               continuous_batching=True)
-    failures = _Count("continuous batching failed")
-    logging.getLogger("src.models.reward.engine").addHandler(failures)
-    with QwenVLRewardModel(model_name=model_dir, device=a.device, **kw) as judge:
+    with _Count("continuous batching failed") as failures, \
+            QwenVLRewardModel(model_name=model_dir, device=a.device, **kw) as judge:
         judge.engine._continuous_min_join = a.min_join
         _timed(judge, warm, cuda)  # warm-up: one batch, untimed
         for name, ahead in (("staged", a.stage), ("unstaged", 0)):
             judge.engine._continuous_stage = ahead
-            failures.n = 0
-            dt, res = _timed(judge, items, cuda)
-            answers[name] = [r.raw for r in res]
-            decode = dict(judge.engine._continuous_timings)
-            groups = decode.pop("join_groups", [])
-            out[name] = {"s": round(dt, 3), "items_per_s": round(a.n / dt, 3),
-                         "tokens_per_s": round(sum(budgets) / dt, 1), "fell_back_to_static": failures.n,
-                         **_check(res, f"continuous, stage {ahead}"),
-                         "decode": dict(decode, join_batches=len(groups),
-                                        mean_join_batch=round(sum(groups) / max(len(groups), 1), 2))}
-    logging.getLogger("src.models.reward.engine").removeHandler(failures)
+            out[name], answers[name] = _generate_run(judge, items, budgets, a, cuda, failures,
+                                                     f"continuous, stage {ahead}")
     out["speedup"] = round(out["staged"]["items_per_s"] / out["unstaged"]["items_per_s"], 3)
-    out["identical_answers"] = round(sum(x == y for x, y in zip(answers["staged"], answers["unstaged"])) / a.n, 3)
+    out["identical_answers"] = _same_share(answers["staged"], answers["unstaged"])
     return out
 
 
@@ -216,30 +233,20 @@ def _static_vs_continuous(model_dir: str, a, cuda: bool, items: list, warm: list
                            "budget_mean": round(sum(budgets) / len(budgets), 1), "min_join": a.min_join,
                            "stage": a.stage}
     answers = {}
-    failures = _Count("continuous batching failed")
-    logging.getLogger("src.models.reward.engine").addHandler(failures)
-    for on in (True, False):
-        # min_new_tokens = max_new_tokens: random weights answer exactly their budget
-        kw = dict(mode="generate", max_new_tokens=max_new, min_new_tokens=max_new, batch_size=a.bs,
-                  continuous_batching=on)
-        with QwenVLRewardModel(model_name=model_dir, device=a.device, **kw) as judge:
-            judge.engine._continuous_min_join = a.min_join
-            judge.engine._continuous_stage = a.stage
-            _timed(judge, warm, cuda)  # warm-up: one batch, untimed
-            failures.n = 0
-            dt, res = _timed(judge, items, cuda)
-            answers[on] = [r.raw for r in res]
-            decode = dict(judge.engine._continuous_timings)
-            groups = decode.pop("join_groups", [])
-            out["continuous" if on else "static"] = {
-                "s": round(dt, 3), "items_per_s": round(a.n / dt, 3),
-                "tokens_per_s": round(sum(budgets) / dt, 1), "continuous_active": judge.engine._continuous,
-                "fell_back_to_static": failures.n, **_check(res, f"continuous {on}"),
-                **({"decode": dict(decode, join_batches=len(groups),
-                                   mean_join_batch=round(sum(groups) / max(len(groups), 1), 2))} if on else {})}
-    logging.getLogger("src.models.reward.engine").removeHandler(failures)
+    with _Count("continuous batching failed") as failures:
+        for on in (True, False):
+            # min_new_tokens = max_new_tokens: random weights answer exactly their budget
+            kw = dict(mode="generate", max_new_tokens=max_new, min_new_tokens=max_new, batch_size=a.bs,
+                      continuous_batching=on)
+            with QwenVLRewardModel(model_name=model_dir, device=a.device, **kw) as judge:
+                judge.engine._continuous_min_join = a.min_join
+                judge.engine._continuous_stage = a.stage
+                _timed(judge, warm, cuda)  # warm-up: one batch, untimed
+                row, answers[on] = _generate_run(judge, items, budgets, a, cuda, failures, f"continuous {on}",
+                                                 decode=on)
+                out["continuous" if on else "static"] = {"continuous_active": judge.engine._continuous, **row}
     out["speedup"] = round(out["continuous"]["items_per_s"] / out["static"]["items_per_s"], 3)
-    out["identical_answers"] = round(sum(x == y for x, y in zip(answers[True], answers[False])) / a.n, 3)
+    out["identical_answers"] = _same_share(answers[True], answers[False])
     return out
 
 
