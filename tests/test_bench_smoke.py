@@ -31,6 +31,7 @@ RUNS = {
     "reuse": ([str(BENCH / "reuse_gpu.py"), "--smoke"], {"PYTHONUNBUFFERED": "1"}, 300),
     "quant": ([str(BENCH / "quant_gpu.py"), "--smoke"], {"PYTHONPATH": str(ROOT)}, 600),
     "profile": ([str(BENCH / "profile_gpu.py"), "--smoke", "--modes", "logits"], {"PYTHONPATH": str(ROOT)}, 600),
+    "attention": ([str(BENCH / "attention_gpu.py"), "--smoke"], {}, 300),
 }
 
 
@@ -122,6 +123,11 @@ def test_reuse_gpu_smoke(smoke_runs):
     # 6 edit items: 12 distinct images shown 18 times; the same scores either way
     assert edit["reuse_on"]["images_encoded"] == 12 and edit["reuse_on"]["images_reused"] == 6
     assert edit["max_abs_score_diff"] < 1e-5 and edit["reuse_on"]["errors"] == 0 and edit["reuse_off"]["errors"] == 0
+    # shared: 2 sources x 3 edits, one per chunk of 2: kept beyond the chunk, each source is
+    # encoded once (2 + 6 edits) instead of once per chunk (6 + 6); the same scores
+    shared = report["shared"]
+    assert shared["chunk_only"]["images_encoded"] == 12 and shared["kept"][0]["images_encoded"] == 8
+    assert shared["kept"][0]["max_abs_score_diff"] < 1e-5 and shared["kept"][0]["errors"] == 0
     assert lengths["continuous"]["errors"] == 0 and lengths["static"]["first_error"] is None
     assert lengths["continuous"]["continuous_active"] and not lengths["static"]["continuous_active"]
     assert lengths["continuous"]["fell_back_to_static"] == 0
@@ -141,6 +147,18 @@ def test_reuse_gpu_smoke(smoke_runs):
     assert staging["staged"]["fell_back_to_static"] == staging["unstaged"]["fell_back_to_static"] == 0
     md = (out / "reuse_gpu.md").read_text()
     assert md.startswith("# Issue 17") and "prefilled ahead (stage 2)" in md
+
+
+def test_attention_gpu_smoke(smoke_runs):
+    out = finished(smoke_runs, "attention")
+    report = json.loads((out / "attention_gpu.json").read_text())
+    for shape in ("qwen3_vl", "qwen2_5_vl_full"):
+        rows = report["shapes"][shape]["kernels"]
+        # float32 on the CPU: the library's packed attention and the grouped view give the reference
+        assert rows["packed"]["max_abs_err"] < 1e-5 and rows["grouped-math"]["max_abs_err"] < 1e-5
+        assert rows["packed"]["ms"] > 0
+        assert "error" in rows["grouped-cudnn"]  # a CUDA-only backend: recorded with its error, not timed
+    assert (out / "attention_gpu.md").read_text().startswith("# Vision-tower attention kernels")
 
 
 def test_quant_gpu_smoke(smoke_runs):
