@@ -191,6 +191,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="qwen3_vl_moe-30b-a3b-24l")
+    runs.add_checkpoint_argument(ap)
     ap.add_argument("--stages", default="memory,kernels")
     ap.add_argument("--modes", default="logits,generate")
     ap.add_argument("--n", type=int, default=32)

@@ -104,6 +104,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="qwen3_vl-8b")
+    runs.add_checkpoint_argument(ap)
     ap.add_argument("--variants", default="none,fp8", help="quantization settings; the first is the reference")
     ap.add_argument("--template", default="edit")
     ap.add_argument("--n", type=int, default=64)

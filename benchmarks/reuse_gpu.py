@@ -300,6 +300,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="qwen3_vl-8b")
+    runs.add_checkpoint_argument(ap)
     ap.add_argument("--stages", default="edit,shared,lengths,fixed,staging")
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--bs", type=int, default=32)

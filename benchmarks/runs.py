@@ -31,10 +31,22 @@ def meta(script: str, argv: list[str] | None, a: Any, **extra: Any) -> dict[str,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def add_checkpoint_argument(ap: Any) -> None:
+    ap.add_argument("--checkpoint", default=None,
+                    help="a checkpoint of --size built earlier (bench_gpu.py --work W --keep-checkpoints: W/SIZE), "
+                         "used as it is instead of building one")
+
+
 @contextlib.contextmanager
 def checkpoint(report: dict[str, Any], a: Any, prefix: str) -> Iterator[str]:
     """A checkpoint of size a.size (built on a.device when it is a GPU), its folder removed after;
-    what the builder reports goes into report["checkpoint"]."""
+    what the builder reports goes into report["checkpoint"]. With a.checkpoint, that folder, kept."""
+    if getattr(a, "checkpoint", None):
+        made = pathlib.Path(a.checkpoint) / "random_checkpoint.json"  # written by benchmarks/checkpoints.py
+        report["checkpoint"] = {"path": a.checkpoint, "prebuilt": True,
+                                **(json.loads(made.read_text()) if made.is_file() else {})}
+        yield a.checkpoint
+        return
     work = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
     try:
         device = a.device if a.device.startswith("cuda") else "cpu"

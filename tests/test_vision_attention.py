@@ -34,6 +34,31 @@ def test_packed_equals_per_segment_loop(lengths):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("cudnn_first", [False, True])
+@pytest.mark.parametrize("lengths", [[5], [4, 4, 4], [7, 3, 7, 1, 3, 7], [2, 0, 5, 0]])
+def test_grouped_equals_per_segment_loop(lengths, cudnn_first):
+    # one length: the no-copy view and one sdpa call; several: the packed path (this is a CPU)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q, k, v = _qkv(int(cu[-1]))
+    ref = va.reference_attention(q, k, v, cu, 0.3)
+    out = va.grouped_attention(q, k, v, cu, max(lengths), 0.3, cudnn_first=cudnn_first)
+    assert out.shape == (1, int(cu[-1]), 3, 8)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_grouped_on_transformers_layout_leaves_the_kernel_order_alone():
+    # transformers hands over q, k, v whose memory is (tokens, heads, dim), v a slice of the fused
+    # qkv projection; the grouped view of 4 images of 6 patches must read them right
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(24, 3, 2, 8, generator=g)
+    q, k, v = (qkv[:, i].transpose(0, 1).unsqueeze(0) for i in range(3))
+    cu = torch.arange(0, 25, 6, dtype=torch.int32)
+    before = torch._C._get_sdp_priority_order()
+    out = va.grouped_attention(q, k, v, cu, 6, None, cudnn_first=True)
+    assert torch._C._get_sdp_priority_order() == before  # cuDNN first only inside the call
+    torch.testing.assert_close(out, va.reference_attention(q, k, v, cu, None), rtol=1e-5, atol=1e-6)
+
+
 def test_packed_on_real_window_layout_float32():
     # Qwen2.5-VL's window layout for two images of different sizes: windows of several lengths.
     grid = torch.tensor([[1, 20, 34], [1, 14, 10]])
@@ -64,7 +89,8 @@ def test_selection_and_errors():
     assert va.resolve_vision_attn("auto", "cpu", torch.float32) == "sdpa"
     assert va.resolve_vision_attn("packed", "cpu", torch.float32) == "packed"
     assert va.resolve_vision_attn("sdpa", "cuda:0", torch.bfloat16) == "sdpa"
-    assert va.resolve_vision_attn("auto", "cuda:0", torch.bfloat16) == "varlen"  # no GPU needed to decide
+    assert va.resolve_vision_attn("auto", "cuda:0", torch.bfloat16) == "grouped"  # no GPU needed to decide
+    assert va.resolve_vision_attn("grouped", "cpu", torch.float32) == "grouped"  # runs anywhere
     assert va.resolve_vision_attn("auto", "cuda:0", torch.float32) == "sdpa"
     with pytest.raises(ValueError, match="needs a CUDA device"):
         va.resolve_vision_attn("varlen", "cpu", torch.bfloat16)
@@ -80,12 +106,14 @@ def _images():
     return [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()) for w, h in sizes]
 
 
+@pytest.mark.parametrize("choice,sizes", [("packed", "mixed"), ("grouped", "mixed"), ("grouped", "one")])
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
-def test_vision_tower_packed_equals_sdpa(arch, monkeypatch):
+def test_vision_tower_packed_equals_sdpa(arch, choice, sizes, monkeypatch):
     path = resolve_model_name(f"tiny:{arch}")
     proc = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval()
-    inputs = proc.image_processor(images=_images(), return_tensors="pt")
+    images = _images() if sizes == "mixed" else [im.resize((224, 168)) for im in _images()]
+    inputs = proc.image_processor(images=images, return_tensors="pt")
     visual = model.model.visual
 
     def run():
@@ -93,26 +121,37 @@ def test_vision_tower_packed_equals_sdpa(arch, monkeypatch):
             return visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
 
     plain = run()
-    calls = []
-    real = va.packed_attention
-    monkeypatch.setattr(va, "packed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    assert va.apply_vision_attn(model, "packed", "cpu", torch.float32) == "packed"
-    assert model.config.vision_config._attn_implementation == "flash_judge_packed"
+    calls, fallbacks = [], []
+    real, real_packed = getattr(va, f"{choice}_attention"), va.packed_attention
+    monkeypatch.setattr(va, f"{choice}_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    if choice == "grouped":  # segments of several lengths fall back to packed on the CPU
+        monkeypatch.setattr(va, "packed_attention", lambda *a, **k: fallbacks.append(1) or real_packed(*a, **k))
+    assert va.apply_vision_attn(model, choice, "cpu", torch.float32) == choice
+    assert model.config.vision_config._attn_implementation == f"flash_judge_{choice}"
     assert model.config.text_config._attn_implementation == "sdpa"  # the language model is untouched
     fast = run()
-    assert len(calls) == model.config.vision_config.depth  # every layer went through it
+    depth = model.config.vision_config.depth
+    assert len(calls) == depth  # every layer went through it
+    if choice == "grouped":
+        # Qwen3-VL and Qwen2-VL attend per image: one size, one sdpa call per layer and no fallback;
+        # Qwen2.5-VL's windowed layers have windows of several lengths even then
+        one_call = sizes == "one" and arch != "qwen2_5_vl"
+        assert (len(fallbacks) == 0) if one_call else (0 < len(fallbacks) <= depth)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
 
 
-def test_judge_scores_equal_with_packed_vision():
-    items = _images()
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_judge_scores_equal_with_packed_vision(arch):
+    # three images of three sizes and, for `grouped`'s one-size path, the same three at one size
+    items = _images() + [im.resize((224, 168)) for im in _images()]
     scores = {}
-    for choice in ("sdpa", "packed"):
-        with QwenVLRewardModel(model_name="tiny:qwen2_5_vl", vision_attn=choice, batch_size=2) as judge:
+    for choice in ("sdpa", "packed", "grouped"):
+        with QwenVLRewardModel(model_name=f"tiny:{arch}", vision_attn=choice, batch_size=3) as judge:
             assert judge.engine.vision_attn == choice
             scores[choice] = [r.score for r in judge.batch_score(items)]
     assert all(s is not None for s in scores["sdpa"])
     assert scores["packed"] == pytest.approx(scores["sdpa"], abs=1e-5)
+    assert scores["grouped"] == pytest.approx(scores["sdpa"], abs=1e-5)
 
 
 def test_auto_keeps_a_flash_implementation_the_model_was_loaded_with():

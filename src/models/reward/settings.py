@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 MODES = ("logits", "generate")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-VISION_ATTN = ("auto", "sdpa", "varlen", "packed")  # see vision_attention.py
+VISION_ATTN = ("auto", "sdpa", "varlen", "packed", "grouped")  # see vision_attention.py
 QUANTIZATIONS = ("none", "fp8", "bnb-8bit", "bnb-4bit")  # see quantization.py
 
 # The names verl users know for the same settings (its generative reward model's rollout and
@@ -44,9 +44,11 @@ class JudgeSettings:
       (max_prompt_tokens), micro_batch_size_per_gpu (batch_size).
     max_image_pixels: larger decoded images are refused (decompression-bomb guard).
     seed: sampling seed.
-    vision_attn: attention of the vision tower: `auto` (torch's varlen flash attention on a CUDA
-      device in bfloat16/float16, else `sdpa`), `varlen`, `packed` (pure torch, any device) or
-      `sdpa` (transformers' per-window loop). Same scores within rounding; see vision_attention.py.
+    vision_attn: attention of the vision tower: `auto` (`grouped` on a CUDA device in
+      bfloat16/float16, else `sdpa`), `grouped` (images of one size in one attention call, cuDNN's
+      kernel first on Hopper GPUs; other layouts through `varlen`, or `packed` where it cannot run),
+      `varlen` (torch's varlen flash attention), `packed` (pure torch, any device) or `sdpa`
+      (transformers' per-window loop). Same scores within rounding; see vision_attention.py.
     compile_vision: torch.compile the vision tower's blocks (fuses its small ops; the batch after
       the switch pays the compile time once). None (default): automatic, on CUDA (both modes)
       once the judge has scored compile_after_items items, so that small jobs and the first result
