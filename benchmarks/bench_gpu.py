@@ -35,6 +35,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.runs import parse_kv  # noqa: E402
+
 PROMPT_NOTE = "library: built-in `quality` template; naive: its own one-line prompt (same image, ~same tokens)"
 
 
@@ -513,17 +515,6 @@ def _f(v) -> str:
     if v is None:
         return "-"
     return f"{v:.3g}" if isinstance(v, float) and abs(v) < 100 else str(v)
-
-
-def parse_kv(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for p in pairs:
-        k, _, v = p.partition("=")
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
 
 
 def log(text: str) -> None:

@@ -27,7 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_gpu import make_images, parse_kv  # noqa: E402
+from benchmarks.bench_gpu import make_images  # noqa: E402
 from benchmarks import runs  # noqa: E402
 
 # Kernel names to a coarse kind, first match wins.
@@ -54,7 +54,7 @@ def _judge(model_dir: str, a, mode: str):
     kw: dict[str, Any] = dict(device=a.device, model_name=model_dir, mode=mode, batch_size=a.bs)
     if mode == "generate":
         kw.update(max_new_tokens=a.new, min_new_tokens=a.new)
-    kw.update(parse_kv(a.judge))
+    kw.update(runs.parse_kv(a.judge))
     return QwenVLRewardModel(**kw)
 
 

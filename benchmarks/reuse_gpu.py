@@ -84,7 +84,7 @@ def stage_edit(model_dir: str, a, cuda: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"items": a.n}
     scores = {}
     with QwenVLRewardModel(model_name=model_dir, device=a.device, template="edit", batch_size=a.bs,
-                           vision_reuse=True) as judge:
+                           **{**runs.parse_kv(a.judge), "vision_reuse": True}) as judge:
         reuse = judge.engine._vision_reuse
         _timed(judge, items[:a.bs], cuda)  # warm-up (kernels, allocator), untimed
         for on in (True, False):
@@ -118,7 +118,8 @@ def stage_shared(model_dir: str, a, cuda: bool) -> dict[str, Any]:
              for i in range(a.n)]
     out: dict[str, Any] = {"items": a.n, "sources": n_src, "models": a.models, "kept": []}
     scores = {}
-    with QwenVLRewardModel(model_name=model_dir, device=a.device, template="edit", batch_size=a.bs) as judge:
+    with QwenVLRewardModel(model_name=model_dir, device=a.device, template="edit", batch_size=a.bs,
+                           **runs.parse_kv(a.judge)) as judge:
         reuse = judge.engine._vision_reuse
         budgets = [reuse.cache_bytes] if not a.cache_mb else [float(mb) * 1e6 for mb in a.cache_mb.split(",")]
         _timed(judge, items[:a.bs], cuda)  # warm-up (kernels, allocator), untimed
@@ -318,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", type=int, default=None,
                     help="continuous batching: prompts prefilled ahead of the free slots (default: the "
                          "library's; 0: joins prefilled when their slots free up)")
+    ap.add_argument("--judge", action="append", default=[], metavar="KEY=VALUE",
+                    help="stages edit and shared: a judge setting, e.g. vision_attn=varlen (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -329,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         a.device, a.n, a.bs, a.width, a.height, a.len_min, a.len_max, a.fixed_len = "cpu", 6, 2, 224, 168, 2, 8, 4
         a.models = 3
     cuda = a.device.startswith("cuda")
-    report: dict[str, Any] = {"meta": runs.meta("reuse_gpu.py", argv, a, min_join=a.min_join, stage=a.stage)}
+    report: dict[str, Any] = {"meta": runs.meta("reuse_gpu.py", argv, a, min_join=a.min_join, stage=a.stage,
+                                                judge=runs.parse_kv(a.judge))}
     with runs.checkpoint(report, a, "reuse-gpu-") as model_dir:
         for stage in a.stages.split(","):
             fn = {"edit": stage_edit, "shared": stage_shared, "lengths": stage_lengths, "fixed": stage_fixed,

@@ -31,6 +31,19 @@ def meta(script: str, argv: list[str] | None, a: Any, **extra: Any) -> dict[str,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def parse_kv(pairs: list[str]) -> dict[str, Any]:
+    """["key=value", ...] -> {key: value}, each value read as JSON where it parses (numbers,
+    true/false, null), else kept as text: judge settings given on a command line."""
+    out = {}
+    for p in pairs:
+        k, _, v = p.partition("=")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
 def add_checkpoint_argument(ap: Any) -> None:
     ap.add_argument("--checkpoint", default=None,
                     help="a checkpoint of --size built earlier (bench_gpu.py --work W --keep-checkpoints: W/SIZE), "
