@@ -194,16 +194,3 @@ def test_vision_cache_mb_from_a_config_file_and_its_errors(tmp_path):
         build_reward_model({"class_path": "multi_gpu", "params": {"model_name": "x", "vision_cache_mb": "1 GB"}})
     # It changes which work is done, not the scores: resume keeps results made with another value.
     assert JudgeSettings(model_name="m", vision_cache_mb=0).fingerprint() == JudgeSettings(model_name="m").fingerprint()
-
-
-def test_the_shared_sources_benchmark_counts_what_the_store_saves():
-    # benchmarks/reuse_gpu.py's `shared` stage, in this process on the tiny model: 6 items, 3 edits
-    # of each of 2 sources, chunks of 2 items. Its GPU figures are the lead's device run.
-    import argparse
-
-    from benchmarks.reuse_gpu import stage_shared
-
-    a = argparse.Namespace(n=6, models=3, bs=2, width=84, height=56, device="cpu", cache_mb=None)
-    out = stage_shared("tiny:qwen3_vl", a, cuda=False)
-    assert out["kept"]["images_encoded"] == 6 + 2 and out["chunk_only"]["images_encoded"] == 6 + 3 * 2
-    assert out["kept"]["errors"] == out["chunk_only"]["errors"] == 0 and out["max_abs_score_diff"] < 1e-5
