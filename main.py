@@ -8,14 +8,18 @@
 The same commands are installed as `qwen-judge` (`qwen-judge run|serve|report ...`); both run
 src/cli.py. Here, relative paths in a config are read from this repository's folder.
 """
-from __future__ import annotations
-
 import sys
-from pathlib import Path
 
-try:
+try:  # Ctrl-C while importing: no traceback, the usual exit code
+    from src.interrupts import keep_lost_ctrl_c, raise_lost_ctrl_c
+
+    keep_lost_ctrl_c()  # first: a Ctrl-C that lands in an import's lock cleanup is not lost
+    from pathlib import Path
+
     from src.cli import main
-except KeyboardInterrupt:  # Ctrl-C while importing: no traceback, the usual exit code
+
+    raise_lost_ctrl_c()
+except KeyboardInterrupt:
     print("\ninterrupted", file=sys.stderr)
     sys.exit(130)
 

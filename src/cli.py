@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from src.interrupts import keep_lost_ctrl_c, raise_lost_ctrl_c
 from src.models.reward.errors import JudgeError, JudgeStartError, exit_code
 
 COMMANDS = ("run", "serve", "report")
@@ -90,6 +91,7 @@ def cmd_run(argv: list[str], prog: str, base: Path, base_label: str) -> int:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
     from src.job.runner import FINAL, REPORT, JobSpec, run_job
 
+    raise_lost_ctrl_c()  # one that landed while importing; run_job looks again before each chunk
     try:
         cfg = _load(args)
         summary = run_job(cfg, base=base, progress=not args.no_progress)
@@ -133,6 +135,7 @@ def cmd_serve(argv: list[str], prog: str, base: Path, base_label: str) -> int:
     except ImportError as e:
         print(f"error: the HTTP service needs its extra packages ({e}); run setup_env.sh", file=sys.stderr)
         return 2
+    raise_lost_ctrl_c()
     try:
         cfg = _load(args)
         return serve_from_config(cfg, base=base)
@@ -169,4 +172,5 @@ def main(argv: list[str] | None = None, prog: str = "qwen-judge", base: Path | N
 
 def console_main() -> int:
     """The `qwen-judge` console command (pyproject.toml)."""
+    keep_lost_ctrl_c()  # as main.py does (its entry point imported this module first: a few quick imports)
     return main()

@@ -447,9 +447,9 @@ def test_staged_prompts_enter_slots_in_order_even_a_batch_at_a_time(monkeypatch,
     entered = []  # (prompt numbers copied into slots at once, size of their prefilled batch)
     real_enter = fast_decode._ContinuousDecode._enter
 
-    def spy(self, g, free, where):
+    def spy(self, g, free, where, **kw):
         entered.append((g.numbers[g.used:g.used + len(free)], len(g.numbers)))
-        return real_enter(self, g, free, where)
+        return real_enter(self, g, free, where, **kw)
 
     monkeypatch.setattr(fast_decode._ContinuousDecode, "_enter", spy)
     timings = {}
@@ -526,6 +526,46 @@ def test_continuous_batching_one_decode_spans_the_call(monkeypatch, tmp_path):
     assert all(o[4] in (None, "parse") for i, o in enumerate(out[True][:9]) if i not in (3, 6))  # random weights: junk
     assert out[True][9][0] == out[True][0][1]
     assert len(out[True][8][1]["semantic_consistency"]) < len(out[True][0][1]["semantic_consistency"])  # budgets bit
+
+
+@pytest.mark.parametrize("stage", [None, 0])
+def test_continuous_batching_counts_a_prompt_from_its_prefill_not_its_wait_for_a_slot(monkeypatch, stage):
+    # latency_s under continuous batching is a prompt's prefill and its share of the decode (one of
+    # the slots, from its prefill to its end), the same whether it started, joined as a slot freed
+    # (stage 0) or was prefilled ahead and waited for a slot (staged): the wait is not counted. The
+    # clock here is the decode itself: time.perf_counter reads a counter that the language model's
+    # decoding steps advance (a torch forward hook; a prefill feeds embeddings, a step token ids),
+    # so the measure is exact, whatever the machine. Every answer is as long as its budget (min ==
+    # max new tokens): a prompt of n tokens decodes n - 1 steps after the token of its prefill.
+    import time
+
+    imgs = _images(7, seed=3)
+    budgets = [12, 3, 7, None, 2, 12, 5]
+    items = [ScoreItem(images=[im], metadata={"max_new_tokens": b} if b else {}) for im, b in zip(imgs, budgets)]
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", mode="generate", max_new_tokens=12, min_new_tokens=12,
+                           batch_size=2, continuous_batching=True) as j:
+        j.engine._continuous_stage = stage
+        steps = [0.0]
+
+        def count_step(module, args, kwargs):
+            if kwargs.get("input_ids") is not None:
+                steps[0] += 1
+
+        hook = j.engine.model.model.language_model.register_forward_pre_hook(count_step, with_kwargs=True)
+        monkeypatch.setattr(time, "perf_counter", lambda: steps[0])
+        try:
+            results = j.batch_score(items)
+        finally:
+            monkeypatch.undo()
+            hook.remove()
+        timings = j.engine._continuous_timings
+    assert timings["joined"] == 5 and steps[0] == timings["steps"]  # one decode, every step counted
+    if stage is None:
+        assert timings["staged_rows"] == 5  # every prompt that joined had waited, prefilled
+    else:
+        assert timings["staged_rows"] == 0 and timings["sync_joins"] > 0
+    slots = 2
+    assert [r.latency_s * slots for r in results] == [(b or 12) - 1 for b in budgets]
 
 
 class _FailsThirdForward:

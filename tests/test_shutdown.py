@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, assert_no_orphans, make_image, worker_processes
+from conftest import ROOT, assert_no_orphans, make_image, wait_until_gone, worker_processes
 from src.models.reward import ScoreItem
 from src.models.reward.scheduler import Scheduler
 
@@ -176,6 +176,79 @@ def test_interrupts_at_random_moments_always_exit_promptly_and_leave_no_worker(j
         _check(t)
     sigterm = trials[-1]
     assert sigterm["rc"] == 130 or len(sigterm["stream"]) == N_ITEMS, sigterm["stderr"][-3000:]
+
+
+# -- a Ctrl-C that Python loses: it lands in a weakref callback while main.py starts -------------
+
+# Put on the job's PYTHONPATH by the test only: when main.py (or what it imports) begins to import
+# LOSE_CTRL_C_AT, a real SIGINT arrives while a weakref callback runs, as it does when Ctrl-C lands
+# in the callback with which importlib drops a module's lock at the end of every import. Python
+# can only print such a KeyboardInterrupt ("Exception ignored in ...") and goes on; the job once
+# ran to its end this way. The variable is taken out of the environment, so workers are untouched.
+LOSE_CTRL_C = """
+import os, signal, sys, weakref
+
+_at = os.environ.pop("LOSE_CTRL_C_AT", None)
+
+
+class _LoseCtrlC:
+    def find_spec(self, name, path=None, target=None):
+        global _at
+        if name == _at:
+            _at = None
+
+            class Lock:
+                pass
+
+            def cb(ref):
+                try:
+                    signal.raise_signal(signal.SIGINT)
+                except KeyboardInterrupt:
+                    print(f"ctrl-c in a weakref callback while importing {name}", file=sys.stderr, flush=True)
+                    raise
+
+            lock = Lock()
+            ref = weakref.ref(lock, cb)
+            del lock
+        return None
+
+
+if _at:
+    sys.meta_path.insert(0, _LoseCtrlC())
+"""
+
+
+@pytest.mark.parametrize("module", ["src.cli",  # main.py's own import
+                                    "src.job.runner",  # the run command's
+                                    "concurrent.futures.thread"])  # as the pool is built, just before its workers start
+def test_a_ctrl_c_python_could_not_raise_still_stops_the_job(job_files, sigint_default, tmp_path, module):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(LOSE_CTRL_C)
+    out = tmp_path / "out"
+    cfg = _config(job_files, out)
+    env = {**os.environ, "PYTHONPATH": str(site), "LOSE_CTRL_C_AT": module}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--config", str(cfg), "--no-progress"],
+                            cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        left = wait_until_gone([proc.pid], timeout=5)
+        for p in left:
+            os.kill(p, signal.SIGKILL)
+    own_lines = [line for line in err.splitlines() if not line.startswith("[cpu#")]
+    assert f"ctrl-c in a weakref callback while importing {module}" in own_lines, err[-3000:]
+    assert proc.returncode == 130, f"exit {proc.returncode}:\n{err[-3000:]}"
+    assert any(line.startswith("interrupted") for line in own_lines), err[-3000:]
+    assert not any(line.startswith(("Traceback", "Exception ignored")) for line in own_lines), err[-3000:]
+    if module == "concurrent.futures.thread":  # the workers had started: they were stopped, not never born
+        assert sum("model loaded" in line for line in err.splitlines()) == 2, err[-3000:]
+    assert not left, f"worker processes {left} outlived the job"
+    assert not _stream(out) and not (out / "results.jsonl").exists()
 
 
 # -- the exact moment that hung: one worker waits for the other's last item ---------------------

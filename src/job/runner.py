@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
+from src.interrupts import raise_lost_ctrl_c
 from src.models.reward import BaseRewardModel, ScoreResult, build_reward_model
 from src.models.reward.config import ConfigError, model_param_paths, resolve_spec, unknown_key_error
 
@@ -208,6 +209,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
     stream_path = spec.output_dir / STREAM
     t0 = time.time()
     with _sigterm_as_interrupt():
+        raise_lost_ctrl_c()  # (src/interrupts.py) before any worker starts
         own = model is None
         if own:
             model = build_reward_model(model_spec)
@@ -233,6 +235,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
             try:
                 with stream_path.open("a", encoding="utf-8") as out:
                     for start in range(0, len(todo), spec.chunk_size):
+                        raise_lost_ctrl_c()  # one lost while the model was built or a chunk ran
                         chunk = todo[start:start + spec.chunk_size]
                         results = model.batch_score([r.item for r in chunk])
                         lines = []

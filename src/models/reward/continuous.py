@@ -11,7 +11,8 @@ engine call, fed from the prepared chunks as slots free up.
          |   Prompts are taken a few ahead of the free slots and prefilled on a second CUDA stream
          |   while the decode runs (staged); they enter slots, in the order taken, as slots free up
          v
-    on_done(prompt, tokens): parsed; a chunk whose prompts are all done becomes its ScoreResults
+    on_done(prompt, tokens, waited): parsed, timed (ScoreResult.latency_s); a chunk whose
+                    prompts are all done becomes its ScoreResults
 
 Why a call and not a chunk: the decode's drain (the last rows finishing while the other slots
 sit empty) is paid once per decode; per chunk it cost ~400 steps every 128 items (benchmarks/
@@ -119,13 +120,15 @@ class ContinuousCalls:
                 return None
             return enter([queue.popleft() for _ in range(min(n, len(queue)))])
 
-        def on_done(i: int, tokens: Any) -> None:
+        def on_done(i: int, tokens: Any, waited_s: float) -> None:
             live, req, t0 = entered[i]
             text = self.tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
             outcome = self._parse_answers([text], req.template)[0]
             entered[i] = None
-            # Its share of the decode: one of `slots` rows, from its join to its end.
-            finish(live, req, outcome, (time.perf_counter() - t0) / slots)
+            # Its share of the decode: one of `slots` rows, from its take (its prefill) to its end,
+            # less the time it sat prefilled ahead waiting for a slot (the model was decoding the
+            # rows in the slots then, each of which counts that time), as for a prompt not staged.
+            finish(live, req, outcome, (time.perf_counter() - t0 - waited_s) / slots)
 
         if reuse is not None:
             reuse.begin_chunk([])

@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,8 +215,6 @@ def _prefill(model: Any, inputs: Any, cache_len: int) -> tuple[Any, Any, Any, An
 
 
 def _decode(step, st: _State, steps: int, use_graph: bool, device, timings: dict | None) -> None:
-    import time
-
     import torch
 
     done = 0
@@ -404,7 +403,8 @@ def generate_continuous(model: Any, first: Any, more: list[Any], plan: Plan, *, 
 
     results: list[Any] = [None] * n_total
     with torch.inference_mode():
-        run_continuous(model, first, limits[:slots], take, plan, on_done=results.__setitem__,
+        run_continuous(model, first, limits[:slots], take, plan,
+                       on_done=lambda i, tokens, waited_s: results.__setitem__(i, tokens),
                        max_new=max(limits), cuda_graph=cuda_graph, cache_align=cache_align,
                        check_every=check_every, min_join=min_join, stage=stage, timings=timings)
     return results
@@ -417,10 +417,12 @@ def run_continuous(model: Any, first: Any, first_limits: list[int], take: Any, p
     """The continuous decode. `first` (device inputs) start, one slot each, with `first_limits`
     (each prompt's max_new_tokens); `take(n)` is asked for up to n next prompts and returns (their
     inputs as one left-padded batch on the device, their limits), or None once there are no more.
-    `on_done(i, tokens)` receives prompt i's new tokens (a 1-D CPU tensor, up to and including the
-    end token) as it finishes; prompts are numbered in the order take returned them, first's
-    before. `max_new`: the largest limit to expect (sizes the cache; default plan.max_new_tokens).
-    The cache grows if a joining batch is longer than it allows.
+    `on_done(i, tokens, waited_s)` receives prompt i's new tokens (a 1-D CPU tensor, up to and
+    including the end token) as it finishes, and the seconds it sat prefilled ahead (staged) before
+    a slot took it (0.0 for a prompt that entered a slot as soon as it was prefilled): time in which
+    the model worked for the rows in the slots, not for it. Prompts are numbered in the order take
+    returned them, first's before. `max_new`: the largest limit to expect (sizes the cache; default
+    plan.max_new_tokens). The cache grows if a joining batch is longer than it allows.
 
     `stage`: how many prompts to keep prefilled ahead of the free slots (default max(min_join, 4),
     at most the slot count; 0: none). After the decode's next steps are queued, `take` is asked for
@@ -507,6 +509,7 @@ class _Prefilled:
     numbers: list[int]  # each prompt's number for on_done
     event: Any = None   # CUDA: recorded on the staging stream after the prefill
     used: int = 0
+    ready_at: float = 0.0  # host clock when its prefill was made (launched, on CUDA): its wait for slots begins
 
 
 class _ContinuousDecode:
@@ -553,6 +556,7 @@ class _ContinuousDecode:
         self.plain_attn = self.text_config._attn_implementation
         self.plain_updates = [layer.update for layer in self.layers]
         self.owner: list[int | None] = list(range(slots))  # the prompt each slot decodes
+        self.waited = [0.0] * slots  # the seconds that prompt sat prefilled ahead before it took the slot
         self.next_number = slots
         self.staged: collections.deque[_Prefilled] = collections.deque()
         self.retired: list[_Prefilled] = []  # consumed; kept until the decode stream has copied them
@@ -642,10 +646,10 @@ class _ContinuousDecode:
         cache, attn, logits, deltas = _prefill(self.model, inputs, ids.shape[1])
         return _Prefilled(cache, attn, logits, deltas, ids if self.st.seen is not None else None, list(limits), numbers)
 
-    def _enter(self, g: _Prefilled, free: list[int], where: Any) -> None:
+    def _enter(self, g: _Prefilled, free: list[int], where: Any, waited: float = 0.0) -> None:
         """g's next len(free) rows into the slots `free`. `where`: (2, m) long tensor on the device,
         the slots and the rows' limits, made by the caller before any wait was queued (copying a
-        host list to the device waits for the stream)."""
+        host list to the device waits for the stream). `waited`: seconds g sat staged until now."""
         torch, st = self.torch, self.st
         m, n = len(free), g.attn.shape[1]
         a, b = g.used, g.used + len(free)
@@ -670,6 +674,7 @@ class _ContinuousDecode:
         _pick_rows(g.logits[a:b], st, rows=idx)  # (writes into those logits rows: they are not read again)
         for slot, number in zip(free, g.numbers[a:b]):
             self.owner[slot] = number
+            self.waited[slot] = waited
         g.used = b
         self.joined += m
 
@@ -688,6 +693,7 @@ class _ContinuousDecode:
             rest = rest[m:]
         if not plan:
             return rest
+        now = time.perf_counter()
         where = self._where([s for _, use in plan for s in use],
                             [lim for g, use in plan for lim in g.limits[g.used:g.used + len(use)]])
         k = 0
@@ -696,7 +702,7 @@ class _ContinuousDecode:
                 if not g.event.query():
                     self.stage_waits += 1
                 torch.cuda.current_stream(self.device).wait_event(g.event)
-            self._enter(g, use, where[:, k:k + len(use)])
+            self._enter(g, use, where[:, k:k + len(use)], waited=now - g.ready_at)
             k += len(use)
             self.staged_rows += len(use)
             if g.used == len(g.limits):
@@ -716,8 +722,6 @@ class _ContinuousDecode:
 
     def _launch(self, k: int) -> None:
         """Up to k prompts prefilled ahead, on the staging stream (CUDA) or now (CPU)."""
-        import time
-
         torch = self.torch
         t0 = time.perf_counter()
         with torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext(), self._plain():
@@ -727,9 +731,10 @@ class _ContinuousDecode:
                 g.event.record(self.side)
                 self.last_event = g.event
         if g is not None:
+            g.ready_at = time.perf_counter()
             self.staged.append(g)
             self.staged_groups += 1
-            self.launch_s += time.perf_counter() - t0
+            self.launch_s += g.ready_at - t0
             self.launch_rows += len(g.limits)
 
     def _ahead(self, k: int, replay_ms: float | None) -> int:
@@ -764,7 +769,8 @@ class _ContinuousDecode:
                 for slot in free:
                     if self.owner[slot] is not None:
                         n = int(st.step[slot])
-                        self.on_done(self.owner[slot], st.out[slot, :n].clone().cpu())  # the slot is reused
+                        self.on_done(self.owner[slot], st.out[slot, :n].clone().cpu(),  # the slot is reused
+                                     self.waited[slot])
                         self.owner[slot] = None
                 grown = self.grown
                 free = self._fill_from_stage(free)

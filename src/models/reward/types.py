@@ -79,7 +79,12 @@ class ScoreResult:
     error_kind: a short machine-readable cause (`image`, `parse`, `oom`, `worker_died`,
       `worker_timeout`, ...).
     device: which device produced it (`cuda:0`, `cpu`, `cpu#1`).
-    latency_s: seconds spent on the item's batch(es), divided among its items.
+    latency_s: the model's time on the item, in seconds: the sum over its prompts (a rubric asks
+      one per part) of each prompt's share of the batch that ran it. A static batch's time is
+      divided among its prompts. Under continuous batching (generate mode) the decode's time is
+      divided among its slots: a prompt counts the time from its prefill to its end, divided by
+      the number of slots, but not the time it sat prefilled ahead waiting for a slot (the rows
+      decoding meanwhile count that). Not the item's wall-clock wait: queued time is not in it.
     index: the item's position in the call's input.
     """
 
