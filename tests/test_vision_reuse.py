@@ -112,6 +112,34 @@ def test_the_least_recently_used_features_leave_first():
         assert score(c) == 0 and score(a) == 1
 
 
+def test_source_images_outlast_images_under_judgement():
+    # One call per editing model, as a benchmark scored model by model in separate calls: each
+    # call shows the 2 sources and 2 new edits. The budget holds 2.5 images' features: by recency
+    # alone the edits (kept last) would push the sources out before the next call shows them.
+    imgs = _images(8, seed=13)  # 6 edits (3 models x 2 sources) and 2 sources, one size
+    sources = imgs[6:]
+    calls = [[ScoreItem(images=[imgs[2 * m + s]], source_images=[sources[s]], instruction="make it red")
+              for s in range(2)] for m in range(3)]
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=2) as j:
+        r = j.engine._vision_reuse
+        assert all(res.error is None for res in j.batch_score(calls[0]))
+        size = r.kept_bytes / len(r.kept)
+        r.clear()
+        r.cache_bytes = 2.5 * size
+        before = r.encoded
+        for items in calls:
+            assert all(res.error is None for res in j.batch_score(items))
+        assert r.encoded - before == 2 + 6  # each source once, each edit once
+        assert [src for _, _, src in r.kept.values()] == [True, True]  # the sources: the edits found no room
+        # an edit shown again in a later call is still welcome where room is free of sources
+        r.cache_bytes = 4.5 * size
+        assert all(res.error is None for res in j.batch_score(calls[0]))
+        assert sorted(src for _, _, src in r.kept.values()) == [False, False, True, True]
+        # under a memory budget everything gives way, sources too
+        r.shrink_to(0)
+        assert not r.kept and r.kept_bytes == 0
+
+
 def test_close_out_of_memory_and_switching_off_drop_the_kept_features(monkeypatch):
     items = _shared_source_items()[:2]
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=2) as j:

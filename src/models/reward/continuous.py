@@ -88,7 +88,8 @@ class ContinuousCalls:
                 return
             live = _Live(start, chunk, waiting=1)  # held open until its prompts are queued
             if reuse is not None:  # vision_reuse.py: the images its prompts will show
-                reuse.add_uses([k for r in chunk.requests if r.pos not in chunk.errors for k in (r.image_keys or [])])
+                reuse.add_uses([k for r in chunk.requests if r.pos not in chunk.errors for k in (r.image_keys or [])],
+                               chunk.source_keys)
             for req in chunk.requests:
                 if req.pos not in chunk.errors:
                     live.waiting += 1

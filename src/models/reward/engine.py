@@ -141,7 +141,8 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
     def _run_chunk(self, chunk: _PreparedChunk) -> dict[int, ScoreResult]:
         reuse = self._vision_reuse
         if reuse is not None:  # vision_reuse.py: how often each image is shown in this chunk
-            reuse.begin_chunk([k for r in chunk.requests if r.pos not in chunk.errors for k in (r.image_keys or [])])
+            reuse.begin_chunk([k for r in chunk.requests if r.pos not in chunk.errors for k in (r.image_keys or [])],
+                              chunk.source_keys)
         try:
             outcomes = list(self._run_all(chunk))
         finally:

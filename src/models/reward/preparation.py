@@ -37,6 +37,7 @@ class _PreparedChunk:
     requests: list[_Request] = field(default_factory=list)
     # Processor outputs (CPU tensors) made by the prepare thread, keyed by _batch_key(requests).
     encoded: dict[tuple, Any] = field(default_factory=dict)
+    source_keys: set[str] = field(default_factory=set)  # image keys shown as source images (vision_reuse.py)
 
 
 class Preparation:
@@ -68,6 +69,8 @@ class Preparation:
                                 notes.append(f"{describe_image(img)}: {note}")
                             out.append(resized)
                             keys[id(resized)] = loading[(pos, role, k)].result()[2]
+                            if role == "source" and keys[id(resized)] is not None:
+                                chunk.source_keys.add(keys[id(resized)])
                         except ValueError as e:
                             raise _ItemError(_image_error(role, describe_image(img), str(e)), "image") from None
                     loaded[role] = out

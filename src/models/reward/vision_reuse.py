@@ -22,7 +22,12 @@ Where features are kept, between the batches that show an image:
     kept          (`vision_cache_mb`) features that left the chunk store, or the chunk, go here,
                   each copied to its own tensors so its bytes are what it holds; least recently
                   used first out once the bytes would exceed the budget (an image larger than the
-                  budget is not kept). A lookup tries the chunk store, then this one; a hit moves
+                  budget is not kept), images under judgement before source images: an image
+                  under judgement makes room only by pushing out others under judgement, and is
+                  not kept when the rest is sources. A benchmark shows its source images again
+                  for every editing model it scores, while an edited image rarely comes back
+                  after its item; by recency alone, a pass over S sources and their S edits that
+                  overflows the budget would push each source out just before its next showing. A lookup tries the chunk store, then this one; a hit moves
                   the features back into use (and, when they leave again, to the most recent end)
                   and counts as reused. It lives across calls: the digests name resized pixels,
                   and the loaded judge's weights do not change (code that trains a judge's weights
@@ -77,7 +82,9 @@ class VisionReuse:
         self.keys: list[str] | None = None  # the images of the forward about to run, in order
         self.remaining: Counter = Counter()  # uses still to come in this chunk, per image
         self.store: dict[str, Features] = {}  # the chunk store
-        self.kept: OrderedDict[str, tuple[Features, int]] = OrderedDict()  # (features, bytes), oldest use first
+        # (features, bytes, shown as a source image), oldest use first
+        self.kept: OrderedDict[str, tuple[Features, int, bool]] = OrderedDict()
+        self.sources: set[str] = set()  # images shown as source images by the chunk (the call, continuous)
         self.kept_bytes = 0
         self.output_type: type | None = None
         self.encoded = 0  # images run through the tower (for tests and the benchmark)
@@ -111,24 +118,37 @@ class VisionReuse:
         self.kept.clear()
         self.kept_bytes = 0
 
-    def shrink_to(self, nbytes: float) -> None:
-        """Evict the least recently used kept features until they hold at most nbytes."""
+    def shrink_to(self, nbytes: float, sources: bool = True) -> bool:
+        """Evict kept features until they hold at most nbytes: the least recently used image under
+        judgement first, then (only if `sources`) the least recently used source image. Returns
+        whether they now fit."""
         while self.kept and self.kept_bytes > nbytes:
-            _, (_, n) = self.kept.popitem(last=False)
+            key = next((k for k, (_, _, src) in self.kept.items() if not src), None)
+            if key is None:
+                if not sources:
+                    return False
+                key = next(iter(self.kept))
+            _, n, _ = self.kept.pop(key)
             self.kept_bytes -= n
+        return self.kept_bytes <= nbytes
 
-    def begin_chunk(self, keys: list[str]) -> None:
+    def begin_chunk(self, keys: list[str], sources: set[str] | frozenset = frozenset()) -> None:
+        """A chunk starts: `keys` its prompts' images (one per showing), `sources` the ones shown as
+        source images."""
         self._release_chunk()
         self.remaining = Counter(keys)
+        self.sources = set(sources)
 
-    def add_uses(self, keys: list[str]) -> None:
+    def add_uses(self, keys: list[str], sources: set[str] | frozenset = frozenset()) -> None:
         """More prompts to come show these images (continuous batching pulls a call's chunks into
         one decode): features already kept stay while any prompt still to come shows them."""
         self.remaining.update(keys)
+        self.sources.update(sources)
 
     def end_chunk(self) -> None:
         self._release_chunk()
         self.remaining.clear()
+        self.sources = set()
         self.keys = None
 
     def _release_chunk(self) -> None:
@@ -140,20 +160,22 @@ class VisionReuse:
         self.store.clear()
 
     def _keep(self, key: str, feats: Features) -> None:
-        """Into the kept store, as the most recently used; the oldest leave while over the budget."""
+        """Into the kept store, as the most recently used; the oldest leave while over the budget
+        (images under judgement first; an image under judgement is not kept where only source
+        images could make room for it)."""
         old = self.kept.pop(key, None)
         if old is not None:
             self.kept_bytes -= old[1]
         if self.cache_bytes <= 0:
             return
+        source = key in self.sources or (old is not None and old[2])
         pooled, deep = feats
         # Own tensors: a view into the batch's features would hold the whole batch's memory.
         own = [t if t.untyped_storage().nbytes() == t.nbytes else t.clone() for t in (pooled, *(deep or ()))]
         n = sum(t.nbytes for t in own)
-        if n > self.cache_bytes:
+        if n > self.cache_bytes or not self.shrink_to(self.cache_bytes - n, sources=source):
             return
-        self.shrink_to(self.cache_bytes - n)
-        self.kept[key] = ((own[0], own[1:] if deep is not None else None), n)
+        self.kept[key] = ((own[0], own[1:] if deep is not None else None), n, source)
         self.kept_bytes += n
 
     def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
@@ -177,8 +199,10 @@ class VisionReuse:
             if k in self.store:
                 held[k] = self.store[k]
             elif k in self.kept:
-                f, n = self.kept.pop(k)  # in use again: back in the kept store when it leaves (as newest)
+                f, n, src = self.kept.pop(k)  # in use again: back in the kept store when it leaves (as newest)
                 self.kept_bytes -= n
+                if src:
+                    self.sources.add(k)  # still a source image when it is kept again
                 held[k] = f
             else:
                 first[k] = i
