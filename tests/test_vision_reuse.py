@@ -1,18 +1,26 @@
 """Vision features kept beyond the chunk that encoded them (vision_reuse.py, `vision_cache_mb`):
 each image through the tower once while its features stay in the byte-bounded store, the same
 scores and answers as without reuse, least recently used out first, nothing kept after close(),
-out of memory, or under a budget that a full batch needs. CPU, float32, tiny real models.
+out of memory, or under a budget that a full batch needs. Items that share a source image cut
+into the same chunk (grouping.py): each source once per call with no store at all, the same
+results in input order, a bad item failing alone under its own index, other orders untouched.
+CPU, float32, tiny real models.
 """
 from __future__ import annotations
+
+import dataclasses
+import io
 
 import pytest
 import torch
 from PIL import Image
 
 from src.models.reward import ConfigError, build_reward_model, hooks, load_config
+from src.models.reward.grouping import image_identity, source_order
 from src.models.reward.implementations.local import QwenVLRewardModel
 from src.models.reward.settings import JudgeSettings
 from src.models.reward.types import ScoreItem
+from src.testing import faults
 
 
 def _images(n: int, seed: int) -> list[Image.Image]:
@@ -63,14 +71,21 @@ def test_an_image_shared_across_chunks_and_calls_is_encoded_once(mode, continuou
         second = j.batch_score(items)  # a later call showing the same images: nothing new encoded
         assert r.encoded == 8 and r.reused == 10 + 18
     for got in (first, second):
-        for a, b in zip(got, plain):
-            assert a.error is None or a.error_kind == "parse", a.error  # random weights: junk answers
-            assert a.sub_scores.keys() == b.sub_scores.keys()
-            if mode == "logits":
-                for part, v in a.sub_scores.items():
-                    assert v is not None and abs(v - b.sub_scores[part]) < 1e-5, (part, v, b.sub_scores[part])
-            else:
-                assert a.raw == b.raw and a.sub_scores == b.sub_scores  # identical answers
+        _same_results(got, plain, mode)
+
+
+def _same_results(got: list, ref: list, mode: str) -> None:
+    """The same results, in the same order: float32 sub-scores within 1e-5 (logits), identical
+    answers (generate)."""
+    assert [r.index for r in got] == [r.index for r in ref] and [r.id for r in got] == [r.id for r in ref]
+    for a, b in zip(got, ref):
+        assert a.error is None or a.error_kind == "parse", a.error  # random weights: junk answers
+        assert a.sub_scores.keys() == b.sub_scores.keys()
+        if mode == "logits":
+            for part, v in a.sub_scores.items():
+                assert v is not None and abs(v - b.sub_scores[part]) < 1e-5, (part, v, b.sub_scores[part])
+        else:
+            assert a.raw == b.raw and a.sub_scores == b.sub_scores  # identical answers
 
 
 def test_a_zero_budget_keeps_nothing_beyond_a_chunk():
@@ -78,6 +93,7 @@ def test_a_zero_budget_keeps_nothing_beyond_a_chunk():
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=2, vision_cache_mb=0) as j:
         r = j.engine._vision_reuse
         assert r.cache_bytes == 0
+        j.engine._group_sources = False  # chunks as the input orders them: the store's part alone
         j.batch_score(items)
         # within a chunk: 2 edits + 2 sources of 6 shown, in each of the three chunks
         assert r.encoded == 3 * 4 and r.reused == 3 * 2 and not r.kept and r.kept_bytes == 0
@@ -222,3 +238,137 @@ def test_vision_cache_mb_from_a_config_file_and_its_errors(tmp_path):
         build_reward_model({"class_path": "multi_gpu", "params": {"model_name": "x", "vision_cache_mb": "1 GB"}})
     # It changes which work is done, not the scores: resume keeps results made with another value.
     assert JudgeSettings(model_name="m", vision_cache_mb=0).fingerprint() == JudgeSettings(model_name="m").fingerprint()
+
+
+# -- items sharing a source image, chunked together (grouping.py) ------------------------------------
+
+def _model_by_model(n_src: int = 4, n_models: int = 3) -> list[ScoreItem]:
+    """A benchmark scored for several editing models in one call: item i is model i // n_src's edit
+    of source i % n_src (the same PIL object for every edit of a source)."""
+    imgs = _images(n_src * n_models + n_src, seed=21)
+    sources = imgs[n_src * n_models:]
+    return [ScoreItem(images=[imgs[i]], source_images=[sources[i % n_src]], instruction=f"edit {i}",
+                      id=f"m{i // n_src}-s{i % n_src}") for i in range(n_src * n_models)]
+
+
+def _chunks_seen(engine) -> list[list[int]]:
+    """The indices of each chunk the engine prepares, in the order it prepares them."""
+    seen: list[list[int]] = []
+    real = engine._prepare
+
+    def wrapped(items, indices, *a, **k):
+        seen.append(list(indices))
+        return real(items, indices, *a, **k)
+    engine._prepare = wrapped
+    return seen
+
+
+GROUPED = [[0, 4, 8, 1, 5, 9], [2, 6, 10, 3, 7, 11]]  # 4 sources x 3 models, chunks of 6: two sources each
+
+
+@pytest.mark.parametrize("mode, continuous", [("logits", False), ("generate", False), ("generate", True)])
+def test_items_sharing_a_source_go_through_the_tower_once_per_call_without_a_store(mode, continuous):
+    items = _model_by_model()
+    kw = dict(mode=mode, max_new_tokens=4, continuous_batching=continuous) if mode == "generate" else {}
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=6, vision_cache_mb=0, **kw) as j:
+        e = j.engine
+        r = e._vision_reuse
+        assert e._continuous is continuous and r.cache_bytes == 0
+        seen = _chunks_seen(e)
+        e._group_sources = False  # as the input orders them: every chunk shows all four sources
+        plain = j.batch_score(items)
+        assert seen == [list(range(6)), list(range(6, 12))] and r.encoded == 2 * (4 + 6)
+        e._group_sources = True  # the library's default
+        seen.clear()
+        grouped = j.batch_score(items)
+        # Each chunk holds two sources' edits: each source once, each edit once (the second
+        # question shows the edit again, from the chunk's store).
+        assert seen == GROUPED and r.encoded - 20 == 4 + 12
+        assert not r.kept and r.kept_bytes == 0
+    _same_results(grouped, plain, mode)
+    assert [res.index for res in grouped] == list(range(12)) and [res.id for res in grouped] == [it.id for it in items]
+
+
+def test_a_bad_item_in_a_grouped_call_fails_alone_under_its_own_index(tmp_path):
+    items = _model_by_model()
+    missing = tmp_path / "missing.png"
+    items[5] = dataclasses.replace(items[5], images=[str(missing)])  # m1-s1: its edit cannot be read
+    items[10] = dataclasses.replace(items[10], source_images=[b"not an image"])  # m2-s2: its source
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=6, vision_cache_mb=0) as j:
+        e = j.engine
+        seen = _chunks_seen(e)
+        e._group_sources = False
+        plain = j.batch_score(items)
+        e._group_sources = True
+        seen.clear()
+        grouped = j.batch_score(items)
+        # groups by first showing; the bytes source (a group of its own) comes after the four
+        assert seen == [[0, 4, 8, 1, 5, 9], [2, 6, 3, 7, 11, 10]]
+    assert [res.index for res in grouped] == list(range(12))
+    assert grouped[5].error == plain[5].error == f"item 'm1-s1' (#5): image not found: {missing}"
+    # (PIL's message names the buffer object it read: not comparable between calls)
+    assert grouped[10].error.startswith("item 'm2-s2' (#10): source image <12 bytes>: cannot decode image")
+    assert grouped[5].error_kind == grouped[10].error_kind == "image" and grouped[5].score is grouped[10].score is None
+    good = [k for k in range(12) if k not in (5, 10)]
+    _same_results([grouped[k] for k in good], [plain[k] for k in good], "logits")
+
+
+def test_grouped_batches_split_on_out_of_memory_keep_every_result(monkeypatch):
+    items = _model_by_model()
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=6, vision_cache_mb=0) as j:
+        e = j.engine
+        e._group_sources = False
+        plain = j.batch_score(items)
+        e._group_sources = True
+        monkeypatch.setenv(faults.FAULT_OOM_ABOVE, "2")  # a batch of more than two prompts runs out of memory
+        grouped = j.batch_score(items)
+        assert e._batch_cap is not None and e._batch_cap <= 2
+    _same_results(grouped, plain, "logits")
+
+
+def test_orders_grouping_cannot_help_are_left_as_given():
+    items = _model_by_model()
+    everything = [list(range(6)), list(range(6, 12))]
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=6) as j:
+        e = j.engine
+        seen = _chunks_seen(e)
+        distinct = [dataclasses.replace(it, source_images=[im]) for it, im in zip(items, _images(12, seed=22))]
+        for call, expected in ((distinct, everything),  # no source repeats
+                               ([items[i] for g in GROUPED for i in g], everything),  # grouped already
+                               (items[:6], [list(range(6))])):  # one chunk
+            seen.clear()
+            assert all(res.error is None for res in j.batch_score(call))
+            assert seen == expected
+        e._vision_reuse.enabled = False  # nothing to save: the order as given
+        seen.clear()
+        j.batch_score(items)
+        assert seen == everything
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="quality", batch_size=6) as j:
+        seen = _chunks_seen(j.engine)  # a rubric that does not show the sources
+        j.batch_score(items)
+        assert seen == everything
+
+
+def test_source_keys_name_one_image_and_the_order_is_a_stable_grouping(tmp_path):
+    a, b = _images(2, seed=23)
+    path = tmp_path / "source.png"
+    a.save(path)
+    buf = io.BytesIO()
+    b.save(buf, format="PNG")
+    data = buf.getvalue()
+    assert image_identity(str(path)) == image_identity(path) != image_identity(str(tmp_path / "other.png"))
+    assert image_identity(data) == image_identity(bytearray(data)) != image_identity(data + b"\0")  # by digest
+    assert image_identity(a) == image_identity(a) != image_identity(a.copy())  # by identity: same pixels, two keys
+    digests: dict = {}
+    assert image_identity(data, digests) == image_identity(data) and list(digests) == [id(data)]
+
+    def item(*sources) -> ScoreItem:
+        return ScoreItem(images=["edit.png"], source_images=list(sources))
+
+    items = [item(a), item(), item(data), item(a), item(str(path)), item(), item(bytes(bytearray(data))),
+             item(path), item(a, b), item(a, b)]
+    # groups in the order of their first item, input order within; no sources: where it stood
+    assert source_order(items, 2) == [0, 3, 1, 2, 6, 4, 7, 5, 8, 9]
+    assert source_order(items, len(items)) is None  # one chunk
+    assert source_order([item(a), item(b), item(data), item()], 2) is None  # no source repeats
+    assert source_order([item(a), item(a), item(b), item(b)], 2) is None  # grouped already
