@@ -288,6 +288,32 @@ def test_one_shot_debug_mode(tiny_cache, image_files, tmp_path, reference):
     assert [r["score"] for r in results] == pytest.approx(reference[:3], abs=1e-4)
 
 
+def test_an_in_memory_image_several_items_show_is_spilled_once(tmp_path):
+    # A source image shared by several edits travels as one file, so the worker sees one path and
+    # its engine puts those items in one chunk (grouping.py); images that are not the same object
+    # (or the same bytes) keep files of their own.
+    import io
+
+    from PIL import Image
+
+    from src.models.reward.pool import _wire_item
+
+    source, lookalike = Image.new("RGB", (32, 24), "red"), Image.new("RGB", (32, 24), "red")
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), "blue").save(buf, format="PNG")
+    edit = buf.getvalue()
+    items = [ScoreItem(images=[edit], source_images=[source]), ScoreItem(images=[bytes(bytearray(edit))],
+                                                                         source_images=[source]),
+             ScoreItem(images=["x.png"], source_images=[lookalike])]
+    spilled: dict = {}
+    wired = [_wire_item(it, tmp_path, i, spilled) for i, it in enumerate(items)]
+    assert wired[0]["source_images"] == wired[1]["source_images"] == [str(tmp_path / "0-s0.png")]
+    assert wired[0]["images"] == wired[1]["images"] == [str(tmp_path / "0-i0.img")]  # equal bytes: one file
+    assert wired[2]["source_images"] == [str(tmp_path / "2-s0.png")] and wired[2]["images"] == [os.path.abspath("x.png")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0-i0.img", "0-s0.png", "2-s0.png"]
+    assert Image.open(tmp_path / "0-s0.png").getpixel((0, 0)) == (255, 0, 0)
+
+
 def test_automatic_micro_batch_follows_the_schedule():
     m = MultiGPURewardModel.__new__(MultiGPURewardModel)  # the rule only, no workers
     m.micro_batch, m.schedule = None, "round_robin"

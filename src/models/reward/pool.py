@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import messages as msg
 from .errors import JudgeStartError, JudgeUnavailable
+from .grouping import image_identity
 from .scheduler import Restarts, Scheduler, stderr_log, wire_item
 from .types import ScoreItem, ScoreResult
 
@@ -566,7 +567,8 @@ class WorkerPool:
                 return []
             call_dir = Path(tempfile.mkdtemp(prefix="call-", dir=self._tmp))
             try:
-                wire = [_wire_item(it, call_dir, i) for i, it in enumerate(items)]
+                spilled: dict[Any, str] = {}  # one file per in-memory image, however many items show it
+                wire = [_wire_item(it, call_dir, i, spilled) for i, it in enumerate(items)]
                 return self._run(items, wire, micro_batch, schedule, on_done or (lambda n: None))
             finally:
                 shutil.rmtree(call_dir, ignore_errors=True)
@@ -743,21 +745,30 @@ class _PoolClosing(RuntimeError):
     pass
 
 
-def _wire_item(item: ScoreItem, folder: Path, index: int) -> dict[str, Any] | ScoreResult:
-    """An item's channel form: paths as absolute paths, in-memory images spilled to `folder`."""
+def _wire_item(item: ScoreItem, folder: Path, index: int,
+               spilled: dict[Any, str] | None = None) -> dict[str, Any] | ScoreResult:
+    """An item's channel form: paths as absolute paths, in-memory images spilled to `folder`.
+    spilled: the call's spilled images by key (grouping.image_identity) -> path: an image that
+    several items show (a source) is written once, and the worker sees one path, so its engine
+    groups those items (grouping.py)."""
     def path_of(img: Any, tag: str) -> str:
         if isinstance(img, (str, os.PathLike)):
             return os.path.abspath(os.fspath(img))
+        key = image_identity(img) if spilled is not None else None
+        if key is not None and key in spilled:
+            return spilled[key]
         dest = folder / f"{index}-{tag}"
         if isinstance(img, (bytes, bytearray)):
             dest = dest.with_suffix(".img")
             dest.write_bytes(bytes(img))
-            return str(dest)
-        if hasattr(img, "save"):
+        elif hasattr(img, "save"):
             dest = dest.with_suffix(".png")
             img.save(dest, format="PNG")
-            return str(dest)
-        raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
+        else:
+            raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
+        if key is not None:
+            spilled[key] = str(dest)
+        return str(dest)
 
     wired = wire_item(item, index, path_of)
     return wired.to_dict() if isinstance(wired, ScoreItem) else wired
