@@ -6,10 +6,12 @@ shows), logits mode, `--n` items of two images (distinct sources), library defau
 reuse on (`vision_reuse: true`) vs off (`engine._vision_reuse.enabled = False` on the same loaded
 judge: it computes the same features). Recorded: items/s, images through the tower, max |score diff|.
 
-Stage `shared`: the `edit` rubric on items whose source images repeat across chunks (`--models`
-edits of each source, ordered model by model), the vision features kept beyond a chunk
-(`vision_cache_mb`: each budget of `--cache-mb`, default the library's) vs not (0) on the same
-loaded judge. Recorded: items/s, images through the tower, max |score diff|.
+Stage `shared`: the `edit` rubric on items whose source images repeat (`--models` edits of each
+source, ordered model by model), on the same loaded judge: chunks cut in input order (each source
+back in every chunk; `engine._group_sources = False`) with the vision features kept beyond a chunk
+(`vision_cache_mb`: each budget of `--cache-mb`, default the library's) vs not (0), then the
+library's order (items sharing a source in one chunk) with no store and with each budget.
+Recorded: items/s, images through the tower, max |score diff| against input order with no store.
 
 Stage `lengths`: generate mode, one image per item, every item with its own answer budget drawn
 uniformly from `--len-min`..`--len-max` (seeded) through the public per-item setting
@@ -106,9 +108,13 @@ def stage_edit(model_dir: str, a, cuda: bool) -> dict[str, Any]:
 def stage_shared(model_dir: str, a, cuda: bool) -> dict[str, Any]:
     """Source images shared across chunks: the edit rubric on `--n` items, `--models` edits of each
     of n/models sources, ordered model by model (as a benchmark scored for several editing models
-    in one call), so each source comes back once per chunk of `--bs` items. The store kept beyond a
-    chunk (vision_cache_mb: each of `--cache-mb`, default the library's) vs none (0), on one loaded
-    judge."""
+    in one call). On one loaded judge, each run with the store emptied first:
+    - as chunks see the input (`engine._group_sources = False`): each source comes back once per
+      chunk of `--bs` items; the store kept beyond a chunk (vision_cache_mb: each of `--cache-mb`,
+      default the library's) vs none (0): what the store alone saves;
+    - the library's order (items sharing a source cut into the same chunk, grouping.py), with no
+      store (0) and with each budget: what grouping saves, and what the store adds to it.
+    Speed-ups and score differences against the first: input order, no store."""
     from src.models.reward.implementations.local import QwenVLRewardModel
     from src.models.reward.types import ScoreItem
 
@@ -116,29 +122,34 @@ def stage_shared(model_dir: str, a, cuda: bool) -> dict[str, Any]:
     imgs = make_images(None, a.n + n_src, a.width, a.height)
     items = [ScoreItem(images=[imgs[i]], source_images=[imgs[a.n + i % n_src]], instruction="make the sky red")
              for i in range(a.n)]
-    out: dict[str, Any] = {"items": a.n, "sources": n_src, "models": a.models, "kept": []}
-    scores = {}
+    out: dict[str, Any] = {"items": a.n, "sources": n_src, "models": a.models, "kept": [], "grouped": []}
     with QwenVLRewardModel(model_name=model_dir, device=a.device, template="edit", batch_size=a.bs,
                            **runs.parse_kv(a.judge)) as judge:
-        reuse = judge.engine._vision_reuse
+        engine = judge.engine
+        reuse = engine._vision_reuse
         budgets = [reuse.cache_bytes] if not a.cache_mb else [float(mb) * 1e6 for mb in a.cache_mb.split(",")]
         _timed(judge, items[:a.bs], cuda)  # warm-up (kernels, allocator), untimed
-        for cache in [0.0, *budgets]:
+        base_scores: list = []
+        for grouped, cache in [(False, 0.0), *((False, c) for c in budgets), (True, 0.0), *((True, c) for c in budgets)]:
+            engine._group_sources = grouped
             reuse.cache_bytes = cache
             reuse.clear()
             enc0, reu0 = reuse.encoded, reuse.reused
             dt, res = _timed(judge, items, cuda)
-            scores[cache] = [r.score for r in res]
-            row = {"vision_cache_mb": cache / 1e6, "s": round(dt, 3), "items_per_s": round(a.n / dt, 3),
-                   "images_encoded": reuse.encoded - enc0, "images_reused": reuse.reused - reu0,
-                   "kept_mb": round(reuse.kept_bytes / 1e6, 1), **_check(res, f"shared, vision_cache_mb {cache / 1e6}")}
-            if not cache:
-                out["chunk_only"] = row
+            scores = [r.score for r in res]
+            what = f"shared, {'grouped' if grouped else 'input order'}, vision_cache_mb {cache / 1e6}"
+            row = {"grouped": grouped, "vision_cache_mb": cache / 1e6, "s": round(dt, 3),
+                   "items_per_s": round(a.n / dt, 3), "images_encoded": reuse.encoded - enc0,
+                   "images_reused": reuse.reused - reu0, "kept_mb": round(reuse.kept_bytes / 1e6, 1),
+                   **_check(res, what)}
+            if not grouped and not cache:
+                out["chunk_only"], base_scores = row, scores
                 continue
-            diffs = [abs(x - y) for x, y in zip(scores[cache], scores[0.0]) if x is not None and y is not None]
+            diffs = [abs(x - y) for x, y in zip(scores, base_scores) if x is not None and y is not None]
             row["speedup"] = round(row["items_per_s"] / out["chunk_only"]["items_per_s"], 3)
             row["max_abs_score_diff"] = max(diffs) if diffs else None
-            out["kept"].append(row)
+            out["grouped" if grouped else "kept"].append(row)
+        engine._group_sources = True
     return out
 
 
@@ -271,10 +282,11 @@ def markdown(report: dict[str, Any]) -> str:
     if g:
         lines += [f"| edit rubric, {g['sources']} sources x {g['models']} edits, model by model | items/s | "
                   "images through the tower | speed-up | max abs score diff |", "|---|---|---|---|---|",
-                  f"| vision_cache_mb 0 (within a chunk) | {g['chunk_only']['items_per_s']} | "
+                  f"| chunks in input order, vision_cache_mb 0 (within a chunk) | {g['chunk_only']['items_per_s']} | "
                   f"{g['chunk_only']['images_encoded']} | 1 | |"]
-        lines += [f"| vision_cache_mb {k['vision_cache_mb']:g} | {k['items_per_s']} | {k['images_encoded']} | "
-                  f"{k['speedup']}x | {k['max_abs_score_diff']} |" for k in g["kept"]]
+        lines += [f"| {'chunks grouped by source (default)' if k['grouped'] else 'chunks in input order'}, "
+                  f"vision_cache_mb {k['vision_cache_mb']:g} | {k['items_per_s']} | {k['images_encoded']} | "
+                  f"{k['speedup']}x | {k['max_abs_score_diff']} |" for k in [*g["kept"], *g.get("grouped", [])]]
         lines += [""]
     for stage, what in (("lengths", "answers of {budget_min}..{budget_max} tokens (mean {budget_mean})"),
                         ("fixed", "every answer {budget_max} tokens")):
@@ -330,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl"
         a.device, a.n, a.bs, a.width, a.height, a.len_min, a.len_max, a.fixed_len = "cpu", 6, 2, 224, 168, 2, 8, 4
-        a.models = 3
+        a.models = 2  # 3 sources x 2 edits: grouped, a chunk of two is one source's edits
     cuda = a.device.startswith("cuda")
     report: dict[str, Any] = {"meta": runs.meta("reuse_gpu.py", argv, a, min_join=a.min_join, stage=a.stage,
                                                 judge=runs.parse_kv(a.judge))}

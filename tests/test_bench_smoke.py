@@ -123,11 +123,19 @@ def test_reuse_gpu_smoke(smoke_runs):
     # 6 edit items: 12 distinct images shown 18 times; the same scores either way
     assert edit["reuse_on"]["images_encoded"] == 12 and edit["reuse_on"]["images_reused"] == 6
     assert edit["max_abs_score_diff"] < 1e-5 and edit["reuse_on"]["errors"] == 0 and edit["reuse_off"]["errors"] == 0
-    # shared: 2 sources x 3 edits, one per chunk of 2: kept beyond the chunk, each source is
-    # encoded once (2 + 6 edits) instead of once per chunk (6 + 6); the same scores
+    # shared: 3 sources x 2 edits, model by model, chunks of 2. In input order each chunk shows two
+    # sources (6 + 6 edits); kept beyond the chunk, each source is encoded once (3 + 6). Grouped
+    # (the library's order), a chunk is one source's two edits: 3 + 6 with no store at all, and
+    # with the store. The same scores.
     shared = report["shared"]
-    assert shared["chunk_only"]["images_encoded"] == 12 and shared["kept"][0]["images_encoded"] == 8
-    assert shared["kept"][0]["max_abs_score_diff"] < 1e-5 and shared["kept"][0]["errors"] == 0
+    assert shared["chunk_only"]["images_encoded"] == 12 and shared["chunk_only"]["grouped"] is False
+    (kept,) = shared["kept"]
+    assert kept["images_encoded"] == 9 and not kept["grouped"] and kept["vision_cache_mb"] == 1024
+    no_store, with_store = shared["grouped"]
+    assert no_store["grouped"] and no_store["vision_cache_mb"] == 0 and no_store["images_encoded"] == 9
+    assert with_store["grouped"] and with_store["vision_cache_mb"] == 1024 and with_store["images_encoded"] == 9
+    for row in (kept, no_store, with_store):
+        assert row["max_abs_score_diff"] < 1e-5 and row["errors"] == 0
     assert lengths["continuous"]["errors"] == 0 and lengths["static"]["first_error"] is None
     assert lengths["continuous"]["continuous_active"] and not lengths["static"]["continuous_active"]
     assert lengths["continuous"]["fell_back_to_static"] == 0
@@ -147,6 +155,7 @@ def test_reuse_gpu_smoke(smoke_runs):
     assert staging["staged"]["fell_back_to_static"] == staging["unstaged"]["fell_back_to_static"] == 0
     md = (out / "reuse_gpu.md").read_text()
     assert md.startswith("# Issue 17") and "prefilled ahead (stage 2)" in md
+    assert "| chunks grouped by source (default), vision_cache_mb 0 | " in md
 
 
 def test_attention_gpu_smoke(smoke_runs):
