@@ -79,7 +79,8 @@ class JudgeSettings:
       static batches in float32 on the CPU, and on an H200 in bf16 (benchmarks/NOTES.md, issue 17).
       On by default: 1.25x on answers of 32..511 tokens and 1.01x when every answer has the same
       length (Qwen3-VL-8B, one H200). Sampling and several answers per prompt use static batches.
-    vision_reuse: each unique image through the vision tower once per chunk (vision_reuse.py), on
+    vision_reuse: each unique image through the vision tower once per chunk (vision_reuse.py; items
+      that share a source image are cut into one chunk, grouping.py, results in input order), on
       by default: the same features (float32 on the CPU within 1e-5; bf16 scores identical on an
       H200), 1.14x (Qwen3-VL-8B) to 1.2x (Qwen3-VL-30B-A3B) on the edit rubric. An item may
       lower its own answer budget with metadata {"max_new_tokens": n} (any mode of decoding).
@@ -91,11 +92,12 @@ class JudgeSettings:
       default, 1024, holds the features of ~40 1024x768 images on Qwen3-VL-8B (768 tokens x 4096
       x 2 bytes, x4 with its three deepstack layers: ~25 MB each) or ~140 on Qwen2.5-VL-7B (~1,000
       tokens x 3584 x 2 bytes: ~7 MB): the source images a benchmark's neighbouring items share,
-      for ~1% of an 80 GB GPU's memory (CPU memory on the CPU). An image is found again only if
-      the features of the images shown since its last showing fit (items ordered by editing
-      model: one model's sources and edits); order items by source, or raise the budget. Code
-      that changes a loaded judge's weights in place (training it) must set 0: kept features
-      would be the old weights'.
+      for ~1% of an 80 GB GPU's memory (CPU memory on the CPU). Within a call the items that
+      share a source are in one chunk already (vision_reuse), so the store serves later calls, a
+      source's group cut by a chunk's end, and images shared otherwise; an image is found again
+      only if the features of the images shown since its last showing fit. Code that changes a
+      loaded judge's weights in place (training it) must set 0: kept features would be the old
+      weights'.
     quantization: how the weights are loaded (quantization.py): `none` (default: as the checkpoint
       stores them; a pre-quantized checkpoint, such as an FP8 release, loads as its config.json
       declares), `fp8` (8-bit float weights made at load, transformers' FineGrainedFP8Config; a

@@ -7,6 +7,13 @@ scored). Each prompt batch used to run the vision tower on every image it shows,
 paid for three images where two are involved, and a source image shown by items of different
 chunks or calls was encoded once in each of them.
 
+Which items share a chunk: the engine cuts a call's chunks with the items that share source
+images side by side (grouping.py), so a source shown again for each editing model scored in one
+call meets its edits in one chunk (two where its group straddles a chunk's end) and goes through
+the tower once there, whatever the kept store below holds (a benchmark's hundreds of sources
+overflow it). The kept store is for the rest: a source shown again in a later call, by the next
+chunk, or as another item's image.
+
 What it computes: the same features. The Qwen-VL vision towers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
 Qwen3-VL-MoE) encode each image on its own (attention runs within one image's patches: segments of
 cu_seqlens, or windows inside it), so an image's features do not depend on which other images
@@ -37,8 +44,9 @@ Where features are kept, between the batches that show an image:
                   under max_memory_gb, as far as a full batch needs the room (batching.py counts the
                   kept bytes as resident).
 
-It saves tower passes (`encoded` counts them, `reused` counts images served from a store); its
-effect on speed beyond a chunk is not measured on a GPU (benchmarks/NOTES.md).
+It saves tower passes (`encoded` counts them, `reused` counts images served from a store);
+benchmarks/NOTES.md (issue 17) has the kept store's measured effect on a GPU, and the grouping's
+prediction.
 
 Where it does not apply (another model type, a transformers whose method looks different, a call
 the engine did not announce) the original method runs unchanged.
