@@ -174,6 +174,22 @@ def test_start_failures_name_the_actor_and_the_cause_and_leave_the_session(model
     assert ray.is_initialized()
 
 
+def test_a_pil_image_several_items_show_is_encoded_once():
+    # One PNG per PIL image for the call: a shared source travels as one bytes object, and equal
+    # bytes give the actor's engine one key for it (grouping.py).
+    from PIL import Image
+
+    from src.models.reward.implementations.ray_actors import _wire_item
+
+    source, lookalike = Image.new("RGB", (32, 24), "red"), Image.new("RGB", (32, 24), "red")
+    encoded: dict = {}
+    wired = [_wire_item(ScoreItem(images=["e.png"], source_images=[src]), i, encoded)
+             for i, src in enumerate((source, source, lookalike))]
+    assert wired[0].source_images[0] is wired[1].source_images[0] and len(encoded) == 2
+    assert wired[2].source_images[0] is not wired[0].source_images[0]
+    assert wired[2].source_images[0] == wired[0].source_images[0]  # the same pixels: the same PNG bytes
+
+
 def test_config_alias_and_parameter_errors():
     cls = resolve_class("ray")
     assert cls is RayRewardModel

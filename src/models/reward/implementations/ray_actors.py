@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 
 from ..base import BaseRewardModel
 from ..errors import JudgeStartError
+from ..grouping import image_identity
 from ..scheduler import Restarts, Scheduler, stderr_log, wire_item
 from ..settings import JudgeSettings
 from ..types import ScoreItem, ScoreResult
@@ -380,7 +381,8 @@ class RayRewardModel(BaseRewardModel):
 
     def _run(self, items: list[ScoreItem], on_done: Callable[[int], None]) -> list[ScoreResult]:
         ray = self._ray
-        wire = [_wire_item(it, i) for i, it in enumerate(items)]
+        encoded: dict[Any, bytes] = {}  # one PNG per PIL image, however many items show it
+        wire = [_wire_item(it, i, encoded) for i, it in enumerate(items)]
         sched = Scheduler(items, len(self.slots), self.micro_batch, "dynamic", self.max_retries, on_done,
                           failed=[w for w in wire if isinstance(w, ScoreResult)],  # items that could not be encoded
                           lost={s.index: s.cause for s in self.slots if s.state == "lost"}, noun="actor")
@@ -517,18 +519,26 @@ class RayRewardModel(BaseRewardModel):
 
 # -- helpers ----------------------------------------------------------------------------------
 
-def _wire_item(item: ScoreItem, index: int) -> ScoreItem | ScoreResult:
+def _wire_item(item: ScoreItem, index: int, encoded: dict[Any, bytes] | None = None) -> ScoreItem | ScoreResult:
     """The item as it travels to an actor: paths as absolute paths (read on the actor's node), PIL
-    images as PNG bytes and bytes as they are (both inside the task, so no node needs this disk)."""
+    images as PNG bytes and bytes as they are (both inside the task, so no node needs this disk).
+    encoded: the call's PNGs by PIL object (grouping.image_identity): a source that several items
+    show is encoded once, and travels as one bytes object within a batch."""
     def encode(img: Any, tag: str) -> Any:
         if isinstance(img, (str, os.PathLike)):
             return os.path.abspath(os.fspath(img))
         if isinstance(img, (bytes, bytearray)):
             return bytes(img)
         if hasattr(img, "save"):
+            key = image_identity(img)
+            if encoded is not None and key in encoded:
+                return encoded[key]
             buf = io.BytesIO()
             img.save(buf, format="PNG")
-            return buf.getvalue()
+            data = buf.getvalue()
+            if encoded is not None:
+                encoded[key] = data
+            return data
         raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
 
     return wire_item(item, index, encode)
