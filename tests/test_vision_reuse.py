@@ -326,6 +326,23 @@ def test_grouped_batches_split_on_out_of_memory_keep_every_result(monkeypatch):
     _same_results(grouped, plain, "logits")
 
 
+def test_with_a_progress_bar_the_call_is_still_one_engine_call(capsys):
+    # The in-process class's progress bar moves as each chunk is done; it does not cut the call
+    # into engine calls of its own (which would keep a source's items apart).
+    items = _model_by_model()
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=2, vision_cache_mb=0) as quiet:
+        ref = quiet.batch_score(items)
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=2, vision_cache_mb=0,
+                           progress=True) as j:
+        seen, calls = _chunks_seen(j.engine), _counting(j.engine, "score")
+        got = j.batch_score(items)
+        assert len(calls) == 1 and seen == [[0, 4], [8, 1], [5, 9], [2, 6], [10, 3], [7, 11]]
+        # each source's three items straddle a chunk's end: 2 x 4 sources + 12 edits (24 in input order)
+        assert j.engine._vision_reuse.encoded == 8 + 12
+    _same_results(got, ref, "logits")
+    assert "12/12" in capsys.readouterr().err
+
+
 def test_orders_grouping_cannot_help_are_left_as_given():
     items = _model_by_model()
     everything = [list(range(6)), list(range(6, 12))]

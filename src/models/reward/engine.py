@@ -37,7 +37,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 # batch_limit, _batch_key, _ItemError: also imported from here by tests and older code.
 from .batching import Batching, _batch_key, _ItemError, batch_limit  # noqa: F401
@@ -85,9 +85,11 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         return self.settings.fingerprint(rubric_fingerprint(self.rubric))
 
     def score(self, items: Sequence[ScoreItem], base_index: int = 0,
-              indices: Sequence[int] | None = None) -> list[ScoreResult]:
+              indices: Sequence[int] | None = None,
+              on_done: Callable[[int], None] | None = None) -> list[ScoreResult]:
         """Score items; result i is for items[i] and has index base_index + i, or indices[i] when
-        given (a worker scoring scattered items of a larger call, so its errors name them right)."""
+        given (a worker scoring scattered items of a larger call, so its errors name them right).
+        on_done(n): called as each chunk's n results are ready (a progress bar)."""
         if self._closed:
             raise RuntimeError("the judge is closed")
         items = list(items)
@@ -95,7 +97,10 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         if len(idx) != len(items):
             raise ValueError(f"{len(indices or [])} indices for {len(items)} items")
         if any(is_chat(it) for it in items):  # raw chat prompts from the service's OpenAI route
-            return split_chats(self, items, idx)
+            answered = split_chats(self, items, idx)
+            if on_done is not None:
+                on_done(len(answered))
+            return answered
         hooks.before_call(items)  # a test plug-in's faults, in tests only
         results: list[ScoreResult | None] = [None] * len(items)
         bs = self._chunk_items()
@@ -106,6 +111,8 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         for start, chunk_results in (self._continuous_call(chunks) if self._continuous else self._static_call(chunks)):
             for pos, res in chunk_results.items():
                 results[order[start + pos]] = res
+            if on_done is not None:
+                on_done(len(chunk_results))
         missing = [i for i, r in enumerate(results) if r is None]
         assert not missing, f"engine lost items {missing}"  # by construction; a bug if it fires
         return results  # type: ignore[return-value]

@@ -42,13 +42,10 @@ class QwenVLRewardModel(BaseRewardModel):
             return self.engine.score(items)
         from tqdm import tqdm
 
-        results: list[ScoreResult] = []
-        step = self.settings.batch_size * 4
+        # One engine call, the bar moved as each chunk is done: the call's chunks share what one
+        # call shares (items grouped by source image, one continuous decode).
         with tqdm(total=len(items), desc=f"scoring on {self.device}", unit="item") as bar:
-            for start in range(0, len(items), step):
-                results.extend(self.engine.score(items[start:start + step], base_index=start))
-                bar.update(min(step, len(items) - start))
-        return results
+            return self.engine.score(items, on_done=bar.update)
 
     def close(self) -> None:
         if not self._closed:
