@@ -200,6 +200,52 @@ def test_resume_in_other_batches_and_workers_differs_only_in_float_rounding(unin
     assert_no_orphans(pids)
 
 
+def test_a_job_scores_rows_that_share_a_source_side_by_side(tiny_cache, tmp_path):
+    """A manifest ordered model by model (4 sources x 2 editing models) in job chunks of 4: the job
+    scores a source's rows in one chunk, so the judge encodes each source once (no store beyond a
+    chunk); results.jsonl stays in manifest order and equals a run without vision reuse (which
+    keeps the manifest's order); a run resumed from the grouped stream reads it back by id."""
+    from src.job.runner import run_job
+    from src.models.reward.implementations.local import QwenVLRewardModel
+
+    d = tmp_path / "models"
+    d.mkdir()
+    rows = []
+    for s in range(4):
+        make_image(200 + s, 56, 48).save(d / f"src{s}.png")
+    for m in range(2):
+        for s in range(4):
+            make_image(300 + 10 * m + s, 56, 48).save(d / f"m{m}-{s}.png")
+            rows.append({"id": f"m{m}-s{s}", "source_image": f"src{s}.png", "image": f"m{m}-{s}.png",
+                         "instruction": "make the square blue"})
+    manifest = d / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    judge = dict(model_name="tiny:qwen2_5_vl", template="edit", batch_size=4, vision_cache_mb=0, progress=False)
+
+    def job(out: Path, model) -> dict:
+        cfg = yaml.safe_load(write_config(tmp_path, manifest, out, batch_size=4).read_text())
+        return run_job(cfg, base=ROOT, progress=False, model=model)
+
+    with QwenVLRewardModel(**judge, vision_reuse=False) as plain_model:
+        job(tmp_path / "plain", plain_model)
+    plain = read_jsonl(tmp_path / "plain" / "results.jsonl")
+    assert [r["id"] for r in read_jsonl(tmp_path / "plain" / "results.stream.jsonl")] == [r["id"] for r in rows]
+    with QwenVLRewardModel(**judge) as model:
+        reuse = model.engine._vision_reuse
+        summary = job(tmp_path / "grouped", model)
+        assert summary["failed"] == 0
+        assert reuse.encoded == 4 + 8  # in manifest order each job chunk would show all 4 sources: 16
+        stream = read_jsonl(tmp_path / "grouped" / "results.stream.jsonl")
+        assert [r["id"] for r in stream] == [f"m{m}-s{s}" for s in range(4) for m in range(2)]
+        assert_same_results(read_jsonl(tmp_path / "grouped" / "results.jsonl"), plain, "grouped: ")
+        part = tmp_path / "part"
+        part.mkdir()
+        (part / "results.stream.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stream[:3]))
+        summary = job(part, model)
+        assert summary["resumed_from_disk"] == 3 and summary["failed"] == 0
+        assert_same_results(read_jsonl(part / "results.jsonl"), plain, "resumed: ")
+
+
 def test_changed_settings_do_not_reuse_old_results(uninterrupted, tmp_path, edit_manifest):
     out = tmp_path / "fp"
     out.mkdir()  # every item already scored, with the `edit` template

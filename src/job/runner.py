@@ -7,6 +7,9 @@ Files in the output folder:
   results.csv           the same, flat, for spreadsheets
   summary.json          counts, mean/std per sub-score and per category, failures by cause
 
+Order: the manifest's, except that rows sharing a source image are scored side by side (in the
+same call, so the judge encodes the source once); results.jsonl is in manifest order either way.
+
 Resume: an item is skipped when the stream holds a successful result for its id under the same
 fingerprint (model, template, scoring settings) and the same inputs (image paths, source image
 paths, instruction). Failed items are tried again.
@@ -27,6 +30,7 @@ from typing import Any, Iterator
 from src.interrupts import raise_lost_ctrl_c
 from src.models.reward import BaseRewardModel, ScoreResult, build_reward_model
 from src.models.reward.config import ConfigError, model_param_paths, resolve_spec, unknown_key_error
+from src.models.reward.grouping import source_order
 
 from .manifest import ManifestRow, read_manifest
 from .summary import SUMMARY, stats, summarize
@@ -168,6 +172,20 @@ def _same_inputs(rec: dict[str, Any], row: ManifestRow) -> bool:
                if k in row.fields)
 
 
+def _by_source(todo: list[ManifestRow], chunk_size: int, model: BaseRewardModel) -> list[ManifestRow]:
+    """The rows to score, with the rows that share source images side by side (grouping.py) when
+    that puts fewer sources in each chunk of the job and the judge reuses vision features: a job
+    chunk then holds a source's edits together, and the judge encodes the source once. Results
+    are streamed in this order (resume reads them by id); results.jsonl keeps the manifest's.
+    Not under multi_gpu's round_robin schedule: it sends item i to worker i mod n, so a source's
+    neighbouring rows would go to different workers (README, vision_reuse)."""
+    if not getattr(getattr(model, "settings", None), "vision_reuse", False) or \
+            getattr(model, "schedule", None) == "round_robin":
+        return todo
+    order = source_order([r.item for r in todo], chunk_size)
+    return todo if order is None else [todo[k] for k in order]
+
+
 def _repair_tail(path: Path) -> None:
     """Make sure the stream ends with a newline, so a line cut by a crash stays one broken line
     instead of swallowing the next good one."""
@@ -231,6 +249,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                     by_id[r.id] = done[r.id]
                 else:
                     todo.append(r)
+            todo = _by_source(todo, spec.chunk_size, model)
             bar = _bar(len(rows), len(rows) - len(todo), progress)
             try:
                 with stream_path.open("a", encoding="utf-8") as out:
