@@ -13,9 +13,10 @@ What: a stable grouping. Groups in the order of their first item; within a group
 an item without sources is a group of its own, where it stood. The engine uses the order only
 to cut chunks: results come back in input order, each with its own index.
 
-An image's key is cheap and never wrong (equal keys: the same image while the call runs):
-a path as given (str or os.PathLike), a digest of bytes, and for any other object (a PIL image) its identity.
-Different keys for the same pixels only cost the grouping (reuse still dedups by pixel digest).
+An image's key is cheap and never wrong (equal keys: the same image while the call runs): a path
+as given (str or os.PathLike), a digest of bytes, and for any other object (a PIL image) its
+identity. Different keys for the same pixels only cost the grouping (reuse still dedups by pixel
+digest).
 """
 from __future__ import annotations
 
