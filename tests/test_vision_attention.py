@@ -59,6 +59,34 @@ def test_grouped_on_transformers_layout_leaves_the_kernel_order_alone():
     torch.testing.assert_close(out, va.reference_attention(q, k, v, cu, None), rtol=1e-5, atol=1e-6)
 
 
+def test_a_cudnn_failure_falls_back_once_with_one_warning(monkeypatch, caplog):
+    # cuDNN can turn a shape down when it runs (not only in sdpa's checks): the call then gets
+    # sdpa's own kernel, and so does every later call, after one warning
+    q, k, v = _qkv(12)
+    cu = torch.tensor([0, 4, 8, 12], dtype=torch.int32)
+    tried = []
+
+    def refuse(*a, **kw):
+        tried.append(1)
+        raise RuntimeError("cuDNN Frontend error: No valid execution plans built.")
+    monkeypatch.setattr(va, "cudnn_first_sdpa", refuse)
+    monkeypatch.setattr(va, "_cudnn_failed", False)
+    ref = va.reference_attention(q, k, v, cu, 0.3)
+    with caplog.at_level("WARNING", logger="src.models.reward.engine"):
+        for _ in range(2):
+            out = va.grouped_attention(q, k, v, cu, 4, 0.3, cudnn_first=True)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    assert len(tried) == 1 and va._cudnn_failed
+    warnings = [r.getMessage() for r in caplog.records if "cuDNN" in r.getMessage()]
+    assert len(warnings) == 1 and "No valid execution plans" in warnings[0]
+    # running out of memory is not a kernel's refusal: it goes up to the engine
+    monkeypatch.setattr(va, "_cudnn_failed", False)
+    monkeypatch.setattr(va, "cudnn_first_sdpa", lambda *a, **kw: (_ for _ in ()).throw(
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        va.grouped_attention(q, k, v, cu, 4, 0.3, cudnn_first=True)
+
+
 def test_packed_on_real_window_layout_float32():
     # Qwen2.5-VL's window layout for two images of different sizes: windows of several lengths.
     grid = torch.tensor([[1, 20, 34], [1, 14, 10]])

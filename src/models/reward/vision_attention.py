@@ -30,6 +30,7 @@ its own implementation):
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from .settings import VISION_ATTN
@@ -188,20 +189,47 @@ def grouped_attention(query, key, value, cu_seqlens, max_seqlen: int | None, sca
         def view(t):  # (1, heads, n * length, dim) -> (n, heads, length, dim)
             return t[0].transpose(0, 1).reshape(n, length, heads, dim).transpose(1, 2)
 
-        if cudnn_first:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                     SDPBackend.MATH]
-            with sdpa_kernel(order, set_priority=True):
-                out = F.scaled_dot_product_attention(view(query), view(key), view(value), scale=scaling)
-        else:
-            out = F.scaled_dot_product_attention(view(query), view(key), view(value), scale=scaling)
+        q, k, v = view(query), view(key), view(value)
+        out = None
+        if cudnn_first and not _cudnn_failed:
+            if torch.compiler.is_compiling():
+                out = cudnn_first_sdpa(q, k, v, scaling)
+            else:
+                try:
+                    out = cudnn_first_sdpa(q, k, v, scaling)
+                except RuntimeError as e:  # a shape cuDNN turns down when it runs: flash from now on
+                    if "out of memory" in str(e):
+                        raise  # the engine's to handle (smaller batches)
+                    _cudnn_gave_up(e)
+        if out is None:
+            out = F.scaled_dot_product_attention(q, k, v, scale=scaling)
         return out.transpose(1, 2).reshape(1, total, heads, dim)
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
         return varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
                                 cu_seqlens, max_seqlen, scaling).unsqueeze(0)
     return packed_attention(query, key, value, cu_seqlens, scaling)
+
+
+_cudnn_failed = False  # cuDNN's kernel failed once in this process: sdpa's own choice since
+
+
+def cudnn_first_sdpa(q, k, v, scaling: float | None):
+    """sdpa with cuDNN's attention kernel first (then flash, memory-efficient, math), only for
+    this call: the process's kernel priority is left as found."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, scale=scaling)
+
+
+def _cudnn_gave_up(e: BaseException) -> None:
+    global _cudnn_failed
+    _cudnn_failed = True
+    logging.getLogger("src.models.reward.engine").warning(
+        "vision attention: cuDNN's kernel failed (%s: %s); the vision tower uses sdpa's own kernel choice from "
+        "now on (the same function)", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
 
 
 def packed_attention(query, key, value, cu_seqlens, scaling: float | None):
