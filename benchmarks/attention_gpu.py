@@ -31,6 +31,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import runs  # noqa: E402
+
 # name -> (heads, head_dim, patches per image)
 SHAPES = {"qwen3_vl": (16, 72, 3072), "qwen2_5_vl_full": (16, 80, 3888)}
 SMOKE_SHAPES = {"qwen3_vl": (2, 8, 48), "qwen2_5_vl_full": (2, 8, 40)}
@@ -72,8 +74,7 @@ def kernels(n: int, length: int, scaling: float) -> dict[str, Callable]:
         return run
 
     out: dict[str, Callable] = {
-        "varlen": lambda q, k, v, cu: va.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1),
-                                                          v[0].transpose(0, 1), cu, length, scaling).unsqueeze(0),
+        "varlen": lambda q, k, v, cu: va.packed_varlen_attention(q, k, v, cu, length, scaling),
         "packed": lambda q, k, v, cu: va.packed_attention(q, k, v, cu, scaling),
     }
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
@@ -164,12 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in a.shapes.split(","):
         report["shapes"][shape] = measure(shape, a.images, a.device, dtype, a.reps)
         print(json.dumps({shape: report["shapes"][shape]}), flush=True)
-    out = pathlib.Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{a.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = markdown(report)
-    (out / f"{a.name}.md").write_text(md)
-    print(md)
+    runs.save(report, a, markdown(report))
     return 0
 
 

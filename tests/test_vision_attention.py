@@ -87,6 +87,25 @@ def test_a_cudnn_failure_falls_back_once_with_one_warning(monkeypatch, caplog):
         va.grouped_attention(q, k, v, cu, 4, 0.3, cudnn_first=True)
 
 
+def test_the_hopper_registration_runs_cudnn_first(monkeypatch):
+    # apply_vision_attn gives Hopper GPUs the `grouped` function under its own name, with cuDNN's
+    # kernel tried first; the same function otherwise
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    va._register()
+    q, k, v = _qkv(12)
+    cu = torch.tensor([0, 6, 12], dtype=torch.int32)
+    first = []
+    real = va.cudnn_first_sdpa
+    monkeypatch.setattr(va, "cudnn_first_sdpa", lambda *a: first.append(1) or real(*a))
+    monkeypatch.setattr(va, "_cudnn_failed", False)
+    outs = [ALL_ATTENTION_FUNCTIONS[name](None, q, k, v, scaling=0.3, cu_seq_lens_q=cu, max_length_q=6)[0]
+            for name in (va._NAMES["grouped"], va._GROUPED_CUDNN)]
+    assert len(first) == 1  # only the Hopper name asked for cuDNN first
+    for out in outs:
+        torch.testing.assert_close(out, va.reference_attention(q, k, v, cu, 0.3), rtol=0, atol=1e-12)
+
+
 def test_packed_on_real_window_layout_float32():
     # Qwen2.5-VL's window layout for two images of different sizes: windows of several lengths.
     grid = torch.tensor([[1, 20, 34], [1, 14, 10]])

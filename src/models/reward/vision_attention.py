@@ -30,6 +30,7 @@ its own implementation):
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -110,7 +111,7 @@ def _register() -> None:
     AttentionInterface.register(_NAMES["varlen"], _varlen_forward)
     AttentionInterface.register(_NAMES["packed"], _packed_forward)
     AttentionInterface.register(_NAMES["grouped"], _grouped_forward)
-    AttentionInterface.register(_GROUPED_CUDNN, _grouped_cudnn_forward)
+    AttentionInterface.register(_GROUPED_CUDNN, functools.partial(_grouped_forward, cudnn_first=True))
     _registered = True
 
 
@@ -122,9 +123,7 @@ def _varlen_forward(module, query, key, value, attention_mask=None, scaling=None
                     cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
                     is_causal=False, **kwargs):
     _check_call(query, attention_mask, cu_seq_lens_q, cu_seq_lens_k, is_causal)
-    out = varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                           cu_seq_lens_q, max_length_q, scaling)
-    return out.unsqueeze(0), None
+    return packed_varlen_attention(query, key, value, cu_seq_lens_q, max_length_q, scaling), None
 
 
 def _packed_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
@@ -136,16 +135,10 @@ def _packed_forward(module, query, key, value, attention_mask=None, scaling=None
 
 def _grouped_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
                      cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
-                     is_causal=False, **kwargs):
+                     is_causal=False, cudnn_first=False, **kwargs):
+    # cudnn_first: registered as True under _GROUPED_CUDNN (Hopper GPUs)
     _check_call(query, attention_mask, cu_seq_lens_q, cu_seq_lens_k, is_causal)
-    return grouped_attention(query, key, value, cu_seq_lens_q, max_length_q, scaling), None
-
-
-def _grouped_cudnn_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
-                           cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
-                           is_causal=False, **kwargs):
-    _check_call(query, attention_mask, cu_seq_lens_q, cu_seq_lens_k, is_causal)
-    return grouped_attention(query, key, value, cu_seq_lens_q, max_length_q, scaling, cudnn_first=True), None
+    return grouped_attention(query, key, value, cu_seq_lens_q, max_length_q, scaling, cudnn_first=cudnn_first), None
 
 
 def _check_call(query, attention_mask, cu_q, cu_k, is_causal) -> None:
@@ -166,6 +159,13 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int | None, scaling: float
         max_seqlen = int((cu[1:] - cu[:-1]).max())
     return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, int(max_seqlen), int(max_seqlen),
                        scale=scaling)
+
+
+def packed_varlen_attention(query, key, value, cu_seqlens, max_seqlen: int | None, scaling: float | None):
+    """varlen_attention in the attention functions' layout: (1, heads, tokens, head_dim) ->
+    (1, tokens, heads, head_dim)."""
+    return varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                            cu_seqlens, max_seqlen, scaling).unsqueeze(0)
 
 
 def grouped_attention(query, key, value, cu_seqlens, max_seqlen: int | None, scaling: float | None,
@@ -205,8 +205,7 @@ def grouped_attention(query, key, value, cu_seqlens, max_seqlen: int | None, sca
             out = F.scaled_dot_product_attention(q, k, v, scale=scaling)
         return out.transpose(1, 2).reshape(1, total, heads, dim)
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        return varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                                cu_seqlens, max_seqlen, scaling).unsqueeze(0)
+        return packed_varlen_attention(query, key, value, cu_seqlens, max_seqlen, scaling)
     return packed_attention(query, key, value, cu_seqlens, scaling)
 
 
