@@ -86,8 +86,8 @@ class JudgeSettings:
       lower its own answer budget with metadata {"max_new_tokens": n} (any mode of decoding).
     vision_cache_mb: with vision_reuse, the budget in MB (1e6 bytes) of the vision features kept
       beyond the chunk that encoded them, for later chunks and later calls of the same loaded
-      judge (least recently used out first; emptied on close and on out of memory; counted as
-      resident under max_memory_gb): an image shown again there is not encoded again. Same
+      judge (least recently used out first, images under judgement before source images; emptied
+      on close and on out of memory; counted as resident under max_memory_gb): an image shown again there is not encoded again. Same
       features, so it is no part of the resume fingerprint. 0: nothing kept beyond a chunk. The
       default, 1024, holds the features of ~40 1024x768 images on Qwen3-VL-8B (768 tokens x 4096
       x 2 bytes, x4 with its three deepstack layers: ~25 MB each) or ~140 on Qwen2.5-VL-7B (~1,000

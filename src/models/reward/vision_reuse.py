@@ -34,9 +34,10 @@ Where features are kept, between the batches that show an image:
                   not kept when the rest is sources. A benchmark shows its source images again
                   for every editing model it scores, while an edited image rarely comes back
                   after its item; by recency alone, a pass over S sources and their S edits that
-                  overflows the budget would push each source out just before its next showing. A lookup tries the chunk store, then this one; a hit moves
-                  the features back into use (and, when they leave again, to the most recent end)
-                  and counts as reused. It lives across calls: the digests name resized pixels,
+                  overflows the budget would push each source out just before its next showing.
+                  A lookup tries the chunk store, then this one; a hit moves the features back
+                  into use (and, when they leave again, to the most recent end) and counts as
+                  reused. It lives across calls: the digests name resized pixels,
                   and the loaded judge's weights do not change (code that trains a judge's weights
                   in place must not keep features: vision_cache_mb 0, or `clear()` after each step).
                   Emptied on close(), when reuse is switched off (`enabled = False`), on any out of
