@@ -55,7 +55,24 @@ pip_sync() {
   echo "$want" > "$stamp"
 }
 
+# need_disk GB WHAT: stop before pip does, with the reason, when this folder's disk has less than GB
+# free. An environment holds torch's CUDA build (~5.5 GB in a venv), and a disk that fills halfway
+# through pip leaves a broken environment behind.
+need_disk() {
+  local want_gb=$1 what=$2 free_kb
+  free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt $((want_gb * 1024 * 1024)) ]; then
+    echo "setup_env.sh: $what needs about $want_gb GB of free disk; $(df -Ph . | awk 'NR==2 {print $4}') is free in $PWD." >&2
+    echo "  Free some space (or run from a folder on a larger disk) and run setup_env.sh again;" >&2
+    echo "  --no-worker skips the worker environment (about 5.5 GB)." >&2
+    exit 1
+  fi
+}
+
 # --- main environment ------------------------------------------------------------------------
+if [ ! -f .venv/.requirements.sha256 ]; then
+  need_disk 7 "the main environment (.venv: torch, transformers, the RL frameworks)"
+fi
 if [ ! -x .venv/bin/python ]; then
   say "creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
@@ -106,6 +123,9 @@ if [ "$WORKER" = 1 ]; then
     wpy=$(conda run -n "$WORKER_ENV_NAME" python -c 'import sys; print(sys.executable)')
     pip_sync "$wpy" "$(dirname "$(dirname "$wpy")")/.requirements.sha256" requirements-worker.txt
   else
+    if [ ! -f .venv-worker/.requirements.sha256 ]; then
+      need_disk 6 "the worker environment (.venv-worker: torch, torchvision, transformers)"
+    fi
     if [ ! -x .venv-worker/bin/python ]; then
       say "creating .venv-worker (no conda on PATH)"
       "$PYTHON" -m venv .venv-worker
