@@ -35,7 +35,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.runs import parse_kv  # noqa: E402
+from benchmarks import runs  # noqa: E402
 
 PROMPT_NOTE = "library: built-in `quality` template; naive: its own one-line prompt (same image, ~same tokens)"
 
@@ -375,7 +375,7 @@ def bench_size(size: str, a, naive_path: pathlib.Path | None, work: pathlib.Path
         log(f"[{size}] naive: {res['naive']}")
         save()
 
-    judge_kw = parse_kv(a.judge)
+    judge_kw = runs.judge_settings(a)
     gen_n = lambda bs: min(a.n, max(2 * bs, 8))  # two batches: the second one's preparation overlaps  # noqa: E731
     if "logits" in a.stages and left() > 60:
         res["library_logits"] = bench_in_process(
@@ -538,8 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch", default="default",
                     help="MultiGPURewardModel micro_batch values to run, comma-separated ('default': its own)")
     ap.add_argument("--stages", default="naive,logits,generate,worker")
-    ap.add_argument("--judge", action="append", default=[], metavar="KEY=VALUE",
-                    help="judge setting for the library runs, e.g. compile_vision=true (repeatable)")
+    runs.add_judge_argument(ap, "the library runs", "compile_vision=true")
     ap.add_argument("--deadline-s", type=float, default=None, help="skip stages that would start after this")
     ap.add_argument("--warmup-items", type=int, default=None,
                     help="items scored before timing, per mode (default: the judge's compile_after_items when its "
@@ -573,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "width": a.width, "height": a.height,
         "new_tokens": a.new, "batch_sizes": a.bs, "n": a.n, "n_worker": a.n_worker,
-        "judge_overrides": parse_kv(a.judge), "smoke": a.smoke, "naive_script": str(naive_path) if naive_path else None},
+        "judge_overrides": runs.judge_settings(a), "smoke": a.smoke, "naive_script": str(naive_path) if naive_path else None},
         "sizes": []}
     work = pathlib.Path(a.work) if a.work else pathlib.Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     try:

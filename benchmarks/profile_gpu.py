@@ -54,7 +54,7 @@ def _judge(model_dir: str, a, mode: str):
     kw: dict[str, Any] = dict(device=a.device, model_name=model_dir, mode=mode, batch_size=a.bs)
     if mode == "generate":
         kw.update(max_new_tokens=a.new, min_new_tokens=a.new)
-    kw.update(runs.parse_kv(a.judge))
+    kw.update(runs.judge_settings(a))
     return QwenVLRewardModel(**kw)
 
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=128, help="generate mode: answer tokens (forced)")
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--height", type=int, default=768)
-    ap.add_argument("--judge", action="append", default=[], help="KEY=VALUE judge setting (repeatable)")
+    runs.add_judge_argument(ap, "every stage", "compile_after_items=1")
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--name", default="profile_gpu")

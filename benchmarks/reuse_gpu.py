@@ -86,7 +86,7 @@ def stage_edit(model_dir: str, a, cuda: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"items": a.n}
     scores = {}
     with QwenVLRewardModel(model_name=model_dir, device=a.device, template="edit", batch_size=a.bs,
-                           **{**runs.parse_kv(a.judge), "vision_reuse": True}) as judge:
+                           **{**runs.judge_settings(a), "vision_reuse": True}) as judge:
         reuse = judge.engine._vision_reuse
         _timed(judge, items[:a.bs], cuda)  # warm-up (kernels, allocator), untimed
         for on in (True, False):
@@ -124,7 +124,7 @@ def stage_shared(model_dir: str, a, cuda: bool) -> dict[str, Any]:
              for i in range(a.n)]
     out: dict[str, Any] = {"items": a.n, "sources": n_src, "models": a.models, "kept": [], "grouped": []}
     with QwenVLRewardModel(model_name=model_dir, device=a.device, template="edit", batch_size=a.bs,
-                           **runs.parse_kv(a.judge)) as judge:
+                           **runs.judge_settings(a)) as judge:
         engine = judge.engine
         reuse = engine._vision_reuse
         budgets = [reuse.cache_bytes] if not a.cache_mb else [float(mb) * 1e6 for mb in a.cache_mb.split(",")]
@@ -331,8 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", type=int, default=None,
                     help="continuous batching: prompts prefilled ahead of the free slots (default: the "
                          "library's; 0: joins prefilled when their slots free up)")
-    ap.add_argument("--judge", action="append", default=[], metavar="KEY=VALUE",
-                    help="stages edit and shared: a judge setting, e.g. vision_attn=varlen (repeatable)")
+    runs.add_judge_argument(ap, "stages edit and shared", "vision_attn=varlen")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -345,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         a.models = 2  # 3 sources x 2 edits: grouped, a chunk of two is one source's edits
     cuda = a.device.startswith("cuda")
     report: dict[str, Any] = {"meta": runs.meta("reuse_gpu.py", argv, a, min_join=a.min_join, stage=a.stage,
-                                                judge=runs.parse_kv(a.judge))}
+                                                judge=runs.judge_settings(a))}
     with runs.checkpoint(report, a, "reuse-gpu-") as model_dir:
         for stage in a.stages.split(","):
             fn = {"edit": stage_edit, "shared": stage_shared, "lengths": stage_lengths, "fixed": stage_fixed,

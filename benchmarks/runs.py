@@ -44,6 +44,19 @@ def parse_kv(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def add_judge_argument(ap: Any, applies_to: str, example: str) -> None:
+    """--judge KEY=VALUE, repeatable: a judge setting for the runs `applies_to` names (each script
+    says which), read back by judge_settings."""
+    ap.add_argument("--judge", action="append", default=[], metavar="KEY=VALUE",
+                    help=f"a judge setting for {applies_to}, e.g. {example}; the value is read as JSON where "
+                         "it parses, else as text (repeatable)")
+
+
+def judge_settings(a: Any) -> dict[str, Any]:
+    """The --judge settings (add_judge_argument) as the judge's keyword arguments."""
+    return parse_kv(a.judge)
+
+
 def add_checkpoint_argument(ap: Any) -> None:
     ap.add_argument("--checkpoint", default=None,
                     help="a checkpoint of --size built earlier (bench_gpu.py --work W --keep-checkpoints: W/SIZE), "

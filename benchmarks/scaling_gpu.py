@@ -44,7 +44,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_gpu import GpuSampler, _f, log, make_images, parse_kv, summarize  # noqa: E402
+from benchmarks.runs import add_judge_argument, judge_settings, parse_kv  # noqa: E402
+from benchmarks.bench_gpu import GpuSampler, _f, log, make_images, summarize  # noqa: E402
 
 # Time model for --plan and for the deadline before anything is measured (7B on one H100/H200,
 # no compile; from benchmarks/NOTES.md and bench_gpu_7b.json). Replaced by measurements as they come.
@@ -251,7 +252,7 @@ def run_pool(a, pool: Pool, res: dict[str, Any], model_dir: str, paths: dict[str
     ids: list[Any] = list(range(pool.k)) if cuda else ["cpu"] * pool.k
     gpus = list(range(pool.k)) if cuda else []
     kw = dict(model_name=model_dir, mode=pool.mode, template="quality", batch_size=a.batch_size,
-              max_pixels=a.max_pixels, **parse_kv(a.judge))
+              max_pixels=a.max_pixels, **judge_settings(a))
     if pool.mode == "generate":
         kw.update(max_new_tokens=a.new, min_new_tokens=a.new)
     res["device_ids"] = ids
@@ -443,8 +444,7 @@ def parse_args(argv: list[str] | None):
                     help="where the large items sit: random positions (seed 0), every 1/fraction-th item, or first")
     ap.add_argument("--max-pixels", type=int, default=None,
                     help="judge max_pixels (default 2W x 2H, so a large item keeps its 4x pixels)")
-    ap.add_argument("--judge", action="append", default=[], metavar="KEY=VALUE",
-                    help="judge setting for every pool, e.g. fast_decode=true (repeatable)")
+    add_judge_argument(ap, "every pool", "fast_decode=true")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="no warm-up call before the timed runs")
     ap.add_argument("--busy-pct", type=float, default=50.0, help="a GPU is busy when its mean utilisation is at least this")
     ap.add_argument("--sample-s", type=float, default=0.5, help="nvidia-smi sampling period")
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_pixels": a.max_pixels, "workers": a.workers, "max_workers": max_workers, "schedules": a.schedules,
         "k1_schedules": a.k1_schedules, "modes": a.modes, "workloads": a.workloads, "skewed_modes": a.skewed_modes,
         "skewed_workers": a.skewed_workers,
-        "judge_overrides": parse_kv(a.judge), "busy_pct": a.busy_pct, "sample_s": a.sample_s,
+        "judge_overrides": judge_settings(a), "busy_pct": a.busy_pct, "sample_s": a.sample_s,
         "deadline_s": a.deadline_s, "warmup": a.warmup, "smoke": a.smoke, "assumed": assumed,
         "skew": {"fraction": a.skew_fraction, "layout": a.skew_layout, "large_size": f"{2 * a.width}x{2 * a.height}"}},
         "skipped": too_many, "pools": [], "gpu_sampler": {"enabled": sampler.enabled, "reason": sampler.reason}}

@@ -288,6 +288,56 @@ def test_one_shot_debug_mode(tiny_cache, image_files, tmp_path, reference):
     assert [r["score"] for r in results] == pytest.approx(reference[:3], abs=1e-4)
 
 
+def test_an_image_is_converted_once_per_call_whatever_items_show_it(tmp_path):
+    # image_memo.convert_once, the memo both hosts use (the pool spills files, Ray encodes PNGs):
+    # the same PIL object, or equal bytes, is converted once and every showing gets its result; a
+    # lookalike object is another image; a failed conversion is not kept; no memo converts each time.
+    import io
+
+    from PIL import Image
+
+    from src.models.reward.image_memo import convert_once
+
+    written: list[Path] = []
+
+    def spill(img, name: str):
+        def write() -> str:
+            dest = tmp_path / name
+            if isinstance(img, bytes):
+                dest.write_bytes(img)
+            else:
+                img.save(dest, format="PNG")
+            written.append(dest)
+            return str(dest)
+        return write
+
+    source, lookalike = Image.new("RGB", (16, 12), "red"), Image.new("RGB", (16, 12), "red")
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 12), "blue").save(buf, format="PNG")
+    data = buf.getvalue()
+    memo: dict = {}
+    first = convert_once(memo, source, spill(source, "a.png"))
+    assert convert_once(memo, source, spill(source, "b.png")) == first == str(tmp_path / "a.png")
+    assert convert_once(memo, lookalike, spill(lookalike, "c.png")) == str(tmp_path / "c.png")
+    assert convert_once(memo, data, spill(data, "d.img")) == str(tmp_path / "d.img")
+    assert convert_once(memo, bytes(bytearray(data)), spill(data, "e.img")) == str(tmp_path / "d.img")  # equal bytes
+    assert [p.name for p in written] == ["a.png", "c.png", "d.img"] and len(memo) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "c.png", "d.img"]
+    assert (tmp_path / "d.img").read_bytes() == data and Image.open(first).getpixel((0, 0)) == (255, 0, 0)
+
+    def fails() -> str:
+        raise OSError("disk full")
+
+    bad = Image.new("RGB", (4, 4))
+    for _ in range(2):  # each showing tries again and fails with its own error
+        with pytest.raises(OSError, match="disk full"):
+            convert_once(memo, bad, fails)
+    assert len(memo) == 3
+    convert_once(None, source, spill(source, "f.png"))
+    convert_once(None, source, spill(source, "g.png"))
+    assert [p.name for p in written[-2:]] == ["f.png", "g.png"]
+
+
 def test_an_in_memory_image_several_items_show_is_spilled_once(tmp_path):
     # A source image shared by several edits travels as one file, so the worker sees one path and
     # its engine puts those items in one chunk (grouping.py); images that are not the same object

@@ -55,20 +55,27 @@ class Batching:
         return self.settings.batch_size
 
     def _batch_limit(self) -> int:
+        """Prompts for the next batch (batch_limit), with what the judge holds now. Under a memory
+        budget batches come first: when vision features kept beyond their chunk (vision_reuse.py)
+        leave room for fewer prompts than a full batch (the limit with nothing kept), the least
+        recently used give up that room, and no more; the batch is then full."""
         budget = self.settings.max_memory_gb if self.device.startswith("cuda") else None
-        limit = batch_limit(self.settings.batch_size, self._batch_cap, budget, self._held_bytes(),
-                            self._bytes_per_prompt)
+        per_prompt = self._bytes_per_prompt
+
+        def limit(held: float) -> int:
+            return batch_limit(self.settings.batch_size, self._batch_cap, budget, held, per_prompt)
+
+        now = limit(self._held_bytes())
         reuse = self._vision_reuse
-        if budget is not None and self._bytes_per_prompt and reuse is not None and reuse.kept_bytes:
-            # Batches come first: vision features kept beyond their chunk give up the room a full
-            # batch needs (least recently used first), and no more.
-            full = batch_limit(self.settings.batch_size, self._batch_cap, budget, self._resident_bytes,
-                               self._bytes_per_prompt)
-            if limit < full:
-                reuse.shrink_to(budget * 1e9 - self._resident_bytes - full * self._bytes_per_prompt)
-                limit = batch_limit(self.settings.batch_size, self._batch_cap, budget, self._held_bytes(),
-                                    self._bytes_per_prompt)
-        return limit
+        if budget is None or not per_prompt or reuse is None or not reuse.kept_bytes:
+            return now
+        full = limit(self._resident_bytes)
+        if now < full:
+            # full > 1, so full prompts fit with nothing kept: this room is >= 0, shrink_to (sources
+            # too) reaches it, and with at most that much kept the limit is full.
+            reuse.shrink_to(budget * 1e9 - self._resident_bytes - full * per_prompt)
+            return full
+        return now
 
     def _held_bytes(self) -> float:
         """What the judge holds between batches: the loaded model, and the vision features kept

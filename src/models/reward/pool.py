@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import messages as msg
 from .errors import JudgeStartError, JudgeUnavailable
-from .grouping import image_identity
+from .image_memo import convert_once
 from .scheduler import Restarts, Scheduler, stderr_log, wire_item
 from .types import ScoreItem, ScoreResult
 
@@ -748,30 +748,29 @@ class _PoolClosing(RuntimeError):
 def _wire_item(item: ScoreItem, folder: Path, index: int,
                spilled: dict[Any, str] | None = None) -> dict[str, Any] | ScoreResult:
     """An item's channel form: paths as absolute paths, in-memory images spilled to `folder`.
-    spilled: the call's spilled images by key (grouping.image_identity) -> path: an image that
-    several items show (a source) is written once, and the worker sees one path, so its engine
-    groups those items (grouping.py)."""
+    spilled: the call's memo of spilled images (image_memo.convert_once): an image that several
+    items show (a source) is written once, and the worker sees one path, so its engine groups
+    those items (grouping.py)."""
     def path_of(img: Any, tag: str) -> str:
         if isinstance(img, (str, os.PathLike)):
             return os.path.abspath(os.fspath(img))
-        key = image_identity(img) if spilled is not None else None
-        if key is not None and key in spilled:
-            return spilled[key]
-        dest = folder / f"{index}-{tag}"
-        if isinstance(img, (bytes, bytearray)):
-            dest = dest.with_suffix(".img")
-            dest.write_bytes(bytes(img))
-        elif hasattr(img, "save"):
-            dest = dest.with_suffix(".png")
-            img.save(dest, format="PNG")
-        else:
-            raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
-        if key is not None:
-            spilled[key] = str(dest)
-        return str(dest)
+        return convert_once(spilled, img, lambda: _spill(img, folder / f"{index}-{tag}"))
 
     wired = wire_item(item, index, path_of)
     return wired.to_dict() if isinstance(wired, ScoreItem) else wired
+
+
+def _spill(img: Any, dest: Path) -> str:
+    """An in-memory image written to `dest` (its suffix chosen here); the file's path."""
+    if isinstance(img, (bytes, bytearray)):
+        dest = dest.with_suffix(".img")
+        dest.write_bytes(bytes(img))
+    elif hasattr(img, "save"):
+        dest = dest.with_suffix(".png")
+        img.save(dest, format="PNG")
+    else:
+        raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
+    return str(dest)
 
 
 # Pools still open at interpreter exit are closed, so no worker outlives its parent's exit.

@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 from ..base import BaseRewardModel
 from ..errors import JudgeStartError
-from ..grouping import image_identity
+from ..image_memo import convert_once
 from ..scheduler import Restarts, Scheduler, stderr_log, wire_item
 from ..settings import JudgeSettings
 from ..types import ScoreItem, ScoreResult
@@ -522,26 +522,24 @@ class RayRewardModel(BaseRewardModel):
 def _wire_item(item: ScoreItem, index: int, encoded: dict[Any, bytes] | None = None) -> ScoreItem | ScoreResult:
     """The item as it travels to an actor: paths as absolute paths (read on the actor's node), PIL
     images as PNG bytes and bytes as they are (both inside the task, so no node needs this disk).
-    encoded: the call's PNGs by PIL object (grouping.image_identity): a source that several items
-    show is encoded once, and travels as one bytes object within a batch."""
+    encoded: the call's memo of PNGs (image_memo.convert_once): a source that several items show
+    is encoded once, and travels as one bytes object within a batch."""
     def encode(img: Any, tag: str) -> Any:
         if isinstance(img, (str, os.PathLike)):
             return os.path.abspath(os.fspath(img))
         if isinstance(img, (bytes, bytearray)):
             return bytes(img)
         if hasattr(img, "save"):
-            key = image_identity(img)
-            if encoded is not None and key in encoded:
-                return encoded[key]
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            data = buf.getvalue()
-            if encoded is not None:
-                encoded[key] = data
-            return data
+            return convert_once(encoded, img, lambda: _png(img))
         raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
 
     return wire_item(item, index, encode)
+
+
+def _png(img: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _reason(e: BaseException) -> str:
