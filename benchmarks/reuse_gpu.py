@@ -39,7 +39,10 @@ sizes together, largest first). One untimed call in each order first (kernels fo
 then `--reps` timed calls of each, alternating. Recorded per order: items/s (mean and each call),
 the padded share of the token positions fed to the language model (attention-mask zeros, counted
 from the processor's output in the prepare thread), the share of batches whose images all have
-one size (where `grouped` vision attention applies), and max |score diff| between the orders.
+one patch count (where `grouped` vision attention applies), and max |score diff| between the
+orders. Run it with `--judge compile_after_items=64` and enough items that each size fills
+batches (`--n 512`): the automatic compile then happens in the warm-up, and the timing is the
+steady state (recorded: `compiled_during_timing`).
 
     python benchmarks/reuse_gpu.py --size qwen3_vl-8b [--stages edit,shared,lengths,fixed,staging,sizes] [--n 128] [--bs 32]
     python benchmarks/reuse_gpu.py --smoke      # CPU, tiny model, seconds (CI)
@@ -177,10 +180,11 @@ _SHAPES = [(1.0, 0.75), (0.75, 1.0), (0.5, 0.375), (0.75, 0.75), (1.25, 0.703125
 class _Fed:
     """What the judge's prepare thread encodes for the model, batch by batch: token positions,
     padded ones (attention-mask zeros; the tokenizer's mask, a CPU tensor), and whether every image
-    of the batch has one size (the resized images' own sizes: nothing read back from the GPU)."""
+    of the batch has one patch count (the resized images' areas, nothing read back from the GPU:
+    `grouped` vision attention needs one segment length, so 1024x768 and 768x1024 go together)."""
 
     def __init__(self, engine):
-        self.positions = self.padded = self.batches = self.one_size = 0
+        self.positions = self.padded = self.batches = self.uniform = 0
         real = engine._encode_cpu
 
         def encode(reqs, *a, **k):
@@ -189,14 +193,14 @@ class _Fed:
             self.positions += int(mask.numel())
             self.padded += int(mask.numel() - mask.sum())
             self.batches += 1
-            self.one_size += len({im.size for r in reqs for im in r.images}) <= 1
+            self.uniform += len({im.width * im.height for r in reqs for im in r.images}) <= 1
             return inputs
         engine._encode_cpu = encode
 
     def take(self) -> dict[str, Any]:
         row = {"padded_fraction": round(self.padded / max(self.positions, 1), 4), "batches": self.batches,
-               "one_size_batches": round(self.one_size / max(self.batches, 1), 3)}
-        self.positions = self.padded = self.batches = self.one_size = 0
+               "uniform_batches": round(self.uniform / max(self.batches, 1), 3)}
+        self.positions = self.padded = self.batches = self.uniform = 0
         return row
 
 
@@ -395,9 +399,9 @@ def markdown(report: dict[str, Any]) -> str:
     g = report.get("sizes")
     if g:
         lines += [f"| logits, {g['items']} images of {', '.join(g['shapes'])}, shuffled | items/s | "
-                  "padded token share | batches of one image size |", "|---|---|---|---|"]
+                  "padded token share | batches of one patch count |", "|---|---|---|---|"]
         lines += [f"| chunk_order {o}{' (default)' if o == 'auto' else ''} | {g[o]['items_per_s']} | "
-                  f"{g[o]['padded_fraction']} | {g[o]['one_size_batches']} |" for o in ("input", "auto")]
+                  f"{g[o]['padded_fraction']} | {g[o]['uniform_batches']} |" for o in ("input", "auto")]
         lines += ["", f"Speed-up {g['speedup']}x; max |score diff| {g['max_abs_score_diff']}; compiled modules "
                   f"{g['compiled_modules']}{' (a compile fell inside the timing)' if g['compiled_during_timing'] else ''}.",
                   ""]
