@@ -8,7 +8,7 @@ judge: it computes the same features). Recorded: items/s, images through the tow
 
 Stage `shared`: the `edit` rubric on items whose source images repeat (`--models` edits of each
 source, ordered model by model), on the same loaded judge: chunks cut in input order (each source
-back in every chunk; `engine._group_sources = False`) with the vision features kept beyond a chunk
+back in every chunk; `chunk_order: input`) with the vision features kept beyond a chunk
 (`vision_cache_mb`: each budget of `--cache-mb`, default the library's) vs not (0), then the
 library's order (items sharing a source in one chunk) with no store and with each budget.
 Recorded: items/s, images through the tower, max |score diff| against input order with no store.
@@ -31,7 +31,20 @@ slots free up (stage 0). Recorded: each run's time and decode counters, and the 
 identical answers: the check that staging computes the same tokens (bf16 on the GPU: batch
 composition can flip near-ties, as between static and continuous; float32 on the CPU: all).
 
-    python benchmarks/reuse_gpu.py --size qwen3_vl-8b [--stages edit,shared,lengths,fixed,staging] [--n 128] [--bs 32]
+Stage `sizes` (issue 15: prompts sorted by size within a call): logits mode, the `quality`
+rubric, `--n` JPEG files of six sizes and aspect ratios (scaled from `--width`: 1024x768,
+768x1024, 512x384, 768x768, 1280x720, 640x640), interleaved then shuffled (seeded), on one loaded
+judge: batches cut in the order given (`chunk_order: input`) vs the library's (`auto`: similar
+sizes together, largest first). One untimed call in each order first (kernels for every shape),
+then `--reps` timed calls of each, alternating. Recorded per order: items/s (mean and each call),
+the padded share of the token positions fed to the language model (attention-mask zeros, counted
+from the processor's output in the prepare thread), the share of batches whose images all have
+one patch count (where `grouped` vision attention applies), and max |score diff| between the
+orders. Run it with `--judge compile_after_items=64` and enough items that each size fills
+batches (`--n 512`): the automatic compile then happens in the warm-up, and the timing is the
+steady state (recorded: `compiled_during_timing`).
+
+    python benchmarks/reuse_gpu.py --size qwen3_vl-8b [--stages edit,shared,lengths,fixed,staging,sizes] [--n 128] [--bs 32]
     python benchmarks/reuse_gpu.py --smoke      # CPU, tiny model, seconds (CI)
 
 The device image has no qwen-vl-utils: carry its wheel (requirements-worker.txt's version) and put
@@ -40,11 +53,14 @@ it on PYTHONPATH first, or every item fails in preparation (the script then stop
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import pathlib
 import random
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -109,7 +125,7 @@ def stage_shared(model_dir: str, a, cuda: bool) -> dict[str, Any]:
     """Source images shared across chunks: the edit rubric on `--n` items, `--models` edits of each
     of n/models sources, ordered model by model (as a benchmark scored for several editing models
     in one call). On one loaded judge, each run with the store emptied first:
-    - as chunks see the input (`engine._group_sources = False`): each source comes back once per
+    - as chunks see the input (`chunk_order: input`): each source comes back once per
       chunk of `--bs` items; the store kept beyond a chunk (vision_cache_mb: each of `--cache-mb`,
       default the library's) vs none (0): what the store alone saves;
     - the library's order (items sharing a source cut into the same chunk, grouping.py), with no
@@ -131,7 +147,7 @@ def stage_shared(model_dir: str, a, cuda: bool) -> dict[str, Any]:
         _timed(judge, items[:a.bs], cuda)  # warm-up (kernels, allocator), untimed
         base_scores: list = []
         for grouped, cache in [(False, 0.0), *((False, c) for c in budgets), (True, 0.0), *((True, c) for c in budgets)]:
-            engine._group_sources = grouped
+            _chunk_order(judge, "auto" if grouped else "input")  # one image size: auto is the grouping alone
             reuse.cache_bytes = cache
             reuse.clear()
             enc0, reu0 = reuse.encoded, reuse.reused
@@ -149,8 +165,91 @@ def stage_shared(model_dir: str, a, cuda: bool) -> dict[str, Any]:
             row["speedup"] = round(row["items_per_s"] / out["chunk_only"]["items_per_s"], 3)
             row["max_abs_score_diff"] = max(diffs) if diffs else None
             out["grouped" if grouped else "kept"].append(row)
-        engine._group_sources = True
     return out
+
+
+def _chunk_order(judge, order: str) -> None:
+    """The public setting `chunk_order`, changed on the loaded judge (read at each call)."""
+    judge.engine.settings = dataclasses.replace(judge.engine.settings, chunk_order=order)
+
+
+# Image sizes of stage `sizes`, as fractions of --width: 4:3, 3:4, a small 4:3, square, 16:9, a small square.
+_SHAPES = [(1.0, 0.75), (0.75, 1.0), (0.5, 0.375), (0.75, 0.75), (1.25, 0.703125), (0.625, 0.625)]
+
+
+class _Fed:
+    """What the judge's prepare thread encodes for the model, batch by batch: token positions,
+    padded ones (attention-mask zeros; the tokenizer's mask, a CPU tensor), and whether every image
+    of the batch has one patch count (the resized images' areas, nothing read back from the GPU:
+    `grouped` vision attention needs one segment length, so 1024x768 and 768x1024 go together)."""
+
+    def __init__(self, engine):
+        self.positions = self.padded = self.batches = self.uniform = 0
+        real = engine._encode_cpu
+
+        def encode(reqs, *a, **k):
+            inputs = real(reqs, *a, **k)
+            mask = inputs["attention_mask"]
+            self.positions += int(mask.numel())
+            self.padded += int(mask.numel() - mask.sum())
+            self.batches += 1
+            self.uniform += len({im.width * im.height for r in reqs for im in r.images}) <= 1
+            return inputs
+        engine._encode_cpu = encode
+
+    def take(self) -> dict[str, Any]:
+        row = {"padded_fraction": round(self.padded / max(self.positions, 1), 4), "batches": self.batches,
+               "uniform_batches": round(self.uniform / max(self.batches, 1), 3)}
+        self.positions = self.padded = self.batches = self.uniform = 0
+        return row
+
+
+def stage_sizes(model_dir: str, a, cuda: bool) -> dict[str, Any]:
+    """Images of several sizes in shuffled order: chunk_order input vs auto on one loaded judge."""
+    from src.models.reward.implementations.local import QwenVLRewardModel
+    from src.models.reward.types import ScoreItem
+
+    shapes = [(round(a.width * fw), round(a.width * fh)) for fw, fh in _SHAPES]
+    sizes = [shapes[i % len(shapes)] for i in range(a.n)]
+    random.Random(a.seed).shuffle(sizes)
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="reuse-gpu-sizes-"))
+    try:
+        paths = []
+        for i, (w, h) in enumerate(sizes):  # files, as a benchmark gives them: their headers are read
+            (im,) = make_images(None, 1, w, h)
+            paths.append(str(folder / f"{i:05d}.jpg"))
+            im.save(paths[-1], quality=90)
+        items = [ScoreItem(images=[p], id=str(i)) for i, p in enumerate(paths)]
+        out: dict[str, Any] = {"items": a.n, "shapes": [f"{w}x{h}" for w, h in shapes], "reps": a.reps}
+        scores: dict[str, list] = {}
+        with QwenVLRewardModel(model_name=model_dir, device=a.device, batch_size=a.bs,
+                               **runs.judge_settings(a)) as judge:
+            fed = _Fed(judge.engine)
+            for order in ("input", "auto"):  # warm-up: every shape's kernels, untimed
+                _chunk_order(judge, order)
+                _timed(judge, items, cuda)
+            fed.take()
+            compiled = len(judge.engine._compiled)  # the automatic compile must not fall inside the timing
+            times: dict[str, list[float]] = {"input": [], "auto": []}
+            for _ in range(a.reps):
+                for order in ("input", "auto"):
+                    _chunk_order(judge, order)
+                    dt, res = _timed(judge, items, cuda)
+                    times[order].append(dt)
+                    scores[order] = [r.score for r in res]
+                    out[order] = {"chunk_order": order, **fed.take(), **_check(res, f"sizes, chunk_order {order}")}
+            out["compiled_modules"] = compiled
+            out["compiled_during_timing"] = len(judge.engine._compiled) != compiled
+            _chunk_order(judge, "auto")
+        for order, dts in times.items():
+            out[order]["items_per_s"] = round(a.n * len(dts) / sum(dts), 3)
+            out[order]["items_per_s_each"] = [round(a.n / dt, 3) for dt in dts]
+        diffs = [abs(x - y) for x, y in zip(scores["auto"], scores["input"]) if x is not None and y is not None]
+        out["speedup"] = round(out["auto"]["items_per_s"] / out["input"]["items_per_s"], 3)
+        out["max_abs_score_diff"] = max(diffs) if diffs else None
+        return out
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class _Count(logging.Handler):
@@ -269,7 +368,7 @@ def _static_vs_continuous(model_dir: str, a, cuda: bool, items: list, warm: list
 
 def markdown(report: dict[str, Any]) -> str:
     m = report["meta"]
-    lines = [f"# Issue 17: vision reuse and continuous batching ({m['size']})", "",
+    lines = [f"# Issue 17: vision reuse and continuous batching; issue 15: prompts sorted by size ({m['size']})", "",
              f"`{m['command']}` on {m['device_name']}, torch {m['torch']}, transformers {m['transformers']}, "
              f"{m['width']}x{m['height']} images, batch {m['bs']}, {m['n']} items.", ""]
     e = report.get("edit")
@@ -297,6 +396,15 @@ def markdown(report: dict[str, Any]) -> str:
                       f"| continuous batching | {g['continuous']['items_per_s']} | {g['continuous']['tokens_per_s']} |",
                       "", f"Speed-up {g['speedup']}x; identical answers {g['identical_answers']}; continuous "
                       f"decode: {g['continuous'].get('decode')}.", ""]
+    g = report.get("sizes")
+    if g:
+        lines += [f"| logits, {g['items']} images of {', '.join(g['shapes'])}, shuffled | items/s | "
+                  "padded token share | batches of one patch count |", "|---|---|---|---|"]
+        lines += [f"| chunk_order {o}{' (default)' if o == 'auto' else ''} | {g[o]['items_per_s']} | "
+                  f"{g[o]['padded_fraction']} | {g[o]['uniform_batches']} |" for o in ("input", "auto")]
+        lines += ["", f"Speed-up {g['speedup']}x; max |score diff| {g['max_abs_score_diff']}; compiled modules "
+                  f"{g['compiled_modules']}{' (a compile fell inside the timing)' if g['compiled_during_timing'] else ''}.",
+                  ""]
     g = report.get("staging")
     if g:
         lines += [f"| continuous batching, answers of mean {g['budget_mean']} tokens | items/s | tokens/s |",
@@ -314,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="qwen3_vl-8b")
     runs.add_checkpoint_argument(ap)
-    ap.add_argument("--stages", default="edit,shared,lengths,fixed,staging")
+    ap.add_argument("--stages", default="edit,shared,lengths,fixed,staging,sizes")
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--width", type=int, default=1024)
@@ -331,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", type=int, default=None,
                     help="continuous batching: prompts prefilled ahead of the free slots (default: the "
                          "library's; 0: joins prefilled when their slots free up)")
-    runs.add_judge_argument(ap, "stages edit and shared", "vision_attn=varlen")
+    runs.add_judge_argument(ap, "stages edit, shared and sizes", "vision_attn=varlen")
+    ap.add_argument("--reps", type=int, default=2, help="stage sizes: timed calls of each order")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -342,13 +451,14 @@ def main(argv: list[str] | None = None) -> int:
         a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl"
         a.device, a.n, a.bs, a.width, a.height, a.len_min, a.len_max, a.fixed_len = "cpu", 6, 2, 224, 168, 2, 8, 4
         a.models = 2  # 3 sources x 2 edits: grouped, a chunk of two is one source's edits
+        a.reps = 1
     cuda = a.device.startswith("cuda")
     report: dict[str, Any] = {"meta": runs.meta("reuse_gpu.py", argv, a, min_join=a.min_join, stage=a.stage,
                                                 judge=runs.judge_settings(a))}
     with runs.checkpoint(report, a, "reuse-gpu-") as model_dir:
         for stage in a.stages.split(","):
             fn = {"edit": stage_edit, "shared": stage_shared, "lengths": stage_lengths, "fixed": stage_fixed,
-                  "staging": stage_staging}[stage]
+                  "staging": stage_staging, "sizes": stage_sizes}[stage]
             report[stage] = fn(model_dir, a, cuda)
             runs.save(report, a)
             print(json.dumps({stage: report[stage]}), flush=True)

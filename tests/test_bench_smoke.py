@@ -153,9 +153,19 @@ def test_reuse_gpu_smoke(smoke_runs):
     assert unstaged["stage"] == 0 and unstaged["staged_rows"] == 0 and unstaged["sync_joins"] > 0
     assert staging["staged"]["errors"] == staging["unstaged"]["errors"] == 0
     assert staging["staged"]["fell_back_to_static"] == staging["unstaged"]["fell_back_to_static"] == 0
+    # sizes: 6 files of six sizes, shuffled, batches of 2; chunk_order auto pairs neighbouring sizes
+    # (largest first), so its batches pad less than the given order's; the same scores
+    sizes = report["sizes"]
+    assert sizes["items"] == 6 and len(sizes["shapes"]) == 6 and sizes["max_abs_score_diff"] < 1e-5
+    for order in ("input", "auto"):
+        row = sizes[order]
+        assert row["chunk_order"] == order and row["errors"] == 0 and row["batches"] == 3 and row["items_per_s"] > 0
+    assert 0 <= sizes["auto"]["padded_fraction"] < sizes["input"]["padded_fraction"]
+    assert sizes["compiled_during_timing"] is False
     md = (out / "reuse_gpu.md").read_text()
     assert md.startswith("# Issue 17") and "prefilled ahead (stage 2)" in md
     assert "| chunks grouped by source (default), vision_cache_mb 0 | " in md
+    assert "| chunk_order auto (default) | " in md
 
 
 def test_attention_gpu_smoke(smoke_runs):

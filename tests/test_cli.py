@@ -204,7 +204,8 @@ def test_a_job_scores_rows_that_share_a_source_side_by_side(tiny_cache, tmp_path
     """A manifest ordered model by model (4 sources x 2 editing models) in job chunks of 4: the job
     scores a source's rows in one chunk, so the judge encodes each source once (no store beyond a
     chunk); results.jsonl stays in manifest order and equals a run without vision reuse (which
-    keeps the manifest's order); a run resumed from the grouped stream reads it back by id."""
+    keeps the manifest's order); a run resumed from the grouped stream reads it back by id; under
+    chunk_order input the rows keep the manifest's order."""
     from src.job.runner import run_job
     from src.models.reward.implementations.local import QwenVLRewardModel
 
@@ -244,6 +245,12 @@ def test_a_job_scores_rows_that_share_a_source_side_by_side(tiny_cache, tmp_path
         summary = job(part, model)
         assert summary["resumed_from_disk"] == 3 and summary["failed"] == 0
         assert_same_results(read_jsonl(part / "results.jsonl"), plain, "resumed: ")
+    with QwenVLRewardModel(**judge, chunk_order="input") as model:  # rows as the manifest orders them
+        reuse = model.engine._vision_reuse
+        assert job(tmp_path / "as_given", model)["failed"] == 0
+        assert reuse.encoded == 2 * (4 + 4)  # each job chunk shows all 4 sources
+        assert [r["id"] for r in read_jsonl(tmp_path / "as_given" / "results.stream.jsonl")] == [r["id"] for r in rows]
+        assert_same_results(read_jsonl(tmp_path / "as_given" / "results.jsonl"), plain, "as given: ")
 
 
 def test_changed_settings_do_not_reuse_old_results(uninterrupted, tmp_path, edit_manifest):

@@ -90,10 +90,11 @@ def _same_results(got: list, ref: list, mode: str) -> None:
 
 def test_a_zero_budget_keeps_nothing_beyond_a_chunk():
     items = _shared_source_items()
-    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=2, vision_cache_mb=0) as j:
+    # chunk_order input: chunks as the input orders them, the store's part alone
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=2, vision_cache_mb=0,
+                           chunk_order="input") as j:
         r = j.engine._vision_reuse
         assert r.cache_bytes == 0
-        j.engine._group_sources = False  # chunks as the input orders them: the store's part alone
         j.batch_score(items)
         # within a chunk: 2 edits + 2 sources of 6 shown, in each of the three chunks
         assert r.encoded == 3 * 4 and r.reused == 3 * 2 and not r.kept and r.kept_bytes == 0
@@ -251,6 +252,11 @@ def _model_by_model(n_src: int = 4, n_models: int = 3) -> list[ScoreItem]:
                       id=f"m{i // n_src}-s{i % n_src}") for i in range(n_src * n_models)]
 
 
+def _chunk_order(engine, order: str) -> None:
+    """The public setting `chunk_order`, changed on a loaded judge (read at each call)."""
+    engine.settings = dataclasses.replace(engine.settings, chunk_order=order)
+
+
 def _chunks_seen(engine) -> list[list[int]]:
     """The indices of each chunk the engine prepares, in the order it prepares them."""
     seen: list[list[int]] = []
@@ -275,10 +281,10 @@ def test_items_sharing_a_source_go_through_the_tower_once_per_call_without_a_sto
         r = e._vision_reuse
         assert e._continuous is continuous and r.cache_bytes == 0
         seen = _chunks_seen(e)
-        e._group_sources = False  # as the input orders them: every chunk shows all four sources
+        _chunk_order(e, "input")  # as the input orders them: every chunk shows all four sources
         plain = j.batch_score(items)
         assert seen == [list(range(6)), list(range(6, 12))] and r.encoded == 2 * (4 + 6)
-        e._group_sources = True  # the library's default
+        _chunk_order(e, "auto")  # the library's default
         seen.clear()
         grouped = j.batch_score(items)
         # Each chunk holds two sources' edits: each source once, each edit once (the second
@@ -297,9 +303,9 @@ def test_a_bad_item_in_a_grouped_call_fails_alone_under_its_own_index(tmp_path):
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=6, vision_cache_mb=0) as j:
         e = j.engine
         seen = _chunks_seen(e)
-        e._group_sources = False
+        _chunk_order(e, "input")
         plain = j.batch_score(items)
-        e._group_sources = True
+        _chunk_order(e, "auto")
         seen.clear()
         grouped = j.batch_score(items)
         # groups by first showing; the bytes source (a group of its own) comes after the four
@@ -317,9 +323,9 @@ def test_grouped_batches_split_on_out_of_memory_keep_every_result(monkeypatch):
     items = _model_by_model()
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=6, vision_cache_mb=0) as j:
         e = j.engine
-        e._group_sources = False
+        _chunk_order(e, "input")
         plain = j.batch_score(items)
-        e._group_sources = True
+        _chunk_order(e, "auto")
         monkeypatch.setenv(faults.FAULT_OOM_ABOVE, "2")  # a batch of more than two prompts runs out of memory
         grouped = j.batch_score(items)
         assert e._batch_cap is not None and e._batch_cap <= 2

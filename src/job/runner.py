@@ -178,8 +178,10 @@ def _by_source(todo: list[ManifestRow], chunk_size: int, model: BaseRewardModel)
     chunk then holds a source's edits together, and the judge encodes the source once. Results
     are streamed in this order (resume reads them by id); results.jsonl keeps the manifest's.
     Not under multi_gpu's round_robin schedule: it sends item i to worker i mod n, so a source's
-    neighbouring rows would go to different workers (README, vision_reuse)."""
-    if not getattr(getattr(model, "settings", None), "vision_reuse", False) or \
+    neighbouring rows would go to different workers (README, vision_reuse). Nor under
+    `chunk_order: input` (rows as the manifest orders them)."""
+    settings = getattr(model, "settings", None)
+    if not getattr(settings, "vision_reuse", False) or getattr(settings, "chunk_order", "auto") == "input" or \
             getattr(model, "schedule", None) == "round_robin":
         return todo
     order = source_order([r.item for r in todo], chunk_size)

@@ -7,8 +7,10 @@ package's plain-data modules, so a worker environment needs nothing else.
 
 Flow of one call:
 
-    items --> chunks of `batch_size` items (items that share a source image side by side, so
-                 |  that vision reuse encodes it once: grouping.py; results in input order)
+    items --> chunks of `batch_size` items, cut from the order `chunk_order` asks for (auto:
+                 |  prompts of similar size together, size_order.py, and items that share a
+                 |  source image side by side, so that vision reuse encodes it once, grouping.py;
+                 |  results in input order)
                  |  prepare (a background thread, one chunk ahead): decode images, resize
                  |  (on prepare_threads), chat template, processor -> tensors; a bad image
                  |  fails only its item
@@ -27,7 +29,8 @@ Where each job lives (JudgeEngine is assembled from one mixin per job):
     preparation.py  images, prompts, the processor; per-item errors
     batching.py     batches, out-of-memory splits, the memory budget
     continuous.py   generate mode's continuous batching: one decode per call, fed from the chunks
-    grouping.py     the order chunks are cut from: items sharing a source image together
+    size_order.py   the order chunks are cut from: prompts of similar size together, and
+    grouping.py       items sharing a source image together
     scoring.py      the forward pass / the answers, turned into sub-scores
     speed.py        the speed paths chosen at load (vision attention, compiling, fast decoding)
     hooks.py        call points for the failure tests' plug-in (src/testing/faults.py)
@@ -43,12 +46,12 @@ from typing import Any, Callable, Iterator, Sequence
 from .batching import Batching, _batch_key, _ItemError, batch_limit  # noqa: F401
 from .chat import is_chat, split_chats
 from .continuous import ContinuousCalls
-from .grouping import source_order
 from . import hooks
 from .loading import Loading, _normalize_device
 from .preparation import Preparation, _name, _PreparedChunk, _Request  # noqa: F401
 from .scoring import Scoring
 from .settings import JudgeSettings
+from .size_order import Resize, chunk_order
 from .speed import SpeedPaths
 from .templates import Rubric, Template, resolve_rubric, rubric_fingerprint
 from .types import ScoreItem, ScoreResult
@@ -74,7 +77,6 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         self.device_label = device_label or self.device
         self._torch = torch
         self._closed = False
-        self._group_sources = True  # chunks cut with items sharing a source side by side (grouping.py)
         t0 = time.perf_counter()
         self._load()
         self.load_time_s = time.perf_counter() - t0
@@ -104,7 +106,7 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         hooks.before_call(items)  # a test plug-in's faults, in tests only
         results: list[ScoreResult | None] = [None] * len(items)
         bs = self._chunk_items()
-        # Chunks are cut from `order`: the input order, or items sharing a source side by side.
+        # Chunks are cut from `order`: the input order, or the one `chunk_order: auto` asks for.
         order = self._chunk_order(items, bs) or list(range(len(items)))
         chunks = [(start, [items[p] for p in order[start:start + bs]], [idx[p] for p in order[start:start + bs]])
                   for start in range(0, len(items), bs)]
@@ -118,14 +120,17 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         return results  # type: ignore[return-value]
 
     def _chunk_order(self, items: list[ScoreItem], chunk: int) -> list[int] | None:
-        """The order to cut chunks from (grouping.py): items that share source images side by side,
-        so that vision reuse encodes each source once per call; None: the input order. Only where it
-        can help: vision reuse on, a rubric that shows the sources, a source that repeats across
-        chunks. (`_group_sources = False` cuts in input order: the benchmark measures the store alone.)"""
-        reuse = self._vision_reuse
-        if not self._group_sources or reuse is None or not reuse.enabled or not self.rubric.needs_source:
+        """The order to cut chunks from; None: the input order. `chunk_order: auto` (size_order.py):
+        prompts of similar size together, largest first, and items that share source images side by
+        side (grouping.py) where vision reuse can use it: reuse on, a rubric that shows the sources."""
+        if self.settings.chunk_order == "input":
             return None
-        return source_order(items, chunk)
+        reuse = self._vision_reuse
+        shows_sources = self.rubric.needs_source
+        return chunk_order(items, chunk, Resize(self.patch_size, self.min_pixels, self.max_pixels),
+                           with_sources=shows_sources,
+                           group_sources=reuse is not None and reuse.enabled and shows_sources,
+                           map_fn=self._image_pool.map)
 
     def _static_call(self, chunks: list[tuple[int, list[ScoreItem], list[int]]]) -> Iterator[tuple[int, dict[int, ScoreResult]]]:
         for start, prepared in self._prefetched(chunks):

@@ -42,15 +42,11 @@ def image_identity(img: Any, digests: dict[int, bytes] | None = None) -> Hashabl
     return ("object", id(img))  # a PIL image, an array: only while the call holds it
 
 
-def source_order(items: Sequence[ScoreItem], chunk: int) -> list[int] | None:
-    """The positions of `items` in the order to cut into chunks of `chunk`: items with the same
-    source image(s) side by side. None (keep the given order) when that would not show fewer
-    source images per chunk, summed over the chunks: no source repeats, the call is one chunk, or
-    the items are grouped already."""
-    if chunk < 1 or len(items) <= chunk:
-        return None
-    digests: dict[int, bytes] = {}
-    keys = [tuple(image_identity(im, digests) for im in it.source_images) for it in items]
+def source_groups(items: Sequence[ScoreItem], keys: list[tuple] | None = None) -> list[list[int]]:
+    """The positions of `items` grouped by their source image(s): groups in the order of their
+    first item, input order within; an item without sources is a group of its own.
+    keys: the items' source keys (`_source_keys`), when the caller has them already."""
+    keys = _source_keys(items) if keys is None else keys
     groups: dict[tuple, list[int]] = {}
     ordered: list[list[int]] = []
     for pos, key in enumerate(keys):
@@ -62,12 +58,29 @@ def source_order(items: Sequence[ScoreItem], chunk: int) -> list[int] | None:
             g = groups[key] = []
             ordered.append(g)
         g.append(pos)
+    return ordered
+
+
+def source_order(items: Sequence[ScoreItem], chunk: int) -> list[int] | None:
+    """The positions of `items` in the order to cut into chunks of `chunk`: items with the same
+    source image(s) side by side. None (keep the given order) when that would not show fewer
+    source images per chunk, summed over the chunks: no source repeats, the call is one chunk, or
+    the items are grouped already."""
+    if chunk < 1 or len(items) <= chunk:
+        return None
+    keys = _source_keys(items)
+    ordered = source_groups(items, keys)
     if len(ordered) == len(items):  # no key repeats
         return None
     order = [pos for g in ordered for pos in g]
     if _shown(keys, order, chunk) >= _shown(keys, range(len(items)), chunk):
         return None
     return order
+
+
+def _source_keys(items: Sequence[ScoreItem]) -> list[tuple]:
+    digests: dict[int, bytes] = {}
+    return [tuple(image_identity(im, digests) for im in it.source_images) for it in items]
 
 
 def _shown(keys: list[tuple], order: Sequence[int], chunk: int) -> int:

@@ -17,6 +17,7 @@ MODES = ("logits", "generate")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 VISION_ATTN = ("auto", "sdpa", "varlen", "packed", "grouped")  # see vision_attention.py
 QUANTIZATIONS = ("none", "fp8", "bnb-8bit", "bnb-4bit")  # see quantization.py
+CHUNK_ORDERS = ("auto", "input")  # see size_order.py
 
 # The names verl users know for the same settings (its generative reward model's rollout and
 # micro-batch keys). Accepted on input, stored under the judge's own names.
@@ -37,6 +38,14 @@ class JudgeSettings:
     dtype: `auto` is bfloat16 on CUDA and float32 on the CPU.
     min_pixels / max_pixels: image resize bounds (None: the checkpoint's processor defaults).
     batch_size: prompts per forward pass; a batch that runs out of memory is split and retried.
+    chunk_order: the order a call's items are cut into batches from (results always come back in
+      input order, each with its own index): `auto` (default) puts prompts of similar size
+      together, largest first (sizes read from the image files' headers, no pixel decoded;
+      size_order.py), so that a batch pads its prompts less and, with images of one size, runs
+      the vision tower's one-size attention; and, with vision_reuse on a rubric that shows
+      source images, keeps the items that share a source side by side (grouping.py). `input`:
+      batches cut in the order given. Scores are the same within float rounding (a prompt's
+      padding changes), so, like batch_size, it is no part of the resume fingerprint.
     max_new_tokens, temperature (0 = greedy), top_p, top_k, num_samples: generate mode.
     max_prompt_tokens: prompts longer than this (text and image tokens) fail with a clear error
       instead of running; never truncated, since cutting a prompt would cut its image tokens.
@@ -118,6 +127,7 @@ class JudgeSettings:
     min_pixels: int | None = None
     max_pixels: int | None = None
     batch_size: int = 8
+    chunk_order: str = "auto"
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -158,6 +168,8 @@ class JudgeSettings:
             raise ValueError("num_samples > 1 needs temperature > 0: greedy answers would all be the same")
         if self.vision_attn not in VISION_ATTN:
             raise ValueError(f"vision_attn: unknown value {self.vision_attn!r}; known: {', '.join(VISION_ATTN)}")
+        if self.chunk_order not in CHUNK_ORDERS:
+            raise ValueError(f"chunk_order: unknown value {self.chunk_order!r}; known: {', '.join(CHUNK_ORDERS)}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization: unknown value {self.quantization!r}; known: {', '.join(QUANTIZATIONS)}")
         if self.max_memory_per_gpu_gb is not None and self.max_memory_per_gpu_gb <= 0:
@@ -206,8 +218,9 @@ class JudgeSettings:
 
     def fingerprint(self, rubric_data: Any = None) -> str:
         """A short hash of everything that changes scores: resume skips an item only when its
-        stored result has the same fingerprint. Batch size, device, attention kernels, compiling and
-        the memory budget are left out: they change speed, not the judgement."""
+        stored result has the same fingerprint. Batch size, the order batches are cut from
+        (chunk_order), device, attention kernels, compiling and the memory budget are left out: they
+        change speed, not the judgement."""
         keys = ("model_name", "mode", "dtype", "min_pixels", "max_pixels", "max_new_tokens", "temperature",
                 "top_p", "top_k", "num_samples", "max_prompt_tokens", "seed")
         data = {k: getattr(self, k) for k in keys}
