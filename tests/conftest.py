@@ -38,6 +38,19 @@ def tiny_qwen25(tiny_cache) -> str:
     return resolve_model_name("tiny:qwen2_5_vl", cache_dir=tiny_cache)
 
 
+def chunks_seen(engine) -> list[list[int]]:
+    """The indices of each chunk a loaded engine prepares, in the order it prepares them (its
+    `_prepare` wrapped for the rest of the test)."""
+    seen: list[list[int]] = []
+    real = engine._prepare
+
+    def wrapped(items, indices, *a, **k):
+        seen.append(list(indices))
+        return real(items, indices, *a, **k)
+    engine._prepare = wrapped
+    return seen
+
+
 def make_image(seed: int, w: int = 64, h: int = 48):
     from PIL import Image, ImageDraw
 

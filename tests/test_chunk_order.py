@@ -23,7 +23,7 @@ from src.models.reward.settings import JudgeSettings
 from src.models.reward.size_order import Resize, chunk_order, image_size
 from src.models.reward.types import ScoreItem
 
-from conftest import make_image
+from conftest import chunks_seen, make_image
 
 # Three sizes that the tiny Qwen3-VL (patch 16, merge 2, 4,096..65,536 pixels) keeps apart:
 # grids of 4x4, 6x8 and 10x12 patches.
@@ -70,17 +70,6 @@ class _Fed:
         self.grids.clear()
 
 
-def _chunks_seen(engine) -> list[list[int]]:
-    seen: list[list[int]] = []
-    real = engine._prepare
-
-    def wrapped(items, indices, *a, **k):
-        seen.append(list(indices))
-        return real(items, indices, *a, **k)
-    engine._prepare = wrapped
-    return seen
-
-
 def _same_scores(got: list, ref: list) -> None:
     """Input order, each under its own index; the same errors (PIL's message names the buffer
     object it read: its address is left out); float32 sub-scores within 1e-5."""
@@ -100,7 +89,7 @@ def test_auto_cuts_padding_and_keeps_results_in_input_order(mixed_files):
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", batch_size=4) as j:
         e = j.engine
         assert e.settings.chunk_order == "auto"  # the default
-        fed, seen = _Fed(e), _chunks_seen(e)
+        fed, seen = _Fed(e), chunks_seen(e)
         _set_order(e, "input")
         given = j.batch_score(items)
         assert seen == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
@@ -131,7 +120,7 @@ def test_an_image_that_cannot_be_read_fails_alone_with_its_own_error(mixed_files
     items[10] = dataclasses.replace(items[10], images=[str(big)])
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", batch_size=4, max_image_pixels=50_000) as j:
         e = j.engine
-        seen = _chunks_seen(e)
+        seen = chunks_seen(e)
         _set_order(e, "input")
         given = j.batch_score(items)
         seen.clear()
@@ -160,7 +149,7 @@ def test_items_sharing_a_source_stay_together_when_sizes_differ(tmp_path):
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=6, vision_cache_mb=0) as j:
         e = j.engine
         reuse = e._vision_reuse
-        fed, seen = _Fed(e), _chunks_seen(e)
+        fed, seen = _Fed(e), chunks_seen(e)
         _set_order(e, "input")
         given = j.batch_score(items)
         assert reuse.encoded == 2 * (4 + 6) and sum(fed.padded) > 0  # every chunk shows the 4 sources

@@ -21,6 +21,7 @@ from src.models.reward.implementations.local import QwenVLRewardModel
 from src.models.reward.settings import JudgeSettings
 from src.models.reward.types import ScoreItem
 from src.testing import faults
+from conftest import chunks_seen
 
 
 def _images(n: int, seed: int) -> list[Image.Image]:
@@ -257,18 +258,6 @@ def _chunk_order(engine, order: str) -> None:
     engine.settings = dataclasses.replace(engine.settings, chunk_order=order)
 
 
-def _chunks_seen(engine) -> list[list[int]]:
-    """The indices of each chunk the engine prepares, in the order it prepares them."""
-    seen: list[list[int]] = []
-    real = engine._prepare
-
-    def wrapped(items, indices, *a, **k):
-        seen.append(list(indices))
-        return real(items, indices, *a, **k)
-    engine._prepare = wrapped
-    return seen
-
-
 GROUPED = [[0, 4, 8, 1, 5, 9], [2, 6, 10, 3, 7, 11]]  # 4 sources x 3 models, chunks of 6: two sources each
 
 
@@ -280,7 +269,7 @@ def test_items_sharing_a_source_go_through_the_tower_once_per_call_without_a_sto
         e = j.engine
         r = e._vision_reuse
         assert e._continuous is continuous and r.cache_bytes == 0
-        seen = _chunks_seen(e)
+        seen = chunks_seen(e)
         _chunk_order(e, "input")  # as the input orders them: every chunk shows all four sources
         plain = j.batch_score(items)
         assert seen == [list(range(6)), list(range(6, 12))] and r.encoded == 2 * (4 + 6)
@@ -302,7 +291,7 @@ def test_a_bad_item_in_a_grouped_call_fails_alone_under_its_own_index(tmp_path):
     items[10] = dataclasses.replace(items[10], source_images=[b"not an image"])  # m2-s2: its source
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=6, vision_cache_mb=0) as j:
         e = j.engine
-        seen = _chunks_seen(e)
+        seen = chunks_seen(e)
         _chunk_order(e, "input")
         plain = j.batch_score(items)
         _chunk_order(e, "auto")
@@ -340,7 +329,7 @@ def test_with_a_progress_bar_the_call_is_still_one_engine_call(capsys):
         ref = quiet.batch_score(items)
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=2, vision_cache_mb=0,
                            progress=True) as j:
-        seen, calls = _chunks_seen(j.engine), _counting(j.engine, "score")
+        seen, calls = chunks_seen(j.engine), _counting(j.engine, "score")
         got = j.batch_score(items)
         assert len(calls) == 1 and seen == [[0, 4], [8, 1], [5, 9], [2, 6], [10, 3], [7, 11]]
         # each source's three items straddle a chunk's end: 2 x 4 sources + 12 edits (24 in input order)
@@ -354,7 +343,7 @@ def test_orders_grouping_cannot_help_are_left_as_given():
     everything = [list(range(6)), list(range(6, 12))]
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=6) as j:
         e = j.engine
-        seen = _chunks_seen(e)
+        seen = chunks_seen(e)
         distinct = [dataclasses.replace(it, source_images=[im]) for it, im in zip(items, _images(12, seed=22))]
         for call, expected in ((distinct, everything),  # no source repeats
                                ([items[i] for g in GROUPED for i in g], everything),  # grouped already
@@ -367,7 +356,7 @@ def test_orders_grouping_cannot_help_are_left_as_given():
         j.batch_score(items)
         assert seen == everything
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="quality", batch_size=6) as j:
-        seen = _chunks_seen(j.engine)  # a rubric that does not show the sources
+        seen = chunks_seen(j.engine)  # a rubric that does not show the sources
         j.batch_score(items)
         assert seen == everything
 
