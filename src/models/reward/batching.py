@@ -71,10 +71,8 @@ class Batching:
             return now
         full = limit(self._resident_bytes)
         if now < full:
-            # full > 1, so full prompts fit with nothing kept: this room is >= 0, shrink_to (sources
-            # too) reaches it, and with at most that much kept the limit is full.
             reuse.shrink_to(budget * 1e9 - self._resident_bytes - full * per_prompt)
-            return full
+            return limit(self._held_bytes())  # read from what is kept now (full, as shrink_to empties as far as asked)
         return now
 
     def _held_bytes(self) -> float:
