@@ -38,6 +38,13 @@ def tiny_qwen25(tiny_cache) -> str:
     return resolve_model_name("tiny:qwen2_5_vl", cache_dir=tiny_cache)
 
 
+def set_chunk_order(engine, order: str) -> None:
+    """The public setting `chunk_order`, changed on a loaded judge's engine (read at each call)."""
+    import dataclasses
+
+    engine.settings = dataclasses.replace(engine.settings, chunk_order=order)
+
+
 def chunks_seen(engine) -> list[list[int]]:
     """The indices of each chunk a loaded engine prepares, in the order it prepares them (its
     `_prepare` wrapped for the rest of the test)."""

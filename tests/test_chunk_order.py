@@ -23,7 +23,7 @@ from src.models.reward.settings import JudgeSettings
 from src.models.reward.size_order import Resize, chunk_order, image_size
 from src.models.reward.types import ScoreItem
 
-from conftest import chunks_seen, make_image
+from conftest import chunks_seen, make_image, set_chunk_order
 
 # Three sizes that the tiny Qwen3-VL (patch 16, merge 2, 4,096..65,536 pixels) keeps apart:
 # grids of 4x4, 6x8 and 10x12 patches.
@@ -42,10 +42,6 @@ def mixed_files(tmp_path_factory) -> list[str]:
         paths.append(str(p))
     return paths
 
-
-def _set_order(engine, order: str) -> None:
-    """The public setting, changed on a loaded judge (it is read at each call)."""
-    engine.settings = dataclasses.replace(engine.settings, chunk_order=order)
 
 
 class _Fed:
@@ -90,13 +86,13 @@ def test_auto_cuts_padding_and_keeps_results_in_input_order(mixed_files):
         e = j.engine
         assert e.settings.chunk_order == "auto"  # the default
         fed, seen = _Fed(e), chunks_seen(e)
-        _set_order(e, "input")
+        set_chunk_order(e, "input")
         given = j.batch_score(items)
         assert seen == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
         padded_input, grids_input = sum(fed.padded), list(fed.grids)
         fed.clear()
         seen.clear()
-        _set_order(e, "auto")
+        set_chunk_order(e, "auto")
         ordered = j.batch_score(items)
         # largest first, one size per chunk; stable within a size
         assert seen == [[2, 5, 8, 11], [1, 4, 7, 10], [0, 3, 6, 9]]
@@ -121,10 +117,10 @@ def test_an_image_that_cannot_be_read_fails_alone_with_its_own_error(mixed_files
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", batch_size=4, max_image_pixels=50_000) as j:
         e = j.engine
         seen = chunks_seen(e)
-        _set_order(e, "input")
+        set_chunk_order(e, "input")
         given = j.batch_score(items)
         seen.clear()
-        _set_order(e, "auto")
+        set_chunk_order(e, "auto")
         ordered = j.batch_score(items)
         # the oversized image's header gives its size (largest first), it is refused in
         # preparation; the three that cannot be sized go last, in input order
@@ -150,12 +146,12 @@ def test_items_sharing_a_source_stay_together_when_sizes_differ(tmp_path):
         e = j.engine
         reuse = e._vision_reuse
         fed, seen = _Fed(e), chunks_seen(e)
-        _set_order(e, "input")
+        set_chunk_order(e, "input")
         given = j.batch_score(items)
         assert reuse.encoded == 2 * (4 + 6) and sum(fed.padded) > 0  # every chunk shows the 4 sources
         fed.clear()
         seen.clear()
-        _set_order(e, "auto")
+        set_chunk_order(e, "auto")
         ordered = j.batch_score(items)
         # the larger sources' groups first, each group whole: each source through the tower once
         assert seen == [[1, 5, 9, 3, 7, 11], [0, 4, 8, 2, 6, 10]]

@@ -21,7 +21,7 @@ from src.models.reward.implementations.local import QwenVLRewardModel
 from src.models.reward.settings import JudgeSettings
 from src.models.reward.types import ScoreItem
 from src.testing import faults
-from conftest import chunks_seen
+from conftest import chunks_seen, set_chunk_order
 
 
 def _images(n: int, seed: int) -> list[Image.Image]:
@@ -253,10 +253,6 @@ def _model_by_model(n_src: int = 4, n_models: int = 3) -> list[ScoreItem]:
                       id=f"m{i // n_src}-s{i % n_src}") for i in range(n_src * n_models)]
 
 
-def _chunk_order(engine, order: str) -> None:
-    """The public setting `chunk_order`, changed on a loaded judge (read at each call)."""
-    engine.settings = dataclasses.replace(engine.settings, chunk_order=order)
-
 
 GROUPED = [[0, 4, 8, 1, 5, 9], [2, 6, 10, 3, 7, 11]]  # 4 sources x 3 models, chunks of 6: two sources each
 
@@ -270,10 +266,10 @@ def test_items_sharing_a_source_go_through_the_tower_once_per_call_without_a_sto
         r = e._vision_reuse
         assert e._continuous is continuous and r.cache_bytes == 0
         seen = chunks_seen(e)
-        _chunk_order(e, "input")  # as the input orders them: every chunk shows all four sources
+        set_chunk_order(e, "input")  # as the input orders them: every chunk shows all four sources
         plain = j.batch_score(items)
         assert seen == [list(range(6)), list(range(6, 12))] and r.encoded == 2 * (4 + 6)
-        _chunk_order(e, "auto")  # the library's default
+        set_chunk_order(e, "auto")  # the library's default
         seen.clear()
         grouped = j.batch_score(items)
         # Each chunk holds two sources' edits: each source once, each edit once (the second
@@ -292,9 +288,9 @@ def test_a_bad_item_in_a_grouped_call_fails_alone_under_its_own_index(tmp_path):
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=6, vision_cache_mb=0) as j:
         e = j.engine
         seen = chunks_seen(e)
-        _chunk_order(e, "input")
+        set_chunk_order(e, "input")
         plain = j.batch_score(items)
-        _chunk_order(e, "auto")
+        set_chunk_order(e, "auto")
         seen.clear()
         grouped = j.batch_score(items)
         # groups by first showing; the bytes source (a group of its own) comes after the four
@@ -312,9 +308,9 @@ def test_grouped_batches_split_on_out_of_memory_keep_every_result(monkeypatch):
     items = _model_by_model()
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=6, vision_cache_mb=0) as j:
         e = j.engine
-        _chunk_order(e, "input")
+        set_chunk_order(e, "input")
         plain = j.batch_score(items)
-        _chunk_order(e, "auto")
+        set_chunk_order(e, "auto")
         monkeypatch.setenv(faults.FAULT_OOM_ABOVE, "2")  # a batch of more than two prompts runs out of memory
         grouped = j.batch_score(items)
         assert e._batch_cap is not None and e._batch_cap <= 2
