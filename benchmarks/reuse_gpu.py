@@ -144,7 +144,8 @@ def stage_shared(model_dir: str, a, cuda: bool) -> dict[str, Any]:
         engine = judge.engine
         reuse = engine._vision_reuse
         budgets = [reuse.cache_bytes] if not a.cache_mb else [float(mb) * 1e6 for mb in a.cache_mb.split(",")]
-        _timed(judge, items[:a.bs], cuda)  # warm-up (kernels, allocator), untimed
+        _timed(judge, items[:2 * a.bs], cuda)  # warm-up (kernels, allocator; a compile due at --judge
+        compiled = len(engine._compiled)        # compile_after_items <= bs happens here), untimed
         base_scores: list = []
         for grouped, cache in [(False, 0.0), *((False, c) for c in budgets), (True, 0.0), *((True, c) for c in budgets)]:
             _chunk_order(judge, "auto" if grouped else "input")  # one image size: auto is the grouping alone
@@ -165,6 +166,8 @@ def stage_shared(model_dir: str, a, cuda: bool) -> dict[str, Any]:
             row["speedup"] = round(row["items_per_s"] / out["chunk_only"]["items_per_s"], 3)
             row["max_abs_score_diff"] = max(diffs) if diffs else None
             out["grouped" if grouped else "kept"].append(row)
+        out["compiled_modules"] = compiled
+        out["compiled_during_timing"] = len(engine._compiled) != compiled  # then the runs are not comparable
     return out
 
 
@@ -386,7 +389,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"| {'chunks grouped by source (default)' if k['grouped'] else 'chunks in input order'}, "
                   f"vision_cache_mb {k['vision_cache_mb']:g} | {k['items_per_s']} | {k['images_encoded']} | "
                   f"{k['speedup']}x | {k['max_abs_score_diff']} |" for k in [*g["kept"], *g.get("grouped", [])]]
-        lines += [""]
+        lines += ["", f"Compiled modules before timing: {g.get('compiled_modules')}"
+                      f"{'; a compile fell inside the timing: the rows are not comparable' if g.get('compiled_during_timing') else ''}.", ""]
     for stage, what in (("lengths", "answers of {budget_min}..{budget_max} tokens (mean {budget_mean})"),
                         ("fixed", "every answer {budget_max} tokens")):
         g = report.get(stage)
