@@ -6,6 +6,8 @@
            them), largest first
   kernels  one call of --n items under torch.profiler: CUDA time per kernel name (top 30), and
            per coarse kind (GEMM, grouped GEMM, attention, elementwise, ...)
+  parts    generate mode: calls of --n items with the decoding step's fused parts (cuDNN's
+           decoding attention, the compiled rotary embedding) switched off in turn, alternating
 Each stage runs the judge twice (an untimed call first: allocator, kernels, shapes), in the modes
 asked for (--modes logits,generate). Random weights of the real size (benchmarks/checkpoints.py).
 
@@ -164,6 +166,69 @@ def stage_kernels(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
             "top_kernels": [{"name": n[:140], "ms": round(sum(ts), 2), "count": len(ts)} for n, ts in top]}
 
 
+def _switch_parts(engine, cudnn: bool, rotary: bool, saved: dict) -> None:
+    """The decoding step's two fused parts on or off, on the loaded judge (benchmark-only
+    switches of the library's internals): cuDNN's decoding attention (off: its once-per-process
+    refusal, sdpa's own choice) and the compiled rotary embedding (off: the module runs eagerly).
+    A generate call captures its step afresh, so the next call runs as switched."""
+    from src.models.reward import vision_attention as va
+
+    (va._cudnn_refused.discard if cudnn else va._cudnn_refused.add)("decoding attention")
+    for m in engine._compiled:
+        if type(m).__name__ == "RotaryEmbedding":
+            saved.setdefault(id(m), m._compiled_call_impl)
+            m._compiled_call_impl = saved[id(m)] if rotary else None
+
+
+def stage_parts(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
+    """Generate mode: calls of --n items on one loaded judge after its automatic compile (run with
+    --judge compile_after_items=BS), with each of the decoding step's fused parts switched off in
+    turn: all on (the defaults), cuDNN's decoding attention off, the rotary embedding eager, both
+    off; --reps calls of each, alternating. Recorded: items/s per variant and the answers' share
+    identical to the defaults' (bf16: a kernel's rounding can flip a near-tie)."""
+    import torch
+
+    if mode != "generate":
+        return {"skipped": "the decoding step's parts: generate mode only"}
+    cuda = a.device.startswith("cuda")
+    variants = {"defaults": (True, True), "cudnn_off": (False, True), "rotary_eager": (True, False),
+                "both_off": (False, False)}
+    judge = _judge(model_dir, a, mode)
+    saved: dict = {}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    answers: dict[str, list] = {}
+    try:
+        for _ in range(2):  # the second call pays an automatic compile when compile_after_items <= bs
+            judge.batch_score(images[:a.bs])
+        compiled = len(judge.engine._compiled)
+        for _ in range(a.reps):
+            for name, (cudnn, rotary) in variants.items():
+                _switch_parts(judge.engine, cudnn, rotary, saved)
+                if cuda:
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                res = judge.batch_score(images[:a.n])
+                if cuda:
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t)
+                answers[name] = [r.raw for r in res]
+        _switch_parts(judge.engine, True, True, saved)
+        rotary_compiled = any(type(m).__name__ == "RotaryEmbedding" for m in judge.engine._compiled)
+        compiled_during = len(judge.engine._compiled) != compiled
+    finally:
+        judge.close()
+    out: dict[str, Any] = {"mode": mode, "items": a.n, "new_tokens": a.new, "reps": a.reps,
+                           "rotary_compiled": rotary_compiled, "compiled_modules": compiled,
+                           "compiled_during_timing": compiled_during}
+    for name, ts in times.items():
+        out[name] = {"items_per_s": round(a.n * len(ts) / sum(ts), 3), "items_per_s_each": [round(a.n / t, 3) for t in ts],
+                     "identical_to_defaults": round(sum(x == y for x, y in zip(answers[name], answers["defaults"]))
+                                                    / max(len(answers[name]), 1), 3)}
+    for name in variants:
+        out[name]["speedup_of_defaults"] = round(out["defaults"]["items_per_s"] / out[name]["items_per_s"], 3)
+    return out
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["meta"]
     lines = [f"# Where GPU memory and time go ({m['size']}, {m['device_name']})", "", f"`{m['command']}`", "",
@@ -185,6 +250,15 @@ def markdown(report: dict[str, Any]) -> str:
             lines += ["", "| kernel | ms | count |", "|---|---|---|"]
             lines += [f"| `{k['name']}` | {k['ms']} | {k['count']} |" for k in st["top_kernels"][:15]]
             lines.append("")
+        if key.startswith("parts_") and "defaults" in st:
+            lines += [f"## The decoding step's fused parts, generate-{st['new_tokens']}, {st['items']} items, "
+                      f"{st['reps']} calls of each", "",
+                      "| variant | items/s | defaults' speed-up over it | answers identical to the defaults' |",
+                      "|---|---|---|---|"]
+            lines += [f"| {name} | {st[name]['items_per_s']} | {st[name]['speedup_of_defaults']}x | "
+                      f"{st[name]['identical_to_defaults']} |" for name in ("defaults", "cudnn_off", "rotary_eager", "both_off")]
+            lines += ["", f"Rotary embedding compiled: {st['rotary_compiled']}; compiled modules {st['compiled_modules']}"
+                          f"{'; a compile fell inside the timing' if st['compiled_during_timing'] else ''}.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -195,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default="memory,kernels")
     ap.add_argument("--modes", default="logits,generate")
     ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3, help="stage parts: timed calls of each variant")
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--new", type=int, default=128, help="generate mode: answer tokens (forced)")
     ap.add_argument("--width", type=int, default=1024)
@@ -215,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     with runs.checkpoint(report, a, "profile-gpu-") as model_dir:
         images = make_images(None, max(a.n, a.bs), a.width, a.height)
         for stage in a.stages.split(","):
-            fn = {"memory": stage_memory, "kernels": stage_kernels}[stage]
+            fn = {"memory": stage_memory, "kernels": stage_kernels, "parts": stage_parts}[stage]
             for mode in a.modes.split(","):
                 try:
                     report[f"{stage}_{mode}"] = fn(model_dir, a, images, mode)

@@ -64,17 +64,65 @@ def test_greedy_generate_equals_generate(model_and_inputs, min_new, penalty):
     assert model.config.text_config._attn_implementation == "sdpa"  # the decode attention was put back
 
 
-def test_decode_gqa_attention_equals_repeated_kv():
+def _decode_case():
     g = torch.Generator().manual_seed(0)
     b, h, hkv, m, d = 3, 8, 2, 37, 16
     q = torch.randn(b, h, 1, d, generator=g, dtype=torch.float64)
     k, v = (torch.randn(b, hkv, m, d, generator=g, dtype=torch.float64) for _ in range(2))
     mask = torch.rand(b, 1, 1, m, generator=g) > 0.3
     mask[..., 0] = True
-    out, _ = fast_decode._decode_gqa_attention(None, q, k, v, mask, scaling=0.2)
     rep = lambda t: t[:, :, None].expand(b, hkv, h // hkv, m, d).reshape(b, h, m, d)  # noqa: E731  transformers' repeat_kv
     ref = F.scaled_dot_product_attention(q, rep(k), rep(v), attn_mask=mask, scale=0.2).transpose(1, 2)
+    return (q, k, v, mask), ref
+
+
+@pytest.mark.parametrize("cudnn_first", [False, True])
+def test_decode_gqa_attention_equals_repeated_kv(cudnn_first):
+    args, ref = _decode_case()
+    out, _ = fast_decode._decode_gqa_attention(None, *args, scaling=0.2, cudnn_first=cudnn_first)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_decode_attention_asks_cudnn_first_on_hopper_in_half_precision(monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from src.models.reward import vision_attention as va
+
+    assert fast_decode.decode_attention("cpu", torch.bfloat16) == fast_decode._DECODE_ATTN
+    monkeypatch.setattr(va, "_hopper", lambda device: True)
+    assert fast_decode.decode_attention("cuda:0", torch.float32) == fast_decode._DECODE_ATTN
+    name = fast_decode.decode_attention("cuda:0", torch.bfloat16)
+    assert name == fast_decode._DECODE_ATTN_CUDNN
+    # the registered function tries cuDNN first (on this CPU sdpa has no cuDNN: its own choice runs)
+    first = []
+    real = va.cudnn_first_sdpa
+    monkeypatch.setattr(va, "cudnn_first_sdpa", lambda *a: first.append(1) or real(*a))
+    monkeypatch.setattr(va, "_cudnn_refused", set())
+    args, ref = _decode_case()
+    out, _ = ALL_ATTENTION_FUNCTIONS[name](None, *args, scaling=0.2)
+    assert first == [1]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_decode_attention_falls_back_once_when_cudnn_refuses(monkeypatch, caplog):
+    from src.models.reward import vision_attention as va
+
+    tried = []
+
+    def refuse(*a, **kw):
+        tried.append(1)
+        raise RuntimeError("cuDNN Frontend error: No valid execution plans built.")
+    monkeypatch.setattr(va, "cudnn_first_sdpa", refuse)
+    monkeypatch.setattr(va, "_cudnn_refused", set())
+    args, ref = _decode_case()
+    with caplog.at_level("WARNING", logger="src.models.reward.engine"):
+        for _ in range(2):
+            out, _ = fast_decode._decode_gqa_attention(None, *args, scaling=0.2, cudnn_first=True)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    assert tried == [1] and va._cudnn_refused == {"decoding attention"}
+    assert [r.getMessage() for r in caplog.records].count(
+        "decoding attention: cuDNN's kernel failed (RuntimeError: cuDNN Frontend error: No valid execution plans "
+        "built.); sdpa's own kernel choice from now on there (the same function)") == 1
 
 
 @pytest.mark.parametrize("sampling", [
@@ -240,6 +288,47 @@ def test_generate_mode_compiles_the_cacheless_parts_and_keeps_answers(compiled, 
     assert any(name.endswith("VisionBlock") for name in compiled)
     assert sum(name.endswith("RMSNorm") for name in compiled) == 4 * 2  # 2 layers: input, post, q, k norms
     assert sum(name.endswith(("MLP", "SparseMoeBlock")) for name in compiled) == 2
+    assert compiled.count("RotaryEmbedding") == 1  # one module for every layer's rotary embedding
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_rotary_in_attention_runs_every_layer_through_one_module(arch):
+    # Each layer's attention keeps its class's code; only the rotary helper it calls by name now
+    # goes through the returned module: same answers, one call per layer and forward pass, and a
+    # second judge in the process keeps the class's own forward.
+    from src.models.reward.speed import rotary_in_attention
+
+    with QwenVLRewardModel(model_name=f"tiny:{arch}", mode="generate", max_new_tokens=5, batch_size=3,
+                           compile_vision=False, compile_language=False) as judge, \
+            QwenVLRewardModel(model_name=f"tiny:{arch}", mode="generate", max_new_tokens=5, batch_size=3,
+                              compile_vision=False, compile_language=False) as other:
+        plain = [(r.raw, r.error) for r in judge.batch_score(_images(3))]
+        layers = judge.engine.model.model.language_model.layers
+        (rotary,) = rotary_in_attention(layers)
+        calls = []
+        fn = rotary.fn
+        rotary.fn = lambda *a, **kw: calls.append(a[0].shape) or fn(*a, **kw)
+        routed = [(r.raw, r.error) for r in judge.batch_score(_images(3))]
+        assert routed == plain and all(raw for raw, _ in plain)
+        assert calls and len(calls) % len(layers) == 0
+        assert any(shape[2] == 1 for shape in calls)  # the decoding steps' single new token too
+        assert all("forward" in vars(layer.self_attn) for layer in layers)
+        assert not any("forward" in vars(layer.self_attn) for layer in other.engine.model.model.language_model.layers)
+        assert [(r.raw, r.error) for r in other.batch_score(_images(3))] == plain
+
+
+def test_rotary_in_attention_leaves_an_attention_without_the_helper_alone():
+    from types import SimpleNamespace
+
+    from src.models.reward.speed import rotary_in_attention
+
+    class Attention(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    layers = [SimpleNamespace(self_attn=Attention()) for _ in range(2)]
+    assert rotary_in_attention(layers) == [] and rotary_in_attention([]) == []
+    assert not any("forward" in vars(layer.self_attn) for layer in layers)
 
 
 def test_automatic_compile_waits_for_enough_items(compiled, caplog):

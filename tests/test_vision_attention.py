@@ -70,17 +70,17 @@ def test_a_cudnn_failure_falls_back_once_with_one_warning(monkeypatch, caplog):
         tried.append(1)
         raise RuntimeError("cuDNN Frontend error: No valid execution plans built.")
     monkeypatch.setattr(va, "cudnn_first_sdpa", refuse)
-    monkeypatch.setattr(va, "_cudnn_failed", False)
+    monkeypatch.setattr(va, "_cudnn_refused", set())
     ref = va.reference_attention(q, k, v, cu, 0.3)
     with caplog.at_level("WARNING", logger="src.models.reward.engine"):
         for _ in range(2):
             out = va.grouped_attention(q, k, v, cu, 4, 0.3, cudnn_first=True)
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
-    assert len(tried) == 1 and va._cudnn_failed
+    assert len(tried) == 1 and va._cudnn_refused == {"vision attention"}
     warnings = [r.getMessage() for r in caplog.records if "cuDNN" in r.getMessage()]
     assert len(warnings) == 1 and "No valid execution plans" in warnings[0]
     # running out of memory is not a kernel's refusal: it goes up to the engine
-    monkeypatch.setattr(va, "_cudnn_failed", False)
+    monkeypatch.setattr(va, "_cudnn_refused", set())
     monkeypatch.setattr(va, "cudnn_first_sdpa", lambda *a, **kw: (_ for _ in ()).throw(
         RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")))
     with pytest.raises(RuntimeError, match="out of memory"):
@@ -98,7 +98,7 @@ def test_the_hopper_registration_runs_cudnn_first(monkeypatch):
     first = []
     real = va.cudnn_first_sdpa
     monkeypatch.setattr(va, "cudnn_first_sdpa", lambda *a: first.append(1) or real(*a))
-    monkeypatch.setattr(va, "_cudnn_failed", False)
+    monkeypatch.setattr(va, "_cudnn_refused", set())
     outs = [ALL_ATTENTION_FUNCTIONS[name](None, q, k, v, scaling=0.3, cu_seq_lens_q=cu, max_length_q=6)[0]
             for name in (va._NAMES["grouped"], va._GROUPED_CUDNN)]
     assert len(first) == 1  # only the Hopper name asked for cuDNN first

@@ -97,7 +97,7 @@ class SpeedPaths:
         if modules is None:
             raise ValueError(f"{setting}: {type(self.model).__name__} has no {tower}.{blocks} to compile")
         if tower == "language_model" and self.settings.mode == "generate":
-            modules = [m for layer in modules for m in cacheless_parts(layer)]
+            modules = [m for layer in modules for m in cacheless_parts(layer)] + rotary_in_attention(modules)
         for module in modules:
             module.compile(dynamic=True)
             self._compiled.append(module)
@@ -132,6 +132,45 @@ class SpeedPaths:
         self._compiled = []
         self._compile_pending = []
         self._forget_vision_features()
+
+
+_ROTARY = "apply_rotary_pos_emb"  # transformers' helper that the text attention's forward calls by name
+
+
+def rotary_in_attention(layers) -> list:
+    """The text attention's rotary embedding, made compilable where the attention itself cannot be
+    (generate mode: it writes the KV cache). Each layer's attention gets its class's own forward,
+    the same code, whose one change is where the name `apply_rotary_pos_emb` leads: to a module
+    that calls transformers' function, shared by the layers, so compiling it compiles one graph
+    (a decoding step's ~10 elementwise kernels per layer for q and k become one or two). Only this
+    judge's model changes; the function and other models are left as they are. Returns [that
+    module] to be compiled, or [] where a forward does not call the helper by that name."""
+    import types
+
+    import torch
+
+    attns = [getattr(layer, "self_attn", None) for layer in layers]
+    if not attns or any(a is None or type(a) is not type(attns[0]) for a in attns):
+        return []
+    plain = type(attns[0]).forward
+    code = getattr(plain, "__code__", None)
+    if code is None or plain.__closure__ or _ROTARY not in code.co_names or _ROTARY not in plain.__globals__:
+        return []
+
+    class RotaryEmbedding(torch.nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.fn = fn
+
+        def forward(self, *args, **kwargs):
+            return self.fn(*args, **kwargs)
+
+    rotary = RotaryEmbedding(plain.__globals__[_ROTARY])
+    forward = types.FunctionType(code, {**plain.__globals__, _ROTARY: rotary}, plain.__name__, plain.__defaults__)
+    forward.__kwdefaults__ = plain.__kwdefaults__
+    for attn in attns:
+        attn.forward = types.MethodType(forward, attn)
+    return [rotary]
 
 
 def cacheless_parts(layer) -> list:

@@ -190,18 +190,9 @@ def grouped_attention(query, key, value, cu_seqlens, max_seqlen: int | None, sca
             return t[0].transpose(0, 1).reshape(n, length, heads, dim).transpose(1, 2)
 
         q, k, v = view(query), view(key), view(value)
-        out = None
-        if cudnn_first and not _cudnn_failed:
-            if torch.compiler.is_compiling():
-                out = cudnn_first_sdpa(q, k, v, scaling)
-            else:
-                try:
-                    out = cudnn_first_sdpa(q, k, v, scaling)
-                except RuntimeError as e:  # a shape cuDNN turns down when it runs: flash from now on
-                    if "out of memory" in str(e):
-                        raise  # the engine's to handle (smaller batches)
-                    _cudnn_gave_up(e)
-        if out is None:
+        if cudnn_first:
+            out = sdpa_cudnn_first(q, k, v, scaling, where="vision attention")
+        else:
             out = F.scaled_dot_product_attention(q, k, v, scale=scaling)
         return out.transpose(1, 2).reshape(1, total, heads, dim)
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
@@ -209,10 +200,29 @@ def grouped_attention(query, key, value, cu_seqlens, max_seqlen: int | None, sca
     return packed_attention(query, key, value, cu_seqlens, scaling)
 
 
-_cudnn_failed = False  # cuDNN's kernel failed once in this process: sdpa's own choice since
+_cudnn_refused: set[str] = set()  # where cuDNN's kernel failed once in this process: sdpa's own choice there since
 
 
-def cudnn_first_sdpa(q, k, v, scaling: float | None):
+def sdpa_cudnn_first(q, k, v, scaling: float | None, attn_mask=None, where: str = "vision attention"):
+    """sdpa with cuDNN's attention kernel tried first, until it fails once in this process for
+    `where` (then sdpa's own choice there, after one warning). Running out of memory is not a
+    kernel's refusal: it goes up, to the engine (smaller batches)."""
+    import torch
+    import torch.nn.functional as F
+
+    if where not in _cudnn_refused:
+        if torch.compiler.is_compiling():
+            return cudnn_first_sdpa(q, k, v, scaling, attn_mask)
+        try:
+            return cudnn_first_sdpa(q, k, v, scaling, attn_mask)
+        except RuntimeError as e:  # a shape cuDNN turns down when it runs
+            if "out of memory" in str(e):
+                raise
+            _cudnn_gave_up(e, where)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scaling)
+
+
+def cudnn_first_sdpa(q, k, v, scaling: float | None, attn_mask=None):
     """sdpa with cuDNN's attention kernel first (then flash, memory-efficient, math), only for
     this call: the process's kernel priority is left as found."""
     import torch.nn.functional as F
@@ -220,15 +230,14 @@ def cudnn_first_sdpa(q, k, v, scaling: float | None):
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     with sdpa_kernel(order, set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v, scale=scaling)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scaling)
 
 
-def _cudnn_gave_up(e: BaseException) -> None:
-    global _cudnn_failed
-    _cudnn_failed = True
+def _cudnn_gave_up(e: BaseException, where: str) -> None:
+    _cudnn_refused.add(where)
     logging.getLogger("src.models.reward.engine").warning(
-        "vision attention: cuDNN's kernel failed (%s: %s); the vision tower uses sdpa's own kernel choice from "
-        "now on (the same function)", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        "%s: cuDNN's kernel failed (%s: %s); sdpa's own kernel choice from now on there (the same function)",
+        where, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
 
 
 def packed_attention(query, key, value, cu_seqlens, scaling: float | None):
