@@ -32,6 +32,9 @@ RUNS = {
     "quant": ([str(BENCH / "quant_gpu.py"), "--smoke"], {"PYTHONPATH": str(ROOT)}, 600),
     "profile": ([str(BENCH / "profile_gpu.py"), "--smoke", "--modes", "logits"], {"PYTHONPATH": str(ROOT)}, 600),
     "attention": ([str(BENCH / "attention_gpu.py"), "--smoke"], {}, 300),
+    "decode_attention": ([str(BENCH / "decode_attention_gpu.py"), "--smoke"], {}, 300),
+    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts", "--modes", "generate,logits", "--reps", "1",
+               "--name", "profile_parts"], {"PYTHONPATH": str(ROOT)}, 300),
 }
 
 
@@ -178,6 +181,31 @@ def test_attention_gpu_smoke(smoke_runs):
         assert rows["packed"]["ms"] > 0
         assert "error" in rows["grouped-cudnn"]  # a CUDA-only backend: recorded with its error, not timed
     assert (out / "attention_gpu.md").read_text().startswith("# Vision-tower attention kernels")
+
+
+def test_decode_attention_gpu_smoke(smoke_runs):
+    out = finished(smoke_runs, "decode_attention")
+    report = json.loads((out / "decode_attention_gpu.json").read_text())
+    for shape in ("qwen3_vl-8b", "qwen3_vl_moe", "qwen2_5_vl-7b"):
+        rows = report["shapes"][shape]["variants"]
+        # float32 on the CPU: transformers' path, the library's and two matmuls give the float64 reference
+        for name in ("repeat", "folded", "matmul"):
+            assert rows[name]["max_abs_err"] < 1e-5 and rows[name]["us_per_call"] > 0
+        assert "error" in rows["folded-cudnn"] and "flex" not in rows  # GPU-only: recorded with its error / not run
+    assert (out / "decode_attention_gpu.md").read_text().startswith("# Decoding-step attention kernels")
+
+
+def test_profile_parts_smoke(smoke_runs):
+    # On the CPU nothing compiles automatically and there is no cuDNN: the four variants run the
+    # same function, so every answer is the defaults'; logits mode says it has no decoding step.
+    out = finished(smoke_runs, "parts")
+    report = json.loads((out / "profile_parts.json").read_text())
+    parts = report["parts_generate"]
+    assert parts["rotary_compiled"] is False and parts["compiled_during_timing"] is False
+    for name in ("defaults", "cudnn_off", "rotary_eager", "both_off"):
+        assert parts[name]["identical_to_defaults"] == 1.0 and len(parts[name]["items_per_s_each"]) == 1
+    assert report["parts_logits"] == {"skipped": "the decoding step's parts: generate mode only"}
+    assert "## The decoding step's fused parts" in (out / "profile_parts.md").read_text()
 
 
 def test_quant_gpu_smoke(smoke_runs):
