@@ -60,6 +60,21 @@ def _judge(model_dir: str, a, mode: str):
     return QwenVLRewardModel(**kw)
 
 
+def _new_images(judge) -> None:
+    """Empty the judge's store of vision features before a measured call: the stages call with
+    the same images again, whose features the store (vision_cache_mb) would otherwise hand back
+    without running the vision tower."""
+    reuse = judge.engine._vision_reuse
+    if reuse is not None:
+        reuse.clear()
+
+
+def _encoded(judge) -> int:
+    """Images the judge's vision tower has encoded so far (counted by vision reuse; 0 without it)."""
+    reuse = judge.engine._vision_reuse
+    return reuse.encoded if reuse is not None else 0
+
+
 def _where(frames: list[dict[str, Any]]) -> str:
     """The innermost lines of the library, transformers and torch.nn that made an allocation."""
     keep = [f for f in frames if any(s in f.get("filename", "") for s in ("/src/models/", "transformers/", "torch/nn/"))]
@@ -97,6 +112,7 @@ def stage_memory(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
             judge.batch_score(images[:a.bs])
             return {"skipped": "the allocator history is CUDA's"}
         torch.cuda.synchronize()
+        _new_images(judge)
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.memory._record_memory_history(max_entries=4_000_000, context="alloc", stacks="python")
@@ -104,6 +120,7 @@ def stage_memory(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
         torch.cuda.synchronize()
         after_first = torch.cuda.memory_allocated()
         first_events = len(torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()])
+        _new_images(judge)
         res = judge.batch_score(images[:a.n])
         torch.cuda.synchronize()
         snap = torch.cuda.memory._snapshot()
@@ -141,12 +158,15 @@ def stage_kernels(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
         for _ in range(2):  # the second call pays an automatic compile when compile_after_items <= bs
             judge.batch_score(images[:a.bs])
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        _new_images(judge)
+        enc = _encoded(judge)
         t = time.perf_counter()
         with profile(activities=acts) as prof:
             res = judge.batch_score(images[:a.n])
             if cuda:
                 torch.cuda.synchronize()
         wall = time.perf_counter() - t
+        encoded = _encoded(judge) - enc
     finally:
         judge.close()
     per_name: dict[str, list[float]] = collections.defaultdict(list)
@@ -160,7 +180,7 @@ def stage_kernels(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
     for name, ts in per_name.items():
         kinds[_kind(name)] += sum(ts)
     top = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:30]
-    return {"mode": mode, "items": a.n, "scored": sum(r.score is not None for r in res),
+    return {"mode": mode, "items": a.n, "scored": sum(r.score is not None for r in res), "images_encoded": encoded,
             "wall_s_profiled": round(wall, 3), "gpu_kernel_ms": round(total, 1),
             "by_kind_ms": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top_kernels": [{"name": n[:140], "ms": round(sum(ts), 2), "count": len(ts)} for n, ts in top]}
@@ -196,6 +216,7 @@ def stage_parts(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
     judge = _judge(model_dir, a, mode)
     saved: dict = {}
     times: dict[str, list[float]] = {k: [] for k in variants}
+    encoded: dict[str, list[int]] = {k: [] for k in variants}
     answers: dict[str, list] = {}
     try:
         for _ in range(2):  # the second call pays an automatic compile when compile_after_items <= bs
@@ -204,6 +225,8 @@ def stage_parts(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
         for _ in range(a.reps):
             for name, (cudnn, rotary) in variants.items():
                 _switch_parts(judge.engine, cudnn, rotary, saved)
+                _new_images(judge)
+                enc = _encoded(judge)
                 if cuda:
                     torch.cuda.synchronize()
                 t = time.perf_counter()
@@ -211,6 +234,7 @@ def stage_parts(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
                 if cuda:
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t)
+                encoded[name].append(_encoded(judge) - enc)
                 answers[name] = [r.raw for r in res]
         _switch_parts(judge.engine, True, True, saved)
         rotary_compiled = any(type(m).__name__ == "RotaryEmbedding" for m in judge.engine._compiled)
@@ -222,6 +246,7 @@ def stage_parts(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
                            "compiled_during_timing": compiled_during}
     for name, ts in times.items():
         out[name] = {"items_per_s": round(a.n * len(ts) / sum(ts), 3), "items_per_s_each": [round(a.n / t, 3) for t in ts],
+                     "images_encoded_each": encoded[name],
                      "identical_to_defaults": round(sum(x == y for x, y in zip(answers[name], answers["defaults"]))
                                                     / max(len(answers[name]), 1), 3)}
     for name in variants:
@@ -244,7 +269,8 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append("")
         if key.startswith("kernels_") and "by_kind_ms" in st:
             lines += [f"## GPU time, {st['mode']} mode", "",
-                      f"kernels {st['gpu_kernel_ms']} ms in a call of {st['wall_s_profiled']} s (profiled)", "",
+                      f"kernels {st['gpu_kernel_ms']} ms in a call of {st['wall_s_profiled']} s (profiled), "
+                      f"{st.get('images_encoded', '?')} images through the vision tower", "",
                       "| kind | ms |", "|---|---|"]
             lines += [f"| {k} | {v} |" for k, v in st["by_kind_ms"].items()]
             lines += ["", "| kernel | ms | count |", "|---|---|---|"]

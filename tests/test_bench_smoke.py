@@ -204,6 +204,7 @@ def test_profile_parts_smoke(smoke_runs):
     assert parts["rotary_compiled"] is False and parts["compiled_during_timing"] is False
     for name in ("defaults", "cudnn_off", "rotary_eager", "both_off"):
         assert parts[name]["identical_to_defaults"] == 1.0 and len(parts[name]["items_per_s_each"]) == 1
+        assert parts[name]["images_encoded_each"] == [2]  # every timed call runs the tower: no features kept
     assert report["parts_logits"] == {"skipped": "the decoding step's parts: generate mode only"}
     assert "## The decoding step's fused parts" in (out / "profile_parts.md").read_text()
 
@@ -237,7 +238,7 @@ def test_profile_gpu_smoke(smoke_runs):
     assert report["meta"]["smoke"] is True and report["meta"]["size"] == "smoke-qwen3_vl_moe"
     assert report["memory_logits"] == {"skipped": "the allocator history is CUDA's"}
     kernels = report["kernels_logits"]
-    assert kernels["scored"] == kernels["items"] == 2
+    assert kernels["scored"] == kernels["items"] == kernels["images_encoded"] == 2  # the warm-up's features not kept
     names = [k["name"] for k in kernels["top_kernels"]]
     assert names and all(n.startswith("aten::") for n in names) and kernels["by_kind_ms"]
     assert "## GPU time, logits mode" in (out / "profile_gpu.md").read_text()
