@@ -185,7 +185,7 @@ def generate_tokens(model: Any, inputs: Any, plan: Plan, *, cuda_graph: bool = T
     use_graph = cuda_graph and device.type == "cuda" and steps > 3
     text_config = lm.config
     plain_attn = text_config._attn_implementation
-    text_config._attn_implementation_internal = decode_attention(device, head.weight.dtype)
+    text_config._attn_implementation_internal = decode_attention(device, model.dtype)
     try:
         _decode(step, st, steps, use_graph, device, timings)
     finally:
@@ -578,7 +578,7 @@ class _ContinuousDecode:
         self.as_dict = model.config.model_type in _MASK_AS_DICT
         self.text_config = self.lm.config
         self.plain_attn = self.text_config._attn_implementation
-        self.decode_attn = decode_attention(device, self.head.weight.dtype)
+        self.decode_attn = decode_attention(device, model.dtype)
         self.plain_updates = [layer.update for layer in self.layers]
         self.owner: list[int | None] = list(range(slots))  # the prompt each slot decodes
         self.waited = [0.0] * slots  # the seconds that prompt sat prefilled ahead before it took the slot
