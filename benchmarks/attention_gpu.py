@@ -133,11 +133,7 @@ def markdown(report: dict[str, Any]) -> str:
     for shape, r in report["shapes"].items():
         lines += [f"## {shape}: {r['images']} images x {r['patches']} patches, {r['heads']} heads of {r['head_dim']}", "",
                   "| kernel | ms | TFLOP/s | max abs err vs float32 |", "|---|---|---|---|"]
-        for name, row in r["kernels"].items():
-            if "error" in row:
-                lines.append(f"| {name} | - | - | {row['error']} |")
-            else:
-                lines.append(f"| {name} | {row['ms']} | {row['tflops']} | {row['max_abs_err']:.2e} |")
+        lines += runs.kernel_rows(r["kernels"], ["ms", "tflops", "max_abs_err"])
         lines.append("")
     return "\n".join(lines)
 

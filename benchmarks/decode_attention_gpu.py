@@ -188,11 +188,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"## {shape}: batch {r['batch']}, {r['heads']} query heads over {r['kv_heads']} KV heads of "
                   f"{r['head_dim']}, {r['slots']} cache slots ({r['kv_mb_per_call']} MB of K and V per call)", "",
                   "| variant | us per call | GB/s of K and V | max abs err vs float64 |", "|---|---|---|---|"]
-        for name, row in r["variants"].items():
-            if "error" in row:
-                lines.append(f"| {name} | - | - | {row['error']} |")
-            else:
-                lines.append(f"| {name} | {row['us_per_call']} | {row['gb_per_s']} | {row['max_abs_err']:.2e} |")
+        lines += runs.kernel_rows(r["variants"], ["us_per_call", "gb_per_s", "max_abs_err"])
         lines.append("")
     return "\n".join(lines)
 

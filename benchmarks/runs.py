@@ -82,6 +82,19 @@ def checkpoint(report: dict[str, Any], a: Any, prefix: str) -> Iterator[str]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def kernel_rows(rows: dict[str, dict[str, Any]], columns: list[str]) -> list[str]:
+    """Markdown rows of a kernel table: name, then each column's value (`max_abs_err` as 1.23e-04);
+    a kernel that could not run shows '-' and its error in the last column."""
+    out = []
+    for name, row in rows.items():
+        if "error" in row:
+            out.append(f"| {name} | " + " | ".join(["-"] * (len(columns) - 1)) + f" | {row['error']} |")
+        else:
+            out.append(f"| {name} | " + " | ".join(f"{row[c]:.2e}" if c == "max_abs_err" else str(row[c])
+                                                 for c in columns) + " |")
+    return out
+
+
 def save(report: dict[str, Any], a: Any, markdown: str | None = None) -> None:
     """a.out/a.name.json, and with `markdown` a.out/a.name.md (also printed)."""
     out_dir = pathlib.Path(a.out)

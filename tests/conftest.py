@@ -58,6 +58,22 @@ def chunks_seen(engine) -> list[list[int]]:
     return seen
 
 
+@pytest.fixture
+def cudnn_refuses(monkeypatch) -> list:
+    """cuDNN's attention kernel turns every call down when it runs, as it can for a shape its
+    checks let through; no earlier refusal recorded. Returns the list of tries (one 1 each)."""
+    from src.models.reward import vision_attention as va
+
+    tried: list = []
+
+    def refuse(*a, **kw):
+        tried.append(1)
+        raise RuntimeError("cuDNN Frontend error: No valid execution plans built.")
+    monkeypatch.setattr(va, "cudnn_first_sdpa", refuse)
+    monkeypatch.setattr(va, "_cudnn_refused", set())
+    return tried
+
+
 def make_image(seed: int, w: int = 64, h: int = 48):
     from PIL import Image, ImageDraw
 

@@ -104,16 +104,10 @@ def test_decode_attention_asks_cudnn_first_on_hopper_in_half_precision(monkeypat
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
 
 
-def test_decode_attention_falls_back_once_when_cudnn_refuses(monkeypatch, caplog):
+def test_decode_attention_falls_back_once_when_cudnn_refuses(caplog, cudnn_refuses):
     from src.models.reward import vision_attention as va
 
-    tried = []
-
-    def refuse(*a, **kw):
-        tried.append(1)
-        raise RuntimeError("cuDNN Frontend error: No valid execution plans built.")
-    monkeypatch.setattr(va, "cudnn_first_sdpa", refuse)
-    monkeypatch.setattr(va, "_cudnn_refused", set())
+    tried = cudnn_refuses
     args, ref = _decode_case()
     with caplog.at_level("WARNING", logger="src.models.reward.engine"):
         for _ in range(2):

@@ -59,18 +59,12 @@ def test_grouped_on_transformers_layout_leaves_the_kernel_order_alone():
     torch.testing.assert_close(out, va.reference_attention(q, k, v, cu, None), rtol=1e-5, atol=1e-6)
 
 
-def test_a_cudnn_failure_falls_back_once_with_one_warning(monkeypatch, caplog):
+def test_a_cudnn_failure_falls_back_once_with_one_warning(monkeypatch, caplog, cudnn_refuses):
     # cuDNN can turn a shape down when it runs (not only in sdpa's checks): the call then gets
     # sdpa's own kernel, and so does every later call, after one warning
     q, k, v = _qkv(12)
     cu = torch.tensor([0, 4, 8, 12], dtype=torch.int32)
-    tried = []
-
-    def refuse(*a, **kw):
-        tried.append(1)
-        raise RuntimeError("cuDNN Frontend error: No valid execution plans built.")
-    monkeypatch.setattr(va, "cudnn_first_sdpa", refuse)
-    monkeypatch.setattr(va, "_cudnn_refused", set())
+    tried = cudnn_refuses
     ref = va.reference_attention(q, k, v, cu, 0.3)
     with caplog.at_level("WARNING", logger="src.models.reward.engine"):
         for _ in range(2):
