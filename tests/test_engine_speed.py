@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from src.models.reward import fast_decode
+from src.models.reward import fast_decode, row_decode
 from src.models.reward.engine import _batch_key, batch_limit
 from src.models.reward.implementations.local import QwenVLRewardModel
 from src.models.reward.settings import JudgeSettings
@@ -435,7 +435,7 @@ def test_continuous_batching_gives_each_prompt_its_alone_tokens(arch, check_ever
         limits = [16, 16, 5, 16, 16, 9]  # two prompts with their own, lower, limit
         first = proc(text=prompts[:2], images=imgs[:2], padding=True, return_tensors="pt")
         timings = {}
-        got = fast_decode.generate_continuous(model, first, alone_inputs[2:], plan, limits=limits, timings=timings,
+        got = row_decode.generate_continuous(model, first, alone_inputs[2:], plan, limits=limits, timings=timings,
                                               check_every=check_every, cache_align=align, stage=stage)
     assert timings["joined"] == 4
     if stage == 0:
@@ -484,7 +484,7 @@ def test_continuous_batching_joins_free_slots_as_one_batch(arch, forced, align, 
     alone = [row[:(row == pad).nonzero()[0, 0] + 1] if (row == pad).any() else row for row in alone]
     first = proc(text=prompts[:3], images=imgs[:3], padding=True, return_tensors="pt")
     # The stacked single outputs are what the processor makes of the prompts as one batch.
-    stacked = fast_decode.stack_inputs(singles[:3], pad)
+    stacked = row_decode.stack_inputs(singles[:3], pad)
     assert stacked.keys() == first.keys()
     for key in first:
         assert torch.equal(stacked[key], first[key]), key
@@ -492,9 +492,9 @@ def test_continuous_batching_joins_free_slots_as_one_batch(arch, forced, align, 
 
     def before_join(idx):
         asked.append(idx)
-        return fast_decode.stack_inputs([singles[3 + i] for i in idx], pad)
+        return row_decode.stack_inputs([singles[3 + i] for i in idx], pad)
 
-    got = fast_decode.generate_continuous(model, first, singles[3:], plan, limits=limits, check_every=1,
+    got = row_decode.generate_continuous(model, first, singles[3:], plan, limits=limits, check_every=1,
                                           cache_align=align, min_join=min_join, stage=stage,
                                           before_join=before_join, timings=timings)
     for i, (a, g) in enumerate(zip(alone, got)):
@@ -529,15 +529,15 @@ def test_staged_prompts_enter_slots_in_order_even_a_batch_at_a_time(monkeypatch,
         alone = [fast_decode.generate_tokens(model, x, plan)[0][:n] for x, n in zip(singles, limits)]
     assert len({tuple(a.tolist()) for a in alone}) == 9
     entered = []  # (prompt numbers copied into slots at once, size of their prefilled batch)
-    real_enter = fast_decode._ContinuousDecode._enter
+    real_enter = row_decode._ContinuousDecode._enter
 
     def spy(self, g, free, where, **kw):
         entered.append((g.numbers[g.used:g.used + len(free)], len(g.numbers)))
         return real_enter(self, g, free, where, **kw)
 
-    monkeypatch.setattr(fast_decode._ContinuousDecode, "_enter", spy)
+    monkeypatch.setattr(row_decode._ContinuousDecode, "_enter", spy)
     timings = {}
-    got = fast_decode.generate_continuous(model, fast_decode.stack_inputs(singles[:3], pad), singles[3:], plan,
+    got = row_decode.generate_continuous(model, row_decode.stack_inputs(singles[:3], pad), singles[3:], plan,
                                           limits=limits, check_every=check_every, cache_align=1, stage=3,
                                           timings=timings)
     for i, (a, g) in enumerate(zip(alone, got)):
@@ -551,10 +551,10 @@ def test_staged_prompts_enter_slots_in_order_even_a_batch_at_a_time(monkeypatch,
 def test_stack_inputs_refuses_what_it_cannot_lay_out():
     a = {"input_ids": torch.ones(1, 3, dtype=torch.long), "pixel_values": torch.zeros(4, 2)}
     b = {"input_ids": torch.ones(1, 2, dtype=torch.long), "pixel_values": torch.zeros(4, 2)}
-    out = fast_decode.stack_inputs([a, b], 7)
+    out = row_decode.stack_inputs([a, b], 7)
     assert out["input_ids"].tolist() == [[1, 1, 1], [7, 1, 1]] and out["pixel_values"].shape == (8, 2)
     with pytest.raises(ValueError, match="'extra' is neither per token nor per image"):
-        fast_decode.stack_inputs([dict(a, extra=torch.zeros(5)), dict(b, extra=torch.zeros(5))], 7)
+        row_decode.stack_inputs([dict(a, extra=torch.zeros(5)), dict(b, extra=torch.zeros(5))], 7)
 
 
 def test_continuous_batching_judge_gives_the_static_answers(caplog):
@@ -590,8 +590,8 @@ def test_continuous_batching_one_decode_spans_the_call(monkeypatch, tmp_path):
     items[6] = ScoreItem(images=[imgs[6]], source_images=[imgs[7]], instruction="red " * 2000)
     base = dict(mode="generate", max_new_tokens=12, batch_size=2, template="edit", max_prompt_tokens=1000)
     decodes = []
-    real = fast_decode.run_continuous
-    monkeypatch.setattr(fast_decode, "run_continuous", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    real = row_decode.run_continuous
+    monkeypatch.setattr(row_decode, "run_continuous", lambda *a, **k: decodes.append(1) or real(*a, **k))
     out = {}
     for on in (True, False):
         with QwenVLRewardModel(model_name="tiny:qwen3_vl", continuous_batching=on, **base) as j:

@@ -4,10 +4,10 @@ engine call, fed from the prepared chunks as slots free up.
     prepare thread: chunks of batch_size items, one chunk ahead (images, prompts, and each
          |          prompt's own processor output)
          v
-    take(n): the next n waiting prompts as one left-padded batch (fast_decode.stack_inputs);
+    take(n): the next n waiting prompts as one left-padded batch (row_decode.stack_inputs);
          |   the next chunk is pulled in only when the waiting prompts run short
          v
-    fast_decode.run_continuous: `batch_size` slots decode; a finished row leaves, taken prompts join.
+    row_decode.run_continuous:  `batch_size` slots decode; a finished row leaves, taken prompts join.
          |   Prompts are taken a few ahead of the free slots and prefilled on a second CUDA stream
          |   while the decode runs (staged); they enter slots, in the order taken, as slots free up
          v
@@ -59,7 +59,7 @@ class ContinuousCalls:
 
     def _continuous_call(self, chunks: list[tuple[int, list, list[int]]]) -> Iterator[tuple[int, dict[int, ScoreResult]]]:
         """(start, results) of each chunk of the call, as engine.score's static loop gives them."""
-        from .fast_decode import run_continuous, stack_inputs
+        from .row_decode import run_continuous, stack_inputs
 
         torch = self._torch
         s = self.settings

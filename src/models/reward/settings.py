@@ -82,7 +82,7 @@ class JudgeSettings:
     min_new_tokens: generate mode, for benchmarks: force at least this many new tokens (0: stop at
       the end-of-answer token as usual).
     continuous_batching: generate mode, greedy with fast_decode: a finished answer leaves the batch
-      and the next prompts take the free slots (fast_decode.run_continuous): one decode per call,
+      and the next prompts take the free slots (row_decode.run_continuous): one decode per call,
       fed from the prepared chunks (continuous.py), the prompts that fill the slots free at one
       look prefilled together, so a batch does not wait for its longest answer; the same tokens as
       static batches in float32 on the CPU, and on an H200 in bf16 (benchmarks/NOTES.md, issue 17).

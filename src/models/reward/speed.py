@@ -50,7 +50,7 @@ class SpeedPaths:
             if why:
                 log.warning("fast_decode: using transformers' generate() instead, because %s", why)
         self._fast_decode = self._decode_plan is not None
-        # Continuous batching (fast_decode.generate_continuous): only where it gives the tokens that
+        # Continuous batching (row_decode.generate_continuous): only where it gives the tokens that
         # static batches give (greedy, one answer per prompt); else static batches, as before.
         self._continuous = False
         self._continuous_timings: dict = {}
@@ -62,7 +62,7 @@ class SpeedPaths:
         self._continuous_stage: int | None = None
         # Not under max_memory_gb: its batch sizes are learned from measured static batches.
         if self._decode_plan is not None and s.continuous_batching and s.max_memory_gb is None:
-            from .fast_decode import continuous_applies
+            from .row_decode import continuous_applies
 
             why = continuous_applies(self._decode_plan)
             self._continuous = why is None

@@ -236,7 +236,7 @@ class VisionReuse:
             # prompts ahead on a second stream), in this chunk or an earlier one: their memory must
             # not be handed out again before this stream has read them, even if they leave a store
             # (evicted, or copied into the kept store) below. (That this stream reads them only
-            # after they were written is the decode's part within a call, fast_decode.run_continuous;
+            # after they were written is the decode's part within a call, row_decode.run_continuous;
             # across chunks and calls the writes are done: their results were read back.)
             stream = torch.cuda.current_stream(pixel_values.device)
             for pooled, deep in held.values():
