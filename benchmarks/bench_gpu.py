@@ -253,11 +253,13 @@ def bench_in_process(model_dir: str, device: str, mode: str, judge_kw: dict[str,
             warm = clock.now() - w0
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
+            enc = runs.new_images(judge)  # the warm-up's images: their features are not handed back
             t = clock.now()
             res = judge.batch_score(images[:n])
             dt = clock.now() - t
             row = {"items": n, "seconds": round(dt, 3), "img_per_s": round(n / dt, 3), "warmup_s": round(warm, 2),
-                   "warmup_items": want, **extra, "compiled_modules": len(eng._compiled), **summarize(res)}
+                   "warmup_items": want, **extra, "compiled_modules": len(eng._compiled),
+                   "images_encoded": runs.encoded_since(judge, enc), **summarize(res)}
             if cuda:
                 row["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
             out[f"bs{bs}"] = row

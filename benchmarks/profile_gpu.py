@@ -60,21 +60,6 @@ def _judge(model_dir: str, a, mode: str):
     return QwenVLRewardModel(**kw)
 
 
-def _new_images(judge) -> None:
-    """Empty the judge's store of vision features before a measured call: the stages call with
-    the same images again, whose features the store (vision_cache_mb) would otherwise hand back
-    without running the vision tower."""
-    reuse = judge.engine._vision_reuse
-    if reuse is not None:
-        reuse.clear()
-
-
-def _encoded(judge) -> int:
-    """Images the judge's vision tower has encoded so far (counted by vision reuse; 0 without it)."""
-    reuse = judge.engine._vision_reuse
-    return reuse.encoded if reuse is not None else 0
-
-
 def _where(frames: list[dict[str, Any]]) -> str:
     """The innermost lines of the library, transformers and torch.nn that made an allocation."""
     keep = [f for f in frames if any(s in f.get("filename", "") for s in ("/src/models/", "transformers/", "torch/nn/"))]
@@ -112,7 +97,7 @@ def stage_memory(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
             judge.batch_score(images[:a.bs])
             return {"skipped": "the allocator history is CUDA's"}
         torch.cuda.synchronize()
-        _new_images(judge)
+        runs.new_images(judge)
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.memory._record_memory_history(max_entries=4_000_000, context="alloc", stacks="python")
@@ -120,7 +105,7 @@ def stage_memory(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
         torch.cuda.synchronize()
         after_first = torch.cuda.memory_allocated()
         first_events = len(torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()])
-        _new_images(judge)
+        runs.new_images(judge)
         res = judge.batch_score(images[:a.n])
         torch.cuda.synchronize()
         snap = torch.cuda.memory._snapshot()
@@ -158,15 +143,14 @@ def stage_kernels(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
         for _ in range(2):  # the second call pays an automatic compile when compile_after_items <= bs
             judge.batch_score(images[:a.bs])
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        _new_images(judge)
-        enc = _encoded(judge)
+        enc = runs.new_images(judge)
         t = time.perf_counter()
         with profile(activities=acts) as prof:
             res = judge.batch_score(images[:a.n])
             if cuda:
                 torch.cuda.synchronize()
         wall = time.perf_counter() - t
-        encoded = _encoded(judge) - enc
+        encoded = runs.encoded_since(judge, enc)
     finally:
         judge.close()
     per_name: dict[str, list[float]] = collections.defaultdict(list)
@@ -225,8 +209,7 @@ def stage_parts(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
         for _ in range(a.reps):
             for name, (cudnn, rotary) in variants.items():
                 _switch_parts(judge.engine, cudnn, rotary, saved)
-                _new_images(judge)
-                enc = _encoded(judge)
+                enc = runs.new_images(judge)
                 if cuda:
                     torch.cuda.synchronize()
                 t = time.perf_counter()
@@ -234,7 +217,7 @@ def stage_parts(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
                 if cuda:
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t)
-                encoded[name].append(_encoded(judge) - enc)
+                encoded[name].append(runs.encoded_since(judge, enc))
                 answers[name] = [r.raw for r in res]
         _switch_parts(judge.engine, True, True, saved)
         rotary_compiled = any(type(m).__name__ == "RotaryEmbedding" for m in judge.engine._compiled)

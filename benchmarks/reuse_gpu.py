@@ -237,6 +237,7 @@ def stage_sizes(model_dir: str, a, cuda: bool) -> dict[str, Any]:
             for _ in range(a.reps):
                 for order in ("input", "auto"):
                     _chunk_order(judge, order)
+                    runs.new_images(judge)  # the last call's images: each order runs the tower for all
                     dt, res = _timed(judge, items, cuda)
                     times[order].append(dt)
                     scores[order] = [r.score for r in res]

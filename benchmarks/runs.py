@@ -82,6 +82,24 @@ def checkpoint(report: dict[str, Any], a: Any, prefix: str) -> Iterator[str]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def new_images(judge) -> int:
+    """Before a measured call that shows images the judge has seen (a warm-up's): empty its store
+    of vision features (`vision_cache_mb`), which would otherwise hand their features back without
+    running the vision tower. Returns the tower's count of encoded images so far (0 without vision
+    reuse), to subtract from the count after the call."""
+    reuse = judge.engine._vision_reuse
+    if reuse is None:
+        return 0
+    reuse.clear()
+    return reuse.encoded
+
+
+def encoded_since(judge, before: int) -> int:
+    """Images through the vision tower since new_images returned `before`."""
+    reuse = judge.engine._vision_reuse
+    return (reuse.encoded if reuse is not None else 0) - before
+
+
 def kernel_rows(rows: dict[str, dict[str, Any]], columns: list[str]) -> list[str]:
     """Markdown rows of a kernel table: name, then each column's value (`max_abs_err` as 1.23e-04);
     a kernel that could not run shows '-' and its error in the last column."""

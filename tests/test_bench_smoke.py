@@ -87,6 +87,7 @@ def test_bench_gpu_smoke(smoke_runs):
         for bs in (1, 2):
             row = lib[f"bs{bs}"]
             assert row["items"] == 4 and row["img_per_s"] > 0
+            assert row["images_encoded"] == 4  # the warm-up showed these images: their features are not reused
     assert size["library_logits"]["bs1"]["scored"] == 4  # logits always yields a score
     assert size["library_generate"]["settings"]["min_new_tokens"] == 4  # forced answer length
     assert size["library_generate"]["fast_decode"] is True
@@ -115,6 +116,7 @@ def test_bench_gpu_smoke_qwen3_judges(smoke_runs):
         for mode in ("logits", "generate"):  # 11 items scored before batch size 1: 5 eager + 1 batch
             bs1 = size[f"library_{mode}"]["bs1"]
             assert bs1["warmup_items"] == 6 and bs1["warmup_eager_img_per_s"] > 0 and bs1["compile_call_s"] >= 0
+            assert bs1["images_encoded"] == 4
         assert size["library_generate"]["fast_decode"] is True and size["library_generate"]["bs2"]["items"] == 4
     assert "smoke stand-in smoke-qwen3_vl_moe" in (out / "bench_gpu.md").read_text()
 
