@@ -253,6 +253,52 @@ def test_a_job_scores_rows_that_share_a_source_side_by_side(tiny_cache, tmp_path
         assert_same_results(read_jsonl(tmp_path / "as_given" / "results.jsonl"), plain, "as given: ")
 
 
+def test_a_job_orders_its_calls_by_image_size_across_the_whole_job(tiny_cache, tmp_path):
+    """12 rows of three image sizes, shuffled, in job calls of 4: under chunk_order auto each call
+    holds one size, largest first (a call of 4 shuffled rows would hold a random mix, and the judge
+    could only sort within it); results.jsonl keeps the manifest's order and equals a run in the
+    manifest's order (chunk_order input, whose calls keep that order)."""
+    import random
+
+    from PIL import Image
+
+    from src.job.runner import run_job
+    from src.models.reward.implementations.local import QwenVLRewardModel
+
+    d = tmp_path / "sizes"
+    d.mkdir()
+    sizes = [(96, 72), (56, 48), (40, 40)] * 4
+    random.Random(3).shuffle(sizes)
+    rows = []
+    for i, (w, h) in enumerate(sizes):
+        make_image(400 + i, w, h).save(d / f"{i}.png")
+        rows.append({"id": f"r{i}", "image": f"{i}.png"})
+    manifest = d / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def job(out: Path, order: str) -> tuple[list[list[tuple[int, int]]], list[dict]]:
+        cfg = yaml.safe_load(write_config(tmp_path, manifest, out, template="quality", batch_size=2).read_text())
+        calls: list[list[tuple[int, int]]] = []
+        with QwenVLRewardModel(model_name="tiny:qwen2_5_vl", template="quality", batch_size=2, chunk_order=order,
+                               progress=False) as model:
+            real = model.batch_score
+
+            def recording(items, *a, **kw):
+                calls.append([Image.open(it.images[0]).size for it in items])
+                return real(items, *a, **kw)
+            model.batch_score = recording
+            assert run_job(cfg, base=ROOT, progress=False, model=model)["failed"] == 0
+        return calls, read_jsonl(out / "results.jsonl")
+
+    auto_calls, auto = job(tmp_path / "auto", "auto")
+    input_calls, as_given = job(tmp_path / "input", "input")
+    assert input_calls == [sizes[k:k + 4] for k in range(0, 12, 4)]
+    assert any(len(set(call)) > 1 for call in input_calls)  # the shuffle mixes sizes within calls
+    assert auto_calls == [[(96, 72)] * 4, [(56, 48)] * 4, [(40, 40)] * 4]
+    assert [r["id"] for r in auto] == [r["id"] for r in rows]
+    assert_same_results(auto, as_given, "ordered by size: ")
+
+
 def test_changed_settings_do_not_reuse_old_results(uninterrupted, tmp_path, edit_manifest):
     out = tmp_path / "fp"
     out.mkdir()  # every item already scored, with the `edit` template

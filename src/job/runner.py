@@ -30,7 +30,8 @@ from typing import Any, Iterator
 from src.interrupts import raise_lost_ctrl_c
 from src.models.reward import BaseRewardModel, ScoreResult, build_reward_model
 from src.models.reward.config import ConfigError, model_param_paths, resolve_spec, unknown_key_error
-from src.models.reward.grouping import source_order
+from src.models.reward.size_order import HeaderSize, chunk_order
+from src.models.reward.templates import resolve_rubric
 
 from .manifest import ManifestRow, read_manifest
 from .summary import SUMMARY, stats, summarize
@@ -172,19 +173,26 @@ def _same_inputs(rec: dict[str, Any], row: ManifestRow) -> bool:
                if k in row.fields)
 
 
-def _by_source(todo: list[ManifestRow], chunk_size: int, model: BaseRewardModel) -> list[ManifestRow]:
-    """The rows to score, with the rows that share source images side by side (grouping.py) when
-    that puts fewer sources in each chunk of the job and the judge reuses vision features: a job
-    chunk then holds a source's edits together, and the judge encodes the source once. Results
-    are streamed in this order (resume reads them by id); results.jsonl keeps the manifest's.
-    Not under multi_gpu's round_robin schedule: it sends item i to worker i mod n, so a source's
-    neighbouring rows would go to different workers (README, vision_reuse). Nor under
-    `chunk_order: input` (rows as the manifest orders them)."""
+def _job_order(todo: list[ManifestRow], chunk_size: int, model: BaseRewardModel) -> list[ManifestRow]:
+    """The rows to score, in the order the job cuts its calls from, as the judge orders a call
+    (`chunk_order: auto`, size_order.py) but over the whole job: rows whose prompts are of similar
+    size side by side, largest first (the images' sizes from their headers; the judge orders each
+    call again by its exact resize), so that a call of `chunk_size` rows is not a random draw of
+    the job's sizes. Rows that share source images stay side by side (grouping.py) where the judge
+    reuses vision features and the rubric shows the sources: a call then holds a source's edits
+    together, and the judge encodes the source once. Results are streamed in this order (resume
+    reads them by id); results.jsonl keeps the manifest's. Under multi_gpu's round_robin schedule
+    sources are not grouped (item i goes to worker i mod n, so a source's neighbouring rows would
+    go to different workers; README, vision_reuse). Under `chunk_order: input` the manifest's
+    order stays."""
     settings = getattr(model, "settings", None)
-    if not getattr(settings, "vision_reuse", False) or getattr(settings, "chunk_order", "auto") == "input" or \
-            getattr(model, "schedule", None) == "round_robin":
+    if settings is None or getattr(settings, "chunk_order", "auto") == "input":
         return todo
-    order = source_order([r.item for r in todo], chunk_size)
+    shows_sources = resolve_rubric(settings.template, settings.templates).needs_source  # the judge built it already
+    group = bool(getattr(settings, "vision_reuse", False)) and shows_sources and \
+        getattr(model, "schedule", None) != "round_robin"
+    order = chunk_order([r.item for r in todo], chunk_size, HeaderSize(), with_sources=shows_sources,
+                        group_sources=group)
     return todo if order is None else [todo[k] for k in order]
 
 
@@ -251,7 +259,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                     by_id[r.id] = done[r.id]
                 else:
                     todo.append(r)
-            todo = _by_source(todo, spec.chunk_size, model)
+            todo = _job_order(todo, spec.chunk_size, model)
             bar = _bar(len(rows), len(rows) - len(todo), progress)
             try:
                 with stream_path.open("a", encoding="utf-8") as out:

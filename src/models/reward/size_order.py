@@ -71,6 +71,15 @@ class Resize:
         return h // self.patch_size, w // self.patch_size
 
 
+class HeaderSize:
+    """Resize's stand-in where the judge's resize is not at hand (a job's host, whose judge may
+    live in worker processes): an image's grid is its header's (height, width) as it is, so items
+    sort by their images' pixel counts. The judge orders each call again by its exact resize."""
+
+    def grid(self, width: int, height: int) -> tuple[int, int]:
+        return height, width
+
+
 def image_size(img: Any) -> tuple[int, int] | None:
     """(width, height) of an image input as preparation will see it, read without decoding a
     pixel; None when it cannot be read (never raises)."""
@@ -104,7 +113,7 @@ def _turned(size: tuple[int, int], info: dict) -> tuple[int, int]:
     return size
 
 
-def prompt_keys(items: Sequence[ScoreItem], resize: Resize, with_sources: bool,
+def prompt_keys(items: Sequence[ScoreItem], resize: Resize | HeaderSize, with_sources: bool,
                 map_fn: Callable[..., Iterable] = map) -> list[tuple | None]:
     """Each item's size key: (patches of its images, their grids, instruction length), or None
     when one of its images cannot be sized. with_sources: the rubric shows the source images.
@@ -130,7 +139,7 @@ def prompt_keys(items: Sequence[ScoreItem], resize: Resize, with_sources: bool,
     return keys
 
 
-def chunk_order(items: Sequence[ScoreItem], chunk: int, resize: Resize, *, with_sources: bool,
+def chunk_order(items: Sequence[ScoreItem], chunk: int, resize: Resize | HeaderSize, *, with_sources: bool,
                 group_sources: bool, map_fn: Callable[..., Iterable] = map) -> list[int] | None:
     """The positions of `items` in the order to cut into chunks of `chunk`: largest prompts first,
     items sharing a source together (group_sources), unknown sizes last; None: the input order.
