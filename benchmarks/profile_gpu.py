@@ -8,6 +8,8 @@
            per coarse kind (GEMM, grouped GEMM, attention, elementwise, ...)
   parts    generate mode: calls of --n items with the decoding step's fused parts (cuDNN's
            decoding attention, the compiled rotary embedding) switched off in turn, alternating
+  experts  a mixture of experts: calls of --n items with the library's experts (the combine in one
+           Triton kernel) and transformers' grouped_mm path, alternating
 Each stage runs the judge twice (an untimed call first: allocator, kernels, shapes), in the modes
 asked for (--modes logits,generate). Random weights of the real size (benchmarks/checkpoints.py).
 
@@ -184,31 +186,29 @@ def _switch_parts(engine, cudnn: bool, rotary: bool, saved: dict) -> None:
             m._compiled_call_impl = saved[id(m)] if rotary else None
 
 
-def stage_parts(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
-    """Generate mode: calls of --n items on one loaded judge after its automatic compile (run with
-    --judge compile_after_items=BS), with each of the decoding step's fused parts switched off in
-    turn: all on (the defaults), cuDNN's decoding attention off, the rotary embedding eager, both
-    off; --reps calls of each, alternating. Recorded: items/s per variant and the answers' share
-    identical to the defaults' (bf16: a kernel's rounding can flip a near-tie)."""
+def _alternate(judge, a, images: list, variants: dict[str, Any], switch, mode: str) -> dict[str, Any]:
+    """Calls of --n items on one loaded judge after its automatic compile (run with --judge
+    compile_after_items=BS), `switch(engine, variants[name])` before each: one untimed call of every
+    variant first (a switch may make the compiled blocks recompile), then --reps timed calls of
+    each, alternating. Recorded: items/s per variant, the images the tower encoded, and the
+    answers' agreement with the first variant's (bf16: a kernel's rounding can flip a near-tie)."""
     import torch
 
-    if mode != "generate":
-        return {"skipped": "the decoding step's parts: generate mode only"}
     cuda = a.device.startswith("cuda")
-    variants = {"defaults": (True, True), "cudnn_off": (False, True), "rotary_eager": (True, False),
-                "both_off": (False, False)}
-    judge = _judge(model_dir, a, mode)
-    saved: dict = {}
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    encoded: dict[str, list[int]] = {k: [] for k in variants}
-    answers: dict[str, list] = {}
+    names = list(variants)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    encoded: dict[str, list[int]] = {k: [] for k in names}
+    results: dict[str, list] = {}
     try:
         for _ in range(2):  # the second call pays an automatic compile when compile_after_items <= bs
             judge.batch_score(images[:a.bs])
         compiled = len(judge.engine._compiled)
+        for name in names:
+            switch(judge.engine, variants[name])
+            judge.batch_score(images[:a.bs])
         for _ in range(a.reps):
-            for name, (cudnn, rotary) in variants.items():
-                _switch_parts(judge.engine, cudnn, rotary, saved)
+            for name in names:
+                switch(judge.engine, variants[name])
                 enc = runs.new_images(judge)
                 if cuda:
                     torch.cuda.synchronize()
@@ -218,23 +218,51 @@ def stage_parts(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t)
                 encoded[name].append(runs.encoded_since(judge, enc))
-                answers[name] = [r.raw for r in res]
-        _switch_parts(judge.engine, True, True, saved)
-        rotary_compiled = any(type(m).__name__ == "RotaryEmbedding" for m in judge.engine._compiled)
-        compiled_during = len(judge.engine._compiled) != compiled
+                results[name] = res
+        switch(judge.engine, variants[names[0]])
+        extra = {"rotary_compiled": any(type(m).__name__ == "RotaryEmbedding" for m in judge.engine._compiled),
+                 "compiled_modules": compiled, "compiled_during_timing": len(judge.engine._compiled) != compiled}
     finally:
         judge.close()
-    out: dict[str, Any] = {"mode": mode, "items": a.n, "new_tokens": a.new, "reps": a.reps,
-                           "rotary_compiled": rotary_compiled, "compiled_modules": compiled,
-                           "compiled_during_timing": compiled_during}
+    out: dict[str, Any] = {"mode": mode, "items": a.n, "new_tokens": a.new if mode == "generate" else None,
+                           "reps": a.reps, "variants": names, **extra}
+    first = results[names[0]]
     for name, ts in times.items():
+        res = results[name]
+        diffs = [abs(r.score - f.score) for r, f in zip(res, first) if r.score is not None and f.score is not None]
         out[name] = {"items_per_s": round(a.n * len(ts) / sum(ts), 3), "items_per_s_each": [round(a.n / t, 3) for t in ts],
                      "images_encoded_each": encoded[name],
-                     "identical_to_defaults": round(sum(x == y for x, y in zip(answers[name], answers["defaults"]))
-                                                    / max(len(answers[name]), 1), 3)}
-    for name in variants:
-        out[name]["speedup_of_defaults"] = round(out["defaults"]["items_per_s"] / out[name]["items_per_s"], 3)
+                     f"identical_to_{names[0]}": round(sum(r.raw == f.raw for r, f in zip(res, first)) / max(len(res), 1), 3),
+                     "max_score_diff": round(max(diffs), 6) if diffs else None}
+    for name in names:
+        out[name][f"speedup_of_{names[0]}"] = round(out[names[0]]["items_per_s"] / out[name]["items_per_s"], 3)
     return out
+
+
+def stage_parts(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
+    """Generate mode: the decoding step's fused parts switched off in turn (_alternate): all on
+    (the defaults), cuDNN's decoding attention off, the rotary embedding eager, both off."""
+    if mode != "generate":
+        return {"skipped": "the decoding step's parts: generate mode only"}
+    saved: dict = {}
+    variants = {"defaults": (True, True), "cudnn_off": (False, True), "rotary_eager": (True, False),
+                "both_off": (False, False)}
+    return _alternate(_judge(model_dir, a, mode), a, images, variants,
+                      lambda engine, v: _switch_parts(engine, *v, saved), mode)
+
+
+def stage_experts(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
+    """A mixture of experts' experts (_alternate): the library's (experts.py, the combine in one
+    Triton kernel; the default) against transformers' grouped_mm path, on one loaded judge."""
+    judge = _judge(model_dir, a, mode)
+    if judge.engine.experts is None:
+        judge.close()
+        return {"skipped": "not a mixture-of-experts judge"}
+    from src.models.reward import experts
+
+    variants = {"defaults": experts.NAME, "transformers_grouped_mm": "grouped_mm"}
+    return _alternate(judge, a, images, variants, lambda engine, name: engine.model.set_experts_implementation(name),
+                      mode)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -259,13 +287,16 @@ def markdown(report: dict[str, Any]) -> str:
             lines += ["", "| kernel | ms | count |", "|---|---|---|"]
             lines += [f"| `{k['name']}` | {k['ms']} | {k['count']} |" for k in st["top_kernels"][:15]]
             lines.append("")
-        if key.startswith("parts_") and "defaults" in st:
-            lines += [f"## The decoding step's fused parts, generate-{st['new_tokens']}, {st['items']} items, "
+        if key.startswith(("parts_", "experts_")) and "defaults" in st:
+            title = ("The decoding step's fused parts" if key.startswith("parts_") else "The experts: the library's "
+                     "combine kernel (defaults) against transformers' grouped_mm path")
+            lines += [f"## {title}, {st['mode']} mode"
+                      f"{', generate-' + str(st['new_tokens']) if st['new_tokens'] else ''}, {st['items']} items, "
                       f"{st['reps']} calls of each", "",
-                      "| variant | items/s | defaults' speed-up over it | answers identical to the defaults' |",
-                      "|---|---|---|---|"]
+                      "| variant | items/s | defaults' speed-up over it | answers identical to the defaults' "
+                      "| largest score difference |", "|---|---|---|---|---|"]
             lines += [f"| {name} | {st[name]['items_per_s']} | {st[name]['speedup_of_defaults']}x | "
-                      f"{st[name]['identical_to_defaults']} |" for name in ("defaults", "cudnn_off", "rotary_eager", "both_off")]
+                      f"{st[name]['identical_to_defaults']} | {st[name]['max_score_diff']} |" for name in st["variants"]]
             lines += ["", f"Rotary embedding compiled: {st['rotary_compiled']}; compiled modules {st['compiled_modules']}"
                           f"{'; a compile fell inside the timing' if st['compiled_during_timing'] else ''}.", ""]
     return "\n".join(lines) + "\n"
@@ -278,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default="memory,kernels")
     ap.add_argument("--modes", default="logits,generate")
     ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3, help="stage parts: timed calls of each variant")
+    ap.add_argument("--reps", type=int, default=3, help="stages parts, experts: timed calls of each variant")
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--new", type=int, default=128, help="generate mode: answer tokens (forced)")
     ap.add_argument("--width", type=int, default=1024)
@@ -299,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     with runs.checkpoint(report, a, "profile-gpu-") as model_dir:
         images = make_images(None, max(a.n, a.bs), a.width, a.height)
         for stage in a.stages.split(","):
-            fn = {"memory": stage_memory, "kernels": stage_kernels, "parts": stage_parts}[stage]
+            fn = {"memory": stage_memory, "kernels": stage_kernels, "parts": stage_parts, "experts": stage_experts}[stage]
             for mode in a.modes.split(","):
                 try:
                     report[f"{stage}_{mode}"] = fn(model_dir, a, images, mode)

@@ -33,7 +33,7 @@ RUNS = {
     "profile": ([str(BENCH / "profile_gpu.py"), "--smoke", "--modes", "logits"], {"PYTHONPATH": str(ROOT)}, 600),
     "attention": ([str(BENCH / "attention_gpu.py"), "--smoke"], {}, 300),
     "decode_attention": ([str(BENCH / "decode_attention_gpu.py"), "--smoke"], {}, 300),
-    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts", "--modes", "generate,logits", "--reps", "1",
+    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts", "--modes", "generate,logits", "--reps", "1",
                "--name", "profile_parts"], {"PYTHONPATH": str(ROOT)}, 300),
 }
 
@@ -208,7 +208,19 @@ def test_profile_parts_smoke(smoke_runs):
         assert parts[name]["identical_to_defaults"] == 1.0 and len(parts[name]["items_per_s_each"]) == 1
         assert parts[name]["images_encoded_each"] == [2]  # every timed call runs the tower: no features kept
     assert report["parts_logits"] == {"skipped": "the decoding step's parts: generate mode only"}
-    assert "## The decoding step's fused parts" in (out / "profile_parts.md").read_text()
+    md = (out / "profile_parts.md").read_text()
+    assert "## The decoding step's fused parts, generate mode" in md
+    # The MoE stand-in's experts, the library's and transformers': the same function in float32.
+    for mode in ("generate", "logits"):
+        st = report[f"experts_{mode}"]
+        assert st["variants"] == ["defaults", "transformers_grouped_mm"]
+        other = st["transformers_grouped_mm"]
+        assert other["images_encoded_each"] == [2] and other["items_per_s"] > 0
+        if mode == "generate":
+            assert other["identical_to_defaults"] == 1.0
+        else:
+            assert other["max_score_diff"] is not None and other["max_score_diff"] < 1e-5
+        assert f"## The experts: the library's combine kernel (defaults) against transformers' grouped_mm path, {mode} mode" in md
 
 
 def test_quant_gpu_smoke(smoke_runs):

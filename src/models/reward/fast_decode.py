@@ -20,7 +20,8 @@ Several samples per prompt: the prompt runs once and its KV cache is copied to e
 eagerly, which is how tests compare it with generate() token for token.
 
 The Qwen3-VL-MoE experts run through transformers' `grouped_mm` experts path (sorted by expert,
-offsets from histc): fixed shapes and no host sync, so the experts are inside the graph too.
+offsets from histc) with experts.py's combine: fixed shapes and no host sync, so the experts are
+inside the graph too.
 
 State between steps lives in tensors that are updated in place (token, positions, attention mask,
 step counter, finished rows, seen tokens, output buffer), so one captured step replays correctly.

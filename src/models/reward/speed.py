@@ -25,6 +25,10 @@ class SpeedPaths:
         # Each unique image through the vision tower once per chunk, and once while its features stay
         # in the store bounded by vision_cache_mb (same features; vision_reuse.py).
         self._vision_reuse = VisionReuse.install(self.model, s.vision_cache_mb * 1e6) if s.vision_reuse else None
+        from .experts import install as install_experts
+
+        # A mixture of experts' combine step through one Triton kernel on CUDA (same function; experts.py).
+        self.experts = install_experts(self.model)
         self._compiled: list = []  # modules running compiled
         self._compile_pending: list[tuple[str, str, str]] = []  # automatic: compiled once enough items ran
         self._items_scored = 0
