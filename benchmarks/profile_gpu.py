@@ -10,6 +10,8 @@
            decoding attention, the compiled rotary embedding) switched off in turn, alternating
   experts  a mixture of experts: calls of --n items with the library's experts (the combine in one
            Triton kernel) and transformers' grouped_mm path, alternating
+  patch    calls of --n items with the vision tower's patch embedding as one matrix multiplication
+           and as transformers' Conv3d, alternating
 Each stage runs the judge twice (an untimed call first: allocator, kernels, shapes), in the modes
 asked for (--modes logits,generate). Random weights of the real size (benchmarks/checkpoints.py).
 
@@ -265,6 +267,25 @@ def stage_experts(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
                       mode)
 
 
+def _switch_patch_embed(engine, matmul: bool) -> None:
+    """The vision tower's patch embedding as one matrix multiplication (the default) or as
+    transformers' Conv3d (the module's class forward), on the loaded judge."""
+    from src.models.reward.speed import patch_embed_as_matmul
+
+    embed = engine.model.model.visual.patch_embed
+    if matmul:
+        patch_embed_as_matmul(engine.model)
+    else:
+        vars(embed).pop("forward", None)
+
+
+def stage_patch(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
+    """The vision tower's patch embedding (_alternate): one matrix multiplication (the default)
+    against transformers' Conv3d, on one loaded judge."""
+    variants = {"defaults": True, "conv3d": False}
+    return _alternate(_judge(model_dir, a, mode), a, images, variants, _switch_patch_embed, mode)
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["meta"]
     lines = [f"# Where GPU memory and time go ({m['size']}, {m['device_name']})", "", f"`{m['command']}`", "",
@@ -287,9 +308,11 @@ def markdown(report: dict[str, Any]) -> str:
             lines += ["", "| kernel | ms | count |", "|---|---|---|"]
             lines += [f"| `{k['name']}` | {k['ms']} | {k['count']} |" for k in st["top_kernels"][:15]]
             lines.append("")
-        if key.startswith(("parts_", "experts_")) and "defaults" in st:
-            title = ("The decoding step's fused parts" if key.startswith("parts_") else "The experts: the library's "
-                     "combine kernel (defaults) against transformers' grouped_mm path")
+        if key.startswith(("parts_", "experts_", "patch_")) and "defaults" in st:
+            title = {"parts": "The decoding step's fused parts",
+                     "experts": "The experts: the library's combine kernel (defaults) against transformers' grouped_mm path",
+                     "patch": "The patch embedding: one matrix multiplication (defaults) against transformers' Conv3d",
+                     }[key.split("_")[0]]
             lines += [f"## {title}, {st['mode']} mode"
                       f"{', generate-' + str(st['new_tokens']) if st['new_tokens'] else ''}, {st['items']} items, "
                       f"{st['reps']} calls of each", "",
@@ -309,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default="memory,kernels")
     ap.add_argument("--modes", default="logits,generate")
     ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3, help="stages parts, experts: timed calls of each variant")
+    ap.add_argument("--reps", type=int, default=3, help="stages parts, experts, patch: timed calls of each variant")
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--new", type=int, default=128, help="generate mode: answer tokens (forced)")
     ap.add_argument("--width", type=int, default=1024)
@@ -330,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     with runs.checkpoint(report, a, "profile-gpu-") as model_dir:
         images = make_images(None, max(a.n, a.bs), a.width, a.height)
         for stage in a.stages.split(","):
-            fn = {"memory": stage_memory, "kernels": stage_kernels, "parts": stage_parts, "experts": stage_experts}[stage]
+            fn = {"memory": stage_memory, "kernels": stage_kernels, "parts": stage_parts, "experts": stage_experts,
+                  "patch": stage_patch}[stage]
             for mode in a.modes.split(","):
                 try:
                     report[f"{stage}_{mode}"] = fn(model_dir, a, images, mode)

@@ -33,7 +33,7 @@ RUNS = {
     "profile": ([str(BENCH / "profile_gpu.py"), "--smoke", "--modes", "logits"], {"PYTHONPATH": str(ROOT)}, 600),
     "attention": ([str(BENCH / "attention_gpu.py"), "--smoke"], {}, 300),
     "decode_attention": ([str(BENCH / "decode_attention_gpu.py"), "--smoke"], {}, 300),
-    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts", "--modes", "generate,logits", "--reps", "1",
+    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch", "--modes", "generate,logits", "--reps", "1",
                "--name", "profile_parts"], {"PYTHONPATH": str(ROOT)}, 300),
 }
 
@@ -223,6 +223,11 @@ def test_profile_parts_smoke(smoke_runs):
         else:
             assert other["max_score_diff"] is not None and other["max_score_diff"] < 1e-5
         assert f"## The experts: the library's combine kernel (defaults) against transformers' grouped_mm path, {mode} mode" in md
+    # The patch embedding as a matrix multiplication and as the Conv3d: the same function in float32.
+    patch = report["patch_logits"]
+    assert patch["variants"] == ["defaults", "conv3d"] and patch["conv3d"]["max_score_diff"] < 1e-5
+    assert report["patch_generate"]["conv3d"]["identical_to_defaults"] == 1.0
+    assert "## The patch embedding: one matrix multiplication (defaults) against transformers' Conv3d, logits mode" in md
 
 
 def test_quant_gpu_smoke(smoke_runs):

@@ -694,3 +694,41 @@ def test_continuous_batching_falls_back_for_the_unfinished_prompts_only(monkeypa
         # item 2 takes its slot, and one prompt is taken to refill the stage (the fault) while item
         # 3 waits staged, in no slot: it reruns with every other prompt not finished (all but 1).
         assert plugin.sizes[1:3] == [2, 1] and sum(plugin.sizes[3:]) == 6
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_patch_embedding_as_one_matmul_is_the_conv3d(arch):
+    # The module alone in float64 (the same products, summed in another order), then a whole judge
+    # with its patch embedding as loaded (the matmul) and as the class's Conv3d: float32 scores
+    # within 1e-5. A second judge in the process keeps the class's forward untouched.
+    from src.models.reward.speed import patch_embed_as_matmul
+
+    with QwenVLRewardModel(model_name=f"tiny:{arch}", batch_size=3, compile_vision=False,
+                           compile_language=False) as judge:
+        assert judge.engine.patch_embed_matmul is True
+        embed = judge.engine.model.model.visual.patch_embed
+        assert "forward" in vars(embed)
+        conv = type(embed).forward
+        x = torch.randn(40, embed.proj.weight[0].numel(), generator=torch.Generator().manual_seed(0))
+        dtype = embed.proj.weight.dtype
+        with torch.no_grad():
+            embed64 = embed.double()
+            assert torch.allclose(embed64(x.double()), conv(embed64, x.double()), rtol=0, atol=1e-12)
+            embed.to(dtype)
+        ours = [(r.score, r.error) for r in judge.batch_score(_images(3))]
+        del embed.forward  # back to the class's Conv3d
+        judge.engine._forget_vision_features()
+        theirs = [(r.score, r.error) for r in judge.batch_score(_images(3))]
+    assert all(err is None for _, err in ours)
+    assert [s for s, _ in ours] == pytest.approx([s for s, _ in theirs], abs=1e-5)
+
+
+def test_patch_embedding_left_alone_when_it_is_not_a_patchwise_conv():
+    from types import SimpleNamespace
+
+    from src.models.reward.speed import patch_embed_as_matmul
+
+    overlapping = torch.nn.Conv3d(3, 8, kernel_size=(2, 4, 4), stride=(2, 2, 2))
+    model = SimpleNamespace(model=SimpleNamespace(visual=SimpleNamespace(patch_embed=SimpleNamespace(proj=overlapping))))
+    assert patch_embed_as_matmul(model) is False
+    assert patch_embed_as_matmul(SimpleNamespace(model=SimpleNamespace())) is False

@@ -29,6 +29,7 @@ class SpeedPaths:
 
         # A mixture of experts' combine step through one Triton kernel on CUDA (same function; experts.py).
         self.experts = install_experts(self.model)
+        self.patch_embed_matmul = patch_embed_as_matmul(self.model)
         self._compiled: list = []  # modules running compiled
         self._compile_pending: list[tuple[str, str, str]] = []  # automatic: compiled once enough items ran
         self._items_scored = 0
@@ -183,3 +184,29 @@ def cacheless_parts(layer) -> list:
     names = [(layer, "input_layernorm"), (layer, "post_attention_layernorm"), (layer, "mlp"),
              (attn, "q_norm"), (attn, "k_norm")]
     return [getattr(owner, name) for owner, name in names if owner is not None and getattr(owner, name, None) is not None]
+
+
+def patch_embed_as_matmul(model) -> bool:
+    """The vision tower's patch embedding as one matrix multiplication. It is a Conv3d whose kernel
+    equals its stride and whose input is already cut into patches, so each output is the dot
+    product of one flattened patch with one flattened filter: F.linear computes exactly that. On
+    an H200 the convolution ran as cuDNN's implicit-GEMM fallback, 16.5 ms for 32 images of
+    1024x768 (~98k patches), about 20 TFLOP/s (benchmarks/NOTES.md). Only this judge's module
+    changes (its own forward); True where it applied."""
+    import types
+
+    import torch
+
+    embed = getattr(getattr(getattr(model, "model", model), "visual", None), "patch_embed", None)
+    proj = getattr(embed, "proj", None)
+    if not isinstance(proj, torch.nn.Conv3d) or list(proj.kernel_size) != list(proj.stride) or \
+            any(proj.padding) or any(d != 1 for d in proj.dilation) or proj.groups != 1:
+        return False
+
+    def forward(self, hidden_states):
+        weight = self.proj.weight
+        patches = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
+        return torch.nn.functional.linear(patches, weight.reshape(weight.shape[0], -1), self.proj.bias)
+
+    embed.forward = types.MethodType(forward, embed)
+    return True
