@@ -133,13 +133,11 @@ def install(model) -> str | None:
     grouped_mm path; returns the implementation now in use, or None for a model without experts."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    configs = [model.config] + [getattr(model.config, k) for k in getattr(model.config, "sub_configs", {})]
-    current = {getattr(c, "_experts_implementation", None) for c in configs} - {None}
-    if not current or not any(hasattr(m, "gate_up_proj") or hasattr(m, "up_proj") for m in model.modules()
-                              if type(m).__name__.endswith("Experts")):
+    experts = [m for m in model.modules() if type(m).__name__.endswith("Experts")
+               and (hasattr(m, "gate_up_proj") or hasattr(m, "up_proj")) and hasattr(m, "config")]
+    if not experts:
         return None
-    if current != {"grouped_mm"}:
-        return "/".join(sorted(current))  # eager, quantized kernels, ...: left as loaded
-    ALL_EXPERTS_FUNCTIONS.register(NAME, grouped_experts_forward)
-    model.set_experts_implementation(NAME)
-    return NAME
+    if {m.config._experts_implementation for m in experts} == {"grouped_mm"}:  # else eager, quantized...: as loaded
+        ALL_EXPERTS_FUNCTIONS.register(NAME, grouped_experts_forward)
+        model.set_experts_implementation(NAME)
+    return "/".join(sorted({str(m.config._experts_implementation) for m in experts}))  # what runs now
