@@ -732,3 +732,9 @@ def test_patch_embedding_left_alone_when_it_is_not_a_patchwise_conv():
     model = SimpleNamespace(model=SimpleNamespace(visual=SimpleNamespace(patch_embed=SimpleNamespace(proj=overlapping))))
     assert patch_embed_as_matmul(model) is False
     assert patch_embed_as_matmul(SimpleNamespace(model=SimpleNamespace())) is False
+    # A forward already on the module (an accelerate hook on a judge spread over GPUs) stays.
+    embed = torch.nn.Module()
+    embed.proj = torch.nn.Conv3d(3, 8, kernel_size=(2, 4, 4), stride=(2, 4, 4))
+    hooked = embed.forward = lambda x: x
+    assert patch_embed_as_matmul(SimpleNamespace(model=SimpleNamespace(visual=SimpleNamespace(patch_embed=embed)))) is False
+    assert embed.forward is hooked

@@ -192,7 +192,8 @@ def patch_embed_as_matmul(model) -> bool:
     product of one flattened patch with one flattened filter: F.linear computes exactly that. On
     an H200 the convolution ran as cuDNN's implicit-GEMM fallback, 16.5 ms for 32 images of
     1024x768 (~98k patches), about 20 TFLOP/s (benchmarks/NOTES.md). Only this judge's module
-    changes (its own forward); True where it applied."""
+    changes (its own forward); True where it applied. A forward already set on the module (an
+    accelerate hook of a judge spread over several GPUs, which moves the inputs) is kept."""
     import types
 
     import torch
@@ -200,7 +201,7 @@ def patch_embed_as_matmul(model) -> bool:
     embed = getattr(getattr(getattr(model, "model", model), "visual", None), "patch_embed", None)
     proj = getattr(embed, "proj", None)
     if not isinstance(proj, torch.nn.Conv3d) or list(proj.kernel_size) != list(proj.stride) or \
-            any(proj.padding) or any(d != 1 for d in proj.dilation) or proj.groups != 1:
+            any(proj.padding) or any(d != 1 for d in proj.dilation) or proj.groups != 1 or "forward" in vars(embed):
         return False
 
     def forward(self, hidden_states):
