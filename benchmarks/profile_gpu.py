@@ -12,6 +12,8 @@
            Triton kernel) and transformers' grouped_mm path, alternating
   patch    calls of --n items with the vision tower's patch embedding as one matrix multiplication
            and as transformers' Conv3d, alternating
+  gaps     (CUDA) one call of --n items profiled with Python stacks: the GPU's idle stretches, each
+           charged to the host op and code line that launched the work ending it
 Each stage runs the judge twice (an untimed call first: allocator, kernels, shapes), in the modes
 asked for (--modes logits,generate). Random weights of the real size (benchmarks/checkpoints.py).
 
@@ -175,6 +177,68 @@ def stage_kernels(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
             "top_kernels": [{"name": n[:140], "ms": round(sum(ts), 2), "count": len(ts)} for n, ts in top]}
 
 
+def gpu_gaps(kernels: list[tuple[float, float, int]], ops: dict[int, tuple[str, str]], min_gap_us: float = 20.0,
+             top: int = 15) -> dict[str, Any]:
+    """Where the GPU waited on the host. kernels: (start us, end us, id of the host op that launched
+    it) for every GPU activity of a call, on any stream; ops: host op id -> (name, where in the
+    Python code). Each stretch longer than min_gap_us in which no GPU activity runs is charged to
+    the host op that launched the activity ending it: the host was late with that launch (it was
+    busy, or waiting on a sync, before it). Returns the call's GPU span, its idle time and share,
+    and the charges by op and place, largest first."""
+    ks = sorted(kernels)
+    if not ks:
+        return {"span_ms": 0.0, "idle_ms": 0.0, "idle_share": 0.0, "gaps": 0, "by_launch": []}
+    charged: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    busy_until = ks[0][1]
+    for start, end, op in ks[1:]:
+        if start - busy_until > min_gap_us:
+            charged[ops.get(op, ("?", "?"))].append(start - busy_until)
+        busy_until = max(busy_until, end)
+    span = busy_until - ks[0][0]
+    idle = sum(sum(v) for v in charged.values())
+    rows = sorted(charged.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {"span_ms": round(span / 1e3, 2), "idle_ms": round(idle / 1e3, 2),
+            "idle_share": round(idle / span, 4) if span else 0.0, "gaps": sum(len(v) for v in charged.values()),
+            "by_launch": [{"op": op, "where": where, "idle_ms": round(sum(g) / 1e3, 2), "gaps": len(g),
+                           "largest_ms": round(max(g) / 1e3, 2)} for (op, where), g in rows]}
+
+
+def _code_line(stack: list[str]) -> str:
+    """The innermost frames of the library or transformers in a profiler stack."""
+    keep = [f for f in stack if "/src/models/" in f or "transformers/" in f]
+    return " <- ".join(pathlib.Path(f.split("(")[0]).name + "(" + f.split("(", 1)[1] if "(" in f else f
+                       for f in keep[:2]) or "?"
+
+
+def stage_gaps(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
+    """One call of --n items under torch.profiler with CPU and CUDA and Python stacks, after two
+    untimed calls: the GPU's idle stretches between its activities, each charged to the host op
+    (and its library or transformers code line) that launched what ended it (gpu_gaps)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if not a.device.startswith("cuda"):
+        return {"skipped": "the GPU's idle time needs a CUDA device"}
+    judge = _judge(model_dir, a, mode)
+    try:
+        for _ in range(2):  # the second call pays an automatic compile when compile_after_items <= bs
+            judge.batch_score(images[:a.bs])
+        runs.new_images(judge)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+            judge.batch_score(images[:a.n])
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    finally:
+        judge.close()
+    ops = {e.id: (e.name, _code_line(e.stack)) for e in prof.events()
+           if e.device_type == torch.autograd.DeviceType.CPU}
+    kernels = [(e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3, e.linked_correlation_id())
+               for e in prof.profiler.kineto_results.events() if e.device_type() == torch.autograd.DeviceType.CUDA]
+    return {"mode": mode, "items": a.n, "wall_s_profiled": round(wall, 3), **gpu_gaps(kernels, ops)}
+
+
 def _switch_parts(engine, cudnn: bool, rotary: bool, saved: dict) -> None:
     """The decoding step's two fused parts on or off, on the loaded judge (benchmark-only
     switches of the library's internals): cuDNN's decoding attention (off: its once-per-process
@@ -320,6 +384,15 @@ def markdown(report: dict[str, Any]) -> str:
             lines += ["", "| kernel | ms | count |", "|---|---|---|"]
             lines += [f"| `{k['name']}` | {k['ms']} | {k['count']} |" for k in st["top_kernels"][:15]]
             lines.append("")
+        if key.startswith("gaps_") and "by_launch" in st:
+            lines += [f"## Where the GPU waits on the host, {st['mode']} mode", "",
+                      f"GPU span {st['span_ms']} ms of a {st['wall_s_profiled']} s profiled call; idle {st['idle_ms']} ms "
+                      f"({100 * st['idle_share']:.1f}%) in {st['gaps']} stretches over 20 us, each charged to the host "
+                      "op that launched the GPU work ending it", "",
+                      "| launched by | at | idle ms | stretches | largest ms |", "|---|---|---|---|---|"]
+            lines += [f"| `{g['op'][:80]}` | `{g['where'][:120]}` | {g['idle_ms']} | {g['gaps']} | {g['largest_ms']} |"
+                      for g in st["by_launch"]]
+            lines.append("")
         if key.startswith(("parts_", "experts_", "patch_")) and "defaults" in st:
             title = {"parts": "The decoding step's fused parts",
                      "experts": "The experts: the library's combine kernel (defaults) against transformers' grouped_mm path",
@@ -367,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         images = make_images(None, max(a.n, a.bs), a.width, a.height)
         for stage in a.stages.split(","):
             fn = {"memory": stage_memory, "kernels": stage_kernels, "parts": stage_parts, "experts": stage_experts,
-                  "patch": stage_patch}[stage]
+                  "patch": stage_patch, "gaps": stage_gaps}[stage]
             for mode in a.modes.split(","):
                 try:
                     report[f"{stage}_{mode}"] = fn(model_dir, a, images, mode)

@@ -33,7 +33,7 @@ RUNS = {
     "profile": ([str(BENCH / "profile_gpu.py"), "--smoke", "--modes", "logits"], {"PYTHONPATH": str(ROOT)}, 600),
     "attention": ([str(BENCH / "attention_gpu.py"), "--smoke"], {}, 300),
     "decode_attention": ([str(BENCH / "decode_attention_gpu.py"), "--smoke"], {}, 300),
-    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch", "--modes", "generate,logits", "--reps", "1",
+    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch,gaps", "--modes", "generate,logits", "--reps", "1",
                "--name", "profile_parts"], {"PYTHONPATH": str(ROOT)}, 300),
 }
 
@@ -223,6 +223,7 @@ def test_profile_parts_smoke(smoke_runs):
         else:
             assert other["max_score_diff"] is not None and other["max_score_diff"] < 1e-5
         assert f"## The experts: the library's combine kernel (defaults) against transformers' grouped_mm path, {mode} mode" in md
+    assert report["gaps_logits"] == {"skipped": "the GPU's idle time needs a CUDA device"}
     # The patch embedding as a matrix multiplication and as the Conv3d: the same function in float32.
     patch = report["patch_logits"]
     assert patch["variants"] == ["defaults", "conv3d"] and patch["conv3d"]["max_score_diff"] < 1e-5
@@ -263,3 +264,33 @@ def test_profile_gpu_smoke(smoke_runs):
     names = [k["name"] for k in kernels["top_kernels"]]
     assert names and all(n.startswith("aten::") for n in names) and kernels["by_kind_ms"]
     assert "## GPU time, logits mode" in (out / "profile_gpu.md").read_text()
+
+
+def test_gpu_gaps_charges_each_idle_stretch_to_the_launch_that_ended_it():
+    # Two streams (kernels 2 and 3 overlap: no gap between them), a 5 us stretch (under the 20 us
+    # threshold), and two long stretches ended by kernels the same host op launched, one by another.
+    from benchmarks.profile_gpu import _code_line, gpu_gaps
+
+    kernels = [(0, 100, 1), (100, 300, 2), (150, 400, 3), (405, 500, 4), (600, 700, 5), (1000, 1100, 5),
+               (1150, 1200, 6)]
+    ops = {1: ("aten::mm", "a"), 2: ("aten::mm", "a"), 3: ("aten::add", "b"), 4: ("aten::mul", "c"),
+           5: ("aten::nonzero", "modeling_qwen3_vl.py(1): get_rope_index"), 6: ("aten::cat", "d")}
+    out = gpu_gaps(list(reversed(kernels)), ops)  # any order in, the GPU's order used
+    assert out["span_ms"] == 1.2 and out["idle_ms"] == 0.45 and out["gaps"] == 3
+    assert out["idle_share"] == 0.375
+    first, second = out["by_launch"]
+    assert (first["op"], first["idle_ms"], first["gaps"], first["largest_ms"]) == ("aten::nonzero", 0.4, 2, 0.3)
+    assert (second["op"], second["where"], second["idle_ms"]) == ("aten::cat", "d", 0.05)
+    assert gpu_gaps([], ops)["by_launch"] == []
+    stack = ["/x/torch/nn/modules/module.py(10): _call_impl",
+             "/y/site-packages/transformers/models/qwen3_vl/modeling_qwen3_vl.py(1234): get_rope_index",
+             "/w/src/models/reward/scoring.py(88): _logits", "/w/src/models/reward/engine.py(5): run"]
+    assert _code_line(stack) == "modeling_qwen3_vl.py(1234): get_rope_index <- scoring.py(88): _logits"
+    assert _code_line(["/x/torch/nn/functional.py(1): linear"]) == "?"
+    # The report's table, as the device run would render it.
+    from benchmarks.profile_gpu import markdown
+
+    meta = {"size": "s", "device_name": "d", "command": "c", "bs": 32, "n": 32, "width": 1, "height": 1, "judge": []}
+    md = markdown({"meta": meta, "gaps_logits": {"mode": "logits", "items": 32, "wall_s_profiled": 1.0, **out}})
+    assert "## Where the GPU waits on the host, logits mode" in md and "idle 0.45 ms (37.5%) in 3 stretches" in md
+    assert "| `aten::nonzero` | `modeling_qwen3_vl.py(1): get_rope_index` | 0.4 | 2 | 0.3 |" in md
