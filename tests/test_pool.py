@@ -447,3 +447,24 @@ def test_a_fast_start_failure_is_reported_before_a_slow_worker_has_loaded(tiny_c
     assert "worker cpu#1 (pid" in text and "failed to start" in text, text
     assert "No module named 'src.testing.no_such_plugin'" in text, text
     assert set(worker_processes([os.getpid()])) <= procs_before, "the slow worker is stopped too"
+
+
+def test_stopping_a_worker_whose_launch_was_interrupted_before_its_thread_started():
+    # A Ctrl-C can land in launch() between creating the spawning thread and starting it (or
+    # inside start()): stop() must neither fail ("cannot join thread before it is started") nor
+    # skip a thread that does start moments later and launches the process.
+    import threading
+
+    from src.models.reward.pool import _join_spawner
+
+    never = threading.Thread(target=lambda: None)
+    _join_spawner(never, start_wait=0.2)  # returns: no process will come of it
+    assert never.ident is None
+
+    launched = []
+    late = threading.Thread(target=lambda: launched.append("proc"))
+    starter = threading.Thread(target=lambda: (time.sleep(0.05), late.start()))
+    starter.start()
+    _join_spawner(late, start_wait=30)
+    starter.join()
+    assert launched == ["proc"] and not late.is_alive()

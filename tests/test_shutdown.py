@@ -111,6 +111,25 @@ def _trial(job_files: dict, name: str, phase: str, delay_s: float, signals: list
         except subprocess.TimeoutExpired:
             rc = None
         exit_s = time.monotonic() - t0
+        lost_before_main = None
+        if rc is None and phase == "start-up" and not re.search(MAIN_RAN, err_path.read_text(), re.M) \
+                and "interrupted" not in err_path.read_text():
+            # CPython itself can lose a SIGINT that lands while the interpreter starts, before
+            # main.py's first statement: the KeyboardInterrupt is raised in importlib's lock
+            # cleanup, where it can only be printed ("Exception ignored in ... _get_module_lock";
+            # reproduced about once in 200 launches signalled in their first 60 ms). From
+            # main.py's first statement on, src/interrupts.py keeps such a Ctrl-C (tested below).
+            # Seen from here, a loss before main.py and one after it look alike (nothing of
+            # main.py printed), so a start-up trial whose first Ctrl-C did nothing gets a second,
+            # as the user would press, and must then stop as any other.
+            lost_before_main = err_path.read_text()[-1000:]
+            os.killpg(proc.pid, signal.SIGINT)
+            t0 = time.monotonic()
+            try:
+                rc = proc.wait(timeout=EXIT_WITHIN_S)
+            except subprocess.TimeoutExpired:
+                rc = None
+            exit_s = time.monotonic() - t0
         # Found by their parent's pid in their environment, so a worker re-parented after the job
         # exited is found too, and a pid reused by another process is not.
         deadline = time.monotonic() + 2  # exited just now: let the kernel finish reaping
@@ -123,6 +142,7 @@ def _trial(job_files: dict, name: str, phase: str, delay_s: float, signals: list
         for p in worker_processes([proc.pid]):  # never leave one behind for the rest of the suite
             os.kill(p, signal.SIGKILL)
     return {"name": name, "phase": phase, "rc": rc, "exit_s": exit_s, "workers_seen": len(seen),
+            "lost_before_main": lost_before_main,
             "left": left, "stderr": err_path.read_text(),
             "stream": _stream(out), "final": (out / "results.jsonl").exists(), "signals": signals}
 
@@ -142,6 +162,10 @@ def _check(t: dict) -> None:
         # A second Ctrl-C that lands after the workers were stopped (as main.py is about to print
         # its message) ends Python at once, which is what it is for; the checks above still hold.
         pass
+    elif t["lost_before_main"] is not None:
+        # The first SIGINT was lost inside CPython's start-up (see _trial); the second stopped it.
+        assert rc == 130 and any(line.startswith("interrupted") for line in own_lines), (name, text[-3000:])
+        assert not t["final"]
     elif rc != 130 and t["phase"] == "start-up" and not re.search(MAIN_RAN, text, re.M):
         # Python itself, or main.py's first imports, were still starting (`Fatal Python error:
         # init_import_site`, or a KeyboardInterrupt before main() could catch it): no worker
@@ -171,6 +195,7 @@ def test_interrupts_at_random_moments_always_exit_promptly_and_leave_no_worker(j
         trials = list(ex.map(lambda p: _trial(job_files, *p), plan))
     for t in trials:
         print(f"{t['name']} {t['phase']:<8} rc={t['rc']} exit {t['exit_s']:.1f}s workers_seen={t['workers_seen']} "
+              f"{'first SIGINT lost before main.py ran, ' if t['lost_before_main'] is not None else ''}"
               f"stream={len(t['stream'])} signals={[s for s, _ in t['signals']]}")
     for t in trials:
         _check(t)
@@ -314,3 +339,31 @@ def test_take_returns_when_the_call_is_aborted_the_pool_closes_or_no_other_threa
     t0 = time.monotonic()
     assert d.take(0, wait=True) is None, "nothing can come back: no other thread is left"
     assert time.monotonic() - t0 < 0.1
+
+
+def test_a_ctrl_c_python_can_only_report_as_unraisable_is_raised_at_the_next_safe_point():
+    # A KeyboardInterrupt raised in a __del__ (as in importlib's module-lock cleanup) cannot
+    # propagate; with keep_lost_ctrl_c() it is kept and raised again by raise_lost_ctrl_c(), once.
+    # Another unraisable exception is still reported as Python reports it.
+    script = (
+        "import sys\n"
+        "from src.interrupts import keep_lost_ctrl_c, raise_lost_ctrl_c\n"
+        "keep_lost_ctrl_c(); keep_lost_ctrl_c()\n"
+        "class Lost:\n"
+        "    def __init__(self, exc): self.exc = exc\n"
+        "    def __del__(self): raise self.exc\n"
+        "Lost(ValueError('reported'))\n"
+        "raise_lost_ctrl_c()\n"
+        "print('nothing lost yet', flush=True)\n"
+        "Lost(KeyboardInterrupt('pressed'))\n"
+        "print('carried on', flush=True)\n"
+        "try:\n"
+        "    raise_lost_ctrl_c()\n"
+        "except KeyboardInterrupt as e:\n"
+        "    print('raised', e.args, flush=True)\n"
+        "raise_lost_ctrl_c()\n"
+        "print('once', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["nothing lost yet", "carried on", "raised ('pressed',)", "once"]
+    assert "ValueError: reported" in proc.stderr and "KeyboardInterrupt" not in proc.stderr

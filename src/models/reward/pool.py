@@ -316,7 +316,7 @@ class WorkerHandle:
         """Shutdown message, bounded wait, then SIGTERM and SIGKILL to the process group."""
         self.stopping = True
         if self._spawner is not None:
-            self._spawner.join(timeout=30)  # an interrupted launch() still sets `proc`
+            _join_spawner(self._spawner)  # an interrupted launch() still sets `proc`
         if self.proc is None:
             self._close_channel()
             return
@@ -702,6 +702,22 @@ class WorkerPool:
         for h in list(self.workers):
             if h is not None and h.proc is not None:
                 h._signal(signal.SIGKILL)
+
+
+def _join_spawner(spawner: threading.Thread, timeout: float = 30.0, start_wait: float = 1.0) -> None:
+    """Wait for a launch's spawning thread. A Ctrl-C can land in launch() between the thread's
+    creation and its start, or inside start() before the thread reports itself started: join()
+    then refuses ("cannot join thread before it is started"). Such a thread either starts within
+    moments (and may still launch the process, which stop() must then see) or never starts."""
+    deadline = time.monotonic() + start_wait
+    while True:
+        try:
+            spawner.join(timeout=timeout)
+            return
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                return  # never started: no process will come of it
+            time.sleep(0.01)
 
 
 @contextlib.contextmanager
