@@ -140,19 +140,25 @@ def stage_memory(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
             "alive_at_peak": _grouped(_alive(trace, best_i + 1))}
 
 
-def stage_kernels(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
+def _profiled_call(model_dir: str, a, images: list, mode: str, with_stack: bool = False):
+    """Two untimed calls (the second pays an automatic compile when compile_after_items <= bs), the
+    store of vision features emptied, then one call of --n items under torch.profiler (CPU, and
+    CUDA on a GPU). Returns the profiler, the results, the call's wall time and the images the
+    tower encoded in it."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     cuda = a.device.startswith("cuda")
     judge = _judge(model_dir, a, mode)
     try:
-        for _ in range(2):  # the second call pays an automatic compile when compile_after_items <= bs
+        for _ in range(2):
             judge.batch_score(images[:a.bs])
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         enc = runs.new_images(judge)
+        if cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
-        with profile(activities=acts) as prof:
+        with profile(activities=acts, with_stack=with_stack) as prof:
             res = judge.batch_score(images[:a.n])
             if cuda:
                 torch.cuda.synchronize()
@@ -160,6 +166,14 @@ def stage_kernels(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
         encoded = runs.encoded_since(judge, enc)
     finally:
         judge.close()
+    return prof, res, wall, encoded
+
+
+def stage_kernels(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
+    import torch
+
+    cuda = a.device.startswith("cuda")
+    prof, res, wall, encoded = _profiled_call(model_dir, a, images, mode)
     per_name: dict[str, list[float]] = collections.defaultdict(list)
     for ev in prof.events():  # on the CPU (smoke runs): the operators' own CPU time instead
         if cuda and ev.device_type == torch.autograd.DeviceType.CUDA:
@@ -211,32 +225,20 @@ def _code_line(stack: list[str]) -> str:
 
 
 def stage_gaps(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
-    """One call of --n items under torch.profiler with CPU and CUDA and Python stacks, after two
-    untimed calls: the GPU's idle stretches between its activities, each charged to the host op
-    (and its library or transformers code line) that launched what ended it (gpu_gaps)."""
+    """One call of --n items under torch.profiler with Python stacks (_profiled_call): the GPU's
+    idle stretches between its activities, each charged to the host op (and its library or
+    transformers code line) that launched what ended it (gpu_gaps)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     if not a.device.startswith("cuda"):
         return {"skipped": "the GPU's idle time needs a CUDA device"}
-    judge = _judge(model_dir, a, mode)
-    try:
-        for _ in range(2):  # the second call pays an automatic compile when compile_after_items <= bs
-            judge.batch_score(images[:a.bs])
-        runs.new_images(judge)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
-            judge.batch_score(images[:a.n])
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - t
-    finally:
-        judge.close()
+    prof, _, wall, encoded = _profiled_call(model_dir, a, images, mode, with_stack=True)
     ops = {e.id: (e.name, _code_line(e.stack)) for e in prof.events()
            if e.device_type == torch.autograd.DeviceType.CPU}
     kernels = [(e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3, e.linked_correlation_id())
                for e in prof.profiler.kineto_results.events() if e.device_type() == torch.autograd.DeviceType.CUDA]
-    return {"mode": mode, "items": a.n, "wall_s_profiled": round(wall, 3), **gpu_gaps(kernels, ops)}
+    return {"mode": mode, "items": a.n, "images_encoded": encoded, "wall_s_profiled": round(wall, 3),
+            **gpu_gaps(kernels, ops)}
 
 
 def _switch_parts(engine, cudnn: bool, rotary: bool, saved: dict) -> None:
