@@ -13,7 +13,10 @@
   patch    calls of --n items with the vision tower's patch embedding as one matrix multiplication
            and as transformers' Conv3d, alternating
   gaps     (CUDA) one call of --n items profiled with Python stacks: the GPU's idle stretches, each
-           charged to the host op and code line that launched the work ending it
+           charged to the host op and code line that launched the work ending it, and the runtime
+           calls where the host waited for the GPU
+  rope     calls of --n items with the rope positions worked out on the host ahead and by the
+           model's walk on the GPU, alternating
 Each stage runs the judge twice (an untimed call first: allocator, kernels, shapes), in the modes
 asked for (--modes logits,generate). Random weights of the real size (benchmarks/checkpoints.py).
 
@@ -218,27 +221,74 @@ def gpu_gaps(kernels: list[tuple[float, float, int]], ops: dict[int, tuple[str, 
 
 
 def _code_line(stack: list[str]) -> str:
-    """The innermost frames of the library or transformers in a profiler stack."""
-    keep = [f for f in stack if "/src/models/" in f or "transformers/" in f]
+    """The innermost frames of the library or transformers in a Python stack, innermost first
+    (frames as the profiler names them, 'path(line): function')."""
+    keep = [f for f in stack if "models/reward/" in f or "transformers/" in f]
     return " <- ".join(pathlib.Path(f.split("(")[0]).name + "(" + f.split("(", 1)[1] if "(" in f else f
                        for f in keep[:2]) or "?"
+
+
+_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def timeline(trace: list[dict[str, Any]]) -> tuple[list[tuple[float, float, int]], dict[int, tuple[str, str]],
+                                                   list[tuple[int, str, float]]]:
+    """A profiled call's Chrome trace events (torch.profiler with Python stacks) as gpu_gaps and
+    host_waits take them: the GPU's activities (start us, end us, the external id of the host op
+    that launched them), the host ops (external id -> name, the library or transformers code line
+    around it: the innermost Python frames open on its thread when it began) and the runtime calls
+    that can block the host (synchronize, copies: the launching op's id, the call, its us)."""
+    gpu, runtime, ops = [], [], {}
+    by_thread: dict[Any, list[tuple[float, int, dict[str, Any]]]] = collections.defaultdict(list)
+    for e in trace:
+        cat, args = e.get("cat"), e.get("args") or {}
+        if cat in ("kernel", "gpu_memcpy", "gpu_memset"):
+            gpu.append((e["ts"], e["ts"] + e.get("dur", 0), args.get("External id", 0)))
+        elif cat == "cuda_runtime" and e["name"].startswith(_SYNCS):
+            runtime.append((args.get("External id", 0), e["name"], e.get("dur", 0)))
+        elif cat in ("cpu_op", "python_function"):  # a frame sorts before an op starting with it
+            by_thread[(e.get("pid"), e.get("tid"))].append((e["ts"], 0 if cat == "python_function" else 1, e))
+    for events in by_thread.values():
+        frames: list[tuple[float, str]] = []  # open Python frames: (end, name), outermost first
+        for ts, is_op, e in sorted(events, key=lambda t: (t[0], t[1], -t[2].get("dur", 0))):
+            while frames and frames[-1][0] <= ts:
+                frames.pop()
+            if is_op:
+                ops[(e.get("args") or {}).get("External id", 0)] = (e["name"], _code_line([f for _, f in reversed(frames)]))
+            else:
+                frames.append((ts + e.get("dur", 0), e["name"]))
+    ops.pop(0, None)
+    return gpu, ops, runtime
+
+
+def host_waits(runtime: list[tuple[int, str, float]], ops: dict[int, tuple[str, str]], top: int = 12) -> list[dict[str, Any]]:
+    """The runtime calls where the host can wait for the GPU (a synchronize, a copy to the host),
+    grouped by the op and code line that made them, most frequent first."""
+    by: dict[tuple[str, str, str], list[float]] = collections.defaultdict(list)
+    for op, name, us in runtime:
+        by[(name,) + ops.get(op, ("?", "?"))].append(us)
+    rows = sorted(by.items(), key=lambda kv: -len(kv[1]))[:top]
+    return [{"call": call, "op": op, "where": where, "count": len(v), "ms": round(sum(v) / 1e3, 2)}
+            for (call, op, where), v in rows]
 
 
 def stage_gaps(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
     """One call of --n items under torch.profiler with Python stacks (_profiled_call): the GPU's
     idle stretches between its activities, each charged to the host op (and its library or
-    transformers code line) that launched what ended it (gpu_gaps)."""
-    import torch
-
+    transformers code line) that launched what ended it (gpu_gaps), and the runtime calls where the
+    host may have waited for the GPU (host_waits): a host sync is what turns host work into GPU
+    idle time."""
     if not a.device.startswith("cuda"):
         return {"skipped": "the GPU's idle time needs a CUDA device"}
+    import tempfile
+
     prof, _, wall, encoded = _profiled_call(model_dir, a, images, mode, with_stack=True)
-    ops = {e.id: (e.name, _code_line(e.stack)) for e in prof.events()
-           if e.device_type == torch.autograd.DeviceType.CPU}
-    kernels = [(e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3, e.linked_correlation_id())
-               for e in prof.profiler.kineto_results.events() if e.device_type() == torch.autograd.DeviceType.CUDA]
+    with tempfile.TemporaryDirectory() as d:  # the Python frames are in the Chrome trace only
+        prof.export_chrome_trace(f"{d}/trace.json")
+        gpu, ops, runtime = timeline(json.loads(pathlib.Path(f"{d}/trace.json").read_text())["traceEvents"])
+    gaps = gpu_gaps(gpu, ops)
     return {"mode": mode, "items": a.n, "images_encoded": encoded, "wall_s_profiled": round(wall, 3),
-            **gpu_gaps(kernels, ops)}
+            "outside_span_ms": round(wall * 1e3 - gaps["span_ms"], 1), **gaps, "host_waits": host_waits(runtime, ops)}
 
 
 def _switch_parts(engine, cudnn: bool, rotary: bool, saved: dict) -> None:
@@ -364,6 +414,30 @@ def stage_patch(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
     return _alternate(_judge(model_dir, a, mode), a, images, variants, _switch_patch_embed, mode)
 
 
+def _switch_rope(engine, ahead, saved: dict) -> None:
+    """The rope positions worked out ahead on the host (rope_ahead.py, the default) or by the
+    model's own walk on the GPU (the model's method, nothing carried), on the loaded judge."""
+    rope = saved.setdefault("rope", engine._rope_ahead)
+    if ahead:
+        engine.model.model.get_rope_index = rope.get_rope_index
+        engine._rope_ahead = rope
+    else:
+        rope.uninstall()
+        engine._rope_ahead = None
+
+
+def stage_rope(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
+    """The multimodal rope positions (_alternate): worked out on the host as each batch is
+    prepared (the default) against the model's own walk over the prompts on the GPU."""
+    judge = _judge(model_dir, a, mode)
+    if judge.engine._rope_ahead is None:
+        judge.close()
+        return {"skipped": "no multimodal rope walk in this judge"}
+    saved: dict = {}
+    variants = {"defaults": True, "model_walk": False}
+    return _alternate(judge, a, images, variants, lambda engine, v: _switch_rope(engine, v, saved), mode)
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["meta"]
     lines = [f"# Where GPU memory and time go ({m['size']}, {m['device_name']})", "", f"`{m['command']}`", "",
@@ -394,11 +468,18 @@ def markdown(report: dict[str, Any]) -> str:
                       "| launched by | at | idle ms | stretches | largest ms |", "|---|---|---|---|---|"]
             lines += [f"| `{g['op'][:80]}` | `{g['where'][:120]}` | {g['idle_ms']} | {g['gaps']} | {g['largest_ms']} |"
                       for g in st["by_launch"]]
+            lines += ["", f"Outside the GPU's span (host work before its first and after its last activity): "
+                          f"{st.get('outside_span_ms', '?')} ms.", ""]
+            if st.get("host_waits"):
+                lines += ["| runtime call that can block the host | made by | at | count | ms |", "|---|---|---|---|---|"]
+                lines += [f"| `{w['call']}` | `{w['op'][:60]}` | `{w['where'][:120]}` | {w['count']} | {w['ms']} |"
+                          for w in st["host_waits"]]
             lines.append("")
-        if key.startswith(("parts_", "experts_", "patch_")) and "defaults" in st:
+        if key.startswith(("parts_", "experts_", "patch_", "rope_")) and "defaults" in st:
             title = {"parts": "The decoding step's fused parts",
                      "experts": "The experts: the library's combine kernel (defaults) against transformers' grouped_mm path",
                      "patch": "The patch embedding: one matrix multiplication (defaults) against transformers' Conv3d",
+                     "rope": "The rope positions: worked out on the host ahead (defaults) against the model's walk on the GPU",
                      }[key.split("_")[0]]
             lines += [f"## {title}, {st['mode']} mode"
                       f"{', generate-' + str(st['new_tokens']) if st['new_tokens'] else ''}, {st['items']} items, "
@@ -442,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         images = make_images(None, max(a.n, a.bs), a.width, a.height)
         for stage in a.stages.split(","):
             fn = {"memory": stage_memory, "kernels": stage_kernels, "parts": stage_parts, "experts": stage_experts,
-                  "patch": stage_patch, "gaps": stage_gaps}[stage]
+                  "patch": stage_patch, "gaps": stage_gaps, "rope": stage_rope}[stage]
             for mode in a.modes.split(","):
                 try:
                     report[f"{stage}_{mode}"] = fn(model_dir, a, images, mode)

@@ -33,7 +33,7 @@ RUNS = {
     "profile": ([str(BENCH / "profile_gpu.py"), "--smoke", "--modes", "logits"], {"PYTHONPATH": str(ROOT)}, 600),
     "attention": ([str(BENCH / "attention_gpu.py"), "--smoke"], {}, 300),
     "decode_attention": ([str(BENCH / "decode_attention_gpu.py"), "--smoke"], {}, 300),
-    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch,gaps", "--modes", "generate,logits", "--reps", "1",
+    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch,gaps,rope", "--modes", "generate,logits", "--reps", "1",
                "--name", "profile_parts"], {"PYTHONPATH": str(ROOT)}, 300),
 }
 
@@ -229,6 +229,11 @@ def test_profile_parts_smoke(smoke_runs):
     assert patch["variants"] == ["defaults", "conv3d"] and patch["conv3d"]["max_score_diff"] < 1e-5
     assert report["patch_generate"]["conv3d"]["identical_to_defaults"] == 1.0
     assert "## The patch embedding: one matrix multiplication (defaults) against transformers' Conv3d, logits mode" in md
+    # The rope positions worked out ahead and by the model's walk: the same positions, the same scores.
+    rope = report["rope_logits"]
+    assert rope["variants"] == ["defaults", "model_walk"] and rope["model_walk"]["max_score_diff"] < 1e-6
+    assert report["rope_generate"]["model_walk"]["identical_to_defaults"] == 1.0
+    assert "## The rope positions: worked out on the host ahead (defaults) against the model's walk on the GPU, logits mode" in md
 
 
 def test_quant_gpu_smoke(smoke_runs):
@@ -294,3 +299,47 @@ def test_gpu_gaps_charges_each_idle_stretch_to_the_launch_that_ended_it():
     md = markdown({"meta": meta, "gaps_logits": {"mode": "logits", "items": 32, "wall_s_profiled": 1.0, **out}})
     assert "## Where the GPU waits on the host, logits mode" in md and "idle 0.45 ms (37.5%) in 3 stretches" in md
     assert "| `aten::nonzero` | `modeling_qwen3_vl.py(1): get_rope_index` | 0.4 | 2 | 0.3 |" in md
+
+
+def test_timeline_links_gpu_work_and_host_syncs_to_the_op_that_made_them(tmp_path):
+    # A real CPU profile's Chrome trace gives the host ops their code lines (the Python frames
+    # open around them); GPU activities and runtime calls, which a CPU profile lacks, are added
+    # in the trace's shape: each carries the external id of the host op that made it.
+    import json
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers.activations import GELUActivation
+
+    from benchmarks.profile_gpu import gpu_gaps, host_waits, timeline
+
+    gelu = GELUActivation()
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        gelu(torch.ones(4)).sum().item()
+    path = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(path))
+    trace = json.loads(path.read_text())["traceEvents"]
+    op = next(e for e in trace if e.get("cat") == "cpu_op" and e["name"] == "aten::gelu")
+    item = next(e for e in trace if e.get("cat") == "cpu_op" and e["name"] == "aten::item")
+    gid, iid = op["args"]["External id"], item["args"]["External id"]
+    trace += [{"ph": "X", "cat": "kernel", "name": "gelu_kernel", "ts": 3.0, "dur": 47.0, "args": {"External id": gid}},
+              {"ph": "X", "cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 1.0, "dur": 48.0,
+               "args": {"External id": iid, "correlation": 99}},
+              {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 1.0, "dur": 2.0, "args": {"External id": gid}},
+              {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoH", "ts": 85.0, "dur": 1.0, "args": {"External id": iid}}]
+    gpu, ops, runtime = timeline(trace)
+    assert sorted(gpu) == [(3.0, 50.0, gid), (85.0, 86.0, iid)]
+    assert ops[gid][0] == "aten::gelu" and ops[gid][1].startswith("activations.py(") and "forward" in ops[gid][1]
+    assert ops[iid] == ("aten::item", "?")  # called from the test, outside the library and transformers
+    assert runtime == [(iid, "cudaMemcpyAsync", 48.0)]  # a launch cannot block the host: not listed
+    waits = host_waits(runtime + [(iid, "cudaMemcpyAsync", 2.0)], ops)
+    assert waits == [{"call": "cudaMemcpyAsync", "op": "aten::item", "where": "?", "count": 2, "ms": 0.05}]
+    row, = gpu_gaps(gpu, ops)["by_launch"]  # the 35 us between the kernel and the copy, charged to the copy's op
+    assert (row["op"], row["largest_ms"]) == ("aten::item", 0.04)
+    from benchmarks.profile_gpu import markdown
+
+    meta = {"size": "s", "device_name": "d", "command": "c", "bs": 32, "n": 32, "width": 1, "height": 1, "judge": []}
+    md = markdown({"meta": meta, "gaps_logits": {"mode": "logits", "items": 32, "wall_s_profiled": 1.0,
+                                                 "outside_span_ms": 7.5, "host_waits": waits, **gpu_gaps(gpu, ops)}})
+    assert "Outside the GPU's span (host work before its first and after its last activity): 7.5 ms." in md
+    assert "| `cudaMemcpyAsync` | `aten::item` | `?` | 2 | 0.05 |" in md

@@ -229,6 +229,7 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         del self.model
         self._forget_vision_features()
         self._vision_reuse = None
+        self._rope_ahead = None
         self._compiled = []
         self._compile_pending = []
         self._free_memory()

@@ -133,7 +133,13 @@ class Preparation:
         if inputs is None:
             inputs = self._encode_cpu(reqs)
         self._join_preprocess_stream(inputs)
-        return inputs.to(self.device)
+        return self._on_device(inputs)
+
+    def _on_device(self, inputs):
+        """A batch's processor output on the device, the rope positions worked out with it taken
+        out for the model (rope_ahead.py)."""
+        inputs = inputs.to(self.device)
+        return self._rope_ahead.take(inputs) if self._rope_ahead is not None else inputs
 
     def _encode_cpu(self, reqs: list[_Request]):
         images = [im for r in reqs for im in r.images]
@@ -148,6 +154,8 @@ class Preparation:
                     raise _ItemError(f"the prompt is {n_tokens} tokens, over max_prompt_tokens={limit} "
                                      "(lower max_pixels or raise the limit)", "prompt_too_long")
                 raise RuntimeError("a prompt in the batch is over max_prompt_tokens")
+        if self._rope_ahead is not None:
+            self._rope_ahead.carry(inputs)
         return inputs
 
     def _preprocess_kwargs(self) -> dict[str, Any]:

@@ -1,0 +1,101 @@
+"""The Qwen-VL judges' multimodal rope positions of a batch, worked out on the host while the batch
+is prepared, instead of on the GPU inside the forward pass.
+
+Why: the model's `get_rope_index` walks the batch prompt by prompt on the device tensors: per
+prompt a boolean mask of its tokens, a `tolist()` of its token types, three `item()` calls per
+image, a dozen small tensors and an indexed write. Each `tolist()`, `item()` and mask is a host
+sync, so the GPU sits idle between those small launches: on an H200, a logits batch of 32 prompts
+with one 1024x768 image each spent ~80 ms of idle GPU there, most of its ~20% idle time inside the
+call (`benchmarks/profile_gpu.py --stages gaps`, benchmarks/NOTES.md).
+
+What it computes: the same positions and deltas, by the same method. The model's own
+`get_rope_index` runs on the processor's CPU tensors (integers only: the result is identical),
+in the prepare thread, while the GPU works on the previous batch. Its results travel with the
+batch's processor output under two private keys (`carry`), which the engine takes out once the
+batch is on the device (`take`), filed under that batch's `input_ids` tensor for as long as it
+lives. The wrapped
+`get_rope_index` on the loaded model returns them, on the device, when it is asked about that
+exact tensor, as the model's forward pass and generate() ask (for the batch as the engine gave
+it); for any other tensor (a batch expanded for several answers per prompt, a prompt sliced by
+generate()) it runs the original.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from typing import Any
+
+log = logging.getLogger("src.models.reward.engine")
+
+POSITIONS = "_judge_rope_positions"  # (3, batch, tokens), as get_rope_index gives them
+DELTAS = "_judge_rope_deltas"  # (batch, 1)
+_FROM_INPUTS = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts",
+                "attention_mask")
+
+
+class RopeAhead:
+    """The rope positions of each batch worked out ahead on the host, given back to the model."""
+
+    def __init__(self, base: Any):
+        self._base = base
+        self._original = base.get_rope_index
+        params = inspect.signature(self._original).parameters
+        self._args = [k for k in _FROM_INPUTS if k in params]
+        # id(the batch's input_ids on the device) -> (a weak reference to it, positions, deltas). Not
+        # a WeakKeyDictionary: it compares keys with ==, which a tensor answers elementwise.
+        self._ready: dict[int, tuple[Any, Any, Any]] = {}
+        self._failed = False  # carry failed once: warned
+        self.used = 0  # forward passes given positions worked out ahead (read by tests and benchmarks)
+        base.get_rope_index = self.get_rope_index
+
+    @staticmethod
+    def install(model: Any) -> "RopeAhead | None":
+        """Wrap the loaded judge's `get_rope_index` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE);
+        None for a model without one."""
+        base = getattr(model, "model", None)
+        if base is None or not callable(getattr(base, "get_rope_index", None)):
+            return None
+        return RopeAhead(base)
+
+    def uninstall(self) -> None:
+        """The model's own `get_rope_index` again (benchmarks switch it to compare)."""
+        self._base.__dict__.pop("get_rope_index", None)
+
+    def carry(self, inputs: Any) -> None:
+        """In the prepare thread, on the processor's output (CPU tensors): work out the batch's
+        positions and deltas, and keep them in `inputs` for `take`. A batch without images is
+        left alone (the model computes text positions without the walk)."""
+        import torch
+
+        if inputs.get("image_grid_thw") is None and inputs.get("video_grid_thw") is None:
+            return
+        kwargs = {k: inputs[k] for k in self._args if inputs.get(k) is not None}
+        kwargs = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        try:
+            positions, deltas = self._original(**kwargs)
+        except Exception as e:  # the model works them out itself, as without this module
+            if not self._failed:
+                log.warning("rope positions on the host failed (%s: %s); the model works them out on the GPU",
+                            type(e).__name__, e)
+            self._failed = True
+            return
+        inputs[POSITIONS], inputs[DELTAS] = positions, deltas
+
+    def take(self, inputs: Any) -> Any:
+        """On the main thread, with the batch on the device: take the results `carry` kept out of
+        `inputs` (the model must not see them) and file them under its `input_ids`."""
+        positions, deltas = inputs.pop(POSITIONS, None), inputs.pop(DELTAS, None)
+        if positions is not None and self._base.__dict__.get("get_rope_index") == self.get_rope_index:
+            self._ready = {k: v for k, v in self._ready.items() if v[0]() is not None}  # batches gone
+            ids = inputs["input_ids"]
+            self._ready[id(ids)] = (weakref.ref(ids), positions, deltas)
+        return inputs
+
+    def get_rope_index(self, input_ids: Any, *args: Any, **kwargs: Any):
+        ref, positions, deltas = self._ready.get(id(input_ids), (None, None, None))
+        if ref is None or ref() is not input_ids:
+            return self._original(input_ids, *args, **kwargs)
+        self.used += 1
+        device = input_ids.device
+        return (positions.to(device, non_blocking=True), deltas.to(device, non_blocking=True))
