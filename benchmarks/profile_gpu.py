@@ -432,7 +432,7 @@ def stage_rope(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
     judge = _judge(model_dir, a, mode)
     if judge.engine._rope_ahead is None:
         judge.close()
-        return {"skipped": "no multimodal rope walk in this judge"}
+        return {"skipped": "the rope positions are worked out ahead in logits mode only"}
     saved: dict = {}
     variants = {"defaults": True, "model_walk": False}
     return _alternate(judge, a, images, variants, lambda engine, v: _switch_rope(engine, v, saved), mode)

@@ -111,7 +111,7 @@ class ContinuousCalls:
                 self._join_preprocess_stream(x)
             if reuse is not None and all(req.image_keys for _, req in pairs):
                 reuse.keys = [k for _, req in pairs for k in req.image_keys]  # the batch's images, in order
-            inputs = self._on_device(stack_inputs(singles, self.tokenizer.pad_token_id))  # as the processor pads
+            inputs = stack_inputs(singles, self.tokenizer.pad_token_id).to(self.device)  # as the processor pads
             return inputs, [req.max_new or s.max_new_tokens for _, req in pairs]
 
         def take(n: int):

@@ -39,27 +39,19 @@ def stack_inputs(rows: list[Any], pad_token_id: int) -> Any:
     """One batch from single prompts' processor outputs, laid out as the processor lays out a
     left-padded batch: per-token tensors (input_ids, attention_mask, mm_token_type_ids) padded on
     the left (input_ids with the pad token, the others with 0), the images' tensors (pixel_values,
-    image_grid_thw) concatenated in prompt order, and the rope positions worked out with each
-    prompt (rope_ahead.py) laid out as get_rope_index lays out a left-padded batch (0 at the pads;
-    a pad's position reaches no other token). Any other key is refused rather than guessed."""
+    image_grid_thw) concatenated in prompt order. Any other key is refused rather than guessed."""
     import torch
     import torch.nn.functional as F
     from transformers import BatchFeature
-
-    from .rope_ahead import DELTAS, POSITIONS
 
     if len(rows) == 1:
         return rows[0]
     width = max(r["input_ids"].shape[1] for r in rows)
     out = {}
     for key in rows[0].keys():
-        if key in (POSITIONS, DELTAS) and any(key not in r for r in rows):
-            continue  # not worked out for every prompt: the model works them out
         vals = [r[key] for r in rows]
-        if key in _CONCAT_KEYS or key == DELTAS:
+        if key in _CONCAT_KEYS:
             out[key] = torch.cat(vals)
-        elif key == POSITIONS:  # (3, 1, tokens) each
-            out[key] = torch.cat([F.pad(v, (width - v.shape[-1], 0), value=0) for v in vals], dim=1)
         elif all(v.dim() == 2 and v.shape == r["input_ids"].shape for v, r in zip(vals, rows)):
             if any(v.shape[0] != 1 for v in vals):
                 raise ValueError("stack_inputs: each processor output must hold one prompt")

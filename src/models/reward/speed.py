@@ -32,9 +32,10 @@ class SpeedPaths:
         self.patch_embed_matmul = patch_embed_as_matmul(self.model)
         from .rope_ahead import RopeAhead
 
-        # The Qwen-VL rope positions of each batch worked out on the host as it is prepared, not
-        # prompt by prompt with host syncs inside the forward pass (same positions; rope_ahead.py).
-        self._rope_ahead = RopeAhead.install(self.model)
+        # Logits mode: the Qwen-VL rope positions of each batch worked out on the host as it is
+        # prepared, not prompt by prompt with host syncs inside the forward pass (same positions;
+        # rope_ahead.py). Not in generate mode, where it measured ~1% slower (benchmarks/NOTES.md).
+        self._rope_ahead = RopeAhead.install(self.model) if s.mode == "logits" else None
         self._compiled: list = []  # modules running compiled
         self._compile_pending: list[tuple[str, str, str]] = []  # automatic: compiled once enough items ran
         self._items_scored = 0
