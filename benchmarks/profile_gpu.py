@@ -17,6 +17,8 @@
            calls where the host waited for the GPU
   rope     calls of --n items with the rope positions worked out on the host ahead and by the
            model's walk on the GPU, alternating
+  tower    calls of --n items with the Qwen3-VL tower's geometry kept per image size and worked
+           out on every batch, alternating
 Each stage runs the judge twice (an untimed call first: allocator, kernels, shapes), in the modes
 asked for (--modes logits,generate). Random weights of the real size (benchmarks/checkpoints.py).
 
@@ -41,6 +43,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.bench_gpu import make_images  # noqa: E402
 from benchmarks import runs  # noqa: E402
+from src.models.reward.experts import NAME as EXPERTS_NAME  # noqa: E402
 
 # Kernel names to a coarse kind, first match wins.
 _KINDS = [("grouped gemm", r"grouped|GroupMM|group_gemm|_grouped_mm"),
@@ -381,40 +384,24 @@ def stage_parts(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
                       lambda engine, v: _switch_parts(engine, *v, saved), mode)
 
 
-def stage_experts(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
-    """A mixture of experts' experts (_alternate): the library's (experts.py, the combine in one
-    Triton kernel; the default) against transformers' grouped_mm path, on one loaded judge."""
-    judge = _judge(model_dir, a, mode)
-    if judge.engine.experts is None:
-        judge.close()
-        return {"skipped": "not a mixture-of-experts judge"}
-    from src.models.reward import experts
-
-    variants = {"defaults": experts.NAME, "transformers_grouped_mm": "grouped_mm"}
-    return _alternate(judge, a, images, variants, lambda engine, name: engine.model.set_experts_implementation(name),
-                      mode)
+def _switch_experts(engine, name: str, saved: dict) -> None:
+    """A mixture of experts' experts: the library's (experts.py, the combine in one Triton kernel;
+    the default) or transformers' grouped_mm path, on the loaded judge."""
+    engine.model.set_experts_implementation(name)
 
 
-def _switch_patch_embed(engine, matmul: bool) -> None:
+def _switch_patch_embed(engine, matmul: bool, saved: dict) -> None:
     """The vision tower's patch embedding as one matrix multiplication (the default) or as
     transformers' Conv3d (the module's class forward), on the loaded judge."""
     from src.models.reward.speed import patch_embed_as_matmul
 
-    embed = engine.model.model.visual.patch_embed
     if matmul:
         patch_embed_as_matmul(engine.model)
     else:
-        vars(embed).pop("forward", None)
+        vars(engine.model.model.visual.patch_embed).pop("forward", None)
 
 
-def stage_patch(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
-    """The vision tower's patch embedding (_alternate): one matrix multiplication (the default)
-    against transformers' Conv3d, on one loaded judge."""
-    variants = {"defaults": True, "conv3d": False}
-    return _alternate(_judge(model_dir, a, mode), a, images, variants, _switch_patch_embed, mode)
-
-
-def _switch_rope(engine, ahead, saved: dict) -> None:
+def _switch_rope(engine, ahead: bool, saved: dict) -> None:
     """The rope positions worked out ahead on the host (rope_ahead.py, the default) or by the
     model's own walk on the GPU (the model's method, nothing carried), on the loaded judge."""
     rope = saved.setdefault("rope", engine._rope_ahead)
@@ -426,16 +413,48 @@ def _switch_rope(engine, ahead, saved: dict) -> None:
         engine._rope_ahead = None
 
 
-def stage_rope(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
-    """The multimodal rope positions (_alternate): worked out on the host as each batch is
-    prepared (the default) against the model's own walk over the prompts on the GPU."""
-    judge = _judge(model_dir, a, mode)
-    if judge.engine._rope_ahead is None:
-        judge.close()
-        return {"skipped": "the rope positions are worked out ahead in logits mode only"}
-    saved: dict = {}
-    variants = {"defaults": True, "model_walk": False}
-    return _alternate(judge, a, images, variants, lambda engine, v: _switch_rope(engine, v, saved), mode)
+def _switch_tower(engine, kept: bool, saved: dict) -> None:
+    """The Qwen3-VL tower's geometry kept per image size (tower_geometry.py, the default) or
+    worked out by the tower on every batch (its class forward), on the loaded judge."""
+    from src.models.reward import tower_geometry
+
+    tower_geometry.uninstall(engine.model)
+    if kept:
+        tower_geometry.install(engine.model)
+
+
+# Stages that switch one default path on a loaded judge (_alternate): the variants (defaults
+# first), the switch, why a judge has nothing to switch (None: it has), and the table's title.
+SWITCHED = {
+    "experts": ({"defaults": EXPERTS_NAME, "transformers_grouped_mm": "grouped_mm"}, _switch_experts,
+                lambda engine, mode: None if engine.experts is not None else "not a mixture-of-experts judge",
+                "The experts: the library's combine kernel (defaults) against transformers' grouped_mm path"),
+    "patch": ({"defaults": True, "conv3d": False}, _switch_patch_embed, lambda engine, mode: None,
+              "The patch embedding: one matrix multiplication (defaults) against transformers' Conv3d"),
+    "rope": ({"defaults": True, "model_walk": False}, _switch_rope,
+             lambda engine, mode: None if engine._rope_ahead is not None else
+             "the rope positions are worked out ahead in logits mode only",
+             "The rope positions: worked out on the host ahead (defaults) against the model's walk on the GPU"),
+    "tower": ({"defaults": True, "tower_own": False}, _switch_tower,
+              lambda engine, mode: None if engine.tower_geometry else "not a Qwen3-VL vision tower",
+              "The tower's geometry: kept per image size (defaults) against worked out on every batch"),
+}
+
+
+def stage_switched(name: str):
+    """The stage function of SWITCHED[name]."""
+    variants, switch, missing, _ = SWITCHED[name]
+
+    def stage(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
+        judge = _judge(model_dir, a, mode)
+        why = missing(judge.engine, mode)
+        if why:
+            judge.close()
+            return {"skipped": why}
+        saved: dict = {}
+        return _alternate(judge, a, images, variants, lambda engine, v: switch(engine, v, saved), mode)
+
+    return stage
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -475,12 +494,9 @@ def markdown(report: dict[str, Any]) -> str:
                 lines += [f"| `{w['call']}` | `{w['op'][:60]}` | `{w['where'][:120]}` | {w['count']} | {w['ms']} |"
                           for w in st["host_waits"]]
             lines.append("")
-        if key.startswith(("parts_", "experts_", "patch_", "rope_")) and "defaults" in st:
+        if key.startswith(("parts_", *(f"{k}_" for k in SWITCHED))) and "defaults" in st:
             title = {"parts": "The decoding step's fused parts",
-                     "experts": "The experts: the library's combine kernel (defaults) against transformers' grouped_mm path",
-                     "patch": "The patch embedding: one matrix multiplication (defaults) against transformers' Conv3d",
-                     "rope": "The rope positions: worked out on the host ahead (defaults) against the model's walk on the GPU",
-                     }[key.split("_")[0]]
+                     **{k: v[3] for k, v in SWITCHED.items()}}[key.split("_")[0]]
             lines += [f"## {title}, {st['mode']} mode"
                       f"{', generate-' + str(st['new_tokens']) if st['new_tokens'] else ''}, {st['items']} items, "
                       f"{st['reps']} calls of each", "",
@@ -522,8 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     with runs.checkpoint(report, a, "profile-gpu-") as model_dir:
         images = make_images(None, max(a.n, a.bs), a.width, a.height)
         for stage in a.stages.split(","):
-            fn = {"memory": stage_memory, "kernels": stage_kernels, "parts": stage_parts, "experts": stage_experts,
-                  "patch": stage_patch, "gaps": stage_gaps, "rope": stage_rope}[stage]
+            fn = {"memory": stage_memory, "kernels": stage_kernels, "parts": stage_parts,
+                  "gaps": stage_gaps, **{k: stage_switched(k) for k in SWITCHED}}[stage]
             for mode in a.modes.split(","):
                 try:
                     report[f"{stage}_{mode}"] = fn(model_dir, a, images, mode)
