@@ -17,8 +17,6 @@
            calls where the host waited for the GPU
   rope     calls of --n items with the rope positions worked out on the host ahead and by the
            model's walk on the GPU, alternating
-  tower    calls of --n items with the Qwen3-VL tower's geometry kept per image size and worked
-           out on every batch, alternating
 Each stage runs the judge twice (an untimed call first: allocator, kernels, shapes), in the modes
 asked for (--modes logits,generate). Random weights of the real size (benchmarks/checkpoints.py).
 
@@ -413,16 +411,6 @@ def _switch_rope(engine, ahead: bool, saved: dict) -> None:
         engine._rope_ahead = None
 
 
-def _switch_tower(engine, kept: bool, saved: dict) -> None:
-    """The Qwen3-VL tower's geometry kept per image size (tower_geometry.py, the default) or
-    worked out by the tower on every batch (its class forward), on the loaded judge."""
-    from src.models.reward import tower_geometry
-
-    tower_geometry.uninstall(engine.model)
-    if kept:
-        tower_geometry.install(engine.model)
-
-
 # Stages that switch one default path on a loaded judge (_alternate): the variants (defaults
 # first), the switch, why a judge has nothing to switch (None: it has), and the table's title.
 SWITCHED = {
@@ -435,9 +423,6 @@ SWITCHED = {
              lambda engine, mode: None if engine._rope_ahead is not None else
              "the rope positions are worked out ahead in logits mode only",
              "The rope positions: worked out on the host ahead (defaults) against the model's walk on the GPU"),
-    "tower": ({"defaults": True, "tower_own": False}, _switch_tower,
-              lambda engine, mode: None if engine.tower_geometry else "not a Qwen3-VL vision tower",
-              "The tower's geometry: kept per image size (defaults) against worked out on every batch"),
 }
 
 

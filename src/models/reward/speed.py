@@ -30,11 +30,6 @@ class SpeedPaths:
         # A mixture of experts' combine step through one Triton kernel on CUDA (same function; experts.py).
         self.experts = install_experts(self.model)
         self.patch_embed_matmul = patch_embed_as_matmul(self.model)
-        from . import tower_geometry
-
-        # The Qwen3-VL tower's per-image geometry worked out once per image size and kept on the
-        # device, not image by image on every batch (same tensors; tower_geometry.py).
-        self.tower_geometry = tower_geometry.install(self.model)
         from .rope_ahead import RopeAhead
 
         # Logits mode: the Qwen-VL rope positions of each batch worked out on the host as it is
