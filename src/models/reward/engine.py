@@ -33,6 +33,7 @@ Where each job lives (JudgeEngine is assembled from one mixin per job):
     grouping.py       items sharing a source image together
     scoring.py      the forward pass / the answers, turned into sub-scores
     speed.py        the speed paths chosen at load (vision attention, compiling, fast decoding)
+    rope_ahead.py     logits mode: each batch's rope positions worked out in the prepare thread
     hooks.py        call points for the failure tests' plug-in (src/testing/faults.py)
 """
 from __future__ import annotations
