@@ -4,18 +4,19 @@ is prepared, instead of on the GPU inside the forward pass.
 Why: the model's `get_rope_index` walks the batch prompt by prompt on the device tensors: per
 prompt a boolean mask of its tokens, a `tolist()` of its token types, three `item()` calls per
 image, a dozen small tensors and an indexed write. Each `tolist()`, `item()` and mask is a host
-sync, so the GPU sits idle between those small launches: on an H200, a logits batch of 32 prompts
-with one 1024x768 image each spent ~80 ms of idle GPU there, most of its ~20% idle time inside the
-call (`benchmarks/profile_gpu.py --stages gaps`, benchmarks/NOTES.md).
+sync, and the walk runs between the vision tower and the language model, so the GPU waits for it:
+on an H200, a profiled Qwen3-VL-8B logits call of one batch of 32 prompts had 1,716 idle stretches,
+most ended by this walk's small launches; with the walk done ahead, a call of two batches had 619
+(`benchmarks/profile_gpu.py --stages gaps`, benchmarks/NOTES.md).
 
 What it computes: the same positions and deltas, by the same method. The model's own
 `get_rope_index` runs on the processor's CPU tensors (integers only: the result is identical),
 in the prepare thread, while the GPU works on the previous batch. Its results travel with the
 batch's processor output under two private keys (`carry`), which the engine takes out once the
 batch is on the device (`take`), filed under that batch's `input_ids` tensor for as long as it
-lives. The wrapped
-`get_rope_index` on the loaded model returns them, on the device, when it is asked about that
-exact tensor, as the model's forward pass asks; for any other tensor it runs the original.
+lives. The wrapped `get_rope_index` on the loaded model returns them, on the device, when it is
+asked about that exact tensor, as the model's forward pass asks; for any other tensor it runs
+the original.
 
 Where: logits mode, whose batches are one forward pass each, so the walk sat between the vision
 tower and the language model of every batch (measured: 1.026x on Qwen3-VL-30B-A3B, neutral on
