@@ -33,6 +33,7 @@ RUNS = {
     "profile": ([str(BENCH / "profile_gpu.py"), "--smoke", "--modes", "logits"], {"PYTHONPATH": str(ROOT)}, 600),
     "attention": ([str(BENCH / "attention_gpu.py"), "--smoke"], {}, 300),
     "decode_attention": ([str(BENCH / "decode_attention_gpu.py"), "--smoke"], {}, 300),
+    "prepare": ([str(BENCH / "prepare_gpu.py"), "--smoke"], {"PYTHONPATH": str(ROOT)}, 300),
     "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch,gaps,rope", "--modes", "generate,logits", "--reps", "1",
                "--name", "profile_parts"], {"PYTHONPATH": str(ROOT)}, 300),
 }
@@ -234,6 +235,20 @@ def test_profile_parts_smoke(smoke_runs):
     assert rope["variants"] == ["defaults", "model_walk"] and rope["model_walk"]["max_score_diff"] < 1e-6
     assert report["rope_generate"] == {"skipped": "the rope positions are worked out ahead in logits mode only"}
     assert "## The rope positions: worked out on the host ahead (defaults) against the model's walk on the GPU, logits mode" in md
+
+
+def test_prepare_gpu_smoke(smoke_runs):
+    # A call's first chunk prepared by part, on the CPU with small images: each part measured, the
+    # whole preparation at least its images' part, the cProfile entries of the engine's _prepare.
+    out = finished(smoke_runs, "prepare")
+    report = json.loads((out / "prepare_gpu.json").read_text())
+    r = report["result"]
+    assert report["meta"]["smoke"] is True and report["meta"]["model"] == "tiny:qwen3_vl"
+    assert set(r["median_s"]) == {"images", "prompts_and_processor", "rope", "prepare"}
+    assert all(len(v) == 1 and v[0] > 0 for k, v in r["each_s"].items() if k != "prompts_and_processor")
+    assert r["median_s"]["prepare"] >= r["median_s"]["images"] and r["tokens_per_prompt"] > 10
+    assert any("preparation.py" in line and "_prepare" in line for line in r["profile_top"])
+    assert "| prepare |" in (out / "prepare_gpu.md").read_text()
 
 
 def test_quant_gpu_smoke(smoke_runs):
