@@ -143,10 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=32, help="images per call (a batch of 32 one-image prompts)")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--name", default="attention_gpu")
-    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, float32: seconds (CI)")
+    runs.add_output_arguments(ap, "attention_gpu", "CPU, tiny shapes, float32: seconds (CI)")
     a = ap.parse_args(argv)
     import torch
 

@@ -108,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--height", type=int, default=768)
     ap.add_argument("--max-pixels", type=int, default=1024 * 768)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--name", default="prepare_gpu")
-    ap.add_argument("--smoke", action="store_true", help="CPU, 4 small images (CI)")
+    runs.add_output_arguments(ap, "prepare_gpu", "CPU, 4 small images (CI)")
     a = ap.parse_args(argv)
     if a.smoke:
         a.device, a.n, a.width, a.height, a.max_pixels, a.reps = "cpu", 4, 224, 168, 224 * 168, 1

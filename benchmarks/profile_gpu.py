@@ -508,10 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--height", type=int, default=768)
     runs.add_judge_argument(ap, "every stage", "compile_after_items=1")
-    ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--name", default="profile_gpu")
-    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny images: seconds (CI)")
+    runs.add_output_arguments(ap, "profile_gpu", "CPU, tiny model, tiny images: seconds (CI)")
     a = ap.parse_args(argv)
     if a.smoke:
         a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl_moe"

@@ -111,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bs", type=int, default=16)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--height", type=int, default=768)
-    ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--name", default="quant_gpu")
-    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny images, quantization none: seconds (CI)")
+    runs.add_output_arguments(ap, "quant_gpu", "CPU, tiny model, tiny images, quantization none: seconds (CI)")
     a = ap.parse_args(argv)
     if a.smoke:
         a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl"

@@ -447,10 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     runs.add_judge_argument(ap, "stages edit, shared and sizes", "vision_attn=varlen")
     ap.add_argument("--reps", type=int, default=2, help="stage sizes: timed calls of each order")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--name", default="reuse_gpu")
-    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny images: seconds (CI)")
+    runs.add_output_arguments(ap, "reuse_gpu", "CPU, tiny model, tiny images: seconds (CI)")
     a = ap.parse_args(argv)
     if a.smoke:
         a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl"

@@ -57,6 +57,15 @@ def judge_settings(a: Any) -> dict[str, Any]:
     return parse_kv(a.judge)
 
 
+def add_output_arguments(ap: Any, name: str, smoke: str) -> None:
+    """--device (default cuda:0), --out (default benchmarks/results), --name (the output files'
+    stem, default `name`) and --smoke (`smoke`: what the CI run does instead)."""
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--name", default=name)
+    ap.add_argument("--smoke", action="store_true", help=smoke)
+
+
 def add_checkpoint_argument(ap: Any) -> None:
     ap.add_argument("--checkpoint", default=None,
                     help="a checkpoint of --size built earlier (bench_gpu.py --work W --keep-checkpoints: W/SIZE), "
