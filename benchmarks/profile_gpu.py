@@ -404,7 +404,7 @@ def _switch_rope(engine, ahead: bool, saved: dict) -> None:
     model's own walk on the GPU (the model's method, nothing carried), on the loaded judge."""
     rope = saved.setdefault("rope", engine._rope_ahead)
     if ahead:
-        engine.model.model.get_rope_index = rope.get_rope_index
+        rope.wrap()
         engine._rope_ahead = rope
     else:
         rope.uninstall()
@@ -415,12 +415,12 @@ def _switch_rope(engine, ahead: bool, saved: dict) -> None:
 # first), the switch, why a judge has nothing to switch (None: it has), and the table's title.
 SWITCHED = {
     "experts": ({"defaults": EXPERTS_NAME, "transformers_grouped_mm": "grouped_mm"}, _switch_experts,
-                lambda engine, mode: None if engine.experts is not None else "not a mixture-of-experts judge",
+                lambda engine: None if engine.experts is not None else "not a mixture-of-experts judge",
                 "The experts: the library's combine kernel (defaults) against transformers' grouped_mm path"),
-    "patch": ({"defaults": True, "conv3d": False}, _switch_patch_embed, lambda engine, mode: None,
+    "patch": ({"defaults": True, "conv3d": False}, _switch_patch_embed, lambda engine: None,
               "The patch embedding: one matrix multiplication (defaults) against transformers' Conv3d"),
     "rope": ({"defaults": True, "model_walk": False}, _switch_rope,
-             lambda engine, mode: None if engine._rope_ahead is not None else
+             lambda engine: None if engine._rope_ahead is not None else
              "the rope positions are worked out ahead in logits mode only",
              "The rope positions: worked out on the host ahead (defaults) against the model's walk on the GPU"),
 }
@@ -432,7 +432,7 @@ def stage_switched(name: str):
 
     def stage(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
         judge = _judge(model_dir, a, mode)
-        why = missing(judge.engine, mode)
+        why = missing(judge.engine)
         if why:
             judge.close()
             return {"skipped": why}

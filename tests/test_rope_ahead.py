@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from src.models.reward.engine import _batch_key
 from src.models.reward.implementations.local import QwenVLRewardModel
 from src.models.reward.rope_ahead import DELTAS, POSITIONS, RopeAhead
 from src.models.reward.types import ScoreItem
@@ -29,13 +30,13 @@ def _judge(arch: str, **kw) -> QwenVLRewardModel:
 
 
 def _padded_batch(judge, n: int):
-    """The processor's CPU output for n prompts of different lengths, left-padded, through the
-    engine's own preparation (which carries the positions)."""
+    """The requests and the processor's CPU output for n prompts of different lengths, left-padded,
+    through the engine's own preparation (which carries the positions)."""
     eng = judge.engine
     chunk = eng._prepare([ScoreItem(images=[im]) for im in _images(n)], list(range(n)))
     reqs = [r for r in chunk.requests if r.pos not in chunk.errors]
     assert len(reqs) == n
-    return eng._encode_cpu(reqs)
+    return reqs, eng._encode_cpu(reqs)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -43,14 +44,14 @@ def test_positions_worked_out_ahead_are_the_models_own(arch):
     with _judge(arch) as judge:
         rope = judge.engine._rope_ahead
         assert isinstance(rope, RopeAhead)
-        inputs = _padded_batch(judge, 3)
+        reqs, inputs = _padded_batch(judge, 3)
         mask = inputs["attention_mask"]
         assert (mask == 0).any(), "the batch must be padded"
         kwargs = {k: inputs[k] for k in rope._args if inputs.get(k) is not None}
         want_pos, want_deltas = rope._original(**kwargs)  # the model's own walk
         assert torch.equal(inputs[POSITIONS], want_pos) and torch.equal(inputs[DELTAS], want_deltas)
         # Taken out for the model, and given back for this input_ids tensor only.
-        ready = judge.engine._on_device(inputs)
+        ready = judge.engine._encode(reqs, {_batch_key(reqs): inputs})  # as a batch is run
         assert POSITIONS not in ready and DELTAS not in ready
         base = judge.engine.model.model
         pos, deltas = base.get_rope_index(ready["input_ids"], **{k: v for k, v in kwargs.items() if k != "input_ids"})

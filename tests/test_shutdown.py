@@ -73,6 +73,14 @@ def _stream(out: Path) -> list[str]:
     return p.read_text().splitlines() if p.exists() else []
 
 
+def _exit_code(proc: subprocess.Popen) -> int | None:
+    """The job's exit status, or None when it has not exited within EXIT_WITHIN_S."""
+    try:
+        return proc.wait(timeout=EXIT_WITHIN_S)
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def _trial(job_files: dict, name: str, phase: str, delay_s: float, signals: list[tuple[int, float]]) -> dict:
     """One run of main.py, interrupted as described; returns what was observed."""
     out = job_files["dir"] / name
@@ -106,14 +114,11 @@ def _trial(job_files: dict, name: str, phase: str, delay_s: float, signals: list
                 os.killpg(proc.pid, sig)  # the terminal's Ctrl-C goes to the foreground group
             except ProcessLookupError:
                 pass
-        try:
-            rc = proc.wait(timeout=EXIT_WITHIN_S)
-        except subprocess.TimeoutExpired:
-            rc = None
+        rc = _exit_code(proc)
         exit_s = time.monotonic() - t0
         lost_before_main = None
-        if rc is None and phase == "start-up" and not re.search(MAIN_RAN, err_path.read_text(), re.M) \
-                and "interrupted" not in err_path.read_text():
+        err = err_path.read_text()
+        if rc is None and phase == "start-up" and not re.search(MAIN_RAN, err, re.M) and "interrupted" not in err:
             # CPython itself can lose a SIGINT that lands while the interpreter starts, before
             # main.py's first statement: the KeyboardInterrupt is raised in importlib's lock
             # cleanup, where it can only be printed ("Exception ignored in ... _get_module_lock";
@@ -122,13 +127,10 @@ def _trial(job_files: dict, name: str, phase: str, delay_s: float, signals: list
             # Seen from here, a loss before main.py and one after it look alike (nothing of
             # main.py printed), so a start-up trial whose first Ctrl-C did nothing gets a second,
             # as the user would press, and must then stop as any other.
-            lost_before_main = err_path.read_text()[-1000:]
+            lost_before_main = err[-1000:]
             os.killpg(proc.pid, signal.SIGINT)
             t0 = time.monotonic()
-            try:
-                rc = proc.wait(timeout=EXIT_WITHIN_S)
-            except subprocess.TimeoutExpired:
-                rc = None
+            rc = _exit_code(proc)
             exit_s = time.monotonic() - t0
         # Found by their parent's pid in their environment, so a worker re-parented after the job
         # exited is found too, and a pid reused by another process is not.

@@ -133,12 +133,8 @@ class Preparation:
         if inputs is None:
             inputs = self._encode_cpu(reqs)
         self._join_preprocess_stream(inputs)
-        return self._on_device(inputs)
-
-    def _on_device(self, inputs):
-        """A batch's processor output on the device, the rope positions worked out with it taken
-        out for the model (rope_ahead.py)."""
         inputs = inputs.to(self.device)
+        # The rope positions worked out with the batch, taken out for the model (rope_ahead.py).
         return self._rope_ahead.take(inputs) if self._rope_ahead is not None else inputs
 
     def _encode_cpu(self, reqs: list[_Request]):

@@ -51,7 +51,7 @@ class RopeAhead:
         self._ready: dict[int, tuple[Any, Any, Any]] = {}
         self._failed = False  # carry failed once: warned
         self.used = 0  # forward passes given positions worked out ahead (read by tests and benchmarks)
-        base.get_rope_index = self.get_rope_index
+        self.wrap()
 
     @staticmethod
     def install(model: Any) -> "RopeAhead | None":
@@ -61,6 +61,10 @@ class RopeAhead:
         if base is None or not callable(getattr(base, "get_rope_index", None)):
             return None
         return RopeAhead(base)
+
+    def wrap(self) -> None:
+        """The model's `get_rope_index` through this object (again, after `uninstall`)."""
+        self._base.get_rope_index = self.get_rope_index
 
     def uninstall(self) -> None:
         """The model's own `get_rope_index` again (benchmarks switch it to compare)."""
