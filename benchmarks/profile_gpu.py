@@ -308,9 +308,9 @@ def _switch_parts(engine, cudnn: bool, rotary: bool, saved: dict) -> None:
 
 def _alternate(judge, a, images: list, variants: dict[str, Any], switch, mode: str) -> dict[str, Any]:
     """Calls of --n items on one loaded judge after its automatic compile (run with --judge
-    compile_after_items=BS), `switch(engine, variants[name])` before each: one untimed call of every
-    variant first (a switch may make the compiled blocks recompile), then --reps timed calls of
-    each, alternating. Recorded: items/s per variant, the images the tower encoded, and the
+    compile_after_items=BS), `switch(engine, variants[name])` before each: one untimed call of --n
+    items of every variant first (a switch may make the compiled blocks recompile), then --reps
+    timed calls of each, alternating. Recorded: items/s per variant, the images the tower encoded, and the
     answers' agreement with the first variant's (bf16: a kernel's rounding can flip a near-tie)."""
     import torch
 
@@ -323,9 +323,9 @@ def _alternate(judge, a, images: list, variants: dict[str, Any], switch, mode: s
         for _ in range(2):  # the second call pays an automatic compile when compile_after_items <= bs
             judge.batch_score(images[:a.bs])
         compiled = len(judge.engine._compiled)
-        for name in names:
+        for name in names:  # of the timed calls' size: a ramped call's batch shapes included
             switch(judge.engine, variants[name])
-            judge.batch_score(images[:a.bs])
+            judge.batch_score(images[:a.n])
         for _ in range(a.reps):
             for name in names:
                 switch(judge.engine, variants[name])
@@ -411,6 +411,19 @@ def _switch_rope(engine, ahead: bool, saved: dict) -> None:
         engine._rope_ahead = None
 
 
+def _switch_ramp(engine, ramp: bool, saved: dict) -> None:
+    """A call's first chunk: a quarter chunk, then the rest (the default), or a whole chunk."""
+    engine._ramp_first_chunk = ramp
+
+
+def _switch_interval(engine, seconds: float | None, saved: dict) -> None:
+    """The interpreter's thread switch interval (sys.setswitchinterval; None: the one found, 5 ms
+    by default): how long the thread launching the model's kernels can wait for the interpreter
+    while the prepare thread runs Python."""
+    found = saved.setdefault("interval", sys.getswitchinterval())
+    sys.setswitchinterval(found if seconds is None else seconds)
+
+
 # Stages that switch one default path on a loaded judge (_alternate): the variants (defaults
 # first), the switch, why a judge has nothing to switch (None: it has), and the table's title.
 SWITCHED = {
@@ -423,6 +436,11 @@ SWITCHED = {
              lambda engine: None if engine._rope_ahead is not None else
              "the rope positions are worked out ahead in logits mode only",
              "The rope positions: worked out on the host ahead (defaults) against the model's walk on the GPU"),
+    "ramp": ({"defaults": True, "whole_first_chunk": False}, _switch_ramp,
+             lambda engine: None if not engine._continuous else "a call of static batches only",
+             "A call's first chunk: a quarter chunk first (defaults) against a whole chunk"),
+    "interval": ({"defaults": None, "interval_1ms": 0.001, "interval_0_2ms": 0.0002}, _switch_interval,
+                 lambda engine: None, "The interpreter's switch interval: as found (defaults) against 1 and 0.2 ms"),
 }
 
 
@@ -501,9 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     runs.add_checkpoint_argument(ap)
     ap.add_argument("--stages", default="memory,kernels")
     ap.add_argument("--modes", default="logits,generate")
-    ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3, help="stages parts, experts, patch: timed calls of each variant")
-    ap.add_argument("--bs", type=int, default=32)
+    ap.add_argument("--n", type=int, default=None, help="items per timed call (default 32; --smoke: 2)")
+    ap.add_argument("--reps", type=int, default=3, help="the switching stages: timed calls of each variant")
+    ap.add_argument("--bs", type=int, default=None, help="batch size (default 32; --smoke: 2)")
     ap.add_argument("--new", type=int, default=128, help="generate mode: answer tokens (forced)")
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--height", type=int, default=768)
@@ -512,7 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.smoke:
         a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl_moe"
-        a.device, a.n, a.bs, a.new, a.width, a.height = "cpu", 2, 2, 4, 224, 168
+        a.device, a.new, a.width, a.height = "cpu", 4, 224, 168
+    a.n = a.n or (2 if a.smoke else 32)
+    a.bs = a.bs or (2 if a.smoke else 32)
     import torch
 
     cuda = a.device.startswith("cuda")

@@ -54,6 +54,18 @@ class Batching:
         chunks as slots free up)."""
         return self.settings.batch_size
 
+    def _chunk_bounds(self, n: int) -> list[tuple[int, int]]:
+        """(start, stop) of each chunk of a call of n items: every `_chunk_items()` items. A call of
+        static batches longer than one chunk starts with a quarter chunk, then the first chunk's
+        rest: the model waits only for the quarter's preparation (every later chunk is prepared
+        while the model runs the one before), not for a whole chunk's (0.2 s for 32 images of
+        1024x768 on an H200, benchmarks/NOTES.md)."""
+        size = self._chunk_items()
+        cuts = list(range(0, n, size)) + [n]
+        if self._ramp_first_chunk and not self._continuous and n > size and size >= 4:
+            cuts.insert(1, size // 4)
+        return list(zip(cuts[:-1], cuts[1:]))
+
     def _batch_limit(self) -> int:
         """Prompts for the next batch (batch_limit), with what the judge holds now. Under a memory
         budget batches come first: when vision features kept beyond their chunk (vision_reuse.py)

@@ -78,6 +78,7 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         self.device_label = device_label or self.device
         self._torch = torch
         self._closed = False
+        self._ramp_first_chunk = True  # batching.py: a call starts with a quarter chunk
         t0 = time.perf_counter()
         self._load()
         self.load_time_s = time.perf_counter() - t0
@@ -109,8 +110,8 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         bs = self._chunk_items()
         # Chunks are cut from `order`: the input order, or the one `chunk_order: auto` asks for.
         order = self._chunk_order(items, bs) or list(range(len(items)))
-        chunks = [(start, [items[p] for p in order[start:start + bs]], [idx[p] for p in order[start:start + bs]])
-                  for start in range(0, len(items), bs)]
+        chunks = [(start, [items[p] for p in order[start:stop]], [idx[p] for p in order[start:stop]])
+                  for start, stop in self._chunk_bounds(len(items))]
         for start, chunk_results in (self._continuous_call(chunks) if self._continuous else self._static_call(chunks)):
             for pos, res in chunk_results.items():
                 results[order[start + pos]] = res
