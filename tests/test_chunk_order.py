@@ -88,19 +88,19 @@ def test_auto_cuts_padding_and_keeps_results_in_input_order(mixed_files):
         fed, seen = _Fed(e), chunks_seen(e)
         set_chunk_order(e, "input")
         given = j.batch_score(items)
-        assert seen == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+        assert seen == [[0], [1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]  # a quarter chunk first (batching.py)
         padded_input, grids_input = sum(fed.padded), list(fed.grids)
         fed.clear()
         seen.clear()
         set_chunk_order(e, "auto")
         ordered = j.batch_score(items)
-        # largest first, one size per chunk; stable within a size
-        assert seen == [[2, 5, 8, 11], [1, 4, 7, 10], [0, 3, 6, 9]]
+        # largest first, one size per chunk (the first one's quarter cut off); stable within a size
+        assert seen == [[2], [5, 8, 11], [1, 4, 7, 10], [0, 3, 6, 9]]
         padded_auto, grids_auto = sum(fed.padded), list(fed.grids)
-    # each input-order batch mixes the three sizes and pads to its largest prompt
-    assert all(len(g) == 3 for g in grids_input) and padded_input > 0
+    # each input-order batch of more than one item mixes the three sizes and pads to its largest prompt
+    assert [len(g) for g in grids_input] == [1, 3, 3, 3] and padded_input > 0
     # each auto batch has one grid (the vision tower's one-size attention applies) and no padding
-    assert grids_auto == [{(1, 10, 12)}, {(1, 6, 8)}, {(1, 4, 4)}] and padded_auto == 0 < padded_input
+    assert grids_auto == [{(1, 10, 12)}, {(1, 10, 12)}, {(1, 6, 8)}, {(1, 4, 4)}] and padded_auto == 0 < padded_input
     assert all(r.error is None for r in ordered)
     _same_scores(ordered, given)
 
@@ -124,7 +124,7 @@ def test_an_image_that_cannot_be_read_fails_alone_with_its_own_error(mixed_files
         ordered = j.batch_score(items)
         # the oversized image's header gives its size (largest first), it is refused in
         # preparation; the three that cannot be sized go last, in input order
-        assert seen == [[10, 2, 5, 8], [11, 0, 3, 6], [9, 1, 4, 7]]
+        assert seen == [[10], [2, 5, 8], [11, 0, 3, 6], [9, 1, 4, 7]]
     errors = {r.index: r.error for r in ordered if r.error is not None}
     assert errors == {
         1: "item 'i1' (#1): image not found: https://example.com/edit.png",
@@ -153,8 +153,9 @@ def test_items_sharing_a_source_stay_together_when_sizes_differ(tmp_path):
         seen.clear()
         set_chunk_order(e, "auto")
         ordered = j.batch_score(items)
-        # the larger sources' groups first, each group whole: each source through the tower once
-        assert seen == [[1, 5, 9, 3, 7, 11], [0, 4, 8, 2, 6, 10]]
+        # the larger sources' groups first, each group whole: each source through the tower once;
+        # the first chunk is cut where it splits no group (after 3 items, not a quarter's 1)
+        assert seen == [[1, 5, 9], [3, 7, 11], [0, 4, 8, 2, 6, 10]]
         assert reuse.encoded - 20 == 4 + 12
         assert sum(fed.padded) == 0 and all(len(g) == 1 for g in fed.grids)
     _same_scores(ordered, given)

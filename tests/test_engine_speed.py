@@ -206,6 +206,30 @@ def test_processor_runs_in_the_prepare_thread():
         assert inputs["input_ids"].shape[0] == 3
 
 
+def test_a_call_starts_with_a_quarter_chunk_and_scores_the_same():
+    # Batch 4, 10 items: chunks of 1, 3, 4 and 2 items (the model starts after one item's
+    # preparation), the same scores as chunks of 4, 4 and 2. A call of one chunk or fewer items,
+    # a batch under 4 and continuous batching (generate) are cut every batch_size items.
+    items = [ScoreItem(images=[im]) for im in _images(10, seed=5)]
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", batch_size=4) as judge:
+        eng = judge.engine
+        assert eng._ramp_first_chunk == 4  # the default
+        out = {}
+        for part, want in ((4, [1, 3, 4, 2]), (0, [4, 4, 2]), (2, [2, 2, 4, 2])):
+            eng._ramp_first_chunk = part
+            sizes: list[int] = []
+            out[part] = [r.score for r in eng.score(items, on_done=sizes.append)]
+            assert sizes == want
+        eng._ramp_first_chunk = 4
+        assert eng._chunk_bounds(items[:4]) == [(0, 4)] and eng._chunk_bounds(items[:5]) == [(0, 1), (1, 4), (4, 5)]
+    assert all(s is not None for s in out[4])
+    assert out[4] == pytest.approx(out[0], abs=1e-5) and out[2] == pytest.approx(out[0], abs=1e-5)
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", batch_size=3) as judge:
+        assert judge.engine._chunk_bounds(items[:7]) == [(0, 3), (3, 6), (6, 7)]
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", batch_size=4, mode="generate", max_new_tokens=4) as judge:
+        assert judge.engine._continuous and judge.engine._chunk_bounds(items) == [(0, 4), (4, 8), (8, 10)]
+
+
 # -- batch sizes: out of memory and the memory budget ---------------------------------------------
 
 def test_out_of_memory_caps_later_batches(monkeypatch):

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from src.models.reward import ConfigError, build_reward_model, hooks, load_config
-from src.models.reward.grouping import image_identity, source_order
+from src.models.reward.grouping import cut_between_sources, image_identity, source_order
 from src.models.reward.implementations.local import QwenVLRewardModel
 from src.models.reward.settings import JudgeSettings
 from src.models.reward.types import ScoreItem
@@ -273,8 +273,10 @@ def test_items_sharing_a_source_go_through_the_tower_once_per_call_without_a_sto
         seen.clear()
         grouped = j.batch_score(items)
         # Each chunk holds two sources' edits: each source once, each edit once (the second
-        # question shows the edit again, from the chunk's store).
-        assert seen == GROUPED and r.encoded - 20 == 4 + 12
+        # question shows the edit again, from the chunk's store). Static batches: the first chunk
+        # is cut in two between its sources' groups (batching.py), which costs no encoding.
+        assert seen == (GROUPED if continuous else [GROUPED[0][:3], GROUPED[0][3:], GROUPED[1]])
+        assert r.encoded - 20 == 4 + 12
         assert not r.kept and r.kept_bytes == 0
     _same_results(grouped, plain, mode)
     assert [res.index for res in grouped] == list(range(12)) and [res.id for res in grouped] == [it.id for it in items]
@@ -293,8 +295,9 @@ def test_a_bad_item_in_a_grouped_call_fails_alone_under_its_own_index(tmp_path):
         set_chunk_order(e, "auto")
         seen.clear()
         grouped = j.batch_score(items)
-        # groups by first showing; the bytes source (a group of its own) comes after the four
-        assert seen == [[0, 4, 8, 1, 5, 9], [2, 6, 3, 7, 11, 10]]
+        # groups by first showing; the bytes source (a group of its own) comes after the four; the
+        # first chunk cut between its two groups
+        assert seen == [[0, 4, 8], [1, 5, 9], [2, 6, 3, 7, 11, 10]]
     assert [res.index for res in grouped] == list(range(12))
     assert grouped[5].error == plain[5].error == f"item 'm1-s1' (#5): image not found: {missing}"
     # (PIL's message names the buffer object it read: not comparable between calls)
@@ -335,14 +338,17 @@ def test_with_a_progress_bar_the_call_is_still_one_engine_call(capsys):
 
 
 def test_orders_grouping_cannot_help_are_left_as_given():
+    # The order as given; the first chunk of a call of more than one is cut in two (batching.py): a
+    # quarter chunk first, or after the first chunk's first group of a shared source.
     items = _model_by_model()
-    everything = [list(range(6)), list(range(6, 12))]
+    everything = [[0], list(range(1, 6)), list(range(6, 12))]
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=6) as j:
         e = j.engine
         seen = chunks_seen(e)
         distinct = [dataclasses.replace(it, source_images=[im]) for it, im in zip(items, _images(12, seed=22))]
         for call, expected in ((distinct, everything),  # no source repeats
-                               ([items[i] for g in GROUPED for i in g], everything),  # grouped already
+                               ([items[i] for g in GROUPED for i in g],  # grouped already
+                                [[0, 1, 2], [3, 4, 5], list(range(6, 12))]),
                                (items[:6], [list(range(6))])):  # one chunk
             seen.clear()
             assert all(res.error is None for res in j.batch_score(call))
@@ -380,3 +386,19 @@ def test_source_keys_name_one_image_and_the_order_is_a_stable_grouping(tmp_path)
     assert source_order(items, len(items)) is None  # one chunk
     assert source_order([item(a), item(b), item(data), item()], 2) is None  # no source repeats
     assert source_order([item(a), item(a), item(b), item(b)], 2) is None  # grouped already
+
+
+def test_a_call_s_first_cut_splits_no_group_of_shared_sources():
+    a, b, c = _images(3, seed=29)
+
+    def item(*sources) -> ScoreItem:
+        return ScoreItem(images=["edit.png"], source_images=list(sources))
+
+    # the nearest place to the wanted cut (the lower of two as near) where no source shows on both sides
+    assert cut_between_sources([item(a), item(b), item(c), item(c)], 1, 2) == 1
+    assert cut_between_sources([item(a), item(a), item(b), item(b), item(c)], 1, 4) == 2
+    assert cut_between_sources([item(a), item(a), item(a), item(b), item(b), item(c)], 2, 4) == 3
+    assert cut_between_sources([item(a), item(b), item(b), item(a, c), item(c)], 1, 4) is None  # a spans all
+    assert cut_between_sources([item(a), item(a), item(a), item(b)], 1, 2) is None  # only past the limit
+    assert cut_between_sources([item(), item(), item()], 1, 2) == 1  # no sources: anywhere
+    assert cut_between_sources([item(a)], 1, 1) is None  # nothing to cut

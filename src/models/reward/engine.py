@@ -7,10 +7,10 @@ package's plain-data modules, so a worker environment needs nothing else.
 
 Flow of one call:
 
-    items --> chunks of `batch_size` items, cut from the order `chunk_order` asks for (auto:
-                 |  prompts of similar size together, size_order.py, and items that share a
-                 |  source image side by side, so that vision reuse encodes it once, grouping.py;
-                 |  results in input order)
+    items --> chunks of `batch_size` items (static batches: a quarter chunk first, batching.py),
+                 |  cut from the order `chunk_order` asks for (auto: prompts of similar size
+                 |  together, size_order.py, and items that share a source image side by side,
+                 |  so that vision reuse encodes it once, grouping.py; results in input order)
                  |  prepare (a background thread, one chunk ahead): decode images, resize
                  |  (on prepare_threads), chat template, processor -> tensors; a bad image
                  |  fails only its item
@@ -78,7 +78,7 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         self.device_label = device_label or self.device
         self._torch = torch
         self._closed = False
-        self._ramp_first_chunk = True  # batching.py: a call starts with a quarter chunk
+        self._ramp_first_chunk = 4  # batching.py: a call starts with a quarter chunk (0: a whole one)
         t0 = time.perf_counter()
         self._load()
         self.load_time_s = time.perf_counter() - t0
@@ -111,7 +111,7 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         # Chunks are cut from `order`: the input order, or the one `chunk_order: auto` asks for.
         order = self._chunk_order(items, bs) or list(range(len(items)))
         chunks = [(start, [items[p] for p in order[start:stop]], [idx[p] for p in order[start:stop]])
-                  for start, stop in self._chunk_bounds(len(items))]
+                  for start, stop in self._chunk_bounds([items[p] for p in order])]
         for start, chunk_results in (self._continuous_call(chunks) if self._continuous else self._static_call(chunks)):
             for pos, res in chunk_results.items():
                 results[order[start + pos]] = res

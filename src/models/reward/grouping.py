@@ -78,6 +78,17 @@ def source_order(items: Sequence[ScoreItem], chunk: int) -> list[int] | None:
     return order
 
 
+def cut_between_sources(items: Sequence[ScoreItem], want: int, limit: int) -> int | None:
+    """Where to cut `items` in two, nearest to `want` (the lower of two as near) within 1..limit,
+    so that no source image shows on both sides (vision reuse encodes it once per chunk); None:
+    no such place."""
+    keys = [set(k) for k in _source_keys(items)]
+    for k in sorted(range(1, min(limit, len(items) - 1) + 1), key=lambda k: (abs(k - want), k)):
+        if not set().union(*keys[:k]) & set().union(*keys[k:]):
+            return k
+    return None
+
+
 def _source_keys(items: Sequence[ScoreItem]) -> list[tuple]:
     digests: dict[int, bytes] = {}
     return [tuple(image_identity(im, digests) for im in it.source_images) for it in items]
