@@ -6,8 +6,9 @@ The preparation does not depend on the model's weights, only on its processor, s
 of the same architecture stands in for the real one, at the real image size (--max-pixels). Per
 repetition, on one loaded judge: the images decoded, resized and named (the image threads), the
 prompts, the processor (on the GPU with the default gpu_preprocess), and logits mode's rope
-positions (rope_ahead.py); then the whole `_prepare` of a chunk, as a call runs it, and one
-`_prepare` under cProfile (its largest cumulative entries).
+positions (rope_ahead.py); then the whole `_prepare` of a chunk, as a call runs it, and of a
+quarter chunk (what a call of more than one chunk waits for, batching.py); and one `_prepare`
+under cProfile (its largest cumulative entries).
 
     python benchmarks/prepare_gpu.py --out $OUT            # CUDA, 32 images of 1024x768
     python benchmarks/prepare_gpu.py --smoke --out /tmp/x  # CPU, small images (CI)
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import pathlib
 import pstats
 import statistics
@@ -46,9 +48,11 @@ def measure(a) -> dict[str, Any]:
 
     items = [ScoreItem(images=[im]) for im in make_images(None, a.n, a.width, a.height)]
     idx = list(range(a.n))
-    parts: dict[str, list[float]] = {k: [] for k in ("images", "prompts_and_processor", "rope", "prepare")}
+    parts: dict[str, list[float]] = {k: [] for k in ("images", "prompts_and_processor", "rope", "prepare",
+                                                     "prepare_quarter")}
+    quarter = max(1, a.n // 4)  # a call's first chunk when it has more than one (batching.py)
     with QwenVLRewardModel(model_name=a.model, device=a.device, batch_size=a.n, max_pixels=a.max_pixels,
-                           compile_vision=False, compile_language=False) as judge:
+                           compile_vision=False, compile_language=False, **runs.judge_settings(a)) as judge:
         eng = judge.engine
         rope = eng._rope_ahead
         eng._prepare(items, idx)  # untimed: threads, caches, the processor's first call
@@ -75,6 +79,10 @@ def measure(a) -> dict[str, Any]:
             eng._prepare(items, idx)
             sync()
             parts["prepare"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            eng._prepare(items[:quarter], idx[:quarter])
+            sync()
+            parts["prepare_quarter"].append(time.perf_counter() - t)
         prof = cProfile.Profile()
         prof.enable()
         eng._prepare(items, idx)
@@ -93,7 +101,7 @@ def markdown(report: dict[str, Any]) -> str:
     m, r = report["meta"], report["result"]
     lines = [f"# Preparing a call's first chunk ({m['device_name']})", "", f"`{m['command']}`", "",
              f"{m['n']} images of {m['width']}x{m['height']}, {r['tokens_per_prompt']} tokens a prompt, "
-             f"judge {m['model']}, median of {m['reps']}", "", "| part | s |", "|---|---|"]
+             f"judge {m['model']} {json.dumps(m['judge'])}, median of {m['reps']}", "", "| part | s |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in r["median_s"].items()]
     lines += ["", "One `_prepare` under cProfile, largest cumulative entries:", "", "```"]
     lines += r["profile_top"] + ["```", ""]
@@ -108,12 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--height", type=int, default=768)
     ap.add_argument("--max-pixels", type=int, default=1024 * 768)
     ap.add_argument("--reps", type=int, default=3)
+    runs.add_judge_argument(ap, "the judge", "prepare_threads=8")
     runs.add_output_arguments(ap, "prepare_gpu", "CPU, 4 small images (CI)")
     a = ap.parse_args(argv)
     if a.smoke:
         a.device, a.n, a.width, a.height, a.max_pixels, a.reps = "cpu", 4, 224, 168, 224 * 168, 1
     a.size, a.bs = a.model, a.n
-    report: dict[str, Any] = {"meta": runs.meta("prepare_gpu.py", argv, a, model=a.model, reps=a.reps)}
+    report: dict[str, Any] = {"meta": runs.meta("prepare_gpu.py", argv, a, model=a.model, reps=a.reps,
+                                                judge=runs.judge_settings(a))}
     report["result"] = measure(a)
     runs.save(report, a, markdown(report))
     return 0

@@ -145,10 +145,11 @@ def stage_memory(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
 
 
 def _profiled_call(model_dir: str, a, images: list, mode: str, with_stack: bool = False):
-    """Two untimed calls (the second pays an automatic compile when compile_after_items <= bs), the
-    store of vision features emptied, then one call of --n items under torch.profiler (CPU, and
-    CUDA on a GPU). Returns the profiler, the results, the call's wall time and the images the
-    tower encoded in it."""
+    """Two untimed calls (the second pays an automatic compile when compile_after_items <= bs) and
+    one of --n items (a call of more than one batch starts with a quarter batch: its shapes seen
+    once before), the store of vision features emptied, then one call of --n items under
+    torch.profiler (CPU, and CUDA on a GPU). Returns the profiler, the results, the call's wall
+    time and the images the tower encoded in it."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -157,6 +158,7 @@ def _profiled_call(model_dir: str, a, images: list, mode: str, with_stack: bool 
     try:
         for _ in range(2):
             judge.batch_score(images[:a.bs])
+        judge.batch_score(images[:a.n])
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         enc = runs.new_images(judge)
         if cuda:
@@ -411,9 +413,9 @@ def _switch_rope(engine, ahead: bool, saved: dict) -> None:
         engine._rope_ahead = None
 
 
-def _switch_ramp(engine, ramp: bool, saved: dict) -> None:
-    """A call's first chunk: a quarter chunk, then the rest (the default), or a whole chunk."""
-    engine._ramp_first_chunk = ramp
+def _switch_ramp(engine, part: int, saved: dict) -> None:
+    """A call's first chunk: 1/part of a chunk, then the rest (4, the default), or a whole chunk (0)."""
+    engine._ramp_first_chunk = part
 
 
 def _switch_interval(engine, seconds: float | None, saved: dict) -> None:
@@ -436,9 +438,9 @@ SWITCHED = {
              lambda engine: None if engine._rope_ahead is not None else
              "the rope positions are worked out ahead in logits mode only",
              "The rope positions: worked out on the host ahead (defaults) against the model's walk on the GPU"),
-    "ramp": ({"defaults": True, "whole_first_chunk": False}, _switch_ramp,
+    "ramp": ({"defaults": 4, "whole_first_chunk": 0, "eighth_first": 8, "half_first": 2}, _switch_ramp,
              lambda engine: None if not engine._continuous else "a call of static batches only",
-             "A call's first chunk: a quarter chunk first (defaults) against a whole chunk"),
+             "A call's first chunk: a quarter chunk first (defaults) against a whole, an eighth and a half"),
     "interval": ({"defaults": None, "interval_1ms": 0.001, "interval_0_2ms": 0.0002}, _switch_interval,
                  lambda engine: None, "The interpreter's switch interval: as found (defaults) against 1 and 0.2 ms"),
 }

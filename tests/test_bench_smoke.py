@@ -36,6 +36,9 @@ RUNS = {
     "prepare": ([str(BENCH / "prepare_gpu.py"), "--smoke"], {"PYTHONPATH": str(ROOT)}, 300),
     "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch,gaps,rope", "--modes", "generate,logits", "--reps", "1",
                "--name", "profile_parts"], {"PYTHONPATH": str(ROOT)}, 300),
+    # 5 items at batch 4: a ramped call's chunks are 1, 3 and 1 items, an unramped call's 4 and 1.
+    "switches": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "ramp,interval", "--modes", "logits,generate",
+                  "--reps", "1", "--n", "5", "--bs", "4", "--name", "profile_switches"], {"PYTHONPATH": str(ROOT)}, 300),
 }
 
 
@@ -237,6 +240,40 @@ def test_profile_parts_smoke(smoke_runs):
     assert "## The rope positions: worked out on the host ahead (defaults) against the model's walk on the GPU, logits mode" in md
 
 
+def test_profile_switches_smoke(smoke_runs):
+    # A call's first chunk, a quarter, whole, an eighth (batch 4: none) or a half, and the
+    # interpreter's switch interval: the same scores (float32), every image encoded; the switch
+    # interval is put back as it was found.
+    out = finished(smoke_runs, "switches")
+    report = json.loads((out / "profile_switches.json").read_text())
+    ramp = report["ramp_logits"]
+    assert ramp["variants"] == ["defaults", "whole_first_chunk", "eighth_first", "half_first"] and ramp["items"] == 5
+    for name in ramp["variants"]:
+        assert ramp[name]["max_score_diff"] < 1e-5 and ramp[name]["images_encoded_each"] == [5]
+    assert report["ramp_generate"] == {"skipped": "a call of static batches only"}
+    for mode in ("logits", "generate"):
+        st = report[f"interval_{mode}"]
+        assert st["variants"] == ["defaults", "interval_1ms", "interval_0_2ms"]
+        assert all(st[name]["identical_to_defaults"] == 1.0 for name in st["variants"])
+    md = (out / "profile_switches.md").read_text()
+    assert "## A call's first chunk: a quarter chunk first (defaults) against a whole, an eighth and a half, logits mode" in md
+    assert "## The interpreter's switch interval: as found (defaults) against 1 and 0.2 ms, generate mode" in md
+
+
+def test_switch_interval_is_put_back():
+    from benchmarks.profile_gpu import _switch_interval
+
+    found = sys.getswitchinterval()
+    saved: dict = {}
+    try:
+        _switch_interval(None, 0.0002, saved)
+        assert sys.getswitchinterval() == pytest.approx(0.0002)
+        _switch_interval(None, None, saved)
+        assert sys.getswitchinterval() == found
+    finally:
+        sys.setswitchinterval(found)
+
+
 def test_prepare_gpu_smoke(smoke_runs):
     # A call's first chunk prepared by part, on the CPU with small images: each part measured, the
     # whole preparation at least its images' part, the cProfile entries of the engine's _prepare.
@@ -244,7 +281,7 @@ def test_prepare_gpu_smoke(smoke_runs):
     report = json.loads((out / "prepare_gpu.json").read_text())
     r = report["result"]
     assert report["meta"]["smoke"] is True and report["meta"]["model"] == "tiny:qwen3_vl"
-    assert set(r["median_s"]) == {"images", "prompts_and_processor", "rope", "prepare"}
+    assert set(r["median_s"]) == {"images", "prompts_and_processor", "rope", "prepare", "prepare_quarter"}
     assert all(len(v) == 1 and v[0] > 0 for k, v in r["each_s"].items() if k != "prompts_and_processor")
     assert r["median_s"]["prepare"] >= r["median_s"]["images"] and r["tokens_per_prompt"] > 10
     assert any("preparation.py" in line and "_prepare" in line for line in r["profile_top"])
