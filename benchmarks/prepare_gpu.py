@@ -50,10 +50,10 @@ def measure(a) -> dict[str, Any]:
     idx = list(range(a.n))
     parts: dict[str, list[float]] = {k: [] for k in ("images", "prompts_and_processor", "rope", "prepare",
                                                      "prepare_quarter")}
-    quarter = max(1, a.n // 4)  # a call's first chunk when it has more than one (batching.py)
     with QwenVLRewardModel(model_name=a.model, device=a.device, batch_size=a.n, max_pixels=a.max_pixels,
                            compile_vision=False, compile_language=False, **runs.judge_settings(a)) as judge:
         eng = judge.engine
+        quarter = max(1, a.n // eng._ramp_first_chunk)  # a call's first chunk when it has more than one (batching.py)
         rope = eng._rope_ahead
         eng._prepare(items, idx)  # untimed: threads, caches, the processor's first call
         for _ in range(a.reps):

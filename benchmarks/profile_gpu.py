@@ -17,6 +17,10 @@
            calls where the host waited for the GPU
   rope     calls of --n items with the rope positions worked out on the host ahead and by the
            model's walk on the GPU, alternating
+  ramp     static batches: calls of --n items whose first chunk is a quarter chunk, a whole one, an
+           eighth and a half, alternating
+  interval calls of --n items with the interpreter's switch interval as found, 1 ms and 0.2 ms,
+           alternating
 Each stage runs the judge twice (an untimed call first: allocator, kernels, shapes), in the modes
 asked for (--modes logits,generate). Random weights of the real size (benchmarks/checkpoints.py).
 

@@ -110,8 +110,9 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         bs = self._chunk_items()
         # Chunks are cut from `order`: the input order, or the one `chunk_order: auto` asks for.
         order = self._chunk_order(items, bs) or list(range(len(items)))
-        chunks = [(start, [items[p] for p in order[start:stop]], [idx[p] for p in order[start:stop]])
-                  for start, stop in self._chunk_bounds([items[p] for p in order])]
+        ordered = [items[p] for p in order]
+        chunks = [(start, ordered[start:stop], [idx[p] for p in order[start:stop]])
+                  for start, stop in self._chunk_bounds(ordered)]
         for start, chunk_results in (self._continuous_call(chunks) if self._continuous else self._static_call(chunks)):
             for pos, res in chunk_results.items():
                 results[order[start + pos]] = res
