@@ -17,10 +17,16 @@
            calls where the host waited for the GPU
   rope     calls of --n items with the rope positions worked out on the host ahead and by the
            model's walk on the GPU, alternating
+  mask     calls of --n items with the image tokens' positions found on the host ahead and with the
+           model's own placeholder check and deepstack masks, alternating
   ramp     static batches: calls of --n items whose first chunk is a quarter chunk, a whole one, an
            eighth and a half, alternating
   interval calls of --n items with the interpreter's switch interval as found, 1 ms and 0.2 ms,
            alternating
+  threads  calls of --n items with the judge's image threads and with 8, alternating
+  timeline one call of --n items, not profiled: per chunk, when the host and when the GPU
+           (CUDA) reached its run's start and end and the towers' starts and ends, and when the prepare
+           thread prepared it
 Each stage runs the judge twice (an untimed call first: allocator, kernels, shapes), in the modes
 asked for (--modes logits,generate). Random weights of the real size (benchmarks/checkpoints.py).
 
@@ -312,6 +318,129 @@ def _switch_parts(engine, cudnn: bool, rotary: bool, saved: dict) -> None:
             m._compiled_call_impl = saved[id(m)] if rotary else None
 
 
+def stage_timeline(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
+    """One call of --n items, not profiled, with a clock reading and (CUDA) an event at each
+    chunk's run (start, and end after its results were read), the vision tower's and the language
+    model's start and end, and clock readings around each chunk's preparation (the prepare
+    thread). Per point: when the host got there and when the GPU did. Where the GPU gets to a
+    point as soon as the host does, it had run out of work and waited for the host; the GPU's time
+    from one chunk's end to the next one's first point is idle but for that chunk's input copies."""
+    import threading
+
+    import torch
+
+    cuda = a.device.startswith("cuda")
+    judge = _judge(model_dir, a, mode)
+    engine = judge.engine
+    marks: list[tuple[int, str, float, Any]] = []  # (chunk, point, host clock, event or None)
+    count = {"run": -1, "prep": -1}
+    sizes: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def mark(chunk: int, point: str, event: bool = True) -> None:
+        ev = None
+        if event and cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+        marks.append((chunk, point, time.perf_counter(), ev))
+
+    prepare, run_chunk = engine._prepare, engine._run_chunk
+
+    def timed_prepare(*args, **kwargs):
+        with lock:
+            count["prep"] += 1
+            k = count["prep"]
+        mark(k, "prep_start", event=False)
+        out = prepare(*args, **kwargs)
+        mark(k, "prep_end", event=False)
+        return out
+
+    def timed_run(chunk):
+        count["run"] += 1
+        sizes[count["run"]] = len(chunk.items)
+        mark(count["run"], "run_start")
+        out = run_chunk(chunk)
+        mark(count["run"], "run_end")
+        return out
+
+    inner = engine.model.model
+    hooks = []
+    for name in ("visual", "language_model"):
+        module = getattr(inner, name)
+        hooks.append(module.register_forward_pre_hook(lambda m, args, n=name: mark(count["run"], f"{n}_start")))
+        hooks.append(module.register_forward_hook(lambda m, args, out, n=name: mark(count["run"], f"{n}_end")))
+    # The placeholder check after the tower and the deepstack layers' sums: where the forward pass may sync.
+    patched = [(owner, name, vars(owner).get(name)) for owner, name in
+               ((inner, "get_placeholder_mask"), (inner.language_model, "_deepstack_process")) if hasattr(owner, name)]
+
+    def timed_method(fn, name):
+        def timed(*args, **kwargs):
+            mark(count["run"], f"{name}_start")
+            out = fn(*args, **kwargs)
+            mark(count["run"], f"{name}_end")
+            return out
+        return timed
+
+    try:
+        for _ in range(2):  # the second call pays an automatic compile when compile_after_items <= bs
+            judge.batch_score(images[:a.bs])
+        judge.batch_score(images[:a.n])  # a ramped call's batch shapes seen
+        runs.new_images(judge)
+        engine._prepare, engine._run_chunk = timed_prepare, timed_run
+        for owner, name, _ in patched:
+            setattr(owner, name, timed_method(getattr(owner, name), name))
+        marks.clear()
+        count.update(run=-1, prep=-1)
+        ref = None
+        if cuda:
+            torch.cuda.synchronize()
+            ref = torch.cuda.Event(enable_timing=True)
+            ref.record()
+        t0 = time.perf_counter()
+        res = judge.batch_score(images[:a.n])
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    finally:
+        for h in hooks:
+            h.remove()
+        for owner, name, own in patched:
+            if own is None:
+                vars(owner).pop(name, None)
+            else:
+                setattr(owner, name, own)
+        judge.close()
+    chunks: dict[int, dict[str, Any]] = collections.defaultdict(dict)
+    for k, point, t, ev in marks:
+        n = 1
+        while (point if n == 1 else f"{point}_{n}") in chunks[k]:  # a point reached again: _2, _3, ...
+            n += 1
+        at = chunks[k].setdefault(point if n == 1 else f"{point}_{n}", {"host_ms": round((t - t0) * 1e3, 2)})
+        if ev is not None and ref is not None:
+            at["gpu_ms"] = round(ref.elapsed_time(ev), 2)
+            at["gpu_behind_ms"] = round(at["gpu_ms"] - at["host_ms"], 2)
+    rows = []
+    prev_end = None
+    for k in sorted(chunks):
+        c = chunks[k]
+        row: dict[str, Any] = {"chunk": k, "items": sizes.get(k), **c}
+        first = min((c[p]["gpu_ms"] for p in c if "gpu_ms" in c[p] and p != "run_start"), default=None)
+        if "prep_end" in c:  # after the last chunk's end (the first chunk: after the call's start)
+            since = prev_end["host_ms"] if prev_end is not None else 0.0
+            row["main_waited_for_prep_ms"] = round(max(0.0, c["prep_end"]["host_ms"] - since), 2)
+        if prev_end is not None and first is not None:
+            row["gpu_from_last_chunk_end_ms"] = round(first - prev_end["gpu_ms"], 2)
+        if "run_end" in c:
+            prev_end = c["run_end"]
+        rows.append(row)
+    between = sum(r.get("gpu_from_last_chunk_end_ms", 0.0) for r in rows)
+    return {"mode": mode, "items": a.n, "scored": sum(r.score is not None for r in res),
+            "wall_ms": round(wall * 1e3, 1),
+            "first_point_gpu_ms": min((r["visual_start"]["gpu_ms"] for r in rows if "gpu_ms" in r.get("visual_start", {})),
+                                      default=None),
+            "gpu_between_chunks_ms": round(between, 2), "chunks": rows}
+
+
 def _alternate(judge, a, images: list, variants: dict[str, Any], switch, mode: str) -> dict[str, Any]:
     """Calls of --n items on one loaded judge after its automatic compile (run with --judge
     compile_after_items=BS), `switch(engine, variants[name])` before each: one untimed call of --n
@@ -417,6 +546,18 @@ def _switch_rope(engine, ahead: bool, saved: dict) -> None:
         engine._rope_ahead = None
 
 
+def _switch_mask(engine, ahead: bool, saved: dict) -> None:
+    """The image tokens' positions found on the host ahead (mask_ahead.py, the default) or the
+    model's own placeholder check and deepstack masks, on the loaded judge."""
+    mask = saved.setdefault("mask", engine._mask_ahead)
+    if ahead:
+        mask.wrap()
+        engine._mask_ahead = mask
+    else:
+        mask.uninstall()
+        engine._mask_ahead = None
+
+
 def _switch_ramp(engine, part: int, saved: dict) -> None:
     """A call's first chunk: 1/part of a chunk, then the rest (4, the default), or a whole chunk (0)."""
     engine._ramp_first_chunk = part
@@ -428,6 +569,16 @@ def _switch_interval(engine, seconds: float | None, saved: dict) -> None:
     while the prepare thread runs Python."""
     found = saved.setdefault("interval", sys.getswitchinterval())
     sys.setswitchinterval(found if seconds is None else seconds)
+
+
+def _switch_threads(engine, n: int | None, saved: dict) -> None:
+    """The image threads (prepare_threads): the judge's own pool (None) or one of n threads."""
+    import concurrent.futures
+
+    pools = saved.setdefault("pools", {None: engine._image_pool})
+    if n not in pools:
+        pools[n] = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="judge-image")
+    engine._image_pool = pools[n]
 
 
 # Stages that switch one default path on a loaded judge (_alternate): the variants (defaults
@@ -442,9 +593,14 @@ SWITCHED = {
              lambda engine: None if engine._rope_ahead is not None else
              "the rope positions are worked out ahead in logits mode only",
              "The rope positions: worked out on the host ahead (defaults) against the model's walk on the GPU"),
+    "mask": ({"defaults": True, "model_mask": False}, _switch_mask,
+             lambda engine: None if engine._mask_ahead is not None else "the image tokens are found ahead in logits mode only",
+             "The image tokens: found on the host ahead (defaults) against the model's placeholder check and masks"),
     "ramp": ({"defaults": 4, "whole_first_chunk": 0, "eighth_first": 8, "half_first": 2}, _switch_ramp,
              lambda engine: None if not engine._continuous else "a call of static batches only",
              "A call's first chunk: a quarter chunk first (defaults) against a whole, an eighth and a half"),
+    "threads": ({"defaults": None, "image_threads_8": 8}, _switch_threads, lambda engine: None,
+                "The image threads: the judge's prepare_threads (defaults) against 8"),
     "interval": ({"defaults": None, "interval_1ms": 0.001, "interval_0_2ms": 0.0002}, _switch_interval,
                  lambda engine: None, "The interpreter's switch interval: as found (defaults) against 1 and 0.2 ms"),
 }
@@ -503,6 +659,23 @@ def markdown(report: dict[str, Any]) -> str:
                 lines += [f"| `{w['call']}` | `{w['op'][:60]}` | `{w['where'][:120]}` | {w['count']} | {w['ms']} |"
                           for w in st["host_waits"]]
             lines.append("")
+        if key.startswith("timeline_") and "chunks" in st:
+            points = ("run_start", "visual_start", "visual_end", "get_placeholder_mask_start", "get_placeholder_mask_end",
+                      "language_model_start", "_deepstack_process_start", "_deepstack_process_end_3", "language_model_end",
+                      "run_end")
+            lines += [f"## A call's chunks, host and GPU clocks, {st['mode']} mode", "",
+                      f"{st['items']} items in {st['wall_ms']} ms; the GPU's first point at {st['first_point_gpu_ms']} ms; "
+                      f"from each chunk's end to the next one's first point {st['gpu_between_chunks_ms']} ms in all. "
+                      "Each point: the host's time, then how far behind it the GPU got there (ms from the call's start; "
+                      "~0: the GPU waited for the host).", "",
+                      "| chunk | items | prepared (host) | main waited for it | GPU from last chunk's end | "
+                      + " | ".join(points) + " |", "|---" * (5 + len(points)) + "|"]
+            for r in st["chunks"]:
+                cells = [f"{r[p]['host_ms']} (+{r[p].get('gpu_behind_ms', '?')})" if p in r else "" for p in points]
+                prep = f"{r['prep_start']['host_ms']}-{r['prep_end']['host_ms']}" if "prep_end" in r else ""
+                lines.append(f"| {r['chunk']} | {r.get('items')} | {prep} | {r.get('main_waited_for_prep_ms', '')} | "
+                             f"{r.get('gpu_from_last_chunk_end_ms', '')} | " + " | ".join(cells) + " |")
+            lines.append("")
         if key.startswith(("parts_", *(f"{k}_" for k in SWITCHED))) and "defaults" in st:
             title = {"parts": "The decoding step's fused parts",
                      **{k: v[3] for k, v in SWITCHED.items()}}[key.split("_")[0]]
@@ -547,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         images = make_images(None, max(a.n, a.bs), a.width, a.height)
         for stage in a.stages.split(","):
             fn = {"memory": stage_memory, "kernels": stage_kernels, "parts": stage_parts,
-                  "gaps": stage_gaps, **{k: stage_switched(k) for k in SWITCHED}}[stage]
+                  "gaps": stage_gaps, "timeline": stage_timeline, **{k: stage_switched(k) for k in SWITCHED}}[stage]
             for mode in a.modes.split(","):
                 try:
                     report[f"{stage}_{mode}"] = fn(model_dir, a, images, mode)
