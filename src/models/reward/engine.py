@@ -34,6 +34,7 @@ Where each job lives (JudgeEngine is assembled from one mixin per job):
     scoring.py      the forward pass / the answers, turned into sub-scores
     speed.py        the speed paths chosen at load (vision attention, compiling, fast decoding)
     rope_ahead.py     logits mode: each batch's rope positions worked out in the prepare thread
+    mask_ahead.py     logits mode: each batch's image-token positions found there too
     hooks.py        call points for the failure tests' plug-in (src/testing/faults.py)
 """
 from __future__ import annotations
@@ -233,6 +234,7 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         self._forget_vision_features()
         self._vision_reuse = None
         self._rope_ahead = None
+        self._mask_ahead = None
         self._compiled = []
         self._compile_pending = []
         self._free_memory()

@@ -134,8 +134,15 @@ class Preparation:
             inputs = self._encode_cpu(reqs)
         self._join_preprocess_stream(inputs)
         inputs = inputs.to(self.device)
-        # The rope positions worked out with the batch, taken out for the model (rope_ahead.py).
-        return self._rope_ahead.take(inputs) if self._rope_ahead is not None else inputs
+        # What was worked out with the batch (the rope positions, the image tokens' positions),
+        # taken out for the model (rope_ahead.py, mask_ahead.py).
+        for ahead in self._aheads():
+            inputs = ahead.take(inputs)
+        return inputs
+
+    def _aheads(self) -> list[Any]:
+        """What works out part of the forward pass on the host as a batch is prepared."""
+        return [a for a in (self._rope_ahead, self._mask_ahead) if a is not None]
 
     def _encode_cpu(self, reqs: list[_Request]):
         images = [im for r in reqs for im in r.images]
@@ -150,8 +157,8 @@ class Preparation:
                     raise _ItemError(f"the prompt is {n_tokens} tokens, over max_prompt_tokens={limit} "
                                      "(lower max_pixels or raise the limit)", "prompt_too_long")
                 raise RuntimeError("a prompt in the batch is over max_prompt_tokens")
-        if self._rope_ahead is not None:
-            self._rope_ahead.carry(inputs)
+        for ahead in self._aheads():
+            ahead.carry(inputs)
         return inputs
 
     def _preprocess_kwargs(self) -> dict[str, Any]:

@@ -36,6 +36,11 @@ class SpeedPaths:
         # prepared, not prompt by prompt with host syncs inside the forward pass (same positions;
         # rope_ahead.py). Not in generate mode, where it measured ~1% slower (benchmarks/NOTES.md).
         self._rope_ahead = RopeAhead.install(self.model) if s.mode == "logits" else None
+        from .mask_ahead import MaskAhead
+
+        # Logits mode: the image tokens' positions found as the batch is prepared, so that the
+        # placeholder check and Qwen3-VL's deepstack layers do not sync the host (mask_ahead.py).
+        self._mask_ahead = MaskAhead.install(self.model) if s.mode == "logits" else None
         self._compiled: list = []  # modules running compiled
         self._compile_pending: list[tuple[str, str, str]] = []  # automatic: compiled once enough items ran
         self._items_scored = 0
