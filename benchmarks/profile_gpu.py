@@ -19,14 +19,17 @@
            model's walk on the GPU, alternating
   mask     calls of --n items with the image tokens' positions found on the host ahead and with the
            model's own placeholder check and deepstack masks, alternating
+  split    calls of --n items with the tower's output split by the sizes known on the host and by
+           the model's own method (which reads them back from the device), alternating
   ramp     static batches: calls of --n items whose first chunk is a quarter chunk, a whole one, an
            eighth and a half, alternating
   interval calls of --n items with the interpreter's switch interval as found, 1 ms and 0.2 ms,
            alternating
   threads  calls of --n items with the judge's image threads and with 8, alternating
-  timeline one call of --n items, not profiled: per chunk, when the host and when the GPU
-           (CUDA) reached its run's start and end and the towers' starts and ends, and when the prepare
-           thread prepared it
+  timeline calls of --n items, not profiled: per chunk, when the host and (CUDA) when the GPU
+           reached its run's start and end, the towers' starts and ends and the forward pass's
+           syncing points, and when the prepare thread prepared it; a call as the judge runs, and
+           one with every chunk prepared before it starts
 Each stage runs the judge twice (an untimed call first: allocator, kernels, shapes), in the modes
 asked for (--modes logits,generate). Random weights of the real size (benchmarks/checkpoints.py).
 
@@ -319,12 +322,15 @@ def _switch_parts(engine, cudnn: bool, rotary: bool, saved: dict) -> None:
 
 
 def stage_timeline(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
-    """One call of --n items, not profiled, with a clock reading and (CUDA) an event at each
-    chunk's run (start, and end after its results were read), the vision tower's and the language
-    model's start and end, and clock readings around each chunk's preparation (the prepare
-    thread). Per point: when the host got there and when the GPU did. Where the GPU gets to a
-    point as soon as the host does, it had run out of work and waited for the host; the GPU's time
-    from one chunk's end to the next one's first point is idle but for that chunk's input copies."""
+    """Calls of --n items, not profiled, with a clock reading and (CUDA) an event at each chunk's
+    run (start, and end after its results were read), the vision tower's and the language model's
+    start and end, the placeholder check and the deepstack layers, and clock readings around each
+    chunk's preparation (the prepare thread). Per point: when the host got there and when the GPU
+    did. Where the GPU gets to a point as soon as the host does, it had run out of work and waited
+    for the host; the GPU's time from one chunk's end to the next one's first point is idle but for
+    that chunk's input copies. Two calls: `beside`, as the judge runs (each chunk prepared while
+    the one before runs), and `prepared_first`, every chunk prepared before the call starts (the
+    same chunks): what the preparation beside the model costs the model."""
     import threading
 
     import torch
@@ -345,15 +351,23 @@ def stage_timeline(model_dir: str, a, images: list, mode: str) -> dict[str, Any]
         marks.append((chunk, point, time.perf_counter(), ev))
 
     prepare, run_chunk = engine._prepare, engine._run_chunk
+    asked: list[tuple[tuple, dict]] = []  # the chunks a call prepares, in order
+    ready: list[Any] = []  # prepared_first: those chunks, prepared before the call
 
     def timed_prepare(*args, **kwargs):
         with lock:
             count["prep"] += 1
             k = count["prep"]
+        if ready:
+            return ready[k]
         mark(k, "prep_start", event=False)
         out = prepare(*args, **kwargs)
         mark(k, "prep_end", event=False)
         return out
+
+    def asking(*args, **kwargs):
+        asked.append((args, kwargs))
+        return prepare(*args, **kwargs)
 
     def timed_run(chunk):
         count["run"] += 1
@@ -381,26 +395,33 @@ def stage_timeline(model_dir: str, a, images: list, mode: str) -> dict[str, Any]
             return out
         return timed
 
+    calls: dict[str, dict[str, Any]] = {}
     try:
         for _ in range(2):  # the second call pays an automatic compile when compile_after_items <= bs
             judge.batch_score(images[:a.bs])
-        judge.batch_score(images[:a.n])  # a ramped call's batch shapes seen
-        runs.new_images(judge)
-        engine._prepare, engine._run_chunk = timed_prepare, timed_run
+        engine._prepare = asking
+        judge.batch_score(images[:a.n])  # a ramped call's batch shapes seen, and its chunks noted
         for owner, name, _ in patched:
             setattr(owner, name, timed_method(getattr(owner, name), name))
-        marks.clear()
-        count.update(run=-1, prep=-1)
-        ref = None
-        if cuda:
-            torch.cuda.synchronize()
-            ref = torch.cuda.Event(enable_timing=True)
-            ref.record()
-        t0 = time.perf_counter()
-        res = judge.batch_score(images[:a.n])
-        if cuda:
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
+        engine._prepare, engine._run_chunk = timed_prepare, timed_run
+        for variant in ("beside", "prepared_first"):
+            runs.new_images(judge)
+            ready[:] = [prepare(*args, **kwargs) for args, kwargs in asked] if variant == "prepared_first" else []
+            marks.clear()
+            count.update(run=-1, prep=-1)
+            ref = None
+            if cuda:
+                torch.cuda.synchronize()
+                ref = torch.cuda.Event(enable_timing=True)
+                ref.record()
+            t0 = time.perf_counter()
+            res = judge.batch_score(images[:a.n])
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+            calls[variant] = {"scored": sum(r.score is not None for r in res), "wall_ms": round(wall * 1e3, 1),
+                              **_timeline_chunks(marks, sizes, ref, t0)}
+            ready.clear()
     finally:
         for h in hooks:
             h.remove()
@@ -410,10 +431,16 @@ def stage_timeline(model_dir: str, a, images: list, mode: str) -> dict[str, Any]
             else:
                 setattr(owner, name, own)
         judge.close()
+    return {"mode": mode, "items": a.n, **calls}
+
+
+def _timeline_chunks(marks: list[tuple[int, str, float, Any]], sizes: dict[int, int], ref: Any, t0: float) -> dict[str, Any]:
+    """stage_timeline's points per chunk (a point reached again is named _2, _3, ...), and the
+    GPU's time between chunks."""
     chunks: dict[int, dict[str, Any]] = collections.defaultdict(dict)
     for k, point, t, ev in marks:
         n = 1
-        while (point if n == 1 else f"{point}_{n}") in chunks[k]:  # a point reached again: _2, _3, ...
+        while (point if n == 1 else f"{point}_{n}") in chunks[k]:
             n += 1
         at = chunks[k].setdefault(point if n == 1 else f"{point}_{n}", {"host_ms": round((t - t0) * 1e3, 2)})
         if ev is not None and ref is not None:
@@ -433,12 +460,10 @@ def stage_timeline(model_dir: str, a, images: list, mode: str) -> dict[str, Any]
         if "run_end" in c:
             prev_end = c["run_end"]
         rows.append(row)
-    between = sum(r.get("gpu_from_last_chunk_end_ms", 0.0) for r in rows)
-    return {"mode": mode, "items": a.n, "scored": sum(r.score is not None for r in res),
-            "wall_ms": round(wall * 1e3, 1),
-            "first_point_gpu_ms": min((r["visual_start"]["gpu_ms"] for r in rows if "gpu_ms" in r.get("visual_start", {})),
+    return {"first_point_gpu_ms": min((r["visual_start"]["gpu_ms"] for r in rows if "gpu_ms" in r.get("visual_start", {})),
                                       default=None),
-            "gpu_between_chunks_ms": round(between, 2), "chunks": rows}
+            "gpu_between_chunks_ms": round(sum(r.get("gpu_from_last_chunk_end_ms", 0.0) for r in rows), 2),
+            "chunks": rows}
 
 
 def _alternate(judge, a, images: list, variants: dict[str, Any], switch, mode: str) -> dict[str, Any]:
@@ -558,6 +583,13 @@ def _switch_mask(engine, ahead: bool, saved: dict) -> None:
         engine._mask_ahead = None
 
 
+def _switch_split(engine, here: bool, saved: dict) -> None:
+    """The tower's output split per image by the sizes the store of vision features knows (the
+    default) or by the model's method, which reads them back from the device (vision_reuse.py)."""
+    saved.setdefault("split", engine._vision_reuse._split_here)
+    engine._vision_reuse._split_here = here and saved["split"]
+
+
 def _switch_ramp(engine, part: int, saved: dict) -> None:
     """A call's first chunk: 1/part of a chunk, then the rest (4, the default), or a whole chunk (0)."""
     engine._ramp_first_chunk = part
@@ -596,6 +628,10 @@ SWITCHED = {
     "mask": ({"defaults": True, "model_mask": False}, _switch_mask,
              lambda engine: None if engine._mask_ahead is not None else "the image tokens are found ahead in logits mode only",
              "The image tokens: found on the host ahead (defaults) against the model's placeholder check and masks"),
+    "split": ({"defaults": True, "model_split": False}, _switch_split,
+              lambda engine: None if engine._vision_reuse is not None and engine._vision_reuse._split_here else
+              "the tower's output is split by the model's own method here",
+              "The tower's output: split by the sizes known on the host (defaults) against the model's method"),
     "ramp": ({"defaults": 4, "whole_first_chunk": 0, "eighth_first": 8, "half_first": 2}, _switch_ramp,
              lambda engine: None if not engine._continuous else "a call of static batches only",
              "A call's first chunk: a quarter chunk first (defaults) against a whole, an eighth and a half"),
@@ -659,23 +695,25 @@ def markdown(report: dict[str, Any]) -> str:
                 lines += [f"| `{w['call']}` | `{w['op'][:60]}` | `{w['where'][:120]}` | {w['count']} | {w['ms']} |"
                           for w in st["host_waits"]]
             lines.append("")
-        if key.startswith("timeline_") and "chunks" in st:
+        if key.startswith("timeline_") and "beside" in st:
             points = ("run_start", "visual_start", "visual_end", "get_placeholder_mask_start", "get_placeholder_mask_end",
                       "language_model_start", "_deepstack_process_start", "_deepstack_process_end_3", "language_model_end",
                       "run_end")
-            lines += [f"## A call's chunks, host and GPU clocks, {st['mode']} mode", "",
-                      f"{st['items']} items in {st['wall_ms']} ms; the GPU's first point at {st['first_point_gpu_ms']} ms; "
-                      f"from each chunk's end to the next one's first point {st['gpu_between_chunks_ms']} ms in all. "
-                      "Each point: the host's time, then how far behind it the GPU got there (ms from the call's start; "
-                      "~0: the GPU waited for the host).", "",
-                      "| chunk | items | prepared (host) | main waited for it | GPU from last chunk's end | "
-                      + " | ".join(points) + " |", "|---" * (5 + len(points)) + "|"]
-            for r in st["chunks"]:
-                cells = [f"{r[p]['host_ms']} (+{r[p].get('gpu_behind_ms', '?')})" if p in r else "" for p in points]
-                prep = f"{r['prep_start']['host_ms']}-{r['prep_end']['host_ms']}" if "prep_end" in r else ""
-                lines.append(f"| {r['chunk']} | {r.get('items')} | {prep} | {r.get('main_waited_for_prep_ms', '')} | "
-                             f"{r.get('gpu_from_last_chunk_end_ms', '')} | " + " | ".join(cells) + " |")
-            lines.append("")
+            for variant in ("beside", "prepared_first"):
+                v = st[variant]
+                lines += [f"## A call's chunks, host and GPU clocks, {st['mode']} mode, {variant.replace('_', ' ')}", "",
+                          f"{st['items']} items in {v['wall_ms']} ms; the GPU's first point at {v['first_point_gpu_ms']} ms; "
+                          f"from each chunk's end to the next one's first point {v['gpu_between_chunks_ms']} ms in all. "
+                          "Each point: the host's time, then how far behind it the GPU got there (ms from the call's "
+                          "start; ~0: the GPU waited for the host).", "",
+                          "| chunk | items | prepared (host) | main waited for it | GPU from last chunk's end | "
+                          + " | ".join(points) + " |", "|---" * (5 + len(points)) + "|"]
+                for r in v["chunks"]:
+                    cells = [f"{r[p]['host_ms']} (+{r[p].get('gpu_behind_ms', '?')})" if p in r else "" for p in points]
+                    prep = f"{r['prep_start']['host_ms']}-{r['prep_end']['host_ms']}" if "prep_end" in r else ""
+                    lines.append(f"| {r['chunk']} | {r.get('items')} | {prep} | {r.get('main_waited_for_prep_ms', '')} | "
+                                 f"{r.get('gpu_from_last_chunk_end_ms', '')} | " + " | ".join(cells) + " |")
+                lines.append("")
         if key.startswith(("parts_", *(f"{k}_" for k in SWITCHED))) and "defaults" in st:
             title = {"parts": "The decoding step's fused parts",
                      **{k: v[3] for k, v in SWITCHED.items()}}[key.split("_")[0]]

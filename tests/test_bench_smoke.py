@@ -37,7 +37,8 @@ RUNS = {
     "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch,gaps,rope", "--modes", "generate,logits", "--reps", "1",
                "--name", "profile_parts"], {"PYTHONPATH": str(ROOT)}, 300),
     # 5 items at batch 4: a ramped call's chunks are 1, 3 and 1 items, an unramped call's 4 and 1.
-    "switches": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "ramp,interval", "--modes", "logits,generate",
+    "switches": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "ramp,interval,threads,mask,split,timeline",
+                  "--modes", "logits,generate",
                   "--reps", "1", "--n", "5", "--bs", "4", "--name", "profile_switches"], {"PYTHONPATH": str(ROOT)}, 300),
 }
 
@@ -255,9 +256,27 @@ def test_profile_switches_smoke(smoke_runs):
         st = report[f"interval_{mode}"]
         assert st["variants"] == ["defaults", "interval_1ms", "interval_0_2ms"]
         assert all(st[name]["identical_to_defaults"] == 1.0 for name in st["variants"])
+    # 8 image threads, the image tokens found ahead or by the model, the tower's output split here
+    # or by the model: the same scores; logits mode only for the last two
+    for stage, other in (("threads", "image_threads_8"), ("mask", "model_mask"), ("split", "model_split")):
+        st = report[f"{stage}_logits"]
+        assert st["variants"] == ["defaults", other] and st[other]["identical_to_defaults"] == 1.0, st
+    assert report["mask_generate"] == {"skipped": "the image tokens are found ahead in logits mode only"}
+    # The timeline: every chunk of both calls (1, 3 and 1 items) reached each of its points in order
+    # on the host, and the chunks prepared first have no preparation of their own in the call.
+    tl = report["timeline_logits"]
+    for variant in ("beside", "prepared_first"):
+        call = tl[variant]
+        assert call["scored"] == 5 and [c["items"] for c in call["chunks"]] == [1, 3, 1], call
+        for c in call["chunks"]:
+            order = [c[p]["host_ms"] for p in ("run_start", "visual_start", "visual_end", "get_placeholder_mask_end",
+                                               "language_model_start", "language_model_end", "run_end")]
+            assert order == sorted(order), c
+            assert ("prep_end" in c) is (variant == "beside")
     md = (out / "profile_switches.md").read_text()
     assert "## A call's first chunk: a quarter chunk first (defaults) against a whole, an eighth and a half, logits mode" in md
     assert "## The interpreter's switch interval: as found (defaults) against 1 and 0.2 ms, generate mode" in md
+    assert "## A call's chunks, host and GPU clocks, logits mode, prepared first" in md
 
 
 def test_switch_interval_is_put_back():

@@ -183,7 +183,7 @@ def _check(t: dict) -> None:
 def test_interrupts_at_random_moments_always_exit_promptly_and_leave_no_worker(job_files, sigint_default):
     rng = random.Random(20261129)
     plan = []
-    for k in range(20):
+    for k in range(12):  # four of each phase, half of the scoring ones with a second Ctrl-C
         phase = ("start-up", "loading", "scoring")[k % 3]
         delay = rng.uniform(0, {"start-up": 0.4, "loading": 1.5, "scoring": 1.0}[phase])
         signals = [(signal.SIGINT, 0.0)]

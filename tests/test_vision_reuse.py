@@ -402,3 +402,45 @@ def test_a_call_s_first_cut_splits_no_group_of_shared_sources():
     assert cut_between_sources([item(a), item(a), item(a), item(b)], 1, 2) is None  # only past the limit
     assert cut_between_sources([item(), item(), item()], 1, 2) == 1  # no sources: anywhere
     assert cut_between_sources([item(a)], 1, 1) is None  # nothing to cut
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_the_tower_s_output_is_split_here_as_the_model_splits_it(arch):
+    # The model's method reads the split sizes back from the device after the tower (a host sync);
+    # the store splits the tower's output by the sizes it knows: the same features, and the same
+    # scores as through the model's method.
+    items = [ScoreItem(images=[im]) for im in _images(3, seed=5)]
+    with QwenVLRewardModel(model_name=f"tiny:{arch}", batch_size=3, compile_vision=False) as j:
+        r = j.engine._vision_reuse
+        assert r._split_here  # transformers' method as the store knows it
+        reqs = [req for req in j.engine._prepare(items, [0, 1, 2]).requests]
+        inputs = j.engine._encode_cpu(reqs)
+        pix, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+        sizes = [int(n) // r.merge ** 2 for n in grid.prod(-1)]
+        with torch.inference_mode():
+            here = r._encode(pix, grid, sizes, {"return_dict": True})
+            own = r.original(pix, grid, return_dict=True)
+        assert len(here.pooler_output) == 3 and [t.shape[0] for t in here.pooler_output] == sizes
+        assert all(torch.equal(a, b) for a, b in zip(here.pooler_output, own.pooler_output))
+        deep = getattr(own, "deepstack_features", None)
+        assert (deep is not None) == arch.startswith("qwen3")
+        if deep is not None:
+            assert all(torch.equal(a, b) for a, b in zip(here.deepstack_features, deep))
+        split_here = [res.score for res in j.batch_score(items)]
+        r._split_here = False
+        r.clear()
+        assert [res.score for res in j.batch_score(items)] == pytest.approx(split_here, abs=1e-6)
+        assert r.encoded == 6  # both calls ran the tower: nothing came from a store
+
+
+def test_a_method_other_than_the_known_one_runs_as_it_is():
+    from src.models.reward.vision_reuse import _splits_after_the_tower
+
+    class Other:
+        def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
+            pixel_values = pixel_values.type(self.visual.dtype)
+            out = self.visual(pixel_values, grid_thw=image_grid_thw, **kwargs)
+            out.pooler_output = self.projector(out.pooler_output)  # more than the split
+            return out
+
+    assert not _splits_after_the_tower(Other) and not _splits_after_the_tower(object)
