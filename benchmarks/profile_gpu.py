@@ -21,6 +21,8 @@
            model's own placeholder check and deepstack masks, alternating
   split    calls of --n items with the tower's output split by the sizes known on the host and by
            the model's own method (which reads them back from the device), alternating
+  gc       calls of --n items with the garbage collector as it is and with every object alive after
+           the judge's compile frozen out of its sight (gc.freeze), alternating
   ramp     static batches: calls of --n items whose first chunk is a quarter chunk, a whole one, an
            eighth and a half, alternating
   interval calls of --n items with the interpreter's switch interval as found, 1 ms and 0.2 ms,
@@ -395,7 +397,23 @@ def stage_timeline(model_dir: str, a, images: list, mode: str) -> dict[str, Any]
             return out
         return timed
 
+    # The cyclic garbage collector's passes: each stops every thread of the process while it runs.
+    import gc
+
+    collections_seen: list[tuple[int, int, float, float, str]] = []  # (chunk, generation, start, ms, thread)
+    started: dict[int, float] = {}
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[threading.get_ident()] = time.perf_counter()
+        else:
+            t = started.pop(threading.get_ident(), None)
+            if t is not None:
+                collections_seen.append((count["run"], info["generation"], t, (time.perf_counter() - t) * 1e3,
+                                         threading.current_thread().name))
+
     calls: dict[str, dict[str, Any]] = {}
+    gc.callbacks.append(on_gc)
     try:
         for _ in range(2):  # the second call pays an automatic compile when compile_after_items <= bs
             judge.batch_score(images[:a.bs])
@@ -408,6 +426,7 @@ def stage_timeline(model_dir: str, a, images: list, mode: str) -> dict[str, Any]
             runs.new_images(judge)
             ready[:] = [prepare(*args, **kwargs) for args, kwargs in asked] if variant == "prepared_first" else []
             marks.clear()
+            collections_seen.clear()
             count.update(run=-1, prep=-1)
             ref = None
             if cuda:
@@ -420,9 +439,14 @@ def stage_timeline(model_dir: str, a, images: list, mode: str) -> dict[str, Any]
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
             calls[variant] = {"scored": sum(r.score is not None for r in res), "wall_ms": round(wall * 1e3, 1),
-                              **_timeline_chunks(marks, sizes, ref, t0)}
+                              **_timeline_chunks(marks, sizes, ref, t0),
+                              "gc_passes": [{"chunk": k, "generation": g, "host_ms": round((t - t0) * 1e3, 2),
+                                             "ms": round(ms, 2), "thread": name}
+                                            for k, g, t, ms, name in collections_seen],
+                              "gc_ms": round(sum(c[3] for c in collections_seen), 2)}
             ready.clear()
     finally:
+        gc.callbacks.remove(on_gc)
         for h in hooks:
             h.remove()
         for owner, name, own in patched:
@@ -590,6 +614,18 @@ def _switch_split(engine, here: bool, saved: dict) -> None:
     engine._vision_reuse._split_here = here and saved["split"]
 
 
+def _switch_gc(engine, frozen: bool, saved: dict) -> None:
+    """The objects alive now moved out of the cyclic garbage collector's sight (a full collection,
+    then gc.freeze()) or back in its sight (gc.unfreeze())."""
+    import gc
+
+    if frozen:
+        gc.collect()
+        gc.freeze()
+    else:
+        gc.unfreeze()
+
+
 def _switch_ramp(engine, part: int, saved: dict) -> None:
     """A call's first chunk: 1/part of a chunk, then the rest (4, the default), or a whole chunk (0)."""
     engine._ramp_first_chunk = part
@@ -632,6 +668,8 @@ SWITCHED = {
               lambda engine: None if engine._vision_reuse is not None and engine._vision_reuse._split_here else
               "the tower's output is split by the model's own method here",
               "The tower's output: split by the sizes known on the host (defaults) against the model's method"),
+    "gc": ({"defaults": False, "frozen": True}, _switch_gc, lambda engine: None,
+           "The garbage collector: as it is (defaults) against the judge's objects frozen out of its sight"),
     "ramp": ({"defaults": 4, "whole_first_chunk": 0, "eighth_first": 8, "half_first": 2}, _switch_ramp,
              lambda engine: None if not engine._continuous else "a call of static batches only",
              "A call's first chunk: a quarter chunk first (defaults) against a whole, an eighth and a half"),
@@ -705,7 +743,11 @@ def markdown(report: dict[str, Any]) -> str:
                           f"{st['items']} items in {v['wall_ms']} ms; the GPU's first point at {v['first_point_gpu_ms']} ms; "
                           f"from each chunk's end to the next one's first point {v['gpu_between_chunks_ms']} ms in all. "
                           "Each point: the host's time, then how far behind it the GPU got there (ms from the call's "
-                          "start; ~0: the GPU waited for the host).", "",
+                          "start; ~0: the GPU waited for the host). "
+                          f"Garbage collector passes: {len(v.get('gc_passes', []))}, {v.get('gc_ms', 0)} ms in all"
+                          + "".join(f"; generation {c['generation']} for {c['ms']} ms at {c['host_ms']} ms (chunk {c['chunk']}, "
+                                    f"{c['thread']})" for c in v.get("gc_passes", []) if c["ms"] >= 1 or c["generation"] == 2)
+                          + ".", "",
                           "| chunk | items | prepared (host) | main waited for it | GPU from last chunk's end | "
                           + " | ".join(points) + " |", "|---" * (5 + len(points)) + "|"]
                 for r in v["chunks"]:
