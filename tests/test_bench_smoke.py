@@ -37,7 +37,7 @@ RUNS = {
     "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch,gaps,rope", "--modes", "generate,logits", "--reps", "1",
                "--name", "profile_parts"], {"PYTHONPATH": str(ROOT)}, 300),
     # 5 items at batch 4: a ramped call's chunks are 1, 3 and 1 items, an unramped call's 4 and 1.
-    "switches": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "ramp,interval,threads,mask,split,timeline",
+    "switches": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "ramp,interval,threads,mask,split,gc,timeline",
                   "--modes", "logits,generate",
                   "--reps", "1", "--n", "5", "--bs", "4", "--name", "profile_switches"], {"PYTHONPATH": str(ROOT)}, 300),
 }
@@ -257,8 +257,10 @@ def test_profile_switches_smoke(smoke_runs):
         assert st["variants"] == ["defaults", "interval_1ms", "interval_0_2ms"]
         assert all(st[name]["identical_to_defaults"] == 1.0 for name in st["variants"])
     # 8 image threads, the image tokens found ahead or by the model, the tower's output split here
-    # or by the model: the same scores; logits mode only for the last two
-    for stage, other in (("threads", "image_threads_8"), ("mask", "model_mask"), ("split", "model_split")):
+    # or by the model, the garbage collector frozen or not: the same scores; the image tokens
+    # ahead in logits mode only
+    for stage, other in (("threads", "image_threads_8"), ("mask", "model_mask"), ("split", "model_split"),
+                         ("gc", "frozen")):
         st = report[f"{stage}_logits"]
         assert st["variants"] == ["defaults", other] and st[other]["identical_to_defaults"] == 1.0, st
     assert report["mask_generate"] == {"skipped": "the image tokens are found ahead in logits mode only"}
@@ -273,10 +275,26 @@ def test_profile_switches_smoke(smoke_runs):
                                                "language_model_start", "language_model_end", "run_end")]
             assert order == sorted(order), c
             assert ("prep_end" in c) is (variant == "beside")
+        assert call["gc_ms"] == pytest.approx(sum(p["ms"] for p in call["gc_passes"]), abs=0.05)
     md = (out / "profile_switches.md").read_text()
     assert "## A call's first chunk: a quarter chunk first (defaults) against a whole, an eighth and a half, logits mode" in md
     assert "## The interpreter's switch interval: as found (defaults) against 1 and 0.2 ms, generate mode" in md
     assert "## A call's chunks, host and GPU clocks, logits mode, prepared first" in md
+
+
+def test_the_garbage_collector_is_put_back():
+    import gc
+
+    from benchmarks.profile_gpu import _switch_gc
+
+    assert gc.get_freeze_count() == 0
+    try:
+        _switch_gc(None, True, {})
+        assert gc.get_freeze_count() > 0
+        _switch_gc(None, False, {})
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
 
 
 def test_switch_interval_is_put_back():
