@@ -583,28 +583,22 @@ def _switch_patch_embed(engine, matmul: bool, saved: dict) -> None:
         vars(engine.model.model.visual.patch_embed).pop("forward", None)
 
 
-def _switch_rope(engine, ahead: bool, saved: dict) -> None:
-    """The rope positions worked out ahead on the host (rope_ahead.py, the default) or by the
-    model's own walk on the GPU (the model's method, nothing carried), on the loaded judge."""
-    rope = saved.setdefault("rope", engine._rope_ahead)
-    if ahead:
-        rope.wrap()
-        engine._rope_ahead = rope
-    else:
-        rope.uninstall()
-        engine._rope_ahead = None
+def _switch_ahead(attr: str):
+    """A switch for what the engine works out on the host ahead (engine.<attr>: rope_ahead.py's
+    rope positions, mask_ahead.py's image tokens; the default) against the model's own code
+    (its methods unwrapped, nothing carried), on the loaded judge."""
+    def switch(engine, ahead: bool, saved: dict) -> None:
+        obj = saved.setdefault(attr, getattr(engine, attr))
+        if ahead:
+            obj.wrap()
+        else:
+            obj.uninstall()
+        setattr(engine, attr, obj if ahead else None)
+    return switch
 
 
-def _switch_mask(engine, ahead: bool, saved: dict) -> None:
-    """The image tokens' positions found on the host ahead (mask_ahead.py, the default) or the
-    model's own placeholder check and deepstack masks, on the loaded judge."""
-    mask = saved.setdefault("mask", engine._mask_ahead)
-    if ahead:
-        mask.wrap()
-        engine._mask_ahead = mask
-    else:
-        mask.uninstall()
-        engine._mask_ahead = None
+_switch_rope = _switch_ahead("_rope_ahead")
+_switch_mask = _switch_ahead("_mask_ahead")
 
 
 def _switch_split(engine, here: bool, saved: dict) -> None:
