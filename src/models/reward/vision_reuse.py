@@ -19,8 +19,11 @@ Qwen3-VL-MoE) encode each image on its own (attention runs within one image's pa
 cu_seqlens, or windows inside it), so an image's features do not depend on which other images
 share its forward pass. The model's `get_image_features` is wrapped on the loaded instance: the
 images of a batch are named by a digest of their resized pixels (which is all the processor reads),
-the ones not yet encoded run through the original method in one call, and every image's features
-(and Qwen3-VL's deepstack features) are put back together in the batch's order.
+the ones not yet encoded run through the tower in one call, and every image's features (and
+Qwen3-VL's deepstack features) are put back together in the batch's order. Where the model's method
+is transformers' as this module knows it (`_encode`), the tower runs here and its output is split by
+the sizes known on the host, which the method would read back from the GPU right after launching
+the tower (a host sync); any other method runs as it is.
 
 Where features are kept, between the batches that show an image:
     chunk store   while a later batch of the same chunk (under continuous batching: of the call's
