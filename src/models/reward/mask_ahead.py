@@ -24,8 +24,9 @@ not carry, or with videos, goes to the model's own code.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Any
+
+from .rope_ahead import ByBatch
 
 POSITIONS = "_judge_image_positions"  # the image tokens' flat positions in (batch, tokens)
 
@@ -41,10 +42,7 @@ class MaskAhead:
         self._deep_original = text._deepstack_process if text is not None else None
         self._image_token = base.config.image_token_id
         self._video_token = getattr(base.config, "video_token_id", None)
-        # id(the batch's input_ids on the device) -> (a weak reference to it, the positions), from
-        # `take`. Not a WeakKeyDictionary: it compares keys with ==, which a tensor answers
-        # elementwise.
-        self._batches: dict[int, tuple[Any, Any]] = {}
+        self._batches = ByBatch()  # the image tokens' positions per batch on the device, from `take`
         # The last mask made here and its positions, for the deepstack layers, which get a view of it.
         # Held, not weakly referenced: under inference mode that view does not name the tensor it
         # views, which is gone by then; held, its memory is no other tensor's.
@@ -88,15 +86,13 @@ class MaskAhead:
         (the model must not see them) and file them under its `input_ids`."""
         positions = inputs.pop(POSITIONS, None)
         if positions is not None and self._base.__dict__.get("get_placeholder_mask") == self.get_placeholder_mask:
-            self._batches = {k: v for k, v in self._batches.items() if v[0]() is not None}  # batches gone
-            ids = inputs["input_ids"]
-            self._batches[id(ids)] = (weakref.ref(ids), positions)
+            self._batches.put(inputs["input_ids"], positions)
         return inputs
 
     def get_placeholder_mask(self, input_ids: Any, inputs_embeds: Any = None, image_features: Any = None,
                              video_features: Any = None):
-        ref, positions = self._batches.get(id(input_ids), (None, None))
-        if (ref is None or ref() is not input_ids or image_features is None or video_features is not None
+        positions = self._batches.get(input_ids)
+        if (positions is None or image_features is None or video_features is not None
                 or self._video_token is None
                 or positions.numel() * inputs_embeds.shape[-1] != image_features.numel()):
             return self._mask_original(input_ids, inputs_embeds=inputs_embeds, image_features=image_features,
@@ -119,4 +115,3 @@ class MaskAhead:
         rows = hidden_states.view(-1, hidden_states.shape[-1])
         rows[positions] = rows[positions] + visual_embeds
         return hidden_states
-

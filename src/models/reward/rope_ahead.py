@@ -46,9 +46,7 @@ class RopeAhead:
         self._original = base.get_rope_index
         params = inspect.signature(self._original).parameters
         self._args = [k for k in _FROM_INPUTS if k in params]
-        # id(the batch's input_ids on the device) -> (a weak reference to it, positions, deltas). Not
-        # a WeakKeyDictionary: it compares keys with ==, which a tensor answers elementwise.
-        self._ready: dict[int, tuple[Any, Any, Any]] = {}
+        self._ready = ByBatch()  # (positions, deltas) per batch on the device
         self._failed = False  # carry failed once: warned
         self.used = 0  # forward passes given positions worked out ahead (read by tests and benchmarks)
         self.wrap()
@@ -95,15 +93,33 @@ class RopeAhead:
         `inputs` (the model must not see them) and file them under its `input_ids`."""
         positions, deltas = inputs.pop(POSITIONS, None), inputs.pop(DELTAS, None)
         if positions is not None and self._base.__dict__.get("get_rope_index") == self.get_rope_index:
-            self._ready = {k: v for k, v in self._ready.items() if v[0]() is not None}  # batches gone
-            ids = inputs["input_ids"]
-            self._ready[id(ids)] = (weakref.ref(ids), positions, deltas)
+            self._ready.put(inputs["input_ids"], (positions, deltas))
         return inputs
 
     def get_rope_index(self, input_ids: Any, *args: Any, **kwargs: Any):
-        ref, positions, deltas = self._ready.get(id(input_ids), (None, None, None))
-        if ref is None or ref() is not input_ids:
+        ready = self._ready.get(input_ids)
+        if ready is None:
             return self._original(input_ids, *args, **kwargs)
+        positions, deltas = ready
         self.used += 1
         device = input_ids.device
         return (positions.to(device, non_blocking=True), deltas.to(device, non_blocking=True))
+
+
+class ByBatch:
+    """Values filed under a batch's `input_ids` tensor on the device, for as long as that tensor
+    lives, and found by that very tensor (another with equal values is another batch). Keyed by
+    id() with a weak reference to check it: not a WeakKeyDictionary, which compares keys with ==,
+    which a tensor answers elementwise. (mask_ahead.py files its positions here too.)"""
+
+    def __init__(self) -> None:
+        self._table: dict[int, tuple[Any, Any]] = {}
+
+    def put(self, ids: Any, value: Any) -> None:
+        self._table = {k: v for k, v in self._table.items() if v[0]() is not None}  # batches gone
+        self._table[id(ids)] = (weakref.ref(ids), value)
+
+    def get(self, ids: Any) -> Any:
+        """The value filed under this tensor, or None."""
+        ref, value = self._table.get(id(ids), (None, None))
+        return value if ref is not None and ref() is ids else None
