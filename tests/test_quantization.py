@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -207,46 +206,25 @@ def test_fp8_turns_the_language_layers_into_fp8_and_leaves_the_vision_tower(arch
 
 # -- bitsandbytes for real: installed by setup_env.sh into .venv/quant (requirements-quant.txt) ------
 
-_BNB_PROBE = '''
-import json
-from pathlib import Path
-from src.models.reward.implementations.local import QwenVLRewardModel
-from src.models.reward.types import ScoreItem
-demo = Path("data/demo")
-rows = [json.loads(l) for l in (demo / "manifest.jsonl").read_text().splitlines() if l.strip()]
-items = [ScoreItem(id=r["id"], images=[str(demo / r["image"])], source_images=[str(demo / r["source_image"])],
-                   instruction=r["instruction"]) for r in rows]
-out = {}
-for q in ["none", "bnb-8bit", "bnb-4bit"]:
-    with QwenVLRewardModel(model_name="tiny:judge", template="edit", quantization=q, batch_size=4) as j:
-        res = j.batch_score(items)
-        out[q] = {"report": j.engine.quantization, "scores": [r.score for r in res], "errors": [r.error for r in res]}
-print("RESULT " + json.dumps(out))
-'''
-
-
 def test_bitsandbytes_8bit_and_4bit_judges_score_like_the_full_precision_one(tmp_path):
     # The trained tiny judge on the demo's 11 edits, on the CPU: int8 and nf4 weights through
     # bitsandbytes, installed beside .venv (not in it: the missing-package tests need it absent).
-    from src.stats import spearman
-
+    # The script the README's figures come from (benchmarks/bnb_cpu.py), run as they were made.
     root = Path(__file__).resolve().parents[1]
-    site = root / ".venv" / "quant"
-    if not (site / "bitsandbytes").is_dir():
-        raise AssertionError(f"{site} is missing: bash setup_env.sh installs it (requirements-quant.txt)")
-    script = tmp_path / "bnb_probe.py"
-    script.write_text(_BNB_PROBE)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(root)])}
-    proc = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=900)
+    if not (root / ".venv" / "quant" / "bitsandbytes").is_dir():
+        raise AssertionError(".venv/quant is missing: bash setup_env.sh installs it (requirements-quant.txt)")
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bnb_cpu.py"), "--out", str(tmp_path)], cwd=root,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    ref = out["none"]["scores"]
-    assert out["bnb-8bit"]["report"] == "bnb-8bit (bitsandbytes int8)"
-    assert out["bnb-4bit"]["report"] == "bnb-4bit (bitsandbytes nf4)"
+    variants = json.loads((tmp_path / "bnb_cpu.json").read_text())["variants"]
+    ref = variants["none"]["scores"]
+    assert variants["bnb-8bit"]["report"] == "bnb-8bit (bitsandbytes int8)"
+    assert variants["bnb-4bit"]["report"] == "bnb-4bit (bitsandbytes nf4)"
     for q, max_diff, min_rho in (("bnb-8bit", 0.25, 0.95), ("bnb-4bit", 2.0, 0.9)):
-        scores = out[q]["scores"]
-        assert all(e is None for e in out[q]["errors"]) and all(s is not None for s in scores), out[q]
-        assert max(abs(a - b) for a, b in zip(ref, scores)) < max_diff, (q, ref, scores)
-        assert spearman(ref, scores) >= min_rho, (q, ref, scores)
-    assert out["bnb-8bit"]["scores"] != ref  # the weights really were quantized
+        row = variants[q]
+        assert all(e is None for e in row["errors"]) and all(s is not None for s in row["scores"]), row
+        assert row["vs_none"]["items_compared"] == len(ref) == 11
+        assert row["vs_none"]["max_abs_diff"] < max_diff, (q, ref, row["scores"])
+        assert row["vs_none"]["spearman"] >= min_rho, (q, ref, row["scores"])
+    assert variants["bnb-8bit"]["scores"] != ref  # the weights really were quantized
+    assert "| bnb-4bit | bnb-4bit (bitsandbytes nf4) | 11 |" in (tmp_path / "bnb_cpu.md").read_text()

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""How far bitsandbytes' int8 and NF4 weights move the trained tiny judge's scores, on the CPU.
+
+The demo's 11 edits (`data/demo`, the `edit` rubric) scored by `tiny:judge` with `quantization`
+none, bnb-8bit and bnb-4bit, each on a fresh load; per quantization the largest and mean score
+change against the full-precision scores and their Spearman correlation. bitsandbytes comes from
+`.venv/quant` (setup_env.sh installs it there from requirements-quant.txt, beside .venv and not in
+it), so the scoring runs in a child process with that folder on its path. The figures depend on
+the CPU's kernels a little (bitsandbytes' CPU int8 rounds by the instruction set it finds).
+
+    python benchmarks/bnb_cpu.py --out benchmarks/results/issue20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+QUANT_SITE = ROOT / ".venv" / "quant"
+VARIANTS = ("none", "bnb-8bit", "bnb-4bit")
+
+PROBE = '''
+import json, sys
+from pathlib import Path
+from src.models.reward.implementations.local import QwenVLRewardModel
+from src.models.reward.types import ScoreItem
+demo = Path("data/demo")
+rows = [json.loads(l) for l in (demo / "manifest.jsonl").read_text().splitlines() if l.strip()]
+items = [ScoreItem(id=r["id"], images=[str(demo / r["image"])], source_images=[str(demo / r["source_image"])],
+                   instruction=r["instruction"]) for r in rows]
+out = {}
+for q in sys.argv[1:]:
+    with QwenVLRewardModel(model_name="tiny:judge", template="edit", quantization=q, batch_size=4) as j:
+        res = j.batch_score(items)
+        out[q] = {"report": j.engine.quantization, "ids": [r.id for r in res], "scores": [r.score for r in res],
+                  "errors": [r.error for r in res]}
+print("RESULT " + json.dumps(out))
+'''
+
+
+def score(variants: tuple[str, ...] = VARIANTS, timeout: int = 900) -> dict[str, Any]:
+    """{quantization: {"report", "ids", "scores", "errors"}}, scored in one child process."""
+    if not (QUANT_SITE / "bitsandbytes").is_dir():
+        raise SystemExit(f"{QUANT_SITE} is missing: bash setup_env.sh installs it (requirements-quant.txt)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(QUANT_SITE), str(ROOT)])}
+    proc = subprocess.run([sys.executable, "-c", PROBE, *variants], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"the scoring process failed:\n{proc.stderr[-3000:]}")
+    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def compare(ref: list[float | None], scores: list[float | None]) -> dict[str, Any]:
+    """The score changes against the reference, over the items both scored."""
+    from src.stats import spearman
+
+    pairs = [(a, b) for a, b in zip(ref, scores) if a is not None and b is not None]
+    diffs = [abs(a - b) for a, b in pairs]
+    return {"items_compared": len(pairs), "max_abs_diff": round(max(diffs), 4) if diffs else None,
+            "mean_abs_diff": round(sum(diffs) / len(diffs), 4) if diffs else None,
+            "spearman": round(spearman([a for a, _ in pairs], [b for _, b in pairs]), 4) if len(pairs) > 1 else None}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the machine type."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["meta"]
+    lines = [f"# bitsandbytes on the CPU: the tiny judge's scores ({m['cpu']})", "", f"`{m['command']}`", "",
+             f"bitsandbytes {m['bitsandbytes']}, torch {m['torch']}; the demo's {m['items']} edits, `edit` rubric, "
+             "`tiny:judge`, against `quantization: none`.", "",
+             "| quantization | weights | scored | max abs diff | mean abs diff | Spearman |", "|---|---|---|---|---|---|"]
+    for q, row in report["variants"].items():
+        c = row["vs_none"]
+        scored = sum(s is not None for s in row["scores"])
+        lines.append(f"| {q} | {row['report']} | {scored} | {c['max_abs_diff']} | {c['mean_abs_diff']} | "
+                     f"{c['spearman']} |")
+    return "\n".join(lines + [""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for bnb_cpu.json and bnb_cpu.md")
+    a = ap.parse_args(argv)
+    out = score()
+    ref = out["none"]["scores"]
+    from importlib import metadata
+
+    bnb_version = next((d.version for d in metadata.distributions(path=[str(QUANT_SITE)])
+                        if d.metadata["Name"] == "bitsandbytes"), "?")
+    import torch
+
+    command = "python benchmarks/bnb_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = {"meta": {"command": command,
+                       "cpu": cpu_name(), "torch": torch.__version__,
+                       "bitsandbytes": bnb_version, "items": len(ref), "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+              "variants": {q: {**row, "vs_none": compare(ref, row["scores"])} for q, row in out.items()}}
+    folder = pathlib.Path(a.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bnb_cpu.json").write_text(json.dumps(report, indent=1))
+    (folder / "bnb_cpu.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
