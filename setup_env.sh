@@ -56,7 +56,7 @@ pip_sync() {
 }
 
 # need_disk GB WHAT: stop before pip does, with the reason, when this folder's disk has less than GB
-# free. An environment holds torch's CUDA build (~5.5 GB in a venv), and a disk that fills halfway
+# free. An environment holds torch's CUDA build (.venv ~5.8 GB, .venv-worker ~5.0 GB, by du), and a disk that fills halfway
 # through pip leaves a broken environment behind.
 need_disk() {
   local want_gb=$1 what=$2 free_kb
@@ -64,7 +64,7 @@ need_disk() {
   if [ -n "$free_kb" ] && [ "$free_kb" -lt $((want_gb * 1024 * 1024)) ]; then
     echo "setup_env.sh: $what needs about $want_gb GB of free disk; $(df -Ph . | awk 'NR==2 {print $4}') is free in $PWD." >&2
     echo "  Free some space (or run from a folder on a larger disk) and run setup_env.sh again;" >&2
-    echo "  --no-worker skips the worker environment (about 5.5 GB)." >&2
+    echo "  --no-worker skips the worker environment (about 5 GB)." >&2
     exit 1
   fi
 }
