@@ -56,8 +56,8 @@ pip_sync() {
 }
 
 # need_disk GB WHAT: stop before pip does, with the reason, when this folder's disk has less than GB
-# free. An environment holds torch's CUDA build (.venv ~5.8 GB, .venv-worker ~5.0 GB, by du), and a disk that fills halfway
-# through pip leaves a broken environment behind.
+# free. An environment holds torch's CUDA build (.venv ~5.8 GB, .venv-worker ~5.0 GB, by du), and a
+# disk that fills halfway through pip leaves a broken environment behind.
 need_disk() {
   local want_gb=$1 what=$2 free_kb
   free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
