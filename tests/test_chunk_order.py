@@ -137,6 +137,24 @@ def test_an_image_that_cannot_be_read_fails_alone_with_its_own_error(mixed_files
     _same_scores(ordered, given)  # the same errors, and the others scored the same
 
 
+def test_an_instruction_that_is_not_text_fails_alone_with_its_own_error(mixed_files):
+    # A number, or the NaN a table's empty cell becomes (Python callers, TRL's and verl's columns):
+    # the order's key reads each instruction's length before any item is prepared, so it must not
+    # take the call down; preparation fails that item alone, as it does under `input`.
+    items = [ScoreItem(images=[p], instruction="a red square", id=f"i{k}") for k, p in enumerate(mixed_files)]
+    items[2] = dataclasses.replace(items[2], instruction=7)
+    items[9] = dataclasses.replace(items[9], instruction=float("nan"))
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="alignment", batch_size=4) as j:
+        set_chunk_order(j.engine, "input")
+        given = j.batch_score(items)
+        set_chunk_order(j.engine, "auto")
+        ordered = j.batch_score(items)
+    errors = {r.index: (r.error, r.error_kind) for r in ordered if r.error is not None}
+    assert errors == {2: ("item 'i2' (#2): the instruction must be a string, got int", "input"),
+                      9: ("item 'i9' (#9): the instruction must be a string, got float", "input")}
+    _same_scores(ordered, given)
+
+
 def test_items_sharing_a_source_stay_together_when_sizes_differ(tmp_path):
     # 4 sources x 3 editing models, model by model; sources 1 and 3 (and their edits) larger.
     sources = [make_image(60 + s, *SIZES[2 if s % 2 else 0]) for s in range(4)]

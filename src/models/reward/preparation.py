@@ -50,6 +50,9 @@ class Preparation:
         loading = self._load_images(items)
         for pos, item in enumerate(items):
             try:
+                text = item.instruction
+                if text is not None and not isinstance(text, str):
+                    raise _ItemError(f"the instruction must be a string, got {type(text).__name__}", "input")
                 missing = self.rubric.missing_input(item.images, item.source_images, item.instruction)
                 if missing:
                     raise _ItemError(missing, "input")

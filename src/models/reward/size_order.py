@@ -135,7 +135,7 @@ def prompt_keys(items: Sequence[ScoreItem], resize: Resize | HeaderSize, with_so
         if any(g is None for g in shape):
             keys.append(None)
         else:
-            keys.append((sum(r * c for r, c in shape), tuple(shape), len(item.instruction or "")))
+            keys.append((sum(r * c for r, c in shape), tuple(shape), _text_length(item.instruction)))
     return keys
 
 
@@ -160,6 +160,12 @@ def chunk_order(items: Sequence[ScoreItem], chunk: int, resize: Resize | HeaderS
 
     order = [pos for unit in sorted(units, key=unit_key, reverse=True) for pos in unit]
     return None if order == list(range(n)) else order
+
+
+def _text_length(text: Any) -> int:
+    # Read before any item is prepared: an instruction that is not text (a number, a table's NaN)
+    # fails its own item in preparation, and must not take the call down here.
+    return len(text) if isinstance(text, str) else 0
 
 
 def _memo_key(img: Any) -> Any:
