@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import threading
 
 import pytest
 import torch
@@ -222,6 +223,35 @@ def test_under_a_memory_budget_kept_features_give_way_to_a_full_batch():
         finally:
             e.device = "cpu"
         assert list(r.kept) == oldest[2:]
+
+
+def test_the_prepare_thread_plans_its_batches_without_touching_the_kept_features():
+    # The prepare thread cuts the next chunk into batches (to run the processor ahead) while the
+    # main thread runs the model, whose get_image_features reads, pops and adds kept features.
+    # Under a memory budget the batch limit makes kept features give way to a full batch: done
+    # from the prepare thread, that eviction races the main thread on one OrderedDict (a KeyError
+    # or "mutated during iteration" there; one raised in the prepare thread fails the whole
+    # call). The prepare thread plans with the limit the main thread reaches once they give way.
+    imgs = _images(8, seed=14)
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", batch_size=4, max_memory_gb=1.0) as j:
+        e = j.engine
+        r = e._vision_reuse
+        j.batch_score([ScoreItem(images=[im]) for im in imgs[:4]])
+        size = r.kept_bytes / 4
+        kept = list(r.kept)
+        e._resident_bytes, room = 0.5e9, 0.5e9
+        e._bytes_per_prompt = room / 4 - 0.625 * size  # 4 prompts fit once two images' features leave
+        evicting: list[str] = []
+        shrink = r.shrink_to
+        r.shrink_to = lambda *a, **k: evicting.append(threading.current_thread().name) or shrink(*a, **k)
+        e.device = "cuda:0"  # the budget's arithmetic only (as above); nothing runs on a GPU
+        try:
+            chunk = e._pool.submit(e._prepare, [ScoreItem(images=[im]) for im in imgs[4:]], list(range(4))).result()
+            assert evicting == [] and list(r.kept) == kept  # the store left to the main thread
+            assert list(chunk.encoded) == [tuple((p, "quality") for p in range(4))]  # the full batch it will run
+            assert e._batch_limit() == 4 and evicting == ["MainThread"] and list(r.kept) == kept[2:]
+        finally:
+            e.device = "cpu"
 
 
 def test_vision_cache_mb_from_a_config_file_and_its_errors(tmp_path):

@@ -29,20 +29,20 @@ class _ItemError(Exception):
 class Batching:
     """Forming and running prompt batches (JudgeEngine mixin)."""
 
-    def _batches(self, chunk: _PreparedChunk) -> Iterator[list[_Request]]:
+    def _batches(self, chunk: _PreparedChunk, evict: bool = True) -> Iterator[list[_Request]]:
         """The prompt batches a chunk runs as (see `_static_batches`)."""
-        yield from self._static_batches([req for req in chunk.requests if req.pos not in chunk.errors])
+        yield from self._static_batches([req for req in chunk.requests if req.pos not in chunk.errors], evict)
 
-    def _static_batches(self, requests: list[_Request]) -> Iterator[list[_Request]]:
+    def _static_batches(self, requests: list[_Request], evict: bool = True) -> Iterator[list[_Request]]:
         """Prompt batches: one per template, cut to the batch limit. Lazy: the limit is read again
-        after each batch has run (and measured its memory)."""
+        after each batch has run (and measured its memory). evict: see `_batch_limit`."""
         by_template: dict[str, list[_Request]] = {}
         for req in requests:
             by_template.setdefault(req.template.name, []).append(req)
         for reqs in by_template.values():
             start = 0
             while start < len(reqs):
-                n = self._batch_limit()
+                n = self._batch_limit(evict)
                 yield reqs[start:start + n]
                 start += n
 
@@ -78,11 +78,14 @@ class Batching:
                 cuts.insert(1, cut)
         return list(zip(cuts[:-1], cuts[1:]))
 
-    def _batch_limit(self) -> int:
+    def _batch_limit(self, evict: bool = True) -> int:
         """Prompts for the next batch (batch_limit), with what the judge holds now. Under a memory
         budget batches come first: when vision features kept beyond their chunk (vision_reuse.py)
         leave room for fewer prompts than a full batch (the limit with nothing kept), the least
-        recently used give up that room, and no more; the batch is then full."""
+        recently used give up that room, and no more; the batch is then full.
+        evict False (the prepare thread, planning a chunk's batches while the main thread runs the
+        model, whose vision reuse reads and moves the same kept features): that full batch, with
+        nothing evicted; the main thread evicts as it runs it."""
         budget = self.settings.max_memory_gb if self.device.startswith("cuda") else None
         per_prompt = self._bytes_per_prompt
 
@@ -95,6 +98,8 @@ class Batching:
             return now
         full = limit(self._resident_bytes)
         if now < full:
+            if not evict:
+                return full
             reuse.shrink_to(budget * 1e9 - self._resident_bytes - full * per_prompt)
             return limit(self._held_bytes())  # read from what is kept now (full, as shrink_to empties as far as asked)
         return now

@@ -124,7 +124,7 @@ class Preparation:
         if self._continuous:  # each prompt alone: the continuous decode batches the ones that join together
             groups = [[r] for r in chunk.requests if r.pos not in chunk.errors]
         else:
-            groups = list(self._batches(chunk))
+            groups = list(self._batches(chunk, evict=False))  # the kept features are the main thread's
         for reqs in groups:
             try:
                 chunk.encoded[_batch_key(reqs)] = self._encode_cpu(reqs)
