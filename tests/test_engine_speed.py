@@ -157,6 +157,29 @@ def test_fast_decode_judge_answers_equal_generate():
     assert forced == _answers(mode="generate", max_new_tokens=8, min_new_tokens=8, batch_size=2, fast_decode=False)
 
 
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_fast_decode_prompts_without_images_equal_generate_after_prompts_with_them(arch):
+    # A rubric part may show no image (a template with `images: []`). The model's forward leaves the
+    # rope deltas of its last batch with images on the model for such a batch, and its own positions
+    # ignore the left padding; generate() sets deltas of zero and positions from the attention mask.
+    proc, model, prompts, imgs = _tiny_prompts(arch, 3)
+    pad = proc.tokenizer.pad_token_id
+    kw = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": pad}
+    texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "say" + " more" * 3 * i}]}],
+                                      add_generation_prompt=True, tokenize=False) for i in range(3)]
+    text_only = proc(text=texts, padding=True, return_tensors="pt")
+    assert (text_only["attention_mask"] == 0).any() and "image_grid_thw" not in text_only
+    with torch.inference_mode():
+        ref = model.generate(**text_only, **kw)[:, text_only["input_ids"].shape[1]:]
+        for before in (prompts[:1], prompts):  # the image batch's deltas: one row, or as many rows
+            with_images = proc(text=before, images=imgs[:len(before)], padding=True, return_tensors="pt")
+            fast_decode.greedy_generate(model, with_images, max_new_tokens=3, eos_token_ids=(), pad_token_id=pad)
+            assert model.model.rope_deltas is not None and bool((model.model.rope_deltas != 0).any())
+            ours = fast_decode.greedy_generate(model, text_only, max_new_tokens=10, pad_token_id=pad,
+                                               eos_token_ids=model.generation_config.eos_token_id)
+            assert torch.equal(ours[:, :ref.shape[1]], ref)
+
+
 def test_fast_decode_falls_back_with_a_reason(tmp_path, caplog):
     from src.models.tiny import build_tiny_model
 

@@ -201,10 +201,19 @@ def _prefill(model: Any, inputs: Any, cache_len: int) -> tuple[Any, Any, Any, An
     attn = inputs.get("attention_mask")
     if attn is None:
         attn = torch.ones_like(ids)
-    out = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    extra = {}
+    # A batch without images (a rubric part that shows none): the model's forward would leave the
+    # rope deltas of its last batch with images on the model (read below) and number the tokens
+    # from the left edge, padding included. generate() gives such a batch its text positions from
+    # the attention mask, for the text and the three rope sections, and deltas of zero.
+    text_only = inputs.get("image_grid_thw") is None and inputs.get("video_grid_thw") is None
+    if text_only and inputs.get("position_ids") is None:
+        pos = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)
+        extra["position_ids"] = pos[None].expand(4, *pos.shape)
+    out = model(**inputs, **extra, past_key_values=cache, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1, :].float()
     del out
-    deltas = getattr(model.model, "rope_deltas", None)
+    deltas = None if text_only else getattr(model.model, "rope_deltas", None)
     if deltas is None:
         deltas = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
     return cache, attn, logits, deltas
