@@ -604,6 +604,40 @@ def test_stack_inputs_refuses_what_it_cannot_lay_out():
         row_decode.stack_inputs([dict(a, extra=torch.zeros(5)), dict(b, extra=torch.zeros(5))], 7)
 
 
+def test_stack_inputs_keeps_the_images_of_rows_after_a_row_without_any():
+    # Under continuous batching the prompts that join together come from every rubric part; a part
+    # that shows no image gives a row without pixel_values. The images of the other rows are laid
+    # out whichever row comes first (taken from the first row's keys, they were dropped: the image
+    # prompts answered without their images, silently; or a KeyError when the first row had some).
+    text = {"input_ids": torch.ones(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    image = {"input_ids": torch.full((1, 3), 5), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+             "pixel_values": torch.rand(4, 2), "image_grid_thw": torch.tensor([[1, 2, 2]])}
+    for rows in ([text, image, text], [image, text]):
+        out = row_decode.stack_inputs(rows, 7)
+        assert torch.equal(out["pixel_values"], image["pixel_values"])
+        assert torch.equal(out["image_grid_thw"], image["image_grid_thw"])
+        assert out["input_ids"].shape == (len(rows), 3) and out["attention_mask"].sum() == 3 + 2 * (len(rows) - 1)
+    with pytest.raises(ValueError, match="a row has no 'attention_mask'"):
+        row_decode.stack_inputs([image, {"input_ids": torch.ones(1, 2, dtype=torch.long)}], 7)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])
+def test_continuous_batching_a_rubric_with_a_part_that_shows_no_image(arch, caplog):
+    # Text-only prompts (a part asking about the instruction alone) and image prompts join one
+    # decode: the same answers as static batches and as generate(), and the decode does not fail.
+    templates = {"instruction_only": {"text": "Is this a clear edit instruction: {instruction}?", "images": []},
+                 "both": {"parts": {"text": "instruction_only", "image": "edit_quality"}, "combine": "mean"}}
+    items = [ScoreItem(images=[im], instruction="make it" + " red" * k) for k, im in enumerate(_images(5, seed=4))]
+    base = dict(mode="generate", max_new_tokens=6, template="both", templates=templates, batch_size=2)
+    out = {}
+    for name, extra in (("continuous", {}), ("static", {"continuous_batching": False}), ("generate()", {"fast_decode": False})):
+        with QwenVLRewardModel(model_name=f"tiny:{arch}", **base, **extra) as j:
+            assert j.engine._continuous is (name == "continuous")
+            out[name] = [r.raw for r in j.batch_score(items)]
+    assert out["continuous"] == out["static"] == out["generate()"]
+    assert "continuous batching failed" not in caplog.text
+
+
 def test_continuous_batching_judge_gives_the_static_answers(caplog):
     # 7 items, batch 2: two start, five join as answers end; items' own budgets spread the lengths.
     imgs = _images(7, seed=3)

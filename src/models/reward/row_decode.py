@@ -39,7 +39,9 @@ def stack_inputs(rows: list[Any], pad_token_id: int) -> Any:
     """One batch from single prompts' processor outputs, laid out as the processor lays out a
     left-padded batch: per-token tensors (input_ids, attention_mask, mm_token_type_ids) padded on
     the left (input_ids with the pad token, the others with 0), the images' tensors (pixel_values,
-    image_grid_thw) concatenated in prompt order. Any other key is refused rather than guessed."""
+    image_grid_thw) concatenated in prompt order. Any other key is refused rather than guessed.
+    Rows may differ in the images they carry (a rubric part that shows no image joins beside one
+    that does): each images' tensor is laid out from every row that has it."""
     import torch
     import torch.nn.functional as F
     from transformers import BatchFeature
@@ -48,11 +50,14 @@ def stack_inputs(rows: list[Any], pad_token_id: int) -> Any:
         return rows[0]
     width = max(r["input_ids"].shape[1] for r in rows)
     out = {}
-    for key in rows[0].keys():
-        vals = [r[key] for r in rows]
+    for key in dict.fromkeys(k for r in rows for k in r.keys()):
         if key in _CONCAT_KEYS:
-            out[key] = torch.cat(vals)
-        elif all(v.dim() == 2 and v.shape == r["input_ids"].shape for v, r in zip(vals, rows)):
+            out[key] = torch.cat([r[key] for r in rows if key in r])
+            continue
+        if any(key not in r for r in rows):
+            raise ValueError(f"stack_inputs: a row has no {key!r} (only images' tensors may be missing from a row)")
+        vals = [r[key] for r in rows]
+        if all(v.dim() == 2 and v.shape == r["input_ids"].shape for v, r in zip(vals, rows)):
             if any(v.shape[0] != 1 for v in vals):
                 raise ValueError("stack_inputs: each processor output must hold one prompt")
             fill = pad_token_id if key == "input_ids" else 0
