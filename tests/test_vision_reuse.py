@@ -337,6 +337,25 @@ def test_a_bad_item_in_a_grouped_call_fails_alone_under_its_own_index(tmp_path):
     _same_results([grouped[k] for k in good], [plain[k] for k in good], "logits")
 
 
+def test_a_source_of_a_type_preparation_refuses_fails_alone_in_a_grouped_call():
+    # Grouping keys every item's sources before any item is prepared. A memoryview is no image
+    # input (preparation refuses it, naming the type), and one over strided memory cannot be hashed
+    # (BufferError): keyed by its digest it took the whole call down, where without vision reuse
+    # only its item failed.
+    items = _model_by_model()
+    items[5] = dataclasses.replace(items[5], source_images=[memoryview(b"not an image")[::2]])
+    results = {}
+    for reuse in (False, True):
+        with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=6, vision_reuse=reuse) as j:
+            results[reuse] = j.batch_score(items)
+    for res in results.values():
+        assert [r.index for r in res] == list(range(12))
+        assert res[5].error == ("item 'm1-s1' (#5): source image <memoryview>: unsupported image type memoryview; "
+                                "give a path, bytes or a PIL image") and res[5].error_kind == "image"
+    good = [k for k in range(12) if k != 5]
+    _same_results([results[True][k] for k in good], [results[False][k] for k in good], "logits")
+
+
 def test_grouped_batches_split_on_out_of_memory_keep_every_result(monkeypatch):
     items = _model_by_model()
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=6, vision_cache_mb=0) as j:

@@ -32,7 +32,7 @@ def image_identity(img: Any, digests: dict[int, bytes] | None = None) -> Hashabl
     (the caller's call). digests: id(bytes) -> digest, so bytes shared by items are hashed once."""
     if isinstance(img, (str, os.PathLike)):
         return ("path", os.fspath(img))
-    if isinstance(img, (bytes, bytearray, memoryview)):
+    if isinstance(img, (bytes, bytearray)):  # the bytes preparation reads (a memoryview is no image input)
         d = digests.get(id(img)) if digests is not None else None
         if d is None:
             d = hashlib.blake2b(img, digest_size=16).digest()
