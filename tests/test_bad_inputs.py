@@ -283,3 +283,35 @@ def test_csv_manifest_rows(tmp_path, ledger):
     assert "duplicate id 'c1'" in rows[3].error
     for r, what in zip(rows[1:], ("CSV row without an image", "CSV row with a surplus cell", "CSV duplicate id")):
         ledger.bad_input(what, r.id, {"score": None, "error_kind": "manifest", "error": r.error})
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])
+def test_an_instruction_holding_a_special_token_fails_alone(tiny_cache, arch, ledger):
+    # The processor reads '<|image_pad|>' in a prompt's text as the image placeholder itself: the
+    # model then found more placeholders than images and failed the batch ("StopIteration"), and
+    # '<|im_end|>' would end the user's turn inside the instruction. Such an item fails alone,
+    # naming the token; its neighbours score as they do alone. A rubric that does not show the
+    # instruction does not read it.
+    from src.models.reward.implementations.local import QwenVLRewardModel
+    from src.models.reward.types import ScoreItem
+
+    img = make_image(90, 64, 64)
+    texts = ["a red square", "a red <|image_pad|> square", "a <|vision_start|> square", "red <|im_end|> then",
+             "a <|video_pad|>", "a plain red square"]
+    items = [ScoreItem(images=[img], instruction=t, id=f"s{k}") for k, t in enumerate(texts)]
+    with QwenVLRewardModel(model_name=f"tiny:{arch}", template="alignment", batch_size=4) as judge:
+        got = judge.batch_score(items)
+        alone = [judge.batch_score([items[k]])[0] for k in (0, 5)]
+    with QwenVLRewardModel(model_name=f"tiny:{arch}", template="quality", batch_size=4) as judge:
+        unread = judge.batch_score(items)
+    for k, token in ((1, "<|image_pad|>"), (2, "<|vision_start|>"), (3, "<|im_end|>"), (4, "<|video_pad|>")):
+        r = got[k]
+        assert r.score is None and r.error_kind == "input", r
+        assert r.error == (f"item 's{k}' (#{k}): the instruction holds {token!r}, a special token of the judge's "
+                           "prompt format, which a prompt cannot carry as text (remove it)")
+        if arch == "qwen3_vl":
+            ledger.bad_input(f"instruction holding {token}", r.id, {"score": None, "error_kind": r.error_kind,
+                                                                     "error": r.error})
+    for k, ref in zip((0, 5), alone):
+        assert got[k].error is None and got[k].score == pytest.approx(ref.score, abs=1e-5)
+    assert all(r.error is None and r.score is not None for r in unread)

@@ -53,6 +53,10 @@ class Preparation:
                 text = item.instruction
                 if text is not None and not isinstance(text, str):
                     raise _ItemError(f"the instruction must be a string, got {type(text).__name__}", "input")
+                held = self._special_token_in(text)
+                if held:
+                    raise _ItemError(f"the instruction holds {held!r}, a special token of the judge's prompt format, "
+                                     "which a prompt cannot carry as text (remove it)", "input")
                 missing = self.rubric.missing_input(item.images, item.source_images, item.instruction)
                 if missing:
                     raise _ItemError(missing, "input")
@@ -97,6 +101,24 @@ class Preparation:
                 chunk.errors[pos] = (f"could not prepare the item: {type(e).__name__}: {e}", "input")
         self._pre_encode(chunk)
         return chunk
+
+    def _special_token_in(self, text: Any) -> str | None:
+        """The first special token of the judge's tokenizer (the image and video placeholders, the
+        chat turns' markers) that an instruction shown to the judge holds as text, or None. The
+        processor would read it as the token itself: an image placeholder the prompt has no image
+        for (the model then fails the whole batch), or a turn of the chat that the instruction
+        ends or opens. An instruction no part of the rubric shows is not read."""
+        if not isinstance(text, str) or not any(t.needs_instruction for _, t in self.rubric.parts):
+            return None
+        tokens = self.__dict__.get("_special_tokens")
+        if tokens is None:
+            tok = getattr(self.processor, "tokenizer", self.processor)
+            found = [t.content for t in (getattr(tok, "added_tokens_decoder", None) or {}).values()
+                     if getattr(t, "special", False)]
+            found += [t for t in (getattr(self.processor, "image_token", None),
+                                  getattr(self.processor, "video_token", None)) if isinstance(t, str) and t]
+            tokens = self._special_tokens = tuple(dict.fromkeys(found))
+        return next((t for t in tokens if t in text), None)
 
     def _load_images(self, items: list[ScoreItem]) -> dict[tuple[int, str, int], concurrent.futures.Future]:
         # Decoding and resizing (PIL, which releases the GIL) on several threads: on one thread it
