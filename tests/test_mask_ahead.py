@@ -43,6 +43,11 @@ def test_the_mask_and_deepstack_sums_are_the_models_own(arch):
         got = judge.engine.model.model.language_model._deepstack_process(hidden, image[..., 0], deep)
         want = ahead._deep_original(hidden, want_image[..., 0], deep)
         assert torch.equal(got, want) and not torch.equal(got, hidden)
+        # Hidden states laid out otherwise (a compiled layer may return any strides): the same sums.
+        odd = hidden.transpose(0, 1).contiguous().transpose(0, 1)
+        assert not odd.is_contiguous()
+        got = judge.engine.model.model.language_model._deepstack_process(odd, image[..., 0], deep)
+        assert torch.equal(got, want)
         # A mask the model did not get from this batch's check: the model's own code.
         calls = []
         own = ahead._deep_original

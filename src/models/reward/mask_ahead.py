@@ -103,6 +103,8 @@ class MaskAhead:
         return image.unsqueeze(-1), (input_ids == self._video_token).unsqueeze(-1)
 
     def _deepstack_process(self, hidden_states: Any, visual_pos_masks: Any, visual_embeds: Any):
+        import torch
+
         # The model passes a view of the mask get_placeholder_mask made (image_mask[..., 0]): the same
         # memory, read the same way.
         mask, positions = self._mask if self._mask is not None else (None, None)
@@ -111,7 +113,9 @@ class MaskAhead:
             return self._deep_original(hidden_states, visual_pos_masks, visual_embeds)
         positions = positions.to(hidden_states.device, non_blocking=True)
         visual_embeds = visual_embeds.to(hidden_states.device, hidden_states.dtype)
-        hidden_states = hidden_states.clone()
+        # A copy laid out row after row, whatever the strides it came with (a compiled layer's
+        # output may have others), so that the rows can be indexed as one matrix.
+        hidden_states = hidden_states.clone(memory_format=torch.contiguous_format)
         rows = hidden_states.view(-1, hidden_states.shape[-1])
         rows[positions] = rows[positions] + visual_embeds
         return hidden_states
