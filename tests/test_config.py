@@ -90,8 +90,10 @@ def test_load_config_and_overrides(tmp_path):
 
 
 def test_template_errors_name_the_template():
-    with pytest.raises(ValueError, match="unknown template 'qualty'; known: .*quality"):
+    with pytest.raises(ValueError, match="unknown template 'qualty'. Did you mean 'quality'[?] Known: .*quality"):
         resolve_rubric("qualty")
+    with pytest.raises(ValueError, match="unknown template 'zzz'. Known: "):
+        resolve_rubric("zzz")
     with pytest.raises(ValueError, match=r"template 'quality': unknown key\(s\) \['txt'\]"):
         resolve_rubric("quality", {"quality": {"txt": "x"}})
     with pytest.raises(ValueError, match="unknown image role 'edited'"):

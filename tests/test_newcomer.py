@@ -131,6 +131,20 @@ def test_qwen_judge_command_runs_the_readme_multi_gpu_switch(installed, tmp_path
     assert "Loading weights" not in run.stderr and "it/s" not in run.stderr, run.stderr[-2000:]
 
 
+def test_readme_template_examples_resolve():
+    """Every YAML block of the README that defines templates: each name it defines resolves, as
+    `model.params.template`, to a rubric (a rubric whose parts do not share a scale is refused)."""
+    import yaml
+
+    from src.models.reward.templates import resolve_rubric
+
+    blocks = [yaml.safe_load(b) for b in _blocks(README, "yaml") if b.lstrip().startswith("templates:")]
+    assert blocks, "the README's template example is gone"
+    for block in blocks:
+        for name in block["templates"]:
+            assert resolve_rubric(name, block["templates"]).parts
+
+
 def test_readme_config_error_examples_print_what_the_cli_prints(tmp_path, capsys):
     """Each `$ command` / `error: ...` pair of the README (`...` stands for the rest of the
     line); every one stops before any model loads, so no output folder appears."""

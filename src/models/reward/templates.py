@@ -11,6 +11,8 @@ integer, so both modes report on one scale.
 """
 from __future__ import annotations
 
+import difflib
+
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
@@ -222,7 +224,9 @@ def resolve_rubric(name: str, overrides: Mapping[str, Any] | None = None) -> Rub
     if name in templates:
         return Rubric(name=name, parts=((name, templates[name]),), combine="single")
     known = sorted(set(templates) | set(rubrics))
-    raise ValueError(f"unknown template {name!r}; known: {', '.join(known)}")
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ValueError(f"unknown template {name!r}.{hint} Known: {', '.join(known)}")
 
 
 def rubric_fingerprint(rubric: Rubric) -> dict[str, Any]:
