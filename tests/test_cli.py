@@ -393,6 +393,13 @@ def test_config_mistakes_stop_before_anything_starts(tmp_path, edit_manifest, ca
                                               f"uses template 'edit_instruction'), and no row of the manifest {folder}"),
         (["--set", f"job.manifest={folder}", "--set", "model.params.template=alignment"],
          "template 'alignment' needs an instruction, and no row of the manifest"),
+        # bool("false") is True: a quoted false (or any other word) must not resume or report
+        (["--set", 'job.resume="false"'], "error: job.resume: expected true or false, got 'false'"),
+        (["--set", "job.report=maybe"], "error: job.report: expected true or false, got 'maybe'"),
+        (["--set", "job.chunk_size=true"], "error: job.chunk_size: expected a positive integer, got True"),
+        # a service's config given to a job: where the section belongs, not a near key
+        (["--set", "server.port=8000"], "error: config: a 'server' section is for the reward service: run it with "
+                                        "`main.py serve --config ...`; a job config has the keys model, job"),
     ]
     for extra, message in cases:
         rc = main(["--config", cfg, *extra], prog="main.py")

@@ -362,7 +362,9 @@ def test_serve_config_errors_are_named_before_loading(tmp_path):
     for override, message in [("server.prot=1", "server: unknown key 'prot'. Did you mean 'port'?"),
                               ("server.max_batch=0", "server.max_batch: must be at least 1"),
                               ("server.token_env=NOT_SET_ANYWHERE_42", "NOT_SET_ANYWHERE_42"),
-                              ("model.params.batch_sise=2", "Did you mean 'batch_size'?")]:
+                              ("model.params.batch_sise=2", "Did you mean 'batch_size'?"),
+                              ("job.output_dir=/tmp/x", "a 'job' section is for a scoring job: run it with "
+                                                        "`main.py run --config ...`")]:
         out = subprocess.run([sys.executable, "main.py", "serve", "--config", "configs/server.yaml", "--set", override],
                              cwd=ROOT, capture_output=True, text=True, timeout=120,
                              env={k: v for k, v in os.environ.items() if k != "NOT_SET_ANYWHERE_42"})

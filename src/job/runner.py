@@ -66,15 +66,19 @@ class JobSpec:
             if not job.get(k):
                 raise ConfigError(f"job: missing '{k}'")
         chunk = job.get("chunk_size", 64)
-        if not isinstance(chunk, int) or chunk < 1:
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ConfigError(f"job.chunk_size: expected a positive integer, got {chunk!r}")
+        flags = {"resume": job.get("resume", True), "report": job.get("report", False)}
+        for k, v in flags.items():
+            if not isinstance(v, bool):  # bool("false") is True: a quoted false must not resume
+                raise ConfigError(f"job.{k}: expected true or false, got {v!r}")
 
         def where(p: str) -> Path:
             q = Path(p).expanduser()
             return q if q.is_absolute() else (base / q)
 
         return cls(manifest=where(job["manifest"]), output_dir=where(job["output_dir"]), chunk_size=chunk,
-                   resume=bool(job.get("resume", True)), report=bool(job.get("report", False)))
+                   resume=flags["resume"], report=flags["report"])
 
 
 CONFIG_KEYS = ("model", "job")
@@ -84,6 +88,9 @@ def check_top_level(cfg: dict[str, Any]) -> None:
     """A job config has `model` and `job`; any other key is a mistake (a misplaced `--set`)."""
     elsewhere = {**{k: f"job.{k}" for k in JOB_KEYS}, **model_param_paths(cfg.get("model"))}
     for key in cfg:
+        if key == "server":
+            raise ConfigError("config: a 'server' section is for the reward service: run it with "
+                              "`main.py serve --config ...`; a job config has the keys model, job")
         if key not in CONFIG_KEYS:
             raise unknown_key_error("config", str(key), list(CONFIG_KEYS), elsewhere)
 

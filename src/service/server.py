@@ -520,6 +520,10 @@ def serve_from_config(cfg: Mapping[str, Any], base: str | os.PathLike | None = N
     from ..models.reward.config import ConfigError, model_param_paths, resolve_spec, unknown_key_error
 
     for key in cfg:
+        if key == "job":
+            raise ConfigError("serve: config: a 'job' section is for a scoring job: run it with "
+                              "`main.py run --config ...` (or `main.py --config ...`); a service config has the keys "
+                              "model, server")
         if key not in ("model", "server"):
             elsewhere = {**{f.name: f"server.{f.name}" for f in dataclasses.fields(ServerSettings)},
                          **model_param_paths(cfg.get("model"))}
