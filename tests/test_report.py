@@ -520,3 +520,38 @@ def test_summary_json_missing_or_from_another_run(tmp_path):
     assert "is from another run (fingerprint fp-B" in text and "secret-model" not in text
     (d / "summary.json").write_text("{broken")
     assert "could not be read" in write_report(d / "results.jsonl", d / "c.html").read_text()
+
+
+def test_a_summary_or_a_cut_line_is_named_for_what_it_is(tmp_path, capsys):
+    # summary.json given where results.jsonl belongs: said so, not "corrupt, re-run the job"; a
+    # cut line's column is the line's own (not column 1 of the line after its end).
+    d = tmp_path / "job"
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps({"items": 1, "scored": 1, "failures_by_kind": {},
+                                                "fingerprint": "fp-A"}, indent=1))
+    assert report_main([str(d / "summary.json"), "--out", str(d / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"error: {d / 'summary.json'}: this is a job's summary.json, not its results; pass "
+                           "results.jsonl from the same folder")
+    (d / "other.json").write_text(json.dumps([1, 2], indent=1))
+    assert report_main([str(d / "other.json")]) == 2
+    assert "one JSON document, not a results.jsonl" in capsys.readouterr().err
+    cut = d / "results.jsonl"
+    cut.write_text(json.dumps(_rec(1, "a", 5.0)) + "\n" + '{"index": 2, "id": "b",\n')
+    assert report_main([str(cut)]) == 2
+    assert f"{cut}, line 2: not valid JSON (Expecting property name enclosed in double quotes at column 24)" in \
+        capsys.readouterr().err
+    assert not (d / "r.html").exists() and not (d / "report.html").exists()
+
+
+def test_a_python_without_pillow_says_so_instead_of_every_image_unreadable(failing_job, tmp_path):
+    # The report run by a Python that lacks Pillow (the system's, say): the page is written
+    # without pictures, one line says why, and no image is called unreadable.
+    script = ("import sys, runpy; sys.modules['PIL'] = None; "
+              f"sys.argv = ['main.py', 'report', {str(failing_job['results'])!r}, '--out', {str(tmp_path / 'p.html')!r}]; "
+              "runpy.run_path('main.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"report: no thumbnails: Pillow is not installed in {sys.executable}" in proc.stderr
+    page = (tmp_path / "p.html").read_text()
+    assert "Pillow is not installed" in page and "0 unreadable" in page

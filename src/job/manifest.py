@@ -78,7 +78,7 @@ def _read_jsonl(p: Path) -> list[ManifestRow]:
             if not line.strip():
                 continue
             try:
-                data = json.loads(line)
+                data = json.loads(line.rstrip("\r\n"))  # without the line's end, the column is the line's own
             except json.JSONDecodeError as e:
                 why = f"{e.msg.removesuffix(' at')} at column {e.colno}"
                 rows.append(ManifestRow(id=f"line{n}", line=n, error=f"{p.name} line {n}: not valid JSON ({why})"))

@@ -44,7 +44,12 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                records.append(_check_record(p, n, line))
+                try:
+                    records.append(_check_record(p, n, line))
+                except ReportError:
+                    if not records:
+                        _not_jsonl(p)
+                    raise
     except UnicodeDecodeError as e:
         raise ReportError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); is this a results.jsonl?") from None
     if not records:
@@ -52,10 +57,26 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def _not_jsonl(p: Path) -> None:
+    """Raise a clear error for a JSON document over several lines given where a results.jsonl
+    belongs (a job's summary.json, most likely); return for anything else."""
+    try:
+        text = p.read_text(encoding="utf-8").strip()
+        doc = json.loads(text) if "\n" in text else None  # one line: its own error says it best
+    except (ValueError, OSError):
+        return
+    if isinstance(doc, dict) and "fingerprint" in doc and "failures_by_kind" in doc:
+        raise ReportError(f"{p}: this is a job's summary.json, not its results; pass results.jsonl from the "
+                          "same folder") from None
+    if isinstance(doc, (dict, list)):
+        raise ReportError(f"{p}: one JSON document, not a results.jsonl (one result record per line); pass the "
+                          "job's results.jsonl") from None
+
+
 def _check_record(p: Path, n: int, line: str) -> dict[str, Any]:
     where = f"{p}, line {n}"
     try:
-        rec = json.loads(line)
+        rec = json.loads(line.rstrip("\r\n"))  # without the line's end, the column is the line's own
     except json.JSONDecodeError as e:
         raise ReportError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
                           f"the file is corrupt or cut short: re-run the job (it resumes) to rewrite it") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,15 @@ class ThumbCache:
         for t in self.thumbs[self.max_thumbs:]:
             t.reason = f"not embedded: over the limit of {self.max_thumbs} thumbnails (max_thumbs)"
         if not todo:
+            return
+        try:
+            import PIL  # noqa: F401
+        except ImportError:  # every image would say "unreadable": say once what is missing instead
+            why = f"not embedded: Pillow is not installed in this Python ({sys.executable})"
+            print(f"report: no thumbnails: Pillow is not installed in {sys.executable}; "
+                  "run the report with the project's environment (.venv/bin/python)", file=sys.stderr)
+            for t in todo:
+                t.reason = why
             return
         workers = max(1, min(self.workers, len(todo), os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thumb") as pool:
