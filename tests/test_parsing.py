@@ -142,6 +142,12 @@ CASES = [
     ("two_unlabelled_numbers", "The image has 3 cats and 2 dogs.", {}, None, None, "ambiguous"),
     ("one_unlabelled_number", "There are 3 cats in the image.", {}, None, None, "unlabelled"),
     ("leading_number_then_prose", "8\nThe edit removed the 2 people as asked.", {}, None, None, "ambiguous"),
+    # -- a label followed by more than one number: no part of it is taken as the score --
+    ("labelled_decimal_comma", "Score: 7,5", {}, None, None, "ambiguous"),
+    ("labelled_thousands", "Score: 1,000", {}, None, None, "ambiguous"),
+    ("labelled_hex", "Score: 0x10", {}, None, None, "no score"),
+    ("labelled_vulgar_fraction", "Rating: 7½", {}, None, None, "no score"),
+    ("labelled_then_comma_prose", "Score: 7, the colours are off.", {}, 7, "labelled", None),
 ]
 
 

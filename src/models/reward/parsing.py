@@ -26,7 +26,8 @@ Rules, in priority order; the first that yields a score wins:
    `Overall rating: 7 out of 10`, `The score is 6`, `评分：8`, `综合评分为9分`. A label naming the
    final verdict (final / overall / total, 总分, 综合评分, 最终评分) outranks plain ones, so
    `Overall score: 7` followed by a breakdown of sub-scores gives 7; among labels of equal rank
-   the last wins. A last label holding a range (`Score: 7-8`) gives no score.
+   the last wins. A last label holding a range (`Score: 7-8`) or a number that runs on past what
+   could be read (`Score: 7,5`, `Score: 1,000`, `Score: 7½`) gives no score.
 5. `fraction`: `7/10`, `8 out of 10` in prose, only when exactly one distinct such score appears,
    and only with a rating-like denominator (the scale's top, 5, 10 or 100), so that `1/2 of the
    frame` or a date is never read as a score.
@@ -110,6 +111,10 @@ _LABELS = (r"(?P<top>final|overall|total)[\s_-]*(?:score|rating|grade)"
            r"|score|rating|grade|(?P<top2>overall)"
            r"|(?P<top3>综合|最终|总)?(?:评分|分数|得分|打分)|(?P<top4>总分)")
 _RANGE_AFTER = re.compile(r"[ \t]*(?:[-–—~]|to\b)[ \t]*\d")
+# What may not follow a labelled value: more of the same number. Without it `Score: 1,000` read 1,
+# `Score: 7,5` (a decimal comma) 7, `Score: 0x10` 0 and `Score: 7½` 7: a part of a number taken as
+# the score. Such a value gives no score (`Score: 7, good` still gives 7).
+_VALUE_END = r"(?![,，]\d|\d|[xX][0-9A-Fa-f]|[½¼¾⅓⅔⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞])"
 
 _THINK_TAG = re.compile(r"<(think|thinking)>", re.I)
 _THINK_OPEN = re.compile(r"<think(?:ing)?>", re.I)
@@ -212,7 +217,7 @@ def _make_scale(lo: float, hi: float, levels: Mapping[str, float] | None, key: s
     else:
         names, label_re = COMMON_KEYS, _LABELS
     labels = re.compile(rf"(?<![A-Za-z0-9_])(?:{label_re})(?![A-Za-z]){_MD}{_QUALIFIER}{_MD}"
-                        rf"(?:{_SEP}{_MD}){{1,2}}{_VALUE}", re.I)
+                        rf"(?:{_SEP}{_MD}){{1,2}}{_VALUE}{_VALUE_END}", re.I)
     return _Scale(lo, hi, norm_levels, names, labels)
 
 
