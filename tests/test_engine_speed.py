@@ -819,3 +819,23 @@ def test_patch_embedding_left_alone_when_it_is_not_a_patchwise_conv():
     hooked = embed.forward = lambda x: x
     assert patch_embed_as_matmul(SimpleNamespace(model=SimpleNamespace(visual=SimpleNamespace(patch_embed=embed)))) is False
     assert embed.forward is hooked
+
+
+def test_continuous_batching_lists_a_rubrics_parts_in_rubric_order():
+    # Under continuous batching an item's two edit-rubric prompts finish in the order their answers
+    # end: the item's raw answers and its error must still list the parts in the rubric's order,
+    # as a static batch does (item 5's second part ends first here).
+    imgs = _images(7, seed=3)
+    budgets = [1, 12, 3, None, 1, 12, 5]
+    items = [ScoreItem(images=[im], source_images=[imgs[(i + 1) % 7]], instruction="make it red",
+                       metadata={"max_new_tokens": b} if b else {}) for i, (im, b) in enumerate(zip(imgs, budgets))]
+    base = dict(mode="generate", max_new_tokens=12, batch_size=2, template="edit")
+    out = {}
+    for on in (True, False):
+        with QwenVLRewardModel(model_name="tiny:qwen2_5_vl", continuous_batching=on, **base) as j:
+            parts = [p for p, _ in j.engine.rubric.parts]
+            res = j.batch_score(items)
+        assert all(list(r.raw) == parts for r in res), [list(r.raw) for r in res]
+        out[on] = [(r.error, json.dumps(r.raw)) for r in res]
+    assert out[True] == out[False]
+    assert any(e and e.index(parts[0]) < e.index(parts[1]) for e, _ in out[True])  # both parts failed somewhere

@@ -188,6 +188,11 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         part_out: dict[int, dict[str, Any]] = {}    # pos -> part -> (score, raw) or error
         part_err: dict[int, tuple[str, str]] = dict(chunk.errors)
         part_time: dict[int, float] = {}
+        # In rubric order, not the order the prompts finished in: under continuous batching a
+        # shorter answer finishes first, and an item's raw answers and its error would otherwise
+        # list its parts (and name its first failing one) differently from a static batch.
+        order = {part: i for i, (part, _) in enumerate(self.rubric.parts)}
+        outcomes = sorted(outcomes, key=lambda o: (o[0].pos, order.get(o[0].part, len(order))))
         for req, outcome, dt in outcomes:
             part_time[req.pos] = part_time.get(req.pos, 0.0) + dt
             if isinstance(outcome, _ItemError):
