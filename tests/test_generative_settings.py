@@ -99,3 +99,26 @@ def test_sampling_leaves_the_callers_random_stream_alone(tiny_cache, image_files
         first = j.score(image_files[0]).raw["quality"]["answers"]
         assert torch.equal(torch.rand(3), expected)
         assert j.score(image_files[0]).raw["quality"]["answers"] == first
+
+
+def test_bad_sampling_settings_are_refused_at_construction():
+    # top_k=-1 passed construction and then failed every item of every call in torch.topk ("model
+    # failed: selected index k out of range"); a NaN temperature read as greedy (NaN > 0 is False),
+    # so num_samples=3 failed every item in generate(). Both are config errors, named as such.
+    with pytest.raises(ValueError, match="top_k: must be >= 0"):
+        JudgeSettings(model_name="m", mode="generate", temperature=0.7, top_k=-1)
+    for t in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(ValueError, match="temperature: must be a finite number >= 0"):
+            JudgeSettings(model_name="m", mode="generate", temperature=t, num_samples=3)
+    with pytest.raises(TypeError, match="top_k"):
+        JudgeSettings.from_params({"model_name": "m", "top_k": 2.5})
+    JudgeSettings(model_name="m", mode="generate", temperature=0.7, top_k=0)  # 0: no top-k cut, as generate()
+
+
+def test_top_k_zero_samples_without_a_top_k_cut(tiny_cache, image_files):
+    base = dict(model_name="tiny:qwen2_vl", mode="generate", max_new_tokens=4, temperature=1.0, top_k=0, batch_size=2)
+    with QwenVLRewardModel(**base) as fast, QwenVLRewardModel(fast_decode=False, **base) as plain:
+        assert fast.engine._decode_plan.top_k == 0
+        a = [(r.raw, r.error_kind) for r in fast.batch_score(image_files[:3])]
+        b = [(r.raw, r.error_kind) for r in plain.batch_score(image_files[:3])]
+    assert a == b and all(kind in (None, "parse") for _, kind in a)

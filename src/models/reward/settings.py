@@ -46,7 +46,8 @@ class JudgeSettings:
       source images, keeps the items that share a source side by side (grouping.py). `input`:
       batches cut in the order given. Scores are the same within float rounding (a prompt's
       padding changes), so, like batch_size, it is no part of the resume fingerprint.
-    max_new_tokens, temperature (0 = greedy), top_p, top_k, num_samples: generate mode.
+    max_new_tokens, temperature (0 = greedy), top_p, top_k, num_samples: generate mode. top_k: None
+      takes the checkpoint's generation_config (Qwen2.5-VL ships top_k 1), 0 cuts nothing.
     max_prompt_tokens: prompts longer than this (text and image tokens) fail with a clear error
       instead of running; never truncated, since cutting a prompt would cut its image tokens.
     verl's names are accepted too: response_length (max_new_tokens), prompt_length
@@ -160,8 +161,10 @@ class JudgeSettings:
                      "compile_after_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # NaN fails too (it read as greedy: NaN > 0 is False)
+            raise ValueError(f"temperature: must be a finite number >= 0 (0: greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:  # else every sampled batch failed in torch.topk
+            raise ValueError(f"top_k: must be >= 0 (0: no top-k cut; None: the checkpoint's setting), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.num_samples > 1 and self.mode == "generate" and self.temperature == 0:
