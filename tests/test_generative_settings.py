@@ -122,3 +122,31 @@ def test_top_k_zero_samples_without_a_top_k_cut(tiny_cache, image_files):
         a = [(r.raw, r.error_kind) for r in fast.batch_score(image_files[:3])]
         b = [(r.raw, r.error_kind) for r in plain.batch_score(image_files[:3])]
     assert a == b and all(kind in (None, "parse") for _, kind in a)
+
+
+def test_sampling_under_a_checkpoints_top_k_of_one_is_warned_about(tiny_cache, tmp_path, caplog, image_files):
+    # Qwen2.5-VL's generation_config ships top_k 1, which generate() merges when top_k is unset:
+    # every sample is then the greedy answer. The load says so once; an explicit top_k does not.
+    import json
+    import logging
+    import shutil
+
+    from src.models.tiny import resolve_model_name
+
+    ckpt = tmp_path / "topk1"
+    shutil.copytree(resolve_model_name("tiny:qwen2_vl", cache_dir=tiny_cache), ckpt)
+    gc = json.loads((ckpt / "generation_config.json").read_text())
+    (ckpt / "generation_config.json").write_text(json.dumps({**gc, "top_k": 1}))
+    base = dict(model_name=str(ckpt), mode="generate", max_new_tokens=4, temperature=1.0, num_samples=3)
+    with caplog.at_level(logging.WARNING, logger="src.models.reward.engine"):
+        with QwenVLRewardModel(**base) as judge:
+            answers = judge.batch_score(image_files[:1])[0].raw["quality"]["answers"]
+    warned = [r.getMessage() for r in caplog.records if "samples nothing" in r.getMessage()]
+    assert warned == ["temperature 1.0 samples nothing: the checkpoint's generation_config sets top_k 1 and top_k "
+                      "is not set, so every answer is the greedy one; set top_k (0: no top-k cut)"]
+    assert len(set(answers)) == 1  # what the warning is about: three identical "samples"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="src.models.reward.engine"):
+        with QwenVLRewardModel(**{**base, "top_k": 0}):
+            pass
+    assert not [r for r in caplog.records if "samples nothing" in r.getMessage()]

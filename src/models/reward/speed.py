@@ -55,6 +55,13 @@ class SpeedPaths:
                 self._compile_each(setting, tower, blocks)
             elif wanted is None and auto:
                 self._compile_pending.append((setting, tower, blocks))
+        gc = getattr(self.model, "generation_config", None)
+        if s.mode == "generate" and s.temperature > 0 and s.top_k is None and getattr(gc, "top_k", None) == 1:
+            # generate() merges the checkpoint's generation_config: Qwen2.5-VL ships top_k 1, which
+            # keeps only the likeliest token, so every "sample" would be the greedy answer.
+            log.warning("temperature %s samples nothing: the checkpoint's generation_config sets top_k 1 and "
+                        "top_k is not set, so every answer is the greedy one; set top_k (0: no top-k cut)",
+                        s.temperature)
         self._decode_plan = None
         if s.fast_decode and s.mode == "generate" and spread:
             log.warning("fast_decode: using transformers' generate() instead, because the judge is spread "
