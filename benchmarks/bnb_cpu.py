@@ -16,13 +16,17 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import runs  # noqa: E402
+
 QUANT_SITE = ROOT / ".venv" / "quant"
 VARIANTS = ("none", "bnb-8bit", "bnb-4bit")
 
@@ -68,17 +72,6 @@ def compare(ref: list[float | None], scores: list[float | None]) -> dict[str, An
             "spearman": round(spearman([a for a, _ in pairs], [b for _, b in pairs]), 4) if len(pairs) > 1 else None}
 
 
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), else the machine type."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
 def markdown(report: dict[str, Any]) -> str:
     m = report["meta"]
     lines = [f"# bitsandbytes on the CPU: the tiny judge's scores ({m['cpu']})", "", f"`{m['command']}`", "",
@@ -107,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python benchmarks/bnb_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {"meta": {"command": command,
-                       "cpu": cpu_name(), "torch": torch.__version__,
+                       "cpu": runs.cpu_name(), "torch": torch.__version__,
                        "bitsandbytes": bnb_version, "items": len(ref), "date": time.strftime("%Y-%m-%d %H:%M:%S")},
               "variants": {q: {**row, "vs_none": compare(ref, row["scores"])} for q, row in out.items()}}
     folder = pathlib.Path(a.out)

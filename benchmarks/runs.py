@@ -25,10 +25,21 @@ def meta(script: str, argv: list[str] | None, a: Any, **extra: Any) -> dict[str,
 
     cuda = a.device.startswith("cuda")
     return {"command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "device_name": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})",
+            "device_name": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {cpu_name()})",
             "torch": torch.__version__, "transformers": transformers.__version__, "size": a.size, "n": a.n,
             "bs": a.bs, "width": a.width, "height": a.height, "smoke": a.smoke, **extra,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the machine type."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def parse_kv(pairs: list[str]) -> dict[str, Any]:

@@ -176,7 +176,10 @@ def test_training_script_replays_the_start_of_the_shipped_run(tmp_path):
     assert set(again) == {1, steps}
     for step, loss in again.items():
         assert loss == pytest.approx(before[step], rel=2e-3), (step, loss, before[step])
-    # and the card and figures are written for the new checkpoint
+    # and the card and figures are written for the new checkpoint, naming the CPU model that trained it
+    # (a run repeats bit for bit on the same model only)
+    record = json.loads((tmp_path / "judge" / "training.json").read_text())
+    assert record["cpu_model"] and f"({record['cpu_model']}," in (tmp_path / "judge" / "CARD.md").read_text()
     assert (tmp_path / "judge" / "CARD.md").read_text().startswith("# tiny_judge")
 
 
