@@ -98,8 +98,12 @@ def cmd_run(argv: list[str], prog: str, base: Path, base_label: str) -> int:
     except JudgeError as e:  # the message names the device, PID, item and fix: no traceback
         return _report_error(e)
     except KeyboardInterrupt:
-        print("\ninterrupted: workers stopped; results so far are in the output folder and a re-run resumes",
-              file=sys.stderr)
+        try:
+            where = _shown(JobSpec.from_config(cfg, base).output_dir)
+        except Exception:  # interrupted before the config was read (or it names no folder)
+            where = "the output folder"
+        print(f"\ninterrupted: the judge stopped (its workers too, if it has any); the results so far are in "
+              f"{where}, and running the same command again resumes", file=sys.stderr)
         return 130
     brief = {k: summary[k] for k in ("items", "scored", "failed", "score", "failures_by_kind", "resumed_from_disk")}
     spec = JobSpec.from_config(cfg, base)
@@ -119,7 +123,7 @@ def _report_error(e: JudgeError) -> int:
     """Print a judge error as one clean message (its traceback, if any, is inside it); the exit
     status says whose problem it is (2: what the user gave; 1: the machine or the service)."""
     if isinstance(e, JudgeStartError):  # a broken worker environment: its traceback is in the message
-        print(f"error: the judge's workers could not start: {e}", file=sys.stderr)
+        print(f"error: {e.who} could not start: {e}", file=sys.stderr)
     else:
         print(f"error: {e}", file=sys.stderr)
     return exit_code(e)

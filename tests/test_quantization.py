@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_image
+from conftest import ROOT, make_image
 from src.models.reward import ConfigError, build_reward_model
 from src.models.reward.errors import JudgeConfigError, JudgeStartError
 from src.models.reward.implementations.local import QwenVLRewardModel
@@ -45,6 +45,19 @@ def test_missing_bitsandbytes_is_a_clear_error_before_anything_is_scored(setting
     assert f"quantization: {setting} needs the bitsandbytes package" in msg
     assert f"{sys.executable} -m pip install bitsandbytes" in msg
     assert isinstance(err.value, JudgeStartError)
+
+
+@needs_no_bnb
+def test_the_cli_says_which_judge_could_not_start(tiny_cache, tmp_path, capsys):
+    # In-process there are no workers to blame: "the judge could not start", exit 1, no folder.
+    from src.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["--config", str(ROOT / "configs" / "demo.yaml"), "--set", "model.params.quantization=bnb-8bit",
+               "--set", f"job.output_dir={out}"], prog="main.py", base=ROOT)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1 and err.startswith("error: the judge could not start: quantization: bnb-8bit needs the "
+                                      "bitsandbytes package"), err
 
 
 @needs_no_bnb

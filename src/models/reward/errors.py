@@ -22,6 +22,8 @@ class JudgeInputError(JudgeError, ValueError):
 class JudgeStartError(JudgeError, RuntimeError):
     """The judge could not start (a worker process, a Ray actor): the message names where and why."""
 
+    who = "the judge"  # what could not start, as the CLI says it
+
 
 class JudgeUnavailable(JudgeError, RuntimeError):
     """The judge stopped answering (a worker died, a remote service failed or refused)."""

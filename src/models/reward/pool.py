@@ -58,6 +58,8 @@ _LOG_LINES_KEPT = 40
 class WorkerStartError(JudgeStartError):
     """A worker could not start: the message names the device, the PID, the cause and the fix."""
 
+    who = "the judge's workers"
+
 
 class WorkerDied(JudgeUnavailable):
     pass

@@ -53,6 +53,8 @@ RAY_PIN = "ray==2.60.0"  # as in requirements.txt; the worker env needs the same
 class ActorStartError(JudgeStartError):
     """An actor could not start: the message names the actor, the node, the PID, the cause and the fix."""
 
+    who = "the judge's Ray actors"
+
 
 # -- the actor (runs in the worker environment, on any node) -----------------------------------
 
