@@ -40,6 +40,12 @@ done
 
 say() { echo "[setup_env] $*"; }
 
+# --pack packs the conda worker env: without conda, say so before building anything.
+if [ "$PACK" = 1 ] && { [ "$WORKER" = 0 ] || ! command -v conda >/dev/null 2>&1; }; then
+  echo "setup_env.sh --pack: conda-pack needs conda (install Miniforge) and the worker env (no --no-worker), or rebuild the worker env on the target machine with this script" >&2
+  exit 2
+fi
+
 hash_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
 
 # pip_sync PYTHON_BIN STAMP_FILE REQ_FILE...: install when the requirements changed since last time.
@@ -149,11 +155,7 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -
 fi
 
 # --- ship the worker env -----------------------------------------------------------------------
-if [ "$PACK" = 1 ]; then
-  if ! command -v conda >/dev/null 2>&1; then
-    echo "setup_env.sh --pack: conda-pack needs conda (install Miniforge), or rebuild the worker env on the target machine with this script" >&2
-    exit 2
-  fi
+if [ "$PACK" = 1 ]; then  # conda and the worker env were checked before anything was built
   conda run -n "$WORKER_ENV_NAME" python -m pip install --quiet conda-pack
   mkdir -p dist
   conda run -n "$WORKER_ENV_NAME" conda-pack -n "$WORKER_ENV_NAME" -o "dist/$WORKER_ENV_NAME.tar.gz" --force

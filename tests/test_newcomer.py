@@ -223,3 +223,12 @@ def test_workers_of_a_plain_install_get_the_code_without_its_site_packages(tmp_p
         assert probe.stdout.strip() == "ok", probe.stderr
     finally:
         shutil.rmtree(first, ignore_errors=True)
+
+
+@pytest.mark.skipif(shutil.which("conda") is not None, reason="conda is here: --pack would build and pack")
+def test_setup_pack_without_conda_stops_before_building_anything():
+    # Checked first, not after both environments were built (minutes) or brought up to date.
+    run = subprocess.run(["bash", str(ROOT / "setup_env.sh"), "--ray", "--pack"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2 and run.stdout == "", run.stdout
+    assert run.stderr.startswith("setup_env.sh --pack: conda-pack needs conda (install Miniforge)"), run.stderr
