@@ -449,3 +449,18 @@ def test_finished_job_says_where_its_results_are(tiny_cache, tmp_path):
     assert r.returncode == 1, r.stderr
     assert "error: every item failed (image: 2); the first: item 'b0'" in r.stderr and "gone0.png" in r.stderr
     assert json.loads(r.stdout)["failed"] == 2 and len(read_jsonl(bad / "results.jsonl")) == 2
+
+
+def test_a_model_that_cannot_be_loaded_is_one_line_not_a_traceback(tmp_path):
+    # A hub id on a machine that cannot download it: one line naming model_name and the cause,
+    # exit 1 (the machine's problem, not the config's), no traceback.
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+                          "--set", "model.params.model_name=no-org/no-such-model", "--set", f"job.output_dir={out}",
+                          "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert last.startswith("error: the judge could not start: model_name 'no-org/no-such-model': no such folder "
+                           "here, and it could not be loaded from the hub ("), last
+    assert last.endswith("(HF_HUB_OFFLINE is set: nothing is downloaded), or tiny:judge"), last

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 
+from .errors import JudgeStartError
 from .templates import Template
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,15 @@ class Loading:
             if os.path.isdir(in_repo):
                 path = os.path.normpath(in_repo)
         self.model_path = path
-        self.processor = AutoProcessor.from_pretrained(path)
+        try:
+            self.processor = AutoProcessor.from_pretrained(path)
+        except OSError as e:  # not a folder here, and not downloadable (no network, no such repo, no access)
+            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise JudgeStartError(
+                f"model_name {s.model_name!r}: no such folder here, and it could not be loaded from the hub "
+                f"({first}); give a local checkpoint folder, a hub id this machine can download"
+                f"{' (HF_HUB_OFFLINE is set: nothing is downloaded)' if offline else ''}, or tiny:judge") from None
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
         ip = self.processor.image_processor
