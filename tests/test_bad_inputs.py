@@ -283,6 +283,14 @@ def test_csv_manifest_rows(tmp_path, ledger):
     assert "duplicate id 'c1'" in rows[3].error
     for r, what in zip(rows[1:], ("CSV row without an image", "CSV row with a surplus cell", "CSV duplicate id")):
         ledger.bad_input(what, r.id, {"score": None, "error_kind": "manifest", "error": r.error})
+    # A misspelt image column is named, not only "no image"; a free key (metadata) is not a suspect.
+    p.write_text("id,imgae,model\nc1,a.png,flux\n")
+    (row,) = read_manifest(p)
+    assert row.error == ("m.csv line 2: no image; give one of image, images, edited_image, edited_images "
+                         "(is 'imgae' meant to be one of them?)")
+    ledger.bad_input("CSV image column misspelt", row.id, {"score": None, "error_kind": "manifest", "error": row.error})
+    p.write_text("id,model\nc1,flux\n")
+    assert read_manifest(p)[0].error == "m.csv line 2: no image; give one of image, images, edited_image, edited_images"
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])

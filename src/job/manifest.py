@@ -16,6 +16,7 @@ a failed result for it naming the line and the cause.
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,7 +153,9 @@ def _images(data: dict, keys: tuple[str, ...], where: str, base: Path, required:
         raise ValueError(f"{where}: give only one of {', '.join(present)}")
     if not present:
         if required:
-            raise ValueError(f"{where}: no image; give one of {', '.join(keys)}")
+            near = [k for k in data if isinstance(k, str) and difflib.get_close_matches(k, keys, n=1, cutoff=0.75)]
+            hint = f" (is '{near[0]}' meant to be one of them?)" if near else ""
+            raise ValueError(f"{where}: no image; give one of {', '.join(keys)}{hint}")
         return []
     val = data[present[0]]
     vals = val if isinstance(val, list) else [val]
