@@ -2,6 +2,7 @@
 spread, the prompt-length limit, and verl's names for the same settings."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 
@@ -150,3 +151,30 @@ def test_sampling_under_a_checkpoints_top_k_of_one_is_warned_about(tiny_cache, t
         with QwenVLRewardModel(**{**base, "top_k": 0}):
             pass
     assert not [r for r in caplog.records if "samples nothing" in r.getMessage()]
+
+
+def test_a_score_off_the_scale_is_clamped_and_the_result_says_so():
+    # The trained tiny judge answers on 0..9; asked on 0..5, its 6..9 are clamped to 5 (never
+    # dropped, never invented), and the item's metadata notes say what it wrote.
+    import json
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "data" / "demo"
+    rows = [json.loads(x) for x in (demo / "manifest.jsonl").read_text().splitlines() if x.strip()]
+    items = [ScoreItem(id=r["id"], images=[str(demo / r["image"])]) for r in rows]
+    text = ("Rate the overall visual quality of this image: sharpness, absence of noise, blur and artifacts, natural "
+            "colours and plausible content. 0 is very poor, 9 is excellent.")
+    with QwenVLRewardModel(model_name="tiny:judge", template="q", templates={"q": {"text": text, "scale": [0, 5]}},
+                           mode="generate") as judge:
+        results = judge.batch_score(items)
+        tpl = judge.engine.rubric.parts[0][1]
+        judge.engine.settings = dataclasses.replace(judge.engine.settings, num_samples=3, temperature=1.0)
+        (sampled,) = judge.engine._parse_answers(["Score: 12", "Score: 3", "Score: -1"], tpl)
+    clamped = [r for r in results if r.metadata.get("notes")]
+    assert clamped and any(r.score < 5 and not r.metadata.get("notes") for r in results)
+    for r in clamped:
+        wrote = json.loads(r.raw["q"])["score"]
+        assert wrote > 5 and r.score == 5.0
+        assert r.metadata["notes"] == [f"q: the answer's score {wrote} lay outside 0..5; clamped to 5"]
+    assert sampled["score"] == (5 + 3 + 0) / 3
+    assert sampled["note"] == "2 of the 3 answers' scores lay outside 0..5 (12, -1); clamped"

@@ -288,6 +288,15 @@ def test_retries_429_and_5xx_then_scores(fake):
     assert body["model"] == "m" and body["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
 
 
+def test_a_served_score_off_the_scale_is_clamped_and_noted(fake):
+    # The same reading as in-process (scoring.read_answers): 12 on 0..9 is 9, and the item says so.
+    judge, _ = fake([completion('{"score": 12}')], mode="generate")
+    with judge:
+        [r] = judge.score_items(image_items(1))
+    assert r.score == 9.0 and r.error is None
+    assert r.metadata["notes"] == ["quality: the answer's score 12 lay outside 0..9; clamped to 9"]
+
+
 def test_logits_mode_reads_top_logprobs_and_fails_clearly_without_them(fake):
     top = [("7", math.log(0.6)), ("8", math.log(0.2)), ("x", math.log(0.1))] + [(str(d), -9.0) for d in (0, 1, 2, 3, 4, 5, 6, 9)]
     judge, script = fake([completion("7", top)], mode="logits")

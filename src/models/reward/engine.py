@@ -221,8 +221,9 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
             if score is None:
                 r.error = f"item {_name(item, index)}: " + "; ".join(errors or ["no score"])
                 r.error_kind = (part_err[pos][1] if pos in part_err else (sorted(k for k in kinds if k) or ["parse"])[0])
-            if pos in chunk.notes:
-                r.metadata = {**r.metadata, "notes": chunk.notes[pos]}
+            notes = chunk.notes.get(pos, []) + [f"{part}: {outs[part]['note']}" for part in outs if outs[part].get("note")]
+            if notes:
+                r.metadata = {**r.metadata, "notes": notes}
             results[pos] = r
         return results
 

@@ -103,28 +103,7 @@ class Scoring:
     def _parse_answers(self, texts: list[str], tpl: Template) -> list[dict[str, Any]]:
         """Each prompt's outcome from its answer(s): num_samples consecutive texts per prompt."""
         k = self.settings.num_samples
-        lo, hi = tpl.scale
-        levels = tpl.level_map() if tpl.levels and not tpl.levels[0][0].isdigit() else None
-        results = []
-        for row in range(len(texts) // k):
-            answers = texts[row * k:(row + 1) * k]
-            parsed = [parse_score(a, lo, hi, levels=levels, key=tpl.json_key) for a in answers]
-            good = [p.score for p in parsed if p.score is not None]
-            if k == 1:
-                p = parsed[0]
-                res: dict[str, Any] = {"score": p.score, "raw": answers[0]}
-                if p.score is None:
-                    res.update(error=f"could not read a score from the answer ({p.error}); answer: {_clip(answers[0])}",
-                               kind="parse")
-            else:
-                mean = sum(good) / len(good) if good else None
-                spread = math.sqrt(sum((g - mean) ** 2 for g in good) / len(good)) if good else None
-                res = {"score": mean, "raw": {"answers": answers, "scores": [p.score for p in parsed],
-                                             "mean": mean, "std": spread, "parsed": len(good)}}
-                if not good:
-                    res.update(error=f"none of the {k} sampled answers held a score ({parsed[0].error})", kind="parse")
-            results.append(res)
-        return results
+        return [read_answers(texts[row * k:(row + 1) * k], tpl) for row in range(len(texts) // k)]
 
     def _new_tokens(self, inputs, kwargs: dict[str, Any]):
         """The generated tokens after the prompt: through fast_decode (static cache, CUDA-graphed
@@ -138,6 +117,37 @@ class Scoring:
 
         plan = dataclasses.replace(self._decode_plan, max_new_tokens=kwargs["max_new_tokens"])
         return generate_tokens(self.model, inputs, plan, cuda_graph=self.device.startswith("cuda"))
+
+
+def read_answers(answers: list[str], tpl: Template) -> dict[str, Any]:
+    """One prompt's outcome from its answer, or its sampled answers (their mean and spread): the
+    score, the raw answer(s), a parse error where no score could be read, and a note where a score
+    lay off the scale and was clamped. The in-process engine and the OpenAI-compatible judge read
+    answers through this one function."""
+    lo, hi = tpl.scale
+    levels = tpl.level_map() if tpl.levels and not tpl.levels[0][0].isdigit() else None
+    parsed = [parse_score(a, lo, hi, levels=levels, key=tpl.json_key) for a in answers]
+    if len(answers) == 1:
+        p = parsed[0]
+        res: dict[str, Any] = {"score": p.score, "raw": answers[0]}
+        if p.score is None:
+            res.update(error=f"could not read a score from the answer ({p.error}); answer: {_clip(answers[0])}",
+                       kind="parse")
+        elif p.clamped:  # kept, and said: the judge wrote a value off the scale
+            res["note"] = f"the answer's score {p.raw_value:g} lay outside {lo:g}..{hi:g}; clamped to {p.score:g}"
+        return res
+    good = [p.score for p in parsed if p.score is not None]
+    mean = sum(good) / len(good) if good else None
+    spread = math.sqrt(sum((g - mean) ** 2 for g in good) / len(good)) if good else None
+    res = {"score": mean, "raw": {"answers": answers, "scores": [p.score for p in parsed],
+                                  "mean": mean, "std": spread, "parsed": len(good)}}
+    if not good:
+        res.update(error=f"none of the {len(answers)} sampled answers held a score ({parsed[0].error})", kind="parse")
+    off = [p.raw_value for p in parsed if p.score is not None and p.clamped]
+    if off:
+        res["note"] = (f"{len(off)} of the {len(answers)} answers' scores lay outside {lo:g}..{hi:g} "
+                       f"({', '.join(f'{v:g}' for v in off)}); clamped")
+    return res
 
 
 def _clip(text: str, n: int = 200) -> str:

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 
 from ..base import BaseRewardModel
 from ..chat import is_chat
-from ..parsing import parse_score
+from ..scoring import read_answers
 from ..settings import MODES
 from ..templates import Rubric, Template, resolve_rubric, rubric_fingerprint
 from ..types import ScoreItem, ScoreResult, describe_image, item_name, load_pil
@@ -205,6 +205,7 @@ class OpenAIRewardModel(BaseRewardModel):
         sub: dict[str, float | None] = {}
         raw: dict[str, Any] = {}
         errors: list[tuple[str, str]] = []
+        notes: list[str] = []
         for part, tpl in self.rubric.parts:
             try:
                 out = self._ask(tpl, item, urls, call)
@@ -216,9 +217,13 @@ class OpenAIRewardModel(BaseRewardModel):
             raw[part] = out["raw"]
             if out.get("error"):
                 errors.append((f"{part}: {out['error']}", out["kind"]))
+            if out.get("note"):
+                notes.append(f"{part}: {out['note']}")
         score = self.rubric.overall(sub)
         r = ScoreResult(index=index, id=item.id, score=score, sub_scores=sub, raw=raw, device=self.device,
                         latency_s=time.perf_counter() - t0, metadata=dict(item.metadata))
+        if notes:
+            r.metadata["notes"] = notes
         if score is None:
             r.error = f"item {name}: " + "; ".join(m for m, _ in errors or [("no score", "parse")])
             r.error_kind = errors[0][1] if errors else "parse"
@@ -274,25 +279,8 @@ class OpenAIRewardModel(BaseRewardModel):
         return self._generate_score(resp, tpl)
 
     def _generate_score(self, resp: Any, tpl: Template) -> dict[str, Any]:
-        # The same reading as the in-process engine's generate mode (engine._generate_scores).
-        lo, hi = tpl.scale
-        levels = tpl.level_map() if tpl.levels and not tpl.levels[0][0].isdigit() else None
-        answers = [c.message.content or "" for c in resp.choices]
-        parsed = [parse_score(a, lo, hi, levels=levels, key=tpl.json_key) for a in answers]
-        good = [p.score for p in parsed if p.score is not None]
-        if len(answers) == 1:
-            res: dict[str, Any] = {"score": parsed[0].score, "raw": answers[0]}
-            if parsed[0].score is None:
-                res.update(error=f"could not read a score from the answer ({parsed[0].error}); answer: "
-                                 f"{_clip(answers[0])}", kind="parse")
-            return res
-        mean = sum(good) / len(good) if good else None
-        spread = math.sqrt(sum((g - mean) ** 2 for g in good) / len(good)) if good else None
-        res = {"score": mean, "raw": {"answers": answers, "scores": [p.score for p in parsed], "mean": mean,
-                                      "std": spread, "parsed": len(good)}}
-        if not good:
-            res.update(error=f"none of the {len(answers)} sampled answers held a score ({parsed[0].error})", kind="parse")
-        return res
+        # The same reading as the in-process engine's generate mode (scoring.read_answers).
+        return read_answers([c.message.content or "" for c in resp.choices], tpl)
 
     # -- the protocol: retries, backoff, rate limit -----------------------------------------
 
@@ -515,7 +503,3 @@ def _image_error(role: str, name: str, why: str) -> str:
         text = "source " + text if text.startswith("image") else f"source image {name}: {why}"
     return text
 
-
-def _clip(text: str, n: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[:n] + "..."
