@@ -176,6 +176,46 @@ def test_resume_skips_finished_items_and_final_file_matches(uninterrupted, tmp_p
     assert (part / "results.jsonl").read_bytes() == before
 
 
+def test_a_finished_job_loads_no_judge_to_find_nothing_left(uninterrupted, tmp_path, edit_manifest, monkeypatch):
+    # Every row on disk under the fingerprint this config's judge would report: the job writes its
+    # outputs again, byte for byte, without loading the model. Anything left to score (a changed
+    # setting that changes scores, one row missing, resume off) loads it as before.
+    import shutil
+
+    from src.job import runner
+
+    class Loaded(Exception):
+        pass
+
+    def build(spec):
+        raise Loaded(spec["params"])
+
+    done = tmp_path / "done"
+    shutil.copytree(uninterrupted, done)
+    before = {f: (done / f).read_bytes() for f in ("results.jsonl", "results.csv")}
+    monkeypatch.setattr(runner, "build_reward_model", build)
+    cfg = yaml.safe_load(write_config(tmp_path, edit_manifest, done).read_text())
+    summary = runner.run_job(cfg, base=ROOT, progress=False)
+    assert summary["resumed_from_disk"] == summary["items"] == 10 and summary["failed"] == 0
+    assert {f: (done / f).read_bytes() for f in before} == before
+    assert json.loads((done / "summary.json").read_text())["fingerprint"] == read_jsonl(done / "results.jsonl")[0][
+        "fingerprint"]
+    # batch_size is no part of the fingerprint: still nothing to load
+    runner.run_job(yaml.safe_load(write_config(tmp_path, edit_manifest, done, batch_size=5).read_text()), base=ROOT,
+                   progress=False)
+    for changed in ({"template": "quality"}, {"max_pixels": 200704}):
+        with pytest.raises(Loaded):
+            runner.run_job(yaml.safe_load(write_config(tmp_path, edit_manifest, done, **changed).read_text()),
+                           base=ROOT, progress=False)
+    lines = (done / "results.stream.jsonl").read_text().splitlines(keepends=True)
+    (done / "results.stream.jsonl").write_text("".join(lines[:-1]))  # one row's result gone
+    with pytest.raises(Loaded):
+        runner.run_job(cfg, base=ROOT, progress=False)
+    (done / "results.stream.jsonl").write_text("".join(lines))
+    with pytest.raises(Loaded):
+        runner.run_job({**cfg, "job": {**cfg["job"], "resume": False}}, base=ROOT, progress=False)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_resume_in_other_batches_and_workers_differs_only_in_float_rounding(uninterrupted, tmp_path, edit_manifest,
                                                                             workers):
@@ -188,6 +228,11 @@ def test_resume_in_other_batches_and_workers_differs_only_in_float_rounding(unin
     with MultiGPURewardModel(device_ids=["cpu"] * workers, model_name="tiny:qwen2_5_vl", template="edit",
                              batch_size=8, progress=False) as model:
         pids = model.worker_pids()
+        # what a finished job compares its stream with, without starting workers (run_job)
+        from src.job.runner import settings_fingerprint
+
+        assert settings_fingerprint(MultiGPURewardModel, {"device_ids": ["cpu"] * workers, "model_name": "tiny:qwen2_5_vl",
+                                                          "template": "edit", "batch_size": 3}) == model.fingerprint
         for micro_batch in (1, 3, 8):  # what each worker scores in one forward pass
             model.micro_batch = micro_batch
             part = tmp_path / f"part-mb{micro_batch}"

@@ -133,6 +133,58 @@ def model_fingerprint(model: BaseRewardModel, model_spec: dict[str, Any]) -> str
     return "cfg-" + hashlib.sha256(blob).hexdigest()[:12]
 
 
+def settings_fingerprint(cls: type, params: dict[str, Any]) -> str | None:
+    """The fingerprint a judge of class `cls` built from `params` reports, worked out from its
+    settings alone (no model loaded): for the classes whose results are keyed by their
+    JudgeSettings (qwen_vl, multi_gpu, ray); None for any other, or where the settings do not
+    build (the judge's own construction then says why)."""
+    import inspect
+
+    from src.models.reward.templates import rubric_fingerprint
+
+    settings_cls = getattr(cls, "settings_cls", None)
+    if settings_cls is None:
+        return None
+    own = {n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind is not p.VAR_KEYWORD}
+    try:
+        s = settings_cls.from_params({k: v for k, v in params.items() if k not in own})
+        return s.fingerprint(rubric_fingerprint(resolve_rubric(s.template, s.templates)))
+    except Exception:
+        return None
+
+
+def _finished_without_a_judge(checked: tuple[str, type, dict[str, Any]] | None, rows: list[ManifestRow],
+                              stream_path: Path, spec: JobSpec) -> tuple[str, str | None] | None:
+    """(fingerprint, quantization) when every row of the manifest that can be scored has its
+    result on disk for the fingerprint this config's judge would report; else None (the judge is
+    loaded and the job runs as usual). quantization: what the last run's summary recorded, if it
+    was this fingerprint's."""
+    if checked is None or not stream_path.exists():
+        return None
+    fp = settings_fingerprint(checked[1], checked[2])
+    if fp is None:
+        return None
+    done = read_stream(stream_path, fp)
+    if not all(r.id in done and _same_inputs(done[r.id], r) for r in rows if r.item is not None):
+        return None
+    try:
+        last = json.loads((spec.output_dir / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        last = {}
+    quantization = last.get("quantization") if isinstance(last, dict) and last.get("fingerprint") == fp else None
+    return fp, quantization if isinstance(quantization, str) else None
+
+
+class _NoJudge(BaseRewardModel):
+    """Stands in for the judge of a job with nothing left to score: it is never asked to score."""
+
+    def score_items(self, items):
+        raise RuntimeError("a finished job asked its stand-in judge to score")
+
+    def close(self) -> None:
+        pass
+
+
 def read_stream(path: Path, fingerprint: str) -> dict[str, dict[str, Any]]:
     """Successful results already on disk for this fingerprint, by id. Broken lines are skipped."""
     done: dict[str, dict[str, Any]] = {}
@@ -243,6 +295,14 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     stream_path = spec.output_dir / STREAM
     t0 = time.time()
+    if not spec.resume and stream_path.exists():
+        stream_path.unlink()
+    # Every row already on disk under the fingerprint the judge would report: nothing to score, so
+    # no model is loaded (minutes for a large judge) just to find that out.
+    quantization = None
+    finished = _finished_without_a_judge(checked, rows, stream_path, spec) if model is None else None
+    if finished is not None:
+        model, (fp, quantization) = _NoJudge(), finished
     with _sigterm_as_interrupt():
         raise_lost_ctrl_c()  # (src/interrupts.py) before any worker starts
         own = model is None
@@ -251,10 +311,9 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
         if hasattr(model, "progress"):
             model.progress = False  # the job's own bar counts every item; one bar is enough
         try:
-            fp = model_fingerprint(model, model_spec or {})
-            quantization = getattr(model, "quantization", None)  # the judge's own report, read while it is open
-            if not spec.resume and stream_path.exists():
-                stream_path.unlink()
+            if finished is None:
+                fp = model_fingerprint(model, model_spec or {})
+                quantization = getattr(model, "quantization", None)  # the judge's own report, read while it is open
             done = read_stream(stream_path, fp)
             _repair_tail(stream_path)
             by_id: dict[str, dict[str, Any]] = {}
