@@ -509,3 +509,4 @@ def test_a_model_that_cannot_be_loaded_is_one_line_not_a_traceback(tmp_path):
     assert last.startswith("error: the judge could not start: model_name 'no-org/no-such-model': no such folder "
                            "here, and it could not be loaded from the hub ("), last
     assert last.endswith("(HF_HUB_OFFLINE is set: nothing is downloaded), or tiny:judge"), last
+    assert not out.exists(), "a job whose judge never started leaves no empty output folder"

@@ -58,6 +58,7 @@ def test_the_cli_says_which_judge_could_not_start(tiny_cache, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 1 and err.startswith("error: the judge could not start: quantization: bnb-8bit needs the "
                                       "bitsandbytes package"), err
+    assert not out.exists()
 
 
 @needs_no_bnb

@@ -292,6 +292,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
     rows = read_manifest(spec.manifest)
     if checked is not None:
         check_template_inputs(checked[1], checked[2], rows, cfg["job"]["manifest"])
+    created = not spec.output_dir.exists()
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     stream_path = spec.output_dir / STREAM
     t0 = time.time()
@@ -307,7 +308,12 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
         raise_lost_ctrl_c()  # (src/interrupts.py) before any worker starts
         own = model is None
         if own:
-            model = build_reward_model(model_spec)
+            try:
+                model = build_reward_model(model_spec)
+            except BaseException:  # a judge that never started leaves no empty output folder behind
+                if created and not any(spec.output_dir.iterdir()):
+                    spec.output_dir.rmdir()
+                raise
         if hasattr(model, "progress"):
             model.progress = False  # the job's own bar counts every item; one bar is enough
         try:
