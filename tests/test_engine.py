@@ -227,8 +227,12 @@ def test_prompts_show_what_scoring_shows(tiny_cache, image_files, tmp_path):
     # as scoring, per rubric part, in either mode's wording, with bad items named.
     with judge("tiny:qwen2_5_vl", template="edit") as j:
         item = ScoreItem(images=[image_files[0]], source_images=[image_files[1]], instruction="make it blue")
+        encoded = []
+        real = j.engine._encode_cpu
+        j.engine._encode_cpu = lambda reqs: encoded.append(len(reqs)) or real(reqs)
         logits, = j.engine.prompts([item])
         generate, = j.engine.prompts([item], mode="generate")
+        assert encoded == []  # the prompts only: no processor run for tensors nobody reads
         assert [p[0] for p in logits] == ["semantic_consistency", "perceptual_quality"]
         sc_text, sc_images = logits[0][2], logits[0][3]
         assert "make it blue" in sc_text and len(sc_images) == 2 and sc_text.count("<|image_pad|>") == 2

@@ -162,7 +162,7 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         if mode is not None and mode not in ("logits", "generate"):
             raise ValueError(f"mode: unknown value {mode!r}; known: logits, generate")
         items = list(items)
-        chunk = self._prepare(items, list(range(len(items))), mode)
+        chunk = self._prepare(items, list(range(len(items))), mode, encode=False)  # the prompts, not the tensors
         if chunk.errors:
             pos, (msg, _) = min(chunk.errors.items())
             raise ValueError(f"item {_name(items[pos], pos)}: {msg}")

@@ -43,7 +43,9 @@ class _PreparedChunk:
 class Preparation:
     """Preparing items into prompts and processor inputs (JudgeEngine mixin)."""
 
-    def _prepare(self, items: list[ScoreItem], indices: list[int], mode: str | None = None) -> _PreparedChunk:
+    def _prepare(self, items: list[ScoreItem], indices: list[int], mode: str | None = None,
+                 encode: bool = True) -> _PreparedChunk:
+        """The chunk's prompts, and (encode) their processor outputs, made ahead of the model."""
         s = self.settings
         mode = mode or s.mode
         chunk = _PreparedChunk(items=items, indices=indices)
@@ -99,7 +101,8 @@ class Preparation:
                 chunk.errors[pos] = (str(e), e.kind)
             except Exception as e:  # anything else about one item stays with that item
                 chunk.errors[pos] = (f"could not prepare the item: {type(e).__name__}: {e}", "input")
-        self._pre_encode(chunk)
+        if encode:
+            self._pre_encode(chunk)
         return chunk
 
     def _special_token_in(self, text: Any) -> str | None:
