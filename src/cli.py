@@ -156,11 +156,27 @@ def cmd_report(argv: list[str], prog: str, base: Path, base_label: str) -> int:
     return report_main(argv, prog=f"{prog} report")
 
 
+class _PrintedAlready(logging.Filter):
+    """Drops, at the root's handler, a record whose library prints it through a handler of its own
+    and passes it up as well (huggingface_hub does): each warning once, not twice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        top = logging.getLogger(record.name.split(".", 1)[0])
+        return top is logging.getLogger() or not top.handlers
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _PrintedAlready) for f in handler.filters):
+            handler.addFilter(_PrintedAlready())
+
+
 def main(argv: list[str] | None = None, prog: str = "qwen-judge", base: Path | None = None) -> int:
     """Run one command. `base`: the folder relative config paths are read from (default: the
     current folder)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging()
     label = "the current folder" if base is None else f"{base} (not the current folder)"
     base = Path.cwd() if base is None else Path(base)
     if argv and argv[0] in COMMANDS:

@@ -510,3 +510,13 @@ def test_a_model_that_cannot_be_loaded_is_one_line_not_a_traceback(tmp_path):
                            "here, and it could not be loaded from the hub ("), last
     assert last.endswith("(HF_HUB_OFFLINE is set: nothing is downloaded), or tiny:judge"), last
     assert not out.exists(), "a job whose judge never started leaves no empty output folder"
+
+
+def test_a_hub_warning_is_printed_once():
+    # huggingface_hub prints through its own handler and passes the record up to the root's too.
+    code = ("import logging; from src import cli; cli._setup_logging(); import huggingface_hub, transformers; "
+            "logging.getLogger('huggingface_hub.file_download').warning('hub says so'); "
+            "logging.getLogger('src.models.reward.engine').warning('judge says so')")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("hub says so") == 1 and run.stderr.count("judge says so") == 1, run.stderr
