@@ -116,6 +116,72 @@ def test_bad_items_fail_alone_across_workers(two_workers, image_files, tmp_path)
     assert "unsupported image type" in failed["weird"].error
 
 
+def _exif_rotated_jpeg():
+    """A JPEG opened in memory whose EXIF says 'rotate 90 degrees': a phone photo as PIL gives it."""
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to view
+    buf = io.BytesIO()
+    make_image(5, 64, 48).save(buf, format="JPEG", exif=exif.tobytes())
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+def test_in_memory_images_of_any_mode_score_as_the_single_device_class_does(two_workers):
+    """A PIL image PNG cannot store (CMYK, float, 32-bit) or one whose EXIF rotates it travels to a worker
+    as the pixels the single-device class would judge: same scores, no error."""
+    base = make_image(3, 56, 40)
+    images = {"cmyk": base.convert("CMYK"), "float": base.convert("F"), "ycbcr": base.convert("YCbCr"),
+              "int32": base.convert("L").convert("I"),
+              "exif-rotated": _exif_rotated_jpeg(), "rgb": base}
+    items = [ScoreItem(images=[im], id=name) for name, im in images.items()]
+    with QwenVLRewardModel(**JUDGE) as single:
+        expected = single.score_items(items)
+    assert all(r.error is None for r in expected), [r.error for r in expected]
+    for schedule in ("round_robin", "dynamic"):
+        two_workers.schedule = schedule
+        try:
+            got = two_workers.score_items(items)
+        finally:
+            two_workers.schedule = "round_robin"
+        assert [r.id for r in got] == list(images)
+        assert [r.error for r in got] == [None] * len(items)
+        assert [r.score for r in got] == pytest.approx([r.score for r in expected], abs=1e-5)
+
+
+def test_metadata_a_worker_cannot_receive_fails_only_its_item(two_workers, image_files):
+    """Metadata travels to the worker pickled: an item whose metadata does not pickle fails alone,
+    naming the item and the key, and its batch-mates are scored."""
+    items = [ScoreItem(images=[p], id=f"x{i}", metadata={"n": i}) for i, p in enumerate(image_files[:5])]
+    items[2] = ScoreItem(images=[image_files[2]], id="locked", metadata={"lock": threading.Lock(), "n": 2})
+    for schedule in ("round_robin", "dynamic"):
+        two_workers.schedule, two_workers.micro_batch = schedule, 8
+        try:
+            results = two_workers.score_items(items)
+        finally:
+            two_workers.schedule, two_workers.micro_batch = "round_robin", None
+        assert [r.id for r in results] == [it.id for it in items]
+        failed = {r.id: r for r in results if r.score is None}
+        assert set(failed) == {"locked"}, {k: r.error for k, r in failed.items()}
+        err = failed["locked"].error
+        assert "'locked' (#2)" in err and "metadata" in err and "'lock'" in err, err
+        assert failed["locked"].error_kind == "input"
+        assert [r.metadata["n"] for r in results if r.id != "locked"] == [0, 1, 3, 4]
+
+
+def test_an_undecodable_in_memory_image_is_named_as_the_caller_gave_it(two_workers, image_files):
+    """Bytes the judge cannot decode: the error names them as the single-device class does, not by
+    the pool's spill file (a path the caller never gave, removed when the call ends)."""
+    items = [ScoreItem(images=[image_files[0]], id="good"), ScoreItem(images=[b"garbage bytes"], id="junk")]
+    results = two_workers.score_items(items)
+    assert results[0].error is None
+    err = results[1].error
+    assert "'junk' (#1)" in err and "cannot decode image <13 bytes>" in err, err
+    assert str(two_workers.pool.tmp_dir) not in err, err
+
+
 def test_an_idle_worker_that_dies_shows_in_health(two_workers, image_files, reference):
     """Killed between calls: the pool notices at once (not at the next call) and health() names
     it; the next call restarts it and scores everything."""

@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass
 import socket
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge, wait
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -49,7 +50,7 @@ from . import messages as msg
 from .errors import JudgeStartError, JudgeUnavailable
 from .image_memo import convert_once
 from .scheduler import Restarts, Scheduler, stderr_log, wire_item
-from .types import ScoreItem, ScoreResult
+from .types import ScoreItem, ScoreResult, describe_image, item_name
 
 WORKER_SCRIPT = Path(__file__).resolve().parents[3] / "standalone" / "reward_worker.py"
 _LOG_LINES_KEPT = 40
@@ -570,8 +571,10 @@ class WorkerPool:
             call_dir = Path(tempfile.mkdtemp(prefix="call-", dir=self._tmp))
             try:
                 spilled: dict[Any, str] = {}  # one file per in-memory image, however many items show it
-                wire = [_wire_item(it, call_dir, i, spilled) for i, it in enumerate(items)]
-                return self._run(items, wire, micro_batch, schedule, on_done or (lambda n: None))
+                names: dict[str, str] = {}  # spill file -> the image as the caller knows it
+                wire = [_wire_item(it, call_dir, i, spilled, names) for i, it in enumerate(items)]
+                results = self._run(items, wire, micro_batch, schedule, on_done or (lambda n: None))
+                return _unspill_errors(results, names)
             finally:
                 shutil.rmtree(call_dir, ignore_errors=True)
 
@@ -763,19 +766,53 @@ class _PoolClosing(RuntimeError):
     pass
 
 
-def _wire_item(item: ScoreItem, folder: Path, index: int,
-               spilled: dict[Any, str] | None = None) -> dict[str, Any] | ScoreResult:
+def _wire_item(item: ScoreItem, folder: Path, index: int, spilled: dict[Any, str] | None = None,
+               names: dict[str, str] | None = None) -> dict[str, Any] | ScoreResult:
     """An item's channel form: paths as absolute paths, in-memory images spilled to `folder`.
     spilled: the call's memo of spilled images (image_memo.convert_once): an image that several
     items show (a source) is written once, and the worker sees one path, so its engine groups
-    those items (grouping.py)."""
+    those items (grouping.py). names: filled with spill file -> the image's own description.
+    An item the channel cannot carry (metadata that does not pickle) fails here, alone: sent, it
+    would fail its whole micro-batch."""
     def path_of(img: Any, tag: str) -> str:
         if isinstance(img, (str, os.PathLike)):
             return os.path.abspath(os.fspath(img))
-        return convert_once(spilled, img, lambda: _spill(img, folder / f"{index}-{tag}"))
+        path = convert_once(spilled, img, lambda: _spill(img, folder / f"{index}-{tag}"))
+        if names is not None:
+            names[path] = describe_image(img)
+        return path
 
     wired = wire_item(item, index, path_of)
-    return wired.to_dict() if isinstance(wired, ScoreItem) else wired
+    if not isinstance(wired, ScoreItem):
+        return wired
+    wired_dict = wired.to_dict()
+    try:
+        ForkingPickler.dumps(wired_dict)  # what Connection.send does with it
+    except Exception as e:
+        return ScoreResult.failure(index, item, f"item {item_name(item, index)}: {_unsendable(item, e)}", "input")
+    return wired_dict
+
+
+def _unsendable(item: ScoreItem, error: Exception) -> str:
+    """Why an item cannot go to a worker process, naming the metadata key at fault when there is one."""
+    for key, value in (item.metadata or {}).items():
+        try:
+            ForkingPickler.dumps(value)
+        except Exception as e:
+            return (f"metadata key {key!r} cannot be sent to a worker process ({type(e).__name__}: {e}); "
+                    "give metadata values that pickle (plain data)")
+    return f"the item cannot be sent to a worker process ({type(error).__name__}: {error})"
+
+
+def _unspill_errors(results: list[ScoreResult], names: dict[str, str]) -> list[ScoreResult]:
+    """Errors that name a spill file (a path the caller never gave, removed when the call ends)
+    name the image as the caller gave it, as the single-device class does."""
+    if names:
+        for r in results:
+            if r.error:
+                for path, name in names.items():
+                    r.error = r.error.replace(path, name)
+    return results
 
 
 def _spill(img: Any, dest: Path) -> str:
@@ -785,10 +822,31 @@ def _spill(img: Any, dest: Path) -> str:
         dest.write_bytes(bytes(img))
     elif hasattr(img, "save"):
         dest = dest.with_suffix(".png")
-        img.save(dest, format="PNG")
+        _png_ready(img).save(dest, format="PNG")
     else:
         raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
     return str(dest)
+
+
+# Modes PIL writes to PNG as they are (16-bit greyscale too, which load_pil maps on reading).
+_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"}
+
+
+def _png_ready(img: Any) -> Any:
+    """A PIL image as a PNG file can carry the pixels the judge would see in memory. PIL writes
+    no EXIF to PNG, so the rotation is applied here, as load_pil does; a mode PNG cannot store
+    (CMYK, YCbCr, float, 32-bit) goes through load_pil's own conversion to RGB here, so the worker
+    reads the very pixels the single-device class judges."""
+    from PIL import ImageOps
+
+    from .types import load_pil
+
+    if img.mode not in _PNG_MODES:
+        return load_pil(img)  # EXIF rotation, bit-depth mapping, alpha on white, RGB
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a malformed EXIF block must not cost the image (load_pil skips it too)
+        return img
 
 
 # Pools still open at interpreter exit are closed, so no worker outlives its parent's exit.
