@@ -144,15 +144,47 @@ def serve(address: str) -> int:
             _log(f"ignoring unexpected message {type(req).__name__}")
             continue
         try:
-            items = [ScoreItem.from_dict(d) for d in req.items]
-            results = engine.score(items, indices=req.indices)
-            reply = msg.Scored(req.batch_id, [r.to_dict() for r in results])
+            reply = msg.Scored(req.batch_id, [r.to_dict() for r in score_request(engine, req)])
         except Exception as e:
             reply = msg.BatchFailed(req.batch_id, f"{type(e).__name__}: {e}", traceback.format_exc())
         try:
             conn.send(reply)
         except OSError:
             return _channel_lost(parent, address)
+
+
+def load_items(dicts: list[dict], indices: list[int]) -> tuple[list[ScoreItem], list[int], list[ScoreResult]]:
+    """The request's items, their indices, and the failed results of those whose metadata (sent
+    pickled, item by item) cannot be loaded here: a class this process cannot import fails its
+    item, not the batch or the worker."""
+    import pickle
+
+    from src.models.reward.types import ScoreResult, item_name
+
+    items, kept, failed = [], [], []
+    for d, i in zip(dicts, indices):
+        meta = d.get("metadata")
+        if isinstance(meta, (bytes, bytearray)):
+            try:
+                d = {**d, "metadata": pickle.loads(meta)}
+            except Exception as e:
+                item = ScoreItem(images=[], id=d.get("id"))
+                failed.append(ScoreResult.failure(
+                    i, item, f"item {item_name(item, i)}: its metadata cannot be loaded in the worker process "
+                    f"({type(e).__name__}: {e}); give metadata values of importable types (plain data)", "input"))
+                continue
+        items.append(ScoreItem.from_dict(d))
+        kept.append(i)
+    return items, kept, failed
+
+
+def score_request(engine, req: msg.Score) -> list:
+    """One result per item of `req`, in its order."""
+    indices = list(req.indices) if req.indices is not None else list(range(len(req.items)))
+    items, kept, failed = load_items(req.items, indices)
+    results = engine.score(items, indices=kept) if items else []
+    position = {ix: k for k, ix in enumerate(indices)}
+    return sorted([*results, *failed], key=lambda r: position[r.index])
 
 
 def one_shot(tasks: Path, output: Path, device: str) -> int:

@@ -171,6 +171,38 @@ def test_metadata_a_worker_cannot_receive_fails_only_its_item(two_workers, image
         assert [r.metadata["n"] for r in results if r.id != "locked"] == [0, 1, 3, 4]
 
 
+def test_metadata_the_worker_cannot_load_fails_only_its_item_and_no_worker_dies(two_workers, image_files):
+    """Metadata holding an instance of a class only the caller can import (one defined in its
+    script's __main__) pickles here but cannot be loaded in the worker: that item fails alone,
+    naming the cause, with the caller's metadata; the workers live on and nothing is retried."""
+    import types
+
+    module = types.ModuleType("callers_own_module")  # importable here, unknown to a worker
+    exec("class Tag:\n    def __init__(self, name):\n        self.name = name\n", module.__dict__)
+    sys.modules[module.__name__] = module
+    try:
+        tag = module.Tag("a")
+        items = [ScoreItem(images=[p], id=f"x{i}") for i, p in enumerate(image_files[:5])]
+        items[3] = ScoreItem(images=[image_files[3]], id="tagged", metadata={"tag": tag})
+        pids = two_workers.worker_pids()
+        restarts = two_workers.pool.total_restarts
+        two_workers.micro_batch = 8
+        try:
+            results = two_workers.score_items(items)
+        finally:
+            two_workers.micro_batch = None
+    finally:
+        del sys.modules[module.__name__]
+    assert [r.id for r in results] == [it.id for it in items]
+    failed = {r.id: r for r in results if r.score is None}
+    assert set(failed) == {"tagged"}, {k: r.error for k, r in failed.items()}
+    err = failed["tagged"].error
+    assert "'tagged' (#3)" in err and "metadata cannot be loaded in the worker" in err and "callers_own_module" in err, err
+    assert failed["tagged"].error_kind == "input"
+    assert failed["tagged"].metadata == {"tag": tag}
+    assert two_workers.worker_pids() == pids and two_workers.pool.total_restarts == restarts
+
+
 def test_an_undecodable_in_memory_image_is_named_as_the_caller_gave_it(two_workers, image_files):
     """Bytes the judge cannot decode: the error names them as the single-device class does, not by
     the pool's spill file (a path the caller never gave, removed when the call ends)."""

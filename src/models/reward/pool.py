@@ -574,7 +574,7 @@ class WorkerPool:
                 names: dict[str, str] = {}  # spill file -> the image as the caller knows it
                 wire = [_wire_item(it, call_dir, i, spilled, names) for i, it in enumerate(items)]
                 results = self._run(items, wire, micro_batch, schedule, on_done or (lambda n: None))
-                return _unspill_errors(results, names)
+                return _unspill_errors(results, names, items)
             finally:
                 shutil.rmtree(call_dir, ignore_errors=True)
 
@@ -787,7 +787,10 @@ def _wire_item(item: ScoreItem, folder: Path, index: int, spilled: dict[Any, str
         return wired
     wired_dict = wired.to_dict()
     try:
-        ForkingPickler.dumps(wired_dict)  # what Connection.send does with it
+        # Pickled here, alone, and loaded by the worker item by item (reward_worker.load_items):
+        # metadata the worker cannot load (an instance of a class in the caller's __main__) then
+        # fails its item there instead of the worker's whole channel.
+        wired_dict["metadata"] = bytes(ForkingPickler.dumps(wired_dict["metadata"]))
     except Exception as e:
         return ScoreResult.failure(index, item, f"item {item_name(item, index)}: {_unsendable(item, e)}", "input")
     return wired_dict
@@ -804,14 +807,16 @@ def _unsendable(item: ScoreItem, error: Exception) -> str:
     return f"the item cannot be sent to a worker process ({type(error).__name__}: {error})"
 
 
-def _unspill_errors(results: list[ScoreResult], names: dict[str, str]) -> list[ScoreResult]:
+def _unspill_errors(results: list[ScoreResult], names: dict[str, str], items: Sequence[ScoreItem]) -> list[ScoreResult]:
     """Errors that name a spill file (a path the caller never gave, removed when the call ends)
-    name the image as the caller gave it, as the single-device class does."""
-    if names:
-        for r in results:
-            if r.error:
-                for path, name in names.items():
-                    r.error = r.error.replace(path, name)
+    name the image as the caller gave it, as the single-device class does; a failure the worker
+    could not give the item's metadata (it could not load it) carries the caller's."""
+    for r in results:
+        if r.error:
+            for path, name in names.items():
+                r.error = r.error.replace(path, name)
+            if not r.metadata and items[r.index].metadata:
+                r.metadata = dict(items[r.index].metadata)
     return results
 
 
