@@ -19,7 +19,7 @@ import time
 import pytest
 import ray
 
-from conftest import ROOT, pid_gone
+from conftest import ROOT, make_image, pid_gone
 from src.models.reward import ConfigError, ScoreItem, build_reward_model, load_config
 from src.models.reward.config import resolve_class, validate_params
 from src.models.reward.implementations.local import QwenVLRewardModel
@@ -102,6 +102,22 @@ def test_second_call_reuses_the_actors_in_memory_images_travel_and_bad_items_fai
     assert model.actor_ids() == ids and model.actor_pids() == pids
     assert [s.info["load_time_s"] for s in model.slots] == loads
     assert model.total_restarts == 0
+
+
+def test_in_memory_images_of_any_mode_score_as_the_single_device_class_does(model, tiny_cache):
+    # A PIL image PNG cannot store (CMYK, float, 32-bit) or one whose EXIF rotates it travels to an
+    # actor as the pixels the single-device class would judge (image_memo.png_ready).
+    from test_pool import _exif_rotated_jpeg
+
+    base = make_image(3, 56, 40)
+    images = {"cmyk": base.convert("CMYK"), "float": base.convert("F"), "int32": base.convert("L").convert("I"),
+              "exif-rotated": _exif_rotated_jpeg(), "rgb": base}
+    items = [ScoreItem(images=[im], id=name) for name, im in images.items()]
+    with QwenVLRewardModel(**JUDGE) as single:
+        expected = single.score_items(items)
+    got = model.score_items(items)
+    assert [r.error for r in got] == [None] * len(items) == [r.error for r in expected]
+    assert [r.score for r in got] == pytest.approx([r.score for r in expected], abs=1e-4)
 
 
 def test_an_actor_killed_mid_call_loses_no_item(model, reference, image_files, capsys):

@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import messages as msg
 from .errors import JudgeStartError, JudgeUnavailable
-from .image_memo import convert_once
+from .image_memo import convert_once, png_ready
 from .scheduler import Restarts, Scheduler, stderr_log, wire_item
 from .types import ScoreItem, ScoreResult, describe_image, item_name
 
@@ -827,31 +827,10 @@ def _spill(img: Any, dest: Path) -> str:
         dest.write_bytes(bytes(img))
     elif hasattr(img, "save"):
         dest = dest.with_suffix(".png")
-        _png_ready(img).save(dest, format="PNG")
+        png_ready(img).save(dest, format="PNG")
     else:
         raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
     return str(dest)
-
-
-# Modes PIL writes to PNG as they are (16-bit greyscale too, which load_pil maps on reading).
-_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"}
-
-
-def _png_ready(img: Any) -> Any:
-    """A PIL image as a PNG file can carry the pixels the judge would see in memory. PIL writes
-    no EXIF to PNG, so the rotation is applied here, as load_pil does; a mode PNG cannot store
-    (CMYK, YCbCr, float, 32-bit) goes through load_pil's own conversion to RGB here, so the worker
-    reads the very pixels the single-device class judges."""
-    from PIL import ImageOps
-
-    from .types import load_pil
-
-    if img.mode not in _PNG_MODES:
-        return load_pil(img)  # EXIF rotation, bit-depth mapping, alpha on white, RGB
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception:  # a malformed EXIF block must not cost the image (load_pil skips it too)
-        return img
 
 
 # Pools still open at interpreter exit are closed, so no worker outlives its parent's exit.

@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 from ..base import BaseRewardModel
 from ..errors import JudgeStartError
-from ..image_memo import convert_once
+from ..image_memo import convert_once, png_ready
 from ..scheduler import Restarts, Scheduler, stderr_log, wire_item
 from ..settings import JudgeSettings
 from ..types import ScoreItem, ScoreResult
@@ -540,7 +540,7 @@ def _wire_item(item: ScoreItem, index: int, encoded: dict[Any, bytes] | None = N
 
 def _png(img: Any) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    png_ready(img).save(buf, format="PNG")  # rotated and in a mode PNG stores, as the engine would see it
     return buf.getvalue()
 
 
