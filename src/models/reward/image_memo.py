@@ -1,7 +1,7 @@
 """One call's memo of in-memory images in the form they travel in to where the engine runs: the
 multi-GPU pool (pool.py) spills each to a file, the Ray host (implementations/ray_actors.py)
-encodes each PIL image as PNG bytes; both through png_ready, which keeps the pixels the engine
-would see in memory.
+encodes each PIL image as PNG bytes; both save types.load_pil's RGB image, the very pixels the
+engine judges of an image in memory (EXIF rotation applied, modes PNG cannot store converted).
 
 Why: an image that several items show (an edit's source, shown with every editing model's output)
 is then converted once per call, not once per item, and every item showing it carries the same
@@ -31,24 +31,3 @@ def convert_once(memo: MutableMapping[Hashable, T] | None, img: Any, convert: Ca
         memo[key] = convert()
     return memo[key]
 
-
-# Modes PIL writes to PNG as they are (16-bit greyscale too, which load_pil maps on reading).
-_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"}
-
-
-def png_ready(img: Any) -> Any:
-    """A PIL image as a PNG can carry the pixels the judge would see in memory (both hosts send
-    in-memory PIL images to the engine as PNG). PIL writes no EXIF to PNG, so the rotation is
-    applied here, as load_pil does; a mode PNG cannot store (CMYK, YCbCr, float, 32-bit) goes
-    through load_pil's own conversion to RGB here, so the worker or actor reads the very pixels
-    the single-device class judges."""
-    from PIL import ImageOps
-
-    from .types import load_pil
-
-    if img.mode not in _PNG_MODES:
-        return load_pil(img)  # EXIF rotation, bit-depth mapping, alpha on white, RGB
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception:  # a malformed EXIF block must not cost the image (load_pil skips it too)
-        return img

@@ -48,9 +48,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import messages as msg
 from .errors import JudgeStartError, JudgeUnavailable
-from .image_memo import convert_once, png_ready
+from .image_memo import convert_once
 from .scheduler import Restarts, Scheduler, stderr_log, wire_item
-from .types import ScoreItem, ScoreResult, describe_image, item_name
+from .types import ScoreItem, ScoreResult, describe_image, item_name, load_pil
 
 WORKER_SCRIPT = Path(__file__).resolve().parents[3] / "standalone" / "reward_worker.py"
 _LOG_LINES_KEPT = 40
@@ -827,7 +827,7 @@ def _spill(img: Any, dest: Path) -> str:
         dest.write_bytes(bytes(img))
     elif hasattr(img, "save"):
         dest = dest.with_suffix(".png")
-        png_ready(img).save(dest, format="PNG")
+        load_pil(img).save(dest, format="PNG")  # the pixels the engine judges: rotated, RGB
     else:
         raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
     return str(dest)

@@ -12,7 +12,6 @@ integer, so both modes report on one scale.
 from __future__ import annotations
 
 import difflib
-
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence

@@ -39,10 +39,10 @@ from typing import Any, Callable, Sequence
 
 from ..base import BaseRewardModel
 from ..errors import JudgeStartError
-from ..image_memo import convert_once, png_ready
+from ..image_memo import convert_once
 from ..scheduler import Restarts, Scheduler, stderr_log, wire_item
 from ..settings import JudgeSettings
-from ..types import ScoreItem, ScoreResult
+from ..types import ScoreItem, ScoreResult, load_pil
 
 # The `src` package, shipped to the actors with Ray's `py_modules` so nodes need only the worker env.
 _SRC_DIR = Path(__file__).resolve().parents[3]
@@ -540,7 +540,7 @@ def _wire_item(item: ScoreItem, index: int, encoded: dict[Any, bytes] | None = N
 
 def _png(img: Any) -> bytes:
     buf = io.BytesIO()
-    png_ready(img).save(buf, format="PNG")  # rotated and in a mode PNG stores, as the engine would see it
+    load_pil(img).save(buf, format="PNG")  # the pixels the engine judges: rotated, RGB
     return buf.getvalue()
 
 
