@@ -151,6 +151,16 @@ def test_in_memory_images_of_any_mode_score_as_the_single_device_class_does(two_
         assert [r.score for r in got] == pytest.approx([r.score for r in expected], abs=1e-5)
 
 
+def _the_one_failure(results, items, item_id: str):
+    """The failed result of `item_id`, the call's only failure, an input error; every result in
+    input order."""
+    assert [r.id for r in results] == [it.id for it in items]
+    failed = {r.id: r for r in results if r.score is None}
+    assert set(failed) == {item_id}, {k: r.error for k, r in failed.items()}
+    assert failed[item_id].error_kind == "input"
+    return failed[item_id]
+
+
 def test_metadata_a_worker_cannot_receive_fails_only_its_item(two_workers, image_files):
     """Metadata travels to the worker pickled: an item whose metadata does not pickle fails alone,
     naming the item and the key, and its batch-mates are scored."""
@@ -162,12 +172,8 @@ def test_metadata_a_worker_cannot_receive_fails_only_its_item(two_workers, image
             results = two_workers.score_items(items)
         finally:
             two_workers.schedule, two_workers.micro_batch = "round_robin", None
-        assert [r.id for r in results] == [it.id for it in items]
-        failed = {r.id: r for r in results if r.score is None}
-        assert set(failed) == {"locked"}, {k: r.error for k, r in failed.items()}
-        err = failed["locked"].error
+        err = _the_one_failure(results, items, "locked").error
         assert "'locked' (#2)" in err and "metadata" in err and "'lock'" in err, err
-        assert failed["locked"].error_kind == "input"
         assert [r.metadata["n"] for r in results if r.id != "locked"] == [0, 1, 3, 4]
 
 
@@ -193,13 +199,10 @@ def test_metadata_the_worker_cannot_load_fails_only_its_item_and_no_worker_dies(
             two_workers.micro_batch = None
     finally:
         del sys.modules[module.__name__]
-    assert [r.id for r in results] == [it.id for it in items]
-    failed = {r.id: r for r in results if r.score is None}
-    assert set(failed) == {"tagged"}, {k: r.error for k, r in failed.items()}
-    err = failed["tagged"].error
-    assert "'tagged' (#3)" in err and "metadata cannot be loaded in the worker" in err and "callers_own_module" in err, err
-    assert failed["tagged"].error_kind == "input"
-    assert failed["tagged"].metadata == {"tag": tag}
+    tagged = _the_one_failure(results, items, "tagged")
+    assert "'tagged' (#3)" in tagged.error and "metadata cannot be loaded in the worker" in tagged.error
+    assert "callers_own_module" in tagged.error, tagged.error
+    assert tagged.metadata == {"tag": tag}
     assert two_workers.worker_pids() == pids and two_workers.pool.total_restarts == restarts
 
 

@@ -140,25 +140,23 @@ def settings_fingerprint(cls: type, params: dict[str, Any]) -> str | None:
     build (the judge's own construction then says why)."""
     import inspect
 
-    from src.models.reward.templates import rubric_fingerprint
-
     settings_cls = getattr(cls, "settings_cls", None)
     if settings_cls is None:
         return None
     own = {n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind is not p.VAR_KEYWORD}
     try:
         s = settings_cls.from_params({k: v for k, v in params.items() if k not in own})
-        return s.fingerprint(rubric_fingerprint(resolve_rubric(s.template, s.templates)))
+        return s.judge_fingerprint()
     except Exception:
         return None
 
 
 def _finished_without_a_judge(checked: tuple[str, type, dict[str, Any]] | None, rows: list[ManifestRow],
-                              stream_path: Path, spec: JobSpec) -> tuple[str, str | None] | None:
-    """(fingerprint, quantization) when every row of the manifest that can be scored has its
-    result on disk for the fingerprint this config's judge would report; else None (the judge is
-    loaded and the job runs as usual). quantization: what the last run's summary recorded, if it
-    was this fingerprint's."""
+                              stream_path: Path, spec: JobSpec) -> tuple[str, str | None, dict] | None:
+    """(fingerprint, quantization, the stream's results) when every row of the manifest that can be
+    scored has its result on disk for the fingerprint this config's judge would report; else None
+    (the judge is loaded and the job runs as usual). quantization: what the last run's summary
+    recorded, if it was this fingerprint's."""
     if checked is None or not stream_path.exists():
         return None
     fp = settings_fingerprint(checked[1], checked[2])
@@ -172,7 +170,7 @@ def _finished_without_a_judge(checked: tuple[str, type, dict[str, Any]] | None, 
     except (OSError, ValueError):
         last = {}
     quantization = last.get("quantization") if isinstance(last, dict) and last.get("fingerprint") == fp else None
-    return fp, quantization if isinstance(quantization, str) else None
+    return fp, quantization if isinstance(quantization, str) else None, done
 
 
 class _NoJudge(BaseRewardModel):
@@ -303,7 +301,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
     quantization = None
     finished = _finished_without_a_judge(checked, rows, stream_path, spec) if model is None else None
     if finished is not None:
-        model, (fp, quantization) = _NoJudge(), finished
+        model, (fp, quantization, done) = _NoJudge(), finished
     with _sigterm_as_interrupt():
         raise_lost_ctrl_c()  # (src/interrupts.py) before any worker starts
         own = model is None
@@ -320,7 +318,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
             if finished is None:
                 fp = model_fingerprint(model, model_spec or {})
                 quantization = getattr(model, "quantization", None)  # the judge's own report, read while it is open
-            done = read_stream(stream_path, fp)
+                done = read_stream(stream_path, fp)
             _repair_tail(stream_path)
             by_id: dict[str, dict[str, Any]] = {}
             todo: list[ManifestRow] = []

@@ -55,7 +55,7 @@ from .scoring import Scoring
 from .settings import JudgeSettings
 from .size_order import Resize, chunk_order
 from .speed import SpeedPaths
-from .templates import Rubric, Template, resolve_rubric, rubric_fingerprint
+from .templates import Rubric, Template, resolve_rubric
 from .types import ScoreItem, ScoreResult
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         self._image_pool = concurrent.futures.ThreadPoolExecutor(settings.prepare_threads, thread_name_prefix="judge-image")
 
     def fingerprint(self) -> str:
-        return self.settings.fingerprint(rubric_fingerprint(self.rubric))
+        return self.settings.judge_fingerprint()
 
     def score(self, items: Sequence[ScoreItem], base_index: int = 0,
               indices: Sequence[int] | None = None,

@@ -235,6 +235,13 @@ class JudgeSettings:
         blob = json.dumps(data, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def judge_fingerprint(self) -> str:
+        """fingerprint() with this judge's rubric: what a loaded judge reports (engine.fingerprint),
+        and what a finished job works out without loading one (src/job/runner.py)."""
+        from .templates import resolve_rubric, rubric_fingerprint
+
+        return self.fingerprint(rubric_fingerprint(resolve_rubric(self.template, self.templates)))
+
 
 JudgeSettings.PARAM_ALIASES = PARAM_ALIASES  # type: ignore[attr-defined]  # read by config.accepted_params
 
