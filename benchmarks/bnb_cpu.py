@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import runs  # noqa: E402
+from benchmarks.quant_gpu import agreement  # noqa: E402
 
 QUANT_SITE = ROOT / ".venv" / "quant"
 VARIANTS = ("none", "bnb-8bit", "bnb-4bit")
@@ -61,17 +62,6 @@ def score(variants: tuple[str, ...] = VARIANTS, timeout: int = 900) -> dict[str,
     return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
-def compare(ref: list[float | None], scores: list[float | None]) -> dict[str, Any]:
-    """The score changes against the reference, over the items both scored."""
-    from src.stats import spearman
-
-    pairs = [(a, b) for a, b in zip(ref, scores) if a is not None and b is not None]
-    diffs = [abs(a - b) for a, b in pairs]
-    return {"items_compared": len(pairs), "max_abs_diff": round(max(diffs), 4) if diffs else None,
-            "mean_abs_diff": round(sum(diffs) / len(diffs), 4) if diffs else None,
-            "spearman": round(spearman([a for a, _ in pairs], [b for _, b in pairs]), 4) if len(pairs) > 1 else None}
-
-
 def markdown(report: dict[str, Any]) -> str:
     m = report["meta"]
     lines = [f"# bitsandbytes on the CPU: the tiny judge's scores ({m['cpu']})", "", f"`{m['command']}`", "",
@@ -81,14 +71,16 @@ def markdown(report: dict[str, Any]) -> str:
     for q, row in report["variants"].items():
         c = row["vs_none"]
         scored = sum(s is not None for s in row["scores"])
-        lines.append(f"| {q} | {row['report']} | {scored} | {c['max_abs_diff']} | {c['mean_abs_diff']} | "
-                     f"{c['spearman']} |")
+        rho = c.get("spearman")
+        lines.append(f"| {q} | {row['report']} | {scored} | {c.get('max_abs_diff')} | {c.get('mean_abs_diff')} | "
+                     f"{rho if rho is None else round(rho, 4)} |")
     return "\n".join(lines + [""])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for bnb_cpu.json and bnb_cpu.md")
+    ap.set_defaults(name="bnb_cpu")
     a = ap.parse_args(argv)
     out = score()
     ref = out["none"]["scores"]
@@ -102,12 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"meta": {"command": command,
                        "cpu": runs.cpu_name(), "torch": torch.__version__,
                        "bitsandbytes": bnb_version, "items": len(ref), "date": time.strftime("%Y-%m-%d %H:%M:%S")},
-              "variants": {q: {**row, "vs_none": compare(ref, row["scores"])} for q, row in out.items()}}
-    folder = pathlib.Path(a.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "bnb_cpu.json").write_text(json.dumps(report, indent=1))
-    (folder / "bnb_cpu.md").write_text(markdown(report))
-    print(markdown(report))
+              "variants": {q: {**row, "vs_none": agreement(ref, row["scores"])} for q, row in out.items()}}
+    runs.save(report, a, markdown(report))
     return 0
 
 
