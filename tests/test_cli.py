@@ -512,6 +512,21 @@ def test_a_model_that_cannot_be_loaded_is_one_line_not_a_traceback(tmp_path):
     assert not out.exists(), "a job whose judge never started leaves no empty output folder"
 
 
+def test_a_misspelt_checkpoint_folder_is_named_before_the_hub_is_tried(tmp_path):
+    # models/tiny_jugde has a hub id's shape: without a network the hub's retries take minutes, so
+    # the close folder is named at once, and again in the one-line error.
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+                          "--set", "model.params.model_name=models/tiny_jugde", "--set", f"job.output_dir={out}",
+                          "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = run.stderr.strip().splitlines()
+    warned = [i for i, line in enumerate(lines) if "did you mean 'models/tiny_judge'? Trying it as a hub id" in line]
+    assert run.returncode == 1 and warned and warned[0] < len(lines) - 1, run.stderr[-3000:]
+    assert lines[-1].startswith("error: the judge could not start: model_name 'models/tiny_jugde': no such folder "
+                                "here (did you mean 'models/tiny_judge'?), and it could not be loaded"), lines[-1]
+
+
 def test_a_hub_warning_is_printed_once():
     # huggingface_hub prints through its own handler and passes the record up to the root's too.
     code = ("import logging; from src import cli; cli._setup_logging(); import huggingface_hub, transformers; "

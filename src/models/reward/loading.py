@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .errors import JudgeStartError
+from .errors import JudgeConfigError, JudgeStartError
 from .templates import Template
 
 log = logging.getLogger(__name__)
@@ -22,27 +22,34 @@ class Loading:
 
         s = self.settings
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"{self.device_label}: a CUDA device was asked, but torch sees no GPU here "
+            raise JudgeConfigError(f"{self.device_label}: a CUDA device was asked, but torch sees no GPU here "
                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
                              "use device cpu on a machine without a GPU")
         path = s.model_name
+        in_repo_root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
         if path.startswith("tiny:"):
             from ..tiny import resolve_model_name
 
             path = resolve_model_name(path)
         elif not os.path.isabs(path) and not os.path.exists(path):
             # A repo-relative folder (e.g. models/tiny_judge) works from any working directory.
-            in_repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", path)
+            in_repo = os.path.join(in_repo_root, path)
             if os.path.isdir(in_repo):
                 path = os.path.normpath(in_repo)
         self.model_path = path
+        near = "" if os.path.exists(path) else _near_folder(path, in_repo_root)
+        if near and not os.path.isabs(path) and not path.startswith("."):
+            # Said now: a hub id's shape, and without a network the hub's retries take minutes.
+            log.warning("%s: model_name %r is no folder here; did you mean %r? Trying it as a hub id",
+                        self.device_label, s.model_name, near)
         try:
             self.processor = AutoProcessor.from_pretrained(path)
         except OSError as e:  # not a folder here, and not downloadable (no network, no such repo, no access)
             offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise JudgeStartError(
-                f"model_name {s.model_name!r}: no such folder here, and it could not be loaded from the hub "
+                f"model_name {s.model_name!r}: no such folder here{f' (did you mean {near!r}?)' if near else ''}, "
+                f"and it could not be loaded from the hub "
                 f"({first}); give a local checkpoint folder, a hub id this machine can download"
                 f"{' (HF_HUB_OFFLINE is set: nothing is downloaded)' if offline else ''}, or tiny:judge") from None
         self.tokenizer = self.processor.tokenizer
@@ -71,7 +78,7 @@ class Loading:
             if s.max_memory_per_gpu_gb is not None:
                 extra["max_memory"] = {_index(d): int(s.max_memory_per_gpu_gb * 2**30) for d in self.devices}
         elif s.max_memory_per_gpu_gb is not None:
-            raise ValueError(f"max_memory_per_gpu_gb: places a judge spread over a group of GPUs "
+            raise JudgeConfigError(f"max_memory_per_gpu_gb: places a judge spread over a group of GPUs "
                              f"(multi_gpu with gpus_per_worker > 1); this one runs on {self.device} alone")
         else:
             # Loading straight onto the GPU (device_map) needs accelerate; without it, load then move.
@@ -86,7 +93,7 @@ class Loading:
                 path, dtype=dtype, attn_implementation=s.attn_implementation, **extra)
         except ValueError as e:
             if spread and "offload" in str(e):  # the budget left layers for the disk
-                raise ValueError(f"the judge does not fit its {len(self.devices)} GPUs ({self.device_label}, "
+                raise JudgeConfigError(f"the judge does not fit its {len(self.devices)} GPUs ({self.device_label}, "
                                  f"max_memory_per_gpu_gb={s.max_memory_per_gpu_gb}); raise it or gpus_per_worker, "
                                  f"or use quantization ({e})") from None
             raise
@@ -111,7 +118,7 @@ class Loading:
         off = sorted({"disk" if w == "meta" else w for w in where & {"cpu", "disk", "meta"}})
         if off:
             budget = self.settings.max_memory_per_gpu_gb
-            raise ValueError(
+            raise JudgeConfigError(
                 f"the judge does not fit its {len(self.devices)} GPUs ({self.device_label}"
                 + (f", max_memory_per_gpu_gb={budget}" if budget is not None else "")
                 + f"): transformers placed layers on {' and '.join(off)}. Raise max_memory_per_gpu_gb or "
@@ -119,7 +126,7 @@ class Loading:
 
     def _levels_for(self, tpl: Template) -> tuple[list[int], list[float], list[str]]:
         if not tpl.levels:
-            raise ValueError(f"template {tpl.name!r}: logits mode needs single-token levels; its scale "
+            raise JudgeConfigError(f"template {tpl.name!r}: logits mode needs single-token levels; its scale "
                              f"{tpl.scale} has none (set `levels`, or use mode: generate)")
         ids, values, names = [], [], []
         lead_space = bool(tpl.logits_prefix) and not tpl.logits_prefix[-1].isspace()
@@ -127,12 +134,31 @@ class Loading:
             piece = (" " + text) if lead_space else text
             enc = self.tokenizer.encode(piece, add_special_tokens=False)
             if len(enc) != 1:
-                raise ValueError(f"template {tpl.name!r}: level {piece!r} is {len(enc)} tokens for this tokenizer; "
+                raise JudgeConfigError(f"template {tpl.name!r}: level {piece!r} is {len(enc)} tokens for this tokenizer; "
                                  "logits mode needs every level to be one token (use other levels or mode: generate)")
             ids.append(enc[0])
             values.append(float(value))
             names.append(text)
         return ids, values, names
+
+
+def _near_folder(path: str, repo_root: str) -> str:
+    """A checkpoint folder whose name is close to `path`, for a model_name that is no folder: its
+    parent folder exists (here, or in the repository) and holds a close name. '' when none."""
+    import difflib
+
+    parent, name = os.path.split(os.path.normpath(path))
+    if not parent or not name:  # a bare name: nothing local to compare it with
+        return ""
+    for folder in (parent, os.path.join(repo_root, parent)) if not os.path.isabs(path) else (parent,):
+        try:
+            names = [n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))]
+        except OSError:
+            continue
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+        if close:
+            return os.path.join(parent, close[0])
+    return ""
 
 
 def _normalize_device(device: str | int) -> str:
@@ -144,7 +170,7 @@ def _normalize_device(device: str | int) -> str:
     if device == "cuda":
         return "cuda:0"
     if device != "cpu" and not device.startswith("cuda:"):
-        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        raise JudgeConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     return device
 
 
