@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from src.models.reward import BaseRewardModel, ScoreItem, ScoreResult
+from src.models.reward.errors import JudgeConfigError, JudgeError, JudgeInputError, JudgeUnavailable
 from src.models.reward.implementations.local import QwenVLRewardModel
 from src.models.reward.types import as_items
 
@@ -39,16 +40,16 @@ def test_several_images_per_item(edit_judge, image_files):
 
 
 def test_call_shape_errors():
-    with pytest.raises(ValueError, match="instructions has 2 entries but there are 3 images"):
+    with pytest.raises(JudgeInputError, match="instructions has 2 entries but there are 3 images"):
         as_items(["a", "b", "c"], instructions=["x", "y"])
-    with pytest.raises(ValueError, match="original_images has 1 entries"):
+    with pytest.raises(JudgeInputError, match="original_images has 1 entries"):
         as_items(["a", "b"], original_images=["s"])
 
 
 def test_mixed_inputs_are_refused(edit_judge, image_files):
-    with pytest.raises(TypeError, match="mix of ScoreItems and plain images"):
+    with pytest.raises(JudgeInputError, match="mix of ScoreItems and plain images"):
         edit_judge.batch_score([ScoreItem(images=[image_files[0]]), image_files[1]])
-    with pytest.raises(TypeError, match="only with plain images"):
+    with pytest.raises(JudgeInputError, match="only with plain images"):
         edit_judge.batch_score([ScoreItem(images=[image_files[0]])], instructions=["x"])
     assert edit_judge.batch_score([]) == []
 
@@ -61,3 +62,44 @@ def test_result_round_trips_through_json():
     item = ScoreItem(images="a.png", source_images="b.png", instruction="t", id="1", metadata={"k": 1})
     assert item.images == ["a.png"] and item.source_images == ["b.png"]
     assert ScoreItem.from_dict(item.to_dict()) == item
+
+
+# Each class built directly (as the README's Python API shows), not through build_reward_model:
+# the parameters that fail before anything starts (no model, no worker, no actor, no request).
+DIRECT = [
+    ("local", "src.models.reward.implementations.local", "QwenVLRewardModel",
+     {"model_name": "tiny:judge", "device": "cpu"}),
+    ("multi_gpu", "src.models.reward.implementations.multi_gpu", "MultiGPURewardModel",
+     {"model_name": "tiny:judge", "device_ids": ["cpu"]}),
+    ("remote", "src.models.reward.implementations.remote", "RemoteRewardModel", {"url": "http://127.0.0.1:9"}),
+    ("openai", "src.models.reward.implementations.openai_api", "OpenAIRewardModel",
+     {"model": "judge", "base_url": "http://127.0.0.1:9/v1"}),
+    ("ray", "src.models.reward.implementations.ray_actors", "RayRewardModel",
+     {"model_name": "tiny:judge", "num_gpus_per_actor": 0, "num_actors": 1}),
+]
+BAD = {"local": [{"mode": "foo"}, {"template": "nope"}, {"device": "tpu"}, {"bogus": 1}, {"batch_size": "8"}],
+       "multi_gpu": [{"mode": "foo"}, {"micro_batch": 0}, {"device_ids": []}, {"launcher": {"x": 1}}],
+       "remote": [{"batch_size": 0}, {"url": "ftp://x"}],
+       "openai": [{"mode": "foo"}, {"timeout_s": 0}],
+       "ray": [{"num_actors": 0}, {"runtime_env": [1]}]}
+
+
+@pytest.mark.parametrize("name,module,cls_name,params", DIRECT, ids=[d[0] for d in DIRECT])
+def test_a_wrong_setting_is_one_error_family_when_a_class_is_built_directly(name, module, cls_name, params):
+    """A user's `except JudgeError` (or the ValueError/TypeError it replaced) catches every wrong
+    setting, whichever class they build."""
+    import importlib
+
+    cls = getattr(importlib.import_module(module), cls_name)
+    for bad in BAD[name]:
+        with pytest.raises(JudgeConfigError) as e:
+            cls(**{**params, **bad})
+        assert isinstance(e.value, (ValueError, TypeError)) and isinstance(e.value, JudgeError)
+        assert next(iter(bad)) in str(e.value) or "parameter" in str(e.value), (bad, str(e.value))
+
+
+def test_a_closed_judge_says_so_in_the_family(image_files):
+    judge = QwenVLRewardModel(model_name="tiny:judge", device="cpu")
+    judge.close()
+    with pytest.raises(JudgeUnavailable, match="closed"):
+        judge.batch_score([image_files[0]])

@@ -8,8 +8,10 @@ Nothing here imports torch; the implementations do when they are built.
 """
 from .base import BaseRewardModel
 from .config import ALIASES, ConfigError, build_reward_model, load_config
+from .errors import JudgeConfigError, JudgeError, JudgeInputError, JudgeStartError, JudgeUnavailable
 from .settings import JudgeSettings
 from .types import ScoreItem, ScoreResult
 
-__all__ = ["ALIASES", "BaseRewardModel", "ConfigError", "JudgeSettings", "ScoreItem", "ScoreResult",
+__all__ = ["ALIASES", "BaseRewardModel", "ConfigError", "JudgeConfigError", "JudgeError", "JudgeInputError",
+           "JudgeSettings", "JudgeStartError", "JudgeUnavailable", "ScoreItem", "ScoreResult",
            "build_reward_model", "load_config"]

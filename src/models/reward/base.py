@@ -4,6 +4,7 @@ from __future__ import annotations
 import abc
 from typing import Any, Sequence
 
+from .errors import JudgeInputError
 from .types import ScoreItem, ScoreResult, as_items
 
 
@@ -37,10 +38,10 @@ class BaseRewardModel(abc.ABC):
         items = list(items)
         if items and all(isinstance(x, ScoreItem) for x in items):
             if original_images is not None or instructions is not None:
-                raise TypeError("pass original_images/instructions only with plain images, not with ScoreItems")
+                raise JudgeInputError("pass original_images/instructions only with plain images, not with ScoreItems")
             return self.score_items(items)
         if any(isinstance(x, ScoreItem) for x in items):
-            raise TypeError("batch_score got a mix of ScoreItems and plain images; use one or the other")
+            raise JudgeInputError("batch_score got a mix of ScoreItems and plain images; use one or the other")
         return self.score_items(as_items(items, original_images, instructions))
 
     def score(self, item: ScoreItem | Any, original_image: Any = None, instruction: str | None = None) -> ScoreResult:

@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterator, Sequence
 from .batching import Batching, _batch_key, _ItemError, batch_limit  # noqa: F401
 from .chat import is_chat, split_chats
 from .continuous import ContinuousCalls
+from .errors import JudgeConfigError, JudgeInputError, JudgeUnavailable
 from . import hooks
 from .loading import Loading, _normalize_device
 from .preparation import Preparation, _name, _PreparedChunk, _Request  # noqa: F401
@@ -74,7 +75,7 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         self.rubric: Rubric = resolve_rubric(settings.template, settings.templates)
         self.devices = [_normalize_device(d) for d in devices] if devices else [_normalize_device(device)]
         if len(self.devices) > 1 and any(not d.startswith("cuda") for d in self.devices):
-            raise ValueError(f"devices: a judge spreads over CUDA GPUs only, got {self.devices}")
+            raise JudgeConfigError(f"devices: a judge spreads over CUDA GPUs only, got {self.devices}")
         self.device = self.devices[0]
         self.device_label = device_label or self.device
         self._torch = torch
@@ -96,11 +97,11 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         given (a worker scoring scattered items of a larger call, so its errors name them right).
         on_done(n): called as each chunk's n results are ready (a progress bar)."""
         if self._closed:
-            raise RuntimeError("the judge is closed")
+            raise JudgeUnavailable("the judge is closed")
         items = list(items)
         idx = list(indices) if indices is not None else [base_index + i for i in range(len(items))]
         if len(idx) != len(items):
-            raise ValueError(f"{len(indices or [])} indices for {len(items)} items")
+            raise JudgeInputError(f"{len(indices or [])} indices for {len(items)} items")
         if any(is_chat(it) for it in items):  # raw chat prompts from the service's OpenAI route
             answered = split_chats(self, items, idx)
             if on_done is not None:
@@ -160,12 +161,12 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         Training a judge uses this so that it learns on exactly the inputs it is scored on.
         Raises ValueError naming the first item that cannot be prepared."""
         if mode is not None and mode not in ("logits", "generate"):
-            raise ValueError(f"mode: unknown value {mode!r}; known: logits, generate")
+            raise JudgeConfigError(f"mode: unknown value {mode!r}; known: logits, generate")
         items = list(items)
         chunk = self._prepare(items, list(range(len(items))), mode, encode=False)  # the prompts, not the tensors
         if chunk.errors:
             pos, (msg, _) = min(chunk.errors.items())
-            raise ValueError(f"item {_name(items[pos], pos)}: {msg}")
+            raise JudgeInputError(f"item {_name(items[pos], pos)}: {msg}")
         out: list[list[tuple[str, Template, str, list[Any]]]] = [[] for _ in items]
         for r in chunk.requests:
             out[r.pos].append((r.part, r.template, r.prompt, r.images))

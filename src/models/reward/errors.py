@@ -2,8 +2,10 @@
 caller (the CLI, the HTTP service, a user's script) catches that one type; the subclass says what
 kind of problem it is, and the message names the device, the PID, the item and the fix.
 
-The subclasses also derive from the builtin they replaced (ValueError or RuntimeError), so code
-that caught those still catches them. Nothing here imports anything.
+The subclasses also derive from the builtins they replaced, so code that caught those still
+catches them: a wrong setting was a ValueError or, for a wrong type or an unknown parameter, a
+TypeError; a closed or dead judge a RuntimeError. Errors of one item inside a call are not raised:
+they become that item's result (`score=None`, `error`, `error_kind`). Nothing here imports anything.
 """
 
 
@@ -11,7 +13,7 @@ class JudgeError(Exception):
     """Base of every error the judge raises on purpose."""
 
 
-class JudgeConfigError(JudgeError, ValueError):
+class JudgeConfigError(JudgeError, ValueError, TypeError):
     """A setting is wrong (config file, --set override, a parameter): fix the setting named."""
 
 
@@ -26,7 +28,8 @@ class JudgeStartError(JudgeError, RuntimeError):
 
 
 class JudgeUnavailable(JudgeError, RuntimeError):
-    """The judge stopped answering (a worker died, a remote service failed or refused)."""
+    """The judge stopped answering (a worker died, a remote service failed or refused), or was
+    closed before the call."""
 
 
 def exit_code(e: JudgeError) -> int:

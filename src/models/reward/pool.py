@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from . import messages as msg
-from .errors import JudgeStartError, JudgeUnavailable
+from .errors import JudgeConfigError, JudgeStartError, JudgeUnavailable
 from .image_memo import convert_once
 from .scheduler import Restarts, Scheduler, stderr_log, wire_item
 from .types import ScoreItem, ScoreResult, describe_image, item_name, load_pil
@@ -86,7 +86,7 @@ def launch_command(launcher: Any) -> list[str]:
         return [sys.executable]
     if isinstance(launcher, (list, tuple)):
         if not launcher:
-            raise ValueError("launcher: an empty command list")
+            raise JudgeConfigError("launcher: an empty command list")
         return [str(x) for x in launcher]
     if isinstance(launcher, str):
         if launcher.startswith("conda:"):
@@ -96,9 +96,9 @@ def launch_command(launcher: Any) -> list[str]:
         known = {"python", "conda", "prefix"}
         unknown = set(launcher) - known
         if unknown:
-            raise ValueError(f"launcher: unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+            raise JudgeConfigError(f"launcher: unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
         if "conda" in launcher and "python" in launcher:
-            raise ValueError("launcher: give 'conda' or 'python', not both")
+            raise JudgeConfigError("launcher: give 'conda' or 'python', not both")
         prefix = [str(x) for x in launcher.get("prefix") or []]
         if "conda" in launcher:
             conda = os.environ.get("CONDA_EXE") or shutil.which("conda") or "conda"
@@ -106,7 +106,7 @@ def launch_command(launcher: Any) -> list[str]:
         else:
             base = [str(launcher.get("python") or sys.executable)]
         return prefix + base
-    raise ValueError(f"launcher: expected null, a python path, 'conda:ENV', a mapping or a list, got {launcher!r}")
+    raise JudgeConfigError(f"launcher: expected null, a python path, 'conda:ENV', a mapping or a list, got {launcher!r}")
 
 
 @dataclass(frozen=True)
@@ -458,7 +458,7 @@ class WorkerPool:
                  start_timeout_s: float = 1800.0, batch_timeout_s: float | None = None, max_retries: int = 1,
                  max_restarts: int = 3, log: Callable[[str], None] | None = None):
         if not specs:
-            raise ValueError("the pool needs at least one worker")
+            raise JudgeConfigError("the pool needs at least one worker")
         self.specs = list(specs)
         self.settings = settings
         self.command = launch_command(launcher)
@@ -564,7 +564,7 @@ class WorkerPool:
         """Score items on all workers; one result per item, in input order."""
         with self._lock:  # one call at a time: workers hold one batch each
             if self._closed:
-                raise RuntimeError("the worker pool is closed")
+                raise JudgeUnavailable("the worker pool is closed")
             items = list(items)
             if not items:
                 return []
@@ -598,7 +598,7 @@ class WorkerPool:
             sched.abort()
             self._sched = None
         if self._closed:
-            raise RuntimeError("the worker pool was closed during the call")
+            raise JudgeUnavailable("the worker pool was closed during the call")
         return sched.ordered()
 
     def _drive(self, slot: int, sched: Scheduler, wire: list) -> None:

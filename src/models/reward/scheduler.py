@@ -29,6 +29,7 @@ import sys
 import threading
 from typing import Any, Callable, Sequence
 
+from .errors import JudgeConfigError
 from .types import ScoreItem, ScoreResult, item_name
 
 # fail(index, reason, error_kind) -> the failed result for that item
@@ -53,7 +54,7 @@ class Scheduler:
                  failed: Sequence[ScoreResult] = (), lost: dict[int, str] | None = None, noun: str = "worker",
                  closing: Callable[[], bool] = lambda: False):
         if schedule not in SCHEDULES:
-            raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
+            raise JudgeConfigError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
         self.cond = threading.Condition()
         self.fail = failer(items)
         self.results: list[ScoreResult | None] = [None] * len(items)

@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .errors import JudgeConfigError
+
 MODES = ("logits", "generate")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 VISION_ATTN = ("auto", "sdpa", "varlen", "packed", "grouped")  # see vision_attention.py
@@ -154,39 +156,39 @@ class JudgeSettings:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"mode: unknown value {self.mode!r}; known: {', '.join(MODES)}")
+            raise JudgeConfigError(f"mode: unknown value {self.mode!r}; known: {', '.join(MODES)}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: unknown value {self.dtype!r}; known: {', '.join(DTYPES)}")
+            raise JudgeConfigError(f"dtype: unknown value {self.dtype!r}; known: {', '.join(DTYPES)}")
         for name in ("batch_size", "max_new_tokens", "num_samples", "max_image_pixels", "prepare_threads",
                      "compile_after_items"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+                raise JudgeConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.temperature < float("inf"):  # NaN fails too (it read as greedy: NaN > 0 is False)
-            raise ValueError(f"temperature: must be a finite number >= 0 (0: greedy), got {self.temperature}")
+            raise JudgeConfigError(f"temperature: must be a finite number >= 0 (0: greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:  # else every sampled batch failed in torch.topk
-            raise ValueError(f"top_k: must be >= 0 (0: no top-k cut; None: the checkpoint's setting), got {self.top_k}")
+            raise JudgeConfigError(f"top_k: must be >= 0 (0: no top-k cut; None: the checkpoint's setting), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+            raise JudgeConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.num_samples > 1 and self.mode == "generate" and self.temperature == 0:
-            raise ValueError("num_samples > 1 needs temperature > 0: greedy answers would all be the same")
+            raise JudgeConfigError("num_samples > 1 needs temperature > 0: greedy answers would all be the same")
         if self.vision_attn not in VISION_ATTN:
-            raise ValueError(f"vision_attn: unknown value {self.vision_attn!r}; known: {', '.join(VISION_ATTN)}")
+            raise JudgeConfigError(f"vision_attn: unknown value {self.vision_attn!r}; known: {', '.join(VISION_ATTN)}")
         if self.chunk_order not in CHUNK_ORDERS:
-            raise ValueError(f"chunk_order: unknown value {self.chunk_order!r}; known: {', '.join(CHUNK_ORDERS)}")
+            raise JudgeConfigError(f"chunk_order: unknown value {self.chunk_order!r}; known: {', '.join(CHUNK_ORDERS)}")
         if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization: unknown value {self.quantization!r}; known: {', '.join(QUANTIZATIONS)}")
+            raise JudgeConfigError(f"quantization: unknown value {self.quantization!r}; known: {', '.join(QUANTIZATIONS)}")
         if self.max_memory_per_gpu_gb is not None and self.max_memory_per_gpu_gb <= 0:
-            raise ValueError(f"max_memory_per_gpu_gb: must be > 0 GB, got {self.max_memory_per_gpu_gb}")
+            raise JudgeConfigError(f"max_memory_per_gpu_gb: must be > 0 GB, got {self.max_memory_per_gpu_gb}")
         if self.max_memory_gb is not None and self.max_memory_gb <= 0:
-            raise ValueError(f"max_memory_gb: must be > 0 GB, got {self.max_memory_gb}")
+            raise JudgeConfigError(f"max_memory_gb: must be > 0 GB, got {self.max_memory_gb}")
         if not 0 <= self.vision_cache_mb < float("inf"):  # NaN fails too
-            raise ValueError(f"vision_cache_mb: must be a number of MB >= 0 (0: no vision features kept beyond "
+            raise JudgeConfigError(f"vision_cache_mb: must be a number of MB >= 0 (0: no vision features kept beyond "
                              f"a chunk), got {self.vision_cache_mb}")
         if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(f"min_new_tokens: must be in 0..max_new_tokens ({self.max_new_tokens}), "
+            raise JudgeConfigError(f"min_new_tokens: must be in 0..max_new_tokens ({self.max_new_tokens}), "
                              f"got {self.min_new_tokens}")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
-            raise ValueError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
+            raise JudgeConfigError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
 
     @classmethod
     def names(cls) -> list[str]:
@@ -201,15 +203,15 @@ class JudgeSettings:
         for alias, name in PARAM_ALIASES.items():
             if alias in params:
                 if name in params:
-                    raise TypeError(f"{owner}: give '{name}' or its alias '{alias}', not both")
+                    raise JudgeConfigError(f"{owner}: give '{name}' or its alias '{alias}', not both")
                 params[name] = params.pop(alias)
         for key in params:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" Did you mean '{close[0]}'?" if close else ""
-                raise TypeError(f"{owner}: unknown parameter '{key}'.{hint} Known: {', '.join(known)}")
+                raise JudgeConfigError(f"{owner}: unknown parameter '{key}'.{hint} Known: {', '.join(known)}")
         if "model_name" not in params:
-            raise TypeError(f"{owner}: missing required parameter 'model_name'")
+            raise JudgeConfigError(f"{owner}: missing required parameter 'model_name'")
         hints = typing.get_type_hints(cls)
         clean = {k: check_type(f"{owner}.{k}", v, hints[k]) for k, v in params.items()}
         return cls(**clean)
@@ -261,43 +263,43 @@ def check_type(key: str, value: Any, hint: Any) -> Any:
             except TypeError as e:
                 errors.append(str(e))
         names = " or ".join(_type_name(a) for a in args)
-        raise TypeError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
+        raise JudgeConfigError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
     if hint is type(None):
         if value is None:
             return None
-        raise TypeError(f"{key}: expected None, got {value!r}")
+        raise JudgeConfigError(f"{key}: expected None, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise TypeError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        raise JudgeConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise TypeError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        raise JudgeConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise TypeError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+        raise JudgeConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
     if hint is str:
         if isinstance(value, str):
             return value
-        raise TypeError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        raise JudgeConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
     if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
         if isinstance(value, (list, tuple)):
             if args and args[0] is not Ellipsis:
                 return [check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
             return list(value)
-        raise TypeError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        raise JudgeConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
     if origin in (dict, Mapping, typing.Mapping) or hint in (dict,) or origin is getattr(__import__("collections.abc").abc, "Mapping"):
         if isinstance(value, Mapping):
             return dict(value)
-        raise TypeError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        raise JudgeConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
     if origin is typing.Literal:
         if value in args:
             return value
-        raise TypeError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        raise JudgeConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
     return value
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 
+from .errors import JudgeConfigError
+
 log = logging.getLogger("src.models.reward.engine")
 
 
@@ -102,7 +104,7 @@ class SpeedPaths:
         cuda = self.device.startswith("cuda")
         self._resident_bytes = torch.cuda.memory_allocated(self.device) if cuda else 0
         if s.max_memory_gb is not None and cuda and self._resident_bytes > s.max_memory_gb * 1e9:
-            raise ValueError(f"max_memory_gb={s.max_memory_gb} is below what the loaded judge already holds on "
+            raise JudgeConfigError(f"max_memory_gb={s.max_memory_gb} is below what the loaded judge already holds on "
                              f"{self.device_label} ({self._resident_bytes / 1e9:.1f} GB); raise it")
 
     def _compile_each(self, setting: str, tower: str, blocks: str) -> None:
@@ -118,7 +120,7 @@ class SpeedPaths:
         part = getattr(getattr(self.model, "model", self.model), tower, None)
         modules = getattr(part, blocks, None)
         if modules is None:
-            raise ValueError(f"{setting}: {type(self.model).__name__} has no {tower}.{blocks} to compile")
+            raise JudgeConfigError(f"{setting}: {type(self.model).__name__} has no {tower}.{blocks} to compile")
         if tower == "language_model" and self.settings.mode == "generate":
             modules = [m for layer in modules for m in cacheless_parts(layer)] + rotary_in_attention(modules)
         for module in modules:

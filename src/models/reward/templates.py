@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
+from .errors import JudgeConfigError
+
 IMAGE_ROLES = ("source", "image")  # source image(s) first, then the image(s) under judgement
 
 
@@ -36,16 +38,16 @@ class Template:
     def __post_init__(self) -> None:
         lo, hi = self.scale
         if not lo < hi:
-            raise ValueError(f"template {self.name!r}: scale {self.scale} must be (low, high) with low < high")
+            raise JudgeConfigError(f"template {self.name!r}: scale {self.scale} must be (low, high) with low < high")
         for role in self.images:
             if role not in IMAGE_ROLES:
-                raise ValueError(f"template {self.name!r}: unknown image role {role!r}; known: {', '.join(IMAGE_ROLES)}")
+                raise JudgeConfigError(f"template {self.name!r}: unknown image role {role!r}; known: {', '.join(IMAGE_ROLES)}")
         if not self.levels:
             if float(lo).is_integer() and float(hi).is_integer() and 0 <= lo and hi <= 9:
                 object.__setattr__(self, "levels", tuple((str(v), float(v)) for v in range(int(lo), int(hi) + 1)))
         for tok, val in self.levels:
             if not lo <= val <= hi:
-                raise ValueError(f"template {self.name!r}: level {tok!r}={val} is outside the scale {self.scale}")
+                raise JudgeConfigError(f"template {self.name!r}: level {tok!r}={val} is outside the scale {self.scale}")
 
     @property
     def needs_instruction(self) -> bool:
@@ -78,14 +80,14 @@ class Rubric:
 
     def __post_init__(self) -> None:
         if self.combine not in COMBINE:
-            raise ValueError(f"rubric {self.name!r}: unknown combine {self.combine!r}; known: {', '.join(COMBINE)}")
+            raise JudgeConfigError(f"rubric {self.name!r}: unknown combine {self.combine!r}; known: {', '.join(COMBINE)}")
         if not self.parts:
-            raise ValueError(f"rubric {self.name!r} has no parts")
+            raise JudgeConfigError(f"rubric {self.name!r} has no parts")
         if self.combine == "single" and len(self.parts) != 1:
-            raise ValueError(f"rubric {self.name!r}: combine 'single' needs exactly one part")
+            raise JudgeConfigError(f"rubric {self.name!r}: combine 'single' needs exactly one part")
         scales = {t.scale for _, t in self.parts}
         if len(scales) > 1 and self.combine != "single":
-            raise ValueError(f"rubric {self.name!r}: parts must share one scale to combine, got {sorted(scales)}")
+            raise JudgeConfigError(f"rubric {self.name!r}: parts must share one scale to combine, got {sorted(scales)}")
 
     @property
     def scale(self) -> tuple[float, float]:
@@ -173,7 +175,7 @@ def _template_from_mapping(name: str, spec: Mapping[str, Any], base: Template | 
     known = {f.name for f in fields(Template)} - {"name"}
     unknown = set(spec) - known
     if unknown:
-        raise ValueError(f"template {name!r}: unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        raise JudgeConfigError(f"template {name!r}: unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
     spec = dict(spec)
     if "images" in spec:
         spec["images"] = tuple(spec["images"])
@@ -187,7 +189,7 @@ def _template_from_mapping(name: str, spec: Mapping[str, Any], base: Template | 
     if base is not None:
         return replace(base, name=name, **spec)
     if "text" not in spec:
-        raise ValueError(f"template {name!r}: a new template needs 'text'")
+        raise JudgeConfigError(f"template {name!r}: a new template needs 'text'")
     return Template(name=name, **spec)
 
 
@@ -203,14 +205,14 @@ def resolve_rubric(name: str, overrides: Mapping[str, Any] | None = None) -> Rub
     rubrics = dict(BUILTIN_RUBRICS)
     for key, spec in overrides.items():
         if not isinstance(spec, Mapping):
-            raise ValueError(f"templates.{key}: expected a mapping, got {type(spec).__name__}")
+            raise JudgeConfigError(f"templates.{key}: expected a mapping, got {type(spec).__name__}")
         if "parts" in spec:
             extra = set(spec) - {"parts", "combine"}
             if extra:
-                raise ValueError(f"rubric {key!r}: unknown key(s) {sorted(extra)}; known: combine, parts")
+                raise JudgeConfigError(f"rubric {key!r}: unknown key(s) {sorted(extra)}; known: combine, parts")
             parts = spec["parts"]
             if not isinstance(parts, Mapping) or not parts:
-                raise ValueError(f"rubric {key!r}: 'parts' must map sub-score names to template names")
+                raise JudgeConfigError(f"rubric {key!r}: 'parts' must map sub-score names to template names")
             rubrics[key] = (tuple((str(k), str(v)) for k, v in parts.items()), str(spec.get("combine", "geometric_mean")))
         else:
             templates[key] = _template_from_mapping(key, spec, templates.get(key))
@@ -218,14 +220,14 @@ def resolve_rubric(name: str, overrides: Mapping[str, Any] | None = None) -> Rub
         part_names, combine = rubrics[name]
         missing = [t for _, t in part_names if t not in templates]
         if missing:
-            raise ValueError(f"rubric {name!r} names unknown template(s) {missing}; known: {', '.join(sorted(templates))}")
+            raise JudgeConfigError(f"rubric {name!r} names unknown template(s) {missing}; known: {', '.join(sorted(templates))}")
         return Rubric(name=name, parts=tuple((sub, templates[t]) for sub, t in part_names), combine=combine)
     if name in templates:
         return Rubric(name=name, parts=((name, templates[name]),), combine="single")
     known = sorted(set(templates) | set(rubrics))
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    raise ValueError(f"unknown template {name!r}.{hint} Known: {', '.join(known)}")
+    raise JudgeConfigError(f"unknown template {name!r}.{hint} Known: {', '.join(known)}")
 
 
 def rubric_fingerprint(rubric: Rubric) -> dict[str, Any]:

@@ -142,7 +142,7 @@ def as_items(images: Sequence[Any], original_images: Sequence[Any] | None = None
     n = len(images)
     for name, seq in (("original_images", original_images), ("instructions", instructions), ("ids", ids)):
         if seq is not None and len(seq) != n:
-            raise ValueError(f"{name} has {len(seq)} entries but there are {n} images; they must match one to one")
+            raise JudgeInputError(f"{name} has {len(seq)} entries but there are {n} images; they must match one to one")
     return [ScoreItem(images=images[i],
                       source_images=(original_images[i] if original_images is not None else []),
                       instruction=(instructions[i] if instructions is not None else None),

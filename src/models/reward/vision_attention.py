@@ -34,6 +34,7 @@ import functools
 import logging
 from typing import Any
 
+from .errors import JudgeConfigError
 from .settings import VISION_ATTN
 
 # Registered names: they must contain "flash" for the vision attention to pass cu_seqlens.
@@ -61,12 +62,12 @@ def resolve_vision_attn(choice: str, device: str, dtype: Any) -> str:
     """`auto` -> `grouped` where varlen runs (a CUDA device, half precision), else `sdpa`; an
     explicit `varlen` that cannot run raises."""
     if choice not in VISION_ATTN:
-        raise ValueError(f"vision_attn: unknown value {choice!r}; known: {', '.join(VISION_ATTN)}")
+        raise JudgeConfigError(f"vision_attn: unknown value {choice!r}; known: {', '.join(VISION_ATTN)}")
     reason = varlen_unavailable_reason(device, dtype) if choice in ("auto", "varlen") else None
     if choice == "auto":
         return "sdpa" if reason else "grouped"
     if choice == "varlen" and reason:
-        raise ValueError(f"vision_attn: 'varlen' cannot run: {reason}; use 'auto', 'packed' or 'sdpa'")
+        raise JudgeConfigError(f"vision_attn: 'varlen' cannot run: {reason}; use 'auto', 'packed' or 'sdpa'")
     return choice
 
 
@@ -80,7 +81,7 @@ def apply_vision_attn(model: Any, choice: str, device: str, dtype: Any) -> str:
     if chosen == "sdpa":
         return chosen
     if vision_config is None:
-        raise ValueError(f"vision_attn: {type(model).__name__} has no vision_config; use vision_attn: sdpa")
+        raise JudgeConfigError(f"vision_attn: {type(model).__name__} has no vision_config; use vision_attn: sdpa")
     _register()
     # Only the vision sub-config changes: the text model's masks and kernels stay as loaded.
     name = _NAMES[chosen]

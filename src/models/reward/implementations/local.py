@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from ..errors import JudgeUnavailable
 from ..base import BaseRewardModel
 from ..settings import JudgeSettings
 from ..types import ScoreItem, ScoreResult
@@ -36,7 +37,7 @@ class QwenVLRewardModel(BaseRewardModel):
 
     def score_items(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
         if self._closed:
-            raise RuntimeError("QwenVLRewardModel is closed")
+            raise JudgeUnavailable("QwenVLRewardModel is closed")
         items = list(items)
         if not self.progress:
             return self.engine.score(items)

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..errors import JudgeConfigError, JudgeUnavailable
 from ..base import BaseRewardModel
 from ..pool import WorkerPool, WorkerSpec
 from ..scheduler import SCHEDULES
@@ -51,18 +52,18 @@ class MultiGPURewardModel(BaseRewardModel):
                  gpus_per_worker: int = 1, **judge: Any):
         self.settings = JudgeSettings.from_params(judge, owner=type(self).__name__)
         if schedule not in SCHEDULES:
-            raise ValueError(f"schedule: unknown value {schedule!r}; known: {', '.join(SCHEDULES)}")
+            raise JudgeConfigError(f"schedule: unknown value {schedule!r}; known: {', '.join(SCHEDULES)}")
         if workers_per_device < 1:
-            raise ValueError(f"workers_per_device: must be at least 1, got {workers_per_device}")
+            raise JudgeConfigError(f"workers_per_device: must be at least 1, got {workers_per_device}")
         self.schedule = schedule
         if micro_batch is not None and micro_batch < 1:
-            raise ValueError(f"micro_batch: must be at least 1, got {micro_batch}")
+            raise JudgeConfigError(f"micro_batch: must be at least 1, got {micro_batch}")
         self.micro_batch = micro_batch
         self.progress = progress
         self.device_ids = resolve_device_ids(device_ids)
         groups = device_groups(self.device_ids, gpus_per_worker)
         if self.settings.max_memory_per_gpu_gb is not None and not any(len(g) > 1 and g[0] != "cpu" for g in groups):
-            raise ValueError("max_memory_per_gpu_gb: places a judge spread over a group of GPUs; set "
+            raise JudgeConfigError("max_memory_per_gpu_gb: places a judge spread over a group of GPUs; set "
                              "gpus_per_worker > 1 with GPU device_ids, or leave it unset")
         specs = worker_specs(self.device_ids, workers_per_device, env or {}, gpus_per_worker)
         self._closed = False
@@ -84,7 +85,7 @@ class MultiGPURewardModel(BaseRewardModel):
 
     def score_items(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
         if self._closed:
-            raise RuntimeError("MultiGPURewardModel is closed")
+            raise JudgeUnavailable("MultiGPURewardModel is closed")
         items = list(items)
         if not self.progress or not items:
             return self.pool.run(items, self.micro_batch_for(len(items)), self.schedule)
@@ -118,19 +119,19 @@ def resolve_device_ids(device_ids: list[int | str] | str | int) -> list[str]:
         if device_ids == "auto":
             gpus = visible_gpus()
             if not gpus:
-                raise ValueError("device_ids: 'auto' found no GPU (nvidia-smi sees none and "
+                raise JudgeConfigError("device_ids: 'auto' found no GPU (nvidia-smi sees none and "
                                  "CUDA_VISIBLE_DEVICES is empty); use device_ids: [cpu] to run on the CPU")
             return gpus
         device_ids = [x.strip() for x in device_ids.split(",") if x.strip()]
     if not device_ids:
-        raise ValueError("device_ids: empty; give GPU ids, 'auto', or 'cpu' entries")
+        raise JudgeConfigError("device_ids: empty; give GPU ids, 'auto', or 'cpu' entries")
     out = []
     for d in device_ids:
         s = str(d).strip()
         if s.startswith("cuda:"):
             s = s[5:]
         if s != "cpu" and not s.isdigit():
-            raise ValueError(f"device_ids: {d!r} is neither a GPU id nor 'cpu'")
+            raise JudgeConfigError(f"device_ids: {d!r} is neither a GPU id nor 'cpu'")
         out.append(s)
     return out
 
@@ -181,17 +182,17 @@ def device_groups(device_ids: list[str], gpus_per_worker: int = 1) -> list[list[
     ['0'..'7'] with 2 -> [['0', '1'], ['2', '3'], ['4', '5'], ['6', '7']]."""
     k = gpus_per_worker
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"gpus_per_worker: must be an integer of at least 1, got {k!r}")
+        raise JudgeConfigError(f"gpus_per_worker: must be an integer of at least 1, got {k!r}")
     if len(device_ids) % k:
-        raise ValueError(f"gpus_per_worker: {k} does not divide the {len(device_ids)} device_ids "
+        raise JudgeConfigError(f"gpus_per_worker: {k} does not divide the {len(device_ids)} device_ids "
                          f"({', '.join(device_ids)}); give a multiple of {k} devices or another gpus_per_worker")
     groups = [device_ids[i:i + k] for i in range(0, len(device_ids), k)]
     for g in groups:
         if "cpu" in g and any(d != "cpu" for d in g):
-            raise ValueError(f"gpus_per_worker: the group {', '.join(g)} mixes cpu and GPUs; keep cpu "
+            raise JudgeConfigError(f"gpus_per_worker: the group {', '.join(g)} mixes cpu and GPUs; keep cpu "
                              f"entries and GPU ids in separate groups of {k}")
         if g[0] != "cpu" and len(set(g)) < len(g):
-            raise ValueError(f"gpus_per_worker: the group {', '.join(g)} names a GPU twice; a worker "
+            raise JudgeConfigError(f"gpus_per_worker: the group {', '.join(g)} names a GPU twice; a worker "
                              "spreads its judge over distinct GPUs")
     return groups
 

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..errors import JudgeConfigError, JudgeUnavailable
 from ..base import BaseRewardModel
 from ..chat import is_chat
 from ..scoring import read_answers
@@ -92,41 +93,41 @@ class OpenAIRewardModel(BaseRewardModel):
         try:
             import openai
         except ImportError as e:
-            raise ValueError(f"the openai judge needs the `openai` package ({e}); setup_env.sh installs it") from None
+            raise JudgeConfigError(f"the openai judge needs the `openai` package ({e}); setup_env.sh installs it") from None
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url: expected http://host:port/v1 or https://..., got {base_url!r}")
+            raise JudgeConfigError(f"base_url: expected http://host:port/v1 or https://..., got {base_url!r}")
         if mode not in MODES:
-            raise ValueError(f"mode: unknown value {mode!r}; known: {', '.join(MODES)}")
+            raise JudgeConfigError(f"mode: unknown value {mode!r}; known: {', '.join(MODES)}")
         for name, value, lo in (("max_new_tokens", max_new_tokens, 1), ("num_samples", num_samples, 1),
                                 ("max_concurrency", max_concurrency, 1), ("max_retries", max_retries, 0),
                                 ("top_logprobs", top_logprobs, 1)):
             if value < lo:
-                raise ValueError(f"{name}: must be at least {lo}, got {value}")
+                raise JudgeConfigError(f"{name}: must be at least {lo}, got {value}")
         for name, value in (("temperature", temperature), ("backoff_s", backoff_s), ("max_backoff_s", max_backoff_s)):
             if value < 0:
-                raise ValueError(f"{name}: must be >= 0, got {value}")
+                raise JudgeConfigError(f"{name}: must be >= 0, got {value}")
         if not 0 < top_p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
+            raise JudgeConfigError(f"top_p: must be in (0, 1], got {top_p}")
         if timeout_s <= 0:
-            raise ValueError(f"timeout_s: must be above 0, got {timeout_s}")
+            raise JudgeConfigError(f"timeout_s: must be above 0, got {timeout_s}")
         if requests_per_minute is not None and requests_per_minute <= 0:
-            raise ValueError(f"requests_per_minute: must be above 0 (or null for no limit), got {requests_per_minute}")
+            raise JudgeConfigError(f"requests_per_minute: must be above 0 (or null for no limit), got {requests_per_minute}")
         if num_samples > 1 and temperature == 0:
-            raise ValueError("num_samples > 1 needs temperature > 0 (greedy answers would all be the same)")
+            raise JudgeConfigError("num_samples > 1 needs temperature > 0 (greedy answers would all be the same)")
         self.rubric: Rubric = resolve_rubric(template, templates or {})
         if mode == "logits":
             for _, tpl in self.rubric.parts:
                 if not tpl.levels:
-                    raise ValueError(f"template {tpl.name!r}: logits mode needs levels; its scale {tpl.scale} has "
+                    raise JudgeConfigError(f"template {tpl.name!r}: logits mode needs levels; its scale {tpl.scale} has "
                                      "none (set `levels`, or use mode: generate)")
                 if top_logprobs < len(tpl.levels):
-                    raise ValueError(f"top_logprobs: {top_logprobs} is fewer than the {len(tpl.levels)} levels of "
+                    raise JudgeConfigError(f"top_logprobs: {top_logprobs} is fewer than the {len(tpl.levels)} levels of "
                                      f"template {tpl.name!r}; ask for at least that many")
         key = "EMPTY"  # what vLLM documents for a server started without --api-key
         if api_key_env:
             key = os.environ.get(api_key_env, "")
             if not key:
-                raise ValueError(f"api_key_env: the environment variable {api_key_env} is not set or empty; set it "
+                raise JudgeConfigError(f"api_key_env: the environment variable {api_key_env} is not set or empty; set it "
                                  "to the API key, or use api_key_env: null for a server that needs no key")
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -164,7 +165,7 @@ class OpenAIRewardModel(BaseRewardModel):
 
     def score_items(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
         if self._closed:
-            raise RuntimeError("OpenAIRewardModel is closed")
+            raise JudgeUnavailable("OpenAIRewardModel is closed")
         items = list(items)
         call = _Call()
         futures = [self._pool.submit(self._score_one, i, item, call) for i, item in enumerate(items)]

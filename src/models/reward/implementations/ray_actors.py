@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..base import BaseRewardModel
-from ..errors import JudgeStartError
+from ..errors import JudgeConfigError, JudgeStartError, JudgeUnavailable
 from ..image_memo import convert_once
 from ..scheduler import Restarts, Scheduler, stderr_log, wire_item
 from ..settings import JudgeSettings
@@ -176,24 +176,24 @@ class RayRewardModel(BaseRewardModel):
                  num_cpus: int | None = None, log_to_driver: bool = True, **judge: Any):
         self.settings = JudgeSettings.from_params(judge, owner=type(self).__name__)
         if num_gpus_per_actor < 0:
-            raise ValueError(f"num_gpus_per_actor: must be >= 0 (0 for CPU actors), got {num_gpus_per_actor}")
+            raise JudgeConfigError(f"num_gpus_per_actor: must be >= 0 (0 for CPU actors), got {num_gpus_per_actor}")
         if num_cpus_per_actor <= 0:
-            raise ValueError(f"num_cpus_per_actor: must be > 0, got {num_cpus_per_actor}")
+            raise JudgeConfigError(f"num_cpus_per_actor: must be > 0, got {num_cpus_per_actor}")
         if isinstance(num_actors, str) and num_actors != "auto":
-            raise ValueError(f"num_actors: expected an integer or 'auto', got {num_actors!r}")
+            raise JudgeConfigError(f"num_actors: expected an integer or 'auto', got {num_actors!r}")
         if isinstance(num_actors, int) and num_actors < 1:
-            raise ValueError(f"num_actors: must be at least 1, got {num_actors}")
+            raise JudgeConfigError(f"num_actors: must be at least 1, got {num_actors}")
         if num_actors == "auto" and num_gpus_per_actor == 0:
-            raise ValueError("num_actors: 'auto' means one actor per GPU; with num_gpus_per_actor: 0 "
+            raise JudgeConfigError("num_actors: 'auto' means one actor per GPU; with num_gpus_per_actor: 0 "
                              "(CPU actors) give a number")
         self.micro_batch = micro_batch or 2 * self.settings.batch_size
         if self.micro_batch < 1:
-            raise ValueError(f"micro_batch: must be at least 1, got {micro_batch}")
+            raise JudgeConfigError(f"micro_batch: must be at least 1, got {micro_batch}")
         for name, value in (("max_retries", max_retries), ("max_restarts", max_restarts)):
             if value < 0:
-                raise ValueError(f"{name}: must be >= 0, got {value}")
+                raise JudgeConfigError(f"{name}: must be >= 0, got {value}")
         if runtime_env is not None and not isinstance(runtime_env, dict):
-            raise ValueError(f"runtime_env: expected a mapping (Ray's runtime_env), got {type(runtime_env).__name__}")
+            raise JudgeConfigError(f"runtime_env: expected a mapping (Ray's runtime_env), got {type(runtime_env).__name__}")
         self.num_gpus_per_actor = float(num_gpus_per_actor)
         self.num_cpus_per_actor = float(num_cpus_per_actor)
         self.max_retries = max_retries
@@ -231,7 +231,7 @@ class RayRewardModel(BaseRewardModel):
     def _actor_runtime_env(self, runtime_env: dict[str, Any] | None, shipped: bool) -> dict[str, Any]:
         env = dict(runtime_env or {})
         if not isinstance(env.get("env_vars") or {}, dict):
-            raise ValueError("runtime_env.env_vars: expected a mapping of names to values")
+            raise JudgeConfigError("runtime_env.env_vars: expected a mapping of names to values")
         env_vars = {str(k): str(v) for k, v in (env.get("env_vars") or {}).items()}  # YAML numbers too
         if not shipped:
             # The checkout must then be at the same path on every node (one machine, shared disk).
@@ -274,7 +274,7 @@ class RayRewardModel(BaseRewardModel):
         gpus = self._ray.cluster_resources().get("GPU", 0)
         n = int(gpus // self.num_gpus_per_actor)
         if n < 1:
-            raise ValueError(f"num_actors: 'auto' found {gpus:g} GPU(s) in the Ray cluster, not enough for one actor "
+            raise JudgeConfigError(f"num_actors: 'auto' found {gpus:g} GPU(s) in the Ray cluster, not enough for one actor "
                              f"with num_gpus_per_actor={self.num_gpus_per_actor:g}; for CPU actors set "
                              "num_gpus_per_actor: 0 and num_actors to a number")
         return n
@@ -295,7 +295,7 @@ class RayRewardModel(BaseRewardModel):
                 + ("; a local Ray takes its CPU count from num_cpus" if self._local_ray else ""))
         text = "; ".join(problems)
         if self._local_ray:
-            raise ValueError(f"RayRewardModel: {text}: {hint}")
+            raise JudgeConfigError(f"RayRewardModel: {text}: {hint}")
         self._log(f"[ray] warning: {text}; the actors wait for the cluster to grow (up to start_timeout_s="
                   f"{self.start_timeout_s:g}s): {hint}")
 
@@ -370,7 +370,7 @@ class RayRewardModel(BaseRewardModel):
     def score_items(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
         with self._lock:  # one call at a time: each actor holds one micro-batch
             if self._closed:
-                raise RuntimeError("RayRewardModel is closed")
+                raise JudgeUnavailable("RayRewardModel is closed")
             items = list(items)
             if not items:
                 return []

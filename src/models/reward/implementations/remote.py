@@ -15,7 +15,7 @@ import uuid
 from typing import Any, Sequence
 
 from ..base import BaseRewardModel
-from ..errors import JudgeUnavailable
+from ..errors import JudgeConfigError, JudgeUnavailable
 from ..types import ScoreItem, ScoreResult, item_name
 from ..wire import encode_item, send_halving
 
@@ -54,11 +54,11 @@ class RemoteRewardModel(BaseRewardModel):
         import httpx
 
         if batch_size < 1:
-            raise ValueError(f"batch_size: must be at least 1, got {batch_size}")
+            raise JudgeConfigError(f"batch_size: must be at least 1, got {batch_size}")
         if max_retries < 0:
-            raise ValueError(f"max_retries: must be >= 0, got {max_retries}")
+            raise JudgeConfigError(f"max_retries: must be >= 0, got {max_retries}")
         if not url.startswith(("http://", "https://")):
-            raise ValueError(f"url: expected http://host:port or https://..., got {url!r}")
+            raise JudgeConfigError(f"url: expected http://host:port or https://..., got {url!r}")
         self.url = url.rstrip("/")
         if token is None and token_env:
             token = os.environ.get(token_env) or None
@@ -80,7 +80,7 @@ class RemoteRewardModel(BaseRewardModel):
         """One JSON request with retries; returns the decoded answer. Raises RemoteServiceError
         with the service's own message for a 4xx, or after the last retry."""
         if self._closed:
-            raise RuntimeError("RemoteRewardModel is closed")
+            raise JudgeUnavailable("RemoteRewardModel is closed")
         httpx = self._httpx
         last = ""
         status: int | None = None
