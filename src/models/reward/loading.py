@@ -23,8 +23,8 @@ class Loading:
         s = self.settings
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise JudgeConfigError(f"{self.device_label}: a CUDA device was asked, but torch sees no GPU here "
-                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
-                             "use device cpu on a machine without a GPU")
+                                   f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                                   "use device cpu on a machine without a GPU")
         path = s.model_name
         in_repo_root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
         if path.startswith("tiny:"):
@@ -79,7 +79,7 @@ class Loading:
                 extra["max_memory"] = {_index(d): int(s.max_memory_per_gpu_gb * 2**30) for d in self.devices}
         elif s.max_memory_per_gpu_gb is not None:
             raise JudgeConfigError(f"max_memory_per_gpu_gb: places a judge spread over a group of GPUs "
-                             f"(multi_gpu with gpus_per_worker > 1); this one runs on {self.device} alone")
+                                   f"(multi_gpu with gpus_per_worker > 1); this one runs on {self.device} alone")
         else:
             # Loading straight onto the GPU (device_map) needs accelerate; without it, load then move.
             # Quantized weights must be placed by the load itself (they cannot be moved after).
@@ -94,8 +94,8 @@ class Loading:
         except ValueError as e:
             if spread and "offload" in str(e):  # the budget left layers for the disk
                 raise JudgeConfigError(f"the judge does not fit its {len(self.devices)} GPUs ({self.device_label}, "
-                                 f"max_memory_per_gpu_gb={s.max_memory_per_gpu_gb}); raise it or gpus_per_worker, "
-                                 f"or use quantization ({e})") from None
+                                       f"max_memory_per_gpu_gb={s.max_memory_per_gpu_gb}); raise it or gpus_per_worker, "
+                                       f"or use quantization ({e})") from None
             raise
         if "device_map" not in extra:
             model = model.to(self.device)
@@ -127,7 +127,7 @@ class Loading:
     def _levels_for(self, tpl: Template) -> tuple[list[int], list[float], list[str]]:
         if not tpl.levels:
             raise JudgeConfigError(f"template {tpl.name!r}: logits mode needs single-token levels; its scale "
-                             f"{tpl.scale} has none (set `levels`, or use mode: generate)")
+                                   f"{tpl.scale} has none (set `levels`, or use mode: generate)")
         ids, values, names = [], [], []
         lead_space = bool(tpl.logits_prefix) and not tpl.logits_prefix[-1].isspace()
         for text, value in tpl.levels:
@@ -135,7 +135,7 @@ class Loading:
             enc = self.tokenizer.encode(piece, add_special_tokens=False)
             if len(enc) != 1:
                 raise JudgeConfigError(f"template {tpl.name!r}: level {piece!r} is {len(enc)} tokens for this tokenizer; "
-                                 "logits mode needs every level to be one token (use other levels or mode: generate)")
+                                       "logits mode needs every level to be one token (use other levels or mode: generate)")
             ids.append(enc[0])
             values.append(float(value))
             names.append(text)

@@ -183,10 +183,10 @@ class JudgeSettings:
             raise JudgeConfigError(f"max_memory_gb: must be > 0 GB, got {self.max_memory_gb}")
         if not 0 <= self.vision_cache_mb < float("inf"):  # NaN fails too
             raise JudgeConfigError(f"vision_cache_mb: must be a number of MB >= 0 (0: no vision features kept beyond "
-                             f"a chunk), got {self.vision_cache_mb}")
+                                   f"a chunk), got {self.vision_cache_mb}")
         if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
             raise JudgeConfigError(f"min_new_tokens: must be in 0..max_new_tokens ({self.max_new_tokens}), "
-                             f"got {self.min_new_tokens}")
+                                   f"got {self.min_new_tokens}")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise JudgeConfigError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
 

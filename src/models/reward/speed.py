@@ -105,7 +105,7 @@ class SpeedPaths:
         self._resident_bytes = torch.cuda.memory_allocated(self.device) if cuda else 0
         if s.max_memory_gb is not None and cuda and self._resident_bytes > s.max_memory_gb * 1e9:
             raise JudgeConfigError(f"max_memory_gb={s.max_memory_gb} is below what the loaded judge already holds on "
-                             f"{self.device_label} ({self._resident_bytes / 1e9:.1f} GB); raise it")
+                                   f"{self.device_label} ({self._resident_bytes / 1e9:.1f} GB); raise it")
 
     def _compile_each(self, setting: str, tower: str, blocks: str) -> None:
         """torch.compile each block of one tower: one graph serves all blocks (same code, the

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..errors import JudgeUnavailable
 from ..base import BaseRewardModel
+from ..errors import JudgeUnavailable
 from ..settings import JudgeSettings
 from ..types import ScoreItem, ScoreResult
 

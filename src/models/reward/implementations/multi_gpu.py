@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import JudgeConfigError, JudgeUnavailable
 from ..base import BaseRewardModel
+from ..errors import JudgeConfigError, JudgeUnavailable
 from ..pool import WorkerPool, WorkerSpec
 from ..scheduler import SCHEDULES
 from ..settings import JudgeSettings
@@ -64,7 +64,7 @@ class MultiGPURewardModel(BaseRewardModel):
         groups = device_groups(self.device_ids, gpus_per_worker)
         if self.settings.max_memory_per_gpu_gb is not None and not any(len(g) > 1 and g[0] != "cpu" for g in groups):
             raise JudgeConfigError("max_memory_per_gpu_gb: places a judge spread over a group of GPUs; set "
-                             "gpus_per_worker > 1 with GPU device_ids, or leave it unset")
+                                   "gpus_per_worker > 1 with GPU device_ids, or leave it unset")
         specs = worker_specs(self.device_ids, workers_per_device, env or {}, gpus_per_worker)
         self._closed = False
         self.pool = WorkerPool(specs, self.settings.to_params(), launcher=launcher,
@@ -120,7 +120,7 @@ def resolve_device_ids(device_ids: list[int | str] | str | int) -> list[str]:
             gpus = visible_gpus()
             if not gpus:
                 raise JudgeConfigError("device_ids: 'auto' found no GPU (nvidia-smi sees none and "
-                                 "CUDA_VISIBLE_DEVICES is empty); use device_ids: [cpu] to run on the CPU")
+                                       "CUDA_VISIBLE_DEVICES is empty); use device_ids: [cpu] to run on the CPU")
             return gpus
         device_ids = [x.strip() for x in device_ids.split(",") if x.strip()]
     if not device_ids:
@@ -185,15 +185,15 @@ def device_groups(device_ids: list[str], gpus_per_worker: int = 1) -> list[list[
         raise JudgeConfigError(f"gpus_per_worker: must be an integer of at least 1, got {k!r}")
     if len(device_ids) % k:
         raise JudgeConfigError(f"gpus_per_worker: {k} does not divide the {len(device_ids)} device_ids "
-                         f"({', '.join(device_ids)}); give a multiple of {k} devices or another gpus_per_worker")
+                               f"({', '.join(device_ids)}); give a multiple of {k} devices or another gpus_per_worker")
     groups = [device_ids[i:i + k] for i in range(0, len(device_ids), k)]
     for g in groups:
         if "cpu" in g and any(d != "cpu" for d in g):
             raise JudgeConfigError(f"gpus_per_worker: the group {', '.join(g)} mixes cpu and GPUs; keep cpu "
-                             f"entries and GPU ids in separate groups of {k}")
+                                   f"entries and GPU ids in separate groups of {k}")
         if g[0] != "cpu" and len(set(g)) < len(g):
             raise JudgeConfigError(f"gpus_per_worker: the group {', '.join(g)} names a GPU twice; a worker "
-                             "spreads its judge over distinct GPUs")
+                                   "spreads its judge over distinct GPUs")
     return groups
 
 

@@ -38,9 +38,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..errors import JudgeConfigError, JudgeUnavailable
 from ..base import BaseRewardModel
 from ..chat import is_chat
+from ..errors import JudgeConfigError, JudgeUnavailable
 from ..scoring import read_answers
 from ..settings import MODES
 from ..templates import Rubric, Template, resolve_rubric, rubric_fingerprint
@@ -119,16 +119,16 @@ class OpenAIRewardModel(BaseRewardModel):
             for _, tpl in self.rubric.parts:
                 if not tpl.levels:
                     raise JudgeConfigError(f"template {tpl.name!r}: logits mode needs levels; its scale {tpl.scale} has "
-                                     "none (set `levels`, or use mode: generate)")
+                                           "none (set `levels`, or use mode: generate)")
                 if top_logprobs < len(tpl.levels):
                     raise JudgeConfigError(f"top_logprobs: {top_logprobs} is fewer than the {len(tpl.levels)} levels of "
-                                     f"template {tpl.name!r}; ask for at least that many")
+                                           f"template {tpl.name!r}; ask for at least that many")
         key = "EMPTY"  # what vLLM documents for a server started without --api-key
         if api_key_env:
             key = os.environ.get(api_key_env, "")
             if not key:
                 raise JudgeConfigError(f"api_key_env: the environment variable {api_key_env} is not set or empty; set it "
-                                 "to the API key, or use api_key_env: null for a server that needs no key")
+                                       "to the API key, or use api_key_env: null for a server that needs no key")
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.mode = mode

@@ -185,7 +185,7 @@ class RayRewardModel(BaseRewardModel):
             raise JudgeConfigError(f"num_actors: must be at least 1, got {num_actors}")
         if num_actors == "auto" and num_gpus_per_actor == 0:
             raise JudgeConfigError("num_actors: 'auto' means one actor per GPU; with num_gpus_per_actor: 0 "
-                             "(CPU actors) give a number")
+                                   "(CPU actors) give a number")
         self.micro_batch = micro_batch or 2 * self.settings.batch_size
         if self.micro_batch < 1:
             raise JudgeConfigError(f"micro_batch: must be at least 1, got {micro_batch}")
@@ -275,8 +275,8 @@ class RayRewardModel(BaseRewardModel):
         n = int(gpus // self.num_gpus_per_actor)
         if n < 1:
             raise JudgeConfigError(f"num_actors: 'auto' found {gpus:g} GPU(s) in the Ray cluster, not enough for one actor "
-                             f"with num_gpus_per_actor={self.num_gpus_per_actor:g}; for CPU actors set "
-                             "num_gpus_per_actor: 0 and num_actors to a number")
+                                   f"with num_gpus_per_actor={self.num_gpus_per_actor:g}; for CPU actors set "
+                                   "num_gpus_per_actor: 0 and num_actors to a number")
         return n
 
     def _check_resources(self, n: int) -> None:
