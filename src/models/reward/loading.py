@@ -94,8 +94,8 @@ class Loading:
         except ValueError as e:
             if spread and "offload" in str(e):  # the budget left layers for the disk
                 raise JudgeConfigError(f"the judge does not fit its {len(self.devices)} GPUs ({self.device_label}, "
-                                       f"max_memory_per_gpu_gb={s.max_memory_per_gpu_gb}); raise it or gpus_per_worker, "
-                                       f"or use quantization ({e})") from None
+                                       f"max_memory_per_gpu_gb={s.max_memory_per_gpu_gb}); raise it or "
+                                       f"gpus_per_worker, or use quantization ({e})") from None
             raise
         if "device_map" not in extra:
             model = model.to(self.device)
@@ -134,8 +134,9 @@ class Loading:
             piece = (" " + text) if lead_space else text
             enc = self.tokenizer.encode(piece, add_special_tokens=False)
             if len(enc) != 1:
-                raise JudgeConfigError(f"template {tpl.name!r}: level {piece!r} is {len(enc)} tokens for this tokenizer; "
-                                       "logits mode needs every level to be one token (use other levels or mode: generate)")
+                raise JudgeConfigError(f"template {tpl.name!r}: level {piece!r} is {len(enc)} tokens for this "
+                                       "tokenizer; logits mode needs every level to be one token (use other levels "
+                                       "or mode: generate)")
             ids.append(enc[0])
             values.append(float(value))
             names.append(text)
