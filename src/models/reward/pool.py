@@ -106,7 +106,8 @@ def launch_command(launcher: Any) -> list[str]:
         else:
             base = [str(launcher.get("python") or sys.executable)]
         return prefix + base
-    raise JudgeConfigError(f"launcher: expected null, a python path, 'conda:ENV', a mapping or a list, got {launcher!r}")
+    raise JudgeConfigError("launcher: expected null, a python path, 'conda:ENV', a mapping or a list, got "
+                           f"{launcher!r}")
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,8 @@ class JudgeSettings:
         if not 0 <= self.temperature < float("inf"):  # NaN fails too (it read as greedy: NaN > 0 is False)
             raise JudgeConfigError(f"temperature: must be a finite number >= 0 (0: greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:  # else every sampled batch failed in torch.topk
-            raise JudgeConfigError(f"top_k: must be >= 0 (0: no top-k cut; None: the checkpoint's setting), got {self.top_k}")
+            raise JudgeConfigError("top_k: must be >= 0 (0: no top-k cut; None: the checkpoint's setting), got "
+                                   f"{self.top_k}")
         if not 0 < self.top_p <= 1:
             raise JudgeConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.num_samples > 1 and self.mode == "generate" and self.temperature == 0:
@@ -176,7 +177,8 @@ class JudgeSettings:
         if self.chunk_order not in CHUNK_ORDERS:
             raise JudgeConfigError(f"chunk_order: unknown value {self.chunk_order!r}; known: {', '.join(CHUNK_ORDERS)}")
         if self.quantization not in QUANTIZATIONS:
-            raise JudgeConfigError(f"quantization: unknown value {self.quantization!r}; known: {', '.join(QUANTIZATIONS)}")
+            raise JudgeConfigError(f"quantization: unknown value {self.quantization!r}; known: "
+                                   f"{', '.join(QUANTIZATIONS)}")
         if self.max_memory_per_gpu_gb is not None and self.max_memory_per_gpu_gb <= 0:
             raise JudgeConfigError(f"max_memory_per_gpu_gb: must be > 0 GB, got {self.max_memory_per_gpu_gb}")
         if self.max_memory_gb is not None and self.max_memory_gb <= 0:

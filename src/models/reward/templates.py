@@ -41,7 +41,8 @@ class Template:
             raise JudgeConfigError(f"template {self.name!r}: scale {self.scale} must be (low, high) with low < high")
         for role in self.images:
             if role not in IMAGE_ROLES:
-                raise JudgeConfigError(f"template {self.name!r}: unknown image role {role!r}; known: {', '.join(IMAGE_ROLES)}")
+                raise JudgeConfigError(f"template {self.name!r}: unknown image role {role!r}; known: "
+                                       f"{', '.join(IMAGE_ROLES)}")
         if not self.levels:
             if float(lo).is_integer() and float(hi).is_integer() and 0 <= lo and hi <= 9:
                 object.__setattr__(self, "levels", tuple((str(v), float(v)) for v in range(int(lo), int(hi) + 1)))
@@ -80,7 +81,8 @@ class Rubric:
 
     def __post_init__(self) -> None:
         if self.combine not in COMBINE:
-            raise JudgeConfigError(f"rubric {self.name!r}: unknown combine {self.combine!r}; known: {', '.join(COMBINE)}")
+            raise JudgeConfigError(f"rubric {self.name!r}: unknown combine {self.combine!r}; known: "
+                                   f"{', '.join(COMBINE)}")
         if not self.parts:
             raise JudgeConfigError(f"rubric {self.name!r} has no parts")
         if self.combine == "single" and len(self.parts) != 1:
@@ -175,7 +177,8 @@ def _template_from_mapping(name: str, spec: Mapping[str, Any], base: Template | 
     known = {f.name for f in fields(Template)} - {"name"}
     unknown = set(spec) - known
     if unknown:
-        raise JudgeConfigError(f"template {name!r}: unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        raise JudgeConfigError(f"template {name!r}: unknown key(s) {sorted(unknown)}; known: "
+                               f"{', '.join(sorted(known))}")
     spec = dict(spec)
     if "images" in spec:
         spec["images"] = tuple(spec["images"])
@@ -220,7 +223,8 @@ def resolve_rubric(name: str, overrides: Mapping[str, Any] | None = None) -> Rub
         part_names, combine = rubrics[name]
         missing = [t for _, t in part_names if t not in templates]
         if missing:
-            raise JudgeConfigError(f"rubric {name!r} names unknown template(s) {missing}; known: {', '.join(sorted(templates))}")
+            raise JudgeConfigError(f"rubric {name!r} names unknown template(s) {missing}; known: "
+                                   f"{', '.join(sorted(templates))}")
         return Rubric(name=name, parts=tuple((sub, templates[t]) for sub, t in part_names), combine=combine)
     if name in templates:
         return Rubric(name=name, parts=((name, templates[name]),), combine="single")

@@ -93,7 +93,8 @@ class OpenAIRewardModel(BaseRewardModel):
         try:
             import openai
         except ImportError as e:
-            raise JudgeConfigError(f"the openai judge needs the `openai` package ({e}); setup_env.sh installs it") from None
+            raise JudgeConfigError(f"the openai judge needs the `openai` package ({e}); "
+                                   "setup_env.sh installs it") from None
         if not base_url.startswith(("http://", "https://")):
             raise JudgeConfigError(f"base_url: expected http://host:port/v1 or https://..., got {base_url!r}")
         if mode not in MODES:
@@ -111,24 +112,26 @@ class OpenAIRewardModel(BaseRewardModel):
         if timeout_s <= 0:
             raise JudgeConfigError(f"timeout_s: must be above 0, got {timeout_s}")
         if requests_per_minute is not None and requests_per_minute <= 0:
-            raise JudgeConfigError(f"requests_per_minute: must be above 0 (or null for no limit), got {requests_per_minute}")
+            raise JudgeConfigError("requests_per_minute: must be above 0 (or null for no limit), got "
+                                   f"{requests_per_minute}")
         if num_samples > 1 and temperature == 0:
             raise JudgeConfigError("num_samples > 1 needs temperature > 0 (greedy answers would all be the same)")
         self.rubric: Rubric = resolve_rubric(template, templates or {})
         if mode == "logits":
             for _, tpl in self.rubric.parts:
                 if not tpl.levels:
-                    raise JudgeConfigError(f"template {tpl.name!r}: logits mode needs levels; its scale {tpl.scale} has "
-                                           "none (set `levels`, or use mode: generate)")
+                    raise JudgeConfigError(f"template {tpl.name!r}: logits mode needs levels; its scale {tpl.scale} "
+                                           "has none (set `levels`, or use mode: generate)")
                 if top_logprobs < len(tpl.levels):
-                    raise JudgeConfigError(f"top_logprobs: {top_logprobs} is fewer than the {len(tpl.levels)} levels of "
-                                           f"template {tpl.name!r}; ask for at least that many")
+                    raise JudgeConfigError(f"top_logprobs: {top_logprobs} is fewer than the {len(tpl.levels)} "
+                                           f"levels of template {tpl.name!r}; ask for at least that many")
         key = "EMPTY"  # what vLLM documents for a server started without --api-key
         if api_key_env:
             key = os.environ.get(api_key_env, "")
             if not key:
-                raise JudgeConfigError(f"api_key_env: the environment variable {api_key_env} is not set or empty; set it "
-                                       "to the API key, or use api_key_env: null for a server that needs no key")
+                raise JudgeConfigError(f"api_key_env: the environment variable {api_key_env} is not set or empty; "
+                                       "set it to the API key, or use api_key_env: null for a server that needs "
+                                       "no key")
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.mode = mode

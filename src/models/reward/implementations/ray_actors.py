@@ -193,7 +193,8 @@ class RayRewardModel(BaseRewardModel):
             if value < 0:
                 raise JudgeConfigError(f"{name}: must be >= 0, got {value}")
         if runtime_env is not None and not isinstance(runtime_env, dict):
-            raise JudgeConfigError(f"runtime_env: expected a mapping (Ray's runtime_env), got {type(runtime_env).__name__}")
+            raise JudgeConfigError("runtime_env: expected a mapping (Ray's runtime_env), got "
+                                   f"{type(runtime_env).__name__}")
         self.num_gpus_per_actor = float(num_gpus_per_actor)
         self.num_cpus_per_actor = float(num_cpus_per_actor)
         self.max_retries = max_retries
@@ -274,9 +275,9 @@ class RayRewardModel(BaseRewardModel):
         gpus = self._ray.cluster_resources().get("GPU", 0)
         n = int(gpus // self.num_gpus_per_actor)
         if n < 1:
-            raise JudgeConfigError(f"num_actors: 'auto' found {gpus:g} GPU(s) in the Ray cluster, not enough for one actor "
-                                   f"with num_gpus_per_actor={self.num_gpus_per_actor:g}; for CPU actors set "
-                                   "num_gpus_per_actor: 0 and num_actors to a number")
+            raise JudgeConfigError(f"num_actors: 'auto' found {gpus:g} GPU(s) in the Ray cluster, not enough for "
+                                   f"one actor with num_gpus_per_actor={self.num_gpus_per_actor:g}; for CPU actors "
+                                   "set num_gpus_per_actor: 0 and num_actors to a number")
         return n
 
     def _check_resources(self, n: int) -> None:
