@@ -48,6 +48,8 @@ def test_sample_rules():
     assert item.images == ["/o.png"] and item.source_images == ["/s.png"] and item.instruction == "make it red"
     item = openrlhf_item("PROMPT a cat", "PROMPT ", '{"image": "/i.png", "id": 4}')
     assert item.instruction == "a cat" and item.images == ["/i.png"] and item.id == "4"
+    with pytest.raises(SampleError, match="does not hold its prompt's end"):
+        openrlhf_item("a cat", "<|im_start|>user\nDescribe it.<|im_end|>\n<|im_start|>assistant\n", "/i.png")
     with pytest.raises(SampleError, match="no image to judge"):
         sample_item("a cat", images=None)
     with pytest.raises(ValueError, match="completion_as: unknown value 'pixels'"):

@@ -350,6 +350,49 @@ def test_openrlhf_011_rollout_reward_and_experience(service, images, expected, t
         assert exp.rewards.flatten().tolist() == reward
 
 
+def test_openrlhf_011_vlm_and_truncated_prompts(service, images, expected, tokenizer):
+    """The query OpenRLHF sends is its prompt's tokens decoded, not its prompt: a VLM processor
+    has expanded the image placeholder into one token per patch group, and a prompt too long for
+    its budget lost its start. The response is still what the judge reads, not the chat around it."""
+    import asyncio
+
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tokenizer.path)
+    vlm_prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
+        tokenize=False, add_generation_prompt=True)
+    assert vlm_prompt.count("<|image_pad|>") == 1, vlm_prompt
+    executor = SingleTurnAgentExecutor(remote_rm_url=[service.url + "/get_reward"])
+    sent = []
+    real_fetch = executor._fetch_rewards_via_http
+
+    async def fetch(queries, prompts, labels):  # OpenRLHF's own client; the queries kept to check below
+        sent.extend(queries)
+        return await real_fetch(queries, prompts, labels)
+    executor._fetch_rewards_via_http = fetch
+
+    long_prompt = "Some context. " * 40 + PROMPT
+    n_long = len(tokenizer.tok(long_prompt, add_special_tokens=False)["input_ids"])
+
+    async def rollouts():
+        return await asyncio.gather(
+            # a VLM policy: the processor tokenizes the prompt with its image
+            executor.execute(vlm_prompt, images.paths[0], SimpleNamespace(max_tokens=16, logprobs=None), 4096,
+                             processor, _Engine(tokenizer.tok, TEXT), images=[images.paths[0]]),
+            # a prompt over its budget, cut from the left by OpenRLHF
+            executor.execute(long_prompt, images.paths[1], SimpleNamespace(max_tokens=16, logprobs=None),
+                             n_long - 20 + 16, tokenizer.tok, _Engine(tokenizer.tok, TEXT)))
+
+    outs = asyncio.run(rollouts())
+    assert sent[0].count("<|image_pad|>") > 1 and not sent[0].startswith(vlm_prompt), sent[0]
+    assert not sent[1].startswith(long_prompt), sent[1]
+    for k, out in enumerate(outs):
+        assert out["extra_logs"]["judge_failed"] == [0.0], out
+        assert math.isclose(out["reward"][0], expected[k], abs_tol=1e-4), out
+
+
 _OPENRLHF08 = r"""
 import ast, json, sys
 from importlib.metadata import version

@@ -161,7 +161,7 @@ def openrlhf_item(query: str, prompt: str | None, label: Any, completion_as: str
     for one), `id`."""
     if not isinstance(query, str):
         raise SampleError(f"query must be a string, got {type(query).__name__}")
-    response = query[len(prompt):] if isinstance(prompt, str) and query.startswith(prompt) else query
+    response = _after_prompt(query, prompt) if isinstance(prompt, str) and prompt else query
     info: dict[str, Any] = {}
     if isinstance(label, Mapping):
         info = dict(label)
@@ -182,6 +182,32 @@ def openrlhf_item(query: str, prompt: str | None, label: Any, completion_as: str
                        source_images=_first(info, "source_images", "source_image"),
                        instruction=instruction, completion_as=completion_as,
                        id=str(item_id) if item_id is not None else None)
+
+
+# The least of a prompt's end that must be found in its query to tell where the response starts.
+_PROMPT_TAIL = 16
+
+
+def _after_prompt(query: str, prompt: str) -> str:
+    """The response in an OpenRLHF query: the text after its prompt. The query is the rollout's
+    tokens decoded, which need not begin with the prompt's text: a VLM processor expands each
+    image placeholder into one token per patch group (Qwen's `<|image_pad|>` x N, Gemma's
+    `<boi>` + N + `<eoi>`), and a prompt over its budget is cut from the left. Both leave the
+    prompt's end intact, so the response follows the longest end of the prompt the query holds
+    (found in log steps: an end found means every shorter end is found too)."""
+    if query.startswith(prompt):
+        return query[len(prompt):]
+    lo, hi = 0, len(prompt)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if prompt[-mid:] in query:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo < min(_PROMPT_TAIL, len(prompt)):
+        raise SampleError(f"the query does not hold its prompt's end ({_clip(prompt[-_PROMPT_TAIL:])!r}), so "
+                          f"the response in it cannot be told apart; query: {_clip(query)}")
+    return query[query.index(prompt[-lo:]) + lo:]
 
 
 def to_score(prepared: Sequence[ScoreItem | ScoreResult]) -> list[ScoreItem]:
