@@ -232,6 +232,40 @@ def test_verl_misspelled_kwarg_and_unreachable_service(service, images, tokenize
     assert [o["reward_extra_info"] for o in out] == [{"score": -3.0, "judge_failed": 1.0}] * 2
 
 
+def test_verl_rate_limited_service_that_never_answers(images, tokenizer):
+    """rate_limited gives a sample up after its own `reward.timeout`, as reward 0.0 with other
+    keys (`timeout`, `acc`) than the hook's: no judge_failed, and a batch in which only some
+    samples timed out fails in verl's assembly (its keys are the first sample's: KeyError). The
+    hook's `timeout_s` bounds the whole call, retries included (they alone took 4 x 3 s here),
+    so a hook given less time than verl answers `failed_reward` first."""
+    import socket
+
+    import ray
+    from ray._private import worker as ray_worker
+    from verl.experimental.reward_loop import RewardLoopManager
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    rows = verl_rows(images)[:2]
+    data = dataproto(tokenizer.tok, rows)
+    with socket.socket() as hung:  # takes connections (the kernel's backlog) and never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)
+        cfg = verl09_config(tokenizer.path, f"http://127.0.0.1:{hung.getsockname()[1]}", "rate_limited",
+                            "reward.num_workers=1", "+reward.timeout=10", "+reward.max_concurrent=4",
+                            "+reward.custom_reward_function.reward_kwargs.timeout_s=3",
+                            "+reward.custom_reward_function.reward_kwargs.failed_reward=-1.0")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            session_dir = ray_worker._global_node.get_session_dir_path()
+            out = RewardLoopManager(cfg).compute_rm_score(data)
+            procs = _descendants(os.getpid())
+        finally:
+            ray.shutdown()
+    assert list(out.non_tensor_batch["judge_failed"]) == [1.0, 1.0], out.non_tensor_batch
+    assert list(out.non_tensor_batch["score"]) == [-1.0, -1.0]
+    _wait_gone(procs, session_dir)
+
+
 _VERL06 = r"""
 import json, sys
 import numpy as np, torch, verl

@@ -19,7 +19,8 @@ its allowed folders).
 Settings, first found wins: the keyword argument (verl's reward_kwargs), `extra_info`
 (`reward_url` only), then the environment: REWARD_SERVICE_URL (default http://127.0.0.1:8899),
 REWARD_SERVICE_TOKEN, REWARD_SERVICE_FAILED_REWARD (default 0.0), REWARD_SERVICE_SEND_PATHS (1/0),
-REWARD_SERVICE_TIMEOUT_S. An unknown keyword (a misspelled reward_kwargs key) is a TypeError.
+REWARD_SERVICE_TIMEOUT_S (default 240: the time a request has, retries included). An unknown
+keyword (a misspelled reward_kwargs key) is a TypeError.
 
 Each call returns `{"score": float, "judge_failed": 0.0 | 1.0}` per sample. verl needs a number
 for every sample, so a sample that could not be judged gets `failed_reward` and
@@ -58,6 +59,9 @@ except ImportError as e:
 log = logging.getLogger("src.rl.verl_reward")
 
 DEFAULT_URL = "http://127.0.0.1:8899"
+# The time one request has, retries included: under verl's rate_limited manager's own timeout
+# (`reward.timeout`, 300 s by default), after which verl gives the sample up (see _post_json).
+DEFAULT_TIMEOUT_S = 240.0
 IMAGE_KEYS = ("image", "images", "source_image", "source_images")
 _EXTRA_KEYS = IMAGE_KEYS + ("instruction", "completion_as", "id", "uid", "index")
 _RETRY_STATUS = (500, 502, 503, 504)
@@ -138,9 +142,11 @@ class _Refused(Exception):
 
 
 def _post_json(url: str, data: bytes, token: str | None, timeout_s: float, max_retries: int) -> Any:
-    """POST one JSON request with retries on connection errors and 5xx. Returns the decoded
+    """POST one JSON request with retries on connection errors and 5xx, all within `timeout_s`
+    (verl's rate_limited manager gives a sample up after its own `reward.timeout`, with a result
+    its reward loop cannot join to the others: the hook must answer first). Returns the decoded
     answer; raises _Refused (4xx), RewardServiceAuthError (401), or ConnectionError (unreachable
-    or failing after the retries)."""
+    or failing after the retries, or no answer in time)."""
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -148,12 +154,21 @@ def _post_json(url: str, data: bytes, token: str | None, timeout_s: float, max_r
     # per call, not kept in the module: see the module docstring on pickling.)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     last = ""
+    deadline = time.monotonic() + timeout_s
+    attempts = 0
     for attempt in range(max_retries + 1):
         if attempt:
-            time.sleep(min(0.5 * 2 ** (attempt - 1), 30.0) * (0.5 + random.random()))
+            pause = min(0.5 * 2 ** (attempt - 1), 30.0) * (0.5 + random.random())
+            if time.monotonic() + pause >= deadline:
+                break
+            time.sleep(pause)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        attempts += 1
         req = urllib.request.Request(url, data=data, headers=headers, method="POST")
         try:
-            with opener.open(req, timeout=timeout_s) as resp:
+            with opener.open(req, timeout=left) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as e:
             detail = _detail(e)
@@ -167,7 +182,7 @@ def _post_json(url: str, data: bytes, token: str | None, timeout_s: float, max_r
         except (OSError, ValueError, http.client.HTTPException) as e:  # refused, reset, timed out, garbled
             last = f"{type(e).__name__}: {e}"
             continue
-    raise ConnectionError(f"POST {url}: no answer after {max_retries + 1} attempt(s); last: {last}")
+    raise ConnectionError(f"POST {url}: no answer after {attempts} attempt(s) in {timeout_s:g} s; last: {last}")
 
 
 def _detail(e: urllib.error.HTTPError) -> str:
@@ -221,7 +236,7 @@ def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str
     if send_paths is None:
         send_paths = _env_flag("REWARD_SERVICE_SEND_PATHS")
     token = token or os.environ.get("REWARD_SERVICE_TOKEN") or None
-    timeout_s = timeout_s or float(os.environ.get("REWARD_SERVICE_TIMEOUT_S", "600"))
+    timeout_s = timeout_s or float(os.environ.get("REWARD_SERVICE_TIMEOUT_S", str(DEFAULT_TIMEOUT_S)))
     groups: dict[str, list[int]] = {}
     for i, extra in enumerate(extra_infos):
         own = extra.get("reward_url") if isinstance(extra, Mapping) else None
