@@ -182,6 +182,27 @@ def test_verl_reward_loop_worker(manager, service, images, expected, tokenizer, 
     assert any("sample 0 (index 3): the completion is empty" in m for m in logged), logged
 
 
+def test_verl_reward_reads_verls_own_image_entries(service, images, expected, tokenizer):
+    """An image as verl's dataset writes it (`_build_messages`: a path, a `file://` URI, or a dict
+    `{"image": ...}` as qwen-vl-utils reads it, or `{"bytes": ...}`), copied into `extra_info`,
+    is read by the hook like a plain path."""
+    from PIL import Image
+    from verl.experimental.reward_loop import RewardLoopWorker
+
+    cfg = verl09_config(tokenizer.path, service.url, "naive")
+    worker = RewardLoopWorker(cfg)
+    p0, p1 = images.paths
+    rows = [(TEXT, {"images": [{"image": f"file://{p0}"}]}, True),
+            (TEXT, {"image": f"file://{p1}"}, True),
+            (TEXT, {"images": [{"image": p0}]}, True),
+            (TEXT, {"image": {"image": Image.open(p1)}}, True),
+            (TEXT, {"images": [{"bytes": Path(p0).read_bytes(), "path": None}]}, True),
+            (TEXT, {"images": [{"image": f"file://{images.missing}"}]}, False)]
+    out = worker.loop.run_until_complete(worker.compute_score_batch(dataproto(tokenizer.tok, rows)))
+    check_verl_scores(rows, [o["reward_score"] for o in out], [o["reward_extra_info"]["judge_failed"] for o in out],
+                      [expected[0], expected[1], expected[0], expected[1], expected[0], None], 0.0)
+
+
 def test_verl_remote_manager_in_ray_workers(service, images, expected, tokenizer):
     """verl's remote manager ships the hook to a Ray worker process (pickled by value), through
     the RewardLoopManager the trainer uses; the batch comes back as rm_scores."""

@@ -205,13 +205,16 @@ def data_url(data: bytes) -> str:
 
 
 def encode_image(img: Any, send_paths: bool = False) -> str:
-    """An image input (path, bytes, PIL image, or a datasets `{"bytes", "path"}` record) -> wire
-    IMAGE. Paths are read and inlined unless `send_paths` (then the server must be able to read
-    them inside its allowed folders). Raises ValueError naming the image."""
-    if isinstance(img, Mapping) and ("bytes" in img or "path" in img):  # datasets' undecoded Image
-        img = img.get("bytes") or img.get("path")
+    """An image input (path, bytes, PIL image, a datasets `{"bytes", "path"}` record, or the
+    `{"image": ...}` entry and `file://` path of qwen-vl-utils, which verl's datasets write) ->
+    wire IMAGE. Paths are read and inlined unless `send_paths` (then the server must be able to
+    read them inside its allowed folders). Raises ValueError naming the image."""
+    if isinstance(img, Mapping) and ("bytes" in img or "path" in img or "image" in img):
+        img = img.get("bytes") or (img["image"] if img.get("image") is not None else img.get("path"))
     if isinstance(img, (str, os.PathLike)):
         path = os.fspath(img)
+        if path.startswith("file://"):  # as qwen-vl-utils reads it: the rest is the path
+            path = path[len("file://"):]
         if path.startswith("data:") or _sniff_b64(path):
             return path  # already on the wire form
         if send_paths:
