@@ -496,14 +496,19 @@ def test_finished_job_says_where_its_results_are(tiny_cache, tmp_path):
     assert json.loads(r.stdout)["failed"] == 2 and len(read_jsonl(bad / "results.jsonl")) == 2
 
 
+def _demo_offline(cwd, out, model_name: str) -> subprocess.CompletedProcess:
+    """The demo job with another model_name, on a machine that downloads nothing."""
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+                           "--set", f"model.params.model_name={model_name}", "--set", f"job.output_dir={out}",
+                           "--no-progress"], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
 def test_a_model_that_cannot_be_loaded_is_one_line_not_a_traceback(tmp_path):
     # A hub id on a machine that cannot download it: one line naming model_name and the cause,
     # exit 1 (the machine's problem, not the config's), no traceback.
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-                          "--set", "model.params.model_name=no-org/no-such-model", "--set", f"job.output_dir={out}",
-                          "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run = _demo_offline(tmp_path, out, "no-org/no-such-model")
     last = run.stderr.strip().splitlines()[-1]
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert last.startswith("error: the judge could not start: model_name 'no-org/no-such-model': no such folder "
@@ -515,11 +520,7 @@ def test_a_model_that_cannot_be_loaded_is_one_line_not_a_traceback(tmp_path):
 def test_a_misspelt_checkpoint_folder_is_named_before_the_hub_is_tried(tmp_path):
     # models/tiny_jugde has a hub id's shape: without a network the hub's retries take minutes, so
     # the close folder is named at once, and again in the one-line error.
-    out = tmp_path / "out"
-    run = subprocess.run([sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-                          "--set", "model.params.model_name=models/tiny_jugde", "--set", f"job.output_dir={out}",
-                          "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run = _demo_offline(tmp_path, tmp_path / "out", "models/tiny_jugde")
     lines = run.stderr.strip().splitlines()
     warned = [i for i, line in enumerate(lines) if "did you mean 'models/tiny_judge'? Trying it as a hub id" in line]
     assert run.returncode == 1 and warned and warned[0] < len(lines) - 1, run.stderr[-3000:]

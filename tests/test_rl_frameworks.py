@@ -206,22 +206,11 @@ def test_verl_reward_reads_verls_own_image_entries(service, images, expected, to
 def test_verl_remote_manager_in_ray_workers(service, images, expected, tokenizer):
     """verl's remote manager ships the hook to a Ray worker process (pickled by value), through
     the RewardLoopManager the trainer uses; the batch comes back as rm_scores."""
-    import ray
-    from ray._private import worker as ray_worker
-    from verl.experimental.reward_loop import RewardLoopManager
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     cfg = verl09_config(tokenizer.path, service.url, "remote", "reward.num_workers=1",
                         "+reward.custom_reward_function.reward_kwargs.failed_reward=-1.0")
     rows = verl_rows(images)[:5]
     data = dataproto(tokenizer.tok, rows)
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
-    try:
-        session_dir = ray_worker._global_node.get_session_dir_path()
-        out = RewardLoopManager(cfg).compute_rm_score(data)
-        procs = _descendants(os.getpid())
-    finally:
-        ray.shutdown()
+    out, procs, session_dir = _reward_loop(cfg, data, num_cpus=3)
     rm = out.batch["rm_scores"]
     last = data.batch["attention_mask"][:, data.batch["prompts"].shape[1]:].sum(dim=1) - 1
     scores = [rm[i, max(int(last[i]), -1)].item() for i in range(len(rows))]
@@ -261,11 +250,6 @@ def test_verl_rate_limited_service_that_never_answers(images, tokenizer):
     so a hook given less time than verl answers `failed_reward` first."""
     import socket
 
-    import ray
-    from ray._private import worker as ray_worker
-    from verl.experimental.reward_loop import RewardLoopManager
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     rows = verl_rows(images)[:2]
     data = dataproto(tokenizer.tok, rows)
     with socket.socket() as hung:  # takes connections (the kernel's backlog) and never answers
@@ -275,13 +259,7 @@ def test_verl_rate_limited_service_that_never_answers(images, tokenizer):
                             "reward.num_workers=1", "+reward.timeout=10", "+reward.max_concurrent=4",
                             "+reward.custom_reward_function.reward_kwargs.timeout_s=3",
                             "+reward.custom_reward_function.reward_kwargs.failed_reward=-1.0")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            session_dir = ray_worker._global_node.get_session_dir_path()
-            out = RewardLoopManager(cfg).compute_rm_score(data)
-            procs = _descendants(os.getpid())
-        finally:
-            ray.shutdown()
+        out, procs, session_dir = _reward_loop(cfg, data, num_cpus=2)
     assert list(out.non_tensor_batch["judge_failed"]) == [1.0, 1.0], out.non_tensor_batch
     assert list(out.non_tensor_batch["score"]) == [-1.0, -1.0]
     _wait_gone(procs, session_dir)
@@ -498,6 +476,25 @@ def test_openrlhf_08_remote_reward_and_update_samples(service, images, expected)
 
 
 # -- processes ---------------------------------------------------------------------------------
+
+def _reward_loop(cfg, data, num_cpus: int):
+    """verl's RewardLoopManager on `data`, in a Ray session of its own: (its output, the processes
+    it started, the session's folder), Ray shut down before returning."""
+    import ray
+    from ray._private import worker as ray_worker
+    from verl.experimental.reward_loop import RewardLoopManager
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        session_dir = ray_worker._global_node.get_session_dir_path()
+        out = RewardLoopManager(cfg).compute_rm_score(data)
+        procs = _descendants(os.getpid())
+    finally:
+        ray.shutdown()
+    return out, procs, session_dir
+
+
 
 def _descendants(root: int) -> dict[int, str]:
     out = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
