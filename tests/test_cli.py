@@ -536,3 +536,34 @@ def test_a_hub_warning_is_printed_once():
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stderr.count("hub says so") == 1 and run.stderr.count("judge says so") == 1, run.stderr
+
+
+def _strict_json(line: str) -> dict:
+    def refuse(token: str):
+        raise ValueError(f"not JSON: {token}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_judge_whose_logits_are_not_finite_scores_no_item(tiny_cache, tmp_path):
+    # float16 overflows in a large judge (a GPU without bfloat16) make its next-token logits NaN or
+    # inf. The expected value over the levels was then NaN, and the job counted it as a score:
+    # 'scored': 11, a mean of NaN, results.jsonl holding the token NaN (not JSON; the report refused
+    # the job's own file), and resume never scored those items again.
+    from safetensors.torch import load_file, save_file
+
+    judge = tmp_path / "overflowing_judge"
+    shutil.copytree(ROOT / "models" / "tiny_judge", judge)
+    weights = load_file(judge / "model.safetensors")
+    weights["lm_head.weight"][:] = float("nan")
+    save_file(weights, judge / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    r = run_main("--config", str(ROOT / "configs" / "demo.yaml"), "--set", f"model.params.model_name={judge}",
+                 "--set", f"job.output_dir={out}")
+    assert r.returncode == 1, r.stderr
+    records = [_strict_json(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 11 and all(x["score"] is None and x["error_kind"] == "model" for x in records)
+    assert records[0]["error"].startswith("item '00' (line 1): semantic_consistency: the judge's next-token "
+                                          "logits are not finite (NaN or inf)"), records[0]["error"]
+    summary = _strict_json((out / "summary.json").read_text())
+    assert summary["scored"] == 0 and summary["failures_by_kind"] == {"model": 11}
+    assert _strict_json(r.stdout)["failed"] == 11

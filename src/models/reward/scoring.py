@@ -15,6 +15,12 @@ from .templates import Template
 if TYPE_CHECKING:
     from .preparation import _Request
 
+# A prompt whose next-token logits hold NaN or inf (float16 overflowing in a large judge) has no
+# expected value to report: NaN is no score, and it is not JSON either.
+_NOT_FINITE = {"score": None, "raw": None, "kind": "model",
+               "error": "the judge's next-token logits are not finite (NaN or inf), so they give no score; "
+                        "in float16 a large judge can overflow: use dtype bfloat16 (or float32)"}
+
 
 class Scoring:
     """Turning one batch into per-prompt outcomes (JudgeEngine mixin)."""
@@ -60,7 +66,8 @@ class Scoring:
         # One copy to the host (one sync), not three per prompt: the GPU idles while the host reads.
         rows = torch.cat([scores[:, None], mass[:, None], probs], dim=1).tolist()
         return [{"score": score, "raw": {"probs": {n: round(v, 6) for n, v in zip(names, p)},
-                                         "level_mass": round(m, 6)}} for score, m, *p in rows]
+                                         "level_mass": round(m, 6)}} if math.isfinite(score) else dict(_NOT_FINITE)
+                for score, m, *p in rows]
 
     def _generate_kwargs(self) -> dict[str, Any]:
         """generate()'s settings for this judge (fast_decode.plan_for reads the same ones)."""
