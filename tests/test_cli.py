@@ -6,8 +6,10 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -567,3 +569,62 @@ def test_a_judge_whose_logits_are_not_finite_scores_no_item(tiny_cache, tmp_path
     summary = _strict_json((out / "summary.json").read_text())
     assert summary["scored"] == 0 and summary["failures_by_kind"] == {"model": 11}
     assert _strict_json(r.stdout)["failed"] == 11
+
+
+def test_a_second_job_on_a_folder_in_use_stops_before_it_scores(tiny_cache, tmp_path):
+    # A job started twice on one output folder (a scheduler's requeue while the first still ran, two
+    # terminals) scored every item twice, each run appending to one stream, and both raced to
+    # write results.jsonl. The second now stops at once, naming the folder; the first is untouched.
+    from conftest import worker_processes
+
+    for i in range(6):
+        make_image(i).save(tmp_path / f"im{i}.png")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"id": f"it{i}", "image": f"im{i}.png"}) + "\n"
+                                              for i in range(6)))
+    out = tmp_path / "out"
+    # The first job scores its first call, then hangs in the last (the fault plug-in, in its worker),
+    # so it is still running, whatever the machine's speed, when the second starts.
+    cfg = write_config(tmp_path, tmp_path / "m.jsonl", out, template="quality", chunk_order="input")
+    spec = yaml.safe_load(cfg.read_text())
+    spec["model"]["class_path"] = "multi_gpu"
+    spec["model"]["params"].update(device_ids=["cpu"], micro_batch=1, progress=False)
+    spec["job"]["chunk_size"] = 2
+    cfg.write_text(yaml.safe_dump(spec))
+    first = subprocess.Popen([sys.executable, str(MAIN), "--config", str(cfg), "--no-progress"], cwd=str(ROOT),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env={**os.environ, "REWARD_FAULT_HANG_ON_ID": "it5"})
+    workers: list[int] = []
+    try:
+        stream = out / "results.stream.jsonl"
+        deadline = time.monotonic() + 180
+        while not (stream.exists() and stream.read_text().count("\n") >= 2):
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "the first job wrote no result within 180 s"
+            time.sleep(0.1)
+        workers = worker_processes([first.pid])
+        before = stream.read_bytes()
+        second = run_main("--config", str(cfg))
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.strip() == (f"error: job.output_dir: another job is running in {out} (it holds the "
+                                          "folder's lock); wait for it to end, or give this job another "
+                                          "job.output_dir"), second.stderr
+        assert stream.read_bytes().startswith(before) and first.poll() is None
+        assert not (out / "results.jsonl").exists()
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)
+        first.wait(timeout=60)
+        assert_no_orphans([first.pid, *workers])
+    # The lock goes with its job however it ends: the same command now resumes.
+    done = run_main("--config", str(cfg), "--set", "model.class_path=qwen_vl", "--unset", "model.params.device_ids",
+                    "--unset", "model.params.micro_batch", "--unset", "model.params.progress")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["resumed_from_disk"] >= 2
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, edit_manifest):
+    # job.output_dir naming a file (or a folder under one) was a FileExistsError traceback.
+    (tmp_path / "taken").write_text("a file, not a folder\n")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "sub"):
+        r = run_main("--config", str(write_config(tmp_path, edit_manifest, out)))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith(f"error: job.output_dir: cannot make the folder {out}: "), r.stderr

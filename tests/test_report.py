@@ -509,6 +509,16 @@ def test_cli_bad_input_exit_code_and_message(tmp_path, capsys):
     assert report_main(["--nope"]) == 2
 
 
+def test_a_page_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    # --out under a file (or a read-only folder) was a FileExistsError traceback.
+    p = tmp_path / "results.jsonl"
+    p.write_text(json.dumps(_rec(1, "a", 5.0)) + "\n")
+    (tmp_path / "taken").write_text("a file\n")
+    out = tmp_path / "taken" / "r.html"
+    assert report_main([str(p), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: cannot write the report to {out}: File exists ({out.parent})\n"
+
+
 def test_summary_json_missing_or_from_another_run(tmp_path):
     d = tmp_path / "job"
     d.mkdir()

@@ -264,6 +264,32 @@ def _repair_tail(path: Path) -> None:
 
 
 @contextmanager
+def _one_job_per_folder(folder: Path) -> Iterator[None]:
+    """One job at a time in an output folder: a second (a scheduler's requeue while the first still
+    runs) would score every item again into the same stream, and both would race to write the final
+    files. The lock is flock on the folder itself: no file is left behind, and it goes with its
+    process however that ends (kill -9 too), so a job that resumes never finds a stale one. A file
+    system without flock (some network mounts) runs jobs unlocked, as before."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"job.output_dir: another job is running in {folder} (it holds the folder's lock); "
+                              "wait for it to end, or give this job another job.output_dir") from None
+        except OSError:
+            pass  # no flock on this file system
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM unwinds like Ctrl-C, so workers are closed and results so far stay on disk."""
     def handler(signum, frame):
@@ -291,89 +317,93 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
     if checked is not None:
         check_template_inputs(checked[1], checked[2], rows, cfg["job"]["manifest"])
     created = not spec.output_dir.exists()
-    spec.output_dir.mkdir(parents=True, exist_ok=True)
-    stream_path = spec.output_dir / STREAM
-    t0 = time.time()
-    if not spec.resume and stream_path.exists():
-        stream_path.unlink()
-    # Every row already on disk under the fingerprint the judge would report: nothing to score, so
-    # no model is loaded (minutes for a large judge) just to find that out.
-    quantization = None
-    finished = _finished_without_a_judge(checked, rows, stream_path, spec) if model is None else None
-    if finished is not None:
-        model, (fp, quantization, done) = _NoJudge(), finished
-    with _sigterm_as_interrupt():
-        raise_lost_ctrl_c()  # (src/interrupts.py) before any worker starts
-        own = model is None
-        if own:
-            try:
-                model = build_reward_model(model_spec)
-            except BaseException:  # a judge that never started leaves no empty output folder behind
-                if created and not any(spec.output_dir.iterdir()):
-                    spec.output_dir.rmdir()
-                raise
-        if hasattr(model, "progress"):
-            model.progress = False  # the job's own bar counts every item; one bar is enough
-        try:
-            if finished is None:
-                fp = model_fingerprint(model, model_spec or {})
-                quantization = getattr(model, "quantization", None)  # the judge's own report, read while it is open
-                done = read_stream(stream_path, fp)
-            _repair_tail(stream_path)
-            by_id: dict[str, dict[str, Any]] = {}
-            todo: list[ManifestRow] = []
-            for r in rows:
-                if r.item is None:
-                    continue
-                if r.id in done and _same_inputs(done[r.id], r):
-                    by_id[r.id] = done[r.id]
-                else:
-                    todo.append(r)
-            todo = _job_order(todo, spec.chunk_size, model)
-            bar = _bar(len(rows), len(rows) - len(todo), progress)
-            try:
-                with stream_path.open("a", encoding="utf-8") as out:
-                    for start in range(0, len(todo), spec.chunk_size):
-                        raise_lost_ctrl_c()  # one lost while the model was built or a chunk ran
-                        chunk = todo[start:start + spec.chunk_size]
-                        results = model.batch_score([r.item for r in chunk])
-                        lines = []
-                        for k, (r, res) in enumerate(zip(chunk, results)):
-                            rec = _record(r, _numbered_by_row(res, k, r), fp)
-                            by_id[r.id] = rec
-                            lines.append(json.dumps(rec, ensure_ascii=False))
-                        out.write("\n".join(lines) + "\n")
-                        out.flush()
-                        os.fsync(out.fileno())
-                        if bar is not None:
-                            bar.update(len(chunk))
-            finally:
-                if bar is not None:
-                    bar.close()
-        finally:
+    try:
+        spec.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, a read-only disk, no permission
+        raise ConfigError(f"job.output_dir: cannot make the folder {spec.output_dir}: {e.strerror}") from None
+    with _one_job_per_folder(spec.output_dir):
+        stream_path = spec.output_dir / STREAM
+        t0 = time.time()
+        if not spec.resume and stream_path.exists():
+            stream_path.unlink()
+        # Every row already on disk under the fingerprint the judge would report: nothing to score, so
+        # no model is loaded (minutes for a large judge) just to find that out.
+        quantization = None
+        finished = _finished_without_a_judge(checked, rows, stream_path, spec) if model is None else None
+        if finished is not None:
+            model, (fp, quantization, done) = _NoJudge(), finished
+        with _sigterm_as_interrupt():
+            raise_lost_ctrl_c()  # (src/interrupts.py) before any worker starts
+            own = model is None
             if own:
-                model.close()
-    final = []
-    for r in rows:
-        if r.item is None:
-            kind = "manifest"
-            res = ScoreResult(index=r.line, id=r.id, error=f"manifest: {r.error}", error_kind=kind)
-            final.append(_record(r, res, fp))
-        else:
-            final.append(by_id[r.id])
-    latencies = [rec["latency_s"] for rec in final if rec.get("latency_s")]
-    final = [{k: v for k, v in rec.items() if k not in VOLATILE} for rec in final]
-    summary = summarize(final, fingerprint=fp, model_spec=model_spec, elapsed_s=time.time() - t0,
-                        skipped=len(rows) - len(todo) - sum(r.item is None for r in rows))
-    summary["latency_s_per_item"] = stats(latencies)
-    if isinstance(quantization, str):  # the judge's own report (a pre-quantized checkpoint says so here)
-        summary["quantization"] = quantization
-    write_outputs(spec.output_dir, final, summary)
-    if spec.report:
-        from src.report import write_report
+                try:
+                    model = build_reward_model(model_spec)
+                except BaseException:  # a judge that never started leaves no empty output folder behind
+                    if created and not any(spec.output_dir.iterdir()):
+                        spec.output_dir.rmdir()
+                    raise
+            if hasattr(model, "progress"):
+                model.progress = False  # the job's own bar counts every item; one bar is enough
+            try:
+                if finished is None:
+                    fp = model_fingerprint(model, model_spec or {})
+                    quantization = getattr(model, "quantization", None)  # the judge's own report, read while it is open
+                    done = read_stream(stream_path, fp)
+                _repair_tail(stream_path)
+                by_id: dict[str, dict[str, Any]] = {}
+                todo: list[ManifestRow] = []
+                for r in rows:
+                    if r.item is None:
+                        continue
+                    if r.id in done and _same_inputs(done[r.id], r):
+                        by_id[r.id] = done[r.id]
+                    else:
+                        todo.append(r)
+                todo = _job_order(todo, spec.chunk_size, model)
+                bar = _bar(len(rows), len(rows) - len(todo), progress)
+                try:
+                    with stream_path.open("a", encoding="utf-8") as out:
+                        for start in range(0, len(todo), spec.chunk_size):
+                            raise_lost_ctrl_c()  # one lost while the model was built or a chunk ran
+                            chunk = todo[start:start + spec.chunk_size]
+                            results = model.batch_score([r.item for r in chunk])
+                            lines = []
+                            for k, (r, res) in enumerate(zip(chunk, results)):
+                                rec = _record(r, _numbered_by_row(res, k, r), fp)
+                                by_id[r.id] = rec
+                                lines.append(json.dumps(rec, ensure_ascii=False))
+                            out.write("\n".join(lines) + "\n")
+                            out.flush()
+                            os.fsync(out.fileno())
+                            if bar is not None:
+                                bar.update(len(chunk))
+                finally:
+                    if bar is not None:
+                        bar.close()
+            finally:
+                if own:
+                    model.close()
+        final = []
+        for r in rows:
+            if r.item is None:
+                kind = "manifest"
+                res = ScoreResult(index=r.line, id=r.id, error=f"manifest: {r.error}", error_kind=kind)
+                final.append(_record(r, res, fp))
+            else:
+                final.append(by_id[r.id])
+        latencies = [rec["latency_s"] for rec in final if rec.get("latency_s")]
+        final = [{k: v for k, v in rec.items() if k not in VOLATILE} for rec in final]
+        summary = summarize(final, fingerprint=fp, model_spec=model_spec, elapsed_s=time.time() - t0,
+                            skipped=len(rows) - len(todo) - sum(r.item is None for r in rows))
+        summary["latency_s_per_item"] = stats(latencies)
+        if isinstance(quantization, str):  # the judge's own report (a pre-quantized checkpoint says so here)
+            summary["quantization"] = quantization
+        write_outputs(spec.output_dir, final, summary)
+        if spec.report:
+            from src.report import write_report
 
-        write_report(spec.output_dir / FINAL, spec.output_dir / REPORT)
-    return summary
+            write_report(spec.output_dir / FINAL, spec.output_dir / REPORT)
+        return summary
 
 
 def _bar(total: int, initial: int, progress: bool):

@@ -44,8 +44,11 @@ def write_report(results_path: str | os.PathLike, out_path: str | os.PathLike, c
     html = render_page(this, cmp, PageOptions(top=top, thumb_px=thumb_px, max_thumbs=max_thumbs,
                                               page_size=page_size, raw_chars=raw_chars, title=title))
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, out)  # a reader never sees half a page
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(html, encoding="utf-8")
+        os.replace(tmp, out)  # a reader never sees half a page
+    except OSError as e:  # a file where a folder should be, a read-only disk, a full one
+        raise ReportError(f"cannot write the report to {out}: {e.strerror} ({e.filename})") from None
     return out
