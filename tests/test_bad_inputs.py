@@ -293,6 +293,40 @@ def test_csv_manifest_rows(tmp_path, ledger):
     assert read_manifest(p)[0].error == "m.csv line 2: no image; give one of image, images, edited_image, edited_images"
 
 
+def test_json_manifest_holding_a_list_of_rows(tmp_path, ledger):
+    """A .json manifest written as one JSON list (json.dump(rows, indent=2), as many benchmarks ship
+    theirs) was read line by line as JSONL: 3 rows became 20 failed items ('line 1: not valid
+    JSON'), and the judge was loaded to score none. Each row is now an item, named by the line it
+    starts on; a bad row fails alone; a list that is not valid JSON stops the job, naming where."""
+    from src.job.manifest import ManifestError, read_manifest
+
+    rows = [{"id": "a", "image": "a.png", "instruction": "make it red"}, [1, 2], {"id": "c", "imgae": "c.png"},
+            {"image": "d.png", "source_image": "s.png"}]
+    p = tmp_path / "m.json"
+    p.write_bytes(("\ufeff" + json.dumps(rows, indent=2)).replace("\n", "\r\n").encode("utf-8"))
+    got = read_manifest(p)
+    assert [(r.id, r.line) for r in got] == [("a", 2), ("line7", 7), ("c", 11), ("line15", 15)]
+    assert got[0].item is not None and got[0].item.images == [str(tmp_path / "a.png")]
+    assert got[0].item.instruction == "make it red"
+    assert got[1].error == "m.json line 7: expected an object, got list"
+    assert got[2].error.startswith("m.json line 11: no image;") and "'imgae'" in got[2].error
+    assert got[3].item is not None and got[3].item.source_images == [str(tmp_path / "s.png")]
+    ledger.bad_input("JSON-list manifest row that is not an object", got[1].id,
+                     {"score": None, "error_kind": "manifest", "error": got[1].error})
+    p.write_text(json.dumps(rows[:1]))  # one line
+    assert [r.id for r in read_manifest(p)] == ["a"]
+    p.write_text('[\n  {"id": "a", "image": "a.png"},\n  {"id": "b", "image": "b.png"\n]\n')
+    with pytest.raises(ManifestError) as e:
+        read_manifest(p)
+    assert str(e.value) == f"manifest {p}: line 4: not valid JSON (Expecting ',' delimiter at column 1)"
+    p.write_text("[]")
+    with pytest.raises(ManifestError, match="has no rows"):
+        read_manifest(p)
+    p.write_text('[1, 2]\n{"id": "b", "image": "b.png"}\n')  # JSONL whose first row is a list: it fails alone
+    got = read_manifest(p)
+    assert [(r.id, r.error) for r in got] == [("line1", "m.json line 1: expected an object, got list"), ("b", None)]
+
+
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])
 def test_an_instruction_holding_a_special_token_fails_alone(tiny_cache, arch, ledger):
     # The processor reads '<|image_pad|>' in a prompt's text as the image placeholder itself: the

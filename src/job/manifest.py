@@ -1,4 +1,4 @@
-"""Reading a job's manifest: JSONL, CSV or a folder of images, into items.
+"""Reading a job's manifest: JSONL, a JSON list of rows, CSV or a folder of images, into items.
 
 A row names its image(s) and, for edits, its source image(s) and instruction:
 
@@ -8,7 +8,8 @@ A row names its image(s) and, for edits, its source image(s) and instruction:
 Accepted names: `image`/`images`/`edited_image`/`edited_images`; `source_image`/`source_images`/
 `original_image`/`original_images`; `instruction`/`prompt`; `id`; `category`. Other fields are
 kept as metadata. Relative paths are relative to the manifest's folder. In CSV, several images in
-one cell are separated by `|`.
+one cell are separated by `|`. A .json (or .jsonl) file holds one row per line, or one JSON list of
+rows (`json.dump(rows, f, indent=2)`), each then named by the line it starts on.
 
 A bad row does not stop the job: it becomes a `ManifestRow` with an `error`, and the job records
 a failed result for it naming the line and the cause.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import csv
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from src.models.reward.types import ScoreItem
 IMAGE_KEYS = ("image", "images", "edited_image", "edited_images")
 SOURCE_KEYS = ("source_image", "source_images", "original_image", "original_images")
 TEXT_KEYS = ("instruction", "prompt")
+_SPACE = re.compile(r"[ \t\r\n]*")  # JSON's whitespace
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -75,16 +78,51 @@ def _read_jsonl(p: Path) -> list[ManifestRow]:
     rows = []
     # utf-8-sig: a byte-order mark (Excel, PowerShell write one) is not part of the first row.
     with p.open(encoding="utf-8-sig", errors="replace") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line.rstrip("\r\n"))  # without the line's end, the column is the line's own
-            except json.JSONDecodeError as e:
-                why = f"{e.msg.removesuffix(' at')} at column {e.colno}"
-                rows.append(ManifestRow(id=f"line{n}", line=n, error=f"{p.name} line {n}: not valid JSON ({why})"))
-                continue
-            rows.append(_row_from_mapping(data, n, p))
+        text = fh.read()
+    if text.lstrip().startswith("["):  # one JSON list of rows (or JSONL whose first row is, wrongly, a list)
+        listed = _read_json_list(text, p)
+        if listed is not None:
+            return listed
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line.rstrip("\r\n"))  # without the line's end, the column is the line's own
+        except json.JSONDecodeError as e:
+            why = f"{e.msg.removesuffix(' at')} at column {e.colno}"
+            rows.append(ManifestRow(id=f"line{n}", line=n, error=f"{p.name} line {n}: not valid JSON ({why})"))
+            continue
+        rows.append(_row_from_mapping(data, n, p))
+    return rows
+
+
+def _read_json_list(text: str, p: Path) -> list[ManifestRow] | None:
+    """The rows of a manifest written as one JSON list (`json.dump(rows, indent=2)`), each named by
+    the line its value starts on; None when more follows the list (JSONL whose first row is a list:
+    read line by line, that row fails alone). A list that is not valid JSON cannot be cut into rows:
+    the manifest as a whole is refused, naming the place."""
+    decoder = json.JSONDecoder()
+    rows: list[ManifestRow] = []
+    at, line, counted = text.index("[") + 1, 1, 0
+    try:
+        while True:
+            at = _SPACE.match(text, at).end()
+            if text.startswith("]", at) and not rows:
+                break
+            line, counted = line + text.count("\n", counted, at), at
+            value, at = decoder.raw_decode(text, at)
+            rows.append(_row_from_mapping(value, line, p))
+            at = _SPACE.match(text, at).end()
+            if text.startswith(",", at):
+                at += 1
+            elif text.startswith("]", at):
+                break
+            else:
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
+        if text[at + 1:].strip():
+            return None
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"manifest {p}: line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     return rows
 
 
