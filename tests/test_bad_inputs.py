@@ -293,6 +293,22 @@ def test_csv_manifest_rows(tmp_path, ledger):
     assert read_manifest(p)[0].error == "m.csv line 2: no image; give one of image, images, edited_image, edited_images"
 
 
+def test_csv_rows_of_empty_cells_and_rows_over_several_lines(tmp_path):
+    """A spreadsheet's CSV export ends in rows of empty cells (',,,'), which became failed items
+    ('no image'), one per row; they are blank rows, skipped as blank lines are. A row whose quoted
+    instruction spans lines is named by the line it starts on (it was named by its last line, so
+    a duplicate id pointed at the wrong line)."""
+    from src.job.manifest import read_manifest
+
+    p = tmp_path / "m.csv"
+    p.write_bytes(b'id,image,instruction\r\nc1,a.png,"make it ""red"",\r\nthen blue"\r\n,,\r\n\r\n'
+                  b'c2,b.png,plain\r\n c1 ,c.png,again\r\n , ,\r\n,,\r\n')
+    rows = read_manifest(p)
+    assert [(r.id, r.line) for r in rows] == [("c1", 2), ("c2", 6), ("c1", 7)]
+    assert rows[0].item is not None and rows[0].item.instruction == 'make it "red",\r\nthen blue'
+    assert rows[2].error == "duplicate id 'c1' (first used on line 2); ids must be unique"
+
+
 def test_json_manifest_holding_a_list_of_rows(tmp_path, ledger):
     """A .json manifest written as one JSON list (json.dump(rows, indent=2), as many benchmarks ship
     theirs) was read line by line as JSONL: 3 rows became 20 failed items ('line 1: not valid

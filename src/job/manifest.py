@@ -130,25 +130,29 @@ def _read_csv(p: Path) -> list[ManifestRow]:
     delim = "\t" if p.suffix.lower() == ".tsv" else ","
     rows = []
     with p.open(newline="", encoding="utf-8-sig", errors="replace") as fh:
-        reader = csv.DictReader(fh, delimiter=delim)
-        if not reader.fieldnames:
+        reader = csv.reader(fh, delimiter=delim)
+        header = next(reader, None)
+        if not header:
             raise ManifestError(f"manifest {p}: no header row")
-        for data in reader:
-            n = reader.line_num
+        end = reader.line_num
+        for cells in reader:
+            # A row is named by the line it starts on (a quoted cell may span lines); a row of empty
+            # cells (a spreadsheet's export ends in them) is a blank line.
+            n, end = end + 1, reader.line_num
+            if not any(c.strip() for c in cells):
+                continue
+            if len(cells) > len(header):
+                rid = cells[header.index("id")].strip() if "id" in header else ""
+                rows.append(ManifestRow(id=rid or f"line{n}", line=n,
+                                        error=f"{p.name} line {n}: more cells than header columns"))
+                continue
             clean: dict[str, Any] = {}
-            for k, v in data.items():
-                if k is None:
-                    clean["_extra_cells"] = v
-                    continue
-                v = (v or "").strip()
+            for k, v in zip(header, cells):
+                v = v.strip()
                 if k in IMAGE_KEYS + SOURCE_KEYS and "|" in v:
                     clean[k] = [x.strip() for x in v.split("|") if x.strip()]
                 elif v != "":
                     clean[k] = v
-            if "_extra_cells" in clean:
-                rows.append(ManifestRow(id=str(clean.get("id") or f"line{n}"), line=n,
-                                        error=f"{p.name} line {n}: more cells than header columns"))
-                continue
             rows.append(_row_from_mapping(clean, n, p))
     return rows
 
