@@ -628,3 +628,37 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, edit_manifes
         r = run_main("--config", str(write_config(tmp_path, edit_manifest, out)))
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.startswith(f"error: job.output_dir: cannot make the folder {out}: "), r.stderr
+
+
+def test_a_resumed_job_says_which_stored_results_it_does_not_reuse(uninterrupted, tmp_path, edit_manifest):
+    # A job run again after its settings or its manifest changed scores those rows again, as it
+    # should; it did so without a word ('resumed_from_disk': 0), and a user who meant to resume
+    # (a large judge: hours) learned it only from the bill. It now says how many and why.
+    fp = read_jsonl(uninterrupted / "results.jsonl")[0]["fingerprint"]
+    out = tmp_path / "changed"
+    out.mkdir()
+    shutil.copy(uninterrupted / "results.stream.jsonl", out / "results.stream.jsonl")
+    r = run_main("--config", str(write_config(tmp_path, edit_manifest, out)), "--set", "model.params.max_pixels=9000")
+    assert r.returncode == 0, r.stderr
+    assert (f"WARNING src.job.runner: {out / 'results.stream.jsonl'} holds results for 10 of this job's rows that "
+            f"were scored under other settings (fingerprint {fp}; this job's is ") in r.stderr, r.stderr
+    assert "they are not reused, and those rows are scored again" in r.stderr
+    assert json.loads(r.stdout)["resumed_from_disk"] == 0
+
+    rows = read_jsonl(edit_manifest)
+    rows[3]["instruction"] = "make square 3 green"
+    rows[5]["image"] = rows[4]["image"]
+    edited = tmp_path / "manifest.jsonl"
+    edited.write_text("".join(json.dumps({**row, "image": str(edit_manifest.parent / row["image"]),
+                                          "source_image": str(edit_manifest.parent / row["source_image"])}) + "\n"
+                              for row in rows))
+    out2 = tmp_path / "edited"
+    out2.mkdir()
+    shutil.copy(uninterrupted / "results.stream.jsonl", out2 / "results.stream.jsonl")
+    r = run_main("--config", str(write_config(tmp_path, edited, out2)))
+    assert r.returncode == 0, r.stderr
+    assert (f"WARNING src.job.runner: {out2 / 'results.stream.jsonl'} holds results for 2 of this job's rows "
+            "(e3, e5) whose images or instruction have changed since: they are not reused, and those rows are scored "
+            "again") in r.stderr, r.stderr
+    assert json.loads(r.stdout)["resumed_from_disk"] == 8
+    assert "other settings" not in r.stderr

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import signal
 import time
@@ -35,6 +36,8 @@ from src.models.reward.templates import resolve_rubric
 
 from .manifest import ManifestRow, read_manifest
 from .summary import SUMMARY, stats, summarize
+
+log = logging.getLogger(__name__)
 
 STREAM = "results.stream.jsonl"
 FINAL = "results.jsonl"
@@ -162,7 +165,7 @@ def _finished_without_a_judge(checked: tuple[str, type, dict[str, Any]] | None, 
     fp = settings_fingerprint(checked[1], checked[2])
     if fp is None:
         return None
-    done = read_stream(stream_path, fp)
+    done, _ = read_stream(stream_path, fp)
     if not all(r.id in done and _same_inputs(done[r.id], r) for r in rows if r.item is not None):
         return None
     try:
@@ -183,21 +186,48 @@ class _NoJudge(BaseRewardModel):
         pass
 
 
-def read_stream(path: Path, fingerprint: str) -> dict[str, dict[str, Any]]:
-    """Successful results already on disk for this fingerprint, by id. Broken lines are skipped."""
+def read_stream(path: Path, fingerprint: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Successful results already on disk for this fingerprint, by id; and for the ids with a
+    successful result under another fingerprint, that fingerprint (what a job that changed its
+    settings does not reuse, and says so). Broken lines are skipped."""
     done: dict[str, dict[str, Any]] = {}
+    elsewhere: dict[str, str] = {}
     if not path.exists():
-        return done
+        return done, elsewhere
     with path.open(encoding="utf-8", errors="replace") as fh:
         for line in fh:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash: that item is scored again
-            if (isinstance(rec, dict) and rec.get("fingerprint") == fingerprint and rec.get("score") is not None
-                    and rec.get("error") is None and isinstance(rec.get("id"), str)):
+            if not (isinstance(rec, dict) and rec.get("score") is not None and rec.get("error") is None
+                    and isinstance(rec.get("id"), str)):
+                continue
+            if rec.get("fingerprint") == fingerprint:
                 done[rec["id"]] = rec
-    return done
+            else:
+                elsewhere[rec["id"]] = str(rec.get("fingerprint"))
+    return done, elsewhere
+
+
+def _say_what_is_not_reused(stream_path: Path, fp: str, todo: list[ManifestRow], done: dict[str, dict[str, Any]],
+                            elsewhere: dict[str, str]) -> None:
+    """A job run again after its settings or its manifest changed scores those rows again, as it
+    must; it says so, since a user who meant to resume would otherwise learn it from the time taken."""
+    def few(ids: list[str]) -> str:
+        return ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+
+    other = [r.id for r in todo if r.id not in done and r.id in elsewhere]
+    if other:
+        fps = sorted({elsewhere[i] for i in other})
+        log.warning(f"{stream_path} holds results for {len(other)} of this job's rows that were scored under other "
+                    f"settings (fingerprint {few(fps)}; this job's is {fp}): they are not reused, and those rows are "
+                    "scored again. The fingerprint covers the model, the template and every setting that changes "
+                    "scores; a run's summary.json names its settings")
+    changed = [r.id for r in todo if r.id in done]  # a result for this id under these settings, other inputs
+    if changed:
+        log.warning(f"{stream_path} holds results for {len(changed)} of this job's rows ({few(changed)}) whose images "
+                    "or instruction have changed since: they are not reused, and those rows are scored again")
 
 
 def _record(row: ManifestRow, res: ScoreResult, fingerprint: str) -> dict[str, Any]:
@@ -348,7 +378,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                 if finished is None:
                     fp = model_fingerprint(model, model_spec or {})
                     quantization = getattr(model, "quantization", None)  # the judge's own report, read while it is open
-                    done = read_stream(stream_path, fp)
+                    done, elsewhere = read_stream(stream_path, fp)
                 _repair_tail(stream_path)
                 by_id: dict[str, dict[str, Any]] = {}
                 todo: list[ManifestRow] = []
@@ -359,6 +389,8 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                         by_id[r.id] = done[r.id]
                     else:
                         todo.append(r)
+                if finished is None:
+                    _say_what_is_not_reused(stream_path, fp, todo, done, elsewhere)
                 todo = _job_order(todo, spec.chunk_size, model)
                 bar = _bar(len(rows), len(rows) - len(todo), progress)
                 try:
