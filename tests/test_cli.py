@@ -662,3 +662,23 @@ def test_a_resumed_job_says_which_stored_results_it_does_not_reuse(uninterrupted
             "again") in r.stderr, r.stderr
     assert json.loads(r.stdout)["resumed_from_disk"] == 8
     assert "other settings" not in r.stderr
+
+
+def test_a_judge_class_that_returns_too_few_results_is_named_at_once(tmp_path, edit_manifest):
+    # `class_path` may name the user's own class. One that returned fewer results than items ran
+    # the whole job and then stopped with a bare KeyError (the missing row's id) while writing
+    # results.jsonl; zip() had paired the results it did return with the first rows of the call.
+    from src.job.runner import run_job
+    from src.models.reward import BaseRewardModel, ScoreResult
+    from src.models.reward.errors import JudgeError
+
+    class DropsTheLast(BaseRewardModel):
+        def score_items(self, items):
+            return [ScoreResult(index=i, id=it.id, score=5.0) for i, it in enumerate(items)][:-1]
+
+    cfg = {"job": {"manifest": str(edit_manifest), "output_dir": str(tmp_path / "out"), "chunk_size": 4}}
+    with pytest.raises(JudgeError) as e:
+        run_job(cfg, base=tmp_path, progress=False, model=DropsTheLast())
+    assert str(e.value) == ("the judge (DropsTheLast) returned 3 results for a call of 4 items; a judge returns one "
+                            "result per item, in order (BaseRewardModel.score_items)")
+    assert not (tmp_path / "out" / "results.stream.jsonl").read_text(), "nothing is recorded against the wrong row"

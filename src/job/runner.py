@@ -31,6 +31,7 @@ from typing import Any, Iterator
 from src.interrupts import raise_lost_ctrl_c
 from src.models.reward import BaseRewardModel, ScoreResult, build_reward_model
 from src.models.reward.config import ConfigError, model_param_paths, resolve_spec, unknown_key_error
+from src.models.reward.errors import JudgeError
 from src.models.reward.size_order import HeaderSize, chunk_order
 from src.models.reward.templates import resolve_rubric
 
@@ -399,6 +400,10 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                             raise_lost_ctrl_c()  # one lost while the model was built or a chunk ran
                             chunk = todo[start:start + spec.chunk_size]
                             results = model.batch_score([r.item for r in chunk])
+                            if len(results) != len(chunk):  # a class of the user's (class_path) broke the promise
+                                raise JudgeError(f"the judge ({type(model).__name__}) returned {len(results)} results "
+                                                 f"for a call of {len(chunk)} items; a judge returns one result per "
+                                                 "item, in order (BaseRewardModel.score_items)")
                             lines = []
                             for k, (r, res) in enumerate(zip(chunk, results)):
                                 rec = _record(r, _numbered_by_row(res, k, r), fp)
