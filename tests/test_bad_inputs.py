@@ -309,6 +309,22 @@ def test_csv_rows_of_empty_cells_and_rows_over_several_lines(tmp_path):
     assert rows[2].error == "duplicate id 'c1' (first used on line 2); ids must be unique"
 
 
+@pytest.mark.parametrize("name", ["m.jsonl", "m.csv"])
+def test_a_utf16_manifest_is_refused_naming_its_encoding(tmp_path, name):
+    """Windows PowerShell's `>` and Excel's 'Unicode text' write UTF-16. Read as UTF-8, one row
+    became three failed items ('not valid JSON at column 1'), or a CSV's every row 'no image',
+    after the judge had loaded; the manifest is now refused at once, saying what it is."""
+    from src.job.manifest import ManifestError, read_manifest
+
+    text = ('{"id": "a", "image": "a.png"}\r\n' if name.endswith("jsonl") else "id,image\r\na,a.png\r\n")
+    p = tmp_path / name
+    for encoding in ("utf-16-le", "utf-16-be", "utf-32-le"):
+        p.write_bytes(("\ufeff" + text).encode(encoding))
+        with pytest.raises(ManifestError) as e:
+            read_manifest(p)
+        assert str(e.value) == f"manifest {p} is UTF-{encoding[4:6]} text; save it as UTF-8", encoding
+
+
 def test_json_manifest_holding_a_list_of_rows(tmp_path, ledger):
     """A .json manifest written as one JSON list (json.dump(rows, indent=2), as many benchmarks ship
     theirs) was read line by line as JSONL: 3 rows became 20 failed items ('line 1: not valid

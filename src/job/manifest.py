@@ -53,6 +53,8 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
         raise ManifestError(f"manifest not found: {p}")
     if p.is_dir():
         rows = _read_folder(p)
+    elif (wide := _utf16_or_32(p)) is not None:
+        raise ManifestError(f"manifest {p} is {wide} text; save it as UTF-8")
     elif p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
         rows = _read_jsonl(p)
     elif p.suffix.lower() in (".csv", ".tsv"):
@@ -63,6 +65,16 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
         raise ManifestError(f"manifest {p} has no rows")
     _mark_duplicates(rows)
     return rows
+
+
+def _utf16_or_32(p: Path) -> str | None:
+    """'UTF-16' or 'UTF-32' for a file that starts with their byte-order mark (Windows PowerShell's
+    `>`, Excel's 'Unicode text'): read as UTF-8 it would be rows of garbage, each failing alone."""
+    with p.open("rb") as fh:
+        head = fh.read(4)
+    if head in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        return "UTF-32"
+    return "UTF-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else None
 
 
 def _read_folder(folder: Path) -> list[ManifestRow]:
