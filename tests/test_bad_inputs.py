@@ -309,6 +309,33 @@ def test_csv_rows_of_empty_cells_and_rows_over_several_lines(tmp_path):
     assert rows[2].error == "duplicate id 'c1' (first used on line 2); ids must be unique"
 
 
+def test_image_paths_written_from_the_current_folder_are_refused_before_the_judge_loads(tmp_path, monkeypatch):
+    """Relative image paths are read from the manifest's folder. A manifest in data/ that says
+    data/images/x.png (written from the folder above) had every item fail late, one 'image not
+    found' each; it is refused at once, naming both folders."""
+    from src.job.manifest import ManifestError, read_manifest
+
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    for n in ("x", "y"):
+        make_image(64, 64).save(tmp_path / "data" / "images" / f"{n}.png")
+    m = tmp_path / "data" / "m.jsonl"
+    m.write_text('{"id": "a", "image": "data/images/x.png"}\n{"id": "b", "image": "data/images/y.png"}\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ManifestError) as e:
+        read_manifest(m)
+    assert str(e.value).startswith(f"manifest {m}: relative image paths are read from the manifest's folder "
+                                   f"({tmp_path / 'data'}), where none of the first 2 image(s) is"), str(e.value)
+    assert "e.g. data/images/x.png. Write them relative to the manifest's folder" in str(e.value)
+    # Written relative to the manifest, or with one image beside it, the manifest is read as before.
+    m.write_text('{"id": "a", "image": "images/x.png"}\n{"id": "b", "image": "data/images/y.png"}\n')
+    rows = read_manifest(m)
+    assert rows[0].item.images == [str(tmp_path / "data" / "images" / "x.png")]
+    assert rows[1].item.images == [str(tmp_path / "data" / "data" / "images" / "y.png")]  # fails alone, later
+    # Paths missing everywhere are left to fail one by one, each naming its path.
+    m.write_text('{"id": "a", "image": "gone.png"}\n')
+    assert read_manifest(m)[0].item is not None
+
+
 @pytest.mark.parametrize("name", ["m.jsonl", "m.csv"])
 def test_a_utf16_manifest_is_refused_naming_its_encoding(tmp_path, name):
     """Windows PowerShell's `>` and Excel's 'Unicode text' write UTF-16. Read as UTF-8, one row

@@ -63,8 +63,31 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
         raise ManifestError(f"manifest {p}: unknown format {p.suffix!r}; use .jsonl, .csv or a folder of images")
     if not rows:
         raise ManifestError(f"manifest {p} has no rows")
+    if not p.is_dir():
+        _check_base(rows, p)
     _mark_duplicates(rows)
     return rows
+
+
+def _check_base(rows: list[ManifestRow], p: Path, first: int = 20) -> None:
+    """Refuse, before any judge loads, a manifest whose relative image paths were written from the
+    current folder instead of the manifest's: none of the first rows' images is beside the
+    manifest, and every one of them is under the current folder. Each item would otherwise fail
+    late, one 'image not found' at a time."""
+    import os
+
+    base = p.parent
+    paths = [img for r in rows[:first] if r.item is not None
+             for img in (*r.item.images, *r.item.source_images)]
+    relative = [os.path.relpath(img, base) for img in paths]
+    if not paths or any(rel.startswith("..") or os.path.isabs(rel) for rel in relative):
+        return  # absolute paths, or paths that leave the manifest's folder: meant as written
+    if any(os.path.exists(img) for img in paths) or not all(os.path.isfile(rel) for rel in relative):
+        return
+    raise ManifestError(
+        f"manifest {p}: relative image paths are read from the manifest's folder ({base}), where none of the "
+        f"first {len(paths)} image(s) is, e.g. {paths[0]}; they are all under the current folder "
+        f"({os.getcwd()}), e.g. {relative[0]}. Write them relative to the manifest's folder, or as absolute paths")
 
 
 def _utf16_or_32(p: Path) -> str | None:
