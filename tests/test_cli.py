@@ -682,3 +682,28 @@ def test_a_judge_class_that_returns_too_few_results_is_named_at_once(tmp_path, e
     assert str(e.value) == ("the judge (DropsTheLast) returned 3 results for a call of 4 items; a judge returns one "
                             "result per item, in order (BaseRewardModel.score_items)")
     assert not (tmp_path / "out" / "results.stream.jsonl").read_text(), "nothing is recorded against the wrong row"
+
+
+def test_a_judge_class_that_returns_nan_fails_those_items_and_the_files_stay_json(tmp_path, edit_manifest):
+    # A user's class returning float('nan') had NaN written into results.jsonl: not JSON (the report
+    # refused the job's own file), counted as scored, and never scored again on resume.
+    from src.job.runner import run_job
+    from src.models.reward import BaseRewardModel, ScoreResult
+
+    class NaNOnOdd(BaseRewardModel):
+        def score_items(self, items):
+            return [ScoreResult(index=i, id=it.id, score=float("nan") if i % 2 else 5.0,
+                                sub_scores={"a": float("inf") if i % 2 else 5.0}) for i, it in enumerate(items)]
+
+    out = tmp_path / "out"
+    run_job({"job": {"manifest": str(edit_manifest), "output_dir": str(out), "chunk_size": 4}},
+            base=tmp_path, progress=False, model=NaNOnOdd())
+    text = (out / "results.jsonl").read_text()
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in results.jsonl")) for line in text.splitlines()]
+    failed = [r for r in rows if r["score"] is None]
+    assert failed and len(failed) + sum(r["score"] == 5.0 for r in rows) == len(rows)
+    assert all(r["error_kind"] == "model" and r["sub_scores"] == {"a": None} and r["error"] == (
+        "the judge (NaNOnOdd) returned score nan, sub-score 'a' inf: not a finite number, so no score")
+        for r in failed), failed
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert summary["failed"] == len(failed)

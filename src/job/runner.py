@@ -17,9 +17,11 @@ paths, instruction). Failed items are tried again.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -243,6 +245,19 @@ def _record(row: ManifestRow, res: ScoreResult, fingerprint: str) -> dict[str, A
     return d
 
 
+def _finite(res: ScoreResult, model: BaseRewardModel) -> ScoreResult:
+    """A score that is not a finite number (NaN or inf from a judge class of the user's) is no
+    score: the item fails, naming it, instead of NaN in results.jsonl, which is not JSON (the report
+    refuses the file) and which resume would never score again."""
+    parts = [("score", res.score), *((f"sub-score {k!r}", v) for k, v in (res.sub_scores or {}).items())]
+    bad = [f"{name} {v!r}" for name, v in parts if isinstance(v, (int, float)) and not math.isfinite(v)]
+    if not bad:
+        return res
+    return dataclasses.replace(res, score=None, sub_scores={k: None for k in res.sub_scores or {}}, error_kind="model",
+                               error=f"the judge ({type(model).__name__}) returned {', '.join(bad)}: not a finite "
+                                     "number, so no score")
+
+
 def _numbered_by_row(res: ScoreResult, k: int, row: ManifestRow) -> ScoreResult:
     """The judge numbers an item by its place in the chunk it was given (`'a' (#0)`); a job's reader
     needs the manifest row (`'a' (line 9)`)."""
@@ -406,7 +421,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                                                  "item, in order (BaseRewardModel.score_items)")
                             lines = []
                             for k, (r, res) in enumerate(zip(chunk, results)):
-                                rec = _record(r, _numbered_by_row(res, k, r), fp)
+                                rec = _record(r, _finite(_numbered_by_row(res, k, r), model), fp)
                                 by_id[r.id] = rec
                                 lines.append(json.dumps(rec, ensure_ascii=False))
                             out.write("\n".join(lines) + "\n")
