@@ -193,6 +193,22 @@ def test_one_bad_verl_sample_fails_alone(http, allowed, ledger):
         assert err.startswith(f"sample {i}: ") and err.count(f"sample {i}:") == 1, err  # one prefix, not two
 
 
+def test_a_path_too_long_for_the_file_system_fails_its_item_alone(http, allowed, ledger):
+    """A path inside the allowed folder whose name the OS refuses (ENAMETOOLONG): before, its
+    stat() escaped the header read of the pixel limit and the whole request got 500."""
+    too_long = str(allowed / ("a" * 300 + ".png"))
+    items = [good_item(1), {"id": "long", "images": [too_long], "instruction": "a red square"}, good_item(2)]
+    resp = http.post("/score", json={"items": items})
+    ledger.request("path whose name is over the OS limit (255 bytes)", resp.status_code,
+                   resp.text[:80] if resp.status_code != 200 else resp.json()["results"][1]["error"],
+                   items=len(items), answered=len(resp.json().get("results", [])) if resp.status_code == 200 else 0)
+    assert resp.status_code == 200, resp.text[:300]
+    results = resp.json()["results"]
+    assert results[0]["score"] is not None and results[2]["score"] is not None
+    assert results[1]["score"] is None and results[1]["error_kind"] == "image"
+    assert "'long'" in results[1]["error"] and "File name too long" in results[1]["error"]
+
+
 def test_a_single_bad_verl_body_is_still_422(http):
     resp = http.post("/compute_reward", json={"solution_str": 5})
     assert resp.status_code == 422 and "'solution_str' must be a string" in resp.json()["detail"]

@@ -156,12 +156,15 @@ def _source(img: ImageInput, name: str) -> Any:
         if "\0" in os.fspath(img):
             raise ValueError(f"image path contains a NUL byte: {name!r}")
         p = Path(img)
-        if not p.exists():
-            raise ValueError(f"image not found: {name}")
-        if p.is_dir():
-            raise ValueError(f"image path is a folder: {name}")
-        if p.stat().st_size == 0:
-            raise ValueError(f"image file is empty: {name}")
+        try:
+            if not p.exists():
+                raise ValueError(f"image not found: {name}")
+            if p.is_dir():
+                raise ValueError(f"image path is a folder: {name}")
+            if p.stat().st_size == 0:
+                raise ValueError(f"image file is empty: {name}")
+        except OSError as e:  # a name the OS refuses (too long), or a folder it may not search
+            raise ValueError(f"cannot read image path ({e.strerror or e}): {name}") from None
         return p
     if isinstance(img, (bytes, bytearray)):
         if not img:
