@@ -100,12 +100,13 @@ def test_engine_answers_chat_items_beside_score_items(tiny_cache):
 
     plain = [ScoreItem(images=[str(DEMO / ROWS[k]["image"])], id=f"p{k}") for k in range(2)]
     bad = chat(0, max_tokens=0)
-    mixed = [chat(0), plain[0], chat(1), bad, plain[1], chat(2)]
+    cold = chat(1, temperature=1e-300)  # logits / 1e-300 overflow: refused, not a model failure
+    mixed = [chat(0), plain[0], chat(1), bad, plain[1], chat(2), cold]
     with build_reward_model({"class_path": "qwen_vl", "params": {"model_name": "tiny:qwen3_vl", "batch_size": 4}}) as judge:
         together = judge.score_items(mixed)
         alone = [judge.score_items([it])[0] for it in mixed]
         plain_only = judge.score_items(plain)
-    assert [r.index for r in together] == list(range(6)) and [r.id for r in together] == [it.id for it in mixed]
+    assert [r.index for r in together] == list(range(7)) and [r.id for r in together] == [it.id for it in mixed]
     for k in (0, 2, 5):
         a, b = together[k].raw["chat"]["choices"][0], alone[k].raw["chat"]["choices"][0]
         assert together[k].error is None and together[k].score is None
@@ -115,6 +116,7 @@ def test_engine_answers_chat_items_beside_score_items(tiny_cache):
             assert x["token_id"] == x["top"][0]["token_id"]  # greedy: the likeliest token
     assert [together[1].score, together[4].score] == pytest.approx([r.score for r in plain_only], abs=1e-5)
     assert together[3].error_kind == "input" and "'max_tokens' must be an integer from 1 to 4096" in together[3].error
+    assert together[6].error_kind == "input" and "'temperature' must be 0 (greedy) or at least 1e-05" in together[6].error
 
 
 # -- the official client against the service ----------------------------------------------
@@ -177,6 +179,8 @@ def test_official_client_gets_clear_errors(service, client):
     cases = [({"stream": True}, "streaming is not supported"),
              ({"top_logprobs": 5}, "needs 'logprobs': true"),
              ({"max_tokens": 0}, "'max_tokens' must be an integer from 1"),
+             # softmax(logits / 1e-300) is inf/NaN: before, the model failed and the answer was 500
+             ({"temperature": 1e-300}, r"'temperature' must be 0 \(greedy\) or from 1e-05 to 2"),
              ({"tools": [{"type": "function", "function": {"name": "f"}}]}, r"unsupported field\(s\) \['tools'\]")]
     for extra, message in cases:
         with pytest.raises(openai.BadRequestError, match=message):

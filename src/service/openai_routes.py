@@ -35,7 +35,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from ..models.reward.chat import CHAT_KEY, MAX_N, MAX_TOKENS, MAX_TOP_LOGPROBS
+from ..models.reward.chat import CHAT_KEY, MAX_N, MAX_TOKENS, MAX_TOP_LOGPROBS, MIN_TEMPERATURE
 from ..models.reward.types import ScoreItem
 from .wire import WireError, check_path, decode_image
 
@@ -127,6 +127,9 @@ def chat_item(body: Any, allowed: Sequence[Any], model: Any, request_id: str) ->
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _int(body, key, 1, MAX_TOKENS, min(int(getattr(settings, "max_new_tokens", 256)), MAX_TOKENS))
     temperature = _num(body, "temperature", 0.0, 2.0, float(getattr(settings, "temperature", 0.0)))
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise _BadRequest(f"'temperature' must be 0 (greedy) or from {MIN_TEMPERATURE:g} to 2, got {temperature!r}",
+                          "temperature")
     top_p = _num(body, "top_p", 0.0, 1.0, float(getattr(settings, "top_p", 1.0)))
     if top_p == 0.0:
         raise _BadRequest("'top_p' must be above 0", "top_p")

@@ -37,6 +37,9 @@ CHAT_KEY = "__chat_completion__"   # the metadata key that makes an item a chat 
 MAX_TOKENS = 4096       # per answer
 MAX_N = 16              # answers per request
 MAX_TOP_LOGPROBS = 20   # alternatives per token: OpenAI's and vLLM's default ceiling
+# The lowest sampling temperature (vLLM's sampling epsilon): logits divided by a smaller one
+# overflow to inf, and sampling fails on NaN probabilities. 0 is greedy.
+MIN_TEMPERATURE = 1e-5
 ROLES = ("system", "user", "assistant")
 
 
@@ -96,6 +99,8 @@ def _check_spec(spec: Any) -> dict[str, Any]:
     for key in ("temperature", "top_p"):
         if not isinstance(out[key], (int, float)) or isinstance(out[key], bool) or out[key] < 0:
             raise _ChatError(f"'{key}' must be a number >= 0, got {out[key]!r}")
+    if 0 < out["temperature"] < MIN_TEMPERATURE:
+        raise _ChatError(f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {out['temperature']!r}")
     if out["continue_final_message"] and messages[-1].get("role") != "assistant":
         raise _ChatError("continue_final_message needs the last message to be the assistant's")
     return out
