@@ -260,9 +260,40 @@ def test_remote_reward_model_is_a_drop_in_judge(service, dirs, tmp_path, monkeyp
     with RemoteRewardModel(service.url, token=TOKEN, send_paths=True) as by_path:
         r = by_path.score(ScoreItem(images=[str(allowed / "img0.png")], instruction="a red square"))
         assert math.isclose(r.score, scored[0], abs_tol=1e-4)
-        with pytest.raises(RemoteServiceError, match="outside the allowed folders") as e:
-            by_path.score(ScoreItem(images=[str(tmp_path)]))
-        assert e.value.status == 403
+        # a path the service refuses (403) fails its own item, as the local judge fails a bad path
+        outside = by_path.score_items([ScoreItem(images=[str(allowed / "img0.png")], instruction="a red square"),
+                                       ScoreItem(images=[str(tmp_path)], id="out")])
+        assert math.isclose(outside[0].score, scored[0], abs_tol=1e-4)
+        assert outside[1].score is None and outside[1].error_kind == "input"
+        assert "'out' (#1)" in outside[1].error and "outside the allowed folders" in outside[1].error
+
+
+def test_remote_one_item_the_service_or_json_refuses_fails_alone(service, dirs):
+    """Before, one such item made score_items raise for the whole call (a 422 refuses the request;
+    a NaN or numpy value in metadata failed the JSON encoding of the whole body), where the local
+    judge scores the others. Each now fails alone, named, and the others keep their places."""
+    import numpy as np
+
+    allowed, _ = dirs
+    good = str(allowed / "img1.png")
+
+    def item(k: str, **kw) -> ScoreItem:
+        return ScoreItem(**{"images": [good], "instruction": "a red square", "id": k, **kw})
+
+    items = [item("g0"), item("bad-b64", images=["data:image/png;base64,@@@"]), item("g1"),
+             item("nan", metadata={"weight": float("nan")}), item("np", metadata={"k": np.float32(1.5)}),
+             item("long", instruction="a " * 40_000), item("g2")]
+    with RemoteRewardModel(service.url, token=TOKEN, batch_size=8, max_retries=0) as remote:
+        results = remote.score_items(items)
+    assert [r.index for r in results] == list(range(len(items))) and [r.id for r in results] == [i.id for i in items]
+    scores = [results[k].score for k in (0, 2, 6)]
+    assert None not in scores and max(scores) - min(scores) < 1e-4
+    expected = {1: "not valid base64", 3: "metadata key 'weight'", 4: "metadata key 'k'",
+                5: "the instruction is 80000 characters, over the limit of 65536"}
+    for k, text in expected.items():
+        r = results[k]
+        assert r.score is None and r.error_kind == "input" and text in r.error, (k, r.error)
+        assert r.error.startswith(f"item {items[k].id!r} (#{k}): "), r.error  # named as the caller numbers it
 
 
 def test_remote_splits_a_request_over_the_size_limit(service, monkeypatch):

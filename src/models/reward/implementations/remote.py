@@ -8,6 +8,7 @@ A benchmark or trainer switches between a local judge and a shared service by `c
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -17,9 +18,12 @@ from typing import Any, Sequence
 from ..base import BaseRewardModel
 from ..errors import JudgeConfigError, JudgeUnavailable
 from ..types import ScoreItem, ScoreResult, item_name
-from ..wire import encode_item, send_halving
+from ..wire import encode_item, item_name as wire_name, send_halving
 
 _RETRY_STATUS = (500, 502, 503, 504)
+# Refusals one item can cause (a path outside the allowed folders, a malformed image, text over
+# the limit, an item over the size limits): the request is split until the item stands alone.
+_ITEM_REFUSALS = (403, 413, 422)
 
 
 class RemoteServiceError(JudgeUnavailable):
@@ -39,8 +43,10 @@ class RemoteRewardModel(BaseRewardModel):
     timeout_s: per request (connecting and reading); a large batch on a busy service needs minutes.
     max_retries: extra attempts after a connection error or a 5xx answer (the service loading,
       restarting, or a failing model), waiting backoff_s, 2x, 4x, ... (capped at 30 s, with jitter).
-    batch_size: items per request; a request over the service's size limit (413) is split in
-      halves and retried.
+    batch_size: items per request. A request the service refuses for what one item can cause (a
+      path outside its folders, 403; over its size limits, 413; a malformed item, 422) is split
+      in halves until the refused item stands alone: that item fails with the service's reason,
+      the others are scored. An item JSON cannot carry (NaN, a numpy value in metadata) fails here.
     send_paths: send path images as paths (the service must reach them inside its allowed
       folders) instead of reading them here and sending base64.
     wait_ready_s: at construction, wait up to this long for the service to report ready
@@ -77,8 +83,9 @@ class RemoteRewardModel(BaseRewardModel):
     # -- plumbing ---------------------------------------------------------------------------
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
-        """One JSON request with retries; returns the decoded answer. Raises RemoteServiceError
-        with the service's own message for a 4xx, or after the last retry."""
+        """One JSON request with retries (`body`: a JSON value, or JSON already encoded as bytes);
+        returns the decoded answer. Raises RemoteServiceError with the service's own message for
+        a 4xx, or after the last retry."""
         if self._closed:
             raise JudgeUnavailable("RemoteRewardModel is closed")
         httpx = self._httpx
@@ -89,7 +96,11 @@ class RemoteRewardModel(BaseRewardModel):
                 delay = min(self.backoff_s * 2 ** (attempt - 1), 30.0)
                 time.sleep(delay * (0.5 + random.random()))
             try:
-                resp = self._client.request(method, path, json=body)
+                if isinstance(body, bytes):
+                    resp = self._client.request(method, path, content=body,
+                                                headers={"Content-Type": "application/json"})
+                else:
+                    resp = self._client.request(method, path, json=body)
             except httpx.TransportError as e:  # refused, reset, timed out: the service may be restarting
                 last, status = f"{type(e).__name__}: {e}", None
                 continue
@@ -135,33 +146,50 @@ class RemoteRewardModel(BaseRewardModel):
     def score_items(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
         items = list(items)
         results: list[ScoreResult | None] = [None] * len(items)
-        wire: list[tuple[int, dict[str, Any]]] = []
+        wire: list[tuple[int, str]] = []  # (position, the item's JSON)
         for i, item in enumerate(items):
             try:
-                wire.append((i, encode_item(item, self.send_paths)))
+                encoded = encode_item(item, self.send_paths)
             except ValueError as e:  # an image this side cannot read fails that item alone
-                name = item_name(item, i)
-                results[i] = ScoreResult.failure(i, item, f"item {name}: {e}", "image")
+                results[i] = ScoreResult.failure(i, item, f"item {item_name(item, i)}: {e}", "image")
+                continue
+            try:
+                wire.append((i, json.dumps(encoded, allow_nan=False)))
+            except (TypeError, ValueError) as e:  # a value JSON cannot carry fails that item alone
+                results[i] = ScoreResult.failure(i, item, f"item {item_name(item, i)}: {_unjsonable(item, e)}", "input")
+        refused = lambda e: isinstance(e, RemoteServiceError) and e.status in _ITEM_REFUSALS  # noqa: E731
         for start in range(0, len(wire), self.batch_size):
             chunk = wire[start:start + self.batch_size]
-            # over the service's size limit (413): halves, each sent alone
-            answers = send_halving(chunk, self._send, lambda e: isinstance(e, RemoteServiceError) and e.status == 413)
+            # A refused request is split in halves until the refused item stands alone: one item
+            # never costs the others their score; the lone refused item keeps the refusal.
+            answers = send_halving(chunk, self._send, refused, lambda e: [e])
             for (i, _), r in zip(chunk, answers):
+                if isinstance(r, RemoteServiceError):
+                    r = self._refusal(items[i], i, r)
                 r.index = i
                 results[i] = r
         missing = [i for i, r in enumerate(results) if r is None]
         assert not missing, f"remote scoring lost items {missing}"  # by construction
         return results  # type: ignore[return-value]
 
-    def _send(self, chunk: Sequence[tuple[int, dict[str, Any]]]) -> list[ScoreResult]:
+    def _send(self, chunk: Sequence[tuple[int, str]]) -> list[ScoreResult]:
         """One /score request: a result per item of `chunk`, in order."""
         request_id = uuid.uuid4().hex
-        answer = self.request("POST", "/score", {"items": [w for _, w in chunk], "request_id": request_id})
+        body = '{"items": [' + ", ".join(w for _, w in chunk) + '], "request_id": "' + request_id + '"}'
+        answer = self.request("POST", "/score", body.encode())
         got = answer.get("results") if isinstance(answer, dict) else None
         if not isinstance(got, list) or len(got) != len(chunk) or answer.get("request_id") != request_id:
             raise RemoteServiceError(f"{self.url}/score answered a request of {len(chunk)} items with "
                                      f"{len(got) if isinstance(got, list) else 'no'} results (or another request's id)")
         return [ScoreResult.from_dict(d) for d in got]
+
+    @staticmethod
+    def _refusal(item: ScoreItem, index: int, e: RemoteServiceError) -> ScoreResult:
+        """The failure of an item the service refused alone, named as the caller numbers it (the
+        service's message names it as item 0 of a one-item request)."""
+        detail = str(e).split(f"HTTP {e.status}: ", 1)[-1].removeprefix(f"{wire_name(0, item.id)}: ")
+        return ScoreResult.failure(index, item, f"item {item_name(item, index)}: refused by the service "
+                                                f"(HTTP {e.status}): {detail}", "input")
 
     @property
     def fingerprint(self) -> str | None:
@@ -181,3 +209,14 @@ def _detail(resp: Any) -> str:
     if isinstance(data, dict) and "detail" in data:
         return str(data["detail"])
     return str(data)[:500]
+
+
+def _unjsonable(item: ScoreItem, error: Exception) -> str:
+    """Why an item cannot travel as JSON, naming the metadata key at fault when there is one."""
+    for key, value in (item.metadata or {}).items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            return (f"metadata key {key!r} cannot be sent as JSON ({e}); give plain JSON values "
+                    "(finite numbers, strings, lists, objects)")
+    return f"the item cannot be sent as JSON ({error})"
