@@ -117,6 +117,28 @@ def test_a_bad_image_fails_only_its_item(http, dirs):
     assert results[3]["score"] is None and results[3]["error_kind"] == "image" and "'bare'" in results[3]["error"]
 
 
+def test_an_item_error_names_the_item_by_its_place_in_the_request(service, http, dirs):
+    """The model is called with a batch of its own (requests joined, a large one split, RL samples
+    without the malformed ones), and its errors number the items by their place in that batch:
+    before, the 19th item of a 20-item request was 'item #2' (its place in the second call of 16)."""
+    allowed, _ = dirs
+    junk = {"base64": base64.b64encode(b"not an image at all").decode()}
+    good = {"images": [str(allowed / "img0.png")], "instruction": "x"}
+    items = [good] * 18 + [{"images": [junk]}, {"id": "x", "images": [junk]}]  # max_batch is 16
+    results = score(http, items)["results"]
+    assert [r["index"] for r in results] == list(range(20))
+    assert results[18]["error"].startswith("item #18: ") and results[19]["error"].startswith("item 'x' (#19): ")
+    # verl samples: the malformed one is not sent to the model, the unreadable image is sample 2
+    answers = http.post("/compute_reward", json=[
+        "not an object", {"solution_str": "a red square", "extra_info": {"image": str(allowed / "img0.png")}},
+        {"solution_str": "a red square", "extra_info": {"image": "data:image/png;base64," + junk["base64"]}}]).json()
+    assert answers[1]["score"] is not None and "#2" in answers[2]["error"] and "#1" not in answers[2]["error"]
+    # the remote judge sends two items per request here: the fourth item is the second of a request
+    with RemoteRewardModel(service.url, token=TOKEN, batch_size=2) as remote:
+        got = remote.score_items([ScoreItem(images=[str(allowed / "img0.png")])] * 3 + [ScoreItem(images=[b"junk"])])
+    assert got[3].error.startswith("item #3: "), got[3].error
+
+
 def test_paths_outside_the_allowed_folders_are_refused(http, dirs):
     allowed, outside = dirs
     for path in [str(outside / "secret.png"), str(allowed / "link.png"), str(allowed / ".." / outside.name / "secret.png"),

@@ -27,7 +27,7 @@ import json
 import re
 from typing import Any, Mapping, Sequence
 
-from ..models.reward.types import ScoreItem, ScoreResult
+from ..models.reward.types import ScoreItem, ScoreResult, renumber
 
 COMPLETION_AS = ("instruction", "image")
 
@@ -222,8 +222,7 @@ def merge_scored(prepared: Sequence[ScoreItem | ScoreResult], scored: Sequence[S
     assert len(scored) == len(todo), f"{len(scored)} results for {len(todo)} items"  # by construction
     out: list[ScoreResult] = [p for p in prepared]  # type: ignore[misc]
     for i, r in zip(todo, scored):
-        r.index = i
-        out[i] = r
+        out[i] = renumber(r, prepared[i], i)  # type: ignore[arg-type]
     return out
 
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from ..models.reward.types import ScoreItem, ScoreResult
+from ..models.reward.types import ScoreItem, ScoreResult, renumber
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,7 @@ class MicroBatcher:
             start, finished = 0, 0
             for p, a, b in slices:
                 for k, r in enumerate(results[start:start + b - a]):
-                    r.index = a + k
-                    p.results[a + k] = r
+                    p.results[a + k] = renumber(r, p.items[a + k], a + k)
                 start += b - a
                 p.done += b - a
                 if p.done == len(p.items):

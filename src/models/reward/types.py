@@ -123,6 +123,20 @@ def item_name(item: ScoreItem, index: int) -> str:
     return f"{item.id!r} (#{index})" if item.id is not None else f"#{index}"
 
 
+def renumber(result: ScoreResult, item: ScoreItem, index: int) -> ScoreResult:
+    """`result`, scored as item `result.index` of a batch of its own (requests joined, one split,
+    a part sent alone), moved to place `index` of its caller's call: its error, which names the
+    item by its place in that batch, names it by `index`."""
+    if result.error and result.index != index:
+        old = item_name(item, result.index)
+        for lead in ("item ", "chat request "):
+            if result.error.startswith(lead + old):
+                result.error = lead + item_name(item, index) + result.error[len(lead + old):]
+                break
+    result.index = index
+    return result
+
+
 def describe_image(img: ImageInput) -> str:
     """A short name for an image in error messages."""
     if isinstance(img, (str, os.PathLike)):

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from ..base import BaseRewardModel
 from ..errors import JudgeConfigError, JudgeUnavailable
-from ..types import ScoreItem, ScoreResult, item_name
+from ..types import ScoreItem, ScoreResult, item_name, renumber
 from ..wire import encode_item, item_name as wire_name, send_halving
 
 _RETRY_STATUS = (500, 502, 503, 504)
@@ -164,10 +164,8 @@ class RemoteRewardModel(BaseRewardModel):
             # never costs the others their score; the lone refused item keeps the refusal.
             answers = send_halving(chunk, self._send, refused, lambda e: [e])
             for (i, _), r in zip(chunk, answers):
-                if isinstance(r, RemoteServiceError):
-                    r = self._refusal(items[i], i, r)
-                r.index = i
-                results[i] = r
+                results[i] = (self._refusal(items[i], i, r) if isinstance(r, RemoteServiceError)
+                              else renumber(r, items[i], i))
         missing = [i for i, r in enumerate(results) if r is None]
         assert not missing, f"remote scoring lost items {missing}"  # by construction
         return results  # type: ignore[return-value]
