@@ -3,7 +3,9 @@ loopback port; a second, in-thread server for the loading and failed-load states
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import json
 import math
 import os
 import socket
@@ -16,7 +18,7 @@ import pytest
 
 from conftest import make_image
 from service_proc import ROOT, ServiceProcess, ThreadServer
-from src.models.reward import ScoreItem, build_reward_model
+from src.models.reward import BaseRewardModel, ScoreItem, build_reward_model
 from src.models.reward.implementations.remote import RemoteRewardModel, RemoteServiceError
 from src.service.wire import data_url
 
@@ -370,6 +372,84 @@ def test_503_while_loading_then_ready(service):
             r = client.score(ScoreItem(images=[png_bytes(3)], instruction="a red square"))
         assert r.error is None and 0 <= r.score <= 9
     assert built[0]._closed, "the app closes a model it built"
+
+
+class _HeldJudge(BaseRewardModel):
+    """A judge whose first call waits for `release`: what is queued behind it stays queued until
+    the test says so. It scores with the tiny judge of the `service` process."""
+
+    def __init__(self, inner: BaseRewardModel):
+        self.inner, self.calls = inner, []
+        self.first_call, self.release = threading.Event(), threading.Event()
+
+    def score_items(self, items):
+        self.calls.append([it.id for it in items])
+        self.first_call.set()
+        assert self.release.wait(120)
+        return self.inner.score_items(items)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def wait_for(what, check, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.05)
+    return value
+
+
+def test_a_request_whose_client_left_leaves_the_queue(service):
+    """A client that closes its connection while its items wait (a trainer's timeout, a Ctrl-C):
+    before, its items stayed queued and the judge scored them for nobody, and a client that retried
+    after a timeout doubled the queue. Now they leave it; items already in a model call finish."""
+    from src.service.server import create_app
+
+    judge = _HeldJudge(RemoteRewardModel(service.url, token=TOKEN))
+    item = {"images": [data_url(png_bytes(1))], "instruction": "a red square"}
+    with ThreadServer(create_app(judge, {"max_batch": 2, "max_wait_ms": 0})) as srv, \
+            contextlib.ExitStack() as on_exit:
+        on_exit.callback(judge.release.set)  # a failed check must not leave the judge held
+        health = lambda: httpx.get(srv.url + "/health").json()  # noqa: E731
+        first: list[httpx.Response] = []
+        held = threading.Thread(target=lambda: first.append(httpx.post(
+            srv.url + "/score", json={"items": [{**item, "id": "first"}]}, timeout=120)))
+        held.start()
+        assert judge.first_call.wait(60)  # the model is busy with "first"
+        body = json.dumps({"items": [{**item, "id": f"gone{k}"} for k in range(6)]}).encode()
+        host, port = srv.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            wait_for("the 6 items queued", lambda: health()["queue_depth"] == 6)
+        wait_for("the closed request left the queue", lambda: health()["queue_depth"] == 0)
+        judge.release.set()
+        held.join(120)
+        assert first[0].status_code == 200 and first[0].json()["results"][0]["score"] is not None
+        wait_for("the judge idle", lambda: health()["in_flight"] == 0)
+        assert judge.calls == [["first"]], judge.calls  # nothing scored for the client that left
+        after = httpx.post(srv.url + "/score", json={"items": [{**item, "id": "next"}]}, timeout=120)
+        assert after.status_code == 200 and judge.calls[-1] == ["next"]
+
+
+def test_the_batcher_serves_on_after_every_waiting_request_was_cancelled(service):
+    """A call gathering company (max_wait) whose only request is cancelled meanwhile: the
+    batcher must go back to waiting, not read the empty queue as 'closed and drained' and stop
+    (then no request was ever answered again)."""
+    from src.service.batcher import MicroBatcher
+
+    with RemoteRewardModel(service.url, token=TOKEN) as judge:
+        batcher = MicroBatcher(judge.score_items, max_batch=8, max_wait_s=1.0)
+        try:
+            item = ScoreItem(images=[png_bytes(1)], instruction="a red square", id="later")
+            gone = batcher.submit([item])
+            time.sleep(0.3)  # the batcher gathers company for it (up to 1 s)
+            batcher.cancel(gone)  # and is left with nothing
+            time.sleep(1.2)  # past its max_wait (these sleeps only make the old failure show)
+            assert batcher.submit([item]).result(60)[0].score is not None
+        finally:
+            batcher.close()
 
 
 def test_a_model_that_fails_to_load_is_reported():

@@ -91,22 +91,37 @@ class MicroBatcher:
             self._cond.notify()
         return fut
 
+    def cancel(self, future: concurrent.futures.Future) -> None:
+        """Drop the request of `future` (its client is gone): its items waiting for a model call
+        leave the queue; those already in a call finish, and their results are dropped."""
+        with self._cond:
+            for p in self._pending:
+                if p.future is future:
+                    self._pending.remove(p)
+                    self._cond.notify()  # a call gathering company re-reads the queue
+                    break
+        future.cancel()
+
     def _take(self) -> list[tuple[_Pending, int, int]] | None:
         """The next call's items as (request, start, end) slices; None once closed and drained."""
         with self._cond:
-            while not self._pending and not self._closed:
-                self._cond.wait()
-            if not self._pending:
-                return None  # closed and drained
-            # More requests may be on their way: wait until the batch is full or the oldest
-            # request has waited max_wait. Under load the oldest has already waited, so a busy
-            # model starts its next call at once with everything that queued meanwhile.
-            deadline = self._pending[0].arrived + self.max_wait_s
-            while not self._closed and sum(p.waiting for p in self._pending) < self.max_batch:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+            while True:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return None  # closed and drained
+                # More requests may be on their way: wait until the batch is full or the oldest
+                # request has waited max_wait. Under load the oldest has already waited, so a busy
+                # model starts its next call at once with everything that queued meanwhile.
+                while (self._pending and not self._closed
+                       and sum(p.waiting for p in self._pending) < self.max_batch):
+                    remaining = self._pending[0].arrived + self.max_wait_s - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                if self._pending or self._closed:
                     break
-                self._cond.wait(remaining)
+                # every waiting request was cancelled meanwhile (its client left): wait for the next
             if not self._pending:
                 return None
             grants = self._share(list(self._pending))

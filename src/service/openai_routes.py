@@ -233,7 +233,7 @@ def add_openai_routes(app: Any, service: Any, begin: Callable[[Request], Awaitab
         except _BadRequest as e:
             return _error(e.status, e.message, e.param)
         try:
-            result = (await service.score([item]))[0]
+            result = (await service.score([item], request))[0]
         except HTTPException as e:
             return _error(e.status_code, str(e.detail), headers=e.headers)
         if result.error:

@@ -255,21 +255,46 @@ class _Service:
         if self.status == "closed":
             raise HTTPException(503, "the reward service is shutting down")
 
-    async def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
+    async def score(self, items: Sequence[ScoreItem], request: Request | None = None) -> list[ScoreResult]:
+        """The items' results from the batcher. When `request`'s client disconnects first (a
+        timeout, a Ctrl-C), its items leave the queue instead of being scored for nobody."""
         assert self.batcher is not None
         try:
             fut = self.batcher.submit(items)
-            return await asyncio.wrap_future(fut)
+        except BatcherClosed as e:
+            raise HTTPException(503, str(e)) from None
+        scored = asyncio.wrap_future(fut)
+        gone = asyncio.ensure_future(_disconnected(request)) if request is not None else None
+        try:
+            await asyncio.wait([scored] if gone is None else [scored, gone], return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this handler cancelled (shutdown): nobody waits for the items
+            self.batcher.cancel(fut)
+            raise
+        finally:
+            if gone is not None:
+                gone.cancel()
+        if not scored.done():
+            self.batcher.cancel(fut)
+            raise HTTPException(499, "the client closed the connection before its answer")
+        try:
+            return scored.result()
         except BatcherClosed as e:
             raise HTTPException(503, str(e)) from None
         except Exception as e:  # the model itself failed (not one item: those are results)
             raise HTTPException(500, f"the reward model failed: {type(e).__name__}: {e}") from None
 
-    async def score_prepared(self, prepared: list[ScoreItem | ScoreResult]) -> list[ScoreResult]:
+    async def score_prepared(self, prepared: list[ScoreItem | ScoreResult],
+                             request: Request | None = None) -> list[ScoreResult]:
         """Score the items among `prepared`; entries that are already results (samples that
         could not become items) keep their place."""
         todo = to_score(prepared)
-        return merge_scored(prepared, await self.score(todo) if todo else [])
+        return merge_scored(prepared, await self.score(todo, request) if todo else [])
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client of `request`, whose body has been read, disconnects."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _describe_model(model: BaseRewardModel) -> dict[str, Any]:
@@ -393,7 +418,7 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
             items, request_id = await asyncio.to_thread(decode_score, body)
         except WireError as e:
             raise _wire_http(e) from None
-        results = await service.score(items)
+        results = await service.score(items, request)
         return JSONResponse({"request_id": request_id, "results": [r.to_dict() for r in results]})
 
     def prepare_verl(bodies: list[Any], single: bool) -> list[ScoreItem | ScoreResult]:
@@ -447,7 +472,7 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
             prepared = await asyncio.to_thread(prepare_verl, bodies, single)
         except WireError as e:
             raise _wire_http(e) from None
-        answers = [_verl_answer(r) for r in await service.score_prepared(prepared)]
+        answers = [_verl_answer(r) for r in await service.score_prepared(prepared, request)]
         return JSONResponse(answers[0] if single else answers)
 
     def prepare_openrlhf(body: Any) -> list[ScoreItem | ScoreResult]:
@@ -497,7 +522,7 @@ def create_app(model: BaseRewardModel | Callable[[], BaseRewardModel],
             prepared = await asyncio.to_thread(prepare_openrlhf, body)
         except WireError as e:
             raise _wire_http(e) from None
-        results = await service.score_prepared(prepared)
+        results = await service.score_prepared(prepared, request)
         fallback = settings.failed_reward
         rewards = [r.score if r.score is not None else fallback for r in results]
         answer = {"rewards": rewards, "scores": rewards,
