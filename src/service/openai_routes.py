@@ -37,9 +37,9 @@ from fastapi.responses import JSONResponse
 
 from ..models.reward.chat import CHAT_KEY, MAX_N, MAX_TOKENS, MAX_TOP_LOGPROBS, MIN_TEMPERATURE
 from ..models.reward.types import ScoreItem
+from .validate import MAX_IMAGES_PER_ITEM as MAX_IMAGES  # a request is one item
 from .wire import WireError, check_path, decode_image
 
-MAX_IMAGES = 64         # per request
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _KNOWN = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "seed",
           "logprobs", "top_logprobs", "stream", "continue_final_message", "add_generation_prompt",

@@ -22,6 +22,9 @@ from ..models.reward.types import ScoreItem, image_pixels
 from .wire import WireError
 
 MAX_DEPTH = 32  # nesting of objects and arrays in a body; real bodies use 4 or 5
+# Images of one item (a chat request is one item). The judge decodes and encodes each before it
+# can tell the prompt is too long: 20,000 one-pixel images (236 kB of JSON) held it for 65 s.
+MAX_IMAGES_PER_ITEM = 64
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
@@ -151,7 +154,11 @@ def check_pixels(items: Iterable[ScoreItem], limit: int) -> int:
 def check_text(item: ScoreItem, where: str, max_chars: int) -> ScoreItem:
     """422 when the item's text (instruction, or an RL completion judged as one) is over
     `max_chars` (server.max_text_chars): the judge would tokenize and run it whole, and one such
-    item can hold the model for minutes or run the host out of memory."""
+    item can hold the model for minutes or run the host out of memory. Its images, likewise, are
+    at most MAX_IMAGES_PER_ITEM."""
+    n_images = len(item.images) + len(item.source_images)
+    if n_images > MAX_IMAGES_PER_ITEM:
+        raise WireError(422, f"{where}: {n_images} images, over the limit of {MAX_IMAGES_PER_ITEM} per item")
     if isinstance(item.instruction, str) and len(item.instruction) > max_chars:
         raise WireError(422, f"{where}: the instruction is {len(item.instruction)} characters, over the limit of "
                              f"{max_chars} (server.max_text_chars)")
