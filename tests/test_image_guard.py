@@ -117,3 +117,32 @@ def test_a_report_job_with_a_25000px_png_fails_that_item_and_skips_its_thumbnail
     ledger.fault("report job with a 25000x25000 PNG (1 of 5 rows)", len(records), records,
                  note=f"peak RSS {peak_gb:.2f} GB; {huge['error'][:60]}")
     assert peak_gb < 3.0, f"the job peaked at {peak_gb:.1f} GB: was the huge image decoded?"
+
+
+def test_postscript_is_refused_without_running_ghostscript(tmp_path):
+    """Pillow reads EPS by running Ghostscript (`gs`) on it, so a client of the service could hand
+    PostScript to the machine's gs. A `gs` on PATH that leaves a mark shows it is never run: the
+    image fails alone, as bytes and as a path, saying why."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    mark = tmp_path / "gs-ran"
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+    (tmp_path / "a.eps").write_bytes(eps)
+    code = ("import sys; from src.models.reward.types import load_pil\n"
+            "for img in (open(sys.argv[1], 'rb').read(), sys.argv[1]):\n"
+            "    try:\n        load_pil(img)\n        print('decoded')\n"
+            "    except ValueError as e:\n        print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.eps")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert run.returncode == 0, run.stderr
+    assert not mark.exists(), "Pillow ran the gs on PATH"
+    said = run.stdout.strip().splitlines()
+    assert len(said) == 2 and all("PostScript (EPS) images are not read" in line for line in said), said
+    assert str(tmp_path / "a.eps") in said[1]
+    # The formats a benchmark's images come in are still read.
+    for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"):
+        buf = io.BytesIO()
+        make_image(3, 16, 16).save(buf, format=fmt)
+        assert load_pil(buf.getvalue()).size == (16, 16), fmt

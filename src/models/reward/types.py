@@ -204,10 +204,36 @@ def _too_large(w: int, h: int, limit: int, name: str) -> ImageTooLarge:
                          f"(a decompression-bomb guard; raise max_image_pixels to allow it): {name}", w * h)
 
 
+# Formats Pillow reads only by running another program: EPS runs Ghostscript (`gs`, where it is
+# installed) on the file, so a client of the service could hand PostScript to it.
+_REFUSED_FORMATS = ("EPS",)
+
+
+def _accepted_formats() -> list[str]:
+    from PIL import Image
+
+    Image.init()  # registers every plug-in, as Image.open would
+    return [f for f in Image.OPEN if f not in _REFUSED_FORMATS]
+
+
+def _postscript(src: Any) -> bool:
+    """Whether a path or stream starts as PostScript or a DOS EPS file does."""
+    try:
+        if isinstance(src, io.BytesIO):
+            head = src.getvalue()[:4]
+        else:
+            with open(src, "rb") as fh:
+                head = fh.read(4)
+    except OSError:
+        return False
+    return head in (b"%!PS", b"\xc5\xd0\xd3\xc6")
+
+
 def open_image(img: ImageInput, max_image_pixels: int | None, name: str | None = None):
     """`Image.open` for a path or bytes, with the size checked from the header before any pixel is
     decoded. Returns the open (lazy) image; the caller closes it.
 
+    PostScript (EPS) is not read: Pillow would run Ghostscript on it (`_REFUSED_FORMATS`).
     The check is explicit and per call: this never changes Pillow's process-wide
     `Image.MAX_IMAGE_PIXELS` (other threads, the report's thumbnails and the caller's own code rely
     on it). Pillow's own guard stays in force as well: it refuses images over twice that global
@@ -218,7 +244,7 @@ def open_image(img: ImageInput, max_image_pixels: int | None, name: str | None =
     name = describe_image(img) if name is None else name
     src = _source(img, name)
     try:
-        opened = Image.open(src)
+        opened = Image.open(src, formats=_accepted_formats())
     except Image.DecompressionBombError as e:
         m = _PILLOW_BOMB.search(str(e))
         pixels = int(m.group(1)) if m else None
@@ -230,6 +256,9 @@ def open_image(img: ImageInput, max_image_pixels: int | None, name: str | None =
         raise ImageTooLarge(f"image too large: {e} Pillow refuses it whatever max_image_pixels says "
                             f"(PIL.Image.MAX_IMAGE_PIXELS, a process-wide setting, decides): {name}", pixels) from None
     except (OSError, SyntaxError) as e:
+        if _postscript(src):
+            raise ValueError(f"cannot decode image {name}: PostScript (EPS) images are not read (Pillow would "
+                             "run Ghostscript on them); convert it to PNG") from None
         raise ValueError(f"cannot decode image {name}: {e}") from None
     w, h = opened.size
     if max_image_pixels is not None and w * h > max_image_pixels:
