@@ -366,10 +366,14 @@ def test_503_while_loading_then_ready(service):
         resp = httpx.post(srv.url + "/score", json={"items": []})
         assert resp.status_code == 503 and "still loading" in resp.json()["detail"]
         assert resp.headers["retry-after"] == "5"
-        gate.set()
-        with RemoteRewardModel(srv.url, token_env=None) as client:
-            client.wait_ready(30)
+        # A call made while the model loads waits as the 503's Retry-After asks (5 s), not its own
+        # 0.01 s backoff, which spent its two retries in a blink and raised: the call rides out a
+        # service (re)starting. The model becomes ready 1 s into the call.
+        with RemoteRewardModel(srv.url, token_env=None, max_retries=2, backoff_s=0.01) as client:
+            threading.Timer(1.0, gate.set).start()
+            t0 = time.monotonic()
             r = client.score(ScoreItem(images=[png_bytes(3)], instruction="a red square"))
+            assert time.monotonic() - t0 >= 5.0, "the second attempt came before the service's Retry-After"
         assert r.error is None and 0 <= r.score <= 9
     assert built[0]._closed, "the app closes a model it built"
 

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.utils
 import io
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
@@ -259,3 +261,22 @@ def send_halving(chunk: Sequence[T], send: Callable[[Sequence[T]], list[R]], too
         if alone is None:
             raise
         return alone(e)
+
+
+def retry_after(headers: Any) -> float | None:
+    """Seconds to wait from an answer's Retry-After (seconds or an HTTP date) or retry-after-ms
+    header; None when it has neither (or an unreadable one). The clients' one reading of it."""
+    try:
+        ms = headers.get("retry-after-ms")
+        if ms is not None:
+            return max(0.0, float(ms) / 1000.0)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None

@@ -18,9 +18,10 @@ from typing import Any, Sequence
 from ..base import BaseRewardModel
 from ..errors import JudgeConfigError, JudgeUnavailable
 from ..types import ScoreItem, ScoreResult, item_name, renumber
-from ..wire import encode_item, item_name as wire_name, send_halving
+from ..wire import encode_item, item_name as wire_name, retry_after, send_halving
 
 _RETRY_STATUS = (500, 502, 503, 504)
+_MAX_BACKOFF_S = 30.0  # the longest wait between two attempts, Retry-After included
 # Refusals one item can cause (a path outside the allowed folders, a malformed image, text over
 # the limit, an item over the size limits): the request is split until the item stands alone.
 _ITEM_REFUSALS = (403, 413, 422)
@@ -42,7 +43,9 @@ class RemoteRewardModel(BaseRewardModel):
     token / token_env: the bearer token, or the environment variable holding it.
     timeout_s: per request (connecting and reading); a large batch on a busy service needs minutes.
     max_retries: extra attempts after a connection error or a 5xx answer (the service loading,
-      restarting, or a failing model), waiting backoff_s, 2x, 4x, ... (capped at 30 s, with jitter).
+      restarting, or a failing model), waiting backoff_s, 2x, 4x, ... (capped at 30 s, with jitter),
+      or what the answer's Retry-After asks (the service says 5 s while its model loads). The
+      defaults wait about 90 s in all: a trainer's reward call rides out a service restarting.
     batch_size: items per request. A request the service refuses for what one item can cause (a
       path outside its folders, 403; over its size limits, 413; a malformed item, 422) is split
       in halves until the refused item stands alone: that item fails with the service's reason,
@@ -55,7 +58,7 @@ class RemoteRewardModel(BaseRewardModel):
 
     def __init__(self, url: str = "http://127.0.0.1:8899", token: str | None = None,
                  token_env: str | None = "REWARD_SERVICE_TOKEN", timeout_s: float = 600.0,
-                 max_retries: int = 3, backoff_s: float = 0.5, batch_size: int = 64, send_paths: bool = False,
+                 max_retries: int = 8, backoff_s: float = 0.5, batch_size: int = 64, send_paths: bool = False,
                  wait_ready_s: float = 0.0):
         import httpx
 
@@ -91,10 +94,12 @@ class RemoteRewardModel(BaseRewardModel):
         httpx = self._httpx
         last = ""
         status: int | None = None
+        wait: float | None = None  # what the service's last answer asked for (Retry-After)
         for attempt in range(self.max_retries + 1):
             if attempt:
-                delay = min(self.backoff_s * 2 ** (attempt - 1), 30.0)
-                time.sleep(delay * (0.5 + random.random()))
+                delay = min(self.backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S) * (0.5 + random.random())
+                time.sleep(min(wait, _MAX_BACKOFF_S) if wait is not None else delay)
+                wait = None
             try:
                 if isinstance(body, bytes):
                     resp = self._client.request(method, path, content=body,
@@ -109,7 +114,7 @@ class RemoteRewardModel(BaseRewardModel):
                 return resp.json()
             detail = _detail(resp)
             if status in _RETRY_STATUS:
-                last = f"HTTP {status}: {detail}"
+                last, wait = f"HTTP {status}: {detail}", retry_after(resp.headers)
                 continue
             raise RemoteServiceError(f"{method} {self.url}{path}: HTTP {status}: {detail}", status)
         raise RemoteServiceError(f"{method} {self.url}{path}: no success after {self.max_retries + 1} attempt(s); "
