@@ -348,8 +348,9 @@ def test_rotary_in_attention_runs_every_layer_through_one_module(arch):
         layers = judge.engine.model.model.language_model.layers
         (rotary,) = rotary_in_attention(layers)
         calls = []
-        fn = rotary.fn
-        rotary.fn = lambda *a, **kw: calls.append(a[0].shape) or fn(*a, **kw)
+        # A hook, not a wrapped rotary.fn: with the `kernels` package (a dependency of transformers
+        # 5.2x) transformers' helper is itself a module, which an attribute cannot replace.
+        rotary.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
         routed = [(r.raw, r.error) for r in judge.batch_score(_images(3))]
         assert routed == plain and all(raw for raw, _ in plain)
         assert calls and len(calls) % len(layers) == 0
@@ -357,6 +358,55 @@ def test_rotary_in_attention_runs_every_layer_through_one_module(arch):
         assert all("forward" in vars(layer.self_attn) for layer in layers)
         assert not any("forward" in vars(layer.self_attn) for layer in other.engine.model.model.language_model.layers)
         assert [(r.raw, r.error) for r in other.batch_score(_images(3))] == plain
+
+
+def test_rotary_in_attention_keeps_the_decorators_of_a_decorated_forward():
+    # transformers 5.2x wraps the text attention's forward in deprecate_kwarg (past_key_values ->
+    # cache), a closure around the plain function: the helper is still routed through one module,
+    # and the decorators still run around the rebuilt forward.
+    import functools
+
+    from transformers.utils.deprecation import deprecate_kwarg
+
+    from src.models.reward.speed import rotary_in_attention
+
+    through = []
+
+    def counted(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            through.append(1)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    with QwenVLRewardModel(model_name="tiny:qwen2_5_vl", mode="generate", max_new_tokens=5, batch_size=3,
+                           compile_vision=False, compile_language=False) as judge:
+        plain = [(r.raw, r.error) for r in judge.batch_score(_images(3))]
+        layers = judge.engine.model.model.language_model.layers
+        cls = type(layers[0].self_attn)
+        forward = deprecate_kwarg("old_cache", version="99.0", new_name="new_cache")(counted(cls.forward))
+        decorated = type(cls.__name__, (cls,), {"forward": forward})
+        for layer in layers:
+            layer.self_attn.__class__ = decorated
+        (rotary,) = rotary_in_attention(layers)
+        calls = []
+        rotary.register_forward_pre_hook(lambda module, args: calls.append(1))
+        through.clear()
+        assert [(r.raw, r.error) for r in judge.batch_score(_images(3))] == plain
+        assert calls and len(calls) == len(through)  # each attention call went through both
+
+
+def test_fast_decode_passes_the_cache_under_the_name_the_model_takes(model_and_inputs):
+    # transformers 5.2x renamed the forward's past_key_values to cache (the old name warns, and is
+    # to go in 5.40, when a cache passed under it would be dropped): fast_decode uses the model's name.
+    import warnings
+
+    model, inputs, pad = model_and_inputs
+    with torch.inference_mode(), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fast_decode.greedy_generate(model, inputs, max_new_tokens=3, eos_token_ids=model.generation_config.eos_token_id,
+                                    pad_token_id=pad)
+    assert not [str(w.message) for w in seen if "past_key_values" in str(w.message)]
 
 
 def test_rotary_in_attention_leaves_an_attention_without_the_helper_alone():

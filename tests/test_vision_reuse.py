@@ -473,13 +473,96 @@ def test_the_tower_s_output_is_split_here_as_the_model_splits_it(arch):
         assert all(torch.equal(a, b) for a, b in zip(here.pooler_output, own.pooler_output))
         deep = getattr(own, "deepstack_features", None)
         assert (deep is not None) == arch.startswith("qwen3")
-        if deep is not None:
-            assert all(torch.equal(a, b) for a, b in zip(here.deepstack_features, deep))
+        if deep is not None:  # per layer, one tensor (transformers <= 5.17) or per image (later), as the model's
+            assert [isinstance(d, torch.Tensor) for d in here.deepstack_features] == \
+                [isinstance(d, torch.Tensor) for d in deep]
+            whole = [(torch.cat(a), torch.cat(b)) if isinstance(a, tuple) else (a, b)
+                     for a, b in zip(here.deepstack_features, deep)]
+            assert len(whole) == len(deep) and all(torch.equal(a, b) for a, b in whole)
         split_here = [res.score for res in j.batch_score(items)]
         r._split_here = False
         r.clear()
         assert [res.score for res in j.batch_score(items)] == pytest.approx(split_here, abs=1e-6)
         assert r.encoded == 6  # both calls ran the tower: nothing came from a store
+
+
+def _qwen3_model_of_later_transformers(base: type) -> type:
+    """The judge's Qwen3-VL model class with transformers 5.25's get_image_features (the deepstack
+    features split per image too, as its forward takes them), whatever transformers runs here."""
+    from transformers.utils import can_return_tuple
+
+    class Later(base):
+        @can_return_tuple
+        def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
+            pixel_values = pixel_values.type(self.visual.dtype)
+            vision_output: BaseModelOutputWithDeepstackFeatures = self.visual(  # noqa: F821 (not evaluated)
+                pixel_values, grid_thw=image_grid_thw, return_dict=True, **kwargs
+            )
+            image_embeds = vision_output.pooler_output
+            split_sizes = (image_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist()
+            vision_output.pooler_output = torch.split(image_embeds, split_sizes)
+            vision_output.deepstack_features = [
+                torch.split(feat, split_sizes) for feat in vision_output.deepstack_features
+            ]
+            return vision_output
+    return Later
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["installed", "5.25"])
+def test_features_come_back_in_the_form_of_the_model_s_own_method(later):
+    # The model's forward takes what its get_image_features gives: Qwen3-VL's deepstack features as
+    # one tensor per layer (transformers <= 5.17) or per layer a tuple of per-image tensors (5.25).
+    # Through the store, encoded here or served from it, they come back in that form, with its values.
+    items = [ScoreItem(images=[im]) for im in _images(3, seed=5)]
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", batch_size=3, compile_vision=False, vision_reuse=False) as j:
+        engine, inner = j.engine, j.engine.model.model
+        if later:
+            inner.__class__ = _qwen3_model_of_later_transformers(type(inner))
+        from src.models.reward.vision_reuse import VisionReuse
+
+        r = VisionReuse.install(engine.model, 1e9)
+        assert r._split_here  # a method the store knows: the tower's output is split here
+        inputs = engine._encode_cpu(engine._prepare(items, [0, 1, 2]).requests)
+        pix, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+        keys = ["a", "b", "c"]
+        with torch.inference_mode():
+            own = type(inner).get_image_features(inner, pix, grid, return_dict=True)
+            got = []
+            for _ in range(2):  # encoded, then from the kept store
+                r.begin_chunk(keys)
+                r.keys = list(keys)
+                got.append(r.get_image_features(pix, grid, return_dict=True))
+                r.end_chunk()
+        assert r.encoded == 3 and r.reused == 3
+        for out in got:
+            assert all(torch.equal(a, b) for a, b in zip(out.pooler_output, own.pooler_output))
+            assert [type(d) for d in out.deepstack_features] == [type(d) for d in own.deepstack_features]
+            if later:
+                assert all(isinstance(d, tuple) and len(d) == 3 for d in own.deepstack_features)
+            for a, b in zip(out.deepstack_features, own.deepstack_features):
+                assert torch.equal(a, b) if isinstance(a, torch.Tensor) else \
+                    (len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b)))
+
+
+def test_a_call_the_store_does_not_know_runs_the_model_s_method_after_one_warning(caplog):
+    # An argument the store does not know (a later transformers may pass new ones): the model's own
+    # method encodes every image, the same features, and one warning says why.
+    items = [ScoreItem(images=[im]) for im in _images(2, seed=6)]
+    with QwenVLRewardModel(model_name="tiny:qwen2_vl", batch_size=2, compile_vision=False) as j:
+        r, inner = j.engine._vision_reuse, j.engine.model.model
+        inputs = j.engine._encode_cpu(j.engine._prepare(items, [0, 1]).requests)
+        pix, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+        with torch.inference_mode(), caplog.at_level("WARNING"):
+            own = type(inner).get_image_features(inner, pix, grid, return_dict=True)
+            for _ in range(2):
+                r.begin_chunk(["a", "b"])
+                r.keys = ["a", "b"]
+                out = r.get_image_features(pix, grid, return_dict=True, output_new_thing=False)
+                r.end_chunk()
+        assert r.encoded == 0 and r.reused == 0 and not r.kept
+        assert all(torch.equal(a, b) for a, b in zip(out.pooler_output, own.pooler_output))
+        warned = [m for m in caplog.messages if m.startswith("vision_reuse:")]
+        assert len(warned) == 1 and "output_new_thing" in warned[0] and type(inner).__name__ in warned[0]
 
 
 def test_a_method_other_than_the_known_one_runs_as_it_is():

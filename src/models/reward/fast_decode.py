@@ -169,12 +169,12 @@ def generate_tokens(model: Any, inputs: Any, plan: Plan, *, cuda_graph: bool = T
     lm, head = model.model.language_model, model.lm_head
     as_dict = model.config.model_type in _MASK_AS_DICT
     slot = cache.layers[0]  # every layer writes the same slot; its counter says which
+    cache_arg = {cache_kwarg(lm): cache}
 
     def step() -> None:
         st.mask.index_fill_(3, slot.cumulative_length.view(1), True)  # the new token sees itself
         mask = {"full_attention": st.mask} if as_dict else st.mask
-        h = lm(input_ids=st.tok, attention_mask=mask, position_ids=st.pos,
-               past_key_values=cache, use_cache=True).last_hidden_state
+        h = lm(input_ids=st.tok, attention_mask=mask, position_ids=st.pos, use_cache=True, **cache_arg).last_hidden_state
         _pick(head(h[:, -1, :]).float(), st)
         st.pos.add_(1)
 
@@ -210,13 +210,31 @@ def _prefill(model: Any, inputs: Any, cache_len: int) -> tuple[Any, Any, Any, An
     if text_only and inputs.get("position_ids") is None:
         pos = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)
         extra["position_ids"] = pos[None].expand(4, *pos.shape)
-    out = model(**inputs, **extra, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(**inputs, **extra, **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1, :].float()
     del out
     deltas = None if text_only else getattr(model.model, "rope_deltas", None)
     if deltas is None:
         deltas = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
     return cache, attn, logits, deltas
+
+
+_cache_kwargs: dict[type, str] = {}
+
+
+def cache_kwarg(module: Any) -> str:
+    """The name under which module's forward takes the KV cache: `past_key_values`, or `cache` in
+    transformers releases that renamed it (5.2x, where the old name warns and is to go in 5.40)."""
+    cls = type(module)
+    if cls not in _cache_kwargs:
+        import inspect
+
+        try:
+            params = inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        _cache_kwargs[cls] = "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+    return _cache_kwargs[cls]
 
 
 def _decode(step, st: _State, steps: int, use_graph: bool, device, timings: dict | None) -> None:

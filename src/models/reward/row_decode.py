@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .fast_decode import _MASK_AS_DICT, Plan, _prefill, decode_attention
+from .fast_decode import _MASK_AS_DICT, Plan, _prefill, cache_kwarg, decode_attention
 
 _JOIN_CHECK_EVERY = 8  # replays between looks for finished rows (each look syncs with the GPU)
 # Processor outputs laid end to end when prompts form one batch (one entry per image, not per prompt).
@@ -252,6 +252,7 @@ class _ContinuousDecode:
         self.cache = cache
         self.layers = cache.layers
         self.lm, self.head = model.model.language_model, model.lm_head
+        self.cache_arg = cache_kwarg(self.lm)
         self.as_dict = model.config.model_type in _MASK_AS_DICT
         self.text_config = self.lm.config
         self.plain_attn = self.text_config._attn_implementation
@@ -305,8 +306,8 @@ class _ContinuousDecode:
         st = self.st
         st.mask[st.ar, 0, 0, st.wpos] = st.yes  # the new token sees itself (a tensor: no host value in the graph)
         mask = {"full_attention": st.mask} if self.as_dict else st.mask
-        h = self.lm(input_ids=st.tok, attention_mask=mask, position_ids=st.pos,
-                    past_key_values=self.cache, use_cache=True).last_hidden_state
+        h = self.lm(input_ids=st.tok, attention_mask=mask, position_ids=st.pos, use_cache=True,
+                    **{self.cache_arg: self.cache}).last_hidden_state
         _pick_rows(self.head(h[:, -1, :]).float(), st)
         # Only rows still decoding move on. A finished row whose slot waits for the next look (or
         # stays empty once no prompt is left) keeps stepping; advancing it would run its write

@@ -7,6 +7,7 @@ Part of JudgeEngine (engine.py), as a mixin: these methods run on the engine's a
 from __future__ import annotations
 
 import logging
+import types
 
 from .errors import JudgeConfigError
 
@@ -169,17 +170,21 @@ def rotary_in_attention(layers) -> list:
     that calls transformers' function, shared by the layers, so compiling it compiles one graph
     (a decoding step's ~10 elementwise kernels per layer for q and k become one or two). Only this
     judge's model changes; the function and other models are left as they are. Returns [that
-    module] to be compiled, or [] where a forward does not call the helper by that name."""
-    import types
-
+    module] to be compiled, or [] where a forward does not call the helper by that name (one warning).
+    A forward that transformers decorates (later releases rename `past_key_values` to `cache` through
+    `deprecate_kwarg`) keeps its decorators: each is rebuilt around the changed function."""
     import torch
 
     attns = [getattr(layer, "self_attn", None) for layer in layers]
     if not attns or any(a is None or type(a) is not type(attns[0]) for a in attns):
         return []
-    plain = type(attns[0]).forward
+    decorated = type(attns[0]).forward
+    plain = _innermost(decorated)
     code = getattr(plain, "__code__", None)
     if code is None or plain.__closure__ or _ROTARY not in code.co_names or _ROTARY not in plain.__globals__:
+        log.warning("compile_language: the rotary embedding stays eager, because %s.forward %s",
+                    type(attns[0]).__name__, "is wrapped in a way this library does not know" if plain is None
+                    else f"does not call transformers' {_ROTARY} by that name")
         return []
 
     class RotaryEmbedding(torch.nn.Module):
@@ -191,11 +196,50 @@ def rotary_in_attention(layers) -> list:
             return self.fn(*args, **kwargs)
 
     rotary = RotaryEmbedding(plain.__globals__[_ROTARY])
-    forward = types.FunctionType(code, {**plain.__globals__, _ROTARY: rotary}, plain.__name__, plain.__defaults__)
-    forward.__kwdefaults__ = plain.__kwdefaults__
+    forward = _with_globals(decorated, {**plain.__globals__, _ROTARY: rotary})
     for attn in attns:
         attn.forward = types.MethodType(forward, attn)
     return [rotary]
+
+
+def _innermost(fn):
+    """The function under fn's decorators (those that keep it in their closure, as functools.wraps
+    wrappers do), or None where a decorator does not."""
+    while getattr(fn, "__wrapped__", None) is not None:
+        if _cell_of(fn, fn.__wrapped__) is None:
+            return None
+        fn = fn.__wrapped__
+    return fn
+
+
+def _cell_of(wrapper, inner) -> int | None:
+    """The index of the closure cell of `wrapper` that holds `inner`, if exactly one does."""
+    found = []
+    for i, cell in enumerate(getattr(wrapper, "__closure__", None) or ()):
+        try:
+            if cell.cell_contents is inner:
+                found.append(i)
+        except ValueError:  # an empty cell
+            continue
+    return found[0] if len(found) == 1 else None
+
+
+def _with_globals(fn, globals_: dict):
+    """A copy of fn whose innermost function (under its decorators, _innermost) reads `globals_`;
+    each decorator's wrapper is copied around the new function, its own globals kept."""
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is None:
+        new = types.FunctionType(fn.__code__, globals_, fn.__name__, fn.__defaults__)
+    else:
+        at = _cell_of(fn, inner)
+        inner = _with_globals(inner, globals_)
+        closure = tuple(types.CellType(inner) if i == at else cell for i, cell in enumerate(fn.__closure__))
+        new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, closure)
+        new.__dict__.update(fn.__dict__)
+        new.__wrapped__ = inner
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__ = fn.__qualname__
+    return new
 
 
 def cacheless_parts(layer) -> list:
@@ -214,8 +258,6 @@ def patch_embed_as_matmul(model) -> bool:
     1024x768 (~98k patches), about 20 TFLOP/s (benchmarks/NOTES.md). Only this judge's module
     changes (its own forward); True where it applied. A forward already set on the module (an
     accelerate hook of a judge spread over several GPUs, which moves the inputs) is kept."""
-    import types
-
     import torch
 
     embed = getattr(getattr(getattr(model, "model", model), "visual", None), "patch_embed", None)

@@ -53,7 +53,8 @@ benchmarks/NOTES.md (issue 17) has the kept store's measured effect on a GPU, an
 prediction.
 
 Where it does not apply (another model type, a transformers whose method looks different, a call
-the engine did not announce) the original method runs unchanged.
+the engine did not announce) the original method runs unchanged; where the model calls the method
+with arguments this module does not know, it runs unchanged after one warning.
 """
 from __future__ import annotations
 
@@ -65,9 +66,10 @@ from typing import Any
 log = logging.getLogger("src.models.reward.engine")
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-# Arguments the model's forward hands get_image_features that do not change an image's features;
-# any other argument and the original method runs unchanged.
-_PASSED = ("return_dict", "use_cache")
+# Arguments the model's forward hands get_image_features that do not change an image's features
+# (transformers 5.2x's Qwen3-VL-MoE hands it the text router's output_router_logits); any other
+# argument and the original method runs unchanged, after one warning.
+_PASSED = ("return_dict", "use_cache", "output_router_logits")
 
 # One image's features: the pooled features, and Qwen3-VL's deepstack features (None elsewhere).
 Features = tuple[Any, "list[Any] | None"]
@@ -101,7 +103,13 @@ class VisionReuse:
         self.output_type: type | None = None
         self.encoded = 0  # images run through the tower (for tests and the benchmark)
         self.reused = 0   # images whose features came from a store
-        self._split_here = _splits_after_the_tower(type(self.inner))
+        form = _known_form(type(self.inner))
+        self._split_here = form is not None
+        # How the model's forward takes Qwen3-VL's deepstack features: one tensor per layer, all
+        # images together (transformers <= 5.17), or per layer a tuple of per-image tensors (later
+        # releases). Known from the method's form, else from the first output of the method itself.
+        self._deep_per_image: bool | None = form
+        self._refused: str | None = None  # why an announced forward ran the original method (warned once)
         self.inner.get_image_features = self.get_image_features
 
     @staticmethod
@@ -193,8 +201,19 @@ class VisionReuse:
 
     def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
         keys, self.keys = self.keys, None
-        if (not self._enabled or keys is None or image_grid_thw is None or len(keys) != len(image_grid_thw)
-                or any(k not in _PASSED for k in kwargs) or kwargs.get("return_dict", True) is not True):
+        if not self._enabled or keys is None:
+            return self.original(pixel_values, image_grid_thw, **kwargs)
+        other = sorted(k for k in kwargs if k not in _PASSED)
+        if image_grid_thw is None or len(keys) != len(image_grid_thw) or other or \
+                kwargs.get("return_dict", True) is not True:
+            why = (f"the model passes it {', '.join(other)}" if other else "return_dict is not True"
+                   if image_grid_thw is not None and len(keys) == len(image_grid_thw)
+                   else "its images are not the batch's")
+            if self._refused is None:
+                self._refused = why
+                log.warning("vision_reuse: the vision tower encodes every image of each batch instead, because "
+                            "%s.get_image_features is called differently than this library knows: %s",
+                            type(self.inner).__name__, why)
             return self.original(pixel_values, image_grid_thw, **kwargs)
         import torch
 
@@ -228,7 +247,11 @@ class VisionReuse:
             out = self._encode(pix, image_grid_thw[rows], sizes, dict(kwargs, return_dict=True))
             self.output_type = type(out)
             deep = getattr(out, "deepstack_features", None)
-            deep_split = [torch.split(d, sizes) for d in deep] if deep is not None else None
+            if deep is not None and self._deep_per_image is None:
+                self._deep_per_image = not isinstance(deep[0], torch.Tensor)
+            # Per layer, each image's rows: split here, or already split by the method.
+            deep_split = [torch.split(d, sizes) if isinstance(d, torch.Tensor) else d for d in deep] \
+                if deep is not None else None
             for j, k in enumerate(first):
                 fresh[k] = (out.pooler_output[j], [d[j] for d in deep_split] if deep_split is not None else None)
             self.encoded += len(rows)
@@ -254,7 +277,9 @@ class VisionReuse:
                 self._keep(k, f)
         result = {"pooler_output": tuple(f[0] for f in feats)}
         if feats[0][1] is not None:
-            result["deepstack_features"] = [torch.cat([f[1][d] for f in feats]) for d in range(len(feats[0][1]))]
+            layers = range(len(feats[0][1]))
+            result["deepstack_features"] = [tuple(f[1][d] for f in feats) for d in layers] if self._deep_per_image \
+                else [torch.cat([f[1][d] for f in feats]) for d in layers]
         return self.output_type(**result)
 
     def _encode(self, pixel_values, grid, sizes: list[int], kwargs: dict[str, Any]):
@@ -271,13 +296,22 @@ class VisionReuse:
         passed = {k: v for k, v in kwargs.items() if k != "return_dict"}  # the method's decorator takes it
         out = visual(pixel_values.type(visual.dtype), grid_thw=grid, return_dict=True, **passed)
         out.pooler_output = torch.split(out.pooler_output, sizes)
+        if self._deep_per_image and getattr(out, "deepstack_features", None) is not None:
+            out.deepstack_features = [torch.split(d, sizes) for d in out.deepstack_features]
         return out
 
 
 def _splits_after_the_tower(cls: type) -> bool:
     """Whether cls.get_image_features is transformers' method of the four judges as this module
-    knows it (5.x): the tower on the pixels in its dtype, its pooled output split by the grid's
-    sizes, nothing else. Compared statement by statement; any other method runs as it is."""
+    knows it (5.x): the tower on the pixels in its dtype, its pooled output (and Qwen3-VL's
+    deepstack features, in later releases) split by the grid's sizes, nothing else. Compared
+    statement by statement; any other method runs as it is."""
+    return _known_form(cls) is not None
+
+
+def _known_form(cls: type) -> bool | None:
+    """None where cls.get_image_features is not a method this module knows (_splits_after_the_tower),
+    else whether it splits the deepstack features per image too."""
     import ast
     import inspect
     import textwrap
@@ -285,22 +319,33 @@ def _splits_after_the_tower(cls: type) -> bool:
     try:
         fn = ast.parse(textwrap.dedent(inspect.getsource(cls.get_image_features))).body[0]
     except (AttributeError, OSError, TypeError, SyntaxError, IndexError):
-        return False
+        return None
     body = [st for st in getattr(fn, "body", []) if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]
-    return "; ".join(ast.unparse(st) for st in body) in _SPLIT_AFTER_THE_TOWER
+    return _SPLIT_AFTER_THE_TOWER.get("; ".join(ast.unparse(st) for st in body))
 
 
 _SPLIT = "split_sizes = (image_grid_thw.prod(-1) // self.visual.spatial_merge_size ** 2).tolist()"
-_SPLIT_AFTER_THE_TOWER = (
-    # Qwen2-VL, Qwen2.5-VL
+_QWEN3_TOWER = ("pixel_values = pixel_values.type(self.visual.dtype); "
+                "vision_output: BaseModelOutputWithDeepstackFeatures = self.visual(pixel_values, "
+                "grid_thw=image_grid_thw, return_dict=True, **kwargs); image_embeds = vision_output.pooler_output; "
+                + _SPLIT + "; ")
+# The known methods' statements -> whether the method splits the deepstack features per image too.
+_SPLIT_AFTER_THE_TOWER = {
+    # Qwen2-VL, Qwen2.5-VL, transformers <= 5.17
     "pixel_values = pixel_values.type(self.visual.dtype); "
     "vision_outputs = self.visual(pixel_values, grid_thw=image_grid_thw, **kwargs); " + _SPLIT + "; "
     "image_embeds = torch.split(vision_outputs.pooler_output, split_sizes); "
-    "vision_outputs.pooler_output = image_embeds; return vision_outputs",
-    # Qwen3-VL, Qwen3-VL-MoE
+    "vision_outputs.pooler_output = image_embeds; return vision_outputs": False,
+    # Qwen2-VL, Qwen2.5-VL, later releases (5.25)
     "pixel_values = pixel_values.type(self.visual.dtype); "
-    "vision_output: BaseModelOutputWithDeepstackFeatures = self.visual(pixel_values, grid_thw=image_grid_thw, "
-    "return_dict=True, **kwargs); image_embeds = vision_output.pooler_output; " + _SPLIT + "; "
-    "image_embeds = torch.split(image_embeds, split_sizes); vision_output.pooler_output = image_embeds; "
-    "return vision_output",
-)
+    "vision_outputs = self.visual(pixel_values, grid_thw=image_grid_thw, **kwargs); " + _SPLIT + "; "
+    "vision_outputs.pooler_output = torch.split(vision_outputs.pooler_output, split_sizes); "
+    "return vision_outputs": False,
+    # Qwen3-VL, Qwen3-VL-MoE, transformers <= 5.17: the deepstack features stay whole
+    _QWEN3_TOWER + "image_embeds = torch.split(image_embeds, split_sizes); vision_output.pooler_output = image_embeds; "
+    "return vision_output": False,
+    # Qwen3-VL, Qwen3-VL-MoE, later releases (5.25): the deepstack features split per image too
+    _QWEN3_TOWER + "vision_output.pooler_output = torch.split(image_embeds, split_sizes); "
+    "vision_output.deepstack_features = [torch.split(feat, split_sizes) for feat in vision_output.deepstack_features]; "
+    "return vision_output": True,
+}
