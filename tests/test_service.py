@@ -18,7 +18,7 @@ import pytest
 
 from conftest import make_image
 from service_proc import ROOT, ServiceProcess, ThreadServer
-from src.models.reward import BaseRewardModel, ScoreItem, build_reward_model
+from src.models.reward import BaseRewardModel, JudgeError, ScoreItem, build_reward_model
 from src.models.reward.implementations.remote import RemoteRewardModel, RemoteServiceError
 from src.service.wire import data_url
 
@@ -342,6 +342,39 @@ def test_remote_retries_then_names_the_cause():
             remote.batch_score([b"x"])
         assert remote.health()["status"] == "unreachable"
     assert time.monotonic() - t0 < 10
+
+
+def test_remote_names_an_answer_that_is_not_json():
+    # A URL that reaches something other than the service (a proxy's login page, another server)
+    # answers 200 with HTML: the call raised a bare JSONDecodeError, outside the judge's errors.
+    import http.server
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b"<html>sign in</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with RemoteRewardModel(f"http://127.0.0.1:{srv.server_address[1]}", token_env=None) as remote:
+            with pytest.raises(RemoteServiceError) as e:
+                remote.batch_score([png_bytes(1)])
+        assert "HTTP 200 with a body that is not JSON (text/html: '<html>sign in</html>'); is" in str(e.value)
+        assert isinstance(e.value, JudgeError)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(10)
 
 
 # -- loading states (an in-thread server) ---------------------------------------------------

@@ -111,7 +111,13 @@ class RemoteRewardModel(BaseRewardModel):
                 continue
             status = resp.status_code
             if status < 400:
-                return resp.json()
+                try:
+                    return resp.json()
+                except ValueError:  # a proxy's page, or something else that is not this service
+                    raise RemoteServiceError(f"{method} {self.url}{path}: HTTP {status} with a body that is not JSON "
+                                             f"({resp.headers.get('content-type', 'no content type')}: "
+                                             f"{resp.text[:200]!r}); is {self.url} the reward service?",
+                                             status) from None
             detail = _detail(resp)
             if status in _RETRY_STATUS:
                 last, wait = f"HTTP {status}: {detail}", retry_after(resp.headers)
