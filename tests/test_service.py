@@ -90,7 +90,9 @@ def test_score_keeps_order_ids_and_every_image_form(http, dirs):
     allowed, _ = dirs
     raw = (allowed / "img0.png").read_bytes()
     b64 = base64.b64encode(raw).decode()
-    forms = [data_url(raw), b64, {"base64": b64}, str(allowed / "img0.png"), {"path": str(allowed / "img0.png")}]
+    # DATA:...;BASE64, too: a URL's scheme is case-insensitive (it was read as a path, and refused).
+    forms = [data_url(raw), b64, {"base64": b64}, str(allowed / "img0.png"), {"path": str(allowed / "img0.png")},
+             "DATA:image/png;BASE64," + b64]
     items = [{"id": f"form{k}", "images": [f], "instruction": "a red square"} for k, f in enumerate(forms)]
     items.insert(2, {"id": "other", "images": data_url(png_bytes(5)), "instruction": "a red square",
                      "metadata": {"k": 1}})
@@ -102,7 +104,7 @@ def test_score_keeps_order_ids_and_every_image_form(http, dirs):
     assert all(r["error"] is None and 0.0 <= r["score"] <= 9.0 for r in results)
     assert results[2]["metadata"] == {"k": 1}
     same = [r["score"] for r in results if r["id"].startswith("form")]
-    assert max(same) - min(same) < 1e-4, f"one image sent five ways must score the same: {same}"
+    assert max(same) - min(same) < 1e-4, f"one image sent six ways must score the same: {same}"
 
 
 def test_a_bad_image_fails_only_its_item(http, dirs):

@@ -114,9 +114,9 @@ def decode_image(value: Any, allowed: Sequence[Path], where: str) -> bytes | str
                              f"got {type(value).__name__}")
     if not value:
         raise WireError(422, f"{where}: empty image string")
-    if value.startswith("data:"):
+    if value[:5].lower() == "data:":  # a URL's scheme is case-insensitive (RFC 3986), so DATA: too
         head, sep, payload = value.partition(",")
-        if not sep or not head.endswith(";base64"):
+        if not sep or not head.lower().endswith(";base64"):
             raise WireError(422, f"{where}: a data URL must be base64 (data:image/...;base64,...)")
         return _b64decode(payload, where)
     if _sniff_b64(value):
