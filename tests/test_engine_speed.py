@@ -784,13 +784,10 @@ def test_continuous_batching_counts_a_prompt_from_its_prefill_not_its_wait_for_a
 
 
 class _FailsThirdForward:
-    """A hooks plug-in: the third forward pass of the call (a joining batch) raises."""
+    """For faults.on_forward: the third forward pass of the call (a joining batch) raises."""
 
     def __init__(self):
         self.sizes: list[int] = []
-
-    def before_call(self, items) -> None:
-        pass
 
     def before_forward(self, n_prompts: int) -> None:
         self.sizes.append(n_prompts)
@@ -799,8 +796,8 @@ class _FailsThirdForward:
 
 
 @pytest.mark.parametrize("stage", [0, None])
-def test_continuous_batching_falls_back_for_the_unfinished_prompts_only(monkeypatch, caplog, stage):
-    from src.models.reward import hooks
+def test_continuous_batching_falls_back_for_the_unfinished_prompts_only(caplog, stage):
+    from src.testing import faults
 
     imgs = _images(7, seed=3)
     budgets = [12, 3, 7, None, 2, 12, 5]
@@ -809,11 +806,14 @@ def test_continuous_batching_falls_back_for_the_unfinished_prompts_only(monkeypa
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", continuous_batching=False, **base) as j:
         static = [(r.raw, r.error_kind) for r in j.batch_score(items)]
     plugin = _FailsThirdForward()
-    monkeypatch.setattr(hooks, "_plugin", plugin)
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", continuous_batching=True, **base) as j:
         j.engine._continuous_stage = stage
-        with caplog.at_level(logging.WARNING):
-            got = [(r.raw, r.error_kind) for r in j.batch_score(items)]
+        hook = faults.on_forward(plugin.before_forward, j.engine.model)
+        try:
+            with caplog.at_level(logging.WARNING):
+                got = [(r.raw, r.error_kind) for r in j.batch_score(items)]
+        finally:
+            hook.remove()
         assert j.engine._items_scored == 7
     assert got == static  # nothing lost, nothing changed
     assert "continuous batching failed" in caplog.text and "simulated fault while prompts join" in caplog.text

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from src.models.reward import ConfigError, build_reward_model, hooks, load_config
+from src.models.reward import ConfigError, build_reward_model, load_config
 from src.models.reward.grouping import cut_between_sources, image_identity, source_order
 from src.models.reward.implementations.local import QwenVLRewardModel
 from src.models.reward.settings import JudgeSettings
@@ -159,7 +159,7 @@ def test_source_images_outlast_images_under_judgement():
         assert not r.kept and r.kept_bytes == 0
 
 
-def test_close_out_of_memory_and_switching_off_drop_the_kept_features(monkeypatch):
+def test_close_out_of_memory_and_switching_off_drop_the_kept_features():
     items = _shared_source_items()[:2]
     with QwenVLRewardModel(model_name="tiny:qwen3_vl", template="edit", batch_size=2) as j:
         e = j.engine
@@ -169,18 +169,16 @@ def test_close_out_of_memory_and_switching_off_drop_the_kept_features(monkeypatc
         # Out of memory: the kept features are emptied before the split batches retry.
         held_at_forward: list[int] = []
 
-        class _OomOnce:
-            def before_call(self, items) -> None:
-                pass
+        def oom_once(n: int) -> None:
+            held_at_forward.append(r.kept_bytes)
+            if len(held_at_forward) == 1:
+                raise torch.OutOfMemoryError("simulated out of memory")
 
-            def before_forward(self, n: int) -> None:
-                held_at_forward.append(r.kept_bytes)
-                if len(held_at_forward) == 1:
-                    raise torch.OutOfMemoryError("simulated out of memory")
-
-        monkeypatch.setattr(hooks, "_plugin", _OomOnce())
-        res = j.batch_score(items)
-        monkeypatch.setattr(hooks, "_plugin", None)
+        hook = faults.on_forward(oom_once, e.model)
+        try:
+            res = j.batch_score(items)
+        finally:
+            hook.remove()
         assert all(x.error is None for x in res)
         assert held_at_forward[0] > 0 and held_at_forward[1] == 0  # failed batch, then its first half
         assert r.encoded == 4 + 4  # shown again after the store was emptied: encoded again

@@ -35,7 +35,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
-from . import hooks
 from .batching import _batch_key, _first_line
 
 if TYPE_CHECKING:
@@ -105,7 +104,6 @@ class ContinuousCalls:
             # copies to the device are queued on it.
             t = time.perf_counter()
             entered.extend((live, req, t) for live, req in pairs)  # first: a failure below loses none
-            hooks.before_forward(len(pairs))
             singles = [live.chunk.encoded.pop(_batch_key([req])) for live, req in pairs]
             for x in singles:
                 self._join_preprocess_stream(x)

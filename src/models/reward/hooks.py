@@ -1,10 +1,10 @@
-"""Call points a test plug-in can hook into; empty in normal use.
+"""A call point a test plug-in can hook into; empty in normal use.
 
-The failure tests inject crashes, hangs, delays and out-of-memory errors through them. Nothing
-here reads the environment: the engine calls `before_call` and `before_forward`, which do nothing
-unless a plug-in was installed. Only worker processes (standalone/reward_worker.py, the Ray
-actors) install one, and only when REWARD_TEST_PLUGIN names its module; in-process code installs
-one only by calling `install` (the test suite's conftest does).
+The failure tests inject crashes and hangs through it (their forward faults go through torch's own
+forward hooks: src/testing/faults.py). Nothing here reads the environment: the engine calls
+`before_call`, which does nothing unless a plug-in was installed. Only worker processes
+(standalone/reward_worker.py, the Ray actors) install one, and only when REWARD_TEST_PLUGIN names
+its module; in-process code installs one only by calling `install` (the test suite's conftest does).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ _plugin: Any = None
 
 
 def install(plugin: Any) -> None:
-    """Use `plugin` (an object or module with before_call(items) and before_forward(n_prompts))."""
+    """Use `plugin` (an object or module with before_call(items))."""
     global _plugin
     _plugin = plugin
 
@@ -37,9 +37,3 @@ def before_call(items: Sequence[Any]) -> None:
     """At the start of a call to the engine."""
     if _plugin is not None:
         _plugin.before_call(items)
-
-
-def before_forward(n_prompts: int) -> None:
-    """Before each forward pass, with its number of prompts."""
-    if _plugin is not None:
-        _plugin.before_forward(n_prompts)

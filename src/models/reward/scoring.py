@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from . import hooks
 from .parsing import parse_score
 from .templates import Template
 
@@ -27,7 +26,6 @@ class Scoring:
 
     def _forward(self, reqs: list[_Request], encoded: dict | None = None) -> list[dict[str, Any]]:
         torch = self._torch
-        hooks.before_forward(len(reqs))
         inputs = self._encode(reqs, encoded)
         tpl = reqs[0].template
         if self._vision_reuse is not None and all(r.image_keys for r in reqs):
