@@ -33,6 +33,7 @@ import time
 import traceback
 from pathlib import Path
 
+from src.models.reward import hooks
 from src.models.reward import messages as msg
 from src.models.reward.settings import JudgeSettings
 from src.models.reward.types import ScoreItem
@@ -94,8 +95,6 @@ def _watch_parent(parent_pid: int, pool_dir: str, interval: float = 1.0) -> None
 def _build_engine(settings: dict, device: str, device_label: str, num_threads: int | None,
                   devices: list[str] | None = None):
     import torch
-
-    from src.models.reward import hooks
 
     hooks.install_from_env()  # the test suite's fault plug-in, when it names one
     if num_threads:
@@ -178,11 +177,19 @@ def load_items(dicts: list[dict], indices: list[int]) -> tuple[list[ScoreItem], 
     return items, kept, failed
 
 
+def _score(engine, items: list[ScoreItem], **kwargs) -> list:
+    """One engine call. The test suite's fault plug-in, where this process loaded one, sees the
+    call's items first: a crash or a hang of this worker process is simulated here, at its
+    boundary, not in the engine."""
+    hooks.before_call(items)
+    return engine.score(items, **kwargs)
+
+
 def score_request(engine, req: msg.Score) -> list:
     """One result per item of `req`, in its order."""
     indices = list(req.indices) if req.indices is not None else list(range(len(req.items)))
     items, kept, failed = load_items(req.items, indices)
-    results = engine.score(items, indices=kept) if items else []
+    results = _score(engine, items, indices=kept) if items else []
     position = {ix: k for k, ix in enumerate(indices)}
     return sorted([*results, *failed], key=lambda r: position[r.index])
 
@@ -193,7 +200,7 @@ def one_shot(tasks: Path, output: Path, device: str) -> int:
         raise SystemExit(f"{tasks}: expected a JSON object with 'settings' and 'items'")
     engine = _build_engine(data["settings"], device, device, None)
     try:
-        results = engine.score([ScoreItem.from_dict(d) for d in data["items"]])
+        results = _score(engine, [ScoreItem.from_dict(d) for d in data["items"]])
     finally:
         engine.close()
     output.write_text(json.dumps([r.to_dict() for r in results], indent=1))

@@ -13,15 +13,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
-# The failure tests' fault plug-in (src/testing/faults.py): every worker the suite starts loads it
-# (REWARD_TEST_PLUGIN, inherited), and so does this process's in-process engine (its forward
-# faults through torch's global forward hook). It acts only when a REWARD_FAULT_* variable is set;
-# the library itself never loads it.
+# The failure tests' fault plug-in (src/testing/faults.py): every worker and Ray actor the suite
+# starts loads it (REWARD_TEST_PLUGIN, inherited), and this process's judges get its forward
+# faults (out of memory, delay). It acts only when a REWARD_FAULT_* variable is set; the library
+# itself never loads it.
 from src.models.reward import hooks as _hooks  # noqa: E402
 from src.testing import faults as _faults  # noqa: E402
 
 os.environ[_hooks.PLUGIN_ENV] = _faults.PLUGIN
-_hooks.install(_faults)
 _faults.watch_forwards()
 
 

@@ -1,16 +1,18 @@
-"""The failure tests' plug-in: faults injected into a judge, configured by environment variables
-read on every call and forward pass.
+"""The failure tests' plug-in: faults injected from outside the engine, configured by environment
+variables read on every call and forward pass.
 
-    a call's faults      (REWARD_FAULT_SEGFAULT_ON_ID, _HANG_ON_ID): `before_call(items)`, through
-                         the engine's hook (src/models/reward/hooks.py)
+    a process's faults   (REWARD_FAULT_SEGFAULT_ON_ID, _HANG_ON_ID): `before_call(items)`, which
+                         the host that owns the process calls before it hands a call's items to
+                         the engine (the worker's serve loop, the Ray actor's score)
+    a start's fault      (REWARD_FAULT_START_DELAY_S): `on_install()`, which the host calls as it
+                         loads the plug-in, before its judge is built
     a forward's faults   (REWARD_FAULT_OOM_ABOVE, _DELAY_S): a torch forward pre-hook on each
                          judge's model, at each forward pass over prompts (`on_forward`), from
                          `watch_forwards()`: in a worker by on_install, before its model is
                          built; in the test process by the suite's conftest
-    a start's fault      (REWARD_FAULT_START_DELAY_S): `on_install()`, before the model loads
 
-Test-only: a worker loads it when REWARD_TEST_PLUGIN=src.testing.faults (the suite's conftest sets
-that); the library never imports it.
+Test-only: a host loads it when REWARD_TEST_PLUGIN=src.testing.faults (src/models/reward/hooks.py;
+the suite's conftest sets that); the library never imports it.
 """
 from __future__ import annotations
 

@@ -35,7 +35,6 @@ Where each job lives (JudgeEngine is assembled from one mixin per job):
     speed.py        the speed paths chosen at load (vision attention, compiling, fast decoding)
     rope_ahead.py     logits mode: each batch's rope positions worked out in the prepare thread
     mask_ahead.py     logits mode: each batch's image-token positions found there too
-    hooks.py        call points for the failure tests' plug-in (src/testing/faults.py)
 """
 from __future__ import annotations
 
@@ -49,7 +48,6 @@ from .batching import Batching, _batch_key, _ItemError, batch_limit  # noqa: F40
 from .chat import is_chat, split_chats
 from .continuous import ContinuousCalls
 from .errors import JudgeConfigError, JudgeInputError, JudgeUnavailable
-from . import hooks
 from .loading import Loading, _normalize_device
 from .preparation import Preparation, _name, _PreparedChunk, _Request  # noqa: F401
 from .scoring import Scoring
@@ -107,7 +105,6 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
             if on_done is not None:
                 on_done(len(answered))
             return answered
-        hooks.before_call(items)  # a test plug-in's faults, in tests only
         results: list[ScoreResult | None] = [None] * len(items)
         bs = self._chunk_items()
         # Chunks are cut from `order`: the input order, or the one `chunk_order: auto` asks for.

@@ -1,10 +1,11 @@
-"""A call point a test plug-in can hook into; empty in normal use.
+"""The test plug-in of a host process; nothing in normal use.
 
-The failure tests inject crashes and hangs through it (their forward faults go through torch's own
-forward hooks: src/testing/faults.py). Nothing here reads the environment: the engine calls
-`before_call`, which does nothing unless a plug-in was installed. Only worker processes
-(standalone/reward_worker.py, the Ray actors) install one, and only when REWARD_TEST_PLUGIN names
-its module; in-process code installs one only by calling `install` (the test suite's conftest does).
+Only the hosts that own a process load one, and only when REWARD_TEST_PLUGIN names its module: the
+worker (standalone/reward_worker.py) and the Ray actor (implementations/ray_actors.py). They call
+`install_from_env()` before their judge is built and `before_call(items)` before they hand a call's
+items to it, where the failure tests simulate a crash or a hang of that process
+(src/testing/faults.py, which gives the judge's forward passes their faults through torch's own
+hooks). The engine calls nothing here.
 """
 from __future__ import annotations
 
@@ -17,23 +18,18 @@ PLUGIN_ENV = "REWARD_TEST_PLUGIN"
 _plugin: Any = None
 
 
-def install(plugin: Any) -> None:
-    """Use `plugin` (an object or module with before_call(items))."""
-    global _plugin
-    _plugin = plugin
-
-
 def install_from_env() -> None:
-    """In a worker process: import the plug-in module REWARD_TEST_PLUGIN names, if it names one."""
+    """In a host process: import the plug-in module REWARD_TEST_PLUGIN names, if it names one, and
+    let it set itself up (its on_install, before the judge is built)."""
+    global _plugin
     name = os.environ.get(PLUGIN_ENV)
     if name:
-        plugin = importlib.import_module(name)
-        install(plugin)
-        if hasattr(plugin, "on_install"):  # in the worker, before the model loads
-            plugin.on_install()
+        _plugin = importlib.import_module(name)
+        if hasattr(_plugin, "on_install"):
+            _plugin.on_install()
 
 
 def before_call(items: Sequence[Any]) -> None:
-    """At the start of a call to the engine."""
+    """Before the host hands a call's items to its judge."""
     if _plugin is not None:
         _plugin.before_call(items)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .. import hooks
 from ..base import BaseRewardModel
 from ..errors import JudgeConfigError, JudgeStartError, JudgeUnavailable
 from ..image_memo import convert_once
@@ -85,7 +86,6 @@ class _JudgeActor:
 
             if not gpus and num_threads:
                 torch.set_num_threads(num_threads)
-            from src.models.reward import hooks
             from src.models.reward.engine import JudgeEngine
 
             hooks.install_from_env()  # the test suite's fault plug-in, when it names one
@@ -111,6 +111,7 @@ class _JudgeActor:
         names in errors, each item by its index), in one engine call."""
         if self.engine is None:
             raise RuntimeError(f"{self.label} has no model: {self.error}")
+        hooks.before_call(items)  # the test suite's fault plug-in, where one was loaded: this actor's crash or hang
         return self.engine.score(items, indices=indices)
 
 
