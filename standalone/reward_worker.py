@@ -33,8 +33,8 @@ import time
 import traceback
 from pathlib import Path
 
-from src.models.reward import hooks
 from src.models.reward import messages as msg
+from src.models.reward import plugin
 from src.models.reward.settings import JudgeSettings
 from src.models.reward.types import ScoreItem
 
@@ -96,7 +96,7 @@ def _build_engine(settings: dict, device: str, device_label: str, num_threads: i
                   devices: list[str] | None = None):
     import torch
 
-    hooks.install_from_env()  # the test suite's fault plug-in, when it names one
+    plugin.install_from_env()  # the test suite's fault plug-in, when REWARD_TEST_PLUGIN names it
     if num_threads:
         torch.set_num_threads(num_threads)
     from src.models.reward.engine import JudgeEngine
@@ -181,7 +181,7 @@ def _score(engine, items: list[ScoreItem], **kwargs) -> list:
     """One engine call. The test suite's fault plug-in, where this process loaded one, sees the
     call's items first: a crash or a hang of this worker process is simulated here, at its
     boundary, not in the engine."""
-    hooks.before_call(items)
+    plugin.before_call(items)
     return engine.score(items, **kwargs)
 
 

@@ -17,10 +17,10 @@ PYTHON = sys.executable
 # starts loads it (REWARD_TEST_PLUGIN, inherited), and this process's judges get its forward
 # faults (out of memory, delay). It acts only when a REWARD_FAULT_* variable is set; the library
 # itself never loads it.
-from src.models.reward import hooks as _hooks  # noqa: E402
+from src.models.reward.plugin import PLUGIN_ENV as _PLUGIN_ENV  # noqa: E402
 from src.testing import faults as _faults  # noqa: E402
 
-os.environ[_hooks.PLUGIN_ENV] = _faults.PLUGIN
+os.environ[_PLUGIN_ENV] = _faults.PLUGIN
 _faults.watch_forwards()
 
 

@@ -1,7 +1,7 @@
 """Faults with real worker processes and the tiny model: each leaves the run complete, with every
 item scored or failed with its reason, and no process behind.
 
-One module pool (two CPU workers) carries the fault hooks of engine.py for poison items
+One module pool (two CPU workers) carries the fault plug-in (src/testing/faults.py) for poison items
 (REWARD_FAULT_SEGFAULT_ON_ID, REWARD_FAULT_HANG_ON_ID), simulated CUDA out-of-memory
 (REWARD_FAULT_OOM_ABOVE) and a short delay per forward pass (REWARD_FAULT_DELAY_S), so one pool
 start serves most scenarios. The interrupt and parent-death scenarios run `python main.py` in a

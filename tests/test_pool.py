@@ -34,7 +34,7 @@ def reference(tiny_cache, image_files):
 @pytest.fixture(scope="module")
 def two_workers(tiny_cache):
     """One pool of two workers with the default settings for the tests that need nothing else
-    (same schedules, same items, no fault hooks): a pool start costs seconds. Each test sets back
+    (same schedules, same items, no faults): a pool start costs seconds. Each test sets back
     what it changes; test_close_after_an_exception_leaves_no_process closes it, last in the file.
     `seen_pids`: every worker it had (the idle-death test replaces one)."""
     m = pool(2)

@@ -11,7 +11,7 @@ variables read on every call and forward pass.
                          `watch_forwards()`: in a worker by on_install, before its model is
                          built; in the test process by the suite's conftest
 
-Test-only: a host loads it when REWARD_TEST_PLUGIN=src.testing.faults (src/models/reward/hooks.py;
+Test-only: a host loads it when REWARD_TEST_PLUGIN=src.testing.faults (src/models/reward/plugin.py;
 the suite's conftest sets that); the library never imports it.
 """
 from __future__ import annotations

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .. import hooks
+from .. import plugin
 from ..base import BaseRewardModel
 from ..errors import JudgeConfigError, JudgeStartError, JudgeUnavailable
 from ..image_memo import convert_once
@@ -88,7 +88,7 @@ class _JudgeActor:
                 torch.set_num_threads(num_threads)
             from src.models.reward.engine import JudgeEngine
 
-            hooks.install_from_env()  # the test suite's fault plug-in, when it names one
+            plugin.install_from_env()  # the test suite's fault plug-in, when REWARD_TEST_PLUGIN names it
 
             self.engine = JudgeEngine(JudgeSettings.from_params(settings), device=device, device_label=self.label)
             self.load_time_s = self.engine.load_time_s
@@ -111,7 +111,7 @@ class _JudgeActor:
         names in errors, each item by its index), in one engine call."""
         if self.engine is None:
             raise RuntimeError(f"{self.label} has no model: {self.error}")
-        hooks.before_call(items)  # the test suite's fault plug-in, where one was loaded: this actor's crash or hang
+        plugin.before_call(items)  # the test suite's fault plug-in, where one was loaded: this actor's crash or hang
         return self.engine.score(items, indices=indices)
 
 

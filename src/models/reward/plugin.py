@@ -5,7 +5,8 @@ worker (standalone/reward_worker.py) and the Ray actor (implementations/ray_acto
 `install_from_env()` before their judge is built and `before_call(items)` before they hand a call's
 items to it, where the failure tests simulate a crash or a hang of that process
 (src/testing/faults.py, which gives the judge's forward passes their faults through torch's own
-hooks). The engine calls nothing here.
+hooks). The engine imports nothing of this (tests/test_structure.py); where REWARD_TEST_PLUGIN
+is unset, nothing is imported and no hook is registered.
 """
 from __future__ import annotations
 
