@@ -97,6 +97,9 @@ def on_forward(fn: Callable[[int], None], model: Any = None) -> "_Watch":
 
 
 class _Watch:
+    """on_forward's hooks: the registration hook that finds judges as they are built (none for
+    one model), and the forward pre-hook of each judge found."""
+
     def __init__(self, fn: Callable[[int], None], model: Any = None):
         import weakref
 
@@ -131,8 +134,9 @@ class _Watch:
 
 
 def prompts_of(args: tuple, kwargs: dict) -> int | None:
-    """The number of prompts of a judge's forward pass over prompts, from its arguments; None for
-    a decode step (one new token per row)."""
+    """The number of prompts of a judge's forward pass over prompts, from its arguments (its rows:
+    where generate() samples num_samples answers per prompt, its prefill holds that many rows per
+    prompt); None for a decode step (one new token per row)."""
     tokens = kwargs.get("input_ids")
     if tokens is None:
         tokens = kwargs.get("inputs_embeds")
