@@ -19,7 +19,7 @@ import openai
 import pytest
 import yaml
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from conftest import assert_no_orphans, worker_processes
 from service_proc import ROOT, ServiceProcess, ThreadServer
@@ -264,6 +264,9 @@ def fake():
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         status, body, headers = holder["script"].next(await request.json())
+        if isinstance(body, str):  # the body's bytes as given: NaN, HTML, a broken JSON text
+            return Response(body, status_code=status, headers=headers,
+                            media_type=headers.get("content-type", "application/json"))
         return JSONResponse(body, status_code=status, headers=headers)
 
     with ThreadServer(app) as server:
@@ -334,6 +337,85 @@ def test_logits_prefix_templates_continue_the_answer(fake):
     sent = script.seen[0][1]
     assert sent["messages"][-1] == {"role": "assistant", "content": "The quality of the image is"}
     assert sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
+
+
+def test_raw_vocab_pieces_in_top_logprobs_are_read_as_their_text(fake):
+    """vLLM 0.8-0.9's V1 engine returns top_logprobs tokens as raw vocabulary pieces (byte-level BPE
+    "Ġgood" for " good", vllm-project/vllm#16838; SentencePiece "▁good"): the levels are those
+    tokens all the same, so the score is the one their decoded text gives."""
+    probs = [("good", 0.5), ("fair", 0.3), ("excellent", 0.05)]
+    expected = (4 * 0.5 + 3 * 0.3 + 5 * 0.05) / 0.85
+    for mark in ("Ġ", "▁"):
+        top = [(mark + w, math.log(p)) for w, p in probs] + [("good", math.log(0.1))]
+        top += [(f"t{k}", -12.0) for k in range(16)]
+        judge, _ = fake([completion(mark + "good", top)], mode="logits", template="qalign_quality")
+        with judge:
+            [r] = judge.score_items(image_items(1))
+        assert r.error is None and r.score == pytest.approx(expected), (mark, r.error)
+        assert r.raw["qalign_quality"]["levels_missing"] == ["poor", "bad"]
+
+
+def raw_completion(logprobs, content="7"):
+    """A chat completion's JSON text as a server writes it: logprobs may be None (null; what
+    orjson, as SGLang uses it, writes for -inf and NaN), NaN (Python's json writes NaN) or -9999.0
+    (vLLM's floor for -inf)."""
+    top = [{"token": t, "logprob": lp, "bytes": None} for t, lp in logprobs]
+    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "length",
+              "logprobs": {"content": [{"token": logprobs[0][0], "logprob": logprobs[0][1], "bytes": None,
+                                        "top_logprobs": top}]}}
+    return 200, json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                            "choices": [choice]}), {}
+
+
+def test_answers_a_server_really_sends_fail_only_their_item(fake):
+    """Shapes real servers send on a 200: a level with no number (null, NaN), every level at
+    vLLM's floor -9999 (zero probability), a proxy's HTML page, a body that is not JSON, an error
+    body, a message that is null. Each fails its own item, named, with the cause; none gives a
+    score (no NaN); the other items score. Before, most of these raised out of score_items and lost
+    the whole call, and NaN logprobs gave the score NaN."""
+    digits = [(str(d), math.log(0.1)) for d in range(10)] + [(f"x{k}", -9.0) for k in range(10)]
+    good = raw_completion(digits)
+    answers = [good,
+               raw_completion([("7", None)] + [(f"x{k}", None) for k in range(19)]),  # every logprob null
+               raw_completion([("7", float("nan"))] + [(f"x{k}", float("nan")) for k in range(19)]),
+               raw_completion([("x", -0.01)] + [(str(d), -9999.0) for d in range(10)] + [(f"y{k}", -9999.0) for k in range(9)]),
+               (200, "<html><body>Sign in to continue</body></html>", {"content-type": "text/html"}),
+               (200, '{"id": "c", "choices": [', {}),
+               (200, {"object": "error", "message": "CUDA out of memory", "code": 500}, {}),  # an error sent as 200
+               good]
+    judge, script = fake(answers, mode="logits", max_concurrency=1)  # one thread: request k is item k's
+    with judge:
+        results = judge.score_items(image_items(len(answers)))
+    assert [r.id for r in results] == [f"i{k}" for k in range(len(answers))]
+    assert [results[0].score, results[7].score] == pytest.approx([4.5, 4.5]) and results[0].error is None
+    causes = {1: "no number", 2: "no number", 3: "no probability", 4: "not a JSON chat completion",
+              5: "not a JSON chat completion", 6: "no choices: CUDA out of memory"}
+    for k, cause in causes.items():
+        r = results[k]
+        assert r.score is None and r.error.startswith(f"item 'i{k}' (#{k}): quality: ") and cause in r.error, r.error
+    assert "Sign in to continue" in results[4].error  # what the server said
+
+    # one level's logprob null (orjson's -inf) beside real ones: that level has no probability
+    top = [("7", math.log(0.6)), ("8", math.log(0.3)), ("3", None)] + [(str(d), -9999.0) for d in (0, 1, 2, 4, 5, 6, 9)]
+    top += [(f"x{k}", -12.0) for k in range(10)]
+    judge, _ = fake([raw_completion(top)], mode="logits")
+    with judge:
+        [r] = judge.score_items(image_items(1))
+    assert r.error is None and r.score == pytest.approx((7 * 0.6 + 8 * 0.3) / 0.9)
+
+    # generate mode: a null message (a content filter) or a refusal is an answer with no score
+    null_message = {"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+        {"index": 0, "message": None, "finish_reason": "content_filter"}]}
+    refusal = {"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": None, "refusal": "I can't rate this image."},
+         "finish_reason": "stop"}]}
+    judge, _ = fake([completion('{"score": 6}'), (200, null_message, {}), (200, refusal, {}), completion('{"score": 2}')],
+                    mode="generate", max_concurrency=1)
+    with judge:
+        results = judge.score_items(image_items(4))
+    assert [r.score for r in results] == [6.0, None, None, 2.0]
+    assert results[1].error.startswith("item 'i1' (#1): quality: ") and results[1].error_kind == "parse"
+    assert results[2].raw == {"quality": "I can't rate this image."} and "I can't rate this image." in results[2].error
 
 
 def test_refusals_fail_each_item_with_the_servers_message(fake):

@@ -110,7 +110,7 @@ system user assistant system user assistant system user assistant
 """
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode map (what ByteLevel pre-tokenization uses)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     bs += list(range(ord("®"), ord("ÿ") + 1))
@@ -150,7 +150,7 @@ def _train_bpe(num_merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
             words[piece] += 1000
 
     vocab: dict[str, int] = {}
-    for ch in _bytes_to_unicode().values():
+    for ch in bytes_to_unicode().values():
         vocab[ch] = len(vocab)
     # Each word as a list of symbols; digits are always single symbols (pre-tokenizer isolates them).
     splits = {w: list(w) for w in sorted(words)}

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ...tiny import bytes_to_unicode
 from ..base import BaseRewardModel
 from ..chat import is_chat
 from ..errors import JudgeConfigError, JudgeUnavailable
@@ -49,6 +50,8 @@ from ..types import ScoreItem, ScoreResult, describe_image, item_name, load_pil
 _RETRY_STATUS = {408, 409, 429}         # and every 5xx
 _FATAL_STATUS = {401, 403, 404}         # the same for every request: stop sending
 _SAFE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+_NO_PROBABILITY = -9999.0               # vLLM's floor for a logprob of -inf
+_BYTE_LEVEL = bytes_to_unicode()
 
 
 class _PartFailed(Exception):
@@ -276,15 +279,27 @@ class OpenAIRewardModel(BaseRewardModel):
         if extra:
             kwargs["extra_body"] = extra
         resp = self._request(call, model=self.model, messages=self.messages(tpl, item, urls), **kwargs)
-        if not resp.choices:
-            raise _PartFailed("the server answered with no choices", "api")
-        if self.mode == "logits":
-            return logits_score(resp.choices[0], tpl, self.top_logprobs)
-        return self._generate_score(resp, tpl)
+        if isinstance(resp, str):  # the client hands back a body that is not JSON as its text
+            raise _PartFailed(f"the server's answer is not a JSON chat completion: {resp.strip()[:300]!r} (does "
+                              "base_url name the API, ending in /v1?)", "api")
+        try:
+            if not getattr(resp, "choices", None):  # an error some servers send with status 200
+                said = _body_message(resp.to_dict()) if hasattr(resp, "to_dict") else None
+                raise _PartFailed("the server answered with no choices" + (f": {said}" if said else ""), "api")
+            if self.mode == "logits":
+                return logits_score(resp.choices[0], tpl, self.top_logprobs)
+            return self._generate_score(resp, tpl)
+        except (AttributeError, TypeError, IndexError) as e:
+            # The client builds its objects from the JSON unchecked: a field missing, null or of
+            # another type than OpenAI's fails this item, not the call.
+            raise _PartFailed(f"the server's answer is not a chat completion as OpenAI's API defines it "
+                              f"({type(e).__name__}: {e})", "api") from None
 
     def _generate_score(self, resp: Any, tpl: Template) -> dict[str, Any]:
-        # The same reading as the in-process engine's generate mode (scoring.read_answers).
-        return read_answers([c.message.content or "" for c in resp.choices], tpl)
+        # The same reading as the in-process engine's generate mode (scoring.read_answers). A null
+        # message (a content filter) is an empty answer; a hosted API's refusal is the answer given.
+        return read_answers([(c.message and (c.message.content or getattr(c.message, "refusal", None))) or ""
+                             for c in resp.choices], tpl)
 
     # -- the protocol: retries, backoff, rate limit -----------------------------------------
 
@@ -312,6 +327,9 @@ class OpenAIRewardModel(BaseRewardModel):
             except openai.APIConnectionError as e:  # refused, reset, timed out
                 cause = e.__cause__ or e
                 last, kind = f"{type(e).__name__}: {cause}", "connection"
+            except ValueError as e:  # a 200 whose JSON body does not parse (a proxy cut it short)
+                raise _PartFailed(f"{self.base_url}: the server's answer is not a JSON chat completion "
+                                  f"({type(e).__name__}: {e})", "api") from None
             if attempt < self.max_retries:
                 if wait is None:
                     wait = min(self.backoff_s * 2 ** attempt, self.max_backoff_s) * (0.5 + random.random())
@@ -407,7 +425,11 @@ def logits_score(choice: Any, tpl: Template, asked: int) -> dict[str, Any]:
     level's text is (a leading space where the answer prefix ends without one), and the
     probabilities are renormalised over the levels. A level missing from the alternatives has
     less probability than every one returned; when the server returned fewer alternatives than
-    asked for and levels are missing, or none at all, the item fails instead."""
+    asked for and levels are missing, or none at all, the item fails instead.
+
+    What servers really send: a token as its raw vocabulary piece ("Ġgood", "▁good": vLLM 0.8-0.9)
+    is the level it spells; a logprob that is no number (null: orjson's -inf or NaN; NaN) counts as
+    absent; vLLM's floor -9999 (its -inf) is no probability, so levels that all have none fail."""
     lp = getattr(choice, "logprobs", None)
     content = getattr(lp, "content", None) if lp is not None else None
     if not content:
@@ -420,29 +442,54 @@ def logits_score(choice: Any, tpl: Template, asked: int) -> dict[str, Any]:
     lead_space = bool(tpl.logits_prefix) and not tpl.logits_prefix[-1].isspace()
     by_token: dict[str, float] = {}
     for alt in top:
-        by_token.setdefault(alt.token, alt.logprob)
-    probs: dict[str, float] = {}
+        value = alt.logprob
+        if isinstance(value, (int, float)) and not math.isnan(value):
+            by_token.setdefault(alt.token, float(value))
+    shown = ", ".join(repr(a.token) for a in top[:10])
+    if not by_token:
+        raise _PartFailed(f"the server's {len(top)} top_logprobs carry no number (null or NaN logprobs: the judge's "
+                          "logits may not be finite, e.g. a float16 judge overflowing)", "logprobs")
+    logps: dict[str, float] = {}
     values: dict[str, float] = {}
     for text, value in tpl.levels:
         piece = (" " + text) if lead_space else text
-        if piece in by_token:
-            probs[text] = math.exp(by_token[piece])
+        found = [by_token[s] for s in _spellings(piece) if s in by_token]
+        if found:
+            logps[text] = found[0]
             values[text] = value
-    missing = [t for t, _ in tpl.levels if t not in probs]
-    shown = ", ".join(repr(a.token) for a in top[:10])
-    if not probs:
+    missing = [t for t, _ in tpl.levels if t not in logps]
+    if not logps:
         raise _PartFailed(f"none of the levels ({', '.join(t for t, _ in tpl.levels)}) is among the first answer "
                           f"token's {len(top)} top_logprobs (the judge's likeliest: {shown})", "logprobs")
     if missing and len(top) < asked:
         raise _PartFailed(f"the server returned only {len(top)} of the {asked} top_logprobs asked for and levels "
                           f"{', '.join(missing)} are not among them (it may cap top_logprobs: vLLM's --max-logprobs)",
                           "logprobs")
-    mass = sum(probs.values())
-    score = sum(values[t] * p for t, p in probs.items()) / mass
-    raw: dict[str, Any] = {"probs": {t: round(p / mass, 6) for t, p in probs.items()}, "level_mass": round(mass, 6)}
+    best = max(logps.values())
+    if best <= _NO_PROBABILITY:
+        raise _PartFailed(f"the server gives the levels no probability (logprobs {best:g}: vLLM writes -inf as -9999); "
+                          "no score can be read from them", "logprobs")
+    # Renormalised in log space, as the engine's softmax over the level logits: levels far in the
+    # tail (logprob -800) still give their expected value instead of 0/0.
+    rel = {t: math.exp(v - best) for t, v in logps.items() if v > _NO_PROBABILITY}
+    total = sum(rel.values())
+    score = sum(values[t] * p for t, p in rel.items()) / total
+    mass = sum(math.exp(v) for v in logps.values())
+    raw: dict[str, Any] = {"probs": {t: round(rel.get(t, 0.0) / total, 6) for t in logps}, "level_mass": round(mass, 6)}
     if missing:
         raw["levels_missing"] = missing
     return {"score": float(score), "raw": raw}
+
+
+def _spellings(piece: str) -> list[str]:
+    """How servers write the token `piece` in top_logprobs: as its text, or as the raw vocabulary
+    piece (byte-level BPE maps each UTF-8 byte to a printable character, " " to "Ġ"; SentencePiece
+    writes a leading space as "▁")."""
+    byte_level = "".join(_BYTE_LEVEL[b] for b in piece.encode("utf-8"))
+    out = [piece, byte_level]
+    if piece.startswith(" "):
+        out.append("▁" + piece[1:])
+    return list(dict.fromkeys(out))
 
 
 def image_data_url(img: Any, max_image_pixels: int | None) -> str:
@@ -488,7 +535,12 @@ def _retry_after(headers: Any) -> float | None:
 
 
 def _server_message(e: Any) -> str:
-    body = getattr(e, "body", None)
+    return _body_message(getattr(e, "body", None)) or str(getattr(e, "message", e))[:500]
+
+
+def _body_message(body: Any) -> str | None:
+    """The message of an error body: OpenAI's {"error": {"message"}}, vLLM's and SGLang's
+    {"object": "error", "message"}, FastAPI's {"detail"}."""
     if isinstance(body, Mapping):
         err = body.get("error", body)
         if isinstance(err, Mapping) and err.get("message"):
@@ -497,7 +549,7 @@ def _server_message(e: Any) -> str:
             return body["detail"][:500]
         if isinstance(body.get("message"), str):
             return body["message"][:500]
-    return str(getattr(e, "message", e))[:500]
+    return None
 
 
 def _image_error(role: str, name: str, why: str) -> str:
