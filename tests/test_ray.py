@@ -23,7 +23,7 @@ from conftest import ROOT, make_image, pid_gone
 from src.models.reward import ConfigError, ScoreItem, build_reward_model, load_config
 from src.models.reward.config import resolve_class, validate_params
 from src.models.reward.implementations.local import QwenVLRewardModel
-from src.models.reward.errors import JudgeStartError
+from src.models.reward.errors import JudgeConfigError, JudgeStartError
 from src.models.reward.implementations.ray_actors import ActorStartError, RayRewardModel
 from src.models.reward.scheduler import Scheduler
 
@@ -104,6 +104,35 @@ def test_second_call_reuses_the_actors_in_memory_images_travel_and_bad_items_fai
     assert model.total_restarts == 0
 
 
+def test_metadata_that_does_not_pickle_fails_alone(model, reference, image_files):
+    # A lock (or an open file, a generator) in an item's metadata cannot travel to an actor: that
+    # item fails, naming the key; before, Ray's TypeError left score_items and lost every item.
+    items = [ScoreItem(images=[p], id=f"m{k}", metadata={"k": k}) for k, p in enumerate(image_files[:3])]
+    items[1].metadata["lock"] = threading.Lock()
+    results = model.score_items(items)
+    assert [r.id for r in results] == ["m0", "m1", "m2"]
+    assert [results[0].score, results[2].score] == pytest.approx([reference[0], reference[2]], abs=1e-4)
+    assert results[0].metadata == {"k": 0}
+    bad = results[1]
+    assert bad.score is None and bad.error_kind == "input", bad
+    assert bad.error.startswith("item 'm1' (#1): metadata key 'lock' cannot be sent to a Ray actor"), bad.error
+
+
+def test_runtime_env_mistakes_are_named(model):
+    # An unknown runtime_env field (a typo) is not applied by Ray, silently: refused, with the fix.
+    with pytest.raises(ConfigError, match=r"runtime_env: unknown field 'envvars'; did you mean 'env_vars'\?"):
+        build_reward_model({"class_path": "ray", "params": {**JUDGE, "num_actors": 1, "num_gpus_per_actor": 0,
+                                                            "runtime_env": {"envvars": {"A": "1"}}}})
+    # An env Ray cannot build: the cause, not only Ray's first line ("Failed to set up runtime environment.")
+    with pytest.raises(ActorStartError) as e:
+        RayRewardModel(num_actors=1, num_gpus_per_actor=0, num_cpus_per_actor=0.5, progress=False,
+                       runtime_env={"conda": "no-such-env-5e1f"}, start_timeout_s=120, **JUDGE)
+    text = str(e.value)
+    assert "actor0 died while starting: Failed to set up runtime environment: " in text, text
+    assert "Conda" in text or "no-such-env-5e1f" in text, text
+    assert ray.is_initialized()
+
+
 def test_in_memory_images_of_any_mode_score_as_the_single_device_class_does(model, tiny_cache):
     # A PIL image PNG cannot store (CMYK, float, 32-bit) or one whose EXIF rotates it travels to an
     # actor as the pixels the single-device class would judge (image_memo.png_ready).
@@ -179,12 +208,17 @@ def test_start_failures_name_the_actor_and_the_cause_and_leave_the_session(model
     assert pid_gone(pid), "the failed actor is killed"
     assert ray.is_initialized(), "a Ray this object did not start is left running"
 
-    # more than the cluster has: placed never, so the start times out with what was asked and what is there
-    with pytest.raises(ActorStartError) as e:
+    # more than the local Ray (the model's, shared) has: refused at once
+    with pytest.raises(JudgeConfigError, match=r"1 actor\(s\) x 8 CPU = 8 CPU but Ray has 3"):
         RayRewardModel(num_actors=1, num_gpus_per_actor=0, num_cpus_per_actor=8, start_timeout_s=2, progress=False,
                        **JUDGE)
-    assert "actor0 not ready within start_timeout_s=2s: each asks for 8 CPU and 0 GPU; the cluster has 3 CPU" \
-        in str(e.value), str(e.value)
+    # more than is free (the model's two actors hold two of the three CPUs): one actor is never
+    # placed, so the start times out with what was asked and what is there
+    with pytest.raises(ActorStartError) as e:
+        RayRewardModel(num_actors=2, num_gpus_per_actor=0, num_cpus_per_actor=1, start_timeout_s=2, progress=False,
+                       **JUDGE)
+    assert re.search(r"actor\d(, actor\d)? not ready within start_timeout_s=2s: each asks for 1 CPU and 0 GPU; "
+                     r"the cluster has 3 CPU, 0 GPU \(\d+ CPU, 0 GPU free\)", str(e.value)), str(e.value)
     with pytest.raises(ValueError, match=r"'auto' found 0 GPU\(s\)"):
         RayRewardModel(num_actors="auto", num_gpus_per_actor=1, progress=False, **JUDGE)
     assert ray.is_initialized()
@@ -280,6 +314,43 @@ def test_close_stops_the_actors_and_the_ray_it_started(model):
     with pytest.raises(RuntimeError, match="closed"):
         model.batch_score(["x.png"])
 
+
+
+def test_two_judges_share_the_ray_one_of_them_started(tiny_cache):
+    """Two RayRewardModel objects in one process (a quality judge and an edit judge): the second
+    uses the Ray the first started; the first one closed leaves the second working, and the last
+    one closed stops that Ray. Before, closing the first shut Ray down under the second, whose next
+    call raised (and silently started another local Ray that nothing stopped)."""
+    assert not ray.is_initialized()
+    params = dict(num_actors=1, num_gpus_per_actor=0, num_cpus_per_actor=1, progress=False, log_to_driver=False,
+                  model_name="tiny:judge", template="quality", min_pixels=12544, max_pixels=12544)
+    image = str(ROOT / "data" / "demo" / "images" / "00_edited.png")
+    with pytest.raises(ConfigError, match="py_executable: /nonexistent/bin/python does not exist"):
+        # on a Ray started here the env's python must exist here (else the actor waits start_timeout_s)
+        build_reward_model({"class_path": "ray", "params": {**params, "num_cpus": 2,
+                                                            "runtime_env": {"py_executable": "/nonexistent/bin/python"}}})
+    assert not ray.is_initialized()
+    first = RayRewardModel(address=None, num_cpus=2, **params)
+    procs: dict[int, str] = {}
+    try:
+        second = RayRewardModel(address=None, **params)
+        try:
+            [expected] = first.batch_score([image])
+            procs = _descendants(os.getpid())
+            first.close()
+            assert ray.is_initialized(), "the second judge still uses this Ray"
+            [r] = second.batch_score([image])
+            assert r.error is None and r.score == pytest.approx(expected.score, abs=1e-5)
+        finally:
+            second.close()
+    finally:
+        first.close()
+    assert not ray.is_initialized(), "the last judge to close stops the Ray they shared"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(pid_gone(p) for p in procs):
+        time.sleep(0.2)
+    left = {p: a for p, a in procs.items() if not pid_gone(p)}
+    assert not left, f"Ray processes left behind: {left}"
 
 
 @pytest.mark.skipif(bool(os.environ.get("RAY_ADDRESS")) or os.path.exists("/tmp/ray/ray_current_cluster"),

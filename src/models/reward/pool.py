@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator, Sequence
 from . import messages as msg
 from .errors import JudgeConfigError, JudgeStartError, JudgeUnavailable
 from .image_memo import convert_once
-from .scheduler import Restarts, Scheduler, stderr_log, wire_item
+from .scheduler import Restarts, Scheduler, stderr_log, unsendable, wire_item
 from .types import ScoreItem, ScoreResult, describe_image, item_name, load_pil
 
 WORKER_SCRIPT = Path(__file__).resolve().parents[3] / "standalone" / "reward_worker.py"
@@ -793,19 +793,9 @@ def _wire_item(item: ScoreItem, folder: Path, index: int, spilled: dict[Any, str
         # fails its item there instead of the worker's whole channel.
         wired_dict["metadata"] = bytes(ForkingPickler.dumps(wired_dict["metadata"]))
     except Exception as e:
-        return ScoreResult.failure(index, item, f"item {item_name(item, index)}: {_unsendable(item, e)}", "input")
+        return ScoreResult.failure(index, item, f"item {item_name(item, index)}: "
+                                   f"{unsendable(item, e, ForkingPickler.dumps, 'a worker process')}", "input")
     return wired_dict
-
-
-def _unsendable(item: ScoreItem, error: Exception) -> str:
-    """Why an item cannot go to a worker process, naming the metadata key at fault when there is one."""
-    for key, value in (item.metadata or {}).items():
-        try:
-            ForkingPickler.dumps(value)
-        except Exception as e:
-            return (f"metadata key {key!r} cannot be sent to a worker process ({type(e).__name__}: {e}); "
-                    "give metadata values that pickle (plain data)")
-    return f"the item cannot be sent to a worker process ({type(error).__name__}: {error})"
 
 
 def _unspill_errors(results: list[ScoreResult], names: dict[str, str], items: Sequence[ScoreItem]) -> list[ScoreResult]:

@@ -237,6 +237,18 @@ def wire_item(item: ScoreItem, index: int, encode: Callable[[Any, str], Any]) ->
         return ScoreResult.failure(index, item, f"item {item_name(item, index)}: {e}", "input")
 
 
+def unsendable(item: ScoreItem, error: Exception, dumps: Callable[[Any], Any], receiver: str) -> str:
+    """Why an item cannot go to `receiver` (pickled by `dumps`), naming the metadata key at fault
+    when there is one."""
+    for key, value in (item.metadata or {}).items():
+        try:
+            dumps(value)
+        except Exception as e:
+            return (f"metadata key {key!r} cannot be sent to {receiver} ({type(e).__name__}: {e}); "
+                    "give metadata values that pickle (plain data)")
+    return f"the item cannot be sent to {receiver} ({type(error).__name__}: {error})"
+
+
 def stderr_log(line: str) -> None:
     """A host's log line on stderr, above any progress bar."""
     try:

@@ -41,14 +41,20 @@ from .. import plugin
 from ..base import BaseRewardModel
 from ..errors import JudgeConfigError, JudgeStartError, JudgeUnavailable
 from ..image_memo import convert_once
-from ..scheduler import Restarts, Scheduler, stderr_log, wire_item
+from ..scheduler import Restarts, Scheduler, stderr_log, unsendable, wire_item
 from ..settings import JudgeSettings
-from ..types import ScoreItem, ScoreResult, load_pil
+from ..types import ScoreItem, ScoreResult, item_name, load_pil
 
 # The `src` package, shipped to the actors with Ray's `py_modules` so nodes need only the worker env.
 _SRC_DIR = Path(__file__).resolve().parents[3]
 _REPO_ROOT = _SRC_DIR.parent
 RAY_PIN = "ray==2.60.0"  # as in requirements.txt; the worker env needs the same version
+
+# The Ray connection a RayRewardModel of this process made, shared by every RayRewardModel that
+# finds it open: the last of them to close shuts it down (an earlier close() would stop the Ray
+# the others' actors live in).
+_SHARED_LOCK = threading.Lock()
+_shared = {"users": 0, "local": False, "shipped": False}
 
 
 class ActorStartError(JudgeStartError):
@@ -215,9 +221,11 @@ class RayRewardModel(BaseRewardModel):
         except ImportError:
             raise ImportError(f"RayRewardModel needs ray in this environment: pip install '{RAY_PIN}'") from None
         self._ray = ray
+        _check_runtime_env_fields(runtime_env or {})
         shipped = self._connect(address, num_cpus, log_to_driver, ship_code)
         try:
             self._runtime_env = self._actor_runtime_env(runtime_env, shipped)
+            self._check_py_executable()
             n = self._resolve_num_actors(num_actors)
             self._check_resources(n)
             self._actor_cls = ray.remote(_JudgeActor)
@@ -247,7 +255,17 @@ class RayRewardModel(BaseRewardModel):
         """Connect to Ray (or start a local one); True when the project's code is shipped to the
         actors. Ray uploads local folders only at the job level, so the code travels with the
         connection this object makes (ray.init's runtime_env), merged by Ray with the actors' own."""
+        with _SHARED_LOCK:
+            return self._connect_locked(address, num_cpus, log_to_driver, ship_code)
+
+    def _connect_locked(self, address: str | None, num_cpus: int | None, log_to_driver: bool, ship_code: bool) -> bool:
         ray = self._ray
+        if ray.is_initialized() and _shared["users"]:
+            _shared["users"] += 1
+            self._owns_connection, self._local_ray = True, bool(_shared["local"])
+            self._log("[ray] using the Ray connection another RayRewardModel of this process made (its address and "
+                      "num_cpus hold; Ray stops when the last of them closes)")
+            return bool(_shared["shipped"])
         if ray.is_initialized():
             self._log("[ray] this process is already connected to Ray; using that connection (close() leaves it "
                       "open). The actors import this project from its path here, or from the job's own "
@@ -268,7 +286,21 @@ class RayRewardModel(BaseRewardModel):
                                   "Start a cluster with `ray start --head` (then `address: auto`), or use "
                                   "`address: null` for a local Ray in this process.") from None
         self._owns_connection = True
+        _shared.update(users=1, local=self._local_ray, shipped=ship_code)
         return ship_code
+
+    def _check_py_executable(self) -> None:
+        """A py_executable that is not there leaves the actor pending, Ray retrying its start, until
+        start_timeout_s: refuse it now on a local Ray; on a cluster it must exist on every node."""
+        exe = self._runtime_env.get("py_executable")
+        if not isinstance(exe, str) or os.access(exe.split()[0] if exe.strip() else exe, os.X_OK):
+            return
+        text = (f"runtime_env.py_executable: {exe} does not exist or cannot be run on this machine; give the "
+                "python of the unpacked worker env (setup_env.sh --ray --pack), at the same path on every node")
+        if self._local_ray:
+            raise JudgeConfigError(f"RayRewardModel: {text}")
+        self._log(f"[ray] warning: {text} (if it is not there, the actors wait start_timeout_s="
+                  f"{self.start_timeout_s:g}s)")
 
     def _resolve_num_actors(self, num_actors: int | str) -> int:
         if num_actors != "auto":
@@ -508,6 +540,11 @@ class RayRewardModel(BaseRewardModel):
         if self._closed:
             return
         self._closed = True
+        last = False
+        if self._owns_connection:
+            with _SHARED_LOCK:
+                _shared["users"] -= 1
+                last = _shared["users"] <= 0
         ray = getattr(self, "_ray", None)
         if ray is None or not ray.is_initialized():
             return
@@ -515,7 +552,7 @@ class RayRewardModel(BaseRewardModel):
             self._kill(slot)
             slot.state, slot.ref, slot.batch = "lost", None, None
             slot.cause = "closed"
-        if self._owns_connection:
+        if last:
             ray.shutdown()  # stops a local Ray; for a cluster, only this process's connection
 
     _log = staticmethod(stderr_log)
@@ -537,7 +574,16 @@ def _wire_item(item: ScoreItem, index: int, encoded: dict[Any, bytes] | None = N
             return convert_once(encoded, img, lambda: _png(img))
         raise ValueError(f"unsupported image type {type(img).__name__}; give a path, bytes or a PIL image")
 
-    return wire_item(item, index, encode)
+    wired = wire_item(item, index, encode)
+    if isinstance(wired, ScoreItem) and wired.metadata:
+        from ray import cloudpickle  # what Ray pickles a task's arguments with
+
+        try:  # here, alone: in the task, Ray's TypeError would leave score_items and lose the call
+            cloudpickle.dumps(wired.metadata)
+        except Exception as e:
+            why = unsendable(item, e, cloudpickle.dumps, "a Ray actor")
+            return ScoreResult.failure(index, item, f"item {item_name(item, index)}: {why}", "input")
+    return wired
 
 
 def _png(img: Any) -> bytes:
@@ -552,7 +598,25 @@ def _reason(e: BaseException) -> str:
     for ln in lines:
         if ln.startswith("The actor is dead because"):
             return ln[:500]
-    return (lines[0] if lines else type(e).__name__)[:500]
+    first = lines[0] if lines else type(e).__name__
+    if len(lines) > 1 and "Traceback (most recent call last)" in str(e):
+        # A runtime_env Ray could not build: the first line is boilerplate, the traceback's last the cause.
+        first = f"{first.rstrip('.')}: {lines[-1]}"
+    return first[:500]
+
+
+def _check_runtime_env_fields(runtime_env: dict[str, Any]) -> None:
+    """Ray takes a field it does not know for a plugin's and applies nothing: a typo would be lost."""
+    import difflib
+
+    from ray.runtime_env import RuntimeEnv
+
+    known = sorted(k for k in RuntimeEnv.known_fields if not k.startswith("_"))
+    for key in runtime_env:
+        if key not in RuntimeEnv.known_fields:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise JudgeConfigError(f"runtime_env: unknown field {key!r}; {hint}Ray's fields: {', '.join(known)}")
 
 
 def _resources(res: dict[str, float]) -> str:
