@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import threading
 import time
 import traceback
@@ -293,7 +294,7 @@ class RayRewardModel(BaseRewardModel):
         """A py_executable that is not there leaves the actor pending, Ray retrying its start, until
         start_timeout_s: refuse it now on a local Ray; on a cluster it must exist on every node."""
         exe = self._runtime_env.get("py_executable")
-        if not isinstance(exe, str) or os.access(exe.split()[0] if exe.strip() else exe, os.X_OK):
+        if not isinstance(exe, str) or (exe.split() and shutil.which(exe.split()[0])):  # may hold arguments
             return
         text = (f"runtime_env.py_executable: {exe} does not exist or cannot be run on this machine; give the "
                 "python of the unpacked worker env (setup_env.sh --ray --pack), at the same path on every node")
