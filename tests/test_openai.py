@@ -432,6 +432,24 @@ def test_refusals_fail_each_item_with_the_servers_message(fake):
     assert "HTTP 401: bad key" in results[0].error and all("HTTP 401: bad key" in r.error for r in results[1:])
 
 
+def test_a_judge_dropped_without_close_leaves_no_thread(fake):
+    import gc
+
+    def judge_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("openai-judge-")]
+
+    before = set(judge_threads())
+    judge, _ = fake([completion('{"score": 3}')], mode="generate", max_concurrency=3)
+    assert [r.score for r in judge.score_items(image_items(2))] == [3.0, 3.0]
+    mine = [t for t in judge_threads() if t not in before]
+    assert len(mine) == 3
+    del judge  # never closed (a notebook cell run again builds another)
+    gc.collect()
+    for t in mine:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in mine), "an unclosed judge's threads outlive it"
+
+
 def test_rate_limit_spaces_requests(fake):
     judge, script = fake([completion('{"score": 3}')], mode="generate", requests_per_minute=300, max_concurrency=4)
     with judge:

@@ -35,6 +35,7 @@ import queue
 import random
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -155,6 +156,8 @@ class OpenAIRewardModel(BaseRewardModel):
         # Retries are ours (counted, logged in the error, with the policy above), not the client's.
         self._client = openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout_s)
         self._pool = _DaemonPool(max_concurrency)
+        # A judge dropped without close() (a notebook cell run again) stops its threads too.
+        self._stop_pool = weakref.finalize(self, self._pool.shutdown)
         self._limiter = _RateLimiter(requests_per_minute)
         self._closed = False
 
@@ -345,7 +348,7 @@ class OpenAIRewardModel(BaseRewardModel):
             self._closed = True
             # Queued requests are dropped; one still waiting for its answer is not waited for
             # (closing after Ctrl-C must not wait out a request's timeout), and sends nothing more.
-            self._pool.shutdown()
+            self._stop_pool()
             self._client.close()
 
 
@@ -371,12 +374,14 @@ class _DaemonPool:
             if job is None:
                 return
             fut, fn, args = job
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as e:
-                fut.set_exception(e)
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as e:
+                    fut.set_exception(e)
+            # A job's function is a judge's bound method: held here while waiting, it would keep a
+            # judge nobody closed alive, and these threads with it (ThreadPoolExecutor drops it too).
+            del job, fut, fn, args
 
     def shutdown(self) -> None:
         """Cancel what is queued, stop each thread after its current call; waits for nothing."""
