@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import email.utils
 import hashlib
 import io
 import json
@@ -47,6 +46,7 @@ from ..scoring import read_answers
 from ..settings import MODES
 from ..templates import Rubric, Template, resolve_rubric, rubric_fingerprint
 from ..types import ScoreItem, ScoreResult, describe_image, item_name, load_pil
+from ..wire import retry_after
 
 _RETRY_STATUS = {408, 409, 429}         # and every 5xx
 _FATAL_STATUS = {401, 403, 404}         # the same for every request: stop sending
@@ -326,7 +326,7 @@ class OpenAIRewardModel(BaseRewardModel):
                     raise _PartFailed(f"{self.base_url}: {last}", "api") from None
                 if not (status in _RETRY_STATUS or status >= 500):
                     raise _PartFailed(f"{self.base_url}: {last}", "api") from None
-                wait = _retry_after(e.response.headers)
+                wait = retry_after(e.response.headers)
             except openai.APIConnectionError as e:  # refused, reset, timed out
                 cause = e.__cause__ or e
                 last, kind = f"{type(e).__name__}: {cause}", "connection"
@@ -519,24 +519,6 @@ def image_data_url(img: Any, max_image_pixels: int | None) -> str:
     buf = io.BytesIO()
     pil.save(buf, format="PNG")
     return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"
-
-
-def _retry_after(headers: Any) -> float | None:
-    """Seconds from a Retry-After (seconds or an HTTP date) or retry-after-ms header."""
-    try:
-        ms = headers.get("retry-after-ms")
-        if ms is not None:
-            return max(0.0, float(ms) / 1000.0)
-        value = headers.get("retry-after")
-        if value is None:
-            return None
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            when = email.utils.parsedate_to_datetime(value)
-            return max(0.0, when.timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 def _server_message(e: Any) -> str:
