@@ -103,3 +103,96 @@ def test_a_closed_judge_says_so_in_the_family(image_files):
     judge.close()
     with pytest.raises(JudgeUnavailable, match="closed"):
         judge.batch_score([image_files[0]])
+
+
+# -- one judge object, several threads (a thread pool, asyncio.to_thread, RL reward workers) --------
+
+def _in_forward(judge, on_forward):
+    """on_forward(thread name) runs as each forward pass of the judge's model starts."""
+    import threading
+
+    return judge.engine.model.register_forward_pre_hook(lambda mod, args: on_forward(threading.current_thread().name))
+
+
+def test_threads_sharing_the_in_process_judge_get_their_own_scores():
+    """Thread B calls the judge while thread A's forward pass runs. The engine keeps per-forward
+    state (which images vision reuse is about to encode), so with two calls in it at once A's
+    forward took B's image list and gave A's item the features kept for B's image: A got B's score.
+    The judge now takes one call at a time."""
+    import threading
+
+    from conftest import make_image
+
+    a, b = ScoreItem(images=[make_image(1)], id="a"), ScoreItem(images=[make_image(2)], id="b")
+    with QwenVLRewardModel(model_name="tiny:judge") as judge:
+        ref_a, ref_b = judge.score(a).score, judge.score(b).score  # b's features are kept now
+        assert abs(ref_a - ref_b) > 1e-3
+        a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+
+        def on_forward(name):
+            if name == "A":  # B may come in beside A (it cannot once calls take turns) ...
+                a_in.set()
+                b_in.wait(3)
+            elif name == "B":  # ... and waits in its forward pass while A's goes on
+                b_in.set()
+                a_done.wait(3)
+        hook = _in_forward(judge, on_forward)
+        out: dict = {}
+
+        def call(name, item):
+            out[name] = judge.score(item)
+            if name == "A":
+                a_done.set()
+        threads = [threading.Thread(target=call, args=(n, it), name=n) for n, it in (("A", a), ("B", b))]
+        threads[0].start()
+        assert a_in.wait(60)
+        threads[1].start()
+        for t in threads:
+            t.join(60)
+        hook.remove()
+        assert not any(t.is_alive() for t in threads)
+        assert (out["A"].id, out["B"].id) == ("a", "b")
+        assert [out["A"].score, out["B"].score] == pytest.approx([ref_a, ref_b], abs=1e-5)
+        assert [judge.score(a).score, judge.score(b).score] == pytest.approx([ref_a, ref_b], abs=1e-5)
+
+
+def test_closing_the_in_process_judge_during_another_threads_call():
+    """close() while another thread's call is in a forward pass: that call finishes with its
+    results, close() returns after it, and the next call says the judge is closed. close() took
+    the model and the prepare threads from under the call: it raised 'cannot schedule new futures
+    after shutdown'."""
+    import threading
+
+    from conftest import make_image
+
+    items = [ScoreItem(images=[make_image(i)], id=str(i)) for i in range(12)]
+    judge = QwenVLRewardModel(model_name="tiny:judge", batch_size=4)
+    in_forward, release = threading.Event(), threading.Event()
+
+    def on_forward(name):
+        if name == "caller":
+            in_forward.set()
+            release.wait(30)
+    _in_forward(judge, on_forward)
+    out: dict = {}
+
+    def call():
+        try:
+            out["results"] = judge.batch_score(items)
+        except Exception as e:
+            out["results"] = e
+    caller = threading.Thread(target=call, name="caller")
+    caller.start()
+    assert in_forward.wait(60)
+    closer = threading.Thread(target=judge.close)
+    closer.start()
+    closer.join(2)  # close() waits for the call now; it used to return at once, mid-call
+    release.set()
+    caller.join(60)
+    closer.join(60)
+    assert not caller.is_alive() and not closer.is_alive()
+    results = out["results"]
+    assert not isinstance(results, Exception), repr(results)
+    assert [r.id for r in results] == [it.id for it in items] and all(r.error is None for r in results)
+    with pytest.raises(JudgeUnavailable, match="closed"):
+        judge.batch_score(items[:1])

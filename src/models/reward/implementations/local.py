@@ -1,6 +1,7 @@
 """The judge in this process, on one device."""
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 from ..base import BaseRewardModel
@@ -13,6 +14,8 @@ class QwenVLRewardModel(BaseRewardModel):
     """A Qwen-VL judge loaded in this process on `device` (`cpu`, `cuda`, `cuda:N`).
 
     Judge parameters are those of `JudgeSettings` (model_name, mode, template, batch_size, ...).
+    Safe to share between threads: calls take turns (the engine holds one call's state), and
+    close() from another thread waits for the call in progress.
     """
 
     settings_cls = JudgeSettings
@@ -25,6 +28,7 @@ class QwenVLRewardModel(BaseRewardModel):
         self.engine = JudgeEngine(self.settings, device=device)
         self.device = self.engine.device
         self._closed = False
+        self._lock = threading.Lock()  # one call at a time: the engine is not thread-safe
 
     @property
     def fingerprint(self) -> str:
@@ -36,6 +40,10 @@ class QwenVLRewardModel(BaseRewardModel):
         return self.engine.quantization
 
     def score_items(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
+        with self._lock:
+            return self._score(items)
+
+    def _score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]:
         if self._closed:
             raise JudgeUnavailable("QwenVLRewardModel is closed")
         items = list(items)
@@ -49,6 +57,6 @@ class QwenVLRewardModel(BaseRewardModel):
             return self.engine.score(items, on_done=bar.update)
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.engine.close()
+        self._closed = True  # calls waiting for their turn are refused
+        with self._lock:  # a call in progress in another thread ends first
+            self.engine.close()  # idempotent
