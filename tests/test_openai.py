@@ -450,6 +450,40 @@ def test_a_judge_dropped_without_close_leaves_no_thread(fake):
     assert not any(t.is_alive() for t in mine), "an unclosed judge's threads outlive it"
 
 
+def test_closing_during_a_call_in_another_thread_ends_that_call(fake):
+    """close() from another thread while a call's first request is out and the rest queued: the
+    call ends with JudgeUnavailable. close() cancelled the queued requests without telling the
+    call's wait, which then waited forever."""
+    from src.models.reward.errors import JudgeUnavailable
+
+    judge, script = fake([completion('{"score": 3}')], mode="generate", max_concurrency=1)
+    arrived, release = threading.Event(), threading.Event()
+    answer = script.next
+
+    def held(body):  # the first request's answer waits until the judge is closed
+        arrived.set()
+        release.wait(30)
+        return answer(body)
+    script.next = held
+    out: dict = {}
+
+    def call():
+        try:
+            out["r"] = judge.score_items(image_items(3))
+        except Exception as e:
+            out["r"] = e
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    assert arrived.wait(30)
+    judge.close()
+    release.set()
+    caller.join(30)
+    assert not caller.is_alive(), "the call never returned after close()"
+    assert isinstance(out["r"], JudgeUnavailable) and "closed" in str(out["r"]), repr(out["r"])
+    with pytest.raises(JudgeUnavailable, match="closed"):
+        judge.score_items(image_items(1))
+
+
 def test_rate_limit_spaces_requests(fake):
     judge, script = fake([completion('{"score": 3}')], mode="generate", requests_per_minute=300, max_concurrency=4)
     with judge:

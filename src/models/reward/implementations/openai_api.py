@@ -186,6 +186,8 @@ class OpenAIRewardModel(BaseRewardModel):
         results: list[ScoreResult | None] = [None] * len(items)
         try:
             for fut in concurrent.futures.as_completed(futures):
+                if fut.cancelled():  # close() (from another thread) dropped this call's queued requests
+                    raise JudgeUnavailable("OpenAIRewardModel was closed during the call")
                 r = fut.result()
                 results[r.index] = r
                 if bar is not None:
@@ -359,13 +361,19 @@ class _DaemonPool:
 
     def __init__(self, n: int):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # submit and shutdown: nothing is queued after the threads' stop
+        self._shut = False
         self._threads = [threading.Thread(target=self._run, name=f"openai-judge-{k}", daemon=True) for k in range(n)]
         for t in self._threads:
             t.start()
 
     def submit(self, fn: Any, *args: Any) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((fut, fn, args))
+        with self._lock:
+            if not self._shut:
+                self._queue.put((fut, fn, args))
+                return fut
+        _cancel(fut)  # no thread would run it
         return fut
 
     def _run(self) -> None:
@@ -385,15 +393,27 @@ class _DaemonPool:
 
     def shutdown(self) -> None:
         """Cancel what is queued, stop each thread after its current call; waits for nothing."""
+        with self._lock:
+            if self._shut:
+                return
+            self._shut = True
         while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
             if job is not None:
-                job[0].cancel()
+                _cancel(job[0])
         for _ in self._threads:
             self._queue.put(None)
+
+
+def _cancel(fut: concurrent.futures.Future) -> None:
+    """Cancel a future no thread has started, waking as_completed() and wait() on it: cancel()
+    alone wakes only result(); the waiters hear of it from set_running_or_notify_cancel(), which
+    an executor calls when it takes the job up, and no thread will."""
+    fut.cancel()
+    fut.set_running_or_notify_cancel()
 
 
 class _Call:
