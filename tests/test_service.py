@@ -472,6 +472,36 @@ def test_a_request_whose_client_left_leaves_the_queue(service):
         assert after.status_code == 200 and judge.calls[-1] == ["next"]
 
 
+def test_closing_the_remote_judge_during_a_call_in_another_thread(service):
+    """close() from another thread while a call's request waits for the service: the call ends
+    with JudgeUnavailable, as every judge's does. It raised httpx's bare RuntimeError ('Cannot send
+    a request, as the client has been closed'), outside the judge's errors."""
+    from src.models.reward.errors import JudgeUnavailable
+    from src.service.server import create_app
+
+    judge = _HeldJudge(RemoteRewardModel(service.url, token=TOKEN))
+    items = [ScoreItem(images=[png_bytes(k)], id=f"i{k}") for k in range(3)]
+    with ThreadServer(create_app(judge, {"max_batch": 1, "max_wait_ms": 0})) as srv, \
+            contextlib.ExitStack() as on_exit:
+        on_exit.callback(judge.release.set)  # a failed check must not leave the judge held
+        client = RemoteRewardModel(srv.url, token_env=None, batch_size=1, backoff_s=0.01)
+        out: dict = {}
+
+        def call():
+            try:
+                out["r"] = client.score_items(items)
+            except Exception as e:
+                out["r"] = e
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        assert judge.first_call.wait(60)  # the first request is being scored
+        client.close()
+        judge.release.set()
+        caller.join(60)
+        assert not caller.is_alive()
+        assert isinstance(out["r"], JudgeUnavailable) and "closed" in str(out["r"]), repr(out["r"])
+
+
 def test_the_batcher_serves_on_after_every_waiting_request_was_cancelled(service):
     """A call gathering company (max_wait) whose only request is cancelled meanwhile: the
     batcher must go back to waiting, not read the empty queue as 'closed and drained' and stop

@@ -25,6 +25,7 @@ _MAX_BACKOFF_S = 30.0  # the longest wait between two attempts, Retry-After incl
 # Refusals one item can cause (a path outside the allowed folders, a malformed image, text over
 # the limit, an item over the size limits): the request is split until the item stands alone.
 _ITEM_REFUSALS = (403, 413, 422)
+_CLOSED_DURING_CALL = "RemoteRewardModel was closed during the call"
 
 
 class RemoteServiceError(JudgeUnavailable):
@@ -100,6 +101,8 @@ class RemoteRewardModel(BaseRewardModel):
                 delay = min(self.backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S) * (0.5 + random.random())
                 time.sleep(min(wait, _MAX_BACKOFF_S) if wait is not None else delay)
                 wait = None
+            if self._closed:  # close() in another thread, during this call
+                raise JudgeUnavailable(_CLOSED_DURING_CALL)
             try:
                 if isinstance(body, bytes):
                     resp = self._client.request(method, path, content=body,
@@ -109,6 +112,10 @@ class RemoteRewardModel(BaseRewardModel):
             except httpx.TransportError as e:  # refused, reset, timed out: the service may be restarting
                 last, status = f"{type(e).__name__}: {e}", None
                 continue
+            except RuntimeError:  # httpx's "the client has been closed", by close() meanwhile
+                if not self._closed:
+                    raise
+                raise JudgeUnavailable(_CLOSED_DURING_CALL) from None
             status = resp.status_code
             if status < 400:
                 try:
