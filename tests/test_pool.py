@@ -260,6 +260,50 @@ def test_close_after_an_exception_leaves_no_process(two_workers, image_files):
         m.batch_score(image_files[:1])
 
 
+class _HeldWhilePickled:
+    """Metadata whose pickling (as the pool readies a call's items, before any worker has them)
+    waits until the test lets it go."""
+
+    def __init__(self):
+        self.reached, self.release = threading.Event(), threading.Event()
+
+    def __reduce__(self):
+        self.reached.set()
+        self.release.wait(30)
+        return str, ("held",)
+
+
+def test_close_while_a_call_readies_its_items_ends_that_call(tiny_cache, image_files):
+    """close() from another thread while a call is still readying its items (spilling in-memory
+    images, pickling metadata): the call ends with JudgeUnavailable. It went on to hand its
+    batches to the stopped thread pool: RuntimeError('cannot schedule new futures after
+    shutdown'), outside the judge's errors."""
+    from src.models.reward.errors import JudgeUnavailable
+
+    m = pool(1)
+    pids, spill = m.worker_pids(), m.pool.tmp_dir
+    held = _HeldWhilePickled()
+    out: dict = {}
+
+    def call():
+        try:
+            out["r"] = m.batch_score([ScoreItem(images=[make_image(1)], metadata={"held": held})])
+        except Exception as e:
+            out["r"] = e
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    try:
+        assert held.reached.wait(60)
+        m.close()
+    finally:
+        held.release.set()
+    caller.join(60)
+    assert not caller.is_alive()
+    assert isinstance(out["r"], JudgeUnavailable) and "closed" in str(out["r"]), repr(out["r"])
+    assert_no_orphans(pids)
+    assert not spill.exists(), "the pool's spill folder is removed"
+
+
 def test_worker_killed_mid_batch_loses_no_item(tiny_cache, image_files, reference, monkeypatch):
     monkeypatch.setenv("REWARD_FAULT_DELAY_S", "1.0")  # slow batches, so the kill lands mid-batch
     with pool(2, micro_batch=2) as m:

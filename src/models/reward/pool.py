@@ -587,10 +587,15 @@ class WorkerPool:
         # A call interrupted earlier (Ctrl-C caught by the caller, the pool kept) may still have
         # a thread finishing its last batch on a worker's channel: let it end first.
         concurrent.futures.wait(self._drivers)
-        self._sched = sched
         try:
-            self._drivers = [self._executor.submit(self._drive, slot, sched, wire)
-                             for slot in range(len(self.workers))]
+            # Under the state lock: a close() from another thread either came first (it may have
+            # stopped the threads while this call readied its items) or finds `_sched` to abort.
+            with self._state:
+                if self._closed:
+                    raise JudgeUnavailable("the worker pool was closed during the call")
+                self._sched = sched
+                self._drivers = [self._executor.submit(self._drive, slot, sched, wire)
+                                 for slot in range(len(self.workers))]
             for f in self._drivers:
                 f.result()
         finally:
