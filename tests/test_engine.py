@@ -245,3 +245,17 @@ def test_prompts_show_what_scoring_shows(tiny_cache, image_files, tmp_path):
         with pytest.raises(ValueError, match="item 'bad'"):
             j.engine.prompts([item, ScoreItem(images=[str(broken)], source_images=[image_files[1]],
                                               instruction="x", id="bad")])
+
+
+def test_a_rubric_part_that_fails_alone_is_named(tiny_cache):
+    # The edit rubric's first part shows two images and is over max_prompt_tokens, its second one
+    # image and is not: no overall score, the second part's sub-score kept, the error naming the
+    # first part (it said only "the prompt is 245 tokens", as if the whole item were too long).
+    item = ScoreItem(images=[make_image(1, 112, 112)], source_images=[make_image(2, 112, 112)], instruction="add a hat")
+    with judge("tiny:judge", template="edit", min_pixels=12544, max_pixels=12544, max_prompt_tokens=200) as j:
+        r = j.score(item)
+    assert r.score is None and r.sub_scores["semantic_consistency"] is None
+    assert r.sub_scores["perceptual_quality"] is not None
+    assert r.error_kind == "prompt_too_long"
+    assert r.error.startswith("item #0: semantic_consistency: the prompt is "), r.error
+

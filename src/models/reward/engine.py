@@ -186,6 +186,7 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         part_out: dict[int, dict[str, Any]] = {}    # pos -> part -> (score, raw) or error
         part_err: dict[int, tuple[str, str]] = dict(chunk.errors)
         part_time: dict[int, float] = {}
+        failed_part: dict[int, str] = {}  # the part whose prompt failed, where a part of the item did
         # In rubric order, not the order the prompts finished in: under continuous batching a
         # shorter answer finishes first, and an item's raw answers and its error would otherwise
         # list its parts (and name its first failing one) differently from a static batch.
@@ -195,6 +196,7 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
             part_time[req.pos] = part_time.get(req.pos, 0.0) + dt
             if isinstance(outcome, _ItemError):
                 part_err.setdefault(req.pos, (str(outcome), outcome.kind))
+                failed_part.setdefault(req.pos, req.part)
             else:
                 part_out.setdefault(req.pos, {})[req.part] = outcome
         results: dict[int, ScoreResult] = {}
@@ -210,8 +212,8 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
             sub = {part: outs[part]["score"] if part in outs else None for part, _ in self.rubric.parts}
             raw = {part: outs[part]["raw"] for part in outs}
             errors = [f"{part}: {outs[part]['error']}" for part in outs if outs[part].get("error")]
-            if pos in part_err:
-                errors.append(part_err[pos][0])
+            if pos in part_err:  # a part's prompt failed where others scored: named, as parse errors are
+                errors.append(f"{failed_part[pos]}: {part_err[pos][0]}")
             score = self.rubric.overall(sub)
             kinds = {outs[p].get("kind") for p in outs if outs[p].get("error")}
             r = ScoreResult(index=index, id=item.id, score=score, sub_scores=sub, raw=raw,
