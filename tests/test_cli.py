@@ -467,6 +467,30 @@ def test_config_mistakes_stop_before_anything_starts(tmp_path, edit_manifest, ca
     assert "--unset KEY" in help_text and "--no-progress" in help_text
 
 
+def test_template_mistakes_stop_the_job_naming_the_template(tmp_path, edit_manifest, capsys):
+    """A template written wrong in the config (here through --set, as YAML): exit 2, one line naming
+    the template and the key, no traceback, no output folder. A wrong type under `templates` was a
+    TypeError's traceback; a misspelt placeholder ran the whole job with the instruction never shown."""
+    from src.cli import main
+
+    out = tmp_path / "out"
+    cfg = str(write_config(tmp_path, edit_manifest, out))
+    cases = [
+        ("{edit_quality: {text: 5}}", "error: Problem with class_path 'qwen_vl': template 'edit_quality': text: "
+                                      "expected a string, got int 5"),
+        ("{edit_quality: {levels: 5}}", "template 'edit_quality': levels: expected a mapping"),
+        ('{edit_instruction: {text: "Was {instrution} followed?", images: [source, image]}}',
+         "template 'edit_instruction': text holds {instrution}, which is no placeholder (did you mean {instruction}?)"),
+        ("{edit_instruction: {scale: [0, 100]}, edit_quality: {scale: [0, 100]}}",
+         "template 'edit_instruction': logits mode needs single-token levels; its scale (0.0, 100.0) has none"),
+    ]
+    for templates, message in cases:
+        rc = main(["--config", cfg, "--set", f"model.params.templates={templates}"], prog="main.py")
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, (templates, err)
+        assert not out.exists(), (templates, "the job started")
+
+
 def test_finished_job_says_where_its_results_are(tiny_cache, tmp_path):
     """The printed summary names results.jsonl and job.report's page; --no-progress shows no bar
     (the weight-loading one included); report --out NAME writes beside the results; a job in which

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from src.models.reward import ConfigError, build_reward_model, load_config
-from src.models.reward.config import accepted_params, apply_override, resolve_class
+from src.models.reward import ConfigError, JudgeConfigError, build_reward_model, load_config
+from src.models.reward.config import accepted_params, apply_override, resolve_class, resolve_spec
 from src.models.reward.implementations.local import QwenVLRewardModel
 from src.models.reward.implementations.multi_gpu import MultiGPURewardModel
 from src.models.reward.settings import JudgeSettings
@@ -111,3 +111,124 @@ def test_settings_fingerprint_tracks_what_changes_scores():
     assert a.fingerprint() == JudgeSettings(model_name="m", batch_size=32).fingerprint()
     assert a.fingerprint() != JudgeSettings(model_name="m", mode="generate").fingerprint()
     assert a.fingerprint() != JudgeSettings(model_name="other").fingerprint()
+
+
+# A template a user writes in YAML, with one mistake each: refused when the config is read, the
+# message naming the template and the key (no TypeError from deep inside, nothing shown to the
+# judge with a typo in it).
+_YES_NO = __import__("yaml").safe_load("{yes: 1, no: 0}")  # YAML 1.1: unquoted yes/no are booleans
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ({"text": 5}, "template 't': text: expected a string, got int 5"),
+    ({"text": None}, "template 't': text: expected a string, got NoneType None"),
+    ({"text": ["a", "b"]}, "template 't': text: expected a string, got list"),
+    ({"text": "x", "system": 3}, "template 't': system: expected a string or null, got int 3"),
+    ({"text": "x", "logits_suffix": None}, "template 't': logits_suffix: expected a string, got NoneType"),
+    ({"text": "x", "json_key": 3}, "template 't': json_key: expected a string or null, got int 3"),
+    ({"text": "x", "images": None}, "template 't': images: expected a list of image roles"),
+    ({"text": "x", "images": "source"}, "template 't': images: expected a list of image roles (source, image), "
+                                        "got str 'source'"),
+    ({"text": "x", "scale": [1]}, "template 't': scale: expected [low, high], two numbers, got [1]"),
+    ({"text": "x", "scale": "1-5"}, "template 't': scale: expected [low, high], two numbers, got '1-5'"),
+    ({"text": "x", "scale": [1, 5, 9]}, "template 't': scale: expected [low, high], two numbers, got [1, 5, 9]"),
+    ({"text": "x", "scale": [0, float("inf")]}, "template 't': scale: expected [low, high], two finite numbers"),
+    ({"text": "x", "scale": [0, "9"]}, "template 't': scale: expected [low, high], two numbers, got [0, '9']"),
+    ({"text": "x", "levels": 5}, "template 't': levels: expected a mapping {token: value} or a list of "
+                                 "[token, value] pairs, got int 5"),
+    ({"text": "x", "scale": [1, 5], "levels": "12345"}, "template 't': levels: expected a mapping"),
+    ({"text": "x", "scale": [1, 5], "levels": {"a": "high", "b": 1}},
+     "template 't': levels: the value of 'a' is not a number: 'high'"),
+    ({"text": "x", "scale": [1, 5], "levels": {"a": None, "b": 1}}, "template 't': levels: the value of 'a' is not"),
+    ({"text": "x", "scale": [0, 1], "levels": _YES_NO},
+     "template 't': levels: the level True is YAML's reading of an unquoted yes, no, true, false, on or off; "
+     "quote the word"),
+    ({"text": "x", "scale": [1, 5], "levels": [["1", 1], ["1", 2]]}, "template 't': levels: '1' is given twice"),
+    ({"text": "x", "scale": [1, 5], "levels": {"good": 5}},
+     "template 't': levels: one level ('good') gives every item the same score; give at least two"),
+    ({"text": "Does the edit follow {instrution}?"},
+     "template 't': text holds {instrution}, which is no placeholder (did you mean {instruction}?): the judge would "
+     "read it as written. text fills in {instruction}"),
+    ({"text": "Does the image match the prompt {prompt}?"}, "template 't': text holds {prompt}, which is no placeholder"),
+    ({"text": "x", "generate_suffix": "Give a score from {low} to {high}."},
+     "template 't': generate_suffix holds {low}, which is no placeholder (did you mean {lo}?)"),
+    ({"text": "x", "system": "You judge edits made with {instruction}."},
+     "template 't': system holds {instruction}, which is no placeholder here: system fills in none "
+     "({instruction} is filled in text only)"),
+])
+def test_bad_template_specs_are_refused_naming_the_template_and_key(spec, expected):
+    with pytest.raises(JudgeConfigError) as e:
+        resolve_rubric("t", {"t": spec})
+    assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ({"parts": {"a": "quality", "b": ["alignment"]}}, "rubric 'r': parts: the template of 'b' must be a template "
+                                                      "name, got list"),
+    ({"parts": {"a": "quality", "b": "alignment"}, "combine": None}, "rubric 'r': combine: expected one of"),
+])
+def test_bad_rubric_specs_are_refused_naming_the_rubric_and_key(spec, expected):
+    with pytest.raises(JudgeConfigError) as e:
+        resolve_rubric("r", {"r": spec})
+    assert expected in str(e.value)
+
+
+def test_braces_that_are_no_placeholder_reach_the_judge_as_written():
+    # JSON examples in a template's text, and the suffixes' {{ }} escapes, are no placeholders.
+    t = resolve_rubric("t", {"t": {
+        "text": 'Edit: "{instruction}". Reply as {"score": 7} or {"score": {"overall": 7}}; {a b} and {} stay.',
+        "generate_suffix": 'Last line: {{"score": <{lo}..{hi}>}}', "scale": [1, 5]}}).parts[0][1]
+    assert t.question("add a hat", "generate") == (
+        'Edit: "add a hat". Reply as {"score": 7} or {"score": {"overall": 7}}; {a b} and {} stay.\n'
+        'Last line: {"score": <1..5>}')
+
+
+def test_template_mistakes_are_judge_config_errors_before_any_worker_starts():
+    # The settings record refuses them, so every host (in process, worker pool, Ray, service) does
+    # at construction: before, the worker pool started its workers, and each failed to start.
+    bad = {"t": {"text": "x", "scale": [5, 1]}}
+    with pytest.raises(JudgeConfigError, match=r"template 't': scale \(5.0, 1.0\) must be"):
+        MultiGPURewardModel(model_name="tiny:judge", device_ids=["cpu"], template="t", templates=bad)
+    with pytest.raises(ConfigError, match="Problem with class_path 'multi_gpu': template 't': text: expected a string"):
+        build_reward_model({"class_path": "multi_gpu", "params": {
+            "model_name": "tiny:judge", "device_ids": ["cpu"], "template": "t", "templates": {"t": {"text": 5}}}})
+    # the spec check the service runs before it loads anything in the background
+    with pytest.raises(ConfigError, match="Problem with class_path 'qwen_vl': unknown template 'qualty'"):
+        resolve_spec({"class_path": "qwen_vl", "params": {"model_name": "tiny:judge", "template": "qualty"}})
+
+
+def test_logits_mode_needs_levels_at_config_time():
+    # A scale whose default levels are not single digits (0..100, 1..10) has no levels for logits
+    # mode: refused when the settings are read, not after the weights have loaded.
+    scale100 = {"pct": {"text": "Rate it, 0 to 100.", "scale": [0, 100]}}
+    with pytest.raises(JudgeConfigError, match=r"template 'pct': logits mode needs single-token levels; its scale "
+                                               r"\(0.0, 100.0\) has none"):
+        JudgeSettings(model_name="m", template="pct", templates=scale100)
+    assert JudgeSettings(model_name="m", template="pct", templates=scale100, mode="generate").template == "pct"
+    with pytest.raises(JudgeConfigError, match="template 'pct': logits mode needs"):  # a rubric's part too
+        JudgeSettings(model_name="m", template="r", templates={**scale100, "r": {"parts": {"b": "pct"}}})
+
+
+def test_fingerprint_covers_every_template_setting_and_no_speed_setting():
+    def fp(**kw):
+        return JudgeSettings(model_name="m", template="r", **kw).judge_fingerprint()
+
+    def templates(**change):
+        t = {"a": {"text": "Sharp? {instruction}", "images": ["source", "image"], "scale": [0, 4]},
+             "b": {"text": "Colours?", "scale": [0, 4]},
+             "r": {"parts": {"sharp": "a", "colour": "b"}, "combine": "mean"}}
+        for key, value in change.items():
+            name, field_name = key.split("__")
+            t[name] = {**t[name], field_name: value}
+        return t
+
+    base = fp(templates=templates())
+    assert fp(templates=templates(), batch_size=64, chunk_order="input", vision_cache_mb=0) == base
+    assert fp(templates={**templates(), "unused": {"text": "never asked"}}) == base
+    changed = [templates(a__text="Blurry? {instruction}"), templates(a__images=["image"]),
+               templates(a__scale=[0, 3], b__scale=[0, 3]), templates(a__levels={"0": 0, "1": 1, "2": 2, "3": 4}),
+               templates(a__system="Be strict."), templates(a__logits_suffix="Digit?"), templates(a__json_key="s"),
+               templates(r__combine="min"), templates(r__parts={"sharp": "a", "color": "b"}),
+               templates(r__parts={"sharp": "a"}), templates(r__parts={"colour": "b", "sharp": "a"})]
+    prints = [fp(templates=t) for t in changed]
+    assert base not in prints and len(set(prints)) == len(prints)

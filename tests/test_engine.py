@@ -247,6 +247,18 @@ def test_prompts_show_what_scoring_shows(tiny_cache, image_files, tmp_path):
                                               instruction="x", id="bad")])
 
 
+def test_levels_of_several_tokens_are_refused_before_the_weights_load(tiny_cache, monkeypatch):
+    # The tokenizer is all the check needs: a 30B judge's weights (minutes) are not loaded first.
+    import transformers
+
+    def no_weights(*a, **k):
+        raise AssertionError("the weights were loaded before the levels were checked")
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", no_weights)
+    templates = {"t": {"text": "Rate it.", "scale": [0, 1], "levels": {"0": 0, "0.5": 0.5, "1": 1}}}
+    with pytest.raises(ValueError, match="template 't': level '0.5' is 3 tokens for this tokenizer"):
+        judge("tiny:judge", template="t", templates=templates)
+
+
 def test_a_rubric_part_that_fails_alone_is_named(tiny_cache):
     # The edit rubric's first part shows two images and is over max_prompt_tokens, its second one
     # image and is not: no overall score, the second part's sub-score kept, the error naming the
@@ -259,3 +271,22 @@ def test_a_rubric_part_that_fails_alone_is_named(tiny_cache):
     assert r.error_kind == "prompt_too_long"
     assert r.error.startswith("item #0: semantic_consistency: the prompt is "), r.error
 
+
+def test_logits_score_is_the_expected_value_over_the_levels(tiny_cache, image_files):
+    # A shifted scale (-2..2 read from the digit tokens 0..4) and word levels, batched with a part
+    # that shows no image: each score is sum(p * value) over the level probabilities kept in raw.
+    templates = {"shift": {"text": "Rate it.", "scale": [-2, 2], "levels": {"0": -2, "1": -1, "2": 0, "3": 1, "4": 2}},
+                 "words": {"text": "Is the instruction clear: {instruction}?", "images": [], "scale": [-2, 2],
+                           "levels": {"excellent": 2, "good": 1, "fair": 0, "poor": -1, "bad": -2}},
+                 "r": {"parts": {"shift": "shift", "words": "words"}, "combine": "min"}}
+    items = [ScoreItem(images=[p], instruction="make it red" + " please" * k) for k, p in enumerate(image_files[:3])]
+    with judge("tiny:qwen2_5_vl", template="r", templates=templates, batch_size=2) as j:
+        results = j.batch_score(items)
+        values = {name: dict(t.levels) for name, t in j.engine.rubric.parts}
+    for r in results:
+        assert r.error is None
+        for part, raw in r.raw.items():
+            probs = raw["probs"]
+            assert set(probs) == set(values[part]) and sum(probs.values()) == pytest.approx(1, abs=1e-4)
+            assert r.sub_scores[part] == pytest.approx(sum(p * values[part][t] for t, p in probs.items()), abs=1e-4)
+        assert r.score == min(r.sub_scores.values())

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 from src.interrupts import raise_lost_ctrl_c
 from src.models.reward import BaseRewardModel, ScoreResult, build_reward_model
-from src.models.reward.config import ConfigError, model_param_paths, resolve_spec, unknown_key_error
+from src.models.reward.config import ConfigError, judge_settings, model_param_paths, resolve_spec, unknown_key_error
 from src.models.reward.errors import JudgeError
 from src.models.reward.size_order import HeaderSize, chunk_order
 from src.models.reward.templates import resolve_rubric
@@ -144,15 +144,9 @@ def settings_fingerprint(cls: type, params: dict[str, Any]) -> str | None:
     settings alone (no model loaded): for the classes whose results are keyed by their
     JudgeSettings (qwen_vl, multi_gpu, ray); None for any other, or where the settings do not
     build (the judge's own construction then says why)."""
-    import inspect
-
-    settings_cls = getattr(cls, "settings_cls", None)
-    if settings_cls is None:
-        return None
-    own = {n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind is not p.VAR_KEYWORD}
     try:
-        s = settings_cls.from_params({k: v for k, v in params.items() if k not in own})
-        return s.judge_fingerprint()
+        s = judge_settings(cls, params)
+        return s.judge_fingerprint() if s is not None else None
     except Exception:
         return None
 

@@ -141,7 +141,22 @@ def resolve_spec(spec: Mapping[str, Any]) -> tuple[str, type, dict[str, Any]]:
     if not isinstance(params, Mapping):
         raise ConfigError(f"Problem with class_path '{class_path}': params must be a mapping, got {type(params).__name__}")
     cls = resolve_class(class_path)
-    return class_path, cls, validate_params(class_path, cls, params)
+    clean = validate_params(class_path, cls, params)
+    try:
+        judge_settings(cls, clean)  # the judge's settings (its template) are read now, not after a load
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"Problem with class_path '{class_path}': {e}") from None
+    return class_path, cls, clean
+
+
+def judge_settings(cls: type, params: Mapping[str, Any]) -> Any:
+    """The settings record (`settings_cls`) a judge of class `cls` builds from `params`, or None for a
+    class without one; raises what building it raises."""
+    settings_cls = getattr(cls, "settings_cls", None)
+    if settings_cls is None:
+        return None
+    own = {n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind is not p.VAR_KEYWORD}
+    return settings_cls.from_params({k: v for k, v in params.items() if k not in own})
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:

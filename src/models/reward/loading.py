@@ -54,6 +54,11 @@ class Loading:
                 f"{' (HF_HUB_OFFLINE is set: nothing is downloaded)' if offline else ''}, or tiny:judge") from None
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
+        # Each level one token: read from the tokenizer, before the weights take their minutes to load.
+        self._level_ids: dict[str, tuple[list[int], list[float], list[str]]] = {}
+        if s.mode == "logits":
+            for _, tpl in self.rubric.parts:
+                self._level_ids[tpl.name] = self._levels_for(tpl)
         ip = self.processor.image_processor
         self.patch_size = int(getattr(ip, "patch_size", 14))
         size = dict(getattr(ip, "size", None) or {})
@@ -105,10 +110,6 @@ class Loading:
         log.info("%s: judge loaded on %s (quantization: %s)", self.device_label, ",".join(self.devices),
                  self.quantization)
         self._setup_speed()
-        self._level_ids: dict[str, tuple[list[int], list[float], list[str]]] = {}
-        if s.mode == "logits":
-            for _, tpl in self.rubric.parts:
-                self._level_ids[tpl.name] = self._levels_for(tpl)
 
     def _check_placement(self, model) -> None:
         """A judge spread over a group must sit on the group's GPUs: a layer that the budget sent to
@@ -125,10 +126,7 @@ class Loading:
                 "gpus_per_worker, or use quantization")
 
     def _levels_for(self, tpl: Template) -> tuple[list[int], list[float], list[str]]:
-        if not tpl.levels:
-            raise JudgeConfigError(f"template {tpl.name!r}: logits mode needs single-token levels; its scale "
-                                   f"{tpl.scale} has none (set `levels`, or use mode: generate)")
-        ids, values, names = [], [], []
+        ids, values, names = [], [], []  # (levels exist: JudgeSettings.check_mode refused a template without)
         lead_space = bool(tpl.logits_prefix) and not tpl.logits_prefix[-1].isspace()
         for text, value in tpl.levels:
             piece = (" " + text) if lead_space else text
@@ -137,6 +135,9 @@ class Loading:
                 raise JudgeConfigError(f"template {tpl.name!r}: level {piece!r} is {len(enc)} tokens for this "
                                        "tokenizer; logits mode needs every level to be one token (use other levels "
                                        "or mode: generate)")
+            if enc[0] in ids:  # its probability would count twice in the expected value
+                raise JudgeConfigError(f"template {tpl.name!r}: levels {names[ids.index(enc[0])]!r} and {text!r} are the "
+                                       "same token for this tokenizer; give each token once")
             ids.append(enc[0])
             values.append(float(value))
             names.append(text)

@@ -191,6 +191,11 @@ class JudgeSettings:
                                    f"got {self.min_new_tokens}")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise JudgeConfigError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
+        # The template and its overrides, read now: a mistake in them stops every host here, before
+        # a worker starts or a model loads.
+        from .templates import resolve_rubric
+
+        resolve_rubric(self.template, self.templates).check_mode(self.mode)
 
     @classmethod
     def names(cls) -> list[str]:

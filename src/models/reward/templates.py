@@ -13,12 +13,21 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
 from .errors import JudgeConfigError
 
 IMAGE_ROLES = ("source", "image")  # source image(s) first, then the image(s) under judgement
+DIGITS_SUFFIX = "Answer with a single digit from {lo} to {hi}."
+
+# What each text of a template fills in. Any other `{name}` is a mistake the judge would read as
+# written (`{instrution}`, `{prompt}`): refused. Braces around anything else (JSON examples) are
+# text; in the suffixes `{{` and `}}` stand for one brace, as in str.format.
+PLACEHOLDERS = {"text": ("instruction",), "generate_suffix": ("lo", "hi"), "logits_suffix": ("lo", "hi"),
+                "system": (), "logits_prefix": ()}
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*)\}")
 
 
 @dataclass(frozen=True)
@@ -31,7 +40,7 @@ class Template:
     system: str | None = None
     generate_suffix: str = ('First explain your judgement in one or two sentences, then give the score '
                             'as JSON on the last line: {{"score": <integer from {lo} to {hi}>}}')
-    logits_suffix: str = "Answer with a single digit from {lo} to {hi}."
+    logits_suffix: str = DIGITS_SUFFIX
     logits_prefix: str = ""         # text the assistant's answer starts with, before the level token
     json_key: str | None = None     # the key the parser looks for first in a JSON answer
 
@@ -43,12 +52,33 @@ class Template:
             if role not in IMAGE_ROLES:
                 raise JudgeConfigError(f"template {self.name!r}: unknown image role {role!r}; known: "
                                        f"{', '.join(IMAGE_ROLES)}")
+        digits = (tuple((str(v), float(v)) for v in range(int(lo), int(hi) + 1))
+                  if float(lo).is_integer() and float(hi).is_integer() and 0 <= lo and hi <= 9 else ())
         if not self.levels:
-            if float(lo).is_integer() and float(hi).is_integer() and 0 <= lo and hi <= 9:
-                object.__setattr__(self, "levels", tuple((str(v), float(v)) for v in range(int(lo), int(hi) + 1)))
+            object.__setattr__(self, "levels", digits)
         for tok, val in self.levels:
             if not lo <= val <= hi:
                 raise JudgeConfigError(f"template {self.name!r}: level {tok!r}={val} is outside the scale {self.scale}")
+        for key, known in PLACEHOLDERS.items():
+            self._check_placeholders(key, known)
+
+    def _check_placeholders(self, key: str, known: tuple[str, ...]) -> None:
+        value = getattr(self, key) or ""
+        if key != "text":
+            value = value.replace("{{", "").replace("}}", "")
+        for name in _PLACEHOLDER.findall(value):
+            if name in known:
+                continue
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            fills = (f"{key} fills in {' and '.join('{' + k + '}' for k in known)}" if known
+                     else f"{key} fills in none")
+            where = [k for k, names in PLACEHOLDERS.items() if name in names]
+            if where:  # a placeholder of another text
+                raise JudgeConfigError(f"template {self.name!r}: {key} holds {{{name}}}, which is no placeholder here: "
+                                       f"{fills} ({{{name}}} is filled in {' and '.join(where)} only)")
+            hint = f" (did you mean {{{close[0]}}}?)" if close else ""
+            raise JudgeConfigError(f"template {self.name!r}: {key} holds {{{name}}}, which is no placeholder{hint}: "
+                                   f"the judge would read it as written. {fills}; other braces (JSON) are text")
 
     @property
     def needs_instruction(self) -> bool:
@@ -94,6 +124,17 @@ class Rubric:
     @property
     def scale(self) -> tuple[float, float]:
         return self.parts[0][1].scale
+
+    def check_mode(self, mode: str) -> None:
+        """Refuse what this rubric cannot score in `mode`: logits mode reads level tokens, and a
+        scale whose default levels are not single digits (0..100, 1..10) has none."""
+        if mode != "logits":
+            return
+        for _, t in self.parts:
+            if not t.levels:
+                raise JudgeConfigError(f"template {t.name!r}: logits mode needs single-token levels; its scale "
+                                       f"{t.scale} has none (the default levels are the digits of a scale within "
+                                       "0..9: set `levels`, or use mode: generate)")
 
     @property
     def needs_source(self) -> bool:
@@ -179,21 +220,70 @@ def _template_from_mapping(name: str, spec: Mapping[str, Any], base: Template | 
     if unknown:
         raise JudgeConfigError(f"template {name!r}: unknown key(s) {sorted(unknown)}; known: "
                                f"{', '.join(sorted(known))}")
+    where = f"template {name!r}"
     spec = dict(spec)
+    for key in ("text", "generate_suffix", "logits_suffix", "logits_prefix"):
+        if key in spec and not isinstance(spec[key], str):
+            raise JudgeConfigError(f"{where}: {key}: expected a string, got {_shown(spec[key])}")
+    for key in ("system", "json_key"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise JudgeConfigError(f"{where}: {key}: expected a string or null, got {_shown(spec[key])}")
     if "images" in spec:
+        if not isinstance(spec["images"], (list, tuple)):
+            raise JudgeConfigError(f"{where}: images: expected a list of image roles ({', '.join(IMAGE_ROLES)}), "
+                                   f"got {_shown(spec['images'])} ([] shows none)")
         spec["images"] = tuple(spec["images"])
     if "scale" in spec:
-        spec["scale"] = tuple(float(v) for v in spec["scale"])
+        spec["scale"] = _scale(where, spec["scale"])
         if base is not None and "levels" not in spec:
             spec["levels"] = ()  # the base's digit levels belong to the base's scale
     if "levels" in spec:
-        lv = spec["levels"]
-        spec["levels"] = tuple((str(k), float(v)) for k, v in (lv.items() if isinstance(lv, Mapping) else lv))
+        spec["levels"] = _levels(where, spec["levels"])
     if base is not None:
         return replace(base, name=name, **spec)
     if "text" not in spec:
-        raise JudgeConfigError(f"template {name!r}: a new template needs 'text'")
+        raise JudgeConfigError(f"{where}: a new template needs 'text'")
     return Template(name=name, **spec)
+
+
+def _shown(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _scale(where: str, scale: Any) -> tuple[float, float]:
+    if not isinstance(scale, (list, tuple)) or len(scale) != 2 or not all(_number(v) for v in scale):
+        raise JudgeConfigError(f"{where}: scale: expected [low, high], two numbers, got {scale!r}")
+    if not all(math.isfinite(v) for v in scale):
+        raise JudgeConfigError(f"{where}: scale: expected [low, high], two finite numbers, got {list(scale)}")
+    return float(scale[0]), float(scale[1])
+
+
+def _levels(where: str, levels: Any) -> tuple[tuple[str, float], ...]:
+    """`{token: value}` or `[[token, value], ...]` as (token, value) pairs, each token once."""
+    pairs = list(levels.items()) if isinstance(levels, Mapping) else levels
+    if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+        raise JudgeConfigError(f"{where}: levels: expected a mapping {{token: value}} or a list of [token, value] "
+                               f"pairs, got {_shown(levels)}")
+    out: dict[str, float] = {}
+    for tok, value in pairs:
+        if isinstance(tok, bool):  # {yes: 1, no: 0} in YAML
+            raise JudgeConfigError(f"{where}: levels: the level {tok} is YAML's reading of an unquoted yes, no, true, "
+                                   "false, on or off; quote the word ('yes')")
+        if not isinstance(tok, (str, int, float)) or not str(tok).strip():  # null, a list, an empty word
+            raise JudgeConfigError(f"{where}: levels: a level must be a word or a digit, got {tok!r}")
+        if not _number(value) or not math.isfinite(value):
+            raise JudgeConfigError(f"{where}: levels: the value of {str(tok)!r} is not a number: {value!r}")
+        if str(tok) in out:
+            raise JudgeConfigError(f"{where}: levels: {str(tok)!r} is given twice")
+        out[str(tok)] = float(value)
+    if len(out) == 1:
+        raise JudgeConfigError(f"{where}: levels: one level ({next(iter(out))!r}) gives every item the same score; "
+                               "give at least two")
+    return tuple(out.items())
 
 
 def resolve_rubric(name: str, overrides: Mapping[str, Any] | None = None) -> Rubric:
@@ -216,7 +306,14 @@ def resolve_rubric(name: str, overrides: Mapping[str, Any] | None = None) -> Rub
             parts = spec["parts"]
             if not isinstance(parts, Mapping) or not parts:
                 raise JudgeConfigError(f"rubric {key!r}: 'parts' must map sub-score names to template names")
-            rubrics[key] = (tuple((str(k), str(v)) for k, v in parts.items()), str(spec.get("combine", "geometric_mean")))
+            for sub, tpl_name in parts.items():
+                if not isinstance(tpl_name, str):
+                    raise JudgeConfigError(f"rubric {key!r}: parts: the template of {str(sub)!r} must be a template "
+                                           f"name, got {_shown(tpl_name)}")
+            combine = spec.get("combine", "geometric_mean")
+            if combine not in COMBINE:
+                raise JudgeConfigError(f"rubric {key!r}: combine: expected one of {', '.join(COMBINE)}, got {combine!r}")
+            rubrics[key] = (tuple((str(k), v) for k, v in parts.items()), combine)
         else:
             templates[key] = _template_from_mapping(key, spec, templates.get(key))
     if name in rubrics:

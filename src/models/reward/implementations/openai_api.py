@@ -121,11 +121,9 @@ class OpenAIRewardModel(BaseRewardModel):
         if num_samples > 1 and temperature == 0:
             raise JudgeConfigError("num_samples > 1 needs temperature > 0 (greedy answers would all be the same)")
         self.rubric: Rubric = resolve_rubric(template, templates or {})
+        self.rubric.check_mode(mode)
         if mode == "logits":
             for _, tpl in self.rubric.parts:
-                if not tpl.levels:
-                    raise JudgeConfigError(f"template {tpl.name!r}: logits mode needs levels; its scale {tpl.scale} "
-                                           "has none (set `levels`, or use mode: generate)")
                 if top_logprobs < len(tpl.levels):
                     raise JudgeConfigError(f"top_logprobs: {top_logprobs} is fewer than the {len(tpl.levels)} "
                                            f"levels of template {tpl.name!r}; ask for at least that many")
