@@ -183,6 +183,26 @@ def test_braces_that_are_no_placeholder_reach_the_judge_as_written():
         'Last line: {"score": <1..5>}')
 
 
+def test_logits_mode_asks_for_the_levels_it_reads():
+    # Levels that are not the digits of the scale: the default logits question names them, so that
+    # the judge's next token is one of the tokens read (it asked for a digit, and the yes/no
+    # probabilities it read were what the judge left over).
+    yes_no = resolve_rubric("t", {"t": {"text": "Is there a cat?", "scale": [0, 1],
+                                        "levels": {"yes": 1, "no": 0}}}).parts[0][1]
+    assert yes_no.question(None, "logits") == "Is there a cat?\nAnswer with one of: yes, no."
+    shifted = resolve_rubric("t", {"t": {"text": "Rate it.", "scale": [-2, 2],
+                                         "levels": {"0": -2, "1": -1, "2": 0, "3": 1, "4": 2}}}).parts[0][1]
+    assert shifted.question(None, "logits") == "Rate it.\nAnswer with one of: 0, 1, 2, 3, 4."
+    stars = resolve_rubric("t", {"t": {"text": "Stars?", "scale": [1, 5]}}).parts[0][1]
+    assert stars.question(None, "logits") == "Stars?\nAnswer with a single digit from 1 to 5."
+    own = resolve_rubric("t", {"t": {"text": "Cat?", "scale": [0, 1], "levels": {"yes": 1, "no": 0},
+                                     "logits_suffix": "Say yes or no."}}).parts[0][1]
+    assert own.question(None, "logits") == "Cat?\nSay yes or no."
+    for name in ("quality", "edit_instruction", "edit_quality", "alignment", "qalign_quality"):  # as before
+        t = resolve_rubric(name).parts[0][1]
+        assert t.logits_suffix == ("" if name == "qalign_quality" else "Answer with a single digit from {lo} to {hi}.")
+
+
 def test_template_mistakes_are_judge_config_errors_before_any_worker_starts():
     # The settings record refuses them, so every host (in process, worker pool, Ray, service) does
     # at construction: before, the worker pool started its workers, and each failed to start.

@@ -40,7 +40,7 @@ class Template:
     system: str | None = None
     generate_suffix: str = ('First explain your judgement in one or two sentences, then give the score '
                             'as JSON on the last line: {{"score": <integer from {lo} to {hi}>}}')
-    logits_suffix: str = DIGITS_SUFFIX
+    logits_suffix: str = DIGITS_SUFFIX  # with levels other than the scale's digits: "Answer with one of: ..."
     logits_prefix: str = ""         # text the assistant's answer starts with, before the level token
     json_key: str | None = None     # the key the parser looks for first in a JSON answer
 
@@ -59,6 +59,10 @@ class Template:
         for tok, val in self.levels:
             if not lo <= val <= hi:
                 raise JudgeConfigError(f"template {self.name!r}: level {tok!r}={val} is outside the scale {self.scale}")
+        if self.logits_suffix == DIGITS_SUFFIX and self.levels and set(self.levels) != set(digits):
+            # The judge is asked for the tokens that are read: asked for a digit, its yes/no (or
+            # shifted digits') probabilities would be what it left over.
+            object.__setattr__(self, "logits_suffix", f"Answer with one of: {', '.join(t for t, _ in self.levels)}.")
         for key, known in PLACEHOLDERS.items():
             self._check_placeholders(key, known)
 
