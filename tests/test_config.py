@@ -252,3 +252,16 @@ def test_fingerprint_covers_every_template_setting_and_no_speed_setting():
                templates(r__parts={"sharp": "a"}), templates(r__parts={"colour": "b", "sharp": "a"})]
     prints = [fp(templates=t) for t in changed]
     assert base not in prints and len(set(prints)) == len(prints)
+
+
+def test_generate_mode_asks_for_the_json_key_it_reads():
+    # A template with its own json_key and the default answer format: the judge was asked for
+    # {"score": N} while only "quality" was read, so every answer failed to parse.
+    from src.models.reward.scoring import read_answers
+
+    t = resolve_rubric("t", {"t": {"text": "Rate it.", "json_key": "quality"}}).parts[0][1]
+    assert t.question(None, "generate").endswith('on the last line: {"quality": <integer from 0 to 9>}')
+    assert read_answers(['Sharp and clean. {"quality": 7}'], t)["score"] == 7.0
+    own = resolve_rubric("t", {"t": {"text": "Rate it.", "json_key": "q", "generate_suffix": "Reply {{\"q\": N}}."}})
+    assert own.parts[0][1].question(None, "generate") == 'Rate it.\nReply {"q": N}.'
+    assert resolve_rubric("quality").parts[0][1].question(None, "generate").endswith('{"score": <integer from 0 to 9>}')

@@ -12,6 +12,7 @@ integer, so both modes report on one scale.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -21,6 +22,8 @@ from .errors import JudgeConfigError
 
 IMAGE_ROLES = ("source", "image")  # source image(s) first, then the image(s) under judgement
 DIGITS_SUFFIX = "Answer with a single digit from {lo} to {hi}."
+JSON_SUFFIX = ('First explain your judgement in one or two sentences, then give the score as JSON on the last '
+               'line: {{"score": <integer from {lo} to {hi}>}}')
 
 # What each text of a template fills in. Any other `{name}` is a mistake the judge would read as
 # written (`{instrution}`, `{prompt}`): refused. Braces around anything else (JSON examples) are
@@ -38,8 +41,7 @@ class Template:
     scale: tuple[float, float] = (0, 9)
     levels: tuple[tuple[str, float], ...] = ()  # token text -> value, for logits mode; digits by default
     system: str | None = None
-    generate_suffix: str = ('First explain your judgement in one or two sentences, then give the score '
-                            'as JSON on the last line: {{"score": <integer from {lo} to {hi}>}}')
+    generate_suffix: str = JSON_SUFFIX  # with a json_key, the JSON asked for holds that key
     logits_suffix: str = DIGITS_SUFFIX  # with levels other than the scale's digits: "Answer with one of: ..."
     logits_prefix: str = ""         # text the assistant's answer starts with, before the level token
     json_key: str | None = None     # the key the parser looks for first in a JSON answer
@@ -63,6 +65,10 @@ class Template:
             # The judge is asked for the tokens that are read: asked for a digit, its yes/no (or
             # shifted digits') probabilities would be what it left over.
             object.__setattr__(self, "logits_suffix", f"Answer with one of: {', '.join(t for t, _ in self.levels)}.")
+        if self.json_key is not None and self.generate_suffix == JSON_SUFFIX:
+            # Asked for {"score": N}, a judge's answer would hold no json_key: every one unread.
+            key = json.dumps(self.json_key).replace("{", "{{").replace("}", "}}")
+            object.__setattr__(self, "generate_suffix", JSON_SUFFIX.replace('{{"score"', "{{" + key))
         for key, known in PLACEHOLDERS.items():
             self._check_placeholders(key, known)
 
