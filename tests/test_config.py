@@ -265,3 +265,16 @@ def test_generate_mode_asks_for_the_json_key_it_reads():
     own = resolve_rubric("t", {"t": {"text": "Rate it.", "json_key": "q", "generate_suffix": "Reply {{\"q\": N}}."}})
     assert own.parts[0][1].question(None, "generate") == 'Rate it.\nReply {"q": N}.'
     assert resolve_rubric("quality").parts[0][1].question(None, "generate").endswith('{"score": <integer from 0 to 9>}')
+
+
+def test_a_template_named_like_a_built_in_rubric_replaces_it():
+    # `templates: {edit: {text: ...}}` defines the template `edit`; the built-in rubric of that name
+    # was chosen anyway, and the user's question never asked.
+    spec = {"text": 'Was "{instruction}" followed, and does the result look good?', "images": ["source", "image"]}
+    r = resolve_rubric("edit", {"edit": spec})
+    assert r.combine == "single" and [(s, t.text) for s, t in r.parts] == [("edit", spec["text"])]
+    assert JudgeSettings(model_name="m", template="edit", templates={"edit": spec}).judge_fingerprint() != \
+        JudgeSettings(model_name="m", template="edit").judge_fingerprint()
+    # and the other way round: a rubric named like a built-in template is the rubric
+    r = resolve_rubric("quality", {"quality": {"parts": {"q": "quality", "a": "alignment"}, "combine": "min"}})
+    assert r.combine == "min" and [t.name for _, t in r.parts] == ["quality", "alignment"]

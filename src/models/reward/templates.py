@@ -326,6 +326,7 @@ def resolve_rubric(name: str, overrides: Mapping[str, Any] | None = None) -> Rub
             rubrics[key] = (tuple((str(k), v) for k, v in parts.items()), combine)
         else:
             templates[key] = _template_from_mapping(key, spec, templates.get(key))
+            rubrics.pop(key, None)  # `edit: {text: ...}` is the user's template, not the built-in rubric
     if name in rubrics:
         part_names, combine = rubrics[name]
         missing = [t for _, t in part_names if t not in templates]
