@@ -111,6 +111,23 @@ def sigint_default():
             signal.signal(signal.SIGINT, old)
 
 
+def call_in_thread(fn, *args, name: str | None = None):
+    """Start fn(*args) in a thread of its own: (the thread, a dict whose "result" is fn's return
+    value, or the exception it raised, once the thread has ended)."""
+    import threading
+
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn(*args)
+        except Exception as e:
+            out["result"] = e
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread, out
+
+
 def pid_gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)

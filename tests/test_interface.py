@@ -163,7 +163,7 @@ def test_closing_the_in_process_judge_during_another_threads_call():
     after shutdown'."""
     import threading
 
-    from conftest import make_image
+    from conftest import call_in_thread, make_image
 
     items = [ScoreItem(images=[make_image(i)], id=str(i)) for i in range(12)]
     judge = QwenVLRewardModel(model_name="tiny:judge", batch_size=4)
@@ -174,15 +174,7 @@ def test_closing_the_in_process_judge_during_another_threads_call():
             in_forward.set()
             release.wait(30)
     _in_forward(judge, on_forward)
-    out: dict = {}
-
-    def call():
-        try:
-            out["results"] = judge.batch_score(items)
-        except Exception as e:
-            out["results"] = e
-    caller = threading.Thread(target=call, name="caller")
-    caller.start()
+    caller, out = call_in_thread(judge.batch_score, items, name="caller")
     assert in_forward.wait(60)
     closer = threading.Thread(target=judge.close)
     closer.start()
@@ -191,7 +183,7 @@ def test_closing_the_in_process_judge_during_another_threads_call():
     caller.join(60)
     closer.join(60)
     assert not caller.is_alive() and not closer.is_alive()
-    results = out["results"]
+    results = out["result"]
     assert not isinstance(results, Exception), repr(results)
     assert [r.id for r in results] == [it.id for it in items] and all(r.error is None for r in results)
     with pytest.raises(JudgeUnavailable, match="closed"):

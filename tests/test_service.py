@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from conftest import make_image
+from conftest import call_in_thread, make_image
 from service_proc import ROOT, ServiceProcess, ThreadServer
 from src.models.reward import BaseRewardModel, JudgeError, ScoreItem, build_reward_model
 from src.models.reward.implementations.remote import RemoteRewardModel, RemoteServiceError
@@ -485,21 +485,13 @@ def test_closing_the_remote_judge_during_a_call_in_another_thread(service):
             contextlib.ExitStack() as on_exit:
         on_exit.callback(judge.release.set)  # a failed check must not leave the judge held
         client = RemoteRewardModel(srv.url, token_env=None, batch_size=1, backoff_s=0.01)
-        out: dict = {}
-
-        def call():
-            try:
-                out["r"] = client.score_items(items)
-            except Exception as e:
-                out["r"] = e
-        caller = threading.Thread(target=call, daemon=True)
-        caller.start()
+        caller, out = call_in_thread(client.score_items, items)
         assert judge.first_call.wait(60)  # the first request is being scored
         client.close()
         judge.release.set()
         caller.join(60)
         assert not caller.is_alive()
-        assert isinstance(out["r"], JudgeUnavailable) and "closed" in str(out["r"]), repr(out["r"])
+        assert isinstance(out["result"], JudgeUnavailable) and "closed" in str(out["result"]), repr(out["result"])
 
 
 def test_the_batcher_serves_on_after_every_waiting_request_was_cancelled(service):
