@@ -237,15 +237,15 @@ def wire_item(item: ScoreItem, index: int, encode: Callable[[Any, str], Any]) ->
         return ScoreResult.failure(index, item, f"item {item_name(item, index)}: {e}", "input")
 
 
-def unsendable(item: ScoreItem, error: Exception, dumps: Callable[[Any], Any], receiver: str) -> str:
-    """Why an item cannot go to `receiver` (pickled by `dumps`), naming the metadata key at fault
-    when there is one."""
+def unsendable(item: ScoreItem, error: Exception, dumps: Callable[[Any], Any], receiver: str,
+               fix: str = "give metadata values that pickle (plain data)") -> str:
+    """Why an item cannot go to `receiver` (serialised by `dumps`: pickled for a process or an
+    actor, JSON for the service), naming the metadata key at fault when there is one."""
     for key, value in (item.metadata or {}).items():
         try:
             dumps(value)
         except Exception as e:
-            return (f"metadata key {key!r} cannot be sent to {receiver} ({type(e).__name__}: {e}); "
-                    "give metadata values that pickle (plain data)")
+            return f"metadata key {key!r} cannot be sent to {receiver} ({type(e).__name__}: {e}); {fix}"
     return f"the item cannot be sent to {receiver} ({type(error).__name__}: {error})"
 
 

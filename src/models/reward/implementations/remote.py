@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from ..base import BaseRewardModel
 from ..errors import JudgeConfigError, JudgeUnavailable
+from ..scheduler import unsendable
 from ..types import ScoreItem, ScoreResult, item_name, renumber
 from ..wire import encode_item, item_name as wire_name, retry_after, send_halving
 
@@ -172,9 +173,11 @@ class RemoteRewardModel(BaseRewardModel):
                 results[i] = ScoreResult.failure(i, item, f"item {item_name(item, i)}: {e}", "image")
                 continue
             try:
-                wire.append((i, json.dumps(encoded, allow_nan=False)))
+                wire.append((i, _as_json(encoded)))
             except (TypeError, ValueError) as e:  # a value JSON cannot carry fails that item alone
-                results[i] = ScoreResult.failure(i, item, f"item {item_name(item, i)}: {_unjsonable(item, e)}", "input")
+                why = unsendable(item, e, _as_json, "the service as JSON",
+                                 "give plain JSON values (finite numbers, strings, lists, objects)")
+                results[i] = ScoreResult.failure(i, item, f"item {item_name(item, i)}: {why}", "input")
         refused = lambda e: isinstance(e, RemoteServiceError) and e.status in _ITEM_REFUSALS  # noqa: E731
         for start in range(0, len(wire), self.batch_size):
             chunk = wire[start:start + self.batch_size]
@@ -227,12 +230,6 @@ def _detail(resp: Any) -> str:
     return str(data)[:500]
 
 
-def _unjsonable(item: ScoreItem, error: Exception) -> str:
-    """Why an item cannot travel as JSON, naming the metadata key at fault when there is one."""
-    for key, value in (item.metadata or {}).items():
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            return (f"metadata key {key!r} cannot be sent as JSON ({e}); give plain JSON values "
-                    "(finite numbers, strings, lists, objects)")
-    return f"the item cannot be sent as JSON ({error})"
+def _as_json(value: Any) -> str:
+    """JSON as the service reads it: NaN and infinity are no JSON values."""
+    return json.dumps(value, allow_nan=False)
