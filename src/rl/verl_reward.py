@@ -42,7 +42,6 @@ import http.client
 import json
 import logging
 import os
-import random
 import re
 import time
 import urllib.error
@@ -152,13 +151,15 @@ def _post_json(url: str, data: bytes, token: str | None, timeout_s: float, max_r
         headers["Authorization"] = f"Bearer {token}"
     # The service is reached directly, never through an HTTP proxy named in the environment. (Built
     # per call, not kept in the module: see the module docstring on pickling.)
+    from src.models.reward.wire import backoff  # here: see _encode_image
+
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     last = ""
     deadline = time.monotonic() + timeout_s
     attempts = 0
     for attempt in range(max_retries + 1):
         if attempt:
-            pause = min(0.5 * 2 ** (attempt - 1), 30.0) * (0.5 + random.random())
+            pause = backoff(attempt, 0.5, 30.0)
             if time.monotonic() + pause >= deadline:
                 break
             time.sleep(pause)

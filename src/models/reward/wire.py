@@ -24,6 +24,7 @@ import binascii
 import email.utils
 import io
 import os
+import random
 import re
 import time
 from pathlib import Path
@@ -261,6 +262,13 @@ def send_halving(chunk: Sequence[T], send: Callable[[Sequence[T]], list[R]], too
         if alone is None:
             raise
         return alone(e)
+
+
+def backoff(retry: int, base_s: float, cap_s: float) -> float:
+    """The pause before retry number `retry` (1, 2, ...): `base_s` doubling with each retry, capped
+    at `cap_s`, times a random factor of 0.5..1.5 so that clients turned away together do not come
+    back together. The clients' one schedule."""
+    return min(base_s * 2 ** (retry - 1), cap_s) * (0.5 + random.random())
 
 
 def retry_after(headers: Any) -> float | None:

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import queue
-import random
 import threading
 import time
 import weakref
@@ -46,7 +45,7 @@ from ..scoring import read_answers
 from ..settings import MODES
 from ..templates import Rubric, Template, resolve_rubric, rubric_fingerprint
 from ..types import ScoreItem, ScoreResult, describe_image, item_name, load_pil
-from ..wire import retry_after
+from ..wire import backoff, retry_after
 
 _RETRY_STATUS = {408, 409, 429}         # and every 5xx
 _FATAL_STATUS = {401, 403, 404}         # the same for every request: stop sending
@@ -335,7 +334,7 @@ class OpenAIRewardModel(BaseRewardModel):
                                   f"({type(e).__name__}: {e})", "api") from None
             if attempt < self.max_retries:
                 if wait is None:
-                    wait = min(self.backoff_s * 2 ** attempt, self.max_backoff_s) * (0.5 + random.random())
+                    wait = backoff(attempt + 1, self.backoff_s, self.max_backoff_s)
                 time.sleep(min(wait, self.max_backoff_s))
         message = f"{self.base_url}: no answer after {self.max_retries + 1} attempt(s); last: {last}"
         # The server is down or out of quota: the call's other requests would wait through the same

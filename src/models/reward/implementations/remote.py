@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 import uuid
 from typing import Any, Sequence
@@ -19,7 +18,7 @@ from ..base import BaseRewardModel
 from ..errors import JudgeConfigError, JudgeUnavailable
 from ..scheduler import unsendable
 from ..types import ScoreItem, ScoreResult, item_name, renumber
-from ..wire import encode_item, item_name as wire_name, retry_after, send_halving
+from ..wire import backoff, encode_item, item_name as wire_name, retry_after, send_halving
 
 _RETRY_STATUS = (500, 502, 503, 504)
 _MAX_BACKOFF_S = 30.0  # the longest wait between two attempts, Retry-After included
@@ -99,7 +98,7 @@ class RemoteRewardModel(BaseRewardModel):
         wait: float | None = None  # what the service's last answer asked for (Retry-After)
         for attempt in range(self.max_retries + 1):
             if attempt:
-                delay = min(self.backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S) * (0.5 + random.random())
+                delay = backoff(attempt, self.backoff_s, _MAX_BACKOFF_S)
                 time.sleep(min(wait, _MAX_BACKOFF_S) if wait is not None else delay)
                 wait = None
             if self._closed:  # close() in another thread, during this call
