@@ -163,7 +163,7 @@ def _finished_without_a_judge(checked: tuple[str, type, dict[str, Any]] | None, 
     if fp is None:
         return None
     done, _ = read_stream(stream_path, fp)
-    if not all(r.id in done and _same_inputs(done[r.id], r) for r in rows if r.item is not None):
+    if _reused_and_todo(rows, done)[1]:
         return None
     try:
         last = json.loads((spec.output_dir / SUMMARY).read_text(encoding="utf-8"))
@@ -261,6 +261,22 @@ def _numbered_by_row(res: ScoreResult, k: int, row: ManifestRow) -> ScoreResult:
         row_name = f"{item_id!r} (line {row.line})" if item_id is not None else f"line {row.line}"
         res.error = res.error.replace(f"item {chunk_name}", f"item {row_name}")
     return res
+
+
+def _reused_and_todo(rows: list[ManifestRow], done: dict[str, dict[str, Any]]
+                     ) -> tuple[dict[str, dict[str, Any]], list[ManifestRow]]:
+    """The stored results a job reuses, by id (those of its rows with the same inputs), and the rows
+    left to score; rows the manifest could not read are in neither."""
+    reused: dict[str, dict[str, Any]] = {}
+    todo: list[ManifestRow] = []
+    for r in rows:
+        if r.item is None:
+            continue
+        if r.id in done and _same_inputs(done[r.id], r):
+            reused[r.id] = done[r.id]
+        else:
+            todo.append(r)
+    return reused, todo
 
 
 def _same_inputs(rec: dict[str, Any], row: ManifestRow) -> bool:
@@ -390,15 +406,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                     quantization = getattr(model, "quantization", None)  # the judge's own report, read while it is open
                     done, elsewhere = read_stream(stream_path, fp)
                 _repair_tail(stream_path)
-                by_id: dict[str, dict[str, Any]] = {}
-                todo: list[ManifestRow] = []
-                for r in rows:
-                    if r.item is None:
-                        continue
-                    if r.id in done and _same_inputs(done[r.id], r):
-                        by_id[r.id] = done[r.id]
-                    else:
-                        todo.append(r)
+                by_id, todo = _reused_and_todo(rows, done)
                 if finished is None:
                     _say_what_is_not_reused(stream_path, fp, todo, done, elsewhere)
                 todo = _job_order(todo, spec.chunk_size, model)
