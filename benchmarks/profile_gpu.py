@@ -643,6 +643,13 @@ def _switch_threads(engine, n: int | None, saved: dict) -> None:
     engine._image_pool = pools[n]
 
 
+def _switch_prep(engine, on_gpu: bool, saved: dict) -> None:
+    """gpu_preprocess: the prepare thread normalises and cuts the images' patches on the GPU, on its
+    own stream (the default on a GPU), or on the CPU (the prepare thread makes no CUDA calls)."""
+    stream = saved.setdefault("stream", engine._prep_stream)
+    engine._prep_stream = stream if on_gpu else None
+
+
 # Stages that switch one default path on a loaded judge (_alternate): the variants (defaults
 # first), the switch, why a judge has nothing to switch (None: it has), and the table's title.
 SWITCHED = {
@@ -667,6 +674,9 @@ SWITCHED = {
     "ramp": ({"defaults": 4, "whole_first_chunk": 0, "eighth_first": 8, "half_first": 2}, _switch_ramp,
              lambda engine: None if not engine._continuous else "a call of static batches only",
              "A call's first chunk: a quarter chunk first (defaults) against a whole, an eighth and a half"),
+    "prep": ({"defaults": True, "cpu_preprocess": False}, _switch_prep,
+             lambda engine: None if engine._prep_stream is not None else "the images are prepared on the CPU already",
+             "The images' patches: cut on the GPU by the prepare thread (defaults) against on the CPU"),
     "threads": ({"defaults": None, "image_threads_8": 8}, _switch_threads, lambda engine: None,
                 "The image threads: the judge's prepare_threads (defaults) against 8"),
     "interval": ({"defaults": None, "interval_1ms": 0.001, "interval_0_2ms": 0.0002}, _switch_interval,
