@@ -269,6 +269,8 @@ def test_profile_switches_smoke(smoke_runs):
     for variant in ("beside", "prepared_first"):
         call = tl[variant]
         assert call["scored"] == 5 and [c["items"] for c in call["chunks"]] == [1, 3, 1], call
+        # The timing wrappers leave the judge's own placeholder check in place (the model's syncs)
+        assert call["mask_checks_on_host"] == 3, call
         for c in call["chunks"]:
             order = [c[p]["host_ms"] for p in ("run_start", "visual_start", "visual_end", "get_placeholder_mask_end",
                                                "language_model_start", "language_model_end", "run_end")]
@@ -286,6 +288,8 @@ def test_switches_name_why_a_judge_has_nothing_to_switch():
 
     generate = SimpleNamespace(_continuous=True, _mask_ahead=None, _rope_ahead=None, _vision_reuse=None, experts=None)
     assert SWITCHED["ramp"][2](generate) == "a call of static batches only"
+    assert SWITCHED["prep"][2](SimpleNamespace(_prep_stream=None)) == "the images are prepared on the CPU already"
+    assert SWITCHED["prep"][2](SimpleNamespace(_prep_stream=object())) is None
     assert SWITCHED["mask"][2](generate) == "the image tokens are found ahead in logits mode only"
     assert SWITCHED["rope"][2](generate) == "the rope positions are worked out ahead in logits mode only"
     assert SWITCHED["split"][2](generate) == "the tower's output is split by the model's own method here"
