@@ -731,3 +731,33 @@ def test_a_judge_class_that_returns_nan_fails_those_items_and_the_files_stay_jso
         for r in failed), failed
     summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert summary["failed"] == len(failed)
+
+
+def test_a_resumed_job_reports_each_row_as_the_manifest_says_now(uninterrupted, tmp_path, edit_manifest):
+    # A manifest edited between runs without touching a row's inputs (rows reordered, a category
+    # relabelled, a metadata field fixed) reuses every stored score, as it should; but results.jsonl
+    # and summary.json kept each row's line, category and metadata from the first run: the
+    # per-category breakdown was the old one and two records claimed the same line.
+    rows = read_jsonl(edit_manifest)
+    rows = rows[::-1]  # e9 is now on line 1
+    rows[0]["category"] = "relabelled"
+    rows[1]["seed"] = 99
+    edited = tmp_path / "manifest.jsonl"
+    edited.write_text("".join(json.dumps({**row, "image": str(edit_manifest.parent / row["image"]),
+                                          "source_image": str(edit_manifest.parent / row["source_image"])}) + "\n"
+                              for row in rows))
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(uninterrupted / "results.stream.jsonl", out / "results.stream.jsonl")
+    r = run_main("--config", str(write_config(tmp_path, edited, out)))
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["resumed_from_disk"] == 10
+    results = read_jsonl(out / "results.jsonl")
+    assert [x["id"] for x in results] == [row["id"] for row in rows]
+    assert [x["line"] for x in results] == list(range(1, 11))
+    assert [x["category"] for x in results] == [row["category"] for row in rows]
+    assert [x["metadata"] for x in results] == [{"category": row["category"], "seed": row["seed"]} for row in rows]
+    assert {c: b["items"] for c, b in s["categories"].items()} == {"relabelled": 1, "color": 4, "shape": 5}
+    stored = {x["id"]: x["score"] for x in read_jsonl(uninterrupted / "results.jsonl")}
+    assert {x["id"]: x["score"] for x in results} == stored, "the scores themselves are reused as stored"

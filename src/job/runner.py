@@ -273,10 +273,22 @@ def _reused_and_todo(rows: list[ManifestRow], done: dict[str, dict[str, Any]]
         if r.item is None:
             continue
         if r.id in done and _same_inputs(done[r.id], r):
-            reused[r.id] = done[r.id]
+            reused[r.id] = _as_the_row_says_now(done[r.id], r)
         else:
             todo.append(r)
     return reused, todo
+
+
+def _as_the_row_says_now(rec: dict[str, Any], row: ManifestRow) -> dict[str, Any]:
+    """A stored result with its row's place, category and metadata as the manifest gives them now
+    (the score stays as stored): a manifest edited between runs (rows moved, a category relabelled)
+    must give the summary the groups an uninterrupted run of it would. The judge's own notes stay."""
+    metadata = dict(row.item.metadata)
+    notes = (rec.get("metadata") or {}).get("notes")
+    if notes is not None:
+        metadata["notes"] = notes
+    cat = row.item.metadata.get("category")
+    return {**rec, "line": row.line, "metadata": metadata, "category": None if cat is None else str(cat)}
 
 
 def _same_inputs(rec: dict[str, Any], row: ManifestRow) -> bool:
