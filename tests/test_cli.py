@@ -761,3 +761,36 @@ def test_a_resumed_job_reports_each_row_as_the_manifest_says_now(uninterrupted, 
     assert {c: b["items"] for c, b in s["categories"].items()} == {"relabelled": 1, "color": 4, "shape": 5}
     stored = {x["id"]: x["score"] for x in read_jsonl(uninterrupted / "results.jsonl")}
     assert {x["id"]: x["score"] for x in results} == stored, "the scores themselves are reused as stored"
+
+
+def test_rows_with_ill_typed_inputs_fail_alone_and_the_job_still_writes_every_file(tiny_cache, tmp_path):
+    # A row whose images are not paths (`"images": [5]`) fails as a manifest row; its raw value was
+    # copied into results.jsonl, and writing results.csv then stopped the finished job with a
+    # TypeError traceback: no csv, no report, a .tmp file left, and the same on every re-run.
+    d = tmp_path / "m"
+    d.mkdir()
+    make_image(1, 56, 48).save(d / "e.png")
+    make_image(2, 56, 48).save(d / "s.png")
+    rows = [{"id": "good", "image": "e.png", "source_image": "s.png", "instruction": "make it blue"},
+            {"id": "int-image", "images": [5], "source_image": "s.png", "instruction": "x", "category": "c"},
+            {"id": "dict-source", "image": "e.png", "source_images": {"a": 1}, "instruction": "x"},
+            {"id": "list-text", "images": "e.png", "source_image": "s.png", "instruction": ["x"]}]
+    (d / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    r = run_main("--config", str(write_config(tmp_path, d / "m.jsonl", out)), "--set", "job.report=true")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "results.csv", "results.jsonl",
+                                                     "results.stream.jsonl", "summary.json"]
+    res = read_jsonl(out / "results.jsonl")
+    assert res[0]["score"] is not None
+    assert [x["error_kind"] for x in res[1:]] == ["manifest"] * 3
+    for x in res[1:]:
+        for k in ("images", "source_images"):
+            assert x.get(k) is None or (isinstance(x[k], list) and all(isinstance(p, str) for p in x[k])), x
+        assert x.get("instruction") is None or isinstance(x["instruction"], str), x
+    assert res[1]["category"] == "c"
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["items"], s["scored"], s["failed"]) == (4, 1, 3)
+    with open(out / "results.csv", newline="") as fh:
+        assert [row["id"] for row in csv.DictReader(fh)] == [row["id"] for row in rows]

@@ -233,10 +233,19 @@ def _record(row: ManifestRow, res: ScoreResult, fingerprint: str) -> dict[str, A
     d["id"] = row.id
     d["line"] = row.line
     d["fingerprint"] = fingerprint
-    d.update({k: v for k, v in row.fields.items() if k in ("images", "source_images", "instruction")})
+    d.update({k: v for k, v in row.fields.items() if _input_field(k, v)})
     cat = (row.item.metadata.get("category") if row.item else row.fields.get("category"))
     d["category"] = None if cat is None else str(cat)
     return d
+
+
+def _input_field(key: str, value: Any) -> bool:
+    """An input the results files carry for a row: images as lists of paths, the instruction as
+    text. A row the manifest refused keeps what it said, which may be neither (`"images": [5]`):
+    its error quotes that, and the files (csv, report) stay readable."""
+    if key == "instruction":
+        return isinstance(value, str)
+    return key in ("images", "source_images") and isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _finite(res: ScoreResult, model: BaseRewardModel) -> ScoreResult:
