@@ -794,3 +794,24 @@ def test_rows_with_ill_typed_inputs_fail_alone_and_the_job_still_writes_every_fi
     assert (s["items"], s["scored"], s["failed"]) == (4, 1, 3)
     with open(out / "results.csv", newline="") as fh:
         assert [row["id"] for row in csv.DictReader(fh)] == [row["id"] for row in rows]
+
+
+def test_a_sub_score_named_like_a_summary_figure_stops_the_job_before_it_starts(tmp_path, edit_manifest, capsys):
+    # summary.json keeps each sub-score's stats beside its own figures, in one object. A rubric part
+    # named 'score' replaced the overall score's mean with that part's (a wrong number, silently);
+    # one named 'failed' or 'items' ran the whole job, then crashed writing the report.
+    from src.cli import main
+    from src.job.summary import RESERVED, summarize
+
+    rec = {"id": "a", "score": 1.0, "error": None, "sub_scores": {"x": 1.0}, "category": "c"}
+    assert set(summarize([rec])) - {"x"} <= RESERVED
+    out = tmp_path / "out"
+    cfg = str(write_config(tmp_path, edit_manifest, out, template="mine"))
+    for part in ("score", "failed", "items", "categories"):
+        rubric = f"{{mine: {{parts: {{{part}: edit_instruction, other: edit_quality}}, combine: mean}}}}"
+        rc = main(["--config", cfg, "--set", f"model.params.templates={rubric}"], prog="main.py")
+        err = capsys.readouterr().err
+        assert rc == 2 and "Traceback" not in err, err
+        assert err.startswith(f"error: model.params.template: template 'mine' names a sub-score '{part}', which "
+                              "summary.json uses for its own figures"), err
+        assert not out.exists(), (part, "the job started")

@@ -38,7 +38,7 @@ from src.models.reward.size_order import HeaderSize, chunk_order
 from src.models.reward.templates import resolve_rubric
 
 from .manifest import ManifestRow, read_manifest
-from .summary import SUMMARY, stats, summarize
+from .summary import RESERVED, SUMMARY, stats, summarize
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ def check_top_level(cfg: dict[str, Any]) -> None:
 
 def check_template_inputs(cls: type, params: dict[str, Any], rows: list[ManifestRow], manifest: Any) -> None:
     """Refuse, before any model loads, a template that needs a source image or an instruction
-    that no row of the manifest provides (rows that lack only some still fail one by one)."""
+    that no row of the manifest provides (rows that lack only some still fail one by one), or whose
+    sub-score names would overwrite the summary's own figures."""
     settings_cls = getattr(cls, "settings_cls", None)
     items = [r.item for r in rows if r.item is not None]
     if settings_cls is None or not items:
@@ -116,6 +117,12 @@ def check_template_inputs(cls: type, params: dict[str, Any], rows: list[Manifest
         rubric = resolve_rubric(str(name), params.get("templates"))
     except ValueError as e:
         raise ConfigError(f"model.params.template: {e}") from None
+    # A lone template's sub-score is its score: the same figures under the same name.
+    taken = [part for part, _ in rubric.parts if part in RESERVED and not (rubric.combine == "single" and part == "score")]
+    if taken:
+        raise ConfigError(f"model.params.template: template '{rubric.name}' names a sub-score '{taken[0]}', which "
+                          f"summary.json uses for its own figures ({', '.join(sorted(RESERVED))}); give that part "
+                          "another name")
     has_source = any(it.source_images for it in items)
     has_text = any((it.instruction or "").strip() for it in items)
     for part, t in rubric.parts:

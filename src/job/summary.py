@@ -9,6 +9,11 @@ import math
 from typing import Any
 
 SUMMARY = "summary.json"
+# The figures a summary holds beside its sub-scores' stats, in the same object (summarize, and the
+# runner's additions): a sub-score of one of these names would overwrite them, so a job refuses it.
+RESERVED = frozenset({"items", "scored", "failed", "score", "sub_score_names", "categories", "failures_by_kind",
+                      "failures", "resumed_from_disk", "fingerprint", "model", "elapsed_s", "latency_s_per_item",
+                      "quantization"})
 
 
 def stats(values: list[float]) -> dict[str, Any]:
