@@ -416,3 +416,22 @@ def test_an_instruction_holding_a_special_token_fails_alone(tiny_cache, arch, le
     for k, ref in zip((0, 5), alone):
         assert got[k].error is None and got[k].score == pytest.approx(ref.score, abs=1e-5)
     assert all(r.error is None and r.score is not None for r in unread)
+
+
+def test_a_blank_category_is_no_category_in_every_manifest_format(tmp_path):
+    """A CSV cell left empty is no category; the same row in JSONL (`"category": ""`, as a
+    dataframe's export writes a missing value) was a category named "", a group of its own in
+    summary.json and a nameless row in the report that its category filter could not select."""
+    from src.job.manifest import read_manifest
+
+    rows = [{"id": "a", "image": "a.png", "category": ""}, {"id": "b", "image": "b.png", "category": "  "},
+            {"id": "c", "image": "c.png", "category": "color"}]
+    for img in ("a.png", "b.png", "c.png"):
+        make_image(1).save(tmp_path / img)
+    p = tmp_path / "m.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    q = tmp_path / "m.csv"
+    q.write_text("id,image,category\n" + "".join(f"{r['id']},{r['image']},{r['category']}\n" for r in rows))
+    for path in (p, q):
+        got = read_manifest(path)
+        assert [r.item.metadata.get("category") for r in got] == [None, None, "color"], path

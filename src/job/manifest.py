@@ -211,12 +211,14 @@ def _row_from_mapping(data: Any, n: int, p: Path) -> ManifestRow:
                 text = data[k]
                 break
         category = data.get("category")
+        if isinstance(category, str) and not category.strip():
+            category = None  # blank: no category, as an empty CSV cell is
         if category is not None and not isinstance(category, (str, int)):
             raise ValueError(f"{where}: 'category' must be a string, got {type(category).__name__}")
     except ValueError as e:
         return ManifestRow(id=rid, line=n, error=str(e), fields={k: v for k, v in data.items() if _jsonable(v)})
     skip = set(IMAGE_KEYS) | set(SOURCE_KEYS) | set(TEXT_KEYS) | {"id"}
-    meta = {k: v for k, v in data.items() if k not in skip}
+    meta = {k: v for k, v in data.items() if k not in skip and not (k == "category" and category is None)}
     if category is not None:
         meta["category"] = str(category)
     item = ScoreItem(images=images, source_images=sources, instruction=text, id=rid, metadata=meta)
