@@ -298,12 +298,12 @@ def _reused_and_todo(rows: list[ManifestRow], done: dict[str, dict[str, Any]]
 def _as_the_row_says_now(rec: dict[str, Any], row: ManifestRow) -> dict[str, Any]:
     """A stored result with its row's place, category and metadata as the manifest gives them now
     (the score stays as stored): a manifest edited between runs (rows moved, a category relabelled)
-    must give the summary the groups an uninterrupted run of it would. The judge's own notes stay."""
-    metadata = dict(row.item.metadata)
-    notes = (rec.get("metadata") or {}).get("notes")
-    if notes is not None:
-        metadata["notes"] = notes
+    must give the summary the groups an uninterrupted run of it would. What the judge added to the
+    metadata (notes) stays."""
     cat = row.item.metadata.get("category")
+    metadata = {**(rec.get("metadata") or {}), **row.item.metadata}
+    if cat is None:
+        metadata.pop("category", None)
     return {**rec, "line": row.line, "metadata": metadata, "category": None if cat is None else str(cat)}
 
 
