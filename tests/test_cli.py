@@ -815,3 +815,35 @@ def test_a_sub_score_named_like_a_summary_figure_stops_the_job_before_it_starts(
         assert err.startswith(f"error: model.params.template: template 'mine' names a sub-score '{part}', which "
                               "summary.json uses for its own figures"), err
         assert not out.exists(), (part, "the job started")
+
+
+def test_a_judge_class_whose_scores_are_other_number_types_or_no_numbers(tmp_path, edit_manifest):
+    # A user's class returning numpy's float32 (a float computed in a float32 array) stopped the job
+    # at its first call with "Object of type float32 is not JSON serializable", no item named; a
+    # string or a bool went into results.jsonl as scored, and the report then refused the job's own
+    # file. Numbers are written as floats; anything else fails its item, naming what came back.
+    import numpy as np
+
+    from src.job.runner import run_job
+    from src.models.reward import BaseRewardModel, ScoreResult
+    from src.report import write_report
+
+    values = [np.float32(5.5), np.int64(3), "7", True]
+
+    class OddTypes(BaseRewardModel):
+        def score_items(self, items):
+            return [ScoreResult(index=i, id=it.id, score=values[int(it.id[1:]) % 4],
+                                sub_scores={"a": values[int(it.id[1:]) % 4]}) for i, it in enumerate(items)]
+
+    out = tmp_path / "out"
+    summary = run_job({"job": {"manifest": str(edit_manifest), "output_dir": str(out), "chunk_size": 4}},
+                      base=tmp_path, progress=False, model=OddTypes())
+    rows = read_jsonl(out / "results.jsonl")
+    assert [(r["score"], r["sub_scores"]["a"]) for r in rows[:4]] == [(5.5, 5.5), (3.0, 3.0), (None, None), (None, None)]
+    assert all(type(r["score"]) is float for r in rows if r["score"] is not None)
+    assert rows[2]["error_kind"] == "model" and rows[2]["error"] == (
+        "the judge (OddTypes) returned score '7', sub-score 'a' '7': not a finite number, so no score")
+    assert rows[3]["error"] == "the judge (OddTypes) returned score True, sub-score 'a' True: not a finite number, so no score"
+    assert (summary["scored"], summary["failed"]) == (6, 4)
+    assert summary["score"]["mean"] == pytest.approx((5.5 * 3 + 3.0 * 3) / 6)
+    write_report(out / "results.jsonl", out / "report.html")

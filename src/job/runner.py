@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import signal
 import time
@@ -256,13 +257,20 @@ def _input_field(key: str, value: Any) -> bool:
 
 
 def _finite(res: ScoreResult, model: BaseRewardModel) -> ScoreResult:
-    """A score that is not a finite number (NaN or inf from a judge class of the user's) is no
-    score: the item fails, naming it, instead of NaN in results.jsonl, which is not JSON (the report
-    refuses the file) and which resume would never score again."""
+    """A score that is not a finite number (NaN or inf, a string, a bool, from a judge class of the
+    user's) is no score: the item fails, naming it, instead of NaN in results.jsonl, which is not
+    JSON (the report refuses the file) and which resume would never score again. A number of
+    another type (numpy's float32, which JSON cannot write) is written as a float."""
+    def number(v: Any) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
     parts = [("score", res.score), *((f"sub-score {k!r}", v) for k, v in (res.sub_scores or {}).items())]
-    bad = [f"{name} {v!r}" for name, v in parts if isinstance(v, (int, float)) and not math.isfinite(v)]
+    bad = [f"{name} {v!r}" for name, v in parts if v is not None and not number(v)]
     if not bad:
-        return res
+        if all(v is None or type(v) is float for _, v in parts):
+            return res
+        return dataclasses.replace(res, score=None if res.score is None else float(res.score),
+                                   sub_scores={k: None if v is None else float(v) for k, v in res.sub_scores.items()})
     return dataclasses.replace(res, score=None, sub_scores={k: None for k in res.sub_scores or {}}, error_kind="model",
                                error=f"the judge ({type(model).__name__}) returned {', '.join(bad)}: not a finite "
                                      "number, so no score")
