@@ -425,7 +425,7 @@ def test_a_blank_category_is_no_category_in_every_manifest_format(tmp_path):
     from src.job.manifest import read_manifest
 
     rows = [{"id": "a", "image": "a.png", "category": ""}, {"id": "b", "image": "b.png", "category": "  "},
-            {"id": "c", "image": "c.png", "category": "color"}]
+            {"id": "c", "image": "c.png", "category": "color"}, {"id": "d", "image": "", "category": ""}]
     for img in ("a.png", "b.png", "c.png"):
         make_image(1).save(tmp_path / img)
     p = tmp_path / "m.jsonl"
@@ -434,4 +434,5 @@ def test_a_blank_category_is_no_category_in_every_manifest_format(tmp_path):
     q.write_text("id,image,category\n" + "".join(f"{r['id']},{r['image']},{r['category']}\n" for r in rows))
     for path in (p, q):
         got = read_manifest(path)
-        assert [r.item.metadata.get("category") for r in got] == [None, None, "color"], path
+        assert [r.item.metadata.get("category") for r in got[:3]] == [None, None, "color"], path
+        assert "no image" in got[3].error and got[3].fields.get("category") is None, path  # a failed row too

@@ -200,6 +200,9 @@ def _row_from_mapping(data: Any, n: int, p: Path) -> ManifestRow:
     if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid).strip() == "":
         return ManifestRow(id=f"line{n}", line=n, error=f"{where}: 'id' must be a non-empty string or integer, got {rid!r}")
     rid = str(rid)
+    category = data.get("category")
+    if isinstance(category, str) and not category.strip():
+        category = None  # blank: no category, as an empty CSV cell is
     try:
         images = _images(data, IMAGE_KEYS, where, p.parent, required=True)
         sources = _images(data, SOURCE_KEYS, where, p.parent, required=False)
@@ -210,15 +213,13 @@ def _row_from_mapping(data: Any, n: int, p: Path) -> ManifestRow:
                     raise ValueError(f"{where}: '{k}' must be a string, got {type(data[k]).__name__}")
                 text = data[k]
                 break
-        category = data.get("category")
-        if isinstance(category, str) and not category.strip():
-            category = None  # blank: no category, as an empty CSV cell is
         if category is not None and not isinstance(category, (str, int)):
             raise ValueError(f"{where}: 'category' must be a string, got {type(category).__name__}")
     except ValueError as e:
-        return ManifestRow(id=rid, line=n, error=str(e), fields={k: v for k, v in data.items() if _jsonable(v)})
+        return ManifestRow(id=rid, line=n, error=str(e), fields={k: v for k, v in data.items()
+                                                                 if _jsonable(v) and (k != "category" or category is not None)})
     skip = set(IMAGE_KEYS) | set(SOURCE_KEYS) | set(TEXT_KEYS) | {"id"}
-    meta = {k: v for k, v in data.items() if k not in skip and not (k == "category" and category is None)}
+    meta = {k: v for k, v in data.items() if k not in skip and (k != "category" or category is not None)}
     if category is not None:
         meta["category"] = str(category)
     item = ScoreItem(images=images, source_images=sources, instruction=text, id=rid, metadata=meta)
