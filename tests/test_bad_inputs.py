@@ -436,3 +436,16 @@ def test_a_blank_category_is_no_category_in_every_manifest_format(tmp_path):
         got = read_manifest(path)
         assert [r.item.metadata.get("category") for r in got[:3]] == [None, None, "color"], path
         assert "no image" in got[3].error and got[3].fields.get("category") is None, path  # a failed row too
+
+
+def test_an_empty_image_field_says_it_is_empty(tmp_path):
+    """`"image": ""` (a dataframe's missing value) was refused with a hint asking whether 'image'
+    was meant to be one of image, images, ...: it is one; it is empty."""
+    from src.job.manifest import read_manifest
+
+    p = tmp_path / "m.jsonl"
+    p.write_text(json.dumps({"id": "a", "image": "", "instruction": "x"}) + "\n"
+                 + json.dumps({"id": "b", "images": [], "imgae": "b.png"}) + "\n")
+    a, b = read_manifest(p)
+    assert a.error == "m.jsonl line 1: no image: 'image' is empty", a.error
+    assert b.error == "m.jsonl line 2: no image: 'images' is empty", b.error

@@ -233,6 +233,9 @@ def _images(data: dict, keys: tuple[str, ...], where: str, base: Path, required:
         raise ValueError(f"{where}: give only one of {', '.join(present)}")
     if not present:
         if required:
+            empty = [k for k in keys if k in data]
+            if empty:
+                raise ValueError(f"{where}: no image: {empty[0]!r} is empty")
             near = [k for k in data if isinstance(k, str) and difflib.get_close_matches(k, keys, n=1, cutoff=0.75)]
             hint = f" (is '{near[0]}' meant to be one of them?)" if near else ""
             raise ValueError(f"{where}: no image; give one of {', '.join(keys)}{hint}")
