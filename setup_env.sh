@@ -8,6 +8,7 @@
 #                                so it can host Ray actors (runtime_env py_executable / conda)
 #   bash setup_env.sh --ray --pack   the packed env for a Ray cluster's nodes
 #   bash setup_env.sh --no-worker   skip the worker env
+#   PYTHON=python3.11 bash setup_env.sh   build the venvs with that Python (default python3; 3.11 or newer)
 #
 # Main env: .venv (a venv), for main.py, the tests and the HTTP service, with this project installed
 #   editable (pyproject.toml): `from src.models.reward import ...` from any folder, and `qwen-judge`;
@@ -33,7 +34,7 @@ for arg in "$@"; do
     --pack) PACK=1 ;;
     --no-worker) WORKER=0 ;;
     --ray) RAY=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "setup_env.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -46,7 +47,42 @@ if [ "$PACK" = 1 ] && { [ "$WORKER" = 0 ] || ! command -v conda >/dev/null 2>&1;
   exit 2
 fi
 
+# The pins need Python 3.11 or newer (numpy, pillow, transformers): say so before building anything,
+# instead of pip's "No matching distribution found for pillow==..." after the venv was made.
+PY_VERSION=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || {
+  echo "setup_env.sh: cannot run '$PYTHON': install Python 3.11 (or newer) and run PYTHON=python3.11 bash setup_env.sh" >&2
+  exit 2
+}
+if [ "$(printf '%s\n' 3.11 "$PY_VERSION" | sort -V | head -n1)" != 3.11 ]; then
+  echo "setup_env.sh: '$PYTHON' is Python $PY_VERSION; the environments need Python 3.11 or newer." >&2
+  echo "  Install it and run: PYTHON=python3.11 bash setup_env.sh" >&2
+  exit 2
+fi
+
 hash_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
+
+# make_venv DIR: a venv of $PYTHON in DIR. One an earlier run left behind is reused when its python
+# runs, is $PYTHON's version and has pip; otherwise it is rebuilt from scratch (its stamps go with it,
+# so everything is installed again): a run interrupted while the venv was made leaves a python
+# without pip, on which every later pip call failed, and a venv of another Python would be called
+# "up to date" by its stamps.
+make_venv() {
+  local dir=$1 have why
+  if [ ! -e "$dir" ] && [ ! -L "$dir" ]; then
+    say "creating $dir with Python $PY_VERSION ($PYTHON)"
+    "$PYTHON" -m venv "$dir"
+    return
+  fi
+  if ! have=$("$dir/bin/python" -c 'import sys, pip; print("%d.%d" % sys.version_info[:2])' 2>/dev/null); then
+    if "$dir/bin/python" -c '' 2>/dev/null; then why="it has no pip (an interrupted run?)"; else why="its python does not run"; fi
+  elif [ "$have" != "$PY_VERSION" ]; then
+    why="it is Python $have, $PYTHON is $PY_VERSION"
+  else
+    return 0
+  fi
+  say "rebuilding $dir: $why"
+  "$PYTHON" -m venv --clear "$dir"
+}
 
 # pip_sync PYTHON_BIN STAMP_FILE REQ_FILE...: install when the requirements changed since last time.
 pip_sync() {
@@ -79,10 +115,7 @@ need_disk() {
 if [ ! -f .venv/.requirements.sha256 ]; then
   need_disk 7 "the main environment (.venv: torch, transformers, the RL frameworks)"
 fi
-if [ ! -x .venv/bin/python ]; then
-  say "creating .venv with $($PYTHON --version)"
-  "$PYTHON" -m venv .venv
-fi
+make_venv .venv
 pip_sync .venv/bin/python .venv/.requirements.sha256 requirements.txt requirements-worker.txt
 # This project, editable, so `from src.models.reward import ...` works from any folder and the
 # `qwen-judge` command exists. Its dependencies are the pinned requirements above (--no-deps).
@@ -132,10 +165,7 @@ if [ "$WORKER" = 1 ]; then
     if [ ! -f .venv-worker/.requirements.sha256 ]; then
       need_disk 6 "the worker environment (.venv-worker: torch, torchvision, transformers)"
     fi
-    if [ ! -x .venv-worker/bin/python ]; then
-      say "creating .venv-worker (no conda on PATH)"
-      "$PYTHON" -m venv .venv-worker
-    fi
+    make_venv .venv-worker  # no conda on PATH
     pip_sync .venv-worker/bin/python .venv-worker/.requirements.sha256 requirements-worker.txt
     wpy=.venv-worker/bin/python
   fi

@@ -232,3 +232,118 @@ def test_setup_pack_without_conda_stops_before_building_anything():
                          text=True, timeout=60)
     assert run.returncode == 2 and run.stdout == "", run.stdout
     assert run.stderr.startswith("setup_env.sh --pack: conda-pack needs conda (install Miniforge)"), run.stderr
+
+
+# -- setup_env.sh run again over what an earlier run left behind ---------------------------------
+# Each test runs the real script in a copy of this checkout's setup files whose requirement files
+# hold no packages (pip runs offline: PIP_NO_INDEX), with the main env already up to date by its
+# stamps, so what is checked is how the script treats the worker venv it finds.
+
+def _python_minor(python: str) -> str | None:
+    """`3.11` for an interpreter that runs, else None."""
+    try:
+        run = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True, timeout=60)
+    except OSError:
+        return None
+    return run.stdout.strip() if run.returncode == 0 else None
+
+
+def _other_python(older: bool) -> str | None:
+    """An interpreter on PATH of another minor version than this one (older than 3.11 when
+    `older`), or None."""
+    this = sys.version_info[:2]
+    for minor in range(20, 7, -1):
+        found = shutil.which(f"python3.{minor}")
+        version = found and _python_minor(found)
+        if version and tuple(map(int, version.split("."))) != this and (minor < 11) == older:
+            return found
+    return None
+
+
+def _stamp(venv: Path, name: str, *files: Path, prefix: bytes = b"") -> None:
+    """The stamp setup_env.sh writes once `files` are installed (sha256 of their text)."""
+    import hashlib
+
+    (venv / name).write_text(hashlib.sha256(prefix + b"".join(f.read_bytes() for f in files)).hexdigest() + "\n")
+
+
+def _setup_copy(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """setup_env.sh in a folder of its own, with empty requirement files and a main env that is
+    up to date, and the environment to run it in (no network, no apt-get, this Python)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(ROOT / "setup_env.sh", repo)
+    shutil.copy(ROOT / "pyproject.toml", repo)
+    for name in ("requirements.txt", "requirements-worker.txt", "requirements-rl.txt",
+                 "requirements-rl-compat.txt", "requirements-quant.txt"):
+        (repo / name).write_text("# nothing to install in this test\n")
+    venv = repo / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    (venv / "bin" / "qwen-judge").write_text("#!/bin/sh\n")
+    (venv / "bin" / "qwen-judge").chmod(0o755)
+    _stamp(venv, ".requirements.sha256", repo / "requirements.txt", repo / "requirements-worker.txt")
+    _stamp(venv, ".install.sha256", repo / "pyproject.toml", prefix=f"{repo}\n".encode())
+    _stamp(venv, ".requirements-rl.sha256", repo / "requirements-rl.txt", repo / "requirements-rl-compat.txt")
+    _stamp(venv, ".requirements-quant.sha256", repo / "requirements-quant.txt")
+    fake_bin = tmp_path / "bin"  # the script's best-effort browser install must not run apt-get here
+    fake_bin.mkdir()
+    (fake_bin / "apt-get").write_text("#!/bin/sh\nexit 1\n")
+    (fake_bin / "apt-get").chmod(0o755)
+    env = {**_clean_env(), "PYTHON": sys.executable, "PIP_NO_INDEX": "1",
+           "PATH": f"{fake_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return repo, env
+
+
+def _run_setup(repo: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(repo / "setup_env.sh")], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.skipif(shutil.which("conda") is not None, reason="conda is here: the worker env is a conda env")
+def test_setup_after_an_interrupted_venv_builds_it_again(tmp_path):
+    """A Ctrl-C in the first seconds of `python -m venv` (before ensurepip finished) leaves a venv
+    whose python has no pip: every later run then failed at once with 'No module named pip'."""
+    repo, env = _setup_copy(tmp_path)
+    worker = repo / ".venv-worker"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(worker)], check=True, timeout=120)
+    run = _run_setup(repo, env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "[setup_env] .venv is up to date" in run.stdout, run.stdout
+    assert "[setup_env] rebuilding .venv-worker: it has no pip" in run.stdout, run.stdout
+    probe = subprocess.run([str(worker / "bin" / "python"), "-m", "pip", "--version"], capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr
+    assert (worker / ".requirements.sha256").is_file()
+    again = _run_setup(repo, env)  # and then it is up to date: nothing rebuilt
+    assert again.returncode == 0 and "[setup_env] .venv-worker is up to date" in again.stdout, again.stdout
+
+
+@pytest.mark.skipif(shutil.which("conda") is not None, reason="conda is here: the worker env is a conda env")
+@pytest.mark.skipif(_other_python(older=False) is None, reason="no Python of another version on PATH")
+def test_setup_does_not_call_a_venv_of_another_python_up_to_date(tmp_path):
+    """A venv made by another Python than PYTHON (an earlier run with another python3) is built again
+    with PYTHON and its packages installed again, not reused because its stamp matches."""
+    repo, env = _setup_copy(tmp_path)
+    worker = repo / ".venv-worker"
+    other = _other_python(older=False)
+    subprocess.run([other, "-m", "venv", str(worker)], check=True, timeout=300)
+    _stamp(worker, ".requirements.sha256", repo / "requirements-worker.txt")  # as if installed there
+    run = _run_setup(repo, env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    this = "%d.%d" % sys.version_info[:2]
+    assert (f"[setup_env] rebuilding .venv-worker: it is Python {_python_minor(other)}, {sys.executable} is {this}"
+            in run.stdout), run.stdout
+    assert _python_minor(str(worker / "bin" / "python")) == this
+
+
+@pytest.mark.skipif(_other_python(older=True) is None, reason="no Python older than 3.11 on PATH")
+def test_setup_with_a_python_older_than_the_pins_stops_before_building(tmp_path):
+    """PYTHON=python3.10 (Ubuntu 22.04's python3): the reason and the fix, before any venv is made,
+    instead of pip's 'No matching distribution found for pillow==...' in a venv later runs reuse."""
+    repo, env = _setup_copy(tmp_path)
+    old = _other_python(older=True)
+    run = _run_setup(repo, {**env, "PYTHON": old})
+    assert run.returncode == 2 and run.stdout == "", run.stdout
+    assert f"setup_env.sh: '{old}' is Python {_python_minor(old)}; the environments need Python 3.11 or newer" \
+        in run.stderr, run.stderr
+    assert not (repo / ".venv-worker").exists()
