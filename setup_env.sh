@@ -22,6 +22,7 @@
 # torch and torchvision come as a matched pair from the package index; the CUDA build also runs
 # on machines without a GPU.
 set -euo pipefail
+CALLER_PWD=$PWD
 cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python3}
@@ -192,4 +193,6 @@ if [ "$PACK" = 1 ]; then  # conda and the worker env were checked before anythin
   say "packed dist/$WORKER_ENV_NAME.tar.gz: unpack with 'mkdir env && tar -xzf $WORKER_ENV_NAME.tar.gz -C env && env/bin/conda-unpack'"
   [ "$RAY" = 1 ] || say "this pack has no ray: for Ray actors, build it with --ray --pack"
 fi
-say "ready: .venv/bin/python main.py --config configs/demo.yaml   (or: .venv/bin/qwen-judge run --config configs/demo.yaml)"
+# The next command as the caller can paste it: from the folder they ran this script from.
+here=""; [ "$CALLER_PWD" = "$PWD" ] || here="cd $(printf '%q' "$PWD") && "
+say "ready: ${here}.venv/bin/python main.py --config configs/demo.yaml   (or${here:+, from there}: .venv/bin/qwen-judge run --config configs/demo.yaml)"

@@ -268,10 +268,10 @@ def _stamp(venv: Path, name: str, *files: Path, prefix: bytes = b"") -> None:
     (venv / name).write_text(hashlib.sha256(prefix + b"".join(f.read_bytes() for f in files)).hexdigest() + "\n")
 
 
-def _setup_copy(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+def _setup_copy(tmp_path: Path, name: str = "repo") -> tuple[Path, dict[str, str]]:
     """setup_env.sh in a folder of its own, with empty requirement files and a main env that is
     up to date, and the environment to run it in (no network, no apt-get, this Python)."""
-    repo = tmp_path / "repo"
+    repo = tmp_path / name
     repo.mkdir()
     shutil.copy(ROOT / "setup_env.sh", repo)
     shutil.copy(ROOT / "pyproject.toml", repo)
@@ -295,9 +295,9 @@ def _setup_copy(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return repo, env
 
 
-def _run_setup(repo: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(repo / "setup_env.sh")], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=300)
+def _run_setup(repo: Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(repo / "setup_env.sh")], cwd=cwd or repo, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 @pytest.mark.skipif(shutil.which("conda") is not None, reason="conda is here: the worker env is a conda env")
@@ -347,3 +347,24 @@ def test_setup_with_a_python_older_than_the_pins_stops_before_building(tmp_path)
     assert f"setup_env.sh: '{old}' is Python {_python_minor(old)}; the environments need Python 3.11 or newer" \
         in run.stderr, run.stderr
     assert not (repo / ".venv-worker").exists()
+
+
+@pytest.mark.skipif(shutil.which("conda") is not None, reason="conda is here: the worker env is a conda env")
+def test_setup_run_from_another_folder_prints_a_next_command_that_runs_there(tmp_path):
+    """`bash ~/my repo/setup_env.sh` from another folder: the closing line's command, pasted where the
+    script was run, goes to the checkout first (its path quoted for the shell), then runs the demo."""
+    repo, env = _setup_copy(tmp_path, "my repo")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = _run_setup(repo, env, cwd=elsewhere)
+    assert run.returncode == 0, run.stdout + run.stderr
+    ready = run.stdout.splitlines()[-1]
+    assert ready.startswith("[setup_env] ready: cd "), ready
+    command = ready[len("[setup_env] ready: "):].split("   (or")[0]
+    assert command.endswith(" && .venv/bin/python main.py --config configs/demo.yaml"), command
+    # what the line would run, with the demo swapped for a look at where it runs
+    probe = command.replace(".venv/bin/python main.py --config configs/demo.yaml", "pwd && ls .venv/bin/python")
+    where = subprocess.run(["bash", "-c", probe], cwd=elsewhere, capture_output=True, text=True, timeout=60)
+    assert where.returncode == 0 and where.stdout.splitlines()[0] == str(repo), where.stdout + where.stderr
+    same = _run_setup(repo, env)  # run from the checkout itself: the command as the README gives it
+    assert same.stdout.splitlines()[-1].startswith("[setup_env] ready: .venv/bin/python main.py "), same.stdout
