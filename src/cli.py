@@ -53,9 +53,15 @@ def _config_args(ap: argparse.ArgumentParser) -> None:
                     help="remove a config key (dotted; repeatable), e.g. model.params.device")
 
 
-def _load(args: argparse.Namespace) -> dict:
-    from src.models.reward.config import apply_override, load_config, remove_key
+def _load(args: argparse.Namespace, base: Path | None = None) -> dict:
+    """The config, edited by --set/--unset. `base`: the folder the config's relative paths are read
+    from; a --config path that is not in the current folder but is there is named, not guessed."""
+    from src.models.reward.config import ConfigError, apply_override, load_config, remove_key
 
+    given = Path(args.config)
+    if base is not None and not given.is_absolute() and not given.is_file() and (base / given).is_file():
+        raise ConfigError(f"config file not found: {given} (read from the current folder, {Path.cwd()}); "
+                          f"{_shown(base / given)} is there: give that path, or run from {base}")
     cfg = load_config(args.config)
     for op, text in args.edits:
         if op == "set":
@@ -93,7 +99,7 @@ def cmd_run(argv: list[str], prog: str, base: Path, base_label: str) -> int:
 
     raise_lost_ctrl_c()  # one that landed while importing; run_job looks again before each chunk
     try:
-        cfg = _load(args)
+        cfg = _load(args, base)
         summary = run_job(cfg, base=base, progress=not args.no_progress)
     except JudgeError as e:  # the message names the device, PID, item and fix: no traceback
         return _report_error(e)
@@ -141,7 +147,7 @@ def cmd_serve(argv: list[str], prog: str, base: Path, base_label: str) -> int:
         return 2
     raise_lost_ctrl_c()
     try:
-        cfg = _load(args)
+        cfg = _load(args, base)
         return serve_from_config(cfg, base=base)
     except JudgeError as e:
         return _report_error(e)

@@ -400,6 +400,21 @@ def test_cli_errors_are_clear(tmp_path, edit_manifest):
     assert "Traceback" not in r.stderr
 
 
+def test_a_config_path_of_the_repository_given_from_another_folder_is_named(tmp_path):
+    """`python ~/judge/main.py --config configs/demo.yaml` from another folder: the config's own
+    paths are read from the repository, --config from the current folder. The error says so and
+    names the file it meant, which then runs as given."""
+    r = subprocess.run([sys.executable, str(MAIN), "--config", "configs/demo.yaml", "--set",
+                        f"job.output_dir={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and not (tmp_path / "out").exists(), r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: config file not found: configs/demo.yaml (read from the current folder, {tmp_path}); "
+                           f"{ROOT / 'configs' / 'demo.yaml'} is there: give that path, or run from {ROOT}"), line
+    r = subprocess.run([sys.executable, str(MAIN), "serve", "--config", "configs/nothing.yaml"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: config file not found: configs/nothing.yaml", r.stderr
+
+
 def test_a_judge_that_cannot_start_gives_one_clean_error(tmp_path, edit_manifest):
     """A remote judge whose service never answers: exit 1 with the URL and the cause, no traceback
     (every judge error is a JudgeError, caught once in the CLI)."""
