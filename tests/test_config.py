@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import ROOT
 from src.models.reward import ConfigError, JudgeConfigError, build_reward_model, load_config
 from src.models.reward.config import accepted_params, apply_override, resolve_class, resolve_spec
 from src.models.reward.implementations.local import QwenVLRewardModel
@@ -278,3 +279,21 @@ def test_a_template_named_like_a_built_in_rubric_replaces_it():
     # and the other way round: a rubric named like a built-in template is the rubric
     r = resolve_rubric("quality", {"quality": {"parts": {"q": "quality", "a": "alignment"}, "combine": "min"}})
     assert r.combine == "min" and [t.name for _, t in r.parts] == ["quality", "alignment"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_config_passes_the_checks_a_run_makes_before_loading(name):
+    """Each file in configs/ (the job configs and the service's): its keys, its job section and its
+    judge's parameters pass the checks main.py makes before any model loads, so a newcomer's first
+    `--config configs/X.yaml` fails, if at all, on the machine (no GPU, no checkpoint), not the file."""
+    from src.job.runner import JobSpec, check_top_level
+    from src.service.server import ServerSettings
+
+    cfg = load_config(ROOT / "configs" / name)
+    if "server" in cfg:  # main.py serve
+        ServerSettings.from_mapping(cfg["server"])
+        assert set(cfg) == {"model", "server"}, name
+    else:
+        check_top_level(cfg)
+        JobSpec.from_config(cfg, ROOT)
+    resolve_spec(cfg["model"])
