@@ -194,6 +194,12 @@ def main(argv: list[str] | None = None, prog: str = "qwen-judge", base: Path | N
     except KeyboardInterrupt:  # before a command could handle it (while importing, reading the config)
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:  # `python main.py` with a Python setup_env.sh did not build
+        if (e.name or "").split(".")[0] in ("src", "standalone"):
+            raise  # this project's own module: a bug, with its traceback
+        print(f"error: this Python ({sys.executable}) lacks a package the command needs ({e}); run it with the "
+              "project's environment, .venv/bin/python (bash setup_env.sh builds it)", file=sys.stderr)
+        return 1
 
 
 def console_main() -> int:

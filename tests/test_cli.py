@@ -415,6 +415,23 @@ def test_a_config_path_of_the_repository_given_from_another_folder_is_named(tmp_
     assert r.returncode == 2 and r.stderr.strip() == "error: config file not found: configs/nothing.yaml", r.stderr
 
 
+def test_main_py_run_with_a_python_that_lacks_the_packages_says_which_python_to_use(tmp_path):
+    """`python main.py --config configs/demo.yaml` (the README's command without `.venv/bin/`), with a
+    Python that has none of the packages: one line naming that Python, the missing package and the
+    environment to use, not a traceback ending in `No module named 'yaml'`; no output folder."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    r = subprocess.run([str(bare / "bin" / "python"), str(MAIN), "--config", "configs/demo.yaml", "--set",
+                        f"job.output_dir={tmp_path / 'out'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == (f"error: this Python ({bare / 'bin' / 'python'}) lacks a package the command needs "
+                                "(No module named 'yaml'); run it with the project's environment, .venv/bin/python "
+                                "(bash setup_env.sh builds it)"), r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_judge_that_cannot_start_gives_one_clean_error(tmp_path, edit_manifest):
     """A remote judge whose service never answers: exit 1 with the URL and the cause, no traceback
     (every judge error is a JudgeError, caught once in the CLI)."""
