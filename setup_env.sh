@@ -25,6 +25,7 @@ set -euo pipefail
 CALLER_PWD=$PWD
 cd "$(dirname "$0")"
 
+PYTHON_GIVEN=${PYTHON:+1}  # set by the caller: venvs of another Python are rebuilt with it
 PYTHON=${PYTHON:-python3}
 WORKER_ENV_NAME=${WORKER_ENV_NAME:-reward-worker}
 PACK=0
@@ -48,41 +49,47 @@ if [ "$PACK" = 1 ] && { [ "$WORKER" = 0 ] || ! command -v conda >/dev/null 2>&1;
   exit 2
 fi
 
-# The pins need Python 3.11 or newer (numpy, pillow, transformers): say so before building anything,
-# instead of pip's "No matching distribution found for pillow==..." after the venv was made.
-PY_VERSION=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || {
-  echo "setup_env.sh: cannot run '$PYTHON': install Python 3.11 (or newer) and run PYTHON=python3.11 bash setup_env.sh" >&2
-  exit 2
-}
-if [ "$(printf '%s\n' 3.11 "$PY_VERSION" | sort -V | head -n1)" != 3.11 ]; then
-  echo "setup_env.sh: '$PYTHON' is Python $PY_VERSION; the environments need Python 3.11 or newer." >&2
-  echo "  Install it and run: PYTHON=python3.11 bash setup_env.sh" >&2
-  exit 2
-fi
-
 hash_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
 
-# make_venv DIR: a venv of $PYTHON in DIR. One an earlier run left behind is reused when its python
-# runs, is $PYTHON's version and has pip; otherwise it is rebuilt from scratch (its stamps go with it,
-# so everything is installed again): a run interrupted while the venv was made leaves a python
-# without pip, on which every later pip call failed, and a venv of another Python would be called
-# "up to date" by its stamps.
+# py_version PY [MODULE]: "3.11" when PY runs (and imports MODULE), else nothing and status 1.
+py_version() { "$1" -c "import sys${2:+, $2}; print('%d.%d' % sys.version_info[:2])" 2>/dev/null; }
+# The pins need Python 3.11 or newer (numpy, pillow, transformers).
+new_enough() { [ "$(printf '%s\n' 3.11 "$1" | sort -V | head -n1)" = 3.11 ]; }
+
+# make_venv DIR: a venv in DIR. One an earlier run left behind is reused when its python runs, has
+# pip and is 3.11 or newer (and, when the caller set PYTHON, is that Python's version); otherwise it is
+# built again with $PYTHON from scratch, its stamps with it, so everything is installed again: a run
+# interrupted while the venv was made leaves a python without pip, on which every later pip call
+# failed, and a venv of another Python would be called "up to date" by its stamps.
 make_venv() {
-  local dir=$1 have why
-  if [ ! -e "$dir" ] && [ ! -L "$dir" ]; then
-    say "creating $dir with Python $PY_VERSION ($PYTHON)"
-    "$PYTHON" -m venv "$dir"
-    return
+  local dir=$1 have want why=""
+  if [ -e "$dir" ] || [ -L "$dir" ]; then
+    if ! have=$(py_version "$dir/bin/python" pip); then
+      if py_version "$dir/bin/python" >/dev/null; then why="it has no pip (an interrupted run?)"; else why="its python does not run"; fi
+    elif ! new_enough "$have" || { [ -n "$PYTHON_GIVEN" ] && [ "$have" != "$(py_version "$PYTHON")" ]; }; then
+      why="it is Python $have"
+    else
+      return 0
+    fi
   fi
-  if ! have=$("$dir/bin/python" -c 'import sys, pip; print("%d.%d" % sys.version_info[:2])' 2>/dev/null); then
-    if "$dir/bin/python" -c '' 2>/dev/null; then why="it has no pip (an interrupted run?)"; else why="its python does not run"; fi
-  elif [ "$have" != "$PY_VERSION" ]; then
-    why="it is Python $have, $PYTHON is $PY_VERSION"
+  # Checked before anything is built, instead of pip's "No matching distribution found for pillow==..."
+  # in a venv that later runs would reuse.
+  if ! want=$(py_version "$PYTHON"); then
+    echo "setup_env.sh: cannot run '$PYTHON': install Python 3.11 (or newer) and run PYTHON=python3.11 bash setup_env.sh" >&2
+    exit 2
+  fi
+  if ! new_enough "$want"; then
+    echo "setup_env.sh: '$PYTHON' is Python $want; the environments need Python 3.11 or newer." >&2
+    echo "  Install it and run: PYTHON=python3.11 bash setup_env.sh" >&2
+    exit 2
+  fi
+  if [ -n "$why" ]; then
+    say "rebuilding $dir with Python $want ($PYTHON): $why"
+    "$PYTHON" -m venv --clear "$dir"
   else
-    return 0
+    say "creating $dir with Python $want ($PYTHON)"
+    "$PYTHON" -m venv "$dir"
   fi
-  say "rebuilding $dir: $why"
-  "$PYTHON" -m venv --clear "$dir"
 }
 
 # pip_sync PYTHON_BIN STAMP_FILE REQ_FILE...: install when the requirements changed since last time.

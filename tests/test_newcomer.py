@@ -310,7 +310,8 @@ def test_setup_after_an_interrupted_venv_builds_it_again(tmp_path):
     run = _run_setup(repo, env)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "[setup_env] .venv is up to date" in run.stdout, run.stdout
-    assert "[setup_env] rebuilding .venv-worker: it has no pip" in run.stdout, run.stdout
+    assert f"[setup_env] rebuilding .venv-worker with Python {'%d.%d' % sys.version_info[:2]} ({sys.executable}): " \
+        "it has no pip" in run.stdout, run.stdout
     probe = subprocess.run([str(worker / "bin" / "python"), "-m", "pip", "--version"], capture_output=True, text=True)
     assert probe.returncode == 0, probe.stderr
     assert (worker / ".requirements.sha256").is_file()
@@ -321,8 +322,9 @@ def test_setup_after_an_interrupted_venv_builds_it_again(tmp_path):
 @pytest.mark.skipif(shutil.which("conda") is not None, reason="conda is here: the worker env is a conda env")
 @pytest.mark.skipif(_other_python(older=False) is None, reason="no Python of another version on PATH")
 def test_setup_does_not_call_a_venv_of_another_python_up_to_date(tmp_path):
-    """A venv made by another Python than PYTHON (an earlier run with another python3) is built again
-    with PYTHON and its packages installed again, not reused because its stamp matches."""
+    """A venv made by another Python than the PYTHON the caller sets (an earlier run with another
+    python3) is built again with PYTHON and its packages installed again, not reused because its
+    stamp matches."""
     repo, env = _setup_copy(tmp_path)
     worker = repo / ".venv-worker"
     other = _other_python(older=False)
@@ -331,22 +333,33 @@ def test_setup_does_not_call_a_venv_of_another_python_up_to_date(tmp_path):
     run = _run_setup(repo, env)
     assert run.returncode == 0, run.stdout + run.stderr
     this = "%d.%d" % sys.version_info[:2]
-    assert (f"[setup_env] rebuilding .venv-worker: it is Python {_python_minor(other)}, {sys.executable} is {this}"
-            in run.stdout), run.stdout
+    assert (f"[setup_env] rebuilding .venv-worker with Python {this} ({sys.executable}): it is Python "
+            f"{_python_minor(other)}" in run.stdout), run.stdout
     assert _python_minor(str(worker / "bin" / "python")) == this
 
 
+@pytest.mark.skipif(shutil.which("conda") is not None, reason="conda is here: the worker env is a conda env")
 @pytest.mark.skipif(_other_python(older=True) is None, reason="no Python older than 3.11 on PATH")
 def test_setup_with_a_python_older_than_the_pins_stops_before_building(tmp_path):
-    """PYTHON=python3.10 (Ubuntu 22.04's python3): the reason and the fix, before any venv is made,
-    instead of pip's 'No matching distribution found for pillow==...' in a venv later runs reuse."""
+    """PYTHON=python3.10 (Ubuntu 22.04's python3): the reason and the fix before any venv is made,
+    instead of pip's 'No matching distribution found for pillow==...' in a venv later runs reused.
+    Venvs already built with a newer Python stay in use by a plain rerun with such a python3."""
     repo, env = _setup_copy(tmp_path)
     old = _other_python(older=True)
-    run = _run_setup(repo, {**env, "PYTHON": old})
+    run = _run_setup(repo, {**env, "PYTHON": old})  # the main env is there: rebuilt with PYTHON, which is refused
     assert run.returncode == 2 and run.stdout == "", run.stdout
-    assert f"setup_env.sh: '{old}' is Python {_python_minor(old)}; the environments need Python 3.11 or newer" \
-        in run.stderr, run.stderr
-    assert not (repo / ".venv-worker").exists()
+    assert run.stderr == (f"setup_env.sh: '{old}' is Python {_python_minor(old)}; the environments need Python 3.11 "
+                          "or newer.\n  Install it and run: PYTHON=python3.11 bash setup_env.sh\n"), run.stderr
+    assert not (repo / ".venv-worker").exists() and (repo / ".venv" / ".requirements.sha256").is_file()
+    assert _run_setup(repo, env).returncode == 0  # built with this Python
+    python3_is_old = tmp_path / "old-bin"
+    python3_is_old.mkdir()
+    (python3_is_old / "python3").symlink_to(old)
+    plain = {k: v for k, v in env.items() if k != "PYTHON"}
+    plain["PATH"] = f"{python3_is_old}{os.pathsep}{plain['PATH']}"
+    again = _run_setup(repo, plain)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "[setup_env] .venv is up to date" in again.stdout and "[setup_env] .venv-worker is up to date" in again.stdout
 
 
 @pytest.mark.skipif(shutil.which("conda") is not None, reason="conda is here: the worker env is a conda env")
