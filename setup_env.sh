@@ -21,6 +21,8 @@
 #   (launcher: .venv-worker/bin/python).
 # torch and torchvision come as a matched pair from the package index; the CUDA build also runs
 # on machines without a GPU.
+# `sh setup_env.sh` (dash on Debian and Ubuntu) stopped at once on `set -o pipefail`: run it with bash.
+if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -euo pipefail
 CALLER_PWD=$PWD
 cd "$(dirname "$0")"

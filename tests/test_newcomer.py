@@ -225,6 +225,15 @@ def test_workers_of_a_plain_install_get_the_code_without_its_site_packages(tmp_p
         shutil.rmtree(first, ignore_errors=True)
 
 
+def test_setup_run_with_sh_runs_under_bash():
+    """`sh setup_env.sh` (the README says bash): where sh is dash (Debian, Ubuntu) the script stopped at
+    once with 'set: Illegal option -o pipefail'; it now runs itself with bash. An unknown option is
+    the quickest thing it answers without building anything."""
+    run = subprocess.run(["sh", str(ROOT / "setup_env.sh"), "--no-such-option"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr == "setup_env.sh: unknown option --no-such-option\n", run.stderr
+
+
 @pytest.mark.skipif(shutil.which("conda") is not None, reason="conda is here: --pack would build and pack")
 def test_setup_pack_without_conda_stops_before_building_anything():
     # Checked first, not after both environments were built (minutes) or brought up to date.
