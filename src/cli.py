@@ -31,7 +31,8 @@ commands:
 
 --set takes dotted keys into the config, values parsed as YAML; --unset removes a key:
   --set model.params.batch_size=4 --set job.output_dir=outputs/run2
-  --set model.class_path=multi_gpu --unset model.params.device --set model.params.device_ids=[cpu,cpu]
+  --set model.class_path=multi_gpu --unset model.params.device --set 'model.params.device_ids=[cpu,cpu]'
+(quote a value with brackets: zsh reads an unquoted one as a file pattern)
 Relative paths in the config are read from {base}.
 """
 

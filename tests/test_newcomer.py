@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -113,7 +114,10 @@ def test_qwen_judge_command_runs_the_readme_multi_gpu_switch(installed, tmp_path
     config = _section("A config")
     line = next(c for b in _blocks(config, "bash") for c in _command_lines(b) if "--unset" in c)
     assert line.startswith(".venv/bin/qwen-judge run "), line
-    args = line.split()[1:] + ["--set", f"job.output_dir={tmp_path / 'out'}", "--no-progress"]
+    # A bracketed value is quoted: zsh (macOS's shell, many Linux users') refuses an unquoted one
+    # ("no matches found"), as it would any word with [ ] that matches no file.
+    assert all("[" not in word or word[0] in "'\"" for word in line.split()), line
+    args = shlex.split(line)[1:] + ["--set", f"job.output_dir={tmp_path / 'out'}", "--no-progress"]
     proc = subprocess.Popen([str(installed / "bin" / "qwen-judge"), *args], cwd=ROOT, env=_clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
