@@ -102,6 +102,8 @@ pip_sync() {
     say "$(dirname "$(dirname "$py")") is up to date"
     return
   fi
+  # pip is quiet: say what the next minutes are, or a first run looks hung (and gets interrupted)
+  say "installing $1 into $(dirname "$(dirname "$py")") (the first time: minutes; torch's CUDA build is several GB)"
   "$py" -m pip install --quiet --upgrade pip
   "$py" -m pip install --quiet -r "$1"
   echo "$want" > "$stamp"

@@ -328,6 +328,7 @@ def test_setup_after_an_interrupted_venv_builds_it_again(tmp_path):
     probe = subprocess.run([str(worker / "bin" / "python"), "-m", "pip", "--version"], capture_output=True, text=True)
     assert probe.returncode == 0, probe.stderr
     assert (worker / ".requirements.sha256").is_file()
+    assert "[setup_env] installing requirements-worker.txt into .venv-worker (the first time: minutes" in run.stdout
     again = _run_setup(repo, env)  # and then it is up to date: nothing rebuilt
     assert again.returncode == 0 and "[setup_env] .venv-worker is up to date" in again.stdout, again.stdout
 
