@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -242,3 +243,31 @@ def test_bitsandbytes_8bit_and_4bit_judges_score_like_the_full_precision_one(tmp
         assert row["vs_none"]["spearman"] >= min_rho, (q, ref, row["scores"])
     assert variants["bnb-8bit"]["scores"] != ref  # the weights really were quantized
     assert "| bnb-4bit | bnb-4bit (bitsandbytes nf4) | 11 |" in (tmp_path / "bnb_cpu.md").read_text()
+
+
+def test_bitsandbytes_int8_says_its_float16_cast_once_not_on_every_matmul(tiny_qwen25):
+    # bitsandbytes' int8 matmul logs "inputs will be cast from <dtype> to float16" on every call of
+    # every layer where the judge's dtype is not float16 (float32 here; bf16, the default, on a GPU):
+    # each decoding step of each batch, one line per layer, which flooded the judge's (and each
+    # worker's) log. The judge lets the line through once.
+    root = Path(__file__).resolve().parents[1]
+    quant = root / ".venv" / "quant"
+    if not (quant / "bitsandbytes").is_dir():
+        raise AssertionError(".venv/quant is missing: bash setup_env.sh installs it (requirements-quant.txt)")
+    script = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from PIL import Image\n"
+        "from src.models.reward.implementations.local import QwenVLRewardModel\n"
+        "images = [Image.new('RGB', (64 + 8 * i, 48), (40 * i, 90, 160)) for i in range(3)]\n"
+        "with QwenVLRewardModel(model_name=sys.argv[1], template='quality', mode='generate', max_new_tokens=4,\n"
+        "                       batch_size=2, quantization='bnb-8bit') as judge:\n"
+        "    for _ in range(2):\n"
+        "        print('SCORES', [r.score is not None or r.error_kind == 'parse' for r in judge.batch_score(images)])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(quant), str(root)]), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, tiny_qwen25], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("SCORES [True, True, True]") == 2, proc.stdout  # every item answered, none crashed
+    casts = [line for line in proc.stderr.splitlines() if "MatMul8bitLt: inputs will be cast" in line]
+    assert len(casts) == 1, f"{len(casts)} lines:\n" + "\n".join(casts[:5])

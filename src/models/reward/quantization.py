@@ -75,6 +75,7 @@ def plan(setting: str, path: str, device: str, dtype: Any) -> tuple[dict[str, An
                                    "use quantization: none to load it as it is")
         if method == "bitsandbytes":
             require("bitsandbytes", f"the checkpoint {path} (its config.json declares bitsandbytes quantization)")
+            _say_bnb_casts_once()
         if method in ("bitsandbytes", "fp8"):
             require("accelerate", f"the checkpoint {path} (quantized: {method})")
         if method == "fp8" and device.startswith("cuda"):
@@ -103,6 +104,7 @@ def plan(setting: str, path: str, device: str, dtype: Any) -> tuple[dict[str, An
     if setting in ("bnb-8bit", "bnb-4bit"):
         require("bitsandbytes", f"quantization: {setting}")
         require("accelerate", f"quantization: {setting}")
+        _say_bnb_casts_once()
         from transformers import BitsAndBytesConfig
 
         if setting == "bnb-8bit":
@@ -110,6 +112,29 @@ def plan(setting: str, path: str, device: str, dtype: Any) -> tuple[dict[str, An
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
         return {"quantization_config": config}, "bnb-4bit (bitsandbytes nf4)"
     raise JudgeConfigError(f"quantization: unknown value {setting!r}")  # settings.py checked it already
+
+
+class _Once(logging.Filter):
+    """Lets each of a logger's messages through the first time only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in self.seen:
+            return False
+        self.seen.add(record.msg)
+        return True
+
+
+def _say_bnb_casts_once() -> None:
+    """bitsandbytes' int8 matmul logs "inputs will be cast from <dtype> to float16" on every call of
+    every layer when the judge's dtype is not float16 (bf16, the default on a GPU): one line per
+    layer per decoding step, thousands per batch, in the judge's and each worker's log. Once says it."""
+    bnb = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Once) for f in bnb.filters):
+        bnb.addFilter(_Once())
 
 
 def fp8_config() -> Any:
