@@ -76,6 +76,8 @@ def test_results_equal_the_single_device_class_in_input_order(model, single, ref
         assert env["env_vars"]["REWARD_FAULT_DELAY_S"] == str(DELAY_S), env
         assert [m for m in env["py_modules"] if m.startswith("gcs://_ray_pkg_")], env
     assert model.fingerprint == single[1], "resume files carry over between the classes"
+    # how the actors loaded the weights, which the job's summary.json records (as for the other classes)
+    assert model.quantization == "none"
 
 
 def test_second_call_reuses_the_actors_in_memory_images_travel_and_bad_items_fail_alone(

@@ -110,6 +110,7 @@ class _JudgeActor:
         return {"actor_id": ctx.get_actor_id(), "runtime_env": dict(ctx.runtime_env),  # as Ray merged it
                 "pid": self.pid, "node": self.node, "label": self.label, "load_time_s": self.load_time_s,
                 "fingerprint": self.engine.fingerprint() if self.engine is not None else None,
+                "quantization": self.engine.quantization if self.engine is not None else None,
                 "code": str(Path(__file__).resolve().parents[3]),  # where this project was imported from
                 "error": self.error, "traceback": self.traceback}
 
@@ -389,6 +390,14 @@ class RayRewardModel(BaseRewardModel):
         for slot in self.slots:
             if slot.info.get("fingerprint"):
                 return slot.info["fingerprint"]
+        return None
+
+    @property
+    def quantization(self) -> str | None:
+        """How the actors loaded the weights (`none`, `fp8 (...)`, a pre-quantized checkpoint's method)."""
+        for slot in self.slots:
+            if slot.info.get("quantization"):
+                return slot.info["quantization"]
         return None
 
     def actor_ids(self) -> list[str | None]:
