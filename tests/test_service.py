@@ -282,6 +282,7 @@ def test_remote_reward_model_is_a_drop_in_judge(service, dirs, tmp_path, monkeyp
         scored = [results[k].score for k in (0, 1, 2)]
         assert max(scored) - min(scored) < 1e-4
         assert remote.fingerprint == httpx.get(service.url + "/health").json()["fingerprint"]
+        assert remote.quantization == "none"  # how the served judge loaded its weights (a job's summary.json)
     # send_paths: the service reads the file itself, and scores it the same.
     with RemoteRewardModel(service.url, token=TOKEN, send_paths=True) as by_path:
         r = by_path.score(ScoreItem(images=[str(allowed / "img0.png")], instruction="a red square"))

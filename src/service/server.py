@@ -168,6 +168,7 @@ class _Service:
         self.error: str | None = None
         self.load_time_s: float | None = None
         self.fingerprint: str | None = None
+        self.quantization: str | None = None
         self.started = time.monotonic()
         self.requests = 0
         self._lock = threading.Lock()
@@ -194,8 +195,9 @@ class _Service:
         self.load_time_s = load_time
         try:  # read once: a remote model's fingerprint is an HTTP call, too slow for every /health
             self.fingerprint = getattr(model, "fingerprint", None)
+            self.quantization = getattr(model, "quantization", None)
         except Exception:  # informative only
-            self.fingerprint = None
+            self.fingerprint = self.quantization = None
         self.status = "ready"
 
     def _load(self) -> None:
@@ -240,7 +242,7 @@ class _Service:
             "batches": b.batches if b else 0, "requests": self.requests,
             "max_batch": self.settings.max_batch, "max_wait_ms": self.settings.max_wait_ms,
             "load_time_s": self.load_time_s, "uptime_s": round(time.monotonic() - self.started, 3),
-            "fingerprint": self.fingerprint,
+            "fingerprint": self.fingerprint, "quantization": self.quantization,
         }
         if self.model is not None:
             info.update(_describe_model(self.model))

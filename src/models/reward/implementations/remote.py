@@ -213,6 +213,11 @@ class RemoteRewardModel(BaseRewardModel):
     def fingerprint(self) -> str | None:
         return self.health().get("fingerprint")
 
+    @property
+    def quantization(self) -> str | None:
+        """How the served judge loaded its weights, as the service's /health reports it."""
+        return self.health().get("quantization")
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
