@@ -132,6 +132,36 @@ def test_a_pre_quantized_checkpoint_loads_as_declared_and_is_reported(fp8_checkp
         QwenVLRewardModel(model_name=fp8, quantization="bnb-8bit")
 
 
+def test_a_pre_quantized_fp8_checkpoint_on_the_cpu_of_a_gpu_machine_is_dequantized_as_reported(fp8_checkpoint,
+                                                                                               monkeypatch):
+    """transformers dequantizes an FP8 checkpoint on the CPU only where it sees no GPU: on a machine
+    with an FP8-capable GPU, a judge with device cpu kept float8 layers on the CPU, whose matmul is a
+    GPU kernel (every batch failed), while the judge reported "transformers dequantizes it on the
+    CPU". The GPU transformers would see is stood in for by torch.cuda's answers (this machine has
+    none); nothing of this library is replaced."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    src, fp8 = fp8_checkpoint
+    images = [make_image(i) for i in range(3)]
+    with QwenVLRewardModel(model_name=fp8, template="quality") as judge:  # no GPU seen: dequantized
+        reference = [r.score for r in judge.batch_score(images)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with QwenVLRewardModel(model_name=fp8, template="quality", device="cpu") as judge:
+        assert judge.engine.quantization.endswith("transformers dequantizes it on the CPU)")
+        assert not any(isinstance(m, FP8Linear) for m in judge.engine.model.modules())
+        results = judge.batch_score(images)
+    assert [r.error for r in results] == [None] * 3
+    assert [r.score for r in results] == pytest.approx(reference, abs=1e-6)
+    # below compute capability 8.9 transformers dequantizes on the GPU too, and the report says so
+    from src.models.reward.quantization import plan
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert plan("none", fp8, "cuda:0", torch.bfloat16) == (
+        {}, "pre-quantized checkpoint (fp8, as its config.json declares; transformers dequantizes it on this GPU, "
+            "below compute capability 8.9)")
+
+
 @needs_no_bnb
 def test_a_bitsandbytes_checkpoint_without_bitsandbytes_is_a_clear_error(fp8_checkpoint, tmp_path):
     src, _ = fp8_checkpoint

@@ -78,14 +78,23 @@ def plan(setting: str, path: str, device: str, dtype: Any) -> tuple[dict[str, An
             _say_bnb_casts_once()
         if method in ("bitsandbytes", "fp8"):
             require("accelerate", f"the checkpoint {path} (quantized: {method})")
+        extra: dict[str, Any] = {}
+        where = ""
         if method == "fp8" and device.startswith("cuda"):
             if _capability(device) < FP8_MIN_CAPABILITY:
                 log.warning("%s: FP8 checkpoint on a GPU below compute capability 8.9: transformers "
                             "dequantizes it to %s", path, dtype)
+                where = "; transformers dequantizes it on this GPU, below compute capability 8.9"
             else:
                 _ensure_fp8_matmul()
-        where = "; transformers dequantizes it on the CPU" if method == "fp8" and device == "cpu" else ""
-        return {}, f"pre-quantized checkpoint ({method}, as its config.json declares{where})"
+        elif method == "fp8" and device == "cpu":
+            # Said, not left to transformers, which dequantizes only where it sees no GPU: on a GPU
+            # machine it kept float8 layers on the CPU, whose matmul is a GPU kernel.
+            from transformers import FineGrainedFP8Config
+
+            extra["quantization_config"] = FineGrainedFP8Config.from_dict({**found, "dequantize": True})
+            where = "; transformers dequantizes it on the CPU"
+        return extra, f"pre-quantized checkpoint ({method}, as its config.json declares{where})"
     if setting == "none":
         return {}, "none"
     if setting == "fp8":
