@@ -275,15 +275,24 @@ def test_bitsandbytes_8bit_and_4bit_judges_score_like_the_full_precision_one(tmp
     assert "| bnb-4bit | bnb-4bit (bitsandbytes nf4) | 11 |" in (tmp_path / "bnb_cpu.md").read_text()
 
 
+def _with_bitsandbytes(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a Python script with bitsandbytes (.venv/quant) on its path, in a process of its own."""
+    root = Path(__file__).resolve().parents[1]
+    quant = root / ".venv" / "quant"
+    if not (quant / "bitsandbytes").is_dir():
+        raise AssertionError(".venv/quant is missing: bash setup_env.sh installs it (requirements-quant.txt)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(quant), str(root)]), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_bitsandbytes_int8_says_its_float16_cast_once_not_on_every_matmul(tiny_qwen25):
     # bitsandbytes' int8 matmul logs "inputs will be cast from <dtype> to float16" on every call of
     # every layer where the judge's dtype is not float16 (float32 here; bf16, the default, on a GPU):
     # each decoding step of each batch, one line per layer, which flooded the judge's (and each
     # worker's) log. The judge lets the line through once.
-    root = Path(__file__).resolve().parents[1]
-    quant = root / ".venv" / "quant"
-    if not (quant / "bitsandbytes").is_dir():
-        raise AssertionError(".venv/quant is missing: bash setup_env.sh installs it (requirements-quant.txt)")
     script = (
         "import logging, sys\n"
         "logging.basicConfig(level=logging.WARNING)\n"
@@ -294,10 +303,29 @@ def test_bitsandbytes_int8_says_its_float16_cast_once_not_on_every_matmul(tiny_q
         "                       batch_size=2, quantization='bnb-8bit') as judge:\n"
         "    for _ in range(2):\n"
         "        print('SCORES', [r.score is not None or r.error_kind == 'parse' for r in judge.batch_score(images)])\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(quant), str(root)]), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, tiny_qwen25], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _with_bitsandbytes(script, tiny_qwen25)
     assert proc.stdout.count("SCORES [True, True, True]") == 2, proc.stdout  # every item answered, none crashed
     casts = [line for line in proc.stderr.splitlines() if "MatMul8bitLt: inputs will be cast" in line]
     assert len(casts) == 1, f"{len(casts)} lines:\n" + "\n".join(casts[:5])
+
+
+def test_a_bitsandbytes_judge_on_the_cpu_of_a_gpu_machine_stays_on_the_cpu(tiny_qwen25):
+    # Without a device_map, transformers loads bitsandbytes weights onto the first GPU it sees:
+    # a judge with device cpu on a GPU machine was quantized on cuda:0 (taking that GPU's memory).
+    # The GPU is stood in for by torch.cuda's answer (this machine has none, so asking it which GPU
+    # is current raises); nothing of this library is replaced.
+    script = (
+        "import json, sys, torch\n"
+        "from PIL import Image\n"
+        "from src.models.reward.implementations.local import QwenVLRewardModel\n"
+        "images = [Image.new('RGB', (64 + 8 * i, 48), (40 * i, 90, 160)) for i in range(3)]\n"
+        "def scores(q):\n"
+        "    with QwenVLRewardModel(model_name=sys.argv[1], template='quality', quantization=q, device='cpu') as j:\n"
+        "        assert {p.device.type for p in j.engine.model.parameters()} == {'cpu'}\n"
+        "        return [r.score for r in j.batch_score(images)]\n"
+        "plain = {q: scores(q) for q in ('bnb-8bit', 'bnb-4bit')}\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "print('RESULT ' + json.dumps({'plain': plain, 'gpu_seen': {q: scores(q) for q in plain}}))\n")
+    proc = _with_bitsandbytes(script, tiny_qwen25)
+    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert out["gpu_seen"] == out["plain"] and all(s is not None for v in out["plain"].values() for s in v), out

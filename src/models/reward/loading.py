@@ -87,11 +87,12 @@ class Loading:
                                    f"(multi_gpu with gpus_per_worker > 1); this one runs on {self.device} alone")
         else:
             # Loading straight onto the GPU (device_map) needs accelerate; without it, load then move.
-            # Quantized weights must be placed by the load itself (they cannot be moved after).
+            # Quantized weights must be placed by the load itself (they cannot be moved after), on the
+            # CPU too: without a device_map, bitsandbytes loads onto the first GPU it sees.
             import importlib.util
 
-            if self.device != "cpu" and ("quantization_config" in extra or self.quantization != "none"
-                                         or importlib.util.find_spec("accelerate") is not None):
+            if "quantization_config" in extra or self.quantization != "none" or (
+                    self.device != "cpu" and importlib.util.find_spec("accelerate") is not None):
                 extra["device_map"] = self.device
         try:
             model = AutoModelForImageTextToText.from_pretrained(
