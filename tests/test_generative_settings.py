@@ -178,3 +178,25 @@ def test_a_score_off_the_scale_is_clamped_and_the_result_says_so():
         assert r.metadata["notes"] == [f"q: the answer's score {wrote} lay outside 0..5; clamped to 5"]
     assert sampled["score"] == (5 + 3 + 0) / 3
     assert sampled["note"] == "2 of the 3 answers' scores lay outside 0..5 (12, -1); clamped"
+
+
+@pytest.mark.parametrize("paths", [dict(continuous_batching=True), dict(continuous_batching=False),
+                                   dict(fast_decode=False)], ids=["continuous", "static", "generate()"])
+def test_a_score_cut_off_by_the_answer_budget_is_not_read_as_a_shorter_one(tiny_cache, image_files, paths):
+    """On a 0..99 scale the judge answers 77. An answer budget of one token cuts it to "7", which
+    read as a score of 7 (not what the judge wrote): a number that ends an answer cut off by
+    max_new_tokens gives no score where one more digit would read as another score on the scale.
+    A cut answer whose last number could not grow into another score on the scale (77 -> 770,
+    off the scale) is still read."""
+    pct = {"pct": {"text": "Rate this image from 0 to 99.", "scale": [0, 99]}}
+    with QwenVLRewardModel(model_name="tiny:qwen2_vl", mode="generate", template="pct", templates=pct,
+                           max_new_tokens=2, batch_size=1, **paths) as j:
+        assert j.engine._continuous is (paths == dict(continuous_batching=True))
+        digits = bias_to_digits(j)
+        with torch.no_grad():
+            j.engine.model.get_output_embeddings().weight[digits[7], 0] = 4.0  # greedy: 7, 7, ...
+        cut, whole = j.batch_score([ScoreItem(images=[image_files[0]], id="cut", metadata={"max_new_tokens": 1}),
+                                    ScoreItem(images=[image_files[0]], id="whole")])
+    assert whole.raw["pct"] == "77" and whole.score == 77.0 and whole.error is None
+    assert cut.raw["pct"] == "7" and cut.score is None and cut.error_kind == "parse"
+    assert "'cut'" in cut.error and "cut off by max_new_tokens" in cut.error, cut.error

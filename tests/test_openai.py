@@ -248,8 +248,8 @@ class Script:
             return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
 
 
-def completion(content="", top=None):
-    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop",
+def completion(content="", top=None, finish_reason="stop"):
+    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason,
               "logprobs": None if top is None else {"content": [{"token": top[0][0], "logprob": top[0][1], "bytes": None,
                                                                  "top_logprobs": [{"token": t, "logprob": lp, "bytes": None}
                                                                                   for t, lp in top]}]}}
@@ -302,6 +302,18 @@ def test_a_served_score_off_the_scale_is_clamped_and_noted(fake):
         [r] = judge.score_items(image_items(1))
     assert r.score == 9.0 and r.error is None
     assert r.metadata["notes"] == ["quality: the answer's score 12 lay outside 0..9; clamped to 9"]
+
+
+def test_a_served_answer_cut_off_inside_its_score_gives_no_score(fake):
+    # As in-process (scoring.read_answers): "Score: 8" cut off by max_tokens (finish_reason
+    # "length") may be the start of 85 on a 0..100 scale; the same answer ended by the judge is 8.
+    pct = {"pct": {"text": "Rate this image from 0 to 100.", "scale": [0, 100]}}
+    judge, _ = fake([completion("Score: 8", finish_reason="length"), completion("Score: 8")], mode="generate",
+                    template="pct", templates=pct, max_concurrency=1)
+    with judge:
+        cut, ended = judge.score_items(image_items(2))
+    assert ended.score == 8.0 and ended.error is None
+    assert cut.score is None and cut.error_kind == "parse" and "cut off by max_new_tokens" in cut.error, cut.error
 
 
 def test_logits_mode_reads_top_logprobs_and_fails_clearly_without_them(fake):

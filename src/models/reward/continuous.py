@@ -122,7 +122,7 @@ class ContinuousCalls:
         def on_done(i: int, tokens: Any, waited_s: float) -> None:
             live, req, t0 = entered[i]
             text = self.tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
-            outcome = self._parse_answers([text], req.template)[0]
+            outcome = self._parse_answers([text], req.template, [self._cut_off(tokens)])[0]
             entered[i] = None
             # Its share of the decode: one of `slots` rows, from its take (its prefill) to its end,
             # less the time it sat prefilled ahead waiting for a slot (the model was decoding the

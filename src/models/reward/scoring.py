@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from .parsing import parse_score
+from .parsing import ParsedScore, parse_score
 from .templates import Template
 
 if TYPE_CHECKING:
@@ -103,12 +103,28 @@ class Scoring:
             new = self._new_tokens(inputs, kwargs)
         if limits:
             new = [row[:limits[i // k]] for i, row in enumerate(new)]
-        return self._parse_answers(self.tokenizer.batch_decode(new, skip_special_tokens=True), tpl)
+        cut = [self._cut_off(row) for row in new]
+        return self._parse_answers(self.tokenizer.batch_decode(new, skip_special_tokens=True), tpl, cut)
 
-    def _parse_answers(self, texts: list[str], tpl: Template) -> list[dict[str, Any]]:
-        """Each prompt's outcome from its answer(s): num_samples consecutive texts per prompt."""
+    def _parse_answers(self, texts: list[str], tpl: Template, cut: list[bool] | None = None) -> list[dict[str, Any]]:
+        """Each prompt's outcome from its answer(s): num_samples consecutive texts per prompt.
+        cut: per text, True where the answer budget ended it, not the judge (see read_answers)."""
         k = self.settings.num_samples
-        return [read_answers(texts[row * k:(row + 1) * k], tpl) for row in range(len(texts) // k)]
+        return [read_answers(texts[row * k:(row + 1) * k], tpl, cut[row * k:(row + 1) * k] if cut else None)
+                for row in range(len(texts) // k)]
+
+    def _end_token_ids(self) -> set[int]:
+        """The tokens that end an answer (generate() stops a row at any of them)."""
+        ids = self.__dict__.get("_end_ids")
+        if ids is None:
+            eos = getattr(self.model.generation_config, "eos_token_id", None)
+            ids = self._end_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+        return ids
+
+    def _cut_off(self, tokens) -> bool:
+        """Whether an answer's new tokens (a row of generate()'s output, or a continuous decode's)
+        hold no end token: the answer budget stopped it, not the judge."""
+        return self._end_token_ids().isdisjoint(tokens.tolist())
 
     def _new_tokens(self, inputs, kwargs: dict[str, Any]):
         """The generated tokens after the prompt: through fast_decode (static cache, CUDA-graphed
@@ -124,14 +140,15 @@ class Scoring:
         return generate_tokens(self.model, inputs, plan, cuda_graph=self.device.startswith("cuda"))
 
 
-def read_answers(answers: list[str], tpl: Template) -> dict[str, Any]:
+def read_answers(answers: list[str], tpl: Template, cut: list[bool] | None = None) -> dict[str, Any]:
     """One prompt's outcome from its answer, or its sampled answers (their mean and spread): the
     score, the raw answer(s), a parse error where no score could be read, and a note where a score
     lay off the scale and was clamped. The in-process engine and the OpenAI-compatible judge read
-    answers through this one function."""
+    answers through this one function. cut: per answer, True where the answer budget
+    (max_new_tokens) ended it rather than the judge; None: none was cut."""
     lo, hi = tpl.scale
     levels = tpl.level_map() if tpl.levels and not tpl.levels[0][0].isdigit() else None
-    parsed = [parse_score(a, lo, hi, levels=levels, key=tpl.json_key) for a in answers]
+    parsed = [_read_answer(a, lo, hi, levels, tpl.json_key, bool(cut and cut[i])) for i, a in enumerate(answers)]
     if len(answers) == 1:
         p = parsed[0]
         res: dict[str, Any] = {"score": p.score, "raw": answers[0]}
@@ -153,6 +170,19 @@ def read_answers(answers: list[str], tpl: Template) -> dict[str, Any]:
         res["note"] = (f"{len(off)} of the {len(answers)} answers' scores lay outside {lo:g}..{hi:g} "
                        f"({', '.join(f'{v:g}' for v in off)}); clamped")
     return res
+
+
+def _read_answer(answer: str, lo: float, hi: float, levels: Any, key: str | None, cut: bool) -> ParsedScore:
+    p = parse_score(answer, lo, hi, levels=levels, key=key)
+    if cut and p.score is not None:
+        # The number that ends a cut-off answer may be the first digits of the judge's score ("1" of
+        # "10", "8" of "85": a tokenizer writes numbers digit by digit). Where one more digit would
+        # read as another score on the scale, the score is not known: none is given.
+        more = parse_score(answer + "0", lo, hi, levels=levels, key=key)
+        if more.score is not None and not more.clamped and more.score != p.score:
+            return ParsedScore(None, None, "the answer was cut off by max_new_tokens right after a number, "
+                                           "which may be the start of a longer score; raise max_new_tokens")
+    return p
 
 
 def _clip(text: str, n: int = 200) -> str:

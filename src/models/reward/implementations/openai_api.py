@@ -300,8 +300,10 @@ class OpenAIRewardModel(BaseRewardModel):
     def _generate_score(self, resp: Any, tpl: Template) -> dict[str, Any]:
         # The same reading as the in-process engine's generate mode (scoring.read_answers). A null
         # message (a content filter) is an empty answer; a hosted API's refusal is the answer given.
+        # finish_reason "length": max_tokens ended the answer, not the judge.
         return read_answers([(c.message and (c.message.content or getattr(c.message, "refusal", None))) or ""
-                             for c in resp.choices], tpl)
+                             for c in resp.choices], tpl,
+                            [getattr(c, "finish_reason", None) == "length" for c in resp.choices])
 
     # -- the protocol: retries, backoff, rate limit -----------------------------------------
 
