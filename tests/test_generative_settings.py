@@ -200,3 +200,21 @@ def test_a_score_cut_off_by_the_answer_budget_is_not_read_as_a_shorter_one(tiny_
     assert whole.raw["pct"] == "77" and whole.score == 77.0 and whole.error is None
     assert cut.raw["pct"] == "7" and cut.score is None and cut.error_kind == "parse"
     assert "'cut'" in cut.error and "cut off by max_new_tokens" in cut.error, cut.error
+
+
+def test_logits_mode_leaves_an_items_answer_budget_alone(tiny_cache, image_files):
+    """metadata max_new_tokens is generate mode's answer budget. Logits mode writes no answer, so a
+    manifest made for generate mode (a budget over this judge's, or a CSV cell's string) scores there
+    as it would without it; generate mode still refuses such a budget for its item alone."""
+    budgets = [1000, "64", 0]
+    items = [ScoreItem(images=[image_files[i]], id=f"b{i}", metadata={"max_new_tokens": b})
+             for i, b in enumerate(budgets)]
+    with QwenVLRewardModel(model_name="tiny:qwen2_vl", mode="logits") as j:
+        scored = j.batch_score(items)
+    assert all(r.error is None and r.score is not None for r in scored), [r.error for r in scored]
+    with QwenVLRewardModel(model_name="tiny:qwen2_vl", mode="generate", max_new_tokens=4) as j:
+        refused = j.batch_score(items)
+    for r, b in zip(refused, budgets):
+        assert r.score is None and r.error_kind == "input"
+        assert r.error == f"item '{r.id}' (#{r.index}): metadata max_new_tokens must be a whole number in 1..4 " \
+                          f"(the judge's max_new_tokens), got {b!r}"

@@ -63,7 +63,7 @@ class Preparation:
                 if missing:
                     raise _ItemError(missing, "input")
                 needs_source = self.rubric.needs_source
-                max_new = _item_max_new(item, s.max_new_tokens)
+                max_new = _item_max_new(item, s.max_new_tokens) if mode == "generate" else None  # no answer in logits
                 loaded: dict[str, list[Any]] = {}
                 keys: dict[int, str | None] = {}
                 notes: list[str] = []

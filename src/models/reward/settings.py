@@ -95,7 +95,8 @@ class JudgeSettings:
       that share a source image are cut into one chunk, grouping.py, results in input order), on
       by default: the same features (float32 on the CPU within 1e-5; bf16 scores identical on an
       H200), 1.14x (Qwen3-VL-8B) to 1.2x (Qwen3-VL-30B-A3B) on the edit rubric. An item may
-      lower its own answer budget with metadata {"max_new_tokens": n} (any mode of decoding).
+      lower its own answer budget with metadata {"max_new_tokens": n} (generate mode, any mode of
+      decoding; logits mode writes no answer and leaves it alone).
     vision_cache_mb: with vision_reuse, the budget in MB (1e6 bytes) of the vision features kept
       beyond the chunk that encoded them, for later chunks and later calls of the same loaded
       judge (least recently used out first, images under judgement before source images; emptied
