@@ -704,20 +704,29 @@ def test_a_resumed_job_says_which_stored_results_it_does_not_reuse(uninterrupted
     rows = read_jsonl(edit_manifest)
     rows[3]["instruction"] = "make square 3 green"
     rows[5]["image"] = rows[4]["image"]
-    edited = tmp_path / "manifest.jsonl"
-    edited.write_text("".join(json.dumps({**row, "image": str(edit_manifest.parent / row["image"]),
-                                          "source_image": str(edit_manifest.parent / row["source_image"])}) + "\n"
-                              for row in rows))
-    out2 = tmp_path / "edited"
-    out2.mkdir()
-    shutil.copy(uninterrupted / "results.stream.jsonl", out2 / "results.stream.jsonl")
-    r = run_main("--config", str(write_config(tmp_path, edited, out2)))
-    assert r.returncode == 0, r.stderr
+    out2, r = _rerun_on_edited_manifest(rows, edit_manifest, uninterrupted, tmp_path, "edited")
     assert (f"WARNING src.job.runner: {out2 / 'results.stream.jsonl'} holds results for 2 of this job's rows "
             "(e3, e5) whose images or instruction have changed since: they are not reused, and those rows are scored "
             "again") in r.stderr, r.stderr
     assert json.loads(r.stdout)["resumed_from_disk"] == 8
     assert "other settings" not in r.stderr
+
+
+def _rerun_on_edited_manifest(rows: list[dict], edit_manifest: Path, uninterrupted: Path, tmp_path: Path,
+                              name: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """The job run again on rows of the edit manifest (edited), written as a manifest in another
+    folder (its image paths made absolute), into the output folder `name` seeded with the
+    uninterrupted run's stored results: (that folder, the run)."""
+    folder = edit_manifest.parent
+    edited = tmp_path / "manifest.jsonl"
+    edited.write_text("".join(json.dumps({**row, "image": str(folder / row["image"]),
+                                          "source_image": str(folder / row["source_image"])}) + "\n" for row in rows))
+    out = tmp_path / name
+    out.mkdir()
+    shutil.copy(uninterrupted / "results.stream.jsonl", out / "results.stream.jsonl")
+    r = run_main("--config", str(write_config(tmp_path, edited, out)))
+    assert r.returncode == 0, r.stderr
+    return out, r
 
 
 def test_a_judge_class_that_returns_too_few_results_is_named_at_once(tmp_path, edit_manifest):
@@ -774,15 +783,7 @@ def test_a_resumed_job_reports_each_row_as_the_manifest_says_now(uninterrupted, 
     rows = rows[::-1]  # e9 is now on line 1
     rows[0]["category"] = "relabelled"
     rows[1]["seed"] = 99
-    edited = tmp_path / "manifest.jsonl"
-    edited.write_text("".join(json.dumps({**row, "image": str(edit_manifest.parent / row["image"]),
-                                          "source_image": str(edit_manifest.parent / row["source_image"])}) + "\n"
-                              for row in rows))
-    out = tmp_path / "out"
-    out.mkdir()
-    shutil.copy(uninterrupted / "results.stream.jsonl", out / "results.stream.jsonl")
-    r = run_main("--config", str(write_config(tmp_path, edited, out)))
-    assert r.returncode == 0, r.stderr
+    out, _ = _rerun_on_edited_manifest(rows, edit_manifest, uninterrupted, tmp_path, "out")
     s = json.loads((out / "summary.json").read_text())
     assert s["resumed_from_disk"] == 10
     results = read_jsonl(out / "results.jsonl")

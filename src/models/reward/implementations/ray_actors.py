@@ -385,20 +385,18 @@ class RayRewardModel(BaseRewardModel):
 
     # -- calls ---------------------------------------------------------------------------------
 
+    def _first_info(self, key: str) -> Any:
+        """What the first actor that reported `key` at load said of it (None: none did)."""
+        return next((slot.info[key] for slot in self.slots if slot.info.get(key)), None)
+
     @property
     def fingerprint(self) -> str | None:
-        for slot in self.slots:
-            if slot.info.get("fingerprint"):
-                return slot.info["fingerprint"]
-        return None
+        return self._first_info("fingerprint")
 
     @property
     def quantization(self) -> str | None:
         """How the actors loaded the weights (`none`, `fp8 (...)`, a pre-quantized checkpoint's method)."""
-        for slot in self.slots:
-            if slot.info.get("quantization"):
-                return slot.info["quantization"]
-        return None
+        return self._first_info("quantization")
 
     def actor_ids(self) -> list[str | None]:
         """Ray's id of each slot's actor (of the last one to start, for a slot being replaced)."""
