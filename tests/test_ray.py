@@ -19,7 +19,7 @@ import time
 import pytest
 import ray
 
-from conftest import ROOT, make_image, pid_gone
+from conftest import ROOT, call_in_thread, make_image, pid_gone
 from src.models.reward import ConfigError, ScoreItem, build_reward_model, load_config
 from src.models.reward.config import resolve_class, validate_params
 from src.models.reward.implementations.local import QwenVLRewardModel
@@ -348,6 +348,44 @@ def test_two_judges_share_the_ray_one_of_them_started(tiny_cache):
     finally:
         first.close()
     assert not ray.is_initialized(), "the last judge to close stops the Ray they shared"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(pid_gone(p) for p in procs):
+        time.sleep(0.2)
+    left = {p: a for p, a in procs.items() if not pid_gone(p)}
+    assert not left, f"Ray processes left behind: {left}"
+
+
+def test_close_from_another_thread_ends_the_call_in_flight_and_stops_ray(tiny_cache):
+    """close() while another thread's call waits on an actor (one that never answers: it hangs on
+    its item): the call ends at once with JudgeUnavailable, and close() returns after it, with the
+    actor and the Ray it started stopped. close() killed the actors and shut Ray down under the
+    call, which went on with the slots close() had emptied: ValueError('Invalid type of object
+    refs, NoneType') or an AssertionError, outside the judge's errors."""
+    from src.models.reward.errors import JudgeUnavailable
+
+    assert not ray.is_initialized()
+    judge = RayRewardModel(address=None, num_cpus=1, log_to_driver=False, num_actors=1, num_gpus_per_actor=0,
+                           progress=False, runtime_env={"env_vars": {"REWARD_FAULT_HANG_ON_ID": "hang",
+                                                                     "REWARD_TEST_PLUGIN": "src.testing.faults",
+                                                                     "REWARD_TINY_CACHE": str(tiny_cache)}},
+                           **JUDGE)
+    procs: dict[int, str] = {}
+    try:
+        procs = _descendants(os.getpid())
+        assert judge.actor_pids()[0] in procs
+        caller, out = call_in_thread(judge.batch_score, [ScoreItem(images=[make_image(1)], id="hang")])
+        deadline = time.monotonic() + 60
+        while judge.slots[0].state != "busy":  # the item is with the actor, which will never answer
+            assert time.monotonic() < deadline and caller.is_alive(), f"the call never reached the actor: {out}"
+            time.sleep(0.01)
+        judge.close()
+        assert not caller.is_alive(), "close() returned before the call it ended"
+        assert isinstance(out["result"], JudgeUnavailable) and "closed" in str(out["result"]), repr(out["result"])
+        assert not ray.is_initialized()
+        with pytest.raises(JudgeUnavailable, match="closed"):
+            judge.batch_score([make_image(2)])
+    finally:
+        judge.close()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not all(pid_gone(p) for p in procs):
         time.sleep(0.2)

@@ -214,7 +214,10 @@ class RayRewardModel(BaseRewardModel):
         self._closed = False
         self._owns_connection = False   # this object called ray.init: close() calls ray.shutdown()
         self._local_ray = False         # ... and that started a local Ray (fixed resources)
-        self._lock = threading.Lock()
+        # One call at a time (each actor holds one micro-batch); close() takes it too, to shut Ray
+        # down only once a call in another thread has left Ray. Reentrant: a signal handler that
+        # closes the judge runs in the thread whose call it interrupted.
+        self._lock = threading.RLock()
         self.slots: list[_Slot] = []
         self._restarts = Restarts(0)    # per slot, across calls
 
@@ -432,6 +435,7 @@ class RayRewardModel(BaseRewardModel):
                           lost={s.index: s.cause for s in self.slots if s.state == "lost"}, noun="actor")
         try:
             while sched.remaining:
+                self._raise_if_closed()
                 for slot in self.slots:
                     if slot.state == "idle":
                         batch = sched.take(slot.index)
@@ -442,6 +446,7 @@ class RayRewardModel(BaseRewardModel):
                 flying = {s.ref: s for s in self.slots if s.state in ("starting", "busy")}
                 assert flying, "items remain but no actor is working or starting"  # by construction
                 ready, _ = ray.wait(list(flying), num_returns=1, timeout=self._wait_timeout())
+                self._raise_if_closed()  # close() killed the actors: their errors are not deaths to retry
                 for ref in ready:
                     self._collect(flying[ref], sched)
                 self._check_deadlines(sched)
@@ -453,6 +458,10 @@ class RayRewardModel(BaseRewardModel):
                     slot.batch = None
             raise
         return sched.ordered()
+
+    def _raise_if_closed(self) -> None:
+        if self._closed:
+            raise JudgeUnavailable("RayRewardModel was closed during the call")
 
     def _wait_timeout(self) -> float:
         now = time.monotonic()
@@ -544,24 +553,31 @@ class RayRewardModel(BaseRewardModel):
     # -- close ---------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Kill the actors; shut Ray down if this object started it. Idempotent."""
+        """Kill the actors; shut Ray down if this object started it. Idempotent.
+
+        From another thread during a call: that call ends with JudgeUnavailable (its actors are
+        killed first, so it does not run to its end), and close() returns once it has."""
         if self._closed:
             return
-        self._closed = True
-        last = False
-        if self._owns_connection:
-            with _SHARED_LOCK:
-                _shared["users"] -= 1
-                last = _shared["users"] <= 0
+        self._closed = True  # a call in progress stops at its next wait
         ray = getattr(self, "_ray", None)
-        if ray is None or not ray.is_initialized():
-            return
-        for slot in self.slots:
-            self._kill(slot)
-            slot.state, slot.ref, slot.batch = "lost", None, None
-            slot.cause = "closed"
-        if last:
-            ray.shutdown()  # stops a local Ray; for a cluster, only this process's connection
+        if ray is not None and ray.is_initialized():
+            for slot in self.slots:
+                self._kill(slot)
+        with self._lock:  # the call in progress has left Ray: its slots and Ray itself are ours now
+            last = False
+            if self._owns_connection:
+                with _SHARED_LOCK:
+                    _shared["users"] -= 1
+                    last = _shared["users"] <= 0
+            if ray is None or not ray.is_initialized():
+                return
+            for slot in self.slots:
+                self._kill(slot)  # again: an actor the call started in the meantime
+                slot.state, slot.ref, slot.batch = "lost", None, None
+                slot.cause = "closed"
+            if last:
+                ray.shutdown()  # stops a local Ray; for a cluster, only this process's connection
 
     _log = staticmethod(stderr_log)
 
