@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_no_orphans, make_image, worker_processes
+from conftest import ROOT, assert_no_orphans, call_in_thread, make_image, pid_gone, worker_processes
 from src.models.reward import ScoreItem
 from src.models.reward.implementations.local import QwenVLRewardModel
 from src.models.reward.implementations.multi_gpu import MultiGPURewardModel, resolve_device_ids, worker_specs
@@ -100,6 +100,36 @@ def test_second_call_reuses_loaded_workers_and_in_memory_images_travel(two_worke
     assert t_first < 30, "a warm call must not pay a model load"
     spill = m.pool.tmp_dir
     assert spill.exists() and not any(spill.glob("call-*")), "per-call spill folders are removed"
+
+
+def test_threads_and_asyncio_sharing_the_pool_each_get_their_own_results(two_workers, image_files, reference):
+    """One pool called from two threads at once (released together by a barrier) and from
+    asyncio.to_thread: each call gets its own items' results, in its input order, with the
+    scores the single-device class gives them."""
+    import asyncio
+
+    m = two_workers
+    parts = [(0, 4), (4, 11)]  # distinct images, calls of different lengths
+    barrier = threading.Barrier(len(parts) + 1)
+
+    def call(lo, hi):
+        barrier.wait(30)
+        return m.batch_score(image_files[lo:hi])
+    calls = [call_in_thread(call, lo, hi) for lo, hi in parts]
+    barrier.wait(30)
+    for (thread, out), (lo, hi) in zip(calls, parts):
+        thread.join(120)
+        assert not thread.is_alive()
+        results = out["result"]
+        assert [r.index for r in results] == list(range(hi - lo)), results
+        assert [r.score for r in results] == pytest.approx(reference[lo:hi], abs=1e-4)
+
+    async def gathered():
+        return await asyncio.gather(*(asyncio.to_thread(m.batch_score, image_files[lo:hi]) for lo, hi in parts))
+    for results, (lo, hi) in zip(asyncio.run(gathered()), parts):
+        assert [r.index for r in results] == list(range(hi - lo))
+        assert [r.score for r in results] == pytest.approx(reference[lo:hi], abs=1e-4)
+    assert m.pool.total_restarts == 0
 
 
 def test_bad_items_fail_alone_across_workers(two_workers, image_files, tmp_path):
@@ -302,6 +332,24 @@ def test_close_while_a_call_readies_its_items_ends_that_call(tiny_cache, image_f
     assert isinstance(out["r"], JudgeUnavailable) and "closed" in str(out["r"]), repr(out["r"])
     assert_no_orphans(pids)
     assert not spill.exists(), "the pool's spill folder is removed"
+
+
+def test_pools_created_and_closed_in_turn_leave_nothing_behind(tiny_cache, image_files):
+    """A process that builds and closes judges in turn (a sweep, a notebook) keeps no thread, file
+    descriptor or child process of a closed pool: the third cycle ends where the first did."""
+    def cycle() -> tuple[list[str], int, list[int]]:
+        with pool(1) as m:
+            pids = m.worker_pids()
+            assert m.batch_score(image_files[:2])[1].error is None
+        assert_no_orphans(pids)
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(os.getpid())], capture_output=True,
+                                  text=True).stdout.split()
+        return (sorted(t.name for t in threading.enumerate()), len(os.listdir("/proc/self/fd")),
+                [int(p) for p in children if not pid_gone(int(p))])
+
+    first = cycle()  # lazy, once-per-process things (imports, caches) are in place from here
+    cycle()
+    assert cycle() == first
 
 
 def test_worker_killed_mid_batch_loses_no_item(tiny_cache, image_files, reference, monkeypatch):
