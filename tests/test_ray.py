@@ -296,6 +296,15 @@ def _descendants(root: int) -> dict[int, str]:
     return found
 
 
+def _assert_gone(procs: dict) -> None:
+    """Every process of procs (pid -> its command line) has exited, within 30 s."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(pid_gone(p) for p in procs):
+        time.sleep(0.2)
+    left = {p: a for p, a in procs.items() if not pid_gone(p)}
+    assert not left, f"Ray processes left behind: {left}"
+
+
 def test_close_stops_the_actors_and_the_ray_it_started(model):
     from ray._private import worker as ray_worker
 
@@ -306,11 +315,7 @@ def test_close_stops_the_actors_and_the_ray_it_started(model):
     model.close()
     model.close()  # idempotent
     assert not ray.is_initialized()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not all(pid_gone(p) for p in procs):
-        time.sleep(0.2)
-    left = {p: a for p, a in procs.items() if not pid_gone(p)}
-    assert not left, f"Ray processes left behind: {left}"
+    _assert_gone(procs)
     ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     assert session_dir not in ps, "a process of this Ray session is still running"
     with pytest.raises(RuntimeError, match="closed"):
@@ -348,11 +353,7 @@ def test_two_judges_share_the_ray_one_of_them_started(tiny_cache):
     finally:
         first.close()
     assert not ray.is_initialized(), "the last judge to close stops the Ray they shared"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not all(pid_gone(p) for p in procs):
-        time.sleep(0.2)
-    left = {p: a for p, a in procs.items() if not pid_gone(p)}
-    assert not left, f"Ray processes left behind: {left}"
+    _assert_gone(procs)
 
 
 def test_close_from_another_thread_ends_the_call_in_flight_and_stops_ray(tiny_cache):
@@ -386,11 +387,7 @@ def test_close_from_another_thread_ends_the_call_in_flight_and_stops_ray(tiny_ca
             judge.batch_score([make_image(2)])
     finally:
         judge.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not all(pid_gone(p) for p in procs):
-        time.sleep(0.2)
-    left = {p: a for p, a in procs.items() if not pid_gone(p)}
-    assert not left, f"Ray processes left behind: {left}"
+    _assert_gone(procs)
 
 
 @pytest.mark.skipif(bool(os.environ.get("RAY_ADDRESS")) or os.path.exists("/tmp/ray/ray_current_cluster"),
@@ -437,8 +434,4 @@ def test_a_driver_stopped_by_sigterm_mid_call_leaves_no_ray_process(tiny_cache, 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not all(pid_gone(p) for p in procs):
-        time.sleep(0.2)
-    left = {p: a for p, a in procs.items() if not pid_gone(p)}
-    assert not left, f"Ray processes left behind: {left}"
+    _assert_gone(procs)
