@@ -27,7 +27,7 @@ import os
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -106,18 +106,11 @@ def check_template_inputs(cls: type, params: dict[str, Any], rows: list[Manifest
     """Refuse, before any model loads, a template that needs a source image or an instruction
     that no row of the manifest provides (rows that lack only some still fail one by one), or whose
     sub-score names would overwrite the summary's own figures."""
-    settings_cls = getattr(cls, "settings_cls", None)
     items = [r.item for r in rows if r.item is not None]
-    if settings_cls is None or not items:
+    settings = judge_settings(cls, params) if items else None  # built once already, by resolve_spec
+    if settings is None:
         return  # a remote judge's template lives on its server
-    from src.models.reward.templates import resolve_rubric
-
-    defaults = {f.name: f.default for f in fields(settings_cls)}
-    name = params.get("template", defaults.get("template"))
-    try:
-        rubric = resolve_rubric(str(name), params.get("templates"))
-    except ValueError as e:
-        raise ConfigError(f"model.params.template: {e}") from None
+    rubric = resolve_rubric(settings.template, settings.templates)
     # A lone template's sub-score is its score: the same figures under the same name.
     taken = [part for part, _ in rubric.parts if part in RESERVED and not (rubric.combine == "single" and part == "score")]
     if taken:
