@@ -59,6 +59,7 @@ import logging
 import pathlib
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -129,7 +130,7 @@ def stage_edit(model_dir: str, a, cuda: bool) -> dict[str, Any]:
             each = [round(a.n / dt, 3) for dt in runs_s[on]]
             out["reuse_on" if on else "reuse_off"] = {
                 "items_per_s": round(a.n * len(each) / sum(runs_s[on]), 3),
-                "items_per_s_median": sorted(each)[len(each) // 2], "items_per_s_each": each, **counts[on]}
+                "items_per_s_median": round(statistics.median(each), 3), "items_per_s_each": each, **counts[on]}
         out["compiled_during_timing"] = len(engine._compiled) != compiled
     diffs = [abs(x - y) for x, y in zip(scores[True], scores[False]) if x is not None and y is not None]
     out["speedup"] = round(out["reuse_on"]["items_per_s"] / out["reuse_off"]["items_per_s"], 3)
