@@ -106,6 +106,14 @@ def reference(pool, data, tmp_path_factory) -> dict:
     return {"bytes": text, "score": {r["id"]: r["score"] for r in records}, "stream": out / "results.stream.jsonl"}
 
 
+def assert_batched_scores_match(results, reference) -> None:
+    """Scores of items batched otherwise than the reference's (batches of 1): every item scored,
+    within 1e-5 of the reference. Another batch shape may sum floats in another order, and by how
+    much that moves a float32 score depends on the CPU's kernels (README, Interrupts)."""
+    assert all(r.error is None for r in results), [r.error for r in results]
+    assert [r.score for r in results] == pytest.approx([reference["score"][r.id] for r in results], abs=1e-5)
+
+
 def items(data, ids=None) -> list[ScoreItem]:
     return [ScoreItem(images=[data["paths"][i]], id=f"it{i:02d}") for i in (ids or range(N_ITEMS))]
 
@@ -176,7 +184,7 @@ def test_segfaulting_worker_fails_only_its_poison_item(pool, data, reference, le
     assert "Fatal Python error: Segmentation fault" in err, "faulthandler's stack is quoted"
     crashed_pid = int(re.search(r"\(pid (\d+)\) died with signal SIGSEGV", err).group(1))
     others = [r for r in results if r.id != "poison"]
-    assert [r.score for r in others] == [reference["score"][r.id] for r in others]
+    assert_batched_scores_match(others, reference)
     assert pool.pool.total_restarts - restarts == 2, "two workers died of the poison, both replaced"
     dead = before - set(pool.worker_pids())
     assert crashed_pid not in pool.worker_pids() and dead
@@ -202,7 +210,7 @@ def test_hung_worker_is_killed_restarted_and_its_items_retried_elsewhere(pool, d
     assert f"gave no answer within {BATCH_TIMEOUT_S:.0f}s while scoring 1 item(s)" in sleeper.error
     assert sleeper.error.startswith("item 'sleeper' (#1): tried 2 times")
     others = [r for r in results if r.id != "sleeper"]
-    assert [r.score for r in others] == [reference["score"][r.id] for r in others], "batch-mates retried and scored"
+    assert_batched_scores_match(others, reference)  # batch-mates retried and scored
     # The first kill left work to do, so that worker was replaced at once; after the second kill
     # nothing was left, so the call returned without waiting for a model load nobody needed.
     assert pool.pool.total_restarts - restarts == 1
