@@ -316,6 +316,36 @@ def test_a_served_answer_cut_off_inside_its_score_gives_no_score(fake):
     assert cut.score is None and cut.error_kind == "parse" and "cut off by max_new_tokens" in cut.error, cut.error
 
 
+def test_a_server_that_ignores_n_is_asked_again_for_the_rest_of_the_samples(fake):
+    # One answer per request whatever `n` says: the judge asks for the rest, the seed moved on so a
+    # seeded server does not repeat itself, and scores the mean of all four answers.
+    answers = [completion('{"score": %d}' % v) for v in (2, 4, 6, 8)]
+    judge, script = fake(answers, mode="generate", num_samples=4, temperature=1.0, seed=5, max_concurrency=1)
+    with judge:
+        [r] = judge.score_items(image_items(1))
+    assert r.error is None and r.score == 5.0
+    assert r.raw["quality"]["scores"] == [2.0, 4.0, 6.0, 8.0] and r.raw["quality"]["parsed"] == 4
+    assert [(body["n"], body["seed"]) for _, body in script.seen] == [(4, 5), (3, 6), (2, 7), (1, 8)]
+    assert r.metadata["notes"] == ["quality: the server answered 1 of the 4 samples asked for (n); "
+                                   "the rest took 3 more request(s)"]
+
+
+def test_a_server_answering_n_samples_takes_one_request_and_extra_choices_are_not_counted(fake):
+    def choices(*values):
+        status, body, headers = completion()
+        body["choices"] = [{"index": k, "message": {"role": "assistant", "content": '{"score": %d}' % v},
+                            "finish_reason": "stop", "logprobs": None} for k, v in enumerate(values)]
+        return status, body, headers
+
+    judge, script = fake([choices(3, 5), choices(1, 2, 3, 4)], mode="generate", num_samples=2, temperature=1.0,
+                         max_concurrency=1)
+    with judge:
+        first, second = judge.score_items(image_items(2))
+    assert first.score == 4.0 and "notes" not in first.metadata
+    assert second.score == 1.5 and second.raw["quality"]["scores"] == [1.0, 2.0]  # 2 asked, 2 counted
+    assert [body["n"] for _, body in script.seen] == [2, 2]
+
+
 def test_logits_mode_reads_top_logprobs_and_fails_clearly_without_them(fake):
     top = [("7", math.log(0.6)), ("8", math.log(0.2)), ("x", math.log(0.1))] + [(str(d), -9.0) for d in (0, 1, 2, 3, 4, 5, 6, 9)]
     judge, script = fake([completion("7", top)], mode="logits")

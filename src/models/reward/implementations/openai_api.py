@@ -280,30 +280,53 @@ class OpenAIRewardModel(BaseRewardModel):
             kwargs["seed"] = self.seed
         if extra:
             kwargs["extra_body"] = extra
-        resp = self._request(call, model=self.model, messages=self.messages(tpl, item, urls), **kwargs)
-        if isinstance(resp, str):  # the client hands back a body that is not JSON as its text
-            raise _PartFailed(f"the server's answer is not a JSON chat completion: {resp.strip()[:300]!r} (does "
-                              "base_url name the API, ending in /v1?)", "api")
+        messages = self.messages(tpl, item, urls)
         try:
-            if not getattr(resp, "choices", None):  # an error some servers send with status 200
-                said = _body_message(resp.to_dict()) if hasattr(resp, "to_dict") else None
-                raise _PartFailed("the server answered with no choices" + (f": {said}" if said else ""), "api")
+            choices = self._choices(call, messages, kwargs)
             if self.mode == "logits":
-                return logits_score(resp.choices[0], tpl, self.top_logprobs)
-            return self._generate_score(resp, tpl)
+                return logits_score(choices[0], tpl, self.top_logprobs)
+            asked, first = self.num_samples, len(choices)
+            requests = 1
+            while len(choices) < asked:
+                # A server that ignores `n` (or caps it) answers fewer samples than asked: the rest
+                # are asked for again, with the seed moved on, so that a seeded server does not
+                # repeat the same answer; the mean is never taken over fewer answers than asked.
+                kwargs["n"] = asked - len(choices)
+                if self.seed is not None:
+                    kwargs["seed"] = self.seed + requests
+                choices += self._choices(call, messages, kwargs)
+                requests += 1
+            out = self._generate_score(choices[:asked], tpl)
+            if requests > 1:
+                said = (f"the server answered {first} of the {asked} samples asked for (n); "
+                        f"the rest took {requests - 1} more request(s)")
+                out["note"] = f"{out['note']}; {said}" if out.get("note") else said
+            return out
         except (AttributeError, TypeError, IndexError) as e:
             # The client builds its objects from the JSON unchecked: a field missing, null or of
             # another type than OpenAI's fails this item, not the call.
             raise _PartFailed(f"the server's answer is not a chat completion as OpenAI's API defines it "
                               f"({type(e).__name__}: {e})", "api") from None
 
-    def _generate_score(self, resp: Any, tpl: Template) -> dict[str, Any]:
+    def _choices(self, call: "_Call", messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[Any]:
+        """One request's choices; a body that is not a chat completion with choices fails the part."""
+        resp = self._request(call, model=self.model, messages=messages, **kwargs)
+        if isinstance(resp, str):  # the client hands back a body that is not JSON as its text
+            raise _PartFailed(f"the server's answer is not a JSON chat completion: {resp.strip()[:300]!r} (does "
+                              "base_url name the API, ending in /v1?)", "api")
+        choices = getattr(resp, "choices", None)
+        if not choices:  # an error some servers send with status 200
+            said = _body_message(resp.to_dict()) if hasattr(resp, "to_dict") else None
+            raise _PartFailed("the server answered with no choices" + (f": {said}" if said else ""), "api")
+        return list(choices)
+
+    def _generate_score(self, choices: list[Any], tpl: Template) -> dict[str, Any]:
         # The same reading as the in-process engine's generate mode (scoring.read_answers). A null
         # message (a content filter) is an empty answer; a hosted API's refusal is the answer given.
         # finish_reason "length": max_tokens ended the answer, not the judge.
         return read_answers([(c.message and (c.message.content or getattr(c.message, "refusal", None))) or ""
-                             for c in resp.choices], tpl,
-                            [getattr(c, "finish_reason", None) == "length" for c in resp.choices])
+                             for c in choices], tpl,
+                            [getattr(c, "finish_reason", None) == "length" for c in choices])
 
     # -- the protocol: retries, backoff, rate limit -----------------------------------------
 
