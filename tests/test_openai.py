@@ -245,7 +245,8 @@ class Script:
     def next(self, body):
         with self.lock:
             self.seen.append((time.monotonic(), body))
-            return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+            answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+            return answer(body) if callable(answer) else answer  # a callable answers by the request's body
 
 
 def completion(content="", top=None, finish_reason="stop"):
@@ -344,6 +345,33 @@ def test_a_server_answering_n_samples_takes_one_request_and_extra_choices_are_no
     assert first.score == 4.0 and "notes" not in first.metadata
     assert second.score == 1.5 and second.raw["quality"]["scores"] == [1.0, 2.0]  # 2 asked, 2 counted
     assert [body["n"] for _, body in script.seen] == [2, 2]
+
+
+def test_a_server_refusing_max_tokens_gets_max_completion_tokens_from_then_on(fake):
+    # OpenAI's reasoning models refuse max_tokens with a 400 naming max_completion_tokens: the
+    # judge sends the same request with the budget under that field, and every request after.
+    refusal = (400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                                          "Use 'max_completion_tokens' instead.", "type": "invalid_request_error",
+                               "param": "max_tokens", "code": "unsupported_parameter"}}, {})
+
+    def strict(body):
+        return refusal if "max_tokens" in body else completion('{"score": 6}')
+
+    judge, script = fake([strict], mode="generate", max_new_tokens=64, max_concurrency=1, max_retries=0)
+    with judge:
+        results = judge.score_items(image_items(2))
+    assert [(r.score, r.error) for r in results] == [(6.0, None), (6.0, None)]
+    budgets = [({k for k in body if k.startswith("max_")}, body.get("max_completion_tokens")) for _, body in script.seen]
+    assert budgets == [({"max_tokens"}, None), ({"max_completion_tokens"}, 64), ({"max_completion_tokens"}, 64)]
+
+
+def test_other_refusals_of_max_tokens_fail_the_item_with_the_servers_message(fake):
+    judge, script = fake([(400, {"error": {"message": "max_tokens must be at most 32"}}, {})], mode="generate",
+                         max_new_tokens=64, max_retries=0)
+    with judge:
+        [r] = judge.score_items(image_items(1))
+    assert r.score is None and r.error_kind == "api" and "max_tokens must be at most 32" in r.error
+    assert len(script.seen) == 1 and "max_tokens" in script.seen[0][1]
 
 
 def test_logits_mode_reads_top_logprobs_and_fails_clearly_without_them(fake):

@@ -28,6 +28,7 @@ import concurrent.futures
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import queue
@@ -52,6 +53,8 @@ _FATAL_STATUS = {401, 403, 404}         # the same for every request: stop sendi
 _SAFE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 _NO_PROBABILITY = -9999.0               # vLLM's floor for a logprob of -inf
 _BYTE_LEVEL = bytes_to_unicode()
+
+log = logging.getLogger(__name__)
 
 
 class _PartFailed(Exception):
@@ -157,6 +160,9 @@ class OpenAIRewardModel(BaseRewardModel):
         self._stop_pool = weakref.finalize(self, self._pool.shutdown)
         self._limiter = _RateLimiter(requests_per_minute)
         self._closed = False
+        # The answer budget's field: `max_tokens`, which vLLM, SGLang and most servers read; OpenAI's
+        # reasoning models refuse it and ask for `max_completion_tokens`, taken from then on.
+        self._budget_field = "max_tokens"
 
     @property
     def fingerprint(self) -> str:
@@ -268,12 +274,12 @@ class OpenAIRewardModel(BaseRewardModel):
     def _ask(self, tpl: Template, item: ScoreItem, urls: Mapping[str, list[str]], call: "_Call") -> dict[str, Any]:
         extra = dict(self.extra_body)
         if self.mode == "logits":
-            kwargs: dict[str, Any] = {"max_tokens": 1, "temperature": 0.0, "logprobs": True,
+            kwargs: dict[str, Any] = {self._budget_field: 1, "temperature": 0.0, "logprobs": True,
                                       "top_logprobs": self.top_logprobs}
             if tpl.logits_prefix:  # vLLM's (and this service's) way to continue an answer prefix
                 extra.update(continue_final_message=True, add_generation_prompt=False)
         else:
-            kwargs = {"max_tokens": self.max_new_tokens, "temperature": self.temperature, "n": self.num_samples}
+            kwargs = {self._budget_field: self.max_new_tokens, "temperature": self.temperature, "n": self.num_samples}
             if self.temperature > 0:
                 kwargs["top_p"] = self.top_p
         if self.seed is not None:
@@ -345,6 +351,12 @@ class OpenAIRewardModel(BaseRewardModel):
             except openai.APIStatusError as e:
                 status = e.status_code
                 last, kind = f"HTTP {status}: {_server_message(e)}", "api"
+                if status == 400 and "max_tokens" in kwargs and _asks_for_completion_tokens(e):
+                    # Not a retry: the same request with the budget under the field the server names.
+                    self._budget_field = "max_completion_tokens"
+                    kwargs["max_completion_tokens"] = kwargs.pop("max_tokens")
+                    log.info("%s refuses max_tokens; sending max_completion_tokens from now on", self.base_url)
+                    return self._request(call, **kwargs)
                 if status in _FATAL_STATUS:
                     call.fatal = call.fatal or (last, "api")
                     raise _PartFailed(f"{self.base_url}: {last}", "api") from None
@@ -561,6 +573,13 @@ def image_data_url(img: Any, max_image_pixels: int | None) -> str:
     buf = io.BytesIO()
     pil.save(buf, format="PNG")
     return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def _asks_for_completion_tokens(e: Any) -> bool:
+    """A refusal of `max_tokens` that names `max_completion_tokens` instead (OpenAI's reasoning
+    models: "Unsupported parameter: 'max_tokens' ... Use 'max_completion_tokens' instead.")."""
+    said = _server_message(e)
+    return "max_completion_tokens" in said and "max_tokens" in said.replace("max_completion_tokens", "")
 
 
 def _server_message(e: Any) -> str:
