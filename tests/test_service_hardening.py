@@ -79,7 +79,11 @@ def send(http, path: str, content: bytes):
 
 
 def refused(ledger, case: str, resp, status: int, text: str) -> None:
-    detail = resp.json().get("detail", "") if resp.headers.get("content-type", "").startswith("application/json") else resp.text
+    if resp.headers.get("content-type", "").startswith("application/json"):
+        body = resp.json()  # this service's {"detail"}, or OpenAI's {"error": {"message"}} at /v1
+        detail = body.get("detail") or (body.get("error") or {}).get("message", "")
+    else:
+        detail = resp.text
     ledger.request(case, resp.status_code, str(detail))
     assert resp.status_code == status, (case, resp.status_code, resp.text[:500])
     assert text in str(detail), (case, detail)
@@ -116,6 +120,13 @@ REFUSED = [
     ("verl body nested 1,000 deep", "/compute_reward", lambda d: deep(1000), 400, "nested too deeply"),
     ("OpenRLHF label nested 1,000 deep", "/get_reward",
      lambda d: '{"query": ["a"], "labels": [' + deep(1000) + "]}", 400, "nested too deeply"),
+    # a role that is no string was looked up as a key: unhashable, 500
+    ("chat message whose role is a list", "/v1/chat/completions",
+     lambda d: json.dumps({"model": "x", "messages": [{"role": ["user"], "content": "hi"}]}), 400,
+     "messages[0]: role ['user'] is not supported; known: system, developer, user, assistant"),
+    ("chat message whose role is an object", "/v1/chat/completions",
+     lambda d: json.dumps({"model": "x", "messages": [{"role": {"name": "user"}, "content": "hi"}]}), 400,
+     "messages[0]: role {'name': 'user'} is not supported"),
     # 4. per-request limits
     (f"{MAX_ITEMS + 1} items (max_items {MAX_ITEMS})", "/score",
      lambda d: json.dumps({"items": [{"images": []}] * (MAX_ITEMS + 1)}), 413, "server.max_items"),
@@ -489,6 +500,44 @@ def test_generated_openrlhf_bodies_never_get_5xx(http, allowed, ledger, data):
                                         "labels": st.lists(label, min_size=n, max_size=n) | _JSON}),
         _JSON, st.binary(max_size=64)))
     _check_answer(ledger, "/get_reward", body, _post(http, "/get_reward", body))
+
+
+def _chat_urls(allowed):
+    return st.sampled_from([data_url(png(7)), str(allowed / "a.png"), "file://" + str(allowed / "a.png"),
+                            str(allowed / "missing.png"), "/etc/passwd", "https://example.com/a.png",
+                            "data:image/png;base64,@@", "data:image/png;base64,iVBORw0KGgo=", ""])
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data())
+def test_generated_chat_bodies_never_get_5xx(http, allowed, ledger, data):
+    url = _chat_urls(allowed)
+    image = st.fixed_dictionaries({"type": st.just("image_url"),
+                                   "image_url": st.fixed_dictionaries({"url": url | _JSON}) | url | _JSON})
+    text = st.fixed_dictionaries({"type": st.just("text"), "text": _CLEAN_TEXT | _JSON})
+    role = st.sampled_from(["system", "developer", "user", "assistant", "tool"]) | _JSON
+    message = st.fixed_dictionaries({"role": role, "content": _CLEAN_TEXT | st.lists(image | text | _JSON, max_size=3)
+                                     | _JSON}, optional={"name": _JSON, "tool_calls": _JSON})
+    plausible = st.fixed_dictionaries(
+        {"model": st.just("x"), "messages": st.lists(st.fixed_dictionaries(
+            {"role": st.just("user"), "content": st.lists(image | text, min_size=1, max_size=2)}), min_size=1, max_size=2)},
+        optional={"max_tokens": st.integers(1, 4), "temperature": st.sampled_from([0, 0.7]), "n": st.integers(1, 2),
+                  "logprobs": st.booleans(), "seed": st.integers(0, 3)})
+    hostile = st.fixed_dictionaries(
+        {"model": st.just("x") | _JSON, "messages": st.lists(message | _JSON, max_size=3) | _JSON},
+        optional={"max_tokens": st.integers(-1, 4) | _JSON, "max_completion_tokens": _JSON,
+                  "temperature": st.floats(-1, 3) | _JSON, "top_p": _JSON, "n": st.integers(0, 3) | _JSON,
+                  "seed": _JSON, "logprobs": _JSON, "top_logprobs": st.integers(-1, 30) | _JSON,
+                  "continue_final_message": _JSON, "add_generation_prompt": _JSON, "stream": _JSON, "stop": _JSON})
+    body = data.draw(st.one_of(plausible, hostile, _JSON, st.binary(max_size=64)))
+    resp = _post(http, "/v1/chat/completions", body)
+    assert resp.status_code < 500, (body, resp.status_code, resp.text[:500])
+    answered = 0
+    if resp.status_code == 200:
+        choices = resp.json()["choices"]
+        assert len(choices) == body.get("n", 1) and all(isinstance(c["message"]["content"], str) for c in choices)
+        answered = 1
+    ledger.generated_body("/v1/chat/completions", resp.status_code, answered, answered)
 
 
 def test_after_the_generated_bodies_the_service_is_healthy_and_nothing_was_lost(service, http, ledger):

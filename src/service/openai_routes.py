@@ -160,9 +160,10 @@ def chat_item(body: Any, allowed: Sequence[Any], model: Any, request_id: str) ->
         where = f"messages[{i}]"
         if not isinstance(m, Mapping):
             raise _BadRequest(f"{where}: expected an object with 'role' and 'content'", where)
-        role = _ROLES.get(m.get("role"))  # type: ignore[arg-type]
+        given = m.get("role")
+        role = _ROLES.get(given) if isinstance(given, str) else None  # a list or an object is no role (nor a key)
         if role is None:
-            raise _BadRequest(f"{where}: role {m.get('role')!r} is not supported; known: {', '.join(_ROLES)}", where)
+            raise _BadRequest(f"{where}: role {repr(given)[:80]} is not supported; known: {', '.join(_ROLES)}", where)
         extra = set(m) - {"role", "content", "name"}
         if extra:
             raise _BadRequest(f"{where}: unsupported key(s) {sorted(extra)}", where)
