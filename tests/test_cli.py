@@ -476,6 +476,10 @@ def test_config_mistakes_stop_before_anything_starts(tmp_path, edit_manifest, ca
         (["--set", 'job.resume="false"'], "error: job.resume: expected true or false, got 'false'"),
         (["--set", "job.report=maybe"], "error: job.report: expected true or false, got 'maybe'"),
         (["--set", "job.chunk_size=true"], "error: job.chunk_size: expected a positive integer, got True"),
+        # a bare number or true is what YAML makes of it, not a path: it was a TypeError's traceback
+        (["--set", "job.output_dir=2024"], "error: job.output_dir: expected a path (a string), got 2024"),
+        (["--set", "job.manifest=true"], "error: job.manifest: expected a path (a string), got True"),
+        (["--set", "model.class_path=../judges/mine.Judge"], "cannot import module '../judges/mine'"),
         # a service's config given to a job: where the section belongs, not a near key
         (["--set", "server.port=8000"], "error: config: a 'server' section is for the reward service: run it with "
                                         "`main.py serve --config ...`; a job config has the keys model, job"),

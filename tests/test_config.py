@@ -22,6 +22,7 @@ def test_aliases_and_dotted_paths_resolve():
     ("qwen_v", "Did you mean 'qwen_vl'?"),
     ("nonsense", "Known short names: qwen_vl"),
     ("no.such.module.Class", "cannot import module 'no.such.module'"),
+    ("../../mine.Judge", "cannot import module '../../mine'"),  # a path is no module name
     ("src.models.reward.implementations.local.Nope", "has no attribute 'Nope'"),
     ("src.models.reward.types.ScoreItem", "is not a BaseRewardModel subclass"),
 ])

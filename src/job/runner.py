@@ -72,6 +72,8 @@ class JobSpec:
         for k in ("manifest", "output_dir"):
             if not job.get(k):
                 raise ConfigError(f"job: missing '{k}'")
+            if not isinstance(job[k], str):  # YAML gives a bare number or true as such, not as a path
+                raise ConfigError(f"job.{k}: expected a path (a string), got {job[k]!r}")
         chunk = job.get("chunk_size", 64)
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ConfigError(f"job.chunk_size: expected a positive integer, got {chunk!r}")

@@ -48,7 +48,7 @@ def resolve_class(class_path: str) -> type:
     module_name, _, attr = target.rpartition(".")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
+    except (ImportError, TypeError, ValueError) as e:  # TypeError: a relative name ('../x')
         raise ConfigError(f"{where}: cannot import module '{module_name}': {e}. "
                           f"Known short names: {', '.join(ALIASES)}") from None
     cls = getattr(module, attr, None)
