@@ -716,15 +716,21 @@ def test_a_resumed_job_says_which_stored_results_it_does_not_reuse(uninterrupted
     assert "other settings" not in r.stderr
 
 
-def _rerun_on_edited_manifest(rows: list[dict], edit_manifest: Path, uninterrupted: Path, tmp_path: Path,
-                              name: str) -> tuple[Path, subprocess.CompletedProcess]:
-    """The job run again on rows of the edit manifest (edited), written as a manifest in another
-    folder (its image paths made absolute), into the output folder `name` seeded with the
-    uninterrupted run's stored results: (that folder, the run)."""
+def _edited_manifest(rows: list[dict], edit_manifest: Path, tmp_path: Path) -> Path:
+    """Rows of the edit manifest (edited), written as tmp_path/manifest.jsonl (its image paths made
+    absolute), as json.dumps writes them."""
     folder = edit_manifest.parent
     edited = tmp_path / "manifest.jsonl"
     edited.write_text("".join(json.dumps({**row, "image": str(folder / row["image"]),
                                           "source_image": str(folder / row["source_image"])}) + "\n" for row in rows))
+    return edited
+
+
+def _rerun_on_edited_manifest(rows: list[dict], edit_manifest: Path, uninterrupted: Path, tmp_path: Path,
+                              name: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """The job run again on rows of the edit manifest (edited, _edited_manifest), into the output
+    folder `name` seeded with the uninterrupted run's stored results: (that folder, the run)."""
+    edited = _edited_manifest(rows, edit_manifest, tmp_path)
     out = tmp_path / name
     out.mkdir()
     shutil.copy(uninterrupted / "results.stream.jsonl", out / "results.stream.jsonl")
@@ -776,6 +782,87 @@ def test_a_judge_class_that_returns_nan_fails_those_items_and_the_files_stay_jso
         for r in failed), failed
     summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert summary["failed"] == len(failed)
+
+
+def _strict_json_lines(path: Path) -> list[dict]:
+    """Each line of a JSONL file, read as a strict reader (jq, JSON.parse) reads it: NaN and
+    Infinity, which Python's json accepts, are not JSON."""
+    def refuse(token):
+        raise AssertionError(f"{path.name} holds {token}, which is not JSON")
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_nan_or_infinity_in_a_manifests_free_fields_is_written_as_null_and_noted(uninterrupted, tmp_path, edit_manifest):
+    # A manifest written from a table (json.dumps of pandas rows) holds NaN for a missing value in a
+    # free field. It reached results.jsonl and the stream as the bare tokens NaN / Infinity: not JSON,
+    # so JSON.parse and strict parsers refused the job's files. Such a value is now written as null
+    # and the item's metadata.notes names it; the item keeps its score; a resumed run writes the
+    # same file; a row fixed since drops the note.
+    rows = read_jsonl(edit_manifest)
+    rows[0]["weight"] = float("nan")
+    rows[1]["nested"] = {"x": [float("inf"), -float("inf"), 1.5]}
+    edited = _edited_manifest(rows, edit_manifest, tmp_path)
+    assert "NaN" in edited.read_text() and "-Infinity" in edited.read_text()
+    out = tmp_path / "nan"
+    r = run_main("--config", str(write_config(tmp_path, edited, out)), "--set", "job.report=true")
+    assert r.returncode == 0, r.stderr
+    results = _strict_json_lines(out / "results.jsonl")
+    _strict_json_lines(out / "results.stream.jsonl")
+    json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    note = ", which JSON cannot hold: written as null"
+    assert results[0]["metadata"] == {"category": "shape", "seed": 0, "weight": None,
+                                      "notes": ["metadata.weight was NaN" + note]}
+    assert results[1]["metadata"] == {"category": "color", "seed": 1, "nested": {"x": [None, None, 1.5]},
+                                      "notes": ["metadata.nested.x[0] was Infinity" + note,
+                                                "metadata.nested.x[1] was -Infinity" + note]}
+    assert all("notes" not in x["metadata"] for x in results[2:])
+    # every item scored, with the scores a manifest without those fields gets
+    assert_same_results([{"id": x["id"], "score": x["score"]} for x in results],
+                        [{"id": x["id"], "score": x["score"]} for x in read_jsonl(uninterrupted / "results.jsonl")])
+    assert (out / "report.html").exists()
+
+    # Resumed after 6 results: the same file, each note once.
+    part = tmp_path / "nan-part"
+    write_partial(out, part)
+    r = run_main("--config", str(write_config(tmp_path, edited, part)))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["resumed_from_disk"] == 6
+    assert_same_results(_strict_json_lines(part / "results.jsonl"), results, "resumed: ")
+
+    # The manifest fixed since: every score reused, and no note left about a value no longer there.
+    rows[0]["weight"] = 0.5
+    rows[1]["nested"] = {"x": [1.0, 2.0, 1.5]}
+    r = run_main("--config", str(write_config(tmp_path, _edited_manifest(rows, edit_manifest, tmp_path), part)))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["resumed_from_disk"] == 10
+    fixed = _strict_json_lines(part / "results.jsonl")
+    assert fixed[0]["metadata"] == {"category": "shape", "seed": 0, "weight": 0.5}
+    assert fixed[1]["metadata"] == {"category": "color", "seed": 1, "nested": {"x": [1.0, 2.0, 1.5]}}
+
+
+def test_a_judge_class_whose_raw_answer_or_settings_hold_nan_still_writes_strict_json(tmp_path, edit_manifest):
+    # The same for what a judge class of the user's returns beside its score (level probabilities
+    # that came out NaN, a latency of NaN) and for its config section in summary.json.
+    from src.job.runner import run_job
+    from src.models.reward import BaseRewardModel, ScoreResult
+
+    class NaNBeside(BaseRewardModel):
+        def score_items(self, items):
+            return [ScoreResult(index=i, id=it.id, score=5.0, raw={"probs": {"0": float("nan"), "1": 1.0}},
+                                latency_s=float("nan"), metadata=dict(it.metadata)) for i, it in enumerate(items)]
+
+    out = tmp_path / "out"
+    cfg = {"model": {"class_path": "my.Judge", "params": {"threshold": float("inf")}},
+           "job": {"manifest": str(edit_manifest), "output_dir": str(out), "chunk_size": 4}}
+    summary = run_job(cfg, base=tmp_path, progress=False, model=NaNBeside())
+    assert summary["scored"] == 10 and summary["model"]["params"] == {"threshold": None}
+    note = ", which JSON cannot hold: written as null"
+    for rows in (_strict_json_lines(out / "results.jsonl"), _strict_json_lines(out / "results.stream.jsonl")):
+        assert all(x["score"] == 5.0 and x["raw"] == {"probs": {"0": None, "1": 1.0}} for x in rows)
+        assert all(x["metadata"]["notes"] == ["raw.probs.0 was NaN" + note, "latency_s was NaN" + note] for x in rows)
+    written = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    assert written["model"]["params"] == {"threshold": None}
+    assert written["latency_s_per_item"]["count"] == 0
 
 
 def test_a_resumed_job_reports_each_row_as_the_manifest_says_now(uninterrupted, tmp_path, edit_manifest):

@@ -6,6 +6,8 @@ Files in the output folder:
   results.jsonl         the final results in manifest order (written at the end)
   results.csv           the same, flat, for spreadsheets
   summary.json          counts, mean/std per sub-score and per category, failures by cause
+The JSON files are strict JSON: NaN and Infinity (a manifest's free field may hold them) are
+written as null, and the item's metadata.notes says so (_strict_record).
 
 Order: the manifest's, except that rows sharing a source image are scored side by side (in the
 same call, so the judge encodes the source once); results.jsonl is in manifest order either way.
@@ -239,7 +241,54 @@ def _record(row: ManifestRow, res: ScoreResult, fingerprint: str) -> dict[str, A
     d.update({k: v for k, v in row.fields.items() if _input_field(k, v)})
     cat = (row.item.metadata.get("category") if row.item else row.fields.get("category"))
     d["category"] = None if cat is None else str(cat)
-    return d
+    return _strict_record(d)
+
+
+# How a note names a value JSON cannot hold; a reused record's notes about its metadata are made
+# again from the row as it is now (_as_the_row_says_now).
+_NOT_JSON = ", which JSON cannot hold: written as null"
+
+
+def _without_non_finite(value: Any, path: str, found: list[str]) -> Any:
+    """`value` with every float that is NaN or +-Infinity replaced by None, and a line naming each
+    (`metadata.weight was NaN`) added to `found`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        found.append(f"{path} was {json.dumps(value)}")
+        return None
+    if isinstance(value, dict):
+        return {k: _without_non_finite(v, f"{path}.{k}", found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_non_finite(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
+def _strict_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """A record every JSON reader accepts. Python's json reads and writes NaN and Infinity, which
+    JSON has no number for (jq, JSON.parse and strict parsers refuse the file): a manifest's free
+    field may hold one (a table's missing value), and so may a judge class's raw answer. Such a
+    value is written as null and the item's metadata.notes names it, once; the item keeps its score
+    (scores never get here non-finite: _finite fails their item), and the judge saw the value as
+    the manifest gave it."""
+    found: list[str] = []
+    out = {k: _without_non_finite(v, k, found) for k, v in rec.items()}
+    if not found:
+        return rec
+    metadata = dict(out.get("metadata") or {})
+    notes = metadata.get("notes")
+    notes = list(notes) if isinstance(notes, list) else ([] if notes is None else [notes])
+    metadata["notes"] = notes + [n + _NOT_JSON for n in found if n + _NOT_JSON not in notes]
+    out["metadata"] = metadata
+    return out
+
+
+def _strict_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """summary.json as strict JSON: a value that is NaN or Infinity (a config parameter of the
+    user's class) is written as null, and the log says which."""
+    found: list[str] = []
+    out = {k: _without_non_finite(v, k, found) for k, v in summary.items()}
+    for line in found:
+        log.warning(f"{SUMMARY}: {line}{_NOT_JSON}")
+    return out
 
 
 def _input_field(key: str, value: Any) -> bool:
@@ -307,7 +356,14 @@ def _as_the_row_says_now(rec: dict[str, Any], row: ManifestRow) -> dict[str, Any
     metadata = {**(rec.get("metadata") or {}), **row.item.metadata}
     if cat is None:
         metadata.pop("category", None)
-    return {**rec, "line": row.line, "metadata": metadata, "category": None if cat is None else str(cat)}
+    notes = metadata.get("notes")
+    if isinstance(notes, list):  # notes on the metadata's values are made again below, from the row as it is now
+        kept = [n for n in notes if not (isinstance(n, str) and n.startswith("metadata.") and n.endswith(_NOT_JSON))]
+        if len(kept) < len(notes):
+            metadata["notes"] = kept
+            if not kept:
+                del metadata["notes"]
+    return _strict_record({**rec, "line": row.line, "metadata": metadata, "category": None if cat is None else str(cat)})
 
 
 def _same_inputs(rec: dict[str, Any], row: ManifestRow) -> bool:
@@ -456,7 +512,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                             for k, (r, res) in enumerate(zip(chunk, results)):
                                 rec = _record(r, _finite(_numbered_by_row(res, k, r), model), fp)
                                 by_id[r.id] = rec
-                                lines.append(json.dumps(rec, ensure_ascii=False))
+                                lines.append(json.dumps(rec, ensure_ascii=False, allow_nan=False))
                             out.write("\n".join(lines) + "\n")
                             out.flush()
                             os.fsync(out.fileno())
@@ -483,6 +539,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
         summary["latency_s_per_item"] = stats(latencies)
         if isinstance(quantization, str):  # the judge's own report (a pre-quantized checkpoint says so here)
             summary["quantization"] = quantization
+        summary = _strict_summary(summary)
         write_outputs(spec.output_dir, final, summary)
         if spec.report:
             from src.report import write_report
@@ -506,8 +563,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_outputs(folder: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    _atomic_write(folder / FINAL, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    _atomic_write(folder / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
+    # allow_nan=False: every file is strict JSON (_strict_record, _strict_summary made it so).
+    _atomic_write(folder / FINAL, "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records))
+    _atomic_write(folder / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False, default=str, allow_nan=False) + "\n")
     subs = summary.get("sub_score_names") or []
     cols = ["id", "score", *subs, "category", "error_kind", "error", "images", "source_images", "instruction"]
     tmp = folder / (CSV + ".tmp")
