@@ -357,6 +357,34 @@ def test_changed_settings_do_not_reuse_old_results(uninterrupted, tmp_path, edit
     assert s["resumed_from_disk"] == 0 and s["sub_score_names"] == ["edit_quality"]
 
 
+def test_results_csv_has_the_rubrics_sub_score_columns_when_every_item_fails(uninterrupted, tmp_path, edit_manifest):
+    # results.csv took its sub-score columns from the rows that scored: a job where every item
+    # failed (images gone, every row refused by the manifest) wrote a csv without them, so a
+    # script reading a sub-score's column broke on exactly the jobs it most needed to look at.
+    # The columns, and summary.json's sub-scores, now come from the judge's rubric.
+    with open(uninterrupted / "results.csv", newline="") as fh:
+        header = next(csv.reader(fh))
+    assert header[2:4] == ["perceptual_quality", "semantic_consistency"]
+    rows = [{**row, "source_image": str(edit_manifest.parent / row["source_image"])} for row in read_jsonl(edit_manifest)]
+    gone = [{**row, "image": f"gone{i}.png"} for i, row in enumerate(rows)]  # the judge fails each
+    refused = [{**row, "image": [i]} for i, row in enumerate(rows)]  # the manifest refuses each: no judge loads
+    for name, edited, kind in (("gone", gone, "image"), ("refused", refused, "manifest")):
+        manifest = tmp_path / f"{name}.jsonl"
+        manifest.write_text("".join(json.dumps(row) + "\n" for row in edited))
+        out = tmp_path / name
+        r = run_main("--config", str(write_config(tmp_path, manifest, out)))
+        assert r.returncode == 1, r.stderr  # every item failed
+        s = json.loads((out / "summary.json").read_text())
+        assert s["failures_by_kind"] == {kind: 10}, s["failures_by_kind"]
+        with open(out / "results.csv", newline="") as fh:
+            got = list(csv.reader(fh))
+        assert got[0] == header, name
+        assert [row[1:4] for row in got[1:]] == [["", "", ""]] * 10
+        assert s["sub_score_names"] == ["perceptual_quality", "semantic_consistency"]
+        assert s["semantic_consistency"]["count"] == s["perceptual_quality"]["count"] == 0
+        assert s["semantic_consistency"]["mean"] is None
+
+
 def test_csv_and_folder_manifests_and_bad_rows(tiny_cache, tmp_path):
     d = tmp_path / "imgs"
     (d / "sub").mkdir(parents=True)

@@ -373,6 +373,19 @@ def _same_inputs(rec: dict[str, Any], row: ManifestRow) -> bool:
                if k in row.fields)
 
 
+def _declared_sub_scores(model: BaseRewardModel, checked: tuple[str, type, dict[str, Any]] | None) -> list[str]:
+    """The sub-scores the judge's rubric declares (its parts), whichever items scored: results.csv's
+    columns and summary.json's keys do not depend on which items happened to succeed. None known
+    for a judge without settings here (a remote judge's rubric lives on its server): the results'
+    own names are used then."""
+    settings = getattr(model, "settings", None)
+    if settings is None and checked is not None:
+        settings = judge_settings(checked[1], checked[2])  # no judge loaded: every row was on disk
+    if getattr(settings, "template", None) is None:
+        return []
+    return [part for part, _ in resolve_rubric(settings.template, settings.templates).parts]
+
+
 def _job_order(todo: list[ManifestRow], chunk_size: int, model: BaseRewardModel) -> list[ManifestRow]:
     """The rows to score, in the order the job cuts its calls from, as the judge orders a call
     (`chunk_order: auto`, size_order.py) but over the whole job: rows whose prompts are of similar
@@ -535,7 +548,8 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
         latencies = [rec["latency_s"] for rec in final if rec.get("latency_s")]
         final = [{k: v for k, v in rec.items() if k not in VOLATILE} for rec in final]
         summary = summarize(final, fingerprint=fp, model_spec=model_spec, elapsed_s=time.time() - t0,
-                            skipped=len(rows) - len(todo) - sum(r.item is None for r in rows))
+                            skipped=len(rows) - len(todo) - sum(r.item is None for r in rows),
+                            sub_score_names=_declared_sub_scores(model, checked))
         summary["latency_s_per_item"] = stats(latencies)
         if isinstance(quantization, str):  # the judge's own report (a pre-quantized checkpoint says so here)
             summary["quantization"] = quantization

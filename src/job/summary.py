@@ -26,10 +26,12 @@ def stats(values: list[float]) -> dict[str, Any]:
 
 
 def summarize(records: list[dict[str, Any]], fingerprint: str | None = None, model_spec: Any = None,
-              elapsed_s: float | None = None, skipped: int = 0) -> dict[str, Any]:
+              elapsed_s: float | None = None, skipped: int = 0, sub_score_names: Any = ()) -> dict[str, Any]:
+    """sub_score_names: those the judge declares (its rubric's parts), summarised even where no
+    record has them (every item failed); with those the records hold."""
     scored = [r for r in records if r.get("score") is not None and r.get("error") is None]
     failed = [r for r in records if not (r.get("score") is not None and r.get("error") is None)]
-    subs = sorted({k for r in records for k in (r.get("sub_scores") or {})})
+    subs = sorted({*sub_score_names, *(k for r in records for k in (r.get("sub_scores") or {}))})
 
     def block(rs: list[dict[str, Any]]) -> dict[str, Any]:
         ok = [r for r in rs if r.get("score") is not None and r.get("error") is None]
