@@ -385,6 +385,50 @@ def test_results_csv_has_the_rubrics_sub_score_columns_when_every_item_fails(uni
         assert s["semantic_consistency"]["mean"] is None
 
 
+def test_results_csv_neutralises_text_a_spreadsheet_would_run_as_a_formula(tiny_cache, tmp_path, edit_manifest):
+    # An instruction (or id, or category) starting with = + - @, a tab or a carriage return went into
+    # results.csv as written: a spreadsheet opening it ran "=HYPERLINK(...)" as a formula (CSV
+    # injection). Such text cells now start with a single quote; results.jsonl keeps the text exactly;
+    # a text that is a plain number ("-5") and every score stay numbers.
+    from src.job.runner import run_job
+    from src.models.reward import BaseRewardModel, ScoreResult
+
+    texts = ['=HYPERLINK("http://x.example","click")', "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(A1:A9)",
+             "\tmake it blue", "\rmake it red", "make the sky pink", "-5"]
+    rows = read_jsonl(edit_manifest)[:len(texts)]
+    for row, text in zip(rows, texts):
+        row.update(instruction=text, id=f"{text[:4]}{row['id']}", category=text)
+    rows[-1]["id"] = "-5"
+    manifest = _edited_manifest(rows, edit_manifest, tmp_path)
+    out = tmp_path / "out"
+    r = run_main("--config", str(write_config(tmp_path, manifest, out)))
+    assert r.returncode == 0, r.stderr
+    results = read_jsonl(out / "results.jsonl")
+    assert [x["instruction"] for x in results] == texts and [x["category"] for x in results] == texts
+    assert [x["id"] for x in results] == [row["id"] for row in rows]
+    with open(out / "results.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    want = ["'" + t for t in texts[:6]] + texts[6:]
+    assert [row["instruction"] for row in table] == want
+    assert [row["category"] for row in table] == want
+    assert [row["id"] for row in table] == ["'" + x["id"] for x in results[:6]] + [x["id"] for x in results[6:]]
+    for row, x in zip(table, results):
+        assert float(row["score"]) == pytest.approx(x["score"], abs=1e-9)
+
+    class Negative(BaseRewardModel):  # a judge class of the user's, on a -5..5 scale
+        def score_items(self, items):
+            return [ScoreResult(index=i, id=it.id, score=-2.5 + i, sub_scores={"-part": -1.25})
+                    for i, it in enumerate(items)]
+
+    out = tmp_path / "negative"
+    run_job({"job": {"manifest": str(manifest), "output_dir": str(out), "chunk_size": 8}}, base=tmp_path,
+            progress=False, model=Negative())
+    with open(out / "results.csv", newline="") as fh:
+        table = list(csv.reader(fh))
+    assert table[0][:3] == ["id", "score", "'-part"]
+    assert [row[1:3] for row in table[1:]] == [[str(-2.5 + i), "-1.25"] for i in range(len(texts))]
+
+
 def test_csv_and_folder_manifests_and_bad_rows(tiny_cache, tmp_path):
     d = tmp_path / "imgs"
     (d / "sub").mkdir(parents=True)

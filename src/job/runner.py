@@ -4,7 +4,8 @@ Files in the output folder:
   results.stream.jsonl  one line per result as it finishes (appended, flushed, fsync'ed); what
                         resume reads. A line cut by a crash is skipped and its item scored again.
   results.jsonl         the final results in manifest order (written at the end)
-  results.csv           the same, flat, for spreadsheets
+  results.csv           the same, flat, for spreadsheets (text a spreadsheet would run as a
+                        formula starts with a single quote there: _csv_cell)
   summary.json          counts, mean/std per sub-score and per category, failures by cause
 The JSON files are strict JSON: NaN and Infinity (a manifest's free field may hold them) are
 written as null, and the item's metadata.notes says so (_strict_record).
@@ -26,6 +27,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import signal
 import time
 from contextlib import contextmanager
@@ -576,6 +578,22 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# A spreadsheet reads a cell that starts with one of these as a formula (CSV injection: an
+# instruction "=HYPERLINK(...)" would run when results.csv is opened).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _csv_cell(value: Any) -> Any:
+    """A cell of results.csv: text that a spreadsheet would read as a formula gets a leading single
+    quote, the usual guard (OWASP's); text that is a plain number ('-5') reads as that number and
+    stays as written, and so do numbers (scores, negative ones too). results.jsonl keeps every
+    value exactly."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
 def write_outputs(folder: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     # allow_nan=False: every file is strict JSON (_strict_record, _strict_summary made it so).
     _atomic_write(folder / FINAL, "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records))
@@ -585,10 +603,11 @@ def write_outputs(folder: Path, records: list[dict[str, Any]], summary: dict[str
     tmp = folder / (CSV + ".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(cols)
+        w.writerow([_csv_cell(c) for c in cols])
         for r in records:
             sub = r.get("sub_scores") or {}
-            w.writerow([r.get("id"), r.get("score"), *[sub.get(s) for s in subs], r.get("category"),
-                        r.get("error_kind"), r.get("error"),
-                        "|".join(r.get("images") or []), "|".join(r.get("source_images") or []), r.get("instruction")])
+            w.writerow([_csv_cell(c) for c in (
+                r.get("id"), r.get("score"), *[sub.get(s) for s in subs], r.get("category"), r.get("error_kind"),
+                r.get("error"), "|".join(r.get("images") or []), "|".join(r.get("source_images") or []),
+                r.get("instruction"))])
     os.replace(tmp, folder / CSV)
