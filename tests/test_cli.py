@@ -788,6 +788,42 @@ def test_a_resumed_job_says_which_stored_results_it_does_not_reuse(uninterrupted
     assert "other settings" not in r.stderr
 
 
+def test_a_resumed_generate_job_scores_again_a_row_whose_answer_budget_changed(tiny_cache, tmp_path):
+    # In generate mode an item's own max_new_tokens (metadata) caps the answer its score is read
+    # from. A job run again after a row's budget changed reused the stored score, made under the
+    # old budget (its record even showed the new one). Such a row is now scored again, as a fresh
+    # run would score it; in logits mode, which writes no answer, the budget changes nothing and
+    # every stored score is reused.
+    demo = ROOT / "data" / "demo"
+    rows = [{**row, "image": str(demo / row["image"]), "source_image": str(demo / row["source_image"])}
+            for row in read_jsonl(demo / "manifest.jsonl")[:4]]
+
+    def job(budget: int, out: Path, mode: str = "generate") -> tuple[dict, list[dict], str]:
+        rows[0]["max_new_tokens"] = budget
+        manifest = tmp_path / f"manifest-{budget}.jsonl"
+        manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        r = run_main("--config", str(ROOT / "configs" / "demo.yaml"), "--set", f"model.params.mode={mode}",
+                     "--set", f"job.manifest={manifest}", "--set", f"job.output_dir={out}")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout), read_jsonl(out / "results.jsonl"), r.stderr
+
+    summary, first, _ = job(16, tmp_path / "gen")
+    assert summary["scored"] == 4 and first[0]["metadata"]["max_new_tokens"] == 16
+    _, fresh, _ = job(2, tmp_path / "fresh")  # two tokens cut the judge's {"score": N} short
+    assert fresh[0]["score"] is None and fresh[0]["error_kind"] == "parse", fresh[0]
+    summary, resumed, err = job(2, tmp_path / "gen")
+    assert summary["resumed_from_disk"] == 3, "the row whose budget changed is scored again"
+    assert "holds results for 1 of this job's rows (00) whose images, instruction or answer budget (metadata " \
+           "max_new_tokens) have changed since" in err, err
+    assert_same_results(resumed, fresh)
+    assert resumed[1:] == first[1:]
+
+    job(16, tmp_path / "logits", mode="logits")
+    summary, logits, err = job(2, tmp_path / "logits", mode="logits")
+    assert summary["resumed_from_disk"] == 4 and "changed since" not in err, err
+    assert logits[0]["score"] is not None and logits[0]["metadata"]["max_new_tokens"] == 2
+
+
 def _edited_manifest(rows: list[dict], edit_manifest: Path, tmp_path: Path) -> Path:
     """Rows of the edit manifest (edited), written as tmp_path/manifest.jsonl (its image paths made
     absolute), as json.dumps writes them."""

@@ -15,7 +15,8 @@ same call, so the judge encodes the source once); results.jsonl is in manifest o
 
 Resume: an item is skipped when the stream holds a successful result for its id under the same
 fingerprint (model, template, scoring settings) and the same inputs (image paths, source image
-paths, instruction). Failed items are tried again.
+paths, instruction; in generate mode also the item's own max_new_tokens). Failed items are tried
+again.
 """
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ def _finished_without_a_judge(checked: tuple[str, type, dict[str, Any]] | None, 
     if fp is None:
         return None
     done, _ = read_stream(stream_path, fp)
-    if _reused_and_todo(rows, done)[1]:
+    if _reused_and_todo(rows, done, _budget_counts(None, checked))[1]:
         return None
     try:
         last = json.loads((spec.output_dir / SUMMARY).read_text(encoding="utf-8"))
@@ -215,7 +216,7 @@ def read_stream(path: Path, fingerprint: str) -> tuple[dict[str, dict[str, Any]]
 
 
 def _say_what_is_not_reused(stream_path: Path, fp: str, todo: list[ManifestRow], done: dict[str, dict[str, Any]],
-                            elsewhere: dict[str, str]) -> None:
+                            elsewhere: dict[str, str], budget_counts: bool) -> None:
     """A job run again after its settings or its manifest changed scores those rows again, as it
     must; it says so, since a user who meant to resume would otherwise learn it from the time taken."""
     def few(ids: list[str]) -> str:
@@ -230,8 +231,10 @@ def _say_what_is_not_reused(stream_path: Path, fp: str, todo: list[ManifestRow],
                     "scores; a run's summary.json names its settings")
     changed = [r.id for r in todo if r.id in done]  # a result for this id under these settings, other inputs
     if changed:
-        log.warning(f"{stream_path} holds results for {len(changed)} of this job's rows ({few(changed)}) whose images "
-                    "or instruction have changed since: they are not reused, and those rows are scored again")
+        what = "images, instruction or answer budget (metadata max_new_tokens)" if budget_counts else \
+            "images or instruction"
+        log.warning(f"{stream_path} holds results for {len(changed)} of this job's rows ({few(changed)}) whose {what} "
+                    "have changed since: they are not reused, and those rows are scored again")
 
 
 def _record(row: ManifestRow, res: ScoreResult, fingerprint: str) -> dict[str, Any]:
@@ -333,16 +336,17 @@ def _numbered_by_row(res: ScoreResult, k: int, row: ManifestRow) -> ScoreResult:
     return res
 
 
-def _reused_and_todo(rows: list[ManifestRow], done: dict[str, dict[str, Any]]
+def _reused_and_todo(rows: list[ManifestRow], done: dict[str, dict[str, Any]], budget_counts: bool
                      ) -> tuple[dict[str, dict[str, Any]], list[ManifestRow]]:
-    """The stored results a job reuses, by id (those of its rows with the same inputs), and the rows
-    left to score; rows the manifest could not read are in neither."""
+    """The stored results a job reuses, by id (those of its rows with the same inputs, and where
+    `budget_counts` the same answer budget), and the rows left to score; rows the manifest could not
+    read are in neither."""
     reused: dict[str, dict[str, Any]] = {}
     todo: list[ManifestRow] = []
     for r in rows:
         if r.item is None:
             continue
-        if r.id in done and _same_inputs(done[r.id], r):
+        if r.id in done and _same_inputs(done[r.id], r, budget_counts):
             reused[r.id] = _as_the_row_says_now(done[r.id], r)
         else:
             todo.append(r)
@@ -368,24 +372,43 @@ def _as_the_row_says_now(rec: dict[str, Any], row: ManifestRow) -> dict[str, Any
     return _strict_record({**rec, "line": row.line, "metadata": metadata, "category": None if cat is None else str(cat)})
 
 
-def _same_inputs(rec: dict[str, Any], row: ManifestRow) -> bool:
+def _same_inputs(rec: dict[str, Any], row: ManifestRow, budget_counts: bool) -> bool:
     # A manifest edited between runs may reuse an id (or a `lineN` id may now name another
-    # row): a stored result counts only for the inputs it was scored on.
+    # row): a stored result counts only for the inputs it was scored on, and in generate mode for
+    # the answer budget it was scored under (the item's own max_new_tokens, kept in its metadata).
+    if budget_counts and (rec.get("metadata") or {}).get("max_new_tokens") != row.item.metadata.get("max_new_tokens"):
+        return False
     return all(rec.get(k) == row.fields.get(k) for k in ("images", "source_images", "instruction")
                if k in row.fields)
+
+
+def _settings_of(model: BaseRewardModel | None, checked: tuple[str, type, dict[str, Any]] | None) -> Any:
+    """The judge's settings record: the loaded judge's, else what the config builds (no judge is
+    loaded when every row is on disk); None for a judge without one here (a remote judge's settings
+    live on its server)."""
+    settings = getattr(model, "settings", None)
+    if settings is None and checked is not None:
+        settings = judge_settings(checked[1], checked[2])
+    return settings
 
 
 def _declared_sub_scores(model: BaseRewardModel, checked: tuple[str, type, dict[str, Any]] | None) -> list[str]:
     """The sub-scores the judge's rubric declares (its parts), whichever items scored: results.csv's
     columns and summary.json's keys do not depend on which items happened to succeed. None known
-    for a judge without settings here (a remote judge's rubric lives on its server): the results'
-    own names are used then."""
-    settings = getattr(model, "settings", None)
-    if settings is None and checked is not None:
-        settings = judge_settings(checked[1], checked[2])  # no judge loaded: every row was on disk
+    for a judge without settings here: the results' own names are used then."""
+    settings = _settings_of(model, checked)
     if getattr(settings, "template", None) is None:
         return []
     return [part for part, _ in resolve_rubric(settings.template, settings.templates).parts]
+
+
+def _budget_counts(model: BaseRewardModel | None, checked: tuple[str, type, dict[str, Any]] | None) -> bool:
+    """Whether an item's own answer budget (metadata max_new_tokens) can change its score: in generate
+    mode, where it caps the answer the score is read from; logits mode writes no answer. A judge
+    whose mode is not known here is taken to read it (a rescore costs time; a reused score made
+    under another budget would be wrong)."""
+    mode = getattr(_settings_of(model, checked), "mode", None) or getattr(model, "mode", None)
+    return mode != "logits"
 
 
 def _job_order(todo: list[ManifestRow], chunk_size: int, model: BaseRewardModel) -> list[ManifestRow]:
@@ -508,9 +531,10 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                     quantization = getattr(model, "quantization", None)  # the judge's own report, read while it is open
                     done, elsewhere = read_stream(stream_path, fp)
                 _repair_tail(stream_path)
-                by_id, todo = _reused_and_todo(rows, done)
+                budget_counts = _budget_counts(model, checked)
+                by_id, todo = _reused_and_todo(rows, done, budget_counts)
                 if finished is None:
-                    _say_what_is_not_reused(stream_path, fp, todo, done, elsewhere)
+                    _say_what_is_not_reused(stream_path, fp, todo, done, elsewhere, budget_counts)
                 todo = _job_order(todo, spec.chunk_size, model)
                 bar = _bar(len(rows), len(rows) - len(todo), progress)
                 try:
