@@ -473,6 +473,12 @@ BAD = [
     ("nan.jsonl", '{"id": "a", "score": NaN}\n', "line 1: 'score' must be a finite number"),
     ("text.jsonl", '{"id": "a", "score": "7"}\n', "'score' must be a finite number or null, got '7'"),
     ("subs.jsonl", '{"id": "a", "score": 1, "sub_scores": {"q": "high"}}\n', "sub-score 'q' must be"),
+    # sub-scores named like the summary's own figures, which they overwrote: the mean score shown
+    # was a sub-score's, and 'failed' stopped the report with a TypeError traceback
+    ("failed.jsonl", json.dumps(_rec(1, "a", 5.0)) + "\n" + json.dumps({**_rec(2, "b", None), "sub_scores": {"failed": 3}})
+     + "\n", "line 2: sub-score 'failed' has the name of one of the summary's own figures (categories, elapsed_s, "),
+    ("score.jsonl", '{"id": "a", "score": 5, "sub_scores": {"score": 1, "x": 2}}\n', "line 1: sub-score 'score' has the"),
+    ("items.jsonl", '{"id": "a", "score": 5, "sub_scores": {"items": 1}}\n', "which it would overwrite; rename that"),
     ("binary.jsonl", b"\xff\xfe\x00garbage", "not UTF-8"),
 ]
 
@@ -486,6 +492,22 @@ def test_bad_results_file_is_a_clear_error_and_no_page(name, content, message, t
         write_report(p, out)
     assert message in str(err.value) and str(p) in str(err.value)
     assert not out.exists() and not list(tmp_path.glob("*.html*"))
+
+
+def test_a_lone_templates_sub_score_named_score_is_its_score(tmp_path, capsys):
+    # A job allows a lone template named 'score' (its sub-score is its score, the same figure): its
+    # results make a report, with the overall mean; the same name holding other values is refused.
+    p = tmp_path / "results.jsonl"
+    p.write_text("".join(json.dumps({"id": k, "score": s, "sub_scores": {"score": s}}) + "\n"
+                         for k, s in (("a", 4.0), ("b", 8.0), ("c", None))))
+    dom = Dom(write_report(p, tmp_path / "report.html").read_text(encoding="utf-8"))
+    assert float(dom.by_id("mean-score")["attrs"]["data-value"]) == pytest.approx(6.0)
+    p.write_text(json.dumps({"id": "a", "score": 4.0, "sub_scores": {"score": 2.0}}) + "\n")
+    assert report_main([str(p), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {p}, line 1: sub-score 'score' has the name of one of the summary's own "
+                          "figures") and "Traceback" not in err, err
+    assert not (tmp_path / "r.html").exists()
 
 
 def test_cli_bad_input_exit_code_and_message(tmp_path, capsys):
