@@ -96,6 +96,42 @@ def test_demo_config_runs_end_to_end(tiny_cache, tmp_path):
     assert min(x["sub_scores"]["perceptual_quality"] for _, x in clean) > quality[0], (clean, noisy)
 
 
+def test_summary_gives_each_mean_its_standard_error_and_95_interval_and_no_spread_for_one_item(tiny_cache, tmp_path):
+    # summary.json gave mean +- the population std only, and a group of one item a std of 0, as if
+    # its mean were exact. Each figure now has the sample std, the standard error of the mean and a
+    # 95% interval (normal approximation); a group of one item has none of them (null).
+    import math
+    import statistics
+
+    out = tmp_path / "demo"
+    r = run_main("--config", str(ROOT / "configs" / "demo.yaml"), "--set", f"job.output_dir={out}")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    results = read_jsonl(out / "results.jsonl")
+
+    def check(block: dict, values: list[float]) -> None:
+        assert block["count"] == len(values) and block["mean"] == pytest.approx(statistics.fmean(values), abs=1e-5)
+        if len(values) == 1:
+            assert block["std"] is None and block["stderr"] is None and block["ci95"] is None, block
+            return
+        sd = statistics.stdev(values)
+        se = sd / math.sqrt(len(values))
+        assert block["std"] == pytest.approx(sd, abs=1e-5) and block["stderr"] == pytest.approx(se, abs=1e-5)
+        assert block["ci95"] == pytest.approx([statistics.fmean(values) - 1.96 * se,
+                                               statistics.fmean(values) + 1.96 * se], abs=1e-3)
+
+    check(s["score"], [x["score"] for x in results])
+    check(s["perceptual_quality"], [x["sub_scores"]["perceptual_quality"] for x in results])
+    sizes = {}
+    for cat, block in s["categories"].items():
+        mine = [x for x in results if x["category"] == cat]
+        sizes[cat] = len(mine)
+        check(block["score"], [x["score"] for x in mine])
+        check(block["semantic_consistency"], [x["sub_scores"]["semantic_consistency"] for x in mine])
+    assert sorted(sizes.values()) == [1, 1, 2, 3, 4]  # two groups of one item
+    assert s["latency_s_per_item"]["count"] == len(results) and s["latency_s_per_item"]["stderr"] > 0
+
+
 def test_job_outputs_summary_csv_and_categories(uninterrupted):
     """What the job wrote (the `uninterrupted` fixture ran it: main.py, exit 0)."""
     out = uninterrupted

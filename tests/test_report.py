@@ -301,6 +301,26 @@ def test_static_page_for_a_job_with_failures(failing_job, tmp_path):
     assert "no summary" not in html
 
 
+def test_the_page_shows_each_means_95_interval_and_no_spread_for_one_item(tmp_path):
+    # The page showed mean +- std, and a category of one item a std of 0.000. It now shows the
+    # 95% interval and the standard error beside the mean, and a dash where there is one value.
+    p = tmp_path / "results.jsonl"
+    recs = [_rec(1, "a", 4.0, 4, 4, "pair"), _rec(2, "b", 6.0, 6, 6, "pair"), _rec(3, "c", 8.0, 8, 8, "alone")]
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    dom = Dom(write_report(p, tmp_path / "report.html").read_text(encoding="utf-8"))
+    head = [e["text"] for e in dom.inside(dom.by_id("stats"), "th")]
+    assert head[:8] == ["", "count", "mean", "95% CI", "std", "stderr", "min", "max"]
+    row = next(e for e in dom.all("tr") if e["attrs"].get("data-name") == "score")
+    cells = [e["text"] for e in dom.inside(row, "td")]
+    # mean 6, sample std 2, stderr 2/sqrt(3) = 1.1547, 95%: 6 -+ 1.96 x 1.1547
+    assert cells == ["score", "3", "6.000", "[3.737, 8.263]", "2.000", "1.155", "4.000", "8.000"]
+    assert "95% CI [3.737, 8.263] · std 2.000" in dom.by_id("summary")["text"]
+    cats = {e["attrs"]["data-cat"]: [c["text"] for c in dom.inside(e, "td")] for e in dom.all("tr")
+            if "data-cat" in e["attrs"]}
+    assert cats["alone"][4:7] == ["8.000", "—", "—"]  # mean, 95% CI, std of one item
+    assert cats["pair"][4:7] == ["5.000", "[3.040, 6.960]", "1.414"]
+
+
 def test_browser_renders_sorts_filters_and_pages(failing_job, chromium, tmp_path):
     page = write_report(failing_job["results"], tmp_path / "report.html", top=3)
     recs = failing_job["records"]

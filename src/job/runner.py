@@ -6,7 +6,8 @@ Files in the output folder:
   results.jsonl         the final results in manifest order (written at the end)
   results.csv           the same, flat, for spreadsheets (text a spreadsheet would run as a
                         formula starts with a single quote there: _csv_cell)
-  summary.json          counts, mean/std per sub-score and per category, failures by cause
+  summary.json          counts, mean/std/stderr/ci95 per sub-score and per category, failures by
+                        cause (summary.py)
 The JSON files are strict JSON: NaN and Infinity (a manifest's free field may hold them) are
 written as null, and the item's metadata.notes says so (_strict_record).
 

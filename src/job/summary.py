@@ -16,13 +16,26 @@ RESERVED = frozenset({"items", "scored", "failed", "score", "sub_score_names", "
                       "quantization"})
 
 
+# The normal distribution's two-sided 95% quantile: ci95 is mean +- Z95 * stderr.
+Z95 = 1.959964
+
+
 def stats(values: list[float]) -> dict[str, Any]:
-    if not values:
-        return {"count": 0, "mean": None, "std": None, "min": None, "max": None}
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-    return {"count": len(values), "mean": round(mean, 6), "std": round(std, 6),
-            "min": round(min(values), 6), "max": round(max(values), 6)}
+    """count, mean, min, max; std: the sample standard deviation (n - 1); stderr: the standard error
+    of the mean (std / sqrt(n)); ci95: [low, high], the mean's 95% interval by the normal
+    approximation (mean +- 1.96 stderr; narrower than Student's t interval for a small group). A
+    group of one item has no spread to speak of: std, stderr and ci95 are None, not 0."""
+    n = len(values)
+    if not n:
+        return {"count": 0, "mean": None, "std": None, "stderr": None, "ci95": None, "min": None, "max": None}
+    mean = sum(values) / n
+    spread: dict[str, Any] = {"std": None, "stderr": None, "ci95": None}
+    if n > 1:
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+        stderr = std / math.sqrt(n)
+        spread = {"std": round(std, 6), "stderr": round(stderr, 6),
+                  "ci95": [round(mean - Z95 * stderr, 6), round(mean + Z95 * stderr, 6)]}
+    return {"count": n, "mean": round(mean, 6), **spread, "min": round(min(values), 6), "max": round(max(values), 6)}
 
 
 def summarize(records: list[dict[str, Any]], fingerprint: str | None = None, model_spec: Any = None,

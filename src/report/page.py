@@ -46,6 +46,12 @@ def _int(n: int) -> str:
     return f"{n:,}"
 
 
+def _ci(st: dict[str, Any], digits: int = 3) -> str:
+    """A stats block's 95% interval of the mean, or a dash where there is none (fewer than 2 values)."""
+    ci = st.get("ci95")
+    return "—" if not ci else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
 def _json_for_script(data: Any) -> str:
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
@@ -177,13 +183,14 @@ class _Page:
             ("failed", "n-failed", s["failed"], _int(s["failed"]),
              ", ".join(f"{k} {v}" for k, v in s["failures_by_kind"].items()) or "none", " bad" if s["failed"] else ""),
             ("mean score", "mean-score", sc["mean"], _num(sc["mean"]),
-             f"± {_num(sc['std'])} (std) · {_num(sc['min'], 2)} to {_num(sc['max'], 2)}" if sc["count"] else "no scores", ""),
+             f"95% CI {_ci(sc)} · std {_num(sc['std'])} · {_num(sc['min'], 2)} to {_num(sc['max'], 2)}"
+             if sc["count"] else "no scores", ""),
         ]
         if self.cmp:
             st = self.cmp.stats
             cards.append(("mean Δ vs other", "mean-delta", st["mean"],
                           "—" if st["mean"] is None else f"{st['mean']:+.3f}",
-                          f"over {_int(self.cmp.both_scored)} items scored in both", " other"))
+                          f"over {_int(self.cmp.both_scored)} items scored in both · 95% CI {_ci(st)}", " other"))
         out = ['<section id="summary" class="cards">']
         for label, ident, value, text, sub, cls in cards:
             dv = "" if value is None else f' data-value="{_e(value)}"'
@@ -244,14 +251,16 @@ class _Page:
         s = self.this.summary
         names = ["score"] + self.subs
         cmp_cols = self.cmp is not None
-        head = "<th></th><th>count</th><th>mean</th><th>std</th><th>min</th><th>max</th>"
+        head = ("<th></th><th>count</th><th>mean</th><th>95% CI</th><th>std</th><th>stderr</th><th>min</th>"
+                "<th>max</th>")
         if cmp_cols:
             head += "<th>other mean</th><th>mean Δ</th>"
         rows = []
         for n in names:
             st = s[n]
             cells = (f"<td>{_e(n.replace('_', ' '))}</td><td>{_int(st['count'])}</td><td>{_num(st['mean'])}</td>"
-                     f"<td>{_num(st['std'])}</td><td>{_num(st['min'])}</td><td>{_num(st['max'])}</td>")
+                     f"<td>{_ci(st)}</td><td>{_num(st['std'])}</td><td>{_num(st['stderr'])}</td>"
+                     f"<td>{_num(st['min'])}</td><td>{_num(st['max'])}</td>")
             if cmp_cols:
                 ost = self.cmp.other.summary.get(n) or {}
                 dst = self.cmp.stats if n == "score" else self.cmp.sub_stats.get(n, {})
@@ -293,14 +302,15 @@ class _Page:
         cats = self.this.summary["categories"]
         if not cats:
             return ""
-        head = ("<th>category</th><th>items</th><th>scored</th><th>failed</th><th>mean score</th><th>std</th>"
+        head = ("<th>category</th><th>items</th><th>scored</th><th>failed</th><th>mean score</th><th>95% CI</th>"
+                "<th>std</th>"
                 + "".join(f"<th>{_e(n.replace('_', ' '))}</th>" for n in self.subs))
         rows = []
         for c, b in cats.items():
             subs = "".join(f"<td>{_num(b[n]['mean'])}</td>" for n in self.subs)
             rows.append(f'<tr data-cat="{_e(c)}"><td><a href="#cat={_e(quote(c))}">{_e(c)}</a></td><td>{_int(b["items"])}</td>'
                         f'<td>{_int(b["scored"])}</td><td>{_int(b["failed"])}</td><td>{_num(b["score"]["mean"])}</td>'
-                        f'<td>{_num(b["score"]["std"])}</td>{subs}</tr>')
+                        f'<td>{_ci(b["score"])}</td><td>{_num(b["score"]["std"])}</td>{subs}</tr>')
         return ('<section class="panel" id="categories"><h2>By category</h2>'
                 f'<table class="stats"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></section>')
 
@@ -361,8 +371,9 @@ class _Page:
         m = max([abs(d) for d in deltas] + [1e-3])
         dhist = svg.histogram(deltas, -m, m, "score difference")
         sub_rows = "".join(f"<tr><td>{_e(n.replace('_', ' '))}</td><td>{_int(s['count'])}</td><td>{_num(s['mean'])}</td>"
-                           f"<td>{_num(s['std'])}</td></tr>" for n, s in c.sub_stats.items())
-        sub_table = ('<table class="stats"><thead><tr><th>sub-score</th><th>pairs</th><th>mean Δ</th><th>std</th></tr>'
+                           f"<td>{_ci(s)}</td><td>{_num(s['std'])}</td></tr>" for n, s in c.sub_stats.items())
+        sub_table = ('<table class="stats"><thead><tr><th>sub-score</th><th>pairs</th><th>mean Δ</th><th>95% CI</th>'
+                     '<th>std</th></tr>'
                      f'</thead><tbody>{sub_rows}</tbody></table>') if sub_rows else ""
 
         def idlist(label: str, ids: list[str]) -> str:
