@@ -374,6 +374,21 @@ def test_other_refusals_of_max_tokens_fail_the_item_with_the_servers_message(fak
     assert len(script.seen) == 1 and "max_tokens" in script.seen[0][1]
 
 
+def test_an_items_own_max_new_tokens_is_its_answer_budget(fake):
+    # As in-process: metadata {"max_new_tokens": n} lowers that item's budget; a value outside
+    # 1..max_new_tokens fails that item alone, naming the field, and is never sent.
+    judge, script = fake([completion('{"score": 4}')], mode="generate", max_new_tokens=64, max_concurrency=1)
+    items = image_items(3)
+    items[0].metadata = {"max_new_tokens": 8}
+    items[2].metadata = {"max_new_tokens": 500}
+    with judge:
+        results = judge.score_items(items)
+    assert [r.score for r in results[:2]] == [4.0, 4.0]
+    assert results[2].score is None and results[2].error_kind == "input"
+    assert "metadata max_new_tokens must be a whole number in 1..64" in results[2].error
+    assert sorted(body["max_tokens"] for _, body in script.seen) == [8, 64]
+
+
 def test_logits_mode_reads_top_logprobs_and_fails_clearly_without_them(fake):
     top = [("7", math.log(0.6)), ("8", math.log(0.2)), ("x", math.log(0.1))] + [(str(d), -9.0) for d in (0, 1, 2, 3, 4, 5, 6, 9)]
     judge, script = fake([completion("7", top)], mode="logits")

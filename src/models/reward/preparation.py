@@ -63,7 +63,7 @@ class Preparation:
                 if missing:
                     raise _ItemError(missing, "input")
                 needs_source = self.rubric.needs_source
-                max_new = _item_max_new(item, s.max_new_tokens) if mode == "generate" else None  # no answer in logits
+                max_new = item_max_new(item, s.max_new_tokens) if mode == "generate" else None  # no answer in logits
                 loaded: dict[str, list[Any]] = {}
                 keys: dict[int, str | None] = {}
                 notes: list[str] = []
@@ -212,7 +212,7 @@ class Preparation:
                 value.record_stream(current)
 
 
-def _item_max_new(item: ScoreItem, limit: int) -> int | None:
+def item_max_new(item: ScoreItem, limit: int) -> int | None:
     """The item's own answer budget, metadata {"max_new_tokens": n}: 1..max_new_tokens, or None."""
     n = (item.metadata or {}).get("max_new_tokens")
     if n is None:

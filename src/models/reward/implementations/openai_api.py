@@ -40,9 +40,11 @@ from typing import Any, Mapping, Sequence
 
 from ...tiny import bytes_to_unicode
 from ..base import BaseRewardModel
+from ..batching import _ItemError as ItemError
 from ..chat import is_chat
 from ..errors import JudgeConfigError, JudgeUnavailable
 from ..scoring import read_answers
+from ..preparation import item_max_new
 from ..settings import MODES
 from ..templates import Rubric, Template, resolve_rubric, rubric_fingerprint
 from ..types import ScoreItem, ScoreResult, describe_image, item_name, load_pil
@@ -214,6 +216,7 @@ class OpenAIRewardModel(BaseRewardModel):
             if is_chat(item):
                 raise _PartFailed("a raw chat request cannot be forwarded by the openai judge; "
                                   "serve an in-process or multi-GPU judge instead", "input")
+            budget = self._answer_budget(item)
             urls = self._image_urls(item)
         except _PartFailed as e:
             return ScoreResult.failure(index, item, f"item {name}: {e}", e.kind, self.device)
@@ -223,7 +226,7 @@ class OpenAIRewardModel(BaseRewardModel):
         notes: list[str] = []
         for part, tpl in self.rubric.parts:
             try:
-                out = self._ask(tpl, item, urls, call)
+                out = self._ask(tpl, item, urls, call, budget)
             except _PartFailed as e:
                 sub[part] = None
                 errors.append((f"{part}: {e}", e.kind))
@@ -271,7 +274,18 @@ class OpenAIRewardModel(BaseRewardModel):
             msgs.append({"role": "assistant", "content": tpl.logits_prefix})
         return msgs
 
-    def _ask(self, tpl: Template, item: ScoreItem, urls: Mapping[str, list[str]], call: "_Call") -> dict[str, Any]:
+    def _answer_budget(self, item: ScoreItem) -> int:
+        """max_new_tokens for this item's answers: the judge's, or the item's own lower one
+        (metadata max_new_tokens, checked as the in-process judge checks it)."""
+        if self.mode != "generate":
+            return self.max_new_tokens  # logits mode asks for one token whatever the item says
+        try:
+            return item_max_new(item, self.max_new_tokens) or self.max_new_tokens
+        except ItemError as e:
+            raise _PartFailed(str(e), e.kind) from None
+
+    def _ask(self, tpl: Template, item: ScoreItem, urls: Mapping[str, list[str]], call: "_Call",
+             budget: int) -> dict[str, Any]:
         extra = dict(self.extra_body)
         if self.mode == "logits":
             kwargs: dict[str, Any] = {self._budget_field: 1, "temperature": 0.0, "logprobs": True,
@@ -279,7 +293,7 @@ class OpenAIRewardModel(BaseRewardModel):
             if tpl.logits_prefix:  # vLLM's (and this service's) way to continue an answer prefix
                 extra.update(continue_final_message=True, add_generation_prompt=False)
         else:
-            kwargs = {self._budget_field: self.max_new_tokens, "temperature": self.temperature, "n": self.num_samples}
+            kwargs = {self._budget_field: budget, "temperature": self.temperature, "n": self.num_samples}
             if self.temperature > 0:
                 kwargs["top_p"] = self.top_p
         if self.seed is not None:
