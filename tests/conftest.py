@@ -39,6 +39,26 @@ def tiny_qwen25(tiny_cache) -> str:
     return resolve_model_name("tiny:qwen2_5_vl", cache_dir=tiny_cache)
 
 
+SHORT_CONTEXT = 300  # tokens: an image and a short instruction fit, 40 repeats of one do not
+
+
+@pytest.fixture(scope="session")
+def short_context_judge(tiny_cache, tmp_path_factory) -> str:
+    """The tiny Qwen2-VL checkpoint with a context (its language model's max_position_embeddings)
+    of SHORT_CONTEXT tokens, for prompts longer than the judge's context."""
+    import json
+    import shutil
+
+    from src.models.tiny import resolve_model_name
+
+    path = tmp_path_factory.mktemp("short context") / "qwen2_vl"
+    shutil.copytree(resolve_model_name("tiny:qwen2_vl", cache_dir=tiny_cache), path)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = SHORT_CONTEXT
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
 def set_chunk_order(engine, order: str) -> None:
     """The public setting `chunk_order`, changed on a loaded judge's engine (read at each call)."""
     import dataclasses

@@ -449,3 +449,45 @@ def test_an_empty_image_field_says_it_is_empty(tmp_path):
     a, b = read_manifest(p)
     assert a.error == "m.jsonl line 1: no image: 'image' is empty", a.error
     assert b.error == "m.jsonl line 2: no image: 'images' is empty", b.error
+
+
+@pytest.mark.parametrize("mode", ["logits", "generate"])
+@pytest.mark.parametrize("host", ["qwen_vl", "multi_gpu"])
+def test_a_prompt_longer_than_the_judges_context_fails_alone(short_context_judge, image_files, host, mode, ledger):
+    # A judge of a 300-token context (its language model's max_position_embeddings) was given a
+    # 472-token prompt and scored it: from positions it was never trained on, a score (logits) or
+    # an answer (generate) that meant nothing, with no word of it. Such an item fails alone,
+    # naming its length and the context, in this process and in a worker; the other items of its
+    # batch score as they do alone.
+    from conftest import SHORT_CONTEXT
+    from src.models.reward import ScoreItem, build_reward_model
+
+    items = [ScoreItem(images=[image_files[0]], instruction="a red square", id="short"),
+             ScoreItem(images=[image_files[0]], instruction="a red square " * 40, id="long"),
+             ScoreItem(images=[image_files[1]], instruction="a cat", id="short2")]
+    params = {"model_name": short_context_judge, "template": "alignment", "mode": mode, "batch_size": 3,
+              "max_new_tokens": 8}
+    if host == "multi_gpu":
+        params.update(device_ids=["cpu"], progress=False)
+    with build_reward_model({"class_path": host, "params": params}) as judge:
+        got = judge.batch_score(items)
+        alone = [judge.batch_score([items[k]])[0] for k in (0, 2)]
+        pids = judge.worker_pids() if host == "multi_gpu" else []
+    assert_no_orphans(pids)
+    long = got[1]
+    assert long.score is None and long.error_kind == "prompt_too_long", long
+    answer = r" and with its answer budget of 8 \(max_new_tokens\) (\d+)," if mode == "generate" else ""
+    m = re.fullmatch(rf"item 'long' \(#1\): the prompt is (\d+) tokens \(text and image tokens\),{answer} over "
+                     rf"the judge's context of {SHORT_CONTEXT} tokens \(its language model's max_position_embeddings: "
+                     r"it was never trained on later positions\); give (?:it|the prompt) fewer tokens: smaller images "
+                     r"\(lower max_pixels, the size images are resized to\) or a shorter instruction", long.error)
+    assert m, long.error
+    assert int(m.group(1)) > SHORT_CONTEXT and (mode == "logits" or int(m.group(2)) == int(m.group(1)) + 8)
+    for k, ref in zip((0, 2), alone):
+        if mode == "logits":
+            assert got[k].error is None and got[k].score == pytest.approx(ref.score, abs=1e-5)
+        else:  # random weights write junk: no score, but the answer it writes alone
+            assert got[k].error_kind == "parse" and got[k].raw == ref.raw
+    if host == "multi_gpu":
+        ledger.bad_input(f"prompt over the judge's context ({mode})", long.id,
+                         {"score": long.score, "error_kind": long.error_kind, "error": long.error})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import statistics
 
 import pytest
@@ -218,3 +219,40 @@ def test_logits_mode_leaves_an_items_answer_budget_alone(tiny_cache, image_files
         assert r.score is None and r.error_kind == "input"
         assert r.error == f"item '{r.id}' (#{r.index}): metadata max_new_tokens must be a whole number in 1..4 " \
                           f"(the judge's max_new_tokens), got {b!r}"
+
+
+@pytest.mark.parametrize("paths", [dict(continuous_batching=True), dict(continuous_batching=False)],
+                         ids=["continuous", "static"])
+def test_an_answer_budget_past_the_judges_context_is_refused_up_front(short_context_judge, image_files, paths):
+    """A prompt that fits the judge's context, with an answer budget (max_new_tokens) that runs
+    past it, ran: the answer's last tokens came from positions the judge was never trained on.
+    It fails up front, never with a budget quietly cut (which would score that item under other
+    terms than its neighbours), and the error gives the largest budget that fits, which then runs;
+    one token more does not."""
+    from conftest import SHORT_CONTEXT
+
+    def item(id, budget=None):
+        return ScoreItem(images=[image_files[0]], instruction="a red square", id=id,
+                         metadata={"max_new_tokens": budget} if budget else {})
+
+    base = dict(model_name=short_context_judge, mode="generate", template="alignment", max_new_tokens=100,
+                batch_size=2, **paths)
+    with QwenVLRewardModel(**base) as j:
+        assert j.engine._continuous is paths["continuous_batching"]
+        cat = ScoreItem(images=[image_files[1]], instruction="a cat", id="other", metadata={"max_new_tokens": 8})
+        full, small, other = j.batch_score([item("full"), item("small", 8), cat])
+        m = re.fullmatch(r"item 'full' \(#0\): the prompt is (\d+) tokens \(text and image tokens\) and its answer "
+                         rf"budget 100 \(max_new_tokens\): (\d+), over the judge's context of {SHORT_CONTEXT} tokens "
+                         r"\(its language model's max_position_embeddings: it was never trained on later positions\); "
+                         r"lower max_new_tokens \(for this item alone: metadata max_new_tokens up to (\d+)\), or give "
+                         r"the prompt fewer tokens: smaller images \(lower max_pixels, the size images are resized to\) "
+                         r"or a shorter instruction", full.error or "")
+        assert full.score is None and full.error_kind == "prompt_too_long" and m, full.error
+        n, fits = int(m.group(1)), int(m.group(3))
+        assert int(m.group(2)) == n + 100 and fits == SHORT_CONTEXT - n and 0 < fits < 100
+        edge = j.batch_score([item("fits", fits), item("over", fits + 1)])
+        alone = [j.batch_score([x])[0] for x in (item("small", 8), cat)]
+    for r, ref in zip((small, other), alone):  # its neighbours: the answers they write alone
+        assert r.error_kind == "parse" and r.raw == ref.raw
+    assert edge[0].error_kind == "parse" and edge[0].raw["alignment"], edge[0].error  # ran: junk, no score
+    assert edge[1].error_kind == "prompt_too_long" and f"metadata max_new_tokens up to {fits})" in edge[1].error

@@ -26,6 +26,15 @@ class _ItemError(Exception):
         self.kind = kind
 
 
+class _PromptsTooLong(_ItemError):
+    """Prompts of a batch that must not run (preparation.prompt_length_problem): (pos, part) ->
+    why. They fail alone; the rest of their batch runs without them."""
+
+    def __init__(self, over: dict[tuple[int, str], str]):
+        super().__init__(next(iter(over.values())), "prompt_too_long")
+        self.over = over
+
+
 class Batching:
     """Forming and running prompt batches (JudgeEngine mixin)."""
 
@@ -111,8 +120,9 @@ class Batching:
         return self._resident_bytes + (reuse.kept_bytes if reuse is not None else 0)
 
     def _run_requests(self, reqs: list[_Request], encoded: dict | None = None) -> Iterator[tuple[_Request, Any, float]]:
-        """Run prompts as one batch; on out-of-memory split in halves; on any other batch error,
-        run them one by one so a single bad prompt fails alone."""
+        """Run prompts as one batch; on out-of-memory split in halves; prompts over the length
+        limits fail alone and the others run as a batch; on any other batch error, run them one
+        by one so a single bad prompt fails alone."""
         torch = self._torch
         try:
             t0 = time.perf_counter()
@@ -134,6 +144,14 @@ class Batching:
             half = len(reqs) // 2
             yield from self._run_requests(reqs[:half])
             yield from self._run_requests(reqs[half:])
+        except _PromptsTooLong as e:
+            for req in reqs:
+                why = e.over.get(_batch_key([req])[0])
+                if why is not None:
+                    yield req, _ItemError(why, e.kind), 0.0
+            rest = [req for req in reqs if _batch_key([req])[0] not in e.over]
+            if rest:
+                yield from self._run_requests(rest)
         except _ItemError as e:
             for req in reqs:
                 yield req, e, 0.0

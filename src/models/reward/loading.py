@@ -108,6 +108,8 @@ class Loading:
         if spread:
             self._check_placement(model)
         self.model = model.eval()
+        # The judge's context: no prompt (with its answer budget) runs past it (preparation.py).
+        self._context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         log.info("%s: judge loaded on %s (quantization: %s)", self.device_label, ",".join(self.devices),
                  self.quantization)
         self._setup_speed()

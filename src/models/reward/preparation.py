@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .batching import _batch_key, _ItemError
+from .batching import _batch_key, _ItemError, _PromptsTooLong
 from .templates import Template
 from .types import ScoreItem, describe_image, item_name, load_pil
 from .vision_reuse import image_key
@@ -177,17 +177,28 @@ class Preparation:
         with self._preprocess_stream():
             inputs = self.processor(text=[r.prompt for r in reqs], images=images or None,
                                     padding=True, return_tensors="pt", **self._preprocess_kwargs())
-        limit = self.settings.max_prompt_tokens
-        if limit is not None:
-            n_tokens = int(inputs["attention_mask"].sum(dim=1).max())
-            if n_tokens > limit:
-                if len(reqs) == 1:
-                    raise _ItemError(f"the prompt is {n_tokens} tokens, over max_prompt_tokens={limit} "
-                                     "(lower max_pixels or raise the limit)", "prompt_too_long")
-                raise RuntimeError("a prompt in the batch is over max_prompt_tokens")
+        self._check_lengths(reqs, inputs)
         for ahead in self._aheads():
             ahead.carry(inputs)
         return inputs
+
+    def _check_lengths(self, reqs: list[_Request], inputs) -> None:
+        """Refuse, before the model runs, each prompt over max_prompt_tokens or over the judge's
+        context (in generate mode the prompt and its answer budget together): _PromptsTooLong
+        naming them. Cheap on every batch: the processor pads to the longest prompt, so one whose
+        padded length fits, with the largest budget, reads no row."""
+        s = self.settings
+        budgets = [(r.max_new or s.max_new_tokens) if s.mode == "generate" else 0 for r in reqs]
+        if prompt_length_problem(int(inputs["input_ids"].shape[1]), max(budgets), s.max_prompt_tokens,
+                                 self._context) is None:
+            return
+        over = {}
+        for req, n, budget in zip(reqs, inputs["attention_mask"].sum(dim=1).tolist(), budgets):
+            why = prompt_length_problem(int(n), budget, s.max_prompt_tokens, self._context)
+            if why is not None:
+                over[_batch_key([req])[0]] = why
+        if over:
+            raise _PromptsTooLong(over)
 
     def _preprocess_kwargs(self) -> dict[str, Any]:
         # gpu_preprocess: the image processor (torchvision) normalises and cuts patches on the GPU.
@@ -210,6 +221,32 @@ class Preparation:
         for value in inputs.values():
             if hasattr(value, "is_cuda") and value.is_cuda:
                 value.record_stream(current)
+
+
+def prompt_length_problem(tokens: int, answer: int, prompt_limit: int | None, context: int | None) -> str | None:
+    """Why a prompt of `tokens` tokens (text and image tokens) with an answer of up to `answer`
+    tokens (0 in logits mode, which writes none) must not run, or None. Over max_prompt_tokens
+    (the user's limit), or over the judge's context (`context`, its language model's
+    max_position_embeddings): past it the model has never been trained, so what it writes, or the
+    score read from its next token, would mean nothing. An answer budget that does not fit is
+    refused too rather than cut short: a budget quietly lowered for some items would change what
+    they are scored under (an answer cut off gives no score, or another one)."""
+    if prompt_limit is not None and tokens > prompt_limit:
+        return (f"the prompt is {tokens} tokens, over max_prompt_tokens={prompt_limit} "
+                "(lower max_pixels or raise the limit)")
+    if context is None or tokens + answer <= context:
+        return None
+    where = (f"the judge's context of {context} tokens (its language model's max_position_embeddings: "
+             "it was never trained on later positions)")
+    fewer = "smaller images (lower max_pixels, the size images are resized to) or a shorter instruction"
+    if not answer:
+        return f"the prompt is {tokens} tokens (text and image tokens), over {where}; give it fewer tokens: {fewer}"
+    if tokens >= context:
+        return (f"the prompt is {tokens} tokens (text and image tokens), and with its answer budget of {answer} "
+                f"(max_new_tokens) {tokens + answer}, over {where}; give the prompt fewer tokens: {fewer}")
+    return (f"the prompt is {tokens} tokens (text and image tokens) and its answer budget {answer} (max_new_tokens): "
+            f"{tokens + answer}, over {where}; lower max_new_tokens (for this item alone: metadata max_new_tokens "
+            f"up to {context - tokens}), or give the prompt fewer tokens: {fewer}")
 
 
 def item_max_new(item: ScoreItem, limit: int) -> int | None:

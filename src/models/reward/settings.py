@@ -52,6 +52,8 @@ class JudgeSettings:
       takes the checkpoint's generation_config (Qwen2.5-VL ships top_k 1), 0 cuts nothing.
     max_prompt_tokens: prompts longer than this (text and image tokens) fail with a clear error
       instead of running; never truncated, since cutting a prompt would cut its image tokens.
+      The judge's context (its language model's max_position_embeddings) is a limit too, always:
+      in generate mode it holds the prompt and its answer budget (max_new_tokens) together.
     verl's names are accepted too: response_length (max_new_tokens), prompt_length
       (max_prompt_tokens), micro_batch_size_per_gpu (batch_size).
     max_image_pixels: larger decoded images are refused (decompression-bomb guard).
