@@ -16,24 +16,45 @@ from src.models.reward.implementations.local import QwenVLRewardModel
 from src.models.reward.settings import JudgeSettings
 
 
-def bias_to_digits(judge: QwenVLRewardModel) -> list[int]:
-    """Rewire the tiny judge so that its next token is a uniformly random digit: every token's
-    embedding gets a large shared component, which the digit rows of the output head (and only
-    they) read. Random weights otherwise write junk with no score in it."""
+DIGITS = {str(d): 1.0 for d in range(10)}
+
+
+def steer(judge: QwenVLRewardModel, after: dict) -> None:
+    """Rewire the tiny judge's next token: after a token named in `after` it writes one of those
+    the name maps to ({text: weight}: the heaviest under greedy decoding, those of equal weight
+    equally likely when sampling; "<eos>": the end of the answer); after any other token (the
+    prompt's last one among them) one of those `after[None]` maps to. Each named token's
+    embedding gets a large component of its own (every other token's shares one), which only the
+    rows of the output head of the tokens that may follow it read. Random weights otherwise write
+    junk with no score in it."""
     engine = judge.engine
-    digits = [engine.tokenizer.encode(str(d), add_special_tokens=False)[0] for d in range(10)]
+    end = engine.model.generation_config.eos_token_id
+
+    def token(text: str) -> int:
+        if text == "<eos>":
+            return end[0] if isinstance(end, list) else end
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        assert len(ids) == 1, f"{text!r} is {len(ids)} tokens"
+        return ids[0]
+
+    assert next(iter(after)) is None, "after[None] first: the other tokens' component is the first"
+    embed = engine.model.get_input_embeddings().weight
+    head = engine.model.get_output_embeddings().weight
     with torch.no_grad():
-        engine.model.get_input_embeddings().weight[:, 0] = 30.0
-        head = engine.model.get_output_embeddings().weight
-        head[digits] = 0.0
-        head[digits, 0] = 3.0
-    return digits
+        head[[token(t) for follow in after.values() for t in follow]] = 0.0
+        embed[:, 0] = 30.0
+        for dim, (name, follow) in enumerate(after.items()):
+            if name is not None:
+                embed[token(name), 0] = 0.0
+                embed[token(name), dim] = 30.0
+            for text, weight in follow.items():
+                head[token(text), dim] = 3.0 * weight
 
 
 def test_num_samples_scores_k_sampled_answers_with_mean_and_spread(tiny_cache, image_files):
     with QwenVLRewardModel(model_name="tiny:qwen2_vl", mode="generate", template="quality", num_samples=4,
-                           temperature=1.0, max_new_tokens=1, batch_size=2) as j:
-        bias_to_digits(j)
+                           temperature=1.0, max_new_tokens=2, batch_size=2) as j:
+        steer(j, {None: DIGITS, **{d: {"<eos>": 1.0} for d in DIGITS}})  # a random digit, and the end
         results = j.batch_score(image_files[:3])
     answers_seen = set()
     for r in results:
@@ -181,26 +202,48 @@ def test_a_score_off_the_scale_is_clamped_and_the_result_says_so():
     assert sampled["note"] == "2 of the 3 answers' scores lay outside 0..5 (12, -1); clamped"
 
 
-@pytest.mark.parametrize("paths", [dict(continuous_batching=True), dict(continuous_batching=False),
-                                   dict(fast_decode=False)], ids=["continuous", "static", "generate()"])
+GENERATE_PATHS = pytest.mark.parametrize("paths", [dict(continuous_batching=True), dict(continuous_batching=False),
+                                                   dict(fast_decode=False)], ids=["continuous", "static", "generate()"])
+
+
+@GENERATE_PATHS
 def test_a_score_cut_off_by_the_answer_budget_is_not_read_as_a_shorter_one(tiny_cache, image_files, paths):
-    """On a 0..99 scale the judge answers 77. An answer budget of one token cuts it to "7", which
+    """On a 0..99 scale the judge answers 75. An answer budget of one token cuts it to "7", which
     read as a score of 7 (not what the judge wrote): a number that ends an answer cut off by
     max_new_tokens gives no score where one more digit would read as another score on the scale.
-    A cut answer whose last number could not grow into another score on the scale (77 -> 770,
-    off the scale) is still read."""
+    The same answer ended by the judge is read."""
     pct = {"pct": {"text": "Rate this image from 0 to 99.", "scale": [0, 99]}}
     with QwenVLRewardModel(model_name="tiny:qwen2_vl", mode="generate", template="pct", templates=pct,
-                           max_new_tokens=2, batch_size=1, **paths) as j:
+                           max_new_tokens=4, batch_size=1, **paths) as j:
         assert j.engine._continuous is (paths == dict(continuous_batching=True))
-        digits = bias_to_digits(j)
-        with torch.no_grad():
-            j.engine.model.get_output_embeddings().weight[digits[7], 0] = 4.0  # greedy: 7, 7, ...
+        steer(j, {None: {"7": 1.0}, "7": {"5": 1.0}, "5": {"<eos>": 1.0}})
         cut, whole = j.batch_score([ScoreItem(images=[image_files[0]], id="cut", metadata={"max_new_tokens": 1}),
                                     ScoreItem(images=[image_files[0]], id="whole")])
-    assert whole.raw["pct"] == "77" and whole.score == 77.0 and whole.error is None
+    assert whole.raw["pct"] == "75" and whole.score == 75.0 and whole.error is None
     assert cut.raw["pct"] == "7" and cut.score is None and cut.error_kind == "parse"
     assert "'cut'" in cut.error and "cut off by max_new_tokens" in cut.error, cut.error
+
+
+@GENERATE_PATHS
+def test_a_score_cut_off_inside_a_decimal_is_not_read_as_its_whole_part(tiny_cache, image_files, paths):
+    """The judge answers 7.5 on 0..9. Cut off by the answer budget after "7" or after "7.", it read
+    7: a decimal part, like one more digit, would read as another score on the scale, so no score
+    is given. The whole answer reads 7.5, and an answer "7" that the judge itself ended reads 7."""
+    with QwenVLRewardModel(model_name="tiny:qwen2_vl", mode="generate", template="quality", max_new_tokens=4,
+                           batch_size=2, **paths) as j:
+        steer(j, {None: {"7": 1.0}, "7": {"<eos>": 1.0}})
+        ended, = j.batch_score([ScoreItem(images=[image_files[3]], id="ended", metadata={"max_new_tokens": 2})])
+        steer(j, {None: {"7": 1.0}, "7": {".": 1.0}, ".": {"5": 1.0}, "5": {"<eos>": 1.0}})  # every row of the above too
+        items = [ScoreItem(images=[image_files[k]], id=f"cut{n}", metadata={"max_new_tokens": n}) for k, n in ((0, 1), (1, 2))]
+        cut7, cut_dot, whole = j.batch_score(items + [ScoreItem(images=[image_files[2]], id="whole")])
+    assert (whole.raw["quality"], whole.score, whole.error) == ("7.5", 7.5, None)
+    assert (ended.raw["quality"], ended.score, ended.error) == ("7", 7.0, None)
+    for r, answer in ((cut7, "7"), (cut_dot, "7.")):
+        assert r.raw["quality"] == answer and r.score is None and r.error_kind == "parse", r
+        assert r.error.startswith(f"item '{r.id}' (#{r.index}): quality: could not read a score from the answer (the "
+                                  "answer was cut off by max_new_tokens right after a number, which may be the start "
+                                  f"of a longer score (7 read, but its last number, {answer}, may go on as 7.5, which "
+                                  "reads 7.5); raise max_new_tokens)"), r.error
 
 
 def test_logits_mode_leaves_an_items_answer_budget_alone(tiny_cache, image_files):

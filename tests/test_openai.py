@@ -389,6 +389,20 @@ def test_an_items_own_max_new_tokens_is_its_answer_budget(fake):
     assert sorted(body["max_tokens"] for _, body in script.seen) == [8, 64]
 
 
+def test_a_served_answer_cut_off_inside_a_decimal_gives_no_score(fake):
+    # "Score: 7" or "Score: 7." cut off by max_tokens (finish_reason "length") may be the start of
+    # 7.5; both read 7. Now no score, as in-process; the same "Score: 7" ended by the judge is 7.
+    judge, _ = fake([completion("Score: 7", finish_reason="length"), completion("Score: 7.", finish_reason="length"),
+                     completion("Score: 7")], mode="generate", max_concurrency=1)
+    with judge:
+        cut, cut_dot, ended = judge.score_items(image_items(3))
+    assert ended.score == 7.0 and ended.error is None
+    for r, number in ((cut, "7"), (cut_dot, "7.")):
+        assert r.score is None and r.error_kind == "parse", r
+        assert f"cut off by max_new_tokens right after a number, which may be the start of a longer score (7 read, " \
+               f"but its last number, {number}, may go on as 7.5, which reads 7.5)" in r.error, r.error
+
+
 def test_logits_mode_reads_top_logprobs_and_fails_clearly_without_them(fake):
     top = [("7", math.log(0.6)), ("8", math.log(0.2)), ("x", math.log(0.1))] + [(str(d), -9.0) for d in (0, 1, 2, 3, 4, 5, 6, 9)]
     judge, script = fake([completion("7", top)], mode="logits")

@@ -272,3 +272,35 @@ def test_pathological_answers_are_read_or_refused_without_raising():
 def test_a_bad_scale_raises_only_value_error(kwargs):
     with pytest.raises(ValueError, match="parse_score"):
         parse_score("Score: 7", **kwargs)
+
+
+# An answer cut off by the answer budget (max_new_tokens; a served judge's finish_reason "length"),
+# read through scoring.read_answers as the engine and the OpenAI-compatible judge read it:
+# (answer, scale, score or None when the number it ends with may be the start of another score).
+CUT_ANSWERS = [
+    ("Score: 7", (0, 9), None),           # 7.5 was coming?
+    ("Score: 7.", (0, 9), None),          # 7.5
+    ("Score: 7.2", (0, 9), None),         # 7.25
+    ("7", (0, 9), None),
+    ("Score: 1", (0, 10), None),          # 10: one more digit
+    ("Score: 9", (0, 9), 9.0),            # 9.5 and 90 lie off the scale: clamped to 9 either way
+    ("Score: 10", (0, 10), 10.0),
+    ('{"score": 7}', (0, 9), 7.0),        # the number is closed
+    ("Score: 7. Sharp, well lit.", (0, 9), 7.0),
+    ("The score is 7 out of 10.", (0, 10), 7.0),  # a denominator has no decimal part: not cut from 10.5
+    ("The score is 7 out of 10", (0, 10), None),  # but may go on as 100 (0.7 on this scale)
+]
+
+
+@pytest.mark.parametrize("answer,scale,score", CUT_ANSWERS)
+def test_a_cut_off_answer_gives_no_score_where_its_last_number_may_go_on(answer, scale, score):
+    from src.models.reward.scoring import read_answers
+    from src.models.reward.templates import Template
+
+    tpl = Template(name="t", text="Rate it.", scale=scale)
+    cut = read_answers([answer], tpl, [True])
+    assert cut["score"] == score, cut
+    if score is None:
+        assert cut["kind"] == "parse" and "cut off by max_new_tokens right after a number" in cut["error"], cut
+    ended = read_answers([answer], tpl, [False])  # the same answer, ended by the judge
+    assert ended["score"] == parse_score(answer, *scale).score and ended["score"] is not None, ended

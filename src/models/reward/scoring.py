@@ -6,6 +6,7 @@ Part of JudgeEngine (engine.py), as a mixin: these methods run on the engine's a
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING, Any
 
 from .parsing import ParsedScore, parse_score
@@ -172,17 +173,38 @@ def read_answers(answers: list[str], tpl: Template, cut: list[bool] | None = Non
     return res
 
 
+# The number a cut-off answer ends with (read from its last characters: bounded work).
+_LAST_NUMBER = re.compile(r"\d+(?:\.\d*)?\Z")
+
+
 def _read_answer(answer: str, lo: float, hi: float, levels: Any, key: str | None, cut: bool) -> ParsedScore:
     p = parse_score(answer, lo, hi, levels=levels, key=key)
     if cut and p.score is not None:
-        # The number that ends a cut-off answer may be the first digits of the judge's score ("1" of
-        # "10", "8" of "85": a tokenizer writes numbers digit by digit). Where one more digit would
-        # read as another score on the scale, the score is not known: none is given.
-        more = parse_score(answer + "0", lo, hi, levels=levels, key=key)
-        if more.score is not None and not more.clamped and more.score != p.score:
-            return ParsedScore(None, None, "the answer was cut off by max_new_tokens right after a number, "
-                                           "which may be the start of a longer score; raise max_new_tokens")
+        longer = _longer_score(answer, p, lo, hi, levels, key)
+        if longer is not None:
+            return ParsedScore(None, None, f"the answer was cut off by max_new_tokens right after a number, which may "
+                               f"be the start of a longer score ({p.score:g} read, but {longer}); raise max_new_tokens")
     return p
+
+
+def _longer_score(answer: str, p: ParsedScore, lo: float, hi: float, levels: Any, key: str | None) -> str | None:
+    """Where the number that ends a cut-off answer may be the start of another score, what it
+    could have read (a tokenizer writes numbers piece by piece: "1" of "10", "7" or "7." of "7.5"),
+    else None. One more digit counts where it reads as another score on the scale (not "70" of
+    "7" on 0..9); a decimal part, or a decimal's next digit, where the score read is that longer
+    number itself (not a denominator: "out of 10." is not cut from "out of 10.5")."""
+    m = _LAST_NUMBER.search(answer[-40:])
+    if m is None:
+        return None
+    number = m.group(0)
+    for more, own in ((("5", True),) if "." in number else (("0", False), (".5", True))):
+        longer = parse_score(answer + more, lo, hi, levels=levels, key=key)
+        if longer.score is None or longer.clamped or longer.score == p.score:
+            continue
+        if own and not math.isclose(longer.raw_value, float(number + more)):
+            continue
+        return f"its last number, {number}, may go on as {number}{more}, which reads {longer.score:g}"
+    return None
 
 
 def _clip(text: str, n: int = 200) -> str:
