@@ -119,6 +119,27 @@ def test_engine_answers_chat_items_beside_score_items(tiny_cache):
     assert together[6].error_kind == "input" and "'temperature' must be 0 (greedy) or at least 1e-05" in together[6].error
 
 
+def test_a_chat_prompt_and_answer_over_the_judges_context_fail_alone(short_context_judge):
+    # The rule of every prompt (preparation.prompt_length_problem): the prompt with its max_tokens
+    # within the judge's context (SHORT_CONTEXT); the request that fits is answered beside it.
+    from conftest import SHORT_CONTEXT
+    from src.models.reward.chat import CHAT_KEY
+
+    def chat(text: str, max_tokens: int) -> ScoreItem:
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return ScoreItem(images=[str(DEMO / ROWS[0]["image"])], id=f"{max_tokens}",
+                         metadata={CHAT_KEY: {"messages": msgs, "max_tokens": max_tokens}})
+
+    with build_reward_model({"class_path": "qwen_vl", "params": {
+            "model_name": short_context_judge, "batch_size": 4, "min_pixels": 12544, "max_pixels": 12544}}) as judge:
+        fits, budget_over, prompt_over = judge.score_items(
+            [chat("What colour?", 4), chat("What colour?", SHORT_CONTEXT), chat("What colour? " * 80, 4)])
+    assert fits.error is None and fits.raw["chat"]["choices"][0]["text"] is not None
+    for r in (budget_over, prompt_over):
+        assert r.error_kind == "prompt_too_long" and f"the judge's context of {SHORT_CONTEXT} tokens" in r.error, r.error
+    assert "lower max_new_tokens" in budget_over.error and "fewer tokens" in prompt_over.error
+
+
 # -- the official client against the service ----------------------------------------------
 
 def test_official_client_asks_the_judge_and_reads_logprobs(client, in_process):

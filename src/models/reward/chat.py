@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
+from .preparation import prompt_length_problem
 from .types import ScoreItem, ScoreResult, describe_image, item_name
 
 if TYPE_CHECKING:
@@ -203,12 +204,14 @@ def _generate(engine: "JudgeEngine", batch: list[tuple[int, dict[str, Any], str,
     inputs = engine.processor(text=[p for _, _, p, _ in batch], images=images or None, padding=True,
                               return_tensors="pt")
     lengths = inputs["attention_mask"].sum(dim=1).tolist()
-    limit = engine.settings.max_prompt_tokens
-    if limit is not None and max(lengths) > limit:
+    longest = int(max(lengths))
+    # The rule every prompt of the judge follows: max_prompt_tokens, then the judge's context with
+    # the answer budget (max_tokens) included.
+    why = prompt_length_problem(longest, spec["max_tokens"], engine.settings.max_prompt_tokens, engine._context)
+    if why:
         if len(batch) == 1:
-            raise _ChatError(f"the prompt is {int(lengths[0])} tokens, over max_prompt_tokens={limit}",
-                             "prompt_too_long")
-        raise RuntimeError("a prompt in the batch is over max_prompt_tokens")
+            raise _ChatError(why, "prompt_too_long")
+        raise RuntimeError("a prompt in the batch is too long")  # each is run again alone, and fails alone
     inputs = inputs.to(engine.device)
     n = spec["n"]
     sampling = spec["temperature"] > 0
