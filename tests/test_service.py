@@ -475,8 +475,11 @@ def test_a_request_whose_client_left_leaves_the_queue(service):
 
 def test_closing_the_remote_judge_during_a_call_in_another_thread(service):
     """close() from another thread while a call's request waits for the service: the call ends
-    with JudgeUnavailable, as every judge's does. It raised httpx's bare RuntimeError ('Cannot send
-    a request, as the client has been closed'), outside the judge's errors."""
+    with JudgeUnavailable, as every judge's does, at once, while the service still holds the
+    request. It raised httpx's bare RuntimeError ('Cannot send a request, as the client has been
+    closed'), outside the judge's errors; and close() closed the socket the request waited on, so
+    the request waited on for the service's answer (or, once a socket opened since took the closed
+    one's number, on that socket, up to timeout_s: the test failed 2 runs in 12)."""
     from src.models.reward.errors import JudgeUnavailable
     from src.service.server import create_app
 
@@ -487,12 +490,12 @@ def test_closing_the_remote_judge_during_a_call_in_another_thread(service):
         on_exit.callback(judge.release.set)  # a failed check must not leave the judge held
         client = RemoteRewardModel(srv.url, token_env=None, batch_size=1, backoff_s=0.01)
         caller, out = call_in_thread(client.score_items, items)
-        assert judge.first_call.wait(60)  # the first request is being scored
+        assert judge.first_call.wait(60)  # the first request is being scored, and held there
         client.close()
-        judge.release.set()
-        caller.join(60)
+        caller.join(60)  # the service holds the request for 120 s: only close() can end the call
         assert not caller.is_alive()
         assert isinstance(out["result"], JudgeUnavailable) and "closed" in str(out["result"]), repr(out["result"])
+        judge.release.set()
 
 
 def test_the_batcher_serves_on_after_every_waiting_request_was_cancelled(service):

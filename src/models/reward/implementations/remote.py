@@ -8,11 +8,15 @@ A benchmark or trainer switches between a local judge and a shared service by `c
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import threading
 import time
 import uuid
-from typing import Any, Sequence
+import weakref
+from typing import Any, Iterator, Sequence
 
 from ..base import BaseRewardModel
 from ..errors import JudgeConfigError, JudgeUnavailable
@@ -78,9 +82,16 @@ class RemoteRewardModel(BaseRewardModel):
         self.batch_size = batch_size
         self.send_paths = send_paths
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        transport = httpx.HTTPTransport()
+        # httpx builds its connection pool without a way to pass httpcore's network backend; this
+        # one keeps the connections' sockets, so that close() can wake a call waiting on one.
+        self._sockets = _Sockets()
+        transport._pool._network_backend = self._sockets
+        self._client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s, transport=transport)
         self._httpx = httpx
         self._closed = False
+        self._busy = 0  # requests in flight (close() must not free their sockets under them)
+        self._busy_lock = threading.Lock()
         if wait_ready_s > 0:
             self.wait_ready(wait_ready_s)
 
@@ -90,8 +101,27 @@ class RemoteRewardModel(BaseRewardModel):
         """One JSON request with retries (`body`: a JSON value, or JSON already encoded as bytes);
         returns the decoded answer. Raises RemoteServiceError with the service's own message for
         a 4xx, or after the last retry."""
-        if self._closed:
-            raise JudgeUnavailable("RemoteRewardModel is closed")
+        with self._in_flight():
+            return self._request(method, path, body)
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """Around each use of the HTTP client: refused once closed; the last request in flight
+        when close() came closes the client on its way out (close() only woke it)."""
+        with self._busy_lock:
+            if self._closed:
+                raise JudgeUnavailable("RemoteRewardModel is closed")
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+                last = self._closed and not self._busy
+            if last:
+                self._client.close()
+
+    def _request(self, method: str, path: str, body: Any) -> Any:
         httpx = self._httpx
         last = ""
         status: int | None = None
@@ -110,12 +140,10 @@ class RemoteRewardModel(BaseRewardModel):
                 else:
                     resp = self._client.request(method, path, json=body)
             except httpx.TransportError as e:  # refused, reset, timed out: the service may be restarting
+                if self._closed:  # or close() shut the connection down under this request
+                    raise JudgeUnavailable(_CLOSED_DURING_CALL) from None
                 last, status = f"{type(e).__name__}: {e}", None
                 continue
-            except RuntimeError:  # httpx's "the client has been closed", by close() meanwhile
-                if not self._closed:
-                    raise
-                raise JudgeUnavailable(_CLOSED_DURING_CALL) from None
             status = resp.status_code
             if status < 400:
                 try:
@@ -136,7 +164,8 @@ class RemoteRewardModel(BaseRewardModel):
     def health(self) -> dict[str, Any]:
         """The service's /health answer (ready or not), without retries."""
         try:
-            resp = self._client.get("/health", timeout=min(self.timeout_s, 10.0))
+            with self._in_flight():
+                resp = self._client.get("/health", timeout=min(self.timeout_s, 10.0))
         except self._httpx.TransportError as e:
             return {"status": "unreachable", "ready": False, "error": f"{type(e).__name__}: {e}"}
         try:
@@ -219,9 +248,65 @@ class RemoteRewardModel(BaseRewardModel):
         return self.health().get("quantization")
 
     def close(self) -> None:
-        if not self._closed:
+        """Close the client; a call in another thread ends with JudgeUnavailable. A request in
+        flight is woken by shutting its socket down, not by closing it: a closed socket's number
+        can be taken by the next socket the process opens, and the waiting request would then
+        wait on that one, up to timeout_s (its client is closed once it is out)."""
+        with self._busy_lock:
+            if self._closed:
+                return
             self._closed = True
+            busy = self._busy
+        if busy:
+            self._sockets.shut_down()
+        else:
             self._client.close()
+
+
+class _Sockets:
+    """httpcore's synchronous network backend, keeping (weakly) the sockets it opens, so that
+    close() can shut them down under a request waiting on one."""
+
+    def __init__(self) -> None:
+        import httpcore
+
+        self._backend = httpcore.SyncBackend()
+        self._socks: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._shut = False
+
+    def connect_tcp(self, *args: Any, **kwargs: Any) -> Any:
+        return self._keep(self._backend.connect_tcp(*args, **kwargs))
+
+    def connect_unix_socket(self, *args: Any, **kwargs: Any) -> Any:
+        return self._keep(self._backend.connect_unix_socket(*args, **kwargs))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+    def _keep(self, stream: Any) -> Any:
+        sock = stream.get_extra_info("socket")
+        with self._lock:
+            if sock is not None:
+                self._socks.add(sock)
+            shut = self._shut
+        if shut:  # opened by a request that was already under way when close() came
+            _shut_down(sock)
+        return stream
+
+    def shut_down(self) -> None:
+        with self._lock:
+            self._shut = True
+            socks = list(self._socks)
+        for sock in socks:
+            _shut_down(sock)
+
+
+def _shut_down(sock: Any) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # a recv waiting on it returns at once; the number stays taken
+    except OSError:  # already closed, or never connected
+        pass
 
 
 def _detail(resp: Any) -> str:
