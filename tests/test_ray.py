@@ -323,30 +323,40 @@ def test_close_stops_the_actors_and_the_ray_it_started(model):
 
 
 
+# Two small judges sharing one local Ray: one CPU actor each, the trained tiny judge, one demo image.
+SHARED = dict(num_actors=1, num_gpus_per_actor=0, num_cpus_per_actor=1, progress=False, log_to_driver=False,
+              model_name="tiny:judge", template="quality", min_pixels=12544, max_pixels=12544)
+DEMO_IMAGE = str(ROOT / "data" / "demo" / "images" / "00_edited.png")
+
+
 def test_two_judges_share_the_ray_one_of_them_started(tiny_cache):
     """Two RayRewardModel objects in one process (a quality judge and an edit judge): the second
     uses the Ray the first started; the first one closed leaves the second working, and the last
     one closed stops that Ray. Before, closing the first shut Ray down under the second, whose next
     call raised (and silently started another local Ray that nothing stopped)."""
     assert not ray.is_initialized()
-    params = dict(num_actors=1, num_gpus_per_actor=0, num_cpus_per_actor=1, progress=False, log_to_driver=False,
-                  model_name="tiny:judge", template="quality", min_pixels=12544, max_pixels=12544)
-    image = str(ROOT / "data" / "demo" / "images" / "00_edited.png")
     with pytest.raises(ConfigError, match="py_executable: /nonexistent/bin/python does not exist"):
         # on a Ray started here the env's python must exist here (else the actor waits start_timeout_s)
-        build_reward_model({"class_path": "ray", "params": {**params, "num_cpus": 2,
+        build_reward_model({"class_path": "ray", "params": {**SHARED, "num_cpus": 2,
                                                             "runtime_env": {"py_executable": "/nonexistent/bin/python"}}})
     assert not ray.is_initialized()
-    first = RayRewardModel(address=None, num_cpus=2, **params)
+    _the_second_judge_outlives_the_first(RayRewardModel, lambda first: first.close())
+
+
+def _the_second_judge_outlives_the_first(first_cls: type, close_first) -> RayRewardModel:
+    """Two judges (SHARED), the first of class `first_cls` starting a local Ray and the second
+    sharing it: after `close_first(first)` the second keeps that Ray and scores as the first did;
+    the last to close stops it, and no Ray process is left. Returns the first judge."""
+    first = first_cls(address=None, num_cpus=2, **SHARED)
     procs: dict[int, str] = {}
     try:
-        second = RayRewardModel(address=None, **params)
+        second = RayRewardModel(address=None, **SHARED)
         try:
-            [expected] = first.batch_score([image])
+            [expected] = first.batch_score([DEMO_IMAGE])
             procs = _descendants(os.getpid())
-            first.close()
-            assert ray.is_initialized(), "the second judge still uses this Ray"
-            [r] = second.batch_score([image])
+            close_first(first)
+            assert ray.is_initialized(), "closing the first judge shut down the Ray the second one uses"
+            [r] = second.batch_score([DEMO_IMAGE])
             assert r.error is None and r.score == pytest.approx(expected.score, abs=1e-5)
         finally:
             second.close()
@@ -354,6 +364,52 @@ def test_two_judges_share_the_ray_one_of_them_started(tiny_cache):
         first.close()
     assert not ray.is_initialized(), "the last judge to close stops the Ray they shared"
     _assert_gone(procs)
+    return first
+
+
+class _ClosersMeet(RayRewardModel):
+    """A judge whose close(), called from the threads named `closer-*`, lets each of them read
+    whether the judge is closed only once every one of them has: they all enter close() at the
+    same instant, deterministically (a Barrier in the real code path, no sleep)."""
+
+    closers = 3
+
+    def __init__(self, **kw):
+        self._meet = threading.Barrier(self.closers, timeout=60)
+        self._met: set[str] = set()
+        super().__init__(**kw)
+
+    @property
+    def _closed(self) -> bool:
+        value = self.__dict__["_closed_flag"]
+        name = threading.current_thread().name
+        if name.startswith("closer-") and name not in self._met:
+            self._met.add(name)
+            self._meet.wait()  # every closer has read the flag before any goes on
+        return value
+
+    @_closed.setter
+    def _closed(self, value: bool) -> None:
+        self.__dict__["_closed_flag"] = value
+
+
+def test_closing_one_judge_from_several_threads_at_once_leaves_the_other_judge_its_ray(tiny_cache):
+    """Three threads close the first of two judges sharing a Ray, all entering close() together:
+    the Ray's user count drops by one, not three, so the second judge keeps its Ray and scores; the
+    last close stops it. Before, every closer passed close()'s "already closed?" check before any
+    set it, each gave up the shared connection, and the count reached 0: ray.shutdown() under the
+    second judge."""
+    def close_from_every_closer(first: _ClosersMeet) -> None:
+        closers = [call_in_thread(first.close, name=f"closer-{k}") for k in range(_ClosersMeet.closers)]
+        for thread, out in closers:
+            thread.join(timeout=120)
+            assert not thread.is_alive() and "result" in out and out["result"] is None, out
+        assert first._met == {f"closer-{k}" for k in range(_ClosersMeet.closers)}, "every closer met the others"
+        assert [s.state for s in first.slots] == ["lost"]  # every close() returned with the actors killed
+        first.close()  # idempotent after the concurrent ones
+
+    assert not ray.is_initialized()
+    _the_second_judge_outlives_the_first(_ClosersMeet, close_from_every_closer)
 
 
 def test_close_from_another_thread_ends_the_call_in_flight_and_stops_ray(tiny_cache):

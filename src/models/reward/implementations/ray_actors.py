@@ -211,6 +211,11 @@ class RayRewardModel(BaseRewardModel):
         self.batch_timeout_s = batch_timeout_s
         self.start_timeout_s = start_timeout_s
         self.progress = progress
+        # close() from any number of threads at once: one of them closes (the first to claim it
+        # under _close_claim), the others return once it has (_close_done).
+        self._close_claim = threading.RLock()  # reentrant: see _lock
+        self._close_done = threading.Event()
+        self._closer: int | None = None  # the thread of the close() that does the closing
         self._closed = False
         self._owns_connection = False   # this object called ray.init: close() calls ray.shutdown()
         self._local_ray = False         # ... and that started a local Ray (fixed resources)
@@ -556,10 +561,25 @@ class RayRewardModel(BaseRewardModel):
         """Kill the actors; shut Ray down if this object started it. Idempotent.
 
         From another thread during a call: that call ends with JudgeUnavailable (its actors are
-        killed first, so it does not run to its end), and close() returns once it has."""
-        if self._closed:
-            return
-        self._closed = True  # a call in progress stops at its next wait
+        killed first, so it does not run to its end), and close() returns once it has. From several
+        threads at once: one closes, and the others return once it has (the shared Ray loses this
+        judge as a user once, not once per caller)."""
+        if not self._closed:  # (unlocked: the common case, a judge closed once, in one thread)
+            with self._close_claim:
+                first = not self._closed
+                if first:
+                    self._closer = threading.get_ident()  # before _closed: a signal handler may close() in this thread
+                    self._closed = True  # a call in progress stops at its next wait
+            if first:
+                try:
+                    self._close()
+                finally:
+                    self._close_done.set()
+                return
+        if self._closer != threading.get_ident():  # not a signal handler interrupting this thread's close()
+            self._close_done.wait()
+
+    def _close(self) -> None:
         ray = getattr(self, "_ray", None)
         if ray is not None and ray.is_initialized():
             for slot in self.slots:
@@ -567,6 +587,7 @@ class RayRewardModel(BaseRewardModel):
         with self._lock:  # the call in progress has left Ray: its slots and Ray itself are ours now
             last = False
             if self._owns_connection:
+                self._owns_connection = False  # given up once, however close() is re-entered
                 with _SHARED_LOCK:
                     _shared["users"] -= 1
                     last = _shared["users"] <= 0
