@@ -412,6 +412,83 @@ def test_closing_one_judge_from_several_threads_at_once_leaves_the_other_judge_i
     _the_second_judge_outlives_the_first(_ClosersMeet, close_from_every_closer)
 
 
+def _open_fds() -> dict[int, str]:
+    """This process's file descriptors: fd -> what it is (a path, 'socket:[inode]', 'pipe:[inode]', ...)."""
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return out
+
+
+def _tcp_ends() -> dict[str, tuple[int, str | None, bool]]:
+    """This process's TCP sockets, by 'socket:[inode]': (local port, peer 'host:port' or None, listening)."""
+    import socket
+
+    ends = {}
+    for fd, what in _open_fds().items():
+        if not what.startswith("socket:"):
+            continue
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        with sock:  # closes the copy only
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            try:
+                host, port = sock.getpeername()[:2]
+                peer = f"{host.removeprefix('::ffff:')}:{port}"
+            except OSError:
+                peer = None
+            listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+            ends[what] = (sock.getsockname()[1], peer, listening)
+    return ends
+
+
+def test_judges_created_and_closed_in_turn_leave_only_the_sockets_ray_itself_keeps(tiny_cache):
+    """A process that builds and closes Ray judges in turn, each starting a local Ray, keeps no file
+    descriptor of the judge's. Two TCP sockets per cycle do stay: Ray's own (ray 2.60), kept by its
+    C++ core after ray.shutdown() with no Python object left to close them (strace: the gRPC
+    channel of ray._raylet.GcsClient to that session's GCS, and a connection the driver's
+    core-worker gRPC server accepted from the actor); Ray does not reuse them. Each socket a cycle
+    adds must be one of those, named by what it was connected to while that Ray ran; every other
+    descriptor is as before the cycle (Ray's driver log moves to the new session's folder)."""
+    def outside_sockets(fds: dict[int, str]) -> list[str]:
+        return sorted(re.sub(r"/session_[^/]+/", "/session_*/", w) for w in fds.values() if not w.startswith("socket:"))
+
+    def cycle() -> tuple[str, dict[str, tuple[int, str | None, bool]]]:
+        assert not ray.is_initialized()
+        procs: dict[int, str] = {}
+        judge = RayRewardModel(address=None, num_cpus=1, **SHARED)
+        try:
+            procs = _descendants(os.getpid())
+            assert judge.batch_score([DEMO_IMAGE])[0].error is None
+            gcs, live = ray.get_runtime_context().gcs_address, _tcp_ends()
+        finally:
+            judge.close()
+        _assert_gone(procs)
+        return gcs, live
+
+    cycle()  # once per process: gRPC's and Ray's event loops, Ray's event log files
+    for k in range(3):
+        before = _open_fds()
+        gcs, live = cycle()
+        after = _open_fds()
+        assert outside_sockets(after) == outside_sockets(before), f"cycle {k}: a descriptor other than a socket changed"
+        added = sorted(w for w in set(after.values()) - set(before.values()) if w.startswith("socket:"))
+        servers = {port for port, peer, listening in live.values() if listening}  # the driver's gRPC server
+        to_gcs = [s for s in added if s in live and live[s][1] == gcs]
+        accepted = [s for s in added if s in live and not live[s][2] and live[s][0] in servers]
+        assert len(to_gcs) <= 1 and len(accepted) <= 1 and sorted(to_gcs + accepted) == added, (
+            f"cycle {k}: sockets other than Ray's GCS channel ({gcs}) and its server's accepted connection "
+            f"(ports {servers}): {[(s, live.get(s)) for s in added]}")
+        assert not any(s in after.values() for s, (_, _, listening) in live.items() if listening), \
+            "Ray's listening socket is closed"
+
+
 def test_close_from_another_thread_ends_the_call_in_flight_and_stops_ray(tiny_cache):
     """close() while another thread's call waits on an actor (one that never answers: it hangs on
     its item): the call ends at once with JudgeUnavailable, and close() returns after it, with the
