@@ -59,6 +59,51 @@ def short_context_judge(tiny_cache, tmp_path_factory) -> str:
     return str(path)
 
 
+def fp8_blocks(w, block: int):
+    """A weight in the FP8 checkpoint format (float8_e4m3fn, one inverse scale per block):
+    (the float8 weight, its inverse scales)."""
+    import torch
+
+    n, k = w.shape
+    blocks = w.float().reshape(n // block, block, k // block, block)
+    scale_inv = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (blocks / scale_inv[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).reshape(n, k)
+    return q, scale_inv
+
+
+@pytest.fixture(scope="session")
+def fp8_checkpoint(tiny_cache, tmp_path_factory) -> tuple[str, str]:
+    """The tiny judge written as FP8 releases are: its language layers' weights in float8 with
+    32x32 block scales, and config.json declaring quant_method fp8. (the plain folder, the FP8 one)"""
+    import json
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from src.models.tiny import resolve_model_name
+
+    src = Path(resolve_model_name("tiny:qwen2_5_vl"))
+    dst = tmp_path_factory.mktemp("fp8") / "tiny_fp8"
+    shutil.copytree(src, dst)
+    quantized = 0
+    for f in dst.glob("*.safetensors"):
+        out = {}
+        for k, v in load_file(f).items():
+            if re.fullmatch(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight", k):
+                out[k], out[k[:-len("weight")] + "weight_scale_inv"] = fp8_blocks(v, 32)
+                quantized += 1
+            else:
+                out[k] = v
+        save_file(out, f, metadata={"format": "pt"})
+    assert quantized
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": [32, 32], "modules_to_not_convert": ["model.visual", "lm_head"]}
+    (dst / "config.json").write_text(json.dumps(config))
+    return str(src), str(dst)
+
+
 def set_chunk_order(engine, order: str) -> None:
     """The public setting `chunk_order`, changed on a loaded judge's engine (read at each call)."""
     import dataclasses

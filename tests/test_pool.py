@@ -253,7 +253,7 @@ def test_an_idle_worker_that_dies_shows_in_health(two_workers, image_files, refe
     from src.service.server import _describe_model
 
     m = two_workers
-    assert m.pool.health() == {"workers": 2, "workers_alive": 2, "worker_deaths": []}
+    assert m.pool.health() == {"workers": 2, "workers_alive": 2, "worker_deaths": [], "quantization": "none"}
     pid = m.worker_pids()[1]
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 60
@@ -350,6 +350,85 @@ def test_pools_created_and_closed_in_turn_leave_nothing_behind(tiny_cache, image
     first = cycle()  # lazy, once-per-process things (imports, caches) are in place from here
     cycle()
     assert cycle() == first
+
+
+def test_workers_that_loaded_the_weights_differently_are_each_named_in_the_record(fp8_checkpoint, image_files,
+                                                                                tmp_path, capsys):
+    """Each worker reports how it loaded the weights: where all agree, the judge, summary.json and
+    /health carry that one report, as for one judge; where they differ, each worker's by device
+    (`quantization_by_worker`), `quantization` says `mixed: ...`, and the log warns once. Before,
+    only worker 0's report was kept, so a worker that loaded otherwise went unrecorded.
+
+    On the CPU no setting loads differently per worker (every CPU worker plans its load from the
+    same inputs; the GPU's compute capability and the FP8 kernel's download are what differ on
+    GPUs), so the two real reports come from the weights: the judge's folder is pointed at the FP8
+    checkpoint after both workers loaded the plain one, as when a checkpoint is replaced while a
+    service runs, and cpu#1, killed and restarted by the next call, loads and reports that."""
+    import httpx
+
+    from service_proc import ThreadServer
+    from src.job.runner import run_job
+    from src.models.reward.implementations.remote import RemoteRewardModel
+    from src.service.server import create_app
+
+    plain, fp8 = fp8_checkpoint
+    folder = tmp_path / "judge"
+    folder.symlink_to(plain, target_is_directory=True)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": str(i), "image": p}) + "\n" for i, p in enumerate(image_files[:3])))
+
+    def summary_and_health(m: MultiGPURewardModel, name: str) -> tuple[dict, dict]:
+        """A job's summary.json and the service's /health, with this judge."""
+        run_job({"job": {"manifest": str(manifest), "output_dir": str(tmp_path / name)}}, base=tmp_path,
+                progress=False, model=m)
+        with ThreadServer(create_app(m)) as srv:
+            health = httpx.get(srv.url + "/health", timeout=30).json()
+            with RemoteRewardModel(url=srv.url, token_env=None) as remote:  # a client of that service
+                assert remote.quantization_by_worker == health.get("quantization_by_worker")
+        return json.loads((tmp_path / name / "summary.json").read_text()), health
+
+    m = MultiGPURewardModel(device_ids=["cpu", "cpu"], progress=False, model_name=str(folder), template="quality")
+    pids = set(m.worker_pids())
+    try:
+        assert m.quantization == "none"
+        summary, health = summary_and_health(m, "agreed")
+        assert summary["quantization"] == health["quantization"] == "none"
+        assert "quantization_by_worker" not in summary and "quantization_by_worker" not in health
+        assert "loaded the weights differently" not in capsys.readouterr().err
+
+        swap = tmp_path / "swap"
+        swap.symlink_to(fp8, target_is_directory=True)
+        os.replace(swap, folder)
+        victim = m.worker_pids()[1]
+        os.kill(victim, signal.SIGKILL)
+        results = m.batch_score(image_files[:2])  # round robin: item 1 restarts cpu#1, which loads the folder again
+        pids.update(m.worker_pids())
+        assert [r.device for r in results] == ["cpu#0", "cpu#1"] and all(r.error is None for r in results)
+        assert m.worker_pids()[1] != victim
+
+        fp8_report = "pre-quantized checkpoint (fp8, as its config.json declares; transformers dequantizes it on the CPU)"
+        each = {"cpu#0": "none", "cpu#1": fp8_report}
+        mixed = f"mixed: cpu#0: none | cpu#1: {fp8_report}"
+        assert m.quantization == mixed
+        assert m.quantization_by_worker == each
+        summary, health = summary_and_health(m, "mixed")
+        assert summary["quantization"] == health["quantization"] == mixed
+        assert summary["quantization_by_worker"] == health["quantization_by_worker"] == each
+        err = capsys.readouterr().err
+        assert err.count("loaded the weights differently") == 1, err
+        assert ("[pool] warning: the workers loaded the weights differently, so their scores may differ: "
+                f"cpu#0: none | cpu#1: {fp8_report}") in err, err
+    finally:
+        m.close()
+    assert_no_orphans(sorted(pids))
+    # The same job again from its config, every row on disk: no judge is loaded (two workers loaded
+    # now would both report FP8), and the summary keeps the record of the run that scored them.
+    params = {"device_ids": ["cpu", "cpu"], "progress": False, "model_name": str(folder), "template": "quality"}
+    again = run_job({"model": {"class_path": "multi_gpu", "params": params},
+                     "job": {"manifest": str(manifest), "output_dir": str(tmp_path / "mixed")}}, base=tmp_path,
+                    progress=False)
+    assert again["resumed_from_disk"] == 3
+    assert again["quantization"] == mixed and again["quantization_by_worker"] == each
 
 
 def test_worker_killed_mid_batch_loses_no_item(tiny_cache, image_files, reference, monkeypatch):

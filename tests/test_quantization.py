@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, make_image
+from conftest import ROOT, fp8_blocks, make_image
 from src.models.reward import ConfigError, build_reward_model
 from src.models.reward.errors import JudgeConfigError, JudgeStartError
 from src.models.reward.implementations.local import QwenVLRewardModel
@@ -73,44 +72,6 @@ def test_fp8_on_the_cpu_is_a_clear_error(tiny_cache):
     with pytest.raises(QuantizationUnavailable, match=r"quantization: fp8 needs a CUDA GPU of compute capability 8.9 "
                                                       r"or more .*this judge runs on cpu"):
         QwenVLRewardModel(**JUDGE, quantization="fp8")
-
-
-def _fp8_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight in the FP8 checkpoint format (float8_e4m3fn, one inverse scale per block)."""
-    n, k = w.shape
-    blocks = w.float().reshape(n // block, block, k // block, block)
-    scale_inv = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
-    q = (blocks / scale_inv[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).reshape(n, k)
-    return q, scale_inv
-
-
-@pytest.fixture(scope="module")
-def fp8_checkpoint(tiny_cache, tmp_path_factory) -> tuple[str, str]:
-    """The tiny judge written as FP8 releases are: its language layers' weights in float8 with
-    32x32 block scales, and config.json declaring quant_method fp8."""
-    from safetensors.torch import load_file, save_file
-
-    from src.models.tiny import resolve_model_name
-
-    src = Path(resolve_model_name("tiny:qwen2_5_vl"))
-    dst = tmp_path_factory.mktemp("fp8") / "tiny_fp8"
-    shutil.copytree(src, dst)
-    quantized = 0
-    for f in dst.glob("*.safetensors"):
-        out = {}
-        for k, v in load_file(f).items():
-            if re.fullmatch(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight", k):
-                out[k], out[k[:-len("weight")] + "weight_scale_inv"] = _fp8_blocks(v, 32)
-                quantized += 1
-            else:
-                out[k] = v
-        save_file(out, f, metadata={"format": "pt"})
-    assert quantized
-    config = json.loads((dst / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                     "weight_block_size": [32, 32], "modules_to_not_convert": ["model.visual", "lm_head"]}
-    (dst / "config.json").write_text(json.dumps(config))
-    return str(src), str(dst)
 
 
 def test_a_pre_quantized_checkpoint_loads_as_declared_and_is_reported(fp8_checkpoint):
@@ -187,7 +148,7 @@ def test_the_torch_fp8_matmul_serves_transformers_fp8_layers():
     assert quantization._ensure_fp8_matmul() == "torch, weights dequantized per layer"
     torch.manual_seed(0)
     w = torch.randn(96, 64)
-    q, scale_inv = _fp8_blocks(w, 32)
+    q, scale_inv = fp8_blocks(w, 32)
     layer = FP8Linear(64, 96, block_size=(32, 32), has_bias=True)
     with torch.no_grad():
         layer.weight.copy_(q)

@@ -160,12 +160,23 @@ def settings_fingerprint(cls: type, params: dict[str, Any]) -> str | None:
         return None
 
 
+def _loaded_as(quantization: Any, by_worker: Any) -> dict[str, Any]:
+    """summary.json's record of how the judge loaded its weights: `quantization`, the judge's own
+    report (a pre-quantized checkpoint says so here), and `quantization_by_worker` (device ->
+    report) where a judge's workers loaded them differently."""
+    if not isinstance(quantization, str):
+        return {}
+    if isinstance(by_worker, dict) and by_worker:
+        return {"quantization": quantization, "quantization_by_worker": dict(by_worker)}
+    return {"quantization": quantization}
+
+
 def _finished_without_a_judge(checked: tuple[str, type, dict[str, Any]] | None, rows: list[ManifestRow],
-                              stream_path: Path, spec: JobSpec) -> tuple[str, str | None, dict] | None:
-    """(fingerprint, quantization, the stream's results) when every row of the manifest that can be
-    scored has its result on disk for the fingerprint this config's judge would report; else None
-    (the judge is loaded and the job runs as usual). quantization: what the last run's summary
-    recorded, if it was this fingerprint's."""
+                              stream_path: Path, spec: JobSpec) -> tuple[str, dict[str, Any], dict] | None:
+    """(fingerprint, how the weights were loaded, the stream's results) when every row of the
+    manifest that can be scored has its result on disk for the fingerprint this config's judge
+    would report; else None (the judge is loaded and the job runs as usual). How the weights were
+    loaded: what the last run's summary recorded (_loaded_as), if it was this fingerprint's."""
     if checked is None or not stream_path.exists():
         return None
     fp = settings_fingerprint(checked[1], checked[2])
@@ -178,8 +189,9 @@ def _finished_without_a_judge(checked: tuple[str, type, dict[str, Any]] | None, 
         last = json.loads((spec.output_dir / SUMMARY).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         last = {}
-    quantization = last.get("quantization") if isinstance(last, dict) and last.get("fingerprint") == fp else None
-    return fp, quantization if isinstance(quantization, str) else None, done
+    if not (isinstance(last, dict) and last.get("fingerprint") == fp):
+        return fp, {}, done
+    return fp, _loaded_as(last.get("quantization"), last.get("quantization_by_worker")), done
 
 
 class _NoJudge(BaseRewardModel):
@@ -510,10 +522,10 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
             stream_path.unlink()
         # Every row already on disk under the fingerprint the judge would report: nothing to score, so
         # no model is loaded (minutes for a large judge) just to find that out.
-        quantization = None
+        loaded: dict[str, Any] = {}  # how the judge loaded its weights (_loaded_as)
         finished = _finished_without_a_judge(checked, rows, stream_path, spec) if model is None else None
         if finished is not None:
-            model, (fp, quantization, done) = _NoJudge(), finished
+            model, (fp, loaded, done) = _NoJudge(), finished
         with _sigterm_as_interrupt():
             raise_lost_ctrl_c()  # (src/interrupts.py) before any worker starts
             own = model is None
@@ -529,7 +541,6 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
             try:
                 if finished is None:
                     fp = model_fingerprint(model, model_spec or {})
-                    quantization = getattr(model, "quantization", None)  # the judge's own report, read while it is open
                     done, elsewhere = read_stream(stream_path, fp)
                 _repair_tail(stream_path)
                 budget_counts = _budget_counts(model, checked)
@@ -561,6 +572,9 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                 finally:
                     if bar is not None:
                         bar.close()
+                if finished is None:  # the judge's own report, read while it is open, after the workers it restarted
+                    loaded = _loaded_as(getattr(model, "quantization", None),
+                                        getattr(model, "quantization_by_worker", None))
             finally:
                 if own:
                     model.close()
@@ -578,8 +592,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                             skipped=len(rows) - len(todo) - sum(r.item is None for r in rows),
                             sub_score_names=_declared_sub_scores(model, checked))
         summary["latency_s_per_item"] = stats(latencies)
-        if isinstance(quantization, str):  # the judge's own report (a pre-quantized checkpoint says so here)
-            summary["quantization"] = quantization
+        summary.update(loaded)
         summary = _strict_summary(summary)
         write_outputs(spec.output_dir, final, summary)
         if spec.report:

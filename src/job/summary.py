@@ -13,7 +13,7 @@ SUMMARY = "summary.json"
 # runner's additions): a sub-score of one of these names would overwrite them, so a job refuses it.
 RESERVED = frozenset({"items", "scored", "failed", "score", "sub_score_names", "categories", "failures_by_kind",
                       "failures", "resumed_from_disk", "fingerprint", "model", "elapsed_s", "latency_s_per_item",
-                      "quantization"})
+                      "quantization", "quantization_by_worker"})
 
 
 # The normal distribution's two-sided 95% quantile: ci95 is mean +- Z95 * stderr.

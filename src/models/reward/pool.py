@@ -22,7 +22,8 @@ Actors:
 - wait_ready_all: the start of several workers at once; the first failure raises, whatever its slot.
 - Scheduler (scheduler.py, shared with the Ray host): the work of one call under one lock.
 - WorkerPool: starts all workers at once, runs calls, restarts dead workers (bounded), closes; its
-  watcher thread notices a worker that dies between calls (health()).
+  watcher thread notices a worker that dies between calls (health()); it records how each worker
+  loaded the weights, and warns where they differ (quantization_record()).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ from typing import Any, Callable, Iterator, Sequence
 from . import messages as msg
 from .errors import JudgeConfigError, JudgeStartError, JudgeUnavailable
 from .image_memo import convert_once
+from .quantization import across_workers
 from .scheduler import Restarts, Scheduler, stderr_log, unsendable, wire_item
 from .types import ScoreItem, ScoreResult, describe_image, item_name, load_pil
 
@@ -482,6 +484,7 @@ class WorkerPool:
         self._executor = concurrent.futures.ThreadPoolExecutor(len(self.specs), thread_name_prefix="reward-worker")
         # Deaths between calls, as the watcher saw them (newest last): health() reports them.
         self.idle_deaths: collections.deque[str] = collections.deque(maxlen=20)
+        self._mixed_said: str | None = None  # the last mix of quantizations the log warned of
         self._wake_r, self._wake_w = os.pipe()  # wakes the watcher: a worker replaced, the pool closing
         self._watcher = threading.Thread(target=self._watch, name="reward-pool-watch", daemon=True)
         _LIVE_POOLS.add(self)
@@ -507,15 +510,32 @@ class WorkerPool:
             wait_ready_all(handles, self.start_timeout_s)
         except (WorkerDied, WorkerTimeout) as e:
             raise WorkerStartError(str(e)) from None  # close() stops the rest
+        self._warn_if_mixed()
         self._watcher.start()
 
     def pids(self) -> list[int | None]:
         return [w.pid if w else None for w in self.workers]
 
     def health(self) -> dict[str, Any]:
-        """The workers now: how many, how many alive, and the deaths seen between calls."""
+        """The workers now: how many, how many alive, the deaths seen between calls, and how they
+        loaded the weights (quantization_record)."""
         alive = sum(1 for w in self.workers if w is not None and w.alive())
-        return {"workers": len(self.workers), "workers_alive": alive, "worker_deaths": list(self.idle_deaths)}
+        return {"workers": len(self.workers), "workers_alive": alive, "worker_deaths": list(self.idle_deaths),
+                **self.quantization_record()}
+
+    def quantization_record(self) -> dict[str, Any]:
+        """How the workers loaded the weights, each as its Ready said (a restarted worker as it
+        loaded them again): one report where they agree, each worker's where they differ
+        (quantization.across_workers)."""
+        return across_workers({w.label: w.quantization for w in list(self.workers) if w is not None and w.ready})
+
+    def _warn_if_mixed(self) -> None:
+        """Say in the log, once per mix, that the workers loaded the weights differently."""
+        mixed = self.quantization_record()
+        if "quantization_by_worker" in mixed and mixed["quantization"] != self._mixed_said:
+            self._mixed_said = mixed["quantization"]
+            self.log(f"[pool] warning: the workers loaded the weights differently, so their scores may differ: "
+                     f"{mixed['quantization'].removeprefix('mixed: ')}")
 
     def _wake(self) -> None:
         try:
@@ -675,6 +695,7 @@ class WorkerPool:
             self.workers[slot] = h
             h.launch()
         h.wait_ready(self.start_timeout_s)
+        self._warn_if_mixed()  # the new worker may have loaded the weights otherwise
         self._wake()  # the watcher watches the new worker
         return h
 

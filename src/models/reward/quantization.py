@@ -37,6 +37,20 @@ class QuantizationUnavailable(JudgeStartError):
     """The quantization asked for cannot run here (a missing package, an unsuited device)."""
 
 
+def across_workers(reports: dict[str, str | None]) -> dict[str, Any]:
+    """How a judge's workers loaded the weights, from each worker's own report (by device label):
+    {"quantization": the report} where they agree, as for one judge; where they differ (the same
+    settings fall back differently per device: an FP8 checkpoint dequantized on a GPU below compute
+    capability 8.9 but not on a newer one, the torch FP8 matmul where one worker could not fetch
+    transformers' kernel), {"quantization": "mixed: DEVICE: REPORT | ...", "quantization_by_worker":
+    {device: report}}. A worker with no report yet (loading) is left out."""
+    known = {device: q for device, q in reports.items() if q is not None}
+    if len(set(known.values())) <= 1:
+        return {"quantization": next(iter(known.values()), None)}
+    return {"quantization": "mixed: " + " | ".join(f"{device}: {q}" for device, q in known.items()),
+            "quantization_by_worker": known}
+
+
 def missing_package(package: str, why: str) -> QuantizationUnavailable:
     py = sys.executable
     return QuantizationUnavailable(

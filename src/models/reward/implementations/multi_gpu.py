@@ -77,8 +77,14 @@ class MultiGPURewardModel(BaseRewardModel):
 
     @property
     def quantization(self) -> str | None:
-        """How the workers loaded the weights (`none`, `fp8 (...)`, a pre-quantized checkpoint's method)."""
-        return self.pool.workers[0].quantization if self.pool.workers and self.pool.workers[0] else None
+        """How the workers loaded the weights (`none`, `fp8 (...)`, a pre-quantized checkpoint's
+        method), as each reported it; where they differ, `mixed: ` and each worker's."""
+        return self.pool.quantization_record()["quantization"]
+
+    @property
+    def quantization_by_worker(self) -> dict[str, str] | None:
+        """Where the workers loaded the weights differently, each one's report by device; else None."""
+        return self.pool.quantization_record().get("quantization_by_worker")
 
     def worker_pids(self) -> list[int | None]:
         return self.pool.pids()

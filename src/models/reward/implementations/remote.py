@@ -247,6 +247,11 @@ class RemoteRewardModel(BaseRewardModel):
         """How the served judge loaded its weights, as the service's /health reports it."""
         return self.health().get("quantization")
 
+    @property
+    def quantization_by_worker(self) -> dict[str, str] | None:
+        """Where the served judge's workers loaded the weights differently, each one's (its /health)."""
+        return self.health().get("quantization_by_worker")
+
     def close(self) -> None:
         """Close the client; a call in another thread ends with JudgeUnavailable. A request in
         flight is woken by shutting its socket down, not by closing it: a closed socket's number
