@@ -426,3 +426,44 @@ def test_readme_report_commands_run_as_written(tmp_path, capsys):
                     for c in lines if "--compare" in c)
     page = compared.read_text()
     assert "Spearman" in page and "Compared with" in page, compared
+
+
+def test_readme_served_judge_examples_run_against_the_readme_service(tiny_cache, tmp_path, capsys):
+    """'Served judges': the service started by the README's line (on a free port), then, as written,
+    the OpenAI client snippet ('The service speaks OpenAI's protocol too'), the demo through the
+    endpoint (configs/openai.yaml) and the load test the service section names."""
+    from src.cli import main
+
+    serve, job = _command_lines(_blocks(_section("Served judges: vLLM, SGLang, hosted APIs"), "bash")[0])
+    serve = serve.split("&")[0]  # the shell's background marker and the comment after it
+    assert serve.startswith(".venv/bin/python main.py serve --config configs/server.yaml "), serve
+    overrides = [w for k, w in enumerate(shlex.split(serve)) if k and shlex.split(serve)[k - 1] == "--set"]
+    assert "model.params.model_name=tiny:judge" in overrides, serve
+    svc = ServiceProcess(overrides).start()
+    try:
+        port = svc.url.rsplit(":", 1)[1]
+        snippet = _blocks(_section("Reward service and RL hooks"), "python")[0]
+        assert "http://127.0.0.1:8899/v1" in snippet, snippet
+        run = subprocess.run([sys.executable, "-c", snippet.replace("127.0.0.1:8899", f"127.0.0.1:{port}")],
+                             cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-3000:]
+        token, logprobs = run.stdout.strip().split(" ", 1)
+        assert token in "0123456789" and len(eval(logprobs)) == 10, run.stdout  # the first answer token, its top 10
+
+        argv = _readme_cli(job.split("#")[0], tmp_path)
+        assert argv == ["--config", "configs/openai.yaml"], job
+        argv += ["--set", f"model.params.base_url=http://127.0.0.1:{port}/v1", "--set",
+                 f"job.output_dir={tmp_path / 'demo_openai'}", "--no-progress"]
+        assert main(argv, prog="main.py", base=ROOT) == 0, capsys.readouterr().err[-3000:]
+        brief = json.loads(capsys.readouterr().out)
+        assert brief["items"] == brief["scored"] == 11, brief
+
+        load = re.search(r"`(\.venv/bin/python scripts/load_test\.py [^`]*)`", _section("Reward service and RL hooks"))
+        assert load and "--url http://127.0.0.1:8899 " in load.group(1), "the README's load test is gone"
+        argv = shlex.split(load.group(1).replace("127.0.0.1:8899", f"127.0.0.1:{port}"))[1:]
+        run = subprocess.run([sys.executable, *argv], cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0 and "lost 0, answered twice 0, problems 0" in run.stdout, run.stdout + run.stderr
+    finally:
+        rc = svc.stop()
+    assert rc == 0, svc.log()
