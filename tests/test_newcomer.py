@@ -477,3 +477,14 @@ def test_every_import_the_readme_shows_runs():
     for line in shown:
         run = subprocess.run([sys.executable, "-c", line], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, f"{line}\n{run.stderr[-2000:]}"
+
+
+def test_the_readme_lists_every_judge_setting():
+    """The README's paragraph of judge settings names each field of JudgeSettings,
+    so a setting a config accepts is not missing from the README's list."""
+    from src.models.reward.settings import JudgeSettings
+
+    start = README.index("Judge settings (the same for `qwen_vl`")
+    listed = set(re.findall(r"`(\w+)`", README[start:README.index("\n\n", start)]))
+    missing = [name for name in JudgeSettings.names() if name not in listed]
+    assert not missing, f"the README's list of judge settings lacks {missing}"
