@@ -488,3 +488,11 @@ def test_the_readme_lists_every_judge_setting():
     listed = set(re.findall(r"`(\w+)`", README[start:README.index("\n\n", start)]))
     missing = [name for name in JudgeSettings.names() if name not in listed]
     assert not missing, f"the README's list of judge settings lacks {missing}"
+
+
+def test_the_readme_names_every_job_key():
+    """A job config's keys (unknown ones are errors) are each named in the README's 'A config'."""
+    from src.job.runner import JOB_KEYS
+
+    missing = [key for key in JOB_KEYS if f"`{key}`" not in _section("A config") and f"{key}:" not in _section("A config")]
+    assert not missing, f"the README's 'A config' does not name the job keys {missing}"
