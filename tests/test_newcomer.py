@@ -496,3 +496,24 @@ def test_the_readme_names_every_job_key():
 
     missing = [key for key in JOB_KEYS if f"`{key}`" not in _section("A config") and f"{key}:" not in _section("A config")]
     assert not missing, f"the README's 'A config' does not name the job keys {missing}"
+
+
+def test_every_readme_config_passes_the_config_checks():
+    """Each YAML block of the README that holds a `model` passes the checks a job makes before it
+    builds anything (classes, parameters, template), and its `job`, if any, those of a job; none is
+    built here (they name GPUs, clusters and checkpoints)."""
+    import yaml
+
+    from src.job.runner import JobSpec, check_top_level
+    from src.models.reward.config import ConfigError, resolve_spec
+
+    configs = [yaml.safe_load(b) for b in _blocks(README, "yaml") if b.startswith("model:")]
+    assert len(configs) >= 4, configs
+    for cfg in configs:
+        try:
+            resolve_spec(cfg["model"])
+            if "job" in cfg:
+                check_top_level(cfg)
+                JobSpec.from_config(cfg, ROOT)
+        except ConfigError as e:
+            pytest.fail(f"the README's config for {cfg['model'].get('class_path')!r}: {e}")
