@@ -8,6 +8,7 @@ network), never into the shared .venv, so it checks pyproject.toml itself wherev
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -168,32 +169,56 @@ def test_readme_config_error_examples_print_what_the_cli_prints(tmp_path, capsys
         assert not out.exists(), f"{command}: the job started before the error"
 
 
-def test_readme_curl_example_against_the_shipped_server_config(tiny_cache):
+def _served_lines() -> list[str]:
+    """'Served judges': the line that starts the service (its trailing `&` and comment dropped) and
+    the job through the endpoint."""
+    serve, job = _command_lines(_blocks(_section("Served judges: vLLM, SGLang, hosted APIs"), "bash")[0])
+    return [serve.split("&")[0].strip(), job.split("#")[0].strip()]
+
+
+@pytest.fixture(scope="module")
+def readme_service(tiny_cache):
+    """The README's reward service, `main.py serve --config configs/server.yaml`, on a free loopback
+    port (server.port=0). 'Served judges' starts it with --set overrides that repeat the config's own
+    values, so that one service is the one both sections run against; it must stop cleanly."""
+    import yaml
+
+    words = shlex.split(_served_lines()[0])
+    assert words[:5] == [".venv/bin/python", "main.py", "serve", "--config", "configs/server.yaml"], words
+    config = yaml.safe_load((ROOT / "configs" / "server.yaml").read_text())
+    for key, value in (w.split("=", 1) for k, w in enumerate(words) if words[k - 1] == "--set"):
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        assert node == yaml.safe_load(value), f"'Served judges' serves another judge than configs/server.yaml: {key}"
+    svc = ServiceProcess([]).start()
+    yield svc
+    rc = svc.stop()
+    assert rc == 0, svc.log()
+
+
+def test_readme_curl_example_against_the_shipped_server_config(readme_service):
+    """The 'Reward service' section's curl requests, then its load-test command, as written."""
     block = _blocks(_section("Reward service and RL hooks"), "bash")[0]
     lines = _command_lines(block)
     assert lines[0] == ".venv/bin/python main.py serve --config configs/server.yaml", lines[0]
-    svc = ServiceProcess([]).start()  # that command on a free loopback port (server.port=0)
-    try:
-        port = svc.url.rsplit(":", 1)[1]
-        answers = []
-        for line in lines[1:]:
-            assert line.startswith("curl ") and "http://127.0.0.1:8899/" in line, line
-            line = line.replace("127.0.0.1:8899", f"127.0.0.1:{port}")
-            if shutil.which("curl"):
-                run = subprocess.run(["bash", "-c", line], cwd=ROOT, capture_output=True, text=True, timeout=120)
-                assert run.returncode == 0, run.stderr
-                answers.append(json.loads(run.stdout))
-            else:  # the same request through an HTTP client
-                import httpx
+    port = readme_service.url.rsplit(":", 1)[1]
+    answers = []
+    for line in lines[1:]:
+        assert line.startswith("curl ") and "http://127.0.0.1:8899/" in line, line
+        line = line.replace("127.0.0.1:8899", f"127.0.0.1:{port}")
+        if shutil.which("curl"):
+            run = subprocess.run(["bash", "-c", line], cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert run.returncode == 0, run.stderr
+            answers.append(json.loads(run.stdout))
+        else:  # the same request through an HTTP client
+            import httpx
 
-                url = re.search(r"(http://\S+)", line).group(1)
-                body = re.search(r"-d '(.*)'", line)
-                resp = (httpx.post(url, content=body.group(1), headers={"Content-Type": "application/json"}, timeout=120)
-                        if body else httpx.get(url, timeout=30))
-                answers.append(resp.json())
-    finally:
-        rc = svc.stop()
-    assert rc == 0, svc.log()
+            url = re.search(r"(http://\S+)", line).group(1)
+            body = re.search(r"-d '(.*)'", line)
+            resp = (httpx.post(url, content=body.group(1), headers={"Content-Type": "application/json"}, timeout=120)
+                    if body else httpx.get(url, timeout=30))
+            answers.append(resp.json())
     health, scored = answers
     assert health["ready"] is True
     results = {r["id"]: r for r in scored["results"]}
@@ -203,6 +228,45 @@ def test_readme_curl_example_against_the_shipped_server_config(tiny_cache):
     for key, value in said.items():
         assert abs(results[key]["score"] - float(value)) < 0.5, (key, results[key]["score"], value)
     assert set(said) == {"clean", "noisy"}, said
+
+    load = re.search(r"`(\.venv/bin/python scripts/load_test\.py [^`]*)`", _section("Reward service and RL hooks"))
+    assert load and "--url http://127.0.0.1:8899 " in load.group(1), "the README's load test is gone"
+    argv = shlex.split(load.group(1).replace("127.0.0.1:8899", f"127.0.0.1:{port}"))[1:]
+    run = subprocess.run([sys.executable, *argv], cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and "lost 0, answered twice 0, problems 0" in run.stdout, run.stdout + run.stderr
+
+
+def _readme_cli(line: str, outputs: Path) -> list[str]:
+    """A README command line `.venv/bin/python main.py ...` as arguments of src.cli.main, with the
+    `outputs/` folder it names moved to `outputs` (a folder of the test)."""
+    argv = shlex.split(line.replace("outputs/", f"{outputs}/"))
+    assert argv[:2] == [".venv/bin/python", "main.py"], line
+    return argv[2:]
+
+
+def test_readme_served_judge_examples_run_against_the_readme_service(readme_service, tmp_path, capsys):
+    """'Served judges' against the service its line starts: as written, the OpenAI client snippet
+    ('The service speaks OpenAI's protocol too') and the demo through the endpoint
+    (configs/openai.yaml)."""
+    from src.cli import main
+
+    port = readme_service.url.rsplit(":", 1)[1]
+    snippet = _blocks(_section("Reward service and RL hooks"), "python")[0]
+    assert "http://127.0.0.1:8899/v1" in snippet, snippet
+    run = subprocess.run([sys.executable, "-c", snippet.replace("127.0.0.1:8899", f"127.0.0.1:{port}")],
+                         cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    token, logprobs = run.stdout.strip().split(" ", 1)
+    assert token in "0123456789" and len(ast.literal_eval(logprobs)) == 10, run.stdout  # the first answer token, its top 10
+
+    argv = _readme_cli(_served_lines()[1], tmp_path)
+    assert argv == ["--config", "configs/openai.yaml"], argv
+    argv += ["--set", f"model.params.base_url=http://127.0.0.1:{port}/v1", "--set",
+             f"job.output_dir={tmp_path / 'demo_openai'}", "--no-progress"]
+    assert main(argv, prog="main.py", base=ROOT) == 0, capsys.readouterr().err[-3000:]
+    brief = json.loads(capsys.readouterr().out)
+    assert brief["items"] == brief["scored"] == 11, brief
 
 
 def test_workers_of_a_plain_install_get_the_code_without_its_site_packages(tmp_path):
@@ -397,14 +461,6 @@ def test_setup_run_from_another_folder_prints_a_next_command_that_runs_there(tmp
     assert same.stdout.splitlines()[-1].startswith("[setup_env] ready: .venv/bin/python main.py "), same.stdout
 
 
-def _readme_cli(line: str, outputs: Path) -> list[str]:
-    """A README command line `.venv/bin/python main.py ...` as arguments of src.cli.main, with the
-    `outputs/` folder it names moved to `outputs` (a folder of the test)."""
-    argv = shlex.split(line.replace("outputs/", f"{outputs}/"))
-    assert argv[:2] == [".venv/bin/python", "main.py"], line
-    return argv[2:]
-
-
 def test_readme_report_commands_run_as_written(tmp_path, capsys):
     """The Report section's commands in order, after the demo job (the README's first command): the
     demo's report, the two runs that --compare reads, and the comparison. Each exits 0 and writes
@@ -426,47 +482,6 @@ def test_readme_report_commands_run_as_written(tmp_path, capsys):
                     for c in lines if "--compare" in c)
     page = compared.read_text()
     assert "Spearman" in page and "Compared with" in page, compared
-
-
-def test_readme_served_judge_examples_run_against_the_readme_service(tiny_cache, tmp_path, capsys):
-    """'Served judges': the service started by the README's line (on a free port), then, as written,
-    the OpenAI client snippet ('The service speaks OpenAI's protocol too'), the demo through the
-    endpoint (configs/openai.yaml) and the load test the service section names."""
-    from src.cli import main
-
-    serve, job = _command_lines(_blocks(_section("Served judges: vLLM, SGLang, hosted APIs"), "bash")[0])
-    serve = serve.split("&")[0]  # the shell's background marker and the comment after it
-    assert serve.startswith(".venv/bin/python main.py serve --config configs/server.yaml "), serve
-    overrides = [w for k, w in enumerate(shlex.split(serve)) if k and shlex.split(serve)[k - 1] == "--set"]
-    assert "model.params.model_name=tiny:judge" in overrides, serve
-    svc = ServiceProcess(overrides).start()
-    try:
-        port = svc.url.rsplit(":", 1)[1]
-        snippet = _blocks(_section("Reward service and RL hooks"), "python")[0]
-        assert "http://127.0.0.1:8899/v1" in snippet, snippet
-        run = subprocess.run([sys.executable, "-c", snippet.replace("127.0.0.1:8899", f"127.0.0.1:{port}")],
-                             cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0, run.stderr[-3000:]
-        token, logprobs = run.stdout.strip().split(" ", 1)
-        assert token in "0123456789" and len(eval(logprobs)) == 10, run.stdout  # the first answer token, its top 10
-
-        argv = _readme_cli(job.split("#")[0], tmp_path)
-        assert argv == ["--config", "configs/openai.yaml"], job
-        argv += ["--set", f"model.params.base_url=http://127.0.0.1:{port}/v1", "--set",
-                 f"job.output_dir={tmp_path / 'demo_openai'}", "--no-progress"]
-        assert main(argv, prog="main.py", base=ROOT) == 0, capsys.readouterr().err[-3000:]
-        brief = json.loads(capsys.readouterr().out)
-        assert brief["items"] == brief["scored"] == 11, brief
-
-        load = re.search(r"`(\.venv/bin/python scripts/load_test\.py [^`]*)`", _section("Reward service and RL hooks"))
-        assert load and "--url http://127.0.0.1:8899 " in load.group(1), "the README's load test is gone"
-        argv = shlex.split(load.group(1).replace("127.0.0.1:8899", f"127.0.0.1:{port}"))[1:]
-        run = subprocess.run([sys.executable, *argv], cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
-                             timeout=300)
-        assert run.returncode == 0 and "lost 0, answered twice 0, problems 0" in run.stdout, run.stdout + run.stderr
-    finally:
-        rc = svc.stop()
-    assert rc == 0, svc.log()
 
 
 def test_every_import_the_readme_shows_runs():
