@@ -805,6 +805,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl_moe"
         a.device, a.new, a.width, a.height = "cpu", 4, 224, 168
+    stages = {"memory": stage_memory, "kernels": stage_kernels, "parts": stage_parts, "gaps": stage_gaps,
+              "timeline": stage_timeline, **{k: stage_switched(k) for k in SWITCHED}}
+    asked = runs.stage_names(ap, a.stages, stages)
     a.n = a.n or (2 if a.smoke else 32)
     a.bs = a.bs or (2 if a.smoke else 32)
     import torch
@@ -813,9 +816,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"meta": runs.meta("profile_gpu.py", argv, a, judge=a.judge)}
     with runs.checkpoint(report, a, "profile-gpu-") as model_dir:
         images = make_images(None, max(a.n, a.bs), a.width, a.height)
-        for stage in a.stages.split(","):
-            fn = {"memory": stage_memory, "kernels": stage_kernels, "parts": stage_parts,
-                  "gaps": stage_gaps, "timeline": stage_timeline, **{k: stage_switched(k) for k in SWITCHED}}[stage]
+        for stage in asked:
+            fn = stages[stage]
             for mode in a.modes.split(","):
                 try:
                     report[f"{stage}_{mode}"] = fn(model_dir, a, images, mode)

@@ -475,14 +475,15 @@ def main(argv: list[str] | None = None) -> int:
         a.device, a.n, a.bs, a.width, a.height, a.len_min, a.len_max, a.fixed_len = "cpu", 6, 2, 224, 168, 2, 8, 4
         a.models = 2  # 3 sources x 2 edits: grouped, a chunk of two is one source's edits
         a.reps = 1
+    stages = {"edit": stage_edit, "shared": stage_shared, "lengths": stage_lengths, "fixed": stage_fixed,
+              "staging": stage_staging, "sizes": stage_sizes}
+    asked = runs.stage_names(ap, a.stages, stages)
     cuda = a.device.startswith("cuda")
     report: dict[str, Any] = {"meta": runs.meta("reuse_gpu.py", argv, a, min_join=a.min_join, stage=a.stage,
                                                 judge=runs.judge_settings(a))}
     with runs.checkpoint(report, a, "reuse-gpu-") as model_dir:
-        for stage in a.stages.split(","):
-            fn = {"edit": stage_edit, "shared": stage_shared, "lengths": stage_lengths, "fixed": stage_fixed,
-                  "staging": stage_staging, "sizes": stage_sizes}[stage]
-            report[stage] = fn(model_dir, a, cuda)
+        for stage in asked:
+            report[stage] = stages[stage](model_dir, a, cuda)
             runs.save(report, a)
             print(json.dumps({stage: report[stage]}), flush=True)
     runs.save(report, a, markdown(report))

@@ -68,6 +68,16 @@ def judge_settings(a: Any) -> dict[str, Any]:
     return parse_kv(a.judge)
 
 
+def stage_names(ap: Any, given: str, known: Any) -> list[str]:
+    """The --stages a run asked for, each one of `known`: a misspelt name stops the run with the
+    known ones before any checkpoint is built (minutes on a GPU), not after."""
+    names = [s for s in given.split(",") if s]
+    unknown = [s for s in names if s not in known]
+    if unknown or not names:
+        ap.error(f"--stages: unknown {', '.join(map(repr, unknown)) or 'nothing given'}; known: {', '.join(known)}")
+    return names
+
+
 def add_output_arguments(ap: Any, name: str, smoke: str) -> None:
     """--device (default cuda:0), --out (default benchmarks/results), --name (the output files'
     stem, default `name`) and --smoke (`smoke`: what the CI run does instead)."""

@@ -446,3 +446,19 @@ def test_timeline_links_gpu_work_and_host_syncs_to_the_op_that_made_them(tmp_pat
                                                  "outside_span_ms": 7.5, "host_waits": waits, **gpu_gaps(gpu, ops)}})
     assert "Outside the GPU's span (host work before its first and after its last activity): 7.5 ms." in md
     assert "| `cudaMemcpyAsync` | `aten::item` | `?` | 2 | 0.05 |" in md
+
+
+@pytest.mark.parametrize("script, stages", [("reuse_gpu", "edit,lenghts"), ("profile_gpu", "timline")])
+def test_a_misspelt_stage_stops_a_benchmark_before_it_builds_a_checkpoint(script, stages, tmp_path, capsys, monkeypatch):
+    # On a GPU the checkpoint takes a minute or more to build; a typo in --stages was found after it.
+    import importlib
+
+    from benchmarks import runs
+
+    module = importlib.import_module(f"benchmarks.{script}")
+    built = []
+    monkeypatch.setattr(runs, "checkpoint", lambda *args, **kwargs: built.append(args) or pytest.fail("built"))
+    with pytest.raises(SystemExit) as e:
+        module.main(["--smoke", "--stages", stages, "--out", str(tmp_path)])
+    assert e.value.code == 2 and not built and not list(tmp_path.iterdir())
+    assert f"--stages: unknown '{stages.split(',')[-1]}'; known:" in capsys.readouterr().err

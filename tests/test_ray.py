@@ -180,6 +180,41 @@ def test_an_actor_killed_mid_call_loses_no_item(model, reference, image_files, c
     assert "died while scoring" in err and "replacing actor0" in err, err
 
 
+def test_actors_that_loaded_the_weights_differently_are_each_named(model, fp8_checkpoint, image_files, tmp_path):
+    """As for multi_gpu (test_pool): each actor's report, `mixed: ...` where they differ. Before,
+    the first actor's report stood for all. A second judge on the Ray the module's judge started;
+    its folder is pointed at the FP8 checkpoint after both actors loaded the plain one, and the
+    actor killed meanwhile loads that when the next call replaces it."""
+    plain, fp8 = fp8_checkpoint
+    folder = tmp_path / "judge"
+    folder.symlink_to(plain, target_is_directory=True)
+    judge = RayRewardModel(address=None, log_to_driver=False, num_actors=2, num_gpus_per_actor=0,
+                           num_cpus_per_actor=0.5, micro_batch=1, max_restarts=1, progress=False,
+                           model_name=str(folder), template="quality", batch_size=2)
+    try:
+        assert judge.quantization == "none" and judge.quantization_by_worker is None
+        swap = tmp_path / "swap"
+        swap.symlink_to(fp8, target_is_directory=True)
+        os.replace(swap, folder)
+        victim = judge.actor_pids()[1]
+        os.kill(victim, signal.SIGKILL)
+        results = judge.batch_score(image_files[:4])  # an item each: actor1's batch finds it dead
+        assert all(r.error is None for r in results), [r.error for r in results]
+        assert pid_gone(victim) and judge.total_restarts == 1
+        deadline = time.monotonic() + 120
+        while judge.slots[1].state == "starting":  # its replacement reports how it loaded at a call
+            assert time.monotonic() < deadline, "actor1's replacement never started"
+            assert all(r.error is None for r in judge.batch_score(image_files[:2]))
+        fp8_report = "pre-quantized checkpoint (fp8, as its config.json declares; transformers dequantizes it on the CPU)"
+        labels = [s.info["label"] for s in judge.slots]
+        assert judge.quantization_by_worker == {labels[0]: "none", labels[1]: fp8_report}
+        assert judge.quantization == f"mixed: {labels[0]}: none | {labels[1]}: {fp8_report}"
+        pids = [p for p in judge.actor_pids() if p]
+    finally:
+        judge.close()
+    _assert_gone({p: "actor" for p in pids})
+
+
 def test_retries_are_bounded_then_the_item_fails_with_the_reason():
     done = []
     items = [ScoreItem(images=["x.png"]) for k in range(3)]

@@ -169,6 +169,7 @@ class _Service:
         self.load_time_s: float | None = None
         self.fingerprint: str | None = None
         self.quantization: str | None = None
+        self.quantization_by_worker: dict[str, str] | None = None
         self.started = time.monotonic()
         self.requests = 0
         self._lock = threading.Lock()
@@ -196,8 +197,9 @@ class _Service:
         try:  # read once: a remote model's fingerprint is an HTTP call, too slow for every /health
             self.fingerprint = getattr(model, "fingerprint", None)
             self.quantization = getattr(model, "quantization", None)
+            self.quantization_by_worker = getattr(model, "quantization_by_worker", None)  # where they differ
         except Exception:  # informative only
-            self.fingerprint = self.quantization = None
+            self.fingerprint = self.quantization = self.quantization_by_worker = None
         self.status = "ready"
 
     def _load(self) -> None:
@@ -244,6 +246,8 @@ class _Service:
             "load_time_s": self.load_time_s, "uptime_s": round(time.monotonic() - self.started, 3),
             "fingerprint": self.fingerprint, "quantization": self.quantization,
         }
+        if self.quantization_by_worker:
+            info["quantization_by_worker"] = self.quantization_by_worker
         if self.model is not None:
             info.update(_describe_model(self.model))
         return info

@@ -91,8 +91,9 @@ class JudgeSettings:
       fed from the prepared chunks (continuous.py), the prompts that fill the slots free at one
       look prefilled together, so a batch does not wait for its longest answer; the same tokens as
       static batches in float32 on the CPU, and on an H200 in bf16 (benchmarks/NOTES.md, issue 17).
-      On by default: 1.25x on answers of 32..511 tokens and 1.01x when every answer has the same
-      length (Qwen3-VL-8B, one H200). Sampling and several answers per prompt use static batches.
+      On by default: 1.52x on answers of 32..512 tokens (512 items; 1.25x on 256 before prompts
+      were prefilled ahead) and 1.01x when every answer has the same length (Qwen3-VL-8B, one
+      H200; README). Sampling and several answers per prompt use static batches.
     vision_reuse: each unique image through the vision tower once per chunk (vision_reuse.py; items
       that share a source image are cut into one chunk, grouping.py, results in input order), on
       by default: the same features (float32 on the CPU within 1e-5; bf16 scores identical on an

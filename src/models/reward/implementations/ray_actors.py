@@ -43,6 +43,7 @@ from ..base import BaseRewardModel
 from ..errors import JudgeConfigError, JudgeStartError, JudgeUnavailable
 from ..image_memo import convert_once
 from ..scheduler import Restarts, Scheduler, stderr_log, unsendable, wire_item
+from ..quantization import across_workers
 from ..settings import JudgeSettings
 from ..types import ScoreItem, ScoreResult, item_name, load_pil
 
@@ -401,10 +402,21 @@ class RayRewardModel(BaseRewardModel):
     def fingerprint(self) -> str | None:
         return self._first_info("fingerprint")
 
+    def _quantization_record(self) -> dict[str, Any]:
+        """How the actors loaded the weights, each as it reported at load (quantization.across_workers)."""
+        return across_workers({slot.info.get("label") or f"actor{slot.index}": slot.info.get("quantization")
+                               for slot in self.slots if slot.info})
+
     @property
     def quantization(self) -> str | None:
-        """How the actors loaded the weights (`none`, `fp8 (...)`, a pre-quantized checkpoint's method)."""
-        return self._first_info("quantization")
+        """How the actors loaded the weights (`none`, `fp8 (...)`, a pre-quantized checkpoint's method);
+        `mixed: ...` where they differ."""
+        return self._quantization_record()["quantization"]
+
+    @property
+    def quantization_by_worker(self) -> dict[str, str] | None:
+        """Each actor's report (by its label) where they differ, else None."""
+        return self._quantization_record().get("quantization_by_worker")
 
     def actor_ids(self) -> list[str | None]:
         """Ray's id of each slot's actor (of the last one to start, for a slot being replaced)."""
