@@ -491,3 +491,35 @@ def test_a_prompt_longer_than_the_judges_context_fails_alone(short_context_judge
     if host == "multi_gpu":
         ledger.bad_input(f"prompt over the judge's context ({mode})", long.id,
                          {"score": long.score, "error_kind": long.error_kind, "error": long.error})
+
+
+@pytest.mark.parametrize("host", ["qwen_vl", "multi_gpu"])
+def test_metadata_that_is_no_dict_is_refused_naming_the_item(image_files, host, ledger):
+    # metadata given as a string, a number or a list made the whole call raise ("dictionary update
+    # sequence element #0 ...") as each result copied it: every item of the call was lost. A
+    # ScoreItem refuses such metadata when it is made; one whose metadata is replaced afterwards
+    # fails alone, in this process and in a worker.
+    from types import MappingProxyType
+
+    from src.models.reward import ScoreItem, build_reward_model
+
+    for bad in ("category=a", 3, ["a", "b"]):
+        with pytest.raises(TypeError, match=rf"ScoreItem 'x': metadata must be a dict \(free data carried into "
+                                            rf"the result\), got {type(bad).__name__}"):
+            ScoreItem(images=[image_files[0]], id="x", metadata=bad)
+    assert ScoreItem(images=[image_files[0]], metadata=MappingProxyType({"k": 1})).metadata == {"k": 1}
+    items = [ScoreItem(images=[image_files[k]], id=f"i{k}", metadata={"k": k}) for k in range(3)]
+    items[1].metadata = "category=a"  # replaced after the item was made
+    params = {"model_name": "tiny:qwen2_5_vl", "template": "quality", "batch_size": 3}
+    if host == "multi_gpu":
+        params.update(device_ids=["cpu"], progress=False)
+    with build_reward_model({"class_path": host, "params": params}) as judge:
+        got = judge.batch_score(items)
+        pids = judge.worker_pids() if host == "multi_gpu" else []
+    assert_no_orphans(pids)
+    assert got[1].score is None and got[1].error_kind == "input" and got[1].metadata == {}
+    assert got[1].error == "item 'i1' (#1): metadata must be a dict (free data carried into the result), got str"
+    assert [(r.error, r.metadata) for r in (got[0], got[2])] == [(None, {"k": 0}), (None, {"k": 2})]
+    if host == "multi_gpu":
+        ledger.bad_input("metadata that is no dict (set after the item was made)", got[1].id,
+                         {"score": got[1].score, "error_kind": got[1].error_kind, "error": got[1].error})

@@ -12,7 +12,7 @@ from typing import Any
 
 from .batching import _batch_key, _ItemError, _PromptsTooLong
 from .templates import Template
-from .types import ScoreItem, describe_image, item_name, load_pil
+from .types import ScoreItem, describe_image, item_name, load_pil, metadata_problem
 from .vision_reuse import image_key
 
 
@@ -52,6 +52,9 @@ class Preparation:
         loading = self._load_images(items)
         for pos, item in enumerate(items):
             try:
+                wrong = metadata_problem(item.metadata)  # replaced after the item was made (ScoreItem checks)
+                if wrong:
+                    raise _ItemError(wrong, "input")
                 text = item.instruction
                 if text is not None and not isinstance(text, str):
                     raise _ItemError(f"the instruction must be a string, got {type(text).__name__}", "input")

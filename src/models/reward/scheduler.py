@@ -30,7 +30,7 @@ import threading
 from typing import Any, Callable, Sequence
 
 from .errors import JudgeConfigError
-from .types import ScoreItem, ScoreResult, item_name
+from .types import ScoreItem, ScoreResult, item_name, metadata_problem
 
 # fail(index, reason, error_kind) -> the failed result for that item
 Fail = Callable[[int, str, str], ScoreResult]
@@ -229,6 +229,9 @@ def failer(items: Sequence[ScoreItem]) -> Fail:
 def wire_item(item: ScoreItem, index: int, encode: Callable[[Any, str], Any]) -> ScoreItem | ScoreResult:
     """The item with each image passed through `encode(image, tag)` (tag: i0, i1.. / s0, s1..), or
     the item's failed result ("input") when an image cannot be encoded."""
+    wrong = metadata_problem(item.metadata)  # replaced after the item was made (ScoreItem checks)
+    if wrong:
+        return ScoreResult.failure(index, item, f"item {item_name(item, index)}: {wrong}", "input")
     try:
         return ScoreItem(images=[encode(im, f"i{k}") for k, im in enumerate(item.images)],
                          source_images=[encode(im, f"s{k}") for k, im in enumerate(item.source_images)],

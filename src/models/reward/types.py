@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 from .errors import JudgeInputError
 
@@ -49,6 +49,10 @@ class ScoreItem:
         self.source_images = list(self.source_images)
         if self.metadata is None:
             self.metadata = {}
+        elif not isinstance(self.metadata, dict):
+            if not isinstance(self.metadata, Mapping):  # a list or a string would be lost on the way
+                raise TypeError(f"ScoreItem {self.id!r}: {metadata_problem(self.metadata)}")
+            self.metadata = dict(self.metadata)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form; only works when every image is a path (the worker channel's form)."""
@@ -115,7 +119,21 @@ class ScoreResult:
     def failure(cls, index: int, item: ScoreItem | None, error: str, kind: str,
                 device: str | None = None) -> "ScoreResult":
         return cls(index=index, id=item.id if item else None, score=None, error=error, error_kind=kind,
-                   device=device, metadata=dict(item.metadata) if item else {})
+                   device=device, metadata=carried_metadata(item))
+
+
+def metadata_problem(metadata: Any) -> str | None:
+    """Why an item's metadata cannot be carried into its result (it is no dict), or None."""
+    if isinstance(metadata, dict):
+        return None
+    return f"metadata must be a dict (free data carried into the result), got {type(metadata).__name__}"
+
+
+def carried_metadata(item: ScoreItem | None) -> dict[str, Any]:
+    """A copy of the item's metadata for its result: {} for none, or for metadata that is no
+    mapping (set after the item was made; preparation fails such an item)."""
+    meta = item.metadata if item is not None else None
+    return dict(meta) if isinstance(meta, Mapping) else {}
 
 
 def item_name(item: ScoreItem, index: int) -> str:
