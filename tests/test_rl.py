@@ -122,6 +122,12 @@ def test_trl_reward_called_directly_with_both_completion_forms(service, images, 
                                completions=[f"done: <image>{paths[0]}</image>", "I could not draw it"]))
     assert math.isclose(got[0], out[0], abs_tol=1e-4), "same image, same text, same score"
     assert got[1] == -1.0
+    # A column that is no list of rows: before, a string of as many characters as completions was
+    # split into them, one a row, and a number raised "'int' object is not iterable"
+    for column, value in (("instruction", "abc"), ("images", 3)):
+        with pytest.raises(TypeError, match=f"judge: column '{column}' must be a list with an entry per completion "
+                                            f"\\(TRL passes the batch's rows so\\), got {type(value).__name__}"):
+            as_text(prompts=["p"] * 3, completions=["a", "b", "c"], **{column: value})
     as_text.close()
     as_image.close()
 

@@ -77,6 +77,9 @@ class JudgeReward:
         names = [explicit] if explicit else list(defaults)
         for name in names:
             if name in columns and columns[name] is not None:
+                if isinstance(columns[name], (str, bytes, Mapping)) or not hasattr(columns[name], "__len__"):
+                    raise TypeError(f"{self.__name__}: column {name!r} must be a list with an entry per completion "
+                                    f"(TRL passes the batch's rows so), got {type(columns[name]).__name__}")
                 values = list(columns[name])
                 if len(values) != n:
                     raise ValueError(f"{self.__name__}: column {name!r} has {len(values)} entries for {n} completions")
