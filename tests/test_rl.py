@@ -161,11 +161,12 @@ def test_verl_compute_score_and_batch(service, images, monkeypatch):
     assert [b["judge_failed"] for b in batch] == [0.0, 0.0, 1.0, 1.0]
     # Fields the judge does not read are not sent (verl's and the dataset's own, a NaN ground truth);
     # a value it reads that JSON cannot carry, or an extra_info that is no dict, fails its sample alone.
-    odd = verl.compute_score_batch(["t2i"] * 4, ["a red square"] * 4, [float("nan"), None, None, None],
+    odd = verl.compute_score_batch(["t2i"] * 5, ["a red square"] * 5, [float("nan"), None, None, None, None],
                                    [{"image": str(paths[0]), "x": object(), "num_turns": np.int64(2)},
                                     {"image": str(paths[0]), "instruction": object()},
-                                    {"image": str(paths[0]), "completion_as": float("nan")}, "not a dict"])
-    assert [o["judge_failed"] for o in odd] == [0.0, 1.0, 1.0, 1.0], odd
+                                    {"image": str(paths[0]), "completion_as": float("nan")}, "not a dict",
+                                    {"image": np.float32(1.0)}])  # a numpy scalar: it raised for the batch
+    assert [o["judge_failed"] for o in odd] == [0.0, 1.0, 1.0, 1.0, 1.0], odd
     assert math.isclose(odd[0]["score"], one["score"], abs_tol=1e-4)
     assert math.isclose(batch[0]["score"], one["score"], abs_tol=1e-4)
     assert math.isclose(batch[1]["score"], one["score"], abs_tol=1e-4)

@@ -108,11 +108,12 @@ def _body(data_source: Any, solution_str: Any, ground_truth: Any, extra_info: An
             continue
         value = extra[key]
         many = isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and not hasattr(value, "save")
-                                                    and not isinstance(value, (str, bytes)))
-        values = list(value) if many else [value]
+                                                    and not isinstance(value, (str, bytes))
+                                                    and getattr(value, "ndim", 1) > 0)  # a numpy scalar is one value
         # An image this side cannot read (missing file, unknown type) fails this sample here,
         # with the reason: _SampleError.
         try:
+            values = list(value) if many else [value]
             encoded = [_encode_image(v, send_paths) for v in values]
         except (ValueError, TypeError, OSError) as e:
             raise _SampleError(f"{key}: {e}") from None
