@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -20,8 +21,11 @@ from conftest import ROOT, assert_no_orphans, make_image
 MAIN = ROOT / "main.py"
 
 
-def run_main(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_main(*args: str, timeout: float = 300, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    """main.py with `args`; `pythonpath`: a folder of the user's own modules (a class_path's)."""
     env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pythonpath), env.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, str(MAIN), *args, "--no-progress"] if args and args[0] not in ("report",)
                           else [sys.executable, str(MAIN), *args], capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=str(ROOT))
@@ -1115,3 +1119,74 @@ def test_a_judge_class_whose_scores_are_other_number_types_or_no_numbers(tmp_pat
     assert (summary["scored"], summary["failed"]) == (6, 4)
     assert summary["score"]["mean"] == pytest.approx((5.5 * 3 + 3.0 * 3) / 6)
     write_report(out / "results.jsonl", out / "report.html")
+
+
+def test_numpy_values_from_a_judge_class_are_written_as_json_and_anything_else_fails_only_its_item(
+        uninterrupted, tmp_path, edit_manifest):
+    # A judge class of the user's (class_path) that put numpy numbers in its raw answer, sub-scores or
+    # metadata stopped the whole job at its first write ("Object of type float32 is not JSON
+    # serializable"), with the scored chunk lost. Such values are written as plain numbers and lists;
+    # a value JSON cannot hold at all fails its item alone, naming the item and the field.
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "numpy_judge.py").write_text(textwrap.dedent('''
+        import decimal
+
+        import numpy as np
+        import torch
+
+        from src.models.reward.implementations.local import QwenVLRewardModel
+
+
+        class NumpyJudge(QwenVLRewardModel):
+            """The tiny judge, with numpy values beside its scores, as a user's post-processing adds them."""
+
+            def score_items(self, items):
+                results = super().score_items(items)
+                for it, r in zip(items, results):
+                    r.raw = {**r.raw, "conf": np.float32(0.25), "votes": np.int64(3), "one": np.array([1.5]),
+                             "probs": np.arange(3) / 4, "flag": np.bool_(True), "lost": np.float32("nan"),
+                             "by_level": {np.int64(1): np.float32(0.5)}, "tensor": torch.tensor([0.5, 1.0])}
+                    r.sub_scores = {k: None if v is None else np.float32(v) for k, v in r.sub_scores.items()}
+                    r.latency_s = np.float64(r.latency_s)
+                    r.metadata = {**r.metadata, "tokens": np.int32(7)}
+                    if it.id == "e3":
+                        r.raw["tags"] = {"a"}
+                        r.raw["pairs"] = {(1, 2): 0.5}
+                    if it.id == "e5":
+                        r.metadata["cost"] = decimal.Decimal("0.1")
+                return results
+    '''))
+    out = tmp_path / "out"
+    r = run_main("--config", str(write_config(tmp_path, edit_manifest, out)), "--set",
+                 "model.class_path=numpy_judge.NumpyJudge", "--set", "job.report=true", pythonpath=plugin)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    results = _strict_json_lines(out / "results.jsonl")
+    assert len(_strict_json_lines(out / "results.stream.jsonl")) == 10
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert (summary["scored"], summary["failed"], summary["failures_by_kind"]) == (8, 2, {"model": 2})
+    assert (out / "report.html").exists()
+
+    want = {x["id"]: x for x in read_jsonl(uninterrupted / "results.jsonl")}
+    note = ", which JSON cannot hold: written as null"
+    for x in results:
+        if x["id"] in ("e3", "e5"):
+            continue
+        assert_same_results([{k: x[k] for k in ("id", "score", "sub_scores")}],
+                            [{k: want[x["id"]][k] for k in ("id", "score", "sub_scores")}])
+        extra = {k: v for k, v in x["raw"].items() if k not in want[x["id"]]["raw"]}
+        assert extra == {"conf": 0.25, "votes": 3, "one": [1.5], "probs": [0.0, 0.25, 0.5], "flag": True,
+                         "lost": None, "by_level": {"1": 0.5}, "tensor": [0.5, 1.0]}, extra
+        assert type(extra["votes"]) is int and type(extra["flag"]) is bool
+        assert x["metadata"] == {**want[x["id"]]["metadata"], "tokens": 7, "notes": ["raw.lost was NaN" + note]}
+    e3, e5 = results[3], results[5]
+    assert (e3["score"], e3["error_kind"], e3["raw"]["tags"]) == (None, "model", None)
+    assert set(e3["sub_scores"].values()) == {None}
+    assert e3["error"] == ("item 'e3' (line 4): the judge (NumpyJudge) returned raw.tags (a set), raw.pairs key (1, 2) "
+                           "(a tuple), which JSON cannot hold: the item is failed; a judge's result holds numbers, "
+                           "text, lists and dicts"), e3
+    assert e5["error"] == ("item 'e5' (line 6): the judge (NumpyJudge) returned metadata.cost (a Decimal), which "
+                           "JSON cannot hold: the item is failed; a judge's result holds numbers, text, lists and "
+                           "dicts"), e5
+    assert {f["id"]: f["error"] for f in summary["failures"]} == {"e3": e3["error"], "e5": e5["error"]}

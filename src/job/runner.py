@@ -9,7 +9,9 @@ Files in the output folder:
   summary.json          counts, mean/std/stderr/ci95 per sub-score and per category, failures by
                         cause (summary.py)
 The JSON files are strict JSON: NaN and Infinity (a manifest's free field may hold them) are
-written as null, and the item's metadata.notes says so (_strict_record).
+written as null, and the item's metadata.notes says so; numpy's numbers and arrays (a judge class
+of the user's may return them) are written as plain numbers and lists; a value JSON cannot hold at
+all fails its item alone (_strict_record, the one walk every JSON write of the job goes through).
 
 Order: the manifest's, except that rows sharing a source image are scored side by side (in the
 same call, so the judge encodes the source once); results.jsonl is in manifest order either way.
@@ -35,7 +37,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from src.interrupts import raise_lost_ctrl_c
 from src.models.reward import BaseRewardModel, ScoreResult, build_reward_model
@@ -250,7 +252,9 @@ def _say_what_is_not_reused(stream_path: Path, fp: str, todo: list[ManifestRow],
                     "have changed since: they are not reused, and those rows are scored again")
 
 
-def _record(row: ManifestRow, res: ScoreResult, fingerprint: str) -> dict[str, Any]:
+def _record(row: ManifestRow, res: ScoreResult, fingerprint: str, judge: str = "the judge") -> dict[str, Any]:
+    """The record of a row's result, as the job's files hold it; `judge` names the judge in the
+    error of an item whose result JSON cannot hold (_strict_record)."""
     d = res.to_dict()
     d.pop("index", None)
     d["id"] = row.id
@@ -259,38 +263,98 @@ def _record(row: ManifestRow, res: ScoreResult, fingerprint: str) -> dict[str, A
     d.update({k: v for k, v in row.fields.items() if _input_field(k, v)})
     cat = (row.item.metadata.get("category") if row.item else row.fields.get("category"))
     d["category"] = None if cat is None else str(cat)
-    return _strict_record(d)
+    return _strict_record(d, row, judge)
 
 
 # How a note names a value JSON cannot hold; a reused record's notes about its metadata are made
 # again from the row as it is now (_as_the_row_says_now).
 _NOT_JSON = ", which JSON cannot hold: written as null"
+_JSON_LEAVES = (str, int, float, bool, type(None))  # also the keys json writes (as text)
 
 
-def _without_non_finite(value: Any, path: str, found: list[str]) -> Any:
-    """`value` with every float that is NaN or +-Infinity replaced by None, and a line naming each
-    (`metadata.weight was NaN`) added to `found`."""
-    if isinstance(value, float) and not math.isfinite(value):
-        found.append(f"{path} was {json.dumps(value)}")
+def _as_json(value: Any, path: str, found: list[str], unwritable: Callable[[str, Any, str], Any],
+             within: frozenset[int] = frozenset()) -> Any:
+    """`value` made of JSON's own values, for every JSON file the job writes.
+    - numpy's numbers and arrays (and torch's tensors: anything with a tolist()), which json cannot
+      write, become Python numbers and lists (a size-1 array a list of one);
+    - a float that is NaN or +-Infinity, for which JSON has no number, becomes None, and a line
+      naming it (`metadata.weight was NaN`) is added to `found`;
+    - anything else JSON cannot hold (a set, a Decimal, an object, text that is not Unicode, a
+      container that holds itself) becomes unwritable(its path, it, what it is)."""
+    value = _untyped(value)
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return float(value)
+        found.append(f"{path} was {json.dumps(float(value))}")
         return None
-    if isinstance(value, dict):
-        return {k: _without_non_finite(v, f"{path}.{k}", found) for k, v in value.items()}
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: the file's UTF-8 cannot hold it
+            return unwritable(path, value, "text with a lone surrogate, which UTF-8 cannot encode")
+        return value
+    if isinstance(value, _JSON_LEAVES):
+        return value
+    if not isinstance(value, (dict, list, tuple)):
+        return unwritable(path, value, f"a {type(value).__name__}")
+    if id(value) in within:
+        return unwritable(path, value, f"a {type(value).__name__} that holds itself")
+    within = within | {id(value)}
     if isinstance(value, (list, tuple)):
-        return [_without_non_finite(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
+        return [_as_json(v, f"{path}[{i}]", found, unwritable, within) for i, v in enumerate(value)]
+    out = {}
+    for k, v in value.items():
+        key = _untyped(k)
+        if not isinstance(key, _JSON_LEAVES) or isinstance(key, float) and not math.isfinite(key):  # a tuple, NaN
+            key = unwritable(f"{path} key {k!r}", k, f"a {type(k).__name__}")
+            if not isinstance(key, str):
+                continue
+        out[key] = _as_json(v, f"{path}.{key}", found, unwritable, within)
+    return out
+
+
+def _untyped(value: Any) -> Any:
+    """A number or an array of numpy's (or torch's: anything with a tolist()) as Python's own;
+    anything else as it is."""
+    if not isinstance(value, (*_JSON_LEAVES, dict, list, tuple)) and callable(getattr(value, "tolist", None)):
+        try:
+            return value.tolist()
+        except Exception:  # then it is what JSON cannot hold, and is said so
+            pass
     return value
 
 
-def _strict_record(rec: dict[str, Any]) -> dict[str, Any]:
-    """A record every JSON reader accepts. Python's json reads and writes NaN and Infinity, which
-    JSON has no number for (jq, JSON.parse and strict parsers refuse the file): a manifest's free
-    field may hold one (a table's missing value), and so may a judge class's raw answer. Such a
-    value is written as null and the item's metadata.notes names it, once; the item keeps its score
-    (scores never get here non-finite: _finite fails their item), and the judge saw the value as
-    the manifest gave it."""
+def _strict_record(rec: dict[str, Any], row: ManifestRow, judge: str = "the judge") -> dict[str, Any]:
+    """A record every JSON reader accepts (_as_json), for the stream and results.jsonl alike.
+    - numpy's numbers and arrays, from a judge class of the user's, are written as plain numbers
+      and lists.
+    - Python's json reads and writes NaN and Infinity, which JSON has no number for (jq,
+      JSON.parse and strict parsers refuse the file): a manifest's free field may hold one (a
+      table's missing value), and so may a judge class's raw answer. Such a value is written as
+      null and the item's metadata.notes names it, once; the item keeps its score (scores never get
+      here non-finite: _finite fails their item), and the judge saw the value as the manifest gave it.
+    - A value JSON cannot hold at all (a set or an object in a judge class's raw answer) fails its
+      item alone, naming the item and the field: the job goes on, and the other items' results
+      are written."""
     found: list[str] = []
-    out = {k: _without_non_finite(v, k, found) for k, v in rec.items()}
+    unwritable: list[str] = []
+
+    def none_for(path: str, value: Any, what: str) -> None:
+        unwritable.append(f"{path} ({what})")
+
+    out = {}
+    for k, v in rec.items():
+        try:
+            out[k] = _as_json(v, k, found, none_for)
+        except RecursionError:  # nested deeper than Python's stack
+            out[k] = none_for(k, v, "nested too deeply")
+    if unwritable:
+        why = (f"{judge} returned {', '.join(unwritable)}, which JSON cannot hold: the item is failed; a judge's "
+               "result holds numbers, text, lists and dicts")
+        out.update(score=None, sub_scores={k: None for k in out.get("sub_scores") or {}}, error_kind="model",
+                   error=f"{out['error']}; {why}" if out.get("error") else f"item {_row_name(row)}: {why}")
     if not found:
-        return rec
+        return out
     metadata = dict(out.get("metadata") or {})
     notes = metadata.get("notes")
     notes = list(notes) if isinstance(notes, list) else ([] if notes is None else [notes])
@@ -300,10 +364,11 @@ def _strict_record(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _strict_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    """summary.json as strict JSON: a value that is NaN or Infinity (a config parameter of the
-    user's class) is written as null, and the log says which."""
+    """summary.json as strict JSON (_as_json): a value that is NaN or Infinity (a config parameter
+    of the user's class) is written as null, and the log says which; one JSON has no form for (a
+    date YAML read) as its text."""
     found: list[str] = []
-    out = {k: _without_non_finite(v, k, found) for k, v in summary.items()}
+    out = {k: _as_json(v, k, found, lambda path, value, what: str(value)) for k, v in summary.items()}
     for line in found:
         log.warning(f"{SUMMARY}: {line}{_NOT_JSON}")
     return out
@@ -344,9 +409,14 @@ def _numbered_by_row(res: ScoreResult, k: int, row: ManifestRow) -> ScoreResult:
     if res.error and row.item is not None:
         item_id = row.item.id
         chunk_name = f"{item_id!r} (#{k})" if item_id is not None else f"#{k}"
-        row_name = f"{item_id!r} (line {row.line})" if item_id is not None else f"line {row.line}"
-        res.error = res.error.replace(f"item {chunk_name}", f"item {row_name}")
+        res.error = res.error.replace(f"item {chunk_name}", f"item {_row_name(row)}")
     return res
+
+
+def _row_name(row: ManifestRow) -> str:
+    """How an error names a manifest row: `'a' (line 9)`."""
+    item_id = row.item.id if row.item is not None else row.id
+    return f"{item_id!r} (line {row.line})" if item_id is not None else f"line {row.line}"
 
 
 def _reused_and_todo(rows: list[ManifestRow], done: dict[str, dict[str, Any]], budget_counts: bool
@@ -382,7 +452,8 @@ def _as_the_row_says_now(rec: dict[str, Any], row: ManifestRow) -> dict[str, Any
             metadata["notes"] = kept
             if not kept:
                 del metadata["notes"]
-    return _strict_record({**rec, "line": row.line, "metadata": metadata, "category": None if cat is None else str(cat)})
+    return _strict_record({**rec, "line": row.line, "metadata": metadata, "category": None if cat is None else str(cat)},
+                          row)
 
 
 def _same_inputs(rec: dict[str, Any], row: ManifestRow, budget_counts: bool) -> bool:
@@ -561,7 +632,8 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                                                  "item, in order (BaseRewardModel.score_items)")
                             lines = []
                             for k, (r, res) in enumerate(zip(chunk, results)):
-                                rec = _record(r, _finite(_numbered_by_row(res, k, r), model), fp)
+                                rec = _record(r, _finite(_numbered_by_row(res, k, r), model), fp,
+                                              f"the judge ({type(model).__name__})")
                                 by_id[r.id] = rec
                                 lines.append(json.dumps(rec, ensure_ascii=False, allow_nan=False))
                             out.write("\n".join(lines) + "\n")
@@ -635,7 +707,7 @@ def _csv_cell(value: Any) -> Any:
 def write_outputs(folder: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     # allow_nan=False: every file is strict JSON (_strict_record, _strict_summary made it so).
     _atomic_write(folder / FINAL, "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records))
-    _atomic_write(folder / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False, default=str, allow_nan=False) + "\n")
+    _atomic_write(folder / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     subs = summary.get("sub_score_names") or []
     cols = ["id", "score", *subs, "category", "error_kind", "error", "images", "source_images", "instruction"]
     tmp = folder / (CSV + ".tmp")
