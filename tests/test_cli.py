@@ -1190,3 +1190,55 @@ def test_numpy_values_from_a_judge_class_are_written_as_json_and_anything_else_f
                            "JSON cannot hold: the item is failed; a judge's result holds numbers, text, lists and "
                            "dicts"), e5
     assert {f["id"]: f["error"] for f in summary["failures"]} == {"e3": e3["error"], "e5": e5["error"]}
+
+
+def test_a_rows_own_notes_field_is_kept_beside_the_judges_notes(tiny_cache, tmp_path, edit_manifest):
+    # A manifest row's own `notes` (a free field: a reviewer's remark) was overwritten by the judge's
+    # notes (an animated GIF's "first of 2 frames used"); a resumed job then did the reverse, the
+    # row's notes over the judge's. The row's field now stays as given, the judge's notes go under
+    # judge_notes, and a resumed job writes what a fresh run of the manifest as it is now writes.
+    from PIL import Image
+
+    frame = Image.open(edit_manifest.parent / "edit0.png").convert("RGB")
+    gif = tmp_path / "anim.gif"
+    frame.save(gif, save_all=True, append_images=[frame.rotate(90)], duration=100)
+    rows = read_jsonl(edit_manifest)[:7]
+    for k, notes in enumerate(["reviewed by Ann", ["ok", "check later"], None, {"by": "Bo"}, float("nan")]):
+        if notes is not None:
+            rows[k]["notes"] = notes
+    for k in (0, 1, 2):
+        rows[k]["image"] = str(gif)
+    rows[6]["judge_notes"] = ["mine"]
+    frames = f"{gif}: first of 2 frames used"
+    out = tmp_path / "out"
+    r = run_main("--config", str(write_config(tmp_path, _edited_manifest(rows, edit_manifest, tmp_path), out)))
+    assert r.returncode == 0, r.stderr
+    got = _strict_json_lines(out / "results.jsonl")
+    assert all(x["score"] is not None for x in got[:6]), got
+    meta = [{k: v for k, v in x["metadata"].items() if k not in ("category", "seed")} for x in got]
+    assert meta[:6] == [{"notes": "reviewed by Ann", "judge_notes": [frames]},
+                        {"notes": ["ok", "check later"], "judge_notes": [frames]},
+                        {"notes": [frames]},
+                        {"notes": {"by": "Bo"}, "judge_notes": []},
+                        {"notes": None, "judge_notes": ["metadata.notes was NaN, which JSON cannot hold: written as null"]},
+                        {}]
+    assert got[6]["error_kind"] == "manifest" and got[6]["error"] == (
+        "manifest: manifest.jsonl line 7: 'judge_notes' is where the job writes the judge's notes for a row that has "
+        "a 'notes' field of its own; give this field another name"), got[6]
+
+    # The manifest edited since: notes removed, added, changed, and one left as it was.
+    del rows[0]["notes"]
+    rows[1]["notes"] = "changed"
+    rows[2]["notes"] = "new"
+    rows[3]["notes"] = "n/a"
+    edited = _edited_manifest(rows, edit_manifest, tmp_path)
+    r = run_main("--config", str(write_config(tmp_path, edited, out)))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["resumed_from_disk"] == 6
+    fresh = tmp_path / "fresh"
+    r = run_main("--config", str(write_config(tmp_path, edited, fresh)))
+    assert r.returncode == 0, r.stderr
+    resumed = _strict_json_lines(out / "results.jsonl")
+    assert_same_results(resumed, _strict_json_lines(fresh / "results.jsonl"), "resumed: ")
+    assert [x["metadata"].get("notes") for x in resumed[:3]] == [[frames], "changed", "new"]
+    assert [x["metadata"].get("judge_notes") for x in resumed[:4]] == [None, [frames], [frames], []]

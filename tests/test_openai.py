@@ -324,6 +324,13 @@ def test_a_served_score_off_the_scale_is_clamped_and_noted(fake):
         [r] = judge.score_items(image_items(1))
     assert r.score == 9.0 and r.error is None
     assert r.metadata["notes"] == ["quality: the answer's score 12 lay outside 0..9; clamped to 9"]
+    # An item's own `notes` stays as it gave it; the judge's go beside it.
+    judge, _ = fake([completion('{"score": 12}')], mode="generate")
+    item = ScoreItem(images=image_items(1)[0].images, id="i0", metadata={"notes": "reviewed"})
+    with judge:
+        [r] = judge.score_items([item])
+    assert r.metadata == {"notes": "reviewed",
+                          "judge_notes": ["quality: the answer's score 12 lay outside 0..9; clamped to 9"]}
 
 
 def test_a_served_answer_cut_off_inside_its_score_gives_no_score(fake):

@@ -7,9 +7,11 @@ A row names its image(s) and, for edits, its source image(s) and instruction:
 
 Accepted names: `image`/`images`/`edited_image`/`edited_images`; `source_image`/`source_images`/
 `original_image`/`original_images`; `instruction`/`prompt`; `id`; `category`. Other fields are
-kept as metadata. Relative paths are relative to the manifest's folder. In CSV, several images in
-one cell are separated by `|`. A .json (or .jsonl) file holds one row per line, or one JSON list of
-rows (`json.dump(rows, f, indent=2)`), each then named by the line it starts on.
+kept as metadata (a `notes` field too: the judge's notes for that row then go under
+`judge_notes`, a name a row may not use). Relative paths are relative to the manifest's folder. In
+CSV, several images in one cell are separated by `|`. A .json (or .jsonl) file holds one row per
+line, or one JSON list of rows (`json.dump(rows, f, indent=2)`), each then named by the line it
+starts on.
 
 A bad row does not stop the job: it becomes a `ManifestRow` with an `error`, and the job records
 a failed result for it naming the line and the cause.
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from src.models.reward.errors import JudgeInputError
-from src.models.reward.types import ScoreItem
+from src.models.reward.types import JUDGE_NOTES, ScoreItem
 
 IMAGE_KEYS = ("image", "images", "edited_image", "edited_images")
 SOURCE_KEYS = ("source_image", "source_images", "original_image", "original_images")
@@ -215,6 +217,9 @@ def _row_from_mapping(data: Any, n: int, p: Path) -> ManifestRow:
                 break
         if category is not None and not isinstance(category, (str, int)):
             raise ValueError(f"{where}: 'category' must be a string, got {type(category).__name__}")
+        if JUDGE_NOTES in data:  # a resumed job tells a row's own notes from the judge's by it (runner)
+            raise ValueError(f"{where}: '{JUDGE_NOTES}' is where the job writes the judge's notes for a row that has "
+                             "a 'notes' field of its own; give this field another name")
     except ValueError as e:
         return ManifestRow(id=rid, line=n, error=str(e), fields={k: v for k, v in data.items()
                                                                  if _jsonable(v) and (k != "category" or category is not None)})

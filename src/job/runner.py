@@ -45,6 +45,7 @@ from src.models.reward.config import ConfigError, judge_settings, model_param_pa
 from src.models.reward.errors import JudgeError
 from src.models.reward.size_order import HeaderSize, chunk_order
 from src.models.reward.templates import resolve_rubric
+from src.models.reward.types import JUDGE_NOTES, with_judge_notes
 
 from .manifest import ManifestRow, read_manifest
 from .summary import RESERVED, SUMMARY, stats, summarize
@@ -263,7 +264,14 @@ def _record(row: ManifestRow, res: ScoreResult, fingerprint: str, judge: str = "
     d.update({k: v for k, v in row.fields.items() if _input_field(k, v)})
     cat = (row.item.metadata.get("category") if row.item else row.fields.get("category"))
     d["category"] = None if cat is None else str(cat)
+    # A row with its own `notes` always gets judge_notes, from any judge: how a resumed job tells the two apart.
+    d["metadata"] = with_judge_notes(d.get("metadata") or {}, _own(row), [])
     return _strict_record(d, row, judge)
+
+
+def _own(row: ManifestRow) -> dict[str, Any]:
+    """The metadata the manifest gives a row."""
+    return row.item.metadata if row.item is not None else {}
 
 
 # How a note names a value JSON cannot hold; a reused record's notes about its metadata are made
@@ -331,8 +339,9 @@ def _strict_record(rec: dict[str, Any], row: ManifestRow, judge: str = "the judg
     - Python's json reads and writes NaN and Infinity, which JSON has no number for (jq,
       JSON.parse and strict parsers refuse the file): a manifest's free field may hold one (a
       table's missing value), and so may a judge class's raw answer. Such a value is written as
-      null and the item's metadata.notes names it, once; the item keeps its score (scores never get
-      here non-finite: _finite fails their item), and the judge saw the value as the manifest gave it.
+      null and the judge's notes on the item (metadata.notes, or judge_notes: with_judge_notes) name
+      it; the item keeps its score (scores never get here non-finite: _finite fails their item), and
+      the judge saw the value as the manifest gave it.
     - A value JSON cannot hold at all (a set or an object in a judge class's raw answer) fails its
       item alone, naming the item and the field: the job goes on, and the other items' results
       are written."""
@@ -353,13 +362,8 @@ def _strict_record(rec: dict[str, Any], row: ManifestRow, judge: str = "the judg
                "result holds numbers, text, lists and dicts")
         out.update(score=None, sub_scores={k: None for k in out.get("sub_scores") or {}}, error_kind="model",
                    error=f"{out['error']}; {why}" if out.get("error") else f"item {_row_name(row)}: {why}")
-    if not found:
-        return out
-    metadata = dict(out.get("metadata") or {})
-    notes = metadata.get("notes")
-    notes = list(notes) if isinstance(notes, list) else ([] if notes is None else [notes])
-    metadata["notes"] = notes + [n + _NOT_JSON for n in found if n + _NOT_JSON not in notes]
-    out["metadata"] = metadata
+    if found:
+        out["metadata"] = with_judge_notes(out.get("metadata") or {}, _own(row), [n + _NOT_JSON for n in found])
     return out
 
 
@@ -438,20 +442,24 @@ def _reused_and_todo(rows: list[ManifestRow], done: dict[str, dict[str, Any]], b
 
 def _as_the_row_says_now(rec: dict[str, Any], row: ManifestRow) -> dict[str, Any]:
     """A stored result with its row's place, category and metadata as the manifest gives them now
-    (the score stays as stored): a manifest edited between runs (rows moved, a category relabelled)
-    must give the summary the groups an uninterrupted run of it would. What the judge added to the
-    metadata (notes) stays."""
-    cat = row.item.metadata.get("category")
-    metadata = {**(rec.get("metadata") or {}), **row.item.metadata}
+    (the score stays as stored): a manifest edited between runs (rows moved, a category relabelled,
+    its own notes changed) must give the summary the groups an uninterrupted run of it would. What
+    the judge added to the metadata (its notes) stays, under the key the row's notes now call for."""
+    stored, own = rec.get("metadata") or {}, row.item.metadata
+    cat = own.get("category")
+    if JUDGE_NOTES in stored:  # there when the row had notes of its own (_record); else the judge's are `notes`
+        judges = stored[JUDGE_NOTES]
+    elif "notes" in own and stored.get("notes") == own["notes"]:
+        judges = []  # the row's own notes, in a stream written before judge_notes existed (the judge had none)
+    else:
+        judges = stored.get("notes")
+    # notes on the metadata's values are made again (_strict_record), from the row as it is now
+    judges = [n for n in judges if not (isinstance(n, str) and n.startswith("metadata.") and n.endswith(_NOT_JSON))] \
+        if isinstance(judges, list) else []
+    metadata = {**{k: v for k, v in stored.items() if k not in ("notes", JUDGE_NOTES)}, **own}
     if cat is None:
         metadata.pop("category", None)
-    notes = metadata.get("notes")
-    if isinstance(notes, list):  # notes on the metadata's values are made again below, from the row as it is now
-        kept = [n for n in notes if not (isinstance(n, str) and n.startswith("metadata.") and n.endswith(_NOT_JSON))]
-        if len(kept) < len(notes):
-            metadata["notes"] = kept
-            if not kept:
-                del metadata["notes"]
+    metadata = with_judge_notes(metadata, own, judges)
     return _strict_record({**rec, "line": row.line, "metadata": metadata, "category": None if cat is None else str(cat)},
                           row)
 

@@ -55,7 +55,7 @@ from .settings import JudgeSettings
 from .size_order import Resize, chunk_order
 from .speed import SpeedPaths
 from .templates import Rubric, Template, resolve_rubric
-from .types import ScoreItem, ScoreResult, carried_metadata
+from .types import ScoreItem, ScoreResult, result_metadata
 
 log = logging.getLogger(__name__)
 
@@ -217,13 +217,12 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
             score = self.rubric.overall(sub)
             kinds = {outs[p].get("kind") for p in outs if outs[p].get("error")}
             r = ScoreResult(index=index, id=item.id, score=score, sub_scores=sub, raw=raw,
-                            device=self.device_label, latency_s=part_time.get(pos, 0.0), metadata=carried_metadata(item))
+                            device=self.device_label, latency_s=part_time.get(pos, 0.0))
             if score is None:
                 r.error = f"item {_name(item, index)}: " + "; ".join(errors or ["no score"])
                 r.error_kind = (part_err[pos][1] if pos in part_err else (sorted(k for k in kinds if k) or ["parse"])[0])
             notes = chunk.notes.get(pos, []) + [f"{part}: {outs[part]['note']}" for part in outs if outs[part].get("note")]
-            if notes:
-                r.metadata = {**r.metadata, "notes": notes}
+            r.metadata = result_metadata(item, notes)  # an item's own `notes` stays
             results[pos] = r
         return results
 

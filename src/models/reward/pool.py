@@ -52,7 +52,7 @@ from .errors import JudgeConfigError, JudgeStartError, JudgeUnavailable
 from .image_memo import convert_once
 from .quantization import across_workers
 from .scheduler import Restarts, Scheduler, stderr_log, unsendable, wire_item
-from .types import ScoreItem, ScoreResult, carried_metadata, describe_image, item_name, load_pil
+from .types import ScoreItem, ScoreResult, describe_image, item_name, load_pil, result_metadata
 
 WORKER_SCRIPT = Path(__file__).resolve().parents[3] / "standalone" / "reward_worker.py"
 _LOG_LINES_KEPT = 40
@@ -833,7 +833,7 @@ def _unspill_errors(results: list[ScoreResult], names: dict[str, str], items: Se
             for path, name in names.items():
                 r.error = r.error.replace(path, name)
             if not r.metadata and items[r.index].metadata:
-                r.metadata = carried_metadata(items[r.index])
+                r.metadata = result_metadata(items[r.index])
     return results
 
 

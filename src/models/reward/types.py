@@ -119,7 +119,7 @@ class ScoreResult:
     def failure(cls, index: int, item: ScoreItem | None, error: str, kind: str,
                 device: str | None = None) -> "ScoreResult":
         return cls(index=index, id=item.id if item else None, score=None, error=error, error_kind=kind,
-                   device=device, metadata=carried_metadata(item))
+                   device=device, metadata=result_metadata(item))
 
 
 def metadata_problem(metadata: Any) -> str | None:
@@ -134,6 +134,31 @@ def carried_metadata(item: ScoreItem | None) -> dict[str, Any]:
     mapping (set after the item was made; preparation fails such an item)."""
     meta = item.metadata if item is not None else None
     return dict(meta) if isinstance(meta, Mapping) else {}
+
+
+def result_metadata(item: ScoreItem | None, notes: Sequence[str] = ()) -> dict[str, Any]:
+    """A result's metadata: the item's (carried_metadata), with the judge's notes (with_judge_notes)."""
+    meta = carried_metadata(item)
+    return with_judge_notes(meta, meta, notes)
+
+
+# Where a result's metadata keeps the judge's notes (a clamped score, an animated GIF's first frame)
+# when the item's own metadata has a `notes` field: with_judge_notes.
+JUDGE_NOTES = "judge_notes"
+
+
+def with_judge_notes(metadata: dict[str, Any], own: dict[str, Any], notes: Sequence[str]) -> dict[str, Any]:
+    """A result's `metadata` with the judge's `notes` added after those it holds. They go under
+    `notes`; where the item's own metadata `own` has a `notes` field (a manifest's column), that
+    field stays as the item gave it, and the judge's notes go under `judge_notes`, which every such
+    item then has ([] when the judge has none): a reader, and a job resuming from its stream, can
+    always tell the item's notes from the judge's."""
+    key = JUDGE_NOTES if "notes" in (own or {}) else "notes"
+    if not notes and (key == "notes" or key in metadata):
+        return metadata
+    have = metadata.get(key)
+    have = list(have) if isinstance(have, list) else ([] if have is None else [have])
+    return {**metadata, key: have + list(notes)}
 
 
 def item_name(item: ScoreItem, index: int) -> str:

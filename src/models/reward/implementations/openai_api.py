@@ -47,7 +47,7 @@ from ..scoring import read_answers
 from ..preparation import item_max_new
 from ..settings import MODES
 from ..templates import Rubric, Template, resolve_rubric, rubric_fingerprint
-from ..types import ScoreItem, ScoreResult, carried_metadata, describe_image, item_name, load_pil
+from ..types import ScoreItem, ScoreResult, describe_image, item_name, load_pil, result_metadata
 from ..wire import backoff, retry_after
 
 _RETRY_STATUS = {408, 409, 429}         # and every 5xx
@@ -239,9 +239,7 @@ class OpenAIRewardModel(BaseRewardModel):
                 notes.append(f"{part}: {out['note']}")
         score = self.rubric.overall(sub)
         r = ScoreResult(index=index, id=item.id, score=score, sub_scores=sub, raw=raw, device=self.device,
-                        latency_s=time.perf_counter() - t0, metadata=carried_metadata(item))
-        if notes:
-            r.metadata["notes"] = notes
+                        latency_s=time.perf_counter() - t0, metadata=result_metadata(item, notes))  # an item's own `notes` stays
         if score is None:
             r.error = f"item {name}: " + "; ".join(m for m, _ in errors or [("no score", "parse")])
             r.error_kind = errors[0][1] if errors else "parse"
