@@ -1242,3 +1242,35 @@ def test_a_rows_own_notes_field_is_kept_beside_the_judges_notes(tiny_cache, tmp_
     assert_same_results(resumed, _strict_json_lines(fresh / "results.jsonl"), "resumed: ")
     assert [x["metadata"].get("notes") for x in resumed[:3]] == [[frames], "changed", "new"]
     assert [x["metadata"].get("judge_notes") for x in resumed[:4]] == [None, [frames], [frames], []]
+
+
+def test_a_csv_manifest_sets_an_items_answer_budget_with_a_whole_number(tiny_cache, tmp_path):
+    # CSV cells are text: a CSV manifest's max_new_tokens "64" failed its item ("must be a whole
+    # number ..., got '64'"), so no CSV manifest could give an item its own answer budget. A whole
+    # number is now read as one (in that field only); anything else fails its item as before.
+    demo = ROOT / "data" / "demo"
+    rows = read_jsonl(demo / "manifest.jsonl")[:7]
+    budgets = ["16", "2", "abc", "1.5", "0", "", "007"]
+    manifest = tmp_path / "m.csv"
+    with manifest.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "image", "source_image", "instruction", "max_new_tokens", "kind"])
+        for row, budget in zip(rows, budgets):
+            w.writerow([row["id"], demo / row["image"], demo / row["source_image"], row["instruction"], budget, "16"])
+    out = tmp_path / "out"
+    r = run_main("--config", str(ROOT / "configs" / "demo.yaml"), "--set", "model.params.mode=generate",
+                 "--set", f"job.manifest={manifest}", "--set", f"job.output_dir={out}")
+    assert r.returncode == 0, r.stderr
+    res = read_jsonl(out / "results.jsonl")
+    assert [x["metadata"].get("max_new_tokens") for x in res] == [16, 2, "abc", "1.5", 0, None, 7]
+    assert all(x["metadata"]["kind"] == "16" for x in res), "other fields stay text"
+    assert [x["score"] is not None for x in res] == [True, False, False, False, False, True, True]
+    assert res[1]["error_kind"] == "parse", "two tokens cut the judge's {\"score\": N} short: the budget was used"
+    for x, shown in zip(res[2:5], ("'abc'", "'1.5'", "0")):
+        assert x["error_kind"] == "input" and x["error"] == (
+            f"item {x['id']!r} (line {x['line']}): metadata max_new_tokens must be a whole number in 1..16 (the "
+            f"judge's max_new_tokens), got {shown}"), x
+    r = run_main("--config", str(ROOT / "configs" / "demo.yaml"), "--set", "model.params.mode=generate",
+                 "--set", f"job.manifest={manifest}", "--set", f"job.output_dir={out}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["resumed_from_disk"] == 3, "the scored rows' budgets read the same again"

@@ -9,9 +9,9 @@ Accepted names: `image`/`images`/`edited_image`/`edited_images`; `source_image`/
 `original_image`/`original_images`; `instruction`/`prompt`; `id`; `category`. Other fields are
 kept as metadata (a `notes` field too: the judge's notes for that row then go under
 `judge_notes`, a name a row may not use). Relative paths are relative to the manifest's folder. In
-CSV, several images in one cell are separated by `|`. A .json (or .jsonl) file holds one row per
-line, or one JSON list of rows (`json.dump(rows, f, indent=2)`), each then named by the line it
-starts on.
+CSV, several images in one cell are separated by `|`, and a whole number in `max_new_tokens` is
+read as that number. A .json (or .jsonl) file holds one row per line, or one JSON list of rows
+(`json.dump(rows, f, indent=2)`), each then named by the line it starts on.
 
 A bad row does not stop the job: it becomes a `ManifestRow` with an `error`, and the job records
 a failed result for it naming the line and the cause.
@@ -34,6 +34,11 @@ SOURCE_KEYS = ("source_image", "source_images", "original_image", "original_imag
 TEXT_KEYS = ("instruction", "prompt")
 _SPACE = re.compile(r"[ \t\r\n]*")  # JSON's whitespace
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# The one free field the judge reads as a number: an item's own answer budget (README). A CSV cell is
+# text, so a whole number there ("64") is read as that number; anything else ("1.5", "abc") stays
+# text, and the judge's own error names it.
+_BUDGET_KEY = "max_new_tokens"
+_WHOLE = re.compile(r"[0-9]+")
 
 
 class ManifestError(JudgeInputError):
@@ -188,6 +193,8 @@ def _read_csv(p: Path) -> list[ManifestRow]:
                 v = v.strip()
                 if k in IMAGE_KEYS + SOURCE_KEYS and "|" in v:
                     clean[k] = [x.strip() for x in v.split("|") if x.strip()]
+                elif k == _BUDGET_KEY and _WHOLE.fullmatch(v):
+                    clean[k] = int(v)
                 elif v != "":
                     clean[k] = v
             rows.append(_row_from_mapping(clean, n, p))
