@@ -1019,9 +1019,12 @@ def test_a_resumed_job_reports_each_row_as_the_manifest_says_now(uninterrupted, 
     # and summary.json kept each row's line, category and metadata from the first run: the
     # per-category breakdown was the old one and two records claimed the same line.
     rows = read_jsonl(edit_manifest)
+    # A free field deleted from a row stayed in its reused record.
     rows = rows[::-1]  # e9 is now on line 1
     rows[0]["category"] = "relabelled"
     rows[1]["seed"] = 99
+    del rows[2]["seed"]
+    rows[3]["reviewer"] = "Ann"
     out, _ = _rerun_on_edited_manifest(rows, edit_manifest, uninterrupted, tmp_path, "out")
     s = json.loads((out / "summary.json").read_text())
     assert s["resumed_from_disk"] == 10
@@ -1029,7 +1032,9 @@ def test_a_resumed_job_reports_each_row_as_the_manifest_says_now(uninterrupted, 
     assert [x["id"] for x in results] == [row["id"] for row in rows]
     assert [x["line"] for x in results] == list(range(1, 11))
     assert [x["category"] for x in results] == [row["category"] for row in rows]
-    assert [x["metadata"] for x in results] == [{"category": row["category"], "seed": row["seed"]} for row in rows]
+    assert [x["metadata"] for x in results] == [{k: v for k, v in row.items() if k not in ("id", "image", "source_image",
+                                                                                       "instruction")} for row in rows]
+    assert "seed" not in results[2]["metadata"] and results[3]["metadata"]["reviewer"] == "Ann"
     assert {c: b["items"] for c, b in s["categories"].items()} == {"relabelled": 1, "color": 4, "shape": 5}
     stored = {x["id"]: x["score"] for x in read_jsonl(uninterrupted / "results.jsonl")}
     assert {x["id"]: x["score"] for x in results} == stored, "the scores themselves are reused as stored"
@@ -1228,6 +1233,7 @@ def test_a_rows_own_notes_field_is_kept_beside_the_judges_notes(tiny_cache, tmp_
 
     # The manifest edited since: notes removed, added, changed, and one left as it was.
     del rows[0]["notes"]
+    del rows[0]["seed"]
     rows[1]["notes"] = "changed"
     rows[2]["notes"] = "new"
     rows[3]["notes"] = "n/a"

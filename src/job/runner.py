@@ -19,7 +19,8 @@ same call, so the judge encodes the source once); results.jsonl is in manifest o
 Resume: an item is skipped when the stream holds a successful result for its id under the same
 fingerprint (model, template, scoring settings) and the same inputs (image paths, source image
 paths, instruction; in generate mode also the item's own max_new_tokens). Failed items are tried
-again.
+again. A reused result is written with its row as the manifest gives it now (line, category, other
+fields), the judge's notes kept (_as_the_row_says_now).
 """
 from __future__ import annotations
 
@@ -443,8 +444,9 @@ def _reused_and_todo(rows: list[ManifestRow], done: dict[str, dict[str, Any]], b
 def _as_the_row_says_now(rec: dict[str, Any], row: ManifestRow) -> dict[str, Any]:
     """A stored result with its row's place, category and metadata as the manifest gives them now
     (the score stays as stored): a manifest edited between runs (rows moved, a category relabelled,
-    its own notes changed) must give the summary the groups an uninterrupted run of it would. What
-    the judge added to the metadata (its notes) stays, under the key the row's notes now call for."""
+    a free field changed, added or deleted, its own notes changed) must give the results and the
+    summary an uninterrupted run of it would. What the judge added to the metadata (its notes: what
+    the judges here add) stays, under the key the row's notes now call for."""
     stored, own = rec.get("metadata") or {}, row.item.metadata
     cat = own.get("category")
     if JUDGE_NOTES in stored:  # there when the row had notes of its own (_record); else the judge's are `notes`
@@ -456,10 +458,7 @@ def _as_the_row_says_now(rec: dict[str, Any], row: ManifestRow) -> dict[str, Any
     # notes on the metadata's values are made again (_strict_record), from the row as it is now
     judges = [n for n in judges if not (isinstance(n, str) and n.startswith("metadata.") and n.endswith(_NOT_JSON))] \
         if isinstance(judges, list) else []
-    metadata = {**{k: v for k, v in stored.items() if k not in ("notes", JUDGE_NOTES)}, **own}
-    if cat is None:
-        metadata.pop("category", None)
-    metadata = with_judge_notes(metadata, own, judges)
+    metadata = with_judge_notes(dict(own), own, judges)
     return _strict_record({**rec, "line": row.line, "metadata": metadata, "category": None if cat is None else str(cat)},
                           row)
 
