@@ -289,6 +289,9 @@ CUT_ANSWERS = [
     ("Score: 7. Sharp, well lit.", (0, 9), 7.0),
     ("The score is 7 out of 10.", (0, 10), 7.0),  # a denominator has no decimal part: not cut from 10.5
     ("The score is 7 out of 10", (0, 10), None),  # but may go on as 100 (0.7 on this scale)
+    ("Score: 7 out of", (0, 9), None),    # cut before the denominator: out of 10, 6.3
+    ("Score: 7/", (0, 9), None),
+    ("Score: 7 out of", (0, 10), 7.0),    # out of 10 is this scale: 7 either way
 ]
 
 
@@ -301,6 +304,7 @@ def test_a_cut_off_answer_gives_no_score_where_its_last_number_may_go_on(answer,
     cut = read_answers([answer], tpl, [True])
     assert cut["score"] == score, cut
     if score is None:
-        assert cut["kind"] == "parse" and "cut off by max_new_tokens right after a number" in cut["error"], cut
+        why = "before the denominator of a fraction" if answer.rstrip().endswith(("of", "/")) else "right after a number"
+        assert cut["kind"] == "parse" and f"cut off by max_new_tokens {why}" in cut["error"], cut
     ended = read_answers([answer], tpl, [False])  # the same answer, ended by the judge
     assert ended["score"] == parse_score(answer, *scale).score and ended["score"] is not None, ended

@@ -175,6 +175,7 @@ def read_answers(answers: list[str], tpl: Template, cut: list[bool] | None = Non
 
 # The number a cut-off answer ends with (read from its last characters: bounded work).
 _LAST_NUMBER = re.compile(r"\d+(?:\.\d*)?\Z")
+_FRACTION_OPEN = re.compile(r"\d\s*(?:out\s+of|/)\s*\Z", re.I)  # a fraction whose denominator is still to come
 
 
 def _read_answer(answer: str, lo: float, hi: float, levels: Any, key: str | None, cut: bool) -> ParsedScore:
@@ -182,19 +183,27 @@ def _read_answer(answer: str, lo: float, hi: float, levels: Any, key: str | None
     if cut and p.score is not None:
         longer = _longer_score(answer, p, lo, hi, levels, key)
         if longer is not None:
-            return ParsedScore(None, None, f"the answer was cut off by max_new_tokens right after a number, which may "
-                               f"be the start of a longer score ({p.score:g} read, but {longer}); raise max_new_tokens")
+            return ParsedScore(None, None, f"the answer was cut off by max_new_tokens {longer}; raise max_new_tokens")
     return p
 
 
 def _longer_score(answer: str, p: ParsedScore, lo: float, hi: float, levels: Any, key: str | None) -> str | None:
-    """Where the number that ends a cut-off answer may be the start of another score, what it
-    could have read (a tokenizer writes numbers piece by piece: "1" of "10", "7" or "7." of "7.5"),
-    else None. One more digit counts where it reads as another score on the scale (not "70" of
+    """Why the score of a cut-off answer is not known, else None: the number that ends it may be
+    the start of another score (a tokenizer writes numbers piece by piece: "1" of "10", "7" or "7."
+    of "7.5"), or a fraction was cut before its denominator ("7 out of", "7/"). One more digit counts where it reads as another score on the scale (not "70" of
     "7" on 0..9); a decimal part, or a decimal's next digit, where the score read is that longer
     number itself (not a denominator: "out of 10." is not cut from "out of 10.5")."""
     m = _LAST_NUMBER.search(answer[-40:])
     if m is None:
+        # "Score: 7 out of" or "7/" cut there: a denominator may follow, and "7 out of 10" is
+        # another score than 7 on a scale other than 0..10.
+        fraction = _FRACTION_OPEN.search(answer[-40:])
+        if fraction is not None:
+            longer = parse_score(answer + ("10" if fraction.group(0).rstrip().endswith("/") else " 10"), lo, hi,
+                                 levels=levels, key=key)
+            if longer.score is not None and not longer.clamped and longer.score != p.score:
+                return (f"before the denominator of a fraction ({p.score:g} read, but the answer ends in "
+                        f"{fraction.group(0).strip()!r}, and out of 10 it reads {longer.score:g})")
         return None
     number = m.group(0)
     for more, own in ((("5", True),) if "." in number else (("0", False), (".5", True))):
@@ -203,7 +212,8 @@ def _longer_score(answer: str, p: ParsedScore, lo: float, hi: float, levels: Any
             continue
         if own and not math.isclose(longer.raw_value, float(number + more)):
             continue
-        return f"its last number, {number}, may go on as {number}{more}, which reads {longer.score:g}"
+        return (f"right after a number, which may be the start of a longer score ({p.score:g} read, but its last "
+                f"number, {number}, may go on as {number}{more}, which reads {longer.score:g})")
     return None
 
 
