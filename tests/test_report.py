@@ -500,6 +500,8 @@ BAD = [
     ("score.jsonl", '{"id": "a", "score": 5, "sub_scores": {"score": 1, "x": 2}}\n', "line 1: sub-score 'score' has the"),
     ("items.jsonl", '{"id": "a", "score": 5, "sub_scores": {"items": 1}}\n', "which it would overwrite; rename that"),
     ("binary.jsonl", b"\xff\xfe\x00garbage", "not UTF-8"),
+    # metadata that is no object stopped the page with an AttributeError traceback
+    ("meta.jsonl", '{"id": "a", "score": 5, "metadata": "seed=3"}\n', "line 1: 'metadata' must be an object, got str"),
 ]
 
 
@@ -512,6 +514,18 @@ def test_bad_results_file_is_a_clear_error_and_no_page(name, content, message, t
         write_report(p, out)
     assert message in str(err.value) and str(p) in str(err.value)
     assert not out.exists() and not list(tmp_path.glob("*.html*"))
+
+
+def test_scores_too_large_to_square_still_make_a_report(tmp_path):
+    # A judge class's 1e308: the spread squared past the largest float, and ** raised OverflowError
+    # (the page, and a finished job's summary, were lost); now the spread is infinite, and said so.
+    from src.job.summary import stats
+
+    spread = stats([1e308, -1e308, 0.0])
+    assert spread["mean"] == 0.0 and spread["std"] == math.inf and spread["count"] == 3
+    p = tmp_path / "results.jsonl"
+    p.write_text("".join(json.dumps({"id": k, "score": s}) + "\n" for k, s in (("a", 1e308), ("b", -1e308), ("c", 0.0))))
+    assert write_report(p, tmp_path / "report.html").exists()
 
 
 def test_a_lone_templates_sub_score_named_score_is_its_score(tmp_path, capsys):

@@ -31,7 +31,9 @@ def stats(values: list[float]) -> dict[str, Any]:
     mean = sum(values) / n
     spread: dict[str, Any] = {"std": None, "stderr": None, "ci95": None}
     if n > 1:
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+        # d * d, not d ** 2: a square past the largest float is inf (a score of 1e308 from a judge
+        # class), where ** raises OverflowError and the finished job lost its summary
+        std = math.sqrt(sum((v - mean) * (v - mean) for v in values) / (n - 1))
         stderr = std / math.sqrt(n)
         spread = {"std": round(std, 6), "stderr": round(stderr, 6),
                   "ci95": [round(mean - Z95 * stderr, 6), round(mean + Z95 * stderr, 6)]}

@@ -106,6 +106,8 @@ def _check_record(p: Path, n: int, line: str) -> dict[str, Any]:
         v = rec.get(k)
         if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
             raise ReportError(f"{where}: '{k}' must be a list of paths, got {v!r:.80}")
+    if rec.get("metadata") is not None and not isinstance(rec["metadata"], dict):
+        raise ReportError(f"{where}: 'metadata' must be an object, got {type(rec['metadata']).__name__}")
     if rec.get("id") is None:
         rec["id"] = f"line {n}"
     elif not isinstance(rec["id"], str):
