@@ -323,6 +323,33 @@ def test_remote_one_item_the_service_or_json_refuses_fails_alone(service, dirs):
         assert r.error.startswith(f"item {items[k].id!r} (#{k}): "), r.error  # named as the caller numbers it
 
 
+def test_remote_images_that_are_no_image_files_fail_alone_without_being_read(service, dirs, tmp_path):
+    """A path to a device, a FIFO or a folder, an empty file or one too large to send: each item
+    fails alone, named, before a byte is read or sent. /dev/zero had been read whole into memory
+    until the process was killed (22 GB; the in-process judge refuses it as an empty file)."""
+    from src.models.reward.wire import MAX_INLINE_BYTES
+
+    allowed, _ = dirs
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening it would wait for a writer forever
+    (tmp_path / "empty.png").write_bytes(b"")
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as f:
+        f.truncate(MAX_INLINE_BYTES + 1)  # sparse: no disk
+    paths = {"zero": "/dev/zero", "fifo": str(fifo), "folder": str(tmp_path), "empty": str(tmp_path / "empty.png"),
+             "huge": str(huge)}
+    items = [ScoreItem(images=[str(allowed / "img1.png")], id="good")] + [
+        ScoreItem(images=[p], id=k) for k, p in paths.items()]
+    with RemoteRewardModel(service.url, token=TOKEN, max_retries=0) as remote:
+        results = remote.score_items(items)
+    assert results[0].error is None and results[0].score is not None
+    expected = {"zero": "cannot read image /dev/zero: not a regular file", "fifo": "not a regular file",
+                "folder": "not a regular file", "empty": "image file is empty",
+                "huge": f"is over {MAX_INLINE_BYTES // 2 ** 20} MiB, more than a request to the service carries"}
+    for r in results[1:]:
+        assert r.score is None and r.error_kind == "image" and expected[r.id] in r.error, (r.id, r.error)
+
+
 def test_remote_splits_a_request_over_the_size_limit(service, monkeypatch):
     import numpy as np
     from PIL import Image

@@ -26,6 +26,7 @@ import io
 import os
 import random
 import re
+import stat
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
@@ -222,10 +223,7 @@ def encode_image(img: Any, send_paths: bool = False) -> str:
             return path  # already on the wire form
         if send_paths:
             return os.path.abspath(path)
-        try:
-            return data_url(Path(path).read_bytes())
-        except OSError as e:
-            raise ValueError(f"cannot read image {path}: {e.strerror or e}") from None
+        return data_url(_read_image_file(path))
     if isinstance(img, (bytes, bytearray)):
         if not img:
             raise ValueError("image bytes are empty")
@@ -236,6 +234,30 @@ def encode_image(img: Any, send_paths: bool = False) -> str:
         im.save(buf, format="PNG")
         return data_url(buf.getvalue())
     raise ValueError(f"unsupported image type {describe_image(img)}; give a path, bytes or a PIL image")
+
+
+# The largest image file inlined into a request: the service's default body limit
+# (server.max_request_bytes), which a larger file could not pass once base64-encoded anyway.
+MAX_INLINE_BYTES = 64 * 1024 * 1024
+
+
+def _read_image_file(path: str) -> bytes:
+    """An image file's bytes, to inline; ValueError naming it for what cannot be sent (a device
+    such as /dev/zero, a folder, an empty or oversized file): read whole, /dev/zero filled memory."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before opening: a FIFO's open waits for a writer
+            raise ValueError(f"cannot read image {path}: not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_INLINE_BYTES + 1)
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e.strerror or e}") from None
+    if not data:
+        raise ValueError(f"image file is empty: {path}")
+    if len(data) > MAX_INLINE_BYTES:
+        raise ValueError(f"image {path} is over {MAX_INLINE_BYTES // 2**20} MiB, more than a request to the service "
+                         "carries (server.max_request_bytes); give a smaller file, or send_paths if the service "
+                         "can read it")
+    return data
 
 
 def encode_item(item: ScoreItem, send_paths: bool = False) -> dict[str, Any]:
