@@ -28,6 +28,9 @@
   interval calls of --n items with the interpreter's switch interval as found, 1 ms and 0.2 ms,
            alternating
   threads  calls of --n items with the judge's image threads and with 8, alternating
+  gil      calls of --n items sampled by py-spy (`record --gil`): per thread, the time it held the
+           interpreter lock and its top functions (the launches on the main thread against the
+           preparation's and the image threads' Python)
   timeline calls of --n items, not profiled: per chunk, when the host and (CUDA) when the GPU
            reached its run's start and end, the towers' starts and ends and the forward pass's
            syncing points, and when the prepare thread prepared it; a call as the judge runs, and
@@ -43,6 +46,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import pathlib
 import re
 import statistics
@@ -469,6 +473,94 @@ def stage_timeline(model_dir: str, a, images: list, mode: str) -> dict[str, Any]
     return {"mode": mode, "items": a.n, **calls}
 
 
+def stage_gil(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
+    """Who holds the interpreter lock in calls of --n items: after the warm-up and the automatic
+    compile, py-spy (`--py-spy`, its `record --gil --threads --nonblocking`) samples this process
+    at `--rate` Hz over --reps calls; it records only the thread that holds the lock at each
+    sample, so samples / rate is the time the lock was held. Per thread (the main thread
+    launches the GPU work; `judge-prepare` prepares the next chunk; `judge-image` read images),
+    the lock held in seconds and as a share of the calls' wall time, and each thread's top
+    functions, innermost (self) and inclusive of the library's and transformers' frames."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+
+    import torch
+
+    spy = a.py_spy or shutil.which("py-spy")
+    if not spy:
+        return {"skipped": "py-spy is not installed (pip install py-spy, or --py-spy PATH)"}
+    cuda = a.device.startswith("cuda")
+    judge = _judge(model_dir, a, mode)
+    try:
+        for _ in range(2):  # the second call pays an automatic compile when compile_after_items <= bs
+            judge.batch_score(images[:a.bs])
+        judge.batch_score(images[:a.n])  # the timed calls' batch shapes
+        with tempfile.TemporaryDirectory() as d:
+            raw = pathlib.Path(d) / "gil.txt"
+            proc = subprocess.Popen([spy, "record", "--pid", str(os.getpid()), "--gil", "--threads", "--nonblocking",
+                                     "-r", str(a.rate), "-f", "raw", "-o", str(raw)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            time.sleep(2.0)  # attached (the main thread sleeps: no samples)
+            walls = []
+            for _ in range(a.reps):
+                runs.new_images(judge)
+                if cuda:
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                res = judge.batch_score(images[:a.n])
+                if cuda:
+                    torch.cuda.synchronize()
+                walls.append(time.perf_counter() - t)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            said = proc.communicate(timeout=120)[0]
+            if not raw.is_file():
+                return {"error": f"py-spy wrote nothing: {said[-1500:]}"}
+            text = raw.read_text()
+    finally:
+        judge.close()
+    wall = sum(walls)
+    return {"mode": mode, "items": a.n, "reps": a.reps, "rate_hz": a.rate, "scored": sum(r.score is not None for r in res),
+            "call_s": [round(w, 3) for w in walls], "items_per_s": round(a.n * a.reps / wall, 3),
+            **gil_holders(text, a.rate, wall)}
+
+
+def gil_holders(raw: str, rate: float, wall_s: float, top: int = 25) -> dict[str, Any]:
+    """py-spy's raw output (`thread (TID): NAME;frame;frame COUNT` per line, frames outermost
+    first) read as time holding the interpreter lock: per thread name (numbered pool threads
+    merged by their prefix), seconds and share of `wall_s`, and its `top` functions by self time
+    and by inclusive time (frames of the library, transformers and torch only, each counted once
+    per stack)."""
+    per: dict[str, dict[str, Any]] = {}
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        thread = frames[0].partition(":")[2].strip() or frames[0]
+        thread = re.sub(r"_\d+$", "", thread)  # judge-image_0..3 -> judge-image
+        t = per.setdefault(thread, {"samples": 0, "self": collections.Counter(), "inclusive": collections.Counter()})
+        n = int(count)
+        t["samples"] += n
+        body = frames[1:]
+        if body:
+            t["self"][body[-1]] += n
+        for f in {re.sub(r":\d+\)$", ")", f) for f in body}:  # a function once per stack, whatever its line
+            if any(k in f for k in ("src/models/", "transformers/", "torch/", "PIL/", "qwen_vl_utils/")):
+                t["inclusive"][f] += n
+    threads = {}
+    for name, t in sorted(per.items(), key=lambda kv: -kv[1]["samples"]):
+        held = t["samples"] / rate
+        threads[name] = {"held_s": round(held, 3), "share_of_wall": round(held / wall_s, 3) if wall_s else None,
+                         "self": [{"frame": f[:160], "s": round(c / rate, 3)} for f, c in t["self"].most_common(top)],
+                         "inclusive": [{"frame": f[:160], "s": round(c / rate, 3)} for f, c in t["inclusive"].most_common(top)]}
+    total = sum(t["samples"] for t in per.values()) / rate
+    return {"wall_s": round(wall_s, 3), "held_s": round(total, 3), "held_share": round(total / wall_s, 3) if wall_s else None,
+            "threads": threads}
+
+
 def _timeline_chunks(marks: list[tuple[int, str, float, Any]], sizes: dict[int, int], ref: Any, t0: float) -> dict[str, Any]:
     """stage_timeline's points per chunk (a point reached again is named _2, _3, ...), and the
     GPU's time between chunks."""
@@ -799,6 +891,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=128, help="generate mode: answer tokens (forced)")
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--height", type=int, default=768)
+    ap.add_argument("--rate", type=int, default=500, help="stage gil: py-spy's samples per second")
+    ap.add_argument("--py-spy", default=None, help="stage gil: the py-spy executable (default: on PATH)")
     runs.add_judge_argument(ap, "every stage", "compile_after_items=1")
     runs.add_output_arguments(ap, "profile_gpu", "CPU, tiny model, tiny images: seconds (CI)")
     a = ap.parse_args(argv)
@@ -806,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
         a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl_moe"
         a.device, a.new, a.width, a.height = "cpu", 4, 224, 168
     stages = {"memory": stage_memory, "kernels": stage_kernels, "parts": stage_parts, "gaps": stage_gaps,
-              "timeline": stage_timeline, **{k: stage_switched(k) for k in SWITCHED}}
+              "timeline": stage_timeline, "gil": stage_gil, **{k: stage_switched(k) for k in SWITCHED}}
     asked = runs.stage_names(ap, a.stages, stages)
     a.n = a.n or (2 if a.smoke else 32)
     a.bs = a.bs or (2 if a.smoke else 32)

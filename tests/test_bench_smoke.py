@@ -296,6 +296,30 @@ def test_switches_name_why_a_judge_has_nothing_to_switch():
     assert SWITCHED["experts"][2](generate) == "not a mixture-of-experts judge"
 
 
+def test_gil_holders_reads_py_spy_raw_output():
+    # py-spy's raw format: `thread (TID): NAME;outer frame;...;inner frame COUNT`, frames as
+    # `function (file:line)`; pool threads numbered, merged by their prefix.
+    from benchmarks.profile_gpu import gil_holders
+
+    raw = "\n".join([
+        "thread (11): MainThread;run (src/models/reward/batching.py:10);mm (torch/nn/functional.py:5) 300",
+        "thread (12): judge-prepare_0;_prepare (src/models/reward/preparation.py:40);flatten (transformers/x.py:7) 150",
+        "thread (12): judge-prepare_0;_prepare (src/models/reward/preparation.py:41);groupby (transformers/y.py:9) 50",
+        "thread (13): judge-image_0;load_pil (src/models/reward/types.py:337) 30",
+        "thread (14): judge-image_3;load_pil (src/models/reward/types.py:337) 20",
+        "not a sample line",
+    ])
+    g = gil_holders(raw, rate=100.0, wall_s=10.0)
+    assert g["held_s"] == 5.5 and g["held_share"] == 0.55
+    assert list(g["threads"]) == ["MainThread", "judge-prepare", "judge-image"]
+    prep = g["threads"]["judge-prepare"]
+    assert prep["held_s"] == 2.0 and prep["share_of_wall"] == 0.2
+    assert prep["self"][0] == {"frame": "flatten (transformers/x.py:7)", "s": 1.5}
+    # the same function at two lines: one inclusive entry, counted once per stack
+    assert prep["inclusive"][0] == {"frame": "_prepare (src/models/reward/preparation.py)", "s": 2.0}
+    assert g["threads"]["judge-image"]["held_s"] == 0.5
+
+
 def test_the_garbage_collector_is_put_back():
     import gc
 
