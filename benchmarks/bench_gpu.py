@@ -24,6 +24,7 @@ import os
 import pathlib
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -207,8 +208,9 @@ def summarize(results) -> dict[str, Any]:
 
 def bench_in_process(model_dir: str, device: str, mode: str, judge_kw: dict[str, Any], images: list,
                      bs_list: list[int], n_for_bs, new: int, cuda: bool, extra_runs=None,
-                     warmup_items: int | None = None) -> dict[str, Any]:
-    """Load, first result, a 10-item call, then per batch size: a warm-up call and a timed call.
+                     warmup_items: int | None = None, reps: int = 1) -> dict[str, Any]:
+    """Load, first result, a 10-item call, then per batch size: a warm-up call and `reps` timed
+    calls (the row's figure: their median).
     warmup_items: at least this many items are scored before the first timed call, so the
     defaults' automatic compile (compile_after_items) has happened and is counted in the warm-up."""
     import torch
@@ -261,13 +263,18 @@ def bench_in_process(model_dir: str, device: str, mode: str, judge_kw: dict[str,
             warm = clock.now() - w0
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            enc = runs.new_images(judge)  # the warm-up's images: their features are not handed back
-            t = clock.now()
-            res = judge.batch_score(images[:n])
-            dt = clock.now() - t
-            row = {"items": n, "seconds": round(dt, 3), "img_per_s": round(n / dt, 3), "warmup_s": round(warm, 2),
+            times, encoded = [], []
+            for _ in range(reps):  # the median of the timed calls: one call varies by a few percent
+                enc = runs.new_images(judge)  # the warm-up's images: their features are not handed back
+                t = clock.now()
+                res = judge.batch_score(images[:n])
+                times.append(clock.now() - t)
+                encoded.append(runs.encoded_since(judge, enc))
+            dt = statistics.median(times)
+            row = {"items": n, "seconds": round(dt, 3), "img_per_s": round(n / dt, 3),
+                   "img_per_s_each": [round(n / t, 3) for t in times], "warmup_s": round(warm, 2),
                    "warmup_items": want, **extra, "compiled_modules": len(eng._compiled),
-                   "images_encoded": runs.encoded_since(judge, enc), **summarize(res)}
+                   "images_encoded": min(encoded), **summarize(res)}
             if cuda:
                 row["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
             out[f"bs{bs}"] = row
@@ -392,13 +399,15 @@ def bench_size(size: str, a, naive_path: pathlib.Path | None, work: pathlib.Path
             str(model_dir), a.device, "logits", judge_kw, images, a.bs,
             lambda bs: a.n_worker if bs == max(a.bs) else a.n, a.new, cuda,
             extra_runs=in_process_path_runs(paths, max(a.bs)) if "worker" in a.stages else None,
-            warmup_items=a.warmup_items if a.warmup_items is not None else _auto_compile_items(judge_kw, a.device))
+            warmup_items=a.warmup_items if a.warmup_items is not None else _auto_compile_items(judge_kw, a.device),
+            reps=a.reps)
         log(f"[{size}] library logits: {res['library_logits']}")
         save()
     if "generate" in a.stages and left() > 60:
         res["library_generate"] = bench_in_process(
             str(model_dir), a.device, "generate", judge_kw, images, a.bs, gen_n, a.new, cuda,
-            warmup_items=a.warmup_items if a.warmup_items is not None else _auto_compile_items(judge_kw, a.device))
+            warmup_items=a.warmup_items if a.warmup_items is not None else _auto_compile_items(judge_kw, a.device),
+            reps=a.reps)
         log(f"[{size}] library generate: {res['library_generate']}")
         save()
     if "smalljobs" in a.stages and left() > 60:
@@ -474,8 +483,10 @@ def markdown(report: dict[str, Any]) -> str:
                 row = lib.get(f"bs{bs}") or {}
                 n_v, l_v = naive.get(key.format(bs=bs)), row.get("img_per_s")
                 ratio = f"{l_v / n_v:.2f}x" if n_v and l_v else "-"
+                each = row.get("img_per_s_each") or []
+                calls = f" (median of {', '.join(_f(v) for v in each)})" if len(each) > 1 else ""
                 lines.append(f"| {mode if mode == 'logits' else 'generate' + str(meta['new_tokens'])} | {bs} | "
-                             f"{_f(n_v)} | {_f(l_v)} | {ratio} | {_f(naive.get('peak_gpu_mem_gb'))} (max of run) | "
+                             f"{_f(n_v)} | {_f(l_v)}{calls} | {ratio} | {_f(naive.get('peak_gpu_mem_gb'))} (max of run) | "
                              f"{_f(row.get('peak_gpu_mem_gb'))} | {_f(row.get('warmup_s'))} ({row.get('warmup_items', '-')}) |")
         lines.append("")
         ll, lg, wk = r.get("library_logits") or {}, r.get("library_generate") or {}, r.get("library_worker") or {}
@@ -541,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--n", type=int, default=64, help="images per timed run (the naive loop's --n)")
     ap.add_argument("--n-worker", type=int, default=256, help="images for the in-process vs one-worker runs")
+    ap.add_argument("--reps", type=int, default=1,
+                    help="the library's timed calls per mode and batch size; the tables show their median")
     ap.add_argument("--bs", default="1,8,32")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--width", type=int, default=1024)

@@ -28,6 +28,10 @@
   interval calls of --n items with the interpreter's switch interval as found, 1 ms and 0.2 ms,
            alternating
   threads  calls of --n items with the judge's image threads and with 8, alternating
+  arrays   calls of --n items with the images handed to the processor as arrays made once and as
+           PIL images, alternating
+  counters generate mode: calls of --n items with the static cache's counters made on the device
+           and on the CPU, alternating
   gil      calls of --n items sampled by py-spy (`record --gil`): per thread, the time it held the
            interpreter lock and its top functions (the launches on the main thread against the
            preparation's and the image threads' Python)
@@ -753,6 +757,43 @@ def _switch_prep(engine, on_gpu: bool, saved: dict) -> None:
     engine._prep_stream = stream if on_gpu else None
 
 
+def _switch_arrays(engine, arrays: bool, saved: dict) -> None:
+    """The image threads hand the processor each resized image as an array made once, its digest
+    read from that array without the interpreter lock (defaults), or as the resized PIL image,
+    which the processor converts again in the prepare thread, its digest from PIL's bytes (the
+    judge before 2026-12-05)."""
+    if arrays:
+        vars(engine).pop("_load_image", None)
+        return
+    import hashlib
+
+    from qwen_vl_utils import fetch_image
+
+    from src.models.reward.types import load_pil
+
+    def load_image(img):
+        pil = load_pil(img, engine.settings.max_image_pixels)
+        resized = fetch_image({"image": pil, "min_pixels": engine.min_pixels, "max_pixels": engine.max_pixels},
+                              image_patch_size=engine.patch_size)
+        key = None
+        if engine._vision_reuse:
+            h = hashlib.blake2b(resized.tobytes(), digest_size=16)
+            h.update(f"{resized.size}{resized.mode}".encode())
+            key = h.hexdigest()
+        return pil.info.get("frames_note"), resized, key
+
+    engine._load_image = load_image
+
+
+def _switch_counters(engine, on_device: bool, saved: dict) -> None:
+    """Generate mode: the static cache's counters made on the device before each prefill
+    (defaults) or left to transformers (made on the CPU, copied at each layer's first write)."""
+    from src.models.reward import fast_decode
+
+    own = saved.setdefault("counters_on", fast_decode.counters_on)
+    fast_decode.counters_on = own if on_device else (lambda cache, device: None)
+
+
 # Stages that switch one default path on a loaded judge (_alternate): the variants (defaults
 # first), the switch, why a judge has nothing to switch (None: it has), and the table's title.
 SWITCHED = {
@@ -782,6 +823,11 @@ SWITCHED = {
              "The images' patches: cut on the GPU by the prepare thread (defaults) against on the CPU"),
     "threads": ({"defaults": None, "image_threads_8": 8}, _switch_threads, lambda engine: None,
                 "The image threads: the judge's prepare_threads (defaults) against 8"),
+    "arrays": ({"defaults": True, "pil_images": False}, _switch_arrays, lambda engine: None,
+               "The images handed to the processor: arrays made once (defaults) against PIL images"),
+    "counters": ({"defaults": True, "counters_on_cpu": False}, _switch_counters,
+                 lambda engine: None if engine.settings.mode == "generate" else "a static cache in generate mode only",
+                 "The static cache's counters: made on the device (defaults) against on the CPU"),
     "interval": ({"defaults": None, "interval_1ms": 0.001, "interval_0_2ms": 0.0002}, _switch_interval,
                  lambda engine: None, "The interpreter's switch interval: as found (defaults) against 1 and 0.2 ms"),
 }

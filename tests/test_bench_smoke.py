@@ -27,19 +27,19 @@ RUNS = {
     # --warmup-items 16 takes the warm-up's other branch (eager items up to the count, then one
     # batch that would pay a compile), which a CPU run, having no automatic compile, skips by itself.
     "qwen3": ([str(BENCH / "bench_gpu.py"), "--smoke", "--sizes", "smoke-qwen3_vl,smoke-qwen3_vl_moe",
-               "--stages", "logits,generate", "--warmup-items", "16"], {"PYTHONUNBUFFERED": "1"}, 300),
+               "--stages", "logits,generate", "--warmup-items", "16", "--reps", "2"], {"PYTHONUNBUFFERED": "1"}, 300),
     "reuse": ([str(BENCH / "reuse_gpu.py"), "--smoke"], {"PYTHONUNBUFFERED": "1"}, 300),
     "quant": ([str(BENCH / "quant_gpu.py"), "--smoke"], {"PYTHONPATH": str(ROOT)}, 600),
     "profile": ([str(BENCH / "profile_gpu.py"), "--smoke", "--modes", "logits"], {"PYTHONPATH": str(ROOT)}, 600),
     "attention": ([str(BENCH / "attention_gpu.py"), "--smoke"], {}, 300),
     "decode_attention": ([str(BENCH / "decode_attention_gpu.py"), "--smoke"], {}, 300),
     "prepare": ([str(BENCH / "prepare_gpu.py"), "--smoke"], {"PYTHONPATH": str(ROOT)}, 300),
-    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch,gaps,rope", "--modes", "generate,logits", "--reps", "1",
+    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch,gaps,rope,counters", "--modes", "generate,logits", "--reps", "1",
                "--name", "profile_parts"], {"PYTHONPATH": str(ROOT)}, 300),
     # 5 items at batch 4: a ramped call's chunks are 1, 3 and 1 items, an unramped call's 4 and 1.
     # Logits mode: the mode every one of these stages switches something in (the interval's and
     # the threads' switches are the same code in generate mode).
-    "switches": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "ramp,interval,threads,mask,split,gc,timeline",
+    "switches": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "ramp,interval,threads,mask,split,gc,timeline,arrays",
                   "--modes", "logits",
                   "--reps", "1", "--n", "5", "--bs", "4", "--name", "profile_switches"], {"PYTHONPATH": str(ROOT)}, 300),
 }
@@ -126,8 +126,12 @@ def test_bench_gpu_smoke_qwen3_judges(smoke_runs):
             bs1 = size[f"library_{mode}"]["bs1"]
             assert bs1["warmup_items"] == 6 + 4 and bs1["warmup_eager_img_per_s"] > 0 and bs1["compile_call_s"] >= 0
             assert bs1["images_encoded"] == 4
+            # two timed calls (--reps 2): the row's figure is their median, each one kept
+            each = size[f"library_{mode}"]["bs2"]["img_per_s_each"]
+            assert len(each) == 2 and size[f"library_{mode}"]["bs2"]["img_per_s"] == pytest.approx(2 / (1 / each[0] + 1 / each[1]), rel=1e-3)
         assert size["library_generate"]["fast_decode"] is True and size["library_generate"]["bs2"]["items"] == 4
-    assert "smoke stand-in smoke-qwen3_vl_moe" in (out / "bench_gpu.md").read_text()
+    md = (out / "bench_gpu.md").read_text()
+    assert "smoke stand-in smoke-qwen3_vl_moe" in md and "(median of " in md
 
 
 def test_reuse_gpu_smoke(smoke_runs):
@@ -241,6 +245,11 @@ def test_profile_parts_smoke(smoke_runs):
     assert rope["variants"] == ["defaults", "model_walk"] and rope["model_walk"]["max_score_diff"] < 1e-6
     assert report["rope_generate"] == {"skipped": "the rope positions are worked out ahead in logits mode only"}
     assert "## The rope positions: worked out on the host ahead (defaults) against the model's walk on the GPU, logits mode" in md
+    # The static cache's counters on the device or the CPU (here both the CPU): the same answers.
+    counters = report["counters_generate"]
+    assert counters["variants"] == ["defaults", "counters_on_cpu"]
+    assert counters["counters_on_cpu"]["identical_to_defaults"] == 1.0
+    assert report["counters_logits"] == {"skipped": "a static cache in generate mode only"}
 
 
 def test_profile_switches_smoke(smoke_runs):
@@ -260,7 +269,7 @@ def test_profile_switches_smoke(smoke_runs):
     # or by the model, the garbage collector frozen or not: the same scores; the image tokens
     # ahead in logits mode only
     for stage, other in (("threads", "image_threads_8"), ("mask", "model_mask"), ("split", "model_split"),
-                         ("gc", "frozen")):
+                         ("gc", "frozen"), ("arrays", "pil_images")):
         st = report[f"{stage}_logits"]
         assert st["variants"] == ["defaults", other] and st[other]["identical_to_defaults"] == 1.0, st
     # The timeline: every chunk of both calls (1, 3 and 1 items) reached each of its points in order

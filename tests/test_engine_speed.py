@@ -64,6 +64,26 @@ def test_greedy_generate_equals_generate(model_and_inputs, min_new, penalty):
     assert model.config.text_config._attn_implementation == "sdpa"  # the decode attention was put back
 
 
+def test_cache_counters_made_on_the_device_before_the_prefill(model_and_inputs):
+    # transformers makes each static layer's counter on the CPU and copies it to the device at the
+    # layer's first write (a host sync per layer on a GPU); made there first, the write keeps it.
+    from transformers import StaticCache
+
+    model = model_and_inputs[0]
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    assert all(layer.cumulative_length.device.type == "cpu" for layer in cache.layers)
+    fast_decode.counters_on(cache, "meta")  # a device other than the CPU; no GPU here
+    counters = [layer.cumulative_length for layer in cache.layers]
+    assert all(c.device.type == "meta" and c.dtype == torch.int64 and c.dim() == 0 for c in counters)
+    layer = cache.layers[0]
+    kv = torch.empty(2, 1, 3, 8, device="meta")
+    layer.lazy_initialization(kv, kv)
+    assert layer.cumulative_length is counters[0]  # not replaced by a copy
+    fast_decode.counters_on(cache, "cpu")  # on the CPU: made again there, value zero
+    assert all(layer.cumulative_length.device.type == "cpu" and int(layer.cumulative_length) == 0
+               for layer in cache.layers)
+
+
 def _decode_case():
     g = torch.Generator().manual_seed(0)
     b, h, hkv, m, d = 3, 8, 2, 37, 16

@@ -198,6 +198,7 @@ def _prefill(model: Any, inputs: Any, cache_len: int) -> tuple[Any, Any, Any, An
 
     ids = inputs["input_ids"]
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    counters_on(cache, ids.device)
     attn = inputs.get("attention_mask")
     if attn is None:
         attn = torch.ones_like(ids)
@@ -217,6 +218,20 @@ def _prefill(model: Any, inputs: Any, cache_len: int) -> tuple[Any, Any, Any, An
     if deltas is None:
         deltas = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
     return cache, attn, logits, deltas
+
+
+def counters_on(cache: Any, device: Any) -> None:
+    """Each static layer's token counter made on `device` before the prefill. transformers makes
+    it on the CPU and moves it at the layer's first write, a copy from pageable memory, which
+    waits for everything queued on the GPU (the vision tower, the layers before, a batch still
+    decoding): one host sync per layer and prefill, 36 on Qwen3-VL-8B. A new cache's counters are
+    zero, so a zero made on the device (a fill, queued like any kernel) is the same value."""
+    import torch
+
+    for layer in getattr(cache, "layers", ()):
+        count = getattr(layer, "cumulative_length", None)
+        if isinstance(count, torch.Tensor) and count.device != torch.device(device):
+            layer.cumulative_length = torch.zeros_like(count, device=device)
 
 
 _cache_kwargs: dict[type, str] = {}
