@@ -34,12 +34,12 @@ RUNS = {
     "attention": ([str(BENCH / "attention_gpu.py"), "--smoke"], {}, 300),
     "decode_attention": ([str(BENCH / "decode_attention_gpu.py"), "--smoke"], {}, 300),
     "prepare": ([str(BENCH / "prepare_gpu.py"), "--smoke"], {"PYTHONPATH": str(ROOT)}, 300),
-    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch,gaps,rope,counters", "--modes", "generate,logits", "--reps", "1",
+    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch,gaps,rope,counters,gelu", "--modes", "generate,logits", "--reps", "1",
                "--name", "profile_parts"], {"PYTHONPATH": str(ROOT)}, 300),
     # 5 items at batch 4: a ramped call's chunks are 1, 3 and 1 items, an unramped call's 4 and 1.
     # Logits mode: the mode every one of these stages switches something in (the interval's and
     # the threads' switches are the same code in generate mode).
-    "switches": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "ramp,interval,threads,mask,split,gc,timeline,arrays",
+    "switches": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "ramp,interval,threads,mask,split,gc,timeline",
                   "--modes", "logits",
                   "--reps", "1", "--n", "5", "--bs", "4", "--name", "profile_switches"], {"PYTHONPATH": str(ROOT)}, 300),
 }
@@ -250,6 +250,7 @@ def test_profile_parts_smoke(smoke_runs):
     assert counters["variants"] == ["defaults", "counters_on_cpu"]
     assert counters["counters_on_cpu"]["identical_to_defaults"] == 1.0
     assert report["counters_logits"] == {"skipped": "a static cache in generate mode only"}
+    assert report["gelu_logits"] == {"skipped": "the vision MLP's GELU is in a kernel of its own here"}  # CUDA only
 
 
 def test_profile_switches_smoke(smoke_runs):
@@ -269,7 +270,7 @@ def test_profile_switches_smoke(smoke_runs):
     # or by the model, the garbage collector frozen or not: the same scores; the image tokens
     # ahead in logits mode only
     for stage, other in (("threads", "image_threads_8"), ("mask", "model_mask"), ("split", "model_split"),
-                         ("gc", "frozen"), ("arrays", "pil_images")):
+                         ("gc", "frozen")):
         st = report[f"{stage}_logits"]
         assert st["variants"] == ["defaults", other] and st[other]["identical_to_defaults"] == 1.0, st
     # The timeline: every chunk of both calls (1, 3 and 1 items) reached each of its points in order

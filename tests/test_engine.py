@@ -222,40 +222,6 @@ def test_build_from_config_gives_the_same_scores(logits_judge, image_files):
     assert a == pytest.approx(b, abs=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
-def test_the_processor_is_given_the_resized_images_pixels(arch, tiny_cache, tmp_path):
-    # The image threads hand the processor each resized image as an array made once (PIL's
-    # conversion holds the interpreter lock); the processor's output is the one it gives for the
-    # PIL image, and the vision-reuse digest names equal pixels alike and different ones apart.
-    import numpy as np
-    import torch
-    from PIL import Image
-    from qwen_vl_utils import fetch_image
-
-    from src.models.reward.vision_reuse import image_key
-
-    rgba = make_image(3, 150, 90).convert("RGBA")
-    files = [make_image(1, 224, 168), make_image(2, 120, 260), rgba]
-    paths = []
-    for k, im in enumerate(files):
-        paths.append(tmp_path / f"{k}.png")
-        im.save(paths[-1])
-    with judge(f"tiny:{arch}") as j:
-        eng = j.engine
-        loaded = [eng._load_image(str(p)) for p in paths]
-        pils = [fetch_image({"image": Image.open(p), "min_pixels": eng.min_pixels, "max_pixels": eng.max_pixels},
-                            image_patch_size=eng.patch_size) for p in paths]
-        for (_, pixels, key), pil in zip(loaded, pils):
-            assert pixels.dtype == np.uint8 and pixels.shape == (pil.height, pil.width, 3) and pixels.flags.writeable
-            assert np.array_equal(pixels, np.asarray(pil))
-            assert key == image_key(np.asarray(pil).copy())
-        assert len({key for _, _, key in loaded}) == 3
-        text = ["<|vision_start|><|image_pad|><|vision_end|>x"] * 3
-        ours = eng.processor(text=text, images=[p for _, p, _ in loaded], padding=True, return_tensors="pt")
-        theirs = eng.processor(text=text, images=pils, padding=True, return_tensors="pt")
-        assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
-
-
 def test_prompts_show_what_scoring_shows(tiny_cache, image_files, tmp_path):
     # JudgeEngine.prompts is what the tiny judge is trained on: the same prompt text and images
     # as scoring, per rubric part, in either mode's wording, with bad items named.

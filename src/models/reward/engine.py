@@ -153,7 +153,7 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
 
     def prompts(self, items: Sequence[ScoreItem], mode: str | None = None) -> list[list[tuple[str, Template, str, list[Any]]]]:
         """What the judge is shown for each item, without running the model: per item, per rubric
-        part, (part name, template, prompt text, resized PIL images in prompt order), built by the
+        part, (part name, template, prompt text, resized images in prompt order), built by the
         same code as scoring. `mode` (default: the settings' mode) picks the question's wording.
         Training a judge uses this so that it learns on exactly the inputs it is scored on.
         Raises ValueError naming the first item that cannot be prepared."""
@@ -164,11 +164,9 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         if chunk.errors:
             pos, (msg, _) = min(chunk.errors.items())
             raise JudgeInputError(f"item {_name(items[pos], pos)}: {msg}")
-        from PIL import Image
-
         out: list[list[tuple[str, Template, str, list[Any]]]] = [[] for _ in items]
         for r in chunk.requests:
-            out[r.pos].append((r.part, r.template, r.prompt, [Image.fromarray(a) for a in r.images]))
+            out[r.pos].append((r.part, r.template, r.prompt, r.images))
         return out
 
     def _run_chunk(self, chunk: _PreparedChunk) -> dict[int, ScoreResult]:

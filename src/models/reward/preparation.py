@@ -23,7 +23,7 @@ class _Request:
     part: str
     template: Template
     prompt: str
-    images: list[Any]  # resized images as (height, width, 3) uint8 arrays, in the order the prompt shows them
+    images: list[Any]  # resized PIL images, in the order the prompt shows them
     image_keys: list[str] | None = None  # their pixel digests, when vision features are reused
     max_new: int | None = None  # the item's own answer budget (metadata max_new_tokens), if lower
 
@@ -140,17 +140,11 @@ class Preparation:
     def _load_image(self, img: Any) -> tuple[str | None, Any, str | None]:
         from qwen_vl_utils import fetch_image
 
-        import numpy as np
-
         pil = load_pil(img, self.settings.max_image_pixels)
         resized = fetch_image({"image": pil, "min_pixels": self.min_pixels, "max_pixels": self.max_pixels},
                               image_patch_size=self.patch_size)
-        # The pixels as the array the processor is given (the same pixel values as from the PIL
-        # image), made once: PIL's conversion holds the interpreter lock (~1 ms for 1024x768), and
-        # the processor would make it again in the prepare thread, beside the model's launches.
-        pixels = np.array(resized)  # writable: torch warns about a read-only one
         # The digest names the image for vision_reuse.py (equal pixels, one pass through the tower).
-        return pil.info.get("frames_note"), pixels, image_key(pixels) if self._vision_reuse else None
+        return pil.info.get("frames_note"), resized, image_key(resized) if self._vision_reuse else None
 
     def _pre_encode(self, chunk: _PreparedChunk) -> None:
         # Run the processor here, in the prepare thread, so it overlaps the model's work on the

@@ -75,12 +75,10 @@ _PASSED = ("return_dict", "use_cache", "output_router_logits")
 Features = tuple[Any, "list[Any] | None"]
 
 
-def image_key(pixels: Any) -> str:
-    """A name for a resized image as the processor is given it, an (height, width, 3) uint8 array
-    (preparation.py): equal for equal pixels (shape and bytes). hashlib reads the array's memory
-    without holding the interpreter lock."""
-    h = hashlib.blake2b(pixels.data if pixels.flags.c_contiguous else pixels.tobytes(), digest_size=16)
-    h.update(f"{pixels.shape}{pixels.dtype}".encode())
+def image_key(image: Any) -> str:
+    """A name for a resized PIL image: equal for equal pixels (size, mode and bytes)."""
+    h = hashlib.blake2b(image.tobytes(), digest_size=16)
+    h.update(f"{image.size}{image.mode}".encode())
     return h.hexdigest()
 
 
