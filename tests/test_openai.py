@@ -140,6 +140,63 @@ def test_a_chat_prompt_and_answer_over_the_judges_context_fail_alone(short_conte
     assert "lower max_new_tokens" in budget_over.error and "fewer tokens" in prompt_over.error
 
 
+def test_an_item_failure_raised_inside_a_call_is_that_items_result_on_every_path(fake, tiny_cache):
+    """One class carries an item's failure inside a call, `errors.ItemFailed`: raised in the local
+    judge's batch, in a chat request's generation, or in the openai judge's request for one item,
+    it becomes that item's `error` (its message after the item's name) and `error_kind`, and the
+    other items are answered. Each path had its own private class: the public one raised there was
+    reported as "model failed" (local batching, chat) or escaped the whole call (openai)."""
+    from src.models.reward.chat import CHAT_KEY
+    from src.models.reward.errors import ItemFailed
+    from src.models.reward.types import item_name
+
+    refusals: list[ItemFailed] = []  # the next forward passes of the local judge's model raise these
+
+    def refuse_next(mod, args):
+        if refusals:
+            raise refusals.pop(0)
+
+    def chat(k: int) -> ScoreItem:
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+        return ScoreItem(images=[str(DEMO / ROWS[k]["image"])], id=f"c{k}",
+                         metadata={CHAT_KEY: {"messages": msgs, "max_tokens": 2}})
+
+    def one_refused(items, results, prefix: str, message: str, kind: str):
+        refused = [r for r in results if r.error is not None]
+        assert len(refused) == 1, [(r.id, r.error) for r in results]
+        [r] = refused
+        assert r.score is None and r.error_kind == kind, (r.error_kind, r.error)
+        assert r.error == f"{prefix} {item_name(items[r.index], r.index)}: {message}", r.error
+        return r
+
+    with build_reward_model({"class_path": "qwen_vl", "params": {"model_name": "tiny:judge", "batch_size": 1}}) as judge:
+        judge.engine.model.register_forward_pre_hook(refuse_next)
+        refusals.append(ItemFailed("the batch refused", "refused"))
+        plain_items, chat_items = image_items(2), [chat(0), chat(1)]
+        plain = judge.score_items(plain_items)
+        refusals.append(ItemFailed("the chat refused", "refused_chat"))
+        chats = judge.score_items(chat_items)
+    assert not refusals
+    one_refused(plain_items, plain, "item", "the batch refused", "refused")
+    assert [r.score is not None for r in plain].count(True) == 1
+    one_refused(chat_items, chats, "chat request", "the chat refused", "refused_chat")
+    assert [r.raw.get("chat") is not None for r in chats].count(True) == 1
+
+    served, _ = fake([completion('{"score": 6}')], mode="generate", max_concurrency=1)
+    asked = served.messages
+
+    def messages(tpl, item, urls):  # a subclass's own prompt, refusing one item
+        if item.id == "i1":
+            raise ItemFailed("the prompt refused", "refused_prompt")
+        return asked(tpl, item, urls)
+    served.messages = messages
+    items = image_items(3)
+    with served:
+        results = served.score_items(items)
+    assert one_refused(items, results, "item", "quality: the prompt refused", "refused_prompt").id == "i1"
+    assert [r.score for r in results] == [6.0, None, 6.0]
+
+
 # -- the official client against the service ----------------------------------------------
 
 def test_official_client_asks_the_judge_and_reads_logprobs(client, in_process):

@@ -9,6 +9,7 @@ import logging
 import time
 from typing import Any, Iterator, Sequence, TYPE_CHECKING
 
+from .errors import ItemFailed
 from .grouping import cut_between_sources
 
 if TYPE_CHECKING:
@@ -18,15 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("src.models.reward.engine")
 
 
-class _ItemError(Exception):
-    """A failure that belongs to the item (or prompt) it names; `kind` is its error kind."""
-
-    def __init__(self, message: str, kind: str):
-        super().__init__(message)
-        self.kind = kind
-
-
-class _PromptsTooLong(_ItemError):
+class _PromptsTooLong(ItemFailed):
     """Prompts of a batch that must not run (preparation.prompt_length_problem): (pos, part) ->
     why. They fail alone; the rest of their batch runs without them."""
 
@@ -138,7 +131,7 @@ class Batching:
             self._free_memory()
             self._note_oom(len(reqs))
             if len(reqs) == 1:
-                yield reqs[0], _ItemError(f"out of memory even alone on {self.device_label}: {_first_line(e)}", "oom"), 0.0
+                yield reqs[0], ItemFailed(f"out of memory even alone on {self.device_label}: {_first_line(e)}", "oom"), 0.0
                 return
             log.warning("out of memory on a batch of %d on %s; splitting it", len(reqs), self.device_label)
             half = len(reqs) // 2
@@ -148,16 +141,16 @@ class Batching:
             for req in reqs:
                 why = e.over.get(_batch_key([req])[0])
                 if why is not None:
-                    yield req, _ItemError(why, e.kind), 0.0
+                    yield req, ItemFailed(why, e.kind), 0.0
             rest = [req for req in reqs if _batch_key([req])[0] not in e.over]
             if rest:
                 yield from self._run_requests(rest)
-        except _ItemError as e:
+        except ItemFailed as e:
             for req in reqs:
                 yield req, e, 0.0
         except Exception as e:
             if len(reqs) == 1:
-                yield reqs[0], _ItemError(f"model failed: {type(e).__name__}: {e}", "model"), 0.0
+                yield reqs[0], ItemFailed(f"model failed: {type(e).__name__}: {e}", "model"), 0.0
                 return
             log.warning("a batch of %d failed on %s (%s: %s); retrying its prompts one by one",
                         len(reqs), self.device_label, type(e).__name__, e)

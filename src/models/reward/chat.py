@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
+from .errors import ItemFailed
 from .preparation import prompt_length_problem
 from .types import ScoreItem, ScoreResult, describe_image, item_name
 
@@ -63,47 +64,42 @@ def split_chats(engine: "JudgeEngine", items: Sequence[ScoreItem], indices: Sequ
     return results  # type: ignore[return-value]
 
 
-class _ChatError(Exception):
-    def __init__(self, message: str, kind: str = "input"):
-        super().__init__(message)
-        self.kind = kind
-
-
 def _check_spec(spec: Any) -> dict[str, Any]:
-    """The spec with defaults filled in; _ChatError naming the field otherwise. The route checks
+    """The spec with defaults filled in; ItemFailed naming the field otherwise. The route checks
     the same things with HTTP errors; this guards the engine against any other caller."""
     if not isinstance(spec, dict):
-        raise _ChatError(f"the chat request must be an object, got {type(spec).__name__}")
+        raise ItemFailed(f"the chat request must be an object, got {type(spec).__name__}", "input")
     messages = spec.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise _ChatError("'messages' must be a non-empty list")
+        raise ItemFailed("'messages' must be a non-empty list", "input")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise _ChatError(f"messages[{i}]: needs a role among {', '.join(ROLES)}")
+            raise ItemFailed(f"messages[{i}]: needs a role among {', '.join(ROLES)}", "input")
         content = m.get("content")
         if isinstance(content, list):
             for j, part in enumerate(content):
                 ok = isinstance(part, dict) and (part.get("type") == "image" or
                                                  (part.get("type") == "text" and isinstance(part.get("text"), str)))
                 if not ok:
-                    raise _ChatError(f"messages[{i}].content[{j}]: expected {{'type': 'text', 'text': str}} "
-                                     "or {'type': 'image'}")
+                    raise ItemFailed(f"messages[{i}].content[{j}]: expected {{'type': 'text', 'text': str}} "
+                                     "or {'type': 'image'}", "input")
         elif not isinstance(content, str):
-            raise _ChatError(f"messages[{i}].content: expected a string or a list of parts")
+            raise ItemFailed(f"messages[{i}].content: expected a string or a list of parts", "input")
     out = {"messages": messages, "max_tokens": spec.get("max_tokens", 16), "temperature": spec.get("temperature", 0.0),
            "top_p": spec.get("top_p", 1.0), "n": spec.get("n", 1), "seed": spec.get("seed"),
            "logprobs": bool(spec.get("logprobs", False)), "top_logprobs": spec.get("top_logprobs", 0) or 0,
            "continue_final_message": bool(spec.get("continue_final_message", False))}
     for key, lo, hi in (("max_tokens", 1, MAX_TOKENS), ("n", 1, MAX_N), ("top_logprobs", 0, MAX_TOP_LOGPROBS)):
         if not isinstance(out[key], int) or isinstance(out[key], bool) or not lo <= out[key] <= hi:
-            raise _ChatError(f"'{key}' must be an integer from {lo} to {hi}, got {out[key]!r}")
+            raise ItemFailed(f"'{key}' must be an integer from {lo} to {hi}, got {out[key]!r}", "input")
     for key in ("temperature", "top_p"):
         if not isinstance(out[key], (int, float)) or isinstance(out[key], bool) or out[key] < 0:
-            raise _ChatError(f"'{key}' must be a number >= 0, got {out[key]!r}")
+            raise ItemFailed(f"'{key}' must be a number >= 0, got {out[key]!r}", "input")
     if 0 < out["temperature"] < MIN_TEMPERATURE:
-        raise _ChatError(f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {out['temperature']!r}")
+        raise ItemFailed(f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, "
+                         f"got {out['temperature']!r}", "input")
     if out["continue_final_message"] and messages[-1].get("role") != "assistant":
-        raise _ChatError("continue_final_message needs the last message to be the assistant's")
+        raise ItemFailed("continue_final_message needs the last message to be the assistant's", "input")
     return out
 
 
@@ -129,13 +125,13 @@ def _prepare(engine: "JudgeEngine", item: ScoreItem) -> tuple[dict[str, Any], st
     spec = _check_spec(item.metadata.get(CHAT_KEY))
     messages, n_images = _hf_messages(spec["messages"])
     if n_images != len(item.images):
-        raise _ChatError(f"the messages show {n_images} image(s) but {len(item.images)} came with them")
+        raise ItemFailed(f"the messages show {n_images} image(s) but {len(item.images)} came with them", "input")
     images = []
     for k, img in enumerate(item.images):
         try:
             images.append(engine._load_image(img)[1])
         except ValueError as e:
-            raise _ChatError(f"image {k} ({describe_image(img)}): {e}", "image") from None
+            raise ItemFailed(f"image {k} ({describe_image(img)}): {e}", "image") from None
     if spec["continue_final_message"]:
         prompt = engine.processor.apply_chat_template(messages, add_generation_prompt=False,
                                                       continue_final_message=True, tokenize=False)
@@ -153,7 +149,7 @@ def answer_chats(engine: "JudgeEngine", items: Sequence[ScoreItem], indices: Seq
     for k, item in enumerate(items):
         try:
             spec, prompt, images = _prepare(engine, item)
-        except _ChatError as e:
+        except ItemFailed as e:
             results[k] = _failure(item, indices[k], str(e), e.kind, engine)
             continue
         except Exception as e:  # anything else about one request stays with it
@@ -183,7 +179,7 @@ def _run_batch(engine: "JudgeEngine", batch: list[tuple[int, dict[str, Any], str
                 _run_batch(engine, [member], items, indices, results)
             return
         k = batch[0][0]
-        if isinstance(e, _ChatError):
+        if isinstance(e, ItemFailed):
             msg, kind = str(e), e.kind
         elif isinstance(e, torch.OutOfMemoryError):
             msg, kind = f"out of memory on {engine.device_label}: {str(e).splitlines()[0][:300]}", "oom"
@@ -210,7 +206,7 @@ def _generate(engine: "JudgeEngine", batch: list[tuple[int, dict[str, Any], str,
     why = prompt_length_problem(longest, spec["max_tokens"], engine.settings.max_prompt_tokens, engine._context)
     if why:
         if len(batch) == 1:
-            raise _ChatError(why, "prompt_too_long")
+            raise ItemFailed(why, "prompt_too_long")
         raise RuntimeError("a prompt in the batch is too long")  # each is run again alone, and fails alone
     inputs = inputs.to(engine.device)
     n = spec["n"]

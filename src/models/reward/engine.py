@@ -43,11 +43,11 @@ import logging
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-# batch_limit, _batch_key, _ItemError: also imported from here by tests and older code.
-from .batching import Batching, _batch_key, _ItemError, batch_limit  # noqa: F401
+# batch_limit, _batch_key: also imported from here by tests and older code.
+from .batching import Batching, _batch_key, batch_limit  # noqa: F401
 from .chat import is_chat, split_chats
 from .continuous import ContinuousCalls
-from .errors import JudgeConfigError, JudgeInputError, JudgeUnavailable
+from .errors import ItemFailed, JudgeConfigError, JudgeInputError, JudgeUnavailable
 from .loading import Loading, _normalize_device
 from .preparation import Preparation, _name, _PreparedChunk, _Request  # noqa: F401
 from .scoring import Scoring
@@ -182,7 +182,7 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         return self._assemble(chunk, outcomes)
 
     def _assemble(self, chunk: _PreparedChunk, outcomes: list[tuple[_Request, Any, float]]) -> dict[int, ScoreResult]:
-        """A chunk's results from its prompts' (request, outcome or _ItemError, seconds)."""
+        """A chunk's results from its prompts' (request, outcome or ItemFailed, seconds)."""
         part_out: dict[int, dict[str, Any]] = {}    # pos -> part -> (score, raw) or error
         part_err: dict[int, tuple[str, str]] = dict(chunk.errors)
         part_time: dict[int, float] = {}
@@ -194,7 +194,7 @@ class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, Spee
         outcomes = sorted(outcomes, key=lambda o: (o[0].pos, order.get(o[0].part, len(order))))
         for req, outcome, dt in outcomes:
             part_time[req.pos] = part_time.get(req.pos, 0.0) + dt
-            if isinstance(outcome, _ItemError):
+            if isinstance(outcome, ItemFailed):
                 part_err.setdefault(req.pos, (str(outcome), outcome.kind))
                 failed_part.setdefault(req.pos, req.part)
             else:

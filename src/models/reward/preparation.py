@@ -10,7 +10,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .batching import _batch_key, _ItemError, _PromptsTooLong
+from .batching import _batch_key, _PromptsTooLong
+from .errors import ItemFailed
 from .templates import Template
 from .types import ScoreItem, describe_image, item_name, load_pil, metadata_problem
 from .vision_reuse import image_key
@@ -54,17 +55,17 @@ class Preparation:
             try:
                 wrong = metadata_problem(item.metadata)  # replaced after the item was made (ScoreItem checks)
                 if wrong:
-                    raise _ItemError(wrong, "input")
+                    raise ItemFailed(wrong, "input")
                 text = item.instruction
                 if text is not None and not isinstance(text, str):
-                    raise _ItemError(f"the instruction must be a string, got {type(text).__name__}", "input")
+                    raise ItemFailed(f"the instruction must be a string, got {type(text).__name__}", "input")
                 held = self._special_token_in(text)
                 if held:
-                    raise _ItemError(f"the instruction holds {held!r}, a special token of the judge's prompt format, "
+                    raise ItemFailed(f"the instruction holds {held!r}, a special token of the judge's prompt format, "
                                      "which a prompt cannot carry as text (remove it)", "input")
                 missing = self.rubric.missing_input(item.images, item.source_images, item.instruction)
                 if missing:
-                    raise _ItemError(missing, "input")
+                    raise ItemFailed(missing, "input")
                 needs_source = self.rubric.needs_source
                 max_new = item_max_new(item, s.max_new_tokens) if mode == "generate" else None  # no answer in logits
                 loaded: dict[str, list[Any]] = {}
@@ -84,7 +85,7 @@ class Preparation:
                             if role == "source" and keys[id(resized)] is not None:
                                 chunk.source_keys.add(keys[id(resized)])
                         except ValueError as e:
-                            raise _ItemError(_image_error(role, describe_image(img), str(e)), "image") from None
+                            raise ItemFailed(_image_error(role, describe_image(img), str(e)), "image") from None
                     loaded[role] = out
                 for part, tpl in self.rubric.parts:
                     imgs = [im for role in tpl.images for im in loaded[role]]
@@ -100,7 +101,7 @@ class Preparation:
                                                    max_new))
                 if notes:
                     chunk.notes[pos] = notes
-            except _ItemError as e:
+            except ItemFailed as e:
                 chunk.errors[pos] = (str(e), e.kind)
             except Exception as e:  # anything else about one item stays with that item
                 chunk.errors[pos] = (f"could not prepare the item: {type(e).__name__}: {e}", "input")
@@ -258,7 +259,7 @@ def item_max_new(item: ScoreItem, limit: int) -> int | None:
     if n is None:
         return None
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
-        raise _ItemError(f"metadata max_new_tokens must be a whole number in 1..{limit} (the judge's "
+        raise ItemFailed(f"metadata max_new_tokens must be a whole number in 1..{limit} (the judge's "
                          f"max_new_tokens), got {n!r}", "input")
     return n if n < limit else None
 

@@ -40,9 +40,8 @@ from typing import Any, Mapping, Sequence
 
 from ...tiny import bytes_to_unicode
 from ..base import BaseRewardModel
-from ..batching import _ItemError as ItemError
 from ..chat import is_chat
-from ..errors import JudgeConfigError, JudgeUnavailable
+from ..errors import ItemFailed, JudgeConfigError, JudgeUnavailable
 from ..scoring import read_answers
 from ..preparation import item_max_new
 from ..settings import MODES
@@ -57,12 +56,6 @@ _NO_PROBABILITY = -9999.0               # vLLM's floor for a logprob of -inf
 _BYTE_LEVEL = bytes_to_unicode()
 
 log = logging.getLogger(__name__)
-
-
-class _PartFailed(Exception):
-    def __init__(self, message: str, kind: str):
-        super().__init__(message)
-        self.kind = kind
 
 
 class OpenAIRewardModel(BaseRewardModel):
@@ -214,11 +207,11 @@ class OpenAIRewardModel(BaseRewardModel):
         t0 = time.perf_counter()
         try:
             if is_chat(item):
-                raise _PartFailed("a raw chat request cannot be forwarded by the openai judge; "
-                                  "serve an in-process or multi-GPU judge instead", "input")
+                raise ItemFailed("a raw chat request cannot be forwarded by the openai judge; "
+                                 "serve an in-process or multi-GPU judge instead", "input")
             budget = self._answer_budget(item)
             urls = self._image_urls(item)
-        except _PartFailed as e:
+        except ItemFailed as e:
             return ScoreResult.failure(index, item, f"item {name}: {e}", e.kind, self.device)
         sub: dict[str, float | None] = {}
         raw: dict[str, Any] = {}
@@ -227,7 +220,7 @@ class OpenAIRewardModel(BaseRewardModel):
         for part, tpl in self.rubric.parts:
             try:
                 out = self._ask(tpl, item, urls, call, budget)
-            except _PartFailed as e:
+            except ItemFailed as e:
                 sub[part] = None
                 errors.append((f"{part}: {e}", e.kind))
                 continue
@@ -248,7 +241,7 @@ class OpenAIRewardModel(BaseRewardModel):
     def _image_urls(self, item: ScoreItem) -> dict[str, list[str]]:
         missing = self.rubric.missing_input(item.images, item.source_images, item.instruction)
         if missing:
-            raise _PartFailed(missing, "input")
+            raise ItemFailed(missing, "input")
         needs_source = self.rubric.needs_source
         out: dict[str, list[str]] = {"image": [], "source": []}
         for role, imgs in (("image", item.images), ("source", item.source_images if needs_source else [])):
@@ -256,7 +249,7 @@ class OpenAIRewardModel(BaseRewardModel):
                 try:
                     out[role].append(image_data_url(img, self.max_image_pixels))
                 except ValueError as e:
-                    raise _PartFailed(_image_error(role, describe_image(img), str(e)), "image") from None
+                    raise ItemFailed(_image_error(role, describe_image(img), str(e)), "image") from None
         return out
 
     def messages(self, tpl: Template, item: ScoreItem, urls: Mapping[str, list[str]]) -> list[dict[str, Any]]:
@@ -277,10 +270,7 @@ class OpenAIRewardModel(BaseRewardModel):
         (metadata max_new_tokens, checked as the in-process judge checks it)."""
         if self.mode != "generate":
             return self.max_new_tokens  # logits mode asks for one token whatever the item says
-        try:
-            return item_max_new(item, self.max_new_tokens) or self.max_new_tokens
-        except ItemError as e:
-            raise _PartFailed(str(e), e.kind) from None
+        return item_max_new(item, self.max_new_tokens) or self.max_new_tokens
 
     def _ask(self, tpl: Template, item: ScoreItem, urls: Mapping[str, list[str]], call: "_Call",
              budget: int) -> dict[str, Any]:
@@ -323,19 +313,19 @@ class OpenAIRewardModel(BaseRewardModel):
         except (AttributeError, TypeError, IndexError) as e:
             # The client builds its objects from the JSON unchecked: a field missing, null or of
             # another type than OpenAI's fails this item, not the call.
-            raise _PartFailed(f"the server's answer is not a chat completion as OpenAI's API defines it "
-                              f"({type(e).__name__}: {e})", "api") from None
+            raise ItemFailed(f"the server's answer is not a chat completion as OpenAI's API defines it "
+                             f"({type(e).__name__}: {e})", "api") from None
 
     def _choices(self, call: "_Call", messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[Any]:
         """One request's choices; a body that is not a chat completion with choices fails the part."""
         resp = self._request(call, model=self.model, messages=messages, **kwargs)
         if isinstance(resp, str):  # the client hands back a body that is not JSON as its text
-            raise _PartFailed(f"the server's answer is not a JSON chat completion: {resp.strip()[:300]!r} (does "
-                              "base_url name the API, ending in /v1?)", "api")
+            raise ItemFailed(f"the server's answer is not a JSON chat completion: {resp.strip()[:300]!r} (does "
+                             "base_url name the API, ending in /v1?)", "api")
         choices = getattr(resp, "choices", None)
         if not choices:  # an error some servers send with status 200
             said = _body_message(resp.to_dict()) if hasattr(resp, "to_dict") else None
-            raise _PartFailed("the server answered with no choices" + (f": {said}" if said else ""), "api")
+            raise ItemFailed("the server answered with no choices" + (f": {said}" if said else ""), "api")
         return list(choices)
 
     def _generate_score(self, choices: list[Any], tpl: Template) -> dict[str, Any]:
@@ -353,9 +343,9 @@ class OpenAIRewardModel(BaseRewardModel):
         last, kind = "", "api"
         for attempt in range(self.max_retries + 1):
             if call.fatal:
-                raise _PartFailed(f"not sent: an earlier request of this call failed ({call.fatal[0]})", call.fatal[1])
+                raise ItemFailed(f"not sent: an earlier request of this call failed ({call.fatal[0]})", call.fatal[1])
             if call.cancelled or self._closed:
-                raise _PartFailed("not sent: the call was interrupted or the judge closed", "api")
+                raise ItemFailed("not sent: the call was interrupted or the judge closed", "api")
             self._limiter.wait()
             wait: float | None = None
             try:
@@ -371,16 +361,16 @@ class OpenAIRewardModel(BaseRewardModel):
                     return self._request(call, **kwargs)
                 if status in _FATAL_STATUS:
                     call.fatal = call.fatal or (last, "api")
-                    raise _PartFailed(f"{self.base_url}: {last}", "api") from None
+                    raise ItemFailed(f"{self.base_url}: {last}", "api") from None
                 if not (status in _RETRY_STATUS or status >= 500):
-                    raise _PartFailed(f"{self.base_url}: {last}", "api") from None
+                    raise ItemFailed(f"{self.base_url}: {last}", "api") from None
                 wait = retry_after(e.response.headers)
             except openai.APIConnectionError as e:  # refused, reset, timed out
                 cause = e.__cause__ or e
                 last, kind = f"{type(e).__name__}: {cause}", "connection"
             except ValueError as e:  # a 200 whose JSON body does not parse (a proxy cut it short)
-                raise _PartFailed(f"{self.base_url}: the server's answer is not a JSON chat completion "
-                                  f"({type(e).__name__}: {e})", "api") from None
+                raise ItemFailed(f"{self.base_url}: the server's answer is not a JSON chat completion "
+                                 f"({type(e).__name__}: {e})", "api") from None
             if attempt < self.max_retries:
                 if wait is None:
                     wait = backoff(attempt + 1, self.backoff_s, self.max_backoff_s)
@@ -389,7 +379,7 @@ class OpenAIRewardModel(BaseRewardModel):
         # The server is down or out of quota: the call's other requests would wait through the same
         # retries, so they fail at once (a re-run of the job resumes them).
         call.fatal = call.fatal or (message, kind)
-        raise _PartFailed(message, kind)
+        raise ItemFailed(message, kind)
 
     def close(self) -> None:
         if not self._closed:
@@ -504,12 +494,12 @@ def logits_score(choice: Any, tpl: Template, asked: int) -> dict[str, Any]:
     lp = getattr(choice, "logprobs", None)
     content = getattr(lp, "content", None) if lp is not None else None
     if not content:
-        raise _PartFailed("the server returned no logprobs (it may not support them for this model; "
-                          "use mode: generate)", "logprobs")
+        raise ItemFailed("the server returned no logprobs (it may not support them for this model; "
+                         "use mode: generate)", "logprobs")
     top = content[0].top_logprobs or []
     if not top:
-        raise _PartFailed("the server returned no top_logprobs for the first answer token (it may cap them at 0; "
-                          "use mode: generate)", "logprobs")
+        raise ItemFailed("the server returned no top_logprobs for the first answer token (it may cap them at 0; "
+                         "use mode: generate)", "logprobs")
     lead_space = bool(tpl.logits_prefix) and not tpl.logits_prefix[-1].isspace()
     by_token: dict[str, float] = {}
     for alt in top:
@@ -518,8 +508,8 @@ def logits_score(choice: Any, tpl: Template, asked: int) -> dict[str, Any]:
             by_token.setdefault(alt.token, float(value))
     shown = ", ".join(repr(a.token) for a in top[:10])
     if not by_token:
-        raise _PartFailed(f"the server's {len(top)} top_logprobs carry no number (null or NaN logprobs: the judge's "
-                          "logits may not be finite, e.g. a float16 judge overflowing)", "logprobs")
+        raise ItemFailed(f"the server's {len(top)} top_logprobs carry no number (null or NaN logprobs: the judge's "
+                         "logits may not be finite, e.g. a float16 judge overflowing)", "logprobs")
     logps: dict[str, float] = {}
     values: dict[str, float] = {}
     for text, value in tpl.levels:
@@ -530,16 +520,16 @@ def logits_score(choice: Any, tpl: Template, asked: int) -> dict[str, Any]:
             values[text] = value
     missing = [t for t, _ in tpl.levels if t not in logps]
     if not logps:
-        raise _PartFailed(f"none of the levels ({', '.join(t for t, _ in tpl.levels)}) is among the first answer "
-                          f"token's {len(top)} top_logprobs (the judge's likeliest: {shown})", "logprobs")
+        raise ItemFailed(f"none of the levels ({', '.join(t for t, _ in tpl.levels)}) is among the first answer "
+                         f"token's {len(top)} top_logprobs (the judge's likeliest: {shown})", "logprobs")
     if missing and len(top) < asked:
-        raise _PartFailed(f"the server returned only {len(top)} of the {asked} top_logprobs asked for and levels "
-                          f"{', '.join(missing)} are not among them (it may cap top_logprobs: vLLM's --max-logprobs)",
-                          "logprobs")
+        raise ItemFailed(f"the server returned only {len(top)} of the {asked} top_logprobs asked for and levels "
+                         f"{', '.join(missing)} are not among them (it may cap top_logprobs: vLLM's --max-logprobs)",
+                         "logprobs")
     best = max(logps.values())
     if best <= _NO_PROBABILITY:
-        raise _PartFailed(f"the server gives the levels no probability (logprobs {best:g}: vLLM writes -inf as -9999); "
-                          "no score can be read from them", "logprobs")
+        raise ItemFailed(f"the server gives the levels no probability (logprobs {best:g}: vLLM writes -inf as -9999); "
+                         "no score can be read from them", "logprobs")
     # Renormalised in log space, as the engine's softmax over the level logits: levels far in the
     # tail (logprob -800) still give their expected value instead of 0/0.
     rel = {t: math.exp(v - best) for t, v in logps.items() if v > _NO_PROBABILITY}
