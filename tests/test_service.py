@@ -374,6 +374,48 @@ def test_remote_retries_then_names_the_cause():
     assert time.monotonic() - t0 < 10
 
 
+@contextlib.contextmanager
+def plain_http_server(handler):
+    """A standard-library HTTP server with `handler` on a free loopback port, in a thread: its URL."""
+    import http.server
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(10)
+
+
+def test_remote_retries_an_answer_cut_off_mid_body():
+    # The client's transport reads answers through httpcore itself (remote.py's _SocketsTransport):
+    # a connection that drops inside an answer's body must reach the client as httpx's
+    # RemoteProtocolError, a TransportError it retries as a restarting service, not as httpcore's.
+    import http.server
+
+    seen: list[str] = []
+
+    class CutsTheFirst(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            body = json.dumps({"status": "ready", "ready": True}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body if len(seen) > 1 else body[:10])  # then the connection closes
+
+        def log_message(self, *args):
+            pass
+
+    with plain_http_server(CutsTheFirst) as url, RemoteRewardModel(url, token_env=None, backoff_s=0.01) as remote:
+        assert remote.request("GET", "/health") == {"status": "ready", "ready": True}
+    assert seen == ["/health", "/health"]
+
+
 def test_remote_names_an_answer_that_is_not_json():
     # A URL that reaches something other than the service (a proxy's login page, another server)
     # answers 200 with HTML: the call raised a bare JSONDecodeError, outside the judge's errors.
@@ -392,19 +434,11 @@ def test_remote_names_an_answer_that_is_not_json():
         def log_message(self, *args):
             pass
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
-        with RemoteRewardModel(f"http://127.0.0.1:{srv.server_address[1]}", token_env=None) as remote:
-            with pytest.raises(RemoteServiceError) as e:
-                remote.batch_score([png_bytes(1)])
-        assert "HTTP 200 with a body that is not JSON (text/html: '<html>sign in</html>'); is" in str(e.value)
-        assert isinstance(e.value, JudgeError)
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(10)
+    with plain_http_server(Page) as url, RemoteRewardModel(url, token_env=None) as remote:
+        with pytest.raises(RemoteServiceError) as e:
+            remote.batch_score([png_bytes(1)])
+    assert "HTTP 200 with a body that is not JSON (text/html: '<html>sign in</html>'); is" in str(e.value)
+    assert isinstance(e.value, JudgeError)
 
 
 # -- loading states (an in-thread server) ---------------------------------------------------

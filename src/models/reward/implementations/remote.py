@@ -18,6 +18,9 @@ import uuid
 import weakref
 from typing import Any, Iterator, Sequence
 
+import httpcore
+import httpx
+
 from ..base import BaseRewardModel
 from ..errors import JudgeConfigError, JudgeUnavailable
 from ..scheduler import unsendable
@@ -65,8 +68,6 @@ class RemoteRewardModel(BaseRewardModel):
                  token_env: str | None = "REWARD_SERVICE_TOKEN", timeout_s: float = 600.0,
                  max_retries: int = 8, backoff_s: float = 0.5, batch_size: int = 64, send_paths: bool = False,
                  wait_ready_s: float = 0.0):
-        import httpx
-
         if batch_size < 1:
             raise JudgeConfigError(f"batch_size: must be at least 1, got {batch_size}")
         if max_retries < 0:
@@ -82,13 +83,10 @@ class RemoteRewardModel(BaseRewardModel):
         self.batch_size = batch_size
         self.send_paths = send_paths
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        transport = httpx.HTTPTransport()
-        # httpx builds its connection pool without a way to pass httpcore's network backend; this
-        # one keeps the connections' sockets, so that close() can wake a call waiting on one.
+        # The connections' sockets, kept so that close() can wake a call waiting on one.
         self._sockets = _Sockets()
-        transport._pool._network_backend = self._sockets
-        self._client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s, transport=transport)
-        self._httpx = httpx
+        self._client = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s,
+                                    transport=_SocketsTransport(self._sockets))
         self._closed = False
         self._busy = 0  # requests in flight (close() must not free their sockets under them)
         self._busy_lock = threading.Lock()
@@ -122,7 +120,6 @@ class RemoteRewardModel(BaseRewardModel):
                 self._client.close()
 
     def _request(self, method: str, path: str, body: Any) -> Any:
-        httpx = self._httpx
         last = ""
         status: int | None = None
         wait: float | None = None  # what the service's last answer asked for (Retry-After)
@@ -166,7 +163,7 @@ class RemoteRewardModel(BaseRewardModel):
         try:
             with self._in_flight():
                 resp = self._client.get("/health", timeout=min(self.timeout_s, 10.0))
-        except self._httpx.TransportError as e:
+        except httpx.TransportError as e:
             return {"status": "unreachable", "ready": False, "error": f"{type(e).__name__}: {e}"}
         try:
             return resp.json()
@@ -268,13 +265,69 @@ class RemoteRewardModel(BaseRewardModel):
             self._client.close()
 
 
+class _SocketsTransport(httpx.BaseTransport):
+    """httpx's own transport (httpx.HTTPTransport, with its defaults: HTTP/1.1, TLS verified
+    against certifi's roots or SSL_CERT_FILE, 100 connections, up to 20 idle ones kept for 5 s),
+    over an httpcore connection pool whose network backend is `sockets`. HTTPTransport gives no
+    way to pass a backend; this is its request and response mapping, with httpcore's errors raised
+    as httpx's (a TransportError for the client's retries)."""
+
+    def __init__(self, sockets: "_Sockets") -> None:
+        self._pool = httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(), max_connections=100,
+                                             max_keepalive_connections=20, keepalive_expiry=5.0,
+                                             network_backend=sockets)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        url = httpcore.URL(scheme=request.url.raw_scheme, host=request.url.raw_host, port=request.url.port,
+                           target=request.url.raw_path)
+        # request.extensions carries the client's timeouts (connect, read, write, pool).
+        req = httpcore.Request(method=request.method, url=url, headers=request.headers.raw, content=request.stream,
+                               extensions=request.extensions)
+        with _httpx_errors():
+            resp = self._pool.handle_request(req)
+        return httpx.Response(status_code=resp.status, headers=resp.headers, stream=_ResponseStream(resp.stream),
+                              extensions=resp.extensions)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class _ResponseStream(httpx.SyncByteStream):
+    """A response body read from httpcore, its errors raised as httpx's."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[bytes]:
+        with _httpx_errors():
+            yield from self._stream
+
+    def close(self) -> None:
+        if hasattr(self._stream, "close"):
+            self._stream.close()
+
+
+# httpcore's errors and httpx's of the same name; an error is raised as its most specific one.
+_HTTPX_ERRORS = {getattr(httpcore, name): getattr(httpx, name) for name in (
+    "TimeoutException", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "NetworkError",
+    "ConnectError", "ReadError", "WriteError", "ProxyError", "UnsupportedProtocol", "ProtocolError",
+    "LocalProtocolError", "RemoteProtocolError")}
+
+
+@contextlib.contextmanager
+def _httpx_errors() -> Iterator[None]:
+    try:
+        yield
+    except tuple(_HTTPX_ERRORS) as e:
+        mapped = next(_HTTPX_ERRORS[cls] for cls in type(e).__mro__ if cls in _HTTPX_ERRORS)
+        raise mapped(str(e)) from e
+
+
 class _Sockets:
     """httpcore's synchronous network backend, keeping (weakly) the sockets it opens, so that
     close() can shut them down under a request waiting on one."""
 
     def __init__(self) -> None:
-        import httpcore
-
         self._backend = httpcore.SyncBackend()
         self._socks: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
         self._lock = threading.Lock()
