@@ -159,6 +159,21 @@ def test_job_outputs_summary_csv_and_categories(uninterrupted):
     assert results[2]["metadata"]["seed"] == 2
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU: auto picks it")
+def test_a_config_with_device_auto_scores_on_the_cpu_here_and_the_results_say_cpu(uninterrupted, tmp_path, edit_manifest):
+    """`model.params.device: auto` in YAML, through main.py: settled on the CPU of this GPU-less
+    machine; the results name the device chosen (never `auto`), and are those of the job that
+    left `device` out (its default is `auto`)."""
+    out = tmp_path / "auto"
+    cfg = write_config(tmp_path, edit_manifest, out, device="auto")
+    assert "device: auto" in cfg.read_text()
+    r = run_main("--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    stream = read_jsonl(out / "results.stream.jsonl")
+    assert len(stream) == 10 and {x["device"] for x in stream} == {"cpu"}, stream
+    assert_same_results(read_jsonl(out / "results.jsonl"), read_jsonl(uninterrupted / "results.jsonl"), "device auto")
+
+
 # A resumed job scores the items it has left in other batches than an uninterrupted run did. A
 # different batch shape or padding changes the order of float32 sums, which moves a score by a
 # few units in the 7th digit (about 1e-7 on the 0..9 scale; how much depends on the CPU's kernels).
@@ -580,6 +595,12 @@ def test_config_mistakes_stop_before_anything_starts(tmp_path, edit_manifest, ca
         (["--set", "job.chunksize=4"], "job: unknown key 'chunksize'. Did you mean 'chunk_size'?"),
         (["--set", "model.device=cpu"], "model: unknown key 'device'. Did you mean 'model.params.device'?"),
         (["--unset", "model.params.devices"], "the config has no 'devices' in model.params"),
+        # a misspelt device: named with the forms when the config is read, not when the judge loads
+        (["--set", "model.params.device=gpu"], "error: Problem with class_path 'qwen_vl': parameter device: expected "
+                                               "'auto' (the first CUDA GPU, else the CPU), 'cpu', 'cuda', 'cuda:N' or "
+                                               "a GPU index N, got 'gpu'"),
+        (["--set", "model.params.device=cuda:x"], "parameter device: expected 'auto' (the first CUDA GPU, else the "
+                                                  "CPU), 'cpu', 'cuda', 'cuda:N' or a GPU index N, got 'cuda:x'"),
         (["--set", f"job.manifest={folder}"], f"template 'edit' needs a source image (its part 'semantic_consistency' "
                                               f"uses template 'edit_instruction'), and no row of the manifest {folder}"),
         (["--set", f"job.manifest={folder}", "--set", "model.params.template=alignment"],

@@ -622,6 +622,10 @@ def test_serve_config_errors_are_named_before_loading(tmp_path):
                               ("server.max_batch=0", "server.max_batch: must be at least 1"),
                               ("server.token_env=NOT_SET_ANYWHERE_42", "NOT_SET_ANYWHERE_42"),
                               ("model.params.batch_sise=2", "Did you mean 'batch_size'?"),
+                              # not the background load's failure (exit 1) but the config's error
+                              ("model.params.device=gpu", "parameter device: expected 'auto' (the first CUDA GPU, "
+                                                          "else the CPU), 'cpu', 'cuda', 'cuda:N' or a GPU index N, "
+                                                          "got 'gpu'"),
                               ("job.output_dir=/tmp/x", "a 'job' section is for a scoring job: run it with "
                                                         "`main.py run --config ...`")]:
         out = subprocess.run([sys.executable, "main.py", "serve", "--config", "configs/server.yaml", "--set", override],
@@ -650,6 +654,24 @@ def test_load_16_clients_400_requests(service):
         for n in (0, 1, 7, 200, 399):
             alone = [r["score"] for r in c.post("/score", json=request_body(n, default_image())).json()["results"]]
             assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(alone, stats["scores"][f"r{n}"])), n
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU: auto picks it")
+def test_a_service_with_device_auto_reports_the_device_it_chose(tiny_cache):
+    """`model.params.device: auto` in the service's config: /health and each result name the
+    device it settled on (the CPU of this GPU-less machine), never `auto`."""
+    svc = ServiceProcess(["model.params.device=auto"])
+    svc.start()
+    try:
+        health = httpx.get(svc.url + "/health").json()
+        assert health["model"] == "QwenVLRewardModel" and health["devices"] == ["cpu"], health
+        results = httpx.post(svc.url + "/score", timeout=120, json={"items": [
+            {"images": [data_url(png_bytes(k))], "instruction": "a red square"} for k in range(3)]}).json()["results"]
+        assert [r["index"] for r in results] == [0, 1, 2]
+        assert all(r["error"] is None and r["score"] is not None and r["device"] == "cpu" for r in results), results
+    finally:
+        rc = svc.stop()
+    assert rc == 0, svc.log()
 
 
 def test_serving_the_multi_gpu_judge_and_stopping_its_workers(tiny_cache):

@@ -64,7 +64,7 @@ def accepted_params(cls: type) -> tuple[dict[str, Any], set[str]]:
     A class with a `settings_cls` that takes **kwargs accepts that record's fields as well."""
     sig = inspect.signature(cls.__init__)
     try:
-        hints = typing.get_type_hints(cls.__init__)
+        hints = typing.get_type_hints(cls.__init__, include_extras=True)  # Annotated checks too
     except Exception:
         hints = {}
     params: dict[str, Any] = {}

@@ -47,8 +47,9 @@ from typing import Any, Callable, Iterator, Sequence
 from .batching import Batching, _batch_key, batch_limit  # noqa: F401
 from .chat import is_chat, split_chats
 from .continuous import ContinuousCalls
+from .devices import check_device, resolve_device
 from .errors import ItemFailed, JudgeConfigError, JudgeInputError, JudgeUnavailable
-from .loading import Loading, _normalize_device
+from .loading import Loading
 from .preparation import Preparation, _name, _PreparedChunk, _Request  # noqa: F401
 from .scoring import Scoring
 from .settings import JudgeSettings
@@ -63,17 +64,22 @@ log = logging.getLogger(__name__)
 class JudgeEngine(Loading, Preparation, Batching, ContinuousCalls, Scoring, SpeedPaths):
     """A loaded judge on one device. Not thread-safe: one caller at a time."""
 
-    def __init__(self, settings: JudgeSettings, device: str = "cpu", device_label: str | None = None,
+    def __init__(self, settings: JudgeSettings, device: str = "auto", device_label: str | None = None,
                  devices: Sequence[str] | None = None):
-        """devices: the GPUs this judge is spread over (`['cuda:0', 'cuda:1']`, a worker of a group
+        """device: `auto` (the first CUDA GPU, else the CPU), `cpu`, `cuda` or `cuda:N`; settled
+        here (devices.resolve_device), so `self.device` and every result name `cpu` or `cuda:N`.
+        devices: the GPUs this judge is spread over (`['cuda:0', 'cuda:1']`, a worker of a group
         of GPUs: transformers' device_map places the layers, inputs go to the first). None: `device`."""
         import torch
 
         self.settings = settings
         self.rubric: Rubric = resolve_rubric(settings.template, settings.templates)
-        self.devices = [_normalize_device(d) for d in devices] if devices else [_normalize_device(device)]
-        if len(self.devices) > 1 and any(not d.startswith("cuda") for d in self.devices):
-            raise JudgeConfigError(f"devices: a judge spreads over CUDA GPUs only, got {self.devices}")
+        if devices and len(devices) > 1:  # named GPUs: `auto` and `cpu` are no members of a group
+            self.devices = [check_device(d, "devices") for d in devices]
+            if any(not d.startswith("cuda") for d in self.devices):
+                raise JudgeConfigError(f"devices: a judge spreads over CUDA GPUs only, got {self.devices}")
+        else:
+            self.devices = [resolve_device(devices[0] if devices else device)]
         self.device = self.devices[0]
         self.device_label = device_label or self.device
         self._torch = torch

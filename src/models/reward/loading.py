@@ -24,7 +24,7 @@ class Loading:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise JudgeConfigError(f"{self.device_label}: a CUDA device was asked, but torch sees no GPU here "
                                    f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
-                                   "use device cpu on a machine without a GPU")
+                                   "use device cpu (or auto) on a machine without a GPU")
         path = s.model_name
         in_repo_root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
         if path.startswith("tiny:"):
@@ -164,19 +164,6 @@ def _near_folder(path: str, repo_root: str) -> str:
         if close:
             return os.path.join(parent, close[0])
     return ""
-
-
-def _normalize_device(device: str | int) -> str:
-    if isinstance(device, int):
-        return f"cuda:{device}"
-    device = str(device).strip()
-    if device.isdigit():
-        return f"cuda:{device}"
-    if device == "cuda":
-        return "cuda:0"
-    if device != "cpu" and not device.startswith("cuda:"):
-        raise JudgeConfigError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    return device
 
 
 def _index(device: str) -> int:

@@ -266,6 +266,11 @@ def check_type(key: str, value: Any, hint: Any) -> Any:
     args = typing.get_args(hint)
     if hint is Any:
         return value
+    if origin is typing.Annotated:  # a type and its checks (devices.Device): each check(value, key)
+        value = check_type(key, value, args[0])
+        for check in args[1:]:
+            value = check(value, key)
+        return value
     if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
         errors = []
         for arg in args:

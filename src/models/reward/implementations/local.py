@@ -5,13 +5,18 @@ import threading
 from typing import Any, Sequence
 
 from ..base import BaseRewardModel
+from ..devices import Device
 from ..errors import JudgeUnavailable
 from ..settings import JudgeSettings
 from ..types import ScoreItem, ScoreResult
 
 
 class QwenVLRewardModel(BaseRewardModel):
-    """A Qwen-VL judge loaded in this process on `device` (`cpu`, `cuda`, `cuda:N`).
+    """A Qwen-VL judge loaded in this process on one device.
+
+    device: `auto` (the default: the first visible CUDA GPU, `cuda:0`, or the CPU where torch
+    sees none; the choice is logged at INFO), `cpu`, `cuda` or `cuda:N`. `self.device` and each
+    result's `device` name the device chosen, never `auto`.
 
     Judge parameters are those of `JudgeSettings` (model_name, mode, template, batch_size, ...).
     Safe to share between threads: calls take turns (the engine holds one call's state), and
@@ -20,7 +25,7 @@ class QwenVLRewardModel(BaseRewardModel):
 
     settings_cls = JudgeSettings
 
-    def __init__(self, device: str = "cpu", progress: bool = False, **judge: Any):
+    def __init__(self, device: Device = "auto", progress: bool = False, **judge: Any):
         from ..engine import JudgeEngine
 
         self.settings = JudgeSettings.from_params(judge, owner=type(self).__name__)
