@@ -12,7 +12,8 @@ Persistent mode (what the multi-GPU pool starts; the channel is described in mes
 
 One-shot mode, for debugging a task file by hand:
 
-    python standalone/reward_worker.py --tasks in.json --output out.json --device cuda:0
+    python standalone/reward_worker.py --tasks in.json --output out.json [--device cuda:0]
+        (--device: auto by default, the first CUDA GPU or else the CPU)
 
 It imports the project's `src` package: the pool puts the folder holding it on the worker's
 PYTHONPATH; by hand, in an environment where the project is not installed, run it as
@@ -35,6 +36,8 @@ from pathlib import Path
 
 from src.models.reward import messages as msg
 from src.models.reward import plugin
+from src.models.reward.devices import FORMS, check_device
+from src.models.reward.errors import JudgeConfigError
 from src.models.reward.settings import JudgeSettings
 from src.models.reward.types import ScoreItem
 
@@ -198,14 +201,14 @@ def one_shot(tasks: Path, output: Path, device: str) -> int:
     data = json.loads(tasks.read_text())
     if not isinstance(data, dict) or "settings" not in data or "items" not in data:
         raise SystemExit(f"{tasks}: expected a JSON object with 'settings' and 'items'")
-    engine = _build_engine(data["settings"], device, device, None)
+    engine = _build_engine(data["settings"], device, None, None)  # labelled with the device `auto` settled on
     try:
         results = _score(engine, [ScoreItem.from_dict(d) for d in data["items"]])
     finally:
         engine.close()
     output.write_text(json.dumps([r.to_dict() for r in results], indent=1))
     ok = sum(r.score is not None for r in results)
-    _log(f"scored {ok}/{len(results)} items on {device}; results in {output}")
+    _log(f"scored {ok}/{len(results)} items on {engine.device}; results in {output}")
     return 0
 
 
@@ -214,12 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connect", help="Unix socket of the parent pool (persistent mode)")
     ap.add_argument("--tasks", type=Path, help="task file (one-shot mode)")
     ap.add_argument("--output", type=Path, help="where one-shot mode writes results")
-    ap.add_argument("--device", default="cpu", help="one-shot mode's device: cpu, cuda, cuda:N")
+    ap.add_argument("--device", default="auto", help=f"one-shot mode's device: {FORMS}")
     args = ap.parse_args(argv)
     if args.connect:
         return serve(args.connect)
     if args.tasks and args.output:
-        return one_shot(args.tasks, args.output, args.device)
+        try:
+            device = check_device(args.device, "--device")
+        except JudgeConfigError as e:
+            ap.error(str(e))
+        return one_shot(args.tasks, args.output, device)
     ap.error("give --connect (persistent mode) or --tasks and --output (one-shot mode)")
     return 2
 

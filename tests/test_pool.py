@@ -560,6 +560,32 @@ def test_one_shot_debug_mode(tiny_cache, image_files, tmp_path, reference):
     assert [r["score"] for r in results] == pytest.approx(reference[:3], abs=1e-4)
 
 
+def test_one_shot_mode_takes_device_auto_and_names_a_misspelt_device(tiny_cache, image_files, tmp_path, reference):
+    """`--device auto` (the default) settles on the CPU of this GPU-less machine and the results
+    name it; a misspelt device is a usage error naming the value and the forms, no traceback."""
+    import torch
+
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps({"settings": JUDGE, "items": [{"images": [p], "id": f"t{i}"}
+                                                              for i, p in enumerate(image_files[:2])]}))
+    out = tmp_path / "out.json"
+    worker = [sys.executable, str(ROOT / "standalone" / "reward_worker.py"), "--tasks", str(tasks), "--output", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    bad = subprocess.run([*worker, "--device", "cuda:x"], capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert ("error: --device: expected 'auto' (the first CUDA GPU, else the CPU), 'cpu', 'cuda', 'cuda:N' or a GPU "
+            "index N, got 'cuda:x'") in bad.stderr, bad.stderr
+    assert not out.exists()
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: auto picks it")
+    run = subprocess.run([*worker, "--device", "auto"], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "scored 2/2 items on cpu;" in run.stdout, run.stdout
+    results = json.loads(out.read_text())
+    assert [r["device"] for r in results] == ["cpu", "cpu"]
+    assert [r["score"] for r in results] == pytest.approx(reference[:2], abs=1e-4)
+
+
 def test_an_image_is_converted_once_per_call_whatever_items_show_it(tmp_path):
     # image_memo.convert_once, the memo both hosts use (the pool spills files, Ray encodes PNGs):
     # the same PIL object, or equal bytes, is converted once and every showing gets its result; a
