@@ -42,7 +42,7 @@ items = [ScoreItem(id=r["id"], images=[str(demo / r["image"])], source_images=[s
                    instruction=r["instruction"]) for r in rows]
 out = {}
 for q in sys.argv[1:]:
-    with QwenVLRewardModel(model_name="tiny:judge", template="edit", quantization=q, batch_size=4) as j:
+    with QwenVLRewardModel(model_name="tiny:judge", template="edit", quantization=q, batch_size=4, device="cpu") as j:
         res = j.batch_score(items)
         out[q] = {"report": j.engine.quantization, "ids": [r.id for r in res], "scores": [r.score for r in res],
                   "errors": [r.error for r in res]}

@@ -254,7 +254,7 @@ def evaluate(path: str, n: int, seed: int = EVAL_SEED, kinds: tuple[str, ...] = 
     for mode in MODES:
         for tname, items in (("edit_instruction", edits), ("quality", quals), ("edit_quality", quals)):
             with QwenVLRewardModel(model_name=path, mode=mode, template=tname, batch_size=16, max_new_tokens=96,
-                                   min_pixels=size, max_pixels=size) as judge:
+                                   min_pixels=size, max_pixels=size, device="cpu") as judge:  # the card's figures
                 res = judge.score_items(items)
             s = [r.score for r in res]
             scores[(mode, tname)] = s
