@@ -13,6 +13,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
+# The suite is the CPU suite (CI has no GPU): a judge built without `device` takes `auto`, which
+# on a GPU machine would be cuda:0 in bf16, and the tests' expectations are the CPU's. GPU runs are
+# the benchmarks' (benchmarks/). Set before torch is imported; workers the tests start inherit it.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 # The failure tests' fault plug-in (src/testing/faults.py): every worker and Ray actor the suite
 # starts loads it (REWARD_TEST_PLUGIN, inherited), and this process's judges get its forward
 # faults (out of memory, delay). It acts only when a REWARD_FAULT_* variable is set; the library
