@@ -507,14 +507,8 @@ def stage_gil(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
             time.sleep(2.0)  # attached (the main thread sleeps: no samples)
             walls = []
             for _ in range(a.reps):
-                runs.new_images(judge)
-                if cuda:
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                res = judge.batch_score(images[:a.n])
-                if cuda:
-                    torch.cuda.synchronize()
-                walls.append(time.perf_counter() - t)
+                wall, res, _ = _timed_call(judge, images[:a.n], cuda)
+                walls.append(wall)
             time.sleep(0.5)
             proc.send_signal(signal.SIGINT)
             said = proc.communicate(timeout=120)[0]
@@ -595,6 +589,14 @@ def _timeline_chunks(marks: list[tuple[int, str, float, Any]], sizes: dict[int, 
             "chunks": rows}
 
 
+def _timed_call(judge, items: list, cuda: bool) -> tuple[float, list, int]:
+    """One call of `items` with the judge's store of vision features emptied first, timed to the
+    GPU's end: (seconds, results, images the tower encoded)."""
+    enc = runs.new_images(judge)
+    wall, res = runs.timed(judge, items, cuda)
+    return wall, res, runs.encoded_since(judge, enc)
+
+
 def _alternate(judge, a, images: list, variants: dict[str, Any], switch, mode: str) -> dict[str, Any]:
     """Calls of --n items on one loaded judge after its automatic compile (run with --judge
     compile_after_items=BS), `switch(engine, variants[name])` before each: one untimed call of --n
@@ -618,16 +620,9 @@ def _alternate(judge, a, images: list, variants: dict[str, Any], switch, mode: s
         for _ in range(a.reps):
             for name in names:
                 switch(judge.engine, variants[name])
-                enc = runs.new_images(judge)
-                if cuda:
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                res = judge.batch_score(images[:a.n])
-                if cuda:
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t)
-                encoded[name].append(runs.encoded_since(judge, enc))
-                results[name] = res
+                wall, results[name], enc = _timed_call(judge, images[:a.n], cuda)
+                times[name].append(wall)
+                encoded[name].append(enc)
         switch(judge.engine, variants[names[0]])
         extra = {"rotary_compiled": any(type(m).__name__ == "RotaryEmbedding" for m in judge.engine._compiled),
                  "compiled_modules": compiled, "compiled_during_timing": len(judge.engine._compiled) != compiled}

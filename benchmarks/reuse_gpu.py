@@ -62,7 +62,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -73,16 +72,7 @@ from bench_gpu import make_images  # noqa: E402
 from benchmarks import runs  # noqa: E402
 
 
-def _timed(judge, items, cuda: bool) -> tuple[float, list]:
-    import torch
-
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    res = judge.batch_score(items)
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, res
+_timed = runs.timed
 
 
 def _check(res: list, what: str) -> dict[str, Any]:

@@ -112,6 +112,19 @@ def checkpoint(report: dict[str, Any], a: Any, prefix: str) -> Iterator[str]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def timed(judge, items: list, cuda: bool) -> tuple[float, list]:
+    """One call of `items`, timed to the GPU's end (cuda): (seconds, results)."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    res = judge.batch_score(items)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, res
+
+
 def new_images(judge) -> int:
     """Before a measured call that shows images the judge has seen (a warm-up's): empty its store
     of vision features (`vision_cache_mb`), which would otherwise hand their features back without
