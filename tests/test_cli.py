@@ -1301,3 +1301,120 @@ def test_a_csv_manifest_sets_an_items_answer_budget_with_a_whole_number(tiny_cac
                  "--set", f"job.manifest={manifest}", "--set", f"job.output_dir={out}")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["resumed_from_disk"] == 3, "the scored rows' budgets read the same again"
+
+
+def _plugin(tmp_path: Path, module: str, source: str) -> Path:
+    """A folder holding the user's own judge module `module` (named by class_path; run_main's pythonpath)."""
+    folder = tmp_path / "plugin"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{module}.py").write_text(textwrap.dedent(source))
+    return folder
+
+
+def _csv_rows(path: Path) -> list[list]:
+    """results.csv's rows, each cell that reads as a number as that float (assert_same_results then
+    allows a resumed score its float rounding)."""
+    def cell(text: str):
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    with open(path, newline="") as fh:
+        return [[cell(c) for c in row] for row in csv.reader(fh)]
+
+
+def _assert_resumed_job_writes_what_an_uninterrupted_one_does(part: Path, full: Path) -> None:
+    """results.jsonl, results.csv and summary.json of a resumed job: those of the uninterrupted one,
+    but for float rounding (and the summary's timing and resume count)."""
+    assert_same_results(_strict_json_lines(part / "results.jsonl"), _strict_json_lines(full / "results.jsonl"),
+                        "resumed: ")
+    got, want = _csv_rows(part / "results.csv"), _csv_rows(full / "results.csv")
+    assert got[0] == want[0], "the same columns"
+    assert_same_results([{"id": i, "row": row} for i, row in enumerate(got)],
+                        [{"id": i, "row": row} for i, row in enumerate(want)], "csv: ")
+
+    def summary(folder: Path) -> dict:
+        s = json.loads((folder / "summary.json").read_text())
+        return {k: v for k, v in s.items() if k not in ("elapsed_s", "latency_s_per_item", "resumed_from_disk")}
+    assert_same_results([summary(part)], [summary(full)], "summary: ")
+
+
+def test_a_judge_classs_own_metadata_fields_are_kept_in_a_resumed_jobs_records(tiny_cache, tmp_path, edit_manifest):
+    # A judge class of the user's that sets metadata fields of its own (a version, a token count) had
+    # them in the records of the rows it scored, and lost them from the rows a resumed job read back
+    # from its stream: the reused record was rebuilt from the manifest row alone, so results.jsonl of
+    # an interrupted and resumed job differed from an uninterrupted one's. Here the class adds fields,
+    # one that is NaN, gives a manifest field another value, drops one, and writes one into the item
+    # itself before scoring; a row's own NaN field is noted beside it.
+    plugin = _plugin(tmp_path, "meta_judge", '''
+        from src.models.reward.implementations.local import QwenVLRewardModel
+
+
+        class MetaJudge(QwenVLRewardModel):
+            """The tiny judge, with metadata fields of its own, as a user's class adds them."""
+
+            def score_items(self, items):
+                for it in items:
+                    it.metadata["seen_by"] = "pre-pass"  # into the item itself: the engine carries it
+                results = super().score_items(items)
+                for it, r in zip(items, results):
+                    r.metadata = {**r.metadata, "judge_version": "v2", "tokens": 17}
+                    kind = int(it.id[1:]) % 4
+                    if kind == 1:
+                        r.metadata["confidence"] = float("nan")
+                    elif kind == 2:
+                        del r.metadata["seed"]
+                    elif kind == 3:
+                        r.metadata["seed"] = 99
+                return results
+    ''')
+    rows = read_jsonl(edit_manifest)
+    for k in (1, 9):
+        rows[k]["weight"] = float("nan")
+    manifest = _edited_manifest(rows, edit_manifest, tmp_path)
+
+    def job(out: Path, manifest: Path = manifest) -> dict:
+        r = run_main("--config", str(write_config(tmp_path, manifest, out)), "--set",
+                     "model.class_path=meta_judge.MetaJudge", pythonpath=plugin)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    full = tmp_path / "full"
+    job(full)
+    results = _strict_json_lines(full / "results.jsonl")
+    note = ", which JSON cannot hold: written as null"
+    ours = {"seen_by": "pre-pass", "judge_version": "v2", "tokens": 17}
+    assert [x["metadata"] for x in results[:4]] == [
+        {"category": "shape", "seed": 0, **ours},
+        {"category": "color", "seed": 1, "weight": None, **ours, "confidence": None,
+         "notes": ["metadata.weight was NaN" + note, "metadata.confidence was NaN" + note]},
+        {"category": "shape", **ours},
+        {"category": "color", "seed": 99, **ours}]
+    assert all(x["score"] is not None and "metadata_by_judge" not in x for x in results)
+
+    # Interrupted after 6 results (the 7th cut mid-line), then resumed: every record as the
+    # uninterrupted run wrote it, for the rows read back and the rows scored again alike.
+    part = tmp_path / "part"
+    write_partial(full, part)
+    reused = {json.loads(line)["id"] for line in (part / "results.stream.jsonl").read_text().splitlines()[:6]}
+    assert {int(i[1:]) % 4 for i in reused} == {0, 1, 2, 3}, "rows read back of each kind"
+    assert job(part)["resumed_from_disk"] == 6
+    _assert_resumed_job_writes_what_an_uninterrupted_one_does(part, full)
+    # Everything on disk: no judge loaded, the same file again.
+    before = (part / "results.jsonl").read_bytes()
+    assert job(part)["resumed_from_disk"] == 10
+    assert (part / "results.jsonl").read_bytes() == before
+
+    # The manifest edited since (a field deleted, one added, one the judge overrides changed): what a
+    # fresh run of it writes.
+    del rows[0]["seed"]
+    rows[4]["reviewer"] = "Ann"
+    rows[3]["seed"] = 5
+    edited = _edited_manifest(rows, edit_manifest, tmp_path)
+    assert job(part, edited)["resumed_from_disk"] == 10
+    fresh = tmp_path / "fresh"
+    job(fresh, edited)
+    _assert_resumed_job_writes_what_an_uninterrupted_one_does(part, fresh)
+    assert [x["metadata"] for x in _strict_json_lines(part / "results.jsonl")[3:5]] == [
+        {"category": "color", "seed": 99, **ours}, {"category": "shape", "seed": 4, "reviewer": "Ann", **ours}]
+

@@ -3,6 +3,8 @@
 Files in the output folder:
   results.stream.jsonl  one line per result as it finishes (appended, flushed, fsync'ed); what
                         resume reads. A line cut by a crash is skipped and its item scored again.
+                        Beside what results.jsonl holds: latency_s, device, and which metadata
+                        fields the judge set or dropped (metadata_by_judge, for resume)
   results.jsonl         the final results in manifest order (written at the end)
   results.csv           the same, flat, for spreadsheets (text a spreadsheet would run as a
                         formula starts with a single quote there: _csv_cell)
@@ -20,10 +22,12 @@ Resume: an item is skipped when the stream holds a successful result for its id 
 fingerprint (model, template, scoring settings) and the same inputs (image paths, source image
 paths, instruction; in generate mode also the item's own max_new_tokens). Failed items are tried
 again. A reused result is written with its row as the manifest gives it now (line, category, other
-fields), the judge's notes kept (_as_the_row_says_now).
+fields), what the judge did to its metadata kept: its notes, and the fields a judge class of the
+user's set or dropped (_as_the_row_says_now).
 """
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -61,6 +65,9 @@ JOB_KEYS = ("manifest", "output_dir", "chunk_size", "resume", "report")
 # Kept in the stream file, left out of results.jsonl/csv: they vary from run to run, and the
 # final file of a resumed job must equal an uninterrupted run's but for float rounding (README).
 VOLATILE = ("latency_s", "device")
+# Kept in the stream file too, for resume alone: which metadata fields the judge set or dropped (_by_judge).
+BY_JUDGE = "metadata_by_judge"
+STREAM_ONLY = (*VOLATILE, BY_JUDGE)
 
 
 @dataclass
@@ -267,12 +274,48 @@ def _record(row: ManifestRow, res: ScoreResult, fingerprint: str, judge: str = "
     d["category"] = None if cat is None else str(cat)
     # A row with its own `notes` always gets judge_notes, from any judge: how a resumed job tells the two apart.
     d["metadata"] = with_judge_notes(d.get("metadata") or {}, _own(row), [])
-    return _strict_record(d, row, judge)
+    rec = _strict_record(d, row, judge)
+    by_judge = _by_judge(_own(row), rec["metadata"])
+    return {**rec, BY_JUDGE: by_judge} if by_judge else rec
 
 
 def _own(row: ManifestRow) -> dict[str, Any]:
     """The metadata the manifest gives a row."""
     return row.item.metadata if row.item is not None else {}
+
+
+def _for_the_judge(row: ManifestRow) -> Any:
+    """The row's item as the judge gets it, with a copy of its metadata: a judge class that writes
+    into its items (`item.metadata["tokens"] = 17`) leaves the row as the manifest gave it, so its
+    record tells the row's fields from the judge's (_by_judge) as a resumed job, which reads the
+    manifest again, does."""
+    return dataclasses.replace(row.item, metadata=copy.deepcopy(row.item.metadata))
+
+
+_NOTES_KEYS = ("notes", JUDGE_NOTES)  # the job writes these by its own rules (with_judge_notes)
+
+
+def _by_judge(own: dict[str, Any], metadata: dict[str, Any]) -> dict[str, list[str]]:
+    """What the judge did to a row's metadata `own`, beside its notes, as the record's `metadata`
+    shows it: the fields it set (added, or gave another value) and those it dropped; {} for neither
+    (the judges of this library set none). The values are in the record; the stream keeps these
+    lists beside them (BY_JUDGE), so that a resumed job writes a reused record as an uninterrupted
+    run does, with the judge's fields and without a manifest field deleted since
+    (_as_the_row_says_now)."""
+    set_ = [k for k, v in metadata.items() if k not in _NOTES_KEYS and not (k in own and _written_alike(own[k], v))]
+    dropped = [k for k in own if k not in _NOTES_KEYS and k not in metadata]
+    return {name: keys for name, keys in (("set", set_), ("dropped", dropped)) if keys}
+
+
+def _written_alike(a: Any, b: Any) -> bool:
+    """Whether two values are written alike in the job's JSON files (_as_json): NaN and null are,
+    numpy's 3 and 3 are; 1 and 1.0 are not, nor the same keys in another order."""
+    def written(value: Any) -> str:
+        return json.dumps(_as_json(value, "", [], lambda path, v, what: None), ensure_ascii=False)
+    try:
+        return written(a) == written(b)
+    except RecursionError:  # nested deeper than Python's stack (_strict_record fails such an item)
+        return False
 
 
 # How a note names a value JSON cannot hold; a reused record's notes about its metadata are made
@@ -445,22 +488,61 @@ def _as_the_row_says_now(rec: dict[str, Any], row: ManifestRow) -> dict[str, Any
     """A stored result with its row's place, category and metadata as the manifest gives them now
     (the score stays as stored): a manifest edited between runs (rows moved, a category relabelled,
     a free field changed, added or deleted, its own notes changed) must give the results and the
-    summary an uninterrupted run of it would. What the judge added to the metadata (its notes: what
-    the judges here add) stays, under the key the row's notes now call for."""
+    summary an uninterrupted run of it would. What the judge did to the metadata stays: the fields a
+    judge class of the user's set or dropped (BY_JUDGE), and the judge's notes, under the key the
+    row's notes now call for."""
     stored, own = rec.get("metadata") or {}, row.item.metadata
     cat = own.get("category")
+    set_, dropped = (_keys(rec.get(BY_JUDGE), name) for name in ("set", "dropped"))
+    metadata = {k: stored[k] if k in set_ and k in stored else v for k, v in own.items() if k not in dropped}
+    metadata.update((k, v) for k, v in stored.items() if k in set_ and k not in own)
+    notes, later = _judges_notes(stored, own, set_)
+    if "notes" in own:
+        metadata = with_judge_notes(metadata, own, [] if notes is _NO_NOTES else notes if isinstance(notes, list)
+                                    else [notes])
+    elif notes is not _NO_NOTES:
+        metadata["notes"] = notes
+    out = _strict_record({**rec, "line": row.line, "metadata": metadata, "category": None if cat is None else str(cat)},
+                         row)
+    if later:  # after those made again from the row: an uninterrupted run notes the row's fields first
+        out["metadata"] = with_judge_notes(out["metadata"], own, later)
+    return out
+
+
+_NO_NOTES = object()  # a stored record whose judge had no notes
+
+
+def _judges_notes(stored: dict[str, Any], own: dict[str, Any], set_: frozenset[str]) -> tuple[Any, list[str]]:
+    """The judge's notes in a stored record's `metadata`: a list, a judge class's value that is no
+    list (as it wrote it), or _NO_NOTES; less the notes on values JSON cannot hold in the row's
+    fields, which _strict_record makes again from the row as it is now. And apart, the notes on such
+    values in the fields the judge set (`set_`), which no row gives again."""
     if JUDGE_NOTES in stored:  # there when the row had notes of its own (_record); else the judge's are `notes`
-        judges = stored[JUDGE_NOTES]
+        judges, marker = stored[JUDGE_NOTES], True
     elif "notes" in own and stored.get("notes") == own["notes"]:
-        judges = []  # the row's own notes, in a stream written before judge_notes existed (the judge had none)
+        return _NO_NOTES, []  # the row's own notes, in a stream written before judge_notes existed
     else:
-        judges = stored.get("notes")
-    # notes on the metadata's values are made again (_strict_record), from the row as it is now
-    judges = [n for n in judges if not (isinstance(n, str) and n.startswith("metadata.") and n.endswith(_NOT_JSON))] \
-        if isinstance(judges, list) else []
-    metadata = with_judge_notes(dict(own), own, judges)
-    return _strict_record({**rec, "line": row.line, "metadata": metadata, "category": None if cat is None else str(cat)},
-                          row)
+        judges, marker = stored.get("notes", _NO_NOTES), False
+    if not isinstance(judges, list):
+        return judges, []
+    remade = [n for n in judges if isinstance(n, str) and n.startswith("metadata.") and n.endswith(_NOT_JSON)]
+    kept = [n for n in judges if n not in remade]
+    later = [n for n in remade if any(_on_field(n, k) for k in set_)]
+    # An empty list is the judge's own where a judge class wrote `notes: []`; under judge_notes, or
+    # once the job's notes are taken out, it is no notes.
+    return (kept if kept or not (marker or remade) else _NO_NOTES), later
+
+
+def _on_field(note: str, key: str) -> bool:
+    """Whether a note on a value JSON cannot hold (`metadata.conf was NaN`) is on metadata field `key`."""
+    head = f"metadata.{key}"
+    return note.startswith(head) and note[len(head):len(head) + 1] in (".", "[", " ")
+
+
+def _keys(by_judge: Any, name: str) -> frozenset[str]:
+    """The fields a stored record's BY_JUDGE lists under `name` (none in a stream written before it existed)."""
+    keys = by_judge.get(name) if isinstance(by_judge, dict) else None
+    return frozenset(k for k in keys if isinstance(k, str)) if isinstance(keys, list) else frozenset()
 
 
 def _same_inputs(rec: dict[str, Any], row: ManifestRow, budget_counts: bool) -> bool:
@@ -632,7 +714,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                         for start in range(0, len(todo), spec.chunk_size):
                             raise_lost_ctrl_c()  # one lost while the model was built or a chunk ran
                             chunk = todo[start:start + spec.chunk_size]
-                            results = model.batch_score([r.item for r in chunk])
+                            results = model.batch_score([_for_the_judge(r) for r in chunk])
                             if len(results) != len(chunk):  # a class of the user's (class_path) broke the promise
                                 raise JudgeError(f"the judge ({type(model).__name__}) returned {len(results)} results "
                                                  f"for a call of {len(chunk)} items; a judge returns one result per "
@@ -666,7 +748,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
             else:
                 final.append(by_id[r.id])
         latencies = [rec["latency_s"] for rec in final if rec.get("latency_s")]
-        final = [{k: v for k, v in rec.items() if k not in VOLATILE} for rec in final]
+        final = [{k: v for k, v in rec.items() if k not in STREAM_ONLY} for rec in final]
         summary = summarize(final, fingerprint=fp, model_spec=model_spec, elapsed_s=time.time() - t0,
                             skipped=len(rows) - len(todo) - sum(r.item is None for r in rows),
                             sub_score_names=_declared_sub_scores(model, checked))
