@@ -1311,6 +1311,15 @@ def _plugin(tmp_path: Path, module: str, source: str) -> Path:
     return folder
 
 
+def _job_with_judge_class(tmp_path: Path, manifest: Path, out: Path, class_path: str, plugin: Path) -> dict:
+    """main.py's job on `manifest` into `out`, judged by the user's class `class_path` (a module in
+    `plugin`); the summary it prints."""
+    r = run_main("--config", str(write_config(tmp_path, manifest, out)), "--set", f"model.class_path={class_path}",
+                 pythonpath=plugin)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def _csv_rows(path: Path) -> list[list]:
     """results.csv's rows, each cell that reads as a number as that float (assert_same_results then
     allows a resumed score its float rounding)."""
@@ -1374,10 +1383,7 @@ def test_a_judge_classs_own_metadata_fields_are_kept_in_a_resumed_jobs_records(t
     manifest = _edited_manifest(rows, edit_manifest, tmp_path)
 
     def job(out: Path, manifest: Path = manifest) -> dict:
-        r = run_main("--config", str(write_config(tmp_path, manifest, out)), "--set",
-                     "model.class_path=meta_judge.MetaJudge", pythonpath=plugin)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
+        return _job_with_judge_class(tmp_path, manifest, out, "meta_judge.MetaJudge", plugin)
 
     full = tmp_path / "full"
     job(full)
@@ -1418,3 +1424,61 @@ def test_a_judge_classs_own_metadata_fields_are_kept_in_a_resumed_jobs_records(t
     assert [x["metadata"] for x in _strict_json_lines(part / "results.jsonl")[3:5]] == [
         {"category": "color", "seed": 99, **ours}, {"category": "shape", "seed": 4, "reviewer": "Ann", **ours}]
 
+
+def test_a_judge_class_that_writes_its_own_notes_keeps_the_rows_notes(tiny_cache, tmp_path, edit_manifest):
+    # A judge class of the user's that wrote its own note over metadata.notes ({**metadata, "notes":
+    # ...}) lost a manifest row's own `notes` field: the record held the judge's note in its place.
+    # The row's field now stays as given and the class's note goes to judge_notes, after the notes
+    # the judge had there already (an animated GIF's); a class that adds to the row's list has only
+    # what it added moved. A row without notes keeps the class's note as it wrote it, as before.
+    from PIL import Image
+
+    plugin = _plugin(tmp_path, "notes_judge", '''
+        from src.models.reward.implementations.local import QwenVLRewardModel
+
+
+        class NotesJudge(QwenVLRewardModel):
+            """The tiny judge, writing a note of its own into each result's metadata."""
+
+            def score_items(self, items):
+                results = super().score_items(items)
+                for it, r in zip(items, results):
+                    if it.id == "e1":
+                        r.metadata["notes"] = r.metadata["notes"] + ["my judge's note"]
+                    else:
+                        r.metadata = {**r.metadata, "notes": "my judge's note"}
+                return results
+    ''')
+    frame = Image.open(edit_manifest.parent / "edit0.png").convert("RGB")
+    gif = tmp_path / "anim.gif"
+    frame.save(gif, save_all=True, append_images=[frame.rotate(90)], duration=100)
+    rows = read_jsonl(edit_manifest)
+    for k, notes in enumerate(["reviewed by Ann", ["ok", "check later"], None, {"by": "Bo"}, float("nan")]):
+        if notes is not None:
+            rows[k]["notes"] = notes
+    rows[0]["image"] = rows[5]["image"] = str(gif)
+    manifest = _edited_manifest(rows, edit_manifest, tmp_path)
+
+    def job(out: Path) -> dict:
+        return _job_with_judge_class(tmp_path, manifest, out, "notes_judge.NotesJudge", plugin)
+
+    full = tmp_path / "full"
+    job(full)
+    results = _strict_json_lines(full / "results.jsonl")
+    assert all(x["score"] is not None for x in results)
+    frames, mine = f"{gif}: first of 2 frames used", "my judge's note"
+    meta = [{k: v for k, v in x["metadata"].items() if k not in ("category", "seed")} for x in results]
+    assert meta[:7] == [{"notes": "reviewed by Ann", "judge_notes": [frames, mine]},
+                        {"notes": ["ok", "check later"], "judge_notes": [mine]},
+                        {"notes": mine},
+                        {"notes": {"by": "Bo"}, "judge_notes": [mine]},
+                        {"notes": None, "judge_notes": [mine, "metadata.notes was NaN, which JSON cannot hold: "
+                                                              "written as null"]},
+                        {"notes": mine},
+                        {"notes": mine}]
+
+    # Interrupted after 6 results, then resumed: the same records.
+    part = tmp_path / "part"
+    write_partial(full, part)
+    assert job(part)["resumed_from_disk"] == 6
+    _assert_resumed_job_writes_what_an_uninterrupted_one_does(part, full)

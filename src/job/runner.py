@@ -272,8 +272,7 @@ def _record(row: ManifestRow, res: ScoreResult, fingerprint: str, judge: str = "
     d.update({k: v for k, v in row.fields.items() if _input_field(k, v)})
     cat = (row.item.metadata.get("category") if row.item else row.fields.get("category"))
     d["category"] = None if cat is None else str(cat)
-    # A row with its own `notes` always gets judge_notes, from any judge: how a resumed job tells the two apart.
-    d["metadata"] = with_judge_notes(d.get("metadata") or {}, _own(row), [])
+    d["metadata"] = _rows_notes_kept(d.get("metadata") or {}, _own(row))
     rec = _strict_record(d, row, judge)
     by_judge = _by_judge(_own(row), rec["metadata"])
     return {**rec, BY_JUDGE: by_judge} if by_judge else rec
@@ -282,6 +281,26 @@ def _record(row: ManifestRow, res: ScoreResult, fingerprint: str, judge: str = "
 def _own(row: ManifestRow) -> dict[str, Any]:
     """The metadata the manifest gives a row."""
     return row.item.metadata if row.item is not None else {}
+
+
+def _rows_notes_kept(metadata: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """A result's `metadata` with the row's own `notes` field (`own`'s) as the row gives it, whoever
+    changed it: notes a judge class wrote there instead (`{**metadata, "notes": ...}`) are the
+    judge's, and go to judge_notes after those there already (with_judge_notes); of a list that
+    starts with the row's notes, what it added. The judges of this library leave the field as it
+    was. A row with its own notes always gets judge_notes, from any judge: how a resumed job tells
+    the two apart."""
+    if "notes" not in own:
+        return metadata
+    theirs, given = metadata.get("notes"), own["notes"]
+    head = given if isinstance(given, list) else [given]
+    if theirs is None or _written_alike(theirs, given):
+        moved = []
+    elif isinstance(theirs, list) and _written_alike(theirs[:len(head)], head):
+        moved = theirs[len(head):]
+    else:
+        moved = theirs if isinstance(theirs, list) else [theirs]
+    return with_judge_notes({**metadata, "notes": given}, own, moved)
 
 
 def _for_the_judge(row: ManifestRow) -> Any:
