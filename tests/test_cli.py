@@ -1311,13 +1311,19 @@ def _plugin(tmp_path: Path, module: str, source: str) -> Path:
     return folder
 
 
-def _job_with_judge_class(tmp_path: Path, manifest: Path, out: Path, class_path: str, plugin: Path) -> dict:
+def _job_with_judge_class(tmp_path: Path, manifest: Path, out: Path, class_path: str, plugin: Path,
+                          params: dict | None = None) -> tuple[dict, str]:
     """main.py's job on `manifest` into `out`, judged by the user's class `class_path` (a module in
-    `plugin`); the summary it prints."""
-    r = run_main("--config", str(write_config(tmp_path, manifest, out)), "--set", f"model.class_path={class_path}",
-                 pythonpath=plugin)
+    `plugin`) built from `params` (by default the tiny judge's, write_config's): the summary it
+    prints, and its log."""
+    cfg = write_config(tmp_path, manifest, out)
+    if params is not None:
+        cfg.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), "model": {"class_path": class_path,
+                                                                                     "params": params}}))
+    r = run_main("--config", str(cfg), "--set", f"model.class_path={class_path}", pythonpath=plugin)
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    assert "Traceback" not in r.stderr, r.stderr
+    return json.loads(r.stdout), r.stderr
 
 
 def _csv_rows(path: Path) -> list[list]:
@@ -1383,7 +1389,7 @@ def test_a_judge_classs_own_metadata_fields_are_kept_in_a_resumed_jobs_records(t
     manifest = _edited_manifest(rows, edit_manifest, tmp_path)
 
     def job(out: Path, manifest: Path = manifest) -> dict:
-        return _job_with_judge_class(tmp_path, manifest, out, "meta_judge.MetaJudge", plugin)
+        return _job_with_judge_class(tmp_path, manifest, out, "meta_judge.MetaJudge", plugin)[0]
 
     full = tmp_path / "full"
     job(full)
@@ -1460,7 +1466,7 @@ def test_a_judge_class_that_writes_its_own_notes_keeps_the_rows_notes(tiny_cache
     manifest = _edited_manifest(rows, edit_manifest, tmp_path)
 
     def job(out: Path) -> dict:
-        return _job_with_judge_class(tmp_path, manifest, out, "notes_judge.NotesJudge", plugin)
+        return _job_with_judge_class(tmp_path, manifest, out, "notes_judge.NotesJudge", plugin)[0]
 
     full = tmp_path / "full"
     job(full)
@@ -1482,3 +1488,75 @@ def test_a_judge_class_that_writes_its_own_notes_keeps_the_rows_notes(tiny_cache
     write_partial(full, part)
     assert job(part)["resumed_from_disk"] == 6
     _assert_resumed_job_writes_what_an_uninterrupted_one_does(part, full)
+
+
+def _calls_since(calls: Path, seen: int) -> list[list[str]]:
+    """The calls a judge class logged to `calls` (one JSON list of item ids a line) after its first `seen`."""
+    return [json.loads(line) for line in calls.read_text().splitlines()[seen:]] if calls.exists() else []
+
+
+def test_a_judge_class_whose_result_metadata_is_no_dict_fails_only_that_item(tmp_path, edit_manifest):
+    # A judge class of the user's that returned a result whose metadata was a list, a string or a
+    # mapping of another type stopped the whole job with a traceback (an AttributeError; a
+    # mappingproxy, which does not copy, a TypeError), the chunk's scored items unwritten. Such an
+    # item now fails alone, naming the item and the cause, with the row's own metadata; every other
+    # item is scored, and a resumed job tries the failed ones again. Metadata None is no metadata,
+    # as before.
+    plugin = _plugin(tmp_path, "odd_meta_judge", '''
+        import json
+        from collections import UserDict
+        from types import MappingProxyType
+
+        from src.models.reward import BaseRewardModel, ScoreResult
+
+
+        class OddMetaJudge(BaseRewardModel):
+            """Scores an item by its number; e1..e5's results carry metadata of another type."""
+
+            def __init__(self, calls: str):
+                self.calls = calls
+
+            def score_items(self, items):
+                with open(self.calls, "a") as fh:
+                    fh.write(json.dumps([it.id for it in items]) + "\\n")
+                odd = {"e1": ["a", "list"], "e2": "text", "e3": UserDict(seed=3), "e4": None,
+                       "e5": MappingProxyType({"seed": 5})}
+                return [ScoreResult(index=i, id=it.id, score=float(it.id[1:]), sub_scores={"a": 1.0},
+                                    metadata=odd[it.id] if it.id in odd else dict(it.metadata))
+                        for i, it in enumerate(items)]
+    ''')
+    rows = read_jsonl(edit_manifest)
+    rows[1]["notes"] = "check the hat"
+    rows[2]["weight"] = float("nan")
+    manifest = _edited_manifest(rows, edit_manifest, tmp_path)
+    calls, out = tmp_path / "calls.jsonl", tmp_path / "out"
+
+    def job() -> dict:
+        return _job_with_judge_class(tmp_path, manifest, out, "odd_meta_judge.OddMetaJudge", plugin,
+                                     {"calls": str(calls)})[0]
+
+    summary = job()
+    assert (summary["scored"], summary["failed"], summary["failures_by_kind"]) == (6, 4, {"model": 4}), summary
+    first = _strict_json_lines(out / "results.jsonl")
+    cause = "the judge (OddMetaJudge) returned a result the job cannot write: metadata must be a dict (free data " \
+            "carried into the result), got {}; the item is failed"
+    assert [(x["score"], x["sub_scores"], x["error_kind"], x["error"]) for x in first[1:6] if x["id"] != "e4"] == [
+        (None, {"a": None}, "model", f"item 'e{k}' (line {k + 1}): " + cause.format(kind))
+        for k, kind in ((1, "list"), (2, "str"), (3, "UserDict"), (5, "mappingproxy"))]
+    assert [x["metadata"] for x in first[1:6]] == [
+        {"category": "color", "seed": 1, "notes": "check the hat", "judge_notes": []},
+        {"category": "shape", "seed": 2, "weight": None,
+         "notes": ["metadata.weight was NaN, which JSON cannot hold: written as null"]},
+        {"category": "color", "seed": 3},
+        {},
+        {"category": "color", "seed": 5}], "the row's own metadata on a failed item; none where the judge returned None"
+    assert [x["score"] for x in first] == [0.0, None, None, None, 4.0, None, 6.0, 7.0, 8.0, 9.0]
+    assert sorted(i for call in _calls_since(calls, 0) for i in call) == sorted(r["id"] for r in rows)
+
+    # Resumed: the failed items, and only they, are tried again (and fail again, alike).
+    seen = len(_calls_since(calls, 0))
+    summary = job()
+    assert summary["resumed_from_disk"] == 6
+    assert sorted(i for call in _calls_since(calls, seen) for i in call) == ["e1", "e2", "e3", "e5"]
+    assert_same_results(_strict_json_lines(out / "results.jsonl"), first, "resumed: ")
+

@@ -13,7 +13,8 @@ Files in the output folder:
 The JSON files are strict JSON: NaN and Infinity (a manifest's free field may hold them) are
 written as null, and the item's metadata.notes says so; numpy's numbers and arrays (a judge class
 of the user's may return them) are written as plain numbers and lists; a value JSON cannot hold at
-all fails its item alone (_strict_record, the one walk every JSON write of the job goes through).
+all fails its item alone (_strict_record, the one walk every JSON write of the job goes through), as
+does a result whose metadata is no dict (_record).
 
 Order: the manifest's, except that rows sharing a source image are scored side by side (in the
 same call, so the judge encodes the source once); results.jsonl is in manifest order either way.
@@ -50,7 +51,7 @@ from src.models.reward.config import ConfigError, judge_settings, model_param_pa
 from src.models.reward.errors import JudgeError
 from src.models.reward.size_order import HeaderSize, chunk_order
 from src.models.reward.templates import resolve_rubric
-from src.models.reward.types import JUDGE_NOTES, with_judge_notes
+from src.models.reward.types import JUDGE_NOTES, carried_metadata, metadata_problem, with_judge_notes
 
 from .manifest import ManifestRow, read_manifest
 from .summary import RESERVED, SUMMARY, stats, summarize
@@ -263,8 +264,15 @@ def _say_what_is_not_reused(stream_path: Path, fp: str, todo: list[ManifestRow],
 
 def _record(row: ManifestRow, res: ScoreResult, fingerprint: str, judge: str = "the judge") -> dict[str, Any]:
     """The record of a row's result, as the job's files hold it; `judge` names the judge in the
-    error of an item whose result JSON cannot hold (_strict_record)."""
+    error of an item whose result the job cannot write: its metadata no dict (a list, a string, from
+    a judge class of the user's; None is none), or a value JSON cannot hold (_strict_record). Such
+    an item fails alone, and a resumed job scores it again."""
+    wrong = None if res.metadata is None else metadata_problem(res.metadata)
+    if wrong:  # the row's own metadata instead; the judge's might not even copy (to_dict)
+        res = dataclasses.replace(res, metadata=carried_metadata(row.item))
     d = res.to_dict()
+    if wrong:
+        _fail(d, row, f"{judge} returned a result the job cannot write: {wrong}; the item is failed")
     d.pop("index", None)
     d["id"] = row.id
     d["line"] = row.line
@@ -421,13 +429,18 @@ def _strict_record(rec: dict[str, Any], row: ManifestRow, judge: str = "the judg
         except RecursionError:  # nested deeper than Python's stack
             out[k] = none_for(k, v, "nested too deeply")
     if unwritable:
-        why = (f"{judge} returned {', '.join(unwritable)}, which JSON cannot hold: the item is failed; a judge's "
-               "result holds numbers, text, lists and dicts")
-        out.update(score=None, sub_scores={k: None for k in out.get("sub_scores") or {}}, error_kind="model",
-                   error=f"{out['error']}; {why}" if out.get("error") else f"item {_row_name(row)}: {why}")
+        _fail(out, row, f"{judge} returned {', '.join(unwritable)}, which JSON cannot hold: the item is failed; a "
+                        "judge's result holds numbers, text, lists and dicts")
     if found:
         out["metadata"] = with_judge_notes(out.get("metadata") or {}, _own(row), [n + _NOT_JSON for n in found])
     return out
+
+
+def _fail(rec: dict[str, Any], row: ManifestRow, why: str) -> None:
+    """Fail the record `rec` of a row for a result its judge should not have returned (`why`): no
+    score, no sub-score, `model`; the error names the item, after any error it had already."""
+    rec.update(score=None, sub_scores={k: None for k in rec.get("sub_scores") or {}}, error_kind="model",
+               error=f"{rec['error']}; {why}" if rec.get("error") else f"item {_row_name(row)}: {why}")
 
 
 def _strict_summary(summary: dict[str, Any]) -> dict[str, Any]:
