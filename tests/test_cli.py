@@ -1560,3 +1560,80 @@ def test_a_judge_class_whose_result_metadata_is_no_dict_fails_only_that_item(tmp
     assert sorted(i for call in _calls_since(calls, seen) for i in call) == ["e1", "e2", "e3", "e5"]
     assert_same_results(_strict_json_lines(out / "results.jsonl"), first, "resumed: ")
 
+
+def test_a_judge_class_that_drops_or_changes_max_new_tokens_is_not_asked_again_on_resume(tmp_path, edit_manifest):
+    # In generate mode (and for a judge whose mode the job does not know, as a class of the user's)
+    # resume reuses a stored result only for the row's own answer budget (metadata max_new_tokens).
+    # It read that budget from the stored record's metadata, which is the judge's: a class that
+    # returned no metadata, or another max_new_tokens, had those rows scored again on every resume,
+    # though nothing had changed. Resume now compares the budget the manifest gave the row, as the
+    # job recorded it: nothing is scored again when nothing changed, and a row whose budget changed
+    # is scored again, whatever the judge wrote in its metadata.
+    plugin = _plugin(tmp_path, "budget_judge", '''
+        import json
+
+        from src.models.reward import BaseRewardModel, ScoreResult
+
+
+        class BudgetJudge(BaseRewardModel):
+            """Scores an item by its number. Its results' metadata: none (e0, e4, e8); the row's with
+            max_new_tokens 999 (e1, e5, e9, and e2, e6, whose rows have none); the row's (e3, e7)."""
+
+            def __init__(self, calls: str):
+                self.calls = calls
+
+            def score_items(self, items):
+                with open(self.calls, "a") as fh:
+                    fh.write(json.dumps([it.id for it in items]) + "\\n")
+                results = []
+                for i, it in enumerate(items):
+                    kind, score = int(it.id[1:]) % 4, float(it.id[1:])
+                    if kind == 0:
+                        results.append(ScoreResult(index=i, id=it.id, score=score))
+                    else:
+                        meta = {**it.metadata, "max_new_tokens": 999} if kind in (1, 2) else dict(it.metadata)
+                        results.append(ScoreResult(index=i, id=it.id, score=score, metadata=meta))
+                return results
+    ''')
+    rows = read_jsonl(edit_manifest)
+    for k, row in enumerate(rows):
+        if k % 4 != 2:
+            row["max_new_tokens"] = 16
+    calls, out = tmp_path / "calls.jsonl", tmp_path / "out"
+
+    def job(folder: Path = out) -> tuple[list[str], str]:
+        """The job on `rows` as they are now: the ids the judge was asked to score, and the log."""
+        seen = len(_calls_since(calls, 0))
+        _, err = _job_with_judge_class(tmp_path, _edited_manifest(rows, edit_manifest, tmp_path), folder,
+                                       "budget_judge.BudgetJudge", plugin, {"calls": str(calls)})
+        return sorted(i for call in _calls_since(calls, seen) for i in call), err
+
+    assert job()[0] == sorted(r["id"] for r in rows)
+    first = _strict_json_lines(out / "results.jsonl")
+    assert [x["metadata"] for x in first[:4]] == [
+        {}, {"category": "color", "seed": 1, "max_new_tokens": 999},
+        {"category": "shape", "seed": 2, "max_new_tokens": 999}, {"category": "color", "seed": 3, "max_new_tokens": 16}]
+
+    # Nothing changed: nothing is scored again, and the files are written as before.
+    asked, err = job()
+    assert asked == [] and "changed since" not in err, err
+    assert json.loads((out / "summary.json").read_text())["resumed_from_disk"] == 10
+    assert_same_results(_strict_json_lines(out / "results.jsonl"), first, "resumed: ")
+    # The row's budget, where the judge's metadata does not show it, is in the stream file alone.
+    stream = {x["id"]: x for x in _strict_json_lines(out / "results.stream.jsonl")}
+    assert [stream[f"e{k}"].get("row_max_new_tokens", "-") for k in range(4)] == [16, 16, None, "-"]
+    assert not any("row_max_new_tokens" in x or "metadata_by_judge" in x for x in first)
+    assert _csv_rows(out / "results.csv")[0] == ["id", "score", "category", "error_kind", "error", "images",
+                                                 "source_images", "instruction"]
+
+    # A row's budget changed in the manifest: that row alone is scored again, for each kind of result.
+    rows[0]["max_new_tokens"] = 8
+    asked, err = job()
+    assert asked == ["e0"]
+    assert "holds results for 1 of this job's rows (e0) whose images, instruction or answer budget" in err, err
+    rows[1]["max_new_tokens"] = rows[2]["max_new_tokens"] = rows[3]["max_new_tokens"] = 8
+    assert job()[0] == ["e1", "e2", "e3"]
+    assert job()[0] == []
+    fresh = tmp_path / "fresh"
+    job(fresh)
+    _assert_resumed_job_writes_what_an_uninterrupted_one_does(out, fresh)

@@ -3,8 +3,9 @@
 Files in the output folder:
   results.stream.jsonl  one line per result as it finishes (appended, flushed, fsync'ed); what
                         resume reads. A line cut by a crash is skipped and its item scored again.
-                        Beside what results.jsonl holds: latency_s, device, and which metadata
-                        fields the judge set or dropped (metadata_by_judge, for resume)
+                        Beside what results.jsonl holds: latency_s, device, and for resume which
+                        metadata fields the judge set or dropped (metadata_by_judge) and, where
+                        max_new_tokens is one, the row's own (row_max_new_tokens)
   results.jsonl         the final results in manifest order (written at the end)
   results.csv           the same, flat, for spreadsheets (text a spreadsheet would run as a
                         formula starts with a single quote there: _csv_cell)
@@ -21,10 +22,11 @@ same call, so the judge encodes the source once); results.jsonl is in manifest o
 
 Resume: an item is skipped when the stream holds a successful result for its id under the same
 fingerprint (model, template, scoring settings) and the same inputs (image paths, source image
-paths, instruction; in generate mode also the item's own max_new_tokens). Failed items are tried
-again. A reused result is written with its row as the manifest gives it now (line, category, other
-fields), what the judge did to its metadata kept: its notes, and the fields a judge class of the
-user's set or dropped (_as_the_row_says_now).
+paths, instruction; in generate mode, and for a judge whose mode is not known here, also the
+item's own max_new_tokens as the manifest gave it, whatever the judge wrote in its metadata:
+_budget_scored_under). Failed items are tried again. A reused result is written with its row as
+the manifest gives it now (line, category, other fields), what the judge did to its metadata
+kept: its notes, and the fields a judge class of the user's set or dropped (_as_the_row_says_now).
 """
 from __future__ import annotations
 
@@ -66,9 +68,11 @@ JOB_KEYS = ("manifest", "output_dir", "chunk_size", "resume", "report")
 # Kept in the stream file, left out of results.jsonl/csv: they vary from run to run, and the
 # final file of a resumed job must equal an uninterrupted run's but for float rounding (README).
 VOLATILE = ("latency_s", "device")
-# Kept in the stream file too, for resume alone: which metadata fields the judge set or dropped (_by_judge).
+# Kept in the stream file too, for resume alone: which metadata fields the judge set or dropped (_by_judge),
 BY_JUDGE = "metadata_by_judge"
-STREAM_ONLY = (*VOLATILE, BY_JUDGE)
+# and the row's own answer budget where the judge set or dropped that field (_budget_scored_under).
+BUDGET, ROW_BUDGET = "max_new_tokens", "row_max_new_tokens"
+STREAM_ONLY = (*VOLATILE, BY_JUDGE, ROW_BUDGET)
 
 
 @dataclass
@@ -283,7 +287,11 @@ def _record(row: ManifestRow, res: ScoreResult, fingerprint: str, judge: str = "
     d["metadata"] = _rows_notes_kept(d.get("metadata") or {}, _own(row))
     rec = _strict_record(d, row, judge)
     by_judge = _by_judge(_own(row), rec["metadata"])
-    return {**rec, BY_JUDGE: by_judge} if by_judge else rec
+    if not by_judge:
+        return rec
+    if any(BUDGET in keys for keys in by_judge.values()):  # the record's metadata no longer shows it
+        return {**rec, BY_JUDGE: by_judge, ROW_BUDGET: _plain(_own(row).get(BUDGET))}
+    return {**rec, BY_JUDGE: by_judge}
 
 
 def _own(row: ManifestRow) -> dict[str, Any]:
@@ -338,11 +346,16 @@ def _written_alike(a: Any, b: Any) -> bool:
     """Whether two values are written alike in the job's JSON files (_as_json): NaN and null are,
     numpy's 3 and 3 are; 1 and 1.0 are not, nor the same keys in another order."""
     def written(value: Any) -> str:
-        return json.dumps(_as_json(value, "", [], lambda path, v, what: None), ensure_ascii=False)
+        return json.dumps(_plain(value), ensure_ascii=False)
     try:
         return written(a) == written(b)
     except RecursionError:  # nested deeper than Python's stack (_strict_record fails such an item)
         return False
+
+
+def _plain(value: Any) -> Any:
+    """`value` as the job's JSON files write it (_as_json), with null for what JSON cannot hold."""
+    return _as_json(value, "", [], lambda path, v, what: None)
 
 
 # How a note names a value JSON cannot hold; a reused record's notes about its metadata are made
@@ -580,11 +593,19 @@ def _keys(by_judge: Any, name: str) -> frozenset[str]:
 def _same_inputs(rec: dict[str, Any], row: ManifestRow, budget_counts: bool) -> bool:
     # A manifest edited between runs may reuse an id (or a `lineN` id may now name another
     # row): a stored result counts only for the inputs it was scored on, and in generate mode for
-    # the answer budget it was scored under (the item's own max_new_tokens, kept in its metadata).
-    if budget_counts and (rec.get("metadata") or {}).get("max_new_tokens") != row.item.metadata.get("max_new_tokens"):
+    # the answer budget it was scored under (the item's own max_new_tokens, as the row gave it).
+    if budget_counts and _budget_scored_under(rec) != row.item.metadata.get(BUDGET):
         return False
     return all(rec.get(k) == row.fields.get(k) for k in ("images", "source_images", "instruction")
                if k in row.fields)
+
+
+def _budget_scored_under(rec: dict[str, Any]) -> Any:
+    """The row's own answer budget (metadata max_new_tokens) a stored result was scored under, as
+    the job recorded it: in the record's metadata, which carries the row's fields; where the judge
+    set or dropped that field there (a judge class of the user's returning its own metadata, or
+    none), beside it (ROW_BUDGET), so that such a row is not scored again on every resume."""
+    return rec[ROW_BUDGET] if ROW_BUDGET in rec else (rec.get("metadata") or {}).get(BUDGET)
 
 
 def _settings_of(model: BaseRewardModel | None, checked: tuple[str, type, dict[str, Any]] | None) -> Any:
