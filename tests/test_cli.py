@@ -1637,3 +1637,110 @@ def test_a_judge_class_that_drops_or_changes_max_new_tokens_is_not_asked_again_o
     fresh = tmp_path / "fresh"
     job(fresh)
     _assert_resumed_job_writes_what_an_uninterrupted_one_does(out, fresh)
+
+
+def _judge_class_whose_results_for_some_items_fail(tmp_path: Path, edit_manifest: Path, module: str, odd: str,
+                                                   errors: dict[str, str]) -> list[dict]:
+    """main.py's job on the edit manifest, judged by the user's class `module`.Judge, which scores item
+    eN as N (sub-score 'a' the same) and passes each result through `odd` (the source of a function
+    `odd(item_id, result)` returning it, with the imports it needs): the results of the items in
+    `errors` are ones the job cannot write, or no score. Each of those fails alone, `model`, with no
+    score nor sub-score, and that error after its item's name; every other item is scored, and
+    results.jsonl, results.csv and summary.json say so; a re-run asks the judge for the failed items
+    alone (the class logs the ids of each call), and writes the same results. Returns the first
+    run's records."""
+    plugin = _plugin(tmp_path, module, textwrap.dedent(odd) + textwrap.dedent('''
+
+        import json as _json
+
+        from src.models.reward import BaseRewardModel, ScoreResult as _Result
+
+
+        class Judge(BaseRewardModel):
+            def __init__(self, calls: str):
+                self.calls = calls
+
+            def score_items(self, items):
+                with open(self.calls, "a") as fh:
+                    fh.write(_json.dumps([it.id for it in items]) + "\\n")
+                return [odd(it.id, _Result(index=i, id=it.id, score=float(it.id[1:]), sub_scores={"a": float(it.id[1:])},
+                                           metadata=dict(it.metadata))) for i, it in enumerate(items)]
+    '''))
+    ids = [r["id"] for r in read_jsonl(edit_manifest)]
+    calls, out = tmp_path / "calls.jsonl", tmp_path / "out"
+
+    def job() -> tuple[dict, list[str]]:
+        """The job's summary, and the ids the judge was asked to score."""
+        seen = len(_calls_since(calls, 0))
+        summary = _job_with_judge_class(tmp_path, edit_manifest, out, f"{module}.Judge", plugin, {"calls": str(calls)})[0]
+        return summary, sorted(i for call in _calls_since(calls, seen) for i in call)
+
+    summary, asked = job()
+    assert asked == sorted(ids)
+    assert (summary["scored"], summary["failed"], summary["failures_by_kind"]) == (
+        len(ids) - len(errors), len(errors), {"model": len(errors)}), summary
+    first = _strict_json_lines(out / "results.jsonl")
+    for n, (rec, row) in enumerate(zip(first, _csv_rows(out / "results.csv")[1:])):
+        if rec["id"] in errors:
+            want = f"item {rec['id']!r} (line {n + 1}): {errors[rec['id']]}"
+            assert (rec["score"], rec["error_kind"], rec["error"]) == (None, "model", want), rec
+            assert all(v is None for v in (rec["sub_scores"] or {}).values()), rec
+            assert row[:3] == [rec["id"], "", ""] and want in row, row
+        else:
+            assert rec["error"] is None and rec["score"] == pytest.approx(float(rec["id"][1:])), rec
+            assert rec["sub_scores"] == {"a": pytest.approx(rec["score"])}, rec
+            assert row[:3] == [rec["id"], pytest.approx(rec["score"]), pytest.approx(rec["score"])], row
+    written = json.loads((out / "summary.json").read_text())
+    assert [(f["id"], f["kind"]) for f in written["failures"]] == [(i, "model") for i in ids if i in errors]
+    assert written["sub_score_names"] == ["a"] and written["a"]["count"] == len(ids) - len(errors), written
+
+    # Resumed: the failed items, and only they, are asked again (and fail again, alike).
+    summary, asked = job()
+    assert summary["resumed_from_disk"] == len(ids) - len(errors)
+    assert asked == sorted(errors)
+    assert_same_results(_strict_json_lines(out / "results.jsonl"), first, "resumed: ")
+    return first
+
+
+def test_a_judge_class_whose_raw_answer_cannot_be_copied_fails_only_that_item(tmp_path, edit_manifest):
+    # The job made each result's record with ScoreResult.to_dict (dataclasses.asdict), which deep-copies:
+    # a judge class of the user's whose `raw` held something that does not copy (a lock, a mappingproxy,
+    # an open file, a generator) stopped the whole job with a TypeError, the chunk's scored items
+    # unwritten. The record is now made without a copy, so such a value reaches the walk that fails
+    # an item for a value JSON cannot hold (an object of the class's own, an int too long to write),
+    # as a set did already; a dataclass in `raw` is still written as the dict of its fields.
+    holds = "a judge's result holds numbers, text, lists and dicts"
+    errors = {"e1": f"the judge (Judge) returned raw.lock (a lock), which JSON cannot hold: the item is failed; {holds}",
+              "e2": f"the judge (Judge) returned raw (a mappingproxy), which JSON cannot hold: the item is failed; {holds}",
+              "e3": f"the judge (Judge) returned raw.log (a TextIOWrapper), which JSON cannot hold: the item is failed; "
+                    f"{holds}",
+              "e4": f"the judge (Judge) returned raw.answers (a generator), which JSON cannot hold: the item is failed; "
+                    f"{holds}",
+              "e5": f"the judge (Judge) returned raw.mine (a Mine), raw.tokens (an int of more than "
+                    f"{sys.get_int_max_str_digits()} digits), which JSON cannot hold: the item is failed; {holds}"}
+    first = _judge_class_whose_results_for_some_items_fail(tmp_path, edit_manifest, "raw_judge", '''
+        import threading
+        from dataclasses import dataclass
+        from types import MappingProxyType
+
+
+        class Mine:
+            pass
+
+
+        @dataclass
+        class Answer:
+            text: str
+            score: float
+
+
+        def odd(item_id, result):
+            result.raw = {"e1": {"lock": threading.Lock()}, "e2": MappingProxyType({"answer": "7"}),
+                          "e3": {"log": open(__file__)}, "e4": {"answers": (a for a in "abc")},
+                          "e5": {"mine": Mine(), "tokens": 10 ** 5000},
+                          "e6": {"answer": Answer("seven", 7.0)}}.get(item_id, {"answer": "fine"})
+            return result
+    ''', errors)
+    assert first[6]["raw"] == {"answer": {"text": "seven", "score": 7.0}}
+    assert [x["raw"] for x in first[1:6]] == [{"lock": None}, None, {"log": None}, {"answers": None},
+                                               {"mine": None, "tokens": None}]

@@ -14,8 +14,9 @@ Files in the output folder:
 The JSON files are strict JSON: NaN and Infinity (a manifest's free field may hold them) are
 written as null, and the item's metadata.notes says so; numpy's numbers and arrays (a judge class
 of the user's may return them) are written as plain numbers and lists; a value JSON cannot hold at
-all fails its item alone (_strict_record, the one walk every JSON write of the job goes through), as
-does a result whose metadata is no dict (_record).
+all (a lock or an open file too: a result is not copied first) fails its item alone (_strict_record,
+the one walk every JSON write of the job goes through), as does a result whose metadata is no dict
+(_record).
 
 Order: the manifest's, except that rows sharing a source image are scored side by side (in the
 same call, so the judge encodes the source once); results.jsonl is in manifest order either way.
@@ -41,6 +42,7 @@ import numbers
 import os
 import re
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -269,12 +271,13 @@ def _say_what_is_not_reused(stream_path: Path, fp: str, todo: list[ManifestRow],
 def _record(row: ManifestRow, res: ScoreResult, fingerprint: str, judge: str = "the judge") -> dict[str, Any]:
     """The record of a row's result, as the job's files hold it; `judge` names the judge in the
     error of an item whose result the job cannot write: its metadata no dict (a list, a string, from
-    a judge class of the user's; None is none), or a value JSON cannot hold (_strict_record). Such
-    an item fails alone, and a resumed job scores it again."""
+    a judge class of the user's; None is none), or a value JSON cannot hold (_strict_record: a lock,
+    an open file, a generator too, which is why the result is not copied first, as to_dict's
+    asdict would). Such an item fails alone, and a resumed job scores it again."""
     wrong = None if res.metadata is None else metadata_problem(res.metadata)
-    if wrong:  # the row's own metadata instead; the judge's might not even copy (to_dict)
+    if wrong:  # the row's own metadata instead; the judge's is no dict to carry
         res = dataclasses.replace(res, metadata=carried_metadata(row.item))
-    d = res.to_dict()
+    d = _fields(res)
     if wrong:
         _fail(d, row, f"{judge} returned a result the job cannot write: {wrong}; the item is failed")
     d.pop("index", None)
@@ -292,6 +295,12 @@ def _record(row: ManifestRow, res: ScoreResult, fingerprint: str, judge: str = "
     if any(BUDGET in keys for keys in by_judge.values()):  # the record's metadata no longer shows it
         return {**rec, BY_JUDGE: by_judge, ROW_BUDGET: _plain(_own(row).get(BUDGET))}
     return {**rec, BY_JUDGE: by_judge}
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    """A dataclass instance's fields by name, the values themselves (asdict deep-copies them, and a
+    lock, a mappingproxy, an open file or a generator does not copy)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
 def _own(row: ManifestRow) -> dict[str, Any]:
@@ -369,10 +378,13 @@ def _as_json(value: Any, path: str, found: list[str], unwritable: Callable[[str,
     """`value` made of JSON's own values, for every JSON file the job writes.
     - numpy's numbers and arrays (and torch's tensors: anything with a tolist()), which json cannot
       write, become Python numbers and lists (a size-1 array a list of one);
+    - a dataclass instance (a judge class's result may hold another's) becomes the dict of its
+      fields, as ScoreResult.to_dict (asdict) writes it;
     - a float that is NaN or +-Infinity, for which JSON has no number, becomes None, and a line
       naming it (`metadata.weight was NaN`) is added to `found`;
-    - anything else JSON cannot hold (a set, a Decimal, an object, text that is not Unicode, a
-      container that holds itself) becomes unwritable(its path, it, what it is)."""
+    - anything else JSON cannot hold (a set, a Decimal, an object, a lock, a generator, text that is
+      not Unicode, an int too long for Python to write as text, a container that holds itself)
+      becomes unwritable(its path, it, what it is)."""
     value = _untyped(value)
     if isinstance(value, float):
         if math.isfinite(value):
@@ -385,24 +397,40 @@ def _as_json(value: Any, path: str, found: list[str], unwritable: Callable[[str,
         except UnicodeEncodeError:  # a lone surrogate: the file's UTF-8 cannot hold it
             return unwritable(path, value, "text with a lone surrogate, which UTF-8 cannot encode")
         return value
+    if isinstance(value, int) and _int_too_long(value):
+        return unwritable(path, value, f"an int of more than {sys.get_int_max_str_digits()} digits")
     if isinstance(value, _JSON_LEAVES):
         return value
-    if not isinstance(value, (dict, list, tuple)):
+    a_dataclass = dataclasses.is_dataclass(value) and not isinstance(value, type)
+    if not (a_dataclass or isinstance(value, (dict, list, tuple))):
         return unwritable(path, value, f"a {type(value).__name__}")
     if id(value) in within:
         return unwritable(path, value, f"a {type(value).__name__} that holds itself")
     within = within | {id(value)}
+    if a_dataclass:
+        value = _fields(value)
     if isinstance(value, (list, tuple)):
         return [_as_json(v, f"{path}[{i}]", found, unwritable, within) for i, v in enumerate(value)]
     out = {}
     for k, v in value.items():
         key = _untyped(k)
-        if not isinstance(key, _JSON_LEAVES) or isinstance(key, float) and not math.isfinite(key):  # a tuple, NaN
+        if not isinstance(key, _JSON_LEAVES) or isinstance(key, float) and not math.isfinite(key) or \
+                isinstance(key, int) and _int_too_long(key):  # a tuple, NaN
             key = unwritable(f"{path} key {k!r}", k, f"a {type(k).__name__}")
             if not isinstance(key, str):
                 continue
         out[key] = _as_json(v, f"{path}.{key}", found, unwritable, within)
     return out
+
+
+def _int_too_long(value: int) -> bool:
+    """Whether json cannot write an int: Python refuses to turn one of more than
+    sys.get_int_max_str_digits() digits into text."""
+    try:
+        str(value)
+    except ValueError:
+        return True
+    return False
 
 
 def _untyped(value: Any) -> Any:
