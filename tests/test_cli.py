@@ -947,8 +947,8 @@ def test_a_judge_class_that_returns_nan_fails_those_items_and_the_files_stay_jso
     failed = [r for r in rows if r["score"] is None]
     assert failed and len(failed) + sum(r["score"] == 5.0 for r in rows) == len(rows)
     assert all(r["error_kind"] == "model" and r["sub_scores"] == {"a": None} and r["error"] == (
-        "the judge (NaNOnOdd) returned score nan, sub-score 'a' inf: not a finite number, so no score")
-        for r in failed), failed
+        f"item {r['id']!r} (line {r['line']}): the judge (NaNOnOdd) returned score nan, sub-score 'a' inf: not a "
+        "finite number, so no score") for r in failed), failed
     summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert summary["failed"] == len(failed)
 
@@ -1140,8 +1140,9 @@ def test_a_judge_class_whose_scores_are_other_number_types_or_no_numbers(tmp_pat
     assert [(r["score"], r["sub_scores"]["a"]) for r in rows[:4]] == [(5.5, 5.5), (3.0, 3.0), (None, None), (None, None)]
     assert all(type(r["score"]) is float for r in rows if r["score"] is not None)
     assert rows[2]["error_kind"] == "model" and rows[2]["error"] == (
-        "the judge (OddTypes) returned score '7', sub-score 'a' '7': not a finite number, so no score")
-    assert rows[3]["error"] == "the judge (OddTypes) returned score True, sub-score 'a' True: not a finite number, so no score"
+        "item 'e2' (line 3): the judge (OddTypes) returned score '7', sub-score 'a' '7': not a finite number, so no score")
+    assert rows[3]["error"] == ("item 'e3' (line 4): the judge (OddTypes) returned score True, sub-score 'a' True: not a "
+                                "finite number, so no score")
     assert (summary["scored"], summary["failed"]) == (6, 4)
     assert summary["score"]["mean"] == pytest.approx((5.5 * 3 + 3.0 * 3) / 6)
     write_report(out / "results.jsonl", out / "report.html")
@@ -1688,11 +1689,11 @@ def _judge_class_whose_results_for_some_items_fail(tmp_path: Path, edit_manifest
             assert row[:3] == [rec["id"], "", ""] and want in row, row
         else:
             assert rec["error"] is None and rec["score"] == pytest.approx(float(rec["id"][1:])), rec
-            assert rec["sub_scores"] == {"a": pytest.approx(rec["score"])}, rec
+            assert rec["sub_scores"]["a"] == pytest.approx(rec["score"]), rec
             assert row[:3] == [rec["id"], pytest.approx(rec["score"]), pytest.approx(rec["score"])], row
     written = json.loads((out / "summary.json").read_text())
     assert [(f["id"], f["kind"]) for f in written["failures"]] == [(i, "model") for i in ids if i in errors]
-    assert written["sub_score_names"] == ["a"] and written["a"]["count"] == len(ids) - len(errors), written
+    assert written["score"]["count"] == written["a"]["count"] == len(ids) - len(errors), written
 
     # Resumed: the failed items, and only they, are asked again (and fail again, alike).
     summary, asked = job()
@@ -1744,3 +1745,44 @@ def test_a_judge_class_whose_raw_answer_cannot_be_copied_fails_only_that_item(tm
     assert first[6]["raw"] == {"answer": {"text": "seven", "score": 7.0}}
     assert [x["raw"] for x in first[1:6]] == [{"lock": None}, None, {"log": None}, {"answers": None},
                                                {"mine": None, "tokens": None}]
+
+
+def test_a_judge_class_whose_sub_scores_are_no_dict_of_names_to_numbers_fails_only_that_item(tmp_path, edit_manifest):
+    # ScoreResult.sub_scores is a dict of sub-score names to numbers (None for a part not scored). A
+    # judge class of the user's that returned a list or a string there stopped the whole job with an
+    # AttributeError; a mappingproxy with a TypeError (it does not copy); a name that is a number or
+    # None with a TypeError in the summary, which sorts the names, after every item was scored. A
+    # sub-score named as one of the summary's own figures ('scored', or 'score' of another value than
+    # the score) overwrote that figure in summary.json, and the report then refused the job's file;
+    # one named 'score' of the score's value, as a lone template's is, still overwrote the score's
+    # figures with its own, counted over the items that had it. Each such item now fails alone,
+    # naming the item and what was wrong; a sub-score that is no number (a string, NaN) failed its
+    # item already, and its error now names the item too. numpy's and Python's other numbers are
+    # written as floats, and a 'score' sub-score of the score's value stands.
+    from src.job.summary import RESERVED
+
+    holds = "the judge (Judge) returned a result the job cannot write: sub_scores must be a dict of sub-score " \
+            "names (text) to numbers, got {}; the item is failed"
+    figure = "the judge (Judge) returned a result the job cannot write: sub-score {!r} has the name of one of the " \
+             f"summary's own figures ({', '.join(sorted(RESERVED))}), which it would overwrite; the item is failed"
+    errors = {"e1": holds.format("list"), "e2": holds.format("str"), "e3": holds.format("mappingproxy"),
+              "e4": holds.format("the name 1"), "e5": holds.format("the name None"),
+              "e6": figure.format("scored"), "e7": figure.format("score"),
+              "e8": "the judge (Judge) returned sub-score 'b' 'high', sub-score 'c' nan: not a finite number, so no score"}
+    first = _judge_class_whose_results_for_some_items_fail(tmp_path, edit_manifest, "sub_score_judge", """
+        from types import MappingProxyType
+
+        import numpy as np
+
+
+        def odd(item_id, result):
+            n = result.score
+            result.sub_scores = {"e0": {"a": np.float32(n), "b": int(n)}, "e1": [n], "e2": "a", "e3": MappingProxyType({"a": n}),
+                                 "e4": {"a": n, 1: n}, "e5": {"a": n, None: n}, "e6": {"a": n, "scored": n},
+                                 "e7": {"a": n, "score": 2.5}, "e8": {"a": n, "b": "high", "c": float("nan")},
+                                 "e9": {"a": np.int64(n), "score": n}}[item_id]
+            return result
+    """, errors)
+    assert [(x["sub_scores"], type(x["sub_scores"]["a"])) for x in (first[0], first[9])] == [
+        ({"a": 0.0, "b": 0.0}, float), ({"a": 9.0, "score": 9.0}, float)]
+    assert [x["sub_scores"] for x in first[1:9]] == [{}, {}, {}, *[{"a": None}] * 4, {"a": None, "b": None, "c": None}]

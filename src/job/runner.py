@@ -58,7 +58,7 @@ from src.models.reward.templates import resolve_rubric
 from src.models.reward.types import JUDGE_NOTES, carried_metadata, metadata_problem, with_judge_notes
 
 from .manifest import ManifestRow, read_manifest
-from .summary import RESERVED, SUMMARY, stats, summarize
+from .summary import RESERVED, SUMMARY, stats, sub_score_clash, summarize
 
 log = logging.getLogger(__name__)
 
@@ -270,16 +270,19 @@ def _say_what_is_not_reused(stream_path: Path, fp: str, todo: list[ManifestRow],
 
 def _record(row: ManifestRow, res: ScoreResult, fingerprint: str, judge: str = "the judge") -> dict[str, Any]:
     """The record of a row's result, as the job's files hold it; `judge` names the judge in the
-    error of an item whose result the job cannot write: its metadata no dict (a list, a string, from
-    a judge class of the user's; None is none), or a value JSON cannot hold (_strict_record: a lock,
-    an open file, a generator too, which is why the result is not copied first, as to_dict's
-    asdict would). Such an item fails alone, and a resumed job scores it again."""
+    error of an item whose result the job cannot write: its score or sub-scores no numbers
+    (_as_numbers), its metadata no dict (a list, a string, from a judge class of the user's; None is
+    none), or a value JSON cannot hold (_strict_record: a lock, an open file, a generator too, which
+    is why the result is not copied first, as to_dict's asdict would). Such an item fails alone,
+    and a resumed job scores it again."""
+    res, wrong_scores = _as_numbers(res, judge)
     wrong = None if res.metadata is None else metadata_problem(res.metadata)
     if wrong:  # the row's own metadata instead; the judge's is no dict to carry
         res = dataclasses.replace(res, metadata=carried_metadata(row.item))
     d = _fields(res)
-    if wrong:
-        _fail(d, row, f"{judge} returned a result the job cannot write: {wrong}; the item is failed")
+    for why in (wrong_scores, wrong and _cannot_write(judge, wrong)):
+        if why:
+            _fail(d, row, why)
     d.pop("index", None)
     d["id"] = row.id
     d["line"] = row.line
@@ -452,8 +455,8 @@ def _strict_record(rec: dict[str, Any], row: ManifestRow, judge: str = "the judg
       JSON.parse and strict parsers refuse the file): a manifest's free field may hold one (a
       table's missing value), and so may a judge class's raw answer. Such a value is written as
       null and the judge's notes on the item (metadata.notes, or judge_notes: with_judge_notes) name
-      it; the item keeps its score (scores never get here non-finite: _finite fails their item), and
-      the judge saw the value as the manifest gave it.
+      it; the item keeps its score (scores never get here non-finite: _as_numbers fails their
+      item), and the judge saw the value as the manifest gave it.
     - A value JSON cannot hold at all (a set or an object in a judge class's raw answer) fails its
       item alone, naming the item and the field: the job goes on, and the other items' results
       are written."""
@@ -479,9 +482,18 @@ def _strict_record(rec: dict[str, Any], row: ManifestRow, judge: str = "the judg
 
 def _fail(rec: dict[str, Any], row: ManifestRow, why: str) -> None:
     """Fail the record `rec` of a row for a result its judge should not have returned (`why`): no
-    score, no sub-score, `model`; the error names the item, after any error it had already."""
-    rec.update(score=None, sub_scores={k: None for k in rec.get("sub_scores") or {}}, error_kind="model",
+    score, no sub-score (null under each name the judge gave as text, less the names of the
+    summary's own figures: a sub-score of no value under one would still overwrite it,
+    sub_score_clash), `model`; the error names the item, after any error it had already."""
+    subs = rec.get("sub_scores")
+    subs = {k: None for k in subs if isinstance(k, str) and k not in RESERVED} if isinstance(subs, dict) else {}
+    rec.update(score=None, sub_scores=subs, error_kind="model",
                error=f"{rec['error']}; {why}" if rec.get("error") else f"item {_row_name(row)}: {why}")
+
+
+def _cannot_write(judge: str, what: str) -> str:
+    """The error of an item whose judge returned a result the job cannot write (`what` says why)."""
+    return f"{judge} returned a result the job cannot write: {what}; the item is failed"
 
 
 def _strict_summary(summary: dict[str, Any]) -> dict[str, Any]:
@@ -504,24 +516,42 @@ def _input_field(key: str, value: Any) -> bool:
     return key in ("images", "source_images") and isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def _finite(res: ScoreResult, model: BaseRewardModel) -> ScoreResult:
-    """A score that is not a finite number (NaN or inf, a string, a bool, from a judge class of the
-    user's) is no score: the item fails, naming it, instead of NaN in results.jsonl, which is not
-    JSON (the report refuses the file) and which resume would never score again. A number of
-    another type (numpy's float32, which JSON cannot write) is written as a float."""
-    def number(v: Any) -> bool:
-        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+def _as_numbers(res: ScoreResult, judge: str) -> tuple[ScoreResult, str | None]:
+    """`res` with its score and sub-scores as floats (numpy's float32 or int64, an int: numbers that
+    JSON cannot write, or writes as another type), and None; or, where a judge class of the user's
+    broke ScoreResult's promise, `res` and why its item fails (_record, naming `judge`):
+    - sub_scores that is no dict of names (text) to numbers; None is none. A list, a string,
+      another mapping; a name that is a number or None, which the summary cannot sort beside text.
+    - a score or sub-score that is not a finite number (NaN or inf, a string, a bool): no score,
+      instead of NaN in results.jsonl, which is not JSON (the report refuses the file) and which
+      resume would never score again.
+    - a sub-score named as one of the summary's own figures, which it would overwrite
+      (sub_score_clash: the report refuses such a file)."""
+    subs = res.sub_scores
+    if subs is not None and not isinstance(subs, dict):
+        return res, _cannot_write(judge, f"sub_scores must be a dict of sub-score names (text) to numbers, got "
+                                         f"{type(subs).__name__}")
+    names = [k for k in subs or {} if not isinstance(k, str)]
+    if names:
+        return res, _cannot_write(judge, f"sub_scores must be a dict of sub-score names (text) to numbers, got the "
+                                         f"name {names[0]!r}")
+    parts = [("score", res.score), *((f"sub-score {k!r}", v) for k, v in (subs or {}).items())]
+    bad = [f"{name} {v!r}" for name, v in parts if v is not None and _finite_float(v) is None]
+    if bad:
+        return res, f"{judge} returned {', '.join(bad)}: not a finite number, so no score"
+    res = dataclasses.replace(res, score=_finite_float(res.score),
+                              sub_scores=None if subs is None else {k: _finite_float(v) for k, v in subs.items()})
+    clash = next(filter(None, (sub_score_clash(k, v, res.score) for k, v in (res.sub_scores or {}).items())), None)
+    return res, clash and _cannot_write(judge, clash)
 
-    parts = [("score", res.score), *((f"sub-score {k!r}", v) for k, v in (res.sub_scores or {}).items())]
-    bad = [f"{name} {v!r}" for name, v in parts if v is not None and not number(v)]
-    if not bad:
-        if all(v is None or type(v) is float for _, v in parts):
-            return res
-        return dataclasses.replace(res, score=None if res.score is None else float(res.score),
-                                   sub_scores={k: None if v is None else float(v) for k, v in res.sub_scores.items()})
-    return dataclasses.replace(res, score=None, sub_scores={k: None for k in res.sub_scores or {}}, error_kind="model",
-                               error=f"the judge ({type(model).__name__}) returned {', '.join(bad)}: not a finite "
-                                     "number, so no score")
+
+def _finite_float(value: Any) -> float | None:
+    """`value` as a float where it is a finite real number (numpy's float32 and int64 are); else None
+    (a bool, a string, NaN, None)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
 def _numbered_by_row(res: ScoreResult, k: int, row: ManifestRow) -> ScoreResult:
@@ -802,8 +832,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                                                  "item, in order (BaseRewardModel.score_items)")
                             lines = []
                             for k, (r, res) in enumerate(zip(chunk, results)):
-                                rec = _record(r, _finite(_numbered_by_row(res, k, r), model), fp,
-                                              f"the judge ({type(model).__name__})")
+                                rec = _record(r, _numbered_by_row(res, k, r), fp, f"the judge ({type(model).__name__})")
                                 by_id[r.id] = rec
                                 lines.append(json.dumps(rec, ensure_ascii=False, allow_nan=False))
                             out.write("\n".join(lines) + "\n")

@@ -16,6 +16,16 @@ RESERVED = frozenset({"items", "scored", "failed", "score", "sub_score_names", "
                       "quantization", "quantization_by_worker"})
 
 
+def sub_score_clash(name: Any, value: Any, score: Any) -> str | None:
+    """Why a record's sub-score `name` (`value`, beside the record's `score`) cannot stand beside the
+    summary's own figures: it would overwrite one of them (the mean score, the count of failures);
+    None where it can. A lone template's sub-score is its score, the same figure under the same name."""
+    if name in RESERVED and not (name == "score" and value == score):
+        return (f"sub-score {name!r} has the name of one of the summary's own figures ({', '.join(sorted(RESERVED))}), "
+                "which it would overwrite")
+    return None
+
+
 # The normal distribution's two-sided 95% quantile: ci95 is mean +- Z95 * stderr.
 Z95 = 1.959964
 
@@ -53,6 +63,8 @@ def summarize(records: list[dict[str, Any]], fingerprint: str | None = None, mod
         out = {"items": len(rs), "scored": len(ok), "failed": len(rs) - len(ok),
                "score": stats([r["score"] for r in ok])}
         for s in subs:
+            if s == "score":  # a lone template's sub-score is its score (sub_score_clash): the same figure
+                continue
             out[s] = stats([r["sub_scores"][s] for r in rs if (r.get("sub_scores") or {}).get(s) is not None])
         return out
 

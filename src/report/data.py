@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from src.job.summary import RESERVED, SUMMARY, summarize
+from src.job.summary import SUMMARY, sub_score_clash, summarize
 from src.job.summary import stats as _stats
 from src.models.reward.errors import JudgeInputError
 from src.stats import pearson, spearman
@@ -95,13 +95,11 @@ def _check_record(p: Path, n: int, line: str) -> dict[str, Any]:
         for k, v in subs.items():
             if v is not None and not _is_number(v):
                 raise ReportError(f"{where}: sub-score {k!r} must be a finite number or null, got {v!r}")
-            # The summary keeps sub-scores beside its own figures, as a job's does: one of their names
-            # would overwrite a figure (the mean score, the count of failures). A job refuses such a
-            # rubric part; a lone template's sub-score is its score, the same figure under the same name.
-            if k in RESERVED and not (k == "score" and v == score):
-                raise ReportError(f"{where}: sub-score {k!r} has the name of one of the summary's own figures "
-                                  f"({', '.join(sorted(RESERVED))}), which it would overwrite; rename that "
-                                  "sub-score in the file")
+            # The summary keeps sub-scores beside its own figures, as a job's does. A job refuses such a
+            # rubric part, and fails an item whose judge class returned such a sub-score.
+            clash = sub_score_clash(k, v, score)
+            if clash:
+                raise ReportError(f"{where}: {clash}; rename that sub-score in the file")
     for k in ("images", "source_images"):
         v = rec.get(k)
         if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
