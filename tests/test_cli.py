@@ -1688,7 +1688,7 @@ def _judge_class_whose_results_for_some_items_fail(tmp_path: Path, edit_manifest
             assert all(v is None for v in (rec["sub_scores"] or {}).values()), rec
             assert row[:3] == [rec["id"], "", ""] and want in row, row
         else:
-            assert rec["error"] is None and rec["score"] == pytest.approx(float(rec["id"][1:])), rec
+            assert rec["error"] is None and type(rec["score"]) is float, rec
             assert rec["sub_scores"]["a"] == pytest.approx(rec["score"]), rec
             assert row[:3] == [rec["id"], pytest.approx(rec["score"]), pytest.approx(rec["score"])], row
     written = json.loads((out / "summary.json").read_text())
@@ -1742,6 +1742,7 @@ def test_a_judge_class_whose_raw_answer_cannot_be_copied_fails_only_that_item(tm
                           "e6": {"answer": Answer("seven", 7.0)}}.get(item_id, {"answer": "fine"})
             return result
     ''', errors)
+    assert [x["score"] for x in first] == [0.0, *[None] * 5, 6.0, 7.0, 8.0, 9.0]
     assert first[6]["raw"] == {"answer": {"text": "seven", "score": 7.0}}
     assert [x["raw"] for x in first[1:6]] == [{"lock": None}, None, {"log": None}, {"answers": None},
                                                {"mine": None, "tokens": None}]
@@ -1783,6 +1784,43 @@ def test_a_judge_class_whose_sub_scores_are_no_dict_of_names_to_numbers_fails_on
                                  "e9": {"a": np.int64(n), "score": n}}[item_id]
             return result
     """, errors)
+    assert [x["score"] for x in first] == [0.0, *[None] * 8, 9.0]
     assert [(x["sub_scores"], type(x["sub_scores"]["a"])) for x in (first[0], first[9])] == [
         ({"a": 0.0, "b": 0.0}, float), ({"a": 9.0, "score": 9.0}, float)]
     assert [x["sub_scores"] for x in first[1:9]] == [{}, {}, {}, *[{"a": None}] * 4, {"a": None, "b": None, "c": None}]
+
+
+def test_a_judge_class_whose_score_is_no_number_or_none_without_an_error_fails_only_that_item(tmp_path, edit_manifest):
+    # A judge class of the user's whose score was an int past float's range stopped the whole job with
+    # an OverflowError; one that returned no score and no error had its item counted as failed with
+    # no error at all (error_kind null), against ScoreResult's promise that a result without a score
+    # says why. Each now fails alone, naming the item and the cause, as a string, a bool or NaN did
+    # already (their errors now name the item too); numpy's numbers are written as floats, and a
+    # score outside any scale the job knows (a class of the user's has its own) as it came.
+    no_number = "the judge (Judge) returned score {}: not a finite number, so no score"
+    errors = {"e1": no_number.format("'7'"), "e2": no_number.format("True"), "e3": no_number.format("np.True_"),
+              "e4": "the judge (Judge) returned no score and no error: a result without a score says why; the item is "
+                    "failed",
+              "e5": no_number.format(repr(10 ** 400)) + "; the judge (Judge) returned a result the job cannot write: "
+                    "metadata must be a dict (free data carried into the result), got list; the item is failed",
+              "e6": f"the judge (Judge) returned score nan, sub-score 'a' {10 ** 400!r}: not a finite number, so no score",
+              "e7": "no answer read; the judge (Judge) returned score '7': not a finite number, so no score"}
+    first = _judge_class_whose_results_for_some_items_fail(tmp_path, edit_manifest, "score_judge", """
+        import numpy as np
+
+
+        def odd(item_id, result):
+            if item_id == "e5":
+                result.metadata = ["a", "list"]
+            if item_id == "e7":
+                result.error, result.error_kind = f"item {item_id!r} (#{result.index}): no answer read", "parse"
+            big = 10 ** 400
+            result.score = {"e1": "7", "e2": True, "e3": np.bool_(True), "e4": None, "e5": big, "e6": float("nan"),
+                            "e7": "7", "e8": np.float32(-1e6), "e9": np.int64(9)}.get(item_id, result.score)
+            if item_id == "e6":
+                result.sub_scores = {"a": big}
+            if item_id == "e8":
+                result.sub_scores = {"a": -1e6}
+            return result
+    """, errors)
+    assert [x["score"] for x in first] == [0.0, *[None] * 7, -1e6, 9.0]

@@ -15,8 +15,8 @@ The JSON files are strict JSON: NaN and Infinity (a manifest's free field may ho
 written as null, and the item's metadata.notes says so; numpy's numbers and arrays (a judge class
 of the user's may return them) are written as plain numbers and lists; a value JSON cannot hold at
 all (a lock or an open file too: a result is not copied first) fails its item alone (_strict_record,
-the one walk every JSON write of the job goes through), as does a result whose metadata is no dict
-(_record).
+the one walk every JSON write of the job goes through), as does a result whose metadata is no dict,
+whose score or sub-scores are no numbers, or with no score and no error (_record, _as_numbers).
 
 Order: the manifest's, except that rows sharing a source image are scored side by side (in the
 same call, so the judge encodes the source once); results.jsonl is in manifest order either way.
@@ -400,8 +400,8 @@ def _as_json(value: Any, path: str, found: list[str], unwritable: Callable[[str,
         except UnicodeEncodeError:  # a lone surrogate: the file's UTF-8 cannot hold it
             return unwritable(path, value, "text with a lone surrogate, which UTF-8 cannot encode")
         return value
-    if isinstance(value, int) and _int_too_long(value):
-        return unwritable(path, value, f"an int of more than {sys.get_int_max_str_digits()} digits")
+    if _long_int(value):
+        return unwritable(path, value, _long_int(value))
     if isinstance(value, _JSON_LEAVES):
         return value
     a_dataclass = dataclasses.is_dataclass(value) and not isinstance(value, type)
@@ -418,7 +418,7 @@ def _as_json(value: Any, path: str, found: list[str], unwritable: Callable[[str,
     for k, v in value.items():
         key = _untyped(k)
         if not isinstance(key, _JSON_LEAVES) or isinstance(key, float) and not math.isfinite(key) or \
-                isinstance(key, int) and _int_too_long(key):  # a tuple, NaN
+                _long_int(key):  # a tuple, NaN
             key = unwritable(f"{path} key {k!r}", k, f"a {type(k).__name__}")
             if not isinstance(key, str):
                 continue
@@ -426,14 +426,16 @@ def _as_json(value: Any, path: str, found: list[str], unwritable: Callable[[str,
     return out
 
 
-def _int_too_long(value: int) -> bool:
-    """Whether json cannot write an int: Python refuses to turn one of more than
-    sys.get_int_max_str_digits() digits into text."""
+def _long_int(value: Any) -> str | None:
+    """What an int is that json cannot write, as Python refuses to turn one of more than
+    sys.get_int_max_str_digits() digits into text; None for any other value."""
+    if not isinstance(value, int):
+        return None
     try:
         str(value)
     except ValueError:
-        return True
-    return False
+        return f"an int of more than {sys.get_int_max_str_digits()} digits"
+    return None
 
 
 def _untyped(value: Any) -> Any:
@@ -522,11 +524,15 @@ def _as_numbers(res: ScoreResult, judge: str) -> tuple[ScoreResult, str | None]:
     broke ScoreResult's promise, `res` and why its item fails (_record, naming `judge`):
     - sub_scores that is no dict of names (text) to numbers; None is none. A list, a string,
       another mapping; a name that is a number or None, which the summary cannot sort beside text.
-    - a score or sub-score that is not a finite number (NaN or inf, a string, a bool): no score,
-      instead of NaN in results.jsonl, which is not JSON (the report refuses the file) and which
-      resume would never score again.
+    - a score or sub-score that is not a finite number (NaN or inf, a string, a bool, an int past
+      float's range): no score, instead of NaN in results.jsonl, which is not JSON (the report
+      refuses the file) and which resume would never score again.
     - a sub-score named as one of the summary's own figures, which it would overwrite
-      (sub_score_clash: the report refuses such a file)."""
+      (sub_score_clash: the report refuses such a file).
+    - no score and no error: a result without a score says why (ScoreResult), or its item would
+      fail with nothing to tell the user.
+    A score out of the judge's scale is written as it came: a class of the user's has a scale of
+    its own, which the job does not know."""
     subs = res.sub_scores
     if subs is not None and not isinstance(subs, dict):
         return res, _cannot_write(judge, f"sub_scores must be a dict of sub-score names (text) to numbers, got "
@@ -536,9 +542,11 @@ def _as_numbers(res: ScoreResult, judge: str) -> tuple[ScoreResult, str | None]:
         return res, _cannot_write(judge, f"sub_scores must be a dict of sub-score names (text) to numbers, got the "
                                          f"name {names[0]!r}")
     parts = [("score", res.score), *((f"sub-score {k!r}", v) for k, v in (subs or {}).items())]
-    bad = [f"{name} {v!r}" for name, v in parts if v is not None and _finite_float(v) is None]
+    bad = [f"{name} {_long_int(v) or repr(v)}" for name, v in parts if v is not None and _finite_float(v) is None]
     if bad:
         return res, f"{judge} returned {', '.join(bad)}: not a finite number, so no score"
+    if res.score is None and not res.error:
+        return res, f"{judge} returned no score and no error: a result without a score says why; the item is failed"
     res = dataclasses.replace(res, score=_finite_float(res.score),
                               sub_scores=None if subs is None else {k: _finite_float(v) for k, v in subs.items()})
     clash = next(filter(None, (sub_score_clash(k, v, res.score) for k, v in (res.sub_scores or {}).items())), None)
@@ -547,10 +555,13 @@ def _as_numbers(res: ScoreResult, judge: str) -> tuple[ScoreResult, str | None]:
 
 def _finite_float(value: Any) -> float | None:
     """`value` as a float where it is a finite real number (numpy's float32 and int64 are); else None
-    (a bool, a string, NaN, None)."""
+    (a bool, a string, NaN, None, an int past float's range)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # 10 ** 400
+        return None
     return number if math.isfinite(number) else None
 
 
