@@ -1140,9 +1140,10 @@ def test_a_judge_class_whose_scores_are_other_number_types_or_no_numbers(tmp_pat
     assert [(r["score"], r["sub_scores"]["a"]) for r in rows[:4]] == [(5.5, 5.5), (3.0, 3.0), (None, None), (None, None)]
     assert all(type(r["score"]) is float for r in rows if r["score"] is not None)
     assert rows[2]["error_kind"] == "model" and rows[2]["error"] == (
-        "item 'e2' (line 3): the judge (OddTypes) returned score '7', sub-score 'a' '7': not a finite number, so no score")
-    assert rows[3]["error"] == ("item 'e3' (line 4): the judge (OddTypes) returned score True, sub-score 'a' True: not a "
-                                "finite number, so no score")
+        "item 'e2' (line 3): the judge (OddTypes) returned score '7', sub-score 'a' '7': not a finite number, so no "
+        "score")
+    assert rows[3]["error"] == ("item 'e3' (line 4): the judge (OddTypes) returned score True, sub-score 'a' True: "
+                                "not a finite number, so no score")
     assert (summary["scored"], summary["failed"]) == (6, 4)
     assert summary["score"]["mean"] == pytest.approx((5.5 * 3 + 3.0 * 3) / 6)
     write_report(out / "results.jsonl", out / "report.html")
@@ -1664,8 +1665,9 @@ def _judge_class_whose_results_for_some_items_fail(tmp_path: Path, edit_manifest
             def score_items(self, items):
                 with open(self.calls, "a") as fh:
                     fh.write(_json.dumps([it.id for it in items]) + "\\n")
-                return [odd(it.id, _Result(index=i, id=it.id, score=float(it.id[1:]), sub_scores={"a": float(it.id[1:])},
-                                           metadata=dict(it.metadata))) for i, it in enumerate(items)]
+                return [odd(it.id, _Result(index=i, id=it.id, score=float(it.id[1:]),
+                                           sub_scores={"a": float(it.id[1:])}, metadata=dict(it.metadata)))
+                        for i, it in enumerate(items)]
     '''))
     ids = [r["id"] for r in read_jsonl(edit_manifest)]
     calls, out = tmp_path / "calls.jsonl", tmp_path / "out"
@@ -1673,7 +1675,8 @@ def _judge_class_whose_results_for_some_items_fail(tmp_path: Path, edit_manifest
     def job() -> tuple[dict, list[str]]:
         """The job's summary, and the ids the judge was asked to score."""
         seen = len(_calls_since(calls, 0))
-        summary = _job_with_judge_class(tmp_path, edit_manifest, out, f"{module}.Judge", plugin, {"calls": str(calls)})[0]
+        summary = _job_with_judge_class(tmp_path, edit_manifest, out, f"{module}.Judge", plugin,
+                                        {"calls": str(calls)})[0]
         return summary, sorted(i for call in _calls_since(calls, seen) for i in call)
 
     summary, asked = job()
@@ -1710,15 +1713,12 @@ def test_a_judge_class_whose_raw_answer_cannot_be_copied_fails_only_that_item(tm
     # unwritten. The record is now made without a copy, so such a value reaches the walk that fails
     # an item for a value JSON cannot hold (an object of the class's own, an int too long to write),
     # as a set did already; a dataclass in `raw` is still written as the dict of its fields.
-    holds = "a judge's result holds numbers, text, lists and dicts"
-    errors = {"e1": f"the judge (Judge) returned raw.lock (a lock), which JSON cannot hold: the item is failed; {holds}",
-              "e2": f"the judge (Judge) returned raw (a mappingproxy), which JSON cannot hold: the item is failed; {holds}",
-              "e3": f"the judge (Judge) returned raw.log (a TextIOWrapper), which JSON cannot hold: the item is failed; "
-                    f"{holds}",
-              "e4": f"the judge (Judge) returned raw.answers (a generator), which JSON cannot hold: the item is failed; "
-                    f"{holds}",
-              "e5": f"the judge (Judge) returned raw.mine (a Mine), raw.tokens (an int of more than "
-                    f"{sys.get_int_max_str_digits()} digits), which JSON cannot hold: the item is failed; {holds}"}
+    cannot = "the judge (Judge) returned {}, which JSON cannot hold: the item is failed; a judge's result holds " \
+             "numbers, text, lists and dicts"
+    errors = {"e1": cannot.format("raw.lock (a lock)"), "e2": cannot.format("raw (a mappingproxy)"),
+              "e3": cannot.format("raw.log (a TextIOWrapper)"), "e4": cannot.format("raw.answers (a generator)"),
+              "e5": cannot.format("raw.mine (a Mine), raw.tokens ({0}), raw key ({0})".format(
+                  f"an int of more than {sys.get_int_max_str_digits()} digits"))}
     first = _judge_class_whose_results_for_some_items_fail(tmp_path, edit_manifest, "raw_judge", '''
         import threading
         from dataclasses import dataclass
@@ -1738,7 +1738,7 @@ def test_a_judge_class_whose_raw_answer_cannot_be_copied_fails_only_that_item(tm
         def odd(item_id, result):
             result.raw = {"e1": {"lock": threading.Lock()}, "e2": MappingProxyType({"answer": "7"}),
                           "e3": {"log": open(__file__)}, "e4": {"answers": (a for a in "abc")},
-                          "e5": {"mine": Mine(), "tokens": 10 ** 5000},
+                          "e5": {"mine": Mine(), "tokens": 10 ** 5000, 10 ** 5000: "as a name"},
                           "e6": {"answer": Answer("seven", 7.0)}}.get(item_id, {"answer": "fine"})
             return result
     ''', errors)
@@ -1769,7 +1769,8 @@ def test_a_judge_class_whose_sub_scores_are_no_dict_of_names_to_numbers_fails_on
     errors = {"e1": holds.format("list"), "e2": holds.format("str"), "e3": holds.format("mappingproxy"),
               "e4": holds.format("the name 1"), "e5": holds.format("the name None"),
               "e6": figure.format("scored"), "e7": figure.format("score"),
-              "e8": "the judge (Judge) returned sub-score 'b' 'high', sub-score 'c' nan: not a finite number, so no score"}
+              "e8": "the judge (Judge) returned sub-score 'b' 'high', sub-score 'c' nan: not a finite number, so no "
+                    "score"}
     first = _judge_class_whose_results_for_some_items_fail(tmp_path, edit_manifest, "sub_score_judge", """
         from types import MappingProxyType
 
@@ -1778,9 +1779,10 @@ def test_a_judge_class_whose_sub_scores_are_no_dict_of_names_to_numbers_fails_on
 
         def odd(item_id, result):
             n = result.score
-            result.sub_scores = {"e0": {"a": np.float32(n), "b": int(n)}, "e1": [n], "e2": "a", "e3": MappingProxyType({"a": n}),
-                                 "e4": {"a": n, 1: n}, "e5": {"a": n, None: n}, "e6": {"a": n, "scored": n},
-                                 "e7": {"a": n, "score": 2.5}, "e8": {"a": n, "b": "high", "c": float("nan")},
+            result.sub_scores = {"e0": {"a": np.float32(n), "b": int(n)}, "e1": [n], "e2": "a",
+                                 "e3": MappingProxyType({"a": n}), "e4": {"a": n, 1: n}, "e5": {"a": n, None: n},
+                                 "e6": {"a": n, "scored": n}, "e7": {"a": n, "score": 2.5},
+                                 "e8": {"a": n, "b": "high", "c": float("nan")},
                                  "e9": {"a": np.int64(n), "score": n}}[item_id]
             return result
     """, errors)
@@ -1803,7 +1805,8 @@ def test_a_judge_class_whose_score_is_no_number_or_none_without_an_error_fails_o
                     "failed",
               "e5": no_number.format(repr(10 ** 400)) + "; the judge (Judge) returned a result the job cannot write: "
                     "metadata must be a dict (free data carried into the result), got list; the item is failed",
-              "e6": f"the judge (Judge) returned score nan, sub-score 'a' {10 ** 400!r}: not a finite number, so no score",
+              "e6": f"the judge (Judge) returned score nan, sub-score 'a' {10 ** 400!r}: not a finite number, so no "
+                    "score",
               "e7": "no answer read; the judge (Judge) returned score '7': not a finite number, so no score"}
     first = _judge_class_whose_results_for_some_items_fail(tmp_path, edit_manifest, "score_judge", """
         import numpy as np

@@ -400,8 +400,9 @@ def _as_json(value: Any, path: str, found: list[str], unwritable: Callable[[str,
         except UnicodeEncodeError:  # a lone surrogate: the file's UTF-8 cannot hold it
             return unwritable(path, value, "text with a lone surrogate, which UTF-8 cannot encode")
         return value
-    if _long_int(value):
-        return unwritable(path, value, _long_int(value))
+    too_long = _long_int(value)
+    if too_long:
+        return unwritable(path, value, too_long)
     if isinstance(value, _JSON_LEAVES):
         return value
     a_dataclass = dataclasses.is_dataclass(value) and not isinstance(value, type)
@@ -417,9 +418,10 @@ def _as_json(value: Any, path: str, found: list[str], unwritable: Callable[[str,
     out = {}
     for k, v in value.items():
         key = _untyped(k)
-        if not isinstance(key, _JSON_LEAVES) or isinstance(key, float) and not math.isfinite(key) or \
-                _long_int(key):  # a tuple, NaN
-            key = unwritable(f"{path} key {k!r}", k, f"a {type(k).__name__}")
+        too_long = _long_int(key)
+        if not isinstance(key, _JSON_LEAVES) or isinstance(key, float) and not math.isfinite(key) or too_long:
+            # a tuple, NaN, an int that has no text (nor a repr for this error)
+            key = unwritable(f"{path} key" if too_long else f"{path} key {k!r}", k, too_long or f"a {type(k).__name__}")
             if not isinstance(key, str):
                 continue
         out[key] = _as_json(v, f"{path}.{key}", found, unwritable, within)
