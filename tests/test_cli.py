@@ -1792,6 +1792,26 @@ def test_a_judge_class_whose_sub_scores_are_no_dict_of_names_to_numbers_fails_on
     assert [x["sub_scores"] for x in first[1:9]] == [{}, {}, {}, *[{"a": None}] * 4, {"a": None, "b": None, "c": None}]
 
 
+def test_a_judge_class_whose_error_is_no_text_fails_only_that_item(tmp_path, edit_manifest):
+    # A judge class of the user's whose result's error was no text (a number, a dict) stopped the
+    # whole job with an AttributeError where the job renames the item in an error; an error_kind of
+    # no text was written as given. Each now fails its item alone, the value named.
+    cannot = "the judge (Judge) returned a result the job cannot write: {}; the item is failed"
+    errors = {"e1": cannot.format("error must be text, got int 5"),
+              "e2": cannot.format("error must be text, got dict {'code': 3}"),
+              "e3": cannot.format("error_kind must be text, got int 7"),
+              "e4": cannot.format("error must be text, got int 0")}
+    first = _judge_class_whose_results_for_some_items_fail(tmp_path, edit_manifest, "error_judge", """
+        def odd(item_id, result):
+            if item_id in ("e1", "e2", "e4"):
+                result.score, result.error = None, {"e1": 5, "e2": {"code": 3}, "e4": 0}[item_id]
+            if item_id == "e3":
+                result.score, result.error, result.error_kind = None, "no answer", 7
+            return result
+    """, errors)
+    assert [x["score"] for x in first] == [0.0, *[None] * 4, 5.0, 6.0, 7.0, 8.0, 9.0]
+
+
 def test_a_judge_class_whose_score_is_no_number_or_none_without_an_error_fails_only_that_item(tmp_path, edit_manifest):
     # A judge class of the user's whose score was an int past float's range stopped the whole job with
     # an OverflowError; one that returned no score and no error had its item counted as failed with

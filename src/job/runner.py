@@ -279,8 +279,11 @@ def _record(row: ManifestRow, res: ScoreResult, fingerprint: str, judge: str = "
     wrong = None if res.metadata is None else metadata_problem(res.metadata)
     if wrong:  # the row's own metadata instead; the judge's is no dict to carry
         res = dataclasses.replace(res, metadata=carried_metadata(row.item))
+    wrong_error = _error_problem(res)
+    if wrong_error:  # named in the item's error instead (_fail)
+        res = dataclasses.replace(res, error=None, error_kind=None)
     d = _fields(res)
-    for why in (wrong_scores, wrong and _cannot_write(judge, wrong)):
+    for why in (wrong_scores, wrong and _cannot_write(judge, wrong), wrong_error and _cannot_write(judge, wrong_error)):
         if why:
             _fail(d, row, why)
     d.pop("index", None)
@@ -298,6 +301,20 @@ def _record(row: ManifestRow, res: ScoreResult, fingerprint: str, judge: str = "
     if any(BUDGET in keys for keys in by_judge.values()):  # the record's metadata no longer shows it
         return {**rec, BY_JUDGE: by_judge, ROW_BUDGET: _plain(_own(row).get(BUDGET))}
     return {**rec, BY_JUDGE: by_judge}
+
+
+def _error_problem(res: ScoreResult) -> str | None:
+    """Why a result's `error` or `error_kind` cannot be written as the job's files hold them (text,
+    or none), or None: a judge class of the user's may return any value there."""
+    for name in ("error", "error_kind"):
+        value = getattr(res, name)
+        if value is not None and not isinstance(value, str):
+            try:
+                shown = repr(value)
+            except Exception:  # a value whose repr fails is named by its type alone
+                shown = "?"
+            return f"{name} must be text, got {type(value).__name__} {shown[:100]}"
+    return None
 
 
 def _fields(obj: Any) -> dict[str, Any]:
@@ -547,7 +564,7 @@ def _as_numbers(res: ScoreResult, judge: str) -> tuple[ScoreResult, str | None]:
     bad = [f"{name} {_long_int(v) or repr(v)}" for name, v in parts if v is not None and _finite_float(v) is None]
     if bad:
         return res, f"{judge} returned {', '.join(bad)}: not a finite number, so no score"
-    if res.score is None and not res.error:
+    if res.score is None and (res.error is None or res.error == ""):  # an error of no text: _error_problem
         return res, f"{judge} returned no score and no error: a result without a score says why; the item is failed"
     res = dataclasses.replace(res, score=_finite_float(res.score),
                               sub_scores=None if subs is None else {k: _finite_float(v) for k, v in subs.items()})
@@ -570,7 +587,7 @@ def _finite_float(value: Any) -> float | None:
 def _numbered_by_row(res: ScoreResult, k: int, row: ManifestRow) -> ScoreResult:
     """The judge numbers an item by its place in the chunk it was given (`'a' (#0)`); a job's reader
     needs the manifest row (`'a' (line 9)`)."""
-    if res.error and row.item is not None:
+    if isinstance(res.error, str) and res.error and row.item is not None:  # another value: _record fails it
         item_id = row.item.id
         chunk_name = f"{item_id!r} (#{k})" if item_id is not None else f"#{k}"
         res.error = res.error.replace(f"item {chunk_name}", f"item {_row_name(row)}")
