@@ -493,6 +493,9 @@ BAD = [
     ("nan.jsonl", '{"id": "a", "score": NaN}\n', "line 1: 'score' must be a finite number"),
     ("text.jsonl", '{"id": "a", "score": "7"}\n', "'score' must be a finite number or null, got '7'"),
     ("subs.jsonl", '{"id": "a", "score": 1, "sub_scores": {"q": "high"}}\n', "sub-score 'q' must be"),
+    # an int past float's range (JSON has no bound on its numbers): it stopped the report with an OverflowError
+    ("huge.jsonl", '{"id": "a", "score": 1' + "0" * 400 + '}\n', "line 1: 'score' must be a finite number or null, got 1000"),
+    ("huge_sub.jsonl", '{"id": "a", "score": 1, "sub_scores": {"q": 1' + "0" * 400 + '}}\n', "sub-score 'q' must be"),
     # sub-scores named like the summary's own figures, which they overwrote: the mean score shown
     # was a sub-score's, and 'failed' stopped the report with a TypeError traceback
     ("failed.jsonl", json.dumps(_rec(1, "a", 5.0)) + "\n" + json.dumps({**_rec(2, "b", None), "sub_scores": {"failed": 3}})

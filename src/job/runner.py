@@ -38,7 +38,6 @@ import hashlib
 import json
 import logging
 import math
-import numbers
 import os
 import re
 import signal
@@ -58,7 +57,7 @@ from src.models.reward.templates import resolve_rubric
 from src.models.reward.types import JUDGE_NOTES, carried_metadata, metadata_problem, with_judge_notes
 
 from .manifest import ManifestRow, read_manifest
-from .summary import RESERVED, SUMMARY, stats, sub_score_clash, summarize
+from .summary import RESERVED, SUMMARY, finite_float, stats, sub_score_clash, summarize
 
 log = logging.getLogger(__name__)
 
@@ -561,27 +560,15 @@ def _as_numbers(res: ScoreResult, judge: str) -> tuple[ScoreResult, str | None]:
         return res, _cannot_write(judge, f"sub_scores must be a dict of sub-score names (text) to numbers, got the "
                                          f"name {names[0]!r}")
     parts = [("score", res.score), *((f"sub-score {k!r}", v) for k, v in (subs or {}).items())]
-    bad = [f"{name} {_long_int(v) or repr(v)}" for name, v in parts if v is not None and _finite_float(v) is None]
+    bad = [f"{name} {_long_int(v) or repr(v)}" for name, v in parts if v is not None and finite_float(v) is None]
     if bad:
         return res, f"{judge} returned {', '.join(bad)}: not a finite number, so no score"
     if res.score is None and (res.error is None or res.error == ""):  # an error of no text: _error_problem
         return res, f"{judge} returned no score and no error: a result without a score says why; the item is failed"
-    res = dataclasses.replace(res, score=_finite_float(res.score),
-                              sub_scores=None if subs is None else {k: _finite_float(v) for k, v in subs.items()})
+    res = dataclasses.replace(res, score=finite_float(res.score),
+                              sub_scores=None if subs is None else {k: finite_float(v) for k, v in subs.items()})
     clash = next(filter(None, (sub_score_clash(k, v, res.score) for k, v in (res.sub_scores or {}).items())), None)
     return res, clash and _cannot_write(judge, clash)
-
-
-def _finite_float(value: Any) -> float | None:
-    """`value` as a float where it is a finite real number (numpy's float32 and int64 are); else None
-    (a bool, a string, NaN, None, an int past float's range)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # 10 ** 400
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _numbered_by_row(res: ScoreResult, k: int, row: ManifestRow) -> ScoreResult:

@@ -6,12 +6,11 @@ bad file ends in one `ReportError` naming the file and line, never in a half-wri
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from src.job.summary import SUMMARY, sub_score_clash, summarize
+from src.job.summary import SUMMARY, finite_float, sub_score_clash, summarize
 from src.job.summary import stats as _stats
 from src.models.reward.errors import JudgeInputError
 from src.stats import pearson, spearman
@@ -27,7 +26,7 @@ def ok(rec: dict[str, Any]) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return finite_float(v) is not None  # an int past float's range is none (the job fails such an item)
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
