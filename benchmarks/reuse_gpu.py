@@ -72,9 +72,6 @@ from bench_gpu import make_images  # noqa: E402
 from benchmarks import runs  # noqa: E402
 
 
-_timed = runs.timed
-
-
 def _check(res: list, what: str) -> dict[str, Any]:
     """Errors of a timed call; a call whose items all failed is no measurement: stop, saying why."""
     bad = [r for r in res if r.error is not None and r.error_kind != "parse"]  # random weights write no score
@@ -101,7 +98,7 @@ def stage_edit(model_dir: str, a, cuda: bool) -> dict[str, Any]:
         for on in (True, False):
             reuse.enabled = on
             reuse.clear()
-            _timed(judge, items, cuda)
+            runs.timed(judge, items, cuda)
         compiled = len(engine._compiled)
         runs_s: dict[bool, list[float]] = {True: [], False: []}
         counts: dict[bool, dict[str, Any]] = {}
@@ -110,7 +107,7 @@ def stage_edit(model_dir: str, a, cuda: bool) -> dict[str, Any]:
                 reuse.enabled = on
                 reuse.clear()  # what one call saves is measured (`shared`: beyond it)
                 enc0, reu0 = reuse.encoded, reuse.reused
-                dt, res = _timed(judge, items, cuda)
+                dt, res = runs.timed(judge, items, cuda)
                 runs_s[on].append(dt)
                 scores[on] = [r.score for r in res]
                 counts[on] = {"images_encoded": reuse.encoded - enc0 if on else 3 * a.n,
@@ -152,7 +149,7 @@ def stage_shared(model_dir: str, a, cuda: bool) -> dict[str, Any]:
         engine = judge.engine
         reuse = engine._vision_reuse
         budgets = [reuse.cache_bytes] if not a.cache_mb else [float(mb) * 1e6 for mb in a.cache_mb.split(",")]
-        _timed(judge, items[:2 * a.bs], cuda)  # warm-up (kernels, allocator; a compile due at --judge
+        runs.timed(judge, items[:2 * a.bs], cuda)  # warm-up (kernels, allocator; a compile due at --judge
         compiled = len(engine._compiled)        # compile_after_items <= bs happens here), untimed
         base_scores: list = []
         for grouped, cache in [(False, 0.0), *((False, c) for c in budgets), (True, 0.0), *((True, c) for c in budgets)]:
@@ -160,7 +157,7 @@ def stage_shared(model_dir: str, a, cuda: bool) -> dict[str, Any]:
             reuse.cache_bytes = cache
             reuse.clear()
             enc0, reu0 = reuse.encoded, reuse.reused
-            dt, res = _timed(judge, items, cuda)
+            dt, res = runs.timed(judge, items, cuda)
             scores = [r.score for r in res]
             what = f"shared, {'grouped' if grouped else 'input order'}, vision_cache_mb {cache / 1e6}"
             row = {"grouped": grouped, "vision_cache_mb": cache / 1e6, "s": round(dt, 3),
@@ -238,7 +235,7 @@ def stage_sizes(model_dir: str, a, cuda: bool) -> dict[str, Any]:
             fed = _Fed(judge.engine)
             for order in ("input", "auto"):  # warm-up: every shape's kernels, untimed
                 _chunk_order(judge, order)
-                _timed(judge, items, cuda)
+                runs.timed(judge, items, cuda)
             fed.take()
             compiled = len(judge.engine._compiled)  # the automatic compile must not fall inside the timing
             times: dict[str, list[float]] = {"input": [], "auto": []}
@@ -246,7 +243,7 @@ def stage_sizes(model_dir: str, a, cuda: bool) -> dict[str, Any]:
                 for order in ("input", "auto"):
                     _chunk_order(judge, order)
                     runs.new_images(judge)  # the last call's images: each order runs the tower for all
-                    dt, res = _timed(judge, items, cuda)
+                    dt, res = runs.timed(judge, items, cuda)
                     times[order].append(dt)
                     scores[order] = [r.score for r in res]
                     out[order] = {"chunk_order": order, **fed.take(), **_check(res, f"sizes, chunk_order {order}")}
@@ -287,7 +284,7 @@ def _generate_run(judge, items: list, budgets: list[int], a, cuda: bool, failure
     """One timed generate call: (its row, the answers). decode: the continuous decode's counters
     too, its joining prefills summarised as their number and mean size."""
     failures.n = 0
-    dt, res = _timed(judge, items, cuda)
+    dt, res = runs.timed(judge, items, cuda)
     row: dict[str, Any] = {"s": round(dt, 3), "items_per_s": round(a.n / dt, 3),
                            "tokens_per_s": round(sum(budgets) / dt, 1), "fell_back_to_static": failures.n,
                            **_check(res, what)}
@@ -333,7 +330,7 @@ def stage_staging(model_dir: str, a, cuda: bool) -> dict[str, Any]:
     with _Count("continuous batching failed") as failures, \
             QwenVLRewardModel(model_name=model_dir, device=a.device, **kw) as judge:
         judge.engine._continuous_min_join = a.min_join
-        _timed(judge, warm, cuda)  # warm-up: one batch, untimed
+        runs.timed(judge, warm, cuda)  # warm-up: one batch, untimed
         for name, ahead in (("staged", a.stage), ("unstaged", 0)):
             judge.engine._continuous_stage = ahead
             out[name], answers[name] = _generate_run(judge, items, budgets, a, cuda, failures,
@@ -369,7 +366,7 @@ def _static_vs_continuous(model_dir: str, a, cuda: bool, items: list, warm: list
             with QwenVLRewardModel(model_name=model_dir, device=a.device, **kw) as judge:
                 judge.engine._continuous_min_join = a.min_join
                 judge.engine._continuous_stage = a.stage
-                _timed(judge, warm, cuda)  # warm-up: one batch, untimed
+                runs.timed(judge, warm, cuda)  # warm-up: one batch, untimed
                 row, answers[on] = _generate_run(judge, items, budgets, a, cuda, failures, f"continuous {on}",
                                                  decode=on)
                 out["continuous" if on else "static"] = {"continuous_active": judge.engine._continuous, **row}
