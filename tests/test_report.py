@@ -496,6 +496,8 @@ BAD = [
     # an int past float's range (JSON has no bound on its numbers): it stopped the report with an OverflowError
     ("huge.jsonl", '{"id": "a", "score": 1' + "0" * 400 + '}\n', "line 1: 'score' must be a finite number or null, got 1000"),
     ("huge_sub.jsonl", '{"id": "a", "score": 1, "sub_scores": {"q": 1' + "0" * 400 + '}}\n', "sub-score 'q' must be"),
+    # and one of more digits than Python reads as a number: a ValueError traceback
+    ("digits.jsonl", '{"id": "a", "score": 1' + "0" * 5000 + '}\n', "line 1: a number Python cannot read (Exceeds the limit"),
     # sub-scores named like the summary's own figures, which they overwrote: the mean score shown
     # was a sub-score's, and 'failed' stopped the report with a TypeError traceback
     ("failed.jsonl", json.dumps(_rec(1, "a", 5.0)) + "\n" + json.dumps({**_rec(2, "b", None), "sub_scores": {"failed": 3}})

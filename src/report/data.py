@@ -79,6 +79,8 @@ def _check_record(p: Path, n: int, line: str) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ReportError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); "
                           f"the file is corrupt or cut short: re-run the job (it resumes) to rewrite it") from None
+    except ValueError as e:  # an int of more digits than Python turns into a number (sys.get_int_max_str_digits)
+        raise ReportError(f"{where}: a number Python cannot read ({str(e).split(';')[0]})") from None
     if not isinstance(rec, dict):
         raise ReportError(f"{where}: expected a JSON object (one result record), got {type(rec).__name__}")
     if "score" not in rec:
