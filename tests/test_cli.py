@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -1642,15 +1643,18 @@ def test_a_judge_class_that_drops_or_changes_max_new_tokens_is_not_asked_again_o
 
 
 def _judge_class_whose_results_for_some_items_fail(tmp_path: Path, edit_manifest: Path, module: str, odd: str,
-                                                   errors: dict[str, str]) -> list[dict]:
+                                                   errors: dict[str, str], kinds: dict[str, str | None] | None = None
+                                                   ) -> list[dict]:
     """main.py's job on the edit manifest, judged by the user's class `module`.Judge, which scores item
     eN as N (sub-score 'a' the same) and passes each result through `odd` (the source of a function
     `odd(item_id, result)` returning it, with the imports it needs): the results of the items in
     `errors` are ones the job cannot write, or no score. Each of those fails alone, `model`, with no
     score nor sub-score, and that error after its item's name; every other item is scored, and
     results.jsonl, results.csv and summary.json say so; a re-run asks the judge for the failed items
-    alone (the class logs the ids of each call), and writes the same results. Returns the first
-    run's records."""
+    alone (the class logs the ids of each call), and writes the same results. The items in `kinds`
+    are those the judge failed itself, with that error_kind (None: none, counted as `unknown`): they
+    keep their sub-score 'a'. Returns the first run's records."""
+    kinds = kinds or {}
     plugin = _plugin(tmp_path, module, textwrap.dedent(odd) + textwrap.dedent('''
 
         import json as _json
@@ -1679,15 +1683,21 @@ def _judge_class_whose_results_for_some_items_fail(tmp_path: Path, edit_manifest
                                         {"calls": str(calls)})[0]
         return summary, sorted(i for call in _calls_since(calls, seen) for i in call)
 
+    kind = {i: kinds.get(i, "model") for i in ids if i in errors}
     summary, asked = job()
     assert asked == sorted(ids)
     assert (summary["scored"], summary["failed"], summary["failures_by_kind"]) == (
-        len(ids) - len(errors), len(errors), {"model": len(errors)}), summary
+        len(ids) - len(errors), len(errors), dict(sorted(Counter(k or "unknown" for k in kind.values()).items()))), \
+        summary
     first = _strict_json_lines(out / "results.jsonl")
     for n, (rec, row) in enumerate(zip(first, _csv_rows(out / "results.csv")[1:])):
         if rec["id"] in errors:
             want = f"item {rec['id']!r} (line {n + 1}): {errors[rec['id']]}"
-            assert (rec["score"], rec["error_kind"], rec["error"]) == (None, "model", want), rec
+            assert (rec["score"], rec["error_kind"], rec["error"]) == (None, kind[rec["id"]], want), rec
+            if rec["id"] in kinds:
+                assert rec["sub_scores"]["a"] == float(rec["id"][1:]), rec
+                assert row[:3] == [rec["id"], "", float(rec["id"][1:])] and want in row, row
+                continue
             assert all(v is None for v in (rec["sub_scores"] or {}).values()), rec
             assert row[:3] == [rec["id"], "", ""] and want in row, row
         else:
@@ -1695,8 +1705,9 @@ def _judge_class_whose_results_for_some_items_fail(tmp_path: Path, edit_manifest
             assert rec["sub_scores"]["a"] == pytest.approx(rec["score"]), rec
             assert row[:3] == [rec["id"], pytest.approx(rec["score"]), pytest.approx(rec["score"])], row
     written = json.loads((out / "summary.json").read_text())
-    assert [(f["id"], f["kind"]) for f in written["failures"]] == [(i, "model") for i in ids if i in errors]
-    assert written["score"]["count"] == written["a"]["count"] == len(ids) - len(errors), written
+    assert [(f["id"], f["kind"]) for f in written["failures"]] == list(kind.items())
+    assert written["score"]["count"] == len(ids) - len(errors), written
+    assert written["a"]["count"] == len(ids) - len(errors) + len(kinds), written
 
     # Resumed: the failed items, and only they, are asked again (and fail again, alike).
     summary, asked = job()
@@ -1847,3 +1858,45 @@ def test_a_judge_class_whose_score_is_no_number_or_none_without_an_error_fails_o
             return result
     """, errors)
     assert [x["score"] for x in first] == [0.0, *[None] * 7, -1e6, 9.0]
+
+
+def test_a_judge_class_that_returns_a_score_beside_an_error_fails_that_item_with_no_score(tmp_path, edit_manifest):
+    # A judge class of the user's whose result held a score and an error had that score written in
+    # results.jsonl and results.csv, while the summary counted the item as failed and a resumed job
+    # scored it again: the files disagreed about the item. Such an item is now failed, with no score
+    # written: the judge's error stands, with the score it also returned named after it, and so do
+    # its error_kind (none: `unknown`) and sub-scores, but for a `score` sub-score, which is the
+    # score. A value the job cannot write besides fails the item as before (`model`).
+    from src.report import write_report
+
+    beside = "the judge (Judge) also returned a score, {}, which is not written because the item failed"
+    errors = {"e1": "unsure; " + beside.format(1.0), "e2": "no answer; " + beside.format(2.0),
+              "e3": "unsure; " + beside.format(3.0),
+              "e4": "the judge (Judge) returned an empty error, and a score, 4.0, which is not written because the "
+                    "item failed",
+              "e5": "unsure; " + beside.format(5.0),
+              "e6": "unsure; " + beside.format(6.0) + "; the judge (Judge) returned raw.tags (a set), which JSON "
+                    "cannot hold: the item is failed; a judge's result holds numbers, text, lists and dicts"}
+    first = _judge_class_whose_results_for_some_items_fail(tmp_path, edit_manifest, "beside_judge", """
+        import numpy as np
+
+
+        def odd(item_id, result):
+            if item_id in ("e1", "e2", "e3", "e5", "e6"):
+                result.error = f"item {item_id!r} (#{result.index}): " + ("no answer" if item_id == "e2" else "unsure")
+                result.error_kind = {"e1": "parse", "e3": "low_confidence"}.get(item_id)
+            if item_id == "e3":
+                result.score = np.float32(result.score)
+            if item_id == "e4":
+                result.error = ""
+            if item_id == "e5":
+                result.sub_scores["score"] = result.score
+            if item_id == "e6":
+                result.raw = {"tags": {"a"}}
+            return result
+    """, errors, kinds={"e1": "parse", "e2": None, "e3": "low_confidence", "e4": None, "e5": None})
+    assert [x["score"] for x in first] == [0.0, *[None] * 6, 7.0, 8.0, 9.0]
+    assert first[5]["sub_scores"] == {"a": 5.0, "score": None}
+    assert first[6]["sub_scores"] == {"a": None}
+    out = tmp_path / "out"
+    write_report(out / "results.jsonl", out / "report.html")  # the report reads the job's file as it is

@@ -16,7 +16,8 @@ written as null, and the item's metadata.notes says so; numpy's numbers and arra
 of the user's may return them) are written as plain numbers and lists; a value JSON cannot hold at
 all (a lock or an open file too: a result is not copied first) fails its item alone (_strict_record,
 the one walk every JSON write of the job goes through), as does a result whose metadata is no dict,
-whose score or sub-scores are no numbers, or with no score and no error (_record, _as_numbers).
+whose score or sub-scores are no numbers, or with no score and no error (_record, _as_numbers); one
+with a score and an error is a failed item, its score not written (_unscored).
 
 Order: the manifest's, except that rows sharing a source image are scored side by side (in the
 same call, so the judge encodes the source once); results.jsonl is in manifest order either way.
@@ -273,7 +274,8 @@ def _record(row: ManifestRow, res: ScoreResult, fingerprint: str, judge: str = "
     (_as_numbers), its metadata no dict (a list, a string, from a judge class of the user's; None is
     none), or a value JSON cannot hold (_strict_record: a lock, an open file, a generator too, which
     is why the result is not copied first, as to_dict's asdict would). Such an item fails alone,
-    and a resumed job scores it again."""
+    and a resumed job scores it again; so does one whose result holds a score beside an error, its
+    score not written (_unscored)."""
     res, wrong_scores = _as_numbers(res, judge)
     wrong = None if res.metadata is None else metadata_problem(res.metadata)
     if wrong:  # the row's own metadata instead; the judge's is no dict to carry
@@ -285,6 +287,8 @@ def _record(row: ManifestRow, res: ScoreResult, fingerprint: str, judge: str = "
     for why in (wrong_scores, wrong and _cannot_write(judge, wrong), wrong_error and _cannot_write(judge, wrong_error)):
         if why:
             _fail(d, row, why)
+    if d["score"] is not None and d["error"] is not None:
+        _unscored(d, row, judge)
     d.pop("index", None)
     d["id"] = row.id
     d["line"] = row.line
@@ -507,8 +511,28 @@ def _fail(rec: dict[str, Any], row: ManifestRow, why: str) -> None:
     sub_score_clash), `model`; the error names the item, after any error it had already."""
     subs = rec.get("sub_scores")
     subs = {k: None for k in subs if isinstance(k, str) and k not in RESERVED} if isinstance(subs, dict) else {}
-    rec.update(score=None, sub_scores=subs, error_kind="model",
-               error=f"{rec['error']}; {why}" if rec.get("error") else f"item {_row_name(row)}: {why}")
+    rec.update(score=None, sub_scores=subs, error_kind="model", error=_with_cause(rec, row, why))
+
+
+def _unscored(rec: dict[str, Any], row: ManifestRow, judge: str) -> None:
+    """The record `rec` of a result that holds a score and an error (from a judge class of the
+    user's) as a failed item's: an item with an error is failed (summarize counts it so, and a resumed
+    job scores it again), and a failed item has no score, so none is written; the error says what it
+    was. What the judge said stands: its error, its error_kind (none: counted as `unknown`, as any
+    failure without one) and its sub-scores, but for a `score` sub-score, which is the score
+    (sub_score_clash)."""
+    lead = f"{judge} also returned" if rec["error"] else f"{judge} returned an empty error, and"
+    why = f"{lead} a score, {rec['score']!r}, which is not written because the item failed"
+    subs = rec.get("sub_scores")
+    if isinstance(subs, dict) and "score" in subs:
+        subs = {**subs, "score": None}
+    rec.update(score=None, sub_scores=subs, error=_with_cause(rec, row, why))
+
+
+def _with_cause(rec: dict[str, Any], row: ManifestRow, why: str) -> str:
+    """The error of a record `rec` that the job fails (`why`): after the error it had already, or
+    naming the item where it had none."""
+    return f"{rec['error']}; {why}" if rec.get("error") else f"item {_row_name(row)}: {why}"
 
 
 def _cannot_write(judge: str, what: str) -> str:
