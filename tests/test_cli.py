@@ -1900,3 +1900,35 @@ def test_a_judge_class_that_returns_a_score_beside_an_error_fails_that_item_with
     assert first[6]["sub_scores"] == {"a": None}
     out = tmp_path / "out"
     write_report(out / "results.jsonl", out / "report.html")  # the report reads the job's file as it is
+
+
+def test_a_judge_class_whose_score_is_a_0d_array_or_tensor_has_it_read_as_its_number(tmp_path, edit_manifest):
+    # The expected value over a judge's levels, `probs @ levels` in torch (or a 0-d numpy array), is a
+    # 0-d tensor: a judge class of the user's that returned it as its score had every item failed as
+    # "not a finite number", though the job reads such a value as its number in `raw`. It is now read
+    # so, as a score or a sub-score; one that is not finite still fails its item, and an array of one
+    # element, which is no scalar, does too.
+    no_number = "the judge (Judge) returned score {}: not a finite number, so no score"
+    errors = {"e3": no_number.format("array([3.])"), "e4": no_number.format("array(nan)"),
+              "e5": no_number.format("tensor(inf)"), "e6": no_number.format("tensor([6.])"),
+              "e7": no_number.format("array(True)")}
+    first = _judge_class_whose_results_for_some_items_fail(tmp_path, edit_manifest, "array_judge", """
+        import numpy as np
+        import torch
+
+
+        def odd(item_id, result):
+            n = result.score
+            probs = torch.zeros(10)
+            probs[int(n)] = 1.0
+            expected = probs @ torch.arange(10.0)  # a 0-d tensor
+            value = {"e1": np.array(n), "e2": expected, "e3": np.array([n]), "e4": np.array(np.nan),
+                     "e5": torch.tensor(float("inf")), "e6": torch.tensor([n]), "e7": np.array(True),
+                     "e8": np.array(8, dtype=np.int64), "e9": expected.requires_grad_()}.get(item_id)
+            if value is not None:
+                result.score = value
+            if item_id in ("e1", "e2", "e8", "e9"):
+                result.sub_scores = {"a": value}
+            return result
+    """, errors)
+    assert [x["score"] for x in first] == [0.0, 1.0, 2.0, *[None] * 5, 8.0, 9.0]

@@ -567,8 +567,9 @@ def _as_numbers(res: ScoreResult, judge: str) -> tuple[ScoreResult, str | None]:
     - sub_scores that is no dict of names (text) to numbers; None is none. A list, a string,
       another mapping; a name that is a number or None, which the summary cannot sort beside text.
     - a score or sub-score that is not a finite number (NaN or inf, a string, a bool, an int past
-      float's range): no score, instead of NaN in results.jsonl, which is not JSON (the report
-      refuses the file) and which resume would never score again.
+      float's range, an array of one element): no score, instead of NaN in results.jsonl, which is
+      not JSON (the report refuses the file) and which resume would never score again. A 0-d array
+      or tensor is read as the number it holds, as _as_json reads one elsewhere (_untyped).
     - a sub-score named as one of the summary's own figures, which it would overwrite
       (sub_score_clash: the report refuses such a file).
     - no score and no error: a result without a score says why (ScoreResult), or its item would
@@ -583,14 +584,17 @@ def _as_numbers(res: ScoreResult, judge: str) -> tuple[ScoreResult, str | None]:
     if names:
         return res, _cannot_write(judge, f"sub_scores must be a dict of sub-score names (text) to numbers, got the "
                                          f"name {names[0]!r}")
-    parts = [("score", res.score), *((f"sub-score {k!r}", v) for k, v in (subs or {}).items())]
-    bad = [f"{name} {_long_int(v) or repr(v)}" for name, v in parts if v is not None and finite_float(v) is None]
+    # A 0-d numpy array or torch tensor (`probs @ levels`) as the number it holds; a 1-d one, of one
+    # element too, stays a list, which is no number.
+    score, numbers = _untyped(res.score), {k: _untyped(v) for k, v in (subs or {}).items()}
+    parts = [("score", res.score, score), *((f"sub-score {k!r}", v, numbers[k]) for k, v in (subs or {}).items())]
+    bad = [f"{name} {_long_int(n) or repr(v)}" for name, v, n in parts if n is not None and finite_float(n) is None]
     if bad:
         return res, f"{judge} returned {', '.join(bad)}: not a finite number, so no score"
-    if res.score is None and (res.error is None or res.error == ""):  # an error of no text: _error_problem
+    if score is None and (res.error is None or res.error == ""):  # an error of no text: _error_problem
         return res, f"{judge} returned no score and no error: a result without a score says why; the item is failed"
-    res = dataclasses.replace(res, score=finite_float(res.score),
-                              sub_scores=None if subs is None else {k: finite_float(v) for k, v in subs.items()})
+    res = dataclasses.replace(res, score=finite_float(score),
+                              sub_scores=None if subs is None else {k: finite_float(n) for k, n in numbers.items()})
     clash = next(filter(None, (sub_score_clash(k, v, res.score) for k, v in (res.sub_scores or {}).items())), None)
     return res, clash and _cannot_write(judge, clash)
 
