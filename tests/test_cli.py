@@ -1932,3 +1932,76 @@ def test_a_judge_class_whose_score_is_a_0d_array_or_tensor_has_it_read_as_its_nu
             return result
     """, errors)
     assert [x["score"] for x in first] == [0.0, 1.0, 2.0, *[None] * 5, 8.0, 9.0]
+
+
+def test_a_judge_class_whose_sub_score_is_named_like_a_csv_column_fails_only_that_item(tmp_path, edit_manifest):
+    # results.csv has a column per sub-score beside its own (id, score, category, error, images, ...): a
+    # judge class of the user's that returned a sub-score named like one of those had results.csv
+    # written with two columns of that name (a reader by header gets one of them), and one with an
+    # empty name a column with no header. Such an item now fails alone, as one whose sub-score is
+    # named like a summary figure does, and the file has each column once; a `score` sub-score that
+    # is the score (a lone template's) is written in the score's own column.
+    from src.job.runner import CSV_HEAD, CSV_TAIL
+
+    columns = ", ".join((*CSV_HEAD, *CSV_TAIL))
+    clash = "the judge (Judge) returned a result the job cannot write: sub-score {!r} has the name of one of " \
+            f"results.csv's own columns ({columns}), which the file would then hold twice; the item is failed"
+    empty = "the judge (Judge) returned a result the job cannot write: sub-score {!r} has no name to head its " \
+            "column of results.csv; the item is failed"
+    errors = {"e1": clash.format("id"), "e2": clash.format("images"), "e3": clash.format("error"),
+              "e4": empty.format(""), "e5": empty.format("  "), "e6": clash.format("instruction"),
+              "e8": clash.format("category")}
+    first = _judge_class_whose_results_for_some_items_fail(tmp_path, edit_manifest, "column_judge", """
+        def odd(item_id, result):
+            name = {"e1": "id", "e2": "images", "e3": "error", "e4": "", "e5": "  ", "e6": "instruction",
+                    "e7": "score", "e8": "category"}.get(item_id)
+            if name is not None:
+                result.sub_scores[name] = None if item_id == "e6" else result.score
+            return result
+    """, errors)
+    assert [x["score"] for x in first] == [0.0, *[None] * 6, 7.0, None, 9.0]
+    assert first[7]["sub_scores"] == {"a": 7.0, "score": 7.0}
+    assert all(x["sub_scores"] == {"a": None} for x in first if x["id"] in errors)
+    header = _csv_rows(tmp_path / "out" / "results.csv")[0]
+    assert header == [*CSV_HEAD, "a", *CSV_TAIL]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["sub_score_names"] == ["a", "score"]
+
+
+def test_a_rubric_part_named_like_a_csv_column_stops_the_job_before_it_starts(tmp_path, edit_manifest, capsys):
+    # A rubric part of the config's named like one of results.csv's own columns (id, images, ...) had
+    # every item written with two columns of that name in results.csv; check_template_inputs refused
+    # the names of the summary's figures alone. Such a part, or one with an empty name, is now a
+    # config error naming it, before anything is scored. The built-in templates and rubrics name no
+    # such part: the check passes for each.
+    from src.cli import main
+    from src.job.manifest import read_manifest
+    from src.job.runner import CSV_HEAD, CSV_TAIL, check_template_inputs
+    from src.models.reward.config import resolve_spec
+    from src.models.reward.templates import BUILTIN_RUBRICS, BUILTIN_TEMPLATES
+
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, edit_manifest, out, template="mine")
+    columns = ", ".join((*CSV_HEAD, *CSV_TAIL))
+    clash = "sub-score {!r} has the name of one of results.csv's own columns " \
+            f"({columns}), which the file would then hold twice; give that part another name"
+    cases = [(f"{{mine: {{parts: {{{part}: edit_instruction, other: edit_quality}}, combine: mean}}}}", "mine",
+              clash.format(part)) for part in (*CSV_HEAD[:1], *CSV_TAIL)]
+    cases += [("{mine: {parts: {'': edit_instruction, other: edit_quality}}}", "mine",
+               "sub-score '' has no name to head its column of results.csv; give that part another name"),
+              ("{images: {text: 'Is this sharp?'}}", "images", clash.format("images"))]
+    for templates, template, why in cases:
+        rc = main(["--config", str(cfg), "--set", f"model.params.templates={templates}",
+                   "--set", f"model.params.template={template}"], prog="main.py")
+        err = capsys.readouterr().err
+        assert rc == 2 and "Traceback" not in err, err
+        assert err == f"error: model.params.template: template '{template}': {why}\n", err
+        assert not out.exists(), (templates, "the job started")
+
+    # The built-in templates and rubrics pass the check on the edit manifest (its rows have a source
+    # image and an instruction): no part of theirs is named like a column or a figure.
+    config = yaml.safe_load(cfg.read_text())
+    rows = read_manifest(edit_manifest)
+    for name in (*BUILTIN_TEMPLATES, *BUILTIN_RUBRICS):
+        _, cls, params = resolve_spec({**config["model"], "params": {**config["model"]["params"], "template": name}})
+        check_template_inputs(cls, params, rows, str(edit_manifest))
+    assert BUILTIN_RUBRICS and BUILTIN_TEMPLATES

@@ -8,7 +8,8 @@ Files in the output folder:
                         max_new_tokens is one, the row's own (row_max_new_tokens)
   results.jsonl         the final results in manifest order (written at the end)
   results.csv           the same, flat, for spreadsheets (text a spreadsheet would run as a
-                        formula starts with a single quote there: _csv_cell)
+                        formula starts with a single quote there: _csv_cell), a column per
+                        sub-score between its own (CSV_HEAD, CSV_TAIL), each name once (_csv_clash)
   summary.json          counts, mean/std/stderr/ci95 per sub-score and per category, failures by
                         cause (summary.py)
 The JSON files are strict JSON: NaN and Infinity (a manifest's free field may hold them) are
@@ -16,8 +17,9 @@ written as null, and the item's metadata.notes says so; numpy's numbers and arra
 of the user's may return them) are written as plain numbers and lists; a value JSON cannot hold at
 all (a lock or an open file too: a result is not copied first) fails its item alone (_strict_record,
 the one walk every JSON write of the job goes through), as does a result whose metadata is no dict,
-whose score or sub-scores are no numbers, or with no score and no error (_record, _as_numbers); one
-with a score and an error is a failed item, its score not written (_unscored).
+whose score or sub-scores are no numbers or have names the files cannot hold, or with no score and
+no error (_record, _as_numbers); one with a score and an error is a failed item, its score not
+written (_unscored).
 
 Order: the manifest's, except that rows sharing a source image are scored side by side (in the
 same call, so the judge encodes the source once); results.jsonl is in manifest order either way.
@@ -75,6 +77,10 @@ BY_JUDGE = "metadata_by_judge"
 # and the row's own answer budget where the judge set or dropped that field (_budget_scored_under).
 BUDGET, ROW_BUDGET = "max_new_tokens", "row_max_new_tokens"
 STREAM_ONLY = (*VOLATILE, BY_JUDGE, ROW_BUDGET)
+# results.csv's own columns, before and after one per sub-score (write_outputs); a sub-score of one
+# of these names would be a second column of that name (_csv_clash).
+CSV_HEAD = ("id", "score")
+CSV_TAIL = ("category", "error_kind", "error", "images", "source_images", "instruction")
 
 
 @dataclass
@@ -131,7 +137,8 @@ def check_top_level(cfg: dict[str, Any]) -> None:
 def check_template_inputs(cls: type, params: dict[str, Any], rows: list[ManifestRow], manifest: Any) -> None:
     """Refuse, before any model loads, a template that needs a source image or an instruction
     that no row of the manifest provides (rows that lack only some still fail one by one), or whose
-    sub-score names would overwrite the summary's own figures."""
+    sub-score names would overwrite the summary's own figures or cannot head a column of results.csv
+    of their own (_csv_clash)."""
     items = [r.item for r in rows if r.item is not None]
     settings = judge_settings(cls, params) if items else None  # built once already, by resolve_spec
     if settings is None:
@@ -143,6 +150,9 @@ def check_template_inputs(cls: type, params: dict[str, Any], rows: list[Manifest
         raise ConfigError(f"model.params.template: template '{rubric.name}' names a sub-score '{taken[0]}', which "
                           f"summary.json uses for its own figures ({', '.join(sorted(RESERVED))}); give that part "
                           "another name")
+    clash = next(filter(None, (_csv_clash(part) for part, _ in rubric.parts)), None)
+    if clash:  # every item would fail on it (_as_numbers)
+        raise ConfigError(f"model.params.template: template '{rubric.name}': {clash}; give that part another name")
     has_source = any(it.source_images for it in items)
     has_text = any((it.instruction or "").strip() for it in items)
     for part, t in rubric.parts:
@@ -507,10 +517,12 @@ def _strict_record(rec: dict[str, Any], row: ManifestRow, judge: str = "the judg
 def _fail(rec: dict[str, Any], row: ManifestRow, why: str) -> None:
     """Fail the record `rec` of a row for a result its judge should not have returned (`why`): no
     score, no sub-score (null under each name the judge gave as text, less the names of the
-    summary's own figures: a sub-score of no value under one would still overwrite it,
-    sub_score_clash), `model`; the error names the item, after any error it had already."""
+    summary's own figures and of results.csv's columns: a sub-score of no value under one would
+    still overwrite that figure, or be a second column of that name: sub_score_clash, _csv_clash),
+    `model`; the error names the item, after any error it had already."""
     subs = rec.get("sub_scores")
-    subs = {k: None for k in subs if isinstance(k, str) and k not in RESERVED} if isinstance(subs, dict) else {}
+    subs = {k: None for k in subs if isinstance(k, str) and k not in RESERVED and not _csv_clash(k)} \
+        if isinstance(subs, dict) else {}
     rec.update(score=None, sub_scores=subs, error_kind="model", error=_with_cause(rec, row, why))
 
 
@@ -571,7 +583,8 @@ def _as_numbers(res: ScoreResult, judge: str) -> tuple[ScoreResult, str | None]:
       not JSON (the report refuses the file) and which resume would never score again. A 0-d array
       or tensor is read as the number it holds, as _as_json reads one elsewhere (_untyped).
     - a sub-score named as one of the summary's own figures, which it would overwrite
-      (sub_score_clash: the report refuses such a file).
+      (sub_score_clash: the report refuses such a file), or as one of results.csv's columns, or
+      with an empty name (_csv_clash).
     - no score and no error: a result without a score says why (ScoreResult), or its item would
       fail with nothing to tell the user.
     A score out of the judge's scale is written as it came: a class of the user's has a scale of
@@ -595,8 +608,22 @@ def _as_numbers(res: ScoreResult, judge: str) -> tuple[ScoreResult, str | None]:
         return res, f"{judge} returned no score and no error: a result without a score says why; the item is failed"
     res = dataclasses.replace(res, score=finite_float(score),
                               sub_scores=None if subs is None else {k: finite_float(n) for k, n in numbers.items()})
-    clash = next(filter(None, (sub_score_clash(k, v, res.score) for k, v in (res.sub_scores or {}).items())), None)
+    clash = next(filter(None, (sub_score_clash(k, v, res.score) or _csv_clash(k)
+                               for k, v in (res.sub_scores or {}).items())), None)
     return res, clash and _cannot_write(judge, clash)
+
+
+def _csv_clash(name: str) -> str | None:
+    """Why a sub-score `name` cannot head a column of results.csv of its own, or None: it is empty
+    (or blank), or one of the file's own columns (CSV_HEAD, CSV_TAIL), which the file would then hold
+    twice. A `score` sub-score is the score where it may stand at all (sub_score_clash): the file
+    writes it once."""
+    if not name.strip():
+        return f"sub-score {name!r} has no name to head its column of results.csv"
+    if name in (*CSV_HEAD, *CSV_TAIL) and name != "score":
+        return (f"sub-score {name!r} has the name of one of results.csv's own columns "
+                f"({', '.join((*CSV_HEAD, *CSV_TAIL))}), which the file would then hold twice")
+    return None
 
 
 def _numbered_by_row(res: ScoreResult, k: int, row: ManifestRow) -> ScoreResult:
@@ -952,16 +979,18 @@ def write_outputs(folder: Path, records: list[dict[str, Any]], summary: dict[str
     # allow_nan=False: every file is strict JSON (_strict_record, _strict_summary made it so).
     _atomic_write(folder / FINAL, "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records))
     _atomic_write(folder / SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    subs = summary.get("sub_score_names") or []
-    cols = ["id", "score", *subs, "category", "error_kind", "error", "images", "source_images", "instruction"]
+    # A lone template's `score` sub-score is the score (sub_score_clash): its column is the score's.
+    subs = [s for s in summary.get("sub_score_names") or [] if s != "score"]
+
+    def cell(r: dict[str, Any], column: str) -> Any:
+        return "|".join(r.get(column) or []) if column in ("images", "source_images") else r.get(column)
+
     tmp = folder / (CSV + ".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow([_csv_cell(c) for c in cols])
+        w.writerow([_csv_cell(c) for c in (*CSV_HEAD, *subs, *CSV_TAIL)])
         for r in records:
             sub = r.get("sub_scores") or {}
-            w.writerow([_csv_cell(c) for c in (
-                r.get("id"), r.get("score"), *[sub.get(s) for s in subs], r.get("category"), r.get("error_kind"),
-                r.get("error"), "|".join(r.get("images") or []), "|".join(r.get("source_images") or []),
-                r.get("instruction"))])
+            w.writerow([_csv_cell(c) for c in (*(cell(r, c) for c in CSV_HEAD), *(sub.get(s) for s in subs),
+                                               *(cell(r, c) for c in CSV_TAIL))])
     os.replace(tmp, folder / CSV)
