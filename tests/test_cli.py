@@ -2005,3 +2005,39 @@ def test_a_rubric_part_named_like_a_csv_column_stops_the_job_before_it_starts(tm
         _, cls, params = resolve_spec({**config["model"], "params": {**config["model"]["params"], "template": name}})
         check_template_inputs(cls, params, rows, str(edit_manifest))
     assert BUILTIN_RUBRICS and BUILTIN_TEMPLATES
+
+
+def test_a_config_parameter_too_long_for_text_is_named_in_summary_json(tmp_path, edit_manifest, caplog):
+    # A config given to run_job (Python's API) whose judge parameter was an int of more than 4300
+    # digits stopped the finished job with a ValueError traceback: Python writes no text for such an
+    # int, neither where summary.json wrote the config's model section nor where the job made a
+    # fingerprint of it for a judge without one of its own. summary.json now says what the value is,
+    # and the log names it; the fingerprint is made from its hex, so that two such values differ.
+    from src.job.runner import run_job
+    from src.models.reward import BaseRewardModel, ScoreResult
+
+    class Judge(BaseRewardModel):
+        def score_items(self, items):
+            return [ScoreResult(index=i, id=it.id, score=5.0) for i, it in enumerate(items)]
+
+    class Keyed(Judge):
+        fingerprint = "keyed-v1"
+
+    big = 10 ** 5000
+    what = f"an int of more than {sys.get_int_max_str_digits()} digits"
+    prints = []
+    for n, (model, value) in enumerate(((Judge(), big), (Judge(), big + 1), (Keyed(), big))):
+        out = tmp_path / f"out{n}"
+        cfg = {"model": {"class_path": "my.Judge", "params": {"big": value, "by_size": {value: 1}}},
+               "job": {"manifest": str(edit_manifest), "output_dir": str(out), "chunk_size": 4}}
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="src.job.runner"):
+            summary = run_job(cfg, base=tmp_path, progress=False, model=model)
+        assert summary["scored"] == 10
+        written = json.loads((out / "summary.json").read_text())
+        assert written["model"]["params"] == summary["model"]["params"] == {"big": what, "by_size": {what: 1}}
+        assert f"summary.json: model.params.big is {what}, which Python writes no text for: written as {what!r}" \
+            in caplog.messages, caplog.messages
+        prints.append(written["fingerprint"])
+    assert prints[0].startswith("cfg-") and prints[1].startswith("cfg-") and prints[0] != prints[1]
+    assert prints[2] == "keyed-v1"

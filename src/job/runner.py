@@ -172,8 +172,12 @@ def model_fingerprint(model: BaseRewardModel, model_spec: dict[str, Any]) -> str
     fp = getattr(model, "fingerprint", None)
     if isinstance(fp, str) and fp:
         return fp
-    blob = json.dumps(model_spec, sort_keys=True, default=str).encode()
-    return "cfg-" + hashlib.sha256(blob).hexdigest()[:12]
+    try:
+        blob = json.dumps(model_spec, sort_keys=True, default=str)
+    except ValueError:  # an int Python writes no decimal text for (a config given to run_job): its hex
+        blob = json.dumps(_as_json(model_spec, "", [], lambda path, v, what: hex(v) if _long_int(v) else str(v)),
+                          sort_keys=True)
+    return "cfg-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def settings_fingerprint(cls: type, params: dict[str, Any]) -> str | None:
@@ -555,9 +559,17 @@ def _cannot_write(judge: str, what: str) -> str:
 def _strict_summary(summary: dict[str, Any]) -> dict[str, Any]:
     """summary.json as strict JSON (_as_json): a value that is NaN or Infinity (a config parameter
     of the user's class) is written as null, and the log says which; one JSON has no form for (a
-    date YAML read) as its text."""
+    date YAML read) as its text; an int Python writes no text for (of more than 4300 digits, from a
+    config given to run_job) as what it is, and the log says which."""
     found: list[str] = []
-    out = {k: _as_json(v, k, found, lambda path, value, what: str(value)) for k, v in summary.items()}
+
+    def as_text(path: str, value: Any, what: str) -> str:
+        if _long_int(value):
+            log.warning(f"{SUMMARY}: {path} is {what}, which Python writes no text for: written as {what!r}")
+            return what
+        return str(value)
+
+    out = {k: _as_json(v, k, found, as_text) for k, v in summary.items()}
     for line in found:
         log.warning(f"{SUMMARY}: {line}{_NOT_JSON}")
     return out
