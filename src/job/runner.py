@@ -16,10 +16,11 @@ The JSON files are strict JSON: NaN and Infinity (a manifest's free field may ho
 written as null, and the item's metadata.notes says so; numpy's numbers and arrays (a judge class
 of the user's may return them) are written as plain numbers and lists; a value JSON cannot hold at
 all (a lock or an open file too: a result is not copied first) fails its item alone (_strict_record,
-the one walk every JSON write of the job goes through), as does a result whose metadata is no dict,
-whose score or sub-scores are no numbers or have names the files cannot hold, or with no score and
-no error (_record, _as_numbers); one with a score and an error is a failed item, its score not
-written (_unscored).
+the one walk every JSON write of the job goes through, shared with the reward service in
+src/models/reward/result_form.py), as does a result whose metadata is no dict, whose score or
+sub-scores are no numbers or have names the files cannot hold, or with no score and no error
+(_record: result_form.result_record, _job_rules); one with a score and an error is a failed item,
+its score not written (result_form._unscored).
 
 Order: the manifest's, except that rows sharing a source image are scored side by side (in the
 same call, so the judge encodes the source once); results.jsonl is in manifest order either way.
@@ -40,11 +41,9 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import signal
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,12 +54,14 @@ from src.interrupts import raise_lost_ctrl_c
 from src.models.reward import BaseRewardModel, ScoreResult, build_reward_model
 from src.models.reward.config import ConfigError, judge_settings, model_param_paths, resolve_spec, unknown_key_error
 from src.models.reward.errors import JudgeError
+from src.models.reward.result_form import (NOT_JSON, as_json, cannot_carry, fail_record, long_int, result_record,
+                                          strict_json)
 from src.models.reward.size_order import HeaderSize, chunk_order
 from src.models.reward.templates import resolve_rubric
-from src.models.reward.types import JUDGE_NOTES, carried_metadata, metadata_problem, with_judge_notes
+from src.models.reward.types import JUDGE_NOTES, with_judge_notes
 
 from .manifest import ManifestRow, read_manifest
-from .summary import RESERVED, SUMMARY, finite_float, stats, sub_score_clash, summarize
+from .summary import RESERVED, SUMMARY, stats, sub_score_clash, summarize
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def model_fingerprint(model: BaseRewardModel, model_spec: dict[str, Any]) -> str
     try:
         blob = json.dumps(model_spec, sort_keys=True, default=str)
     except ValueError:  # an int Python writes no decimal text for (a config given to run_job): its hex
-        blob = json.dumps(_as_json(model_spec, "", [], lambda path, v, what: hex(v) if _long_int(v) else str(v)),
+        blob = json.dumps(as_json(model_spec, "", [], lambda path, v, what: hex(v) if long_int(v) else str(v)),
                           sort_keys=True)
     return "cfg-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -284,25 +285,13 @@ def _say_what_is_not_reused(stream_path: Path, fp: str, todo: list[ManifestRow],
 
 def _record(row: ManifestRow, res: ScoreResult, fingerprint: str, judge: str = "the judge") -> dict[str, Any]:
     """The record of a row's result, as the job's files hold it; `judge` names the judge in the
-    error of an item whose result the job cannot write: its score or sub-scores no numbers
-    (_as_numbers), its metadata no dict (a list, a string, from a judge class of the user's; None is
-    none), or a value JSON cannot hold (_strict_record: a lock, an open file, a generator too, which
-    is why the result is not copied first, as to_dict's asdict would). Such an item fails alone,
-    and a resumed job scores it again; so does one whose result holds a score beside an error, its
-    score not written (_unscored)."""
-    res, wrong_scores = _as_numbers(res, judge)
-    wrong = None if res.metadata is None else metadata_problem(res.metadata)
-    if wrong:  # the row's own metadata instead; the judge's is no dict to carry
-        res = dataclasses.replace(res, metadata=carried_metadata(row.item))
-    wrong_error = _error_problem(res)
-    if wrong_error:  # named in the item's error instead (_fail)
-        res = dataclasses.replace(res, error=None, error_kind=None)
-    d = _fields(res)
-    for why in (wrong_scores, wrong and _cannot_write(judge, wrong), wrong_error and _cannot_write(judge, wrong_error)):
-        if why:
-            _fail(d, row, why)
-    if d["score"] is not None and d["error"] is not None:
-        _unscored(d, row, judge)
+    error of an item whose result the job cannot write (result_form.result_record): its score or
+    sub-scores no numbers (and the job's own rules on them: _job_rules), its metadata no dict (a
+    list, a string, from a judge class of the user's; None is none), or a value JSON cannot hold
+    (_strict_record: a lock, an open file, a generator too, which is why the result is not copied
+    first, as to_dict's would be). Such an item fails alone, and a resumed job scores it again; so
+    does one whose result holds a score beside an error, its score not written."""
+    d = result_record(res, row.item, _row_name(row), judge, _CANNOT, "not written", _job_rules(judge), _unheld)
     d.pop("index", None)
     d["id"] = row.id
     d["line"] = row.line
@@ -318,26 +307,6 @@ def _record(row: ManifestRow, res: ScoreResult, fingerprint: str, judge: str = "
     if any(BUDGET in keys for keys in by_judge.values()):  # the record's metadata no longer shows it
         return {**rec, BY_JUDGE: by_judge, ROW_BUDGET: _plain(_own(row).get(BUDGET))}
     return {**rec, BY_JUDGE: by_judge}
-
-
-def _error_problem(res: ScoreResult) -> str | None:
-    """Why a result's `error` or `error_kind` cannot be written as the job's files hold them (text,
-    or none), or None: a judge class of the user's may return any value there."""
-    for name in ("error", "error_kind"):
-        value = getattr(res, name)
-        if value is not None and not isinstance(value, str):
-            try:
-                shown = repr(value)
-            except Exception:  # a value whose repr fails is named by its type alone
-                shown = "?"
-            return f"{name} must be text, got {type(value).__name__} {shown[:100]}"
-    return None
-
-
-def _fields(obj: Any) -> dict[str, Any]:
-    """A dataclass instance's fields by name, the values themselves (asdict deep-copies them, and a
-    lock, a mappingproxy, an open file or a generator does not copy)."""
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
 def _own(row: ManifestRow) -> dict[str, Any]:
@@ -389,7 +358,7 @@ def _by_judge(own: dict[str, Any], metadata: dict[str, Any]) -> dict[str, list[s
 
 
 def _written_alike(a: Any, b: Any) -> bool:
-    """Whether two values are written alike in the job's JSON files (_as_json): NaN and null are,
+    """Whether two values are written alike in the job's JSON files (as_json): NaN and null are,
     numpy's 3 and 3 are; 1 and 1.0 are not, nor the same keys in another order."""
     def written(value: Any) -> str:
         return json.dumps(_plain(value), ensure_ascii=False)
@@ -400,178 +369,56 @@ def _written_alike(a: Any, b: Any) -> bool:
 
 
 def _plain(value: Any) -> Any:
-    """`value` as the job's JSON files write it (_as_json), with null for what JSON cannot hold."""
-    return _as_json(value, "", [], lambda path, v, what: None)
-
-
-# How a note names a value JSON cannot hold; a reused record's notes about its metadata are made
-# again from the row as it is now (_as_the_row_says_now).
-_NOT_JSON = ", which JSON cannot hold: written as null"
-_JSON_LEAVES = (str, int, float, bool, type(None))  # also the keys json writes (as text)
-
-
-def _as_json(value: Any, path: str, found: list[str], unwritable: Callable[[str, Any, str], Any],
-             within: frozenset[int] = frozenset()) -> Any:
-    """`value` made of JSON's own values, for every JSON file the job writes.
-    - numpy's numbers and arrays (and torch's tensors: anything with a tolist()), which json cannot
-      write, become Python numbers and lists (a size-1 array a list of one);
-    - a dataclass instance (a judge class's result may hold another's) becomes the dict of its
-      fields, as ScoreResult.to_dict (asdict) writes it;
-    - a float that is NaN or +-Infinity, for which JSON has no number, becomes None, and a line
-      naming it (`metadata.weight was NaN`) is added to `found`;
-    - anything else JSON cannot hold (a set, a Decimal, an object, a lock, a generator, text that is
-      not Unicode, an int too long for Python to write as text, a container that holds itself)
-      becomes unwritable(its path, it, what it is)."""
-    value = _untyped(value)
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return float(value)
-        found.append(f"{path} was {json.dumps(float(value))}")
-        return None
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate: the file's UTF-8 cannot hold it
-            return unwritable(path, value, "text with a lone surrogate, which UTF-8 cannot encode")
-        return value
-    too_long = _long_int(value)
-    if too_long:
-        return unwritable(path, value, too_long)
-    if isinstance(value, _JSON_LEAVES):
-        return value
-    a_dataclass = dataclasses.is_dataclass(value) and not isinstance(value, type)
-    if not (a_dataclass or isinstance(value, (dict, list, tuple))):
-        return unwritable(path, value, f"a {type(value).__name__}")
-    if id(value) in within:
-        return unwritable(path, value, f"a {type(value).__name__} that holds itself")
-    within = within | {id(value)}
-    if a_dataclass:
-        value = _fields(value)
-    if isinstance(value, (list, tuple)):
-        return [_as_json(v, f"{path}[{i}]", found, unwritable, within) for i, v in enumerate(value)]
-    out = {}
-    for k, v in value.items():
-        key = _untyped(k)
-        too_long = _long_int(key)
-        if not isinstance(key, _JSON_LEAVES) or isinstance(key, float) and not math.isfinite(key) or too_long:
-            # a tuple, NaN, an int that has no text (nor a repr for this error)
-            key = unwritable(f"{path} key" if too_long else f"{path} key {k!r}", k, too_long or f"a {type(k).__name__}")
-            if not isinstance(key, str):
-                continue
-        out[key] = _as_json(v, f"{path}.{key}", found, unwritable, within)
-    return out
-
-
-def _long_int(value: Any) -> str | None:
-    """What an int is that json cannot write, as Python refuses to turn one of more than
-    sys.get_int_max_str_digits() digits into text; None for any other value."""
-    if not isinstance(value, int):
-        return None
-    try:
-        str(value)
-    except ValueError:
-        return f"an int of more than {sys.get_int_max_str_digits()} digits"
-    return None
-
-
-def _untyped(value: Any) -> Any:
-    """A number or an array of numpy's (or torch's: anything with a tolist()) as Python's own;
-    anything else as it is."""
-    if not isinstance(value, (*_JSON_LEAVES, dict, list, tuple)) and callable(getattr(value, "tolist", None)):
-        try:
-            return value.tolist()
-        except Exception:  # then it is what JSON cannot hold, and is said so
-            pass
-    return value
+    """`value` as the job's JSON files write it (as_json), with null for what JSON cannot hold."""
+    return as_json(value, "", [], lambda path, v, what: None)
 
 
 def _strict_record(rec: dict[str, Any], row: ManifestRow, judge: str = "the judge") -> dict[str, Any]:
-    """A record every JSON reader accepts (_as_json), for the stream and results.jsonl alike.
-    - numpy's numbers and arrays, from a judge class of the user's, are written as plain numbers
-      and lists.
-    - Python's json reads and writes NaN and Infinity, which JSON has no number for (jq,
-      JSON.parse and strict parsers refuse the file): a manifest's free field may hold one (a
-      table's missing value), and so may a judge class's raw answer. Such a value is written as
-      null and the judge's notes on the item (metadata.notes, or judge_notes: with_judge_notes) name
-      it; the item keeps its score (scores never get here non-finite: _as_numbers fails their
-      item), and the judge saw the value as the manifest gave it.
-    - A value JSON cannot hold at all (a set or an object in a judge class's raw answer) fails its
-      item alone, naming the item and the field: the job goes on, and the other items' results
-      are written."""
-    found: list[str] = []
-    unwritable: list[str] = []
-
-    def none_for(path: str, value: Any, what: str) -> None:
-        unwritable.append(f"{path} ({what})")
-
-    out = {}
-    for k, v in rec.items():
-        try:
-            out[k] = _as_json(v, k, found, none_for)
-        except RecursionError:  # nested deeper than Python's stack
-            out[k] = none_for(k, v, "nested too deeply")
-    if unwritable:
-        _fail(out, row, f"{judge} returned {', '.join(unwritable)}, which JSON cannot hold: the item is failed; a "
-                        "judge's result holds numbers, text, lists and dicts")
-    if found:
-        out["metadata"] = with_judge_notes(out.get("metadata") or {}, _own(row), [n + _NOT_JSON for n in found])
-    return out
+    """A record every JSON reader accepts, for the stream and results.jsonl alike
+    (result_form.strict_json): NaN and Infinity written as null, the judge's notes naming them; a
+    value JSON cannot hold at all fails its row's item alone (_fail): the job goes on, and the
+    other items' results are written."""
+    return strict_json(rec, _own(row), judge, lambda out, why: _fail(out, row, why))
 
 
 def _fail(rec: dict[str, Any], row: ManifestRow, why: str) -> None:
-    """Fail the record `rec` of a row for a result its judge should not have returned (`why`): no
-    score, no sub-score (null under each name the judge gave as text, less the names of the
-    summary's own figures and of results.csv's columns: a sub-score of no value under one would
-    still overwrite that figure, or be a second column of that name: sub_score_clash, _csv_clash),
-    `model`; the error names the item, after any error it had already."""
-    subs = rec.get("sub_scores")
-    subs = {k: None for k in subs if isinstance(k, str) and k not in RESERVED and not _csv_clash(k)} \
-        if isinstance(subs, dict) else {}
-    rec.update(score=None, sub_scores=subs, error_kind="model", error=_with_cause(rec, row, why))
+    """Fail the record `rec` of a row for a result its judge should not have returned (`why`), as
+    result_form.fail_record does, naming the row (_unheld: no null under a name the job's files
+    cannot hold even so)."""
+    fail_record(rec, _row_name(row), why, _unheld)
 
 
-def _unscored(rec: dict[str, Any], row: ManifestRow, judge: str) -> None:
-    """The record `rec` of a result that holds a score and an error (from a judge class of the
-    user's) as a failed item's: an item with an error is failed (summarize counts it so, and a resumed
-    job scores it again), and a failed item has no score, so none is written; the error says what it
-    was. What the judge said stands: its error, its error_kind (none: counted as `unknown`, as any
-    failure without one) and its sub-scores, but for a `score` sub-score, which is the score
-    (sub_score_clash)."""
-    lead = f"{judge} also returned" if rec["error"] else f"{judge} returned an empty error, and"
-    why = f"{lead} a score, {rec['score']!r}, which is not written because the item failed"
-    subs = rec.get("sub_scores")
-    if isinstance(subs, dict) and "score" in subs:
-        subs = {**subs, "score": None}
-    rec.update(score=None, sub_scores=subs, error=_with_cause(rec, row, why))
+def _unheld(name: str) -> bool:
+    """Whether the job's files cannot hold a sub-score `name` even as a failed item's null: it would
+    overwrite one of the summary's own figures (RESERVED: sub_score_clash), or be a second column of
+    results.csv of that name, or one with no name (_csv_clash)."""
+    return name in RESERVED or _csv_clash(name) is not None
 
 
-def _with_cause(rec: dict[str, Any], row: ManifestRow, why: str) -> str:
-    """The error of a record `rec` that the job fails (`why`): after the error it had already, or
-    naming the item where it had none."""
-    return f"{rec['error']}; {why}" if rec.get("error") else f"item {_row_name(row)}: {why}"
+_CANNOT = "the job cannot write"  # how an error says what the job could not do with a result
 
 
 def _cannot_write(judge: str, what: str) -> str:
     """The error of an item whose judge returned a result the job cannot write (`what` says why)."""
-    return f"{judge} returned a result the job cannot write: {what}; the item is failed"
+    return cannot_carry(judge, _CANNOT, what)
 
 
 def _strict_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    """summary.json as strict JSON (_as_json): a value that is NaN or Infinity (a config parameter
+    """summary.json as strict JSON (as_json): a value that is NaN or Infinity (a config parameter
     of the user's class) is written as null, and the log says which; one JSON has no form for (a
     date YAML read) as its text; an int Python writes no text for (of more than 4300 digits, from a
     config given to run_job) as what it is, and the log says which."""
     found: list[str] = []
 
     def as_text(path: str, value: Any, what: str) -> str:
-        if _long_int(value):
+        if long_int(value):
             log.warning(f"{SUMMARY}: {path} is {what}, which Python writes no text for: written as {what!r}")
             return what
         return str(value)
 
-    out = {k: _as_json(v, k, found, as_text) for k, v in summary.items()}
+    out = {k: as_json(v, k, found, as_text) for k, v in summary.items()}
     for line in found:
-        log.warning(f"{SUMMARY}: {line}{_NOT_JSON}")
+        log.warning(f"{SUMMARY}: {line}{NOT_JSON}")
     return out
 
 
@@ -584,45 +431,23 @@ def _input_field(key: str, value: Any) -> bool:
     return key in ("images", "source_images") and isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def _as_numbers(res: ScoreResult, judge: str) -> tuple[ScoreResult, str | None]:
-    """`res` with its score and sub-scores as floats (numpy's float32 or int64, an int: numbers that
-    JSON cannot write, or writes as another type), and None; or, where a judge class of the user's
-    broke ScoreResult's promise, `res` and why its item fails (_record, naming `judge`):
-    - sub_scores that is no dict of names (text) to numbers; None is none. A list, a string,
-      another mapping; a name that is a number or None, which the summary cannot sort beside text.
-    - a score or sub-score that is not a finite number (NaN or inf, a string, a bool, an int past
-      float's range, an array of one element): no score, instead of NaN in results.jsonl, which is
-      not JSON (the report refuses the file) and which resume would never score again. A 0-d array
-      or tensor is read as the number it holds, as _as_json reads one elsewhere (_untyped).
+def _job_rules(judge: str) -> Callable[[ScoreResult], str | None]:
+    """The job's own rules on a result's score and sub-scores, once result_form's check has made
+    them floats (its `more`); why its item fails, or None:
+    - no score and no error: a result without a score says why (ScoreResult), or its item would
+      fail with nothing to tell the user.
     - a sub-score named as one of the summary's own figures, which it would overwrite
       (sub_score_clash: the report refuses such a file), or as one of results.csv's columns, or
       with an empty name (_csv_clash).
-    - no score and no error: a result without a score says why (ScoreResult), or its item would
-      fail with nothing to tell the user.
-    A score out of the judge's scale is written as it came: a class of the user's has a scale of
-    its own, which the job does not know."""
-    subs = res.sub_scores
-    if subs is not None and not isinstance(subs, dict):
-        return res, _cannot_write(judge, f"sub_scores must be a dict of sub-score names (text) to numbers, got "
-                                         f"{type(subs).__name__}")
-    names = [k for k in subs or {} if not isinstance(k, str)]
-    if names:
-        return res, _cannot_write(judge, f"sub_scores must be a dict of sub-score names (text) to numbers, got the "
-                                         f"name {names[0]!r}")
-    # A 0-d numpy array or torch tensor (`probs @ levels`) as the number it holds; a 1-d one, of one
-    # element too, stays a list, which is no number.
-    score, numbers = _untyped(res.score), {k: _untyped(v) for k, v in (subs or {}).items()}
-    parts = [("score", res.score, score), *((f"sub-score {k!r}", v, numbers[k]) for k, v in (subs or {}).items())]
-    bad = [f"{name} {_long_int(n) or repr(v)}" for name, v, n in parts if n is not None and finite_float(n) is None]
-    if bad:
-        return res, f"{judge} returned {', '.join(bad)}: not a finite number, so no score"
-    if score is None and (res.error is None or res.error == ""):  # an error of no text: _error_problem
-        return res, f"{judge} returned no score and no error: a result without a score says why; the item is failed"
-    res = dataclasses.replace(res, score=finite_float(score),
-                              sub_scores=None if subs is None else {k: finite_float(n) for k, n in numbers.items()})
-    clash = next(filter(None, (sub_score_clash(k, v, res.score) or _csv_clash(k)
-                               for k, v in (res.sub_scores or {}).items())), None)
-    return res, clash and _cannot_write(judge, clash)
+    A score or sub-score that is no finite number (NaN, which results.jsonl cannot hold and resume
+    would never score again) the check has failed already."""
+    def rule(res: ScoreResult) -> str | None:
+        if res.score is None and (res.error is None or res.error == ""):  # an error of no text: error_problem
+            return f"{judge} returned no score and no error: a result without a score says why; the item is failed"
+        clash = next(filter(None, (sub_score_clash(k, v, res.score) or _csv_clash(k)
+                                   for k, v in (res.sub_scores or {}).items())), None)
+        return clash and _cannot_write(judge, clash)
+    return rule
 
 
 def _csv_clash(name: str) -> str | None:
@@ -712,7 +537,7 @@ def _judges_notes(stored: dict[str, Any], own: dict[str, Any], set_: frozenset[s
         judges, marker = stored.get("notes", _NO_NOTES), False
     if not isinstance(judges, list):
         return judges, []
-    remade = [n for n in judges if isinstance(n, str) and n.startswith("metadata.") and n.endswith(_NOT_JSON)]
+    remade = [n for n in judges if isinstance(n, str) and n.startswith("metadata.") and n.endswith(NOT_JSON)]
     kept = [n for n in judges if n not in remade]
     later = [n for n in remade if any(_on_field(n, k) for k in set_)]
     # An empty list is the judge's own where a judge class wrote `notes: []`; under judge_notes, or

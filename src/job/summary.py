@@ -6,7 +6,6 @@ lives below both: neither imports the other for it. Pure Python.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 SUMMARY = "summary.json"
@@ -15,19 +14,6 @@ SUMMARY = "summary.json"
 RESERVED = frozenset({"items", "scored", "failed", "score", "sub_score_names", "categories", "failures_by_kind",
                       "failures", "resumed_from_disk", "fingerprint", "model", "elapsed_s", "latency_s_per_item",
                       "quantization", "quantization_by_worker"})
-
-
-def finite_float(value: Any) -> float | None:
-    """`value` as a float where it is a finite real number (numpy's float32 and int64 are); else None
-    (a bool, a string, NaN, None, an int past float's range). What a job writes as a score and what
-    a report reads as one (src/report/data.py)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # 10 ** 400
-        return None
-    return number if math.isfinite(number) else None
 
 
 def sub_score_clash(name: Any, value: Any, score: Any) -> str | None:

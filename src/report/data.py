@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from src.job.summary import SUMMARY, finite_float, sub_score_clash, summarize
+from src.job.summary import SUMMARY, sub_score_clash, summarize
 from src.job.summary import stats as _stats
 from src.models.reward.errors import JudgeInputError
+from src.models.reward.result_form import finite_float
 from src.stats import pearson, spearman
 
 
