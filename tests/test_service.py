@@ -261,6 +261,180 @@ def test_get_reward_speaks_openrlhf(http, dirs):
     assert bad.status_code == 422 and "'prompts' must be a list of 1 entries" in bad.json()["detail"]
 
 
+# A judge class of the user's (class_path) whose results hold what the answer's JSON cannot carry,
+# as such a class may return it: it scores an instruction by its length, and the first word of an
+# instruction names the odd value its result gets.
+_ODD_JUDGE = '''
+import threading
+from types import MappingProxyType
+
+import numpy as np
+
+from src.models.reward import BaseRewardModel, ScoreResult
+
+
+class OddJudge(BaseRewardModel):
+    def score_items(self, items):
+        results = []
+        for i, item in enumerate(items):
+            text = item.instruction or ""
+            n = float(len(text))
+            r = ScoreResult(index=i, id=item.id, score=n, sub_scores={"length": n}, raw={"answer": text},
+                            device="cpu", metadata=dict(item.metadata))
+            odd = text.split()[0] if text else ""
+            if odd == "lock":
+                r.raw = {"answer": text, "lock": threading.Lock()}
+            elif odd == "proxy":
+                r.raw = MappingProxyType({"answer": text})
+            elif odd == "object":
+                r.metadata = {**r.metadata, "mine": object()}
+            elif odd == "nan":
+                r.sub_scores = {"length": float("nan")}
+            elif odd == "inf":
+                r.score = float("inf")
+            elif odd == "nan-raw":
+                r.raw = {"p": float("nan")}
+            elif odd == "unsure":  # a score beside an error, and a `score` sub-score that is that score
+                r.error, r.error_kind, r.sub_scores = "unsure", "low_confidence", {"length": n, "score": n}
+            elif odd == "blank":
+                r.error = ""
+            elif odd == "unsure-lock":
+                r.error, r.raw = "unsure", {"lock": threading.Lock()}
+            elif odd == "array":  # 0-d arrays, as `probs @ levels` gives them
+                r.score, r.sub_scores = np.array(n), {"length": np.array(n, dtype=np.float32)}
+            elif odd == "array-1":
+                r.score = np.array([n])
+            results.append(r)
+        return results
+'''
+
+
+@pytest.fixture(scope="module")
+def odd_service(tmp_path_factory):
+    """`main.py serve` with OddJudge (model.class_path, loaded from a folder on PYTHONPATH), and an
+    image it may read; it must shut down cleanly, with no traceback in its log."""
+    folder = tmp_path_factory.mktemp("odd")
+    plugin = folder / "plugin"
+    plugin.mkdir()
+    (plugin / "odd_judge.py").write_text(_ODD_JUDGE)
+    image = folder / "img.png"
+    image.write_bytes(png_bytes(1))
+    svc = ServiceProcess(["model.class_path=odd_judge.OddJudge", "model.params={}", f"server.allowed_dirs=[{folder}]"],
+                         env={"PYTHONPATH": os.pathsep.join(filter(None, [str(plugin), os.environ.get("PYTHONPATH")]))})
+    svc.start()
+    try:
+        with httpx.Client(base_url=svc.url, timeout=60) as http:
+            yield http, str(image)
+    finally:
+        rc = svc.stop()
+    assert rc == 0, svc.log()
+    assert "Traceback" not in svc.log(), svc.log()
+
+
+def odd_score(odd_service, texts):
+    """/score's results for items whose id is the first word of their instruction, `texts`."""
+    http, image = odd_service
+    resp = http.post("/score", json={"items": [{"id": t.split()[0], "images": [image], "instruction": t}
+                                               for t in texts]})
+    assert resp.status_code == 200, resp.text
+    got = resp.json()["results"]
+    assert [r["index"] for r in got] == list(range(len(texts)))
+    assert [r["id"] for r in got] == [t.split()[0] for t in texts]
+    return got
+
+
+def test_a_judge_classs_result_the_answer_cannot_carry_fails_only_its_item(odd_service):
+    """A judge class of the user's whose result held what JSON cannot carry (a lock or a
+    mappingproxy, which ScoreResult.to_dict's deep copy refused; an object; a NaN score, which
+    JSON has no number for) made every route answer 500 for the whole request, losing the other
+    items' scores. Now that item fails alone (error_kind `model`, its error naming the item, the
+    field and what is there) in a 200 answer, as any other per-item failure; a NaN in its raw
+    answer is written as null and noted, and the item keeps its score."""
+    http, image = odd_service
+    texts = ["fine one", "lock two", "proxy three", "object four", "nan five", "inf six", "nan-raw seven",
+             "fine eight"]
+    got = odd_score(odd_service, texts)
+    cannot = "item {!r} (#{}): the judge (OddJudge) returned {}, which JSON cannot hold: the item is failed; " \
+             "a judge's result holds numbers, text, lists and dicts"
+    errors = {1: cannot.format("lock", 1, "raw.lock (a lock)"),
+              2: cannot.format("proxy", 2, "raw (a mappingproxy)"),
+              3: cannot.format("object", 3, "metadata.mine (a object)"),
+              4: "item 'nan' (#4): the judge (OddJudge) returned sub-score 'length' nan: not a finite number, "
+                 "so no score",
+              5: "item 'inf' (#5): the judge (OddJudge) returned score inf: not a finite number, so no score"}
+    for k, r in enumerate(got):
+        if k in errors:
+            assert (r["score"], r["error_kind"], r["error"]) == (None, "model", errors[k]), r
+            assert r["sub_scores"] == {"length": None}, r
+        else:
+            assert r["error"] is None and r["score"] == pytest.approx(len(texts[k])), r
+    assert got[1]["raw"] == {"answer": "lock two", "lock": None}
+    assert got[3]["metadata"] == {"mine": None}
+    assert got[6]["raw"] == {"p": None}
+    assert got[6]["metadata"] == {"notes": ["raw.p was NaN, which JSON cannot hold: written as null"]}
+
+    # verl's and OpenRLHF's routes answer the same way.
+    verl = http.post("/compute_reward", json=[{"solution_str": t, "extra_info": {"image": image}}
+                                              for t in ("lock a", "fine b")])
+    assert verl.status_code == 200, verl.text
+    locked, fine = verl.json()
+    assert locked["score"] is None and locked["error"] == cannot.format(None, 0, "raw.lock (a lock)").replace(
+        "item None (#0)", "item #0"), locked
+    assert fine["error"] is None and fine["score"] == pytest.approx(6.0)
+    openrlhf = http.post("/get_reward", json={"query": ["inf c", "fine d"], "labels": [image] * 2})
+    assert openrlhf.status_code == 200, openrlhf.text
+    out = openrlhf.json()
+    assert out["judge_scores"][0] is None and out["judge_scores"][1] == pytest.approx(6.0)
+    assert out["rewards"] == [0.0, pytest.approx(6.0)] and out["extra_logs"]["judge_failed"] == [1.0, 0.0]
+    assert out["errors"] == ["item #0: the judge (OddJudge) returned score inf: not a finite number, so no score",
+                             None]
+
+
+def test_a_judge_classs_score_beside_an_error_is_answered_as_a_failed_item_with_no_score(odd_service):
+    """A judge class of the user's whose result held a score and an error was answered with both:
+    a trainer took the score of an item its judge said had failed (the job counts such an item as
+    failed, and writes no score for it). Now the item is answered as failed, with no score: the
+    judge's error and error_kind stand, and the error names the score withheld; a `score`
+    sub-score, which is that score, is withheld too. If the result also holds what JSON cannot
+    carry, the item fails `model` with both causes. A 0-d array as the score or a sub-score is read
+    as its number, as the job reads it; an array of one element is no number."""
+    http, image = odd_service
+    texts = ["fine one", "unsure two", "blank three", "unsure-lock four", "array five", "array-1 six", "fine seven"]
+    got = odd_score(odd_service, texts)
+    withheld = "the judge (OddJudge) {} a score, {}, which is not sent because the item failed"
+    assert (got[1]["score"], got[1]["error_kind"], got[1]["error"]) == (
+        None, "low_confidence", "unsure; " + withheld.format("also returned", 10.0)), got[1]
+    assert got[1]["sub_scores"] == {"length": pytest.approx(10.0), "score": None}, got[1]
+    assert (got[2]["score"], got[2]["error_kind"], got[2]["error"]) == (
+        None, None, "item 'blank' (#2): " + withheld.format("returned an empty error, and", 11.0)), got[2]
+    assert got[2]["sub_scores"] == {"length": pytest.approx(11.0)}, got[2]
+    assert (got[3]["score"], got[3]["error_kind"], got[3]["error"]) == (
+        None, "model", "unsure; " + withheld.format("also returned", 16.0) + "; the judge (OddJudge) returned "
+        "raw.lock (a lock), which JSON cannot hold: the item is failed; a judge's result holds numbers, text, lists "
+        "and dicts"), got[3]
+    assert (got[4]["error"], got[4]["score"], got[4]["sub_scores"]) == (
+        None, pytest.approx(10.0), {"length": pytest.approx(10.0)}), got[4]
+    assert (got[5]["score"], got[5]["error_kind"], got[5]["error"]) == (
+        None, "model", "item 'array-1' (#5): the judge (OddJudge) returned score array([11.]): not a finite "
+        "number, so no score"), got[5]
+    for k in (0, 6):
+        assert got[k]["error"] is None and got[k]["score"] == pytest.approx(len(texts[k])), got[k]
+
+    # verl's and OpenRLHF's routes: no score, the item flagged as failed.
+    verl = http.post("/compute_reward", json=[{"solution_str": t, "extra_info": {"image": image}}
+                                              for t in ("unsure a", "fine b")])
+    assert verl.status_code == 200, verl.text
+    unsure, fine = verl.json()
+    assert (unsure["score"], unsure["error"]) == (None, "unsure; " + withheld.format("also returned", 8.0)), unsure
+    assert fine["error"] is None and fine["score"] == pytest.approx(6.0)
+    openrlhf = http.post("/get_reward", json={"query": ["unsure c", "array d"], "labels": [image] * 2})
+    assert openrlhf.status_code == 200, openrlhf.text
+    out = openrlhf.json()
+    assert out["judge_scores"] == [None, pytest.approx(7.0)] and out["rewards"] == [0.0, pytest.approx(7.0)]
+    assert out["extra_logs"]["judge_failed"] == [1.0, 0.0]
+    assert out["errors"] == ["unsure; " + withheld.format("also returned", 8.0), None]
+
+
 # -- the client -----------------------------------------------------------------------------
 
 def test_remote_reward_model_is_a_drop_in_judge(service, dirs, tmp_path, monkeypatch):
