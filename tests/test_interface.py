@@ -64,6 +64,46 @@ def test_result_round_trips_through_json():
     assert ScoreItem.from_dict(item.to_dict()) == item
 
 
+def test_a_result_holding_what_does_not_copy_still_has_its_dict_form():
+    """ScoreResult.to_dict was dataclasses.asdict, which deep-copies every value: a lock, a
+    mappingproxy or a generator that a judge class of the user's put in a result raised TypeError
+    ('cannot pickle ...') there, in whatever carried the result on. Now its dicts, lists and tuples
+    are new and plain values shared; a value that does not copy is itself in the dict, for the form
+    that carries it on to name (result_form.py); one that copies (a set) is still a copy. Changing
+    the dict, however deep, leaves the result as it was."""
+    import threading
+    from dataclasses import dataclass
+    from types import MappingProxyType
+
+    @dataclass
+    class Answer:
+        text: str
+        votes: list
+
+    lock, view, tags = threading.Lock(), MappingProxyType({"a": 1}), {"x"}
+    answers = (a for a in "ab")
+    r = ScoreResult(index=0, id="a", score=7.0, sub_scores={"x": 7.0},
+                    raw={"lock": lock, "answers": answers, "deep": {"list": [1, {"k": [2]}]},
+                         "pair": (1, [2]), "answer": Answer("seven", [7])},
+                    metadata={"view": view, "tags": tags})
+    d = r.to_dict()
+    assert d["raw"]["lock"] is lock and d["raw"]["answers"] is answers and d["metadata"]["view"] is view
+    assert d["metadata"]["tags"] == {"x"} and d["metadata"]["tags"] is not tags
+    assert d["raw"]["answer"] == {"text": "seven", "votes": [7]}  # a dataclass inside: the dict of its fields
+    assert d["raw"]["pair"] == (1, [2]) and d["score"] == 7.0 and d["index"] == 0
+    d["sub_scores"]["x"] = 0.0
+    d["raw"]["deep"]["list"][1]["k"].append(3)
+    d["raw"]["pair"][1].append(3)
+    d["raw"]["answer"]["votes"].append(8)
+    d["metadata"]["tags"].add("y")
+    assert r.sub_scores == {"x": 7.0} and r.raw["deep"] == {"list": [1, {"k": [2]}]} and r.raw["pair"] == (1, [2])
+    assert r.raw["answer"].votes == [7] and r.metadata["tags"] == {"x"}
+    looped = {"n": 1}
+    looped["self"] = looped  # asdict's recursion never ended on a dict that holds itself
+    copied = ScoreResult(index=0, raw=looped).to_dict()["raw"]
+    assert copied["self"] is copied and copied is not looped and copied["n"] == 1
+
+
 # Each class built directly (as the README's Python API shows), not through build_reward_model:
 # the parameters that fail before anything starts (no model, no worker, no actor, no request).
 DIRECT = [

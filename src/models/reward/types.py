@@ -6,6 +6,7 @@ the standard library and, lazily, pillow.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import os
@@ -108,7 +109,14 @@ class ScoreResult:
         return self.error is None and self.score is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields by name. The dicts, lists and tuples in them are new ones (a dataclass inside
+        becomes the dict of its fields, as dataclasses.asdict makes it), so changing the dict leaves
+        the result as it was; numbers and text are shared, as they cannot change. Any other value
+        is a deep copy where it copies, and the value itself where it does not (a lock, a
+        mappingproxy, a generator, which a judge class of the user's may put in a result: asdict
+        raised TypeError on them), for the form that carries the result on to name
+        (result_form.py: the job's files, the service's answers; the worker channel)."""
+        return {f.name: _copied(getattr(self, f.name), {}) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ScoreResult":
@@ -120,6 +128,37 @@ class ScoreResult:
                 device: str | None = None) -> "ScoreResult":
         return cls(index=index, id=item.id if item else None, score=None, error=error, error_kind=kind,
                    device=device, metadata=result_metadata(item))
+
+
+_SHARED = (str, int, float, bool, type(None), bytes)  # values to_dict need not copy: none can change
+
+
+def _copied(value: Any, memo: dict[int, Any]) -> Any:
+    """`value` for ScoreResult.to_dict: plain containers made anew (a container that holds itself
+    as a copy that holds itself: `memo`, by id), plain values shared, anything else deep-copied
+    where it copies and kept where it does not."""
+    if type(value) in _SHARED:
+        return value
+    if id(value) in memo:
+        return memo[id(value)]
+    if type(value) is tuple:
+        return tuple(_copied(v, memo) for v in value)
+    if type(value) is list:
+        items: list[Any] = []
+        memo[id(value)] = items
+        items.extend(_copied(v, memo) for v in value)
+        return items
+    a_dataclass = dataclasses.is_dataclass(value) and not isinstance(value, type)
+    if a_dataclass or type(value) is dict:
+        copied: dict[Any, Any] = {}
+        memo[id(value)] = copied
+        pairs = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value)) if a_dataclass else value.items()
+        copied.update((k, _copied(v, memo)) for k, v in pairs)
+        return copied
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # it does not copy: the carrier that cannot take it says so, naming the field
+        return value
 
 
 def metadata_problem(metadata: Any) -> str | None:
