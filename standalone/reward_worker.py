@@ -32,14 +32,17 @@ import sys
 import threading
 import time
 import traceback
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
+from typing import Any
 
 from src.models.reward import messages as msg
 from src.models.reward import plugin
 from src.models.reward.devices import FORMS, check_device
 from src.models.reward.errors import JudgeConfigError
+from src.models.reward.result_form import unpicklable
 from src.models.reward.settings import JudgeSettings
-from src.models.reward.types import ScoreItem
+from src.models.reward.types import ScoreItem, ScoreResult, item_name
 
 
 def _log(text: str) -> None:
@@ -146,13 +149,57 @@ def serve(address: str) -> int:
             _log(f"ignoring unexpected message {type(req).__name__}")
             continue
         try:
-            reply = msg.Scored(req.batch_id, [r.to_dict() for r in score_request(engine, req)])
+            reply = scored_reply(req.batch_id, score_request(engine, req), init.device_label)
         except Exception as e:
-            reply = msg.BatchFailed(req.batch_id, f"{type(e).__name__}: {e}", traceback.format_exc())
+            reply = ForkingPickler.dumps(msg.BatchFailed(req.batch_id, f"{type(e).__name__}: {e}",
+                                                         traceback.format_exc()))
         try:
-            conn.send(reply)
+            conn.send_bytes(reply)  # what conn.send(message) sends, pickled here first
         except OSError:
             return _channel_lost(parent, address)
+
+
+def scored_reply(batch_id: int, results: list[ScoreResult], label: str) -> Any:
+    """The Scored reply to a Score request, pickled for the channel. A result the channel cannot
+    carry (a value in it that does not pickle: metadata that loaded here as a lock, say) fails its
+    item alone, naming the field; the others are sent as they are, and the worker serves on. The
+    results are pickled together, and each alone only when that fails."""
+    forms = [_channel_form(r, label) for r in results]
+    try:
+        return ForkingPickler.dumps(msg.Scored(batch_id, forms))
+    except Exception:
+        return ForkingPickler.dumps(msg.Scored(batch_id, [_sendable(f, r, label) for f, r in zip(forms, results)]))
+
+
+def _channel_form(result: ScoreResult, label: str) -> dict[str, Any]:
+    try:
+        return result.to_dict()
+    except Exception as e:  # a value nested deeper than Python's stack
+        return _cannot_send(result, label, f"the result ({type(e).__name__}: {e})", "model")
+
+
+def _sendable(form: dict[str, Any], result: ScoreResult, label: str) -> dict[str, Any]:
+    """`form`, the channel form of `result`, where it pickles; else its item's failure, naming the
+    field that does not (`metadata.handle (a lock: TypeError: ...)`)."""
+    try:
+        found = unpicklable(form, ForkingPickler.dumps)
+    except RecursionError as e:
+        found = ("", form, e)
+    if found is None:
+        return form
+    path, value, e = found
+    what = f"{path or 'the result'} (a {type(value).__name__}: {type(e).__name__}: {e})"
+    return _cannot_send(result, label, what, "input" if path.startswith("metadata") else "model")
+
+
+def _cannot_send(result: ScoreResult, label: str, what: str, kind: str) -> dict[str, Any]:
+    """The channel form of the failure of an item whose result cannot be sent back (`what` names
+    the field and the cause); the pool gives it the caller's metadata."""
+    item = ScoreItem(images=[], id=result.id if isinstance(result.id, str) else None)
+    return ScoreResult.failure(
+        result.index, item, f"item {item_name(item, result.index)}: its result cannot be sent back from the worker "
+        f"on {label}: {what}; the item is failed; a result holds data that pickles (numbers, text, lists and dicts)",
+        kind, device=label).to_dict()
 
 
 def load_items(dicts: list[dict], indices: list[int]) -> tuple[list[ScoreItem], list[int], list[ScoreResult]]:
@@ -160,8 +207,6 @@ def load_items(dicts: list[dict], indices: list[int]) -> tuple[list[ScoreItem], 
     pickled, item by item) cannot be loaded here: a class this process cannot import fails its
     item, not the batch or the worker."""
     import pickle
-
-    from src.models.reward.types import ScoreResult, item_name
 
     items, kept, failed = [], [], []
     for d, i in zip(dicts, indices):

@@ -236,6 +236,58 @@ def test_metadata_the_worker_cannot_load_fails_only_its_item_and_no_worker_dies(
     assert two_workers.worker_pids() == pids and two_workers.pool.total_restarts == restarts
 
 
+class _LoadsAs:
+    """Metadata that pickles here and loads in a worker as `factory(*args)`: a value the worker then
+    holds in the item's result, which carries the item's metadata back."""
+
+    def __init__(self, factory, *args):
+        self.factory, self.args = factory, args
+
+    def __reduce__(self):
+        return self.factory, self.args
+
+
+def test_a_result_the_worker_cannot_send_back_fails_only_its_item_and_no_worker_dies(two_workers, image_files,
+                                                                                     reference):
+    """Metadata that loads in the worker as a lock or a mappingproxy, which its result carries back
+    but the channel cannot (they do not pickle): the worker's reply failed the whole micro-batch
+    (to_dict's deep copy raised), or, where the reply itself did not pickle, the worker died and
+    every item it held was retried and lost. Now that item fails alone, its error naming the item,
+    the field and the cause; the other items keep their scores, the same workers serve the next
+    call, and none was restarted."""
+    items = [ScoreItem(images=[p], id=f"x{i}", metadata={"n": i}) for i, p in enumerate(image_files[:6])]
+    items[1] = ScoreItem(images=[image_files[1]], id="locked", metadata={"n": 1, "handle": _LoadsAs(threading.Lock)})
+    items[4] = ScoreItem(images=[image_files[4]], id="viewed",  # int.__dict__ is a mappingproxy
+                         metadata={"n": 4, "view": _LoadsAs(getattr, int, "__dict__")})
+    pids = two_workers.worker_pids()
+    restarts = two_workers.pool.total_restarts
+    two_workers.micro_batch = 8  # each worker's items in one batch, the odd one among them
+    try:
+        results = two_workers.score_items(items)
+    finally:
+        two_workers.micro_batch = None
+    assert [r.id for r in results] == [it.id for it in items]
+    failed = {r.id: r for r in results if r.score is None}
+    assert set(failed) == {"locked", "viewed"}, {k: r.error for k, r in failed.items()}
+    for r, field, what in ((failed["locked"], "metadata.handle", "a lock: TypeError: cannot pickle '_thread.lock' "
+                                                                 "object"),
+                           (failed["viewed"], "metadata.view", "a mappingproxy: TypeError: cannot pickle "
+                                                               "'mappingproxy' object")):
+        assert r.error == (f"item {r.id!r} (#{r.index}): its result cannot be sent back from the worker on {r.device}: "
+                           f"{field} ({what}); the item is failed; a result holds data that pickles (numbers, "
+                           "text, lists and dicts)"), r.error
+        assert r.error_kind == "input" and r.device in ("cpu#0", "cpu#1")
+        assert r.metadata == items[r.index].metadata  # the caller's, as it gave it
+    scored = [k for k in range(6) if k not in (1, 4)]
+    assert [results[k].score for k in scored] == pytest.approx([reference[k] for k in scored], abs=1e-4)
+    assert [results[k].metadata for k in scored] == [{"n": k} for k in scored]
+    assert two_workers.worker_pids() == pids and two_workers.pool.total_restarts == restarts
+    assert sorted(worker_processes()) == sorted(pids)  # no other worker was started
+    again = two_workers.batch_score(image_files[:4])
+    assert [r.score for r in again] == pytest.approx(reference[:4], abs=1e-4)
+    assert two_workers.worker_pids() == pids
+
+
 def test_an_undecodable_in_memory_image_is_named_as_the_caller_gave_it(two_workers, image_files):
     """Bytes the judge cannot decode: the error names them as the single-device class does, not by
     the pool's spill file (a path the caller never gave, removed when the call ends)."""

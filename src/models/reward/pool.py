@@ -827,7 +827,8 @@ def _wire_item(item: ScoreItem, folder: Path, index: int, spilled: dict[Any, str
 def _unspill_errors(results: list[ScoreResult], names: dict[str, str], items: Sequence[ScoreItem]) -> list[ScoreResult]:
     """Errors that name a spill file (a path the caller never gave, removed when the call ends)
     name the image as the caller gave it, as the single-device class does; a failure the worker
-    could not give the item's metadata (it could not load it) carries the caller's."""
+    could not give the item's metadata (it could not load it, or could not send it back:
+    reward_worker.scored_reply) carries the caller's."""
     for r in results:
         if r.error:
             for path, name in names.items():

@@ -5,9 +5,9 @@ A judge class of the user's (`class_path`) may put anything in a ScoreResult: nu
 NaN, a lock, an object of its own. What a form can write it writes as plain data; what it cannot
 fails that item alone, its error naming the item, the field and what is there, and the other items
 keep their scores. A result with a score beside an error is a failed item, its score withheld
-(`_unscored`): a carrier sends no score for an item that failed. `result_record` and `strict_json`
-are the one walk the job's records and the service's answers go through; `unpicklable` finds the
-field the worker channel cannot carry.
+(`_unscored`): the job's files and the service's answers carry no score for an item that failed.
+`result_record` and `strict_json` are the one walk the job's records and the service's answers go
+through; `unpicklable` finds the field the worker channel (pickle) cannot carry.
 
 Only the standard library and types.py: the worker process imports this module.
 """
@@ -273,3 +273,23 @@ def strict_json(rec: dict[str, Any], own: dict[str, Any], judge: str,
     if found:
         out["metadata"] = with_judge_notes(out.get("metadata") or {}, own, [n + NOT_JSON for n in found])
     return out
+
+
+def unpicklable(value: Any, dumps: Callable[[Any], Any], path: str = "",
+                within: frozenset[int] = frozenset()) -> tuple[str, Any, Exception] | None:
+    """The part of `value` that `dumps` (a pickler's: the worker channel's) refuses, as deep in its
+    dicts, lists and tuples as it can be named: (its path, `raw.lock`, it, the error); None where
+    dumps takes all of it. Tried on a result the channel could not send, to fail that item alone."""
+    try:
+        dumps(value)
+        return None
+    except Exception as e:
+        error = e
+    if id(value) not in within and isinstance(value, (dict, list, tuple)):
+        parts = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in parts:
+            where = (f"{path}.{k}" if path else str(k)) if isinstance(value, dict) else f"{path}[{k}]"
+            found = unpicklable(v, dumps, where, within | {id(value)})
+            if found:
+                return found
+    return path, value, error
