@@ -30,6 +30,8 @@
   threads  calls of --n items with the judge's image threads and with 8, alternating
   counters generate mode: calls of --n items with the static cache's counters made on the device
            and on the CPU, alternating
+  gelu     (CUDA) the vision MLP's GELU inside fc1's matrix multiplication against in a kernel of
+           its own: one MLP in float32, then calls of --n items alternating
   gil      calls of --n items sampled by py-spy (`record --gil`): per thread, the time it held the
            interpreter lock and its top functions (the launches on the main thread against the
            preparation's and the image threads' Python)
@@ -759,6 +761,47 @@ def _switch_counters(engine, on_device: bool, saved: dict) -> None:
     fast_decode.counters_on = own if on_device else (lambda cache, device: None)
 
 
+def _switch_gelu(engine, fused: bool, saved: dict) -> None:
+    """The vision MLP's GELU inside fc1's matrix multiplication (defaults, where it applied) or in a
+    kernel of its own (the class's forward)."""
+    mlps = [b.mlp for b in engine.model.model.visual.blocks]
+    for mlp in mlps:
+        if "forward" in vars(mlp):
+            saved.setdefault(id(mlp), vars(mlp)["forward"])
+    for mlp in mlps:
+        if id(mlp) in saved:
+            if fused:
+                mlp.forward = saved[id(mlp)]
+            else:
+                vars(mlp).pop("forward", None)
+
+
+def stage_gelu(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
+    """The vision MLP's GELU inside fc1's matrix multiplication against in a kernel of its own: first
+    one block's MLP in float32 on random inputs (the largest difference of the two forwards, and
+    the outputs' scale), then calls of --n items alternating (_alternate)."""
+    import torch
+
+    judge = _judge(model_dir, a, mode)
+    if not judge.engine.vision_gelu_fused:
+        judge.close()
+        return {"skipped": "the vision MLP's GELU is in a kernel of its own here"}
+    mlp = judge.engine.model.model.visual.blocks[0].mlp
+    fused = vars(mlp)["forward"]
+    m32 = type(mlp)(judge.engine.model.config.vision_config).to(mlp.linear_fc1.weight.device)
+    m32.load_state_dict({k: v.float() for k, v in mlp.state_dict().items()})
+    x = torch.randn(4096, m32.linear_fc1.in_features, device=m32.linear_fc1.weight.device,
+                    generator=torch.Generator(m32.linear_fc1.weight.device).manual_seed(0))
+    with torch.no_grad():
+        want = type(m32).forward(m32, x)
+        got = fused.__func__(m32, x)
+    check = {"float32_max_abs_diff": float((got - want).abs().max()), "float32_output_max_abs": float(want.abs().max())}
+    del m32
+    saved: dict = {}
+    return {"float32_check": check, **_alternate(judge, a, images, {"defaults": True, "gelu_kernel": False},
+                                                  lambda engine, v: _switch_gelu(engine, v, saved), mode)}
+
+
 # Stages that switch one default path on a loaded judge (_alternate): the variants (defaults
 # first), the switch, why a judge has nothing to switch (None: it has), and the table's title.
 SWITCHED = {
@@ -872,9 +915,13 @@ def markdown(report: dict[str, Any]) -> str:
                     lines.append(f"| {r['chunk']} | {r.get('items')} | {prep} | {r.get('main_waited_for_prep_ms', '')} | "
                                  f"{r.get('gpu_from_last_chunk_end_ms', '')} | " + " | ".join(cells) + " |")
                 lines.append("")
-        if key.startswith(("parts_", *(f"{k}_" for k in SWITCHED))) and "defaults" in st:
+        if key.startswith(("parts_", "gelu_", *(f"{k}_" for k in SWITCHED))) and "defaults" in st:
             title = {"parts": "The decoding step's fused parts",
+                     "gelu": "The vision MLP's GELU: inside fc1's matrix multiplication (defaults) against a kernel of its own",
                      **{k: v[3] for k, v in SWITCHED.items()}}[key.split("_")[0]]
+            if "float32_check" in st:
+                lines += [f"Float32, one block's MLP on random inputs: largest difference {st['float32_check']['float32_max_abs_diff']:.2e} "
+                          f"(outputs up to {st['float32_check']['float32_output_max_abs']:.2f}).", ""]
             lines += [f"## {title}, {st['mode']} mode"
                       f"{', generate-' + str(st['new_tokens']) if st['new_tokens'] else ''}, {st['items']} items, "
                       f"{st['reps']} calls of each", "",
@@ -909,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
         a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl_moe"
         a.device, a.new, a.width, a.height = "cpu", 4, 224, 168
     stages = {"memory": stage_memory, "kernels": stage_kernels, "parts": stage_parts, "gaps": stage_gaps,
-              "timeline": stage_timeline, "gil": stage_gil, **{k: stage_switched(k) for k in SWITCHED}}
+              "timeline": stage_timeline, "gil": stage_gil, "gelu": stage_gelu, **{k: stage_switched(k) for k in SWITCHED}}
     asked = runs.stage_names(ap, a.stages, stages)
     a.n = a.n or (2 if a.smoke else 32)
     a.bs = a.bs or (2 if a.smoke else 32)

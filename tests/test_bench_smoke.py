@@ -34,7 +34,7 @@ RUNS = {
     "attention": ([str(BENCH / "attention_gpu.py"), "--smoke"], {}, 300),
     "decode_attention": ([str(BENCH / "decode_attention_gpu.py"), "--smoke"], {}, 300),
     "prepare": ([str(BENCH / "prepare_gpu.py"), "--smoke"], {"PYTHONPATH": str(ROOT)}, 300),
-    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch,gaps,rope,counters", "--modes", "generate,logits", "--reps", "1",
+    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch,gaps,rope,counters,gelu", "--modes", "generate,logits", "--reps", "1",
                "--name", "profile_parts"], {"PYTHONPATH": str(ROOT)}, 300),
     # 5 items at batch 4: a ramped call's chunks are 1, 3 and 1 items, an unramped call's 4 and 1.
     # Logits mode: the mode every one of these stages switches something in (the interval's and
@@ -250,6 +250,7 @@ def test_profile_parts_smoke(smoke_runs):
     assert counters["variants"] == ["defaults", "counters_on_cpu"]
     assert counters["counters_on_cpu"]["identical_to_defaults"] == 1.0
     assert report["counters_logits"] == {"skipped": "a static cache in generate mode only"}
+    assert report["gelu_logits"] == {"skipped": "the vision MLP's GELU is in a kernel of its own here"}  # CUDA only
 
 
 def test_profile_switches_smoke(smoke_runs):

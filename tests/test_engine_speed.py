@@ -891,6 +891,42 @@ def test_patch_embedding_left_alone_when_it_is_not_a_patchwise_conv():
     assert embed.forward is hooked
 
 
+def test_vision_gelu_inside_the_matmul_where_it_applies():
+    # Qwen3-VL's vision MLP gets fc1 and its tanh GELU as one `_addmm_activation` call on CUDA
+    # only (on the CPU that op's GELU is the exact one). Here, without a GPU: the judge leaves
+    # every tower alone; asked as for CUDA, the Qwen3 towers' blocks change and the others' do not,
+    # nor a hooked or quantized fc1. The changed forward's arithmetic, checked against the CPU
+    # op's own GELU (erf) in float64: fc1 with its bias, the activation, fc2, shapes kept. The
+    # CUDA op's tanh GELU against the model's is checked on the GPU (benchmarks/NOTES.md).
+    from src.models.reward.speed import vision_gelu_in_matmul
+
+    def build_tiny_model(arch):
+        return AutoModelForImageTextToText.from_pretrained(resolve_model_name(f"tiny:{arch}")).eval()
+
+    with QwenVLRewardModel(model_name="tiny:qwen3_vl", compile_vision=False, compile_language=False) as judge:
+        assert judge.engine.vision_gelu_fused == 0
+        assert all("forward" not in vars(b.mlp) for b in judge.engine.model.model.visual.blocks)
+    for arch, applies in (("qwen3_vl", True), ("qwen3_vl_moe", True), ("qwen2_5_vl", False), ("qwen2_vl", False)):
+        model = build_tiny_model(arch)
+        blocks = model.model.visual.blocks
+        assert vision_gelu_in_matmul(model, cuda=False) == 0
+        assert vision_gelu_in_matmul(model, cuda=True) == (len(blocks) if applies else 0), arch
+        if applies:
+            mlp = blocks[0].mlp.double()
+            x = torch.randn(2, 7, mlp.linear_fc1.in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                want = mlp.linear_fc2(torch.nn.functional.gelu(mlp.linear_fc1(x)))
+                got = mlp(x)
+            assert got.shape == want.shape and torch.allclose(got, want, rtol=0, atol=1e-12)
+    model = build_tiny_model("qwen3_vl")
+    first, second = model.model.visual.blocks[:2]
+    hooked = first.mlp.linear_fc1.forward = lambda x: x  # an accelerate hook moving inputs between GPUs
+    second.mlp.linear_fc1.__class__ = type("Linear4bit", (torch.nn.Linear,), {})  # a quantized layer
+    assert vision_gelu_in_matmul(model, cuda=True) == len(model.model.visual.blocks) - 2
+    assert "forward" not in vars(first.mlp) and first.mlp.linear_fc1.forward is hooked
+    assert "forward" not in vars(second.mlp)
+
+
 def test_continuous_batching_lists_a_rubrics_parts_in_rubric_order():
     # Under continuous batching an item's two edit-rubric prompts finish in the order their answers
     # end: the item's raw answers and its error must still list the parts in the rubric's order,

@@ -33,6 +33,7 @@ class SpeedPaths:
         # A mixture of experts' combine step through one Triton kernel on CUDA (same function; experts.py).
         self.experts = install_experts(self.model)
         self.patch_embed_matmul = patch_embed_as_matmul(self.model)
+        self.vision_gelu_fused = vision_gelu_in_matmul(self.model, self.device.startswith("cuda"))
         from .rope_ahead import RopeAhead
 
         # Logits mode: the Qwen-VL rope positions of each batch worked out on the host as it is
@@ -273,3 +274,47 @@ def patch_embed_as_matmul(model) -> bool:
 
     embed.forward = types.MethodType(forward, embed)
     return True
+
+
+def vision_gelu_in_matmul(model, cuda: bool) -> int:
+    """Qwen3-VL's vision MLP (fc1, the tanh GELU, fc2) with the GELU done inside fc1's matrix
+    multiplication: on CUDA, torch's `_addmm_activation(use_gelu=True)` computes bias + x W^T and
+    the tanh GELU in cuBLASLt's epilogue, on the float32 accumulator, instead of writing fc1's
+    output and reading it back in a GELU kernel of its own (the MoE judge, 32 images of 1024x768
+    on an H100: 27 such kernels, 16 ms of a 510-ms logits call; benchmarks/NOTES.md). Compiled,
+    the op stays one call (inductor keeps it as an external kernel). CUDA only: on the CPU that
+    op's GELU is the exact (erf) one, another function. Only blocks whose MLP is exactly
+    fc2(GELUTanh(fc1(x))), fc1 a plain Linear with a bias, change (Qwen2-VL's and Qwen2.5-VL's
+    towers do not), and not one whose forward is already set on the MLP or fc1 (an accelerate
+    hook of a judge spread over several GPUs). Returns the number of blocks changed."""
+    import functools
+
+    import torch
+
+    if not cuda:
+        return 0
+    try:
+        from transformers.activations import GELUTanh
+    except ImportError:
+        return 0
+    blocks = getattr(getattr(getattr(model, "model", model), "visual", None), "blocks", None) or []
+
+    def forward(self, hidden_state):
+        fc1 = self.linear_fc1
+        flat = hidden_state.reshape(-1, hidden_state.shape[-1])
+        h = torch._addmm_activation(fc1.bias, flat, fc1.weight.t(), use_gelu=True)
+        return self.linear_fc2(h.reshape(*hidden_state.shape[:-1], h.shape[-1]))
+
+    changed = 0
+    for block in blocks:
+        mlp = getattr(block, "mlp", None)
+        fc1, fc2, act = (getattr(mlp, k, None) for k in ("linear_fc1", "linear_fc2", "act_fn"))
+        tanh = isinstance(act, GELUTanh) and isinstance(act.act, functools.partial) and \
+            act.act.func is torch.nn.functional.gelu and act.act.keywords == {"approximate": "tanh"}
+        # Exactly torch's Linear (a quantized layer subclasses it with packed weights), no hook.
+        plain = type(fc1) is torch.nn.Linear and fc1.bias is not None and fc1.weight.is_floating_point()
+        if not (tanh and plain and "forward" not in vars(mlp) and "forward" not in vars(fc1)):
+            continue
+        mlp.forward = types.MethodType(forward, mlp)
+        changed += 1
+    return changed
