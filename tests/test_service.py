@@ -304,6 +304,12 @@ class OddJudge(BaseRewardModel):
                 r.score, r.sub_scores = np.array(n), {"length": np.array(n, dtype=np.float32)}
             elif odd == "array-1":
                 r.score = np.array([n])
+            elif odd == "error-int":
+                r.score, r.error = None, 5
+            elif odd == "error-dict":
+                r.score, r.error = None, {"code": 3}
+            elif odd == "kind-int":
+                r.score, r.error, r.error_kind = None, "no answer", 7
             results.append(r)
         return results
 '''
@@ -433,6 +439,36 @@ def test_a_judge_classs_score_beside_an_error_is_answered_as_a_failed_item_with_
     assert out["judge_scores"] == [None, pytest.approx(7.0)] and out["rewards"] == [0.0, pytest.approx(7.0)]
     assert out["extra_logs"]["judge_failed"] == [1.0, 0.0]
     assert out["errors"] == ["unsure; " + withheld.format("also returned", 8.0), None]
+
+
+def test_a_judge_classs_error_that_is_no_text_fails_only_its_item_in_a_request_split_over_calls(odd_service):
+    """A request of more items than max_batch is split over model calls, and the batcher renames
+    the errors of a later call's items by their place in the request (types.renumber). A judge
+    class of the user's whose error was no text (a number, a dict) raised there, in the batcher's
+    thread, which died: that request and every later one went unanswered. Now the item fails alone,
+    with the job's message for it (result_form.error_problem); so does an error_kind of no text.
+    The other items keep their scores, and the next request is served."""
+    http, image = odd_service
+    n = http.get("/health").json()["max_batch"]
+    texts = [f"fine {k}" for k in range(n)] + ["error-int a", "error-dict b", "kind-int c", "fine d"]
+    resp = http.post("/score", json={"items": [{"id": t.split()[0], "images": [image], "instruction": t}
+                                               for t in texts]}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    got = resp.json()["results"]
+    assert [r["index"] for r in got] == list(range(len(texts)))
+    cannot = "item {!r} (#{}): the judge (OddJudge) returned a result the service cannot send: {}; the item is failed"
+    errors = {n: cannot.format("error-int", n, "error must be text, got int 5"),
+              n + 1: cannot.format("error-dict", n + 1, "error must be text, got dict {'code': 3}"),
+              n + 2: cannot.format("kind-int", n + 2, "error_kind must be text, got int 7")}
+    for k, r in enumerate(got):
+        if k in errors:
+            assert (r["score"], r["error_kind"], r["error"]) == (None, "model", errors[k]), r
+            assert r["sub_scores"] == {"length": None}, r
+        else:
+            assert r["error"] is None and r["score"] == pytest.approx(len(texts[k])), r
+    again = odd_score(odd_service, ["fine again", "error-int e"])
+    assert again[0]["score"] == pytest.approx(10.0) and again[1]["error"] == cannot.format(
+        "error-int", 1, "error must be text, got int 5"), again
 
 
 # -- the client -----------------------------------------------------------------------------

@@ -208,8 +208,9 @@ def item_name(item: ScoreItem, index: int) -> str:
 def renumber(result: ScoreResult, item: ScoreItem, index: int) -> ScoreResult:
     """`result`, scored as item `result.index` of a batch of its own (requests joined, one split,
     a part sent alone), moved to place `index` of its caller's call: its error, which names the
-    item by its place in that batch, names it by `index`."""
-    if result.error and result.index != index:
+    item by its place in that batch, names it by `index`. An error that is no text, from a judge
+    class of the user's, is left as it is: its carrier fails the item (result_form.error_problem)."""
+    if isinstance(result.error, str) and result.error and result.index != index:
         old = item_name(item, result.index)
         for lead in ("item ", "chat request "):
             if result.error.startswith(lead + old):
