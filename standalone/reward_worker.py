@@ -40,7 +40,7 @@ from src.models.reward import messages as msg
 from src.models.reward import plugin
 from src.models.reward.devices import FORMS, check_device
 from src.models.reward.errors import JudgeConfigError
-from src.models.reward.result_form import unpicklable
+from src.models.reward.result_form import cannot_send_back, sendable
 from src.models.reward.settings import JudgeSettings
 from src.models.reward.types import ScoreItem, ScoreResult, item_name
 
@@ -162,44 +162,26 @@ def serve(address: str) -> int:
 def scored_reply(batch_id: int, results: list[ScoreResult], label: str) -> Any:
     """The Scored reply to a Score request, pickled for the channel. A result the channel cannot
     carry (a value in it that does not pickle: metadata that loaded here as a lock, say) fails its
-    item alone, naming the field; the others are sent as they are, and the worker serves on. The
-    results are pickled together, and each alone only when that fails."""
+    item alone, naming the field (result_form.sendable); the others are sent as they are, and the
+    worker serves on. The results are pickled together, and each alone only when that fails."""
     forms = [_channel_form(r, label) for r in results]
     try:
         return ForkingPickler.dumps(msg.Scored(batch_id, forms))
     except Exception:
-        return ForkingPickler.dumps(msg.Scored(batch_id, [_sendable(f, r, label) for f, r in zip(forms, results)]))
+        return ForkingPickler.dumps(msg.Scored(batch_id, sendable(forms, results, ForkingPickler.dumps,
+                                                                  _sender(label), label, ScoreResult.to_dict)))
+
+
+def _sender(label: str) -> str:
+    return f"the worker on {label}"
 
 
 def _channel_form(result: ScoreResult, label: str) -> dict[str, Any]:
     try:
         return result.to_dict()
     except Exception as e:  # a value nested deeper than Python's stack
-        return _cannot_send(result, label, f"the result ({type(e).__name__}: {e})", "model")
-
-
-def _sendable(form: dict[str, Any], result: ScoreResult, label: str) -> dict[str, Any]:
-    """`form`, the channel form of `result`, where it pickles; else its item's failure, naming the
-    field that does not (`metadata.handle (a lock: TypeError: ...)`)."""
-    try:
-        found = unpicklable(form, ForkingPickler.dumps)
-    except RecursionError as e:
-        found = ("", form, e)
-    if found is None:
-        return form
-    path, value, e = found
-    what = f"{path or 'the result'} (a {type(value).__name__}: {type(e).__name__}: {e})"
-    return _cannot_send(result, label, what, "input" if path.startswith("metadata") else "model")
-
-
-def _cannot_send(result: ScoreResult, label: str, what: str, kind: str) -> dict[str, Any]:
-    """The channel form of the failure of an item whose result cannot be sent back (`what` names
-    the field and the cause); the pool gives it the caller's metadata."""
-    item = ScoreItem(images=[], id=result.id if isinstance(result.id, str) else None)
-    return ScoreResult.failure(
-        result.index, item, f"item {item_name(item, result.index)}: its result cannot be sent back from the worker "
-        f"on {label}: {what}; the item is failed; a result holds data that pickles (numbers, text, lists and dicts)",
-        kind, device=label).to_dict()
+        return cannot_send_back(result, _sender(label), label, f"the result ({type(e).__name__}: {e})",
+                                "model").to_dict()
 
 
 def load_items(dicts: list[dict], indices: list[int]) -> tuple[list[ScoreItem], list[int], list[ScoreResult]]:

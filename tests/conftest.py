@@ -198,6 +198,17 @@ def call_in_thread(fn, *args, name: str | None = None):
     return thread, out
 
 
+class LoadsAs:
+    """Metadata that pickles here and loads in a worker process or a Ray actor as `factory(*args)`:
+    a value the worker then holds in the item's result, which carries the item's metadata back."""
+
+    def __init__(self, factory, *args):
+        self.factory, self.args = factory, args
+
+    def __reduce__(self):
+        return self.factory, self.args
+
+
 def pid_gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_no_orphans, call_in_thread, make_image, pid_gone, worker_processes
+from conftest import ROOT, LoadsAs, assert_no_orphans, call_in_thread, make_image, pid_gone, worker_processes
 from src.models.reward import ScoreItem
 from src.models.reward.implementations.local import QwenVLRewardModel
 from src.models.reward.implementations.multi_gpu import MultiGPURewardModel, resolve_device_ids, worker_specs
@@ -236,17 +236,6 @@ def test_metadata_the_worker_cannot_load_fails_only_its_item_and_no_worker_dies(
     assert two_workers.worker_pids() == pids and two_workers.pool.total_restarts == restarts
 
 
-class _LoadsAs:
-    """Metadata that pickles here and loads in a worker as `factory(*args)`: a value the worker then
-    holds in the item's result, which carries the item's metadata back."""
-
-    def __init__(self, factory, *args):
-        self.factory, self.args = factory, args
-
-    def __reduce__(self):
-        return self.factory, self.args
-
-
 def test_a_result_the_worker_cannot_send_back_fails_only_its_item_and_no_worker_dies(two_workers, image_files,
                                                                                      reference):
     """Metadata that loads in the worker as a lock or a mappingproxy, which its result carries back
@@ -256,9 +245,9 @@ def test_a_result_the_worker_cannot_send_back_fails_only_its_item_and_no_worker_
     the field and the cause; the other items keep their scores, the same workers serve the next
     call, and none was restarted."""
     items = [ScoreItem(images=[p], id=f"x{i}", metadata={"n": i}) for i, p in enumerate(image_files[:6])]
-    items[1] = ScoreItem(images=[image_files[1]], id="locked", metadata={"n": 1, "handle": _LoadsAs(threading.Lock)})
+    items[1] = ScoreItem(images=[image_files[1]], id="locked", metadata={"n": 1, "handle": LoadsAs(threading.Lock)})
     items[4] = ScoreItem(images=[image_files[4]], id="viewed",  # int.__dict__ is a mappingproxy
-                         metadata={"n": 4, "view": _LoadsAs(getattr, int, "__dict__")})
+                         metadata={"n": 4, "view": LoadsAs(getattr, int, "__dict__")})
     pids = two_workers.worker_pids()
     restarts = two_workers.pool.total_restarts
     two_workers.micro_batch = 8  # each worker's items in one batch, the odd one among them

@@ -52,7 +52,7 @@ from .errors import JudgeConfigError, JudgeStartError, JudgeUnavailable
 from .image_memo import convert_once
 from .quantization import across_workers
 from .scheduler import Restarts, Scheduler, stderr_log, unsendable, wire_item
-from .types import ScoreItem, ScoreResult, describe_image, item_name, load_pil, result_metadata
+from .types import ScoreItem, ScoreResult, describe_image, item_name, load_pil
 
 WORKER_SCRIPT = Path(__file__).resolve().parents[3] / "standalone" / "reward_worker.py"
 _LOG_LINES_KEPT = 40
@@ -595,7 +595,7 @@ class WorkerPool:
                 names: dict[str, str] = {}  # spill file -> the image as the caller knows it
                 wire = [_wire_item(it, call_dir, i, spilled, names) for i, it in enumerate(items)]
                 results = self._run(items, wire, micro_batch, schedule, on_done or (lambda n: None))
-                return _unspill_errors(results, names, items)
+                return _unspill_errors(results, names)
             finally:
                 shutil.rmtree(call_dir, ignore_errors=True)
 
@@ -824,17 +824,13 @@ def _wire_item(item: ScoreItem, folder: Path, index: int, spilled: dict[Any, str
     return wired_dict
 
 
-def _unspill_errors(results: list[ScoreResult], names: dict[str, str], items: Sequence[ScoreItem]) -> list[ScoreResult]:
+def _unspill_errors(results: list[ScoreResult], names: dict[str, str]) -> list[ScoreResult]:
     """Errors that name a spill file (a path the caller never gave, removed when the call ends)
-    name the image as the caller gave it, as the single-device class does; a failure the worker
-    could not give the item's metadata (it could not load it, or could not send it back:
-    reward_worker.scored_reply) carries the caller's."""
+    name the image as the caller gave it, as the single-device class does."""
     for r in results:
         if r.error:
             for path, name in names.items():
                 r.error = r.error.replace(path, name)
-            if not r.metadata and items[r.index].metadata:
-                r.metadata = result_metadata(items[r.index])
     return results
 
 

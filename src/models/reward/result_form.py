@@ -7,7 +7,8 @@ fails that item alone, its error naming the item, the field and what is there, a
 keep their scores. A result with a score beside an error is a failed item, its score withheld
 (`_unscored`): the job's files and the service's answers carry no score for an item that failed.
 `result_record` and `strict_json` are the one walk the job's records and the service's answers go
-through; `unpicklable` finds the field the worker channel (pickle) cannot carry.
+through; `sendable` fails the item whose result a pickled channel (a worker's, a Ray actor's) cannot
+carry back, naming the field (`unpicklable`).
 
 Only the standard library and types.py: the worker process imports this module.
 """
@@ -20,7 +21,7 @@ import numbers
 import sys
 from typing import Any, Callable
 
-from .types import ScoreItem, ScoreResult, carried_metadata, metadata_problem, with_judge_notes
+from .types import ScoreItem, ScoreResult, carried_metadata, item_name, metadata_problem, with_judge_notes
 
 # How a note names a value JSON cannot hold (the job makes a reused record's notes about its
 # metadata again from the row as it is now).
@@ -277,19 +278,54 @@ def strict_json(rec: dict[str, Any], own: dict[str, Any], judge: str,
 
 def unpicklable(value: Any, dumps: Callable[[Any], Any], path: str = "",
                 within: frozenset[int] = frozenset()) -> tuple[str, Any, Exception] | None:
-    """The part of `value` that `dumps` (a pickler's: the worker channel's) refuses, as deep in its
-    dicts, lists and tuples as it can be named: (its path, `raw.lock`, it, the error); None where
-    dumps takes all of it. Tried on a result the channel could not send, to fail that item alone."""
+    """The part of `value` that `dumps` (a pickler's: a channel's) refuses, as deep in its dicts,
+    lists, tuples and dataclass instances (a ScoreResult) as it can be named: (its path,
+    `raw.lock`, it, the error); None where dumps takes all of it."""
     try:
         dumps(value)
         return None
     except Exception as e:
         error = e
-    if id(value) not in within and isinstance(value, (dict, list, tuple)):
-        parts = value.items() if isinstance(value, dict) else enumerate(value)
+    a_dataclass = dataclasses.is_dataclass(value) and not isinstance(value, type)
+    if id(value) not in within and (a_dataclass or isinstance(value, (dict, list, tuple))):
+        named = a_dataclass or isinstance(value, dict)
+        parts = fields(value).items() if a_dataclass else value.items() if isinstance(value, dict) else enumerate(value)
         for k, v in parts:
-            where = (f"{path}.{k}" if path else str(k)) if isinstance(value, dict) else f"{path}[{k}]"
+            where = (f"{path}.{k}" if path else str(k)) if named else f"{path}[{k}]"
             found = unpicklable(v, dumps, where, within | {id(value)})
             if found:
                 return found
     return path, value, error
+
+
+def sendable(forms: list[Any], results: list[ScoreResult], dumps: Callable[[Any], Any], sender: str,
+             device: str | None, form: Callable[[ScoreResult], Any] = lambda r: r) -> list[Any]:
+    """`forms`, the forms of `results` a host sends back on a pickled channel (their dicts, or the
+    results themselves), for a reply that channel (`dumps`) refused: each form that pickles as it
+    is; for one that does not (a value in it: metadata that loaded in the host as a lock, say), the
+    `form` of its item's failure (cannot_send_back), naming the field. That item fails alone, and
+    the host serves on."""
+    out = []
+    for f, r in zip(forms, results):
+        try:
+            found = unpicklable(f, dumps)
+        except RecursionError as e:
+            found = ("", f, e)
+        if found is None:
+            out.append(f)
+            continue
+        path, value, e = found
+        what = f"{path or 'the result'} (a {type(value).__name__}: {type(e).__name__}: {e})"
+        out.append(form(cannot_send_back(r, sender, device, what, "input" if path.startswith("metadata") else "model")))
+    return out
+
+
+def cannot_send_back(result: ScoreResult, sender: str, device: str | None, what: str, kind: str) -> ScoreResult:
+    """The failure of the item of `result`, which `sender` (`the worker on cpu#1`) cannot send back
+    (`what` names the field and the cause). It has no metadata (the host's is what could not be
+    sent): the caller's scheduler gives it the caller's (Scheduler.done)."""
+    item = ScoreItem(images=[], id=result.id if isinstance(result.id, str) else None)
+    return ScoreResult.failure(
+        result.index, item, f"item {item_name(item, result.index)}: its result cannot be sent back from {sender}: "
+        f"{what}; the item is failed; a result holds data that pickles (numbers, text, lists and dicts)",
+        kind, device=device)

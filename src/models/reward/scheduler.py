@@ -30,7 +30,7 @@ import threading
 from typing import Any, Callable, Sequence
 
 from .errors import JudgeConfigError
-from .types import ScoreItem, ScoreResult, item_name, metadata_problem
+from .types import ScoreItem, ScoreResult, item_name, metadata_problem, result_metadata
 
 # fail(index, reason, error_kind) -> the failed result for that item
 Fail = Callable[[int, str, str], ScoreResult]
@@ -56,6 +56,7 @@ class Scheduler:
         if schedule not in SCHEDULES:
             raise JudgeConfigError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
         self.cond = threading.Condition()
+        self.items = items
         self.fail = failer(items)
         self.results: list[ScoreResult | None] = [None] * len(items)
         self.remaining = len(items)
@@ -131,11 +132,16 @@ class Scheduler:
             self.on_done(n)
 
     def done(self, batch: Sequence[int], results: Sequence[ScoreResult], who: str) -> None:
-        """Worker `who` answered `batch`: one result per item, in the batch's order, or the batch fails."""
+        """Worker `who` answered `batch`: one result per item, in the batch's order, or the batch fails.
+        A failure the worker could not give its item's metadata (it could not load it, or could not
+        send it back: result_form.cannot_send_back) carries the caller's."""
         got = [r.index for r in results]
         if got != list(batch):
             self.failed(batch, f"{who} answered for items {got}, asked for {list(batch)}")
             return
+        for r in results:
+            if r.error and not r.metadata and self.items[r.index].metadata:
+                r.metadata = result_metadata(self.items[r.index])
         self.store(results)
 
     def failed(self, batch: Sequence[int], cause: str) -> None:
