@@ -19,7 +19,7 @@ import time
 import pytest
 import ray
 
-from conftest import ROOT, call_in_thread, make_image, pid_gone
+from conftest import ROOT, LoadsAs, call_in_thread, make_image, pid_gone
 from src.models.reward import ConfigError, ScoreItem, build_reward_model, load_config
 from src.models.reward.config import resolve_class, validate_params
 from src.models.reward.implementations.local import QwenVLRewardModel
@@ -118,6 +118,40 @@ def test_metadata_that_does_not_pickle_fails_alone(model, reference, image_files
     bad = results[1]
     assert bad.score is None and bad.error_kind == "input", bad
     assert bad.error.startswith("item 'm1' (#1): metadata key 'lock' cannot be sent to a Ray actor"), bad.error
+
+
+def test_a_result_an_actor_cannot_send_back_fails_only_its_item_and_no_actor_is_replaced(
+        model, reference, image_files):
+    """Metadata that loads in the actor as a lock (or an RLock, deeper in it), which the item's
+    result carries back but Ray cannot (they do not pickle): Ray failed the actor's whole
+    micro-batch, its neighbour too. Now that item fails alone, its error naming the item, the
+    actor, the field and the cause, with the caller's metadata; the other items keep their scores,
+    and the same actors serve the next call, none replaced."""
+    items = [ScoreItem(images=[p], id=f"x{i}", metadata={"n": i}) for i, p in enumerate(image_files[:6])]
+    items[1] = ScoreItem(images=[image_files[1]], id="locked", metadata={"n": 1, "handle": LoadsAs(threading.Lock)})
+    items[4] = ScoreItem(images=[image_files[4]], id="deep", metadata={"n": 4, "in": {"r": LoadsAs(threading.RLock)}})
+    ids, restarts = model.actor_ids(), model.total_restarts
+    results = model.score_items(items)  # micro_batch 2: each odd item beside a good one
+    assert [r.id for r in results] == [it.id for it in items]
+    failed = {r.id: r for r in results if r.score is None}
+    assert set(failed) == {"locked", "deep"}, {k: r.error for k, r in failed.items()}
+    for r, field, what in ((failed["locked"], "metadata.handle", "a lock: TypeError: cannot pickle '_thread.lock' "
+                                                                 "object"),
+                           (failed["deep"], "metadata.in.r", "a RLock: TypeError: cannot pickle '_thread.RLock' "
+                                                             "object")):
+        assert re.fullmatch(r"actor[01]:cpu@[\d.]+", r.device), r.device
+        assert r.error == (f"item {r.id!r} (#{r.index}): its result cannot be sent back from the Ray actor "
+                           f"{r.device}: {field} ({what}); the item is failed; a result holds data that pickles "
+                           "(numbers, text, lists and dicts)"), r.error
+        assert r.error_kind == "input"
+        assert r.metadata == items[r.index].metadata  # the caller's, as it gave it
+    scored = [0, 2, 3, 5]
+    assert [results[k].score for k in scored] == pytest.approx([reference[k] for k in scored], abs=1e-4)
+    assert [results[k].metadata for k in scored] == [{"n": k} for k in scored]
+    assert model.actor_ids() == ids and model.total_restarts == restarts
+    again = model.batch_score(image_files[:3])
+    assert [r.score for r in again] == pytest.approx(reference[:3], abs=1e-4)
+    assert model.actor_ids() == ids
 
 
 def test_runtime_env_mistakes_are_named(model):

@@ -44,6 +44,7 @@ from ..errors import JudgeConfigError, JudgeStartError, JudgeUnavailable
 from ..image_memo import convert_once
 from ..scheduler import Restarts, Scheduler, stderr_log, unsendable, wire_item
 from ..quantization import across_workers
+from ..result_form import sendable
 from ..settings import JudgeSettings
 from ..types import ScoreItem, ScoreResult, item_name, load_pil
 
@@ -117,11 +118,20 @@ class _JudgeActor:
 
     def score(self, items: list[ScoreItem], indices: list[int]) -> list[ScoreResult]:
         """Score items[k], which is item indices[k] of the caller's call (the engine numbers, and
-        names in errors, each item by its index), in one engine call."""
+        names in errors, each item by its index), in one engine call. A result Ray cannot send
+        back (a value in it that does not pickle: metadata that loaded here as a lock, say), which
+        would fail the whole batch, fails its item alone, naming the field (result_form.sendable)."""
         if self.engine is None:
             raise RuntimeError(f"{self.label} has no model: {self.error}")
         plugin.before_call(items)  # the test suite's fault plug-in, where one was loaded: this actor's crash or hang
-        return self.engine.score(items, indices=indices)
+        results = self.engine.score(items, indices=indices)
+        from ray import cloudpickle  # what Ray pickles a task's return value with
+
+        try:
+            cloudpickle.dumps(results)
+        except Exception:
+            return sendable(results, results, cloudpickle.dumps, f"the Ray actor {self.label}", self.label)
+        return results
 
 
 # -- the driver's view of the actors -----------------------------------------------------------
