@@ -349,6 +349,17 @@ def odd_score(odd_service, texts):
     return got
 
 
+def failed_alone(got, texts, errors):
+    """The items of `got` (OddJudge's answers to `texts`) that `errors` names, by index, failed
+    (`model`, that error, no score or sub-score); the others kept their scores."""
+    for k, r in enumerate(got):
+        if k in errors:
+            assert (r["score"], r["error_kind"], r["error"]) == (None, "model", errors[k]), r
+            assert r["sub_scores"] == {"length": None}, r
+        else:
+            assert r["error"] is None and r["score"] == pytest.approx(len(texts[k])), r
+
+
 def test_a_judge_classs_result_the_answer_cannot_carry_fails_only_its_item(odd_service):
     """A judge class of the user's whose result held what JSON cannot carry (a lock or a
     mappingproxy, which ScoreResult.to_dict's deep copy refused; an object; a NaN score, which
@@ -368,12 +379,7 @@ def test_a_judge_classs_result_the_answer_cannot_carry_fails_only_its_item(odd_s
               4: "item 'nan' (#4): the judge (OddJudge) returned sub-score 'length' nan: not a finite number, "
                  "so no score",
               5: "item 'inf' (#5): the judge (OddJudge) returned score inf: not a finite number, so no score"}
-    for k, r in enumerate(got):
-        if k in errors:
-            assert (r["score"], r["error_kind"], r["error"]) == (None, "model", errors[k]), r
-            assert r["sub_scores"] == {"length": None}, r
-        else:
-            assert r["error"] is None and r["score"] == pytest.approx(len(texts[k])), r
+    failed_alone(got, texts, errors)
     assert got[1]["raw"] == {"answer": "lock two", "lock": None}
     assert got[3]["metadata"] == {"mine": None}
     assert got[6]["raw"] == {"p": None}
@@ -448,24 +454,15 @@ def test_a_judge_classs_error_that_is_no_text_fails_only_its_item_in_a_request_s
     thread, which died: that request and every later one went unanswered. Now the item fails alone,
     with the job's message for it (result_form.error_problem); so does an error_kind of no text.
     The other items keep their scores, and the next request is served."""
-    http, image = odd_service
+    http, _ = odd_service
     n = http.get("/health").json()["max_batch"]
     texts = [f"fine {k}" for k in range(n)] + ["error-int a", "error-dict b", "kind-int c", "fine d"]
-    resp = http.post("/score", json={"items": [{"id": t.split()[0], "images": [image], "instruction": t}
-                                               for t in texts]}, timeout=30)
-    assert resp.status_code == 200, resp.text
-    got = resp.json()["results"]
-    assert [r["index"] for r in got] == list(range(len(texts)))
+    got = odd_score(odd_service, texts)
     cannot = "item {!r} (#{}): the judge (OddJudge) returned a result the service cannot send: {}; the item is failed"
     errors = {n: cannot.format("error-int", n, "error must be text, got int 5"),
               n + 1: cannot.format("error-dict", n + 1, "error must be text, got dict {'code': 3}"),
               n + 2: cannot.format("kind-int", n + 2, "error_kind must be text, got int 7")}
-    for k, r in enumerate(got):
-        if k in errors:
-            assert (r["score"], r["error_kind"], r["error"]) == (None, "model", errors[k]), r
-            assert r["sub_scores"] == {"length": None}, r
-        else:
-            assert r["error"] is None and r["score"] == pytest.approx(len(texts[k])), r
+    failed_alone(got, texts, errors)
     again = odd_score(odd_service, ["fine again", "error-int e"])
     assert again[0]["score"] == pytest.approx(10.0) and again[1]["error"] == cannot.format(
         "error-int", 1, "error must be text, got int 5"), again
