@@ -1860,6 +1860,18 @@ def test_a_judge_class_whose_score_is_no_number_or_none_without_an_error_fails_o
     assert [x["score"] for x in first] == [0.0, *[None] * 7, -1e6, 9.0]
 
 
+def test_a_judge_class_that_returns_no_score_result_for_an_item_fails_that_item(tmp_path, edit_manifest):
+    # A judge class of the user's whose list held a dict or None in an item's place stopped the
+    # job with an AttributeError traceback (renaming that item's error). That item now fails alone
+    # (`model`), its error naming what came; the others are written, and a resumed job asks again
+    # for those items only.
+    came = "the judge (Judge) returned {} for it, not a ScoreResult; the item is failed"
+    _judge_class_whose_results_for_some_items_fail(tmp_path, edit_manifest, "no_result_judge", """
+        def odd(item_id, result):
+            return {"e2": {"score": 2.0}, "e5": None}.get(item_id, result)
+    """, {"e2": came.format("dict {'score': 2.0}"), "e5": came.format("NoneType None")})
+
+
 def test_a_judge_class_that_returns_a_score_beside_an_error_fails_that_item_with_no_score(tmp_path, edit_manifest):
     # A judge class of the user's whose result held a score and an error had that score written in
     # results.jsonl and results.csv, while the summary counted the item as failed and a resumed job

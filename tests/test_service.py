@@ -273,6 +273,15 @@ import numpy as np
 from src.models.reward import BaseRewardModel, ScoreResult
 
 
+class Touchy(ScoreResult):
+    """A result whose error cannot be read."""
+
+    def __getattribute__(self, name):
+        if name == "error":
+            raise RuntimeError("this result cannot be read")
+        return super().__getattribute__(name)
+
+
 class OddJudge(BaseRewardModel):
     def score_items(self, items):
         results = []
@@ -310,6 +319,12 @@ class OddJudge(BaseRewardModel):
                 r.score, r.error = None, {"code": 3}
             elif odd == "kind-int":
                 r.score, r.error, r.error_kind = None, "no answer", 7
+            elif odd == "dict":  # no ScoreResult at all
+                r = {"score": n}
+            elif odd == "none":
+                r = None
+            elif odd == "touchy":
+                r = Touchy(index=i, id=item.id, score=n)
             results.append(r)
         return results
 '''
@@ -466,6 +481,33 @@ def test_a_judge_classs_error_that_is_no_text_fails_only_its_item_in_a_request_s
     again = odd_score(odd_service, ["fine again", "error-int e"])
     assert again[0]["score"] == pytest.approx(10.0) and again[1]["error"] == cannot.format(
         "error-int", 1, "error must be text, got int 5"), again
+
+
+def test_a_judge_classs_value_that_is_no_score_result_fails_only_its_item(odd_service):
+    """A judge class of the user's that put a dict or None in its list of results: the batcher's
+    thread raised handing it back (types.renumber read its error) and died, so that request and
+    every later one went unanswered. Now that item fails alone, naming what came, in a request of
+    one call or one split over several; the next request is served."""
+    http, _ = odd_service
+    n = http.get("/health").json()["max_batch"]
+    came = "item {!r} (#{}): the judge (OddJudge) returned {} for it, not a ScoreResult; the item is failed"
+    for texts in (["dict b", "fine a", "none c"], [f"fine {k}" for k in range(n)] + ["dict d", "fine e", "none f"]):
+        got = odd_score(odd_service, texts)
+        k = len(texts) - 3
+        errors = {k: came.format("dict", k, f"dict {{'score': {float(len(texts[k]))}}}"),
+                  k + 2: came.format("none", k + 2, "NoneType None")}
+        for j, r in enumerate(got):
+            if j in errors:
+                assert (r["score"], r["error_kind"], r["error"]) == (None, "model", errors[j]), r
+            else:
+                assert r["error"] is None and r["score"] == pytest.approx(len(texts[j])), r
+    assert odd_score(odd_service, ["fine again"])[0]["score"] == pytest.approx(10.0)
+    # A result that raises as it is handed back fails its request (500, saying why), not the
+    # batcher's thread: the next request is served.
+    resp = http.post("/score", json={"items": [{"id": t.split()[0], "images": [odd_service[1]], "instruction": t}
+                                               for t in ("fine g", "touchy h")]})
+    assert resp.status_code == 500 and "RuntimeError: this result cannot be read" in resp.text, resp.text
+    assert odd_score(odd_service, ["fine again"])[0]["score"] == pytest.approx(10.0)
 
 
 # -- the client -----------------------------------------------------------------------------

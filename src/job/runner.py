@@ -54,8 +54,8 @@ from src.interrupts import raise_lost_ctrl_c
 from src.models.reward import BaseRewardModel, ScoreResult, build_reward_model
 from src.models.reward.config import ConfigError, judge_settings, model_param_paths, resolve_spec, unknown_key_error
 from src.models.reward.errors import JudgeError
-from src.models.reward.result_form import (NOT_JSON, as_json, cannot_carry, fail_record, long_int, result_record,
-                                          strict_json)
+from src.models.reward.result_form import (NOT_JSON, as_json, as_result, cannot_carry, fail_record, long_int,
+                                          result_record, strict_json)
 from src.models.reward.size_order import HeaderSize, chunk_order
 from src.models.reward.templates import resolve_rubric
 from src.models.reward.types import JUDGE_NOTES, with_judge_notes
@@ -734,14 +734,17 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                         for start in range(0, len(todo), spec.chunk_size):
                             raise_lost_ctrl_c()  # one lost while the model was built or a chunk ran
                             chunk = todo[start:start + spec.chunk_size]
-                            results = model.batch_score([_for_the_judge(r) for r in chunk])
+                            asked = [_for_the_judge(r) for r in chunk]
+                            results = model.batch_score(asked)
                             if len(results) != len(chunk):  # a class of the user's (class_path) broke the promise
                                 raise JudgeError(f"the judge ({type(model).__name__}) returned {len(results)} results "
                                                  f"for a call of {len(chunk)} items; a judge returns one result per "
                                                  "item, in order (BaseRewardModel.score_items)")
                             lines = []
+                            judge = f"the judge ({type(model).__name__})"
                             for k, (r, res) in enumerate(zip(chunk, results)):
-                                rec = _record(r, _numbered_by_row(res, k, r), fp, f"the judge ({type(model).__name__})")
+                                res = as_result(res, asked[k], k, judge)  # a class's dict or None: that item fails
+                                rec = _record(r, _numbered_by_row(res, k, r), fp, judge)
                                 by_id[r.id] = rec
                                 lines.append(json.dumps(rec, ensure_ascii=False, allow_nan=False))
                             out.write("\n".join(lines) + "\n")

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from ..models.reward.result_form import as_result
 from ..models.reward.types import ScoreItem, ScoreResult, renumber
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,13 @@ class MicroBatcher:
     """submit(items) -> Future of one result per item, in order, with index 0..n-1."""
 
     def __init__(self, score: Callable[[Sequence[ScoreItem]], list[ScoreResult]], max_batch: int = 32,
-                 max_wait_s: float = 0.01):
+                 max_wait_s: float = 0.01, judge: str = "the judge"):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be at least 1, got {max_batch}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_ms: must be >= 0, got {max_wait_s * 1000}")
         self._score = score
+        self._judge = judge  # how an item's error names what returned its result
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._pending: collections.deque[_Pending] = collections.deque()
@@ -180,21 +182,33 @@ class MicroBatcher:
                 log.error("a batch of %d items failed: %s: %s", len(items), type(e).__name__, e)
                 self._fail(list(dict.fromkeys(p for p, _, _ in slices)), e)
                 continue
-            start, finished = 0, 0
-            for p, a, b in slices:
-                for k, r in enumerate(results[start:start + b - a]):
-                    p.results[a + k] = renumber(r, p.items[a + k], a + k)
-                start += b - a
-                p.done += b - a
-                if p.done == len(p.items):
-                    finished += 1
-                    if not p.future.done():
-                        p.future.set_result(p.results)
+            try:
+                finished = self._hand_back(slices, results)
+            except BaseException as e:  # never the thread's end: the requests of this call learn why
+                log.error("handing back a batch of %d items failed: %s: %s", len(items), type(e).__name__, e)
+                self._fail([p for p in dict.fromkeys(p for p, _, _ in slices) if not p.future.done()], e)
+                continue
             with self._cond:
                 self.in_flight = 0
                 self.items_scored += len(items)
                 self.requests_done += finished
                 self.batches += 1
+
+    def _hand_back(self, slices: list[tuple[_Pending, int, int]], results: list) -> int:
+        """Each result of a call to its request's place (a judge class's value that is no
+        ScoreResult as its item's failure: as_result); each request now complete answered. Returns
+        the number of requests completed."""
+        start, finished = 0, 0
+        for p, a, b in slices:
+            for k, r in enumerate(results[start:start + b - a]):
+                p.results[a + k] = renumber(as_result(r, p.items[a + k], a + k, self._judge), p.items[a + k], a + k)
+            start += b - a
+            p.done += b - a
+            if p.done == len(p.items):
+                finished += 1
+                if not p.future.done():
+                    p.future.set_result(p.results)
+        return finished
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop taking requests, fail those still queued, wait for the call in progress."""

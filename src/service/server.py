@@ -196,7 +196,8 @@ class _Service:
     def _ready(self, model: BaseRewardModel, load_time: float) -> None:
         s = self.settings
         self.model = model
-        self.batcher = MicroBatcher(model.score_items, max_batch=s.max_batch, max_wait_s=s.max_wait_ms / 1000.0)
+        self.batcher = MicroBatcher(model.score_items, max_batch=s.max_batch, max_wait_s=s.max_wait_ms / 1000.0,
+                                    judge=f"the judge ({type(model).__name__})")
         self.load_time_s = load_time
         try:  # read once: a remote model's fingerprint is an HTTP call, too slow for every /health
             self.fingerprint = getattr(model, "fingerprint", None)

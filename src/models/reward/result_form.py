@@ -129,18 +129,34 @@ def cannot_carry(judge: str, cannot: str, what: str) -> str:
     return f"{judge} returned a result {cannot}: {what}; the item is failed"
 
 
+def _shown(value: Any) -> str:
+    """A value a judge class returned where it should not have, for an error: its type and the
+    start of its repr."""
+    try:
+        shown = repr(value)
+    except Exception:  # a value whose repr fails is named by its type alone
+        shown = "?"
+    return f"{type(value).__name__} {shown[:100]}"
+
+
 def error_problem(res: ScoreResult) -> str | None:
     """Why a result's `error` or `error_kind` is not text (or none), or None: a judge class of the
     user's may return any value there."""
     for name in ("error", "error_kind"):
         value = getattr(res, name)
         if value is not None and not isinstance(value, str):
-            try:
-                shown = repr(value)
-            except Exception:  # a value whose repr fails is named by its type alone
-                shown = "?"
-            return f"{name} must be text, got {type(value).__name__} {shown[:100]}"
+            return f"{name} must be text, got {_shown(value)}"
     return None
+
+
+def as_result(value: Any, item: ScoreItem, index: int, judge: str) -> ScoreResult:
+    """`value`, what `judge` returned for `item` (at `index` of the caller's call), where it is a
+    ScoreResult; else, as a judge class of the user's may return a dict, a number or None in its
+    list, that item's failure (`model`) saying what came. The other items keep their results."""
+    if isinstance(value, ScoreResult):
+        return value
+    return ScoreResult.failure(index, item, f"item {item_name(item, index)}: {judge} returned {_shown(value)} for "
+                                            "it, not a ScoreResult; the item is failed", "model")
 
 
 def _as_numbers(res: ScoreResult, judge: str, cannot: str,
