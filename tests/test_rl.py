@@ -132,6 +132,56 @@ def test_trl_reward_called_directly_with_both_completion_forms(service, images, 
     as_image.close()
 
 
+def test_trl_reward_with_a_judge_class_in_process_never_rewards_what_the_judge_failed(images):
+    """JudgeReward given a judge object of the user's own class: its NaN score became a reward of
+    NaN, a score beside an error (an item the judge failed) became that score, a dict in its list of
+    results raised AttributeError, and too few results an AssertionError. Now they pass through the
+    rules the service and the job follow (result_form.usable): a numpy number is a float, what the
+    judge failed or could not score gets failed_reward, the error saying why; too few results is a
+    JudgeError naming the judge."""
+    import numpy as np
+
+    from src.models.reward import BaseRewardModel, ScoreResult
+    from src.models.reward.errors import JudgeError
+    from src.rl.trl_reward import JudgeReward
+
+    class Judge(BaseRewardModel):
+        def score_items(self, items):
+            out = []
+            for i, it in enumerate(items):
+                text = it.instruction
+                r = ScoreResult(index=i, id=it.id, score=float(len(text)))
+                if text == "nan":
+                    r.score = float("nan")
+                elif text == "unsure":
+                    r.error, r.error_kind = f"item {it.id!r} (#{i}): unsure", "parse"
+                elif text == "numpy":
+                    r.score = np.float32(2.5)
+                elif text == "dict":
+                    r = {"score": 4.0}
+                elif text == "short":
+                    return out
+                out.append(r)
+            return out
+
+    _, paths = images
+    logged: dict = {}
+    reward = JudgeReward(Judge(), failed_reward=-1.0)
+    completions = ["fine", "nan", "unsure", "numpy", "dict"]
+    got = reward(prompts=["p"] * 5, completions=completions, images=[[str(paths[0])]] * 5,
+                 log_extra=lambda k, v: logged.__setitem__(k, v))
+    assert got == [4.0, -1.0, -1.0, 2.5, -1.0] and type(got[3]) is float, got
+    errors = logged["judge_error"]
+    assert errors[0] == "" and errors[3] == ""
+    assert errors[1] == "item '1' (#1): the judge (Judge) returned score nan: not a finite number, so no score"
+    assert errors[2] == ("item '2' (#2): unsure; the judge (Judge) also returned a score, 6.0, which is not used "
+                         "because the item failed"), errors[2]
+    assert errors[4] == ("item '4' (#4): the judge (Judge) returned dict {'score': 4.0} for it, not a ScoreResult; "
+                         "the item is failed"), errors[4]
+    with pytest.raises(JudgeError, match=r"the judge \(Judge\) returned 1 results for 2 completions"):
+        reward(prompts=["p"] * 2, completions=["fine", "short"], images=[[str(paths[0])]] * 2)
+
+
 # -- verl ---------------------------------------------------------------------------------------
 
 def _verl_module():

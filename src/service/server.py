@@ -17,7 +17,7 @@ Endpoints (bodies and answers in JSON; errors are `{"detail": message}`):
 - POST /score           {"items": [ITEM, ...], "request_id": any} -> {"request_id", "results": [...]}
                         one ScoreResult per item, in order (wire forms in `wire.py`; a result the
                         judge returned that JSON cannot carry fails its item, and one with a score
-                        beside an error is a failed item with no score: `_answerable`).
+                        beside an error is a failed item with no score: result_form.usable).
 - POST /compute_reward  verl's {"data_source", "solution_str", "ground_truth", "extra_info"}, or a
                         list of them -> {"score": float | null, ...} (or a list).
 - POST /get_reward      OpenRLHF's {"query", "prompts", "labels"} -> {"rewards", "scores", "extra_logs"}.
@@ -55,10 +55,9 @@ from fastapi.responses import JSONResponse
 
 from ..models.reward.base import BaseRewardModel
 from ..models.reward.errors import JudgeError
-from ..models.reward.result_form import fail_record, result_record, strict_json
+from ..models.reward.result_form import usable
 from ..models.reward.settings import check_type
 from ..models.reward.types import ScoreItem, ScoreResult
-from ..models.reward.types import item_name as result_item_name
 from ..rl.items import COMPLETION_AS, SampleError, merge_scored, openrlhf_item, to_score, verl_item
 from .batcher import BatcherClosed, MicroBatcher
 from .openai_routes import add_openai_routes
@@ -293,7 +292,8 @@ class _Service:
             raise HTTPException(503, str(e)) from None
         except Exception as e:  # the model itself failed (not one item: those are results)
             raise HTTPException(500, f"the reward model failed: {type(e).__name__}: {e}") from None
-        return _answerable(results, items, f"the judge ({type(self.model).__name__})")
+        return usable(results, items, f"the judge ({type(self.model).__name__})", "the service",
+                      "the service cannot send", "not sent")
 
     async def score_prepared(self, prepared: list[ScoreItem | ScoreResult],
                              request: Request | None = None) -> list[ScoreResult]:
@@ -301,31 +301,6 @@ class _Service:
         could not become items) keep their place."""
         todo = to_score(prepared)
         return merge_scored(prepared, await self.score(todo, request) if todo else [])
-
-
-def _answerable(results: Sequence[ScoreResult], items: Sequence[ScoreItem], judge: str) -> list[ScoreResult]:
-    """The model's results as an answer's JSON carries them, by the rule the job's files follow
-    (result_form.py): numpy's numbers as plain ones (a 0-d array's too), a NaN in a raw answer or in
-    metadata as null, named in the item's notes. A result JSON cannot carry (a lock, a mappingproxy
-    or an object in it, a score or sub-score that is no finite number, metadata that is no dict),
-    which a judge class of the user's may return, fails its item alone, the error naming the item
-    and the field: the request is answered 200 with the other items' scores, not 500. A result with
-    a score beside an error is a failed item, answered with no score, the error naming it."""
-    return [_answerable_one(r, items[k], k, judge) for k, r in enumerate(results)]
-
-
-def _answerable_one(res: ScoreResult, item: ScoreItem, k: int, judge: str) -> ScoreResult:
-    name = result_item_name(item, k)
-
-    def fail(rec: dict[str, Any], why: str) -> None:
-        fail_record(rec, name, why)
-
-    try:
-        rec = result_record(res, item, name, judge, "the service cannot send", "not sent")
-        return ScoreResult.from_dict(strict_json(rec, item.metadata, judge, fail))
-    except Exception as e:  # a value whose own methods fail as it is read (a repr that raises)
-        return ScoreResult.failure(k, item, f"item {name}: {judge} returned a result the service cannot read "
-                                            f"({type(e).__name__}: {e}); the item is failed", "model")
 
 
 async def _disconnected(request: Request) -> None:

@@ -345,3 +345,31 @@ def cannot_send_back(result: ScoreResult, sender: str, device: str | None, what:
         result.index, item, f"item {item_name(item, result.index)}: its result cannot be sent back from {sender}: "
         f"{what}; the item is failed; a result holds data that pickles (numbers, text, lists and dicts)",
         kind, device=device)
+
+
+def usable(results: list[Any], items: list[ScoreItem], judge: str, carrier: str, cannot: str,
+           withheld: str) -> list[ScoreResult]:
+    """The results of a call as `carrier` (`the service`, `the reward`) passes them on, by the rule the
+    job's files follow: numpy's numbers as plain ones (a 0-d array's too), a NaN in a raw answer or in
+    metadata as null, named in the item's notes. What a judge class of the user's may return and
+    cannot be passed on fails its item alone (`model`), the error naming the item and the field: an
+    entry that is no ScoreResult (as_result), a lock, a mappingproxy or an object in it, a score or
+    sub-score that is no finite number, metadata that is no dict; the other items keep their scores.
+    A result with a score beside an error is a failed item, with no score (`withheld`: `not sent`)."""
+    return [_usable_one(as_result(r, items[k], k, judge), items[k], k, judge, carrier, cannot, withheld)
+            for k, r in enumerate(results)]
+
+
+def _usable_one(res: ScoreResult, item: ScoreItem, k: int, judge: str, carrier: str, cannot: str,
+                withheld: str) -> ScoreResult:
+    name = item_name(item, k)
+
+    def fail(rec: dict[str, Any], why: str) -> None:
+        fail_record(rec, name, why)
+
+    try:
+        rec = result_record(res, item, name, judge, cannot, withheld)
+        return ScoreResult.from_dict(strict_json(rec, item.metadata, judge, fail))
+    except Exception as e:  # a value whose own methods fail as it is read (a repr that raises)
+        return ScoreResult.failure(k, item, f"item {name}: {judge} returned a result {carrier} cannot read "
+                                            f"({type(e).__name__}: {e}); the item is failed", "model")
