@@ -2019,6 +2019,37 @@ def test_a_rubric_part_named_like_a_csv_column_stops_the_job_before_it_starts(tm
     assert BUILTIN_RUBRICS and BUILTIN_TEMPLATES
 
 
+def test_a_judge_object_given_to_run_job_is_checked_for_part_names_too(tmp_path, edit_manifest):
+    # run_job(cfg, base, model=judge) (Python's API) skipped the part-name check a config's judge
+    # gets: a part named `images` wrote results.csv with two columns of that name, and one named
+    # `failed` overwrote summary.json's count of failed items with its figures. The judge object's
+    # own rubric is now checked the same way, before anything is scored.
+    from src.job.runner import run_job
+    from src.models.reward import BaseRewardModel
+    from src.models.reward.config import ConfigError, judge_settings, resolve_spec
+
+    asked = []
+
+    class Judge(BaseRewardModel):
+        def __init__(self, settings):
+            self.settings = settings
+
+        def score_items(self, items):
+            asked.append(len(items))
+            return []
+
+    out = tmp_path / "out"
+    config = yaml.safe_load(write_config(tmp_path, edit_manifest, out).read_text())
+    for part, why in (("images", "has the name of one of results.csv's own columns"),
+                      ("failed", "which summary.json uses for its own figures")):
+        params = {**config["model"]["params"], "template": "mine",
+                  "templates": {"mine": {"parts": {part: "edit_instruction", "other": "edit_quality"}, "combine": "mean"}}}
+        _, cls, params = resolve_spec({**config["model"], "params": params})
+        with pytest.raises(ConfigError, match=f"template 'mine'.*{why}"):
+            run_job({"job": config["job"]}, tmp_path, progress=False, model=Judge(judge_settings(cls, params)))
+    assert asked == [] and not out.exists()
+
+
 def test_a_config_parameter_too_long_for_text_is_named_in_summary_json(tmp_path, edit_manifest, caplog):
     # A config given to run_job (Python's API) whose judge parameter was an int of more than 4300
     # digits stopped the finished job with a ValueError traceback: Python writes no text for such an

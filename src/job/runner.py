@@ -144,16 +144,7 @@ def check_template_inputs(cls: type, params: dict[str, Any], rows: list[Manifest
     settings = judge_settings(cls, params) if items else None  # built once already, by resolve_spec
     if settings is None:
         return  # a remote judge's template lives on its server
-    rubric = resolve_rubric(settings.template, settings.templates)
-    # A lone template's sub-score is its score: the same figures under the same name.
-    taken = [part for part, _ in rubric.parts if part in RESERVED and not (rubric.combine == "single" and part == "score")]
-    if taken:
-        raise ConfigError(f"model.params.template: template '{rubric.name}' names a sub-score '{taken[0]}', which "
-                          f"summary.json uses for its own figures ({', '.join(sorted(RESERVED))}); give that part "
-                          "another name")
-    clash = next(filter(None, (_csv_clash(part) for part, _ in rubric.parts)), None)
-    if clash:  # every item would fail on it (_as_numbers)
-        raise ConfigError(f"model.params.template: template '{rubric.name}': {clash}; give that part another name")
+    rubric = check_part_names(settings)
     has_source = any(it.source_images for it in items)
     has_text = any((it.instruction or "").strip() for it in items)
     for part, t in rubric.parts:
@@ -167,6 +158,24 @@ def check_template_inputs(cls: type, params: dict[str, Any], rows: list[Manifest
         raise ConfigError(f"template '{rubric.name}' needs {what}{via}, and no row of the manifest {manifest} "
                           f"has one: it has no '{missing}' column (also read: {alts}). Add that column, or "
                           "choose a template that judges the image alone (quality, edit_quality)")
+
+
+def check_part_names(settings: Any) -> Any:
+    """The rubric of a judge's `settings`, refused (ConfigError) where a part's name would overwrite
+    the summary's own figures or cannot head a column of results.csv of its own (_csv_clash): every
+    item would fail on it. Checked before anything is scored, for a config's judge and for a judge
+    object given to run_job alike."""
+    rubric = resolve_rubric(settings.template, settings.templates)
+    # A lone template's sub-score is its score: the same figures under the same name.
+    taken = [part for part, _ in rubric.parts if part in RESERVED and not (rubric.combine == "single" and part == "score")]
+    if taken:
+        raise ConfigError(f"model.params.template: template '{rubric.name}' names a sub-score '{taken[0]}', which "
+                          f"summary.json uses for its own figures ({', '.join(sorted(RESERVED))}); give that part "
+                          "another name")
+    clash = next(filter(None, (_csv_clash(part) for part, _ in rubric.parts)), None)
+    if clash:  # every item would fail on it (_as_numbers)
+        raise ConfigError(f"model.params.template: template '{rubric.name}': {clash}; give that part another name")
+    return rubric
 
 
 def model_fingerprint(model: BaseRewardModel, model_spec: dict[str, Any]) -> str:
@@ -690,6 +699,8 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
     rows = read_manifest(spec.manifest)
     if checked is not None:
         check_template_inputs(checked[1], checked[2], rows, cfg["job"]["manifest"])
+    elif getattr(_settings_of(model, None), "template", None) is not None:  # a judge object of the caller's
+        check_part_names(_settings_of(model, None))
     created = not spec.output_dir.exists()
     try:
         spec.output_dir.mkdir(parents=True, exist_ok=True)
