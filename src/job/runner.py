@@ -52,8 +52,8 @@ from typing import Any, Callable, Iterator
 
 from src.interrupts import raise_lost_ctrl_c
 from src.models.reward import BaseRewardModel, ScoreResult, build_reward_model
+from src.models.reward.base import check_one_each
 from src.models.reward.config import ConfigError, judge_settings, model_param_paths, resolve_spec, unknown_key_error
-from src.models.reward.errors import JudgeError
 from src.models.reward.result_form import (NOT_JSON, as_json, as_result, cannot_carry, fail_record, long_int,
                                           result_record, strict_json)
 from src.models.reward.size_order import HeaderSize, chunk_order
@@ -699,8 +699,8 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
     rows = read_manifest(spec.manifest)
     if checked is not None:
         check_template_inputs(checked[1], checked[2], rows, cfg["job"]["manifest"])
-    elif getattr(_settings_of(model, None), "template", None) is not None:  # a judge object of the caller's
-        check_part_names(_settings_of(model, None))
+    elif getattr(given := _settings_of(model, None), "template", None) is not None:  # a judge object of the caller's
+        check_part_names(given)
     created = not spec.output_dir.exists()
     try:
         spec.output_dir.mkdir(parents=True, exist_ok=True)
@@ -740,6 +740,7 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                     _say_what_is_not_reused(stream_path, fp, todo, done, elsewhere, budget_counts)
                 todo = _job_order(todo, spec.chunk_size, model)
                 bar = _bar(len(rows), len(rows) - len(todo), progress)
+                judge = f"the judge ({type(model).__name__})"
                 try:
                     with stream_path.open("a", encoding="utf-8") as out:
                         for start in range(0, len(todo), spec.chunk_size):
@@ -747,12 +748,8 @@ def run_job(cfg: dict[str, Any], base: Path, progress: bool = True, model: BaseR
                             chunk = todo[start:start + spec.chunk_size]
                             asked = [_for_the_judge(r) for r in chunk]
                             results = model.batch_score(asked)
-                            if len(results) != len(chunk):  # a class of the user's (class_path) broke the promise
-                                raise JudgeError(f"the judge ({type(model).__name__}) returned {len(results)} results "
-                                                 f"for a call of {len(chunk)} items; a judge returns one result per "
-                                                 "item, in order (BaseRewardModel.score_items)")
+                            check_one_each(results, len(chunk), judge, f"a call of {len(chunk)} items")
                             lines = []
-                            judge = f"the judge ({type(model).__name__})"
                             for k, (r, res) in enumerate(zip(chunk, results)):
                                 res = as_result(res, asked[k], k, judge)  # a class's dict or None: that item fails
                                 rec = _record(r, _numbered_by_row(res, k, r), fp, judge)

@@ -22,8 +22,7 @@ import logging
 import threading
 from typing import Any, Mapping, Sequence
 
-from ..models.reward.base import BaseRewardModel
-from ..models.reward.errors import JudgeError
+from ..models.reward.base import BaseRewardModel, check_one_each
 from ..models.reward.result_form import usable
 from ..models.reward.types import ScoreItem, ScoreResult
 from .items import SampleError, check_completion_as, merge_scored, prompt_text, sample_item, to_score
@@ -118,9 +117,7 @@ class JudgeReward:
             with self._lock:
                 scored = self.model.batch_score(todo)
             judge = f"the judge ({type(self.model).__name__})"
-            if len(scored) != len(todo):  # a class of the user's broke the promise
-                raise JudgeError(f"{judge} returned {len(scored)} results for {len(todo)} completions; a judge "
-                                 "returns one result per item, in order (BaseRewardModel.score_items)")
+            check_one_each(scored, len(todo), judge, f"{len(todo)} completions")
             # A judge class's NaN, a number of another type, a score beside an error: as the service
             # and the job take them, never a reward of NaN or one the judge called failed.
             scored = usable(scored, todo, judge, "the reward", "the reward cannot use", "not used")

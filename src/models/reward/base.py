@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 from typing import Any, Sequence
 
-from .errors import JudgeInputError
+from .errors import JudgeError, JudgeInputError
 from .types import ScoreItem, ScoreResult, as_items
 
 
@@ -55,3 +55,12 @@ class BaseRewardModel(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_one_each(results: Sequence[Any], n: int, judge: str, asked: str) -> None:
+    """Refuse (JudgeError) `judge`'s answer to a call of `n` items (`asked` says what it was: `a call
+    of 4 items`, `3 completions`) that is not one result per item, as score_items promises; a judge
+    class of the user's may break the promise."""
+    if len(results) != n:
+        raise JudgeError(f"{judge} returned {len(results)} results for {asked}; a judge returns one result per "
+                         "item, in order (BaseRewardModel.score_items)")
