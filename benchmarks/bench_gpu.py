@@ -225,7 +225,7 @@ def bench_in_process(model_dir: str, device: str, mode: str, judge_kw: dict[str,
     judge = QwenVLRewardModel(device=device, model_name=model_dir, mode=mode, batch_size=max(bs_list), **kw)
     load_s = clock.now() - t0
     eng = judge.engine
-    out: dict[str, Any] = {"load_s": round(load_s, 2), "vision_attn": eng.vision_attn,
+    out: dict[str, Any] = {"load_s": round(load_s, 2), "vision_attn": eng.vision_attn, "text_attn": eng.text_attn,
                            "fast_decode": eng._fast_decode,
                            "settings": {k: v for k, v in judge.settings.to_params().items() if k != "templates"}}
     try:

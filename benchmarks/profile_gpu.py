@@ -619,6 +619,7 @@ def _alternate(judge, a, images: list, variants: dict[str, Any], switch, mode: s
         for name in names:  # of the timed calls' size: a ramped call's batch shapes included
             switch(judge.engine, variants[name])
             judge.batch_score(images[:a.n])
+        graphs = _graphs_made()
         for _ in range(a.reps):
             for name in names:
                 switch(judge.engine, variants[name])
@@ -627,7 +628,8 @@ def _alternate(judge, a, images: list, variants: dict[str, Any], switch, mode: s
                 encoded[name].append(enc)
         switch(judge.engine, variants[names[0]])
         extra = {"rotary_compiled": any(type(m).__name__ == "RotaryEmbedding" for m in judge.engine._compiled),
-                 "compiled_modules": compiled, "compiled_during_timing": len(judge.engine._compiled) != compiled}
+                 "compiled_modules": compiled, "compiled_during_timing": len(judge.engine._compiled) != compiled,
+                 "graphs_compiled_during_timing": _graphs_made() - graphs}
     finally:
         judge.close()
     out: dict[str, Any] = {"mode": mode, "items": a.n, "new_tokens": a.new if mode == "generate" else None,
@@ -641,6 +643,13 @@ def _alternate(judge, a, images: list, variants: dict[str, Any], switch, mode: s
                      f"identical_to_{names[0]}": round(sum(r.raw == f.raw for r, f in zip(res, first)) / max(len(res), 1), 3),
                      "max_score_diff": round(max(diffs), 6) if diffs else None}
     return _with_medians(out)
+
+
+def _graphs_made() -> int:
+    """Graphs torch.compile has made in this process so far (a recompile counts one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _with_medians(st: dict[str, Any]) -> dict[str, Any]:
@@ -776,6 +785,44 @@ def _switch_gelu(engine, fused: bool, saved: dict) -> None:
                 vars(mlp).pop("forward", None)
 
 
+def _switch_prompt_attn(engine, library: bool, saved: dict) -> None:
+    """The text model's attention over the prompts: the library's, cuDNN's kernel first (defaults,
+    text_attention.py), or transformers' sdpa function (sdpa's own kernel choice). A compiled
+    decoder layer reads the name: the first call after a switch compiles its graph once."""
+    from src.models.reward.text_attention import NAME
+
+    text_config = getattr(engine.model.config, "text_config", engine.model.config)
+    text_config._attn_implementation_internal = NAME if library else "sdpa"
+
+
+def _switch_vision_inductor(engine, options: dict | None, saved: dict) -> None:
+    """The vision blocks compiled with inductor `options` (None: as the library compiles them):
+    each option set is its own graph, made on the first call after the first switch to it and
+    taken again on later switches (torch.compile keys its graphs by the options)."""
+    blocks = list(engine.model.model.visual.blocks)
+    if not all(b in engine._compiled for b in blocks):
+        raise RuntimeError("the vision blocks are not compiled (run with --judge compile_after_items=BS)")
+    for b in blocks:
+        b.compile(dynamic=True, **({"options": options} if options else {}))
+
+
+def stage_vision_mk(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
+    """The vision blocks' reductions (their layer norms over 1,152 features, above inductor's
+    1,024 for a persistent reduction): as compiled (defaults), with inductor's multi_kernel
+    (both kernels made, the faster taken at run time), and forced persistent (multi_kernel 2)."""
+    import torch
+
+    judge = _judge(model_dir, a, mode)
+    if not a.device.startswith("cuda"):
+        judge.close()
+        return {"skipped": "inductor's Triton kernels: a CUDA device only"}
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    saved: dict = {}
+    variants = {"defaults": None, "multi_kernel": {"triton.multi_kernel": 1},
+                "persistent": {"triton.multi_kernel": 2}}
+    return _alternate(judge, a, images, variants, lambda engine, v: _switch_vision_inductor(engine, v, saved), mode)
+
+
 def stage_gelu(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
     """The vision MLP's GELU inside fc1's matrix multiplication against in a kernel of its own: first
     one block's MLP in float32 on random inputs (the largest difference of the two forwards, and
@@ -834,9 +881,19 @@ SWITCHED = {
     "counters": ({"defaults": True, "counters_on_cpu": False}, _switch_counters,
                  lambda engine: None if engine.settings.mode == "generate" else "a static cache in generate mode only",
                  "The static cache's counters: made on the device (defaults) against on the CPU"),
+    "prompt_attn": ({"defaults": True, "transformers_sdpa": False}, _switch_prompt_attn,
+                    lambda engine: None if engine.text_attn == _prompt_attn_name() else
+                    "the text model's prompt attention is transformers' here (cuDNN first on a Hopper GPU in half precision only)",
+                    "The prompts' attention: cuDNN's kernel first (defaults) against transformers' sdpa function"),
     "interval": ({"defaults": None, "interval_1ms": 0.001, "interval_0_2ms": 0.0002}, _switch_interval,
                  lambda engine: None, "The interpreter's switch interval: as found (defaults) against 1 and 0.2 ms"),
 }
+
+
+def _prompt_attn_name() -> str:
+    from src.models.reward.text_attention import NAME
+
+    return NAME
 
 
 def stage_switched(name: str):
@@ -915,10 +972,12 @@ def markdown(report: dict[str, Any]) -> str:
                     lines.append(f"| {r['chunk']} | {r.get('items')} | {prep} | {r.get('main_waited_for_prep_ms', '')} | "
                                  f"{r.get('gpu_from_last_chunk_end_ms', '')} | " + " | ".join(cells) + " |")
                 lines.append("")
-        if key.startswith(("parts_", "gelu_", *(f"{k}_" for k in SWITCHED))) and "defaults" in st:
+        if key.startswith(("parts_", "gelu_", "vision_mk_", *(f"{k}_" for k in SWITCHED))) and "defaults" in st:
             title = {"parts": "The decoding step's fused parts",
                      "gelu": "The vision MLP's GELU: inside fc1's matrix multiplication (defaults) against a kernel of its own",
-                     **{k: v[3] for k, v in SWITCHED.items()}}[key.split("_")[0]]
+                     "vision_mk": "The vision blocks' layer norms: as compiled (defaults) against inductor's multi_kernel "
+                                  "and a forced persistent reduction",
+                     **{k: v[3] for k, v in SWITCHED.items()}}[key.rsplit("_", 1)[0]]
             if "float32_check" in st:
                 lines += [f"Float32, one block's MLP on random inputs: largest difference {st['float32_check']['float32_max_abs_diff']:.2e} "
                           f"(outputs up to {st['float32_check']['float32_output_max_abs']:.2f}).", ""]
@@ -931,7 +990,8 @@ def markdown(report: dict[str, Any]) -> str:
                       f"{st[name]['median_speedup_of_defaults']}x ({st[name]['speedup_of_defaults']}x) | "
                       f"{st[name]['identical_to_defaults']} | {st[name]['max_score_diff']} |" for name in st["variants"]]
             lines += ["", f"Rotary embedding compiled: {st['rotary_compiled']}; compiled modules {st['compiled_modules']}"
-                          f"{'; a compile fell inside the timing' if st['compiled_during_timing'] else ''}.", ""]
+                          f"{'; a compile fell inside the timing' if st['compiled_during_timing'] else ''}"
+                          f"; graphs compiled during the timed calls: {st.get('graphs_compiled_during_timing', '?')}.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -956,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
         a.size = a.size if a.size.startswith("smoke") else "smoke-qwen3_vl_moe"
         a.device, a.new, a.width, a.height = "cpu", 4, 224, 168
     stages = {"memory": stage_memory, "kernels": stage_kernels, "parts": stage_parts, "gaps": stage_gaps,
-              "timeline": stage_timeline, "gil": stage_gil, "gelu": stage_gelu, **{k: stage_switched(k) for k in SWITCHED}}
+              "timeline": stage_timeline, "gil": stage_gil, "gelu": stage_gelu, "vision_mk": stage_vision_mk, **{k: stage_switched(k) for k in SWITCHED}}
     asked = runs.stage_names(ap, a.stages, stages)
     a.n = a.n or (2 if a.smoke else 32)
     a.bs = a.bs or (2 if a.smoke else 32)

@@ -33,8 +33,9 @@ RUNS = {
     "profile": ([str(BENCH / "profile_gpu.py"), "--smoke", "--modes", "logits"], {"PYTHONPATH": str(ROOT)}, 600),
     "attention": ([str(BENCH / "attention_gpu.py"), "--smoke"], {}, 300),
     "decode_attention": ([str(BENCH / "decode_attention_gpu.py"), "--smoke"], {}, 300),
+    "prompt_attention": ([str(BENCH / "prompt_attention_gpu.py"), "--smoke"], {}, 300),
     "prepare": ([str(BENCH / "prepare_gpu.py"), "--smoke"], {"PYTHONPATH": str(ROOT)}, 300),
-    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch,gaps,rope,counters,gelu", "--modes", "generate,logits", "--reps", "1",
+    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch,gaps,rope,counters,gelu,prompt_attn,vision_mk", "--modes", "generate,logits", "--reps", "1",
                "--name", "profile_parts"], {"PYTHONPATH": str(ROOT)}, 300),
     # 5 items at batch 4: a ramped call's chunks are 1, 3 and 1 items, an unramped call's 4 and 1.
     # Logits mode: the mode every one of these stages switches something in (the interval's and
@@ -210,6 +211,21 @@ def test_decode_attention_gpu_smoke(smoke_runs):
     assert (out / "decode_attention_gpu.md").read_text().startswith("# Decoding-step attention kernels")
 
 
+def test_prompt_attention_gpu_smoke(smoke_runs):
+    out = finished(smoke_runs, "prompt_attention")
+    report = json.loads((out / "prompt_attention_gpu.json").read_text())
+    for shape in ("qwen3_vl-8b", "qwen3_vl_moe", "qwen2_5_vl-7b"):
+        for case in ("same_length", "padded"):
+            rows = report["shapes"][f"{shape} {case}"]["variants"]
+            # float32 on the CPU: transformers' function and the library's give the reference
+            # at every position a prompt owns, and nothing that is not finite
+            for name in ("transformers", "library"):
+                assert rows[name]["max_abs_err"] < 1e-5 and rows[name]["finite"] and rows[name]["ms"] > 0
+            assert rows["library"]["fell_back"] is False
+            assert "error" in rows["library-cudnn"]  # a CUDA-only backend: recorded with its error, not timed
+    assert (out / "prompt_attention_gpu.md").read_text().startswith("# Prompt (prefill) attention kernels")
+
+
 def test_profile_parts_smoke(smoke_runs):
     # On the CPU nothing compiles automatically and there is no cuDNN: the four variants run the
     # same function, so every answer is the defaults'; logits mode says it has no decoding step.
@@ -251,6 +267,10 @@ def test_profile_parts_smoke(smoke_runs):
     assert counters["counters_on_cpu"]["identical_to_defaults"] == 1.0
     assert report["counters_logits"] == {"skipped": "a static cache in generate mode only"}
     assert report["gelu_logits"] == {"skipped": "the vision MLP's GELU is in a kernel of its own here"}  # CUDA only
+    # cuDNN's prompt attention and inductor's Triton options: a Hopper GPU / a CUDA device only
+    for mode in ("generate", "logits"):
+        assert report[f"prompt_attn_{mode}"]["skipped"].startswith("the text model's prompt attention is transformers' here")
+        assert report[f"vision_mk_{mode}"] == {"skipped": "inductor's Triton kernels: a CUDA device only"}
 
 
 def test_profile_switches_smoke(smoke_runs):

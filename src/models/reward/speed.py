@@ -23,6 +23,11 @@ class SpeedPaths:
         torch = self._torch
         s = self.settings
         self.vision_attn = apply_vision_attn(self.model, s.vision_attn, self.device, self.dtype)
+        from .text_attention import apply_text_attention
+
+        # The text model's attention over the prompts with cuDNN's kernel first on a Hopper GPU in
+        # half precision (same function; text_attention.py).
+        self.text_attn = apply_text_attention(self.model, self.device, self.dtype)
         from .vision_reuse import VisionReuse
 
         # Each unique image through the vision tower once per chunk, and once while its features stay

@@ -223,15 +223,15 @@ def sdpa_cudnn_first(q, k, v, scaling: float | None, attn_mask=None, where: str 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scaling)
 
 
-def cudnn_first_sdpa(q, k, v, scaling: float | None, attn_mask=None):
+def cudnn_first_sdpa(q, k, v, scaling: float | None, attn_mask=None, **kw):
     """sdpa with cuDNN's attention kernel first (then flash, memory-efficient, math), only for
-    this call: the process's kernel priority is left as found."""
+    this call: the process's kernel priority is left as found. kw: sdpa's is_causal, enable_gqa."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     with sdpa_kernel(order, set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scaling)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scaling, **kw)
 
 
 def _cudnn_gave_up(e: BaseException, where: str) -> None:
