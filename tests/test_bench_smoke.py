@@ -35,7 +35,7 @@ RUNS = {
     "decode_attention": ([str(BENCH / "decode_attention_gpu.py"), "--smoke"], {}, 300),
     "prompt_attention": ([str(BENCH / "prompt_attention_gpu.py"), "--smoke"], {}, 300),
     "prepare": ([str(BENCH / "prepare_gpu.py"), "--smoke"], {"PYTHONPATH": str(ROOT)}, 300),
-    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch,gaps,rope,counters,gelu,prompt_attn,vision_mk", "--modes", "generate,logits", "--reps", "1",
+    "parts": ([str(BENCH / "profile_gpu.py"), "--smoke", "--stages", "parts,experts,patch,gaps,rope,counters,gelu,prompt_attn,vision_mk,norm_check", "--modes", "generate,logits", "--reps", "1",
                "--name", "profile_parts"], {"PYTHONPATH": str(ROOT)}, 300),
     # 5 items at batch 4: a ramped call's chunks are 1, 3 and 1 items, an unramped call's 4 and 1.
     # Logits mode: the mode every one of these stages switches something in (the interval's and
@@ -271,6 +271,7 @@ def test_profile_parts_smoke(smoke_runs):
     for mode in ("generate", "logits"):
         assert report[f"prompt_attn_{mode}"]["skipped"].startswith("the text model's prompt attention is transformers' here")
         assert report[f"vision_mk_{mode}"] == {"skipped": "inductor's Triton kernels: a CUDA device only"}
+        assert report[f"norm_check_{mode}"] == {"skipped": "inductor's Triton kernels: a CUDA device only"}
 
 
 def test_profile_switches_smoke(smoke_runs):

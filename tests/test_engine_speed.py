@@ -328,6 +328,17 @@ def compiled(monkeypatch):
         torch._dynamo.reset()
 
 
+def test_inductor_options_only_for_the_vision_tower_on_cuda(monkeypatch):
+    from src.models.reward.speed import inductor_options
+
+    assert inductor_options("visual", "cuda:0") == {"triton.multi_kernel": 1}
+    assert inductor_options("visual", "cpu") == {} and inductor_options("language_model", "cuda:1") == {}
+    # the options inductor is given exist in this torch's inductor config (torch.compile checks them)
+    from torch._inductor import config as inductor_config
+
+    assert set(inductor_options("visual", "cuda:0")) <= set(inductor_config.get_config_copy())
+
+
 def test_compile_options_trace_and_keep_scores(compiled):
     plain = _answers(batch_size=3, compile_vision=False, compile_language=False)
     fast = _answers(batch_size=3, compile_vision=True, compile_language=True)
