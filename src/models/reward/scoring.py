@@ -22,6 +22,24 @@ _NOT_FINITE = {"score": None, "raw": None, "kind": "model",
                         "in float16 a large judge can overflow: use dtype bfloat16 (or float32)"}
 
 
+def compile_failure(e: BaseException) -> str:
+    """A compile failure in one line: the exception and, where torch wraps the error that stopped
+    the compile (BackendCompilerFailed's first line is only "backend='inductor' raised:"), that
+    error's type and first line too."""
+    def line(x: BaseException) -> str:
+        text = str(x).strip()
+        return f"{type(x).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+    inner, seen = e, {id(e)}
+    while True:
+        nxt = getattr(inner, "inner_exception", None) or inner.__cause__
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        inner = nxt
+    return line(e) if inner is e else f"{line(e)} {line(inner)}"
+
+
 class Scoring:
     """Turning one batch into per-prompt outcomes (JudgeEngine mixin)."""
 
@@ -39,7 +57,7 @@ class Scoring:
                 except torch._dynamo.exc.TorchDynamoException as e:
                     if not self._compiled:
                         raise
-                    self._uncompile(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+                    self._uncompile(compile_failure(e))
                     return self._score_batch(inputs, tpl, [r.max_new for r in reqs])
         finally:
             if self._vision_reuse is not None:

@@ -258,7 +258,7 @@ def inductor_options(tower: str, device: str) -> dict:
     vision blocks ran 1.039x faster with it (benchmarks/NOTES.md). The same function: only the
     order of a row's sums differs."""
     if tower == "visual" and str(device).startswith("cuda"):
-        return {"triton.multi_kernel": 1}
+        return {"triton.multi_kernel": 1, "fx_graph_cache": False}
     return {}
 
 
