@@ -819,7 +819,7 @@ def stage_vision_mk(model_dir: str, a, images: list, mode: str) -> dict[str, Any
     judge = _judge(model_dir, a, mode)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     saved: dict = {}
-    variants = {"defaults": inductor_options("visual", a.device), "looped": {}}
+    variants = {"defaults": inductor_options("visual", a.device, judge.engine.model.config.model_type), "looped": {}}
     return _alternate(judge, a, images, variants, lambda engine, v: _switch_vision_inductor(engine, v, saved), mode)
 
 
@@ -845,7 +845,7 @@ def stage_norm_check(model_dir: str, a, images: list, mode: str) -> dict[str, An
 
     want = add_norm(x, r)[1]
     out: dict[str, Any] = {"output_max_abs": float(want.abs().max())}
-    for name, options in (("multi_kernel", inductor_options("visual", a.device)), ("looped", {})):
+    for name, options in (("multi_kernel", inductor_options("visual", a.device, "qwen3_vl")), ("looped", {})):
         torch._dynamo.reset()
         fn = torch.compile(add_norm, dynamic=True, **({"options": options} if options else {}))
         for _ in range(2):

@@ -130,7 +130,7 @@ class SpeedPaths:
             raise JudgeConfigError(f"{setting}: {type(self.model).__name__} has no {tower}.{blocks} to compile")
         if tower == "language_model" and self.settings.mode == "generate":
             modules = [m for layer in modules for m in cacheless_parts(layer)] + rotary_in_attention(modules)
-        options = inductor_options(tower, self.device)
+        options = inductor_options(tower, self.device, getattr(self.model.config, "model_type", ""))
         for module in modules:
             module.compile(dynamic=True, **({"options": options} if options else {}))
             self._compiled.append(module)
@@ -249,15 +249,22 @@ def _with_globals(fn, globals_: dict):
     return new
 
 
-def inductor_options(tower: str, device: str) -> dict:
-    """Inductor options for compiling one tower's blocks. The vision tower on CUDA: `multi_kernel`,
-    with which inductor makes a reduction both as a looped and as a persistent kernel and runs the
-    faster once it has timed both. The Qwen-VL towers' layer norms run over rows of 1,152 (Qwen3-VL)
-    or 1,280 (Qwen2.5-VL) features, above the 1,024 under which inductor makes persistent
-    reductions; looped, such a norm reads its row twice. On the MoE judge's logits on an H100 the
-    vision blocks ran 1.039x faster with it (benchmarks/NOTES.md). The same function: only the
-    order of a row's sums differs."""
-    if tower == "visual" and str(device).startswith("cuda"):
+def inductor_options(tower: str, device: str, model_type: str = "") -> dict:
+    """Inductor options for compiling one tower's blocks.
+
+    Qwen3-VL's vision tower on CUDA: `multi_kernel`, with which inductor makes a reduction both as
+    a looped and as a persistent kernel and runs the faster once it has timed both. The tower's
+    layer norms run over rows of 1,152 features, above the 1,024 under which inductor makes
+    persistent reductions; looped, such a norm reads its row twice. On the MoE judge's logits on
+    an H100 the calls ran 1.039x faster with it (benchmarks/NOTES.md). The same function: only the
+    order of a row's sums differs (float32, 1.4e-6 from eager either way). Qwen2.5-VL's tower
+    (1,280 features) is not measured with it and keeps inductor's defaults.
+
+    `fx_graph_cache` off for those graphs: torch 2.11 loads a multi_kernel graph back from inductor's
+    on-disk cache broken ("'NoneType' object does not support the context manager protocol"), so
+    every process after the first on a machine fell back to eager, 0.72x on the 8B judge's logits
+    (benchmarks/NOTES.md, calls J to L). Compiled afresh in each process, they run."""
+    if tower == "visual" and str(device).startswith("cuda") and model_type in ("qwen3_vl", "qwen3_vl_moe"):
         return {"triton.multi_kernel": 1, "fx_graph_cache": False}
     return {}
 
