@@ -104,22 +104,7 @@ def measure(shape: str, n: int, device: str, dtype, reps: int) -> dict[str, Any]
         try:
             o = fn(q, k, v, cu)
             err = float((o[0, :ref_n * length].float().view(ref_n, length, heads, dim) - ref).abs().max())
-            for _ in range(2):
-                fn(q, k, v, cu)
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize()
-                start.record()
-                for _ in range(reps):
-                    fn(q, k, v, cu)
-                end.record()
-                torch.cuda.synchronize()
-                ms = start.elapsed_time(end) / reps
-            else:
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    fn(q, k, v, cu)
-                ms = (time.perf_counter() - t0) * 1e3 / reps
+            ms = runs.ms_per_call(lambda: fn(q, k, v, cu), reps, cuda)
             rows[name] = {"ms": round(ms, 3), "tflops": round(flop / ms / 1e9, 1), "max_abs_err": err}
         except Exception as e:  # a backend that cannot run these inputs: recorded, not timed
             rows[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}

@@ -35,9 +35,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import runs  # noqa: E402
 
-# name -> (query heads, KV heads, head_dim)
-SHAPES = {"qwen3_vl-8b": (32, 8, 128), "qwen3_vl_moe": (32, 4, 128), "qwen2_5_vl-7b": (28, 4, 128)}
-SMOKE_SHAPES = {"qwen3_vl-8b": (4, 2, 8), "qwen3_vl_moe": (4, 1, 8), "qwen2_5_vl-7b": (6, 2, 8)}
+from benchmarks.decode_attention_gpu import SHAPES, SMOKE_SHAPES  # noqa: E402  the text models' heads, as decoding
 
 
 def inputs(batch: int, heads: int, kv_heads: int, dim: int, length: int, padded: bool, device: str, dtype, seed: int = 0):
@@ -123,22 +121,7 @@ def measure(shape: str, case: str, batch: int, length: int, device: str, dtype, 
             with torch.no_grad():
                 o = fn(q, k, v, mask)
                 err = float(((o.float() - ref) * real[:, :, None, None]).abs().max())
-                for _ in range(2):
-                    fn(q, k, v, mask)
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    torch.cuda.synchronize()
-                    start.record()
-                    for _ in range(reps):
-                        fn(q, k, v, mask)
-                    end.record()
-                    torch.cuda.synchronize()
-                    ms = start.elapsed_time(end) / reps
-                else:
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        fn(q, k, v, mask)
-                    ms = (time.perf_counter() - t0) * 1e3 / reps
+                ms = runs.ms_per_call(lambda: fn(q, k, v, mask), reps, cuda)
             rows[name] = {"ms": round(ms, 4), "tflops": round(flop / ms / 1e9, 1), "max_abs_err": err,
                           "finite": bool(torch.isfinite(o).all())}
             if name == "library":  # cuDNN's kernel failed and the call fell back to transformers' function

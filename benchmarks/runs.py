@@ -143,6 +143,30 @@ def encoded_since(judge, before: int) -> int:
     return (reuse.encoded if reuse is not None else 0) - before
 
 
+def ms_per_call(fn: Any, reps: int, cuda: bool, warmup: int = 2) -> float:
+    """fn() run `warmup` times, then `reps` times timed: milliseconds per call, by CUDA events on a
+    GPU (the kernels' time, launches queued back to back), by the host's clock on the CPU."""
+    import time
+
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
 def kernel_rows(rows: dict[str, dict[str, Any]], columns: list[str]) -> list[str]:
     """Markdown rows of a kernel table: name, then each column's value (`max_abs_err` as 1.23e-04);
     a kernel that could not run shows '-' and its error in the last column."""
