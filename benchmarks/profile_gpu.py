@@ -807,9 +807,10 @@ def _switch_vision_inductor(engine, options: dict, saved: dict) -> None:
 
 
 def stage_vision_mk(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
-    """The vision blocks' reductions (their layer norms over 1,152 features, above inductor's
-    1,024 for a persistent reduction): compiled with inductor's multi_kernel (defaults: both
-    kernels made, the faster taken when first run) against without it (looped reductions)."""
+    """The vision blocks' reductions (their layer norms over 1,152 or 1,280 features, above
+    inductor's 1,024 for a persistent reduction): as the library compiles them (defaults:
+    multi_kernel for Qwen3-VL's tower, both kernels made and the faster taken when first run)
+    against the other way (looped reductions only; for Qwen2.5-VL's tower, multi_kernel)."""
     import torch
 
     from src.models.reward.speed import inductor_options
@@ -819,7 +820,10 @@ def stage_vision_mk(model_dir: str, a, images: list, mode: str) -> dict[str, Any
     judge = _judge(model_dir, a, mode)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     saved: dict = {}
-    variants = {"defaults": inductor_options("visual", a.device, judge.engine.model.config.model_type), "looped": {}}
+    defaults = inductor_options("visual", a.device, judge.engine.model.config.model_type)
+    # a tower compiled without multi_kernel by default (Qwen2.5-VL's) against with it
+    other = ("looped", {}) if defaults else ("multi_kernel", {"triton.multi_kernel": 1, "fx_graph_cache": False})
+    variants = {"defaults": defaults, other[0]: other[1]}
     return _alternate(judge, a, images, variants, lambda engine, v: _switch_vision_inductor(engine, v, saved), mode)
 
 
@@ -1010,8 +1014,8 @@ def markdown(report: dict[str, Any]) -> str:
         if key.startswith(("parts_", "gelu_", "vision_mk_", *(f"{k}_" for k in SWITCHED))) and "defaults" in st:
             title = {"parts": "The decoding step's fused parts",
                      "gelu": "The vision MLP's GELU: inside fc1's matrix multiplication (defaults) against a kernel of its own",
-                     "vision_mk": "The vision blocks' reductions: inductor's multi_kernel (defaults) against looped "
-                                  "reductions only",
+                     "vision_mk": "The vision blocks' reductions: as compiled (defaults) against with or without "
+                                  "inductor's multi_kernel",
                      **{k: v[3] for k, v in SWITCHED.items()}}[key.rsplit("_", 1)[0]]
             if "float32_check" in st:
                 lines += [f"Float32, one block's MLP on random inputs: largest difference {st['float32_check']['float32_max_abs_diff']:.2e} "

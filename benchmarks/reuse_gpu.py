@@ -44,7 +44,7 @@ orders. Run it with `--judge compile_after_items=64` and enough items that each 
 batches (`--n 512`): the automatic compile then happens in the warm-up, and the timing is the
 steady state (recorded: `compiled_during_timing`).
 
-    python benchmarks/reuse_gpu.py --size qwen3_vl-8b [--stages edit,shared,lengths,fixed,staging,sizes] [--n 128] [--bs 32]
+    python benchmarks/reuse_gpu.py --size qwen3_vl-8b [--stages edit,edit_shared,shared,lengths,fixed,staging,sizes] [--n 128] [--bs 32]
     python benchmarks/reuse_gpu.py --smoke      # CPU, tiny model, seconds (CI)
 
 The device image has no qwen-vl-utils: carry its wheel (requirements-worker.txt's version) and put
@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
@@ -80,14 +81,26 @@ def _check(res: list, what: str) -> dict[str, Any]:
     return {"errors": len(bad), "first_error": bad[0].error if bad else None}
 
 
-def stage_edit(model_dir: str, a, cuda: bool) -> dict[str, Any]:
+def stage_edit(model_dir: str, a, cuda: bool, shared: bool = False) -> dict[str, Any]:
+    """The edit rubric on `--n` items, vision reuse off (the tower runs for each image each part
+    shows: three passes an item) against on (the default), alternating on one loaded judge, the
+    store emptied before each call. Each item its own source image, or with `shared` (stage
+    edit_shared) `--models` edits of each of n/models sources, ordered model by model, as a
+    benchmark scored for several editing models in one call."""
     from src.models.reward.implementations.local import QwenVLRewardModel
     from src.models.reward.types import ScoreItem
 
-    imgs = make_images(None, 2 * a.n, a.width, a.height)
-    items = [ScoreItem(images=[imgs[2 * i]], source_images=[imgs[2 * i + 1]], instruction="make the sky red")
-             for i in range(a.n)]
-    out: dict[str, Any] = {"items": a.n, "reps": a.reps}
+    if shared:
+        n_src = a.n // a.models
+        imgs = make_images(None, a.n + n_src, a.width, a.height)
+        items = [ScoreItem(images=[imgs[i]], source_images=[imgs[a.n + i % n_src]], instruction="make the sky red")
+                 for i in range(a.n)]
+    else:
+        n_src = a.n
+        imgs = make_images(None, 2 * a.n, a.width, a.height)
+        items = [ScoreItem(images=[imgs[2 * i]], source_images=[imgs[2 * i + 1]], instruction="make the sky red")
+                 for i in range(a.n)]
+    out: dict[str, Any] = {"items": a.n, "reps": a.reps, "sources": n_src}
     scores = {}
     with QwenVLRewardModel(model_name=model_dir, device=a.device, template="edit", batch_size=a.bs,
                            **{**runs.judge_settings(a), "vision_reuse": True}) as judge:
@@ -380,9 +393,12 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Issue 17: vision reuse and continuous batching; issue 15: prompts sorted by size ({m['size']})", "",
              f"`{m['command']}` on {m['device_name']}, torch {m['torch']}, transformers {m['transformers']}, "
              f"{m['width']}x{m['height']} images, batch {m['bs']}, {m['n']} items.", ""]
-    e = report.get("edit")
-    if e:
-        lines += ["| edit rubric, logits | items/s | images through the tower |", "|---|---|---|",
+    for key in ("edit", "edit_shared"):
+        e = report.get(key)
+        if not e:
+            continue
+        sources = "each item its own source" if key == "edit" else f"{e['sources']} sources, model by model"
+        lines += [f"| edit rubric, logits, {sources} | items/s | images through the tower |", "|---|---|---|",
                   f"| reuse off | {e['reuse_off']['items_per_s']} | {e['reuse_off']['images_encoded']} |",
                   f"| reuse on (default) | {e['reuse_on']['items_per_s']} | {e['reuse_on']['images_encoded']} |",
                   "", f"Speed-up {e['speedup']}x by the means, {e.get('speedup_median')}x by the medians of "
@@ -435,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="qwen3_vl-8b")
     runs.add_checkpoint_argument(ap)
-    ap.add_argument("--stages", default="edit,shared,lengths,fixed,staging,sizes")
+    ap.add_argument("--stages", default="edit,edit_shared,shared,lengths,fixed,staging,sizes")
     ap.add_argument("--n", type=int, default=128)
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--width", type=int, default=1024)
@@ -443,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--len-min", type=int, default=32)
     ap.add_argument("--len-max", type=int, default=512)
     ap.add_argument("--fixed-len", type=int, default=128, help="stage fixed: every answer this long")
-    ap.add_argument("--models", type=int, default=4, help="stage shared: edits of each source image")
+    ap.add_argument("--models", type=int, default=4, help="stages shared and edit_shared: edits of each source image")
     ap.add_argument("--cache-mb", default=None,
                     help="stage shared: vision_cache_mb of the runs that keep features, comma-separated "
                          "(default: the library's)")
@@ -453,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="continuous batching: prompts prefilled ahead of the free slots (default: the "
                          "library's; 0: joins prefilled when their slots free up)")
     runs.add_judge_argument(ap, "stages edit, shared and sizes", "vision_attn=varlen")
-    ap.add_argument("--reps", type=int, default=2, help="stages edit and sizes: timed calls of each variant")
+    ap.add_argument("--reps", type=int, default=2, help="stages edit, edit_shared and sizes: timed calls of each variant")
     ap.add_argument("--seed", type=int, default=0)
     runs.add_output_arguments(ap, "reuse_gpu", "CPU, tiny model, tiny images: seconds (CI)")
     a = ap.parse_args(argv)
@@ -462,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         a.device, a.n, a.bs, a.width, a.height, a.len_min, a.len_max, a.fixed_len = "cpu", 6, 2, 224, 168, 2, 8, 4
         a.models = 2  # 3 sources x 2 edits: grouped, a chunk of two is one source's edits
         a.reps = 1
-    stages = {"edit": stage_edit, "shared": stage_shared, "lengths": stage_lengths, "fixed": stage_fixed,
+    stages = {"edit": stage_edit, "edit_shared": functools.partial(stage_edit, shared=True), "shared": stage_shared, "lengths": stage_lengths, "fixed": stage_fixed,
               "staging": stage_staging, "sizes": stage_sizes}
     asked = runs.stage_names(ap, a.stages, stages)
     cuda = a.device.startswith("cuda")

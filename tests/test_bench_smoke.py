@@ -142,6 +142,11 @@ def test_reuse_gpu_smoke(smoke_runs):
     # 6 edit items: 12 distinct images shown 18 times; the same scores either way
     assert edit["reuse_on"]["images_encoded"] == 12 and edit["reuse_on"]["images_reused"] == 6
     assert edit["max_abs_score_diff"] < 1e-5 and edit["reuse_on"]["errors"] == 0 and edit["reuse_off"]["errors"] == 0
+    # the same, 3 sources x 2 edits: 6 edited images and 3 sources through the tower, against 18
+    edit_shared = report["edit_shared"]
+    assert edit_shared["sources"] == 3 and edit_shared["reuse_off"]["images_encoded"] == 18
+    assert edit_shared["reuse_on"]["images_encoded"] == 9 and edit_shared["max_abs_score_diff"] < 1e-5
+    assert edit_shared["reuse_on"]["errors"] == 0 and edit_shared["reuse_off"]["errors"] == 0
     # shared: 3 sources x 2 edits, model by model, chunks of 2. In input order each chunk shows two
     # sources (6 + 6 edits); kept beyond the chunk, each source is encoded once (3 + 6). Grouped
     # (the library's order), a chunk is one source's two edits: 3 + 6 with no store at all, and
