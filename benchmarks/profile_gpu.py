@@ -799,11 +799,13 @@ def _switch_vision_inductor(engine, options: dict, saved: dict) -> None:
     """The vision blocks compiled with inductor `options` ({}: none): each option set is its own
     graph, made on the first call after the first switch to it and taken again on later switches
     (torch.compile keys its graphs by the options)."""
+    from src.models.reward.speed import compile_module
+
     blocks = list(engine.model.model.visual.blocks)
     if not all(b in engine._compiled for b in blocks):
         raise RuntimeError("the vision blocks are not compiled (run with --judge compile_after_items=BS)")
     for b in blocks:
-        b.compile(dynamic=True, **({"options": options} if options else {}))
+        compile_module(b, options)
 
 
 def stage_vision_mk(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
@@ -813,7 +815,7 @@ def stage_vision_mk(model_dir: str, a, images: list, mode: str) -> dict[str, Any
     against the other way (looped reductions only; for Qwen2.5-VL's tower, multi_kernel)."""
     import torch
 
-    from src.models.reward.speed import inductor_options
+    from src.models.reward.speed import MULTI_KERNEL, inductor_options
 
     if not a.device.startswith("cuda"):
         return {"skipped": "inductor's Triton kernels: a CUDA device only"}
@@ -822,7 +824,7 @@ def stage_vision_mk(model_dir: str, a, images: list, mode: str) -> dict[str, Any
     saved: dict = {}
     defaults = inductor_options("visual", a.device, judge.engine.model.config.model_type)
     # a tower compiled without multi_kernel by default (Qwen2.5-VL's) against with it
-    other = ("looped", {}) if defaults else ("multi_kernel", {"triton.multi_kernel": 1, "fx_graph_cache": False})
+    other = ("looped", {}) if defaults else ("multi_kernel", MULTI_KERNEL)
     variants = {"defaults": defaults, other[0]: other[1]}
     return _alternate(judge, a, images, variants, lambda engine, v: _switch_vision_inductor(engine, v, saved), mode)
 
@@ -834,7 +836,7 @@ def stage_norm_check(model_dir: str, a, images: list, mode: str) -> dict[str, An
     import torch
     import torch.nn.functional as F
 
-    from src.models.reward.speed import inductor_options
+    from src.models.reward.speed import MULTI_KERNEL
 
     if not a.device.startswith("cuda"):
         return {"skipped": "inductor's Triton kernels: a CUDA device only"}
@@ -849,7 +851,7 @@ def stage_norm_check(model_dir: str, a, images: list, mode: str) -> dict[str, An
 
     want = add_norm(x, r)[1]
     out: dict[str, Any] = {"output_max_abs": float(want.abs().max())}
-    for name, options in (("multi_kernel", inductor_options("visual", a.device, "qwen3_vl")), ("looped", {})):
+    for name, options in (("multi_kernel", MULTI_KERNEL), ("looped", {})):
         torch._dynamo.reset()
         fn = torch.compile(add_norm, dynamic=True, **({"options": options} if options else {}))
         for _ in range(2):

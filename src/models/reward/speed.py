@@ -132,7 +132,7 @@ class SpeedPaths:
             modules = [m for layer in modules for m in cacheless_parts(layer)] + rotary_in_attention(modules)
         options = inductor_options(tower, self.device, getattr(self.model.config, "model_type", ""))
         for module in modules:
-            module.compile(dynamic=True, **({"options": options} if options else {}))
+            compile_module(module, options)
             self._compiled.append(module)
 
     def _count_scored(self, n: int) -> None:
@@ -265,8 +265,17 @@ def inductor_options(tower: str, device: str, model_type: str = "") -> dict:
     every process after the first on a machine fell back to eager, 0.72x on the 8B judge's logits
     (benchmarks/NOTES.md, calls J to L). Compiled afresh in each process, they run."""
     if tower == "visual" and str(device).startswith("cuda") and model_type in ("qwen3_vl", "qwen3_vl_moe"):
-        return {"triton.multi_kernel": 1, "fx_graph_cache": False}
+        return dict(MULTI_KERNEL)
     return {}
+
+
+MULTI_KERNEL = {"triton.multi_kernel": 1, "fx_graph_cache": False}  # inductor_options for Qwen3-VL's tower
+
+
+def compile_module(module, options: dict) -> None:
+    """torch.compile one block as the judge does: shapes change with the images and prompts, hence
+    dynamic; inductor's options where there are any."""
+    module.compile(dynamic=True, **({"options": options} if options else {}))
 
 
 def cacheless_parts(layer) -> list:

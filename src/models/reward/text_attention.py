@@ -67,36 +67,25 @@ def prompt_attention(module, query, key, value, attention_mask, dropout: float =
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from .vision_attention import _cudnn_gave_up, _cudnn_refused
+    from .vision_attention import _cudnn_refused, sdpa_cudnn_first
 
-    q_len = query.shape[2]
+    def transformers_attention():
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)[0]
+
     mask = attention_mask
-    plain = (q_len == 1 or _WHERE in _cudnn_refused or kwargs.get("position_bias") is not None
-             or kwargs.get("output_attentions") or dropout or (mask is not None and mask.dtype != torch.bool))
-    if not plain:
-        if torch.compiler.is_compiling():
-            return _cudnn_forward(module, query, key, value, mask, scaling, is_causal), None
-        try:
-            return _cudnn_forward(module, query, key, value, mask, scaling, is_causal), None
-        except RuntimeError as e:  # a shape cuDNN turns down when it runs
-            if "out of memory" in str(e):
-                raise
-            _cudnn_gave_up(e, _WHERE)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  is_causal=is_causal, **kwargs)
-
-
-def _cudnn_forward(module, query, key, value, mask, scaling, is_causal):
-    from .vision_attention import cudnn_first_sdpa
-
+    if (query.shape[2] == 1 or _WHERE in _cudnn_refused or kwargs.get("position_bias") is not None
+            or kwargs.get("output_attentions") or dropout or (mask is not None and mask.dtype != torch.bool)):
+        return transformers_attention(), None
     causal = mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    if causal and key.shape[2] > query.shape[2]:  # a prefill into an empty static cache, as transformers crops it
-        key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
-    if mask is not None:
-        mask = see_something(mask)
-    gqa = query.shape[1] != key.shape[1]
-    out = cudnn_first_sdpa(query, key, value, scaling, attn_mask=mask, is_causal=bool(causal), enable_gqa=gqa)
-    return out.transpose(1, 2).contiguous()
+    k, v = key, value
+    if causal and k.shape[2] > query.shape[2]:  # a prefill into an empty static cache, as transformers crops it
+        k, v = k[:, :, :query.shape[2]], v[:, :, :query.shape[2]]
+    out = sdpa_cudnn_first(query, k, v, scaling, attn_mask=None if mask is None else see_something(mask),
+                           where=_WHERE, is_causal=bool(causal), enable_gqa=query.shape[1] != k.shape[1],
+                           # transformers' layout (batch, q, heads, head_dim) back to sdpa's
+                           fallback=lambda: transformers_attention().transpose(1, 2))
+    return out.transpose(1, 2).contiguous(), None
 
 
 def see_something(mask):

@@ -204,23 +204,27 @@ def grouped_attention(query, key, value, cu_seqlens, max_seqlen: int | None, sca
 _cudnn_refused: set[str] = set()  # where cuDNN's kernel failed once in this process: sdpa's own choice there since
 
 
-def sdpa_cudnn_first(q, k, v, scaling: float | None, attn_mask=None, where: str = "vision attention"):
+def sdpa_cudnn_first(q, k, v, scaling: float | None, attn_mask=None, where: str = "vision attention",
+                     fallback=None, **kw):
     """sdpa with cuDNN's attention kernel tried first, until it fails once in this process for
-    `where` (then sdpa's own choice there, after one warning). Running out of memory is not a
-    kernel's refusal: it goes up, to the engine (smaller batches)."""
+    `where` (then, after one warning, `fallback()` there, by default sdpa's own choice on the same
+    inputs). Running out of memory is not a kernel's refusal: it goes up, to the engine (smaller
+    batches). kw: sdpa's is_causal, enable_gqa."""
     import torch
     import torch.nn.functional as F
 
     if where not in _cudnn_refused:
         if torch.compiler.is_compiling():
-            return cudnn_first_sdpa(q, k, v, scaling, attn_mask)
+            return cudnn_first_sdpa(q, k, v, scaling, attn_mask, **kw)
         try:
-            return cudnn_first_sdpa(q, k, v, scaling, attn_mask)
+            return cudnn_first_sdpa(q, k, v, scaling, attn_mask, **kw)
         except RuntimeError as e:  # a shape cuDNN turns down when it runs
             if "out of memory" in str(e):
                 raise
             _cudnn_gave_up(e, where)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scaling)
+    if fallback is not None:
+        return fallback()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scaling, **kw)
 
 
 def cudnn_first_sdpa(q, k, v, scaling: float | None, attn_mask=None, **kw):
