@@ -24,7 +24,6 @@ import argparse
 import json
 import pathlib
 import sys
-import time
 from typing import Any, Callable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -135,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         a.device, a.images, a.reps = "cpu", 3, 2
     dtype = torch.float32 if a.device == "cpu" else torch.bfloat16
-    report: dict[str, Any] = {"meta": {
-        "command": "python benchmarks/attention_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
-        "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "dtype": str(dtype).replace("torch.", ""),
-        "reps": a.reps, "date": time.strftime("%Y-%m-%d %H:%M:%S")}, "shapes": {}}
+    report: dict[str, Any] = {"meta": runs.kernel_meta("attention_gpu.py", argv, a, dtype), "shapes": {}}
     for shape in a.shapes.split(","):
         report["shapes"][shape] = measure(shape, a.images, a.device, dtype, a.reps)
         print(json.dumps({shape: report["shapes"][shape]}), flush=True)

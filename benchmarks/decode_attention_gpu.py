@@ -207,11 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         a.device, a.batch, a.slots, a.layers, a.reps = "cpu", 3, 40, 2, 2
     dtype = torch.float32 if a.device == "cpu" else torch.bfloat16
-    report: dict[str, Any] = {"meta": {
-        "command": "python benchmarks/decode_attention_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
-        "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "reps": a.reps, "layers": a.layers,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S")}, "shapes": {}}
+    report: dict[str, Any] = {"meta": runs.kernel_meta("decode_attention_gpu.py", argv, a, dtype, layers=a.layers), "shapes": {}}
     for shape in a.shapes.split(","):
         report["shapes"][shape] = measure(shape, a.batch, a.slots, a.layers, a.device, dtype, a.reps)
         print(json.dumps({shape: report["shapes"][shape]}), flush=True)

@@ -25,7 +25,6 @@ import argparse
 import json
 import pathlib
 import sys
-import time
 import types
 from typing import Any, Callable
 
@@ -157,11 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         a.device, a.batch, a.tokens, a.reps = "cpu", 3, 24, 2
     dtype = torch.float32 if a.device == "cpu" else torch.bfloat16
-    report: dict[str, Any] = {"meta": {
-        "command": "python benchmarks/prompt_attention_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
-        "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "dtype": str(dtype).replace("torch.", ""),
-        "reps": a.reps, "date": time.strftime("%Y-%m-%d %H:%M:%S")}, "shapes": {}}
+    report: dict[str, Any] = {"meta": runs.kernel_meta("prompt_attention_gpu.py", argv, a, dtype), "shapes": {}}
     for shape in a.shapes.split(","):
         for case in ("same_length", "padded"):
             key = f"{shape} {case}"

@@ -81,6 +81,23 @@ def _check(res: list, what: str) -> dict[str, Any]:
     return {"errors": len(bad), "first_error": bad[0].error if bad else None}
 
 
+def _edit_items(a, shared: bool) -> tuple[list, int]:
+    """`--n` edit items of an edited image and its source: each its own source, or (`shared`)
+    `--models` edits of each of n/models sources, ordered model by model. Returns (items, sources)."""
+    from src.models.reward.types import ScoreItem
+
+    if shared:
+        n_src = a.n // a.models
+        imgs = make_images(None, a.n + n_src, a.width, a.height)
+        pairs = [(imgs[i], imgs[a.n + i % n_src]) for i in range(a.n)]
+    else:
+        n_src = a.n
+        imgs = make_images(None, 2 * a.n, a.width, a.height)
+        pairs = [(imgs[2 * i], imgs[2 * i + 1]) for i in range(a.n)]
+    items = [ScoreItem(images=[edited], source_images=[source], instruction="make the sky red") for edited, source in pairs]
+    return items, n_src
+
+
 def stage_edit(model_dir: str, a, cuda: bool, shared: bool = False) -> dict[str, Any]:
     """The edit rubric on `--n` items, vision reuse off (the tower runs for each image each part
     shows: three passes an item) against on (the default), alternating on one loaded judge, the
@@ -88,18 +105,8 @@ def stage_edit(model_dir: str, a, cuda: bool, shared: bool = False) -> dict[str,
     edit_shared) `--models` edits of each of n/models sources, ordered model by model, as a
     benchmark scored for several editing models in one call."""
     from src.models.reward.implementations.local import QwenVLRewardModel
-    from src.models.reward.types import ScoreItem
 
-    if shared:
-        n_src = a.n // a.models
-        imgs = make_images(None, a.n + n_src, a.width, a.height)
-        items = [ScoreItem(images=[imgs[i]], source_images=[imgs[a.n + i % n_src]], instruction="make the sky red")
-                 for i in range(a.n)]
-    else:
-        n_src = a.n
-        imgs = make_images(None, 2 * a.n, a.width, a.height)
-        items = [ScoreItem(images=[imgs[2 * i]], source_images=[imgs[2 * i + 1]], instruction="make the sky red")
-                 for i in range(a.n)]
+    items, n_src = _edit_items(a, shared)
     out: dict[str, Any] = {"items": a.n, "reps": a.reps, "sources": n_src}
     scores = {}
     with QwenVLRewardModel(model_name=model_dir, device=a.device, template="edit", batch_size=a.bs,
@@ -150,12 +157,8 @@ def stage_shared(model_dir: str, a, cuda: bool) -> dict[str, Any]:
       store (0) and with each budget: what grouping saves, and what the store adds to it.
     Speed-ups and score differences against the first: input order, no store."""
     from src.models.reward.implementations.local import QwenVLRewardModel
-    from src.models.reward.types import ScoreItem
 
-    n_src = a.n // a.models
-    imgs = make_images(None, a.n + n_src, a.width, a.height)
-    items = [ScoreItem(images=[imgs[i]], source_images=[imgs[a.n + i % n_src]], instruction="make the sky red")
-             for i in range(a.n)]
+    items, n_src = _edit_items(a, shared=True)
     out: dict[str, Any] = {"items": a.n, "sources": n_src, "models": a.models, "kept": [], "grouped": []}
     with QwenVLRewardModel(model_name=model_dir, device=a.device, template="edit", batch_size=a.bs,
                            **runs.judge_settings(a)) as judge:
@@ -478,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         a.device, a.n, a.bs, a.width, a.height, a.len_min, a.len_max, a.fixed_len = "cpu", 6, 2, 224, 168, 2, 8, 4
         a.models = 2  # 3 sources x 2 edits: grouped, a chunk of two is one source's edits
         a.reps = 1
-    stages = {"edit": stage_edit, "edit_shared": functools.partial(stage_edit, shared=True), "shared": stage_shared, "lengths": stage_lengths, "fixed": stage_fixed,
-              "staging": stage_staging, "sizes": stage_sizes}
+    stages = {"edit": stage_edit, "edit_shared": functools.partial(stage_edit, shared=True), "shared": stage_shared,
+              "lengths": stage_lengths, "fixed": stage_fixed, "staging": stage_staging, "sizes": stage_sizes}
     asked = runs.stage_names(ap, a.stages, stages)
     cuda = a.device.startswith("cuda")
     report: dict[str, Any] = {"meta": runs.meta("reuse_gpu.py", argv, a, min_join=a.min_join, stage=a.stage,

@@ -31,6 +31,17 @@ def meta(script: str, argv: list[str] | None, a: Any, **extra: Any) -> dict[str,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def kernel_meta(script: str, argv: list[str] | None, a: Any, dtype: Any, **extra: Any) -> dict[str, Any]:
+    """The command, the machine, torch's and cuDNN's versions, the dtype and the repetitions of a
+    kernel benchmark (a: the parsed arguments, with device and reps)."""
+    import torch
+
+    return {"command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
+            "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "dtype": str(dtype).replace("torch.", ""),
+            "reps": a.reps, **extra, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), else the machine type."""
     try:
