@@ -1,12 +1,19 @@
 """Quantized judges (issue 20): the same items scored by one random-weight checkpoint of a real size
 loaded in bf16 and with `quantization: fp8` (and any other variants named), each against bf16.
 
-Recorded per variant: items/s (timed after an untimed warm-up batch), weight memory (GPU memory
-held once loaded), peak GPU memory of the timed call (above what was allocated before the load), and agreement with bf16's scores (max and
-mean |diff|, Pearson and Spearman over the items). Logits mode, the `edit` rubric, `--n` items of
-two `--width`x`--height` images.
+Recorded per variant: items/s (timed after an untimed warm-up batch; with --reps, each timed call
+and their median), weight memory (GPU memory held once loaded), peak GPU memory of the timed calls
+(above what was allocated before the load), and agreement with bf16's scores (max and mean |diff|,
+Pearson and Spearman over the items). The `edit` rubric, `--n` items of two `--width`x`--height`
+images, logits mode; or `--mode generate`, where random weights write no score (each item's parse
+error is expected, not counted) and the variants are compared by their answers instead: the share
+of items whose answers are identical to the reference's. `--judge KEY=VALUE` passes settings, e.g.
+`compile_after_items=16` so that the second timed call runs compiled (generate: fast_decode's CUDA
+graph, continuous batching and the compile, all on by default, then run on the quantized layers).
 
     python benchmarks/quant_gpu.py --size qwen3_vl-8b [--variants none,fp8] [--n 64] [--bs 16]
+    python benchmarks/quant_gpu.py --size qwen3_vl-8b --mode generate --max-new-tokens 32 --reps 3 \
+        --judge compile_after_items=16
     python benchmarks/quant_gpu.py --smoke      # CPU, tiny model, quantization none only (CI)
 
 The device image has no qwen-vl-utils: carry its wheel (requirements-worker.txt's version) and put
@@ -19,6 +26,7 @@ import gc
 import json
 import math
 import pathlib
+import statistics
 import sys
 import time
 from typing import Any
@@ -56,31 +64,33 @@ def run_variant(model_dir: str, variant: str, items: list, a, cuda: bool) -> dic
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    with QwenVLRewardModel(model_name=model_dir, device=a.device, template=a.template, mode="logits",
-                           batch_size=a.bs, quantization=variant) as judge:
+    gen = {"max_new_tokens": a.max_new_tokens} if a.mode == "generate" else {}
+    with QwenVLRewardModel(model_name=model_dir, device=a.device, template=a.template, mode=a.mode,
+                           batch_size=a.bs, quantization=variant, **gen, **runs.judge_settings(a)) as judge:
         load_s = time.perf_counter() - t0
         weights = (torch.cuda.memory_allocated() - before) if cuda else None
         footprint = judge.engine.model.get_memory_footprint()
         judge.batch_score(items[:a.bs])  # warm-up (kernels, allocator), untimed
         if cuda:
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        res = judge.batch_score(items)
-        if cuda:
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        bad = [r for r in res if r.error is not None]
+        each = []
+        for _ in range(a.reps):
+            dt, res = runs.timed(judge, items, cuda)
+            each.append(dt)
+        # Random weights write no score in generate mode: a parse error is what such an answer gets.
+        bad = [r for r in res if r.error is not None and not (a.mode == "generate" and r.error_kind == "parse")]
         if len(bad) == len(res):
             raise SystemExit(f"{variant}: every item failed, e.g. {bad[0].error}")
+        dt = statistics.median(each)
         out = {"quantization": judge.engine.quantization, "load_s": round(load_s, 2), "s": round(dt, 3),
                "items_per_s": round(len(items) / dt, 3),
+               "items_per_s_each": [round(len(items) / s, 3) for s in each],
                "weights_gb": round(weights / 1e9, 3) if weights is not None else None,
                "model_footprint_gb": round(footprint / 1e9, 3),
                "peak_gb": round((torch.cuda.max_memory_allocated() - before) / 1e9, 3) if cuda else None,
                "allocated_before_load_gb": round(before / 1e9, 3) if cuda else None,
                "errors": len(bad), "first_error": bad[0].error if bad else None,
-               "scores": [r.score for r in res]}
+               "scores": [r.score for r in res], "answers": [r.raw for r in res] if a.mode == "generate" else None}
     gc.collect()
     return out
 
@@ -89,15 +99,16 @@ def markdown(report: dict[str, Any]) -> str:
     m = report["meta"]
     lines = [f"# Issue 20: quantized judges ({m['size']})", "",
              f"`{m['command']}` on {m['device_name']}, torch {m['torch']}, transformers {m['transformers']}, "
-             f"logits mode, `{m['template']}` rubric, {m['n']} items of two {m['width']}x{m['height']} images, "
+             f"{m.get('mode', 'logits')} mode, `{m['template']}` rubric, {m['n']} items of two {m['width']}x{m['height']} images, "
              f"batch {m['bs']}, random weights.", "",
-             "| quantization | items/s | weights GB | peak GB | max abs diff | mean abs diff | Pearson | Spearman |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| quantization | items/s | weights GB | peak GB | max abs diff | mean abs diff | Pearson | Spearman "
+             "| answers identical |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, v in report["variants"].items():
         ag = v.get("vs_none", {})
         lines.append(f"| {name} ({v['quantization']}) | {v['items_per_s']} | {v['weights_gb']} | {v['peak_gb']} | "
                      f"{ag.get('max_abs_diff', '-')} | {ag.get('mean_abs_diff', '-')} | {ag.get('pearson', '-')} | "
-                     f"{ag.get('spearman', '-')} |")
+                     f"{ag.get('spearman', '-')} | {v.get('answers_identical', '-')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -111,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bs", type=int, default=16)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--height", type=int, default=768)
+    ap.add_argument("--mode", choices=("logits", "generate"), default="logits")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="generate mode")
+    ap.add_argument("--reps", type=int, default=1, help="timed calls of each variant (items/s: their median)")
+    runs.add_judge_argument(ap, "every variant", "compile_after_items=16")
     runs.add_output_arguments(ap, "quant_gpu", "CPU, tiny model, tiny images, quantization none: seconds (CI)")
     a = ap.parse_args(argv)
     if a.smoke:
@@ -120,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = a.device.startswith("cuda")
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
-    report: dict[str, Any] = {"meta": runs.meta("quant_gpu.py", argv, a, template=a.template), "variants": {}}
+    report: dict[str, Any] = {"meta": runs.meta("quant_gpu.py", argv, a, template=a.template, mode=a.mode,
+                                                judge=runs.judge_settings(a)), "variants": {}}
     imgs = make_images(None, 2 * a.n, a.width, a.height)
     items = [ScoreItem(images=[imgs[2 * i]], source_images=[imgs[2 * i + 1]], instruction="make the sky red")
              for i in range(a.n)]
@@ -136,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             ref = report["variants"][variants[0]]
             if "scores" in out and "scores" in ref:
                 out["vs_none"] = agreement(ref["scores"], out["scores"])
+            if out.get("answers") and ref.get("answers"):
+                same = sum(x == y for x, y in zip(ref["answers"], out["answers"]))
+                out["answers_identical"] = round(same / len(out["answers"]), 4)
             runs.save(report, a)
-            print(json.dumps({v: {k: x for k, x in out.items() if k != "scores"}}), flush=True)
+            print(json.dumps({v: {k: x for k, x in out.items() if k not in ("scores", "answers")}}), flush=True)
     ok = {k: v for k, v in report["variants"].items() if "items_per_s" in v}
     runs.save(report, a, markdown({**report, "variants": ok}))
     failed = [k for k in report["variants"] if k not in ok]

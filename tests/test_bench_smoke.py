@@ -30,6 +30,9 @@ RUNS = {
                "--stages", "logits,generate", "--warmup-items", "16", "--reps", "2"], {"PYTHONUNBUFFERED": "1"}, 300),
     "reuse": ([str(BENCH / "reuse_gpu.py"), "--smoke"], {"PYTHONUNBUFFERED": "1"}, 300),
     "quant": ([str(BENCH / "quant_gpu.py"), "--smoke"], {"PYTHONPATH": str(ROOT)}, 600),
+    "quant_generate": ([str(BENCH / "quant_gpu.py"), "--smoke", "--mode", "generate", "--max-new-tokens", "8",
+                        "--reps", "2", "--judge", "fast_decode=false", "--name", "quant_generate"],
+                       {"PYTHONPATH": str(ROOT)}, 600),
     "profile": ([str(BENCH / "profile_gpu.py"), "--smoke", "--modes", "logits"], {"PYTHONPATH": str(ROOT)}, 600),
     "attention": ([str(BENCH / "attention_gpu.py"), "--smoke"], {}, 300),
     "decode_attention": ([str(BENCH / "decode_attention_gpu.py"), "--smoke"], {}, 300),
@@ -409,6 +412,19 @@ def test_quant_gpu_smoke(smoke_runs):
     # the reference agrees with itself exactly: the agreement arithmetic is checked on known input
     assert none["vs_none"]["items_compared"] == 6 and none["vs_none"]["max_abs_diff"] == 0.0
     assert (out / "quant_gpu.md").read_text().startswith("# Issue 20: quantized judges")
+
+
+def test_quant_gpu_generate_smoke(smoke_runs):
+    out = finished(smoke_runs, "quant_generate")
+    report = json.loads((out / "quant_generate.json").read_text())
+    assert report["meta"]["mode"] == "generate" and report["meta"]["judge"] == {"fast_decode": False}
+    none = report["variants"]["none"]
+    # Random weights write no score: each item's parse error is expected and not counted, and the
+    # answers are recorded (compared across variants), one per item, each part's text
+    assert none["errors"] == 0 and len(none["answers"]) == 6 and len(none["items_per_s_each"]) == 2
+    assert all(isinstance(a, dict) and a and all(isinstance(x, str) for x in a.values()) for a in none["answers"])
+    assert none["answers_identical"] == 1.0
+    assert "| answers identical |" in (out / "quant_generate.md").read_text()
 
 
 def test_quant_gpu_agreement_statistics():
