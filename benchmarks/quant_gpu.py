@@ -53,6 +53,16 @@ def agreement(ref: list[float | None], other: list[float | None]) -> dict[str, A
                 math.sqrt(sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / len(xs)), 6)}
 
 
+def answers_compared(ref: list[dict], other: list[dict]) -> dict[str, Any]:
+    """The share of items whose answers (each part's text) are identical to the reference's, over the
+    items where both wrote some text. A random-weight checkpoint's tokenizer knows a few hundred of
+    its vocabulary's ids (benchmarks/checkpoints.py), so its answers may decode to empty text: then
+    there is nothing to compare, and the share is None rather than a vacuous 1.0."""
+    pairs = [(x, y) for x, y in zip(ref, other) if any(x.values()) and any(y.values())]
+    return {"answers_with_text": sum(bool(any(y.values())) for y in other),
+            "answers_identical": round(sum(x == y for x, y in pairs) / len(pairs), 4) if pairs else None}
+
+
 def run_variant(model_dir: str, variant: str, items: list, a, cuda: bool) -> dict[str, Any]:
     import torch
 
@@ -153,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             if "scores" in out and "scores" in ref:
                 out["vs_none"] = agreement(ref["scores"], out["scores"])
             if out.get("answers") and ref.get("answers"):
-                same = sum(x == y for x, y in zip(ref["answers"], out["answers"]))
-                out["answers_identical"] = round(same / len(out["answers"]), 4)
+                out.update(answers_compared(ref["answers"], out["answers"]))
             runs.save(report, a)
             print(json.dumps({v: {k: x for k, x in out.items() if k not in ("scores", "answers")}}), flush=True)
     ok = {k: v for k, v in report["variants"].items() if "items_per_s" in v}
