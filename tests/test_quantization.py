@@ -294,3 +294,58 @@ def test_a_bitsandbytes_judge_on_the_cpu_of_a_gpu_machine_stays_on_the_cpu():
     proc = _with_bitsandbytes(script, "tiny:judge")
     out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert out["gpu_seen"] == out["plain"] and all(s is not None for v in out["plain"].values() for s in v), out
+
+
+def test_an_fp8_mixture_of_experts_judge_runs_its_experts_through_the_torch_matmuls():
+    """`quantization: fp8` on a Qwen3-VL-MoE judge without transformers' FP8 kernel: its experts
+    (transformers' FP8Experts) call the kernel's grouped matmul (batched under `batched_mm`), which
+    the torch versions serve. The library's own experts path, written for unquantized experts, is
+    left out for float8 ones (it would name an implementation the FP8 experts do not know).
+
+    Made by transformers' own FP8 quantizer from the tiny MoE judge, with 32x32 blocks (the tiny
+    widths do not tile into 128x128 ones, which transformers then leaves unquantized). The
+    quantizer refuses to start without a GPU, though what it does is torch code that runs on the
+    CPU: its device check is answered here. Compared with the same model holding the dequantized
+    weights in float32, unquantized."""
+    from unittest import mock
+
+    from transformers import AutoModelForImageTextToText, FineGrainedFP8Config
+
+    from src.models.reward import experts, quantization
+    from src.models.tiny import resolve_model_name
+
+    if importlib.util.find_spec("kernels") is not None:
+        pytest.skip("the kernels package is installed: transformers' kernel is used instead")
+    assert quantization._ensure_fp8_matmul() == "torch, weights dequantized per layer"
+    path = resolve_model_name("tiny:qwen3_vl_moe")
+    config = FineGrainedFP8Config(weight_block_size=(32, 32), modules_to_not_convert=["model.visual", "lm_head"])
+    with mock.patch("torch.cuda.is_available", return_value=True), \
+            mock.patch("torch.cuda.get_device_capability", return_value=(9, 0)):
+        fp8 = AutoModelForImageTextToText.from_pretrained(path, quantization_config=config, dtype=torch.float32,
+                                                          device_map="cpu")
+    plain = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    original = dict(plain.named_parameters())
+    dequantized = {}
+    for name, module in fp8.named_modules():
+        for weight in ("weight", "gate_up_proj", "down_proj"):
+            scale = getattr(module, "weight_scale_inv" if weight == "weight" else f"{weight}_scale_inv", None)
+            if scale is not None:
+                w = getattr(module, weight)
+                assert w.dtype == torch.float8_e4m3fn
+                dequantized[f"{name}.{weight}"] = dequantize(w, scale, module.block_size, torch.float32)
+    expert_weights = [k for k in dequantized if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(expert_weights) == 4  # two layers' experts, quantized with their scales
+    for key, deq in dequantized.items():  # float8 is coarse, not wrong: every block's scale was made
+        assert (deq - original[key]).abs().max() < 0.1 * original[key].abs().max(), key
+    assert not plain.load_state_dict(dequantized, strict=False).unexpected_keys
+
+    assert experts.install(fp8) == "grouped_mm"  # as loaded: transformers' FP8 experts forward
+    assert experts.install(plain) == experts.NAME
+    ids = torch.randint(0, 400, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        grouped = fp8.model.language_model(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(grouped, plain.model.language_model(input_ids=ids).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+        fp8.set_experts_implementation("batched_mm")
+        torch.testing.assert_close(fp8.model.language_model(input_ids=ids).last_hidden_state, grouped,
+                                   rtol=1e-5, atol=1e-5)

@@ -124,6 +124,10 @@ def grouped_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
     return experts_combine(rows, perm, top_k_weights).to(hidden_states.dtype)
 
 
+def _weight(experts) -> torch.Tensor:
+    return experts.gate_up_proj if hasattr(experts, "gate_up_proj") else experts.up_proj
+
+
 def _bias(experts, name: str, expert_ids: torch.Tensor):
     return getattr(experts, name)[expert_ids] if experts.has_bias else None
 
@@ -137,7 +141,10 @@ def install(model) -> str | None:
                and (hasattr(m, "gate_up_proj") or hasattr(m, "up_proj")) and hasattr(m, "config")]
     if not experts:
         return None
-    if {m.config._experts_implementation for m in experts} == {"grouped_mm"}:  # else eager, quantized...: as loaded
+    # Float8 experts (quantization: fp8, or an FP8 release) dispatch through transformers' FP8
+    # experts functions, which know nothing of this one: they stay as loaded, as eager ones do.
+    quantized = any(_weight(m).element_size() < 2 for m in experts)
+    if not quantized and {m.config._experts_implementation for m in experts} == {"grouped_mm"}:
         ALL_EXPERTS_FUNCTIONS.register(NAME, grouped_experts_forward)
         model.set_experts_implementation(NAME)
     return "/".join(sorted({str(m.config._experts_implementation) for m in experts}))  # what runs now

@@ -17,7 +17,9 @@ The FP8 matmul: transformers runs FP8 layers through a Triton kernel that it fet
 kernels hub (the `kernels` package and the network). Where that kernel cannot load (no `kernels`,
 no network), `_dequantized_matmul` below serves the same calls with torch alone: the weights stay in
 float8 (half of bf16's memory) and each layer's weight is turned back into the compute dtype for
-its matmul (a speed cost, measured by benchmarks/quant_gpu.py).
+its matmul (a speed cost, measured by benchmarks/quant_gpu.py). A mixture-of-experts judge's experts
+(transformers' FP8Experts) call the kernel's grouped or batched matmul instead: the torch versions
+turn a layer's experts back into the compute dtype together and run transformers' grouped matmul.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from .errors import JudgeConfigError, JudgeStartError
 log = logging.getLogger(__name__)
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada, Hopper and newer have float8 tensor cores
+TORCH_MATMUL = "torch, weights dequantized per layer"  # the FP8 matmul where transformers' kernel cannot load
 
 
 class QuantizationUnavailable(JudgeStartError):
@@ -179,6 +182,9 @@ def _ensure_fp8_matmul() -> str:
     """Make sure FP8 layers have a matmul: transformers' kernel when it loads, else torch's."""
     from transformers.integrations import finegrained_fp8 as f8
 
+    installed = getattr(f8, "_FINEGRAINED_FP8", None)
+    if installed is not None and installed.matmul is _dequantized_matmul:  # an earlier load in this process
+        return TORCH_MATMUL
     try:
         f8.load_finegrained_fp8_kernel()
         return "transformers' finegrained-fp8 kernel"
@@ -189,11 +195,11 @@ def _ensure_fp8_matmul() -> str:
             f"quantization: fp8: transformers' FP8 kernel cannot load ({why}), and this transformers version "
             "has no place for the torch fallback; install the `kernels` package with network access, "
             "or use quantization: none")
-    f8._FINEGRAINED_FP8 = f8.FineGrainedFP8(matmul=_dequantized_matmul, batched_matmul=_no_expert_matmul,
-                                            grouped_matmul=_no_expert_matmul)
+    f8._FINEGRAINED_FP8 = f8.FineGrainedFP8(matmul=_dequantized_matmul, batched_matmul=_dequantized_batched_matmul,
+                                            grouped_matmul=_dequantized_grouped_matmul)
     log.warning("quantization fp8: transformers' FP8 kernel is not available (%s); FP8 layers dequantize "
                 "their weights for each matmul (torch only: same memory saving, slower)", why)
-    return "torch, weights dequantized per layer"
+    return TORCH_MATMUL
 
 
 def dequantize(weight: Any, scale_inv: Any, block_size: Any, dtype: Any) -> Any:
@@ -222,6 +228,29 @@ def _dequantized_matmul(input: Any, weight: Any, weight_scale_inv: Any, block_si
     return F.linear(input.to(dtype), dequantize(weight, weight_scale_inv, block_size, dtype))
 
 
-def _no_expert_matmul(*args: Any, **kwargs: Any) -> Any:
-    raise NotImplementedError("FP8 mixture-of-experts layers need transformers' FP8 kernel (the kernels "
-                              "package with access to the kernels hub); use quantization: none for this judge")
+def _dequantized_grouped_matmul(input: Any, weight: Any, weight_scale_inv: Any, offsets: Any, tokens_per_expert: Any = None,
+                                block_size: Any = None, **_: Any) -> Any:
+    """The kernel's `matmul_grouped`, in torch: input (S, K), its rows sorted by expert, expert e's rows
+    ending at offsets[e], times weight[e].T of the float8 weights (E, N, K): (S, N). All of the layer's
+    experts are dequantized at once (a transient (E, N, K) tensor in the compute dtype), then
+    transformers' grouped matmul runs as it does for unquantized experts."""
+    import torch
+    from transformers.integrations.moe import _grouped_linear
+
+    w = dequantize(weight, weight_scale_inv, block_size, input.dtype)
+    return _grouped_linear(input, w, offsets.to(torch.int32))
+
+
+def _dequantized_batched_matmul(input: Any, weight: Any, weight_scale_inv: Any, block_size: Any = None,
+                                expert_ids: Any = None, **_: Any) -> Any:
+    """The kernel's `matmul_batched`, in torch: row i of input (S, K) times weight[expert_ids[i]].T:
+    (S, N). The rows are sorted by expert and run as the grouped matmul, then put back in order."""
+    import torch
+
+    num_experts = weight.shape[0]
+    ids, perm = torch.sort(expert_ids)
+    # histc, not bincount: no host sync (floats on the CPU, integers on CUDA)
+    counts = torch.histc(ids.int() if ids.is_cuda else ids.float(), bins=num_experts, min=0, max=num_experts - 1)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    rows = _dequantized_grouped_matmul(input[perm], weight, weight_scale_inv, offsets, block_size=block_size)
+    return torch.empty_like(rows).index_copy_(0, perm, rows)
