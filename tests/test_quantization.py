@@ -349,3 +349,41 @@ def test_an_fp8_mixture_of_experts_judge_runs_its_experts_through_the_torch_matm
         fp8.set_experts_implementation("batched_mm")
         torch.testing.assert_close(fp8.model.language_model(input_ids=ids).last_hidden_state, grouped,
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [128, 32])
+def test_fp8_on_a_judge_whose_widths_do_not_tile_is_refused_at_load(block, tiny_cache, monkeypatch):
+    """`quantization: fp8` in 128x128 blocks on a judge whose layers are 64 wide (the tiny one):
+    transformers would keep those weights unquantized and their float8 layers' scales unset, so
+    the load is refused, naming a weight. With 32x32 blocks the same judge loads and scores
+    through the torch matmul, close to its full-precision scores (~4.4 here, 0.02 apart across
+    the images, 0.001 from fp8's). The load runs on the CPU: the GPU checks (the library's plan
+    and transformers' quantizer) are answered here, and the plan gives the block."""
+    from unittest import mock
+
+    from transformers import FineGrainedFP8Config
+
+    from src.models.reward import quantization
+
+    if importlib.util.find_spec("kernels") is not None:
+        pytest.skip("the kernels package is installed: transformers' kernel is used instead")
+    config = FineGrainedFP8Config(weight_block_size=(block, block), modules_to_not_convert=["model.visual", "lm_head"])
+    monkeypatch.setattr(quantization, "plan", lambda *a: ({"quantization_config": config},
+                                                           f"fp8 (matmul: {quantization._ensure_fp8_matmul()})"))
+    images = [make_image(i) for i in range(3)]
+    with mock.patch("torch.cuda.is_available", return_value=True), \
+            mock.patch("torch.cuda.get_device_capability", return_value=(9, 0)):
+        if block == 128:
+            with pytest.raises(QuantizationUnavailable, match=r"quantization: fp8 makes float8 weights in blocks, and "
+                               r"\d+ of this judge's weights do not tile into them, e.g. model\.language_model\.layers\."
+                               r"0\.\S+ \(\d+x\d+; blocks 128x128\)"):
+                QwenVLRewardModel(**JUDGE, device="cpu", quantization="fp8")
+            return
+        with QwenVLRewardModel(**JUDGE, device="cpu", quantization="fp8") as judge:
+            assert judge.quantization == "fp8 (matmul: torch, weights dequantized per layer)"
+            fp8 = judge.batch_score(images)
+    monkeypatch.undo()  # the plan as it is: no quantization
+    with QwenVLRewardModel(**JUDGE) as judge:
+        plain = judge.batch_score(images)
+    assert all(r.error is None for r in fp8 + plain)
+    assert max(abs(a.score - b.score) for a, b in zip(fp8, plain)) < 0.05

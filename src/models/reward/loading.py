@@ -103,6 +103,8 @@ class Loading:
                                        f"max_memory_per_gpu_gb={s.max_memory_per_gpu_gb}); raise it or "
                                        f"gpus_per_worker, or use quantization ({e})") from None
             raise
+        if s.quantization == "fp8":
+            quantization.check_fp8_tiles(model)
         if "device_map" not in extra:
             model = model.to(self.device)
         if spread:

@@ -172,6 +172,30 @@ def fp8_config() -> Any:
     return FineGrainedFP8Config(modules_to_not_convert=["model.visual", "lm_head"])
 
 
+def check_fp8_tiles(model: Any) -> None:
+    """After a `quantization: fp8` load: every float8 weight tiles into its blocks. transformers
+    quantizes a weight whose sides are not multiples of the block's as it is not, leaving its float8
+    layer's scales unset (whatever memory held), so such a judge would score from garbage. Raises
+    QuantizationUnavailable naming the first such weight. The released judges tile (their widths
+    are multiples of 128); the tiny test judges do not."""
+    from transformers.integrations.finegrained_fp8 import FP8Experts, FP8Linear
+
+    bad = []
+    for name, module in model.named_modules():
+        block = getattr(module, "block_size", None)
+        if not isinstance(module, (FP8Linear, FP8Experts)) or not block:
+            continue
+        for attr in ("weight", "gate_up_proj", "up_proj", "down_proj"):
+            w = getattr(module, attr, None)
+            if w is not None and w.dim() >= 2 and (w.shape[-2] % block[0] or w.shape[-1] % block[1]):
+                bad.append(f"{name}.{attr} ({w.shape[-2]}x{w.shape[-1]}; blocks {block[0]}x{block[1]})")
+    if bad:
+        raise QuantizationUnavailable(
+            f"quantization: fp8 makes float8 weights in blocks, and {len(bad)} of this judge's weights do not tile "
+            f"into them, e.g. {bad[0]}: transformers would leave them without their scales. Use quantization: none "
+            "or bnb-8bit for this judge")
+
+
 def _capability(device: str) -> tuple[int, int]:
     import torch
 
