@@ -58,7 +58,7 @@ from src.models.reward.result_form import (NOT_JSON, as_json, as_result, cannot_
                                           result_record, strict_json)
 from src.models.reward.size_order import HeaderSize, chunk_order
 from src.models.reward.templates import resolve_rubric
-from src.models.reward.types import JUDGE_NOTES, with_judge_notes
+from src.models.reward.types import JUDGE_NOTES, item_name, with_judge_notes
 
 from .manifest import ManifestRow, read_manifest
 from .summary import RESERVED, SUMMARY, stats, sub_score_clash, summarize
@@ -476,9 +476,7 @@ def _numbered_by_row(res: ScoreResult, k: int, row: ManifestRow) -> ScoreResult:
     """The judge numbers an item by its place in the chunk it was given (`'a' (#0)`); a job's reader
     needs the manifest row (`'a' (line 9)`)."""
     if isinstance(res.error, str) and res.error and row.item is not None:  # another value: _record fails it
-        item_id = row.item.id
-        chunk_name = f"{item_id!r} (#{k})" if item_id is not None else f"#{k}"
-        res.error = res.error.replace(f"item {chunk_name}", f"item {_row_name(row)}")
+        res.error = res.error.replace(f"item {item_name(row.item, k)}", f"item {_row_name(row)}")
     return res
 
 
