@@ -387,3 +387,23 @@ def test_fp8_on_a_judge_whose_widths_do_not_tile_is_refused_at_load(block, tiny_
         plain = judge.batch_score(images)
     assert all(r.error is None for r in fp8 + plain)
     assert max(abs(a.score - b.score) for a, b in zip(fp8, plain)) < 0.05
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (4, 64, 96), (70, 50)])
+def test_dequantize_multiplies_each_block_by_its_scale(shape):
+    """Whole blocks (a 2-D layer, a layer's experts) and partial edge blocks (70x50 in 32x32
+    blocks, as a pre-quantized checkpoint may hold): each value is its float8 weight times its
+    block's scale, the product taken in the compute dtype, against a loop over the blocks."""
+    torch.manual_seed(0)
+    w = (torch.randn(*shape) * 8).to(torch.float8_e4m3fn)
+    blocks = (-(-shape[-2] // 32), -(-shape[-1] // 32))
+    scale = torch.rand(*shape[:-2], *blocks) + 0.5
+    for dtype in (torch.float32, torch.bfloat16):
+        got = dequantize(w, scale, (32, 32), dtype)
+        want = w.to(dtype)
+        for i in range(blocks[0]):
+            for j in range(blocks[1]):
+                part = want[..., 32 * i:32 * (i + 1), 32 * j:32 * (j + 1)]
+                part.mul_(scale[..., i, j, None, None].to(dtype))
+        assert got.dtype == dtype and got.shape == w.shape
+        assert torch.equal(got, want)
