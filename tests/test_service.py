@@ -326,6 +326,8 @@ class OddJudge(BaseRewardModel):
             elif odd == "touchy":
                 r = Touchy(index=i, id=item.id, score=n)
             results.append(r)
+        if any((it.instruction or "").startswith("drop") for it in items):  # one result too few for the call
+            return results[:-1]
         return results
 '''
 
@@ -350,6 +352,19 @@ def odd_service(tmp_path_factory):
         rc = svc.stop()
     assert rc == 0, svc.log()
     assert "Traceback" not in svc.log(), svc.log()
+
+
+def test_a_judge_that_returns_too_few_results_fails_the_call_saying_so(odd_service):
+    """A judge class of the user's that answers a call with one result too few: no result can be
+    matched to its item, so the call fails whole (500), saying what the judge did and what a judge
+    must do; the service goes on serving."""
+    http, image = odd_service
+    resp = http.post("/score", json={"items": [{"images": [image], "instruction": t} for t in ("drop me", "keep")]})
+    assert resp.status_code == 500, resp.text
+    assert resp.json()["detail"] == (
+        "the reward model failed: JudgeError: the judge (OddJudge) returned 1 results for a call of 2 items; a judge "
+        "returns one result per item, in order (BaseRewardModel.score_items)")
+    assert odd_score(odd_service, ["after"])[0]["score"] == 5.0
 
 
 def odd_score(odd_service, texts):

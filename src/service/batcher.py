@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from ..models.reward.base import check_one_each
 from ..models.reward.result_form import as_result
 from ..models.reward.types import ScoreItem, ScoreResult, renumber
 
@@ -176,8 +177,7 @@ class MicroBatcher:
             items = [it for p, a, b in slices for it in p.items[a:b]]
             try:
                 results = self._score(items)
-                if len(results) != len(items):
-                    raise RuntimeError(f"the reward model returned {len(results)} results for {len(items)} items")
+                check_one_each(results, len(items), self._judge, f"a call of {len(items)} items")
             except BaseException as e:  # the model itself failed: every request in the call learns why
                 log.error("a batch of %d items failed: %s: %s", len(items), type(e).__name__, e)
                 self._fail(list(dict.fromkeys(p for p, _, _ in slices)), e)
