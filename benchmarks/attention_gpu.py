@@ -58,7 +58,6 @@ def grouped_view(t, n: int, length: int):
 
 
 def kernels(n: int, length: int, scaling: float) -> dict[str, Callable]:
-    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -490,8 +490,6 @@ def stage_gil(model_dir: str, a, images: list, mode: str) -> dict[str, Any]:
     import subprocess
     import tempfile
 
-    import torch
-
     spy = a.py_spy or shutil.which("py-spy")
     if not spy:
         return {"skipped": "py-spy is not installed (pip install py-spy, or --py-spy PATH)"}
@@ -605,8 +603,6 @@ def _alternate(judge, a, images: list, variants: dict[str, Any], switch, mode: s
     items of every variant first (a switch may make the compiled blocks recompile), then --reps
     timed calls of each, alternating. Recorded: items/s per variant, the images the tower encoded, and the
     answers' agreement with the first variant's (bf16: a kernel's rounding can flip a near-tie)."""
-    import torch
-
     cuda = a.device.startswith("cuda")
     names = list(variants)
     times: dict[str, list[float]] = {k: [] for k in names}

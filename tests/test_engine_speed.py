@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from src.models.reward import fast_decode, row_decode
-from src.models.reward.engine import _batch_key, batch_limit
+from src.models.reward.batching import _batch_key, batch_limit
 from src.models.reward.implementations.local import QwenVLRewardModel
 from src.models.reward.settings import JudgeSettings
 from src.models.reward.types import ScoreItem

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.models.reward.engine import _batch_key
+from src.models.reward.batching import _batch_key
 from src.models.reward.mask_ahead import POSITIONS, MaskAhead
 from src.models.reward.types import ScoreItem
 from test_rope_ahead import ARCHS, _images, _judge, _padded_batch

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from src.models.reward.engine import _batch_key
+from src.models.reward.batching import _batch_key
 from src.models.reward.implementations.local import QwenVLRewardModel
 from src.models.reward.rope_ahead import DELTAS, POSITIONS, RopeAhead
 from src.models.reward.types import ScoreItem

@@ -43,8 +43,7 @@ import logging
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-# batch_limit, _batch_key: also imported from here by tests and older code.
-from .batching import Batching, _batch_key, batch_limit  # noqa: F401
+from .batching import Batching
 from .chat import is_chat, split_chats
 from .continuous import ContinuousCalls
 from .devices import check_device, resolve_device

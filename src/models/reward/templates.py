@@ -15,7 +15,7 @@ import difflib
 import json
 import math
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Sequence
 
 from .errors import JudgeConfigError
