@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -220,6 +221,26 @@ def pid_gone(pid: int) -> bool:
             return fh.read().split(")")[-1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def descendants(root: int) -> dict[int, str]:
+    """The live processes below `root` in the process tree (children, their children...), each with
+    its command line, from one `ps` (-ww: whole lines, which Ray's processes need to be told apart)."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    args: dict[int, str] = {}
+    for line in out.splitlines()[1:]:
+        parts = line.split(None, 2)
+        if len(parts) == 3:
+            children.setdefault(int(parts[1]), []).append(int(parts[0]))
+            args[int(parts[0])] = parts[2]
+    found, todo = {}, [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found and not pid_gone(child):
+                found[child] = args[child]
+                todo.append(child)
+    return found
 
 
 def assert_no_orphans(pids, timeout: float = 15.0) -> None:

@@ -19,7 +19,7 @@ import time
 import pytest
 import ray
 
-from conftest import ROOT, LoadsAs, call_in_thread, make_image, pid_gone
+from conftest import ROOT, LoadsAs, call_in_thread, descendants, make_image, pid_gone
 from src.models.reward import ConfigError, ScoreItem, build_reward_model, load_config
 from src.models.reward.config import resolve_class, validate_params
 from src.models.reward.implementations.local import QwenVLRewardModel
@@ -346,25 +346,6 @@ def test_batches_past_the_timeout_are_retried_then_fail_and_with_no_actor_left_t
     assert all(pid_gone(p) for p in pids), "timed-out actors are killed"
 
 
-def _descendants(root: int) -> dict[int, str]:
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    args: dict[int, str] = {}
-    for line in out.splitlines()[1:]:
-        parts = line.split(None, 2)
-        if len(parts) == 3:
-            pid, ppid = int(parts[0]), int(parts[1])
-            children[ppid].append(pid)
-            args[pid] = parts[2]
-    found, todo = {}, [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found and not pid_gone(child):
-                found[child] = args[child]
-                todo.append(child)
-    return found
-
-
 def _assert_gone(procs: dict) -> None:
     """Every process of procs (pid -> its command line) has exited, within 30 s."""
     deadline = time.monotonic() + 30
@@ -378,7 +359,7 @@ def test_close_stops_the_actors_and_the_ray_it_started(model):
     from ray._private import worker as ray_worker
 
     session_dir = ray_worker._global_node.get_session_dir_path()
-    procs = _descendants(os.getpid())
+    procs = descendants(os.getpid())
     names = " ".join(procs.values())
     assert "raylet" in names and "gcs_server" in names and "ray::" in names, procs
     model.close()
@@ -389,7 +370,6 @@ def test_close_stops_the_actors_and_the_ray_it_started(model):
     assert session_dir not in ps, "a process of this Ray session is still running"
     with pytest.raises(RuntimeError, match="closed"):
         model.batch_score(["x.png"])
-
 
 
 # Two small judges sharing one local Ray: one CPU actor each, the trained tiny judge, one demo image.
@@ -422,7 +402,7 @@ def _the_second_judge_outlives_the_first(first_cls: type, close_first) -> RayRew
         second = RayRewardModel(address=None, **SHARED)
         try:
             [expected] = first.batch_score([DEMO_IMAGE])
-            procs = _descendants(os.getpid())
+            procs = descendants(os.getpid())
             close_first(first)
             assert ray.is_initialized(), "closing the first judge shut down the Ray the second one uses"
             [r] = second.batch_score([DEMO_IMAGE])
@@ -533,7 +513,7 @@ def test_judges_created_and_closed_in_turn_leave_only_the_sockets_ray_itself_kee
         procs: dict[int, str] = {}
         judge = RayRewardModel(address=None, num_cpus=1, **SHARED)
         try:
-            procs = _descendants(os.getpid())
+            procs = descendants(os.getpid())
             assert judge.batch_score([DEMO_IMAGE])[0].error is None
             gcs, live = ray.get_runtime_context().gcs_address, _tcp_ends()
         finally:
@@ -574,7 +554,7 @@ def test_close_from_another_thread_ends_the_call_in_flight_and_stops_ray(tiny_ca
                            **JUDGE)
     procs: dict[int, str] = {}
     try:
-        procs = _descendants(os.getpid())
+        procs = descendants(os.getpid())
         assert judge.actor_pids()[0] in procs
         caller, out = call_in_thread(judge.batch_score, [ScoreItem(images=[make_image(1)], id="hang")])
         deadline = time.monotonic() + 60
@@ -624,7 +604,7 @@ def test_a_driver_stopped_by_sigterm_mid_call_leaves_no_ray_process(tiny_cache, 
     try:
         assert proc.stdout.readline().strip() == "ready", "the driver did not start"
         time.sleep(1.0)  # a call is in flight
-        procs = _descendants(proc.pid)
+        procs = descendants(proc.pid)
         assert "raylet" in " ".join(procs.values()) and any(a.startswith("ray::_JudgeActor") for a in procs.values()), procs
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import make_image, pid_gone
+from conftest import descendants, make_image, pid_gone
 from rl_support import compat_dir, judge_service
 from service_proc import ROOT
 
@@ -489,29 +489,10 @@ def _reward_loop(cfg, data, num_cpus: int):
     try:
         session_dir = ray_worker._global_node.get_session_dir_path()
         out = RewardLoopManager(cfg).compute_rm_score(data)
-        procs = _descendants(os.getpid())
+        procs = descendants(os.getpid())
     finally:
         ray.shutdown()
     return out, procs, session_dir
-
-
-
-def _descendants(root: int) -> dict[int, str]:
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = {}
-    args: dict[int, str] = {}
-    for line in out.splitlines()[1:]:
-        parts = line.split(None, 2)
-        if len(parts) == 3:
-            children.setdefault(int(parts[1]), []).append(int(parts[0]))
-            args[int(parts[0])] = parts[2]
-    found, todo = {}, [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found and not pid_gone(child):
-                found[child] = args[child]
-                todo.append(child)
-    return found
 
 
 def _wait_gone(procs: dict[int, str], session_dir: str) -> None:
