@@ -105,7 +105,7 @@ def measure(shape: str, n: int, device: str, dtype, reps: int) -> dict[str, Any]
             ms = runs.ms_per_call(lambda: fn(q, k, v, cu), reps, cuda)
             rows[name] = {"ms": round(ms, 3), "tflops": round(flop / ms / 1e9, 1), "max_abs_err": err}
         except Exception as e:  # a backend that cannot run these inputs: recorded, not timed
-            rows[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+            rows[name] = runs.kernel_error(e)
     return {"images": n, "heads": heads, "head_dim": dim, "patches": length, "kernels": rows}
 
 

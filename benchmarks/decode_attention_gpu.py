@@ -175,7 +175,7 @@ def measure(shape: str, batch: int, slots: int, layers: int, device: str, dtype,
             rows[name] = {"us_per_call": round(us, 2), "gb_per_s": round(bytes_per_call / us / 1e3, 1),
                           "max_abs_err": err}
         except Exception as e:  # a variant that cannot run these inputs: recorded, not timed
-            rows[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+            rows[name] = runs.kernel_error(e)
     return {"batch": batch, "heads": heads, "kv_heads": kv_heads, "head_dim": dim, "slots": slots, "layers": layers,
             "kv_mb_per_call": round(bytes_per_call / 1e6, 2), "variants": rows}
 

@@ -126,7 +126,7 @@ def measure(shape: str, case: str, batch: int, length: int, device: str, dtype, 
             if name == "library":  # cuDNN's kernel failed and the call fell back to transformers' function
                 rows[name]["fell_back"] = "prompt attention" in vision_attention._cudnn_refused
         except Exception as e:  # a backend that cannot run these inputs: recorded, not timed
-            rows[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+            rows[name] = runs.kernel_error(e)
     return {"batch": batch, "tokens": length, "heads": heads, "kv_heads": kv_heads, "head_dim": dim, "variants": rows}
 
 

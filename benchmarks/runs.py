@@ -157,8 +157,6 @@ def encoded_since(judge, before: int) -> int:
 def ms_per_call(fn: Any, reps: int, cuda: bool, warmup: int = 2) -> float:
     """fn() run `warmup` times, then `reps` times timed: milliseconds per call, by CUDA events on a
     GPU (the kernels' time, launches queued back to back), by the host's clock on the CPU."""
-    import time
-
     import torch
 
     for _ in range(warmup):
@@ -176,6 +174,12 @@ def ms_per_call(fn: Any, reps: int, cuda: bool, warmup: int = 2) -> float:
     for _ in range(reps):
         fn()
     return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def kernel_error(e: BaseException) -> dict[str, str]:
+    """A kernel table's row for a variant that could not run its inputs: the error's type and first
+    line, recorded instead of a time (kernel_rows shows it)."""
+    return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
 
 
 def kernel_rows(rows: dict[str, dict[str, Any]], columns: list[str]) -> list[str]:

@@ -258,7 +258,8 @@ def inductor_options(tower: str, device: str, model_type: str = "") -> dict:
     persistent reductions; looped, such a norm reads its row twice. On the MoE judge's logits on
     an H100 the calls ran 1.039x faster with it (benchmarks/NOTES.md). The same function: only the
     order of a row's sums differs (float32, 1.4e-6 from eager either way). Qwen2.5-VL's tower
-    (1,280 features) is not measured with it and keeps inductor's defaults.
+    (1,280 features) keeps inductor's defaults: with multi_kernel its logits ran no faster on an
+    H100 (benchmarks/NOTES.md, 2026-12-05 #7, call 3).
 
     `fx_graph_cache` off for those graphs: torch 2.11 loads a multi_kernel graph back from inductor's
     on-disk cache broken ("'NoneType' object does not support the context manager protocol"), so
